@@ -1,0 +1,51 @@
+# Decides whether moekit::cuda exists (MOEKIT_ENABLE_CUDA = AUTO/ON/OFF) and
+# defines it. Sets MOEKIT_HAS_CUDA.
+#
+# moekit::cuda needs the CUDA toolkit (cudart, cuBLAS, CCCL), not the CUDA
+# language: a consumer that compiles .cu files enables CUDA itself. Only
+# moekit's own tests and benchmarks enable the language, in the top-level build.
+
+set(MOEKIT_HAS_CUDA OFF)
+string(TOUPPER "${MOEKIT_ENABLE_CUDA}" _moekit_cuda_mode)
+if(NOT _moekit_cuda_mode MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "MOEKIT_ENABLE_CUDA must be AUTO, ON or OFF, got '${MOEKIT_ENABLE_CUDA}'")
+endif()
+
+if(NOT _moekit_cuda_mode STREQUAL "OFF")
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    find_package(CUDAToolkit)
+    if(CUDAToolkit_FOUND)
+      find_package(CCCL CONFIG QUIET
+        HINTS "${CUDAToolkit_LIBRARY_DIR}/cmake" "${CUDAToolkit_LIBRARY_ROOT}/lib/cmake")
+    endif()
+    if(CUDAToolkit_FOUND AND CCCL_FOUND)
+      set(MOEKIT_HAS_CUDA ON)
+    elseif(_moekit_cuda_mode STREQUAL "ON")
+      message(FATAL_ERROR "MOEKIT_ENABLE_CUDA=ON: nvcc was found at ${CMAKE_CUDA_COMPILER}, "
+        "but not its toolkit with CCCL (CUDAToolkit_FOUND=${CUDAToolkit_FOUND}, CCCL_FOUND=${CCCL_FOUND}).")
+    endif()
+  elseif(_moekit_cuda_mode STREQUAL "ON")
+    message(FATAL_ERROR "MOEKIT_ENABLE_CUDA=ON, but no CUDA compiler (nvcc) was found. "
+      "Put nvcc on PATH or set CMAKE_CUDA_COMPILER, or configure with -DMOEKIT_ENABLE_CUDA=AUTO or OFF.")
+  endif()
+endif()
+message(STATUS "moekit: CUDA backend ${MOEKIT_HAS_CUDA} (MOEKIT_ENABLE_CUDA=${MOEKIT_ENABLE_CUDA})")
+
+if(MOEKIT_HAS_CUDA)
+  add_library(moekit_cuda INTERFACE)
+  add_library(moekit::cuda ALIAS moekit_cuda)
+  set_target_properties(moekit_cuda PROPERTIES EXPORT_NAME cuda)
+  target_link_libraries(moekit_cuda INTERFACE moekit CCCL::CCCL CUDA::cudart CUDA::cublas)
+
+  # moekit's own CUDA targets; architectures are the project's default, never
+  # a consumer's (they set CMAKE_CUDA_ARCHITECTURES themselves).
+  if(PROJECT_IS_TOP_LEVEL AND (MOEKIT_BUILD_TESTS OR MOEKIT_BUILD_BENCHMARKS OR MOEKIT_BUILD_EXAMPLES))
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      set(CMAKE_CUDA_ARCHITECTURES "80;90" CACHE STRING "CUDA architectures for moekit's own targets")
+    endif()
+    enable_language(CUDA)
+  endif()
+endif()
+unset(_moekit_cuda_mode)

@@ -1,0 +1,62 @@
+#pragma once
+// CUDA and cuBLAS status handling for the CUDA backend.
+//
+// Two layers, as in CUB: internal steps return cudaError_t and pass the first
+// failure up with MOEKIT_CUDA_TRY; public host entry points turn a failure
+// into moekit::Error with MOEKIT_CUDA_CHECK / MOEKIT_CUBLAS_CHECK, whose
+// message names the call, the error and its description.
+//
+// The backend's namespace is moekit::gpu, not moekit::cuda, so that it never
+// shadows libcu++'s ::cuda for code that says `using namespace moekit`.
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "moekit/core/error.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+namespace gpu::detail {
+
+[[noreturn]] MOEKIT_NOINLINE inline void fail_cuda(cudaError_t status, const char* call,
+                                                   const char* where) {
+  ::moekit::detail::fail(Errc::kCudaError, where,
+                         ::moekit::detail::concat(call, " failed: ", cudaGetErrorName(status), " (",
+                                                  cudaGetErrorString(status), ")"));
+}
+
+[[noreturn]] MOEKIT_NOINLINE inline void fail_cublas(cublasStatus_t status, const char* call,
+                                                     const char* where) {
+  ::moekit::detail::fail(Errc::kCublasError, where,
+                         ::moekit::detail::concat(call, " failed: ", cublasGetStatusName(status),
+                                                  " (", cublasGetStatusString(status), ")"));
+}
+
+}  // namespace gpu::detail
+MOEKIT_NAMESPACE_END
+
+// Returns the cudaError_t of `expr` from the enclosing function if it failed.
+#define MOEKIT_CUDA_TRY(expr)                         \
+  do {                                                \
+    const cudaError_t moekit_status_ = (expr);        \
+    if (moekit_status_ != cudaSuccess) [[unlikely]] { \
+      return moekit_status_;                          \
+    }                                                 \
+  } while (false)
+
+// Throws moekit::Error (kCudaError) if `expr` did not return cudaSuccess.
+#define MOEKIT_CUDA_CHECK(expr)                                          \
+  do {                                                                   \
+    const cudaError_t moekit_status_ = (expr);                           \
+    if (moekit_status_ != cudaSuccess) [[unlikely]] {                    \
+      ::moekit::gpu::detail::fail_cuda(moekit_status_, #expr, __func__); \
+    }                                                                    \
+  } while (false)
+
+// Throws moekit::Error (kCublasError) if `expr` did not return CUBLAS_STATUS_SUCCESS.
+#define MOEKIT_CUBLAS_CHECK(expr)                                          \
+  do {                                                                     \
+    const cublasStatus_t moekit_status_ = (expr);                          \
+    if (moekit_status_ != CUBLAS_STATUS_SUCCESS) [[unlikely]] {            \
+      ::moekit::gpu::detail::fail_cublas(moekit_status_, #expr, __func__); \
+    }                                                                      \
+  } while (false)

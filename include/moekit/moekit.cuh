@@ -1,0 +1,12 @@
+#pragma once
+// Umbrella header for moekit's CUDA backend (namespace moekit::gpu). It
+// includes no Eigen, so it is safe in any .cu file.
+
+#include "moekit/core/config.hpp"
+#include "moekit/core/error.hpp"
+#include "moekit/core/types.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cuda/device.cuh"
+#include "moekit/cuda/error.cuh"
+#include "moekit/nn/param_count.hpp"
+#include "moekit/spec.hpp"

@@ -1,0 +1,12 @@
+#pragma once
+// Umbrella header for moekit's portable and CPU parts. CUDA users include
+// moekit/moekit.cuh in addition.
+
+#include "moekit/core/config.hpp"
+#include "moekit/core/error.hpp"
+#include "moekit/core/types.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cpu/eigen.hpp"
+#include "moekit/nn/param_count.hpp"
+#include "moekit/spec.hpp"
+#include "moekit/version.hpp"

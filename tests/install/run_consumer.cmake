@@ -1,0 +1,56 @@
+# cmake -DMODE=... -DSOURCE_DIR=... -DCONSUMER_DIR=... -DWORK_DIR=... -DGENERATOR=...
+#       -DCXX_COMPILER=... [-DCUDA_COMPILER=... -DCUDA_ARCHITECTURES=...] -P run_consumer.cmake
+# Builds and runs the consumer project against moekit in one of the ways a
+# user would take it. Fails on the first step that fails, showing its output.
+
+function(step what)
+  message(STATUS "[${MODE}] ${what}")
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "[${MODE}] ${what} failed (${rc}):\n${out}")
+  endif()
+  set(step_output "${out}" PARENT_SCOPE)
+endfunction()
+
+file(REMOVE_RECURSE "${WORK_DIR}")
+set(common -G "${GENERATOR}" -DCMAKE_CXX_COMPILER=${CXX_COMPILER} -DCMAKE_BUILD_TYPE=Release)
+set(cuda_mode OFF)
+if(MODE MATCHES "cuda")
+  set(cuda_mode ON)
+  list(APPEND common -DCMAKE_CUDA_COMPILER=${CUDA_COMPILER}
+       "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}")
+endif()
+set(consumer_args -DMOEKIT_CONSUMER_CUDA=${cuda_mode})
+
+if(MODE MATCHES "^find_package")
+  # Install into a staging prefix, then move the prefix: the package must not
+  # remember where it was installed.
+  step("configure moekit" ${CMAKE_COMMAND} -S "${SOURCE_DIR}" -B "${WORK_DIR}/moekit-build" ${common}
+       -DMOEKIT_BUILD_TESTS=OFF -DMOEKIT_BUILD_EXAMPLES=OFF -DMOEKIT_BUILD_BENCHMARKS=OFF
+       -DMOEKIT_INSTALL=ON -DMOEKIT_ENABLE_CUDA=${cuda_mode}
+       "-DCMAKE_INSTALL_PREFIX=${WORK_DIR}/staging")
+  step("install moekit" ${CMAKE_COMMAND} --install "${WORK_DIR}/moekit-build")
+  file(RENAME "${WORK_DIR}/staging" "${WORK_DIR}/relocated")
+  list(APPEND consumer_args -DMOEKIT_CONSUMER_MODE=find_package
+       "-DCMAKE_PREFIX_PATH=${WORK_DIR}/relocated")
+
+  # An unknown component must be refused, naming it.
+  execute_process(COMMAND ${CMAKE_COMMAND} -S "${CONSUMER_DIR}" -B "${WORK_DIR}/bogus-build" ${common}
+                  ${consumer_args} -DMOEKIT_CONSUMER_COMPONENT=bogus
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
+  if(rc EQUAL 0 OR NOT out MATCHES "unknown component 'bogus'")
+    message(FATAL_ERROR "[${MODE}] find_package(moekit COMPONENTS bogus) was not refused:\n${out}")
+  endif()
+else()
+  list(APPEND consumer_args -DMOEKIT_CONSUMER_MODE=${MODE} "-DMOEKIT_SOURCE_DIR=${SOURCE_DIR}")
+endif()
+
+step("configure consumer" ${CMAKE_COMMAND} -S "${CONSUMER_DIR}" -B "${WORK_DIR}/consumer-build"
+     ${common} ${consumer_args})
+step("build consumer" ${CMAKE_COMMAND} --build "${WORK_DIR}/consumer-build")
+step("run consumer" "${WORK_DIR}/consumer-build/consumer")
+message(STATUS "${step_output}")
+if(cuda_mode)
+  step("run CUDA consumer" "${WORK_DIR}/consumer-build/consumer_cuda")
+  message(STATUS "${step_output}")
+endif()
