@@ -1,0 +1,320 @@
+#pragma once
+// Routing math shared by every backend (DESIGN.md §4), one token at a time.
+//
+// Rules (x = a token's E logits, b = optional per-expert selection bias):
+//   kSoftmaxTopK  p = softmax(x); select the K largest p (+ b); w = p at those
+//                 experts; with `renormalize`, w /= sum(w).
+//   kTopKSoftmax  select the K largest x (+ b); w = softmax over those K logits.
+//   kSigmoid      s = sigmoid(x); select the K largest s + b; w = s at those
+//                 experts, renormalised over the K with `renormalize`.
+// Every rule multiplies w by `scaling` last. The bias moves selection only,
+// never a weight, and receives no gradient.
+//
+// Selection is ordered: higher key first, equal keys -> lower expert index
+// first. Without a bias, kSoftmaxTopK selects on x itself, which orders the
+// experts exactly as p does but cannot produce ties by rounding in exp.
+//
+// Group-limited selection (num_groups > 1): the E experts form num_groups
+// contiguous groups; a group scores the sum of its `group_score_top` largest
+// keys; the `groups_kept` best groups (ties -> lower group) are kept and the K
+// experts are chosen among theirs (DeepSeek-V3: sigmoid, top-2 sum).
+//
+// Non-finite logits (the documented rule, identical on every backend):
+//   NaN is treated as -inf. softmax of a row with +inf entries puts equal
+//   mass on them and 0 elsewhere; a row with no entry above -inf is uniform.
+//   sigmoid(+inf) = 1, sigmoid(-inf) = sigmoid(NaN) = 0. Selection always
+//   yields K distinct, valid ids. Each non-finite logit is counted.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "moekit/core/config.hpp"
+#include "moekit/core/types.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+
+enum class GatingRule { kSoftmaxTopK, kTopKSoftmax, kSigmoid };
+
+// Which over-capacity assignments are dropped: the latest tokens (kPosition)
+// or the lowest weights (kProbs; ties -> the later token).
+enum class DropPolicy { kPosition, kProbs };
+
+// Training noise. kGaussian adds amount * N(0, 1) to every logit (noisy
+// top-k); kJitter multiplies every router input element by U(1 - amount,
+// 1 + amount) (Switch Transformer). Both are drawn from `seed` with moekit's
+// counter-based generator, so a run is reproducible and backward regenerates
+// the same noise.
+enum class NoiseKind { kNone, kGaussian, kJitter };
+
+// What a non-finite logit does: follow the rule above and count it, or make
+// the call fail with Errc::kNonFinite before any output is written.
+enum class NonFinitePolicy { kSanitize, kError };
+
+struct GatingConfig {
+  GatingRule rule = GatingRule::kSoftmaxTopK;
+  bool renormalize = false;
+  float scaling = 1.0f;
+  int num_groups = 1;
+  int groups_kept = 1;
+  int group_score_top = 2;
+};
+
+struct NoiseConfig {
+  NoiseKind kind = NoiseKind::kNone;
+  float amount = 0.0f;
+  std::uint64_t seed = 0;
+};
+
+// capacity_factor <= 0 is dropless.
+struct CapacityConfig {
+  float factor = 0.0f;
+  DropPolicy policy = DropPolicy::kPosition;
+};
+
+// A group's score sums at most this many keys.
+inline constexpr int kMaxGroupScoreTop = 8;
+
+// Slots an expert accepts: C = ceil(factor * T * K / E), at most T (an expert
+// gets at most one slot per token); dropless (factor <= 0) gives T.
+MOEKIT_HOST_DEVICE inline index_t expert_capacity(index_t tokens, int num_experts, int top_k,
+                                                  float factor) {
+  if (factor <= 0.0f) return tokens;
+  const double c = std::ceil(static_cast<double>(factor) * static_cast<double>(tokens) *
+                             static_cast<double>(top_k) / static_cast<double>(num_experts));
+  return c < static_cast<double>(tokens) ? static_cast<index_t>(c) : tokens;
+}
+
+namespace routing {
+
+inline constexpr float kInf = std::numeric_limits<float>::infinity();
+
+MOEKIT_HOST_DEVICE inline bool is_finite(float v) { return v - v == 0.0f; }
+// NaN -> -inf; everything else unchanged.
+MOEKIT_HOST_DEVICE inline float sanitize(float v) { return v == v ? v : -kInf; }
+
+MOEKIT_HOST_DEVICE inline float exp_(float v) {
+  using std::exp;
+  return exp(v);
+}
+
+// Inserts (v, id) into the descending list vals/ids of length `count` <=
+// `capacity`. Candidates must arrive in increasing id order: a later equal
+// value never passes an earlier one, which is the tie rule.
+MOEKIT_HOST_DEVICE inline void insert_top(float v, int id, float* vals, int* ids, int& count,
+                                          int capacity) {
+  int pos;
+  if (count < capacity) {
+    pos = count++;
+  } else if (v > vals[capacity - 1]) {
+    pos = capacity - 1;
+  } else {
+    return;
+  }
+  while (pos > 0 && v > vals[pos - 1]) {
+    vals[pos] = vals[pos - 1];
+    ids[pos] = ids[pos - 1];
+    --pos;
+  }
+  vals[pos] = v;
+  ids[pos] = id;
+}
+
+// p = softmax(x) under the non-finite rule.
+template <int N>
+MOEKIT_HOST_DEVICE void softmax(const float* x, float* p) {
+  float m = -kInf;
+  for (int i = 0; i < N; ++i) m = sanitize(x[i]) > m ? sanitize(x[i]) : m;
+  if (m == kInf) {
+    int n = 0;
+    for (int i = 0; i < N; ++i) n += x[i] == kInf;
+    for (int i = 0; i < N; ++i) p[i] = x[i] == kInf ? 1.0f / static_cast<float>(n) : 0.0f;
+    return;
+  }
+  if (m == -kInf) {
+    for (int i = 0; i < N; ++i) p[i] = 1.0f / static_cast<float>(N);
+    return;
+  }
+  float z = 0.0f;
+  for (int i = 0; i < N; ++i) {
+    p[i] = exp_(sanitize(x[i]) - m);
+    z += p[i];
+  }
+  const float inv = 1.0f / z;
+  for (int i = 0; i < N; ++i) p[i] *= inv;
+}
+
+MOEKIT_HOST_DEVICE inline float sigmoid(float x) { return 1.0f / (1.0f + exp_(-sanitize(x))); }
+
+// dx += coeff * J_softmax^T g, i.e. coeff * p * (g - <g, p>).
+template <int N>
+MOEKIT_HOST_DEVICE void softmax_backward(const float* p, const float* g, float coeff, float* dx) {
+  float dot = 0.0f;
+  for (int i = 0; i < N; ++i) dot += g[i] * p[i];
+  for (int i = 0; i < N; ++i) dx[i] += coeff * p[i] * (g[i] - dot);
+}
+
+// The token's routing distribution q, used by the balance losses and
+// statistics: p for the softmax rules, s / sum(s) for sigmoid (zero row ->
+// uniform). `scores` is what gate_token wrote to probs.
+template <int E>
+MOEKIT_HOST_DEVICE void routing_distribution(GatingRule rule, const float* scores, float* q) {
+  if (rule != GatingRule::kSigmoid) {
+    for (int e = 0; e < E; ++e) q[e] = scores[e];
+    return;
+  }
+  float sum = 0.0f;
+  for (int e = 0; e < E; ++e) sum += scores[e];
+  for (int e = 0; e < E; ++e) q[e] = sum > 0.0f ? scores[e] / sum : 1.0f / static_cast<float>(E);
+}
+
+// dx += coeff * (dq/dx)^T g for the distribution above.
+template <int E>
+MOEKIT_HOST_DEVICE void routing_distribution_backward(GatingRule rule, const float* scores,
+                                                      const float* g, float coeff, float* dx) {
+  if (rule != GatingRule::kSigmoid) {
+    softmax_backward<E>(scores, g, coeff, dx);
+    return;
+  }
+  float sum = 0.0f, dot = 0.0f;
+  for (int e = 0; e < E; ++e) {
+    sum += scores[e];
+    dot += g[e] * scores[e];
+  }
+  if (!(sum > 0.0f)) return;  // the uniform fallback is constant
+  const float inv = 1.0f / sum;
+  for (int e = 0; e < E; ++e) {
+    const float ds = (g[e] - dot * inv) * inv;  // d/ds of g . (s / sum s)
+    dx[e] += coeff * ds * scores[e] * (1.0f - scores[e]);
+  }
+}
+
+// Selects K experts from `keys` (sanitized), honouring group limits.
+template <int E, int K>
+MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cfg, int* ids) {
+  float vals[K];
+  int count = 0;
+  if (cfg.num_groups <= 1) {
+    for (int e = 0; e < E; ++e) insert_top(keys[e], e, vals, ids, count, K);
+    return;
+  }
+  const int group_size = E / cfg.num_groups;
+  float group_vals[E];
+  int group_ids[E];
+  int kept = 0;
+  for (int g = 0; g < cfg.num_groups; ++g) {
+    float top[kMaxGroupScoreTop];
+    int top_ids[kMaxGroupScoreTop];
+    int n = 0;
+    for (int j = 0; j < group_size; ++j) {
+      insert_top(keys[g * group_size + j], j, top, top_ids, n, cfg.group_score_top);
+    }
+    float score = 0.0f;
+    for (int j = 0; j < n; ++j) score += top[j];
+    if (score != score) score = kInf;  // +inf + -inf: the group holds a +inf key
+    insert_top(score, g, group_vals, group_ids, kept, cfg.groups_kept);
+  }
+  // Visit kept groups in increasing order so expert ids arrive increasing.
+  for (int i = 1; i < kept; ++i) {
+    const int g = group_ids[i];
+    int j = i;
+    for (; j > 0 && group_ids[j - 1] > g; --j) group_ids[j] = group_ids[j - 1];
+    group_ids[j] = g;
+  }
+  for (int i = 0; i < kept; ++i) {
+    const int first = group_ids[i] * group_size;
+    for (int e = first; e < first + group_size; ++e) insert_top(keys[e], e, vals, ids, count, K);
+  }
+}
+
+// Routes one token. x: E logits; bias: E selection biases or null. Writes the
+// K ids and weights (ordered by key) and the E scores to `scores` (p for the
+// softmax rules, s for sigmoid). Returns the number of non-finite logits.
+template <int E, int K>
+MOEKIT_HOST_DEVICE int gate_token(const float* x, const float* bias, const GatingConfig& cfg,
+                                  int* ids, float* weights, float* scores) {
+  int non_finite = 0;
+  for (int e = 0; e < E; ++e) non_finite += !is_finite(x[e]);
+
+  if (cfg.rule == GatingRule::kSigmoid) {
+    for (int e = 0; e < E; ++e) scores[e] = sigmoid(x[e]);
+  } else {
+    softmax<E>(x, scores);
+  }
+  float keys[E];
+  for (int e = 0; e < E; ++e) {
+    const float base =
+        (cfg.rule == GatingRule::kTopKSoftmax ||
+         (cfg.rule == GatingRule::kSoftmaxTopK && bias == nullptr))
+            ? sanitize(x[e])
+            : scores[e];
+    keys[e] = sanitize(base + (bias != nullptr ? bias[e] : 0.0f));
+  }
+  select_experts<E, K>(keys, cfg, ids);
+
+  if (cfg.rule == GatingRule::kTopKSoftmax) {
+    float selected[K];
+    for (int k = 0; k < K; ++k) selected[k] = x[ids[k]];
+    softmax<K>(selected, weights);
+  } else {
+    float sum = 0.0f;
+    for (int k = 0; k < K; ++k) {
+      weights[k] = scores[ids[k]];
+      sum += weights[k];
+    }
+    if (cfg.renormalize) {
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      for (int k = 0; k < K; ++k) weights[k] *= inv;
+    }
+  }
+  for (int k = 0; k < K; ++k) weights[k] *= cfg.scaling;
+  return non_finite;
+}
+
+// Backward of gate_token for one token: dx = (dw/dx)^T dw, written to dx
+// (all E entries). `scores` and `ids` are what gate_token produced for x;
+// dw holds dL/dw for the K slots, zero for dropped ones (their weight is the
+// constant 0). The bias gets no gradient.
+template <int E, int K>
+MOEKIT_HOST_DEVICE void gate_token_backward(const float* x, const float* scores, const int* ids,
+                                            const float* dw, const GatingConfig& cfg, float* dx) {
+  for (int e = 0; e < E; ++e) dx[e] = 0.0f;
+  const float c = cfg.scaling;
+
+  if (cfg.rule == GatingRule::kTopKSoftmax) {
+    float selected[K], w[K];
+    for (int k = 0; k < K; ++k) selected[k] = x[ids[k]];
+    softmax<K>(selected, w);
+    float dot = 0.0f;
+    for (int k = 0; k < K; ++k) dot += dw[k] * w[k];
+    for (int k = 0; k < K; ++k) dx[ids[k]] = c * w[k] * (dw[k] - dot);
+    return;
+  }
+
+  // dL/dv for the selected scores v_k = scores[ids[k]].
+  float dv[K];
+  if (cfg.renormalize) {
+    float sum = 0.0f, dot = 0.0f;
+    for (int k = 0; k < K; ++k) sum += scores[ids[k]];
+    for (int k = 0; k < K; ++k) dot += dw[k] * scores[ids[k]];
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int k = 0; k < K; ++k) dv[k] = c * inv * (dw[k] - dot * inv);
+  } else {
+    for (int k = 0; k < K; ++k) dv[k] = c * dw[k];
+  }
+
+  if (cfg.rule == GatingRule::kSigmoid) {
+    for (int k = 0; k < K; ++k) {
+      const float s = scores[ids[k]];
+      dx[ids[k]] = dv[k] * s * (1.0f - s);
+    }
+    return;
+  }
+  float g[E];
+  for (int e = 0; e < E; ++e) g[e] = 0.0f;
+  for (int k = 0; k < K; ++k) g[ids[k]] = dv[k];
+  softmax_backward<E>(scores, g, 1.0f, dx);
+}
+
+}  // namespace routing
+MOEKIT_NAMESPACE_END

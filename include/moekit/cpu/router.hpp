@@ -1,0 +1,430 @@
+#pragma once
+// The router on the CPU backend: logits, gating, capacity, statistics and
+// backward for MoeSpec<E, K> (math in moekit/core/routing.hpp).
+//
+//   moekit::cpu::Router<moekit::MoeSpec<8, 2>> router(config);  // validates config
+//   router.forward(x, w_gate, gate_bias, selection_bias, routing, &stats, workspace);
+//   ... combine gives dL/dweights ...
+//   router.backward_gate(routing, dweights, dlogits);          // dlogits  = gate part
+//   moekit::cpu::z_loss<Spec>(routing, 1e-3f, dlogits);         // dlogits += aux losses
+//   router.backward_logits(x, w_gate, dlogits, grads, workspace);
+//
+// The router's weight is w_gate (E x d, the layout of torch.nn.Linear and of
+// checkpoints: Mixtral's `gate.weight`), so logits = x w_gate^T + gate_bias.
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "moekit/core/error.hpp"
+#include "moekit/core/random.hpp"
+#include "moekit/core/routing.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/parallel.hpp"
+#include "moekit/spec.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+namespace cpu {
+
+static_assert(sizeof(int) == sizeof(std::int32_t), "expert ids are 32-bit ints");
+
+struct RouterConfig {
+  GatingConfig gating;
+  NoiseConfig noise;
+  CapacityConfig capacity;
+  NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;
+};
+
+// The routing of a batch of T tokens: what forward writes and what backward
+// and the aux losses read back. All views are caller memory.
+struct Routing {
+  MatrixView<float> logits;               // T x E, noise included
+  MatrixView<float> scores;               // T x E: p (softmax rules) or s (sigmoid)
+  MatrixView<std::int32_t> expert_ids;    // T x K, ordered by key, distinct per row
+  MatrixView<float> weights;              // T x K, combine weights, 0 where dropped
+  MatrixView<std::int32_t> positions;     // T x K, row in the expert's buffer, -1 = dropped
+};
+
+// Gradients of the router's inputs; an empty view is not computed. With
+// `accumulate`, results are added to what the views hold.
+struct RouterGrads {
+  MatrixView<float> dx;       // T x d
+  MatrixView<float> dw_gate;  // E x d
+  VectorView<float> dbias;    // E
+  bool accumulate = false;
+};
+
+// Cheap enough to leave on: O(T K + E) beyond what gating already touches.
+template <MoeSpecType S>
+struct RoutingStats {
+  static constexpr int kExperts = S::num_experts;
+  index_t tokens = 0;
+  std::array<index_t, kExperts> assigned{};  // assignments per expert, before capacity
+  std::array<index_t, kExperts> kept{};      // after capacity
+  std::array<float, kExperts> mean_distribution{};  // mean over tokens of q (routing distribution)
+  index_t dropped = 0;
+  index_t non_finite_logits = 0;
+
+  // Entropy (nats) of mean_distribution: log(E) when the router spreads its
+  // probability evenly, 0 when it always picks the same expert.
+  double entropy() const {
+    double h = 0.0;
+    for (float q : mean_distribution) h -= q > 0.0f ? q * std::log(static_cast<double>(q)) : 0.0;
+    return h;
+  }
+  // Fraction of experts that kept at least one assignment.
+  double utilization() const {
+    const auto used = std::count_if(kept.begin(), kept.end(), [](index_t c) { return c > 0; });
+    return static_cast<double>(used) / kExperts;
+  }
+  // Busiest expert's assignments over the mean: 1 is perfect balance.
+  double max_load_ratio() const {
+    if (tokens == 0) return 0.0;
+    const double mean = static_cast<double>(tokens) * S::top_k / kExperts;
+    return static_cast<double>(*std::max_element(assigned.begin(), assigned.end())) / mean;
+  }
+};
+
+template <MoeSpecType S>
+class Router {
+ public:
+  static constexpr int kExperts = S::num_experts;
+  static constexpr int kTopK = S::top_k;
+
+  // Rejects a configuration that cannot route (naming the field and value).
+  explicit Router(const RouterConfig& config) : config_(config) { validate(config); }
+
+  const RouterConfig& config() const { return config_; }
+
+  // Slots per expert for a batch of `tokens` (tokens when dropless).
+  index_t capacity(index_t tokens) const {
+    return expert_capacity(tokens, kExperts, kTopK, config_.capacity.factor);
+  }
+
+  // Floats of scratch forward and backward_logits need: T x d with jitter.
+  index_t workspace_size(index_t tokens, index_t d_model) const {
+    return config_.noise.kind == NoiseKind::kJitter ? tokens * d_model : 0;
+  }
+
+  // logits = x w_gate^T + gate_bias (+ noise), then route(). gate_bias and
+  // selection_bias may be empty.
+  void forward(MatrixView<const float> x, MatrixView<const float> w_gate,
+               VectorView<const float> gate_bias, VectorView<const float> selection_bias,
+               const Routing& out, RoutingStats<S>* stats = nullptr,
+               VectorView<float> workspace = {}) const {
+    const index_t tokens = x.rows();
+    check_view(x, "x");
+    check_shape(w_gate, kExperts, x.cols(), "w_gate");
+    if (!gate_bias.empty()) check_shape(gate_bias, kExperts, "gate_bias");
+    check_routing(out, tokens);
+    check_selection_bias(selection_bias);
+    check_workspace(workspace, tokens, x.cols());
+
+    auto logits = as_eigen(out.logits);
+    if (config_.noise.kind == NoiseKind::kJitter) {
+      MatrixView<float> jittered(workspace.data(), tokens, x.cols());
+      jitter(x, jittered);
+      logits.noalias() = as_eigen(MatrixView<const float>(jittered)) * as_eigen(w_gate).transpose();
+    } else {
+      logits.noalias() = as_eigen(x) * as_eigen(w_gate).transpose();
+    }
+    if (!gate_bias.empty()) logits.rowwise() += as_eigen(gate_bias).transpose();
+    if (config_.noise.kind == NoiseKind::kGaussian) add_gaussian_noise(out.logits);
+    route_validated(out, selection_bias, stats);
+  }
+
+  // Gating, capacity and statistics from logits the caller already wrote to
+  // out.logits (for routers whose logits come from elsewhere).
+  void route(const Routing& out, VectorView<const float> selection_bias,
+             RoutingStats<S>* stats = nullptr) const {
+    check_routing(out, out.logits.rows());
+    check_selection_bias(selection_bias);
+    route_validated(out, selection_bias, stats);
+  }
+
+  // dlogits = (d weights / d logits)^T dweights, overwriting dlogits. Slots
+  // dropped by capacity carry no gradient.
+  void backward_gate(const Routing& saved, MatrixView<const float> dweights,
+                     MatrixView<float> dlogits) const {
+    const index_t tokens = saved.logits.rows();
+    check_routing(saved, tokens);
+    check_shape(dweights, tokens, kTopK, "dweights");
+    check_shape(dlogits, tokens, kExperts, "dlogits");
+    check_ids(saved.expert_ids);
+    const GatingConfig gating = config_.gating;
+    MOEKIT_PARALLEL_FOR_IF(tokens * kExperts > kParallelGrain)
+    for (index_t t = 0; t < tokens; ++t) {
+      float dw[kTopK];
+      for (int k = 0; k < kTopK; ++k) dw[k] = saved.positions(t, k) >= 0 ? dweights(t, k) : 0.0f;
+      routing::gate_token_backward<kExperts, kTopK>(saved.logits.row(t), saved.scores.row(t),
+                                                    saved.expert_ids.row(t), dw, gating,
+                                                    dlogits.row(t));
+    }
+  }
+
+  // From dL/dlogits (gate part plus aux losses): dx, dw_gate and dbias, as
+  // requested by non-empty views in `grads`.
+  void backward_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
+                       MatrixView<const float> dlogits, const RouterGrads& grads,
+                       VectorView<float> workspace = {}) const {
+    const index_t tokens = x.rows();
+    const index_t d = x.cols();
+    check_view(x, "x");
+    check_shape(w_gate, kExperts, d, "w_gate");
+    check_shape(dlogits, tokens, kExperts, "dlogits");
+    if (!grads.dx.empty()) check_shape(grads.dx, tokens, d, "grads.dx");
+    if (!grads.dw_gate.empty()) check_shape(grads.dw_gate, kExperts, d, "grads.dw_gate");
+    if (!grads.dbias.empty()) check_shape(grads.dbias, kExperts, "grads.dbias");
+    check_workspace(workspace, tokens, d);
+    const bool jittered = config_.noise.kind == NoiseKind::kJitter;
+
+    const auto g = as_eigen(dlogits);
+    if (!grads.dbias.empty()) {
+      auto db = as_eigen(grads.dbias);
+      if (grads.accumulate) db += g.colwise().sum().transpose();
+      else db = g.colwise().sum().transpose();
+    }
+    MatrixView<float> scratch(jittered ? workspace.data() : nullptr, tokens, d);
+    if (!grads.dw_gate.empty()) {
+      auto dw = as_eigen(grads.dw_gate);
+      if (jittered) jitter(x, scratch);  // the input the logits were computed from
+      const auto input = jittered ? as_eigen(MatrixView<const float>(scratch)) : as_eigen(x);
+      if (grads.accumulate) dw.noalias() += g.transpose() * input;
+      else dw.noalias() = g.transpose() * input;
+    }
+    if (!grads.dx.empty()) {
+      auto dx = as_eigen(grads.dx);
+      if (!jittered) {
+        if (grads.accumulate) dx.noalias() += g * as_eigen(w_gate);
+        else dx.noalias() = g * as_eigen(w_gate);
+      } else {
+        auto tmp = as_eigen(scratch);
+        tmp.noalias() = g * as_eigen(w_gate);
+        scale_by_jitter(scratch, d);  // d x~/d x is the jitter factor
+        if (grads.accumulate) dx += tmp;
+        else dx = tmp;
+      }
+    }
+  }
+
+ private:
+  static void validate(const RouterConfig& c) {
+    const GatingConfig& g = c.gating;
+    MOEKIT_CHECK_ARG(std::isfinite(g.scaling) && g.scaling > 0.0f,
+                     "gating.scaling = ", g.scaling, " must be finite and positive");
+    MOEKIT_CHECK_ARG(g.num_groups >= 1 && kExperts % g.num_groups == 0, "gating.num_groups = ",
+                     g.num_groups, " must divide the expert count E = ", kExperts);
+    if (g.num_groups > 1) {
+      const int group_size = kExperts / g.num_groups;
+      MOEKIT_CHECK_ARG(g.groups_kept >= 1 && g.groups_kept <= g.num_groups,
+                       "gating.groups_kept = ", g.groups_kept, " must be in [1, ", g.num_groups,
+                       "]");
+      MOEKIT_CHECK_ARG(g.groups_kept * group_size >= kTopK, "gating.groups_kept = ", g.groups_kept,
+                       " groups of ", group_size, " experts hold fewer than K = ", kTopK);
+      MOEKIT_CHECK_ARG(g.group_score_top >= 1 && g.group_score_top <= group_size &&
+                           g.group_score_top <= kMaxGroupScoreTop,
+                       "gating.group_score_top = ", g.group_score_top, " must be in [1, ",
+                       std::min(group_size, kMaxGroupScoreTop), "]");
+    }
+    const NoiseConfig& n = c.noise;
+    MOEKIT_CHECK_ARG(std::isfinite(n.amount) && n.amount >= 0.0f, "noise.amount = ", n.amount,
+                     " must be finite and non-negative");
+    MOEKIT_CHECK_ARG(n.kind != NoiseKind::kJitter || n.amount < 1.0f, "noise.amount = ", n.amount,
+                     " must be below 1 for jitter");
+    MOEKIT_CHECK_ARG(!std::isnan(c.capacity.factor), "capacity.factor is NaN");
+  }
+
+  void check_routing(const Routing& r, index_t tokens) const {
+    check_shape(r.logits, tokens, kExperts, "routing.logits");
+    check_shape(r.scores, tokens, kExperts, "routing.scores");
+    check_shape(r.expert_ids, tokens, kTopK, "routing.expert_ids");
+    check_shape(r.weights, tokens, kTopK, "routing.weights");
+    check_shape(r.positions, tokens, kTopK, "routing.positions");
+  }
+
+  void check_workspace(VectorView<float> workspace, index_t tokens, index_t d) const {
+    const index_t need = workspace_size(tokens, d);
+    if (need == 0) return;
+    check_view(workspace, "workspace");
+    MOEKIT_CHECK(workspace.size() >= need, Errc::kShapeMismatch, "workspace has ",
+                 workspace.size(), " floats, jitter needs workspace_size() = ", need);
+  }
+
+  static void check_selection_bias(VectorView<const float> bias) {
+    if (bias.empty()) return;
+    check_shape(bias, kExperts, "selection_bias");
+    for (index_t e = 0; e < kExperts; ++e) {
+      MOEKIT_CHECK(std::isfinite(bias[e]), Errc::kNonFinite, "selection_bias[", e, "] = ",
+                   bias[e], " is not finite");
+    }
+  }
+
+  // Saved ids come from the caller on backward: never trust them for indexing.
+  static void check_ids(MatrixView<const std::int32_t> ids) {
+    for (index_t t = 0; t < ids.rows(); ++t) {
+      for (int k = 0; k < kTopK; ++k) {
+        MOEKIT_CHECK(ids(t, k) >= 0 && ids(t, k) < kExperts, Errc::kOutOfRange,
+                     "routing.expert_ids(", t, ", ", k, ") = ", ids(t, k), " is outside [0, ",
+                     kExperts, ")");
+      }
+    }
+  }
+
+  void route_validated(const Routing& out, VectorView<const float> selection_bias,
+                       RoutingStats<S>* stats) const {
+    const index_t tokens = out.logits.rows();
+    if (config_.non_finite == NonFinitePolicy::kError) reject_non_finite(out.logits);
+
+    const GatingConfig gating = config_.gating;
+    const float* bias = selection_bias.empty() ? nullptr : selection_bias.data();
+    index_t non_finite = 0;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) reduction(+ : non_finite) if (tokens * kExperts > kParallelGrain)
+#endif
+    for (index_t t = 0; t < tokens; ++t) {
+      non_finite += routing::gate_token<kExperts, kTopK>(out.logits.row(t), bias, gating,
+                                                         out.expert_ids.row(t),
+                                                         out.weights.row(t), out.scores.row(t));
+    }
+    std::array<index_t, kExperts> kept{};
+    const index_t dropped = assign_positions(out, kept);
+    if (stats != nullptr) {
+      fill_stats(out, *stats);
+      stats->kept = kept;
+      stats->dropped = dropped;
+      stats->non_finite_logits = non_finite;
+    }
+  }
+
+  static void reject_non_finite(MatrixView<const float> logits) {
+    for (index_t t = 0; t < logits.rows(); ++t) {
+      for (index_t e = 0; e < kExperts; ++e) {
+        MOEKIT_CHECK(std::isfinite(logits(t, e)), Errc::kNonFinite, "logits(", t, ", ", e,
+                     ") = ", logits(t, e), " is not finite (NonFinitePolicy::kError)");
+      }
+    }
+  }
+
+  // Capacity: gives every assignment its row in its expert's buffer, in
+  // token order among the kept; over-capacity ones get -1 and weight 0.
+  // Returns the number dropped; `kept` receives the per-expert counts.
+  index_t assign_positions(const Routing& out, std::array<index_t, kExperts>& kept) const {
+    const index_t tokens = out.logits.rows();
+    const index_t cap = capacity(tokens);
+    index_t dropped = 0;
+    if (config_.capacity.factor > 0.0f && config_.capacity.policy == DropPolicy::kProbs) {
+      mark_lowest_weights(out, cap);  // positions: 0 = keep, -1 = drop
+    } else {
+      for (index_t t = 0; t < tokens; ++t) {
+        for (int k = 0; k < kTopK; ++k) out.positions(t, k) = 0;
+      }
+    }
+    std::array<index_t, kExperts> fill{};
+    for (index_t t = 0; t < tokens; ++t) {
+      for (int k = 0; k < kTopK; ++k) {
+        const int e = out.expert_ids(t, k);
+        if (out.positions(t, k) == 0 && fill[e] < cap) {
+          out.positions(t, k) = static_cast<std::int32_t>(fill[e]++);
+        } else {
+          out.positions(t, k) = -1;
+          out.weights(t, k) = 0.0f;
+          ++dropped;
+        }
+      }
+    }
+    kept = fill;
+    return dropped;
+  }
+
+  // kProbs: per expert, keep the `cap` assignments of highest weight (ties ->
+  // earlier token); marks the rest -1 in positions.
+  void mark_lowest_weights(const Routing& out, index_t cap) const {
+    const index_t tokens = out.logits.rows();
+    struct Slot {
+      float weight;
+      index_t token;
+      int k;
+    };
+    std::array<std::vector<Slot>, kExperts> by_expert;
+    for (index_t t = 0; t < tokens; ++t) {
+      for (int k = 0; k < kTopK; ++k) {
+        by_expert[out.expert_ids(t, k)].push_back({out.weights(t, k), t, k});
+      }
+    }
+    for (auto& slots : by_expert) {
+      if (static_cast<index_t>(slots.size()) <= cap) {
+        for (const Slot& s : slots) out.positions(s.token, s.k) = 0;
+        continue;
+      }
+      std::stable_sort(slots.begin(), slots.end(),
+                       [](const Slot& a, const Slot& b) { return a.weight > b.weight; });
+      for (index_t i = 0; i < static_cast<index_t>(slots.size()); ++i) {
+        out.positions(slots[i].token, slots[i].k) = i < cap ? 0 : -1;
+      }
+    }
+  }
+
+  void fill_stats(const Routing& out, RoutingStats<S>& stats) const {
+    const index_t tokens = out.logits.rows();
+    stats.tokens = tokens;
+    stats.assigned.fill(0);
+    for (index_t t = 0; t < tokens; ++t) {
+      for (int k = 0; k < kTopK; ++k) ++stats.assigned[out.expert_ids(t, k)];
+    }
+    // Mean routing distribution, summed in token order (deterministic).
+    std::array<double, kExperts> sum{};
+    float q[kExperts];
+    for (index_t t = 0; t < tokens; ++t) {
+      routing::routing_distribution<kExperts>(config_.gating.rule, out.scores.row(t), q);
+      for (int e = 0; e < kExperts; ++e) sum[e] += q[e];
+    }
+    for (int e = 0; e < kExperts; ++e) {
+      stats.mean_distribution[e] = tokens > 0 ? static_cast<float>(sum[e] / static_cast<double>(tokens)) : 0.0f;
+    }
+  }
+
+  // x~ = x * U(1 - a, 1 + a), element (t, j) drawn with counter t * d + j.
+  void jitter(MatrixView<const float> x, MatrixView<float> out) const {
+    const index_t d = x.cols();
+    const float a = config_.noise.amount;
+    const std::uint64_t seed = config_.noise.seed;
+    MOEKIT_PARALLEL_FOR_IF(x.size() > kParallelGrain)
+    for (index_t t = 0; t < x.rows(); ++t) {
+      for (index_t j = 0; j < d; ++j) {
+        const float u = random_uniform(seed, static_cast<std::uint64_t>(t * d + j));
+        out(t, j) = x(t, j) * (1.0f - a + 2.0f * a * u);
+      }
+    }
+  }
+
+  void scale_by_jitter(MatrixView<float> m, index_t d) const {
+    const float a = config_.noise.amount;
+    const std::uint64_t seed = config_.noise.seed;
+    MOEKIT_PARALLEL_FOR_IF(m.size() > kParallelGrain)
+    for (index_t t = 0; t < m.rows(); ++t) {
+      for (index_t j = 0; j < d; ++j) {
+        const float u = random_uniform(seed, static_cast<std::uint64_t>(t * d + j));
+        m(t, j) *= 1.0f - a + 2.0f * a * u;
+      }
+    }
+  }
+
+  // logits += amount * N(0, 1), element (t, e) drawn with counter t * E + e.
+  void add_gaussian_noise(MatrixView<float> logits) const {
+    const float a = config_.noise.amount;
+    const std::uint64_t seed = config_.noise.seed;
+    for (index_t t = 0; t < logits.rows(); ++t) {
+      for (int e = 0; e < kExperts; ++e) {
+        logits(t, e) += a * random_normal(seed, static_cast<std::uint64_t>(t * kExperts + e));
+      }
+    }
+  }
+
+  RouterConfig config_;
+};
+
+}  // namespace cpu
+MOEKIT_NAMESPACE_END
