@@ -99,10 +99,12 @@ MOEKIT_HOST_DEVICE inline float exp_(float v) {
 }
 
 // Inserts (v, id) into the descending list vals/ids of length `count` <=
-// `capacity`. Candidates must arrive in increasing id order: a later equal
-// value never passes an earlier one, which is the tie rule.
-MOEKIT_HOST_DEVICE inline void insert_top(float v, int id, float* vals, int* ids, int& count,
-                                          int capacity) {
+// `capacity` <= MaxCapacity (the arrays' length). Candidates must arrive in
+// increasing id order: a later equal value never passes an earlier one,
+// which is the tie rule.
+template <int MaxCapacity>
+MOEKIT_HOST_DEVICE void insert_top(float v, int id, float* vals, int* ids, int& count,
+                                   int capacity) {
   int pos;
   if (count < capacity) {
     pos = count++;
@@ -111,6 +113,7 @@ MOEKIT_HOST_DEVICE inline void insert_top(float v, int id, float* vals, int* ids
   } else {
     return;
   }
+  pos = pos < MaxCapacity - 1 ? pos : MaxCapacity - 1;  // states the bound for the compiler
   while (pos > 0 && v > vals[pos - 1]) {
     vals[pos] = vals[pos - 1];
     ids[pos] = ids[pos - 1];
@@ -195,7 +198,7 @@ MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cf
   float vals[K];
   int count = 0;
   if (cfg.num_groups <= 1) {
-    for (int e = 0; e < E; ++e) insert_top(keys[e], e, vals, ids, count, K);
+    for (int e = 0; e < E; ++e) insert_top<K>(keys[e], e, vals, ids, count, K);
     return;
   }
   const int group_size = E / cfg.num_groups;
@@ -207,12 +210,13 @@ MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cf
     int top_ids[kMaxGroupScoreTop];
     int n = 0;
     for (int j = 0; j < group_size; ++j) {
-      insert_top(keys[g * group_size + j], j, top, top_ids, n, cfg.group_score_top);
+      insert_top<kMaxGroupScoreTop>(keys[g * group_size + j], j, top, top_ids, n,
+                                    cfg.group_score_top);
     }
     float score = 0.0f;
     for (int j = 0; j < n; ++j) score += top[j];
     if (score != score) score = kInf;  // +inf + -inf: the group holds a +inf key
-    insert_top(score, g, group_vals, group_ids, kept, cfg.groups_kept);
+    insert_top<E>(score, g, group_vals, group_ids, kept, cfg.groups_kept);
   }
   // Visit kept groups in increasing order so expert ids arrive increasing.
   for (int i = 1; i < kept; ++i) {
@@ -223,7 +227,7 @@ MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cf
   }
   for (int i = 0; i < kept; ++i) {
     const int first = group_ids[i] * group_size;
-    for (int e = first; e < first + group_size; ++e) insert_top(keys[e], e, vals, ids, count, K);
+    for (int e = first; e < first + group_size; ++e) insert_top<K>(keys[e], e, vals, ids, count, K);
   }
 }
 
@@ -243,11 +247,10 @@ MOEKIT_HOST_DEVICE int gate_token(const float* x, const float* bias, const Gatin
   }
   float keys[E];
   for (int e = 0; e < E; ++e) {
-    const float base =
-        (cfg.rule == GatingRule::kTopKSoftmax ||
-         (cfg.rule == GatingRule::kSoftmaxTopK && bias == nullptr))
-            ? sanitize(x[e])
-            : scores[e];
+    const float base = (cfg.rule == GatingRule::kTopKSoftmax ||
+                        (cfg.rule == GatingRule::kSoftmaxTopK && bias == nullptr))
+                           ? sanitize(x[e])
+                           : scores[e];
     keys[e] = sanitize(base + (bias != nullptr ? bias[e] : 0.0f));
   }
   select_experts<E, K>(keys, cfg, ids);

@@ -41,11 +41,11 @@ struct RouterConfig {
 // The routing of a batch of T tokens: what forward writes and what backward
 // and the aux losses read back. All views are caller memory.
 struct Routing {
-  MatrixView<float> logits;               // T x E, noise included
-  MatrixView<float> scores;               // T x E: p (softmax rules) or s (sigmoid)
-  MatrixView<std::int32_t> expert_ids;    // T x K, ordered by key, distinct per row
-  MatrixView<float> weights;              // T x K, combine weights, 0 where dropped
-  MatrixView<std::int32_t> positions;     // T x K, row in the expert's buffer, -1 = dropped
+  MatrixView<float> logits;             // T x E, noise included
+  MatrixView<float> scores;             // T x E: p (softmax rules) or s (sigmoid)
+  MatrixView<std::int32_t> expert_ids;  // T x K, ordered by key, distinct per row
+  MatrixView<float> weights;            // T x K, combine weights, 0 where dropped
+  MatrixView<std::int32_t> positions;   // T x K, row in the expert's buffer, -1 = dropped
 };
 
 // Gradients of the router's inputs; an empty view is not computed. With
@@ -62,8 +62,8 @@ template <MoeSpecType S>
 struct RoutingStats {
   static constexpr int kExperts = S::num_experts;
   index_t tokens = 0;
-  std::array<index_t, kExperts> assigned{};  // assignments per expert, before capacity
-  std::array<index_t, kExperts> kept{};      // after capacity
+  std::array<index_t, kExperts> assigned{};         // assignments per expert, before capacity
+  std::array<index_t, kExperts> kept{};             // after capacity
   std::array<float, kExperts> mean_distribution{};  // mean over tokens of q (routing distribution)
   index_t dropped = 0;
   index_t non_finite_logits = 0;
@@ -184,28 +184,36 @@ class Router {
     const auto g = as_eigen(dlogits);
     if (!grads.dbias.empty()) {
       auto db = as_eigen(grads.dbias);
-      if (grads.accumulate) db += g.colwise().sum().transpose();
-      else db = g.colwise().sum().transpose();
+      if (grads.accumulate)
+        db += g.colwise().sum().transpose();
+      else
+        db = g.colwise().sum().transpose();
     }
     MatrixView<float> scratch(jittered ? workspace.data() : nullptr, tokens, d);
     if (!grads.dw_gate.empty()) {
       auto dw = as_eigen(grads.dw_gate);
       if (jittered) jitter(x, scratch);  // the input the logits were computed from
       const auto input = jittered ? as_eigen(MatrixView<const float>(scratch)) : as_eigen(x);
-      if (grads.accumulate) dw.noalias() += g.transpose() * input;
-      else dw.noalias() = g.transpose() * input;
+      if (grads.accumulate)
+        dw.noalias() += g.transpose() * input;
+      else
+        dw.noalias() = g.transpose() * input;
     }
     if (!grads.dx.empty()) {
       auto dx = as_eigen(grads.dx);
       if (!jittered) {
-        if (grads.accumulate) dx.noalias() += g * as_eigen(w_gate);
-        else dx.noalias() = g * as_eigen(w_gate);
+        if (grads.accumulate)
+          dx.noalias() += g * as_eigen(w_gate);
+        else
+          dx.noalias() = g * as_eigen(w_gate);
       } else {
         auto tmp = as_eigen(scratch);
         tmp.noalias() = g * as_eigen(w_gate);
         scale_by_jitter(scratch, d);  // d x~/d x is the jitter factor
-        if (grads.accumulate) dx += tmp;
-        else dx = tmp;
+        if (grads.accumulate)
+          dx += tmp;
+        else
+          dx = tmp;
       }
     }
   }
@@ -213,10 +221,11 @@ class Router {
  private:
   static void validate(const RouterConfig& c) {
     const GatingConfig& g = c.gating;
-    MOEKIT_CHECK_ARG(std::isfinite(g.scaling) && g.scaling > 0.0f,
-                     "gating.scaling = ", g.scaling, " must be finite and positive");
-    MOEKIT_CHECK_ARG(g.num_groups >= 1 && kExperts % g.num_groups == 0, "gating.num_groups = ",
-                     g.num_groups, " must divide the expert count E = ", kExperts);
+    MOEKIT_CHECK_ARG(std::isfinite(g.scaling) && g.scaling > 0.0f, "gating.scaling = ", g.scaling,
+                     " must be finite and positive");
+    MOEKIT_CHECK_ARG(g.num_groups >= 1 && kExperts % g.num_groups == 0,
+                     "gating.num_groups = ", g.num_groups,
+                     " must divide the expert count E = ", kExperts);
     if (g.num_groups > 1) {
       const int group_size = kExperts / g.num_groups;
       MOEKIT_CHECK_ARG(g.groups_kept >= 1 && g.groups_kept <= g.num_groups,
@@ -249,16 +258,16 @@ class Router {
     const index_t need = workspace_size(tokens, d);
     if (need == 0) return;
     check_view(workspace, "workspace");
-    MOEKIT_CHECK(workspace.size() >= need, Errc::kShapeMismatch, "workspace has ",
-                 workspace.size(), " floats, jitter needs workspace_size() = ", need);
+    MOEKIT_CHECK(workspace.size() >= need, Errc::kShapeMismatch, "workspace has ", workspace.size(),
+                 " floats, jitter needs workspace_size() = ", need);
   }
 
   static void check_selection_bias(VectorView<const float> bias) {
     if (bias.empty()) return;
     check_shape(bias, kExperts, "selection_bias");
     for (index_t e = 0; e < kExperts; ++e) {
-      MOEKIT_CHECK(std::isfinite(bias[e]), Errc::kNonFinite, "selection_bias[", e, "] = ",
-                   bias[e], " is not finite");
+      MOEKIT_CHECK(std::isfinite(bias[e]), Errc::kNonFinite, "selection_bias[", e, "] = ", bias[e],
+                   " is not finite");
     }
   }
 
@@ -286,8 +295,8 @@ class Router {
 #endif
     for (index_t t = 0; t < tokens; ++t) {
       non_finite += routing::gate_token<kExperts, kTopK>(out.logits.row(t), bias, gating,
-                                                         out.expert_ids.row(t),
-                                                         out.weights.row(t), out.scores.row(t));
+                                                         out.expert_ids.row(t), out.weights.row(t),
+                                                         out.scores.row(t));
     }
     std::array<index_t, kExperts> kept{};
     const index_t dropped = assign_positions(out, kept);
@@ -382,7 +391,8 @@ class Router {
       for (int e = 0; e < kExperts; ++e) sum[e] += q[e];
     }
     for (int e = 0; e < kExperts; ++e) {
-      stats.mean_distribution[e] = tokens > 0 ? static_cast<float>(sum[e] / static_cast<double>(tokens)) : 0.0f;
+      stats.mean_distribution[e] =
+          tokens > 0 ? static_cast<float>(sum[e] / static_cast<double>(tokens)) : 0.0f;
     }
   }
 
