@@ -123,6 +123,57 @@ MOEKIT_HOST_DEVICE void insert_top(float v, int id, float* vals, int* ids, int& 
   ids[pos] = id;
 }
 
+// Selection order: (v, id) comes before (w, wid) if v is larger, or equal
+// with the lower index (the tie rule). Bitwise, so it stays branch-free.
+MOEKIT_HOST_DEVICE inline bool precedes(float v, int id, float w, int wid) {
+  return (v > w) | ((v == w) & (id < wid));
+}
+
+// L independent top-K lists, list l in lane l: entry j of list l is
+// (vals[j * L + l], ids[j * L + l]). L = 1 is one token's list.
+// clear_top empties them: every key, -inf included, comes before an empty slot.
+template <int K, int L = 1>
+MOEKIT_HOST_DEVICE void clear_top(float* vals, int* ids) {
+  for (int i = 0; i < K * L; ++i) {
+    vals[i] = -kInf;
+    ids[i] = std::numeric_limits<int>::max();
+  }
+}
+
+// Inserts key v[l] of expert `id` into list l of each lane; the last entry
+// falls off. No data-dependent branch and every loop runs across lanes, so
+// L tokens are selected in lockstep (SIMD lanes on the CPU; on a GPU each
+// thread is one lane).
+template <int K, int L = 1>
+MOEKIT_HOST_DEVICE void insert_sorted(const float* v, int id, float* vals, int* ids) {
+  // before[j * L + l]: v[l] precedes entry j of list l (true on a suffix of
+  // each list). int, not bool, and every load unconditional: both keep the
+  // lane loops vectorisable.
+  int before[K * L];
+  for (int j = 0; j < K; ++j) {
+    for (int l = 0; l < L; ++l) {
+      before[j * L + l] = precedes(v[l], id, vals[j * L + l], ids[j * L + l]);
+    }
+  }
+  for (int j = K - 1; j > 0; --j) {
+    for (int l = 0; l < L; ++l) {
+      const int here = j * L + l, above = (j - 1) * L + l;
+      const float shifted_val = before[above] ? vals[above] : v[l];
+      const int shifted_id = before[above] ? ids[above] : id;
+      const float kept_val = vals[here];
+      const int kept_id = ids[here];
+      vals[here] = before[here] ? shifted_val : kept_val;
+      ids[here] = before[here] ? shifted_id : kept_id;
+    }
+  }
+  for (int l = 0; l < L; ++l) {
+    const float kept_val = vals[l];
+    const int kept_id = ids[l];
+    vals[l] = before[l] ? v[l] : kept_val;
+    ids[l] = before[l] ? id : kept_id;
+  }
+}
+
 // p = softmax(x) under the non-finite rule.
 template <int N>
 MOEKIT_HOST_DEVICE void softmax(const float* x, float* p) {
@@ -196,9 +247,9 @@ MOEKIT_HOST_DEVICE void routing_distribution_backward(GatingRule rule, const flo
 template <int E, int K>
 MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cfg, int* ids) {
   float vals[K];
-  int count = 0;
+  clear_top<K>(vals, ids);
   if (cfg.num_groups <= 1) {
-    for (int e = 0; e < E; ++e) insert_top<K>(keys[e], e, vals, ids, count, K);
+    for (int e = 0; e < E; ++e) insert_sorted<K>(&keys[e], e, vals, ids);
     return;
   }
   const int group_size = E / cfg.num_groups;
@@ -218,43 +269,39 @@ MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cf
     if (score != score) score = kInf;  // +inf + -inf: the group holds a +inf key
     insert_top<E>(score, g, group_vals, group_ids, kept, cfg.groups_kept);
   }
-  // Visit kept groups in increasing order so expert ids arrive increasing.
-  for (int i = 1; i < kept; ++i) {
-    const int g = group_ids[i];
-    int j = i;
-    for (; j > 0 && group_ids[j - 1] > g; --j) group_ids[j] = group_ids[j - 1];
-    group_ids[j] = g;
-  }
   for (int i = 0; i < kept; ++i) {
     const int first = group_ids[i] * group_size;
-    for (int e = first; e < first + group_size; ++e) insert_top<K>(keys[e], e, vals, ids, count, K);
+    for (int e = first; e < first + group_size; ++e) insert_sorted<K>(&keys[e], e, vals, ids);
   }
 }
 
-// Routes one token. x: E logits; bias: E selection biases or null. Writes the
-// K ids and weights (ordered by key) and the E scores to `scores` (p for the
-// softmax rules, s for sigmoid). Returns the number of non-finite logits.
-template <int E, int K>
-MOEKIT_HOST_DEVICE int gate_token(const float* x, const float* bias, const GatingConfig& cfg,
-                                  int* ids, float* weights, float* scores) {
+// A token's E scores: p = softmax(x) for the softmax rules, s = sigmoid(x)
+// for kSigmoid, under the non-finite rule. Returns the number of non-finite
+// logits.
+template <int E>
+MOEKIT_HOST_DEVICE int compute_scores(GatingRule rule, const float* x, float* scores) {
   int non_finite = 0;
   for (int e = 0; e < E; ++e) non_finite += !is_finite(x[e]);
-
-  if (cfg.rule == GatingRule::kSigmoid) {
+  if (rule == GatingRule::kSigmoid) {
     for (int e = 0; e < E; ++e) scores[e] = sigmoid(x[e]);
   } else {
     softmax<E>(x, scores);
   }
-  float keys[E];
-  for (int e = 0; e < E; ++e) {
-    const float base = (cfg.rule == GatingRule::kTopKSoftmax ||
-                        (cfg.rule == GatingRule::kSoftmaxTopK && bias == nullptr))
-                           ? sanitize(x[e])
-                           : scores[e];
-    keys[e] = sanitize(base + (bias != nullptr ? bias[e] : 0.0f));
-  }
-  select_experts<E, K>(keys, cfg, ids);
+  return non_finite;
+}
 
+// Expert e's selection key under the rules above; bias may be null.
+MOEKIT_HOST_DEVICE inline float selection_key(GatingRule rule, float x, float score,
+                                              const float* bias, int e) {
+  const bool logit_key =
+      rule == GatingRule::kTopKSoftmax || (rule == GatingRule::kSoftmaxTopK && bias == nullptr);
+  return sanitize((logit_key ? sanitize(x) : score) + (bias != nullptr ? bias[e] : 0.0f));
+}
+
+// The K weights of a token routed to `ids` (see the rules above).
+template <int E, int K>
+MOEKIT_HOST_DEVICE void weigh(const float* x, const float* scores, const int* ids,
+                              const GatingConfig& cfg, float* weights) {
   if (cfg.rule == GatingRule::kTopKSoftmax) {
     float selected[K];
     for (int k = 0; k < K; ++k) selected[k] = x[ids[k]];
@@ -271,6 +318,26 @@ MOEKIT_HOST_DEVICE int gate_token(const float* x, const float* bias, const Gatin
     }
   }
   for (int k = 0; k < K; ++k) weights[k] *= cfg.scaling;
+}
+
+// Given a token's logits x and its scores, selects the K experts and writes
+// their ids and weights, ordered by key. bias: E selection biases or null.
+template <int E, int K>
+MOEKIT_HOST_DEVICE void select_and_weigh(const float* x, const float* scores, const float* bias,
+                                         const GatingConfig& cfg, int* ids, float* weights) {
+  float keys[E];
+  for (int e = 0; e < E; ++e) keys[e] = selection_key(cfg.rule, x[e], scores[e], bias, e);
+  select_experts<E, K>(keys, cfg, ids);
+  weigh<E, K>(x, scores, ids, cfg, weights);
+}
+
+// Routes one token: compute_scores, then select_and_weigh. Writes the K ids
+// and weights and the E scores; returns the number of non-finite logits.
+template <int E, int K>
+MOEKIT_HOST_DEVICE int gate_token(const float* x, const float* bias, const GatingConfig& cfg,
+                                  int* ids, float* weights, float* scores) {
+  const int non_finite = compute_scores<E>(cfg.rule, x, scores);
+  select_and_weigh<E, K>(x, scores, bias, cfg, ids, weights);
   return non_finite;
 }
 

@@ -289,14 +289,34 @@ class Router {
 
     const GatingConfig gating = config_.gating;
     const float* bias = selection_bias.empty() ? nullptr : selection_bias.data();
+    const index_t blocks = (tokens + kRowBlock - 1) / kRowBlock;
     index_t non_finite = 0;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) reduction(+ : non_finite) if (tokens * kExperts > kParallelGrain)
 #endif
-    for (index_t t = 0; t < tokens; ++t) {
-      non_finite += routing::gate_token<kExperts, kTopK>(out.logits.row(t), bias, gating,
-                                                         out.expert_ids.row(t), out.weights.row(t),
-                                                         out.scores.row(t));
+    for (index_t b = 0; b < blocks; ++b) {
+      const index_t first = b * kRowBlock;
+      const index_t rows = std::min(kRowBlock, tokens - first);
+      const MatrixView<const float> logits = out.logits.middle_rows(first, rows);
+      compute_scores_block(logits, out.scores.middle_rows(first, rows));
+      for (index_t t = first; t < first + rows; ++t) {
+        if (!as_eigen(out.logits.row_view(t)).allFinite()) {
+          // The vectorised block got this row wrong; the scalar rule is exact.
+          non_finite +=
+              routing::compute_scores<kExperts>(gating.rule, out.logits.row(t), out.scores.row(t));
+        }
+      }
+      if (gating.num_groups > 1) {
+        for (index_t t = first; t < first + rows; ++t) {
+          routing::select_and_weigh<kExperts, kTopK>(out.logits.row(t), out.scores.row(t), bias,
+                                                     gating, out.expert_ids.row(t),
+                                                     out.weights.row(t));
+        }
+      } else {
+        for (index_t t = first; t < first + rows; t += kLanes) {
+          select_lanes(out, bias, t, std::min<index_t>(kLanes, first + rows - t));
+        }
+      }
     }
     std::array<index_t, kExperts> kept{};
     const index_t dropped = assign_positions(out, kept);
@@ -305,6 +325,49 @@ class Router {
       stats->kept = kept;
       stats->dropped = dropped;
       stats->non_finite_logits = non_finite;
+    }
+  }
+
+  // Scores of a block of finite rows with Eigen's vectorised exp (rows with a
+  // non-finite logit are redone by the caller).
+  void compute_scores_block(MatrixView<const float> logits, MatrixView<float> scores) const {
+    for (index_t t = 0; t < logits.rows(); ++t) {
+      const auto x = as_eigen(logits.row_view(t)).array();
+      auto s = as_eigen(scores.row_view(t)).array();
+      if (config_.gating.rule == GatingRule::kSigmoid) {
+        s = 1.0f / (1.0f + (-x).exp());
+      } else {
+        s = (x - x.maxCoeff()).exp();
+        s /= s.sum();
+      }
+    }
+  }
+
+  // Top-K for `n` <= kLanes consecutive tokens at once, token l in lane l:
+  // the branch-free insertion runs across lanes, so the compiler vectorises
+  // it over tokens and no key ever costs a mispredicted branch.
+  void select_lanes(const Routing& out, const float* bias, index_t first, index_t n) const {
+    const GatingConfig& gating = config_.gating;
+    alignas(64) float keys[kExperts * kLanes];
+    alignas(64) float vals[kTopK * kLanes];
+    alignas(64) int ids[kTopK * kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const index_t t = first + (l < n ? l : 0);  // idle lanes repeat a real token
+      const float* x = out.logits.row(t);
+      const float* s = out.scores.row(t);
+      for (int e = 0; e < kExperts; ++e) {
+        keys[e * kLanes + l] = routing::selection_key(gating.rule, x[e], s[e], bias, e);
+      }
+    }
+    routing::clear_top<kTopK, kLanes>(vals, ids);
+    for (int e = 0; e < kExperts; ++e) {
+      routing::insert_sorted<kTopK, kLanes>(keys + e * kLanes, e, vals, ids);
+    }
+    for (index_t l = 0; l < n; ++l) {
+      const index_t t = first + l;
+      for (int k = 0; k < kTopK; ++k) out.expert_ids(t, k) = ids[k * kLanes + l];
+      routing::weigh<kExperts, kTopK>(out.logits.row(t), out.scores.row(t), out.expert_ids.row(t),
+                                      gating, out.weights.row(t));
     }
   }
 
@@ -432,6 +495,11 @@ class Router {
       }
     }
   }
+
+  // Rows per block of vectorised score computation.
+  static constexpr index_t kRowBlock = 64;
+  // Tokens selected together, one per SIMD lane.
+  static constexpr int kLanes = 16;
 
   RouterConfig config_;
 };

@@ -1,0 +1,197 @@
+// Router benchmarks (issue 3): C1 (T=2048 d=1024 E=8 K=2), C2 (E=64 K=8) and
+// E=256 K=8, at 1 and 2 threads, each beside the GEMM of its logits alone and
+// the machine's large-SGEMM rate, all measured in this run. The closing table
+// gives the share of router time spent after the logits GEMM.
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ceiling.hpp"
+#include "moekit/cpu/router.hpp"
+#include "summary.hpp"
+
+namespace {
+
+using moekit::index_t;
+using moekit::MoeSpec;
+
+constexpr index_t kTokens = 2048;
+constexpr index_t kModel = 1024;
+
+struct Inputs {
+  std::vector<float> x, w, logits, scores, weights, dweights, dlogits, dx, dw;
+  std::vector<std::int32_t> ids, positions;
+  Inputs(int experts, int top_k)
+      : x(kTokens * kModel),
+        w(experts * kModel),
+        logits(kTokens * experts),
+        scores(kTokens * experts),
+        weights(kTokens * top_k),
+        dweights(kTokens * top_k, 1.0f),
+        dlogits(kTokens * experts),
+        dx(kTokens * kModel),
+        dw(experts * kModel),
+        ids(kTokens * top_k),
+        positions(kTokens * top_k) {
+    std::mt19937 rng(1);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (float& v : x) v = normal(rng);
+    for (float& v : w) v = 0.03f * normal(rng);
+    for (float& v : dweights) v = normal(rng);
+  }
+  moekit::cpu::Routing routing(int experts, int top_k) {
+    return {{logits.data(), kTokens, experts},
+            {scores.data(), kTokens, experts},
+            {ids.data(), kTokens, top_k},
+            {weights.data(), kTokens, top_k},
+            {positions.data(), kTokens, top_k}};
+  }
+};
+
+double logits_flops(int experts) { return 2.0 * kTokens * kModel * experts; }
+
+// The logits GEMM alone: the part of the router a dense layer would also pay.
+void logits_gemm(benchmark::State& state, int experts, int threads) {
+  moekit_bench::sgemm(state, kTokens, experts, kModel, threads);
+}
+
+template <class S>
+moekit::cpu::RouterConfig config() {
+  moekit::cpu::RouterConfig c;
+  c.gating.renormalize = true;
+  c.capacity.factor = 1.25f;
+  return c;
+}
+
+template <class S>
+void router_forward(benchmark::State& state, int threads) {
+  constexpr int E = S::num_experts, K = S::top_k;
+  moekit_bench::set_threads(threads);
+  Inputs in(E, K);
+  const moekit::cpu::Router<S> router(config<S>());
+  moekit::cpu::RoutingStats<S> stats;
+  for (auto _ : state) {
+    router.forward({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel}, {}, {},
+                   in.routing(E, K), &stats);
+    benchmark::DoNotOptimize(in.weights.data());
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(logits_flops(E) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// Gating, capacity and statistics from ready logits: everything after the GEMM.
+template <class S>
+void router_gating(benchmark::State& state, int threads) {
+  constexpr int E = S::num_experts, K = S::top_k;
+  moekit_bench::set_threads(threads);
+  Inputs in(E, K);
+  const moekit::cpu::Router<S> router(config<S>());
+  moekit::cpu::RoutingStats<S> stats;
+  router.forward({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel}, {}, {}, in.routing(E, K),
+                 &stats);
+  for (auto _ : state) {
+    router.route(in.routing(E, K), {}, &stats);
+    benchmark::DoNotOptimize(in.weights.data());
+  }
+}
+
+template <class S>
+void router_forward_backward(benchmark::State& state, int threads) {
+  constexpr int E = S::num_experts, K = S::top_k;
+  moekit_bench::set_threads(threads);
+  Inputs in(E, K);
+  const moekit::cpu::Router<S> router(config<S>());
+  moekit::cpu::RoutingStats<S> stats;
+  const moekit::cpu::RouterGrads grads{
+      {in.dx.data(), kTokens, kModel}, {in.dw.data(), E, kModel}, {}, false};
+  for (auto _ : state) {
+    const moekit::cpu::Routing r = in.routing(E, K);
+    router.forward({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel}, {}, {}, r, &stats);
+    router.backward_gate(r, {in.dweights.data(), kTokens, K}, {in.dlogits.data(), kTokens, E});
+    router.backward_logits({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel},
+                           {in.dlogits.data(), kTokens, E}, grads);
+    benchmark::DoNotOptimize(in.dx.data());
+  }
+  // Forward GEMM plus the two backward GEMMs (dx, dw_gate).
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(3 * logits_flops(E) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+struct Case {
+  const char* name;
+  int experts;
+  void (*forward)(benchmark::State&, int);
+  void (*gating)(benchmark::State&, int);
+  void (*forward_backward)(benchmark::State&, int);
+};
+
+template <class S>
+Case make_case(const char* name) {
+  return {name, S::num_experts, router_forward<S>, router_gating<S>, router_forward_backward<S>};
+}
+
+std::string run_name(const char* what, const char* config, int threads) {
+  return std::string(what) + "/" + config + "/threads:" + std::to_string(threads);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::vector<Case> cases = {make_case<MoeSpec<8, 2>>("C1_E8_K2"),
+                                   make_case<MoeSpec<64, 8>>("C2_E64_K8"),
+                                   make_case<MoeSpec<256, 8>>("E256_K8")};
+  const int thread_counts[] = {2, 1};
+  for (int threads : thread_counts) {
+    benchmark::RegisterBenchmark(
+        run_name("sgemm_ceiling", "n2048", threads).c_str(),
+        [threads](benchmark::State& s) { moekit_bench::sgemm(s, 2048, 2048, 2048, threads); })
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+    for (const Case& c : cases) {
+      const int e = c.experts;
+      benchmark::RegisterBenchmark(
+          run_name("logits_gemm", c.name, threads).c_str(),
+          [e, threads](benchmark::State& s) { logits_gemm(s, e, threads); })
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+      auto* f = c.forward;
+      auto* g = c.gating;
+      auto* fb = c.forward_backward;
+      benchmark::RegisterBenchmark(run_name("router_forward", c.name, threads).c_str(),
+                                   [f, threads](benchmark::State& s) { f(s, threads); })
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+      benchmark::RegisterBenchmark(run_name("router_gating", c.name, threads).c_str(),
+                                   [g, threads](benchmark::State& s) { g(s, threads); })
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+      benchmark::RegisterBenchmark(run_name("router_forward_backward", c.name, threads).c_str(),
+                                   [fb, threads](benchmark::State& s) { fb(s, threads); })
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+    }
+  }
+  benchmark::Initialize(&argc, argv);
+  moekit_bench::RecordingReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+
+  std::printf("\n%-10s %3s %10s %9s %9s %9s %8s %10s %9s\n", "config", "thr", "SGEMM GF/s",
+              "gemm ms", "fwd ms", "gating ms", "gating%", "fwd+bwd ms", "gemm/ceil");
+  for (int threads : thread_counts) {
+    const double ceiling = 2.0 * 2048 * 2048 * 2048 /
+                           reporter.seconds(run_name("sgemm_ceiling", "n2048", threads)) * 1e-9;
+    for (const Case& c : cases) {
+      const double gemm = reporter.seconds(run_name("logits_gemm", c.name, threads));
+      const double fwd = reporter.seconds(run_name("router_forward", c.name, threads));
+      const double gating = reporter.seconds(run_name("router_gating", c.name, threads));
+      const double fb = reporter.seconds(run_name("router_forward_backward", c.name, threads));
+      if (gemm <= 0 || fwd <= 0) continue;  // filtered out
+      std::printf("%-10s %3d %10.1f %9.3f %9.3f %9.3f %7.1f%% %10.3f %9.2f\n", c.name, threads,
+                  ceiling, gemm * 1e3, fwd * 1e3, gating * 1e3, 100.0 * gating / fwd, fb * 1e3,
+                  logits_flops(c.experts) / gemm * 1e-9 / ceiling);
+    }
+  }
+  std::printf("gating%% = (gating, capacity, stats after the logits GEMM) / (whole forward)\n");
+  return 0;
+}
