@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ceiling.hpp"
+#include "moekit/cpu/aux_losses.hpp"
 #include "moekit/cpu/router.hpp"
 #include "summary.hpp"
 
@@ -64,6 +65,14 @@ moekit::cpu::RouterConfig config() {
   return c;
 }
 
+// The balance losses every training step computes: Switch (aux) and z-loss.
+// dlogits empty: values only; otherwise their gradients are added to it.
+template <class S>
+double aux_losses(const moekit::cpu::Routing& r, moekit::MatrixView<float> dlogits) {
+  return moekit::cpu::switch_loss<S>(moekit::GatingRule::kSoftmaxTopK, r, {}, 1e-2f, dlogits) +
+         moekit::cpu::z_loss<S>(r, 1e-3f, dlogits);
+}
+
 template <class S>
 void router_forward(benchmark::State& state, int threads) {
   constexpr int E = S::num_experts, K = S::top_k;
@@ -74,13 +83,14 @@ void router_forward(benchmark::State& state, int threads) {
   for (auto _ : state) {
     router.forward({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel}, {}, {},
                    in.routing(E, K), &stats);
-    benchmark::DoNotOptimize(in.weights.data());
+    benchmark::DoNotOptimize(aux_losses<S>(in.routing(E, K), {}));
   }
   state.counters["GFLOP/s"] =
       benchmark::Counter(logits_flops(E) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// Gating, capacity and statistics from ready logits: everything after the GEMM.
+// Gating, capacity, statistics and losses from ready logits: everything
+// after the GEMM.
 template <class S>
 void router_gating(benchmark::State& state, int threads) {
   constexpr int E = S::num_experts, K = S::top_k;
@@ -92,7 +102,7 @@ void router_gating(benchmark::State& state, int threads) {
                  &stats);
   for (auto _ : state) {
     router.route(in.routing(E, K), {}, &stats);
-    benchmark::DoNotOptimize(in.weights.data());
+    benchmark::DoNotOptimize(aux_losses<S>(in.routing(E, K), {}));
   }
 }
 
@@ -109,6 +119,7 @@ void router_forward_backward(benchmark::State& state, int threads) {
     const moekit::cpu::Routing r = in.routing(E, K);
     router.forward({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel}, {}, {}, r, &stats);
     router.backward_gate(r, {in.dweights.data(), kTokens, K}, {in.dlogits.data(), kTokens, E});
+    benchmark::DoNotOptimize(aux_losses<S>(r, {in.dlogits.data(), kTokens, E}));
     router.backward_logits({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel},
                            {in.dlogits.data(), kTokens, E}, grads);
     benchmark::DoNotOptimize(in.dx.data());
@@ -141,6 +152,8 @@ int main(int argc, char** argv) {
   const std::vector<Case> cases = {make_case<MoeSpec<8, 2>>("C1_E8_K2"),
                                    make_case<MoeSpec<64, 8>>("C2_E64_K8"),
                                    make_case<MoeSpec<256, 8>>("E256_K8")};
+  // 2 threads first: after 1-thread runs, libgomp's 2-thread Eigen GEMMs ran
+  // ~40% slower for the rest of the process on the reference machine.
   const int thread_counts[] = {2, 1};
   for (int threads : thread_counts) {
     benchmark::RegisterBenchmark(
@@ -192,6 +205,8 @@ int main(int argc, char** argv) {
                   logits_flops(c.experts) / gemm * 1e-9 / ceiling);
     }
   }
-  std::printf("gating%% = (gating, capacity, stats after the logits GEMM) / (whole forward)\n");
+  std::printf(
+      "gating%% = (gating, capacity, stats, Switch and z losses after the logits GEMM) / "
+      "(whole forward)\n");
   return 0;
 }

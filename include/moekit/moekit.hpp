@@ -4,9 +4,9 @@
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
-#include "moekit/core/types.hpp"
 #include "moekit/core/random.hpp"
 #include "moekit/core/routing.hpp"
+#include "moekit/core/types.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/aux_losses.hpp"
 #include "moekit/cpu/eigen.hpp"

@@ -141,16 +141,8 @@ double switch_rows(GatingRule rule, MatrixView<const float> scores,
   const index_t tokens = scores.rows();
   if (tokens == 0) return 0.0;
 
-  std::array<index_t, kE> count{};
-  for (index_t t = 0; t < tokens; ++t) {
-    for (int k = 0; k < kK; ++k) ++count[ids(t, k)];
-  }
-  std::array<double, kE> q_sum{};
-  for (index_t t = 0; t < tokens; ++t) {
-    float q[kE];
-    routing::routing_distribution<kE>(rule, scores.row(t), q);
-    for (int e = 0; e < kE; ++e) q_sum[e] += q[e];
-  }
+  const std::array<index_t, kE> count = assignment_counts<S>(ids);
+  const std::array<double, kE> q_sum = routing_distribution_sum<S>(rule, scores);
   const double n_tokens = static_cast<double>(tokens);
   const double denom = norm == SwitchNormalization::kTokens ? n_tokens : n_tokens * kK;
   double sum = 0.0;
@@ -284,7 +276,6 @@ double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequen
 // returns L, adds coeff * dL/dx to dlogits unless it is empty.
 template <MoeSpecType S>
 double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {}) {
-  constexpr int kE = S::num_experts;
   const index_t tokens = routing.logits.rows();
   detail::check_aux_routing<S>(routing);
   detail::check_aux_dlogits<S>(dlogits, tokens);
@@ -292,30 +283,20 @@ double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {
   if (tokens == 0) return 0.0;
 
   const double n_tokens = static_cast<double>(tokens);
-  double sum = 0.0;
-  for (index_t t = 0; t < tokens; ++t) {
-    const float* x = routing.logits.row(t);
-    bool finite = true;
-    double m = -routing::kInf;
-    for (int e = 0; e < kE; ++e) {
-      finite = finite && routing::is_finite(x[e]);
-      m = std::fmax(m, static_cast<double>(x[e]));
-    }
-    if (!finite) continue;  // contributes 0, no gradient, still counted in T
-    double ex[kE];
-    double z = 0.0;
-    for (int e = 0; e < kE; ++e) {
-      ex[e] = std::exp(static_cast<double>(x[e]) - m);
-      z += ex[e];
-    }
-    const double lse = m + std::log(z);
-    sum += lse * lse;
+  const MatrixView<const float> logits = routing.logits;
+  const double sum = deterministic_sum(tokens, S::num_experts, [&](index_t t) {
+    const auto x = as_eigen(logits.row_view(t)).array();
+    if (!((x - x).sum() == 0.0f)) return 0.0;  // non-finite: 0, no gradient, still counted in T
+    // lse in float with Eigen's vectorised exp; squares summed in double.
+    const float m = x.maxCoeff();
+    const float z = (x - m).exp().sum();
+    const double lse = static_cast<double>(m + std::log(z));
     if (!dlogits.empty()) {
-      const double c = static_cast<double>(coeff) * 2.0 * lse / (n_tokens * z);
-      float* row = dlogits.row(t);
-      for (int e = 0; e < kE; ++e) row[e] += static_cast<float>(c * ex[e]);
+      const float c = static_cast<float>(static_cast<double>(coeff) * 2.0 * lse / n_tokens) / z;
+      as_eigen(dlogits.row_view(t)).array() += c * (x - m).exp();
     }
-  }
+    return lse * lse;
+  });
   return sum / n_tokens;
 }
 

@@ -88,6 +88,66 @@ struct RoutingStats {
   }
 };
 
+// Assignments per expert (before capacity). ids must be in range.
+template <MoeSpecType S>
+std::array<index_t, S::num_experts> assignment_counts(MatrixView<const std::int32_t> ids) {
+  std::array<index_t, S::num_experts> count{};
+  for (index_t t = 0; t < ids.rows(); ++t) {
+    for (int k = 0; k < S::top_k; ++k) ++count[ids(t, k)];
+  }
+  return count;
+}
+
+// Sum over tokens of the routing distribution q_t (p for the softmax rules,
+// s / sum(s) for sigmoid; routing::routing_distribution), in double. Threads
+// split the experts, never the tokens: each sum runs over tokens in order,
+// so the result is the same for any thread count.
+template <MoeSpecType S>
+std::array<double, S::num_experts> routing_distribution_sum(GatingRule rule,
+                                                            MatrixView<const float> scores) {
+  constexpr int E = S::num_experts;
+  const index_t tokens = scores.rows();
+  std::array<double, E> sum{};
+  constexpr int kSlice = E < 16 ? E : 16;  // experts per task
+  MOEKIT_PARALLEL_FOR_IF(tokens * E > kParallelGrain)
+  for (int first = 0; first < E; first += kSlice) {
+    const int n = std::min(kSlice, E - first);
+    double acc[kSlice] = {};
+    for (index_t t = 0; t < tokens; ++t) {
+      const float* s = scores.row(t);
+      double scale = 1.0;
+      if (rule == GatingRule::kSigmoid) {
+        const double total = as_eigen(scores.row_view(t)).template cast<double>().sum();
+        if (!(total > 0.0)) {
+          for (int i = 0; i < n; ++i) acc[i] += 1.0 / E;  // the uniform fallback
+          continue;
+        }
+        scale = 1.0 / total;
+      }
+      for (int i = 0; i < n; ++i) acc[i] += static_cast<double>(s[first + i]) * scale;
+    }
+    for (int i = 0; i < n; ++i) sum[first + i] = acc[i];
+  }
+  return sum;
+}
+
+// Sum over fixed chunks of [0, n) of f(i), the chunks' partial sums added
+// in order: deterministic for any thread count, and parallel.
+template <class F>
+double deterministic_sum(index_t n, index_t work_per_item, F&& f) {
+  constexpr int kChunks = 64;
+  double partial[kChunks] = {};
+  const index_t chunk = (n + kChunks - 1) / kChunks;
+  MOEKIT_PARALLEL_FOR_IF(n * work_per_item > kParallelGrain)
+  for (int c = 0; c < kChunks; ++c) {
+    const index_t end = std::min(n, (c + 1) * chunk);
+    for (index_t i = c * chunk; i < end; ++i) partial[c] += f(i);
+  }
+  double sum = 0.0;
+  for (double p : partial) sum += p;
+  return sum;
+}
+
 template <MoeSpecType S>
 class Router {
  public:
@@ -442,17 +502,8 @@ class Router {
   void fill_stats(const Routing& out, RoutingStats<S>& stats) const {
     const index_t tokens = out.logits.rows();
     stats.tokens = tokens;
-    stats.assigned.fill(0);
-    for (index_t t = 0; t < tokens; ++t) {
-      for (int k = 0; k < kTopK; ++k) ++stats.assigned[out.expert_ids(t, k)];
-    }
-    // Mean routing distribution, summed in token order (deterministic).
-    std::array<double, kExperts> sum{};
-    float q[kExperts];
-    for (index_t t = 0; t < tokens; ++t) {
-      routing::routing_distribution<kExperts>(config_.gating.rule, out.scores.row(t), q);
-      for (int e = 0; e < kExperts; ++e) sum[e] += q[e];
-    }
+    stats.assigned = assignment_counts<S>(out.expert_ids);
+    const auto sum = routing_distribution_sum<S>(config_.gating.rule, out.scores);
     for (int e = 0; e < kExperts; ++e) {
       stats.mean_distribution[e] =
           tokens > 0 ? static_cast<float>(sum[e] / static_cast<double>(tokens)) : 0.0f;
