@@ -192,8 +192,8 @@ int main(int argc, char** argv) {
   std::printf("\n%-10s %3s %10s %9s %9s %9s %8s %10s %9s\n", "config", "thr", "SGEMM GF/s",
               "gemm ms", "fwd ms", "gating ms", "gating%", "fwd+bwd ms", "gemm/ceil");
   for (int threads : thread_counts) {
-    const double ceiling = 2.0 * 2048 * 2048 * 2048 /
-                           reporter.seconds(run_name("sgemm_ceiling", "n2048", threads)) * 1e-9;
+    const double ceiling_s = reporter.seconds(run_name("sgemm_ceiling", "n2048", threads));
+    const double ceiling = ceiling_s > 0 ? 2.0 * 2048 * 2048 * 2048 / ceiling_s * 1e-9 : 0.0;
     for (const Case& c : cases) {
       const double gemm = reporter.seconds(run_name("logits_gemm", c.name, threads));
       const double fwd = reporter.seconds(run_name("router_forward", c.name, threads));
@@ -202,7 +202,7 @@ int main(int argc, char** argv) {
       if (gemm <= 0 || fwd <= 0) continue;  // filtered out
       std::printf("%-10s %3d %10.1f %9.3f %9.3f %9.3f %7.1f%% %10.3f %9.2f\n", c.name, threads,
                   ceiling, gemm * 1e3, fwd * 1e3, gating * 1e3, 100.0 * gating / fwd, fb * 1e3,
-                  logits_flops(c.experts) / gemm * 1e-9 / ceiling);
+                  ceiling > 0 ? logits_flops(c.experts) / gemm * 1e-9 / ceiling : 0.0);
     }
   }
   std::printf(

@@ -286,7 +286,7 @@ double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {
   const MatrixView<const float> logits = routing.logits;
   const double sum = deterministic_sum(tokens, S::num_experts, [&](index_t t) {
     const auto x = as_eigen(logits.row_view(t)).array();
-    if (!((x - x).sum() == 0.0f)) return 0.0;  // non-finite: 0, no gradient, still counted in T
+    if (!all_finite(logits.row_view(t))) return 0.0;  // 0, no gradient, still counted in T
     // lse in float with Eigen's vectorised exp; squares summed in double.
     const float m = x.maxCoeff();
     const float z = (x - m).exp().sum();

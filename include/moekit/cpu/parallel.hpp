@@ -19,8 +19,12 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
-// Work (in elements touched) below which a loop stays on one thread.
+// Elements below which a loop stays on one thread. Waking OpenMP workers
+// (sleeping under OMP_WAIT_POLICY=PASSIVE) costs tens of microseconds, so
+// light loops (a few instructions per element: sums, one exp) need far more
+// elements than heavy ones (gating: softmax, top-k, weights) to gain.
 inline constexpr long kParallelGrain = 1L << 15;
+inline constexpr long kLightParallelGrain = 1L << 20;
 
 }  // namespace cpu
 MOEKIT_NAMESPACE_END

@@ -109,7 +109,7 @@ std::array<double, S::num_experts> routing_distribution_sum(GatingRule rule,
   const index_t tokens = scores.rows();
   std::array<double, E> sum{};
   constexpr int kSlice = E < 16 ? E : 16;  // experts per task
-  MOEKIT_PARALLEL_FOR_IF(tokens * E > kParallelGrain)
+  MOEKIT_PARALLEL_FOR_IF(tokens * E > kLightParallelGrain)
   for (int first = 0; first < E; first += kSlice) {
     const int n = std::min(kSlice, E - first);
     double acc[kSlice] = {};
@@ -131,14 +131,22 @@ std::array<double, S::num_experts> routing_distribution_sum(GatingRule rule,
   return sum;
 }
 
+// True when every element is finite: x - x is 0 for finite x and NaN for
+// inf or NaN, and the vectorised sum keeps a NaN.
+inline bool all_finite(VectorView<const float> v) {
+  const auto x = as_eigen(v).array();
+  return (x - x).sum() == 0.0f;
+}
+
 // Sum over fixed chunks of [0, n) of f(i), the chunks' partial sums added
-// in order: deterministic for any thread count, and parallel.
+// in order: deterministic for any thread count. Parallel when n times
+// elements_per_item passes kLightParallelGrain.
 template <class F>
-double deterministic_sum(index_t n, index_t work_per_item, F&& f) {
+double deterministic_sum(index_t n, [[maybe_unused]] index_t elements_per_item, F&& f) {
   constexpr int kChunks = 64;
   double partial[kChunks] = {};
   const index_t chunk = (n + kChunks - 1) / kChunks;
-  MOEKIT_PARALLEL_FOR_IF(n * work_per_item > kParallelGrain)
+  MOEKIT_PARALLEL_FOR_IF(n * elements_per_item > kLightParallelGrain)
   for (int c = 0; c < kChunks; ++c) {
     const index_t end = std::min(n, (c + 1) * chunk);
     for (index_t i = c * chunk; i < end; ++i) partial[c] += f(i);
@@ -360,7 +368,7 @@ class Router {
       const MatrixView<const float> logits = out.logits.middle_rows(first, rows);
       compute_scores_block(logits, out.scores.middle_rows(first, rows));
       for (index_t t = first; t < first + rows; ++t) {
-        if (!as_eigen(out.logits.row_view(t)).allFinite()) {
+        if (!all_finite(out.logits.row_view(t))) {
           // The vectorised block got this row wrong; the scalar rule is exact.
           non_finite +=
               routing::compute_scores<kExperts>(gating.rule, out.logits.row(t), out.scores.row(t));
