@@ -79,7 +79,7 @@ int main() {
                                      {positions.data(), T, K}};
 
   const moekit::cpu::Router<Spec> router(switch_transformer());
-  std::vector<float> workspace(router.workspace_size(T, d));  // jitter needs T x d
+  std::vector<std::byte> workspace(router.workspace_size(T, d));  // jitter needs T x d floats
   moekit::cpu::RoutingStats<Spec> stats;
   router.forward({x.data(), T, d}, {w_gate.data(), E, d}, /*gate_bias=*/{},
                  /*selection_bias=*/{}, routing, &stats,

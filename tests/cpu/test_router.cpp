@@ -392,7 +392,12 @@ TEST(RouterCapacity, ProbsPolicyKeepsHighestWeights) {
   RoutingBuffers<S> buf(T);
   skewed_logits(buf);
   RoutingStats<S> stats;
-  Router<S>(config).route(buf.view(), {}, &stats);
+  const Router<S> router(config);
+  // kProbs sorts slots in caller workspace (T x K ints), never allocates.
+  std::vector<std::byte> workspace(router.workspace_size(T, 0));
+  ASSERT_EQ(workspace.size(), T * 2 * sizeof(std::int32_t));
+  EXPECT_THROW(router.route(buf.view(), {}, &stats), moekit::Error);
+  router.route(buf.view(), {}, &stats, {workspace.data(), static_cast<index_t>(workspace.size())});
   // Expert 0's weight rises with t: the last 10 tokens are kept, and their
   // positions count in token order.
   for (index_t t = 0; t < T; ++t) {
@@ -416,7 +421,9 @@ TEST(RouterCapacity, ProbsPolicyTiesDropLaterTokens) {
     buf.logits[t * 2] = 1.0f;  // identical tokens
     buf.logits[t * 2 + 1] = 0.0f;
   }
-  Router<S>(config).route(buf.view(), {});
+  const Router<S> router(config);
+  std::vector<std::byte> workspace(router.workspace_size(6, 0));
+  router.route(buf.view(), {}, nullptr, {workspace.data(), static_cast<index_t>(workspace.size())});
   EXPECT_EQ(buf.positions, (std::vector<std::int32_t>{0, 1, -1, -1, -1, -1}));
 }
 
@@ -464,11 +471,11 @@ TEST(RouterNoise, JitterScalesInputs) {
   RouterConfig config;
   config.noise = {NoiseKind::kJitter, 0.1f, 9};
   const Router<S> router(config);
-  std::vector<float> workspace(router.workspace_size(T, d));
-  ASSERT_EQ(workspace.size(), static_cast<std::size_t>(T * d));
+  std::vector<std::byte> workspace(router.workspace_size(T, d));
+  ASSERT_EQ(workspace.size(), static_cast<std::size_t>(T * d) * sizeof(float));
   RoutingBuffers<S> buf(T);
   router.forward({x.data(), T, d}, {w.data(), 4, d}, {}, {}, buf.view(), nullptr,
-                 {workspace.data(), T * d});
+                 {workspace.data(), static_cast<index_t>(workspace.size())});
   std::vector<double> ref(T * 4), out(buf.logits.begin(), buf.logits.end());
   double max_factor_dev = 0;
   for (index_t t = 0; t < T; ++t) {
@@ -639,15 +646,15 @@ TEST(RouterBackwardLogits, EndToEndWithJitterMatchesFiniteDifferences) {
   config.gating.renormalize = true;
   config.noise = {NoiseKind::kJitter, 0.2f, 77};
   const Router<S> router(config);
-  std::vector<float> workspace(router.workspace_size(T, d));
+  std::vector<std::byte> workspace(router.workspace_size(T, d));
   RoutingBuffers<S> buf(T);
   router.forward({x.data(), T, d}, {w.data(), 8, d}, {}, {}, buf.view(), nullptr,
-                 {workspace.data(), T * d});
+                 {workspace.data(), static_cast<index_t>(workspace.size())});
   std::vector<float> dlogits(T * 8), dx(T * d), dw(8 * d);
   router.backward_gate(buf.view(), {dweights.data(), T, 2}, {dlogits.data(), T, 8});
   router.backward_logits({x.data(), T, d}, {w.data(), 8, d}, {dlogits.data(), T, 8},
                          {{dx.data(), T, d}, {dw.data(), 8, d}, {}, false},
-                         {workspace.data(), T * d});
+                         {workspace.data(), static_cast<index_t>(workspace.size())});
 
   // Reference loss in double: the same jitter factors, then the reference gate.
   auto loss = [&](const std::vector<double>& xs, const std::vector<double>& ws) {

@@ -108,17 +108,6 @@ void check_aux_routing(const Routing& r) {
   check_shape(r.positions, tokens, S::top_k, "routing.positions");
 }
 
-// Ids come from the caller: checked before any is used as an index.
-template <MoeSpecType S>
-void check_aux_ids(MatrixView<const std::int32_t> ids, const char* name) {
-  for (index_t t = 0; t < ids.rows(); ++t) {
-    for (index_t k = 0; k < ids.cols(); ++k) {
-      MOEKIT_CHECK(ids(t, k) >= 0 && ids(t, k) < S::num_experts, Errc::kOutOfRange, name, "(", t,
-                   ", ", k, ") = ", ids(t, k), " is outside [0, ", S::num_experts, ")");
-    }
-  }
-}
-
 // An empty dlogits means "no gradient"; otherwise it must be T x E.
 template <MoeSpecType S>
 void check_aux_dlogits(MatrixView<float> dlogits, index_t tokens) {
@@ -232,7 +221,7 @@ template <MoeSpecType S>
 double switch_loss(GatingRule rule, const Routing& routing, SwitchLossOptions options, float coeff,
                    MatrixView<float> dlogits = {}) {
   detail::check_aux_routing<S>(routing);
-  detail::check_aux_ids<S>(routing.expert_ids, "routing.expert_ids");
+  check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
   detail::check_aux_dlogits<S>(dlogits, routing.logits.rows());
   detail::check_aux_coeff(coeff);
   MOEKIT_CHECK_ARG(options.normalization == SwitchNormalization::kTokensTimesK ||
@@ -251,7 +240,7 @@ double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequen
                          float coeff, MatrixView<float> dlogits = {}) {
   const index_t tokens = routing.logits.rows();
   detail::check_aux_routing<S>(routing);
-  detail::check_aux_ids<S>(routing.expert_ids, "routing.expert_ids");
+  check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
   detail::check_aux_dlogits<S>(dlogits, tokens);
   detail::check_aux_coeff(coeff);
   MOEKIT_CHECK_ARG(sequence_length >= 1, "sequence_length = ", sequence_length,
@@ -314,7 +303,7 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
   constexpr int kK = S::top_k;
   const index_t tokens = routing.logits.rows();
   detail::check_aux_routing<S>(routing);
-  detail::check_aux_ids<S>(routing.expert_ids, "routing.expert_ids");
+  check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
   detail::check_aux_dlogits<S>(dlogits, tokens);
   detail::check_aux_coeff(coeff);
   if (!selection_bias.empty()) check_shape(selection_bias, kE, "selection_bias");
@@ -432,7 +421,7 @@ class ExpertBias {
   // Adds the assignments in expert_ids (any rows x K).
   void accumulate(MatrixView<const std::int32_t> expert_ids) {
     check_shape(expert_ids, expert_ids.rows(), kTopK, "expert_ids");
-    detail::check_aux_ids<S>(expert_ids, "expert_ids");
+    check_expert_ids<S>(expert_ids, "expert_ids");
     for (index_t t = 0; t < expert_ids.rows(); ++t) {
       for (int k = 0; k < kTopK; ++k) ++counts_[expert_ids(t, k)];
     }

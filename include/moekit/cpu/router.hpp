@@ -15,8 +15,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
-#include <vector>
 
 #include "moekit/core/error.hpp"
 #include "moekit/core/random.hpp"
@@ -87,6 +87,18 @@ struct RoutingStats {
     return static_cast<double>(*std::max_element(assigned.begin(), assigned.end())) / mean;
   }
 };
+
+// Expert ids that come back from the caller (saved routing on backward, the
+// losses) are checked before they index anything.
+template <MoeSpecType S>
+void check_expert_ids(MatrixView<const std::int32_t> ids, const char* name) {
+  for (index_t t = 0; t < ids.rows(); ++t) {
+    for (index_t k = 0; k < ids.cols(); ++k) {
+      MOEKIT_CHECK(ids(t, k) >= 0 && ids(t, k) < S::num_experts, Errc::kOutOfRange, name, "(", t,
+                   ", ", k, ") = ", ids(t, k), " is outside [0, ", S::num_experts, ")");
+    }
+  }
+}
 
 // Assignments per expert (before capacity). ids must be in range.
 template <MoeSpecType S>
@@ -172,9 +184,16 @@ class Router {
     return expert_capacity(tokens, kExperts, kTopK, config_.capacity.factor);
   }
 
-  // Floats of scratch forward and backward_logits need: T x d with jitter.
+  // Bytes of scratch forward, route and backward_logits need (0 for most
+  // configurations): the jittered input (T x d floats) with jitter, the
+  // slot order (T x K ints) with the kProbs drop policy. Both are never
+  // needed at once, so they share it. Aligned to 4 bytes.
   index_t workspace_size(index_t tokens, index_t d_model) const {
-    return config_.noise.kind == NoiseKind::kJitter ? tokens * d_model : 0;
+    const index_t jitter_bytes =
+        config_.noise.kind == NoiseKind::kJitter ? tokens * d_model * index_t{sizeof(float)} : 0;
+    const index_t slot_bytes =
+        drops_by_weight() ? tokens * kTopK * index_t{sizeof(std::int32_t)} : 0;
+    return std::max(jitter_bytes, slot_bytes);
   }
 
   // logits = x w_gate^T + gate_bias (+ noise), then route(). gate_bias and
@@ -182,7 +201,7 @@ class Router {
   void forward(MatrixView<const float> x, MatrixView<const float> w_gate,
                VectorView<const float> gate_bias, VectorView<const float> selection_bias,
                const Routing& out, RoutingStats<S>* stats = nullptr,
-               VectorView<float> workspace = {}) const {
+               VectorView<std::byte> workspace = {}) const {
     const index_t tokens = x.rows();
     check_view(x, "x");
     check_shape(w_gate, kExperts, x.cols(), "w_gate");
@@ -193,7 +212,7 @@ class Router {
 
     auto logits = as_eigen(out.logits);
     if (config_.noise.kind == NoiseKind::kJitter) {
-      MatrixView<float> jittered(workspace.data(), tokens, x.cols());
+      const MatrixView<float> jittered(scratch<float>(workspace), tokens, x.cols());
       jitter(x, jittered);
       logits.noalias() = as_eigen(MatrixView<const float>(jittered)) * as_eigen(w_gate).transpose();
     } else {
@@ -201,16 +220,18 @@ class Router {
     }
     if (!gate_bias.empty()) logits.rowwise() += as_eigen(gate_bias).transpose();
     if (config_.noise.kind == NoiseKind::kGaussian) add_gaussian_noise(out.logits);
-    route_validated(out, selection_bias, stats);
+    route_validated(out, selection_bias, stats, workspace);
   }
 
   // Gating, capacity and statistics from logits the caller already wrote to
-  // out.logits (for routers whose logits come from elsewhere).
+  // out.logits (for routers whose logits come from elsewhere). No noise is
+  // added here: noise belongs to forward, which draws it with the logits.
   void route(const Routing& out, VectorView<const float> selection_bias,
-             RoutingStats<S>* stats = nullptr) const {
+             RoutingStats<S>* stats = nullptr, VectorView<std::byte> workspace = {}) const {
     check_routing(out, out.logits.rows());
     check_selection_bias(selection_bias);
-    route_validated(out, selection_bias, stats);
+    check_workspace(workspace, out.logits.rows(), 0);
+    route_validated(out, selection_bias, stats, workspace);
   }
 
   // dlogits = (d weights / d logits)^T dweights, overwriting dlogits. Slots
@@ -221,7 +242,7 @@ class Router {
     check_routing(saved, tokens);
     check_shape(dweights, tokens, kTopK, "dweights");
     check_shape(dlogits, tokens, kExperts, "dlogits");
-    check_ids(saved.expert_ids);
+    check_expert_ids<S>(saved.expert_ids, "routing.expert_ids");
     const GatingConfig gating = config_.gating;
     MOEKIT_PARALLEL_FOR_IF(tokens * kExperts > kParallelGrain)
     for (index_t t = 0; t < tokens; ++t) {
@@ -237,7 +258,7 @@ class Router {
   // requested by non-empty views in `grads`.
   void backward_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                        MatrixView<const float> dlogits, const RouterGrads& grads,
-                       VectorView<float> workspace = {}) const {
+                       VectorView<std::byte> workspace = {}) const {
     const index_t tokens = x.rows();
     const index_t d = x.cols();
     check_view(x, "x");
@@ -257,11 +278,11 @@ class Router {
       else
         db = g.colwise().sum().transpose();
     }
-    MatrixView<float> scratch(jittered ? workspace.data() : nullptr, tokens, d);
+    const MatrixView<float> jittered_x(jittered ? scratch<float>(workspace) : nullptr, tokens, d);
     if (!grads.dw_gate.empty()) {
       auto dw = as_eigen(grads.dw_gate);
-      if (jittered) jitter(x, scratch);  // the input the logits were computed from
-      const auto input = jittered ? as_eigen(MatrixView<const float>(scratch)) : as_eigen(x);
+      if (jittered) jitter(x, jittered_x);  // the input the logits were computed from
+      const auto input = jittered ? as_eigen(MatrixView<const float>(jittered_x)) : as_eigen(x);
       if (grads.accumulate)
         dw.noalias() += g.transpose() * input;
       else
@@ -275,9 +296,9 @@ class Router {
         else
           dx.noalias() = g * as_eigen(w_gate);
       } else {
-        auto tmp = as_eigen(scratch);
+        auto tmp = as_eigen(jittered_x);
         tmp.noalias() = g * as_eigen(w_gate);
-        scale_by_jitter(scratch, d);  // d x~/d x is the jitter factor
+        scale_by_jitter(jittered_x, d);  // d x~/d x is the jitter factor
         if (grads.accumulate)
           dx += tmp;
         else
@@ -322,12 +343,25 @@ class Router {
     check_shape(r.positions, tokens, kTopK, "routing.positions");
   }
 
-  void check_workspace(VectorView<float> workspace, index_t tokens, index_t d) const {
+  bool drops_by_weight() const {
+    return config_.capacity.factor > 0.0f && config_.capacity.policy == DropPolicy::kProbs;
+  }
+
+  void check_workspace(VectorView<std::byte> workspace, index_t tokens, index_t d) const {
     const index_t need = workspace_size(tokens, d);
     if (need == 0) return;
     check_view(workspace, "workspace");
     MOEKIT_CHECK(workspace.size() >= need, Errc::kShapeMismatch, "workspace has ", workspace.size(),
-                 " floats, jitter needs workspace_size() = ", need);
+                 " bytes, workspace_size() = ", need);
+    MOEKIT_CHECK(reinterpret_cast<std::uintptr_t>(workspace.data()) % alignof(float) == 0,
+                 Errc::kInvalidArgument, "workspace is not aligned to ", alignof(float), " bytes");
+  }
+
+  // The workspace as an array of T (float or int32, both 4-byte aligned).
+  template <class T>
+  static T* scratch(VectorView<std::byte> workspace) {
+    static_assert(sizeof(T) == 4 && alignof(T) == 4);
+    return reinterpret_cast<T*>(workspace.data());
   }
 
   static void check_selection_bias(VectorView<const float> bias) {
@@ -339,19 +373,8 @@ class Router {
     }
   }
 
-  // Saved ids come from the caller on backward: never trust them for indexing.
-  static void check_ids(MatrixView<const std::int32_t> ids) {
-    for (index_t t = 0; t < ids.rows(); ++t) {
-      for (int k = 0; k < kTopK; ++k) {
-        MOEKIT_CHECK(ids(t, k) >= 0 && ids(t, k) < kExperts, Errc::kOutOfRange,
-                     "routing.expert_ids(", t, ", ", k, ") = ", ids(t, k), " is outside [0, ",
-                     kExperts, ")");
-      }
-    }
-  }
-
   void route_validated(const Routing& out, VectorView<const float> selection_bias,
-                       RoutingStats<S>* stats) const {
+                       RoutingStats<S>* stats, VectorView<std::byte> workspace) const {
     const index_t tokens = out.logits.rows();
     if (config_.non_finite == NonFinitePolicy::kError) reject_non_finite(out.logits);
 
@@ -387,7 +410,7 @@ class Router {
       }
     }
     std::array<index_t, kExperts> kept{};
-    const index_t dropped = assign_positions(out, kept);
+    const index_t dropped = assign_positions(out, kept, workspace);
     if (stats != nullptr) {
       fill_stats(out, *stats);
       stats->kept = kept;
@@ -451,12 +474,13 @@ class Router {
   // Capacity: gives every assignment its row in its expert's buffer, in
   // token order among the kept; over-capacity ones get -1 and weight 0.
   // Returns the number dropped; `kept` receives the per-expert counts.
-  index_t assign_positions(const Routing& out, std::array<index_t, kExperts>& kept) const {
+  index_t assign_positions(const Routing& out, std::array<index_t, kExperts>& kept,
+                           VectorView<std::byte> workspace) const {
     const index_t tokens = out.logits.rows();
     const index_t cap = capacity(tokens);
     index_t dropped = 0;
-    if (config_.capacity.factor > 0.0f && config_.capacity.policy == DropPolicy::kProbs) {
-      mark_lowest_weights(out, cap);  // positions: 0 = keep, -1 = drop
+    if (drops_by_weight()) {
+      mark_lowest_weights(out, cap, scratch<std::int32_t>(workspace));  // 0 keep, -1 drop
     } else {
       for (index_t t = 0; t < tokens; ++t) {
         for (int k = 0; k < kTopK; ++k) out.positions(t, k) = 0;
@@ -480,29 +504,34 @@ class Router {
   }
 
   // kProbs: per expert, keep the `cap` assignments of highest weight (ties ->
-  // earlier token); marks the rest -1 in positions.
-  void mark_lowest_weights(const Routing& out, index_t cap) const {
+  // earlier token); marks the rest -1 in positions. `order` (T x K ints of
+  // workspace) receives the slots t * K + k grouped by expert, token order
+  // within each (a counting sort), then each over-full expert's slots are
+  // sorted by (weight desc, slot asc), a total order: no allocation, and the
+  // same result on every run.
+  void mark_lowest_weights(const Routing& out, index_t cap, std::int32_t* order) const {
     const index_t tokens = out.logits.rows();
-    struct Slot {
-      float weight;
-      index_t token;
-      int k;
-    };
-    std::array<std::vector<Slot>, kExperts> by_expert;
+    const std::array<index_t, kExperts> count = assignment_counts<S>(out.expert_ids);
+    std::array<index_t, kExperts + 1> offset{};
+    for (int e = 0; e < kExperts; ++e) offset[e + 1] = offset[e] + count[e];
+    std::array<index_t, kExperts> fill = {};
     for (index_t t = 0; t < tokens; ++t) {
       for (int k = 0; k < kTopK; ++k) {
-        by_expert[out.expert_ids(t, k)].push_back({out.weights(t, k), t, k});
+        const int e = out.expert_ids(t, k);
+        order[offset[e] + fill[e]++] = static_cast<std::int32_t>(t * kTopK + k);
       }
     }
-    for (auto& slots : by_expert) {
-      if (static_cast<index_t>(slots.size()) <= cap) {
-        for (const Slot& s : slots) out.positions(s.token, s.k) = 0;
-        continue;
+    const auto weight = [&](std::int32_t slot) { return out.weights(slot / kTopK, slot % kTopK); };
+    for (int e = 0; e < kExperts; ++e) {
+      std::int32_t* first = order + offset[e];
+      std::int32_t* last = order + offset[e + 1];
+      if (count[e] > cap) {
+        std::sort(first, last, [&](std::int32_t a, std::int32_t b) {
+          return weight(a) != weight(b) ? weight(a) > weight(b) : a < b;
+        });
       }
-      std::stable_sort(slots.begin(), slots.end(),
-                       [](const Slot& a, const Slot& b) { return a.weight > b.weight; });
-      for (index_t i = 0; i < static_cast<index_t>(slots.size()); ++i) {
-        out.positions(slots[i].token, slots[i].k) = i < cap ? 0 : -1;
+      for (std::int32_t* slot = first; slot != last; ++slot) {
+        out.positions(*slot / kTopK, *slot % kTopK) = slot - first < cap ? 0 : -1;
       }
     }
   }
