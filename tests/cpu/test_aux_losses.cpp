@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "expect_error.hpp"
 #include "moekit/cpu/aux_losses.hpp"
 #include "moekit/cpu/router.hpp"
 
@@ -1122,21 +1123,6 @@ TEST(AuxLoss, BitIdenticalAcrossRunsAndThreadCounts) {
 
 // ---- bad input ------------------------------------------------------------------------
 
-template <class F>
-std::string error_message(F&& f, Errc code) {
-  try {
-    f();
-  } catch (const moekit::Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    return e.what();
-  } catch (...) {
-    ADD_FAILURE() << "threw something other than moekit::Error";
-    return {};
-  }
-  ADD_FAILURE() << "did not throw";
-  return {};
-}
-
 TEST(AuxLossBadInput, RejectedWithNamedValuesAndNothingWritten) {
   using S = MoeSpec<8, 2>;
   constexpr int E = 8;
@@ -1204,7 +1190,7 @@ TEST(AuxLossBadInput, RejectedWithNamedValuesAndNothingWritten) {
        }},
   };
   for (const Case& c : cases) {
-    const std::string msg = error_message(c.call, c.code);
+    const std::string msg = moekit_test::expect_error(c.call, c.code);
     EXPECT_NE(msg.find(c.message), std::string::npos) << c.what << ": " << msg;
     EXPECT_TRUE(same_bits(dl, before)) << c.what << " wrote to dlogits";
   }
@@ -1289,29 +1275,30 @@ TEST(ExpertBias, BalancesASkewedRouter) {
 
 TEST(ExpertBias, BadInputIsRejectedAndChangesNothing) {
   using S = MoeSpec<4, 2>;
-  EXPECT_NE(error_message([] { ExpertBias<S>{-0.5f}; }, Errc::kInvalidArgument)
+  EXPECT_NE(moekit_test::expect_error([] { ExpertBias<S>{-0.5f}; }, Errc::kInvalidArgument)
                 .find("gamma = -0.5 must be finite and non-negative"),
             std::string::npos);
-  error_message([] { ExpertBias<S>{kNaN}; }, Errc::kInvalidArgument);
-  error_message([] { ExpertBias<S>{kInf}; }, Errc::kInvalidArgument);
+  moekit_test::expect_error([] { ExpertBias<S>{kNaN}; }, Errc::kInvalidArgument);
+  moekit_test::expect_error([] { ExpertBias<S>{kInf}; }, Errc::kInvalidArgument);
   EXPECT_NO_THROW(ExpertBias<S>{0.0f});
 
   ExpertBias<S> balance(0.1f);
   const std::vector<std::int32_t> good{0, 1, 2, 3}, bad{0, 1, 2, 4};
   balance.accumulate(MatrixView<const std::int32_t>(good.data(), 2, 2));
   const auto counts = balance.counts();
-  const std::string msg =
-      error_message([&] { balance.accumulate(MatrixView<const std::int32_t>(bad.data(), 2, 2)); },
-                    Errc::kOutOfRange);
+  const std::string msg = moekit_test::expect_error(
+      [&] { balance.accumulate(MatrixView<const std::int32_t>(bad.data(), 2, 2)); },
+      Errc::kOutOfRange);
   EXPECT_NE(msg.find("expert_ids(1, 1) = 4 is outside [0, 4)"), std::string::npos) << msg;
-  error_message([&] { balance.accumulate(MatrixView<const std::int32_t>(good.data(), 1, 4)); },
-                Errc::kShapeMismatch);
+  moekit_test::expect_error(
+      [&] { balance.accumulate(MatrixView<const std::int32_t>(good.data(), 1, 4)); },
+      Errc::kShapeMismatch);
   RoutingStats<S> stats;
   stats.assigned = {1, 2, -3, 4};
-  error_message([&] { balance.accumulate(stats); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([&] { balance.accumulate(stats); }, Errc::kInvalidArgument);
   EXPECT_EQ(balance.counts(), counts);
   const std::vector<float> inf_bias{0.0f, kInf, 0.0f, 0.0f};
-  error_message([&] { balance.set_bias({inf_bias.data(), 4}); }, Errc::kNonFinite);
+  moekit_test::expect_error([&] { balance.set_bias({inf_bias.data(), 4}); }, Errc::kNonFinite);
   for (float b : balance.bias()) EXPECT_EQ(b, 0.0f);
 }
 

@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <string>
 
+#include "expect_error.hpp"
 #include "moekit/core/error.hpp"
 
 namespace {
@@ -11,25 +12,12 @@ using moekit::Errc;
 using moekit::Error;
 
 // Runs `f`, expects a moekit::Error with `code`, returns its message.
-template <class F>
-std::string error_message(F&& f, Errc code) {
-  try {
-    f();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    return e.what();
-  } catch (...) {
-    ADD_FAILURE() << "threw something other than moekit::Error";
-    return {};
-  }
-  ADD_FAILURE() << "did not throw";
-  return {};
-}
 
 void require_same_width(int x_cols, int w_cols) { MOEKIT_CHECK_SHAPE(x_cols, w_cols); }
 
 TEST(Error, ShapeCheckNamesFunctionArgumentsAndValues) {
-  const std::string msg = error_message([] { require_same_width(5, 7); }, Errc::kShapeMismatch);
+  const std::string msg =
+      moekit_test::expect_error([] { require_same_width(5, 7); }, Errc::kShapeMismatch);
   EXPECT_EQ(msg,
             "moekit::require_same_width: expected x_cols == w_cols, got x_cols = 5, w_cols = 7");
 }
@@ -44,14 +32,14 @@ TEST(Error, RelationalChecks) {
   const int k = 5;
   const int num_experts = 4;
   const std::string msg =
-      error_message([&] { MOEKIT_CHECK_LE(k, num_experts); }, Errc::kInvalidArgument);
+      moekit_test::expect_error([&] { MOEKIT_CHECK_LE(k, num_experts); }, Errc::kInvalidArgument);
   EXPECT_NE(msg.find("expected k <= num_experts, got k = 5, num_experts = 4"), std::string::npos)
       << msg;
-  error_message([] { MOEKIT_CHECK_LT(3, 3); }, Errc::kInvalidArgument);
-  error_message([] { MOEKIT_CHECK_GT(3, 3); }, Errc::kInvalidArgument);
-  error_message([] { MOEKIT_CHECK_GE(2, 3); }, Errc::kInvalidArgument);
-  error_message([] { MOEKIT_CHECK_NE(2, 2); }, Errc::kInvalidArgument);
-  error_message([] { MOEKIT_CHECK_EQ(1.5, 2.5); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([] { MOEKIT_CHECK_LT(3, 3); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([] { MOEKIT_CHECK_GT(3, 3); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([] { MOEKIT_CHECK_GE(2, 3); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([] { MOEKIT_CHECK_NE(2, 2); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([] { MOEKIT_CHECK_EQ(1.5, 2.5); }, Errc::kInvalidArgument);
 }
 
 TEST(Error, SignedUnsignedComparisonsAreExact) {
@@ -59,32 +47,33 @@ TEST(Error, SignedUnsignedComparisonsAreExact) {
   const int negative = -1;
   const std::size_t size = 3;
   EXPECT_NO_THROW(MOEKIT_CHECK_LT(negative, size));
-  error_message([&] { MOEKIT_CHECK_GE(negative, size); }, Errc::kInvalidArgument);
-  error_message([&] { MOEKIT_CHECK_RANGE(negative, 0, size); }, Errc::kOutOfRange);
+  moekit_test::expect_error([&] { MOEKIT_CHECK_GE(negative, size); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([&] { MOEKIT_CHECK_RANGE(negative, 0, size); }, Errc::kOutOfRange);
 }
 
 TEST(Error, RangeCheckShowsValueAndBounds) {
   const int expert_id = 9;
   const std::string msg =
-      error_message([&] { MOEKIT_CHECK_RANGE(expert_id, 0, 8); }, Errc::kOutOfRange);
+      moekit_test::expect_error([&] { MOEKIT_CHECK_RANGE(expert_id, 0, 8); }, Errc::kOutOfRange);
   EXPECT_NE(msg.find("expert_id = 9 is outside [0, 8)"), std::string::npos) << msg;
 }
 
 TEST(Error, SmallIntegersPrintAsNumbers) {
   const signed char id = 65;  // would print as 'A'
-  const std::string msg = error_message([&] { MOEKIT_CHECK_LT(id, 10); }, Errc::kInvalidArgument);
+  const std::string msg =
+      moekit_test::expect_error([&] { MOEKIT_CHECK_LT(id, 10); }, Errc::kInvalidArgument);
   EXPECT_NE(msg.find("id = 65"), std::string::npos) << msg;
 }
 
 TEST(Error, NullCheck) {
   const float* weights = nullptr;
   const std::string msg =
-      error_message([&] { MOEKIT_CHECK_NOT_NULL(weights); }, Errc::kNullPointer);
+      moekit_test::expect_error([&] { MOEKIT_CHECK_NOT_NULL(weights); }, Errc::kNullPointer);
   EXPECT_NE(msg.find("weights is null"), std::string::npos) << msg;
 }
 
 TEST(Error, FreeFormCheckAndCodeNames) {
-  const std::string msg = error_message(
+  const std::string msg = moekit_test::expect_error(
       [] { MOEKIT_CHECK(false, Errc::kNonFinite, "logit ", 3, " is NaN"); }, Errc::kNonFinite);
   EXPECT_NE(msg.find("logit 3 is NaN"), std::string::npos) << msg;
   EXPECT_STREQ(moekit::errc_name(Errc::kShapeMismatch), "shape mismatch");

@@ -12,6 +12,7 @@
 #include <set>
 #include <vector>
 
+#include "expect_error.hpp"
 #include "moekit/cpu/router.hpp"
 #include "router_fixture.hpp"
 #include "routing_reference.hpp"
@@ -727,40 +728,29 @@ TEST(RouterDeterminism, RerunsAndThreadCountsAreBitIdentical) {
 
 // ---- bad input -----------------------------------------------------------------
 
-template <class F>
-std::string expect_error(F&& f, Errc code) {
-  try {
-    f();
-  } catch (const moekit::Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no error";
-  return {};
-}
-
 TEST(RouterBadInput, ConfigIsValidatedWithNamedFields) {
   using S = MoeSpec<8, 4>;
   RouterConfig c;
   c.gating.num_groups = 3;
-  EXPECT_NE(expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument)
+  EXPECT_NE(moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument)
                 .find("gating.num_groups = 3 must divide the expert count E = 8"),
             std::string::npos);
   c.gating.num_groups = 4;  // groups of 2
   c.gating.groups_kept = 1;
-  EXPECT_NE(expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument).find("fewer than K = 4"),
+  EXPECT_NE(moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument)
+                .find("fewer than K = 4"),
             std::string::npos);
   c.gating.groups_kept = 2;
   c.gating.group_score_top = 3;
-  expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
   c = RouterConfig{};
   c.gating.scaling = 0.0f;
-  expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
   c = RouterConfig{};
   c.noise = {NoiseKind::kJitter, 1.0f, 0};
-  expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
   c.noise = {NoiseKind::kGaussian, -1.0f, 0};
-  expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
+  moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
 }
 
 TEST(RouterBadInput, ShapesNullsAndIdsAreRejectedWithoutWriting) {
@@ -774,7 +764,7 @@ TEST(RouterBadInput, ShapesNullsAndIdsAreRejectedWithoutWriting) {
     for (std::int32_t id : buf.ids) EXPECT_EQ(id, moekit_test::kPoisonId);
   };
   // w_gate with the wrong width.
-  std::string msg = expect_error(
+  std::string msg = moekit_test::expect_error(
       [&] {
         router.forward({x.data(), T, d}, {w.data(), 8, d - 1}, {}, {}, buf.view());
       },
@@ -782,7 +772,7 @@ TEST(RouterBadInput, ShapesNullsAndIdsAreRejectedWithoutWriting) {
   EXPECT_NE(msg.find("w_gate is 8 x 5, expected 8 x 6"), std::string::npos) << msg;
   untouched();
   // x null.
-  expect_error(
+  moekit_test::expect_error(
       [&] {
         router.forward({nullptr, T, d}, {w.data(), 8, d}, {}, {}, buf.view());
       },
@@ -790,14 +780,14 @@ TEST(RouterBadInput, ShapesNullsAndIdsAreRejectedWithoutWriting) {
   untouched();
   // Outputs of the wrong height.
   RoutingBuffers<S> short_buf(T - 1);
-  expect_error(
+  moekit_test::expect_error(
       [&] {
         router.forward({x.data(), T, d}, {w.data(), 8, d}, {}, {}, short_buf.view());
       },
       Errc::kShapeMismatch);
   // A non-finite selection bias.
   bias[3] = kNaN;
-  expect_error(
+  moekit_test::expect_error(
       [&] {
         router.forward({x.data(), T, d}, {w.data(), 8, d}, {}, {bias.data(), 8}, buf.view());
       },
@@ -807,7 +797,7 @@ TEST(RouterBadInput, ShapesNullsAndIdsAreRejectedWithoutWriting) {
   router.forward({x.data(), T, d}, {w.data(), 8, d}, {}, {}, buf.view());
   buf.ids[5] = 8;
   std::vector<float> dweights(T * 2, 1.0f), dlogits(T * 8, 7.0f);
-  msg = expect_error(
+  msg = moekit_test::expect_error(
       [&] {
         router.backward_gate(buf.view(), {dweights.data(), T, 2}, {dlogits.data(), T, 8});
       },

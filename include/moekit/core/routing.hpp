@@ -30,6 +30,7 @@
 #include <limits>
 
 #include "moekit/core/config.hpp"
+#include "moekit/core/random.hpp"
 #include "moekit/core/types.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
@@ -86,6 +87,13 @@ MOEKIT_HOST_DEVICE inline index_t expert_capacity(index_t tokens, int num_expert
 }
 
 namespace routing {
+
+// Jitter's factor for router-input element `counter` (= t * d + j):
+// U(1 - amount, 1 + amount) from moekit's counter-based generator.
+MOEKIT_HOST_DEVICE inline float jitter_factor(std::uint64_t seed, float amount,
+                                              std::uint64_t counter) {
+  return 1.0f - amount + 2.0f * amount * random_uniform(seed, counter);
+}
 
 inline constexpr float kInf = std::numeric_limits<float>::infinity();
 

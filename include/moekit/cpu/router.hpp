@@ -298,7 +298,7 @@ class Router {
       } else {
         auto tmp = as_eigen(jittered_x);
         tmp.noalias() = g * as_eigen(w_gate);
-        scale_by_jitter(jittered_x, d);  // d x~/d x is the jitter factor
+        jitter(jittered_x, jittered_x);  // d x~/d x is the jitter factor
         if (grads.accumulate)
           dx += tmp;
         else
@@ -547,28 +547,17 @@ class Router {
     }
   }
 
-  // x~ = x * U(1 - a, 1 + a), element (t, j) drawn with counter t * d + j.
-  void jitter(MatrixView<const float> x, MatrixView<float> out) const {
-    const index_t d = x.cols();
+  // out = in * jitter factor, element (t, j) drawn with counter t * d + j.
+  // in and out may be the same view (backward scales dx~ in place).
+  void jitter(MatrixView<const float> in, MatrixView<float> out) const {
+    const index_t d = in.cols();
     const float a = config_.noise.amount;
     const std::uint64_t seed = config_.noise.seed;
-    MOEKIT_PARALLEL_FOR_IF(x.size() > kParallelGrain)
-    for (index_t t = 0; t < x.rows(); ++t) {
+    MOEKIT_PARALLEL_FOR_IF(in.size() > kParallelGrain)
+    for (index_t t = 0; t < in.rows(); ++t) {
       for (index_t j = 0; j < d; ++j) {
-        const float u = random_uniform(seed, static_cast<std::uint64_t>(t * d + j));
-        out(t, j) = x(t, j) * (1.0f - a + 2.0f * a * u);
-      }
-    }
-  }
-
-  void scale_by_jitter(MatrixView<float> m, index_t d) const {
-    const float a = config_.noise.amount;
-    const std::uint64_t seed = config_.noise.seed;
-    MOEKIT_PARALLEL_FOR_IF(m.size() > kParallelGrain)
-    for (index_t t = 0; t < m.rows(); ++t) {
-      for (index_t j = 0; j < d; ++j) {
-        const float u = random_uniform(seed, static_cast<std::uint64_t>(t * d + j));
-        m(t, j) *= 1.0f - a + 2.0f * a * u;
+        out(t, j) =
+            in(t, j) * routing::jitter_factor(seed, a, static_cast<std::uint64_t>(t * d + j));
       }
     }
   }
