@@ -64,8 +64,10 @@ inline RefRoute ref_gate(const std::vector<double>& x, const std::vector<double>
     r.scores = ref_softmax(x);
   }
   for (int e = 0; e < E; ++e) {
-    const bool logit_key = cfg.rule == GatingRule::kTopKSoftmax ||
-                           (cfg.rule == GatingRule::kSoftmaxTopK && bias == nullptr);
+    // p's order is x's order, but group sums must add p, not x.
+    const bool logit_key =
+        cfg.rule == GatingRule::kTopKSoftmax ||
+        (cfg.rule == GatingRule::kSoftmaxTopK && bias == nullptr && cfg.num_groups <= 1);
     const double base = logit_key ? clean(x[e]) : r.scores[e];
     r.keys.push_back(clean(base + (bias ? (*bias)[e] : 0.0)));
   }

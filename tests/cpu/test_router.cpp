@@ -433,6 +433,8 @@ TEST(RouterCapacity, CapacityFormula) {
   EXPECT_EQ(moekit::expert_capacity(10, 3, 1, 1.0f), 4);       // ceil(10 / 3)
   EXPECT_EQ(moekit::expert_capacity(10, 2, 2, 4.0f), 10);      // never above T
   EXPECT_EQ(moekit::expert_capacity(10, 8, 2, 0.0f), 10);      // dropless
+  // In double, as Python computes it: 1.2 is not widened from 1.2f.
+  EXPECT_EQ(moekit::expert_capacity(10, 8, 4, 1.2), 6);
   EXPECT_EQ(moekit::expert_capacity(0, 8, 2, 1.0f), 0);
 }
 
@@ -724,6 +726,66 @@ TEST(RouterDeterminism, RerunsAndThreadCountsAreBitIdentical) {
   EXPECT_EQ(a.first.ids, c.first.ids);
   EXPECT_EQ(a.first.scores, c.first.scores);
   EXPECT_EQ(a.second, c.second);
+}
+
+// ---- review regressions ----------------------------------------------------------
+
+// Group sums add probabilities: with kSoftmaxTopK they must not add logits.
+TEST(RouterGroups, SoftmaxGroupsScoreProbabilities) {
+  using S = MoeSpec<4, 2>;
+  RouterConfig config;
+  config.gating.num_groups = 2;
+  config.gating.groups_kept = 1;
+  config.gating.group_score_top = 2;
+  RoutingBuffers<S> buf(1);
+  buf.logits = {10.0f, -10.0f, 1.0f, 1.0f};  // group 0: p ~ {1, 2e-9}; group 1: 2 x 1.2e-4
+  Router<S>(config).route(buf.view(), {});
+  EXPECT_EQ(buf.ids, (std::vector<std::int32_t>{0, 1}));
+}
+
+// Where the non-finite rule makes the weights constant, the gradient is 0.
+TEST(RouterNonFinite, ConstantRuleRowsHaveZeroGradient) {
+  using S = MoeSpec<4, 1>;
+  for (GatingRule rule : {GatingRule::kSoftmaxTopK, GatingRule::kTopKSoftmax}) {
+    RouterConfig config;
+    config.gating.rule = rule;
+    const Router<S> router(config);
+    RoutingBuffers<S> buf(2);
+    buf.logits = {kInf, kInf, 0.0f, 0.0f, kNaN, kNaN, kNaN, kNaN};
+    router.route(buf.view(), {});
+    std::vector<float> dweights{1.0f, 1.0f}, dlogits(8, 5.0f);
+    router.backward_gate(buf.view(), {dweights.data(), 2, 1}, {dlogits.data(), 2, 4});
+    for (float v : dlogits) EXPECT_EQ(v, 0.0f) << static_cast<int>(rule);
+  }
+}
+
+TEST(RouterBadInput, RepeatedSavedIdsAreRejected) {
+  using S = MoeSpec<8, 2>;
+  const Router<S> router(RouterConfig{});
+  RoutingBuffers<S> buf(2);
+  std::fill(buf.logits.begin(), buf.logits.end(), 0.0f);
+  router.route(buf.view(), {});
+  buf.ids[3] = buf.ids[2];
+  std::vector<float> dweights(4, 1.0f), dlogits(16, 7.0f);
+  moekit_test::expect_error(
+      [&] {
+        router.backward_gate(buf.view(), {dweights.data(), 2, 2}, {dlogits.data(), 2, 8});
+      },
+      Errc::kInvalidArgument);
+  for (float v : dlogits) EXPECT_EQ(v, 7.0f);
+}
+
+TEST(RouterBadInput, EnumsOutsideTheirValuesAreRejected) {
+  using S = MoeSpec<8, 2>;
+  RouterConfig c;
+  c.gating.rule = static_cast<GatingRule>(7);
+  moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
+  c = RouterConfig{};
+  c.capacity.policy = static_cast<DropPolicy>(9);
+  moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
+  c = RouterConfig{};
+  c.noise.kind = static_cast<NoiseKind>(5);
+  moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
 }
 
 // ---- bad input -----------------------------------------------------------------

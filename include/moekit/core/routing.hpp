@@ -11,8 +11,8 @@
 // never a weight, and receives no gradient.
 //
 // Selection is ordered: higher key first, equal keys -> lower expert index
-// first. Without a bias, kSoftmaxTopK selects on x itself, which orders the
-// experts exactly as p does but cannot produce ties by rounding in exp.
+// first. Without a bias or groups, kSoftmaxTopK selects on x itself: p's
+// order, refined where rounding in exp would tie two different logits.
 //
 // Group-limited selection (num_groups > 1): the E experts form num_groups
 // contiguous groups; a group scores the sum of its `group_score_top` largest
@@ -25,11 +25,13 @@
 //   sigmoid(+inf) = 1, sigmoid(-inf) = sigmoid(NaN) = 0. Selection always
 //   yields K distinct, valid ids. Each non-finite logit is counted.
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
 #include "moekit/core/config.hpp"
+#include "moekit/core/error.hpp"
 #include "moekit/core/random.hpp"
 #include "moekit/core/types.hpp"
 
@@ -67,9 +69,10 @@ struct NoiseConfig {
   std::uint64_t seed = 0;
 };
 
-// capacity_factor <= 0 is dropless.
+// capacity_factor <= 0 is dropless. A double, so that C is computed exactly
+// as Python implementations compute it (1.2 means 1.2, not 1.2000000477).
 struct CapacityConfig {
-  float factor = 0.0f;
+  double factor = 0.0;
   DropPolicy policy = DropPolicy::kPosition;
 };
 
@@ -79,11 +82,35 @@ inline constexpr int kMaxGroupScoreTop = 8;
 // Slots an expert accepts: C = ceil(factor * T * K / E), at most T (an expert
 // gets at most one slot per token); dropless (factor <= 0) gives T.
 MOEKIT_HOST_DEVICE inline index_t expert_capacity(index_t tokens, int num_experts, int top_k,
-                                                  float factor) {
-  if (factor <= 0.0f) return tokens;
-  const double c = std::ceil(static_cast<double>(factor) * static_cast<double>(tokens) *
-                             static_cast<double>(top_k) / static_cast<double>(num_experts));
+                                                  double factor) {
+  if (factor <= 0.0) return tokens;
+  const double c = std::ceil(factor * static_cast<double>(tokens) * static_cast<double>(top_k) /
+                             static_cast<double>(num_experts));
   return c < static_cast<double>(tokens) ? static_cast<index_t>(c) : tokens;
+}
+
+// Rejects a gating configuration the selection code cannot honour for E
+// experts and K per token (the per-token functions below rely on it).
+inline void check_gating(const GatingConfig& g, int num_experts, int top_k) {
+  MOEKIT_CHECK_ARG(g.rule == GatingRule::kSoftmaxTopK || g.rule == GatingRule::kTopKSoftmax ||
+                       g.rule == GatingRule::kSigmoid,
+                   "gating.rule = ", static_cast<int>(g.rule), " is not a GatingRule");
+  MOEKIT_CHECK_ARG(std::isfinite(g.scaling) && g.scaling > 0.0f, "gating.scaling = ", g.scaling,
+                   " must be finite and positive");
+  MOEKIT_CHECK_ARG(g.num_groups >= 1 && num_experts % g.num_groups == 0,
+                   "gating.num_groups = ", g.num_groups,
+                   " must divide the expert count E = ", num_experts);
+  if (g.num_groups > 1) {
+    const int group_size = num_experts / g.num_groups;
+    MOEKIT_CHECK_ARG(g.groups_kept >= 1 && g.groups_kept <= g.num_groups,
+                     "gating.groups_kept = ", g.groups_kept, " must be in [1, ", g.num_groups, "]");
+    MOEKIT_CHECK_ARG(g.groups_kept * group_size >= top_k, "gating.groups_kept = ", g.groups_kept,
+                     " groups of ", group_size, " experts hold fewer than K = ", top_k);
+    const int top_limit = group_size < kMaxGroupScoreTop ? group_size : kMaxGroupScoreTop;
+    MOEKIT_CHECK_ARG(g.group_score_top >= 1 && g.group_score_top <= top_limit,
+                     "gating.group_score_top = ", g.group_score_top, " must be in [1, ", top_limit,
+                     "]");
+  }
 }
 
 namespace routing {
@@ -96,10 +123,26 @@ MOEKIT_HOST_DEVICE inline float jitter_factor(std::uint64_t seed, float amount,
 }
 
 inline constexpr float kInf = std::numeric_limits<float>::infinity();
+// The id of an empty top-K slot.
+inline constexpr int kNoId = 0x7fffffff;
 
-MOEKIT_HOST_DEVICE inline bool is_finite(float v) { return v - v == 0.0f; }
+// Floats are classified by their bits, so the non-finite rule survives
+// -ffast-math (which lets the compiler assume v == v).
+MOEKIT_HOST_DEVICE inline std::uint32_t float_bits(float v) {
+#if MOEKIT_DEVICE_CODE
+  return __float_as_uint(v);
+#else
+  return std::bit_cast<std::uint32_t>(v);
+#endif
+}
+MOEKIT_HOST_DEVICE inline bool is_nan(float v) {
+  return (float_bits(v) & 0x7fffffffu) > 0x7f800000u;
+}
+MOEKIT_HOST_DEVICE inline bool is_finite(float v) {
+  return (float_bits(v) & 0x7f800000u) != 0x7f800000u;
+}
 // NaN -> -inf; everything else unchanged.
-MOEKIT_HOST_DEVICE inline float sanitize(float v) { return v == v ? v : -kInf; }
+MOEKIT_HOST_DEVICE inline float sanitize(float v) { return is_nan(v) ? -kInf : v; }
 
 MOEKIT_HOST_DEVICE inline float exp_(float v) {
   using std::exp;
@@ -144,7 +187,7 @@ template <int K, int L = 1>
 MOEKIT_HOST_DEVICE void clear_top(float* vals, int* ids) {
   for (int i = 0; i < K * L; ++i) {
     vals[i] = -kInf;
-    ids[i] = std::numeric_limits<int>::max();
+    ids[i] = kNoId;
   }
 }
 
@@ -182,11 +225,19 @@ MOEKIT_HOST_DEVICE void insert_sorted(const float* v, int id, float* vals, int* 
   }
 }
 
-// p = softmax(x) under the non-finite rule.
+// max of the sanitized x (NaN counts as -inf).
 template <int N>
-MOEKIT_HOST_DEVICE void softmax(const float* x, float* p) {
+MOEKIT_HOST_DEVICE float row_max(const float* x) {
   float m = -kInf;
   for (int i = 0; i < N; ++i) m = sanitize(x[i]) > m ? sanitize(x[i]) : m;
+  return m;
+}
+
+// p = softmax(x) under the non-finite rule. Where the maximum is +inf or
+// -inf the rule's p is locally constant, so its gradient is zero.
+template <int N>
+MOEKIT_HOST_DEVICE void softmax(const float* x, float* p) {
+  const float m = row_max<N>(x);
   if (m == kInf) {
     int n = 0;
     for (int i = 0; i < N; ++i) n += x[i] == kInf;
@@ -230,12 +281,14 @@ MOEKIT_HOST_DEVICE void routing_distribution(GatingRule rule, const float* score
   for (int e = 0; e < E; ++e) q[e] = sum > 0.0f ? scores[e] / sum : 1.0f / static_cast<float>(E);
 }
 
-// dx += coeff * (dq/dx)^T g for the distribution above.
+// dx += coeff * (dq/dx)^T g for the distribution above; x are the logits
+// the scores came from.
 template <int E>
-MOEKIT_HOST_DEVICE void routing_distribution_backward(GatingRule rule, const float* scores,
-                                                      const float* g, float coeff, float* dx) {
+MOEKIT_HOST_DEVICE void routing_distribution_backward(GatingRule rule, const float* x,
+                                                      const float* scores, const float* g,
+                                                      float coeff, float* dx) {
   if (rule != GatingRule::kSigmoid) {
-    softmax_backward<E>(scores, g, coeff, dx);
+    if (is_finite(row_max<E>(x))) softmax_backward<E>(scores, g, coeff, dx);
     return;
   }
   float sum = 0.0f, dot = 0.0f;
@@ -274,7 +327,7 @@ MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cf
     }
     float score = 0.0f;
     for (int j = 0; j < n; ++j) score += top[j];
-    if (score != score) score = kInf;  // +inf + -inf: the group holds a +inf key
+    if (is_nan(score)) score = kInf;  // +inf + -inf: the group holds a +inf key
     insert_top<E>(score, g, group_vals, group_ids, kept, cfg.groups_kept);
   }
   for (int i = 0; i < kept; ++i) {
@@ -298,11 +351,17 @@ MOEKIT_HOST_DEVICE int compute_scores(GatingRule rule, const float* x, float* sc
   return non_finite;
 }
 
+// Whether selection keys are the logits rather than the scores: always for
+// kTopKSoftmax; for kSoftmaxTopK when neither a bias nor group sums (which
+// must add probabilities, not logits) need p itself.
+MOEKIT_HOST_DEVICE inline bool selects_on_logits(const GatingConfig& cfg, bool has_bias) {
+  return cfg.rule == GatingRule::kTopKSoftmax ||
+         (cfg.rule == GatingRule::kSoftmaxTopK && !has_bias && cfg.num_groups <= 1);
+}
+
 // Expert e's selection key under the rules above; bias may be null.
-MOEKIT_HOST_DEVICE inline float selection_key(GatingRule rule, float x, float score,
+MOEKIT_HOST_DEVICE inline float selection_key(bool logit_key, float x, float score,
                                               const float* bias, int e) {
-  const bool logit_key =
-      rule == GatingRule::kTopKSoftmax || (rule == GatingRule::kSoftmaxTopK && bias == nullptr);
   return sanitize((logit_key ? sanitize(x) : score) + (bias != nullptr ? bias[e] : 0.0f));
 }
 
@@ -333,8 +392,9 @@ MOEKIT_HOST_DEVICE void weigh(const float* x, const float* scores, const int* id
 template <int E, int K>
 MOEKIT_HOST_DEVICE void select_and_weigh(const float* x, const float* scores, const float* bias,
                                          const GatingConfig& cfg, int* ids, float* weights) {
+  const bool logit_key = selects_on_logits(cfg, bias != nullptr);
   float keys[E];
-  for (int e = 0; e < E; ++e) keys[e] = selection_key(cfg.rule, x[e], scores[e], bias, e);
+  for (int e = 0; e < E; ++e) keys[e] = selection_key(logit_key, x[e], scores[e], bias, e);
   select_experts<E, K>(keys, cfg, ids);
   weigh<E, K>(x, scores, ids, cfg, weights);
 }
@@ -362,6 +422,7 @@ MOEKIT_HOST_DEVICE void gate_token_backward(const float* x, const float* scores,
   if (cfg.rule == GatingRule::kTopKSoftmax) {
     float selected[K], w[K];
     for (int k = 0; k < K; ++k) selected[k] = x[ids[k]];
+    if (!is_finite(row_max<K>(selected))) return;  // the rule's weights are constant there
     softmax<K>(selected, w);
     float dot = 0.0f;
     for (int k = 0; k < K; ++k) dot += dw[k] * w[k];
@@ -388,6 +449,7 @@ MOEKIT_HOST_DEVICE void gate_token_backward(const float* x, const float* scores,
     }
     return;
   }
+  if (!is_finite(row_max<E>(x))) return;  // the rule's p is constant there
   float g[E];
   for (int e = 0; e < E; ++e) g[e] = 0.0f;
   for (int k = 0; k < K; ++k) g[ids[k]] = dv[k];

@@ -122,7 +122,7 @@ inline void check_aux_coeff(float coeff) {
 // grad_scale * dL/dx to dlogits when it is not empty. switch_loss and
 // sequence_aux_loss (per sequence) both run this one implementation.
 template <MoeSpecType S>
-double switch_rows(GatingRule rule, MatrixView<const float> scores,
+double switch_rows(GatingRule rule, MatrixView<const float> logits, MatrixView<const float> scores,
                    MatrixView<const std::int32_t> ids, SwitchNormalization norm, double grad_scale,
                    MatrixView<float> dlogits) {
   constexpr int kE = S::num_experts;
@@ -146,7 +146,7 @@ double switch_rows(GatingRule rule, MatrixView<const float> scores,
     MOEKIT_PARALLEL_FOR_IF(tokens * kE > kParallelGrain)
     for (index_t t = 0; t < tokens; ++t) {
       float dx[kE] = {};
-      routing::routing_distribution_backward<kE>(rule, scores.row(t), g, 1.0f, dx);
+      routing::routing_distribution_backward<kE>(rule, logits.row(t), scores.row(t), g, 1.0f, dx);
       float* row = dlogits.row(t);
       for (int e = 0; e < kE; ++e) row[e] += dx[e];
     }
@@ -228,8 +228,8 @@ double switch_loss(GatingRule rule, const Routing& routing, SwitchLossOptions op
                        options.normalization == SwitchNormalization::kTokens,
                    "options.normalization = ", static_cast<int>(options.normalization),
                    " is not a SwitchNormalization");
-  return detail::switch_rows<S>(rule, routing.scores, routing.expert_ids, options.normalization,
-                                coeff, dlogits);
+  return detail::switch_rows<S>(rule, routing.logits, routing.scores, routing.expert_ids,
+                                options.normalization, coeff, dlogits);
 }
 
 // DeepSeek-V3's sequence-wise balance loss: consecutive blocks of
@@ -254,7 +254,8 @@ double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequen
   for (index_t s = 0; s < sequences; ++s) {
     const index_t r0 = s * sequence_length;
     sum += detail::switch_rows<S>(
-        rule, routing.scores.middle_rows(r0, sequence_length),
+        rule, routing.logits.middle_rows(r0, sequence_length),
+        routing.scores.middle_rows(r0, sequence_length),
         routing.expert_ids.middle_rows(r0, sequence_length), SwitchNormalization::kTokensTimesK,
         scale, dlogits.empty() ? MatrixView<float>{} : dlogits.middle_rows(r0, sequence_length));
   }
@@ -323,7 +324,7 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
   const float sigma = config.noise.amount;
   const std::uint64_t seed = config.noise.seed;
   const bool smooth = config.noise.kind == NoiseKind::kGaussian && sigma > 0.0f &&
-                      gating.rule != GatingRule::kSigmoid && selection_bias.empty() &&
+                      selection_bias.empty() && routing::selects_on_logits(gating, false) &&
                       gating.num_groups <= 1;
 
   std::array<double, kE> importance{};

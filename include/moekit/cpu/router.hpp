@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 
 #include "moekit/core/error.hpp"
 #include "moekit/core/random.hpp"
@@ -120,11 +121,12 @@ std::array<double, S::num_experts> routing_distribution_sum(GatingRule rule,
   constexpr int E = S::num_experts;
   const index_t tokens = scores.rows();
   std::array<double, E> sum{};
-  constexpr int kSlice = E < 16 ? E : 16;  // experts per task
+  // Experts per task; sigmoid needs each token's total, so one task sums all.
+  const int slice = rule == GatingRule::kSigmoid ? E : std::min(E, 16);
   MOEKIT_PARALLEL_FOR_IF(tokens * E > kLightParallelGrain)
-  for (int first = 0; first < E; first += kSlice) {
-    const int n = std::min(kSlice, E - first);
-    double acc[kSlice] = {};
+  for (int first = 0; first < E; first += slice) {
+    const int n = std::min(slice, E - first);
+    double acc[E] = {};
     for (index_t t = 0; t < tokens; ++t) {
       const float* s = scores.row(t);
       double scale = 1.0;
@@ -143,11 +145,15 @@ std::array<double, S::num_experts> routing_distribution_sum(GatingRule rule,
   return sum;
 }
 
-// True when every element is finite: x - x is 0 for finite x and NaN for
-// inf or NaN, and the vectorised sum keeps a NaN.
+// True when every element is finite (by bits, so also under -ffast-math;
+// the branch-free loop vectorises).
 inline bool all_finite(VectorView<const float> v) {
-  const auto x = as_eigen(v).array();
-  return (x - x).sum() == 0.0f;
+  std::uint32_t exponent_all_ones = 0;
+  for (index_t i = 0; i < v.size(); ++i) {
+    exponent_all_ones |=
+        static_cast<std::uint32_t>((routing::float_bits(v[i]) & 0x7f800000u) == 0x7f800000u);
+  }
+  return exponent_all_ones == 0;
 }
 
 // Sum over fixed chunks of [0, n) of f(i), the chunks' partial sums added
@@ -243,6 +249,7 @@ class Router {
     check_shape(dweights, tokens, kTopK, "dweights");
     check_shape(dlogits, tokens, kExperts, "dlogits");
     check_expert_ids<S>(saved.expert_ids, "routing.expert_ids");
+    check_distinct_ids(saved.expert_ids);
     const GatingConfig gating = config_.gating;
     MOEKIT_PARALLEL_FOR_IF(tokens * kExperts > kParallelGrain)
     for (index_t t = 0; t < tokens; ++t) {
@@ -309,38 +316,45 @@ class Router {
 
  private:
   static void validate(const RouterConfig& c) {
-    const GatingConfig& g = c.gating;
-    MOEKIT_CHECK_ARG(std::isfinite(g.scaling) && g.scaling > 0.0f, "gating.scaling = ", g.scaling,
-                     " must be finite and positive");
-    MOEKIT_CHECK_ARG(g.num_groups >= 1 && kExperts % g.num_groups == 0,
-                     "gating.num_groups = ", g.num_groups,
-                     " must divide the expert count E = ", kExperts);
-    if (g.num_groups > 1) {
-      const int group_size = kExperts / g.num_groups;
-      MOEKIT_CHECK_ARG(g.groups_kept >= 1 && g.groups_kept <= g.num_groups,
-                       "gating.groups_kept = ", g.groups_kept, " must be in [1, ", g.num_groups,
-                       "]");
-      MOEKIT_CHECK_ARG(g.groups_kept * group_size >= kTopK, "gating.groups_kept = ", g.groups_kept,
-                       " groups of ", group_size, " experts hold fewer than K = ", kTopK);
-      MOEKIT_CHECK_ARG(g.group_score_top >= 1 && g.group_score_top <= group_size &&
-                           g.group_score_top <= kMaxGroupScoreTop,
-                       "gating.group_score_top = ", g.group_score_top, " must be in [1, ",
-                       std::min(group_size, kMaxGroupScoreTop), "]");
-    }
+    check_gating(c.gating, kExperts, kTopK);
     const NoiseConfig& n = c.noise;
+    MOEKIT_CHECK_ARG(n.kind == NoiseKind::kNone || n.kind == NoiseKind::kGaussian ||
+                         n.kind == NoiseKind::kJitter,
+                     "noise.kind = ", static_cast<int>(n.kind), " is not a NoiseKind");
     MOEKIT_CHECK_ARG(std::isfinite(n.amount) && n.amount >= 0.0f, "noise.amount = ", n.amount,
                      " must be finite and non-negative");
     MOEKIT_CHECK_ARG(n.kind != NoiseKind::kJitter || n.amount < 1.0f, "noise.amount = ", n.amount,
                      " must be below 1 for jitter");
     MOEKIT_CHECK_ARG(!std::isnan(c.capacity.factor), "capacity.factor is NaN");
+    MOEKIT_CHECK_ARG(
+        c.capacity.policy == DropPolicy::kPosition || c.capacity.policy == DropPolicy::kProbs,
+        "capacity.policy = ", static_cast<int>(c.capacity.policy), " is not a DropPolicy");
+    MOEKIT_CHECK_ARG(
+        c.non_finite == NonFinitePolicy::kSanitize || c.non_finite == NonFinitePolicy::kError,
+        "non_finite = ", static_cast<int>(c.non_finite), " is not a NonFinitePolicy");
   }
 
   void check_routing(const Routing& r, index_t tokens) const {
+    // Slot numbers t * K + k and buffer positions are 32-bit.
+    MOEKIT_CHECK_ARG(tokens <= std::numeric_limits<std::int32_t>::max() / kTopK,
+                     "tokens = ", tokens, " times K = ", kTopK, " exceeds the 32-bit slot range");
     check_shape(r.logits, tokens, kExperts, "routing.logits");
     check_shape(r.scores, tokens, kExperts, "routing.scores");
     check_shape(r.expert_ids, tokens, kTopK, "routing.expert_ids");
     check_shape(r.weights, tokens, kTopK, "routing.weights");
     check_shape(r.positions, tokens, kTopK, "routing.positions");
+  }
+
+  // Backward writes dx[id] per slot: a token's ids must be distinct.
+  static void check_distinct_ids(MatrixView<const std::int32_t> ids) {
+    for (index_t t = 0; t < ids.rows(); ++t) {
+      for (int k = 1; k < kTopK; ++k) {
+        for (int j = 0; j < k; ++j) {
+          MOEKIT_CHECK(ids(t, k) != ids(t, j), Errc::kInvalidArgument, "routing.expert_ids row ", t,
+                       " repeats expert ", ids(t, k));
+        }
+      }
+    }
   }
 
   bool drops_by_weight() const {
@@ -428,7 +442,13 @@ class Router {
       if (config_.gating.rule == GatingRule::kSigmoid) {
         s = 1.0f / (1.0f + (-x).exp());
       } else {
-        s = (x - x.maxCoeff()).exp();
+        // Eigen's exp clamps its argument near -88.7 where expf underflows;
+        // flush those to 0 so tiny p match the scalar rule's (denormal or 0).
+        const float m = x.maxCoeff();
+        s = (x - m).exp();
+        float* p = scores.row(t);
+        const float* xt = logits.row(t);
+        for (int e = 0; e < kExperts; ++e) p[e] = xt[e] - m < kExpFloor ? 0.0f : p[e];
         s /= s.sum();
       }
     }
@@ -439,6 +459,7 @@ class Router {
   // it over tokens and no key ever costs a mispredicted branch.
   void select_lanes(const Routing& out, const float* bias, index_t first, index_t n) const {
     const GatingConfig& gating = config_.gating;
+    const bool logit_key = routing::selects_on_logits(gating, bias != nullptr);
     alignas(64) float keys[kExperts * kLanes];
     alignas(64) float vals[kTopK * kLanes];
     alignas(64) int ids[kTopK * kLanes];
@@ -447,7 +468,7 @@ class Router {
       const float* x = out.logits.row(t);
       const float* s = out.scores.row(t);
       for (int e = 0; e < kExperts; ++e) {
-        keys[e * kLanes + l] = routing::selection_key(gating.rule, x[e], s[e], bias, e);
+        keys[e * kLanes + l] = routing::selection_key(logit_key, x[e], s[e], bias, e);
       }
     }
     routing::clear_top<kTopK, kLanes>(vals, ids);
@@ -575,6 +596,8 @@ class Router {
 
   // Rows per block of vectorised score computation.
   static constexpr index_t kRowBlock = 64;
+  // Below this, exp(x - max) is under float's normal range.
+  static constexpr float kExpFloor = -87.0f;
   // Tokens selected together, one per SIMD lane.
   static constexpr int kLanes = 16;
 
