@@ -788,6 +788,32 @@ TEST(RouterBadInput, EnumsOutsideTheirValuesAreRejected) {
   moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
 }
 
+// Eigen's GEMM blocks by thread count: across thread counts the logits may
+// differ in the last bits, never by more than float rounding.
+TEST(RouterDeterminism, ThreadCountsAgreeWithinRounding) {
+  using S = MoeSpec<64, 8>;
+  constexpr index_t T = 512, d = 1024;
+  std::mt19937 rng(8);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(T * d), w(64 * d);
+  for (float& v : x) v = normal(rng);
+  for (float& v : w) v = 0.03f * normal(rng);
+  const Router<S> router(RouterConfig{});
+  auto logits_with = [&](int threads) {
+#if defined(_OPENMP)
+    omp_set_num_threads(threads);
+    Eigen::setNbThreads(threads);
+#else
+    (void)threads;
+#endif
+    RoutingBuffers<S> buf(T);
+    router.forward({x.data(), T, d}, {w.data(), 64, d}, {}, {}, buf.view());
+    return to_double(buf.logits);
+  };
+  const auto one = logits_with(1), two = logits_with(2);
+  EXPECT_LT(moekit_test::rel_error(two, one), 1e-6);
+}
+
 // ---- bad input -----------------------------------------------------------------
 
 TEST(RouterBadInput, ConfigIsValidatedWithNamedFields) {

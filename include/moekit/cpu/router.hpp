@@ -58,7 +58,7 @@ struct RouterGrads {
   bool accumulate = false;
 };
 
-// Cheap enough to leave on: O(T K + E) beyond what gating already touches.
+// Cheap enough to leave on: O(T K + T E) additions beyond gating itself.
 template <MoeSpecType S>
 struct RoutingStats {
   static constexpr int kExperts = S::num_experts;
