@@ -423,10 +423,11 @@ class Router {
         }
       }
     }
-    std::array<index_t, kExperts> kept{};
-    const index_t dropped = assign_positions(out, kept, workspace);
+    std::array<index_t, kExperts> assigned{}, kept{};
+    const index_t dropped = assign_positions(out, assigned, kept, workspace);
     if (stats != nullptr) {
       fill_stats(out, *stats);
+      stats->assigned = assigned;
       stats->kept = kept;
       stats->dropped = dropped;
       stats->non_finite_logits = non_finite;
@@ -494,33 +495,89 @@ class Router {
 
   // Capacity: gives every assignment its row in its expert's buffer, in
   // token order among the kept; over-capacity ones get -1 and weight 0.
-  // Returns the number dropped; `kept` receives the per-expert counts.
-  index_t assign_positions(const Routing& out, std::array<index_t, kExperts>& kept,
+  // Returns the number dropped; `assigned` and `kept` receive per-expert
+  // counts before and after capacity.
+  index_t assign_positions(const Routing& out, std::array<index_t, kExperts>& assigned,
+                           std::array<index_t, kExperts>& kept,
                            VectorView<std::byte> workspace) const {
     const index_t tokens = out.logits.rows();
     const index_t cap = capacity(tokens);
-    index_t dropped = 0;
     if (drops_by_weight()) {
       mark_lowest_weights(out, cap, scratch<std::int32_t>(workspace));  // 0 keep, -1 drop
-    } else {
+      assigned = assignment_counts<S>(out.expert_ids);
+      std::array<index_t, kExperts> fill{};
+      index_t dropped = 0;
       for (index_t t = 0; t < tokens; ++t) {
-        for (int k = 0; k < kTopK; ++k) out.positions(t, k) = 0;
+        for (int k = 0; k < kTopK; ++k) {
+          if (out.positions(t, k) == 0) {
+            out.positions(t, k) = static_cast<std::int32_t>(fill[out.expert_ids(t, k)]++);
+          } else {
+            out.weights(t, k) = 0.0f;
+            ++dropped;
+          }
+        }
       }
+      kept = fill;
+      return dropped;
     }
-    std::array<index_t, kExperts> fill{};
-    for (index_t t = 0; t < tokens; ++t) {
-      for (int k = 0; k < kTopK; ++k) {
-        const int e = out.expert_ids(t, k);
-        if (out.positions(t, k) == 0 && fill[e] < cap) {
-          out.positions(t, k) = static_cast<std::int32_t>(fill[e]++);
-        } else {
-          out.positions(t, k) = -1;
-          out.weights(t, k) = 0.0f;
-          ++dropped;
+    // kPosition (and dropless): the first `cap` assignments of each expert
+    // in token order are kept. The tokens form kChunks fixed chunks: each
+    // chunk counts its assignments per expert, a scan over the chunks gives
+    // each chunk its first row per expert, and each chunk then numbers its
+    // own assignments. Exact integers, so any thread count agrees.
+    std::array<std::array<std::int32_t, kExperts>, kChunks> start{};
+    const index_t chunk = (tokens + kChunks - 1) / kChunks;
+    index_t dropped = 0;
+#if defined(_OPENMP)
+#pragma omp parallel if (tokens * kTopK > kLightParallelGrain / 16) reduction(+ : dropped)
+#endif
+    {
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+      for (int c = 0; c < kChunks; ++c) {
+        const index_t end = std::min(tokens, (c + 1) * chunk);
+        for (index_t t = c * chunk; t < end; ++t) {
+          for (int k = 0; k < kTopK; ++k) ++start[c][out.expert_ids(t, k)];
+        }
+      }
+#if defined(_OPENMP)
+#pragma omp single
+#endif
+      {
+        std::array<std::int32_t, kExperts> sum{};
+        for (int c = 0; c < kChunks; ++c) {
+          for (int e = 0; e < kExperts; ++e) {
+            const std::int32_t n = start[c][e];
+            start[c][e] = sum[e];
+            sum[e] += n;
+          }
+        }
+        for (int e = 0; e < kExperts; ++e) {
+          assigned[e] = sum[e];
+          kept[e] = std::min<index_t>(sum[e], cap);
+        }
+      }
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+      for (int c = 0; c < kChunks; ++c) {
+        const index_t end = std::min(tokens, (c + 1) * chunk);
+        std::array<std::int32_t, kExperts>& next = start[c];
+        for (index_t t = c * chunk; t < end; ++t) {
+          for (int k = 0; k < kTopK; ++k) {
+            const std::int32_t p = next[out.expert_ids(t, k)]++;
+            if (p < cap) {
+              out.positions(t, k) = p;
+            } else {
+              out.positions(t, k) = -1;
+              out.weights(t, k) = 0.0f;
+              ++dropped;
+            }
+          }
         }
       }
     }
-    kept = fill;
     return dropped;
   }
 
@@ -560,7 +617,6 @@ class Router {
   void fill_stats(const Routing& out, RoutingStats<S>& stats) const {
     const index_t tokens = out.logits.rows();
     stats.tokens = tokens;
-    stats.assigned = assignment_counts<S>(out.expert_ids);
     const auto sum = routing_distribution_sum<S>(config_.gating.rule, out.scores);
     for (int e = 0; e < kExperts; ++e) {
       stats.mean_distribution[e] =
@@ -598,6 +654,8 @@ class Router {
   static constexpr index_t kRowBlock = 64;
   // Below this, exp(x - max) is under float's normal range.
   static constexpr float kExpFloor = -87.0f;
+  // Fixed token chunks of capacity assignment (not the thread count).
+  static constexpr int kChunks = 16;
   // Tokens selected together, one per SIMD lane.
   static constexpr int kLanes = 16;
 
