@@ -718,7 +718,13 @@ TEST(RouterDeterminism, RerunsAndThreadCountsAreBitIdentical) {
     router.forward({x.data(), T, d}, {w.data(), 64, d}, {}, {}, buf.view(), &stats);
     return std::make_pair(buf, stats.mean_distribution);
   };
+#if defined(_OPENMP)
+  const int default_threads = omp_get_max_threads();
+#endif
   const auto a = run(2), b = run(2), c = run(1);
+#if defined(_OPENMP)
+  omp_set_num_threads(default_threads);  // the tests that follow use the default
+#endif
   EXPECT_EQ(a.first.weights, b.first.weights);
   EXPECT_EQ(a.first.ids, b.first.ids);
   EXPECT_EQ(a.first.positions, b.first.positions);
@@ -810,7 +816,14 @@ TEST(RouterDeterminism, ThreadCountsAgreeWithinRounding) {
     router.forward({x.data(), T, d}, {w.data(), 64, d}, {}, {}, buf.view());
     return to_double(buf.logits);
   };
+#if defined(_OPENMP)
+  const int default_threads = omp_get_max_threads();
+#endif
   const auto one = logits_with(1), two = logits_with(2);
+#if defined(_OPENMP)
+  omp_set_num_threads(default_threads);
+  Eigen::setNbThreads(default_threads);
+#endif
   EXPECT_LT(moekit_test::rel_error(two, one), 1e-6);
 }
 
