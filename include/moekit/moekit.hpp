@@ -9,6 +9,7 @@
 #include "moekit/core/types.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/aux_losses.hpp"
+#include "moekit/cpu/dispatch.hpp"
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/router.hpp"
 #include "moekit/nn/param_count.hpp"
