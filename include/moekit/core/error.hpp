@@ -2,7 +2,8 @@
 // Errors at moekit's host API boundaries.
 //
 // Every public entry point validates its arguments before it touches memory
-// and reports a violation as moekit::Error, whose message names the function,
+// and reports a violation as moekit::Error, whose message names the function
+// that made the check (a shared checker such as check_shape names itself),
 // the argument and the offending values:
 //
 //   moekit::route: expected x.cols() == router.cols(), got x.cols() = 5, router.cols() = 7
