@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # Quick start, command 2: install what is missing, build everything (the CUDA
 # targets too where nvcc exists) and run the whole test suite. CI runs this.
+#   1. the default preset: every test, example and benchmark smoke run;
+#   2. the CPU unit tests again under AddressSanitizer and UBSan (debug
+#      preset), so an out-of-range read or write fails even where the
+#      result happened to be right.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/bootstrap.sh
 source tools/env.sh
+jobs="$(nproc)"
+
 cmake --preset default
 cmake --build --preset default
-ctest --preset default -j "$(nproc)"
+ctest --preset default -j "$jobs"
+
+cmake --preset debug >/dev/null
+cmake --build --preset debug --target moekit_cpu_tests
+ctest --preset debug -j "$jobs" -R '^cpu\.'
