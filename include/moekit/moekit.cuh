@@ -2,6 +2,7 @@
 // Umbrella header for moekit's CUDA backend (namespace moekit::gpu). It
 // includes no Eigen, so it is safe in any .cu file.
 
+#include "moekit/core/activation.hpp"
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
 #include "moekit/core/random.hpp"

@@ -79,7 +79,8 @@ struct Mat {
   }
   bool bits_equal(const Mat& o) const {
     return data.size() == o.data.size() &&
-           std::memcmp(data.data(), o.data.data(), data.size() * sizeof(float)) == 0;
+           (data.empty() ||  // memcmp must not see the null pointer of an empty vector
+            std::memcmp(data.data(), o.data.data(), data.size() * sizeof(float)) == 0);
   }
 };
 

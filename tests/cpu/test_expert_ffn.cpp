@@ -1,0 +1,865 @@
+// Activations (moekit/core/activation.hpp) and expert FFNs over the
+// expert-major buffer (moekit/cpu/expert_ffn.hpp), forward and backward,
+// against float64 references written here: the textbook activation
+// formulas (tanh / erf forms) and per-row loops over each row's expert.
+// The float64 backward reference is itself checked against central finite
+// differences of <y, G>. Also: saved activations, frozen and partial
+// gradients, accumulate mode, determinism, both threading strategies, empty
+// experts and batches, and every bad-input path.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "expect_error.hpp"
+#include "moekit/core/activation.hpp"
+#include "moekit/cpu/expert_ffn.hpp"
+
+namespace {
+
+using moekit::Activation;
+using moekit::Errc;
+using moekit::FfnKind;
+using moekit::index_t;
+using moekit::MatrixView;
+using moekit::MoeSpec;
+using moekit::VectorView;
+using moekit::cpu::ExpertFfn;
+using moekit::cpu::ExpertFfnConfig;
+using moekit::cpu::ExpertGrads;
+using moekit::cpu::ExpertWeights;
+using moekit::cpu::FfnThreading;
+using moekit_test::expect_error;
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kInfF = std::numeric_limits<float>::infinity();
+constexpr float kPad = 4321.0f;  // padding columns of strided views; must survive every call
+
+constexpr Activation kActivations[] = {Activation::kRelu, Activation::kGeluTanh,
+                                       Activation::kGeluErf, Activation::kSilu};
+constexpr FfnKind kKinds[] = {FfnKind::kPlain, FfnKind::kGated};
+
+const char* name(Activation a) {
+  switch (a) {
+    case Activation::kRelu:
+      return "relu";
+    case Activation::kGeluTanh:
+      return "gelu_tanh";
+    case Activation::kGeluErf:
+      return "gelu_erf";
+    case Activation::kSilu:
+      return "silu";
+  }
+  return "?";
+}
+
+// ---- float64 activation formulas (textbook forms) ---------------------------
+
+double act64(Activation a, double x) {
+  const double pi = 3.14159265358979323846;
+  switch (a) {
+    case Activation::kRelu:
+      return x > 0 ? x : 0.0;
+    case Activation::kGeluTanh:
+      return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / pi) * (x + 0.044715 * x * x * x)));
+    case Activation::kGeluErf:
+      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
+    case Activation::kSilu:
+      return x / (1.0 + std::exp(-x));
+  }
+  return std::nan("");
+}
+
+double act64_grad(Activation a, double x) {
+  const double pi = 3.14159265358979323846;
+  switch (a) {
+    case Activation::kRelu:
+      return x > 0 ? 1.0 : 0.0;
+    case Activation::kGeluTanh: {
+      const double c = std::sqrt(2.0 / pi);
+      const double t = std::tanh(c * (x + 0.044715 * x * x * x));
+      return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x);
+    }
+    case Activation::kGeluErf:
+      return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))) +
+             x * std::exp(-0.5 * x * x) / std::sqrt(2.0 * pi);
+    case Activation::kSilu: {
+      const double s = 1.0 / (1.0 + std::exp(-x));
+      return s * (1.0 + x * (1.0 - s));
+    }
+  }
+  return std::nan("");
+}
+
+// Test points: a fine grid over [-14, 14], 0, tiny and huge magnitudes.
+std::vector<float> activation_points() {
+  std::vector<float> xs;
+  for (int i = -2800; i <= 2800; ++i) xs.push_back(static_cast<float>(i) * 0.005f);
+  for (float v : {1e-30f, 1e-7f,  1e-3f,  0.3f,   2.5f,   7.0f, 11.9f, 12.1f, 20.0f, 50.0f,
+                  88.0f,  100.0f, 109.0f, 111.0f, 200.0f, 1e4f, 1e10f, 1e20f, 1e30f, 3e38f}) {
+    xs.push_back(v);
+    xs.push_back(-v);
+  }
+  xs.push_back(0.0f);
+  xs.push_back(-0.0f);
+  return xs;
+}
+
+// |got - ref| relative to max(|ref|, floor): relative for values of order
+// one and above, absolute below `floor`. f' of GELU and SiLU crosses zero as
+// the difference of two terms of order 0.2-0.5, so its float error is
+// absolute there: derivatives use kGradFloor.
+constexpr double kGradFloor = 0.1;
+double scaled_error(double got, double ref, double floor = 1e-3) {
+  return std::abs(got - ref) / std::max(std::abs(ref), floor);
+}
+
+TEST(Activation, MatchesFloat64Formulas) {
+  for (Activation a : kActivations) {
+    double worst = 0.0, worst_grad = 0.0;
+    for (float x : activation_points()) {
+      const double f = moekit::activate(a, x);
+      const double g = moekit::activate_grad(a, x);
+      ASSERT_TRUE(std::isfinite(f)) << name(a) << " x = " << x;
+      ASSERT_TRUE(std::isfinite(g)) << name(a) << " x = " << x;
+      const double ef = scaled_error(f, act64(a, x));
+      const double eg = scaled_error(g, act64_grad(a, x), kGradFloor);
+      EXPECT_LT(ef, 2e-6) << name(a) << " x = " << x << " f = " << f << " ref " << act64(a, x);
+      EXPECT_LT(eg, 2e-6) << name(a) << " x = " << x << " f' = " << g << " ref "
+                          << act64_grad(a, x);
+      worst = std::max(worst, ef);
+      worst_grad = std::max(worst_grad, eg);
+    }
+    std::printf("[activation] %-9s max error f %.2e  f' %.2e\n", name(a), worst, worst_grad);
+  }
+}
+
+TEST(Activation, GradientMatchesCentralDifferences) {
+  for (Activation a : kActivations) {
+    double worst = 0.0;
+    for (int i = -1200; i <= 1200; ++i) {
+      const float x = static_cast<float>(i) * 0.01f + 0.00137f;  // never on ReLU's kink
+      const double h = 1e-6;
+      const double fd = (act64(a, x + h) - act64(a, x - h)) / (2 * h);
+      const double err = scaled_error(moekit::activate_grad(a, x), fd, kGradFloor);
+      EXPECT_LT(err, 1e-5) << name(a) << " x = " << x;
+      worst = std::max(worst, err);
+    }
+    std::printf("[activation] %-9s f' vs central differences %.2e\n", name(a), worst);
+  }
+}
+
+TEST(Activation, EdgeValues) {
+  EXPECT_EQ(moekit::activate_grad(Activation::kRelu, 0.0f), 0.0f);  // documented choice
+  EXPECT_EQ(moekit::activate_grad(Activation::kRelu, -0.0f), 0.0f);
+  EXPECT_EQ(moekit::activate(Activation::kRelu, 0.0f), 0.0f);
+  for (Activation a : kActivations) {
+    SCOPED_TRACE(name(a));
+    EXPECT_EQ(moekit::activate(a, 0.0f), 0.0f);
+    EXPECT_EQ(moekit::activate(a, -kInfF), 0.0f);
+    EXPECT_EQ(moekit::activate(a, kInfF), kInfF);
+    EXPECT_EQ(moekit::activate_grad(a, -kInfF), 0.0f);
+    EXPECT_EQ(moekit::activate_grad(a, kInfF), 1.0f);
+    EXPECT_TRUE(std::isnan(moekit::activate(a, kNaN)));
+    EXPECT_TRUE(std::isnan(moekit::activate_grad(a, kNaN)));
+    // Monotone limits hold exactly at large |x|.
+    EXPECT_EQ(moekit::activate(a, 1e30f), 1e30f);
+    EXPECT_EQ(moekit::activate(a, -1e30f), 0.0f);
+  }
+  EXPECT_EQ(moekit::activate_grad(Activation::kGeluTanh, 0.0f), 0.5f);
+  EXPECT_EQ(moekit::activate_grad(Activation::kGeluErf, 0.0f), 0.5f);
+  EXPECT_EQ(moekit::activate_grad(Activation::kSilu, 0.0f), 0.5f);
+}
+
+// ---- matrices -----------------------------------------------------------------
+
+// An owning row-major matrix with `pad` padding columns (ld = cols + pad).
+struct Mat {
+  index_t rows = 0, cols = 0, ld = 0;
+  std::vector<float> data;
+
+  Mat() = default;
+  Mat(index_t r, index_t c, index_t pad = 3)
+      : rows(r), cols(c), ld(c + pad), data(static_cast<std::size_t>(r * ld), kPad) {}
+
+  float& at(index_t r, index_t c) { return data[static_cast<std::size_t>(r * ld + c)]; }
+  float at(index_t r, index_t c) const { return data[static_cast<std::size_t>(r * ld + c)]; }
+  MatrixView<float> view() { return {data.data(), rows, cols, ld}; }
+  MatrixView<const float> cview() const { return {data.data(), rows, cols, ld}; }
+  void fill(float v) {
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < cols; ++c) at(r, c) = v;
+  }
+  void poison() { fill(kNaN); }
+  void randomize(std::mt19937& rng, float scale = 1.0f) {
+    std::normal_distribution<float> normal(0.0f, scale);
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < cols; ++c) at(r, c) = normal(rng);
+  }
+  std::vector<double> values() const {
+    std::vector<double> v;
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < cols; ++c) v.push_back(at(r, c));
+    return v;
+  }
+  bool any_nan() const {
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < cols; ++c)
+        if (std::isnan(at(r, c))) return true;
+    return false;
+  }
+  bool padding_untouched() const {
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = cols; c < ld; ++c)
+        if (at(r, c) != kPad) return false;
+    return true;
+  }
+  bool bits_equal(const Mat& o) const {
+    return data.size() == o.data.size() &&
+           (data.empty() ||
+            std::memcmp(data.data(), o.data.data(), data.size() * sizeof(float)) == 0);
+  }
+};
+
+double rel_error(const std::vector<double>& out, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    num += (out[i] - ref[i]) * (out[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// ---- float64 reference --------------------------------------------------------
+
+struct Dims {
+  int experts;
+  index_t d, f;
+  FfnKind kind;
+  Activation act;
+  std::vector<index_t> offsets;
+  index_t n() const { return offsets.back(); }
+  bool gated() const { return kind == FfnKind::kGated; }
+};
+
+struct Ref {
+  std::vector<double> y, pre, gate;       // N x d, N x f, N x f
+  std::vector<double> dx, dw1, dw3, dw2;  // N x d, E f x d, E f x d, E d x f
+};
+
+// Dense float64 inputs (no padding): x N x d, w1/w3 E f x d, w2 E d x f, dy N x d.
+Ref reference(const Dims& p, const std::vector<double>& x, const std::vector<double>& w1,
+              const std::vector<double>& w3, const std::vector<double>& w2,
+              const std::vector<double>& dy) {
+  const index_t n = p.n(), d = p.d, f = p.f;
+  const auto E = static_cast<std::size_t>(p.experts);
+  Ref r;
+  r.y.assign(static_cast<std::size_t>(n * d), 0.0);
+  r.pre.assign(static_cast<std::size_t>(n * f), 0.0);
+  r.gate.assign(p.gated() ? static_cast<std::size_t>(n * f) : 0u, 0.0);
+  r.dx.assign(static_cast<std::size_t>(n * d), 0.0);
+  r.dw1.assign(E * static_cast<std::size_t>(f * d), 0.0);
+  r.dw3.assign(p.gated() ? E * static_cast<std::size_t>(f * d) : 0u, 0.0);
+  r.dw2.assign(E * static_cast<std::size_t>(d * f), 0.0);
+  auto at = [](std::vector<double>& v, index_t i) -> double& {
+    return v[static_cast<std::size_t>(i)];
+  };
+  auto get = [](const std::vector<double>& v, index_t i) { return v[static_cast<std::size_t>(i)]; };
+  std::vector<double> a(static_cast<std::size_t>(f)), g(a), h(a), dh(a), da(a), dg(a);
+  for (int e = 0; e < p.experts; ++e) {
+    for (index_t row = p.offsets[static_cast<std::size_t>(e)];
+         row < p.offsets[static_cast<std::size_t>(e) + 1]; ++row) {
+      for (index_t j = 0; j < f; ++j) {
+        double sa = 0, sg = 0;
+        for (index_t k = 0; k < d; ++k) {
+          sa += get(x, row * d + k) * get(w1, (e * f + j) * d + k);
+          if (p.gated()) sg += get(x, row * d + k) * get(w3, (e * f + j) * d + k);
+        }
+        a[static_cast<std::size_t>(j)] = sa;
+        g[static_cast<std::size_t>(j)] = p.gated() ? sg : 1.0;
+        h[static_cast<std::size_t>(j)] = act64(p.act, sa) * (p.gated() ? sg : 1.0);
+        at(r.pre, row * f + j) = sa;
+        if (p.gated()) at(r.gate, row * f + j) = sg;
+      }
+      for (index_t i = 0; i < d; ++i) {
+        double s = 0;
+        for (index_t j = 0; j < f; ++j)
+          s += h[static_cast<std::size_t>(j)] * get(w2, (e * d + i) * f + j);
+        at(r.y, row * d + i) = s;
+      }
+      // backward
+      for (index_t j = 0; j < f; ++j) {
+        const auto jj = static_cast<std::size_t>(j);
+        double s = 0;
+        for (index_t i = 0; i < d; ++i) s += get(dy, row * d + i) * get(w2, (e * d + i) * f + j);
+        dh[jj] = s;
+        da[jj] = s * g[jj] * act64_grad(p.act, a[jj]);
+        dg[jj] = s * act64(p.act, a[jj]);
+      }
+      for (index_t i = 0; i < d; ++i)
+        for (index_t j = 0; j < f; ++j)
+          at(r.dw2, (e * d + i) * f + j) += get(dy, row * d + i) * h[static_cast<std::size_t>(j)];
+      for (index_t j = 0; j < f; ++j) {
+        for (index_t k = 0; k < d; ++k) {
+          at(r.dw1, (e * f + j) * d + k) += da[static_cast<std::size_t>(j)] * get(x, row * d + k);
+          if (p.gated())
+            at(r.dw3, (e * f + j) * d + k) += dg[static_cast<std::size_t>(j)] * get(x, row * d + k);
+        }
+      }
+      for (index_t k = 0; k < d; ++k) {
+        double s = 0;
+        for (index_t j = 0; j < f; ++j) {
+          s += da[static_cast<std::size_t>(j)] * get(w1, (e * f + j) * d + k);
+          if (p.gated()) s += dg[static_cast<std::size_t>(j)] * get(w3, (e * f + j) * d + k);
+        }
+        at(r.dx, row * d + k) = s;
+      }
+    }
+  }
+  return r;
+}
+
+std::vector<index_t> offsets_of(const std::vector<index_t>& counts) {
+  std::vector<index_t> off(counts.size() + 1, 0);
+  std::partial_sum(counts.begin(), counts.end(), off.begin() + 1);
+  return off;
+}
+
+// One problem's inputs and outputs, with strided (padded) views everywhere.
+struct Problem {
+  Dims dims;
+  Mat x, w1, w3, w2, dy;                // inputs
+  Mat y, pre, gate, dx, dw1, dw3, dw2;  // outputs
+  std::vector<std::byte> ws;
+
+  Problem(Dims p, std::uint32_t seed) : dims(std::move(p)) {
+    const index_t n = dims.n(), d = dims.d, f = dims.f, e = dims.experts;
+    const index_t gf = dims.gated() ? e * f : 0;
+    std::mt19937 rng(seed);
+    x = Mat(n, d);
+    w1 = Mat(e * f, d, 2);
+    w3 = Mat(gf, d, 1);
+    w2 = Mat(e * d, f, 2);
+    dy = Mat(n, d);
+    x.randomize(rng);
+    w1.randomize(rng, 1.0f / std::sqrt(static_cast<float>(d)));
+    w3.randomize(rng, 1.0f / std::sqrt(static_cast<float>(d)));
+    w2.randomize(rng, 1.0f / std::sqrt(static_cast<float>(f)));
+    dy.randomize(rng);
+    y = Mat(n, d);
+    pre = Mat(n, f);
+    gate = Mat(dims.gated() ? n : 0, f);
+    dx = Mat(n, d);
+    dw1 = Mat(e * f, d);
+    dw3 = Mat(gf, d);
+    dw2 = Mat(e * d, f);
+    poison_outputs();
+  }
+  void poison_outputs() {
+    for (Mat* m : {&y, &pre, &gate, &dx, &dw1, &dw3, &dw2}) m->poison();
+  }
+  ExpertFfnConfig config(FfnThreading t = FfnThreading::kAuto) const {
+    return {.d_model = dims.d,
+            .d_ff = dims.f,
+            .kind = dims.kind,
+            .activation = dims.act,
+            .threading = t};
+  }
+  VectorView<const index_t> off() const {
+    return {dims.offsets.data(), static_cast<index_t>(dims.offsets.size())};
+  }
+  ExpertWeights weights() const { return {w1.cview(), w3.cview(), w2.cview()}; }
+  ExpertGrads grads(bool accumulate = false) {
+    return {dw1.view(), dw3.view(), dw2.view(), accumulate};
+  }
+  VectorView<std::byte> workspace(index_t bytes) {
+    ws.assign(static_cast<std::size_t>(bytes), std::byte{0xff});
+    return {ws.data(), bytes};
+  }
+  Ref ref() const {
+    return reference(dims, x.values(), w1.values(), w3.values(), w2.values(), dy.values());
+  }
+
+  template <class S>
+  void run(const ExpertFfn<S>& ffn) {
+    const VectorView<std::byte> w = workspace(ffn.workspace_size(dims.n()));
+    ffn.forward(x.cview(), off(), weights(), y.view(), pre.view(), gate.view(), w);
+    ffn.backward(dy.cview(), x.cview(), off(), weights(), pre.cview(), gate.cview(), dx.view(),
+                 grads(), w);
+  }
+};
+
+struct Errors {
+  double y, pre, gate, dx, dw1, dw3, dw2;
+  double worst() const { return std::max({y, pre, gate, dx, dw1, dw3, dw2}); }
+};
+
+Errors compare(const Problem& p, const Ref& r) {
+  Errors e{};
+  e.y = rel_error(p.y.values(), r.y);
+  e.pre = rel_error(p.pre.values(), r.pre);
+  e.gate = rel_error(p.gate.values(), r.gate);
+  e.dx = rel_error(p.dx.values(), r.dx);
+  e.dw1 = rel_error(p.dw1.values(), r.dw1);
+  e.dw3 = rel_error(p.dw3.values(), r.dw3);
+  e.dw2 = rel_error(p.dw2.values(), r.dw2);
+  return e;
+}
+
+void expect_all_written(const Problem& p) {
+  for (const Mat* m : {&p.y, &p.pre, &p.gate, &p.dx, &p.dw1, &p.dw3, &p.dw2}) {
+    EXPECT_FALSE(m->any_nan()) << "an output element was not written";
+    EXPECT_TRUE(m->padding_untouched());
+  }
+}
+
+constexpr double kTol = 1e-5;
+
+// Uneven expert loads with empty experts, per spec.
+template <int E>
+std::vector<index_t> uneven_counts() {
+  if constexpr (E == 1) {
+    return {53};
+  } else if constexpr (E == 8) {
+    return {0, 37, 1, 0, 90, 5, 0, 12};
+  } else {
+    std::vector<index_t> c(E);
+    std::mt19937 rng(E);
+    std::uniform_int_distribution<int> count(0, 14);
+    for (index_t& v : c) v = count(rng) < 3 ? 0 : count(rng);
+    c[0] = 0;
+    c[E - 1] = 0;
+    c[E / 2] = 1;
+    return c;
+  }
+}
+
+// ---- forward and backward against the float64 reference ---------------------
+
+template <class S>
+class ExpertFfnTyped : public ::testing::Test {};
+
+using Specs = ::testing::Types<MoeSpec<1, 1>, MoeSpec<8, 2>, MoeSpec<64, 8>>;
+TYPED_TEST_SUITE(ExpertFfnTyped, Specs);
+
+TYPED_TEST(ExpertFfnTyped, MatchFloat64ReferenceDeterministically) {
+  using S = TypeParam;
+  constexpr int E = S::num_experts;
+  const index_t d = E == 64 ? 24 : 40, f = E == 64 ? 40 : 72;
+  double worst = 0.0;
+  for (FfnKind kind : kKinds) {
+    for (Activation act : kActivations) {
+      SCOPED_TRACE(::testing::Message() << "kind " << static_cast<int>(kind) << " " << name(act));
+      Problem p({E, d, f, kind, act, offsets_of(uneven_counts<E>())},
+                1234u + static_cast<std::uint32_t>(E) * 10u + static_cast<std::uint32_t>(act));
+      const Ref r = p.ref();
+      for (FfnThreading t :
+           {FfnThreading::kAuto, FfnThreading::kAcrossExperts, FfnThreading::kInsideGemm}) {
+        const ExpertFfn<S> ffn(p.config(t));
+        p.poison_outputs();
+        p.run(ffn);
+        expect_all_written(p);
+        const Errors err = compare(p, r);
+        EXPECT_LT(err.worst(), kTol)
+            << "y " << err.y << " pre " << err.pre << " gate " << err.gate << " dx " << err.dx
+            << " dw1 " << err.dw1 << " dw3 " << err.dw3 << " dw2 " << err.dw2;
+        worst = std::max(worst, err.worst());
+
+        // Empty experts' gradient blocks are exactly zero in overwrite mode.
+        for (int e = 0; e < E; ++e) {
+          if (p.dims.offsets[static_cast<std::size_t>(e)] !=
+              p.dims.offsets[static_cast<std::size_t>(e) + 1])
+            continue;
+          for (index_t j = 0; j < f; ++j)
+            for (index_t k = 0; k < d; ++k) {
+              ASSERT_EQ(p.dw1.at(e * f + j, k), 0.0f);
+              if (p.dims.gated()) {
+                ASSERT_EQ(p.dw3.at(e * f + j, k), 0.0f);
+              }
+              ASSERT_EQ(p.dw2.at(e * d + k, j), 0.0f);
+            }
+        }
+
+        // Determinism: a second run is bit-identical.
+        Problem again = p;
+        again.poison_outputs();
+        again.run(ffn);
+        for (auto [a, b] : {std::pair{&p.y, &again.y},
+                            {&p.pre, &again.pre},
+                            {&p.gate, &again.gate},
+                            {&p.dx, &again.dx},
+                            {&p.dw1, &again.dw1},
+                            {&p.dw3, &again.dw3},
+                            {&p.dw2, &again.dw2}}) {
+          EXPECT_TRUE(a->bits_equal(*b)) << "a rerun changed the bits";
+        }
+      }
+    }
+  }
+  std::printf("[expert_ffn] E = %d: worst relative error vs float64 %.2e\n", E, worst);
+}
+
+// All tokens to one expert: kAuto takes the inside-GEMM path.
+TEST(ExpertFfn, AllRowsToOneExpert) {
+  using S = MoeSpec<8, 2>;
+  for (FfnKind kind : kKinds) {
+    Problem p({8, 32, 48, kind, Activation::kSilu, offsets_of({0, 0, 0, 300, 0, 0, 0, 0})}, 77u);
+    const ExpertFfn<S> ffn(p.config());
+    p.run(ffn);
+    expect_all_written(p);
+    const Errors err = compare(p, p.ref());
+    EXPECT_LT(err.worst(), kTol);
+  }
+}
+
+// ---- finite differences ---------------------------------------------------------
+
+// L(x, W) = <y(x, W), G> through the float64 reference forward.
+double loss(const Dims& p, const std::vector<double>& x, const std::vector<double>& w1,
+            const std::vector<double>& w3, const std::vector<double>& w2,
+            const std::vector<double>& g) {
+  const Ref r = reference(p, x, w1, w3, w2, g);
+  double s = 0;
+  for (std::size_t i = 0; i < g.size(); ++i) s += r.y[i] * g[i];
+  return s;
+}
+
+TEST(ExpertFfn, GradientsMatchCentralDifferences) {
+  using S = MoeSpec<3, 1>;
+  double worst_lib = 0.0, worst_ref = 0.0;
+  for (FfnKind kind : kKinds) {
+    for (Activation act : kActivations) {
+      SCOPED_TRACE(::testing::Message() << "kind " << static_cast<int>(kind) << " " << name(act));
+      Problem p({3, 4, 5, kind, act, offsets_of({2, 0, 3})}, 99u + static_cast<std::uint32_t>(act));
+      p.run(ExpertFfn<S>(p.config()));
+      expect_all_written(p);
+      const Ref r = p.ref();
+      std::vector<double> x = p.x.values(), w1 = p.w1.values(), w3 = p.w3.values(),
+                          w2 = p.w2.values();
+      const std::vector<double> g = p.dy.values();
+      const double h = 1e-6;
+      auto fd = [&](std::vector<double>& v) {
+        std::vector<double> out(v.size());
+        for (std::size_t i = 0; i < v.size(); ++i) {
+          const double keep = v[i];
+          v[i] = keep + h;
+          const double up = loss(p.dims, x, w1, w3, w2, g);
+          v[i] = keep - h;
+          const double down = loss(p.dims, x, w1, w3, w2, g);
+          v[i] = keep;
+          out[i] = (up - down) / (2 * h);
+        }
+        return out;
+      };
+      const std::vector<double> fx = fd(x), f1 = fd(w1), f3 = fd(w3), f2 = fd(w2);
+      const double lib[] = {rel_error(p.dx.values(), fx), rel_error(p.dw1.values(), f1),
+                            rel_error(p.dw3.values(), f3), rel_error(p.dw2.values(), f2)};
+      const double ref[] = {rel_error(r.dx, fx), rel_error(r.dw1, f1), rel_error(r.dw3, f3),
+                            rel_error(r.dw2, f2)};
+      for (double e : lib) {
+        EXPECT_LT(e, kTol);
+        worst_lib = std::max(worst_lib, e);
+      }
+      for (double e : ref) {
+        EXPECT_LT(e, 1e-7);
+        worst_ref = std::max(worst_ref, e);
+      }
+    }
+  }
+  std::printf("[expert_ffn] vs central differences: library %.2e, float64 reference %.2e\n",
+              worst_lib, worst_ref);
+}
+
+// ---- saved activations, frozen parts, accumulate --------------------------------
+
+TEST(ExpertFfn, InferenceForwardWithoutSavesMatchesBitwise) {
+  using S = MoeSpec<8, 2>;
+  for (FfnKind kind : kKinds) {
+    Problem p({8, 32, 48, kind, Activation::kGeluTanh, offsets_of(uneven_counts<8>())}, 5u);
+    const ExpertFfn<S> ffn(p.config());
+    p.run(ffn);
+    Mat y2(p.dims.n(), p.dims.d);
+    y2.poison();
+    const VectorView<std::byte> w = p.workspace(ffn.workspace_size(p.dims.n()));
+    ffn.forward(p.x.cview(), p.off(), p.weights(), y2.view(), {}, {}, w);
+    EXPECT_TRUE(y2.bits_equal(p.y));
+  }
+}
+
+TEST(ExpertFfn, FrozenOutputsAreUntouchedAndPartsMatchTheFullRun) {
+  using S = MoeSpec<8, 2>;
+  for (FfnKind kind : kKinds) {
+    Problem full({8, 24, 40, kind, Activation::kGeluErf, offsets_of(uneven_counts<8>())}, 11u);
+    const ExpertFfn<S> ffn(full.config());
+    full.run(ffn);
+    // Each output alone, and all-but-one; the frozen ones are empty views
+    // onto poisoned memory, which must stay poisoned.
+    for (int mask = 0; mask < 16; ++mask) {
+      if (!full.dims.gated() && (mask & 4)) continue;
+      SCOPED_TRACE(::testing::Message() << "kind " << static_cast<int>(kind) << " mask " << mask);
+      Problem p = full;
+      p.poison_outputs();
+      const bool want[4] = {(mask & 1) != 0, (mask & 2) != 0, (mask & 4) != 0, (mask & 8) != 0};
+      auto pick = [](bool on, Mat& m) {
+        return on ? m.view() : MatrixView<float>(m.data.data(), 0, m.cols, m.ld);
+      };
+      const VectorView<std::byte> w = p.workspace(ffn.workspace_size(p.dims.n()));
+      ffn.backward(p.dy.cview(), p.x.cview(), p.off(), p.weights(), full.pre.cview(),
+                   full.gate.cview(), pick(want[0], p.dx),
+                   {pick(want[1], p.dw1), pick(want[2] && p.dims.gated(), p.dw3),
+                    pick(want[3], p.dw2), false},
+                   w);
+      const Mat* got[4] = {&p.dx, &p.dw1, &p.dw3, &p.dw2};
+      const Mat* exp[4] = {&full.dx, &full.dw1, &full.dw3, &full.dw2};
+      for (int i = 0; i < 4; ++i) {
+        if (want[i]) {
+          EXPECT_TRUE(got[i]->bits_equal(*exp[i])) << "output " << i;
+        } else {
+          Mat poisoned = *got[i];
+          poisoned.poison();
+          EXPECT_TRUE(got[i]->bits_equal(poisoned)) << "frozen output " << i << " was written";
+        }
+      }
+    }
+  }
+}
+
+TEST(ExpertFfn, AccumulateAddsToTheOldGradients) {
+  using S = MoeSpec<8, 2>;
+  for (FfnKind kind : kKinds) {
+    SCOPED_TRACE(static_cast<int>(kind));
+    Problem p({8, 24, 40, kind, Activation::kSilu, offsets_of(uneven_counts<8>())}, 21u);
+    const ExpertFfn<S> ffn(p.config());
+    p.run(ffn);  // overwrite: the new gradients
+    Problem q = p;
+    std::mt19937 rng(3);
+    for (Mat* m : {&q.dw1, &q.dw3, &q.dw2}) m->randomize(rng);
+    const Problem old = q;
+    const VectorView<std::byte> w = q.workspace(ffn.workspace_size(q.dims.n()));
+    ffn.backward(q.dy.cview(), q.x.cview(), q.off(), q.weights(), p.pre.cview(), p.gate.cview(), {},
+                 q.grads(/*accumulate=*/true), w);
+    for (auto [got, was, add] : {std::tuple{&q.dw1, &old.dw1, &p.dw1},
+                                 {&q.dw3, &old.dw3, &p.dw3},
+                                 {&q.dw2, &old.dw2, &p.dw2}}) {
+      EXPECT_TRUE(got->padding_untouched());
+      double worst = 0.0;
+      for (index_t r = 0; r < got->rows; ++r) {
+        for (index_t c = 0; c < got->cols; ++c) {
+          const double expect = double(was->at(r, c)) + add->at(r, c);
+          const double scale = std::abs(double(was->at(r, c))) + std::abs(double(add->at(r, c)));
+          worst = std::max(worst, std::abs(got->at(r, c) - expect) / std::max(scale, 1e-30));
+        }
+      }
+      EXPECT_LT(worst, 1e-6);
+    }
+    // Empty experts' blocks are unchanged, bit for bit.
+    for (int e = 0; e < 8; ++e) {
+      if (q.dims.offsets[static_cast<std::size_t>(e)] !=
+          q.dims.offsets[static_cast<std::size_t>(e) + 1])
+        continue;
+      const index_t f = q.dims.f, d = q.dims.d;
+      for (index_t j = 0; j < f; ++j)
+        for (index_t k = 0; k < d; ++k) {
+          ASSERT_EQ(q.dw1.at(e * f + j, k), old.dw1.at(e * f + j, k));
+          if (q.dims.gated()) {
+            ASSERT_EQ(q.dw3.at(e * f + j, k), old.dw3.at(e * f + j, k));
+          }
+          ASSERT_EQ(q.dw2.at(e * d + k, j), old.dw2.at(e * d + k, j));
+        }
+    }
+  }
+}
+
+TEST(ExpertFfn, EmptyBatch) {
+  using S = MoeSpec<8, 2>;
+  for (FfnKind kind : kKinds) {
+    Problem p({8, 16, 24, kind, Activation::kRelu, offsets_of(std::vector<index_t>(8, 0))}, 1u);
+    const ExpertFfn<S> ffn(p.config());
+    EXPECT_EQ(ffn.workspace_size(0), 0);
+    ffn.forward(p.x.cview(), p.off(), p.weights(), p.y.view(), p.pre.view(), p.gate.view(), {});
+    ffn.backward(p.dy.cview(), p.x.cview(), p.off(), p.weights(), p.pre.cview(), p.gate.cview(),
+                 p.dx.view(), p.grads(), {});
+    for (const Mat* m : {&p.dw1, &p.dw3, &p.dw2}) {
+      for (double v : m->values()) ASSERT_EQ(v, 0.0);
+      EXPECT_TRUE(m->padding_untouched());
+    }
+    p.poison_outputs();
+    ffn.backward(p.dy.cview(), p.x.cview(), p.off(), p.weights(), p.pre.cview(), p.gate.cview(),
+                 p.dx.view(), p.grads(/*accumulate=*/true), {});
+    for (const Mat* m : {&p.dw1, &p.dw3, &p.dw2}) {
+      for (double v : m->values()) ASSERT_TRUE(std::isnan(v));
+    }
+  }
+}
+
+// ---- bad input ---------------------------------------------------------------------
+
+TEST(ExpertFfn, RejectsBadConfig) {
+  using S = MoeSpec<4, 2>;
+  auto make = [](ExpertFfnConfig c) { return [c] { ExpertFfn<S> ffn(c); }; };
+  const ExpertFfnConfig good{.d_model = 8, .d_ff = 16};
+  EXPECT_NO_THROW(make(good)());
+  ExpertFfnConfig c = good;
+  c.d_model = 0;
+  EXPECT_NE(expect_error(make(c), Errc::kInvalidArgument).find("d_model = 0"), std::string::npos);
+  c = good;
+  c.d_ff = -3;
+  EXPECT_NE(expect_error(make(c), Errc::kInvalidArgument).find("d_ff = -3"), std::string::npos);
+  c = good;
+  c.kind = static_cast<FfnKind>(7);
+  EXPECT_NE(expect_error(make(c), Errc::kInvalidArgument).find("kind = 7"), std::string::npos);
+  c = good;
+  c.activation = static_cast<Activation>(9);
+  EXPECT_NE(expect_error(make(c), Errc::kInvalidArgument).find("activation = 9"),
+            std::string::npos);
+  c = good;
+  c.threading = static_cast<FfnThreading>(5);
+  expect_error(make(c), Errc::kInvalidArgument);
+}
+
+TEST(ExpertFfn, RejectsBadInputAndWritesNothing) {
+  using S = MoeSpec<4, 2>;
+  for (FfnKind kind : kKinds) {
+    SCOPED_TRACE(static_cast<int>(kind));
+    const Problem base({4, 8, 12, kind, Activation::kSilu, offsets_of({3, 0, 5, 2})}, 8u);
+    const ExpertFfn<S> ffn(base.config());
+    const index_t ws_bytes = ffn.workspace_size(base.dims.n());
+    Mat other_w1(4 * 12, 9), short_y(base.dims.n() - 1, 8), stray_gate(base.dims.n(), 12);
+
+    // Each case mutates a fresh copy and calls forward and backward.
+    struct Case {
+      const char* what;
+      Errc code;
+      const char* message;
+      void (*mutate)(Problem&, std::vector<index_t>&, std::vector<std::byte>&);
+    };
+    const Case cases[] = {
+        {"offsets[0]", Errc::kInvalidArgument, "offsets[0] = 1",
+         [](Problem&, std::vector<index_t>& o, std::vector<std::byte>&) { o[0] = 1; }},
+        {"decreasing", Errc::kInvalidArgument, "offsets decreases",
+         [](Problem&, std::vector<index_t>& o, std::vector<std::byte>&) { o[2] = 1; }},
+        {"offsets[E] != N", Errc::kShapeMismatch, "offsets[4] = 11 but buffer has 10 rows",
+         [](Problem&, std::vector<index_t>& o, std::vector<std::byte>&) { o[4] = 11; }},
+        {"offsets size", Errc::kShapeMismatch, "offsets has 4 elements, expected 5",
+         [](Problem&, std::vector<index_t>& o, std::vector<std::byte>&) { o.pop_back(); }},
+        {"workspace small", Errc::kShapeMismatch, "workspace has",
+         [](Problem&, std::vector<index_t>&, std::vector<std::byte>& w) { w.pop_back(); }},
+    };
+    for (const Case& c : cases) {
+      SCOPED_TRACE(c.what);
+      Problem p = base;
+      std::vector<index_t> off = p.dims.offsets;
+      std::vector<std::byte> ws(static_cast<std::size_t>(ws_bytes));
+      c.mutate(p, off, ws);
+      const VectorView<const index_t> ov(off.data(), static_cast<index_t>(off.size()));
+      const VectorView<std::byte> wv(ws.data(), static_cast<index_t>(ws.size()));
+      const std::string m1 = expect_error(
+          [&] {
+            ffn.forward(p.x.cview(), ov, p.weights(), p.y.view(), p.pre.view(), p.gate.view(), wv);
+          },
+          c.code);
+      EXPECT_NE(m1.find(c.message), std::string::npos) << m1;
+      const std::string m2 = expect_error(
+          [&] {
+            ffn.backward(p.dy.cview(), p.x.cview(), ov, p.weights(), p.pre.cview(), p.gate.cview(),
+                         p.dx.view(), p.grads(), wv);
+          },
+          c.code);
+      EXPECT_NE(m2.find(c.message), std::string::npos) << m2;
+      for (auto [a, b] : {std::pair{&p.y, &base.y},
+                          {&p.pre, &base.pre},
+                          {&p.gate, &base.gate},
+                          {&p.dx, &base.dx},
+                          {&p.dw1, &base.dw1},
+                          {&p.dw3, &base.dw3},
+                          {&p.dw2, &base.dw2}}) {
+        EXPECT_TRUE(a->bits_equal(*b)) << "a rejected call wrote an output";
+      }
+    }
+
+    // Shape and pointer errors on single arguments.
+    Problem p = base;
+    std::vector<std::byte> ws(static_cast<std::size_t>(ws_bytes));
+    const VectorView<std::byte> wv(ws.data(), ws_bytes);
+    auto fwd = [&](MatrixView<const float> x, ExpertWeights w, MatrixView<float> y,
+                   MatrixView<float> pre, MatrixView<float> gate, VectorView<std::byte> work) {
+      return [=, &ffn, &p] { ffn.forward(x, p.off(), w, y, pre, gate, work); };
+    };
+    const ExpertWeights w = p.weights();
+    std::string msg;
+    msg = expect_error(fwd(p.x.cview(), {other_w1.cview(), w.w3, w.w2}, p.y.view(), p.pre.view(),
+                           p.gate.view(), wv),
+                       Errc::kShapeMismatch);
+    EXPECT_NE(msg.find("weights.w1 is 48 x 9, expected 48 x 8"), std::string::npos) << msg;
+    msg = expect_error(fwd(p.x.cview(), w, short_y.view(), p.pre.view(), p.gate.view(), wv),
+                       Errc::kShapeMismatch);
+    EXPECT_NE(msg.find("y is 9 x 8, expected 10 x 8"), std::string::npos) << msg;
+    msg = expect_error(fwd(MatrixView<const float>(nullptr, 10, 8), w, p.y.view(), p.pre.view(),
+                           p.gate.view(), wv),
+                       Errc::kNullPointer);
+    EXPECT_NE(msg.find("buffer is null"), std::string::npos) << msg;
+    std::vector<std::byte> big(static_cast<std::size_t>(ws_bytes) + 8);
+    msg = expect_error(fwd(p.x.cview(), w, p.y.view(), p.pre.view(), p.gate.view(),
+                           VectorView<std::byte>(big.data() + 1, ws_bytes)),
+                       Errc::kInvalidArgument);
+    EXPECT_NE(msg.find("not aligned"), std::string::npos) << msg;
+    if (kind == FfnKind::kPlain) {
+      msg = expect_error(fwd(p.x.cview(), w, p.y.view(), p.pre.view(), stray_gate.view(), wv),
+                         Errc::kInvalidArgument);
+      EXPECT_NE(msg.find("saved_gate is 10 x 12 but must be empty"), std::string::npos) << msg;
+      msg = expect_error(
+          fwd(p.x.cview(), {w.w1, other_w1.cview(), w.w2}, p.y.view(), p.pre.view(), {}, wv),
+          Errc::kInvalidArgument);
+      EXPECT_NE(msg.find("weights.w3"), std::string::npos) << msg;
+    } else {
+      msg = expect_error(
+          fwd(p.x.cview(), {w.w1, {}, w.w2}, p.y.view(), p.pre.view(), p.gate.view(), wv),
+          Errc::kShapeMismatch);
+      EXPECT_NE(msg.find("weights.w3 is 0 x 0, expected 48 x 8"), std::string::npos) << msg;
+    }
+    // Backward: saved_pre is required, gradient shapes are checked.
+    msg = expect_error(
+        [&] {
+          ffn.backward(p.dy.cview(), p.x.cview(), p.off(), w, {}, p.gate.cview(), p.dx.view(),
+                       p.grads(), wv);
+        },
+        Errc::kShapeMismatch);
+    EXPECT_NE(msg.find("saved_pre is 0 x 0, expected 10 x 12"), std::string::npos) << msg;
+    msg = expect_error(
+        [&] {
+          ffn.backward(p.dy.cview(), p.x.cview(), p.off(), w, p.pre.cview(), p.gate.cview(),
+                       p.dx.view(), {p.dw1.view(), p.dw3.view(), other_w1.view(), false}, wv);
+        },
+        Errc::kShapeMismatch);
+    EXPECT_NE(msg.find("grads.dw2 is 48 x 9, expected 32 x 12"), std::string::npos) << msg;
+    msg = expect_error(
+        [&] {
+          ffn.backward(short_y.cview(), p.x.cview(), p.off(), w, p.pre.cview(), p.gate.cview(),
+                       p.dx.view(), p.grads(), wv);
+        },
+        Errc::kShapeMismatch);
+    EXPECT_NE(msg.find("dy is 9 x 8, expected 10 x 8"), std::string::npos) << msg;
+    for (auto [a, b] : {std::pair{&p.y, &base.y},
+                        {&p.pre, &base.pre},
+                        {&p.gate, &base.gate},
+                        {&p.dx, &base.dx},
+                        {&p.dw1, &base.dw1},
+                        {&p.dw3, &base.dw3},
+                        {&p.dw2, &base.dw2}}) {
+      EXPECT_TRUE(a->bits_equal(*b)) << "a rejected call wrote an output";
+    }
+  }
+}
+
+}  // namespace
