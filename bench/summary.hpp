@@ -13,6 +13,9 @@ namespace moekit_bench {
 
 class RecordingReporter : public benchmark::ConsoleReporter {
  public:
+  // Plain text: logs and the closing table are read by scripts and tests.
+  RecordingReporter() : ConsoleReporter(OO_Tabular) {}
+
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& run : runs) {
       if (run.run_type == Run::RT_Iteration && run.iterations > 0) {
