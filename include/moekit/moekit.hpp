@@ -14,6 +14,7 @@
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/expert_ffn.hpp"
 #include "moekit/cpu/router.hpp"
+#include "moekit/nn/moe_layer.hpp"
 #include "moekit/nn/param_count.hpp"
 #include "moekit/spec.hpp"
 #include "moekit/version.hpp"

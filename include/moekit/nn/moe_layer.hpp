@@ -1,0 +1,584 @@
+#pragma once
+// A Mixture-of-Experts layer on the CPU backend for MoeSpec<E, K>: router,
+// dispatch, routed expert FFNs, combine and optional shared experts, forward
+// and backward, composed from moekit/cpu/{router,aux_losses,dispatch,expert_ffn}.hpp.
+//
+//   y = sum_{k kept} w(t, k) FFN_{ids(t, k)}(x_t) + sum_i FFN_shared_i(x_t)
+//
+// Routed experts run on the tokens the router picked (capacity drops add 0);
+// the num_shared shared experts run on every token (DeepSeek-MoE style) and
+// share the routed experts' FfnKind and Activation, each of width d_ff_shared.
+//
+// Memory. Parameters, saved state, gradients and scratch are caller memory
+// (views); forward and backward allocate nothing. Allocate once for a maximum
+// batch T_max: MoeLayerStorage<S> does it with std::vectors, or size your own
+// buffers with state_rows() and workspace_size(). A call with T <= T_max uses
+// the leading rows of each state buffer.
+//
+//   moekit::cpu::MoeLayer<moekit::MoeSpec<8, 2>> layer(config);  // validates config
+//   moekit::cpu::MoeLayerStorage<Spec> storage(layer, t_max);
+//   auto aux = layer.forward(x, params, storage.state(), y, &stats, storage.workspace());
+//   ... loss: L = f(y) + switch_coeff * aux.switch_loss + z_coeff * aux.z_loss ...
+//   layer.backward(dy, x, params, storage.state(), grads, dx, storage.workspace());
+//
+// Backward (dy = dL/dy; the aux losses' gradients are added with their
+// coefficients, so the gradients are those of L as above):
+//   combine_backward        -> d_expert_out, dweights
+//   ExpertFfn::backward     -> d_buffer, expert weight gradients
+//   dispatch_backward       -> dx
+//   Router::backward_gate   -> dlogits; += switch / z loss gradients
+//   Router::backward_logits -> dx (added), dw_gate, dgate_bias
+//   shared FFN backward     -> dx (added), shared weight gradients
+// An empty gradient view is frozen: not computed, not written, and no work is
+// done for it (frozen router: no dw_gate GEMM; frozen experts: no weight
+// GEMMs, dx is still exact). An empty dx means "no input gradient". With
+// grads.accumulate every non-empty output (dx included) receives the sum.
+//
+// Validation: every argument is checked (shapes against the config, T against
+// the state's capacity, null data, the saved routing and offsets against each
+// other) before anything is written, with the argument named in the message.
+// One exception: with NonFinitePolicy::kError, a non-finite logit is reported
+// (Errc::kNonFinite) after forward wrote the state's routing, never y.
+// Outputs must not overlap inputs (not checked). Results are deterministic for
+// a fixed thread count, as the parts are.
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "moekit/core/activation.hpp"
+#include "moekit/core/error.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cpu/aux_losses.hpp"
+#include "moekit/cpu/dispatch.hpp"
+#include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/expert_ffn.hpp"
+#include "moekit/cpu/router.hpp"
+#include "moekit/nn/param_count.hpp"
+#include "moekit/spec.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+namespace cpu {
+
+struct MoeLayerConfig {
+  index_t d_model = 0;
+  index_t d_ff = 0;  // width of one routed expert
+  FfnKind kind = FfnKind::kPlain;
+  Activation activation = Activation::kGeluTanh;
+  RouterConfig router;
+  int num_shared = 0;         // shared experts, run on every token
+  index_t d_ff_shared = 0;    // width of one shared expert; 0 = d_ff
+  float switch_coeff = 0.0f;  // Switch balance loss coefficient; 0 = off
+  float z_coeff = 0.0f;       // router z-loss coefficient; 0 = off
+  SwitchLossOptions switch_options;
+  FfnThreading threading = FfnThreading::kAuto;
+};
+
+// Parameters (caller memory). Routed experts in the ExpertWeights layout of
+// moekit/cpu/expert_ffn.hpp with E experts of width d_ff; shared experts in
+// the same layout with num_shared "experts" of width d_ff_shared (all views
+// empty when num_shared = 0). w3 views are empty for FfnKind::kPlain.
+struct MoeLayerParams {
+  MatrixView<const float> w_gate{};          // E x d
+  VectorView<const float> gate_bias{};       // E, or empty
+  VectorView<const float> selection_bias{};  // E, or empty (ExpertBias::bias())
+  ExpertWeights experts{};
+  ExpertWeights shared{};
+};
+
+// Gradient outputs; an empty view is frozen (see the top of this file).
+struct MoeLayerGrads {
+  MatrixView<float> dw_gate{};        // E x d
+  VectorView<float> dgate_bias{};     // E; must be empty when params.gate_bias is
+  MatrixView<float> dw1, dw3, dw2{};  // routed experts, ExpertWeights layout
+  MatrixView<float> shared_dw1, shared_dw3, shared_dw2{};  // shared experts
+  bool accumulate = false;  // add to every output (dx too) instead of overwriting
+};
+
+// What forward saves for backward (caller memory). Capacity T_max =
+// routing.logits.rows(); all five routing views have T_max rows. Shapes are
+// minimums for T = T_max (MoeLayer::state_rows gives them):
+struct MoeLayerState {
+  Routing routing;                // T_max x E (logits, scores), T_max x K (the rest)
+  VectorView<index_t> offsets;    // E + 1
+  MatrixView<float> buffer;       // routed_rows x d, the dispatched tokens
+  MatrixView<float> expert_out;   // routed_rows x d
+  MatrixView<float> saved_pre;    // routed_rows x d_ff
+  MatrixView<float> saved_gate;   // routed_rows x d_ff for kGated, empty for kPlain
+  MatrixView<float> shared_pre;   // num_shared T_max x d_ff_shared (empty if no shared)
+  MatrixView<float> shared_gate;  // same, kGated only
+};
+
+// Minimum rows of the state buffers for a capacity of T tokens.
+struct MoeLayerStateRows {
+  index_t tokens = 0;       // routing rows
+  index_t routed_rows = 0;  // buffer, expert_out, saved_pre, saved_gate
+  index_t shared_rows = 0;  // shared_pre, shared_gate
+};
+
+// The aux losses of a forward, unscaled (each 0 when its coefficient is 0).
+struct MoeAuxLosses {
+  double switch_loss = 0.0;
+  double z_loss = 0.0;
+  double total = 0.0;  // switch_coeff * switch_loss + z_coeff * z_loss
+};
+
+template <MoeSpecType S>
+class MoeLayer {
+ public:
+  static constexpr int kExperts = S::num_experts;
+  static constexpr int kTopK = S::top_k;
+
+  // Rejects a configuration the layer cannot run (naming the field and value).
+  explicit MoeLayer(const MoeLayerConfig& config)
+      : config_(validated(config)),
+        router_(config.router),
+        ffn_(ExpertFfnConfig{config.d_model, config.d_ff, config.kind, config.activation,
+                             config.threading}),
+        shared_ffn_(ExpertFfnConfig{config.d_model, shared_width(config), config.kind,
+                                    config.activation, FfnThreading::kInsideGemm}) {}
+
+  const MoeLayerConfig& config() const { return config_; }
+  const Router<S>& router() const { return router_; }
+  bool gated() const { return config_.kind == FfnKind::kGated; }
+  index_t d_ff_shared() const { return shared_width(config_); }
+
+  // Rows of the expert-major buffer for T tokens, at most: T K, or E times
+  // the expert capacity when that is smaller.
+  index_t routed_rows(index_t tokens) const {
+    MOEKIT_CHECK_GE(tokens, 0);
+    return std::min(tokens * kTopK, index_t{kExperts} * router_.capacity(tokens));
+  }
+
+  MoeLayerStateRows state_rows(index_t tokens) const {
+    return {tokens, routed_rows(tokens), index_t{config_.num_shared} * tokens};
+  }
+
+  // Bytes of the one workspace forward and backward take for T tokens
+  // (backward's need, which covers forward's). Aligned to 4 bytes.
+  index_t workspace_size(index_t tokens) const {
+    MOEKIT_CHECK_GE(tokens, 0);
+    return layout(tokens, routed_rows(tokens)).total;
+  }
+
+  // y = the layer's output for x (T x d); fills `state` for backward and
+  // `stats` (when not null) with the routing statistics. Returns the aux
+  // losses (unscaled) whose coefficients are on.
+  MoeAuxLosses forward(MatrixView<const float> x, const MoeLayerParams& params,
+                       const MoeLayerState& state, MatrixView<float> y,
+                       RoutingStats<S>* stats = nullptr,
+                       VectorView<std::byte> workspace = {}) const {
+    check_view(x, "x");
+    const index_t tokens = x.rows();
+    const index_t d = config_.d_model;
+    check_shape(x, tokens, d, "x");
+    check_shape(y, tokens, d, "y");
+    check_params(params);
+    check_state(state, tokens);
+    const Layout lay = layout(tokens, routed_rows(tokens));
+    check_workspace(workspace, lay.total);
+
+    const Routing routing = routing_rows(state.routing, tokens);
+    router_.forward(x, params.w_gate, params.gate_bias, params.selection_bias, routing, stats,
+                    region(workspace, lay.main, lay.router_bytes));
+    const VectorView<const index_t> offsets = state.offsets;
+    const index_t n = dispatch_offsets<S>(routing, state.offsets);
+    const MatrixView<float> buffer = state.buffer.middle_rows(0, n);
+    const MatrixView<float> out = state.expert_out.middle_rows(0, n);
+    dispatch<S>(x, routing, offsets, buffer);
+    ffn_.forward(buffer, offsets, params.experts, out, state.saved_pre.middle_rows(0, n),
+                 gated() ? state.saved_gate.middle_rows(0, n) : MatrixView<float>(),
+                 region(workspace, lay.main, ffn_.workspace_size(n)));
+    combine<S>(out, routing, offsets, y);
+
+    if (config_.num_shared > 0) {
+      const std::array<index_t, 2> all = {0, tokens};
+      const VectorView<const index_t> all_view(all.data(), 2);
+      const MatrixView<float> tmp(floats(workspace, lay.main), tokens, d);
+      const VectorView<std::byte> ws =
+          region(workspace, lay.main + lay.token_bytes, shared_ffn_.workspace_size(tokens));
+      for (int i = 0; i < config_.num_shared; ++i) {
+        shared_ffn_.forward(
+            x, all_view, shared_weights(params.shared, i), tmp,
+            shared_block(state.shared_pre, i, tokens),
+            gated() ? shared_block(state.shared_gate, i, tokens) : MatrixView<float>(), ws);
+        as_eigen(y) += as_eigen(MatrixView<const float>(tmp));
+      }
+    }
+
+    MoeAuxLosses aux;
+    if (config_.switch_coeff != 0.0f) {
+      aux.switch_loss = switch_loss<S>(config_.router.gating.rule, routing, config_.switch_options,
+                                       config_.switch_coeff);
+    }
+    if (config_.z_coeff != 0.0f) aux.z_loss = z_loss<S>(routing, config_.z_coeff);
+    aux.total = static_cast<double>(config_.switch_coeff) * aux.switch_loss +
+                static_cast<double>(config_.z_coeff) * aux.z_loss;
+    return aux;
+  }
+
+  // Gradients of L = f(y) + switch_coeff L_switch + z_coeff L_z given
+  // dy = df/dy (T x d) and the x, params and state of the forward. dx (T x d) or empty; grads: see
+  // MoeLayerGrads.
+  void backward(MatrixView<const float> dy, MatrixView<const float> x, const MoeLayerParams& params,
+                const MoeLayerState& state, const MoeLayerGrads& grads, MatrixView<float> dx,
+                VectorView<std::byte> workspace = {}) const {
+    check_view(dy, "dy");
+    const index_t tokens = dy.rows();
+    const index_t d = config_.d_model;
+    check_shape(dy, tokens, d, "dy");
+    check_shape(x, tokens, d, "x");
+    if (!dx.empty()) check_shape(dx, tokens, d, "dx");
+    check_params(params);
+    check_grads(grads, params);
+    check_state(state, tokens);
+    const Routing routing = routing_rows(state.routing, tokens);
+    const VectorView<const index_t> offsets = state.offsets;
+    const index_t n = detail::check_dispatch_args<S>(routing, tokens, offsets);
+    check_distinct_ids(routing.expert_ids);
+    MOEKIT_CHECK(n <= routed_rows(tokens), Errc::kShapeMismatch, "offsets[", kExperts, "] = ", n,
+                 " exceeds routed_rows(", tokens, ") = ", routed_rows(tokens));
+    const Layout lay = layout(tokens, routed_rows(tokens));
+    check_workspace(workspace, lay.total);
+
+    const bool acc = grads.accumulate;
+    const bool want_dx = !dx.empty();
+    const bool want_router = want_dx || !grads.dw_gate.empty() || !grads.dgate_bias.empty();
+    const bool want_expert_w = !grads.dw1.empty() || !grads.dw3.empty() || !grads.dw2.empty();
+    const bool want_d_out = want_dx || want_expert_w;
+
+    const MatrixView<float> dweights(floats(workspace, lay.dweights), tokens, kTopK);
+    const MatrixView<float> dlogits(floats(workspace, lay.dlogits), tokens, kExperts);
+    const MatrixView<float> d_out(floats(workspace, lay.main), n, d);
+    const MatrixView<float> d_buffer(floats(workspace, lay.main + lay.routed_bytes), n, d);
+    const MatrixView<const float> buffer = state.buffer.middle_rows(0, n);
+    const MatrixView<const float> out = state.expert_out.middle_rows(0, n);
+
+    // Routed experts.
+    if (want_d_out || want_router) {
+      combine_backward<S>(dy, out, routing, offsets, want_d_out ? d_out : MatrixView<float>(),
+                          want_router ? dweights : MatrixView<float>());
+    }
+    if (want_d_out) {
+      ffn_.backward(MatrixView<const float>(d_out), buffer, offsets, params.experts,
+                    state.saved_pre.middle_rows(0, n),
+                    gated() ? MatrixView<const float>(state.saved_gate.middle_rows(0, n))
+                            : MatrixView<const float>(),
+                    want_dx ? d_buffer : MatrixView<float>(),
+                    ExpertGrads{grads.dw1, grads.dw3, grads.dw2, acc},
+                    region(workspace, lay.main + 2 * lay.routed_bytes, ffn_.workspace_size(n)));
+    }
+    if (want_dx) dispatch_backward<S>(MatrixView<const float>(d_buffer), routing, offsets, dx, acc);
+
+    // Router: gate, aux losses, logits.
+    if (want_router) {
+      router_.backward_gate(routing, MatrixView<const float>(dweights), dlogits);
+      if (config_.switch_coeff != 0.0f) {
+        switch_loss<S>(config_.router.gating.rule, routing, config_.switch_options,
+                       config_.switch_coeff, dlogits);
+      }
+      if (config_.z_coeff != 0.0f) z_loss<S>(routing, config_.z_coeff, dlogits);
+      const VectorView<std::byte> ws = region(workspace, lay.main, lay.router_bytes);
+      const MatrixView<const float> g = dlogits;
+      if (want_dx) {
+        router_.backward_logits(x, params.w_gate, g, RouterGrads{dx, {}, {}, true}, ws);
+      }
+      if (!grads.dw_gate.empty() || !grads.dgate_bias.empty()) {
+        router_.backward_logits(x, params.w_gate, g,
+                                RouterGrads{{}, grads.dw_gate, grads.dgate_bias, acc}, ws);
+      }
+    }
+
+    // Shared experts: dy reaches each unchanged.
+    const bool want_shared_w =
+        !grads.shared_dw1.empty() || !grads.shared_dw3.empty() || !grads.shared_dw2.empty();
+    if (config_.num_shared > 0 && (want_dx || want_shared_w)) {
+      const std::array<index_t, 2> all = {0, tokens};
+      const VectorView<const index_t> all_view(all.data(), 2);
+      const MatrixView<float> tmp(floats(workspace, lay.main), tokens, d);
+      const VectorView<std::byte> ws =
+          region(workspace, lay.main + lay.token_bytes, shared_ffn_.workspace_size(tokens));
+      const index_t fs = d_ff_shared();
+      for (int i = 0; i < config_.num_shared; ++i) {
+        const ExpertGrads g{shared_grad(grads.shared_dw1, i, fs),
+                            shared_grad(grads.shared_dw3, i, fs),
+                            shared_grad(grads.shared_dw2, i, d), acc};
+        shared_ffn_.backward(
+            dy, x, all_view, shared_weights(params.shared, i),
+            shared_block(state.shared_pre, i, tokens),
+            gated() ? MatrixView<const float>(shared_block(state.shared_gate, i, tokens))
+                    : MatrixView<const float>(),
+            want_dx ? tmp : MatrixView<float>(), g, ws);
+        if (want_dx) as_eigen(dx) += as_eigen(MatrixView<const float>(tmp));
+      }
+    }
+  }
+
+ private:
+  // Byte offsets of the workspace regions (each a multiple of 64 bytes).
+  //   [dweights T K][dlogits T E][main: the largest of
+  //     routed backward: d_out, d_buffer (N x d each), FFN workspace (N)
+  //     router workspace
+  //     shared: a T x d temporary, shared FFN workspace (T)]
+  // Forward uses main only.
+  struct Layout {
+    index_t dweights = 0, dlogits = 0, main = 0;
+    index_t routed_bytes = 0, token_bytes = 0, router_bytes = 0;
+    index_t total = 0;
+  };
+
+  static index_t round_bytes(index_t bytes) { return (bytes + 63) / 64 * 64; }
+  static index_t float_bytes(index_t count) { return round_bytes(count * index_t{sizeof(float)}); }
+
+  Layout layout(index_t tokens, index_t rows) const {
+    const index_t d = config_.d_model;
+    Layout l;
+    l.dweights = 0;
+    l.dlogits = float_bytes(tokens * kTopK);
+    l.main = l.dlogits + float_bytes(tokens * kExperts);
+    l.routed_bytes = float_bytes(rows * d);
+    l.token_bytes = float_bytes(tokens * d);
+    l.router_bytes = round_bytes(router_.workspace_size(tokens, d));
+    index_t main =
+        std::max(2 * l.routed_bytes + round_bytes(ffn_.workspace_size(rows)), l.router_bytes);
+    if (config_.num_shared > 0) {
+      main = std::max(main, l.token_bytes + round_bytes(shared_ffn_.workspace_size(tokens)));
+    }
+    l.total = l.main + main;
+    return l;
+  }
+
+  static float* floats(VectorView<std::byte> workspace, index_t offset) {
+    return workspace.data() == nullptr ? nullptr
+                                       : reinterpret_cast<float*>(workspace.data() + offset);
+  }
+  static VectorView<std::byte> region(VectorView<std::byte> workspace, index_t offset,
+                                      index_t bytes) {
+    if (bytes == 0) return {};
+    return VectorView<std::byte>(workspace.data() + offset, bytes);
+  }
+
+  static index_t shared_width(const MoeLayerConfig& c) {
+    return c.d_ff_shared > 0 ? c.d_ff_shared : c.d_ff;
+  }
+
+  static const MoeLayerConfig& validated(const MoeLayerConfig& c) {
+    MOEKIT_CHECK_ARG(c.num_shared >= 0, "config.num_shared = ", c.num_shared,
+                     " must be non-negative");
+    MOEKIT_CHECK_ARG(c.d_ff_shared >= 0, "config.d_ff_shared = ", c.d_ff_shared,
+                     " must be non-negative (0 = d_ff)");
+    MOEKIT_CHECK_ARG(std::isfinite(c.switch_coeff) && c.switch_coeff >= 0.0f,
+                     "config.switch_coeff = ", c.switch_coeff, " must be finite and non-negative");
+    MOEKIT_CHECK_ARG(std::isfinite(c.z_coeff) && c.z_coeff >= 0.0f, "config.z_coeff = ", c.z_coeff,
+                     " must be finite and non-negative");
+    MOEKIT_CHECK_ARG(
+        c.switch_options.normalization == SwitchNormalization::kTokensTimesK ||
+            c.switch_options.normalization == SwitchNormalization::kTokens,
+        "config.switch_options.normalization = ", static_cast<int>(c.switch_options.normalization),
+        " is not a SwitchNormalization");
+    return c;  // d_model, d_ff, kind, activation, threading, router: the parts' constructors
+  }
+
+  // The first `tokens` rows of a routing.
+  static Routing routing_rows(const Routing& r, index_t tokens) {
+    return {r.logits.middle_rows(0, tokens), r.scores.middle_rows(0, tokens),
+            r.expert_ids.middle_rows(0, tokens), r.weights.middle_rows(0, tokens),
+            r.positions.middle_rows(0, tokens)};
+  }
+
+  static MatrixView<float> shared_block(MatrixView<float> m, int i, index_t tokens) {
+    return m.middle_rows(i * tokens, tokens);
+  }
+  static MatrixView<float> shared_grad(MatrixView<float> m, int i, index_t rows) {
+    return m.empty() ? MatrixView<float>() : m.middle_rows(i * rows, rows);
+  }
+  ExpertWeights shared_weights(const ExpertWeights& w, int i) const {
+    const index_t fs = d_ff_shared(), d = config_.d_model;
+    return {w.w1.middle_rows(i * fs, fs),
+            gated() ? w.w3.middle_rows(i * fs, fs) : MatrixView<const float>(),
+            w.w2.middle_rows(i * d, d)};
+  }
+
+  template <class T>
+  static void check_absent(MatrixView<T> v, const char* name) {
+    MOEKIT_CHECK(v.empty(), Errc::kInvalidArgument, name, " is ", v.rows(), " x ", v.cols(),
+                 " but must be empty (FfnKind::kPlain, or num_shared = 0)");
+  }
+
+  // An expert weight (or gradient) view of `count` experts: required when
+  // `required`, else it must be empty.
+  template <class T>
+  static void check_part(MatrixView<T> v, bool required, index_t rows, index_t cols,
+                         const char* name) {
+    if (required) {
+      check_shape(v, rows, cols, name);
+    } else {
+      check_absent(v, name);
+    }
+  }
+
+  void check_params(const MoeLayerParams& p) const {
+    const index_t d = config_.d_model, f = config_.d_ff, fs = d_ff_shared();
+    const index_t n = config_.num_shared;
+    check_shape(p.w_gate, kExperts, d, "params.w_gate");
+    if (!p.gate_bias.empty()) check_shape(p.gate_bias, kExperts, "params.gate_bias");
+    if (!p.selection_bias.empty()) check_shape(p.selection_bias, kExperts, "params.selection_bias");
+    check_shape(p.experts.w1, kExperts * f, d, "params.experts.w1");
+    check_part(p.experts.w3, gated(), kExperts * f, d, "params.experts.w3");
+    check_shape(p.experts.w2, kExperts * d, f, "params.experts.w2");
+    check_part(p.shared.w1, n > 0, n * fs, d, "params.shared.w1");
+    check_part(p.shared.w3, n > 0 && gated(), n * fs, d, "params.shared.w3");
+    check_part(p.shared.w2, n > 0, n * d, fs, "params.shared.w2");
+  }
+
+  // Gradient views: empty (frozen) or exactly the parameter's shape.
+  void check_grads(const MoeLayerGrads& g, const MoeLayerParams& p) const {
+    const index_t d = config_.d_model, f = config_.d_ff, fs = d_ff_shared();
+    const index_t n = config_.num_shared;
+    if (!g.dw_gate.empty()) check_shape(g.dw_gate, kExperts, d, "grads.dw_gate");
+    if (!g.dgate_bias.empty()) {
+      MOEKIT_CHECK(!p.gate_bias.empty(), Errc::kInvalidArgument,
+                   "grads.dgate_bias is given but params.gate_bias is empty");
+      check_shape(g.dgate_bias, kExperts, "grads.dgate_bias");
+    }
+    if (!g.dw1.empty()) check_shape(g.dw1, kExperts * f, d, "grads.dw1");
+    if (!g.dw3.empty()) check_part(g.dw3, gated(), kExperts * f, d, "grads.dw3");
+    if (!g.dw2.empty()) check_shape(g.dw2, kExperts * d, f, "grads.dw2");
+    if (!g.shared_dw1.empty()) check_part(g.shared_dw1, n > 0, n * fs, d, "grads.shared_dw1");
+    if (!g.shared_dw3.empty()) {
+      check_part(g.shared_dw3, n > 0 && gated(), n * fs, d, "grads.shared_dw3");
+    }
+    if (!g.shared_dw2.empty()) check_part(g.shared_dw2, n > 0, n * d, fs, "grads.shared_dw2");
+  }
+
+  template <class T>
+  static void check_rows(MatrixView<T> v, index_t rows, index_t cols, const char* name) {
+    check_view(v, name);
+    MOEKIT_CHECK(v.cols() == cols, Errc::kShapeMismatch, name, " has ", v.cols(),
+                 " columns, expected ", cols);
+    MOEKIT_CHECK(v.rows() >= rows, Errc::kShapeMismatch, name, " has ", v.rows(),
+                 " rows, fewer than the ", rows, " this batch needs");
+  }
+
+  void check_state(const MoeLayerState& s, index_t tokens) const {
+    const MoeLayerStateRows need = state_rows(tokens);
+    const index_t d = config_.d_model, f = config_.d_ff, fs = d_ff_shared();
+    const index_t cap = s.routing.logits.rows();
+    MOEKIT_CHECK(tokens <= cap, Errc::kShapeMismatch, "T = ", tokens,
+                 " exceeds the state's capacity state.routing.logits.rows() = ", cap);
+    check_rows(s.routing.logits, tokens, kExperts, "state.routing.logits");
+    check_rows(s.routing.scores, tokens, kExperts, "state.routing.scores");
+    check_rows(s.routing.expert_ids, tokens, kTopK, "state.routing.expert_ids");
+    check_rows(s.routing.weights, tokens, kTopK, "state.routing.weights");
+    check_rows(s.routing.positions, tokens, kTopK, "state.routing.positions");
+    check_shape(s.offsets, index_t{kExperts} + 1, "state.offsets");
+    check_rows(s.buffer, need.routed_rows, d, "state.buffer");
+    check_rows(s.expert_out, need.routed_rows, d, "state.expert_out");
+    check_rows(s.saved_pre, need.routed_rows, f, "state.saved_pre");
+    if (gated()) {
+      check_rows(s.saved_gate, need.routed_rows, f, "state.saved_gate");
+    } else {
+      check_absent(s.saved_gate, "state.saved_gate");
+    }
+    if (config_.num_shared > 0) {
+      check_rows(s.shared_pre, need.shared_rows, fs, "state.shared_pre");
+      if (gated()) {
+        check_rows(s.shared_gate, need.shared_rows, fs, "state.shared_gate");
+      } else {
+        check_absent(s.shared_gate, "state.shared_gate");
+      }
+    } else {
+      check_absent(s.shared_pre, "state.shared_pre");
+      check_absent(s.shared_gate, "state.shared_gate");
+    }
+  }
+
+  static void check_workspace(VectorView<std::byte> workspace, index_t need) {
+    check_view(workspace, "workspace");
+    MOEKIT_CHECK(workspace.size() >= need, Errc::kShapeMismatch, "workspace has ", workspace.size(),
+                 " bytes, workspace_size() = ", need);
+    MOEKIT_CHECK(reinterpret_cast<std::uintptr_t>(workspace.data()) % alignof(float) == 0,
+                 Errc::kInvalidArgument, "workspace is not aligned to ", alignof(float), " bytes");
+  }
+
+  static void check_distinct_ids(MatrixView<const std::int32_t> ids) {
+    for (index_t t = 0; t < ids.rows(); ++t) {
+      for (int k = 1; k < kTopK; ++k) {
+        for (int j = 0; j < k; ++j) {
+          MOEKIT_CHECK(ids(t, k) != ids(t, j), Errc::kInvalidArgument,
+                       "state.routing.expert_ids row ", t, " repeats expert ", ids(t, k));
+        }
+      }
+    }
+  }
+
+  MoeLayerConfig config_;
+  Router<S> router_;
+  ExpertFfn<S> ffn_;
+  ExpertFfn<MoeSpec<1, 1>> shared_ffn_;  // one shared expert at a time, on all tokens
+};
+
+// Owning storage for a layer's state and workspace up to `max_tokens`
+// (allocated here, once; the views stay valid while this object lives).
+template <MoeSpecType S>
+class MoeLayerStorage {
+ public:
+  MoeLayerStorage(const MoeLayer<S>& layer, index_t max_tokens) {
+    constexpr int E = S::num_experts, K = S::top_k;
+    const MoeLayerConfig& c = layer.config();
+    const MoeLayerStateRows rows = layer.state_rows(max_tokens);
+    const index_t d = c.d_model, f = c.d_ff, fs = layer.d_ff_shared();
+    const bool gated = layer.gated();
+    const auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
+    logits_.resize(sz(max_tokens * E));
+    scores_.resize(sz(max_tokens * E));
+    weights_.resize(sz(max_tokens * K));
+    ids_.resize(sz(max_tokens * K));
+    positions_.resize(sz(max_tokens * K));
+    offsets_.resize(sz(E + 1));
+    buffer_.resize(sz(rows.routed_rows * d));
+    expert_out_.resize(sz(rows.routed_rows * d));
+    saved_pre_.resize(sz(rows.routed_rows * f));
+    saved_gate_.resize(gated ? sz(rows.routed_rows * f) : 0);
+    shared_pre_.resize(sz(rows.shared_rows * fs));
+    shared_gate_.resize(gated ? sz(rows.shared_rows * fs) : 0);
+    workspace_.resize(sz(layer.workspace_size(max_tokens) / index_t{sizeof(float)} + 1));
+    const index_t shared_r = c.num_shared > 0 ? rows.shared_rows : 0;
+    state_.routing = {{logits_.data(), max_tokens, E},
+                      {scores_.data(), max_tokens, E},
+                      {ids_.data(), max_tokens, K},
+                      {weights_.data(), max_tokens, K},
+                      {positions_.data(), max_tokens, K}};
+    state_.offsets = {offsets_.data(), E + 1};
+    state_.buffer = {buffer_.data(), rows.routed_rows, d};
+    state_.expert_out = {expert_out_.data(), rows.routed_rows, d};
+    state_.saved_pre = {saved_pre_.data(), rows.routed_rows, f};
+    state_.saved_gate =
+        gated ? MatrixView<float>(saved_gate_.data(), rows.routed_rows, f) : MatrixView<float>();
+    state_.shared_pre = c.num_shared > 0 ? MatrixView<float>(shared_pre_.data(), shared_r, fs)
+                                         : MatrixView<float>();
+    state_.shared_gate = c.num_shared > 0 && gated
+                             ? MatrixView<float>(shared_gate_.data(), shared_r, fs)
+                             : MatrixView<float>();
+  }
+
+  const MoeLayerState& state() const { return state_; }
+  VectorView<std::byte> workspace() {
+    return {reinterpret_cast<std::byte*>(workspace_.data()),
+            static_cast<index_t>(workspace_.size() * sizeof(float))};
+  }
+
+ private:
+  std::vector<float> logits_, scores_, weights_;
+  std::vector<std::int32_t> ids_, positions_;
+  std::vector<index_t> offsets_;
+  std::vector<float> buffer_, expert_out_, saved_pre_, saved_gate_, shared_pre_, shared_gate_;
+  std::vector<float> workspace_;  // floats, so the bytes are 4-byte aligned
+  MoeLayerState state_;
+};
+
+}  // namespace cpu
+MOEKIT_NAMESPACE_END

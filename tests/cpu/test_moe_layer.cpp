@@ -1,0 +1,662 @@
+// MoeLayer (moekit/nn/moe_layer.hpp): forward against a float64 per-token
+// reference written here (routing by routing_reference.hpp's ref_gate, FFNs
+// by the textbook formulas), backward against central finite differences of
+// L = <y, G> + switch_coeff L_switch + z_coeff L_z through that reference;
+// determinism, empty experts, T = 0, frozen parts and bad input.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "expect_error.hpp"
+#include "moekit/nn/moe_layer.hpp"
+#include "routing_reference.hpp"
+
+namespace {
+
+using moekit::Activation;
+using moekit::Errc;
+using moekit::FfnKind;
+using moekit::index_t;
+using moekit::MatrixView;
+using moekit::MoeSpec;
+using moekit::VectorView;
+using moekit::cpu::MoeLayer;
+using moekit::cpu::MoeLayerConfig;
+using moekit::cpu::MoeLayerGrads;
+using moekit::cpu::MoeLayerParams;
+using moekit::cpu::MoeLayerState;
+using moekit::cpu::MoeLayerStorage;
+using moekit_test::expect_error;
+using moekit_test::ref_gate;
+using moekit_test::rel_error;
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+double act64(Activation a, double x) {
+  const double pi = 3.14159265358979323846;
+  switch (a) {
+    case Activation::kRelu:
+      return x > 0 ? x : 0.0;
+    case Activation::kGeluTanh:
+      return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / pi) * (x + 0.044715 * x * x * x)));
+    case Activation::kGeluErf:
+      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
+    case Activation::kSilu:
+      return x / (1.0 + std::exp(-x));
+  }
+  return std::nan("");
+}
+
+std::vector<double> to64(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+// All parameters and inputs of one problem, float (for the layer) and the
+// problem's sizes.
+struct Problem {
+  int E = 0, K = 0, n_shared = 0;
+  index_t T = 0, d = 0, f = 0, fs = 0;
+  bool gated = false;
+  std::vector<float> x, wg, bg, w1, w3, w2, s1, s3, s2, G;
+};
+
+// Float64 copy of a Problem's parameters: what finite differences perturb.
+struct Params64 {
+  std::vector<double> x, wg, bg, w1, w3, w2, s1, s3, s2;
+  explicit Params64(const Problem& p)
+      : x(to64(p.x)),
+        wg(to64(p.wg)),
+        bg(to64(p.bg)),
+        w1(to64(p.w1)),
+        w3(to64(p.w3)),
+        w2(to64(p.w2)),
+        s1(to64(p.s1)),
+        s3(to64(p.s3)),
+        s2(to64(p.s2)) {}
+};
+
+// out += scale * FFN(x) for one expert: W1, W3 f x d (W3 null when plain), W2 d x f.
+void ffn64(const double* x, const double* W1, const double* W3, const double* W2, index_t d,
+           index_t f, Activation act, double scale, double* out) {
+  std::vector<double> h(static_cast<std::size_t>(f));
+  for (index_t j = 0; j < f; ++j) {
+    double a = 0, g = 0;
+    for (index_t i = 0; i < d; ++i) {
+      a += W1[j * d + i] * x[i];
+      if (W3 != nullptr) g += W3[j * d + i] * x[i];
+    }
+    h[j] = act64(act, a) * (W3 != nullptr ? g : 1.0);
+  }
+  for (index_t i = 0; i < d; ++i) {
+    double s = 0;
+    for (index_t j = 0; j < f; ++j) s += W2[i * f + j] * h[j];
+    out[i] += scale * s;
+  }
+}
+
+struct Ref {
+  std::vector<double> y;
+  std::vector<int> ids;
+  double switch_loss = 0, z_loss = 0;
+};
+
+// Reference forward. Routing from logits by ref_gate; `kept` (T x K, from
+// the layer's positions) says which slots survived capacity.
+Ref ref_forward(const Problem& p, const MoeLayerConfig& c, const Params64& q,
+                const std::vector<std::int32_t>& positions) {
+  const index_t T = p.T, d = p.d;
+  const int E = p.E, K = p.K;
+  Ref r;
+  r.y.assign(static_cast<std::size_t>(T * d), 0.0);
+  std::vector<double> count(E, 0.0), P(E, 0.0);
+  for (index_t t = 0; t < T; ++t) {
+    std::vector<double> logits(E);
+    for (int e = 0; e < E; ++e) {
+      double s = q.bg.empty() ? 0.0 : q.bg[e];
+      for (index_t i = 0; i < d; ++i) s += q.wg[e * d + i] * q.x[t * d + i];
+      logits[e] = s;
+    }
+    const moekit_test::RefRoute route = ref_gate(logits, nullptr, c.router.gating, K);
+    double m = -moekit_test::kInf;
+    for (double v : logits) m = std::max(m, v);
+    double z = 0;
+    for (double v : logits) z += std::exp(v - m);
+    const double lse = m + std::log(z);
+    r.z_loss += lse * lse / static_cast<double>(T);
+    for (int e = 0; e < E; ++e) P[e] += route.scores[e] / static_cast<double>(T);
+    const double* xt = &q.x[t * d];
+    double* yt = &r.y[t * d];
+    for (int k = 0; k < K; ++k) {
+      const int e = route.ids[k];
+      r.ids.push_back(e);
+      count[e] += 1.0;
+      if (positions[t * K + k] < 0) continue;
+      ffn64(xt, &q.w1[e * p.f * d], p.gated ? &q.w3[e * p.f * d] : nullptr, &q.w2[e * d * p.f], d,
+            p.f, c.activation, route.weights[k], yt);
+    }
+    for (int s = 0; s < p.n_shared; ++s) {
+      ffn64(xt, &q.s1[s * p.fs * d], p.gated ? &q.s3[s * p.fs * d] : nullptr, &q.s2[s * d * p.fs],
+            d, p.fs, c.activation, 1.0, yt);
+    }
+  }
+  for (int e = 0; e < E; ++e) {
+    r.switch_loss += E * (count[e] / static_cast<double>(T * K)) * P[e];
+  }
+  return r;
+}
+
+double ref_loss(const Problem& p, const MoeLayerConfig& c, const Params64& q,
+                const std::vector<std::int32_t>& positions) {
+  const Ref r = ref_forward(p, c, q, positions);
+  double l = c.switch_coeff * r.switch_loss + c.z_coeff * r.z_loss;
+  for (std::size_t i = 0; i < r.y.size(); ++i) l += r.y[i] * p.G[i];
+  return l;
+}
+
+std::vector<float> randn(std::mt19937& rng, index_t n, float scale) {
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(static_cast<std::size_t>(n));
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// A random problem whose tokens sit at least `gap` away from a top-K flip
+// (selection keys are the logits: kSoftmaxTopK without selection bias).
+Problem make_problem(const MoeLayerConfig& c, int E, int K, index_t T, unsigned seed,
+                     bool bias = true) {
+  std::mt19937 rng(seed);
+  Problem p;
+  p.E = E;
+  p.K = K;
+  p.T = T;
+  p.d = c.d_model;
+  p.f = c.d_ff;
+  p.fs = c.d_ff_shared > 0 ? c.d_ff_shared : c.d_ff;
+  p.n_shared = c.num_shared;
+  p.gated = c.kind == FfnKind::kGated;
+  const index_t d = p.d;
+  p.wg = randn(rng, E * d, 1.0f);
+  if (bias) p.bg = randn(rng, E, 0.5f);
+  const float sw = 1.0f / std::sqrt(static_cast<float>(d));
+  p.w1 = randn(rng, E * p.f * d, sw);
+  if (p.gated) p.w3 = randn(rng, E * p.f * d, sw);
+  p.w2 = randn(rng, E * d * p.f, 1.0f / std::sqrt(static_cast<float>(p.f)));
+  if (p.n_shared > 0) {
+    p.s1 = randn(rng, p.n_shared * p.fs * d, sw);
+    if (p.gated) p.s3 = randn(rng, p.n_shared * p.fs * d, sw);
+    p.s2 = randn(rng, p.n_shared * d * p.fs, 1.0f / std::sqrt(static_cast<float>(p.fs)));
+  }
+  p.G = randn(rng, T * d, 1.0f);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  p.x.resize(static_cast<std::size_t>(T * d));
+  for (index_t t = 0; t < T; ++t) {
+    for (int attempt = 0;; ++attempt) {
+      for (index_t i = 0; i < d; ++i) p.x[t * d + i] = dist(rng);
+      if (K == E) break;
+      std::vector<double> l(E);
+      for (int e = 0; e < E; ++e) {
+        double s = p.bg.empty() ? 0.0 : p.bg[e];
+        for (index_t i = 0; i < d; ++i) s += double{p.wg[e * d + i]} * p.x[t * d + i];
+        l[e] = s;
+      }
+      std::sort(l.begin(), l.end(), std::greater<>());
+      if (l[K - 1] - l[K] > 0.2 || attempt > 1000) break;
+    }
+  }
+  return p;
+}
+
+MoeLayerParams params_of(const Problem& p, const MoeLayerConfig& c) {
+  const index_t d = p.d, E = p.E, n = p.n_shared;
+  MoeLayerParams prm;
+  prm.w_gate = {p.wg.data(), E, d};
+  if (!p.bg.empty()) prm.gate_bias = {p.bg.data(), E};
+  prm.experts.w1 = {p.w1.data(), E * p.f, d};
+  if (p.gated) prm.experts.w3 = {p.w3.data(), E * p.f, d};
+  prm.experts.w2 = {p.w2.data(), E * d, p.f};
+  if (n > 0) {
+    prm.shared.w1 = {p.s1.data(), n * p.fs, d};
+    if (p.gated) prm.shared.w3 = {p.s3.data(), n * p.fs, d};
+    prm.shared.w2 = {p.s2.data(), n * d, p.fs};
+  }
+  (void)c;
+  return prm;
+}
+
+// Gradient buffers of a Problem, poisoned.
+struct Grads {
+  std::vector<float> dx, dwg, dbg, dw1, dw3, dw2, ds1, ds3, ds2;
+  explicit Grads(const Problem& p)
+      : dx(p.x.size(), kNaN),
+        dwg(p.wg.size(), kNaN),
+        dbg(p.bg.size(), kNaN),
+        dw1(p.w1.size(), kNaN),
+        dw3(p.w3.size(), kNaN),
+        dw2(p.w2.size(), kNaN),
+        ds1(p.s1.size(), kNaN),
+        ds3(p.s3.size(), kNaN),
+        ds2(p.s2.size(), kNaN) {}
+  MoeLayerGrads view(const Problem& p) {
+    const index_t d = p.d, E = p.E, n = p.n_shared;
+    MoeLayerGrads g;
+    g.dw_gate = {dwg.data(), E, d};
+    if (!dbg.empty()) g.dgate_bias = {dbg.data(), E};
+    g.dw1 = {dw1.data(), E * p.f, d};
+    if (p.gated) g.dw3 = {dw3.data(), E * p.f, d};
+    g.dw2 = {dw2.data(), E * d, p.f};
+    if (n > 0) {
+      g.shared_dw1 = {ds1.data(), n * p.fs, d};
+      if (p.gated) g.shared_dw3 = {ds3.data(), n * p.fs, d};
+      g.shared_dw2 = {ds2.data(), n * d, p.fs};
+    }
+    return g;
+  }
+  MatrixView<float> dx_view(const Problem& p) { return {dx.data(), p.T, p.d}; }
+};
+
+MoeLayerConfig make_config(FfnKind kind, Activation act, int n_shared, double capacity,
+                           index_t d = 16, index_t f = 24, index_t fs = 0) {
+  MoeLayerConfig c;
+  c.d_model = d;
+  c.d_ff = f;
+  c.kind = kind;
+  c.activation = act;
+  c.num_shared = n_shared;
+  c.d_ff_shared = fs;
+  c.router.capacity.factor = capacity;
+  return c;
+}
+
+template <class S>
+std::vector<std::int32_t> positions_of(const MoeLayerStorage<S>& st, index_t T) {
+  const auto& pos = st.state().routing.positions;
+  return {pos.data(), pos.data() + T * S::top_k};
+}
+
+// ---- forward ----------------------------------------------------------------
+
+template <class S>
+void check_forward(const MoeLayerConfig& c, index_t T, unsigned seed, bool expect_drops) {
+  constexpr int E = S::num_experts, K = S::top_k;
+  const MoeLayer<S> layer(c);
+  const Problem p = make_problem(c, E, K, T, seed);
+  MoeLayerStorage<S> st(layer, T + 3);  // capacity above T: leading rows used
+  std::vector<float> y(p.x.size(), kNaN);
+  moekit::cpu::RoutingStats<S> stats;
+  layer.forward({p.x.data(), T, p.d}, params_of(p, c), st.state(), {y.data(), T, p.d}, &stats,
+                st.workspace());
+  const std::vector<std::int32_t> pos = positions_of(st, T);
+  const Ref r = ref_forward(p, c, Params64(p), pos);
+  const auto& ids = st.state().routing.expert_ids;
+  for (index_t i = 0; i < T * K; ++i) ASSERT_EQ(ids.data()[i], r.ids[i]) << "slot " << i;
+  const double err = rel_error(to64(y), r.y);
+  EXPECT_LT(err, 1e-6) << "E=" << E << " K=" << K << " shared=" << c.num_shared;
+  EXPECT_EQ(stats.dropped > 0, expect_drops) << stats.dropped;
+  std::printf("[ forward ] E=%d K=%d %s shared=%d drops=%lld rel err %.3g\n", E, K,
+              c.kind == FfnKind::kGated ? "gated" : "plain", c.num_shared,
+              static_cast<long long>(stats.dropped), err);
+}
+
+TEST(MoeLayer, ForwardMatchesFloat64Reference) {
+  for (FfnKind kind : {FfnKind::kPlain, FfnKind::kGated}) {
+    const Activation act = kind == FfnKind::kGated ? Activation::kSilu : Activation::kGeluTanh;
+    for (int shared : {0, 2}) {
+      check_forward<MoeSpec<8, 2>>(make_config(kind, act, shared, 0.0, 16, 24, 20), 50, 1, false);
+      check_forward<MoeSpec<8, 2>>(make_config(kind, act, shared, 0.75, 32, 48), 50, 2, true);
+      check_forward<MoeSpec<16, 4>>(make_config(kind, act, shared, 0.0, 16, 24), 50, 3, false);
+      check_forward<MoeSpec<16, 4>>(make_config(kind, act, shared, 0.5, 16, 24), 50, 4, true);
+      check_forward<MoeSpec<1, 1>>(make_config(kind, act, shared, 0.0, 16, 24), 50, 5, false);
+      check_forward<MoeSpec<1, 1>>(make_config(kind, act, shared, 0.5, 16, 24), 50, 6, true);
+    }
+  }
+}
+
+TEST(MoeLayer, ForwardReturnsAuxLosses) {
+  using S = MoeSpec<8, 2>;
+  MoeLayerConfig c = make_config(FfnKind::kPlain, Activation::kGeluTanh, 0, 0.0);
+  c.switch_coeff = 0.01f;
+  c.z_coeff = 0.001f;
+  const MoeLayer<S> layer(c);
+  const Problem p = make_problem(c, 8, 2, 40, 11);
+  MoeLayerStorage<S> st(layer, 40);
+  std::vector<float> y(p.x.size(), kNaN);
+  const auto aux = layer.forward({p.x.data(), 40, p.d}, params_of(p, c), st.state(),
+                                 {y.data(), 40, p.d}, nullptr, st.workspace());
+  const Ref r = ref_forward(p, c, Params64(p), positions_of(st, 40));
+  EXPECT_NEAR(aux.switch_loss, r.switch_loss, 1e-5 * r.switch_loss);
+  EXPECT_NEAR(aux.z_loss, r.z_loss, 1e-5 * r.z_loss);
+  EXPECT_DOUBLE_EQ(aux.total, 0.01f * aux.switch_loss + 0.001f * aux.z_loss);
+}
+
+// ---- backward vs finite differences ------------------------------------------
+
+double fd_error(const Problem& p, const MoeLayerConfig& c, const std::vector<std::int32_t>& pos,
+                Params64& q, std::vector<double> Params64::*member, const std::vector<float>& got,
+                const char* what) {
+  std::vector<double>& v = q.*member;
+  std::vector<double> fd(v.size());
+  const double h = 1e-4;
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    const double keep = v[i];
+    v[i] = keep + h;
+    const double lp = ref_loss(p, c, q, pos);
+    v[i] = keep - h;
+    const double lm = ref_loss(p, c, q, pos);
+    v[i] = keep;
+    fd[i] = (lp - lm) / (2 * h);
+  }
+  const double err = rel_error(to64(got), fd);
+  EXPECT_LT(err, 1e-5) << what;
+  return err;
+}
+
+template <class S>
+void check_backward(const MoeLayerConfig& c, index_t T, unsigned seed) {
+  constexpr int E = S::num_experts, K = S::top_k;
+  const MoeLayer<S> layer(c);
+  const Problem p = make_problem(c, E, K, T, seed);
+  MoeLayerStorage<S> st(layer, T);
+  const MoeLayerParams prm = params_of(p, c);
+  std::vector<float> y(p.x.size(), kNaN);
+  const MatrixView<const float> x(p.x.data(), T, p.d);
+  layer.forward(x, prm, st.state(), {y.data(), T, p.d}, nullptr, st.workspace());
+  Grads g(p);
+  layer.backward({p.G.data(), T, p.d}, x, prm, st.state(), g.view(p), g.dx_view(p), st.workspace());
+  const std::vector<std::int32_t> pos = positions_of(st, T);
+  Params64 q(p);
+  const Ref r = ref_forward(p, c, q, pos);
+  for (index_t i = 0; i < T * K; ++i) ASSERT_EQ(st.state().routing.expert_ids.data()[i], r.ids[i]);
+  double worst = 0;
+  worst = std::max(worst, fd_error(p, c, pos, q, &Params64::x, g.dx, "dx"));
+  worst = std::max(worst, fd_error(p, c, pos, q, &Params64::wg, g.dwg, "dw_gate"));
+  worst = std::max(worst, fd_error(p, c, pos, q, &Params64::bg, g.dbg, "dgate_bias"));
+  worst = std::max(worst, fd_error(p, c, pos, q, &Params64::w1, g.dw1, "dw1"));
+  worst = std::max(worst, fd_error(p, c, pos, q, &Params64::w2, g.dw2, "dw2"));
+  if (p.gated) worst = std::max(worst, fd_error(p, c, pos, q, &Params64::w3, g.dw3, "dw3"));
+  if (p.n_shared > 0) {
+    worst = std::max(worst, fd_error(p, c, pos, q, &Params64::s1, g.ds1, "shared_dw1"));
+    worst = std::max(worst, fd_error(p, c, pos, q, &Params64::s2, g.ds2, "shared_dw2"));
+    if (p.gated)
+      worst = std::max(worst, fd_error(p, c, pos, q, &Params64::s3, g.ds3, "shared_dw3"));
+  }
+  std::printf("[ backward ] E=%d K=%d %s shared=%d cap=%.2f switch=%g z=%g worst rel err %.3g\n", E,
+              K, p.gated ? "gated" : "plain", c.num_shared, c.router.capacity.factor,
+              static_cast<double>(c.switch_coeff), static_cast<double>(c.z_coeff), worst);
+}
+
+TEST(MoeLayer, BackwardMatchesFiniteDifferences) {
+  for (FfnKind kind : {FfnKind::kPlain, FfnKind::kGated}) {
+    const Activation act = kind == FfnKind::kGated ? Activation::kSilu : Activation::kGeluTanh;
+    for (bool aux : {false, true}) {
+      MoeLayerConfig c = make_config(kind, act, 0, 0.0, 8, 12);
+      if (aux) {
+        c.switch_coeff = 0.5f;
+        c.z_coeff = 0.1f;
+      }
+      check_backward<MoeSpec<8, 2>>(c, 20, 21);
+      MoeLayerConfig cs = c;
+      cs.num_shared = 2;
+      cs.d_ff_shared = 10;
+      cs.router.capacity.factor = 0.75;  // drops
+      check_backward<MoeSpec<8, 2>>(cs, 20, 22);
+      check_backward<MoeSpec<4, 4>>(cs, 12, 23);
+      check_backward<MoeSpec<1, 1>>(cs, 12, 24);
+    }
+  }
+}
+
+// ---- determinism, edge cases, frozen parts ---------------------------------------
+
+template <class S>
+std::vector<float> run_all(const MoeLayerConfig& c, const Problem& p, Grads& g) {
+  const MoeLayer<S> layer(c);
+  MoeLayerStorage<S> st(layer, p.T);
+  std::vector<float> y(p.x.size(), kNaN);
+  const MatrixView<const float> x(p.x.data(), p.T, p.d);
+  layer.forward(x, params_of(p, c), st.state(), {y.data(), p.T, p.d}, nullptr, st.workspace());
+  layer.backward({p.G.data(), p.T, p.d}, x, params_of(p, c), st.state(), g.view(p), g.dx_view(p),
+                 st.workspace());
+  return y;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+TEST(MoeLayer, Deterministic) {
+  using S = MoeSpec<16, 4>;
+  MoeLayerConfig c = make_config(FfnKind::kGated, Activation::kSilu, 1, 1.0, 32, 48);
+  c.switch_coeff = 0.01f;
+  c.z_coeff = 0.001f;
+  const Problem p = make_problem(c, 16, 4, 200, 31);
+  Grads a(p), b(p);
+  const std::vector<float> ya = run_all<S>(c, p, a);
+  const std::vector<float> yb = run_all<S>(c, p, b);
+  EXPECT_TRUE(same_bits(ya, yb));
+  EXPECT_TRUE(same_bits(a.dx, b.dx));
+  EXPECT_TRUE(same_bits(a.dwg, b.dwg));
+  EXPECT_TRUE(same_bits(a.dbg, b.dbg));
+  EXPECT_TRUE(same_bits(a.dw1, b.dw1));
+  EXPECT_TRUE(same_bits(a.dw2, b.dw2));
+  EXPECT_TRUE(same_bits(a.dw3, b.dw3));
+  EXPECT_TRUE(same_bits(a.ds1, b.ds1));
+}
+
+TEST(MoeLayer, EmptyExpertsGetZeroGradients) {
+  using S = MoeSpec<8, 2>;
+  const MoeLayerConfig c = make_config(FfnKind::kGated, Activation::kSilu, 0, 0.0);
+  Problem p = make_problem(c, 8, 2, 30, 41);
+  p.bg[6] = p.bg[7] = -100.0f;  // experts 6 and 7 are never picked
+  Grads g(p);
+  const std::vector<float> y = run_all<S>(c, p, g);
+  std::vector<std::int32_t> all_kept(static_cast<std::size_t>(p.T * 2), 0);
+  EXPECT_LT(rel_error(to64(y), ref_forward(p, c, Params64(p), all_kept).y), 1e-6);
+  const std::size_t block = static_cast<std::size_t>(p.f * p.d);
+  for (std::size_t i = 6 * block; i < 8 * block; ++i) {
+    ASSERT_EQ(g.dw1[i], 0.0f);
+    ASSERT_EQ(g.dw3[i], 0.0f);
+    ASSERT_EQ(g.dw2[i], 0.0f);
+  }
+  for (float v : g.dx) ASSERT_TRUE(std::isfinite(v));
+}
+
+TEST(MoeLayer, ZeroTokens) {
+  using S = MoeSpec<8, 2>;
+  const MoeLayerConfig c = make_config(FfnKind::kGated, Activation::kSilu, 1, 1.0);
+  const Problem p = make_problem(c, 8, 2, 0, 51);
+  Grads g(p);
+  const std::vector<float> y = run_all<S>(c, p, g);
+  EXPECT_TRUE(y.empty());
+  for (const auto* v : {&g.dwg, &g.dbg, &g.dw1, &g.dw2, &g.dw3, &g.ds1, &g.ds2, &g.ds3}) {
+    for (float e : *v) ASSERT_EQ(e, 0.0f);  // overwrite mode: a zero gradient
+  }
+}
+
+TEST(MoeLayer, FrozenPartsAreNotTouchedAndDxIsUnchanged) {
+  using S = MoeSpec<8, 2>;
+  MoeLayerConfig c = make_config(FfnKind::kGated, Activation::kSilu, 1, 0.75);
+  c.z_coeff = 0.01f;
+  const Problem p = make_problem(c, 8, 2, 40, 61);
+  Grads full(p);
+  run_all<S>(c, p, full);
+  const MoeLayer<S> layer(c);
+  MoeLayerStorage<S> st(layer, p.T);
+  std::vector<float> y(p.x.size());
+  const MatrixView<const float> x(p.x.data(), p.T, p.d);
+  const MoeLayerParams prm = params_of(p, c);
+  layer.forward(x, prm, st.state(), {y.data(), p.T, p.d}, nullptr, st.workspace());
+  for (int part = 0; part < 4; ++part) {
+    Grads g(p);
+    MoeLayerGrads v = g.view(p);
+    if (part == 0) v.dw_gate = {}, v.dgate_bias = {};   // frozen router
+    if (part == 1) v.dw1 = {}, v.dw2 = {}, v.dw3 = {};  // frozen experts
+    if (part == 2) v.shared_dw1 = {}, v.shared_dw2 = {}, v.shared_dw3 = {};
+    if (part == 3) v = MoeLayerGrads{};  // input gradient only
+    layer.backward({p.G.data(), p.T, p.d}, x, prm, st.state(), v, g.dx_view(p), st.workspace());
+    EXPECT_TRUE(same_bits(g.dx, full.dx)) << part;
+    const auto check = [&](const std::vector<float>& got, const std::vector<float>& ref,
+                           bool frozen, const char* what) {
+      if (frozen) {
+        for (float e : got) ASSERT_TRUE(std::isnan(e)) << what << " written while frozen";
+      } else {
+        EXPECT_TRUE(same_bits(got, ref)) << what << " part " << part;
+      }
+    };
+    check(g.dwg, full.dwg, part == 0 || part == 3, "dw_gate");
+    check(g.dbg, full.dbg, part == 0 || part == 3, "dgate_bias");
+    check(g.dw1, full.dw1, part == 1 || part == 3, "dw1");
+    check(g.dw3, full.dw3, part == 1 || part == 3, "dw3");
+    check(g.dw2, full.dw2, part == 1 || part == 3, "dw2");
+    check(g.ds1, full.ds1, part == 2 || part == 3, "shared_dw1");
+    check(g.ds2, full.ds2, part == 2 || part == 3, "shared_dw2");
+  }
+  // Nothing but the router's weight: dx frozen too.
+  Grads g(p);
+  MoeLayerGrads v;
+  v.dw_gate = g.view(p).dw_gate;
+  layer.backward({p.G.data(), p.T, p.d}, x, prm, st.state(), v, {}, st.workspace());
+  EXPECT_TRUE(same_bits(g.dwg, full.dwg));
+  for (float e : g.dx) ASSERT_TRUE(std::isnan(e));
+}
+
+TEST(MoeLayer, AccumulateAddsToEveryOutput) {
+  using S = MoeSpec<8, 2>;
+  const MoeLayerConfig c = make_config(FfnKind::kPlain, Activation::kGeluTanh, 1, 0.0);
+  const Problem p = make_problem(c, 8, 2, 30, 71);
+  Grads once(p);
+  run_all<S>(c, p, once);
+  const MoeLayer<S> layer(c);
+  MoeLayerStorage<S> st(layer, p.T);
+  std::vector<float> y(p.x.size());
+  const MatrixView<const float> x(p.x.data(), p.T, p.d);
+  layer.forward(x, params_of(p, c), st.state(), {y.data(), p.T, p.d}, nullptr, st.workspace());
+  Grads g = once;  // start from one gradient, add a second
+  MoeLayerGrads v = g.view(p);
+  v.accumulate = true;
+  layer.backward({p.G.data(), p.T, p.d}, x, params_of(p, c), st.state(), v, g.dx_view(p),
+                 st.workspace());
+  const auto twice = [](const std::vector<float>& a) {
+    std::vector<double> r;
+    for (float e : a) r.push_back(2.0 * e);
+    return r;
+  };
+  EXPECT_LT(rel_error(to64(g.dx), twice(once.dx)), 1e-6);
+  EXPECT_LT(rel_error(to64(g.dwg), twice(once.dwg)), 1e-6);
+  EXPECT_LT(rel_error(to64(g.dw1), twice(once.dw1)), 1e-6);
+  EXPECT_LT(rel_error(to64(g.ds2), twice(once.ds2)), 1e-6);
+}
+
+// ---- bad input ---------------------------------------------------------------
+
+TEST(MoeLayer, RejectsBadConfig) {
+  using S = MoeSpec<8, 2>;
+  auto c = make_config(FfnKind::kPlain, Activation::kGeluTanh, -1, 0.0);
+  expect_error([&] { MoeLayer<S>{c}; }, Errc::kInvalidArgument);
+  c = make_config(FfnKind::kPlain, Activation::kGeluTanh, 0, 0.0, 16, 0);
+  expect_error([&] { MoeLayer<S>{c}; }, Errc::kInvalidArgument);
+  c = make_config(FfnKind::kPlain, Activation::kGeluTanh, 0, 0.0);
+  c.z_coeff = -1.0f;
+  expect_error([&] { MoeLayer<S>{c}; }, Errc::kInvalidArgument);
+  c = make_config(FfnKind::kPlain, Activation::kGeluTanh, 0, 0.0);
+  c.router.gating.scaling = 0.0f;
+  expect_error([&] { MoeLayer<S>{c}; }, Errc::kInvalidArgument);
+}
+
+TEST(MoeLayer, RejectsBadInputWithoutWriting) {
+  using S = MoeSpec<8, 2>;
+  const MoeLayerConfig c = make_config(FfnKind::kGated, Activation::kSilu, 1, 0.0);
+  const MoeLayer<S> layer(c);
+  const Problem p = make_problem(c, 8, 2, 20, 81);
+  MoeLayerStorage<S> st(layer, 20);
+  const MoeLayerParams prm = params_of(p, c);
+  const index_t T = p.T, d = p.d;
+  const MatrixView<const float> x(p.x.data(), T, d);
+  std::vector<float> y(p.x.size(), 7.0f);
+  const MatrixView<float> yv(y.data(), T, d);
+  const auto untouched = [&] {
+    for (float e : y) ASSERT_EQ(e, 7.0f);
+  };
+
+  std::string msg = expect_error(
+      [&] {
+        layer.forward({p.x.data(), T, d - 1}, prm, st.state(), yv, nullptr, st.workspace());
+      },
+      Errc::kShapeMismatch);
+  EXPECT_NE(msg.find("x"), std::string::npos) << msg;
+  untouched();
+  MoeLayerStorage<S> small(layer, 10);
+  msg = expect_error([&] { layer.forward(x, prm, small.state(), yv, nullptr, small.workspace()); },
+                     Errc::kShapeMismatch);
+  EXPECT_NE(msg.find("capacity"), std::string::npos) << msg;
+  untouched();
+  MoeLayerParams bad = prm;
+  bad.w_gate = {static_cast<const float*>(nullptr), 8, d};
+  expect_error([&] { layer.forward(x, bad, st.state(), yv, nullptr, st.workspace()); },
+               Errc::kNullPointer);
+  bad = prm;
+  bad.experts.w3 = {};
+  msg = expect_error([&] { layer.forward(x, bad, st.state(), yv, nullptr, st.workspace()); },
+                     Errc::kShapeMismatch);
+  EXPECT_NE(msg.find("params.experts.w3"), std::string::npos) << msg;
+  bad = prm;
+  bad.shared.w2 = {p.s2.data(), d, p.f - 1};
+  msg = expect_error([&] { layer.forward(x, bad, st.state(), yv, nullptr, st.workspace()); },
+                     Errc::kShapeMismatch);
+  EXPECT_NE(msg.find("params.shared.w2"), std::string::npos) << msg;
+  const VectorView<std::byte> ws = st.workspace();
+  expect_error(
+      [&] {
+        layer.forward(x, prm, st.state(), yv, nullptr, {ws.data(), 16});
+      },
+      Errc::kShapeMismatch);
+  untouched();
+
+  // Backward: a good forward first, then bad arguments leave dx alone.
+  layer.forward(x, prm, st.state(), yv, nullptr, st.workspace());
+  Grads g(p);
+  std::fill(g.dx.begin(), g.dx.end(), 5.0f);
+  const auto dx_untouched = [&] {
+    for (float e : g.dx) ASSERT_EQ(e, 5.0f);
+    for (float e : g.dw1) ASSERT_TRUE(std::isnan(e));
+  };
+  const MatrixView<const float> dy(p.G.data(), T, d);
+  MoeLayerGrads gv = g.view(p);
+  gv.dw2 = {g.dw2.data(), 8 * d, p.f + 1};
+  msg = expect_error(
+      [&] { layer.backward(dy, x, prm, st.state(), gv, g.dx_view(p), st.workspace()); },
+      Errc::kShapeMismatch);
+  EXPECT_NE(msg.find("grads.dw2"), std::string::npos) << msg;
+  dx_untouched();
+  MoeLayerParams no_bias = prm;
+  no_bias.gate_bias = {};
+  expect_error(
+      [&] { layer.backward(dy, x, no_bias, st.state(), g.view(p), g.dx_view(p), st.workspace()); },
+      Errc::kInvalidArgument);
+  dx_untouched();
+  expect_error(
+      [&] {
+        layer.backward({p.G.data(), T - 1, d}, {p.x.data(), T - 1, d}, prm, st.state(), g.view(p),
+                       {g.dx.data(), T - 1, d}, st.workspace());
+      },
+      Errc::kInvalidArgument);  // offsets no longer match the routing's rows
+  dx_untouched();
+  const MoeLayerState& s = st.state();
+  const std::int32_t keep_id = s.routing.expert_ids(3, 1), keep_pos = s.routing.positions(3, 1);
+  s.routing.expert_ids(3, 1) = s.routing.expert_ids(3, 0);
+  expect_error([&] { layer.backward(dy, x, prm, s, g.view(p), g.dx_view(p), st.workspace()); },
+               Errc::kInvalidArgument);
+  s.routing.expert_ids(3, 1) = 99;
+  expect_error([&] { layer.backward(dy, x, prm, s, g.view(p), g.dx_view(p), st.workspace()); },
+               Errc::kOutOfRange);
+  s.routing.expert_ids(3, 1) = keep_id;
+  s.routing.positions(3, 1) = keep_pos;
+  dx_untouched();
+  layer.backward(dy, x, prm, s, g.view(p), g.dx_view(p), st.workspace());  // restored: fine
+}
+
+}  // namespace
