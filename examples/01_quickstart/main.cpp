@@ -1,11 +1,11 @@
-// 01_quickstart: the shape of a moekit model and what it costs.
-//
-// Today this example declares the reference configuration from compile-time
-// specs, validates a batch through a view, and prints the parameter budget.
-// Later versions run a real MoE + LoRA forward pass here.
+// 01_quickstart: the shape of a moekit model, what it costs, and a real MoE
+// layer forward pass with its routing statistics. (LoRA adapters and heads
+// join this example when they land.)
 #include <moekit/moekit.hpp>
 
+#include <cmath>
 #include <cstdio>
+#include <random>
 #include <vector>
 
 // [specs]
@@ -63,5 +63,45 @@ int main() {
     std::printf("rejected: %s\n", e.what());
   }
   // [views]
+
+  // [layer]
+  // One MoE layer of the model above: Mixtral-style routing, SwiGLU experts,
+  // a Switch balance loss. Parameters and saved state are caller memory;
+  // MoeLayerStorage owns the state for up to 256 tokens.
+  moekit::cpu::MoeLayerConfig config;
+  config.d_model = kShape.moe.d_model;
+  config.d_ff = kShape.moe.d_ff;
+  config.kind = moekit::FfnKind::kGated;
+  config.activation = moekit::Activation::kSilu;
+  config.router.gating.rule = moekit::GatingRule::kTopKSoftmax;
+  config.switch_coeff = 1e-2f;
+  const moekit::cpu::MoeLayer<Moe> layer(config);
+
+  constexpr moekit::index_t T = 256, d = kShape.moe.d_model, f = kShape.moe.d_ff;
+  constexpr int E = Moe::num_experts;
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.0f, 0.05f);
+  std::vector<float> w_gate(E * d), w1(E * f * d), w3(E * f * d), w2(E * d * f), input(T * d);
+  for (auto* v : {&w_gate, &w1, &w3, &w2, &input}) {
+    for (float& value : *v) value = normal(rng);
+  }
+  const moekit::cpu::MoeLayerParams params{
+      .w_gate = {w_gate.data(), E, d},
+      .experts = {{w1.data(), E * f, d}, {w3.data(), E * f, d}, {w2.data(), E * d, f}}};
+
+  moekit::cpu::MoeLayerStorage<Moe> storage(layer, T);
+  std::vector<float> output(T * d);
+  moekit::cpu::RoutingStats<Moe> stats;
+  const moekit::cpu::MoeAuxLosses aux =
+      layer.forward({input.data(), T, d}, params, storage.state(), {output.data(), T, d}, &stats,
+                    storage.workspace());
+  std::printf("\nMoE layer forward, %lld tokens: Switch loss %.4f (1 = balanced)\n",
+              static_cast<long long>(T), aux.switch_loss);
+  std::printf("tokens per expert:");
+  for (moekit::index_t count : stats.assigned) std::printf(" %lld", static_cast<long long>(count));
+  std::printf("\nutilisation %.0f%%, busiest expert %.2fx the mean, routing entropy %.3f of %.3f\n",
+              100.0 * stats.utilization(), stats.max_load_ratio(), stats.entropy(),
+              std::log(static_cast<double>(E)));
+  // [layer]
   return 0;
 }

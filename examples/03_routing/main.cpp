@@ -101,7 +101,7 @@ int main() {
   const double z = moekit::cpu::z_loss<Spec>(routing, /*coeff=*/1e-3f, {dlogits.data(), T, E});
   std::vector<float> dx(T * d), dw_gate(E * d);
   router.backward_logits({x.data(), T, d}, {w_gate.data(), E, d}, {dlogits.data(), T, E},
-                         {.dx = {dx.data(), T, d}, .dw_gate = {dw_gate.data(), E, d}, .dbias = {}},
+                         {.dx = {dx.data(), T, d}, .dw_gate = {dw_gate.data(), E, d}},
                          {workspace.data(), static_cast<index_t>(workspace.size())});
   std::printf("switch: aux loss %.4f (1 = balanced), z-loss %.4f\n", aux, z);
   // [backward]

@@ -108,17 +108,17 @@ struct ExpertFfnConfig {
 
 // The weights of all E experts (layout at the top of this file).
 struct ExpertWeights {
-  MatrixView<const float> w1;  // (E d_ff) x d
-  MatrixView<const float> w3;  // (E d_ff) x d, kGated only
-  MatrixView<const float> w2;  // (E d) x d_ff
+  MatrixView<const float> w1{};  // (E d_ff) x d
+  MatrixView<const float> w3{};  // (E d_ff) x d, kGated only
+  MatrixView<const float> w2{};  // (E d) x d_ff
 };
 
 // Gradient outputs of the weights; an empty view is frozen (not computed,
 // not written).
 struct ExpertGrads {
-  MatrixView<float> dw1;
-  MatrixView<float> dw3;
-  MatrixView<float> dw2;
+  MatrixView<float> dw1{};
+  MatrixView<float> dw3{};
+  MatrixView<float> dw2{};
   bool accumulate = false;  // add to the blocks instead of overwriting them
 };
 

@@ -52,9 +52,9 @@ struct Routing {
 // Gradients of the router's inputs; an empty view is not computed. With
 // `accumulate`, results are added to what the views hold.
 struct RouterGrads {
-  MatrixView<float> dx;       // T x d
-  MatrixView<float> dw_gate;  // E x d
-  VectorView<float> dbias;    // E
+  MatrixView<float> dx{};       // T x d
+  MatrixView<float> dw_gate{};  // E x d
+  VectorView<float> dbias{};    // E
   bool accumulate = false;
 };
 
