@@ -21,6 +21,7 @@
 #include "moekit/cpu/dispatch.hpp"
 #include "router_fixture.hpp"
 #include "routing_reference.hpp"
+#include "strided_matrix.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -41,48 +42,11 @@ using moekit_test::expect_error;
 using moekit_test::rel_error;
 using moekit_test::RoutingBuffers;
 
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-constexpr float kPad = 4321.0f;  // padding columns of strided views; must survive every call
+using moekit_test::kNaN;
+using moekit_test::kPad;
 
 // An owning row-major matrix with `pad` padding columns (ld = cols + pad).
-struct Mat {
-  index_t rows = 0, cols = 0, ld = 0;
-  std::vector<float> data;
-
-  Mat(index_t r, index_t c, index_t pad = 3) : rows(r), cols(c), ld(c + pad), data(r * ld, kPad) {}
-
-  float& at(index_t r, index_t c) { return data[r * ld + c]; }
-  float at(index_t r, index_t c) const { return data[r * ld + c]; }
-  MatrixView<float> view() { return {data.data(), rows, cols, ld}; }
-  MatrixView<const float> cview() const { return {data.data(), rows, cols, ld}; }
-  void fill(float v) {
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t c = 0; c < cols; ++c) at(r, c) = v;
-  }
-  void poison() { fill(kNaN); }
-  void randomize(std::mt19937& rng) {
-    std::normal_distribution<float> normal;
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t c = 0; c < cols; ++c) at(r, c) = normal(rng);
-  }
-  std::vector<double> values() const {
-    std::vector<double> v;
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t c = 0; c < cols; ++c) v.push_back(at(r, c));
-    return v;
-  }
-  bool padding_untouched() const {
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t c = cols; c < ld; ++c)
-        if (at(r, c) != kPad) return false;
-    return true;
-  }
-  bool bits_equal(const Mat& o) const {
-    return data.size() == o.data.size() &&
-           (data.empty() ||  // memcmp must not see the null pointer of an empty vector
-            std::memcmp(data.data(), o.data.data(), data.size() * sizeof(float)) == 0);
-  }
-};
+using Mat = moekit_test::StridedMatrix;
 
 double dot(const std::vector<double>& a, const std::vector<double>& b) {
   double s = 0;

@@ -25,6 +25,7 @@
 #include "expect_error.hpp"
 #include "moekit/core/activation.hpp"
 #include "moekit/cpu/expert_ffn.hpp"
+#include "strided_matrix.hpp"
 
 namespace {
 
@@ -42,9 +43,9 @@ using moekit::cpu::ExpertWeights;
 using moekit::cpu::FfnThreading;
 using moekit_test::expect_error;
 
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+using moekit_test::kNaN;
 constexpr float kInfF = std::numeric_limits<float>::infinity();
-constexpr float kPad = 4321.0f;  // padding columns of strided views; must survive every call
+using moekit_test::kPad;
 
 constexpr Activation kActivations[] = {Activation::kRelu, Activation::kGeluTanh,
                                        Activation::kGeluErf, Activation::kSilu};
@@ -185,52 +186,7 @@ TEST(Activation, EdgeValues) {
 // ---- matrices -----------------------------------------------------------------
 
 // An owning row-major matrix with `pad` padding columns (ld = cols + pad).
-struct Mat {
-  index_t rows = 0, cols = 0, ld = 0;
-  std::vector<float> data;
-
-  Mat() = default;
-  Mat(index_t r, index_t c, index_t pad = 3)
-      : rows(r), cols(c), ld(c + pad), data(static_cast<std::size_t>(r * ld), kPad) {}
-
-  float& at(index_t r, index_t c) { return data[static_cast<std::size_t>(r * ld + c)]; }
-  float at(index_t r, index_t c) const { return data[static_cast<std::size_t>(r * ld + c)]; }
-  MatrixView<float> view() { return {data.data(), rows, cols, ld}; }
-  MatrixView<const float> cview() const { return {data.data(), rows, cols, ld}; }
-  void fill(float v) {
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t c = 0; c < cols; ++c) at(r, c) = v;
-  }
-  void poison() { fill(kNaN); }
-  void randomize(std::mt19937& rng, float scale = 1.0f) {
-    std::normal_distribution<float> normal(0.0f, scale);
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t c = 0; c < cols; ++c) at(r, c) = normal(rng);
-  }
-  std::vector<double> values() const {
-    std::vector<double> v;
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t c = 0; c < cols; ++c) v.push_back(at(r, c));
-    return v;
-  }
-  bool any_nan() const {
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t c = 0; c < cols; ++c)
-        if (std::isnan(at(r, c))) return true;
-    return false;
-  }
-  bool padding_untouched() const {
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t c = cols; c < ld; ++c)
-        if (at(r, c) != kPad) return false;
-    return true;
-  }
-  bool bits_equal(const Mat& o) const {
-    return data.size() == o.data.size() &&
-           (data.empty() ||
-            std::memcmp(data.data(), o.data.data(), data.size() * sizeof(float)) == 0);
-  }
-};
+using Mat = moekit_test::StridedMatrix;
 
 double rel_error(const std::vector<double>& out, const std::vector<double>& ref) {
   double num = 0, den = 0;
