@@ -25,6 +25,7 @@
 #include "expect_error.hpp"
 #include "moekit/core/activation.hpp"
 #include "moekit/cpu/expert_ffn.hpp"
+#include "routing_reference.hpp"
 #include "strided_matrix.hpp"
 
 namespace {
@@ -188,14 +189,7 @@ TEST(Activation, EdgeValues) {
 // An owning row-major matrix with `pad` padding columns (ld = cols + pad).
 using Mat = moekit_test::StridedMatrix;
 
-double rel_error(const std::vector<double>& out, const std::vector<double>& ref) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < out.size(); ++i) {
-    num += (out[i] - ref[i]) * (out[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
+using moekit_test::rel_error;
 
 // ---- float64 reference --------------------------------------------------------
 

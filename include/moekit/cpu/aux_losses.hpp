@@ -96,18 +96,6 @@ inline constexpr double kCvSquaredEpsilon = 1e-10;
 
 namespace detail {
 
-// A Routing of T = routing.logits.rows() tokens, every view shaped as Router
-// writes it.
-template <MoeSpecType S>
-void check_aux_routing(const Routing& r) {
-  const index_t tokens = r.logits.rows();
-  check_shape(r.logits, tokens, S::num_experts, "routing.logits");
-  check_shape(r.scores, tokens, S::num_experts, "routing.scores");
-  check_shape(r.expert_ids, tokens, S::top_k, "routing.expert_ids");
-  check_shape(r.weights, tokens, S::top_k, "routing.weights");
-  check_shape(r.positions, tokens, S::top_k, "routing.positions");
-}
-
 // An empty dlogits means "no gradient"; otherwise it must be T x E.
 template <MoeSpecType S>
 void check_aux_dlogits(MatrixView<float> dlogits, index_t tokens) {
@@ -220,7 +208,7 @@ void smooth_load_token(const float* h, float sigma, std::uint64_t seed, index_t 
 template <MoeSpecType S>
 double switch_loss(GatingRule rule, const Routing& routing, SwitchLossOptions options, float coeff,
                    MatrixView<float> dlogits = {}) {
-  detail::check_aux_routing<S>(routing);
+  check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
   detail::check_aux_dlogits<S>(dlogits, routing.logits.rows());
   detail::check_aux_coeff(coeff);
@@ -239,7 +227,7 @@ template <MoeSpecType S>
 double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequence_length,
                          float coeff, MatrixView<float> dlogits = {}) {
   const index_t tokens = routing.logits.rows();
-  detail::check_aux_routing<S>(routing);
+  check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
   detail::check_aux_dlogits<S>(dlogits, tokens);
   detail::check_aux_coeff(coeff);
@@ -267,7 +255,7 @@ double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequen
 template <MoeSpecType S>
 double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {}) {
   const index_t tokens = routing.logits.rows();
-  detail::check_aux_routing<S>(routing);
+  check_routing<S>(routing, routing.logits.rows());
   detail::check_aux_dlogits<S>(dlogits, tokens);
   detail::check_aux_coeff(coeff);
   if (tokens == 0) return 0.0;
@@ -303,7 +291,7 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
   constexpr int kE = S::num_experts;
   constexpr int kK = S::top_k;
   const index_t tokens = routing.logits.rows();
-  detail::check_aux_routing<S>(routing);
+  check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
   detail::check_aux_dlogits<S>(dlogits, tokens);
   detail::check_aux_coeff(coeff);

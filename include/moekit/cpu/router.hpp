@@ -89,6 +89,19 @@ struct RoutingStats {
   }
 };
 
+// Every view of a Routing for `tokens` tokens has its documented shape.
+template <MoeSpecType S>
+void check_routing(const Routing& r, index_t tokens) {
+  // Slot numbers t * K + k and buffer positions are 32-bit.
+  MOEKIT_CHECK_ARG(tokens <= std::numeric_limits<std::int32_t>::max() / S::top_k,
+                   "tokens = ", tokens, " times K = ", S::top_k, " exceeds the 32-bit slot range");
+  check_shape(r.logits, tokens, S::num_experts, "routing.logits");
+  check_shape(r.scores, tokens, S::num_experts, "routing.scores");
+  check_shape(r.expert_ids, tokens, S::top_k, "routing.expert_ids");
+  check_shape(r.weights, tokens, S::top_k, "routing.weights");
+  check_shape(r.positions, tokens, S::top_k, "routing.positions");
+}
+
 // Expert ids that come back from the caller (saved routing on backward, the
 // losses) are checked before they index anything.
 template <MoeSpecType S>
@@ -212,7 +225,7 @@ class Router {
     check_view(x, "x");
     check_shape(w_gate, kExperts, x.cols(), "w_gate");
     if (!gate_bias.empty()) check_shape(gate_bias, kExperts, "gate_bias");
-    check_routing(out, tokens);
+    check_routing<S>(out, tokens);
     check_selection_bias(selection_bias);
     check_workspace(workspace, tokens, x.cols());
 
@@ -234,7 +247,7 @@ class Router {
   // added here: noise belongs to forward, which draws it with the logits.
   void route(const Routing& out, VectorView<const float> selection_bias,
              RoutingStats<S>* stats = nullptr, VectorView<std::byte> workspace = {}) const {
-    check_routing(out, out.logits.rows());
+    check_routing<S>(out, out.logits.rows());
     check_selection_bias(selection_bias);
     check_workspace(workspace, out.logits.rows(), 0);
     route_validated(out, selection_bias, stats, workspace);
@@ -245,7 +258,7 @@ class Router {
   void backward_gate(const Routing& saved, MatrixView<const float> dweights,
                      MatrixView<float> dlogits) const {
     const index_t tokens = saved.logits.rows();
-    check_routing(saved, tokens);
+    check_routing<S>(saved, tokens);
     check_shape(dweights, tokens, kTopK, "dweights");
     check_shape(dlogits, tokens, kExperts, "dlogits");
     check_expert_ids<S>(saved.expert_ids, "routing.expert_ids");
@@ -332,17 +345,6 @@ class Router {
     MOEKIT_CHECK_ARG(
         c.non_finite == NonFinitePolicy::kSanitize || c.non_finite == NonFinitePolicy::kError,
         "non_finite = ", static_cast<int>(c.non_finite), " is not a NonFinitePolicy");
-  }
-
-  void check_routing(const Routing& r, index_t tokens) const {
-    // Slot numbers t * K + k and buffer positions are 32-bit.
-    MOEKIT_CHECK_ARG(tokens <= std::numeric_limits<std::int32_t>::max() / kTopK,
-                     "tokens = ", tokens, " times K = ", kTopK, " exceeds the 32-bit slot range");
-    check_shape(r.logits, tokens, kExperts, "routing.logits");
-    check_shape(r.scores, tokens, kExperts, "routing.scores");
-    check_shape(r.expert_ids, tokens, kTopK, "routing.expert_ids");
-    check_shape(r.weights, tokens, kTopK, "routing.weights");
-    check_shape(r.positions, tokens, kTopK, "routing.positions");
   }
 
   // Backward writes dx[id] per slot: a token's ids must be distinct.
