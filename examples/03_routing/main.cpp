@@ -104,6 +104,8 @@ int main() {
                          {.dx = {dx.data(), T, d}, .dw_gate = {dw_gate.data(), E, d}},
                          {workspace.data(), static_cast<index_t>(workspace.size())});
   std::printf("switch: aux loss %.4f (1 = balanced), z-loss %.4f\n", aux, z);
+  // The forward's statistics already carry both values, bit for bit.
+  if (moekit::cpu::switch_loss<Spec>(stats) != aux || stats.z_loss != z) return 1;
   // [backward]
 
   for (const auto& [name, config] :

@@ -1121,6 +1121,57 @@ TEST(AuxLoss, BitIdenticalAcrossRunsAndThreadCounts) {
 #endif
 }
 
+// The forward's statistics carry the Switch and z-loss values: the same bits
+// as the losses computed from the routing, for every rule, with non-finite
+// rows, both normalisations, at 1 and 2 threads, and at sizes where the
+// routing pass runs in parallel.
+template <class S>
+void expect_stats_carry_loss_values(GatingRule rule, index_t T, unsigned seed) {
+  constexpr int E = S::num_experts;
+  AuxBuffers<S> buf(T);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  for (float& v : buf.logits) v = normal(rng);
+  if (T > 3) {
+    buf.logits[1 * E + 2] = kNaN;
+    buf.logits[3 * E + 0] = kInf;
+  }
+  RouterConfig config = gating(rule);
+  config.capacity.factor = 1.0f;
+  for (int threads : {2, 1}) {
+#if defined(_OPENMP)
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+    RoutingStats<S> stats;
+    Router<S>(config).route(buf.view(), {}, &stats);
+#if defined(_OPENMP)
+    omp_set_num_threads(saved);
+#endif
+    for (auto norm : {SwitchNormalization::kTokensTimesK, SwitchNormalization::kTokens}) {
+      const double from_routing = moekit::cpu::switch_loss<S>(rule, buf.view(), {norm}, 1.0f);
+      EXPECT_EQ(moekit::cpu::switch_loss<S>(stats, {norm}), from_routing)
+          << "rule " << static_cast<int>(rule) << " T " << T << " threads " << threads;
+    }
+    EXPECT_EQ(stats.z_loss, moekit::cpu::z_loss<S>(buf.view(), 1.0f))
+        << "rule " << static_cast<int>(rule) << " T " << T << " threads " << threads;
+    EXPECT_GT(stats.z_loss, 0.0);
+  }
+}
+
+TEST(AuxLossFromStats, SwitchAndZValuesAreTheLossesBitForBit) {
+  for (GatingRule rule :
+       {GatingRule::kSoftmaxTopK, GatingRule::kTopKSoftmax, GatingRule::kSigmoid}) {
+    expect_stats_carry_loss_values<MoeSpec<8, 2>>(rule, 37, 5);
+    expect_stats_carry_loss_values<MoeSpec<64, 8>>(rule, 1500, 6);  // parallel pass
+    expect_stats_carry_loss_values<MoeSpec<384, 8>>(rule, 200, 7);
+  }
+  RoutingStats<MoeSpec<8, 2>> empty;
+  EXPECT_EQ(moekit::cpu::switch_loss(empty), 0.0);
+}
+
 // ---- bad input ------------------------------------------------------------------------
 
 TEST(AuxLossBadInput, RejectedWithNamedValuesAndNothingWritten) {

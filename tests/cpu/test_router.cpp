@@ -511,7 +511,7 @@ TEST(RouterStats, MeanDistributionEntropyUtilization) {
   RoutingStats<S> stats;
   Router<S>(RouterConfig{}).route(buf.view(), {}, &stats);
   EXPECT_NEAR(stats.entropy(), std::log(4.0), 1e-6);
-  for (float q : stats.mean_distribution) EXPECT_FLOAT_EQ(q, 0.25f);
+  for (double q : stats.mean_distribution) EXPECT_DOUBLE_EQ(q, 0.25);
   EXPECT_EQ(stats.assigned[0], 4);  // ties -> expert 0 every time
   EXPECT_DOUBLE_EQ(stats.utilization(), 0.25);
 
@@ -520,7 +520,7 @@ TEST(RouterStats, MeanDistributionEntropyUtilization) {
   buf.logits = {0, 0, 0, 0, 10, -10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
   Router<S>(sigmoid).route(buf.view(), {}, &stats);
   double total = 0;
-  for (float q : stats.mean_distribution) total += q;
+  for (double q : stats.mean_distribution) total += q;
   EXPECT_NEAR(total, 1.0, 1e-6);
 }
 

@@ -220,6 +220,27 @@ double switch_loss(GatingRule rule, const Routing& routing, SwitchLossOptions op
                                 options.normalization, coeff, dlogits);
 }
 
+// The Switch loss's value from the statistics of the forward that routed
+// the batch, at no extra cost: the same bits as switch_loss(rule, routing,
+// options, coeff) (both sum the chunked distribution and the counts before
+// capacity). No gradient: that needs the routing.
+template <MoeSpecType S>
+double switch_loss(const RoutingStats<S>& stats, SwitchLossOptions options = {}) {
+  MOEKIT_CHECK_ARG(options.normalization == SwitchNormalization::kTokensTimesK ||
+                       options.normalization == SwitchNormalization::kTokens,
+                   "options.normalization = ", static_cast<int>(options.normalization),
+                   " is not a SwitchNormalization");
+  if (stats.tokens == 0) return 0.0;
+  const double n_tokens = static_cast<double>(stats.tokens);
+  const double denom =
+      options.normalization == SwitchNormalization::kTokens ? n_tokens : n_tokens * S::top_k;
+  double sum = 0.0;
+  for (int e = 0; e < S::num_experts; ++e) {
+    sum += static_cast<double>(stats.assigned[e]) / denom * stats.mean_distribution[e];
+  }
+  return S::num_experts * sum;
+}
+
 // DeepSeek-V3's sequence-wise balance loss: consecutive blocks of
 // sequence_length rows are sequences; the Switch form (kTokensTimesK) of each,
 // averaged. T must be a multiple of sequence_length (Errc::kShapeMismatch).
@@ -262,18 +283,20 @@ double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {
 
   const double n_tokens = static_cast<double>(tokens);
   const MatrixView<const float> logits = routing.logits;
-  const double sum = deterministic_sum(tokens, S::num_experts, [&](index_t t) {
-    const auto x = as_eigen(logits.row_view(t)).array();
+  constexpr int E = S::num_experts;
+  const double sum = chunked_sum<E>(tokens, [&](index_t t) {
     if (!all_finite(logits.row_view(t))) return 0.0;  // 0, no gradient, still counted in T
-    // lse in float with Eigen's vectorised exp; squares summed in double.
-    const float m = x.maxCoeff();
-    const float z = (x - m).exp().sum();
-    const double lse = static_cast<double>(m + std::log(z));
+    // Chunked like the router's statistic, with the same shifted_exp: the same bits.
+    float ex[E];
+    const ShiftedExp z = shifted_exp<E>(logits.row(t), ex);
+    const double lse_square = z.lse_square();
     if (!dlogits.empty()) {
-      const float c = static_cast<float>(static_cast<double>(coeff) * 2.0 * lse / n_tokens) / z;
-      as_eigen(dlogits.row_view(t)).array() += c * (x - m).exp();
+      const double lse = static_cast<double>(z.max + std::log(z.sum));
+      const float c = static_cast<float>(static_cast<double>(coeff) * 2.0 * lse / n_tokens) / z.sum;
+      float* row = dlogits.row(t);
+      for (int e = 0; e < E; ++e) row[e] += c * ex[e];
     }
-    return lse * lse;
+    return lse_square;
   });
   return sum / n_tokens;
 }

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "moekit/core/error.hpp"
@@ -58,22 +59,27 @@ struct RouterGrads {
   bool accumulate = false;
 };
 
-// Cheap enough to leave on: O(T K + T E) additions beyond gating itself.
+// Cheap enough to leave on: gating computes them in the same pass over the
+// tokens (O(T E) additions; with the sigmoid rule one more exp per logit for
+// z_loss).
 template <MoeSpecType S>
 struct RoutingStats {
   static constexpr int kExperts = S::num_experts;
   index_t tokens = 0;
-  std::array<index_t, kExperts> assigned{};         // assignments per expert, before capacity
-  std::array<index_t, kExperts> kept{};             // after capacity
-  std::array<float, kExperts> mean_distribution{};  // mean over tokens of q (routing distribution)
+  std::array<index_t, kExperts> assigned{};          // assignments per expert, before capacity
+  std::array<index_t, kExperts> kept{};              // after capacity
+  std::array<double, kExperts> mean_distribution{};  // mean over tokens of q (routing distribution)
   index_t dropped = 0;
   index_t non_finite_logits = 0;
+  // The router z-loss of the batch, mean_t logsumexp(logits_t)^2 (rows with a
+  // non-finite logit add 0): the same bits as cpu::z_loss(routing, 1).
+  double z_loss = 0.0;
 
   // Entropy (nats) of mean_distribution: log(E) when the router spreads its
   // probability evenly, 0 when it always picks the same expert.
   double entropy() const {
     double h = 0.0;
-    for (float q : mean_distribution) h -= q > 0.0f ? q * std::log(static_cast<double>(q)) : 0.0;
+    for (double q : mean_distribution) h -= q > 0.0 ? q * std::log(q) : 0.0;
     return h;
   }
   // Fraction of experts that kept at least one assignment.
@@ -124,36 +130,56 @@ std::array<index_t, S::num_experts> assignment_counts(MatrixView<const std::int3
   return count;
 }
 
-// Sum over tokens of the routing distribution q_t (p for the softmax rules,
-// s / sum(s) for sigmoid; routing::routing_distribution), in double. Threads
-// split the experts, never the tokens: each sum runs over tokens in order,
-// so the result is the same for any thread count.
+// Fixed token chunks for deterministic parallel work: the chunk count depends
+// on E only, never on the thread count, and per-chunk partial results are
+// combined in chunk order, so every thread count gives the same bits. Small E
+// gets more chunks (finer load balance); large E fewer (the per-chunk
+// partials, kCount x E values, live on the stack).
+template <int E>
+struct TokenChunks {
+  static constexpr int kCount = std::clamp(4096 / E, 16, 64);
+  index_t tokens;
+  index_t size;  // tokens per chunk (the last may be short or empty)
+  explicit TokenChunks(index_t t) : tokens(t), size((t + kCount - 1) / kCount) {}
+  index_t begin(int c) const { return std::min(tokens, c * size); }
+  index_t end(int c) const { return std::min(tokens, (c + 1) * size); }
+};
+
+// acc += q_t, the routing distribution of one token (routing::routing_distribution:
+// p for the softmax rules, s / sum(s) for sigmoid, uniform for a zero row), in double.
+template <int E>
+void add_routing_distribution(GatingRule rule, const float* scores, double* acc) {
+  if (rule != GatingRule::kSigmoid) {
+    for (int e = 0; e < E; ++e) acc[e] += static_cast<double>(scores[e]);
+    return;
+  }
+  double total = 0.0;
+  for (int e = 0; e < E; ++e) total += static_cast<double>(scores[e]);
+  if (!(total > 0.0)) {
+    for (int e = 0; e < E; ++e) acc[e] += 1.0 / E;
+    return;
+  }
+  const double scale = 1.0 / total;
+  for (int e = 0; e < E; ++e) acc[e] += static_cast<double>(scores[e]) * scale;
+}
+
+// Sum over tokens of the routing distribution q_t, in double, by TokenChunks:
+// the same bits as the router's statistics (which fuse this into gating).
 template <MoeSpecType S>
 std::array<double, S::num_experts> routing_distribution_sum(GatingRule rule,
                                                             MatrixView<const float> scores) {
   constexpr int E = S::num_experts;
-  const index_t tokens = scores.rows();
-  std::array<double, E> sum{};
-  // Experts per task; sigmoid needs each token's total, so one task sums all.
-  const int slice = rule == GatingRule::kSigmoid ? E : std::min(E, 16);
-  MOEKIT_PARALLEL_FOR_IF(tokens * E > kLightParallelGrain)
-  for (int first = 0; first < E; first += slice) {
-    const int n = std::min(slice, E - first);
-    double acc[E] = {};
-    for (index_t t = 0; t < tokens; ++t) {
-      const float* s = scores.row(t);
-      double scale = 1.0;
-      if (rule == GatingRule::kSigmoid) {
-        const double total = as_eigen(scores.row_view(t)).template cast<double>().sum();
-        if (!(total > 0.0)) {
-          for (int i = 0; i < n; ++i) acc[i] += 1.0 / E;  // the uniform fallback
-          continue;
-        }
-        scale = 1.0 / total;
-      }
-      for (int i = 0; i < n; ++i) acc[i] += static_cast<double>(s[first + i]) * scale;
+  const TokenChunks<E> chunks(scores.rows());
+  std::array<std::array<double, E>, TokenChunks<E>::kCount> partial{};
+  MOEKIT_PARALLEL_FOR_IF(scores.rows() * E > kLightParallelGrain)
+  for (int c = 0; c < TokenChunks<E>::kCount; ++c) {
+    for (index_t t = chunks.begin(c); t < chunks.end(c); ++t) {
+      add_routing_distribution<E>(rule, scores.row(t), partial[c].data());
     }
-    for (int i = 0; i < n; ++i) sum[first + i] = acc[i];
+  }
+  std::array<double, E> sum{};
+  for (const auto& p : partial) {
+    for (int e = 0; e < E; ++e) sum[e] += p[e];
   }
   return sum;
 }
@@ -169,23 +195,98 @@ inline bool all_finite(VectorView<const float> v) {
   return exponent_all_ones == 0;
 }
 
-// Sum over fixed chunks of [0, n) of f(i), the chunks' partial sums added
-// in order: deterministic for any thread count. Parallel when n times
-// elements_per_item passes kLightParallelGrain.
-template <class F>
-double deterministic_sum(index_t n, [[maybe_unused]] index_t elements_per_item, F&& f) {
-  constexpr int kChunks = 64;
-  double partial[kChunks] = {};
-  const index_t chunk = (n + kChunks - 1) / kChunks;
-  MOEKIT_PARALLEL_FOR_IF(n * elements_per_item > kLightParallelGrain)
-  for (int c = 0; c < kChunks; ++c) {
-    const index_t end = std::min(n, (c + 1) * chunk);
-    for (index_t i = c * chunk; i < end; ++i) partial[c] += f(i);
+// Below this, exp(x - max) is under float's normal range.
+inline constexpr float kExpFloor = -87.0f;
+
+// out = exp(x - max x) for one finite row of E logits, with Eigen's
+// vectorised exp; returns the max and the sum, so logsumexp = max + log(sum).
+// Eigen's exp clamps its argument near -88.7 where expf underflows: entries
+// below kExpFloor are flushed to 0 so tiny values match the scalar rule's.
+// The one implementation behind softmax gating, the z-loss and its statistic.
+struct ShiftedExp {
+  float max;
+  float sum;
+  double lse_square() const {
+    const double lse = static_cast<double>(max + std::log(sum));
+    return lse * lse;
+  }
+};
+
+template <int E>
+ShiftedExp shifted_exp(const float* x, float* out) {
+  const Eigen::Map<const Eigen::Array<float, 1, E>> xs(x);
+  Eigen::Map<Eigen::Array<float, 1, E>> o(out);
+  const float m = xs.maxCoeff();
+  o = (xs - m).exp();
+  for (int e = 0; e < E; ++e) out[e] = x[e] - m < kExpFloor ? 0.0f : out[e];
+  return {m, o.sum()};
+}
+
+// Sum over [0, n) of f(i) in double by TokenChunks<E>: deterministic for any
+// thread count. Parallel when n E passes kLightParallelGrain.
+template <int E, class F>
+double chunked_sum(index_t n, F&& f) {
+  const TokenChunks<E> chunks(n);
+  double partial[TokenChunks<E>::kCount] = {};
+  MOEKIT_PARALLEL_FOR_IF(n * E > kLightParallelGrain)
+  for (int c = 0; c < TokenChunks<E>::kCount; ++c) {
+    for (index_t i = chunks.begin(c); i < chunks.end(c); ++i) partial[c] += f(i);
   }
   double sum = 0.0;
   for (double p : partial) sum += p;
   return sum;
 }
+
+namespace detail {
+
+// Top-K of 16 tokens at once, token l in lane l: keys is E x 16 (expert-major),
+// ids_out K x 16. Same order and tie rule as routing::insert_sorted (which it
+// matches bit for bit); with GCC/Clang vector extensions the K lists live in
+// SIMD registers (one zmm per entry with AVX-512), where the portable loop
+// keeps them in memory and stalls on store-to-load forwarding at every key.
+inline constexpr int kSelectLanes = 16;
+
+#if defined(__GNUC__)
+using LaneFloats = float __attribute__((vector_size(4 * kSelectLanes)));
+using LaneInts = std::int32_t __attribute__((vector_size(4 * kSelectLanes)));
+
+template <int E, int K>
+MOEKIT_FORCE_INLINE void top_k_lanes(const float* keys, int* ids_out) {
+  LaneFloats vals[K];
+  LaneInts ids[K];
+  for (int j = 0; j < K; ++j) {
+    vals[j] = LaneFloats{} - routing::kInf;  // scalar operands broadcast
+    ids[j] = LaneInts{} + routing::kNoId;
+  }
+  for (int e = 0; e < E; ++e) {
+    LaneFloats v;
+    std::memcpy(&v, keys + e * kSelectLanes, sizeof v);
+    const LaneInts id = LaneInts{} + e;
+    LaneInts before[K];  // v precedes entry j (a suffix of each list)
+    for (int j = 0; j < K; ++j) before[j] = (v > vals[j]) | ((v == vals[j]) & (id < ids[j]));
+    for (int j = K - 1; j > 0; --j) {
+      const LaneFloats shifted_val = before[j - 1] ? vals[j - 1] : v;
+      const LaneInts shifted_id = before[j - 1] ? ids[j - 1] : id;
+      vals[j] = before[j] ? shifted_val : vals[j];
+      ids[j] = before[j] ? shifted_id : ids[j];
+    }
+    vals[0] = before[0] ? v : vals[0];
+    ids[0] = before[0] ? id : ids[0];
+  }
+  std::memcpy(ids_out, ids, sizeof ids);
+}
+#else
+template <int E, int K>
+void top_k_lanes(const float* keys, int* ids_out) {
+  float vals[K * kSelectLanes];
+  routing::clear_top<K, kSelectLanes>(vals, ids_out);
+  for (int e = 0; e < E; ++e) {
+    routing::insert_sorted<K, kSelectLanes>(keys + e * kSelectLanes, e, vals, ids_out);
+  }
+}
+#endif
+
+}  // namespace detail
 
 template <MoeSpecType S>
 class Router {
@@ -389,158 +490,49 @@ class Router {
     }
   }
 
+  // Gating, capacity and statistics in one parallel pass over TokenChunks:
+  // each chunk scores, selects and weighs its tokens and counts their
+  // assignments (plus, for stats, its partial distribution and z-loss sums);
+  // a scan over the chunks' counts gives each chunk its first buffer row per
+  // expert; then (kPosition, dropless) each chunk numbers its assignments.
+  // Exact integers and chunk-ordered sums: every thread count agrees.
   void route_validated(const Routing& out, VectorView<const float> selection_bias,
                        RoutingStats<S>* stats, VectorView<std::byte> workspace) const {
     const index_t tokens = out.logits.rows();
     if (config_.non_finite == NonFinitePolicy::kError) reject_non_finite(out.logits);
 
-    const GatingConfig gating = config_.gating;
+    constexpr int kChunks = TokenChunks<kExperts>::kCount;
+    const TokenChunks<kExperts> chunks(tokens);
     const float* bias = selection_bias.empty() ? nullptr : selection_bias.data();
-    const index_t blocks = (tokens + kRowBlock - 1) / kRowBlock;
-    index_t non_finite = 0;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) reduction(+ : non_finite) if (tokens * kExperts > kParallelGrain)
-#endif
-    for (index_t b = 0; b < blocks; ++b) {
-      const index_t first = b * kRowBlock;
-      const index_t rows = std::min(kRowBlock, tokens - first);
-      const MatrixView<const float> logits = out.logits.middle_rows(first, rows);
-      compute_scores_block(logits, out.scores.middle_rows(first, rows));
-      for (index_t t = first; t < first + rows; ++t) {
-        if (!all_finite(out.logits.row_view(t))) {
-          // The vectorised block got this row wrong; the scalar rule is exact.
-          non_finite +=
-              routing::compute_scores<kExperts>(gating.rule, out.logits.row(t), out.scores.row(t));
-        }
-      }
-      if (gating.num_groups > 1) {
-        for (index_t t = first; t < first + rows; ++t) {
-          routing::select_and_weigh<kExperts, kTopK>(out.logits.row(t), out.scores.row(t), bias,
-                                                     gating, out.expert_ids.row(t),
-                                                     out.weights.row(t));
-        }
-      } else {
-        for (index_t t = first; t < first + rows; t += kLanes) {
-          select_lanes(out, bias, t, std::min<index_t>(kLanes, first + rows - t));
-        }
-      }
-    }
-    std::array<index_t, kExperts> assigned{}, kept{};
-    const index_t dropped = assign_positions(out, assigned, kept, workspace);
-    if (stats != nullptr) {
-      fill_stats(out, *stats);
-      stats->assigned = assigned;
-      stats->kept = kept;
-      stats->dropped = dropped;
-      stats->non_finite_logits = non_finite;
-    }
-  }
-
-  // Scores of a block of finite rows with Eigen's vectorised exp (rows with a
-  // non-finite logit are redone by the caller).
-  void compute_scores_block(MatrixView<const float> logits, MatrixView<float> scores) const {
-    for (index_t t = 0; t < logits.rows(); ++t) {
-      const auto x = as_eigen(logits.row_view(t)).array();
-      auto s = as_eigen(scores.row_view(t)).array();
-      if (config_.gating.rule == GatingRule::kSigmoid) {
-        s = 1.0f / (1.0f + (-x).exp());
-      } else {
-        // Eigen's exp clamps its argument near -88.7 where expf underflows;
-        // flush those to 0 so tiny p match the scalar rule's (denormal or 0).
-        const float m = x.maxCoeff();
-        s = (x - m).exp();
-        float* p = scores.row(t);
-        const float* xt = logits.row(t);
-        for (int e = 0; e < kExperts; ++e) p[e] = xt[e] - m < kExpFloor ? 0.0f : p[e];
-        s /= s.sum();
-      }
-    }
-  }
-
-  // Top-K for `n` <= kLanes consecutive tokens at once, token l in lane l:
-  // the branch-free insertion runs across lanes, so the compiler vectorises
-  // it over tokens and no key ever costs a mispredicted branch.
-  void select_lanes(const Routing& out, const float* bias, index_t first, index_t n) const {
-    const GatingConfig& gating = config_.gating;
-    const bool logit_key = routing::selects_on_logits(gating, bias != nullptr);
-    alignas(64) float keys[kExperts * kLanes];
-    alignas(64) float vals[kTopK * kLanes];
-    alignas(64) int ids[kTopK * kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      const index_t t = first + (l < n ? l : 0);  // idle lanes repeat a real token
-      const float* x = out.logits.row(t);
-      const float* s = out.scores.row(t);
-      for (int e = 0; e < kExperts; ++e) {
-        keys[e * kLanes + l] = routing::selection_key(logit_key, x[e], s[e], bias, e);
-      }
-    }
-    routing::clear_top<kTopK, kLanes>(vals, ids);
-    for (int e = 0; e < kExperts; ++e) {
-      routing::insert_sorted<kTopK, kLanes>(keys + e * kLanes, e, vals, ids);
-    }
-    for (index_t l = 0; l < n; ++l) {
-      const index_t t = first + l;
-      for (int k = 0; k < kTopK; ++k) out.expert_ids(t, k) = ids[k * kLanes + l];
-      routing::weigh<kExperts, kTopK>(out.logits.row(t), out.scores.row(t), out.expert_ids.row(t),
-                                      gating, out.weights.row(t));
-    }
-  }
-
-  static void reject_non_finite(MatrixView<const float> logits) {
-    for (index_t t = 0; t < logits.rows(); ++t) {
-      for (index_t e = 0; e < kExperts; ++e) {
-        MOEKIT_CHECK(std::isfinite(logits(t, e)), Errc::kNonFinite, "logits(", t, ", ", e,
-                     ") = ", logits(t, e), " is not finite (NonFinitePolicy::kError)");
-      }
-    }
-  }
-
-  // Capacity: gives every assignment its row in its expert's buffer, in
-  // token order among the kept; over-capacity ones get -1 and weight 0.
-  // Returns the number dropped; `assigned` and `kept` receive per-expert
-  // counts before and after capacity.
-  index_t assign_positions(const Routing& out, std::array<index_t, kExperts>& assigned,
-                           std::array<index_t, kExperts>& kept,
-                           VectorView<std::byte> workspace) const {
-    const index_t tokens = out.logits.rows();
+    const bool by_position = !drops_by_weight();
     const index_t cap = capacity(tokens);
-    if (drops_by_weight()) {
-      mark_lowest_weights(out, cap, scratch<std::int32_t>(workspace));  // 0 keep, -1 drop
-      assigned = assignment_counts<S>(out.expert_ids);
-      std::array<index_t, kExperts> fill{};
-      index_t dropped = 0;
-      for (index_t t = 0; t < tokens; ++t) {
-        for (int k = 0; k < kTopK; ++k) {
-          if (out.positions(t, k) == 0) {
-            out.positions(t, k) = static_cast<std::int32_t>(fill[out.expert_ids(t, k)]++);
-          } else {
-            out.weights(t, k) = 0.0f;
-            ++dropped;
-          }
-        }
-      }
-      kept = fill;
-      return dropped;
-    }
-    // kPosition (and dropless): the first `cap` assignments of each expert
-    // in token order are kept. The tokens form kChunks fixed chunks: each
-    // chunk counts its assignments per expert, a scan over the chunks gives
-    // each chunk its first row per expert, and each chunk then numbers its
-    // own assignments. Exact integers, so any thread count agrees.
+    const bool want_stats = stats != nullptr;
+    // Per chunk: assignments per expert, then (after the scan) its first row.
     std::array<std::array<std::int32_t, kExperts>, kChunks> start{};
-    const index_t chunk = (tokens + kChunks - 1) / kChunks;
-    index_t dropped = 0;
+    std::array<std::array<double, kExperts>, kChunks> distribution{};
+    std::array<double, kChunks> lse_square{};
+    std::array<index_t, kExperts> assigned{}, kept{};
+    index_t non_finite = 0, dropped = 0;
 #if defined(_OPENMP)
-#pragma omp parallel if (tokens * kTopK > kLightParallelGrain / 16) reduction(+ : dropped)
+#pragma omp parallel if (tokens * kExperts > kParallelGrain) reduction(+ : non_finite, dropped)
 #endif
     {
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
       for (int c = 0; c < kChunks; ++c) {
-        const index_t end = std::min(tokens, (c + 1) * chunk);
-        for (index_t t = c * chunk; t < end; ++t) {
+        const index_t first = chunks.begin(c), end = chunks.end(c);
+        for (index_t b = first; b < end; b += kRowBlock) {
+          const index_t rows = std::min(kRowBlock, end - b);
+          non_finite += score_rows(out, b, rows, want_stats ? &lse_square[c] : nullptr);
+          select_rows(out, bias, b, rows);
+        }
+        for (index_t t = first; t < end; ++t) {
           for (int k = 0; k < kTopK; ++k) ++start[c][out.expert_ids(t, k)];
+          if (want_stats) {
+            add_routing_distribution<kExperts>(config_.gating.rule, out.scores.row(t),
+                                               distribution[c].data());
+          }
         }
       }
 #if defined(_OPENMP)
@@ -560,38 +552,137 @@ class Router {
           kept[e] = std::min<index_t>(sum[e], cap);
         }
       }
+      if (by_position) {
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
-      for (int c = 0; c < kChunks; ++c) {
-        const index_t end = std::min(tokens, (c + 1) * chunk);
-        std::array<std::int32_t, kExperts>& next = start[c];
-        for (index_t t = c * chunk; t < end; ++t) {
-          for (int k = 0; k < kTopK; ++k) {
-            const std::int32_t p = next[out.expert_ids(t, k)]++;
-            if (p < cap) {
-              out.positions(t, k) = p;
-            } else {
-              out.positions(t, k) = -1;
-              out.weights(t, k) = 0.0f;
-              ++dropped;
+        for (int c = 0; c < kChunks; ++c) {
+          std::array<std::int32_t, kExperts>& next = start[c];
+          for (index_t t = chunks.begin(c); t < chunks.end(c); ++t) {
+            for (int k = 0; k < kTopK; ++k) {
+              const std::int32_t p = next[out.expert_ids(t, k)]++;
+              if (p < cap) {
+                out.positions(t, k) = p;
+              } else {
+                out.positions(t, k) = -1;
+                out.weights(t, k) = 0.0f;
+                ++dropped;
+              }
             }
           }
         }
       }
     }
-    return dropped;
+    if (!by_position) dropped = drop_lowest_weights(out, assigned, cap, workspace);
+    if (!want_stats) return;
+    stats->tokens = tokens;
+    stats->assigned = assigned;
+    stats->kept = kept;
+    stats->dropped = dropped;
+    stats->non_finite_logits = non_finite;
+    std::array<double, kExperts> sum{};
+    double lse_sum = 0.0;
+    for (int c = 0; c < kChunks; ++c) {
+      for (int e = 0; e < kExperts; ++e) sum[e] += distribution[c][e];
+      lse_sum += lse_square[c];
+    }
+    const double n_tokens = static_cast<double>(tokens);
+    for (int e = 0; e < kExperts; ++e) {
+      stats->mean_distribution[e] = tokens > 0 ? sum[e] / n_tokens : 0.0;
+    }
+    stats->z_loss = tokens > 0 ? lse_sum / n_tokens : 0.0;
   }
 
-  // kProbs: per expert, keep the `cap` assignments of highest weight (ties ->
-  // earlier token); marks the rest -1 in positions. `order` (T x K ints of
-  // workspace) receives the slots t * K + k grouped by expert, token order
-  // within each (a counting sort), then each over-full expert's slots are
-  // sorted by (weight desc, slot asc), a total order: no allocation, and the
-  // same result on every run.
-  void mark_lowest_weights(const Routing& out, index_t cap, std::int32_t* order) const {
+  // Scores of `rows` tokens from `first`; returns their non-finite logits.
+  // Finite rows use the vectorised exp (shifted_exp); a row with a
+  // non-finite logit takes the exact scalar rule and adds nothing to the
+  // z-loss sum. With lse_square, adds the rows' logsumexp^2.
+  int score_rows(const Routing& out, index_t first, index_t rows, double* lse_square) const {
+    int non_finite = 0;
+    for (index_t t = first; t < first + rows; ++t) {
+      const float* x = out.logits.row(t);
+      float* s = out.scores.row(t);
+      if (!all_finite(out.logits.row_view(t))) {
+        non_finite += routing::compute_scores<kExperts>(config_.gating.rule, x, s);
+        continue;
+      }
+      Eigen::Map<Eigen::Array<float, 1, kExperts>> scores(s);
+      if (config_.gating.rule == GatingRule::kSigmoid) {
+        const Eigen::Map<const Eigen::Array<float, 1, kExperts>> xs(x);
+        scores = 1.0f / (1.0f + (-xs).exp());
+        if (lse_square != nullptr) {
+          float tmp[kExperts];
+          *lse_square += shifted_exp<kExperts>(x, tmp).lse_square();
+        }
+      } else {
+        const ShiftedExp z = shifted_exp<kExperts>(x, s);
+        scores /= z.sum;
+        if (lse_square != nullptr) *lse_square += z.lse_square();
+      }
+    }
+    return non_finite;
+  }
+
+  // Top-K and weights for `rows` scored tokens from `first`.
+  void select_rows(const Routing& out, const float* bias, index_t first, index_t rows) const {
+    if (config_.gating.num_groups > 1) {
+      for (index_t t = first; t < first + rows; ++t) {
+        routing::select_and_weigh<kExperts, kTopK>(out.logits.row(t), out.scores.row(t), bias,
+                                                   config_.gating, out.expert_ids.row(t),
+                                                   out.weights.row(t));
+      }
+      return;
+    }
+    for (index_t t = first; t < first + rows; t += kLanes) {
+      select_lanes(out, bias, t, std::min<index_t>(kLanes, first + rows - t));
+    }
+  }
+
+  // Top-K for `n` <= kLanes consecutive tokens at once, token l in lane l:
+  // the branch-free insertion runs across lanes, so the compiler vectorises
+  // it over tokens and no key ever costs a mispredicted branch.
+  void select_lanes(const Routing& out, const float* bias, index_t first, index_t n) const {
+    const GatingConfig& gating = config_.gating;
+    const bool logit_key = routing::selects_on_logits(gating, bias != nullptr);
+    alignas(64) float keys[kExperts * kLanes];
+    alignas(64) int ids[kTopK * kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const index_t t = first + (l < n ? l : 0);  // idle lanes repeat a real token
+      const float* x = out.logits.row(t);
+      const float* s = out.scores.row(t);
+      for (int e = 0; e < kExperts; ++e) {
+        keys[e * kLanes + l] = routing::selection_key(logit_key, x[e], s[e], bias, e);
+      }
+    }
+    detail::top_k_lanes<kExperts, kTopK>(keys, ids);
+    for (index_t l = 0; l < n; ++l) {
+      const index_t t = first + l;
+      for (int k = 0; k < kTopK; ++k) out.expert_ids(t, k) = ids[k * kLanes + l];
+      routing::weigh<kExperts, kTopK>(out.logits.row(t), out.scores.row(t), out.expert_ids.row(t),
+                                      gating, out.weights.row(t));
+    }
+  }
+
+  static void reject_non_finite(MatrixView<const float> logits) {
+    for (index_t t = 0; t < logits.rows(); ++t) {
+      for (index_t e = 0; e < kExperts; ++e) {
+        MOEKIT_CHECK(std::isfinite(logits(t, e)), Errc::kNonFinite, "logits(", t, ", ", e,
+                     ") = ", logits(t, e), " is not finite (NonFinitePolicy::kError)");
+      }
+    }
+  }
+
+  // kProbs: per expert, keeps the `cap` assignments of highest weight (ties ->
+  // earlier token) and numbers the kept in token order; the others get
+  // position -1 and weight 0. Returns the number dropped. `order` (T x K
+  // ints of workspace) receives the slots t * K + k grouped by expert, token
+  // order within each (a counting sort), then each over-full expert's slots
+  // are sorted by (weight desc, slot asc), a total order: no allocation, and
+  // the same result on every run.
+  index_t drop_lowest_weights(const Routing& out, const std::array<index_t, kExperts>& count,
+                              index_t cap, VectorView<std::byte> workspace) const {
     const index_t tokens = out.logits.rows();
-    const std::array<index_t, kExperts> count = assignment_counts<S>(out.expert_ids);
+    std::int32_t* order = scratch<std::int32_t>(workspace);
     std::array<index_t, kExperts + 1> offset{};
     for (int e = 0; e < kExperts; ++e) offset[e + 1] = offset[e] + count[e];
     std::array<index_t, kExperts> fill = {};
@@ -614,16 +705,20 @@ class Router {
         out.positions(*slot / kTopK, *slot % kTopK) = slot - first < cap ? 0 : -1;
       }
     }
-  }
-
-  void fill_stats(const Routing& out, RoutingStats<S>& stats) const {
-    const index_t tokens = out.logits.rows();
-    stats.tokens = tokens;
-    const auto sum = routing_distribution_sum<S>(config_.gating.rule, out.scores);
-    for (int e = 0; e < kExperts; ++e) {
-      stats.mean_distribution[e] =
-          tokens > 0 ? static_cast<float>(sum[e] / static_cast<double>(tokens)) : 0.0f;
+    // Number the kept in token order.
+    fill = {};
+    index_t dropped = 0;
+    for (index_t t = 0; t < tokens; ++t) {
+      for (int k = 0; k < kTopK; ++k) {
+        if (out.positions(t, k) == 0) {
+          out.positions(t, k) = static_cast<std::int32_t>(fill[out.expert_ids(t, k)]++);
+        } else {
+          out.weights(t, k) = 0.0f;
+          ++dropped;
+        }
+      }
     }
+    return dropped;
   }
 
   // out = in * jitter factor, element (t, j) drawn with counter t * d + j.
@@ -652,14 +747,10 @@ class Router {
     }
   }
 
-  // Rows per block of vectorised score computation.
+  // Rows scored, then selected, together (they stay in L1 between the two).
   static constexpr index_t kRowBlock = 64;
-  // Below this, exp(x - max) is under float's normal range.
-  static constexpr float kExpFloor = -87.0f;
-  // Fixed token chunks of capacity assignment (not the thread count).
-  static constexpr int kChunks = 16;
   // Tokens selected together, one per SIMD lane.
-  static constexpr int kLanes = 16;
+  static constexpr int kLanes = detail::kSelectLanes;
 
   RouterConfig config_;
 };

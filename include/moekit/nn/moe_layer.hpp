@@ -182,6 +182,9 @@ class MoeLayer {
     check_workspace(workspace, lay.total);
 
     const Routing routing = routing_rows(state.routing, tokens);
+    // The aux losses' values come with the statistics of the routing pass.
+    RoutingStats<S> local_stats;
+    if (stats == nullptr) stats = &local_stats;
     router_.forward(x, params.w_gate, params.gate_bias, params.selection_bias, routing, stats,
                     region(workspace, lay.main, lay.router_bytes));
     const VectorView<const index_t> offsets = state.offsets;
@@ -210,11 +213,9 @@ class MoeLayer {
     }
 
     MoeAuxLosses aux;
-    if (config_.switch_coeff != 0.0f) {
-      aux.switch_loss = switch_loss<S>(config_.router.gating.rule, routing, config_.switch_options,
-                                       config_.switch_coeff);
-    }
-    if (config_.z_coeff != 0.0f) aux.z_loss = z_loss<S>(routing, config_.z_coeff);
+    if (config_.switch_coeff != 0.0f)
+      aux.switch_loss = switch_loss<S>(*stats, config_.switch_options);
+    if (config_.z_coeff != 0.0f) aux.z_loss = stats->z_loss;
     aux.total = static_cast<double>(config_.switch_coeff) * aux.switch_loss +
                 static_cast<double>(config_.z_coeff) * aux.z_loss;
     return aux;
