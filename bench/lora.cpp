@@ -1,0 +1,248 @@
+// LoRA benchmarks (issue 5): T=2048, d_in = d_out = 4096, R = 8 and 64, at 2
+// and 1 threads, measured in this run beside
+//   - the machine's large-SGEMM rate (the ceiling),
+//   - the frozen base layer alone (y = x W^T; in training also dx = dy W),
+//   - a single adapter on all rows (LoraBank with N = 1: in place, plain GEMMs).
+// LoraLinear forward and forward+backward are reported as overhead over the
+// base layer (goal: R = 8 adds at most 5%); LoraBank with 8 and 64 adapters
+// (random ids, every row adapted, so rows are gathered) as a ratio to the
+// single adapter over the same rows (goal: at most 1.15x), for the adapter
+// part alone and with the base layer included.
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ceiling.hpp"
+#include "moekit/cpu/lora.hpp"
+#include "summary.hpp"
+
+namespace {
+
+using moekit::index_t;
+using moekit::LoraSpec;
+using moekit::MatrixView;
+
+constexpr index_t kTokens = 2048;
+constexpr index_t kDim = 4096;
+
+std::vector<float> random_vector(std::size_t n, float scale, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+std::size_t sz(index_t n) { return static_cast<std::size_t>(n); }
+
+// Inputs shared by every run of one process (built once: 4096^2 weights).
+struct Data {
+  std::vector<float> x, w, dy, y, dx;
+  Data()
+      : x(random_vector(sz(kTokens * kDim), 1.0f, 1)),
+        w(random_vector(sz(kDim * kDim), 0.015f, 2)),
+        dy(random_vector(sz(kTokens * kDim), 1.0f, 3)),
+        y(sz(kTokens * kDim)),
+        dx(sz(kTokens * kDim)) {}
+  MatrixView<const float> xv() const { return {x.data(), kTokens, kDim}; }
+  MatrixView<const float> wv() const { return {w.data(), kDim, kDim}; }
+  MatrixView<const float> dyv() const { return {dy.data(), kTokens, kDim}; }
+  MatrixView<float> yv() { return {y.data(), kTokens, kDim}; }
+  MatrixView<float> dxv() { return {dx.data(), kTokens, kDim}; }
+};
+
+Data& data() {
+  static Data d;
+  return d;
+}
+
+double gemm_flops() { return 2.0 * kTokens * kDim * kDim; }
+double adapter_flops(int rank) { return 2.0 * kTokens * rank * (kDim + kDim); }
+
+void set_rate(benchmark::State& state, double flops) {
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The frozen base layer alone: y = x W^T (and dx = dy W with `backward`).
+void base_layer(benchmark::State& state, int threads, bool backward) {
+  moekit_bench::set_threads(threads);
+  Data& d = data();
+  for (auto _ : state) {
+    moekit::as_eigen(d.yv()).noalias() =
+        moekit::as_eigen(d.xv()) * moekit::as_eigen(d.wv()).transpose();
+    if (backward)
+      moekit::as_eigen(d.dxv()).noalias() = moekit::as_eigen(d.dyv()) * moekit::as_eigen(d.wv());
+    benchmark::DoNotOptimize(d.y.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, (backward ? 2 : 1) * gemm_flops());
+}
+
+template <int R>
+void lora_linear(benchmark::State& state, int threads, bool backward) {
+  moekit_bench::set_threads(threads);
+  Data& d = data();
+  const moekit::cpu::LoraLinear<LoraSpec<R>> lora({.d_in = kDim, .d_out = kDim, .alpha = 16.0f});
+  std::vector<float> a(sz(R * kDim)), b = random_vector(sz(kDim * R), 0.01f, 4), h(sz(kTokens * R)),
+                                      da(a.size()), db(b.size());
+  lora.init({a.data(), R, kDim}, {db.data(), kDim, R}, {.seed = 5});  // b stays random
+  const moekit::cpu::LoraWeights weights{
+      .w = d.wv(), .a = {a.data(), R, kDim}, .b = {b.data(), kDim, R}};
+  std::vector<std::byte> ws(sz(lora.workspace_size(kTokens)));
+  const moekit::VectorView<std::byte> wv(ws.data(), static_cast<index_t>(ws.size()));
+  const moekit::cpu::LoraStep step{.training = backward};
+  const MatrixView<float> hv =
+      backward ? MatrixView<float>(h.data(), kTokens, R) : MatrixView<float>();
+  for (auto _ : state) {
+    lora.forward(d.xv(), weights, d.yv(), hv, step, wv);
+    if (backward) {
+      lora.backward(d.dyv(), d.xv(), weights, hv, step, d.dxv(),
+                    {.da = {da.data(), R, kDim}, .db = {db.data(), kDim, R}}, wv);
+    }
+    benchmark::DoNotOptimize(d.y.data());
+    benchmark::ClobberMemory();
+  }
+  // Base GEMMs plus the adapter's (forward: 2; backward: db, dh, da, dx part: 4).
+  set_rate(state, (backward ? 2 : 1) * gemm_flops() + (backward ? 3 : 1) * adapter_flops(R));
+}
+
+// The adapter part of a bank of N adapters (w empty: y and dx get it added).
+// N = 1 puts every row on adapter 0 (consecutive rows: plain GEMMs in place);
+// N > 1 draws each row's adapter at random (gathered chunks).
+template <int R>
+void lora_bank(benchmark::State& state, int threads, index_t adapters, bool backward) {
+  moekit_bench::set_threads(threads);
+  Data& d = data();
+  const moekit::cpu::LoraBank<LoraSpec<R>> bank(
+      {.d_in = kDim, .d_out = kDim, .num_adapters = adapters, .alpha = 16.0f});
+  std::vector<float> a = random_vector(sz(adapters * R * kDim), 0.015f, 6),
+                     b = random_vector(sz(adapters * kDim * R), 0.01f, 7), h(sz(kTokens * R)),
+                     da(a.size()), db(b.size());
+  std::vector<std::int32_t> ids(sz(kTokens), 0);
+  std::mt19937 rng(8);
+  std::uniform_int_distribution<int> pick(0, static_cast<int>(adapters) - 1);
+  for (auto& id : ids) id = pick(rng);
+  std::vector<index_t> order(sz(kTokens)), offsets(sz(adapters + 1));
+  bank.group({ids.data(), kTokens}, {order.data(), kTokens}, {offsets.data(), adapters + 1});
+  const moekit::cpu::LoraRows rows{
+      {ids.data(), kTokens}, {order.data(), kTokens}, {offsets.data(), adapters + 1}};
+  const moekit::cpu::LoraWeights weights{.a = {a.data(), adapters * R, kDim},
+                                         .b = {b.data(), adapters * kDim, R}};
+  std::vector<std::byte> ws(sz(bank.workspace_size(kTokens)));
+  const moekit::VectorView<std::byte> wv(ws.data(), static_cast<index_t>(ws.size()));
+  const moekit::cpu::LoraStep step{.training = backward};
+  const MatrixView<float> hv =
+      backward ? MatrixView<float>(h.data(), kTokens, R) : MatrixView<float>();
+  for (auto _ : state) {
+    bank.forward(d.xv(), rows, weights, d.yv(), hv, step, wv);
+    if (backward) {
+      bank.backward(d.dyv(), d.xv(), rows, weights, hv, step, d.dxv(),
+                    {.da = {da.data(), adapters * R, kDim}, .db = {db.data(), adapters * kDim, R}},
+                    wv);
+    }
+    benchmark::DoNotOptimize(d.y.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, (backward ? 4 : 1) * adapter_flops(R));
+}
+
+// Built with append: GCC 12 warns falsely (-Wrestrict) on chains of string operator+.
+std::string run_name(const std::string& what, const std::string& config, int threads) {
+  std::string name = what;
+  name.append("/").append(config).append("/threads:").append(std::to_string(threads));
+  return name;
+}
+
+template <class F>
+void add(const std::string& name, F f) {
+  benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+template <int R>
+void register_rank(int threads) {
+  std::string r = "R";
+  r.append(std::to_string(R));
+  add(run_name("lora_forward", r, threads),
+      [threads](benchmark::State& s) { lora_linear<R>(s, threads, false); });
+  add(run_name("lora_forward_backward", r, threads),
+      [threads](benchmark::State& s) { lora_linear<R>(s, threads, true); });
+  for (const index_t n : {index_t{1}, index_t{8}, index_t{64}}) {
+    std::string c = r;
+    c.append("_N").append(std::to_string(n));
+    add(run_name("bank_forward", c, threads),
+        [threads, n](benchmark::State& s) { lora_bank<R>(s, threads, n, false); });
+    add(run_name("bank_forward_backward", c, threads),
+        [threads, n](benchmark::State& s) { lora_bank<R>(s, threads, n, true); });
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // 2 threads first (see bench/routing.cpp).
+  const int thread_counts[] = {2, 1};
+  for (int threads : thread_counts) {
+    add(run_name("sgemm_ceiling", "n2048", threads),
+        [threads](benchmark::State& s) { moekit_bench::sgemm(s, 2048, 2048, 2048, threads); });
+    add(run_name("base_forward", "d4096", threads),
+        [threads](benchmark::State& s) { base_layer(s, threads, false); });
+    add(run_name("base_forward_backward", "d4096", threads),
+        [threads](benchmark::State& s) { base_layer(s, threads, true); });
+    register_rank<8>(threads);
+    register_rank<64>(threads);
+  }
+  benchmark::Initialize(&argc, argv);
+  moekit_bench::RecordingReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+
+  std::printf("\n%-4s %3s %10s %9s %9s %9s %9s %9s | %8s %8s %8s %8s\n", "rank", "thr",
+              "SGEMM GF/s", "base ms", "fwd ms", "fwd +%", "fb ms", "fb +%", "N8 fwd", "N64 fwd",
+              "N8 fb", "N64 fb");
+  for (int threads : thread_counts) {
+    const double ceiling_s = reporter.seconds(run_name("sgemm_ceiling", "n2048", threads));
+    const double ceiling = ceiling_s > 0 ? 2.0 * 2048 * 2048 * 2048 / ceiling_s * 1e-9 : 0.0;
+    const double base = reporter.seconds(run_name("base_forward", "d4096", threads));
+    const double base_fb = reporter.seconds(run_name("base_forward_backward", "d4096", threads));
+    for (const char* r : {"R8", "R64"}) {
+      const double fwd = reporter.seconds(run_name("lora_forward", r, threads));
+      const double fb = reporter.seconds(run_name("lora_forward_backward", r, threads));
+      const auto bank = [&](const char* what, const char* n) {
+        std::string config = r;
+        config.append("_").append(n);
+        return reporter.seconds(run_name(what, config, threads));
+      };
+      const auto ratio = [](double num, double den) {
+        return num > 0 && den > 0 ? num / den : 0.0;
+      };
+      const auto overhead = [&](double with, double without) {
+        return with > 0 && without > 0 ? 100.0 * (with / without - 1.0) : 0.0;
+      };
+      if (fwd <= 0 && bank("bank_forward", "N1") <= 0) continue;  // filtered out
+      std::printf(
+          "%-4s %3d %10.1f %9.2f %9.2f %8.1f%% %9.2f %8.1f%% | %7.2fx %7.2fx %7.2fx %7.2fx\n", r,
+          threads, ceiling, base * 1e3, fwd * 1e3, overhead(fwd, base), fb * 1e3,
+          overhead(fb, base_fb), ratio(bank("bank_forward", "N8"), bank("bank_forward", "N1")),
+          ratio(bank("bank_forward", "N64"), bank("bank_forward", "N1")),
+          ratio(bank("bank_forward_backward", "N8"), bank("bank_forward_backward", "N1")),
+          ratio(bank("bank_forward_backward", "N64"), bank("bank_forward_backward", "N1")));
+      if (base > 0 && bank("bank_forward", "N1") > 0) {
+        std::printf(
+            "%-4s %3d   with the base layer: N8 fwd %.3fx, N64 fwd %.3fx, N8 fb %.3fx, N64 fb "
+            "%.3fx\n",
+            r, threads, ratio(base + bank("bank_forward", "N8"), base + bank("bank_forward", "N1")),
+            ratio(base + bank("bank_forward", "N64"), base + bank("bank_forward", "N1")),
+            ratio(base_fb + bank("bank_forward_backward", "N8"),
+                  base_fb + bank("bank_forward_backward", "N1")),
+            ratio(base_fb + bank("bank_forward_backward", "N64"),
+                  base_fb + bank("bank_forward_backward", "N1")));
+      }
+    }
+  }
+  std::printf(
+      "fwd +%% / fb +%%: LoraLinear time over the frozen base layer's (goal R8 <= 5%%); "
+      "N8 / N64: bank of 8 / 64 adapters (random ids) over one adapter on the same rows, "
+      "adapter part only (goal <= 1.15x)\n");
+  return 0;
+}

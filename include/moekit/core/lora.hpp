@@ -1,0 +1,61 @@
+#pragma once
+// LoRA math shared by every backend (DESIGN.md §4): the scaling factor, the
+// initial values of A and the dropout mask on the adapter input. All are pure
+// functions of their arguments (the random ones of a caller seed and an
+// element counter, see moekit/core/random.hpp), so the CPU and CUDA backends,
+// and a backward pass regenerating a forward pass's mask, agree bit for bit.
+//
+//   scale            s = alpha / R, or alpha / sqrt(R) with rsLoRA
+//   init, A(r, j)    counter c = r d_in + j:
+//                      kKaimingUniform  U(-bound, bound), bound = 1 / sqrt(d_in), drawn as
+//                                       bound (2 random_uniform(seed, c) - 1); PyTorch's
+//                                       kaiming_uniform_(a = sqrt(5)) on an R x d_in weight
+//                      kGaussian        stddev random_normal(seed, c)
+//                    B = 0, so the adapted layer starts equal to the base layer.
+//   dropout          element (t, j) of the n x d_in adapter input is kept when
+//                      random_uniform(key, t d_in + j) >= p,  key = random_bits(seed, step)
+//                    and a kept element is scaled by 1 / (1 - p) (inverted dropout).
+//                    t is the row in the caller's batch, so a row's mask does not
+//                    depend on how rows are grouped.
+
+#include <cmath>
+#include <cstdint>
+
+#include "moekit/core/config.hpp"
+#include "moekit/core/random.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+
+enum class LoraInit {
+  kKaimingUniform,  // U(-1/sqrt(d_in), 1/sqrt(d_in)) (PyTorch / PEFT default)
+  kGaussian,        // N(0, stddev^2)
+};
+
+MOEKIT_HOST_DEVICE inline float lora_scale(float alpha, int rank, bool rslora) {
+  using std::sqrt;
+  const float r = static_cast<float>(rank);
+  return rslora ? alpha / sqrt(r) : alpha / r;
+}
+
+// Initial value of A(r, j) for counter = r d_in + j; `spread` is the bound
+// (kKaimingUniform) or the standard deviation (kGaussian).
+MOEKIT_HOST_DEVICE inline float lora_init_value(LoraInit kind, float spread, std::uint64_t seed,
+                                                std::uint64_t counter) {
+  if (kind == LoraInit::kGaussian) return spread * random_normal(seed, counter);
+  return spread * (2.0f * random_uniform(seed, counter) - 1.0f);
+}
+
+// The dropout key of one training step.
+MOEKIT_HOST_DEVICE constexpr std::uint64_t lora_dropout_key(std::uint64_t seed,
+                                                            std::uint64_t step) {
+  return random_bits(seed, step);
+}
+
+// Whether input element `counter` (= t d_in + j) survives dropout with
+// probability p of being dropped.
+MOEKIT_HOST_DEVICE constexpr bool lora_dropout_keep(std::uint64_t key, float p,
+                                                    std::uint64_t counter) {
+  return random_uniform(key, counter) >= p;
+}
+
+MOEKIT_NAMESPACE_END

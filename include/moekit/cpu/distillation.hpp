@@ -1,0 +1,111 @@
+#pragma once
+// Knowledge distillation loss on the CPU backend (DESIGN.md §4): a student's
+// logits trained against a teacher's softened distribution and the labels.
+//
+// For row i of the student logits s_i and teacher logits t_i (n x C each),
+// temperature T > 0 and mixing a in [0, 1]:
+//   p_i = softmax(t_i / T),  q_i = softmax(s_i / T),  r_i = softmax(s_i)
+//   L_i = a T^2 KL(p_i || q_i) + (1 - a) CE(y_i, r_i)
+//   L   = (1 / n) sum_i L_i                          (mean over the batch)
+//   dL/ds_i = (1 / n) (a T (q_i - p_i) + (1 - a) (r_i - onehot(y_i)))
+// The T^2 keeps the soft term's gradient scale independent of T (Hinton et
+// al. 2015). The teacher gets no gradient. Per-row math is
+// classify::distillation_row (core/classification.hpp), shared with CUDA:
+// log-sum-exp about the row maximum, sums over classes in double.
+//
+// Returns the mean loss L and, for monitoring, the mean KL(p || q) and mean CE
+// (unscaled; ce = 0 when a = 1, where labels are not used and may be empty).
+// dstudent (n x C) is overwritten with dL/ds unless empty. n = 0 gives L = 0.
+//
+// Determinism: rows run in parallel in 64 fixed chunks whose double partial
+// sums are added in order, so L is bit-identical for any thread count.
+//
+// Validation (before anything is written): temperature finite and > 0, alpha
+// finite in [0, 1] (Errc::kInvalidArgument); student and teacher of the same
+// shape with C >= 1 when n > 0 (kShapeMismatch); labels of n entries in
+// [0, C) (kOutOfRange, naming the row and value), or empty when a = 1.
+// Logit values are not checked: NaN or Inf gives a non-finite L. Strided
+// views work; padding columns are never touched.
+//
+//   const DistillationLoss kd = distillation_loss({.temperature = 2.0f, .alpha = 0.5f},
+//                                                  student, teacher, labels, dstudent);
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "moekit/core/classification.hpp"
+#include "moekit/core/error.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cpu/parallel.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+namespace cpu {
+
+struct DistillationConfig {
+  float temperature = 1.0f;  // T > 0
+  float alpha = 0.5f;        // weight a of the soft (teacher) term, in [0, 1]
+};
+
+// Means over the batch (formulas above).
+struct DistillationLoss {
+  double loss = 0.0;  // L
+  double kl = 0.0;    // mean KL(p || q), without a T^2
+  double ce = 0.0;    // mean CE(y, softmax(s)), without 1 - a; 0 when a = 1
+};
+
+inline DistillationLoss distillation_loss(const DistillationConfig& config,
+                                          MatrixView<const float> student,
+                                          MatrixView<const float> teacher,
+                                          VectorView<const std::int32_t> labels,
+                                          MatrixView<float> dstudent = {}) {
+  const float temp = config.temperature, alpha = config.alpha;
+  MOEKIT_CHECK_ARG(std::isfinite(temp) && temp > 0.0f, "config.temperature = ", temp,
+                   " must be finite and positive");
+  MOEKIT_CHECK_ARG(std::isfinite(alpha) && alpha >= 0.0f && alpha <= 1.0f, "config.alpha = ", alpha,
+                   " must be in [0, 1]");
+  check_view(student, "student");
+  const index_t n = student.rows(), c = student.cols();
+  MOEKIT_CHECK(n == 0 || c >= 1, Errc::kShapeMismatch, "student is ", n, " x ", c,
+               ": at least one class is needed");
+  check_shape(teacher, n, c, "teacher");
+  const bool use_labels = alpha < 1.0f;
+  if (use_labels || !labels.empty()) {
+    check_shape(labels, n, "labels");
+    for (index_t i = 0; i < n; ++i) {
+      MOEKIT_CHECK(labels[i] >= 0 && labels[i] < c, Errc::kOutOfRange, "labels[", i,
+                   "] = ", labels[i], " is outside [0, C = ", c, ")");
+    }
+  }
+  if (!dstudent.empty()) check_shape(dstudent, n, c, "dstudent");
+  DistillationLoss out;
+  if (n == 0) return out;
+
+  const float scale = static_cast<float>(1.0 / static_cast<double>(n));
+  constexpr int kChunks = 64;
+  double kl_part[kChunks] = {}, ce_part[kChunks] = {};
+  const index_t chunk = (n + kChunks - 1) / kChunks;
+  MOEKIT_PARALLEL_FOR_IF(n * c > kParallelGrain)
+  for (int k = 0; k < kChunks; ++k) {
+    const index_t end = std::min(n, (k + 1) * chunk);
+    for (index_t i = k * chunk; i < end; ++i) {
+      const classify::DistillationTerms terms = classify::distillation_row(
+          student.row(i), teacher.row(i), c, use_labels ? labels[i] : 0, temp, alpha, scale,
+          dstudent.empty() ? nullptr : dstudent.row(i));
+      kl_part[k] += terms.kl;
+      ce_part[k] += terms.ce;
+    }
+  }
+  for (int k = 0; k < kChunks; ++k) {
+    out.kl += kl_part[k];
+    out.ce += ce_part[k];
+  }
+  out.kl /= static_cast<double>(n);
+  out.ce /= static_cast<double>(n);
+  const double a = alpha, t = temp;
+  out.loss = a * t * t * out.kl + (1.0 - a) * out.ce;
+  return out;
+}
+
+}  // namespace cpu
+MOEKIT_NAMESPACE_END

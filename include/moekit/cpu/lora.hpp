@@ -1,0 +1,1023 @@
+#pragma once
+// LoRA adapters on the CPU backend, for LoraSpec<R>: one adapter on a frozen
+// linear layer (LoraLinear), and a bank of N adapters where each row of the
+// batch picks its own (LoraBank), forward and backward, with initialisation,
+// dropout on the adapter input, and merging into the base weight.
+//
+// Layout (row-major, like torch.nn.Linear; R = S::rank):
+//   x   n x d_in       input rows
+//   w   d_out x d_in   frozen base weight, bias d_out (optional, frozen)
+//   a   R x d_in       adapter down-projection
+//                      (bank: N R x d_in, adapter i = rows [i R, (i + 1) R))
+//   b   d_out x R      adapter up-projection
+//                      (bank: N d_out x R, adapter i = rows [i d_out, (i + 1) d_out))
+//   h   n x R          saved adapter activations (caller memory)
+//   y   n x d_out
+//
+// The math (DESIGN.md §4), s = alpha / R, or alpha / sqrt(R) with rsLoRA
+// (moekit/core/lora.hpp), drop = dropout on the adapter input (identity in
+// inference or with p = 0):
+//   forward   h = drop(x) a^T,   y = x w^T + bias + s h b^T
+//   backward  given g = dL/dy:
+//             db = s g^T h,   dh = s g b,   da = dh^T drop(x),   dx = g w + drop'(dh a)
+// where drop' applies the same mask and 1 / (1 - p) scale. w and the bias are
+// frozen: they never get a gradient and no work is done for one. LoraBank does
+// the same per row with the row's adapter (its id in [-1, N); -1 = none, the
+// row gets the base output only).
+//
+// Dropout. In training (LoraStep::training) with config.dropout = p > 0, the
+// mask of element (t, j) of x is a pure function of (step.seed, step.step, t,
+// j) (moekit/core/lora.hpp): it is never stored, backward regenerates it, and
+// passing the same LoraStep gives the same mask. Otherwise no mask work at all.
+//
+// Saved activations. forward writes h into `saved_h` (n x R, caller memory);
+// backward reads it (needed for db only). For inference pass an empty view:
+// h then lives in the workspace.
+//
+// Workspace. Both calls take a caller workspace of at least
+// workspace_size(n) bytes (float-aligned) for h, dh and, where rows are
+// gathered (dropout, the bank's scattered segments), copies of a chunk of
+// rows; no call allocates.
+//
+// Gradients. Any of dx, grads.da and grads.db may be an empty view: it is
+// frozen or not wanted, no work is done for it and nothing is written there.
+// da and db are overwritten or, with grads.accumulate, added to. LoraLinear
+// overwrites dx; LoraBank overwrites dx when it owns the base weight and adds
+// to it otherwise (see LoraBank below). An adapter of the bank with no rows
+// gets zero gradient blocks (overwrite) or unchanged ones (accumulate).
+//
+// Merging. merge: w += s b a; unmerge: w -= s b a; safe_merge computes every
+// merged value first and refuses (Errc::kNonFinite, naming the element) if any
+// is NaN or infinite, leaving w bit-identical; otherwise it writes exactly the
+// values merge writes. merge followed by unmerge restores w up to one rounding
+// per element. The rank-R products run on fixed-size Eigen rows (s b_i, 1 x R).
+//
+// Multi-adapter bank. group() sorts the rows by adapter with a stable counting
+// sort: order (n entries; the first offsets[N] list the rows of adapter 0, then
+// 1, ..., each in increasing row order; rows with id -1 are not listed) and
+// offsets (N + 1 entries, the exclusive scan of the counts). forward and
+// backward take ids, order and offsets (LoraRows) and run each adapter's
+// shrink (x_seg a_i^T) and expand (h_seg b_i^T) on its own rows only, in
+// chunks of chunk_rows() rows: a chunk whose rows are consecutive in x is used
+// in place, otherwise its rows are gathered into the workspace and the results
+// scattered back. Rows never pay for other adapters: the cost is
+// O(rows x R x (d_in + d_out)) whatever N is.
+//
+// Threading. LoraLinear: Eigen parallelises its GEMMs, and the dropout and
+// gather loops run on OpenMP threads. LoraBank forward: the chunks are spread
+// over OpenMP threads, each with its own workspace slot and single-threaded
+// GEMMs. LoraBank backward: adapters in parallel (dynamic schedule) when at
+// least as many adapters have rows as there are threads, else adapters in turn
+// with Eigen's parallel GEMMs. Each output element is written by one thread,
+// and each gradient block sums its chunks in a fixed order, so results are
+// bit-identical run after run for a given thread count (across thread counts
+// Eigen's blocking may change the last bits). Without OpenMP everything runs
+// serially and gives correct results.
+//
+// Validation (every public call, before anything is written): the config
+// (constructor: sizes >= 1, alpha finite, dropout in [0, 1)); every view well
+// formed and of the shapes above, with a rank mismatch named as such; the
+// workspace; for the bank, every id in [-1, N) (the message names the row and
+// value) and order/offsets consistent with ids. Errors: kShapeMismatch,
+// kNullPointer, kInvalidArgument, kOutOfRange (ids, order entries),
+// kNonFinite (safe_merge). Values (NaN/Inf) are not checked elsewhere. Outputs
+// must not overlap inputs (not checked). Strided views (ld > cols) work;
+// padding columns are never touched.
+//
+//   const LoraLinear<LoraSpec<8>> lora({.d_in = d, .d_out = d, .alpha = 16});
+//   lora.init(a, b, {.seed = 7});
+//   std::vector<std::byte> ws(lora.workspace_size(n));
+//   const LoraStep step{.training = true, .seed = 1, .step = i};
+//   lora.forward(x, {.w = w, .a = a, .b = b}, y, h, step, ws_view);
+//   lora.backward(dy, x, {.w = w, .a = a, .b = b}, h, step, dx, {.da = da, .db = db}, ws_view);
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "moekit/core/error.hpp"
+#include "moekit/core/lora.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/parallel.hpp"
+#include "moekit/spec.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+namespace cpu {
+
+struct LoraConfig {
+  index_t d_in = 0;
+  index_t d_out = 0;
+  float alpha = 1.0f;    // s = alpha / R (alpha / sqrt(R) with rslora)
+  bool rslora = false;   // rank-stabilised scaling
+  float dropout = 0.0f;  // probability of dropping an adapter input element, in [0, 1)
+};
+
+struct LoraBankConfig {
+  index_t d_in = 0;
+  index_t d_out = 0;
+  index_t num_adapters = 0;  // N
+  float alpha = 1.0f;        // shared by all adapters
+  bool rslora = false;
+  float dropout = 0.0f;
+};
+
+struct LoraInitConfig {
+  LoraInit kind = LoraInit::kKaimingUniform;
+  float stddev = 0.0f;     // kGaussian only; 0 means 1 / R
+  std::uint64_t seed = 0;  // A(r, j) is drawn with counter r d_in + j
+};
+
+// Training or inference, and the dropout noise of this step.
+struct LoraStep {
+  bool training = false;
+  std::uint64_t seed = 0;  // the run's seed
+  std::uint64_t step = 0;  // a new mask every step; backward must get the same values
+};
+
+struct LoraWeights {
+  MatrixView<const float> w{};     // frozen base weight (LoraBank: may be empty)
+  VectorView<const float> bias{};  // frozen base bias, d_out, or empty
+  MatrixView<const float> a{};     // adapter down-projection(s)
+  MatrixView<const float> b{};     // adapter up-projection(s)
+};
+
+// Gradient outputs of the adapter(s); an empty view is frozen.
+struct LoraGrads {
+  MatrixView<float> da{};
+  MatrixView<float> db{};
+  bool accumulate = false;  // add to da / db instead of overwriting them
+};
+
+// A bank's row assignment: ids from the caller, order and offsets from
+// LoraBank::group.
+struct LoraRows {
+  VectorView<const std::int32_t> ids{};  // n, each in [-1, N)
+  VectorView<const index_t> order{};     // n
+  VectorView<const index_t> offsets{};   // N + 1
+};
+
+namespace detail {
+
+inline int lora_max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int lora_thread_id() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int lora_num_threads() {
+#if defined(_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+inline void check_lora_fields(index_t d_in, index_t d_out, float alpha, float dropout) {
+  MOEKIT_CHECK_ARG(d_in >= 1, "config.d_in = ", d_in, " must be at least 1");
+  MOEKIT_CHECK_ARG(d_out >= 1, "config.d_out = ", d_out, " must be at least 1");
+  MOEKIT_CHECK_ARG(std::isfinite(alpha), "config.alpha = ", alpha, " must be finite");
+  MOEKIT_CHECK_ARG(dropout >= 0.0f && dropout < 1.0f, "config.dropout = ", dropout,
+                   " must be in [0, 1)");
+}
+
+// The dropout of one call; inactive in inference or with p = 0.
+struct LoraMask {
+  bool active = false;
+  std::uint64_t key = 0;
+  float p = 0.0f;
+  float keep_scale = 1.0f;
+  index_t width = 0;  // d_in: element (t, j) has counter t d_in + j
+
+  static LoraMask make(float p, const LoraStep& step, index_t d_in) {
+    LoraMask m;
+    m.active = step.training && p > 0.0f;
+    if (m.active) {
+      m.key = lora_dropout_key(step.seed, step.step);
+      m.p = p;
+      m.keep_scale = 1.0f / (1.0f - p);
+      m.width = d_in;
+    }
+    return m;
+  }
+  // dst[j] (= or +=) src[j] * mask(t, j) for j < cols.
+  template <bool kAdd>
+  void apply(const float* src, float* dst, index_t t, index_t cols) const {
+    const auto base = static_cast<std::uint64_t>(t * width);
+    for (index_t j = 0; j < cols; ++j) {
+      const float v = lora_dropout_keep(key, p, base + static_cast<std::uint64_t>(j))
+                          ? src[j] * keep_scale
+                          : 0.0f;
+      if constexpr (kAdd) {
+        dst[j] += v;
+      } else {
+        dst[j] = v;
+      }
+    }
+  }
+};
+
+// The rows of one unit of work: row k is order[first + k], or first + k when
+// order is null. Within a bank segment order increases strictly (validated),
+// so the rows are consecutive in x exactly when the last is count - 1 after
+// the first.
+struct LoraRowSet {
+  const index_t* order = nullptr;
+  index_t first = 0;
+  index_t count = 0;
+
+  index_t operator[](index_t k) const { return order != nullptr ? order[first + k] : first + k; }
+  bool consecutive() const {
+    return order == nullptr || count == 0 || order[first + count - 1] - order[first] == count - 1;
+  }
+};
+
+// dst row k = src row rows[k], masked when `mask` is active.
+inline void gather_rows(MatrixView<const float> src, const LoraRowSet& rows, const LoraMask& mask,
+                        MatrixView<float> dst, [[maybe_unused]] bool parallel) {
+  const index_t cols = src.cols();
+  MOEKIT_PARALLEL_FOR_IF(parallel && rows.count * cols > kParallelGrain)
+  for (index_t k = 0; k < rows.count; ++k) {
+    const index_t t = rows[k];
+    if (mask.active) {
+      mask.apply<false>(src.row(t), dst.row(k), t, cols);
+    } else {
+      std::copy(src.row(t), src.row(t) + cols, dst.row(k));
+    }
+  }
+}
+
+// dst row rows[k] (= or +=) src row k, masked when `mask` is active.
+template <bool kAdd>
+void scatter_rows(MatrixView<const float> src, const LoraRowSet& rows, const LoraMask& mask,
+                  MatrixView<float> dst, [[maybe_unused]] bool parallel) {
+  const index_t cols = src.cols();
+  MOEKIT_PARALLEL_FOR_IF(parallel && rows.count * cols > kParallelGrain)
+  for (index_t k = 0; k < rows.count; ++k) {
+    const index_t t = rows[k];
+    if (mask.active) {
+      mask.apply<kAdd>(src.row(k), dst.row(t), t, cols);
+    } else if constexpr (kAdd) {
+      as_eigen(dst.row_view(t)) += as_eigen(src.row_view(k));
+    } else {
+      std::copy(src.row(k), src.row(k) + cols, dst.row(t));
+    }
+  }
+}
+
+template <class Dst, class Expr>
+void assign_or_add(Dst&& dst, const Expr& expr, bool add) {
+  if (add) {
+    dst.noalias() += expr;
+  } else {
+    dst.noalias() = expr;
+  }
+}
+
+// Scratch of one thread: a chunk of input rows (or dh a), a chunk of output
+// rows (or gathered dy), h and dh of the chunk.
+struct LoraSlot {
+  MatrixView<float> xbuf, ybuf, hbuf, dhbuf;
+};
+
+struct LoraSlotShape {
+  index_t rows = 0;
+  bool xbuf = false;
+  bool ybuf = false;
+
+  // Floats of one slot, rounded up to 64 bytes so that slots never share a cache line.
+  index_t floats(index_t d_in, index_t d_out, int rank) const {
+    const index_t n = rows * (2 * index_t{rank} + (xbuf ? d_in : 0) + (ybuf ? d_out : 0));
+    return (n + 15) / 16 * 16;
+  }
+  LoraSlot carve(float* base, index_t d_in, index_t d_out, int rank) const {
+    LoraSlot s;
+    float* p = base;
+    const auto take = [&](index_t cols, bool used) {
+      if (!used) return MatrixView<float>();
+      MatrixView<float> v(p, rows, cols);
+      p += rows * cols;
+      return v;
+    };
+    s.xbuf = take(d_in, xbuf);
+    s.ybuf = take(d_out, ybuf);
+    s.hbuf = take(rank, true);
+    s.dhbuf = take(rank, true);
+    return s;
+  }
+};
+
+inline void check_lora_workspace(VectorView<std::byte> workspace, index_t need, index_t rows) {
+  if (need == 0) return;
+  check_view(workspace, "workspace");
+  MOEKIT_CHECK(workspace.size() >= need, Errc::kShapeMismatch, "workspace has ", workspace.size(),
+               " bytes, ", need, " needed for ", rows, " rows (see workspace_size)");
+  MOEKIT_CHECK(reinterpret_cast<std::uintptr_t>(workspace.data()) % alignof(float) == 0,
+               Errc::kInvalidArgument, "workspace is not aligned to ", alignof(float), " bytes");
+}
+
+// A's rows must be the rank; say so instead of a bare shape mismatch.
+template <class T>
+void check_rank_rows(MatrixView<T> v, index_t rows, int rank, const char* name) {
+  check_view(v, name);
+  MOEKIT_CHECK(v.rows() == rows, Errc::kShapeMismatch, name, " has ", v.rows(), " rows, expected ",
+               rows, " (rank R = ", rank, ")");
+}
+template <class T>
+void check_rank_cols(MatrixView<T> v, int rank, const char* name) {
+  check_view(v, name);
+  MOEKIT_CHECK(v.cols() == rank, Errc::kShapeMismatch, name, " has ", v.cols(),
+               " columns, expected the rank R = ", rank);
+}
+
+// One adapter's forward and backward on a set of rows; shared by LoraLinear
+// (rows 0..n-1, in place) and LoraBank (a chunk of a segment).
+template <int R>
+struct LoraKernel {
+  index_t d_in = 0;
+  index_t d_out = 0;
+  float scale = 0.0f;
+  LoraMask mask;
+
+  // h[rows] = drop(x[rows]) a^T (h may be empty: kept in the slot), y[rows] += s h b^T.
+  void forward(MatrixView<const float> x, const LoraRowSet& rows, MatrixView<const float> a,
+               MatrixView<const float> b, MatrixView<float> h, MatrixView<float> y,
+               const LoraSlot& slot, bool parallel) const {
+    const index_t n = rows.count;
+    if (n == 0) return;
+    const bool in_place = rows.consecutive();
+    const index_t t0 = rows[0];
+    MatrixView<const float> xin;
+    if (in_place && !mask.active) {
+      xin = x.middle_rows(t0, n);
+    } else {
+      const MatrixView<float> buf = slot.xbuf.middle_rows(0, n);
+      gather_rows(x, rows, mask, buf, parallel);
+      xin = buf;
+    }
+    const MatrixView<float> hv =
+        in_place && !h.empty() ? h.middle_rows(t0, n) : slot.hbuf.middle_rows(0, n);
+    as_eigen(hv).noalias() = as_eigen(xin) * as_eigen(a).transpose();
+    const MatrixView<const float> hc = hv;
+    if (in_place) {
+      as_eigen(y.middle_rows(t0, n)).noalias() += scale * (as_eigen(hc) * as_eigen(b).transpose());
+      return;
+    }
+    if (!h.empty()) scatter_rows<false>(hc, rows, LoraMask{}, h, parallel);
+    const MatrixView<float> delta = slot.ybuf.middle_rows(0, n);
+    as_eigen(delta).noalias() = scale * (as_eigen(hc) * as_eigen(b).transpose());
+    scatter_rows<true>(delta, rows, LoraMask{}, y, parallel);
+  }
+
+  // db (= or +=) s dy^T h, dh = s dy b, da (= or +=) dh^T drop(x),
+  // dx[rows] += drop'(dh a). Empty outputs are skipped.
+  void backward(MatrixView<const float> dy, MatrixView<const float> x, MatrixView<const float> h,
+                const LoraRowSet& rows, MatrixView<const float> a, MatrixView<const float> b,
+                MatrixView<float> dx, MatrixView<float> da, MatrixView<float> db, bool add,
+                const LoraSlot& slot, bool parallel) const {
+    const index_t n = rows.count;
+    if (n == 0) return;
+    const bool in_place = rows.consecutive();
+    const index_t t0 = rows[0];
+    MatrixView<const float> g;
+    if (in_place) {
+      g = dy.middle_rows(t0, n);
+    } else {
+      const MatrixView<float> buf = slot.ybuf.middle_rows(0, n);
+      gather_rows(dy, rows, LoraMask{}, buf, parallel);
+      g = buf;
+    }
+    if (!db.empty()) {
+      MatrixView<const float> hin;
+      if (in_place) {
+        hin = h.middle_rows(t0, n);
+      } else {
+        const MatrixView<float> buf = slot.hbuf.middle_rows(0, n);
+        gather_rows(h, rows, LoraMask{}, buf, parallel);
+        hin = buf;
+      }
+      assign_or_add(as_eigen(db), scale * (as_eigen(g).transpose() * as_eigen(hin)), add);
+    }
+    if (da.empty() && dx.empty()) return;
+    const MatrixView<float> dh = slot.dhbuf.middle_rows(0, n);
+    as_eigen(dh).noalias() = scale * (as_eigen(g) * as_eigen(b));
+    const auto dhc = as_eigen(MatrixView<const float>(dh));
+    const bool direct_x = in_place && !mask.active;
+    if (!da.empty()) {
+      MatrixView<const float> xin;
+      if (direct_x) {
+        xin = x.middle_rows(t0, n);
+      } else {
+        const MatrixView<float> buf = slot.xbuf.middle_rows(0, n);
+        gather_rows(x, rows, mask, buf, parallel);
+        xin = buf;
+      }
+      assign_or_add(as_eigen(da), dhc.transpose() * as_eigen(xin), add);
+    }
+    if (!dx.empty()) {
+      if (direct_x) {
+        as_eigen(dx.middle_rows(t0, n)).noalias() += dhc * as_eigen(a);
+      } else {
+        const MatrixView<float> t = slot.xbuf.middle_rows(0, n);
+        as_eigen(t).noalias() = dhc * as_eigen(a);
+        scatter_rows<true>(t, rows, mask, dx, parallel);
+      }
+    }
+  }
+};
+
+// w (+ or -)= s b a, or with check_only, whether every such value is finite
+// (returns the first offending row, or w.rows()). Row by row in chunks of
+// columns; s b_i is a fixed-size 1 x R row, so merge and safe_merge compute
+// identical values.
+template <int R>
+index_t lora_apply_delta(MatrixView<float> w, MatrixView<const float> a, MatrixView<const float> b,
+                         float signed_scale, bool check_only) {
+  constexpr index_t kCols = 512;
+  const index_t rows = w.rows(), cols = w.cols();
+  const auto am = as_eigen(a);
+  const auto bm = as_eigen(b);
+  index_t bad = rows;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) reduction(min : bad) if (rows * cols * R > kParallelGrain)
+#endif
+  for (index_t i = 0; i < rows; ++i) {
+    const Eigen::Matrix<float, 1, R> coef = signed_scale * bm.row(i);
+    alignas(64) float buf[kCols];
+    for (index_t j = 0; j < cols; j += kCols) {
+      const index_t nj = std::min(kCols, cols - j);
+      Eigen::Map<Eigen::Matrix<float, 1, Eigen::Dynamic>> delta(buf, nj);
+      delta.noalias() = coef.lazyProduct(am.middleCols(j, nj));
+      auto wrow = as_eigen(w.row_view(i)).segment(j, nj).transpose();
+      if (check_only) {
+        if (!(wrow + delta).allFinite()) bad = std::min(bad, i);
+      } else {
+        wrow += delta;
+      }
+    }
+  }
+  return bad;
+}
+
+template <int R>
+void lora_safe_merge(MatrixView<float> w, MatrixView<const float> a, MatrixView<const float> b,
+                     float scale) {
+  const index_t bad = lora_apply_delta<R>(w, a, b, scale, /*check_only=*/true);
+  if (bad < w.rows()) {
+    const auto am = as_eigen(a);
+    const Eigen::Matrix<float, 1, R> coef = scale * as_eigen(b).row(bad);
+    for (index_t j = 0; j < w.cols(); ++j) {
+      const float delta = coef.dot(am.col(j).transpose());
+      const float merged = w(bad, j) + delta;
+      MOEKIT_CHECK(std::isfinite(merged), Errc::kNonFinite, "merged w(", bad, ", ", j,
+                   ") would be ", merged, " (w = ", w(bad, j), ", s (b a) = ", delta,
+                   "); w is unchanged");
+    }
+    // Found by the vectorised pass but not by the scalar one: still refuse.
+    MOEKIT_FAIL(Errc::kNonFinite, "merged row ", bad, " of w would hold a non-finite value",
+                "; w is unchanged");
+  }
+  lora_apply_delta<R>(w, a, b, scale, /*check_only=*/false);
+}
+
+template <int R>
+void lora_init_block(MatrixView<float> a, MatrixView<float> b, const LoraInitConfig& c,
+                     index_t d_in, index_t first_row) {
+  MOEKIT_CHECK_ARG(c.kind == LoraInit::kKaimingUniform || c.kind == LoraInit::kGaussian,
+                   "init.kind = ", static_cast<int>(c.kind), " is not a LoraInit");
+  MOEKIT_CHECK_ARG(std::isfinite(c.stddev) && c.stddev >= 0.0f, "init.stddev = ", c.stddev,
+                   " must be finite and >= 0");
+  const float spread = c.kind == LoraInit::kGaussian
+                           ? (c.stddev > 0.0f ? c.stddev : 1.0f / static_cast<float>(R))
+                           : 1.0f / std::sqrt(static_cast<float>(d_in));
+  for (index_t r = 0; r < a.rows(); ++r) {
+    for (index_t j = 0; j < d_in; ++j) {
+      a(r, j) = lora_init_value(c.kind, spread, c.seed,
+                                static_cast<std::uint64_t>((first_row + r) * d_in + j));
+    }
+  }
+  as_eigen(b).setZero();
+}
+
+}  // namespace detail
+
+// ---- one adapter on a frozen linear layer ------------------------------------
+
+template <LoraSpecType S>
+class LoraLinear {
+ public:
+  static constexpr int kRank = S::rank;
+
+  // Rejects a configuration it cannot run (naming the field and value).
+  explicit LoraLinear(const LoraConfig& config) : config_(config) {
+    detail::check_lora_fields(config.d_in, config.d_out, config.alpha, config.dropout);
+    scale_ = lora_scale(config.alpha, kRank, config.rslora);
+  }
+
+  const LoraConfig& config() const { return config_; }
+  float scale() const { return scale_; }
+
+  // Bytes of workspace forward and backward need for n rows.
+  index_t workspace_size(index_t rows) const {
+    MOEKIT_CHECK_GE(rows, 0);
+    return slot_shape(rows).floats(config_.d_in, config_.d_out, kRank) * index_t{sizeof(float)};
+  }
+
+  // a = initial A (R x d_in), b = 0 (d_out x R); see moekit/core/lora.hpp.
+  void init(MatrixView<float> a, MatrixView<float> b, const LoraInitConfig& init_config) const {
+    check_adapter(a, b, "a", "b");
+    detail::lora_init_block<kRank>(a, b, init_config, config_.d_in, 0);
+  }
+
+  // y = x w^T + bias + s drop(x) a^T b^T; saved_h = drop(x) a^T (or empty).
+  // x: n x d_in, y: n x d_out, saved_h: n x R or empty.
+  void forward(MatrixView<const float> x, const LoraWeights& weights, MatrixView<float> y,
+               MatrixView<float> saved_h, const LoraStep& step,
+               VectorView<std::byte> workspace) const {
+    check_view(x, "x");
+    const index_t n = x.rows();
+    check_shape(x, n, config_.d_in, "x");
+    check_weights(weights);
+    check_shape(y, n, config_.d_out, "y");
+    if (!saved_h.empty()) detail::check_rank_cols(saved_h, kRank, "saved_h");
+    if (!saved_h.empty()) check_shape(saved_h, n, kRank, "saved_h");
+    const detail::LoraSlot slot = checked_slot(workspace, n);
+    if (n == 0) return;
+
+    auto ym = as_eigen(y);
+    ym.noalias() = as_eigen(x) * as_eigen(weights.w).transpose();
+    if (!weights.bias.empty()) ym.rowwise() += as_eigen(weights.bias).transpose();
+    const detail::LoraKernel<kRank> k = kernel(step);
+    for_each_chunk(n, k.mask.active, [&](const detail::LoraRowSet& rows) {
+      k.forward(x, rows, weights.a, weights.b, saved_h, y, slot, /*parallel=*/true);
+    });
+  }
+
+  // Backward of forward given dy = dL/dy (n x d_out), with the saved_h and
+  // LoraStep of that forward (saved_h may be empty when grads.db is). dx:
+  // n x d_in (overwritten) or empty; grads: da R x d_in, db d_out x R, or empty.
+  void backward(MatrixView<const float> dy, MatrixView<const float> x, const LoraWeights& weights,
+                MatrixView<const float> saved_h, const LoraStep& step, MatrixView<float> dx,
+                const LoraGrads& grads, VectorView<std::byte> workspace) const {
+    check_view(x, "x");
+    const index_t n = x.rows();
+    check_shape(x, n, config_.d_in, "x");
+    check_shape(dy, n, config_.d_out, "dy");
+    check_weights(weights);
+    const bool want_dx = !dx.empty(), want_da = !grads.da.empty(), want_db = !grads.db.empty();
+    if (want_dx) check_shape(dx, n, config_.d_in, "dx");
+    if (want_da) {
+      detail::check_rank_rows(grads.da, kRank, kRank, "grads.da");
+      check_shape(grads.da, kRank, config_.d_in, "grads.da");
+    }
+    if (want_db) {
+      detail::check_rank_cols(grads.db, kRank, "grads.db");
+      check_shape(grads.db, config_.d_out, kRank, "grads.db");
+      detail::check_rank_cols(saved_h, kRank, "saved_h");
+      check_shape(saved_h, n, kRank, "saved_h");
+    }
+    const detail::LoraSlot slot = checked_slot(workspace, n);
+
+    if (n == 0 && !grads.accumulate) {
+      if (want_da) as_eigen(grads.da).setZero();
+      if (want_db) as_eigen(grads.db).setZero();
+    }
+    if (n == 0 || (!want_dx && !want_da && !want_db)) return;
+
+    if (want_dx) as_eigen(dx).noalias() = as_eigen(dy) * as_eigen(weights.w);
+    const detail::LoraKernel<kRank> k = kernel(step);
+    bool add = grads.accumulate;
+    for_each_chunk(n, k.mask.active, [&](const detail::LoraRowSet& rows) {
+      k.backward(dy, x, saved_h, rows, weights.a, weights.b, dx, grads.da, grads.db, add, slot,
+                 /*parallel=*/true);
+      add = true;
+    });
+  }
+
+  // w += s b a (w: d_out x d_in, the base weight).
+  void merge(MatrixView<float> w, MatrixView<const float> a, MatrixView<const float> b) const {
+    check_merge(w, a, b);
+    detail::lora_apply_delta<kRank>(w, a, b, scale_, false);
+  }
+  // w -= s b a: undoes merge up to one rounding per element.
+  void unmerge(MatrixView<float> w, MatrixView<const float> a, MatrixView<const float> b) const {
+    check_merge(w, a, b);
+    detail::lora_apply_delta<kRank>(w, a, b, -scale_, false);
+  }
+  // merge, but refuses (Errc::kNonFinite, w untouched) if any merged value
+  // would be NaN or infinite.
+  void safe_merge(MatrixView<float> w, MatrixView<const float> a, MatrixView<const float> b) const {
+    check_merge(w, a, b);
+    detail::lora_safe_merge<kRank>(w, a, b, scale_);
+  }
+
+ private:
+  // Rows per chunk when dropout gathers masked copies of x.
+  index_t chunk_rows() const {
+    return std::clamp<index_t>((index_t{1} << 18) / config_.d_in, 16, 512);
+  }
+
+  detail::LoraSlotShape slot_shape(index_t n) const {
+    if (config_.dropout > 0.0f) return {std::min(n, chunk_rows()), true, false};
+    return {n, false, false};
+  }
+
+  detail::LoraSlot checked_slot(VectorView<std::byte> workspace, index_t n) const {
+    const detail::LoraSlotShape shape = slot_shape(n);
+    detail::check_lora_workspace(workspace, workspace_size(n), n);
+    if (n == 0) return {};
+    return shape.carve(reinterpret_cast<float*>(workspace.data()), config_.d_in, config_.d_out,
+                       kRank);
+  }
+
+  detail::LoraKernel<kRank> kernel(const LoraStep& step) const {
+    return {config_.d_in, config_.d_out, scale_,
+            detail::LoraMask::make(config_.dropout, step, config_.d_in)};
+  }
+
+  // All rows at once, or chunks of rows when dropout needs masked copies.
+  template <class F>
+  void for_each_chunk(index_t n, bool masked, F&& f) const {
+    const index_t step = masked ? chunk_rows() : n;
+    for (index_t r0 = 0; r0 < n; r0 += step)
+      f(detail::LoraRowSet{nullptr, r0, std::min(step, n - r0)});
+  }
+
+  void check_adapter(MatrixView<const float> a, MatrixView<const float> b, const char* a_name,
+                     const char* b_name) const {
+    detail::check_rank_rows(a, kRank, kRank, a_name);
+    check_shape(a, kRank, config_.d_in, a_name);
+    detail::check_rank_cols(b, kRank, b_name);
+    check_shape(b, config_.d_out, kRank, b_name);
+  }
+
+  void check_weights(const LoraWeights& w) const {
+    check_shape(w.w, config_.d_out, config_.d_in, "weights.w");
+    if (!w.bias.empty()) check_shape(w.bias, config_.d_out, "weights.bias");
+    check_adapter(w.a, w.b, "weights.a", "weights.b");
+  }
+
+  void check_merge(MatrixView<const float> w, MatrixView<const float> a,
+                   MatrixView<const float> b) const {
+    check_shape(w, config_.d_out, config_.d_in, "w");
+    check_adapter(a, b, "a", "b");
+  }
+
+  LoraConfig config_;
+  float scale_ = 0.0f;
+};
+
+// ---- N adapters, one per row ----------------------------------------------------
+
+// N adapters of rank R on one layer; each row of the batch carries the id of
+// its adapter (-1: none). The base: when weights.w is given the bank computes
+// y = x w^T + bias + adapter and dx = dy w + adapter part (rows with id -1 get
+// the base only); when weights.w is empty (and bias too), y and dx already
+// hold the caller's base values and the bank adds its part to them (rows with
+// id -1 untouched).
+template <LoraSpecType S>
+class LoraBank {
+ public:
+  static constexpr int kRank = S::rank;
+
+  explicit LoraBank(const LoraBankConfig& config) : config_(config) {
+    detail::check_lora_fields(config.d_in, config.d_out, config.alpha, config.dropout);
+    MOEKIT_CHECK_ARG(config.num_adapters >= 1 && config.num_adapters <= INT32_MAX,
+                     "config.num_adapters = ", config.num_adapters, " must be in [1, 2^31 - 1]");
+    scale_ = lora_scale(config.alpha, kRank, config.rslora);
+  }
+
+  const LoraBankConfig& config() const { return config_; }
+  float scale() const { return scale_; }
+  index_t num_adapters() const { return config_.num_adapters; }
+
+  // Rows per chunk: about 1 MiB of floats per gathered chunk.
+  index_t chunk_rows() const {
+    return std::clamp<index_t>((index_t{1} << 18) / std::max(config_.d_in, config_.d_out), 16, 256);
+  }
+
+  // Bytes of workspace for n rows: one slot per OpenMP thread (at the time of
+  // the query). A workspace with fewer slots (at least one) runs on fewer threads.
+  index_t workspace_size(index_t rows) const {
+    MOEKIT_CHECK_GE(rows, 0);
+    if (rows == 0) return 0;
+    return index_t{detail::lora_max_threads()} * slot_bytes();
+  }
+
+  // Stable counting sort of the rows by adapter id: order (n entries, see the
+  // top of this file) and offsets (N + 1). Returns offsets[N], the rows that
+  // have an adapter. Every id is checked before anything is written.
+  index_t group(VectorView<const std::int32_t> ids, VectorView<index_t> order,
+                VectorView<index_t> offsets) const {
+    check_view(ids, "ids");
+    const index_t n = ids.size();
+    check_shape(order, n, "order");
+    check_shape(offsets, config_.num_adapters + 1, "offsets");
+    check_ids(ids);
+    const index_t N = config_.num_adapters;
+    std::fill(offsets.begin(), offsets.end(), index_t{0});
+    for (index_t t = 0; t < n; ++t) {
+      if (ids[t] >= 0) ++offsets[ids[t] + 1];
+    }
+    for (index_t i = 0; i < N; ++i) offsets[i + 1] += offsets[i];
+    // offsets[i] serves as adapter i's cursor, then is shifted back.
+    for (index_t t = 0; t < n; ++t) {
+      if (ids[t] >= 0) order[offsets[ids[t]]++] = t;
+    }
+    for (index_t i = N; i > 0; --i) offsets[i] = offsets[i - 1];
+    offsets[0] = 0;
+    for (index_t k = offsets[N]; k < n; ++k) order[k] = -1;  // unused tail
+    return offsets[N];
+  }
+
+  // Initialises every adapter: a = initial A (N R x d_in), b = 0. Adapter i's
+  // A uses counters (i R + r) d_in + j, so adapter 0 matches LoraLinear::init.
+  void init(MatrixView<float> a, MatrixView<float> b, const LoraInitConfig& init_config) const {
+    check_adapters(a, b, "a", "b");
+    detail::lora_init_block<kRank>(a, b, init_config, config_.d_in, 0);
+  }
+  // Initialises adapter i only (a new branch), as init would.
+  void init_adapter(index_t adapter, MatrixView<float> a, MatrixView<float> b,
+                    const LoraInitConfig& init_config) const {
+    check_adapters(a, b, "a", "b");
+    MOEKIT_CHECK_RANGE(adapter, 0, config_.num_adapters);
+    detail::lora_init_block<kRank>(a_of(a, adapter), b_of(b, adapter), init_config, config_.d_in,
+                                   adapter * kRank);
+  }
+
+  // y (= x w^T + bias, see above) += s drop(x_seg) a_i^T b_i^T per adapter i;
+  // saved_h (n x R or empty): h of each row, 0 for rows with id -1.
+  void forward(MatrixView<const float> x, const LoraRows& rows, const LoraWeights& weights,
+               MatrixView<float> y, MatrixView<float> saved_h, const LoraStep& step,
+               VectorView<std::byte> workspace) const {
+    check_view(x, "x");
+    const index_t n = x.rows();
+    check_shape(x, n, config_.d_in, "x");
+    check_rows(rows, n);
+    check_weights(weights);
+    check_shape(y, n, config_.d_out, "y");
+    if (!saved_h.empty()) {
+      detail::check_rank_cols(saved_h, kRank, "saved_h");
+      check_shape(saved_h, n, kRank, "saved_h");
+    }
+    const index_t slots = checked_slots(workspace, rows);
+    if (n == 0) return;
+
+    if (!weights.w.empty()) {
+      auto ym = as_eigen(y);
+      ym.noalias() = as_eigen(x) * as_eigen(weights.w).transpose();
+      if (!weights.bias.empty()) ym.rowwise() += as_eigen(weights.bias).transpose();
+    }
+    if (!saved_h.empty()) {
+      for (index_t t = 0; t < n; ++t) {
+        if (rows.ids[t] < 0) as_eigen(saved_h.row_view(t)).setZero();
+      }
+    }
+    if (slots == 0) return;  // no row has an adapter
+    const detail::LoraKernel<kRank> k = kernel(step);
+    float* base = reinterpret_cast<float*>(workspace.data());
+    const int threads = static_cast<int>(std::min<index_t>(slots, detail::lora_max_threads()));
+    const auto run = [&](int tid, int nth) {
+      const detail::LoraSlot slot = slot_at(base, tid);
+      index_t task = 0;
+      for_each_chunk(rows, [&](index_t i, const detail::LoraRowSet& set) {
+        if (task++ % nth != tid) return;
+        k.forward(x, set, a_of(weights.a, i), b_of(weights.b, i), saved_h, y, slot,
+                  /*parallel=*/nth == 1);
+      });
+    };
+    if (threads > 1) {
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+      run(detail::lora_thread_id(), detail::lora_num_threads());
+#endif
+    } else {
+      run(0, 1);
+    }
+  }
+
+  // Backward of forward given dy = dL/dy (n x d_out), with the rows, saved_h
+  // and LoraStep of that forward (saved_h may be empty when grads.db is).
+  // dx: n x d_in or empty (overwritten when weights.w is given, else added
+  // to); grads: da N R x d_in, db N d_out x R, or empty.
+  void backward(MatrixView<const float> dy, MatrixView<const float> x, const LoraRows& rows,
+                const LoraWeights& weights, MatrixView<const float> saved_h, const LoraStep& step,
+                MatrixView<float> dx, const LoraGrads& grads,
+                VectorView<std::byte> workspace) const {
+    check_view(x, "x");
+    const index_t n = x.rows();
+    const index_t N = config_.num_adapters;
+    check_shape(x, n, config_.d_in, "x");
+    check_shape(dy, n, config_.d_out, "dy");
+    check_rows(rows, n);
+    check_weights(weights);
+    const bool want_dx = !dx.empty(), want_da = !grads.da.empty(), want_db = !grads.db.empty();
+    if (want_dx) check_shape(dx, n, config_.d_in, "dx");
+    if (want_da) {
+      detail::check_rank_rows(grads.da, N * kRank, kRank, "grads.da");
+      check_shape(grads.da, N * kRank, config_.d_in, "grads.da");
+    }
+    if (want_db) {
+      detail::check_rank_cols(grads.db, kRank, "grads.db");
+      check_shape(grads.db, N * config_.d_out, kRank, "grads.db");
+      detail::check_rank_cols(saved_h, kRank, "saved_h");
+      check_shape(saved_h, n, kRank, "saved_h");
+    }
+    const index_t slots = checked_slots(workspace, rows);
+
+    if (!grads.accumulate) {  // adapters without rows
+      for (index_t i = 0; i < N; ++i) {
+        if (rows.offsets[i + 1] != rows.offsets[i]) continue;
+        if (want_da) as_eigen(a_of(grads.da, i)).setZero();
+        if (want_db) as_eigen(b_of(grads.db, i)).setZero();
+      }
+    }
+    if (n == 0) return;
+    if (want_dx && !weights.w.empty()) {
+      as_eigen(dx).noalias() = as_eigen(dy) * as_eigen(weights.w);
+    }
+    if (slots == 0 || (!want_dx && !want_da && !want_db)) return;
+
+    const detail::LoraKernel<kRank> k = kernel(step);
+    float* base = reinterpret_cast<float*>(workspace.data());
+    const auto run_adapter = [&](index_t i, const detail::LoraSlot& slot, bool parallel) {
+      bool add = grads.accumulate;
+      const MatrixView<float> da = want_da ? a_of(grads.da, i) : MatrixView<float>();
+      const MatrixView<float> db = want_db ? b_of(grads.db, i) : MatrixView<float>();
+      for_each_chunk_of(rows, i, [&](const detail::LoraRowSet& set) {
+        k.backward(dy, x, saved_h, set, a_of(weights.a, i), b_of(weights.b, i), dx, da, db, add,
+                   slot, parallel);
+        add = true;
+      });
+    };
+    index_t busy = 0;
+    for (index_t i = 0; i < N; ++i) busy += rows.offsets[i + 1] > rows.offsets[i];
+    const int threads = static_cast<int>(std::min<index_t>(slots, detail::lora_max_threads()));
+    if (threads > 1 && busy >= threads) {
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (index_t i = 0; i < N; ++i) {
+        if (rows.offsets[i + 1] > rows.offsets[i]) {
+          run_adapter(i, slot_at(base, detail::lora_thread_id()), false);
+        }
+      }
+#endif
+    } else {
+      for (index_t i = 0; i < N; ++i) run_adapter(i, slot_at(base, 0), true);
+    }
+  }
+
+  // Adapter i merged into (or out of) a base weight w (d_out x d_in): for
+  // serving one task at the speed of the base layer. a, b: the whole bank.
+  void merge(index_t adapter, MatrixView<float> w, MatrixView<const float> a,
+             MatrixView<const float> b) const {
+    check_merge(adapter, w, a, b);
+    detail::lora_apply_delta<kRank>(w, a_of(a, adapter), b_of(b, adapter), scale_, false);
+  }
+  void unmerge(index_t adapter, MatrixView<float> w, MatrixView<const float> a,
+               MatrixView<const float> b) const {
+    check_merge(adapter, w, a, b);
+    detail::lora_apply_delta<kRank>(w, a_of(a, adapter), b_of(b, adapter), -scale_, false);
+  }
+  void safe_merge(index_t adapter, MatrixView<float> w, MatrixView<const float> a,
+                  MatrixView<const float> b) const {
+    check_merge(adapter, w, a, b);
+    detail::lora_safe_merge<kRank>(w, a_of(a, adapter), b_of(b, adapter), scale_);
+  }
+
+ private:
+  template <class T>
+  static MatrixView<T> a_of(MatrixView<T> a, index_t i) {
+    return a.middle_rows(i * kRank, kRank);
+  }
+  template <class T>
+  MatrixView<T> b_of(MatrixView<T> b, index_t i) const {
+    return b.middle_rows(i * config_.d_out, config_.d_out);
+  }
+
+  detail::LoraSlotShape slot_shape() const { return {chunk_rows(), true, true}; }
+  index_t slot_bytes() const {
+    return slot_shape().floats(config_.d_in, config_.d_out, kRank) * index_t{sizeof(float)};
+  }
+  detail::LoraSlot slot_at(float* base, int slot) const {
+    const index_t floats = slot_shape().floats(config_.d_in, config_.d_out, kRank);
+    return slot_shape().carve(base + slot * floats, config_.d_in, config_.d_out, kRank);
+  }
+
+  // Validates the workspace; returns the slots it holds (0 when no row has an adapter).
+  index_t checked_slots(VectorView<std::byte> workspace, const LoraRows& rows) const {
+    const index_t adapted = rows.offsets[config_.num_adapters];
+    if (adapted == 0) return 0;
+    detail::check_lora_workspace(workspace, slot_bytes(), adapted);
+    return workspace.size() / slot_bytes();
+  }
+
+  detail::LoraKernel<kRank> kernel(const LoraStep& step) const {
+    return {config_.d_in, config_.d_out, scale_,
+            detail::LoraMask::make(config_.dropout, step, config_.d_in)};
+  }
+
+  // f(i, rows) for every chunk of every adapter, in adapter order.
+  template <class F>
+  void for_each_chunk(const LoraRows& rows, F&& f) const {
+    for (index_t i = 0; i < config_.num_adapters; ++i) {
+      for_each_chunk_of(rows, i, [&](const detail::LoraRowSet& set) { f(i, set); });
+    }
+  }
+  template <class F>
+  void for_each_chunk_of(const LoraRows& rows, index_t i, F&& f) const {
+    const index_t c = chunk_rows(), end = rows.offsets[i + 1];
+    for (index_t k = rows.offsets[i]; k < end; k += c) {
+      f(detail::LoraRowSet{rows.order.data(), k, std::min(c, end - k)});
+    }
+  }
+
+  void check_ids(VectorView<const std::int32_t> ids) const {
+    for (index_t t = 0; t < ids.size(); ++t) {
+      MOEKIT_CHECK(ids[t] >= -1 && ids[t] < config_.num_adapters, Errc::kOutOfRange, "ids[", t,
+                   "] = ", ids[t], " is outside [-1, N = ", config_.num_adapters, ")");
+    }
+  }
+
+  // ids in range, offsets a scan, and order listing each adapter's rows in
+  // increasing order: O(n + N), no allocation.
+  void check_rows(const LoraRows& rows, index_t n) const {
+    const index_t N = config_.num_adapters;
+    check_shape(rows.ids, n, "rows.ids");
+    check_shape(rows.order, n, "rows.order");
+    check_shape(rows.offsets, N + 1, "rows.offsets");
+    check_ids(rows.ids);
+    const VectorView<const index_t> off = rows.offsets;
+    MOEKIT_CHECK(off[0] == 0, Errc::kInvalidArgument, "rows.offsets[0] = ", off[0], ", expected 0");
+    for (index_t i = 0; i < N; ++i) {
+      MOEKIT_CHECK(off[i + 1] >= off[i], Errc::kInvalidArgument, "rows.offsets decreases: offsets[",
+                   i, "] = ", off[i], " > offsets[", i + 1, "] = ", off[i + 1]);
+    }
+    index_t adapted = 0;
+    for (index_t t = 0; t < n; ++t) adapted += rows.ids[t] >= 0;
+    MOEKIT_CHECK(off[N] == adapted, Errc::kInvalidArgument, "rows.offsets[", N, "] = ", off[N],
+                 " but ", adapted, " rows have an adapter id");
+    // Each segment's entries carry its id and increase strictly, so they are
+    // distinct; with the total equal to the rows that have an id, every such
+    // row is listed exactly once.
+    for (index_t i = 0; i < N; ++i) {
+      for (index_t k = off[i]; k < off[i + 1]; ++k) {
+        const index_t t = rows.order[k];
+        MOEKIT_CHECK(t >= 0 && t < n, Errc::kOutOfRange, "rows.order[", k, "] = ", t,
+                     " is outside [0, n = ", n, ")");
+        MOEKIT_CHECK(rows.ids[t] == i, Errc::kInvalidArgument, "rows.order[", k, "] = ", t,
+                     " lies in adapter ", i, "'s segment but ids[", t, "] = ", rows.ids[t]);
+        MOEKIT_CHECK(k == off[i] || rows.order[k - 1] < t, Errc::kInvalidArgument,
+                     "rows.order is not increasing within adapter ", i, ": order[", k - 1,
+                     "] = ", rows.order[k - 1], ", order[", k, "] = ", t);
+      }
+    }
+  }
+
+  void check_adapters(MatrixView<const float> a, MatrixView<const float> b, const char* a_name,
+                      const char* b_name) const {
+    const index_t N = config_.num_adapters;
+    detail::check_rank_rows(a, N * kRank, kRank, a_name);
+    check_shape(a, N * kRank, config_.d_in, a_name);
+    detail::check_rank_cols(b, kRank, b_name);
+    check_shape(b, N * config_.d_out, kRank, b_name);
+  }
+
+  void check_weights(const LoraWeights& w) const {
+    // A default (null, 0 x 0) w means "no base"; anything else must fit.
+    if (w.w.data() != nullptr || w.w.rows() != 0 || w.w.cols() != 0) {
+      check_shape(w.w, config_.d_out, config_.d_in, "weights.w");
+    }
+    if (!w.bias.empty()) {
+      MOEKIT_CHECK(!w.w.empty(), Errc::kInvalidArgument,
+                   "weights.bias is given but weights.w is empty (the bank adds the bias only "
+                   "when it computes the base)");
+      check_shape(w.bias, config_.d_out, "weights.bias");
+    }
+    check_adapters(w.a, w.b, "weights.a", "weights.b");
+  }
+
+  void check_merge(index_t adapter, MatrixView<const float> w, MatrixView<const float> a,
+                   MatrixView<const float> b) const {
+    MOEKIT_CHECK_RANGE(adapter, 0, config_.num_adapters);
+    check_shape(w, config_.d_out, config_.d_in, "w");
+    check_adapters(a, b, "a", "b");
+  }
+
+  LoraBankConfig config_;
+  float scale_ = 0.0f;
+};
+
+}  // namespace cpu
+MOEKIT_NAMESPACE_END

@@ -1,0 +1,527 @@
+#pragma once
+// H task heads on a shared encoder on the CPU backend, for HeadSpec<H>
+// (DESIGN.md §1 and §4): forward, softmax cross-entropy per task with fixed or
+// uncertainty weighting, per-task accuracy, and backward.
+//
+// Layout. Head h is a linear classifier with C_h = config.classes[h] classes
+// over features of width d = config.d_model. All heads' weights are one
+// row-major block, the heads stacked like torch.nn.Linear weights:
+//   w  (sum_h C_h) x d   head h's W_h = rows [off_h, off_h + C_h)
+//   b  sum_h C_h         head h's b_h = entries [off_h, off_h + C_h)   (config.bias)
+// with off_h = C_0 + ... + C_{h-1} (class_offset(h)); head_bank_params<S>
+// (nn/param_count.hpp) counts the same parameters.
+//
+// Samples. Row i of x (n x d) carries a task id tasks[i] in [0, H) and is
+// scored by that head only: z_i = W_h x_i + b_h, C_h logits. (With H = 1,
+// tasks may be empty: every row is task 0.) Rows are grouped by task with a
+// stable counting sort, so each head runs one GEMM over exactly its rows; no
+// work is spent on the H - 1 heads a row does not use. If tasks is already
+// non-decreasing (batches built task by task) the GEMMs read x and write the
+// logits in place with no gather.
+//
+// Logits. `logits` is n x max_classes(), in the rows' original order: row i
+// holds z_i in columns [0, C_{tasks[i]}) and -inf in the rest, so a softmax or
+// argmax over the whole padded row equals the one over the head's classes.
+//
+// Loss (loss()). For task h with n_h > 0 rows in the batch,
+//   L_h   = (1 / n_h) sum_{i: tasks[i] = h} CE(z_i, labels[i])      (softmax cross-entropy)
+//   acc_h = (1 / n_h) #{i : tasks[i] = h, argmax z_i = labels[i]}   (ties -> lower class)
+// A task with no rows is normal: L_h = acc_h = 0, count 0, and it is left out
+// of the combination (and gets no gradient). The combination over the
+// present tasks P = {h : n_h > 0}:
+//   kFixed        L = sum_{h in P} w_h L_h           (w = task_weights, all 1 if empty)
+//   kUncertainty  L = sum_{h in P} exp(-s_h) L_h + s_h
+//                 (Kendall et al. 2018, the form with s_h = log sigma_h^2 learned and
+//                 no 1/2 factors; s = log_vars). dL/ds_h = 1 - exp(-s_h) L_h on P, 0 off P.
+// Gradient of L: dL/dz_i = c_h / n_h (softmax(z_i) - onehot(labels[i])), c_h = w_h or
+// exp(-s_h); dlogits gets it in columns [0, C_h) and 0 in the padding.
+// Sums run in double, over rows in order (deterministic).
+//
+// Backward (backward()), given dz = dL/dlogits (n x max_classes(); only each
+// row's first C_h columns are read), per head over its rows X_h, dZ_h:
+//   dW_h = dZ_h^T X_h,   db_h = sum of the rows of dZ_h,   dX_h = dZ_h W_h.
+// Any of dx, grads.dw, grads.db may be empty: that output is frozen, not
+// computed and not written. dw and db are overwritten, or with
+// grads.accumulate added to (a head with no rows then keeps its blocks;
+// without accumulate they are set to 0). dx is always overwritten.
+//
+// Workspace. forward and backward take a caller workspace of at least
+// workspace_size(n) bytes (aligned for index_t): the sort permutation and the
+// grouped rows of x and of the logits. No call allocates. With H = 1 it is 0.
+//
+// Threading (DESIGN.md §6: one pool at a time). With at least as many busy
+// heads as OpenMP threads averaging at most kHeadParallelMaxRows rows (many
+// small heads), heads run in parallel with single-threaded GEMMs; otherwise
+// heads run in turn and Eigen parallelises each GEMM. Each output element is
+// written by one thread, so results are bit-identical run after run for a
+// given thread count.
+//
+// Validation (every call, before anything is written): the configuration
+// (constructor: d_model >= 1, every C_h >= 1, naming h); every view well formed
+// and of the shapes above; task ids in [0, H) (Errc::kOutOfRange, naming the
+// row and value); labels in [0, C_{tasks[i]}) (kOutOfRange, naming row, value
+// and task); b / db empty when config.bias is false; task weights finite and
+// >= 0, log-variances finite (kInvalidArgument); the workspace large enough
+// (kShapeMismatch) and aligned. Values of x, W and the logits are not checked:
+// a NaN gives NaN losses. Strided views work; padding columns are untouched.
+//
+//   const TaskHeads<HeadSpec<3>> heads({.d_model = d, .classes = {10, 4, 7}});
+//   std::vector<std::byte> ws(heads.workspace_size(n));
+//   heads.forward(x, tasks, {w, b}, logits, ws_view);
+//   const TaskLosses<HeadSpec<3>> l = heads.loss(logits, tasks, labels, {}, dlogits);
+//   heads.backward(dlogits, x, tasks, {w, b}, dx, {dw, db}, ws_view);
+
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "moekit/core/classification.hpp"
+#include "moekit/core/error.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/parallel.hpp"
+#include "moekit/nn/param_count.hpp"
+#include "moekit/spec.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+namespace cpu {
+
+// Mean rows per busy head up to which heads run in parallel (see above).
+inline constexpr index_t kHeadParallelMaxRows = 1024;
+
+template <HeadSpecType S>
+struct TaskHeadsConfig {
+  index_t d_model = 0;                          // feature width d
+  std::array<index_t, S::num_heads> classes{};  // C_h, each >= 1
+  bool bias = true;
+};
+
+// All heads' parameters (layout at the top of this file).
+struct HeadWeights {
+  MatrixView<const float> w{};  // (sum C_h) x d
+  VectorView<const float> b{};  // sum C_h; empty when config.bias is false
+};
+
+// Gradient outputs of the parameters; an empty view is frozen.
+struct HeadGrads {
+  MatrixView<float> dw{};
+  VectorView<float> db{};
+  bool accumulate = false;  // add to dw / db instead of overwriting them
+};
+
+enum class TaskWeighting {
+  kFixed,        // L = sum w_h L_h
+  kUncertainty,  // L = sum exp(-s_h) L_h + s_h
+};
+
+// How loss() combines the per-task losses.
+struct TaskWeights {
+  TaskWeighting kind = TaskWeighting::kFixed;
+  VectorView<const float> fixed{};     // kFixed: H weights >= 0, or empty for all 1
+  VectorView<const float> log_vars{};  // kUncertainty: the H learned s_h
+};
+
+// What loss() returns: the combined loss and per-task statistics.
+template <HeadSpecType S>
+struct TaskLosses {
+  double total = 0.0;                           // L, the combination
+  std::array<double, S::num_heads> loss{};      // L_h (0 without rows)
+  std::array<double, S::num_heads> accuracy{};  // acc_h (0 without rows)
+  std::array<index_t, S::num_heads> count{};    // n_h
+};
+
+namespace detail {
+
+inline int heads_max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace detail
+
+template <HeadSpecType S>
+class TaskHeads {
+ public:
+  static constexpr int kHeads = S::num_heads;
+
+  // Rejects a configuration it cannot run (naming the field, head and value).
+  explicit TaskHeads(const TaskHeadsConfig<S>& config) : config_(config) {
+    MOEKIT_CHECK_ARG(config.d_model >= 1, "config.d_model = ", config.d_model,
+                     " must be at least 1");
+    offsets_[0] = 0;
+    for (int h = 0; h < kHeads; ++h) {
+      MOEKIT_CHECK_ARG(config.classes[h] >= 1, "config.classes[", h, "] = ", config.classes[h],
+                       " must be at least 1");
+      offsets_[h + 1] = offsets_[h] + config.classes[h];
+      max_classes_ = config.classes[h] > max_classes_ ? config.classes[h] : max_classes_;
+    }
+  }
+
+  const TaskHeadsConfig<S>& config() const { return config_; }
+  index_t d_model() const { return config_.d_model; }
+  index_t classes(int h) const { return config_.classes[h]; }
+  // First row of head h in w (and entry in b).
+  index_t class_offset(int h) const { return offsets_[h]; }
+  // Rows of w: sum_h C_h.
+  index_t total_classes() const { return offsets_[kHeads]; }
+  // Columns of the logits: max_h C_h.
+  index_t max_classes() const { return max_classes_; }
+  // The parameters these heads hold (total, per-sample active, trainable).
+  ParamCount params() const {
+    return head_bank_params<S>(config_.d_model, config_.classes, config_.bias);
+  }
+
+  // Bytes of workspace forward and backward need for n rows: the sort
+  // permutation (n index_t) and the grouped rows (n (d + max C) floats);
+  // 0 for H = 1, where rows never need grouping.
+  index_t workspace_size(index_t rows) const {
+    MOEKIT_CHECK_GE(rows, 0);
+    if (kHeads == 1) return 0;
+    return rows * index_t{sizeof(index_t)} +
+           rows * (config_.d_model + max_classes_) * index_t{sizeof(float)};
+  }
+
+  // logits = per-row head scores (padded with -inf, see the top of this file).
+  // x: n x d, tasks: n (or empty for H = 1), logits: n x max_classes().
+  void forward(MatrixView<const float> x, VectorView<const std::int32_t> tasks,
+               const HeadWeights& weights, MatrixView<float> logits,
+               VectorView<std::byte> workspace) const {
+    check_view(x, "x");
+    const index_t n = x.rows();
+    check_shape(x, n, config_.d_model, "x");
+    check_tasks(tasks, n);
+    check_weights(weights);
+    check_shape(logits, n, max_classes_, "logits");
+    check_workspace(workspace, n);
+
+    const Plan plan = make_plan(tasks, n, workspace);
+    const MatrixView<float> gx = grouped_x(workspace, n);
+    const MatrixView<float> gz = grouped_z(workspace, n);
+    if (!plan.sorted) gather(x, plan, gx);
+    for_each_head(plan, [&](int h, index_t r0, index_t rows) {
+      const index_t c = config_.classes[h];
+      const MatrixView<const float> xh =
+          plan.sorted ? x.middle_rows(r0, rows) : MatrixView<const float>(gx.middle_rows(r0, rows));
+      const MatrixView<float> zh =
+          plan.sorted ? logits.block(r0, 0, rows, c) : gz.block(r0, 0, rows, c);
+      auto z = as_eigen(zh);
+      z.noalias() = as_eigen(xh) * as_eigen(w_of(weights, h)).transpose();
+      if (config_.bias) z.rowwise() += as_eigen(b_of(weights, h)).transpose();
+    });
+    // Scatter back to the original order (when grouped) and pad with -inf.
+    MOEKIT_PARALLEL_FOR_IF(n * max_classes_ > kLightParallelGrain)
+    for (index_t j = 0; j < n; ++j) {
+      const index_t i = plan.sorted ? j : plan.perm[j];
+      const index_t c = config_.classes[task_of(tasks, i)];
+      float* out = logits.row(i);
+      if (!plan.sorted) {
+        const float* src = gz.row(j);
+        for (index_t k = 0; k < c; ++k) out[k] = src[k];
+      }
+      for (index_t k = c; k < max_classes_; ++k) out[k] = -routing::kInf;
+    }
+  }
+
+  // Per-task cross-entropy, accuracy and counts, and the combined loss (see
+  // the top of this file). logits: n x max_classes() as forward wrote them
+  // (only each row's first C_h columns are read); labels: n. dlogits (n x
+  // max_classes()) receives dL/dlogits unless empty; dlog_vars (H) receives
+  // dL/ds for kUncertainty unless empty (must be empty for kFixed).
+  TaskLosses<S> loss(MatrixView<const float> logits, VectorView<const std::int32_t> tasks,
+                     VectorView<const std::int32_t> labels, const TaskWeights& weighting = {},
+                     MatrixView<float> dlogits = {}, VectorView<float> dlog_vars = {}) const {
+    check_view(logits, "logits");
+    const index_t n = logits.rows();
+    check_shape(logits, n, max_classes_, "logits");
+    check_tasks(tasks, n);
+    check_labels(labels, tasks, n);
+    check_weighting(weighting, dlog_vars);
+    if (!dlogits.empty()) check_shape(dlogits, n, max_classes_, "dlogits");
+
+    TaskLosses<S> out;
+    for (index_t i = 0; i < n; ++i) ++out.count[task_of(tasks, i)];
+    // c_h / n_h, the gradient scale of each task's rows.
+    std::array<float, kHeads> scale{};
+    for (int h = 0; h < kHeads; ++h) {
+      if (out.count[h] == 0) continue;
+      scale[h] = static_cast<float>(coefficient(weighting, h) / static_cast<double>(out.count[h]));
+    }
+    std::array<double, kHeads> correct{};
+    for (index_t i = 0; i < n; ++i) {
+      const int h = task_of(tasks, i);
+      const index_t c = config_.classes[h];
+      const float* z = logits.row(i);
+      float* dz = dlogits.empty() ? nullptr : dlogits.row(i);
+      out.loss[h] += classify::cross_entropy_row(z, c, labels[i], scale[h], dz);
+      correct[h] += classify::argmax(z, c) == labels[i] ? 1.0 : 0.0;
+      if (dz != nullptr) {
+        for (index_t k = c; k < max_classes_; ++k) dz[k] = 0.0f;
+      }
+    }
+    for (int h = 0; h < kHeads; ++h) {
+      if (out.count[h] > 0) {
+        const double count = static_cast<double>(out.count[h]);
+        out.loss[h] /= count;
+        out.accuracy[h] = correct[h] / count;
+        out.total += coefficient(weighting, h) * out.loss[h];
+        if (weighting.kind == TaskWeighting::kUncertainty) out.total += weighting.log_vars[h];
+      }
+      if (!dlog_vars.empty()) {
+        dlog_vars[h] = out.count[h] > 0
+                           ? static_cast<float>(1.0 - coefficient(weighting, h) * out.loss[h])
+                           : 0.0f;
+      }
+    }
+    return out;
+  }
+
+  // Backward of forward given dlogits = dL/dlogits (n x max_classes()); see
+  // the top of this file. dx: n x d or empty; grads: HeadGrads.
+  void backward(MatrixView<const float> dlogits, MatrixView<const float> x,
+                VectorView<const std::int32_t> tasks, const HeadWeights& weights,
+                MatrixView<float> dx, const HeadGrads& grads,
+                VectorView<std::byte> workspace) const {
+    check_view(x, "x");
+    const index_t n = x.rows();
+    const index_t d = config_.d_model;
+    check_shape(x, n, d, "x");
+    check_tasks(tasks, n);
+    check_weights(weights);
+    check_shape(dlogits, n, max_classes_, "dlogits");
+    const bool want_dx = !dx.empty(), want_dw = !grads.dw.empty(), want_db = !grads.db.empty();
+    if (want_dx) check_shape(dx, n, d, "dx");
+    if (want_dw) check_shape(grads.dw, total_classes(), d, "grads.dw");
+    if (config_.bias) {
+      if (want_db) check_shape(grads.db, total_classes(), "grads.db");
+    } else {
+      MOEKIT_CHECK(!want_db, Errc::kInvalidArgument, "grads.db has ", grads.db.size(),
+                   " elements but must be empty: config.bias is false");
+    }
+    check_workspace(workspace, n);
+
+    const Plan plan = make_plan(tasks, n, workspace);
+    if (!grads.accumulate) {  // heads without rows: zero gradient blocks
+      for (int h = 0; h < kHeads; ++h) {
+        if (plan.offsets[h + 1] != plan.offsets[h]) continue;
+        if (want_dw) as_eigen(grads.dw.middle_rows(offsets_[h], config_.classes[h])).setZero();
+        if (want_db) as_eigen(grads.db.segment(offsets_[h], config_.classes[h])).setZero();
+      }
+    }
+    if (!want_dx && !want_dw && !want_db) return;
+
+    const MatrixView<float> gx = grouped_x(workspace, n);
+    const MatrixView<float> gz = grouped_z(workspace, n);
+    if (!plan.sorted) {
+      if (want_dw) gather(x, plan, gx);
+      MOEKIT_PARALLEL_FOR_IF(n * max_classes_ > kLightParallelGrain)
+      for (index_t j = 0; j < n; ++j) {
+        const index_t i = plan.perm[j];
+        const index_t c = config_.classes[task_of(tasks, i)];
+        const float* src = dlogits.row(i);
+        float* dst = gz.row(j);
+        for (index_t k = 0; k < c; ++k) dst[k] = src[k];
+      }
+    }
+    const bool acc = grads.accumulate;
+    for_each_head(plan, [&](int h, index_t r0, index_t rows) {
+      const index_t c = config_.classes[h];
+      const auto dz = as_eigen(plan.sorted ? dlogits.block(r0, 0, rows, c)
+                                           : MatrixView<const float>(gz.block(r0, 0, rows, c)));
+      if (want_dw) {
+        const auto xh = as_eigen(plan.sorted ? x.middle_rows(r0, rows)
+                                             : MatrixView<const float>(gx.middle_rows(r0, rows)));
+        auto dw = as_eigen(grads.dw.middle_rows(offsets_[h], c));
+        if (acc) {
+          dw.noalias() += dz.transpose() * xh;
+        } else {
+          dw.noalias() = dz.transpose() * xh;
+        }
+      }
+      if (want_db) {
+        auto db = as_eigen(grads.db.segment(offsets_[h], c));
+        if (acc) {
+          db += dz.colwise().sum().transpose();
+        } else {
+          db = dz.colwise().sum().transpose();
+        }
+      }
+      // dX_h, into dx directly or over this head's grouped x (read above).
+      if (want_dx) {
+        const MatrixView<float> out =
+            plan.sorted ? dx.middle_rows(r0, rows) : gx.middle_rows(r0, rows);
+        as_eigen(out).noalias() = dz * as_eigen(w_of(weights, h));
+      }
+    });
+    if (want_dx && !plan.sorted) {
+      MOEKIT_PARALLEL_FOR_IF(n * d > kLightParallelGrain)
+      for (index_t j = 0; j < n; ++j)
+        as_eigen(dx.row_view(plan.perm[j])) = as_eigen(gx.row_view(j));
+    }
+  }
+
+ private:
+  // Rows grouped by task: head h owns grouped rows [offsets[h], offsets[h + 1]),
+  // grouped row j is original row perm[j] (unused when sorted: the identity).
+  struct Plan {
+    std::array<index_t, kHeads + 1> offsets{};
+    const index_t* perm = nullptr;
+    bool sorted = true;
+  };
+
+  static int task_of(VectorView<const std::int32_t> tasks, index_t i) {
+    return tasks.empty() ? 0 : tasks[i];
+  }
+
+  void check_tasks(VectorView<const std::int32_t> tasks, index_t n) const {
+    if (kHeads == 1 && tasks.empty()) return;
+    check_shape(tasks, n, "tasks");
+    for (index_t i = 0; i < n; ++i) {
+      MOEKIT_CHECK(tasks[i] >= 0 && tasks[i] < kHeads, Errc::kOutOfRange, "tasks[", i,
+                   "] = ", tasks[i], " is outside [0, H = ", kHeads, ")");
+    }
+  }
+
+  // Labels in range of their row's head (tasks already checked).
+  void check_labels(VectorView<const std::int32_t> labels, VectorView<const std::int32_t> tasks,
+                    index_t n) const {
+    check_shape(labels, n, "labels");
+    for (index_t i = 0; i < n; ++i) {
+      const int h = task_of(tasks, i);
+      MOEKIT_CHECK(labels[i] >= 0 && labels[i] < config_.classes[h], Errc::kOutOfRange, "labels[",
+                   i, "] = ", labels[i], " is outside [0, ", config_.classes[h],
+                   ") (classes of task ", h, ")");
+    }
+  }
+
+  void check_weights(const HeadWeights& w) const {
+    check_shape(w.w, total_classes(), config_.d_model, "weights.w");
+    if (config_.bias) {
+      check_shape(w.b, total_classes(), "weights.b");
+    } else {
+      MOEKIT_CHECK(w.b.empty(), Errc::kInvalidArgument, "weights.b has ", w.b.size(),
+                   " elements but must be empty: config.bias is false");
+    }
+  }
+
+  static void check_weighting(const TaskWeights& w, VectorView<float> dlog_vars) {
+    if (w.kind == TaskWeighting::kFixed) {
+      MOEKIT_CHECK(w.log_vars.empty() && dlog_vars.empty(), Errc::kInvalidArgument,
+                   "log_vars / dlog_vars must be empty for TaskWeighting::kFixed, got ",
+                   w.log_vars.size(), " / ", dlog_vars.size(), " elements");
+      if (w.fixed.empty()) return;
+      check_shape(w.fixed, kHeads, "weighting.fixed");
+      for (int h = 0; h < kHeads; ++h) {
+        MOEKIT_CHECK_ARG(std::isfinite(w.fixed[h]) && w.fixed[h] >= 0.0f, "weighting.fixed[", h,
+                         "] = ", w.fixed[h], " must be finite and non-negative");
+      }
+      return;
+    }
+    MOEKIT_CHECK_ARG(w.kind == TaskWeighting::kUncertainty,
+                     "weighting.kind = ", static_cast<int>(w.kind), " is not a TaskWeighting");
+    MOEKIT_CHECK(w.fixed.empty(), Errc::kInvalidArgument, "weighting.fixed has ", w.fixed.size(),
+                 " elements but must be empty for TaskWeighting::kUncertainty");
+    check_shape(w.log_vars, kHeads, "weighting.log_vars");
+    if (!dlog_vars.empty()) check_shape(dlog_vars, kHeads, "dlog_vars");
+    for (int h = 0; h < kHeads; ++h) {
+      MOEKIT_CHECK_ARG(std::isfinite(w.log_vars[h]), "weighting.log_vars[", h,
+                       "] = ", w.log_vars[h], " is not finite");
+    }
+  }
+
+  void check_workspace(VectorView<std::byte> workspace, index_t n) const {
+    const index_t need = workspace_size(n);
+    if (need == 0) return;
+    check_view(workspace, "workspace");
+    MOEKIT_CHECK(workspace.size() >= need, Errc::kShapeMismatch, "workspace has ", workspace.size(),
+                 " bytes, workspace_size(", n, ") = ", need);
+    MOEKIT_CHECK(reinterpret_cast<std::uintptr_t>(workspace.data()) % alignof(index_t) == 0,
+                 Errc::kInvalidArgument, "workspace is not aligned to ", alignof(index_t),
+                 " bytes");
+  }
+
+  // c_h: the weight of task h's loss in L.
+  static double coefficient(const TaskWeights& w, int h) {
+    if (w.kind == TaskWeighting::kUncertainty) return std::exp(-static_cast<double>(w.log_vars[h]));
+    return w.fixed.empty() ? 1.0 : static_cast<double>(w.fixed[h]);
+  }
+
+  // Stable counting sort of the rows by task (tasks validated).
+  Plan make_plan(VectorView<const std::int32_t> tasks, index_t n,
+                 VectorView<std::byte> workspace) const {
+    Plan plan;
+    std::array<index_t, kHeads> count{};
+    for (index_t i = 0; i < n; ++i) {
+      ++count[task_of(tasks, i)];
+      plan.sorted = plan.sorted && (i == 0 || task_of(tasks, i) >= task_of(tasks, i - 1));
+    }
+    for (int h = 0; h < kHeads; ++h) plan.offsets[h + 1] = plan.offsets[h] + count[h];
+    if (plan.sorted) return plan;
+    index_t* perm = reinterpret_cast<index_t*>(workspace.data());
+    std::array<index_t, kHeads> fill{};
+    for (int h = 0; h < kHeads; ++h) fill[h] = plan.offsets[h];
+    for (index_t i = 0; i < n; ++i) perm[fill[tasks[i]]++] = i;
+    plan.perm = perm;
+    return plan;
+  }
+
+  // The grouped rows of x (n x d) and of the logits (n x max C) in the workspace.
+  MatrixView<float> grouped_x(VectorView<std::byte> workspace, index_t n) const {
+    if (kHeads == 1 || n == 0) return {};
+    float* base = reinterpret_cast<float*>(workspace.data() + n * index_t{sizeof(index_t)});
+    return MatrixView<float>(base, n, config_.d_model);
+  }
+  MatrixView<float> grouped_z(VectorView<std::byte> workspace, index_t n) const {
+    if (kHeads == 1 || n == 0) return {};
+    float* base = reinterpret_cast<float*>(workspace.data() + n * index_t{sizeof(index_t)}) +
+                  n * config_.d_model;
+    return MatrixView<float>(base, n, max_classes_);
+  }
+
+  static void gather(MatrixView<const float> x, const Plan& plan, MatrixView<float> gx) {
+    const index_t n = x.rows();
+    MOEKIT_PARALLEL_FOR_IF(n * x.cols() > kLightParallelGrain)
+    for (index_t j = 0; j < n; ++j) as_eigen(gx.row_view(j)) = as_eigen(x.row_view(plan.perm[j]));
+  }
+
+  MatrixView<const float> w_of(const HeadWeights& w, int h) const {
+    return w.w.middle_rows(offsets_[h], config_.classes[h]);
+  }
+  VectorView<const float> b_of(const HeadWeights& w, int h) const {
+    return w.b.segment(offsets_[h], config_.classes[h]);
+  }
+
+  // Calls body(h, first grouped row, rows) for every head with rows, in
+  // parallel across heads or in turn (see the top of this file).
+  template <class Body>
+  void for_each_head(const Plan& plan, Body&& body) const {
+    const auto& off = plan.offsets;
+    int busy = 0;
+    for (int h = 0; h < kHeads; ++h) busy += off[h + 1] > off[h];
+    const int threads = detail::heads_max_threads();
+    const bool across =
+        threads > 1 && busy >= threads && off[kHeads] <= busy * kHeadParallelMaxRows;
+    if (across) {
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1)
+#endif
+      for (int h = 0; h < kHeads; ++h) {
+        if (off[h + 1] > off[h]) body(h, off[h], off[h + 1] - off[h]);
+      }
+    } else {
+      for (int h = 0; h < kHeads; ++h) {
+        if (off[h + 1] > off[h]) body(h, off[h], off[h + 1] - off[h]);
+      }
+    }
+  }
+
+  TaskHeadsConfig<S> config_;
+  std::array<index_t, kHeads + 1> offsets_{};
+  index_t max_classes_ = 0;
+};
+
+}  // namespace cpu
+MOEKIT_NAMESPACE_END
