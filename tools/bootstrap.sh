@@ -11,6 +11,7 @@ packages=(
   g++ cmake ninja-build           # toolchain (CMake >= 3.25)
   libeigen3-dev                   # the CPU backend
   libgtest-dev libbenchmark-dev   # tests and benchmarks
+  libopenblas-openmp-dev          # the optional BLAS the MoE layer benchmark compares with
   clang-format                    # the format check
   python3                         # docs snippet check
 )

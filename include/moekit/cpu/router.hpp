@@ -34,9 +34,9 @@ namespace cpu {
 static_assert(sizeof(int) == sizeof(std::int32_t), "expert ids are 32-bit ints");
 
 struct RouterConfig {
-  GatingConfig gating;
-  NoiseConfig noise;
-  CapacityConfig capacity;
+  GatingConfig gating{};
+  NoiseConfig noise{};
+  CapacityConfig capacity{};
   NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;
 };
 

@@ -68,12 +68,12 @@ struct MoeLayerConfig {
   index_t d_ff = 0;  // width of one routed expert
   FfnKind kind = FfnKind::kPlain;
   Activation activation = Activation::kGeluTanh;
-  RouterConfig router;
+  RouterConfig router{};
   int num_shared = 0;         // shared experts, run on every token
   index_t d_ff_shared = 0;    // width of one shared expert; 0 = d_ff
   float switch_coeff = 0.0f;  // Switch balance loss coefficient; 0 = off
   float z_coeff = 0.0f;       // router z-loss coefficient; 0 = off
-  SwitchLossOptions switch_options;
+  SwitchLossOptions switch_options{};
   FfnThreading threading = FfnThreading::kAuto;
 };
 
@@ -91,10 +91,10 @@ struct MoeLayerParams {
 
 // Gradient outputs; an empty view is frozen (see the top of this file).
 struct MoeLayerGrads {
-  MatrixView<float> dw_gate{};        // E x d
-  VectorView<float> dgate_bias{};     // E; must be empty when params.gate_bias is
-  MatrixView<float> dw1, dw3, dw2{};  // routed experts, ExpertWeights layout
-  MatrixView<float> shared_dw1, shared_dw3, shared_dw2{};  // shared experts
+  MatrixView<float> dw_gate{};            // E x d
+  VectorView<float> dgate_bias{};         // E; must be empty when params.gate_bias is
+  MatrixView<float> dw1{}, dw3{}, dw2{};  // routed experts, ExpertWeights layout
+  MatrixView<float> shared_dw1{}, shared_dw3{}, shared_dw2{};  // shared experts
   bool accumulate = false;  // add to every output (dx too) instead of overwriting
 };
 

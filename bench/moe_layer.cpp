@@ -1,0 +1,321 @@
+// MoE layer benchmarks (issue 4): C1 (T=2048 d=1024 d_ff=4096 E=8 K=2), C2
+// (d_ff=512 E=64 K=8) and C3 (T=512 d=512 d_ff=1024 E=8 K=2), SwiGLU experts,
+// dropless, at 2 and 1 threads. Beside each, in the same run:
+//   dense_gemm        the three GEMMs of a dense SwiGLU FFN over the same T K
+//                     rows: the same FLOPs as the experts, as one matrix each
+//                     (the rate the grouped expert GEMMs aim at);
+//   dense_same_params a dense SwiGLU FFN of width E d_ff over the T tokens:
+//                     the same total parameters as the experts, E/K times
+//                     their FLOPs (the "active vs total" claim, measured).
+// The closing table gives the experts' rate as a fraction of the dense GEMM
+// rate, and the share of the layer's time spent outside the expert FFNs
+// (router GEMM and gating, dispatch, combine, aux losses).
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ceiling.hpp"
+#include "moekit/nn/moe_layer.hpp"
+#include "summary.hpp"
+
+namespace {
+
+using moekit::FfnKind;
+using moekit::index_t;
+using moekit::MatrixView;
+using moekit::MoeSpec;
+using moekit::cpu::FfnThreading;
+using moekit_bench::RowMatrix;
+
+struct Shape {
+  const char* name;
+  index_t tokens, d_model, d_ff;
+  int experts, top_k;
+  double expert_flops() const {  // forward, dropless: 3 GEMMs over T K rows
+    return 6.0 * static_cast<double>(tokens * top_k) * static_cast<double>(d_model) *
+           static_cast<double>(d_ff);
+  }
+  double dense_flops() const { return expert_flops() * experts / top_k; }
+};
+
+void fill(std::vector<float>& v, float scale, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  for (float& x : v) x = normal(rng);
+}
+
+inline void set_rate(benchmark::State& state, double flops) {
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The layer, its parameters, state and gradients for one shape.
+template <class S>
+struct Setup {
+  static constexpr int E = S::num_experts, K = S::top_k;
+  Shape shape;
+  moekit::cpu::MoeLayer<S> layer;
+  moekit::cpu::MoeLayerStorage<S> storage;
+  std::vector<float> x, y, dy, dx, w_gate, w1, w3, w2, dw_gate, dw1, dw3, dw2;
+
+  static moekit::cpu::MoeLayerConfig config(const Shape& s, FfnThreading threading) {
+    moekit::cpu::MoeLayerConfig c{.d_model = s.d_model,
+                                  .d_ff = s.d_ff,
+                                  .kind = FfnKind::kGated,
+                                  .activation = moekit::Activation::kSilu,
+                                  .switch_coeff = 1e-2f,
+                                  .z_coeff = 1e-3f,
+                                  .threading = threading};
+    c.router.gating.renormalize = true;  // Mixtral: softmax -> top-k -> renormalise; dropless
+    return c;
+  }
+
+  Setup(const Shape& s, FfnThreading threading)
+      : shape(s), layer(config(s, threading)), storage(layer, s.tokens) {
+    const index_t T = s.tokens, d = s.d_model, f = s.d_ff;
+    x.resize(T * d);
+    y.resize(T * d);
+    dy.resize(T * d);
+    dx.resize(T * d);
+    w_gate.resize(E * d);
+    w1.resize(E * f * d);
+    w3.resize(E * f * d);
+    w2.resize(E * d * f);
+    fill(x, 1.0f, 1);
+    fill(dy, 1.0f, 2);
+    fill(w_gate, 0.02f, 3);  // near-uniform routing, as after balance training
+    fill(w1, 0.02f, 4);
+    fill(w3, 0.02f, 5);
+    fill(w2, 0.02f, 6);
+  }
+
+  moekit::cpu::MoeLayerParams params() const {
+    const index_t d = shape.d_model, f = shape.d_ff;
+    return {.w_gate = {w_gate.data(), E, d},
+            .experts = {{w1.data(), E * f, d}, {w3.data(), E * f, d}, {w2.data(), E * d, f}}};
+  }
+
+  void allocate_grads() {
+    dw_gate.resize(w_gate.size());
+    dw1.resize(w1.size());
+    dw3.resize(w3.size());
+    dw2.resize(w2.size());
+  }
+
+  moekit::cpu::MoeLayerGrads grads() {
+    const index_t d = shape.d_model, f = shape.d_ff;
+    return {.dw_gate = {dw_gate.data(), E, d},
+            .dw1 = {dw1.data(), E * f, d},
+            .dw3 = {dw3.data(), E * f, d},
+            .dw2 = {dw2.data(), E * d, f}};
+  }
+
+  MatrixView<const float> in() const { return {x.data(), shape.tokens, shape.d_model}; }
+
+  moekit::cpu::MoeAuxLosses forward(moekit::cpu::RoutingStats<S>* stats = nullptr) {
+    return layer.forward(in(), params(), storage.state(), {y.data(), shape.tokens, shape.d_model},
+                         stats, storage.workspace());
+  }
+
+  void backward() {
+    layer.backward({dy.data(), shape.tokens, shape.d_model}, in(), params(), storage.state(),
+                   grads(), {dx.data(), shape.tokens, shape.d_model}, storage.workspace());
+  }
+};
+
+// The three GEMMs of a dense SwiGLU FFN over `rows` rows, without the
+// element-wise part: a = x W1^T, g = x W3^T, y = h W2^T (W row-major like
+// the experts' weights).
+void dense_gemms(benchmark::State& state, index_t rows, index_t d, index_t f, int threads) {
+  moekit_bench::set_threads(threads);
+  const RowMatrix x = RowMatrix::Random(rows, d);
+  const RowMatrix w1 = RowMatrix::Random(f, d), w3 = RowMatrix::Random(f, d);
+  const RowMatrix w2 = RowMatrix::Random(d, f);
+  RowMatrix a(rows, f), g(rows, f), y(rows, d);
+  for (auto _ : state) {
+    a.noalias() = x * w1.transpose();
+    g.noalias() = x * w3.transpose();
+    y.noalias() = a * w2.transpose();
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state,
+           6.0 * static_cast<double>(rows) * static_cast<double>(d) * static_cast<double>(f));
+}
+
+// A dense SwiGLU FFN of width E d_ff over the T tokens, activation included.
+void dense_same_params(benchmark::State& state, const Shape& s, int threads) {
+  moekit_bench::set_threads(threads);
+  const index_t f = s.d_ff * s.experts;
+  const RowMatrix x = RowMatrix::Random(s.tokens, s.d_model);
+  const RowMatrix w1 = RowMatrix::Random(f, s.d_model) * 0.02f;
+  const RowMatrix w3 = RowMatrix::Random(f, s.d_model) * 0.02f;
+  const RowMatrix w2 = RowMatrix::Random(s.d_model, f) * 0.02f;
+  RowMatrix a(s.tokens, f), g(s.tokens, f), y(s.tokens, s.d_model);
+  for (auto _ : state) {
+    a.noalias() = x * w1.transpose();
+    g.noalias() = x * w3.transpose();
+    a.array() = a.array() / (1.0f + (-a.array()).exp()) * g.array();  // SiLU(a) * g
+    y.noalias() = a * w2.transpose();
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, s.dense_flops());
+}
+
+// The routed expert FFNs alone, on the buffer a layer forward dispatched.
+template <class S>
+void experts_forward(benchmark::State& state, const Shape& s, FfnThreading threading, int threads) {
+  moekit_bench::set_threads(threads);
+  Setup<S> setup(s, threading);
+  setup.forward();
+  const moekit::cpu::MoeLayerState st = setup.storage.state();
+  const index_t n = st.offsets[S::num_experts];
+  const moekit::cpu::ExpertFfn<S> ffn({.d_model = s.d_model,
+                                       .d_ff = s.d_ff,
+                                       .kind = FfnKind::kGated,
+                                       .activation = moekit::Activation::kSilu,
+                                       .threading = threading});
+  std::vector<std::byte> ws(static_cast<std::size_t>(ffn.workspace_size(n)) + 4);
+  const auto ws_view = moekit::VectorView<std::byte>(ws.data(), ffn.workspace_size(n));
+  for (auto _ : state) {
+    ffn.forward(st.buffer.middle_rows(0, n), st.offsets, setup.params().experts,
+                st.expert_out.middle_rows(0, n), st.saved_pre.middle_rows(0, n),
+                st.saved_gate.middle_rows(0, n), ws_view);
+    benchmark::DoNotOptimize(st.expert_out.data());
+  }
+  set_rate(state, s.expert_flops());
+}
+
+template <class S>
+void layer_forward(benchmark::State& state, const Shape& s, int threads) {
+  moekit_bench::set_threads(threads);
+  Setup<S> setup(s, FfnThreading::kAuto);
+  moekit::cpu::RoutingStats<S> stats;
+  for (auto _ : state) benchmark::DoNotOptimize(setup.forward(&stats).total);
+  set_rate(state, s.expert_flops());
+  state.counters["max_load"] = stats.max_load_ratio();
+}
+
+template <class S>
+void layer_forward_backward(benchmark::State& state, const Shape& s, int threads) {
+  moekit_bench::set_threads(threads);
+  Setup<S> setup(s, FfnThreading::kAuto);
+  setup.allocate_grads();
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(setup.forward().total);
+    setup.backward();
+    benchmark::DoNotOptimize(setup.dx.data());
+  }
+  set_rate(state, 3.0 * s.expert_flops());  // backward: dX and dW GEMMs, twice forward's
+}
+
+struct Case {
+  Shape shape;
+  void (*experts)(benchmark::State&, const Shape&, FfnThreading, int);
+  void (*forward)(benchmark::State&, const Shape&, int);
+  void (*forward_backward)(benchmark::State&, const Shape&, int);
+};
+
+template <class S>
+Case make_case(const char* name, index_t tokens, index_t d, index_t f) {
+  return {{name, tokens, d, f, S::num_experts, S::top_k},
+          experts_forward<S>,
+          layer_forward<S>,
+          layer_forward_backward<S>};
+}
+
+std::string run_name(const std::string& what, const char* config, int threads) {
+  return what + "/" + config + "/threads:" + std::to_string(threads);
+}
+
+const char* threading_name(FfnThreading t) {
+  return t == FfnThreading::kAuto            ? "experts_fwd"
+         : t == FfnThreading::kAcrossExperts ? "experts_fwd_across"
+                                             : "experts_fwd_inside";
+}
+
+void add(const std::string& name, std::function<void(benchmark::State&)> f) {
+  benchmark::RegisterBenchmark(name.c_str(), std::move(f))
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::vector<Case> cases = {make_case<MoeSpec<8, 2>>("C1_E8_K2", 2048, 1024, 4096),
+                                   make_case<MoeSpec<64, 8>>("C2_E64_K8", 2048, 1024, 512),
+                                   make_case<MoeSpec<8, 2>>("C3_E8_K2", 512, 512, 1024)};
+  // 2 threads first (see bench/routing.cpp: libgomp after 1-thread runs).
+  const int thread_counts[] = {2, 1};
+  for (int threads : thread_counts) {
+    add(run_name("sgemm_ceiling", "n2048", threads),
+        [threads](benchmark::State& s) { moekit_bench::sgemm(s, 2048, 2048, 2048, threads); });
+    for (const Case& c : cases) {
+      const Shape sh = c.shape;
+      add(run_name("dense_gemm", sh.name, threads), [sh, threads](benchmark::State& s) {
+        dense_gemms(s, sh.tokens * sh.top_k, sh.d_model, sh.d_ff, threads);
+      });
+      // At 1 thread the two strategies are the same work.
+      std::vector<FfnThreading> strategies = {FfnThreading::kAuto};
+      if (threads > 1) {
+        strategies.push_back(FfnThreading::kAcrossExperts);
+        strategies.push_back(FfnThreading::kInsideGemm);
+      }
+      for (FfnThreading t : strategies) {
+        add(run_name(threading_name(t), sh.name, threads),
+            [c, t, threads](benchmark::State& s) { c.experts(s, c.shape, t, threads); });
+      }
+      add(run_name("layer_fwd", sh.name, threads),
+          [c, threads](benchmark::State& s) { c.forward(s, c.shape, threads); });
+      add(run_name("layer_fwd_bwd", sh.name, threads),
+          [c, threads](benchmark::State& s) { c.forward_backward(s, c.shape, threads); });
+      add(run_name("dense_same_params", sh.name, threads),
+          [sh, threads](benchmark::State& s) { dense_same_params(s, sh, threads); });
+    }
+  }
+#if defined(MOEKIT_BENCH_BLAS)
+  benchmark::AddCustomContext("gemm", MOEKIT_BENCH_BLAS " through EIGEN_USE_BLAS");
+  std::printf("GEMMs: %s through EIGEN_USE_BLAS\n", MOEKIT_BENCH_BLAS);
+#else
+  benchmark::AddCustomContext("gemm", "Eigen");
+#endif
+  benchmark::Initialize(&argc, argv);
+  moekit_bench::RecordingReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+
+  std::printf("\n%-10s %3s %8s %9s %9s %6s %9s %7s %10s %9s %6s %10s %7s\n", "config", "thr",
+              "SGEMM", "dense", "experts", "ratio", "layer", "other", "fwd+bwd", "fwd+bwd", "ratio",
+              "same-param", "speedup");
+  std::printf("%-10s %3s %8s %9s %9s %6s %9s %7s %10s %9s %6s %10s %7s\n", "", "", "GF/s", "GF/s",
+              "GF/s", "", "fwd ms", "%", "ms", "GF/s", "", "dense ms", "");
+  for (int threads : thread_counts) {
+    const double sgemm = reporter.seconds(run_name("sgemm_ceiling", "n2048", threads));
+    for (const Case& c : cases) {
+      const Shape& s = c.shape;
+      const double dense = reporter.seconds(run_name("dense_gemm", s.name, threads));
+      const double experts = reporter.seconds(run_name("experts_fwd", s.name, threads));
+      const double fwd = reporter.seconds(run_name("layer_fwd", s.name, threads));
+      const double fb = reporter.seconds(run_name("layer_fwd_bwd", s.name, threads));
+      const double same = reporter.seconds(run_name("dense_same_params", s.name, threads));
+      if (dense <= 0 || experts <= 0 || fwd <= 0) continue;  // filtered out
+      const double gf = 1e-9 * s.expert_flops();
+      std::printf(
+          "%-10s %3d %8.1f %9.1f %9.1f %6.2f %9.2f %6.1f%% %10.2f %9.1f %6.2f %10.2f %6.1fx\n",
+          s.name, threads, sgemm > 0 ? 2.0 * 2048 * 2048 * 2048 * 1e-9 / sgemm : 0.0, gf / dense,
+          gf / experts, dense / experts, fwd * 1e3, 100.0 * (fwd - experts) / fwd,
+          fb > 0 ? fb * 1e3 : 0.0, fb > 0 ? 3.0 * gf / fb : 0.0,
+          fb > 0 ? 3.0 * gf / fb / (gf / dense) : 0.0, same > 0 ? same * 1e3 : 0.0,
+          same > 0 ? same / fwd : 0.0);
+    }
+  }
+  std::printf(
+      "dense = the experts' three GEMMs as one dense matrix each (same FLOPs); ratio = experts "
+      "(or fwd+bwd) rate / dense rate; other = layer time outside the expert FFNs (router, "
+      "dispatch, combine, aux losses); same-param dense = dense SwiGLU FFN of width E d_ff "
+      "(E/K x the FLOPs); speedup = its time / layer fwd\n");
+  return 0;
+}
