@@ -7,13 +7,19 @@
 // base layer (goal: R = 8 adds at most 5%); LoraBank with 8 and 64 adapters
 // (random ids, every row adapted, so rows are gathered) as a ratio to the
 // single adapter over the same rows (goal: at most 1.15x), for the adapter
-// part alone and with the base layer included.
+// part alone and with the base layer included. Also LoRA on experts
+// (ExpertLora, R = 8, adapters on W1, W3 and W2) at C1 sizes (T = 2048,
+// d = 1024, d_ff = 4096, E = 8, K = 2, gated SiLU, balanced experts) forward,
+// beside the frozen expert FFNs alone (ExpertFfn) on the same buffer.
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "ceiling.hpp"
+#include "moekit/cpu/expert_ffn.hpp"
+#include "moekit/cpu/expert_lora.hpp"
 #include "moekit/cpu/lora.hpp"
 #include "summary.hpp"
 
@@ -148,6 +154,57 @@ void lora_bank(benchmark::State& state, int threads, index_t adapters, bool back
   set_rate(state, (backward ? 4 : 1) * adapter_flops(R));
 }
 
+// Expert FFNs at C1 forward over a balanced expert-major buffer (N = T K
+// rows): the frozen FFNs alone, or with rank-R adapters on W1, W3 and W2.
+template <int R>
+void expert_forward(benchmark::State& state, int threads, bool adapters) {
+  using Moe = moekit::MoeSpec<8, 2>;
+  constexpr index_t E = 8, n = 2048 * 2, d = 1024, f = 4096;
+  moekit_bench::set_threads(threads);
+  const moekit::cpu::ExpertLora<Moe, LoraSpec<R>> lora({.d_model = d,
+                                                        .d_ff = f,
+                                                        .kind = moekit::FfnKind::kGated,
+                                                        .activation = moekit::Activation::kSilu,
+                                                        .alpha = 16.0f});
+  const moekit::cpu::ExpertFfn<Moe> ffn(lora.ffn_config());
+  const std::vector<float> x = random_vector(sz(n * d), 1.0f, 9),
+                           w1 = random_vector(sz(E * f * d), 0.03f, 10),
+                           w3 = random_vector(sz(E * f * d), 0.03f, 11),
+                           w2 = random_vector(sz(E * d * f), 0.015f, 12),
+                           a1 = random_vector(sz(E * R * d), 0.03f, 13),
+                           b1 = random_vector(sz(E * f * R), 0.01f, 14),
+                           a3 = random_vector(sz(E * R * d), 0.03f, 15),
+                           b3 = random_vector(sz(E * f * R), 0.01f, 16),
+                           a2 = random_vector(sz(E * R * f), 0.015f, 17),
+                           b2 = random_vector(sz(E * d * R), 0.01f, 18);
+  std::vector<index_t> offsets(sz(E + 1));
+  for (index_t e = 0; e <= E; ++e) offsets[sz(e)] = e * n / E;
+  std::vector<float> y(sz(n * d));
+  std::vector<std::byte> ws(sz(std::max(lora.workspace_size(n), ffn.workspace_size(n))));
+  const moekit::VectorView<std::byte> wv(ws.data(), static_cast<index_t>(ws.size()));
+  const moekit::VectorView<const index_t> off(offsets.data(), E + 1);
+  const moekit::cpu::ExpertWeights base{
+      {w1.data(), E * f, d}, {w3.data(), E * f, d}, {w2.data(), E * d, f}};
+  const moekit::cpu::ExpertLoraWeights weights{.base = base,
+                                               .lora = {{a1.data(), E * R, d},
+                                                        {b1.data(), E * f, R},
+                                                        {a3.data(), E * R, d},
+                                                        {b3.data(), E * f, R},
+                                                        {a2.data(), E * R, f},
+                                                        {b2.data(), E * d, R}}};
+  for (auto _ : state) {
+    if (adapters) {
+      lora.forward({x.data(), n, d}, off, weights, {y.data(), n, d}, {}, wv);
+    } else {
+      ffn.forward({x.data(), n, d}, off, base, {y.data(), n, d}, {}, {}, wv);
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  // Three n x d x d_ff GEMMs; the adapters add 2 n R (d + d_ff) per matrix.
+  set_rate(state, 3 * 2.0 * n * d * f + (adapters ? 3 * 2.0 * n * R * (d + f) : 0.0));
+}
+
 // Built with append: GCC 12 warns falsely (-Wrestrict) on chains of string operator+.
 std::string run_name(const std::string& what, const std::string& config, int threads) {
   std::string name = what;
@@ -192,6 +249,10 @@ int main(int argc, char** argv) {
         [threads](benchmark::State& s) { base_layer(s, threads, true); });
     register_rank<8>(threads);
     register_rank<64>(threads);
+    add(run_name("expert_ffn_forward", "C1", threads),
+        [threads](benchmark::State& s) { expert_forward<8>(s, threads, false); });
+    add(run_name("expert_lora_forward", "C1_R8", threads),
+        [threads](benchmark::State& s) { expert_forward<8>(s, threads, true); });
   }
   benchmark::Initialize(&argc, argv);
   moekit_bench::RecordingReporter reporter;
@@ -238,6 +299,15 @@ int main(int argc, char** argv) {
             ratio(base_fb + bank("bank_forward_backward", "N64"),
                   base_fb + bank("bank_forward_backward", "N1")));
       }
+    }
+  }
+  for (int threads : thread_counts) {
+    const double ffn = reporter.seconds(run_name("expert_ffn_forward", "C1", threads));
+    const double elora = reporter.seconds(run_name("expert_lora_forward", "C1_R8", threads));
+    if (ffn > 0 && elora > 0) {
+      std::printf(
+          "expert LoRA R8 at C1, %d thread(s): forward %.2f ms vs ExpertFfn %.2f ms (%+.1f%%)\n",
+          threads, elora * 1e3, ffn * 1e3, 100.0 * (elora / ffn - 1.0));
     }
   }
   std::printf(

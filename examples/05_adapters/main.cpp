@@ -1,7 +1,7 @@
 // 05_adapters: LoRA adapters on the CPU backend - one adapter on a frozen
-// linear layer (training step with dropout, merge for serving), and a bank of
-// per-task adapters where each row of the batch picks its own. docs/adapters.md
-// is cut from this file.
+// linear layer (training step with dropout, merge for serving), a bank of
+// per-task adapters where each row of the batch picks its own, and LoRA on the
+// experts of an MoE layer. docs/adapters.md is cut from this file.
 #include <moekit/moekit.hpp>
 
 #include <algorithm>
@@ -128,6 +128,69 @@ int main() {
   for (index_t i = 0; i < N; ++i)
     std::printf(" %lld", static_cast<long long>(offsets[i + 1] - offsets[i]));
   std::printf(", %lld rows on the base layer only\n", static_cast<long long>(n - offsets[N]));
+
+  // [expert_lora]
+  // LoRA on the experts of an MoE layer (MixLoRA style): the expert FFNs stay
+  // frozen and each expert gets its own rank-R adapters on W1, W3 and W2 (an
+  // empty pair of views leaves that matrix unadapted). The rows are in
+  // expert-major order, as dispatch writes them: expert e owns rows
+  // [offsets[e], offsets[e + 1]).
+  using Moe = moekit::MoeSpec<4, 2>;
+  constexpr index_t E = Moe::num_experts, d = 32, f = 64;
+  const moekit::cpu::ExpertLora<Moe, Lora> experts({.d_model = d,
+                                                    .d_ff = f,
+                                                    .kind = moekit::FfnKind::kGated,
+                                                    .activation = moekit::Activation::kSilu,
+                                                    .alpha = 16.0f});
+  const std::vector<float> w1 = random_vector(rng, E * f * d, 0.2f),  // frozen, (E d_ff) x d
+      w3 = random_vector(rng, E * f * d, 0.2f), w2 = random_vector(rng, E * d * f, 0.1f);
+  std::vector<float> a1(E * R * d), b1(E * f * R), a3(E * R * d), b3(E * f * R), a2(E * R * f),
+      b2(E * d * R);
+  const moekit::cpu::ExpertAdapters<float> adapters{{a1.data(), E * R, d}, {b1.data(), E * f, R},
+                                                    {a3.data(), E * R, d}, {b3.data(), E * f, R},
+                                                    {a2.data(), E * R, f}, {b2.data(), E * d, R}};
+  experts.init(adapters, {.seed = 3});  // A Kaiming-uniform, B = 0: starts as the frozen FFN
+  const moekit::cpu::ExpertLoraWeights expert_weights{
+      .base = {{w1.data(), E * f, d}, {w3.data(), E * f, d}, {w2.data(), E * d, f}},
+      .lora = adapters};
+
+  const std::vector<index_t> expert_offsets{0, 20, 20, 45, 64};  // expert 1 has no rows
+  constexpr index_t rows_e = 64;
+  const moekit::VectorView<const index_t> off(expert_offsets.data(), E + 1);
+  const std::vector<float> buffer = random_vector(rng, rows_e * d, 1.0f);
+  std::vector<float> out(rows_e * d), pre(rows_e * f), gate(rows_e * f), h1(rows_e * R),
+      h3(rows_e * R), h2(rows_e * R);
+  std::vector<std::byte> expert_workspace(experts.workspace_size(rows_e));
+  const moekit::cpu::ExpertLoraSaved<float> saved{.pre = {pre.data(), rows_e, f},
+                                                  .gate = {gate.data(), rows_e, f},
+                                                  .h1 = {h1.data(), rows_e, R},
+                                                  .h3 = {h3.data(), rows_e, R},
+                                                  .h2 = {h2.data(), rows_e, R}};
+  experts.forward({buffer.data(), rows_e, d}, off, expert_weights, {out.data(), rows_e, d}, saved,
+                  view_of(expert_workspace));
+
+  // Backward with L = |out|^2 / 2 (dL/d out = out): gradients of the adapters
+  // and of the buffer only; W1, W3 and W2 are frozen and cost nothing.
+  std::vector<float> d_buffer(rows_e * d), da1(a1.size()), db1(b1.size()), da3(a3.size()),
+      db3(b3.size()), da2(a2.size()), db2(b2.size());
+  experts.backward({out.data(), rows_e, d}, {buffer.data(), rows_e, d}, off, expert_weights, saved,
+                   {d_buffer.data(), rows_e, d},
+                   {.da1 = {da1.data(), E * R, d},
+                    .db1 = {db1.data(), E * f, R},
+                    .da3 = {da3.data(), E * R, d},
+                    .db3 = {db3.data(), E * f, R},
+                    .da2 = {da2.data(), E * R, f},
+                    .db2 = {db2.data(), E * d, R}},
+                   view_of(expert_workspace));
+  // [expert_lora]
+
+  double norm_db2 = 0, norm_da1 = 0;
+  for (float v : db2) norm_db2 += v * v;
+  for (float v : da1) norm_da1 += v * v;
+  std::printf(
+      "expert LoRA: %lld trainable adapter parameters; first step |dB2| = %.4f, |dA1| = %.1f\n",
+      static_cast<long long>(experts.adapter_params().trainable), std::sqrt(norm_db2),
+      std::sqrt(norm_da1));
 
   // [params]
   // What a branch costs: one adapter, R (d_in + d_out) parameters, all trainable.

@@ -17,6 +17,7 @@
 #include "moekit/cpu/early_exit.hpp"
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/expert_ffn.hpp"
+#include "moekit/cpu/expert_lora.hpp"
 #include "moekit/cpu/lora.hpp"
 #include "moekit/cpu/router.hpp"
 #include "moekit/cpu/task_heads.hpp"
