@@ -458,14 +458,6 @@ void set_threads([[maybe_unused]] int threads) {
   omp_set_num_threads(threads);
 #endif
 }
-int max_threads() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 // ---- forward and backward against the float64 reference ---------------------------
 
 template <int E, int K, int R>
@@ -852,7 +844,7 @@ TEST(ExpertLora, AccumulateAddsToTheOldGradients) {
 TEST(ExpertLora, OneAndTwoThreadsAgree) {
   using S = MoeSpec<8, 2>;
   using L = LoraSpec<8>;
-  const int saved = max_threads();
+  const int saved = moekit::cpu::max_threads();
   for (FfnKind kind : kKinds) {
     for (FfnThreading t :
          {FfnThreading::kAuto, FfnThreading::kAcrossExperts, FfnThreading::kInsideGemm}) {

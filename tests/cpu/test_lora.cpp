@@ -238,14 +238,6 @@ void expect_bits_equal(const Problem& p, const Problem& q) {
   }
 }
 
-int omp_threads() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 std::vector<int> all_zero(index_t n) { return std::vector<int>(sz(n), 0); }
 
 // Random ids in [-1, N) with adapter `empty` never used.
@@ -639,7 +631,7 @@ void bank_matches_reference_and_single_adapters() {
         one.y = y0;
         one.dx = dx0;
         one.h.poison();
-        const index_t slot = bank.workspace_size(n) / std::max(1, omp_threads());
+        const index_t slot = bank.workspace_size(n) / std::max(1, moekit::cpu::max_threads());
         const VectorView<std::byte> wv = one.workspace(slot);
         bank.forward(one.x.cview(), one.rows(), one.weights(base), one.y.view(), one.h.view(), st,
                      wv);

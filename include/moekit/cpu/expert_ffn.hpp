@@ -140,12 +140,33 @@ void with_activation(Activation act, F&& f) {
   }
 }
 
-inline int max_threads() {
+// Whether the experts run in parallel under `threading` (see the top of this file).
+template <int E>
+bool runs_across_experts(FfnThreading threading, VectorView<const index_t> offsets) {
+  if (threading != FfnThreading::kAuto) return threading == FfnThreading::kAcrossExperts;
+  const int threads = max_threads();
+  if (threads <= 1) return false;
+  index_t busy = 0;
+  for (int e = 0; e < E; ++e) busy += offsets[e + 1] > offsets[e];
+  return busy >= threads && offsets[E] <= busy * kExpertParallelMaxRows;
+}
+
+// Calls body(e, first_row, rows) for every non-empty expert, in parallel
+// across experts or in turn (then Eigen may parallelise inside).
+template <int E, class Body>
+void for_each_expert(FfnThreading threading, VectorView<const index_t> offsets, Body&& body) {
+  if (runs_across_experts<E>(threading, offsets)) {
 #if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
+#pragma omp parallel for schedule(dynamic, 1)
 #endif
+    for (int e = 0; e < E; ++e) {
+      if (offsets[e + 1] > offsets[e]) body(e, offsets[e], offsets[e + 1] - offsets[e]);
+    }
+  } else {
+    for (int e = 0; e < E; ++e) {
+      if (offsets[e + 1] > offsets[e]) body(e, offsets[e], offsets[e + 1] - offsets[e]);
+    }
+  }
 }
 
 }  // namespace detail
@@ -412,34 +433,9 @@ class ExpertFfn {
     return w.w2.middle_rows(e * config_.d_model, config_.d_model);
   }
 
-  // Whether to run the experts in parallel (see the top of this file).
-  bool across_experts(VectorView<const index_t> offsets) const {
-    if (config_.threading != FfnThreading::kAuto) {
-      return config_.threading == FfnThreading::kAcrossExperts;
-    }
-    const int threads = detail::max_threads();
-    if (threads <= 1) return false;
-    index_t busy = 0;
-    for (int e = 0; e < kExperts; ++e) busy += offsets[e + 1] > offsets[e];
-    return busy >= threads && offsets[kExperts] <= busy * kExpertParallelMaxRows;
-  }
-
-  // Calls body(e, first_row, rows) for every non-empty expert, in parallel
-  // across experts or in turn (then Eigen may parallelise inside).
   template <class Body>
   void for_each_expert(VectorView<const index_t> offsets, Body&& body) const {
-    if (across_experts(offsets)) {
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1)
-#endif
-      for (int e = 0; e < kExperts; ++e) {
-        if (offsets[e + 1] > offsets[e]) body(e, offsets[e], offsets[e + 1] - offsets[e]);
-      }
-    } else {
-      for (int e = 0; e < kExperts; ++e) {
-        if (offsets[e + 1] > offsets[e]) body(e, offsets[e], offsets[e + 1] - offsets[e]);
-      }
-    }
+    detail::for_each_expert<kExperts>(config_.threading, offsets, body);
   }
 
   ExpertFfnConfig config_;

@@ -652,34 +652,10 @@ class ExpertLora {
     one(on.w2, w2, ad.a2, ad.b2, d);
   }
 
-  // Whether to run the experts in parallel: ExpertFfn's rule (expert_ffn.hpp).
-  bool across_experts(VectorView<const index_t> offsets) const {
-    if (config_.threading != FfnThreading::kAuto) {
-      return config_.threading == FfnThreading::kAcrossExperts;
-    }
-    const int threads = detail::max_threads();
-    if (threads <= 1) return false;
-    index_t busy = 0;
-    for (int e = 0; e < kExperts; ++e) busy += offsets[e + 1] > offsets[e];
-    return busy >= threads && offsets[kExperts] <= busy * kExpertParallelMaxRows;
-  }
-
-  // Calls body(e, first_row, rows) for every non-empty expert, in parallel
-  // across experts or in turn (then Eigen may parallelise inside).
+  // ExpertFfn's threading rule and loop (expert_ffn.hpp).
   template <class Body>
   void for_each_expert(VectorView<const index_t> offsets, Body&& body) const {
-    if (across_experts(offsets)) {
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1)
-#endif
-      for (int e = 0; e < kExperts; ++e) {
-        if (offsets[e + 1] > offsets[e]) body(e, offsets[e], offsets[e + 1] - offsets[e]);
-      }
-    } else {
-      for (int e = 0; e < kExperts; ++e) {
-        if (offsets[e + 1] > offsets[e]) body(e, offsets[e], offsets[e + 1] - offsets[e]);
-      }
-    }
+    detail::for_each_expert<kExperts>(config_.threading, offsets, body);
   }
 
   ExpertLoraConfig config_;

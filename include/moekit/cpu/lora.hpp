@@ -160,30 +160,6 @@ struct LoraRows {
 
 namespace detail {
 
-inline int lora_max_threads() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-inline int lora_thread_id() {
-#if defined(_OPENMP)
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-inline int lora_num_threads() {
-#if defined(_OPENMP)
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
 inline void check_lora_fields(index_t d_in, index_t d_out, float alpha, float dropout) {
   MOEKIT_CHECK_ARG(d_in >= 1, "config.d_in = ", d_in, " must be at least 1");
   MOEKIT_CHECK_ARG(d_out >= 1, "config.d_out = ", d_out, " must be at least 1");
@@ -712,7 +688,7 @@ class LoraBank {
   index_t workspace_size(index_t rows) const {
     MOEKIT_CHECK_GE(rows, 0);
     if (rows == 0) return 0;
-    return index_t{detail::lora_max_threads()} * slot_bytes();
+    return index_t{max_threads()} * slot_bytes();
   }
 
   // Stable counting sort of the rows by adapter id: order (n entries, see the
@@ -787,7 +763,7 @@ class LoraBank {
     if (slots == 0) return;  // no row has an adapter
     const detail::LoraKernel<kRank> k = kernel(step);
     float* base = reinterpret_cast<float*>(workspace.data());
-    const int threads = static_cast<int>(std::min<index_t>(slots, detail::lora_max_threads()));
+    const int threads = static_cast<int>(std::min<index_t>(slots, max_threads()));
     const auto run = [&](int tid, int nth) {
       const detail::LoraSlot slot = slot_at(base, tid);
       index_t task = 0;
@@ -800,7 +776,7 @@ class LoraBank {
     if (threads > 1) {
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads)
-      run(detail::lora_thread_id(), detail::lora_num_threads());
+      run(thread_id(), num_threads());
 #endif
     } else {
       run(0, 1);
@@ -863,13 +839,13 @@ class LoraBank {
     };
     index_t busy = 0;
     for (index_t i = 0; i < N; ++i) busy += rows.offsets[i + 1] > rows.offsets[i];
-    const int threads = static_cast<int>(std::min<index_t>(slots, detail::lora_max_threads()));
+    const int threads = static_cast<int>(std::min<index_t>(slots, max_threads()));
     if (threads > 1 && busy >= threads) {
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
       for (index_t i = 0; i < N; ++i) {
         if (rows.offsets[i + 1] > rows.offsets[i]) {
-          run_adapter(i, slot_at(base, detail::lora_thread_id()), false);
+          run_adapter(i, slot_at(base, thread_id()), false);
         }
       }
 #endif

@@ -26,5 +26,30 @@ namespace cpu {
 inline constexpr long kParallelGrain = 1L << 15;
 inline constexpr long kLightParallelGrain = 1L << 20;
 
+// OpenMP's thread queries, 1 / 0 / 1 without OpenMP.
+inline int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_id() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int num_threads() {
+#if defined(_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 }  // namespace cpu
 MOEKIT_NAMESPACE_END

@@ -131,18 +131,6 @@ struct TaskLosses {
   std::array<index_t, S::num_heads> count{};    // n_h
 };
 
-namespace detail {
-
-inline int heads_max_threads() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-}  // namespace detail
-
 template <HeadSpecType S>
 class TaskHeads {
  public:
@@ -501,7 +489,7 @@ class TaskHeads {
     const auto& off = plan.offsets;
     int busy = 0;
     for (int h = 0; h < kHeads; ++h) busy += off[h + 1] > off[h];
-    const int threads = detail::heads_max_threads();
+    const int threads = max_threads();
     const bool across =
         threads > 1 && busy >= threads && off[kHeads] <= busy * kHeadParallelMaxRows;
     if (across) {
