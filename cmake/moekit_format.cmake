@@ -4,7 +4,8 @@ file(GLOB_RECURSE files
   "${SOURCE_DIR}/include/*.hpp" "${SOURCE_DIR}/include/*.cuh"
   "${SOURCE_DIR}/tests/*.cpp" "${SOURCE_DIR}/tests/*.cu" "${SOURCE_DIR}/tests/*.hpp" "${SOURCE_DIR}/tests/*.cuh"
   "${SOURCE_DIR}/examples/*.cpp" "${SOURCE_DIR}/examples/*.cu"
-  "${SOURCE_DIR}/bench/*.cpp" "${SOURCE_DIR}/bench/*.cu" "${SOURCE_DIR}/bench/*.hpp" "${SOURCE_DIR}/bench/*.cuh")
+  "${SOURCE_DIR}/bench/*.cpp" "${SOURCE_DIR}/bench/*.cu" "${SOURCE_DIR}/bench/*.hpp" "${SOURCE_DIR}/bench/*.cuh"
+  "${SOURCE_DIR}/packaging/*.cpp")
 list(LENGTH files count)
 if(MODE STREQUAL "fix")
   execute_process(COMMAND "${CLANG_FORMAT}" -i --style=file ${files} RESULT_VARIABLE rc)
