@@ -10,10 +10,12 @@ set -euo pipefail
 packages=(
   g++ cmake ninja-build           # toolchain (CMake >= 3.25)
   libeigen3-dev                   # the CPU backend
+  nlohmann-json3-dev              # safetensors weight files (moekit/io/)
   libgtest-dev libbenchmark-dev   # tests and benchmarks
   libopenblas-openmp-dev          # the optional BLAS the MoE layer benchmark compares with
   clang-format                    # the format check
   python3                         # docs snippet check
+  python3-pip                     # installs the safetensors compat test's modules (below)
 )
 
 missing=()
@@ -30,6 +32,24 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The safetensors compatibility test (io.python_compat) writes its fixture with
+# the reference implementation; it skips where these modules are missing.
+if ! python3 -c 'import safetensors, numpy' 2>/dev/null; then
+  echo "bootstrap: installing the Python modules safetensors and numpy"
+  python3 -m pip install --quiet safetensors numpy ||
+    python3 -m pip install --quiet --break-system-packages safetensors numpy ||
+    echo "bootstrap: warning: could not install safetensors and numpy; io.python_compat will skip"
+fi
+
+# Conan 2 for the packaging.conan_create test, which runs `conan create` offline
+# (private CONAN_HOME, no remote); it skips where no Conan 2 is installed.
+if ! conan --version 2>/dev/null | grep -q "Conan version 2\."; then
+  echo "bootstrap: installing conan 2"
+  python3 -m pip install --quiet "conan>=2,<3" ||
+    python3 -m pip install --quiet --break-system-packages "conan>=2,<3" ||
+    echo "bootstrap: warning: could not install conan 2; packaging.conan_create will skip"
 fi
 
 echo "bootstrap: ok"

@@ -1,7 +1,9 @@
 // 01_quickstart: the shape of a moekit model, what it costs, and a real MoE
 // layer forward pass with its routing statistics. (LoRA adapters and heads
 // join this example when they land.)
-#include <moekit/moekit.hpp>
+// [include]
+#include <moekit/moekit.hpp>  // the portable and CPU parts (moekit/moekit.cuh: CUDA)
+// [include]
 
 #include <cmath>
 #include <cstdio>
