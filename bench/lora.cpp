@@ -2,12 +2,14 @@
 // and 1 threads, measured in this run beside
 //   - the machine's large-SGEMM rate (the ceiling),
 //   - the frozen base layer alone (y = x W^T; in training also dx = dy W),
-//   - a single adapter on all rows (LoraBank with N = 1: in place, plain GEMMs).
+//   - a single adapter on all rows (LoraBank with N = 1: consecutive rows).
 // LoraLinear forward and forward+backward are reported as overhead over the
 // base layer (goal: R = 8 adds at most 5%); LoraBank with 8 and 64 adapters
-// (random ids, every row adapted, so rows are gathered) as a ratio to the
-// single adapter over the same rows (goal: at most 1.15x), for the adapter
-// part alone and with the base layer included. Also LoRA on experts
+// (random ids, every row adapted, so each segment's rows are scattered) as a
+// ratio to the single adapter over the same rows (goal: at most 1.15x), for
+// the adapter part alone and with the base layer included, beside the memory
+// floor of that ratio: the adapter part streams x once and y twice, and N
+// adapters' weights must be read once each. Also LoRA on experts
 // (ExpertLora, R = 8, adapters on W1, W3 and W2) at C1 sizes (T = 2048,
 // d = 1024, d_ff = 4096, E = 8, K = 2, gated SiLU, balanced experts) forward,
 // beside the frozen expert FFNs alone (ExpertFfn) on the same buffer.
@@ -115,8 +117,8 @@ void lora_linear(benchmark::State& state, int threads, bool backward) {
 }
 
 // The adapter part of a bank of N adapters (w empty: y and dx get it added).
-// N = 1 puts every row on adapter 0 (consecutive rows: plain GEMMs in place);
-// N > 1 draws each row's adapter at random (gathered chunks).
+// N = 1 puts every row on adapter 0 (consecutive rows); N > 1 draws each
+// row's adapter at random (scattered rows in every segment).
 template <int R>
 void lora_bank(benchmark::State& state, int threads, index_t adapters, bool backward) {
   moekit_bench::set_threads(threads);
@@ -288,6 +290,14 @@ int main(int argc, char** argv) {
           ratio(bank("bank_forward", "N64"), bank("bank_forward", "N1")),
           ratio(bank("bank_forward_backward", "N8"), bank("bank_forward_backward", "N1")),
           ratio(bank("bank_forward_backward", "N64"), bank("bank_forward_backward", "N1")));
+      // Forward bytes: x read, y read and written, each adapter's a and b read.
+      const double rank = r[1] == '8' ? 8.0 : 64.0;
+      const double rows_bytes = 3.0 * kTokens * kDim * 4.0, adapter_bytes = 2.0 * rank * kDim * 4.0;
+      const auto floor = [&](double n) {
+        return (rows_bytes + n * adapter_bytes) / (rows_bytes + adapter_bytes);
+      };
+      std::printf("%-4s %3d   memory floor of the fwd ratio: N8 %.3fx, N64 %.3fx\n", r, threads,
+                  floor(8), floor(64));
       if (base > 0 && bank("bank_forward", "N1") > 0) {
         std::printf(
             "%-4s %3d   with the base layer: N8 fwd %.3fx, N64 fwd %.3fx, N8 fb %.3fx, N64 fb "

@@ -691,8 +691,8 @@ TEST(Lora, BankEightAdapters) { bank_matches_reference_and_single_adapters<8>();
 TEST(Lora, BankSixtyFourAdapters) { bank_matches_reference_and_single_adapters<64>(); }
 
 TEST(Lora, BankWideRowsGatherManyChunks) {
-  // d = 2048: 128-row chunks, so each adapter's rows span several chunks, some
-  // gathered and some in place.
+  // d = 2048: 128-row chunks, so each adapter's rows span several chunks, and
+  // the threads' runs of rows cross segments.
   using S = LoraSpec<2>;
   const index_t n = 700, d = 2048, dout = 8;
   std::vector<int> ids(sz(n));

@@ -35,9 +35,9 @@
 // h then lives in the workspace.
 //
 // Workspace. Both calls take a caller workspace of at least
-// workspace_size(n) bytes (float-aligned) for h, dh and, where rows are
-// gathered (dropout, the bank's scattered segments), copies of a chunk of
-// rows; no call allocates.
+// workspace_size(n) bytes (float-aligned) for h, dh, masked copies of a chunk
+// of x rows under dropout and, for the bank, each thread's packed adapter and
+// gradient panels; no call allocates.
 //
 // Gradients. Any of dx, grads.da and grads.db may be an empty view: it is
 // frozen or not wanted, no work is done for it and nothing is written there.
@@ -57,21 +57,24 @@
 // 1, ..., each in increasing row order; rows with id -1 are not listed) and
 // offsets (N + 1 entries, the exclusive scan of the counts). forward and
 // backward take ids, order and offsets (LoraRows) and run each adapter's
-// shrink (x_seg a_i^T) and expand (h_seg b_i^T) on its own rows only, in
-// chunks of chunk_rows() rows: a chunk whose rows are consecutive in x is used
-// in place, otherwise its rows are gathered into the workspace and the results
-// scattered back. Rows never pay for other adapters: the cost is
-// O(rows x R x (d_in + d_out)) whatever N is.
+// shrink (x_seg a_i^T) and expand (h_seg b_i^T) on its own rows only, with
+// the low-rank row kernels of moekit/cpu/low_rank_rows.hpp (SGMV style): the
+// rows are read and written where they lie in x, y, dy and dx, with the
+// rank-R accumulators in registers and the adapter's a and b^T packed once
+// per thread into panels. Rows never pay for other adapters: the cost is
+// O(rows x R x (d_in + d_out)) plus one read of each used adapter's weights.
 //
 // Threading. LoraLinear: Eigen parallelises its GEMMs, and the dropout and
-// gather loops run on OpenMP threads. LoraBank forward: the chunks are spread
-// over OpenMP threads, each with its own workspace slot and single-threaded
-// GEMMs. LoraBank backward: adapters in parallel (dynamic schedule) when at
-// least as many adapters have rows as there are threads, else adapters in turn
-// with Eigen's parallel GEMMs. Each output element is written by one thread,
-// and each gradient block sums its chunks in a fixed order, so results are
-// bit-identical run after run for a given thread count (across thread counts
-// Eigen's blocking may change the last bits). Without OpenMP everything runs
+// gather loops run on OpenMP threads. LoraBank forward: each OpenMP thread
+// takes an equal run of the grouped rows (crossing segments as needed) with
+// its own workspace slot. LoraBank backward: adapters in parallel (dynamic
+// schedule) when at least as many adapters have rows as there are threads,
+// else adapters in turn, each adapter's rows split over the threads and the
+// partial gradients summed in thread order. Each output element is written by
+// one thread, and each gradient block sums its parts in a fixed order, so
+// results are bit-identical run after run for a given thread count (across
+// thread counts the gradients' summation order, and Eigen's blocking in
+// LoraLinear, may change the last bits). Without OpenMP everything runs
 // serially and gives correct results.
 //
 // Validation (every public call, before anything is written): the config
@@ -95,11 +98,13 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 #include "moekit/core/error.hpp"
 #include "moekit/core/lora.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/low_rank_rows.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/spec.hpp"
 
@@ -204,23 +209,8 @@ struct LoraMask {
   }
 };
 
-// The rows of one unit of work: row k is order[first + k], or first + k when
-// order is null. Within a bank segment order increases strictly (validated),
-// so the rows are consecutive in x exactly when the last is count - 1 after
-// the first.
-struct LoraRowSet {
-  const index_t* order = nullptr;
-  index_t first = 0;
-  index_t count = 0;
-
-  index_t operator[](index_t k) const { return order != nullptr ? order[first + k] : first + k; }
-  bool consecutive() const {
-    return order == nullptr || count == 0 || order[first + count - 1] - order[first] == count - 1;
-  }
-};
-
 // dst row k = src row rows[k], masked when `mask` is active.
-inline void gather_rows(MatrixView<const float> src, const LoraRowSet& rows, const LoraMask& mask,
+inline void gather_rows(MatrixView<const float> src, const RowSet& rows, const LoraMask& mask,
                         MatrixView<float> dst, [[maybe_unused]] bool parallel) {
   const index_t cols = src.cols();
   MOEKIT_PARALLEL_FOR_IF(parallel && rows.count * cols > kParallelGrain)
@@ -236,7 +226,7 @@ inline void gather_rows(MatrixView<const float> src, const LoraRowSet& rows, con
 
 // dst row rows[k] (= or +=) src row k, masked when `mask` is active.
 template <bool kAdd>
-void scatter_rows(MatrixView<const float> src, const LoraRowSet& rows, const LoraMask& mask,
+void scatter_rows(MatrixView<const float> src, const RowSet& rows, const LoraMask& mask,
                   MatrixView<float> dst, [[maybe_unused]] bool parallel) {
   const index_t cols = src.cols();
   MOEKIT_PARALLEL_FOR_IF(parallel && rows.count * cols > kParallelGrain)
@@ -261,35 +251,25 @@ void assign_or_add(Dst&& dst, const Expr& expr, bool add) {
   }
 }
 
-// Scratch of one thread: a chunk of input rows (or dh a), a chunk of output
-// rows (or gathered dy), h and dh of the chunk.
+// Scratch of LoraLinear: masked copies of a chunk of x rows (dropout only;
+// also dh a before its mask), h and dh of the chunk.
 struct LoraSlot {
-  MatrixView<float> xbuf, ybuf, hbuf, dhbuf;
+  MatrixView<float> xbuf, hbuf, dhbuf;
 };
 
 struct LoraSlotShape {
   index_t rows = 0;
   bool xbuf = false;
-  bool ybuf = false;
 
-  // Floats of one slot, rounded up to 64 bytes so that slots never share a cache line.
-  index_t floats(index_t d_in, index_t d_out, int rank) const {
-    const index_t n = rows * (2 * index_t{rank} + (xbuf ? d_in : 0) + (ybuf ? d_out : 0));
-    return (n + 15) / 16 * 16;
+  index_t floats(index_t d_in, int rank) const {
+    return rows * (2 * index_t{rank} + (xbuf ? d_in : 0));
   }
-  LoraSlot carve(float* base, index_t d_in, index_t d_out, int rank) const {
+  LoraSlot carve(float* p, index_t d_in, int rank) const {
     LoraSlot s;
-    float* p = base;
-    const auto take = [&](index_t cols, bool used) {
-      if (!used) return MatrixView<float>();
-      MatrixView<float> v(p, rows, cols);
-      p += rows * cols;
-      return v;
-    };
-    s.xbuf = take(d_in, xbuf);
-    s.ybuf = take(d_out, ybuf);
-    s.hbuf = take(rank, true);
-    s.dhbuf = take(rank, true);
+    if (xbuf) s.xbuf = MatrixView<float>(p, rows, d_in);
+    p += xbuf ? rows * d_in : 0;
+    s.hbuf = MatrixView<float>(p, rows, rank);
+    s.dhbuf = MatrixView<float>(p + rows * rank, rows, rank);
     return s;
   }
 };
@@ -317,8 +297,8 @@ void check_rank_cols(MatrixView<T> v, int rank, const char* name) {
                " columns, expected the rank R = ", rank);
 }
 
-// One adapter's forward and backward on a set of rows; shared by LoraLinear
-// (rows 0..n-1, in place) and LoraBank (a chunk of a segment).
+// One adapter's forward and backward on consecutive rows [first, first +
+// count) as Eigen GEMMs (LoraLinear).
 template <int R>
 struct LoraKernel {
   index_t d_in = 0;
@@ -326,89 +306,151 @@ struct LoraKernel {
   float scale = 0.0f;
   LoraMask mask;
 
+  // drop(x[rows]): in place, or masked copies in the slot.
+  MatrixView<const float> input(MatrixView<const float> x, const RowSet& rows,
+                                const LoraSlot& slot) const {
+    if (!mask.active) return x.middle_rows(rows.first, rows.count);
+    const MatrixView<float> buf = slot.xbuf.middle_rows(0, rows.count);
+    gather_rows(x, rows, mask, buf, /*parallel=*/true);
+    return buf;
+  }
+
   // h[rows] = drop(x[rows]) a^T (h may be empty: kept in the slot), y[rows] += s h b^T.
-  void forward(MatrixView<const float> x, const LoraRowSet& rows, MatrixView<const float> a,
+  void forward(MatrixView<const float> x, const RowSet& rows, MatrixView<const float> a,
                MatrixView<const float> b, MatrixView<float> h, MatrixView<float> y,
-               const LoraSlot& slot, bool parallel) const {
-    const index_t n = rows.count;
-    if (n == 0) return;
-    const bool in_place = rows.consecutive();
-    const index_t t0 = rows[0];
-    MatrixView<const float> xin;
-    if (in_place && !mask.active) {
-      xin = x.middle_rows(t0, n);
-    } else {
-      const MatrixView<float> buf = slot.xbuf.middle_rows(0, n);
-      gather_rows(x, rows, mask, buf, parallel);
-      xin = buf;
-    }
-    const MatrixView<float> hv =
-        in_place && !h.empty() ? h.middle_rows(t0, n) : slot.hbuf.middle_rows(0, n);
-    as_eigen(hv).noalias() = as_eigen(xin) * as_eigen(a).transpose();
-    const MatrixView<const float> hc = hv;
-    if (in_place) {
-      as_eigen(y.middle_rows(t0, n)).noalias() += scale * (as_eigen(hc) * as_eigen(b).transpose());
-      return;
-    }
-    if (!h.empty()) scatter_rows<false>(hc, rows, LoraMask{}, h, parallel);
-    const MatrixView<float> delta = slot.ybuf.middle_rows(0, n);
-    as_eigen(delta).noalias() = scale * (as_eigen(hc) * as_eigen(b).transpose());
-    scatter_rows<true>(delta, rows, LoraMask{}, y, parallel);
+               const LoraSlot& slot) const {
+    const index_t n = rows.count, t0 = rows.first;
+    const MatrixView<float> hv = h.empty() ? slot.hbuf.middle_rows(0, n) : h.middle_rows(t0, n);
+    as_eigen(hv).noalias() = as_eigen(input(x, rows, slot)) * as_eigen(a).transpose();
+    as_eigen(y.middle_rows(t0, n)).noalias() +=
+        scale * (as_eigen(MatrixView<const float>(hv)) * as_eigen(b).transpose());
   }
 
   // db (= or +=) s dy^T h, dh = s dy b, da (= or +=) dh^T drop(x),
   // dx[rows] += drop'(dh a). Empty outputs are skipped.
   void backward(MatrixView<const float> dy, MatrixView<const float> x, MatrixView<const float> h,
-                const LoraRowSet& rows, MatrixView<const float> a, MatrixView<const float> b,
+                const RowSet& rows, MatrixView<const float> a, MatrixView<const float> b,
                 MatrixView<float> dx, MatrixView<float> da, MatrixView<float> db, bool add,
-                const LoraSlot& slot, bool parallel) const {
-    const index_t n = rows.count;
-    if (n == 0) return;
-    const bool in_place = rows.consecutive();
-    const index_t t0 = rows[0];
-    MatrixView<const float> g;
-    if (in_place) {
-      g = dy.middle_rows(t0, n);
-    } else {
-      const MatrixView<float> buf = slot.ybuf.middle_rows(0, n);
-      gather_rows(dy, rows, LoraMask{}, buf, parallel);
-      g = buf;
-    }
+                const LoraSlot& slot) const {
+    const index_t n = rows.count, t0 = rows.first;
+    const auto g = as_eigen(dy.middle_rows(t0, n));
     if (!db.empty()) {
-      MatrixView<const float> hin;
-      if (in_place) {
-        hin = h.middle_rows(t0, n);
-      } else {
-        const MatrixView<float> buf = slot.hbuf.middle_rows(0, n);
-        gather_rows(h, rows, LoraMask{}, buf, parallel);
-        hin = buf;
-      }
-      assign_or_add(as_eigen(db), scale * (as_eigen(g).transpose() * as_eigen(hin)), add);
+      assign_or_add(as_eigen(db), scale * (g.transpose() * as_eigen(h.middle_rows(t0, n))), add);
     }
     if (da.empty() && dx.empty()) return;
     const MatrixView<float> dh = slot.dhbuf.middle_rows(0, n);
-    as_eigen(dh).noalias() = scale * (as_eigen(g) * as_eigen(b));
+    as_eigen(dh).noalias() = scale * (g * as_eigen(b));
     const auto dhc = as_eigen(MatrixView<const float>(dh));
-    const bool direct_x = in_place && !mask.active;
-    if (!da.empty()) {
-      MatrixView<const float> xin;
-      if (direct_x) {
-        xin = x.middle_rows(t0, n);
-      } else {
-        const MatrixView<float> buf = slot.xbuf.middle_rows(0, n);
-        gather_rows(x, rows, mask, buf, parallel);
-        xin = buf;
-      }
-      assign_or_add(as_eigen(da), dhc.transpose() * as_eigen(xin), add);
+    if (!da.empty())
+      assign_or_add(as_eigen(da), dhc.transpose() * as_eigen(input(x, rows, slot)), add);
+    if (dx.empty()) return;
+    if (!mask.active) {
+      as_eigen(dx.middle_rows(t0, n)).noalias() += dhc * as_eigen(a);
+    } else {
+      const MatrixView<float> t = slot.xbuf.middle_rows(0, n);
+      as_eigen(t).noalias() = dhc * as_eigen(a);
+      scatter_rows<true>(t, rows, mask, dx, /*parallel=*/true);
     }
-    if (!dx.empty()) {
-      if (direct_x) {
-        as_eigen(dx.middle_rows(t0, n)).noalias() += dhc * as_eigen(a);
-      } else {
-        const MatrixView<float> t = slot.xbuf.middle_rows(0, n);
-        as_eigen(t).noalias() = dhc * as_eigen(a);
-        scatter_rows<true>(t, rows, mask, dx, parallel);
-      }
+  }
+};
+
+// Scratch of one thread of a LoraBank: one adapter's a and b^T as panels
+// (low_rank_rows.hpp), its gradients accumulated as panels, h and dh of a
+// chunk, and (dropout only) masked copies of a chunk of x rows.
+struct LoraBankSlot {
+  float* pa = nullptr;     // a_i, R x d_in
+  float* pb = nullptr;     // b_i^T, R x d_out
+  float* ga = nullptr;     // da_i
+  float* gb = nullptr;     // (db_i)^T / s
+  float* h = nullptr;      // chunk x R
+  float* dh = nullptr;     // chunk x R
+  MatrixView<float> xbuf;  // chunk x d_in, dropout only
+  index_t packed = -1;     // the adapter pa and pb hold
+};
+
+template <int R>
+struct LoraBankSlotShape {
+  index_t d_in = 0, d_out = 0, chunk = 0;
+  bool xbuf = false;
+
+  // Rounded up to 64 bytes so that slots never share a cache line.
+  index_t floats() const {
+    const index_t n = 2 * (panel_floats<R>(d_in) + panel_floats<R>(d_out)) + 2 * chunk * R +
+                      (xbuf ? chunk * d_in : 0);
+    return (n + 15) / 16 * 16;
+  }
+  LoraBankSlot carve(float* p) const {
+    LoraBankSlot s;
+    const auto take = [&p](index_t n) { return std::exchange(p, p + n); };
+    s.pa = take(panel_floats<R>(d_in));
+    s.pb = take(panel_floats<R>(d_out));
+    s.ga = take(panel_floats<R>(d_in));
+    s.gb = take(panel_floats<R>(d_out));
+    s.h = take(chunk * R);
+    s.dh = take(chunk * R);
+    if (xbuf) s.xbuf = MatrixView<float>(p, chunk, d_in);
+    return s;
+  }
+};
+
+// One adapter of a bank on a chunk of its segment: rows anywhere in x, read
+// and written in place by the low-rank row kernels (only masked copies of x
+// rows are made, under dropout).
+template <int R>
+struct LoraSegmentKernel {
+  float scale = 0.0f;
+  LoraMask mask;
+
+  void pack(index_t adapter, MatrixView<const float> a, MatrixView<const float> b,
+            LoraBankSlot& slot) const {
+    if (slot.packed == adapter) return;
+    pack_panel<R>(a, slot.pa);
+    pack_panel<R, /*kTransposed=*/true>(b, slot.pb);
+    slot.packed = adapter;
+  }
+
+  // Rows of drop(x): in place, or masked copies in the slot.
+  RowsOf<const float> input(MatrixView<const float> x, const RowSet& rows,
+                            const LoraBankSlot& slot) const {
+    if (!mask.active) return rows_of(x, rows);
+    const MatrixView<float> buf = slot.xbuf.middle_rows(0, rows.count);
+    gather_rows(x, rows, mask, buf, /*parallel=*/false);
+    return rows_of(MatrixView<const float>(buf), RowSet{nullptr, 0, rows.count});
+  }
+
+  // h = drop(x[rows]) a^T (copied to saved_h unless empty), y[rows] += s h b^T.
+  void forward(MatrixView<const float> x, const RowSet& rows, MatrixView<float> saved_h,
+               MatrixView<float> y, const LoraBankSlot& slot) const {
+    const index_t n = rows.count;
+    shrink_rows<R>(input(x, rows, slot), n, x.cols(), slot.pa, 1.0f, slot.h);
+    if (!saved_h.empty()) {
+      for (index_t m = 0; m < n; ++m) std::copy_n(slot.h + m * R, R, saved_h.row(rows[m]));
+    }
+    expand_rows<R>(rows_of(y, rows), n, y.cols(), slot.h, scale, slot.pb);
+  }
+
+  // Adds this chunk's share to the gradient panels (ga: dh^T drop(x), gb:
+  // h^T dy) and drop'(dh a) to dx[rows], dh = s dy b.
+  void backward(MatrixView<const float> dy, MatrixView<const float> x,
+                MatrixView<const float> saved_h, const RowSet& rows, MatrixView<float> dx,
+                bool want_da, bool want_db, const LoraBankSlot& slot) const {
+    const index_t n = rows.count, d_in = x.cols(), d_out = dy.cols();
+    const RowsOf<const float> g = rows_of(dy, rows);
+    if (want_db) {
+      for (index_t m = 0; m < n; ++m) std::copy_n(saved_h.row(rows[m]), R, slot.h + m * R);
+      accumulate_outer<R>(g, n, d_out, slot.h, slot.gb);
+    }
+    if (!want_da && dx.empty()) return;
+    shrink_rows<R>(g, n, d_out, slot.pb, scale, slot.dh);
+    if (want_da) accumulate_outer<R>(input(x, rows, slot), n, d_in, slot.dh, slot.ga);
+    if (dx.empty()) return;
+    if (!mask.active) {
+      expand_rows<R>(rows_of(dx, rows), n, d_in, slot.dh, 1.0f, slot.pa);
+    } else {
+      const MatrixView<float> t = slot.xbuf.middle_rows(0, n);
+      as_eigen(t).setZero();
+      expand_rows<R>(rows_of(t, RowSet{nullptr, 0, n}), n, d_in, slot.dh, 1.0f, slot.pa);
+      scatter_rows<true>(t, rows, mask, dx, /*parallel=*/false);
     }
   }
 };
@@ -507,7 +549,7 @@ class LoraLinear {
   // Bytes of workspace forward and backward need for n rows.
   index_t workspace_size(index_t rows) const {
     MOEKIT_CHECK_GE(rows, 0);
-    return slot_shape(rows).floats(config_.d_in, config_.d_out, kRank) * index_t{sizeof(float)};
+    return slot_shape(rows).floats(config_.d_in, kRank) * index_t{sizeof(float)};
   }
 
   // a = initial A (R x d_in), b = 0 (d_out x R); see moekit/core/lora.hpp.
@@ -535,8 +577,8 @@ class LoraLinear {
     ym.noalias() = as_eigen(x) * as_eigen(weights.w).transpose();
     if (!weights.bias.empty()) ym.rowwise() += as_eigen(weights.bias).transpose();
     const detail::LoraKernel<kRank> k = kernel(step);
-    for_each_chunk(n, k.mask.active, [&](const detail::LoraRowSet& rows) {
-      k.forward(x, rows, weights.a, weights.b, saved_h, y, slot, /*parallel=*/true);
+    for_each_chunk(n, k.mask.active, [&](const detail::RowSet& rows) {
+      k.forward(x, rows, weights.a, weights.b, saved_h, y, slot);
     });
   }
 
@@ -574,9 +616,8 @@ class LoraLinear {
     if (want_dx) as_eigen(dx).noalias() = as_eigen(dy) * as_eigen(weights.w);
     const detail::LoraKernel<kRank> k = kernel(step);
     bool add = grads.accumulate;
-    for_each_chunk(n, k.mask.active, [&](const detail::LoraRowSet& rows) {
-      k.backward(dy, x, saved_h, rows, weights.a, weights.b, dx, grads.da, grads.db, add, slot,
-                 /*parallel=*/true);
+    for_each_chunk(n, k.mask.active, [&](const detail::RowSet& rows) {
+      k.backward(dy, x, saved_h, rows, weights.a, weights.b, dx, grads.da, grads.db, add, slot);
       add = true;
     });
   }
@@ -605,16 +646,15 @@ class LoraLinear {
   }
 
   detail::LoraSlotShape slot_shape(index_t n) const {
-    if (config_.dropout > 0.0f) return {std::min(n, chunk_rows()), true, false};
-    return {n, false, false};
+    if (config_.dropout > 0.0f) return {std::min(n, chunk_rows()), true};
+    return {n, false};
   }
 
   detail::LoraSlot checked_slot(VectorView<std::byte> workspace, index_t n) const {
     const detail::LoraSlotShape shape = slot_shape(n);
     detail::check_lora_workspace(workspace, workspace_size(n), n);
     if (n == 0) return {};
-    return shape.carve(reinterpret_cast<float*>(workspace.data()), config_.d_in, config_.d_out,
-                       kRank);
+    return shape.carve(reinterpret_cast<float*>(workspace.data()), config_.d_in, kRank);
   }
 
   detail::LoraKernel<kRank> kernel(const LoraStep& step) const {
@@ -626,8 +666,7 @@ class LoraLinear {
   template <class F>
   void for_each_chunk(index_t n, bool masked, F&& f) const {
     const index_t step = masked ? chunk_rows() : n;
-    for (index_t r0 = 0; r0 < n; r0 += step)
-      f(detail::LoraRowSet{nullptr, r0, std::min(step, n - r0)});
+    for (index_t r0 = 0; r0 < n; r0 += step) f(detail::RowSet{nullptr, r0, std::min(step, n - r0)});
   }
 
   void check_adapter(MatrixView<const float> a, MatrixView<const float> b, const char* a_name,
@@ -678,9 +717,10 @@ class LoraBank {
   float scale() const { return scale_; }
   index_t num_adapters() const { return config_.num_adapters; }
 
-  // Rows per chunk: about 1 MiB of floats per gathered chunk.
+  // Rows per chunk (h and dh of a chunk, and its masked copies under
+  // dropout: about 1 MiB).
   index_t chunk_rows() const {
-    return std::clamp<index_t>((index_t{1} << 18) / std::max(config_.d_in, config_.d_out), 16, 256);
+    return std::clamp<index_t>((index_t{1} << 18) / config_.d_in, 16, 256);
   }
 
   // Bytes of workspace for n rows: one slot per OpenMP thread (at the time of
@@ -761,17 +801,20 @@ class LoraBank {
       }
     }
     if (slots == 0) return;  // no row has an adapter
-    const detail::LoraKernel<kRank> k = kernel(step);
+    // Threads take equal runs of the grouped rows (a run may span segments;
+    // a thread packs each adapter it meets once).
+    const detail::LoraSegmentKernel<kRank> k = segment_kernel(step);
     float* base = reinterpret_cast<float*>(workspace.data());
-    const int threads = static_cast<int>(std::min<index_t>(slots, max_threads()));
+    const index_t total = rows.offsets[config_.num_adapters];
+    const int threads = static_cast<int>(
+        std::min<index_t>({slots, max_threads(), std::max<index_t>(1, total / kMinRowsPerThread)}));
     const auto run = [&](int tid, int nth) {
-      const detail::LoraSlot slot = slot_at(base, tid);
-      index_t task = 0;
-      for_each_chunk(rows, [&](index_t i, const detail::LoraRowSet& set) {
-        if (task++ % nth != tid) return;
-        k.forward(x, set, a_of(weights.a, i), b_of(weights.b, i), saved_h, y, slot,
-                  /*parallel=*/nth == 1);
-      });
+      detail::LoraBankSlot slot = slot_at(base, tid);
+      for_each_chunk(rows, total * tid / nth, total * (tid + 1) / nth,
+                     [&](index_t i, const detail::RowSet& set) {
+                       k.pack(i, a_of(weights.a, i), b_of(weights.b, i), slot);
+                       k.forward(x, set, saved_h, y, slot);
+                     });
     };
     if (threads > 1) {
 #if defined(_OPENMP)
@@ -825,32 +868,65 @@ class LoraBank {
     }
     if (slots == 0 || (!want_dx && !want_da && !want_db)) return;
 
-    const detail::LoraKernel<kRank> k = kernel(step);
+    const detail::LoraSegmentKernel<kRank> k = segment_kernel(step);
     float* base = reinterpret_cast<float*>(workspace.data());
-    const auto run_adapter = [&](index_t i, const detail::LoraSlot& slot, bool parallel) {
-      bool add = grads.accumulate;
-      const MatrixView<float> da = want_da ? a_of(grads.da, i) : MatrixView<float>();
-      const MatrixView<float> db = want_db ? b_of(grads.db, i) : MatrixView<float>();
-      for_each_chunk_of(rows, i, [&](const detail::LoraRowSet& set) {
-        k.backward(dy, x, saved_h, set, a_of(weights.a, i), b_of(weights.b, i), dx, da, db, add,
-                   slot, parallel);
-        add = true;
-      });
+    const VectorView<const index_t> off = rows.offsets;
+    // Rows [begin, end) of adapter i's segment into the slot's gradient panels.
+    const auto run_rows = [&](index_t i, index_t begin, index_t end, detail::LoraBankSlot& slot) {
+      k.pack(i, a_of(weights.a, i), b_of(weights.b, i), slot);
+      if (want_da) std::fill_n(slot.ga, detail::panel_floats<kRank>(config_.d_in), 0.0f);
+      if (want_db) std::fill_n(slot.gb, detail::panel_floats<kRank>(config_.d_out), 0.0f);
+      const index_t c = chunk_rows();
+      for (index_t k0 = begin; k0 < end; k0 += c) {
+        k.backward(dy, x, saved_h, detail::RowSet{rows.order.data(), k0, std::min(c, end - k0)}, dx,
+                   want_da, want_db, slot);
+      }
+    };
+    const auto store_grads = [&](index_t i, const detail::LoraBankSlot& slot, bool add) {
+      if (want_da) detail::unpack_panel<kRank>(slot.ga, 1.0f, add, a_of(grads.da, i));
+      if (want_db)
+        detail::unpack_panel<kRank, /*kTransposed=*/true>(slot.gb, scale_, add, b_of(grads.db, i));
     };
     index_t busy = 0;
-    for (index_t i = 0; i < N; ++i) busy += rows.offsets[i + 1] > rows.offsets[i];
+    for (index_t i = 0; i < N; ++i) busy += off[i + 1] > off[i];
     const int threads = static_cast<int>(std::min<index_t>(slots, max_threads()));
     if (threads > 1 && busy >= threads) {
+      // Adapters in parallel, each whole on one thread.
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-      for (index_t i = 0; i < N; ++i) {
-        if (rows.offsets[i + 1] > rows.offsets[i]) {
-          run_adapter(i, slot_at(base, thread_id()), false);
+#pragma omp parallel num_threads(threads)
+      {
+        detail::LoraBankSlot slot = slot_at(base, thread_id());
+#pragma omp for schedule(dynamic, 1)
+        for (index_t i = 0; i < N; ++i) {
+          if (off[i + 1] == off[i]) continue;
+          run_rows(i, off[i], off[i + 1], slot);
+          store_grads(i, slot, grads.accumulate);
         }
       }
 #endif
-    } else {
-      for (index_t i = 0; i < N; ++i) run_adapter(i, slot_at(base, 0), true);
+      return;
+    }
+    // Adapters in turn, each split over the threads; the partial gradients
+    // are summed in thread order.
+    for (index_t i = 0; i < N; ++i) {
+      const index_t len = off[i + 1] - off[i];
+      if (len == 0) continue;
+      const int nth = static_cast<int>(std::clamp<index_t>(len / kMinRowsPerThread, 1, threads));
+      const auto run = [&](int tid) {
+        detail::LoraBankSlot slot = slot_at(base, tid);
+        run_rows(i, off[i] + len * tid / nth, off[i] + len * (tid + 1) / nth, slot);
+      };
+      if (nth > 1) {
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(nth)
+        run(thread_id());
+#endif
+      } else {
+        run(0);
+      }
+      for (int tid = 0; tid < nth; ++tid) {
+        store_grads(i, slot_at(base, tid), tid > 0 || grads.accumulate);
+      }
     }
   }
 
@@ -882,13 +958,15 @@ class LoraBank {
     return b.middle_rows(i * config_.d_out, config_.d_out);
   }
 
-  detail::LoraSlotShape slot_shape() const { return {chunk_rows(), true, true}; }
-  index_t slot_bytes() const {
-    return slot_shape().floats(config_.d_in, config_.d_out, kRank) * index_t{sizeof(float)};
+  // Below this many rows per thread, another thread costs more than it saves.
+  static constexpr index_t kMinRowsPerThread = 16;
+
+  detail::LoraBankSlotShape<kRank> slot_shape() const {
+    return {config_.d_in, config_.d_out, chunk_rows(), config_.dropout > 0.0f};
   }
-  detail::LoraSlot slot_at(float* base, int slot) const {
-    const index_t floats = slot_shape().floats(config_.d_in, config_.d_out, kRank);
-    return slot_shape().carve(base + slot * floats, config_.d_in, config_.d_out, kRank);
+  index_t slot_bytes() const { return slot_shape().floats() * index_t{sizeof(float)}; }
+  detail::LoraBankSlot slot_at(float* base, int slot) const {
+    return slot_shape().carve(base + slot * slot_shape().floats());
   }
 
   // Validates the workspace; returns the slots it holds (0 when no row has an adapter).
@@ -899,23 +977,25 @@ class LoraBank {
     return workspace.size() / slot_bytes();
   }
 
-  detail::LoraKernel<kRank> kernel(const LoraStep& step) const {
-    return {config_.d_in, config_.d_out, scale_,
-            detail::LoraMask::make(config_.dropout, step, config_.d_in)};
+  detail::LoraSegmentKernel<kRank> segment_kernel(const LoraStep& step) const {
+    return {scale_, detail::LoraMask::make(config_.dropout, step, config_.d_in)};
   }
 
-  // f(i, rows) for every chunk of every adapter, in adapter order.
+  // f(i, rows) for the chunks of positions [begin, end) of the grouped rows
+  // (rows.order), chunks never crossing a segment; i is the segment's adapter.
   template <class F>
-  void for_each_chunk(const LoraRows& rows, F&& f) const {
-    for (index_t i = 0; i < config_.num_adapters; ++i) {
-      for_each_chunk_of(rows, i, [&](const detail::LoraRowSet& set) { f(i, set); });
-    }
-  }
-  template <class F>
-  void for_each_chunk_of(const LoraRows& rows, index_t i, F&& f) const {
-    const index_t c = chunk_rows(), end = rows.offsets[i + 1];
-    for (index_t k = rows.offsets[i]; k < end; k += c) {
-      f(detail::LoraRowSet{rows.order.data(), k, std::min(c, end - k)});
+  void for_each_chunk(const LoraRows& rows, index_t begin, index_t end, F&& f) const {
+    const VectorView<const index_t> off = rows.offsets;
+    const index_t c = chunk_rows();
+    // The first segment that ends after begin (empty segments are skipped).
+    index_t i = std::upper_bound(off.begin(), off.end(), begin) - off.begin() - 1;
+    for (; begin < end; ++i) {
+      const index_t seg_end = std::min(end, off[i + 1]);
+      while (begin < seg_end) {
+        const index_t count = std::min(c, seg_end - begin);
+        f(i, detail::RowSet{rows.order.data(), begin, count});
+        begin += count;
+      }
     }
   }
 
