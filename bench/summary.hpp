@@ -16,10 +16,14 @@ class RecordingReporter : public benchmark::ConsoleReporter {
   // Plain text: logs and the closing table are read by scripts and tests.
   RecordingReporter() : ConsoleReporter(OO_Tabular) {}
 
+  // Keeps each run's time; with --benchmark_repetitions, the median of the
+  // repetitions (reported after them) replaces it: on a shared machine that
+  // is steadier than any single repetition.
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& run : runs) {
-      if (run.run_type == Run::RT_Iteration && run.iterations > 0) {
-        std::string name = run.benchmark_name();
+      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
+      if ((run.run_type == Run::RT_Iteration && run.iterations > 0) || median) {
+        std::string name = run.run_name.str();
         const std::string suffix = "/real_time";  // added by UseRealTime()
         if (name.size() > suffix.size() && name.ends_with(suffix)) {
           name.resize(name.size() - suffix.size());
