@@ -140,6 +140,47 @@ void with_activation(Activation act, F&& f) {
   }
 }
 
+// The FFN's element-wise middle, row by row: h = f(a) * g for a gated FFN
+// (g not empty), else h = f(a). h may be a itself.
+template <class Act>
+void activate_rows(Act act, MatrixView<const float> a, MatrixView<const float> g,
+                   MatrixView<float> h) {
+  const index_t f = a.cols();
+  for (index_t i = 0; i < a.rows(); ++i) {
+    const float* pa = a.row(i);
+    float* ph = h.row(i);
+    if (!g.empty()) {
+      const float* pg = g.row(i);
+      for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]) * pg[j];
+    } else {
+      for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]);
+    }
+  }
+}
+
+// Its backward, given dh in `d` (overwritten with da): gated, dg = dh * f(a)
+// and da = dh * g * f'(a); else da = dh * f'(a) (dg unused).
+template <class Act>
+void activate_rows_backward(Act act, MatrixView<const float> a, MatrixView<const float> g,
+                            MatrixView<float> d, MatrixView<float> dg) {
+  const index_t f = a.cols();
+  for (index_t i = 0; i < a.rows(); ++i) {
+    const float* pa = a.row(i);
+    float* pdh = d.row(i);
+    if (!g.empty()) {
+      const float* pg = g.row(i);
+      float* pdg = dg.row(i);
+      for (index_t j = 0; j < f; ++j) {
+        const float dh = pdh[j];
+        pdg[j] = dh * activate(act(), pa[j]);
+        pdh[j] = dh * pg[j] * activate_grad(act(), pa[j]);
+      }
+    } else {
+      for (index_t j = 0; j < f; ++j) pdh[j] *= activate_grad(act(), pa[j]);
+    }
+  }
+}
+
 // Whether the experts run in parallel under `threading` (see the top of this file).
 template <int E>
 bool runs_across_experts(FfnThreading threading, VectorView<const index_t> offsets) {
@@ -217,18 +258,9 @@ class ExpertFfn {
         if (gated()) {
           auto g = gate.middle_rows(r0, rows);
           as_eigen(g).noalias() = x * as_eigen(w3_of(weights, e)).transpose();
-          for (index_t i = 0; i < rows; ++i) {
-            const float* pa = a.row(i);
-            const float* pg = g.row(i);
-            float* ph = h.row(i);
-            for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]) * pg[j];
-          }
+          detail::activate_rows(act, a, g, h);
         } else {
-          for (index_t i = 0; i < rows; ++i) {
-            const float* pa = a.row(i);
-            float* ph = h.row(i);
-            for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]);
-          }
+          detail::activate_rows(act, a, MatrixView<const float>(), h);
         }
         as_eigen(y.middle_rows(r0, rows)).noalias() =
             as_eigen(MatrixView<const float>(h)) * as_eigen(w2_of(weights, e)).transpose();
@@ -293,16 +325,7 @@ class ExpertFfn {
         const MatrixView<float> s1 = ws1.middle_rows(r0, rows);
 
         if (want_dw2) {  // dW2 = dy^T h, h recomputed into s1
-          for (index_t i = 0; i < rows; ++i) {
-            const float* pa = a.row(i);
-            float* ph = s1.row(i);
-            if (gated()) {
-              const float* pg = g.row(i);
-              for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]) * pg[j];
-            } else {
-              for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]);
-            }
-          }
+          detail::activate_rows(act, a, g, s1);
           auto dw2 = as_eigen(grads.dw2.middle_rows(e * d, d));
           const auto h = as_eigen(MatrixView<const float>(s1));
           if (acc) {
@@ -314,21 +337,7 @@ class ExpertFfn {
         if (!want_dh) return;
 
         as_eigen(s0).noalias() = g_y * as_eigen(w2_of(weights, e));  // dh
-        for (index_t i = 0; i < rows; ++i) {
-          const float* pa = a.row(i);
-          float* pdh = s0.row(i);
-          if (gated()) {
-            const float* pg = g.row(i);
-            float* pdg = s1.row(i);
-            for (index_t j = 0; j < f; ++j) {
-              const float dh = pdh[j];
-              pdg[j] = dh * activate(act(), pa[j]);
-              pdh[j] = dh * pg[j] * activate_grad(act(), pa[j]);
-            }
-          } else {
-            for (index_t j = 0; j < f; ++j) pdh[j] *= activate_grad(act(), pa[j]);
-          }
-        }
+        detail::activate_rows_backward(act, a, g, s0, s1);
         const auto da = as_eigen(MatrixView<const float>(s0));
         const auto dg = as_eigen(MatrixView<const float>(s1));
         if (want_dw1) {

@@ -269,18 +269,9 @@ class ExpertLora {
         if (gated()) {
           const MatrixView<float> g = gate.middle_rows(r0, rows);
           adapted(g, w_of(weights.base.w3, e, f), on.w3, ad.a3, ad.b3, saved.h3);
-          for (index_t i = 0; i < rows; ++i) {
-            const float* pa = a.row(i);
-            const float* pg = g.row(i);
-            float* ph = h.row(i);
-            for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]) * pg[j];
-          }
+          detail::activate_rows(act, a, g, h);
         } else {
-          for (index_t i = 0; i < rows; ++i) {
-            const float* pa = a.row(i);
-            float* ph = h.row(i);
-            for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]);
-          }
+          detail::activate_rows(act, a, MatrixView<const float>(), h);
         }
         const auto hm = as_eigen(MatrixView<const float>(h));
         auto ym = as_eigen(y.middle_rows(r0, rows));
@@ -350,18 +341,7 @@ class ExpertLora {
         const MatrixView<float> dr = ws.r1.middle_rows(r0, rows);  // dh1, dh2, dh3 in turn
         const auto drm = as_eigen(MatrixView<const float>(dr));
 
-        if (need_h) {
-          for (index_t i = 0; i < rows; ++i) {
-            const float* pa = a.row(i);
-            float* ph = s1.row(i);
-            if (gated()) {
-              const float* pg = g.row(i);
-              for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]) * pg[j];
-            } else {
-              for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]);
-            }
-          }
-        }
+        if (need_h) detail::activate_rows(act, a, g, s1);
         const auto h = as_eigen(MatrixView<const float>(s1));
         if (want_b2) {  // dB2 = s dy^T h2, h2 saved or recomputed from h
           MatrixView<const float> h2 = saved.h2;
@@ -383,21 +363,7 @@ class ExpertLora {
 
         as_eigen(s0).noalias() = g_y * as_eigen(w_of(weights.base.w2, e, d));  // dh
         if (want_dh2) as_eigen(s0).noalias() += drm * as_eigen(a_of(ad.a2, e));
-        for (index_t i = 0; i < rows; ++i) {
-          const float* pa = a.row(i);
-          float* pdh = s0.row(i);
-          if (gated()) {
-            const float* pg = g.row(i);
-            float* pdg = s1.row(i);
-            for (index_t j = 0; j < f; ++j) {
-              const float dh = pdh[j];
-              pdg[j] = dh * activate(act(), pa[j]);
-              pdh[j] = dh * pg[j] * activate_grad(act(), pa[j]);
-            }
-          } else {
-            for (index_t j = 0; j < f; ++j) pdh[j] *= activate_grad(act(), pa[j]);
-          }
-        }
+        detail::activate_rows_backward(act, a, g, s0, s1);
         const auto da = as_eigen(MatrixView<const float>(s0));
         const auto dg = as_eigen(MatrixView<const float>(s1));
         auto dxm = as_eigen(want_dx ? dx.middle_rows(r0, rows) : MatrixView<float>());
