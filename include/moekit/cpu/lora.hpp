@@ -301,8 +301,6 @@ void check_rank_cols(MatrixView<T> v, int rank, const char* name) {
 // count) as Eigen GEMMs (LoraLinear).
 template <int R>
 struct LoraKernel {
-  index_t d_in = 0;
-  index_t d_out = 0;
   float scale = 0.0f;
   LoraMask mask;
 
@@ -658,8 +656,7 @@ class LoraLinear {
   }
 
   detail::LoraKernel<kRank> kernel(const LoraStep& step) const {
-    return {config_.d_in, config_.d_out, scale_,
-            detail::LoraMask::make(config_.dropout, step, config_.d_in)};
+    return {scale_, detail::LoraMask::make(config_.dropout, step, config_.d_in)};
   }
 
   // All rows at once, or chunks of rows when dropout needs masked copies.

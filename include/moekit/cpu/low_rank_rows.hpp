@@ -145,6 +145,25 @@ MOEKIT_FORCE_INLINE void for_rank_groups(F& f) {
   }
 }
 
+// A block's rows m0 .. m0 + M - 1 and, for prefetch_l2, the rows of the
+// next block (the block's own where none follow).
+template <int M, class RowAt, class T>
+MOEKIT_FORCE_INLINE void block_rows(RowAt row, index_t m0, index_t count, T* (&rows)[M],
+                                    const float* (&next)[M]) {
+  MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
+    rows[m] = row(m0 + m);
+    next[m] = m0 + M + m < count ? row(m0 + M + m) : rows[m];
+  }
+}
+
+// c[m][r] = alpha coef(m0 + m, r): a block's coefficients, in registers or L1.
+template <int M, int R>
+MOEKIT_FORCE_INLINE void block_coefs(const float* coef, index_t m0, float alpha, float (&c)[M][R]) {
+  MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
+    for (int r = 0; r < R; ++r) c[m][r] = alpha * coef[(m0 + m) * R + r];
+  }
+}
+
 // out(m, r) = alpha sum_k row(m)[k] P(r, k): m < count, r < R, k < d.
 template <int R, class RowAt>
 void shrink_rows(RowAt row, index_t count, index_t d, const float* panel, float alpha, float* out) {
@@ -153,10 +172,7 @@ void shrink_rows(RowAt row, index_t count, index_t d, const float* panel, float 
   auto rows_block = [&]<int M>(index_t m0) {
     const float* x[M];
     const float* next[M];
-    MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-      x[m] = row(m0 + m);
-      next[m] = m0 + M + m < count ? row(m0 + M + m) : x[m];
-    }
+    block_rows(row, m0, count, x, next);
     auto group = [&]<int R0, int G>() {
       simd::Floats acc[M][G];
       MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
@@ -197,11 +213,8 @@ void expand_rows(RowAt row, index_t count, index_t d, const float* coef, float a
     float* y[M];
     const float* next[M];
     float c[M][R];
-    MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-      y[m] = row(m0 + m);
-      next[m] = m0 + M + m < count ? row(m0 + M + m) : y[m];
-      for (int r = 0; r < R; ++r) c[m][r] = alpha * coef[(m0 + m) * R + r];
-    }
+    block_rows(row, m0, count, y, next);
+    block_coefs(coef, m0, alpha, c);
     const float* p = panel;
     for (index_t b = 0; b < blocks; ++b, p += R * kL) {
       simd::Floats acc[M];
@@ -237,11 +250,8 @@ void accumulate_outer(RowAt row, index_t count, index_t d, const float* coef, fl
     const float* x[M];
     const float* next[M];
     float c[M][R];
-    MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-      x[m] = row(m0 + m);
-      next[m] = m0 + M + m < count ? row(m0 + M + m) : x[m];
-      for (int r = 0; r < R; ++r) c[m][r] = coef[(m0 + m) * R + r];
-    }
+    block_rows(row, m0, count, x, next);
+    block_coefs(coef, m0, 1.0f, c);
     float* p = panel;
     for (index_t b = 0; b < blocks; ++b, p += R * kL) {
       simd::Floats xv[M];
