@@ -16,6 +16,12 @@
 
 namespace moekit_bench {
 
+// Reports `flops` per iteration as a GFLOP/s counter.
+inline void set_rate(benchmark::State& state, double flops) {
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // Threads for Eigen's GEMM; with OpenMP off Eigen runs on one thread.
 inline void set_threads(int threads) {
 #if defined(_OPENMP)
@@ -40,8 +46,7 @@ inline void sgemm(benchmark::State& state, Eigen::Index m, Eigen::Index n, Eigen
   }
   const double flops =
       2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  set_rate(state, flops);
   state.counters["threads"] = threads;
 }
 

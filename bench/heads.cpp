@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ceiling.hpp"
+#include "inputs.hpp"
 #include "moekit/cpu/distillation.hpp"
 #include "moekit/cpu/early_exit.hpp"
 #include "moekit/cpu/task_heads.hpp"
@@ -21,6 +22,7 @@
 namespace {
 
 using moekit::index_t;
+using moekit_bench::random_vector;
 
 constexpr index_t kSamples = 2048;
 constexpr index_t kModel = 1024;
@@ -29,14 +31,6 @@ constexpr index_t kVocab = 1000;  // distillation logits
 
 // Forward FLOPs: every sample is scored by one head of kClasses classes.
 constexpr double kHeadFlops = 2.0 * kSamples * kModel * kClasses;
-
-std::vector<float> random_vector(std::size_t n, float scale, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
 
 template <int H>
 struct HeadsInputs {
@@ -85,8 +79,7 @@ void heads_forward(benchmark::State& state, int threads) {
                      {in.logits.data(), kSamples, kClasses}, in.workspace());
     benchmark::DoNotOptimize(in.logits.data());
   }
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(kHeadFlops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  moekit_bench::set_rate(state, kHeadFlops);
 }
 
 // forward, loss (per-task CE, accuracy, dlogits) and backward (dW, db, dx).
@@ -109,8 +102,7 @@ void heads_forward_backward(benchmark::State& state, int threads) {
     benchmark::DoNotOptimize(in.dx.data());
   }
   // Forward GEMM plus the two backward GEMMs (dx, dW).
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(3 * kHeadFlops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  moekit_bench::set_rate(state, 3 * kHeadFlops);
 }
 
 void kd_loss(benchmark::State& state, int threads) {

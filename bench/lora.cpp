@@ -27,6 +27,7 @@
 #endif
 
 #include "ceiling.hpp"
+#include "inputs.hpp"
 #include "moekit/cpu/expert_ffn.hpp"
 #include "moekit/cpu/expert_lora.hpp"
 #include "moekit/cpu/lora.hpp"
@@ -37,17 +38,11 @@ namespace {
 using moekit::index_t;
 using moekit::LoraSpec;
 using moekit::MatrixView;
+using moekit_bench::random_vector;
+using moekit_bench::set_rate;
 
 constexpr index_t kTokens = 2048;
 constexpr index_t kDim = 4096;
-
-std::vector<float> random_vector(std::size_t n, float scale, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
 
 std::size_t sz(index_t n) { return static_cast<std::size_t>(n); }
 
@@ -110,11 +105,6 @@ Data& data() {
 
 double gemm_flops() { return 2.0 * kTokens * kDim * kDim; }
 double adapter_flops(int rank) { return 2.0 * kTokens * rank * (kDim + kDim); }
-
-void set_rate(benchmark::State& state, double flops) {
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-}
 
 // The frozen base layer alone: y = x W^T (and dx = dy W with `backward`).
 void base_layer(benchmark::State& state, int threads, bool backward) {

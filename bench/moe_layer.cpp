@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ceiling.hpp"
+#include "inputs.hpp"
 #include "moekit/nn/moe_layer.hpp"
 #include "summary.hpp"
 
@@ -27,7 +28,9 @@ using moekit::index_t;
 using moekit::MatrixView;
 using moekit::MoeSpec;
 using moekit::cpu::FfnThreading;
+using moekit_bench::random_vector;
 using moekit_bench::RowMatrix;
+using moekit_bench::set_rate;
 
 struct Shape {
   const char* name;
@@ -39,17 +42,6 @@ struct Shape {
   }
   double dense_flops() const { return expert_flops() * experts / top_k; }
 };
-
-void fill(std::vector<float>& v, float scale, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, scale);
-  for (float& x : v) x = normal(rng);
-}
-
-inline void set_rate(benchmark::State& state, double flops) {
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-}
 
 // The layer, its parameters, state and gradients for one shape.
 template <class S>
@@ -83,12 +75,13 @@ struct Setup {
     w1.resize(E * f * d);
     w3.resize(E * f * d);
     w2.resize(E * d * f);
-    fill(x, 1.0f, 1);
-    fill(dy, 1.0f, 2);
-    fill(w_gate, 0.02f, 3);  // near-uniform routing, as after balance training
-    fill(w1, 0.02f, 4);
-    fill(w3, 0.02f, 5);
-    fill(w2, 0.02f, 6);
+    x = random_vector(x.size(), 1.0f, 1);
+    dy = random_vector(dy.size(), 1.0f, 2);
+    w_gate =
+        random_vector(w_gate.size(), 0.02f, 3);  // near-uniform routing, as after balance training
+    w1 = random_vector(w1.size(), 0.02f, 4);
+    w3 = random_vector(w3.size(), 0.02f, 5);
+    w2 = random_vector(w2.size(), 0.02f, 6);
   }
 
   moekit::cpu::MoeLayerParams params() const {

@@ -91,8 +91,7 @@ void router_forward(benchmark::State& state, int threads) {
                    in.routing(E, K), &stats);
     benchmark::DoNotOptimize(aux_loss_values<S>(stats));
   }
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(logits_flops(E) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  moekit_bench::set_rate(state, logits_flops(E));
 }
 
 // Gating, capacity, statistics and losses from ready logits: everything
@@ -132,8 +131,7 @@ void router_forward_backward(benchmark::State& state, int threads) {
     benchmark::DoNotOptimize(in.dx.data());
   }
   // Forward GEMM plus the two backward GEMMs (dx, dw_gate).
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(3 * logits_flops(E) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  moekit_bench::set_rate(state, 3 * logits_flops(E));
 }
 
 struct Case {
