@@ -76,6 +76,11 @@ struct CapacityConfig {
   DropPolicy policy = DropPolicy::kPosition;
 };
 
+// How the Switch balance loss normalises f_e = count_e / N: N = T K
+// (kTokensTimesK, 1 under perfect balance) or N = T (kTokens, as several
+// public top-k implementations do: K times larger). Shared by both backends.
+enum class SwitchNormalization { kTokensTimesK, kTokens };
+
 // A group's score sums at most this many keys.
 inline constexpr int kMaxGroupScoreTop = 8;
 
@@ -454,6 +459,68 @@ MOEKIT_HOST_DEVICE void gate_token_backward(const float* x, const float* scores,
   for (int e = 0; e < E; ++e) g[e] = 0.0f;
   for (int k = 0; k < K; ++k) g[ids[k]] = dv[k];
   softmax_backward<E>(scores, g, 1.0f, dx);
+}
+
+// ---- per-token pieces of the balance losses (both backends) ---------------
+
+// Added to mean^2 in CV^2 (Shazeer et al.) so an all-zero vector gives 0.
+inline constexpr double kCvSquaredEpsilon = 1e-10;
+
+// CV^2(v) = Var(v) / (mean(v)^2 + kCvSquaredEpsilon) over N values, Var the
+// population variance; writes scale * dCV^2/dv to grad (N values).
+template <int N>
+MOEKIT_HOST_DEVICE double cv_squared(const double* v, double scale, double* grad) {
+  double mean = 0.0;
+  for (int i = 0; i < N; ++i) mean += v[i];
+  mean /= N;
+  double var = 0.0;
+  for (int i = 0; i < N; ++i) var += (v[i] - mean) * (v[i] - mean);
+  var /= N;
+  const double d = mean * mean + kCvSquaredEpsilon;
+  for (int i = 0; i < N; ++i) {
+    grad[i] = scale * (2.0 * (v[i] - mean) / (N * d) - 2.0 * mean * var / (N * d * d));
+  }
+  return var / d;
+}
+
+// Below this, exp(x - max) is flushed to 0 (the CPU backend's vectorised exp
+// clamps there; flushing keeps tiny values equal on every backend).
+inline constexpr float kZLossExpFloor = -87.0f;
+
+// One token's router z-loss term: returns lse^2, lse = log sum_e exp x[e],
+// computed as max + log(sum exp(x - max)) in float, for a row of finite
+// logits, and 0 (no gradient) for a row with any non-finite logit. With dx
+// not null, ADDS coeff * dL/dx for L = (1 / tokens) sum_t lse_t^2, i.e.
+// c * exp(x[e] - max) with c = float(2 coeff lse / tokens) / sum: one
+// addition per element.
+template <int E>
+MOEKIT_HOST_DEVICE double z_loss_token(const float* x, double coeff, double tokens, float* dx) {
+  for (int e = 0; e < E; ++e) {
+    if (!is_finite(x[e])) return 0.0;
+  }
+  float m = x[0];
+  for (int e = 1; e < E; ++e) m = x[e] > m ? x[e] : m;
+  float sum = 0.0f;
+  for (int e = 0; e < E; ++e) sum += x[e] - m < kZLossExpFloor ? 0.0f : exp_(x[e] - m);
+  using std::log;
+  const double lse = static_cast<double>(m + log(sum));
+  if (dx != nullptr) {
+    const float c = static_cast<float>(coeff * 2.0 * lse / tokens) / sum;
+    for (int e = 0; e < E; ++e) dx[e] += c * (x[e] - m < kZLossExpFloor ? 0.0f : exp_(x[e] - m));
+  }
+  return lse * lse;
+}
+
+// Whether a token's K saved ids can index anything: each in [0, E), and
+// distinct (backward writes one gradient per id).
+template <int E, int K>
+MOEKIT_HOST_DEVICE bool valid_ids(const int* ids) {
+  bool ok = true;
+  for (int k = 0; k < K; ++k) {
+    ok = ok && ids[k] >= 0 && ids[k] < E;
+    for (int j = 0; j < k; ++j) ok = ok && ids[j] != ids[k];
+  }
+  return ok;
 }
 
 }  // namespace routing

@@ -78,8 +78,9 @@ namespace cpu {
 
 // How switch_loss normalises f. kTokensTimesK (Switch/GShard generalised to
 // top-k; 1 under perfect balance) or kTokens (count_e / T, as in several public
-// top-k implementations: K times larger, K under perfect balance).
-enum class SwitchNormalization { kTokensTimesK, kTokens };
+// top-k implementations: K times larger, K under perfect balance). Defined in
+// core/routing.hpp, shared with the CUDA backend.
+using ::moekit::SwitchNormalization;
 
 struct SwitchLossOptions {
   SwitchNormalization normalization = SwitchNormalization::kTokensTimesK;
@@ -92,7 +93,7 @@ struct ImportanceLoadOptions {
 };
 
 // Added to mean^2 in CV^2 (Shazeer et al.) so an all-zero vector gives 0.
-inline constexpr double kCvSquaredEpsilon = 1e-10;
+inline constexpr double kCvSquaredEpsilon = routing::kCvSquaredEpsilon;
 
 namespace detail {
 
@@ -142,20 +143,11 @@ double switch_rows(GatingRule rule, MatrixView<const float> logits, MatrixView<c
   return kE * sum;
 }
 
-// CV^2(v) with the population variance; writes scale * dCV^2/dv to grad.
+// CV^2(v) with the population variance; writes scale * dCV^2/dv to grad
+// (routing::cv_squared, the one implementation both backends run).
 template <int N>
 double cv_squared(const std::array<double, N>& v, double scale, std::array<double, N>& grad) {
-  double mean = 0.0;
-  for (int i = 0; i < N; ++i) mean += v[i];
-  mean /= N;
-  double var = 0.0;
-  for (int i = 0; i < N; ++i) var += (v[i] - mean) * (v[i] - mean);
-  var /= N;
-  const double d = mean * mean + kCvSquaredEpsilon;
-  for (int i = 0; i < N; ++i) {
-    grad[i] = scale * (2.0 * (v[i] - mean) / (N * d) - 2.0 * mean * var / (N * d * d));
-  }
-  return var / d;
+  return routing::cv_squared<N>(v.data(), scale, grad.data());
 }
 
 inline double normal_cdf(double z) { return 0.5 * std::erfc(-z * 0.70710678118654752440); }

@@ -1,0 +1,480 @@
+#pragma once
+// The router on the CUDA backend: gating of precomputed logits, routing
+// statistics and the backward of the gate for MoeSpec<E, K> (math in
+// moekit/core/routing.hpp, the same functions the CPU backend runs).
+//
+//   moekit::gpu::RouteArgs<Spec, __nv_bfloat16> args{logits, bias, gating,
+//                                                    scores, ids, weights, d_stats};
+//   std::size_t bytes = 0;
+//   moekit::gpu::route(nullptr, bytes, args, stream);        // size query
+//   moekit::gpu::route(d_workspace, bytes, args, stream);    // runs on `stream`
+//
+// Conventions (CUB's two-phase API, docs/cuda.md):
+//   - A null d_temp_storage only writes the bytes needed to temp_storage_bytes
+//     (never 0) and reads no other argument but the token count.
+//   - The second call validates every argument on the host before anything
+//     is launched: a bad argument throws moekit::Error naming it, as the CPU
+//     backend does. Failures of the CUDA runtime (launches, memsets) come back
+//     as the returned cudaError_t. d_temp_storage must be 256-byte aligned
+//     (cudaMalloc's alignment).
+//   - All pointers in the arguments are device memory; nothing is allocated
+//     and nothing synchronises: results are ready when `stream` gets there.
+//   - Deterministic: no float atomics. Per-block partial sums go to the
+//     workspace and a second kernel adds them in block order, so reruns are
+//     bit-identical.
+//
+// The gate GEMM (logits = x w_gate^T + b) is the caller's: route() starts
+// from logits (fp32, bf16 or fp16; the math runs in fp32), like the CPU's
+// Router::route. Noise, capacity and positions are not part of this file.
+//
+// Values the host cannot check without a copy are handled on the device by
+// a documented rule: a NaN selection bias acts as -inf; a saved expert id
+// out of [0, E) or repeated within a row makes that row contribute nothing
+// and is counted in the optional `invalid_rows` output.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#include "moekit/core/error.hpp"
+#include "moekit/core/routing.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cuda/error.cuh"
+#include "moekit/spec.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+namespace gpu {
+
+// Element types of logits: fp32, bf16 or fp16 (converted to fp32 on load).
+template <class T>
+concept LogitElement =
+    std::same_as<T, float> || std::same_as<T, __nv_bfloat16> || std::same_as<T, __half>;
+
+// Routing statistics, written by route() to DEVICE memory (copy it back with
+// cudaMemcpyAsync to read it). The same quantities as cpu::RoutingStats,
+// before capacity (capacity and drops belong to dispatch).
+template <MoeSpecType S>
+struct RoutingStats {
+  static constexpr int kExperts = S::num_experts;
+  std::int64_t tokens;
+  std::int64_t non_finite_logits;
+  std::int64_t max_assigned;           // the busiest expert's assignments
+  double z_loss;                       // mean_t logsumexp(logits_t)^2, non-finite rows add 0
+  std::int64_t assigned[kExperts];     // assignments per expert
+  double mean_distribution[kExperts];  // mean over tokens of the routing distribution q
+
+  // Host helpers, on a copy brought back to the host.
+  // Busiest expert's assignments over the mean: 1 is perfect balance.
+  double max_load_ratio() const {
+    if (tokens == 0) return 0.0;
+    return static_cast<double>(max_assigned) / (static_cast<double>(tokens) * S::top_k / kExperts);
+  }
+  // Entropy (nats) of mean_distribution.
+  double entropy() const {
+    double h = 0.0;
+    for (double q : mean_distribution) h -= q > 0.0 ? q * std::log(q) : 0.0;
+    return h;
+  }
+  // Fraction of experts with at least one assignment.
+  double utilization() const {
+    int used = 0;
+    for (std::int64_t c : assigned) used += c > 0;
+    return static_cast<double>(used) / kExperts;
+  }
+};
+
+// The device address of d_stats->assigned (E int64 counts), e.g. for
+// update_expert_bias(), computed without touching device memory.
+template <MoeSpecType S>
+const std::int64_t* assigned_counts(const RoutingStats<S>* d_stats) {
+  return reinterpret_cast<const std::int64_t*>(reinterpret_cast<const char*>(d_stats) +
+                                               offsetof(RoutingStats<S>, assigned));
+}
+
+// Arguments of route(): logits in, scores / ids / weights (and stats) out.
+template <MoeSpecType S, LogitElement T = float>
+struct RouteArgs {
+  MatrixView<const T> logits;              // T x E
+  VectorView<const float> selection_bias;  // E, or empty: none
+  GatingConfig gating{};
+  MatrixView<float> scores;             // T x E: p (softmax rules) or s (sigmoid)
+  MatrixView<std::int32_t> expert_ids;  // T x K, ordered by key, distinct per row
+  MatrixView<float> weights;            // T x K
+  RoutingStats<S>* stats = nullptr;     // device; null: no statistics
+};
+
+// Arguments of backward_gate(): dlogits = (d weights / d logits)^T dweights.
+template <MoeSpecType S, LogitElement T = float>
+struct GateBackwardArgs {
+  MatrixView<const T> logits;                 // T x E, what route() read
+  MatrixView<const float> scores;             // T x E, what route() wrote
+  MatrixView<const std::int32_t> expert_ids;  // T x K
+  MatrixView<const float> dweights;           // T x K, 0 for dropped slots
+  GatingConfig gating{};
+  MatrixView<float> dlogits;             // T x E, overwritten
+  std::int64_t* invalid_rows = nullptr;  // device; rows with bad ids (they get 0)
+};
+
+namespace detail {
+
+inline constexpr int kThreads = 128;          // every routing kernel's block size
+inline constexpr int kTileBytes = 36 * 1024;  // shared memory for E-wide row tiles
+inline constexpr std::size_t kWorkspaceAlignment = 256;
+
+// Tiles keep rows of E floats at an odd stride, so that thread r reading
+// element e of row r hits bank (r * stride + e) % 32: no conflicts.
+template <int E>
+inline constexpr int kRowStride = E % 2 == 0 ? E + 1 : E;
+
+// Rows per tile when `mats` E-wide tiles share the shared-memory budget:
+// 128 for small E, down to 1 (E = 384: 23 with one tile).
+template <int E, int mats>
+inline constexpr int kTileRows = [] {
+  const int rows = kTileBytes / (mats * 4 * kRowStride<E>);
+  return rows < 1 ? 1 : (rows > kThreads ? kThreads : rows);
+}();
+
+MOEKIT_DEVICE inline float to_float(float v) { return v; }
+MOEKIT_DEVICE inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+MOEKIT_DEVICE inline float to_float(__half v) { return __half2float(v); }
+
+// tile[r * stride + e] = m(first + r, e) for r < rows: consecutive threads
+// read consecutive elements of a row (coalesced).
+template <int E, class T>
+MOEKIT_DEVICE void load_rows(MatrixView<const T> m, index_t first, int rows, float* tile) {
+  for (int i = static_cast<int>(threadIdx.x); i < rows * E; i += static_cast<int>(blockDim.x)) {
+    const int r = i / E, e = i - r * E;
+    tile[r * kRowStride<E> + e] = to_float(m(first + r, e));
+  }
+}
+
+template <int E>
+MOEKIT_DEVICE void store_rows(const float* tile, int rows, MatrixView<float> m, index_t first) {
+  for (int i = static_cast<int>(threadIdx.x); i < rows * E; i += static_cast<int>(blockDim.x)) {
+    const int r = i / E, e = i - r * E;
+    m(first + r, e) = tile[r * kRowStride<E> + e];
+  }
+}
+
+// The factor of a token's score in its routing distribution q (routing::
+// routing_distribution, in double as the CPU statistics): 1 for the softmax
+// rules, 1 / sum(s) for sigmoid, and -1 for sigmoid's uniform fallback.
+template <int E>
+MOEKIT_HOST_DEVICE double distribution_scale(GatingRule rule, const float* scores) {
+  if (rule != GatingRule::kSigmoid) return 1.0;
+  double total = 0.0;
+  for (int e = 0; e < E; ++e) total += static_cast<double>(scores[e]);
+  return total > 0.0 ? 1.0 / total : -1.0;
+}
+
+// q[e] of one token, in double, from distribution_scale().
+template <int E>
+MOEKIT_HOST_DEVICE double distribution_term(double scale, float score) {
+  return scale < 0.0 ? 1.0 / E : static_cast<double>(score) * scale;
+}
+
+// Per-block partial statistics of route(), block b at [b * E, (b + 1) * E).
+struct StatsPartials {
+  std::int32_t* count = nullptr;
+  double* distribution = nullptr;
+  double* lse_square = nullptr;        // one per block
+  std::int64_t* non_finite = nullptr;  // one per block
+};
+
+inline constexpr std::size_t round_up(std::size_t bytes) {
+  return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
+}
+
+// Consecutive aligned arrays carved from one workspace (CUB's
+// AliasTemporaries): reserve() returns each one's offset.
+class WorkspacePlan {
+ public:
+  std::size_t reserve(std::size_t bytes) {
+    const std::size_t at = size_;
+    size_ += round_up(bytes);
+    return at;
+  }
+  // Never 0, so that a second call with a real (non-null) pointer is possible.
+  std::size_t bytes() const { return size_ > 0 ? size_ : kWorkspaceAlignment; }
+
+ private:
+  std::size_t size_ = 0;
+};
+
+template <class U>
+U* carve(void* base, std::size_t offset) {
+  return reinterpret_cast<U*>(static_cast<char*>(base) + offset);
+}
+
+// Phase one (d_temp_storage null: writes the size, returns true) or the
+// workspace check of phase two (returns false).
+inline bool size_query(void* d_temp_storage, std::size_t& temp_storage_bytes, std::size_t need) {
+  if (d_temp_storage == nullptr) {
+    temp_storage_bytes = need;
+    return true;
+  }
+  MOEKIT_CHECK(temp_storage_bytes >= need, Errc::kShapeMismatch,
+               "temp_storage_bytes = ", temp_storage_bytes, " is less than the ", need,
+               " bytes this call needs (ask with d_temp_storage = nullptr)");
+  MOEKIT_CHECK(reinterpret_cast<std::uintptr_t>(d_temp_storage) % kWorkspaceAlignment == 0,
+               Errc::kInvalidArgument, "d_temp_storage is not aligned to ", kWorkspaceAlignment,
+               " bytes");
+  return false;
+}
+
+inline void check_token_count(index_t tokens, int top_k) {
+  MOEKIT_CHECK_ARG(tokens >= 0, "the token count ", tokens, " is negative");
+  MOEKIT_CHECK_ARG(tokens <= std::numeric_limits<std::int32_t>::max() / top_k, "tokens = ", tokens,
+                   " times K = ", top_k, " exceeds the 32-bit slot range");
+}
+
+inline int grid_for(index_t tokens, int rows_per_block) {
+  return static_cast<int>((tokens + rows_per_block - 1) / rows_per_block);
+}
+
+// ---- kernels --------------------------------------------------------------
+//
+// Why this design: a block loads a tile of token rows with coalesced loads
+// into shared memory (converting bf16/fp16 to float), then each thread routes
+// one token with routing::gate_token<E, K>, the host-device function the CPU
+// router runs. Selection and weighting are therefore the CPU's code on the
+// same keys (correct by construction, with no second implementation to keep
+// in step); scores go back through the same tile with coalesced stores.
+// A faster design, to adopt once a GPU can measure it: one warp per token
+// (E / 32 logits per lane, warp-shuffle max/sum, a warp-wide bitonic or
+// radix top-K), keeping per-thread state in registers instead of the local
+// memory that E-sized arrays use here.
+
+template <int E, int K, class T>
+__global__ void __launch_bounds__(kThreads)
+    route_kernel(MatrixView<const T> logits, const float* bias, GatingConfig cfg,
+                 MatrixView<float> scores, MatrixView<std::int32_t> ids_out,
+                 MatrixView<float> weights_out, StatsPartials partials) {
+  constexpr int kRows = kTileRows<E, 1>;
+  constexpr int kStride = kRowStride<E>;
+  __shared__ float tile[kRows * kStride];
+  __shared__ int tile_ids[kRows * K];
+  __shared__ double row_scale[kRows];
+  __shared__ double row_lse_square[kRows];
+  __shared__ int row_non_finite[kRows];
+
+  const index_t first = static_cast<index_t>(blockIdx.x) * kRows;
+  const int rows = static_cast<int>(logits.rows() - first < kRows ? logits.rows() - first : kRows);
+  const bool stats = partials.count != nullptr;
+  load_rows<E>(logits, first, rows, tile);
+  __syncthreads();
+
+  const int r = static_cast<int>(threadIdx.x);
+  float s[E];
+  if (r < rows) {
+    const float* x = tile + r * kStride;
+    int ids[K];
+    float w[K];
+    const int non_finite = routing::gate_token<E, K>(x, bias, cfg, ids, w, s);
+    for (int k = 0; k < K; ++k) {
+      ids_out(first + r, k) = ids[k];
+      weights_out(first + r, k) = w[k];
+      tile_ids[r * K + k] = ids[k];
+    }
+    if (stats) {
+      row_non_finite[r] = non_finite;
+      row_lse_square[r] = routing::z_loss_token<E>(x, 0.0, 1.0, nullptr);
+      row_scale[r] = distribution_scale<E>(cfg.rule, s);
+    }
+  }
+  __syncthreads();  // every thread is done with its logits: reuse the tile for scores
+  if (r < rows) {
+    for (int e = 0; e < E; ++e) tile[r * kStride + e] = s[e];
+  }
+  __syncthreads();
+  store_rows<E>(tile, rows, scores, first);
+  if (!stats) return;
+
+  // Per-expert partial sums over the tile's tokens, in token order.
+  for (int e = static_cast<int>(threadIdx.x); e < E; e += static_cast<int>(blockDim.x)) {
+    int count = 0;
+    double q = 0.0;
+    for (int t = 0; t < rows; ++t) {
+      for (int k = 0; k < K; ++k) count += tile_ids[t * K + k] == e;
+      q += distribution_term<E>(row_scale[t], tile[t * kStride + e]);
+    }
+    partials.count[static_cast<index_t>(blockIdx.x) * E + e] = count;
+    partials.distribution[static_cast<index_t>(blockIdx.x) * E + e] = q;
+  }
+  if (threadIdx.x == 0) {
+    double lse = 0.0;
+    std::int64_t non_finite = 0;
+    for (int t = 0; t < rows; ++t) {
+      lse += row_lse_square[t];
+      non_finite += row_non_finite[t];
+    }
+    partials.lse_square[blockIdx.x] = lse;
+    partials.non_finite[blockIdx.x] = non_finite;
+  }
+}
+
+// Adds the per-block partials in block order (one block).
+template <MoeSpecType S>
+__global__ void __launch_bounds__(kThreads)
+    finalize_stats_kernel(StatsPartials partials, int blocks, index_t tokens,
+                          RoutingStats<S>* out) {
+  constexpr int E = S::num_experts;
+  __shared__ std::int64_t count[E];
+  const double n = static_cast<double>(tokens);
+  for (int e = static_cast<int>(threadIdx.x); e < E; e += static_cast<int>(blockDim.x)) {
+    std::int64_t c = 0;
+    double q = 0.0;
+    for (int b = 0; b < blocks; ++b) {
+      c += partials.count[static_cast<index_t>(b) * E + e];
+      q += partials.distribution[static_cast<index_t>(b) * E + e];
+    }
+    count[e] = c;
+    out->assigned[e] = c;
+    out->mean_distribution[e] = tokens > 0 ? q / n : 0.0;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double lse = 0.0;
+    std::int64_t non_finite = 0;
+    for (int b = 0; b < blocks; ++b) {
+      lse += partials.lse_square[b];
+      non_finite += partials.non_finite[b];
+    }
+    std::int64_t max_count = 0;
+    for (int e = 0; e < E; ++e) max_count = count[e] > max_count ? count[e] : max_count;
+    out->tokens = tokens;
+    out->non_finite_logits = non_finite;
+    out->max_assigned = max_count;
+    out->z_loss = tokens > 0 ? lse / n : 0.0;
+  }
+}
+
+template <int E, int K, class T>
+__global__ void __launch_bounds__(kThreads)
+    backward_gate_kernel(MatrixView<const T> logits, MatrixView<const float> scores,
+                         MatrixView<const std::int32_t> expert_ids,
+                         MatrixView<const float> dweights, GatingConfig cfg,
+                         MatrixView<float> dlogits, unsigned long long* invalid_rows) {
+  constexpr int kRows = kTileRows<E, 2>;
+  constexpr int kStride = kRowStride<E>;
+  __shared__ float x_tile[kRows * kStride];
+  __shared__ float s_tile[kRows * kStride];
+  const index_t first = static_cast<index_t>(blockIdx.x) * kRows;
+  const int rows = static_cast<int>(logits.rows() - first < kRows ? logits.rows() - first : kRows);
+  load_rows<E>(logits, first, rows, x_tile);
+  load_rows<E>(scores, first, rows, s_tile);
+  __syncthreads();
+  const int r = static_cast<int>(threadIdx.x);
+  if (r < rows) {
+    int ids[K];
+    float dw[K];
+    for (int k = 0; k < K; ++k) {
+      ids[k] = expert_ids(first + r, k);
+      dw[k] = dweights(first + r, k);
+    }
+    float dx[E];
+    if (routing::valid_ids<E, K>(ids)) {
+      routing::gate_token_backward<E, K>(x_tile + r * kStride, s_tile + r * kStride, ids, dw, cfg,
+                                         dx);
+    } else {
+      for (int e = 0; e < E; ++e) dx[e] = 0.0f;
+      if (invalid_rows != nullptr) atomicAdd(invalid_rows, 1ull);  // an exact integer count
+    }
+    for (int e = 0; e < E; ++e) x_tile[r * kStride + e] = dx[e];  // only thread r reads row r
+  }
+  __syncthreads();
+  store_rows<E>(x_tile, rows, dlogits, first);
+}
+
+template <MoeSpecType S, class T>
+void check_route_args(const RouteArgs<S, T>& a) {
+  constexpr int E = S::num_experts, K = S::top_k;
+  const index_t tokens = a.logits.rows();
+  check_token_count(tokens, K);
+  check_gating(a.gating, E, K);
+  check_shape(a.logits, tokens, E, "args.logits");
+  if (!a.selection_bias.empty()) check_shape(a.selection_bias, E, "args.selection_bias");
+  check_shape(a.scores, tokens, E, "args.scores");
+  check_shape(a.expert_ids, tokens, K, "args.expert_ids");
+  check_shape(a.weights, tokens, K, "args.weights");
+}
+
+}  // namespace detail
+
+// Routes T tokens from their logits (header: two-phase, validation, errors).
+// Writes scores, expert_ids and weights exactly as cpu::Router::route would
+// (the same gate_token), and with args.stats the statistics.
+template <MoeSpecType S, LogitElement T>
+cudaError_t route(void* d_temp_storage, std::size_t& temp_storage_bytes,
+                  const RouteArgs<S, T>& args, cudaStream_t stream = nullptr) {
+  constexpr int E = S::num_experts, K = S::top_k;
+  constexpr int kRows = detail::kTileRows<E, 1>;
+  const index_t tokens = args.logits.rows();
+  detail::check_token_count(tokens, K);
+  const int blocks = detail::grid_for(tokens, kRows);
+  detail::WorkspacePlan plan;
+  const std::size_t nb = static_cast<std::size_t>(blocks);
+  const std::size_t at_count = plan.reserve(nb * E * sizeof(std::int32_t));
+  const std::size_t at_dist = plan.reserve(nb * E * sizeof(double));
+  const std::size_t at_lse = plan.reserve(nb * sizeof(double));
+  const std::size_t at_nf = plan.reserve(nb * sizeof(std::int64_t));
+  if (detail::size_query(d_temp_storage, temp_storage_bytes, plan.bytes())) return cudaSuccess;
+  detail::check_route_args(args);
+
+  detail::StatsPartials partials;
+  if (args.stats != nullptr) {
+    partials.count = detail::carve<std::int32_t>(d_temp_storage, at_count);
+    partials.distribution = detail::carve<double>(d_temp_storage, at_dist);
+    partials.lse_square = detail::carve<double>(d_temp_storage, at_lse);
+    partials.non_finite = detail::carve<std::int64_t>(d_temp_storage, at_nf);
+  }
+  const float* bias = args.selection_bias.empty() ? nullptr : args.selection_bias.data();
+  if (blocks > 0) {
+    detail::route_kernel<E, K, T><<<blocks, detail::kThreads, 0, stream>>>(
+        args.logits, bias, args.gating, args.scores, args.expert_ids, args.weights, partials);
+    MOEKIT_CUDA_TRY(cudaGetLastError());
+  }
+  if (args.stats != nullptr) {
+    detail::finalize_stats_kernel<S>
+        <<<1, detail::kThreads, 0, stream>>>(partials, blocks, tokens, args.stats);
+    MOEKIT_CUDA_TRY(cudaGetLastError());
+  }
+  return cudaSuccess;
+}
+
+// dlogits = (d weights / d logits)^T dweights per token (routing::
+// gate_token_backward, as cpu::Router::backward_gate), overwriting dlogits.
+// A row whose ids are out of range or repeated gets 0 and is counted in
+// args.invalid_rows (reset by this call) where that is not null. Needs no
+// workspace.
+template <MoeSpecType S, LogitElement T>
+cudaError_t backward_gate(const GateBackwardArgs<S, T>& args, cudaStream_t stream = nullptr) {
+  constexpr int E = S::num_experts, K = S::top_k;
+  const index_t tokens = args.logits.rows();
+  detail::check_token_count(tokens, K);
+  check_gating(args.gating, E, K);
+  check_shape(args.logits, tokens, E, "args.logits");
+  check_shape(args.scores, tokens, E, "args.scores");
+  check_shape(args.expert_ids, tokens, K, "args.expert_ids");
+  check_shape(args.dweights, tokens, K, "args.dweights");
+  check_shape(args.dlogits, tokens, E, "args.dlogits");
+  auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_rows);
+  static_assert(sizeof(unsigned long long) == sizeof(std::int64_t));
+  if (invalid != nullptr) {
+    MOEKIT_CUDA_TRY(cudaMemsetAsync(invalid, 0, sizeof(*invalid), stream));
+  }
+  const int blocks = detail::grid_for(tokens, detail::kTileRows<E, 2>);
+  if (blocks == 0) return cudaSuccess;
+  detail::backward_gate_kernel<E, K, T><<<blocks, detail::kThreads, 0, stream>>>(
+      args.logits, args.scores, args.expert_ids, args.dweights, args.gating, args.dlogits, invalid);
+  return cudaGetLastError();
+}
+
+}  // namespace gpu
+MOEKIT_NAMESPACE_END

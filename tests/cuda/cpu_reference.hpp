@@ -1,0 +1,65 @@
+#pragma once
+// The CPU backend's results for the CUDA tests, behind a plain C++ interface:
+// cpu_reference.cpp includes the CPU backend (Eigen) and is compiled by the
+// host compiler, so the .cu tests never include Eigen. All matrices are
+// dense row-major std::vectors.
+
+#include <cstdint>
+#include <vector>
+
+#include "moekit/core/routing.hpp"
+
+namespace moekit_test {
+
+struct CpuRouting {
+  std::vector<float> scores;              // T x E
+  std::vector<std::int32_t> ids;          // T x K
+  std::vector<float> weights;             // T x K
+  std::vector<std::int64_t> assigned;     // E
+  std::vector<double> mean_distribution;  // E
+  double z_loss = 0.0;
+  std::int64_t non_finite = 0;
+};
+
+// A routing as the aux losses read it (the GPU's own outputs, fed to both).
+struct SavedRouting {
+  std::int64_t tokens = 0;
+  std::vector<float> logits, scores, weights;  // T x E, T x E, T x K
+  std::vector<std::int32_t> ids, positions;    // T x K
+};
+
+template <int E, int K>
+struct CpuReference {
+  // cpu::Router::route with this gating (dropless, no noise); bias empty: none.
+  static CpuRouting route(const std::vector<float>& logits, std::int64_t tokens,
+                          const std::vector<float>& bias, const moekit::GatingConfig& gating);
+  // cpu::Router::backward_gate on a saved routing (all slots kept).
+  static std::vector<float> backward_gate(const SavedRouting& r, const std::vector<float>& dweights,
+                                          const moekit::GatingConfig& gating);
+  // The losses; each adds coeff * dL/dx to dlogits unless it is empty.
+  static double switch_loss(moekit::GatingRule rule, const SavedRouting& r,
+                            moekit::SwitchNormalization norm, float coeff,
+                            std::vector<float>& dlogits);
+  static double sequence_loss(moekit::GatingRule rule, const SavedRouting& r,
+                              std::int64_t sequence_length, float coeff,
+                              std::vector<float>& dlogits);
+  static double z_loss(const SavedRouting& r, float coeff, std::vector<float>& dlogits);
+  static double importance_load(const moekit::GatingConfig& gating, const SavedRouting& r,
+                                float importance_weight, float load_weight, float coeff,
+                                std::vector<float>& dlogits);
+  // cpu::ExpertBias: biases from 0 after one update() with these counts.
+  static std::vector<float> bias_update(float gamma, const std::vector<std::int64_t>& counts);
+};
+
+// Every (E, K) the CUDA router tests use; cpu_reference.cpp instantiates them.
+// clang-format off
+#define MOEKIT_TEST_CUDA_SPECS(X) \
+  X(1, 1) X(4, 2) X(4, 4) X(6, 3) X(6, 6) X(8, 1) X(8, 2) X(8, 3) X(16, 4) X(60, 4) X(60, 6) \
+  X(64, 8) X(128, 8) X(256, 8) X(384, 22) X(512, 22)
+// clang-format on
+
+#define MOEKIT_TEST_DECLARE_REFERENCE(E, K) extern template struct CpuReference<E, K>;
+MOEKIT_TEST_CUDA_SPECS(MOEKIT_TEST_DECLARE_REFERENCE)
+#undef MOEKIT_TEST_DECLARE_REFERENCE
+
+}  // namespace moekit_test
