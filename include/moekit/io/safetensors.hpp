@@ -362,6 +362,7 @@ inline float load_f32_le(const std::byte* p) {
 
 // Copies `count` elements of dtype `dtype` at `src` into floats.
 inline void decode(Dtype dtype, const std::byte* src, float* dst, index_t count) {
+  if (count == 0) return;  // dst may be null (an empty vector's data())
   switch (dtype) {
     case Dtype::kF32:
       if constexpr (std::endian::native == std::endian::little) {
