@@ -15,7 +15,7 @@ packages=(
   libopenblas-openmp-dev          # the optional BLAS the MoE layer benchmark compares with
   clang-format                    # the format check
   python3                         # docs snippet check
-  python3-pip                     # installs the safetensors compat test's modules (below)
+  python3-pip                     # installs the Python modules of the tests (below)
 )
 
 missing=()
@@ -41,6 +41,15 @@ if ! python3 -c 'import safetensors, numpy' 2>/dev/null; then
   python3 -m pip install --quiet safetensors numpy ||
     python3 -m pip install --quiet --break-system-packages safetensors numpy ||
     echo "bootstrap: warning: could not install safetensors and numpy; io.python_compat will skip"
+fi
+
+# tools/plot_run.py draws a training run's charts with matplotlib; its test
+# (tools.plot_run) skips where matplotlib is missing.
+if ! python3 -c 'import matplotlib' 2>/dev/null; then
+  echo "bootstrap: installing the Python module matplotlib"
+  python3 -m pip install --quiet matplotlib ||
+    python3 -m pip install --quiet --break-system-packages matplotlib ||
+    echo "bootstrap: warning: could not install matplotlib; tools.plot_run will skip"
 fi
 
 # Conan 2 for the packaging.conan_create test, which runs `conan create` offline

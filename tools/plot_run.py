@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Charts of a training run from its moekit metrics log (JSON Lines).
+
+    plot_run.py RUN.jsonl [OUT_DIR] [--chance P0 P1 ...] [--title TEXT]
+
+RUN.jsonl is what moekit::train::MetricsLog writes (moekit/train/metrics.hpp):
+one JSON object per line with split, step, lr, loss, task_loss, aux_loss,
+grad_norm, accuracy (one value per branch), expert_load (per MoE layer, the
+fraction of routed assignments each expert received), tokens_per_s,
+peak_rss_mib and elapsed_s. null stands for NaN and is not drawn.
+
+Writes into OUT_DIR (default: the log's directory), as PNG:
+  losses.png                 total and task loss (top) and aux loss (bottom)
+                             against step: the "train" split as lines, any
+                             other split ("eval", ...) as markers
+  accuracy.png               per-branch accuracy against step: train as thin
+                             lines, other splits as lines with markers, and a
+                             dashed chance line per branch where chance levels
+                             are known: --chance, or a "chance" list stored in
+                             any object of the log (e.g. a metadata line)
+  expert_load_layer<N>.png   one per MoE layer: a heat map of step x expert
+                             (train records), colour = fraction of the layer's
+                             assignments, centred on the balanced 1/E, which
+                             the title and the colour bar mark
+
+Draws with matplotlib's Agg backend (no display needed). Exits 77 with a
+message when matplotlib is missing (install it with
+`python3 -m pip install matplotlib`), 1 when the log has no records.
+"""
+import argparse
+import collections
+import json
+import math
+import pathlib
+import sys
+
+SKIP = 77
+
+
+def number(v):
+    """A JSON number, or NaN for null / missing."""
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def read_log(path):
+    records, chance = [], None
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{line_no}: not JSON: {e}")
+            if not isinstance(obj, dict):
+                raise SystemExit(f"{path}:{line_no}: not a JSON object")
+            if isinstance(obj.get("chance"), list):
+                chance = [number(c) for c in obj["chance"]]
+            if "step" in obj:
+                records.append(obj)
+    return records, chance
+
+
+def series(records, key):
+    xs, ys = [], []
+    for r in records:
+        y = number(r.get(key))
+        if not math.isnan(y):
+            xs.append(r["step"])
+            ys.append(y)
+    return xs, ys
+
+
+def by_split(records):
+    splits = collections.OrderedDict()
+    for r in records:
+        splits.setdefault(r.get("split", "train"), []).append(r)
+    return splits
+
+
+def plot_losses(plt, splits, out, title):
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 6.5),
+                                      gridspec_kw={"height_ratios": [2, 1]})
+    styles = {"loss": "C0", "task_loss": "C1", "aux_loss": "C2"}
+    for split, recs in splits.items():
+        for key, colour in styles.items():
+            ax = bottom if key == "aux_loss" else top
+            xs, ys = series(recs, key)
+            if not xs:
+                continue
+            label = key.replace("_", " ") if key != "loss" else "total loss"
+            if split == "train":
+                ax.plot(xs, ys, color=colour, lw=1.4, label=f"{label} (train)")
+            else:
+                ax.plot(xs, ys, color=colour, ls="none", marker="o", ms=4,
+                        label=f"{label} ({split})")
+    top.set_ylabel("loss")
+    bottom.set_ylabel("aux loss")
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    top.set_title(f"{title}: losses" if title else "losses")
+    fig.tight_layout()
+    fig.savefig(out / "losses.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(plt, splits, chance, out, title):
+    fig, ax = plt.subplots(figsize=(9, 5))
+    branches = max((len(r.get("accuracy") or []) for recs in splits.values() for r in recs),
+                   default=0)
+    for b in range(branches):
+        colour = f"C{b % 10}"
+        for split, recs in splits.items():
+            xs, ys = [], []
+            for r in recs:
+                acc = r.get("accuracy") or []
+                if b < len(acc) and not math.isnan(number(acc[b])):
+                    xs.append(r["step"])
+                    ys.append(number(acc[b]))
+            if not xs:
+                continue
+            if split == "train":
+                ax.plot(xs, ys, color=colour, lw=1.0, alpha=0.55, label=f"branch {b} (train)")
+            else:
+                ax.plot(xs, ys, color=colour, lw=1.6, marker="o", ms=4,
+                        label=f"branch {b} ({split})")
+        if chance and b < len(chance) and not math.isnan(chance[b]):
+            ax.axhline(chance[b], color=colour, ls="--", lw=1, alpha=0.8)
+    if chance:
+        # One legend entry for the chance lines.
+        ax.plot([], [], color="grey", ls="--", lw=1, label="chance")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8, ncol=2 if branches > 4 else 1)
+    ax.set_title(f"{title}: accuracy per branch" if title else "accuracy per branch")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_load(plt, colors, records, out, title):
+    """One heat map per layer; returns the files written."""
+    train = [r for r in records if r.get("split", "train") == "train"] or records
+    layers = max((len(r.get("expert_load") or []) for r in train), default=0)
+    written = []
+    for layer in range(layers):
+        rows = [(r["step"], r["expert_load"][layer]) for r in train
+                if len(r.get("expert_load") or []) > layer and r["expert_load"][layer]]
+        if not rows:
+            continue
+        # The most common expert count (a malformed record is left out).
+        experts = collections.Counter(len(v) for _, v in rows).most_common(1)[0][0]
+        rows = [(s, [number(f) for f in v]) for s, v in rows if len(v) == experts]
+        rows.sort(key=lambda sv: sv[0])
+        steps = [s for s, _ in rows]
+        grid = [[v[e] for _, v in rows] for e in range(experts)]  # expert x step
+        # Column edges halfway between steps.
+        if len(steps) > 1:
+            mids = [(a + b) / 2 for a, b in zip(steps, steps[1:])]
+            edges = [steps[0] - (mids[0] - steps[0])] + mids + [steps[-1] + (steps[-1] - mids[-1])]
+        else:
+            edges = [steps[0] - 0.5, steps[0] + 0.5]
+        uniform = 1.0 / experts
+        finite = [f for col in grid for f in col if not math.isnan(f)]
+        top = max([2 * uniform] + finite)
+        norm = colors.TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=max(top, uniform * 1.0001))
+        fig, ax = plt.subplots(figsize=(9, 1.6 + 0.28 * experts))
+        mesh = ax.pcolormesh(edges, [e - 0.5 for e in range(experts + 1)], grid,
+                             cmap="coolwarm", norm=norm, shading="flat")
+        bar = fig.colorbar(mesh, ax=ax, pad=0.01)
+        bar.set_label("fraction of assignments")
+        bar.ax.axhline(uniform, color="black", lw=1.5)
+        bar.set_ticks(sorted({0.0, uniform, top}))
+        bar.set_ticklabels([f"{t:.3g}" + (" = 1/E" if t == uniform else "")
+                            for t in sorted({0.0, uniform, top})])
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+        if experts <= 32:
+            ax.set_yticks(range(experts))
+        name = f"layer {layer}: expert load (E = {experts}, balanced = 1/E = {uniform:.3g})"
+        ax.set_title(f"{title}: {name}" if title else name)
+        fig.tight_layout()
+        path = out / f"expert_load_layer{layer}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("log", type=pathlib.Path, help="the run's JSON Lines metrics log")
+    parser.add_argument("out_dir", type=pathlib.Path, nargs="?",
+                        help="where to write the PNGs (default: the log's directory)")
+    parser.add_argument("--chance", type=float, nargs="+", metavar="P",
+                        help="chance accuracy per branch (e.g. 1/C_t), overriding a stored one")
+    parser.add_argument("--title", default="", help="prefix of the chart titles")
+    args = parser.parse_args()
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.colors as colors
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"SKIP: plot_run.py needs matplotlib ({e}); "
+              f"install it with: {sys.executable} -m pip install matplotlib")
+        return SKIP
+
+    records, stored_chance = read_log(args.log)
+    if not records:
+        print(f"{args.log}: no records (objects with a \"step\")")
+        return 1
+    chance = args.chance if args.chance else stored_chance
+    out = args.out_dir if args.out_dir is not None else args.log.resolve().parent
+    out.mkdir(parents=True, exist_ok=True)
+    splits = by_split(records)
+    plot_losses(plt, splits, out, args.title)
+    plot_accuracy(plt, splits, chance, out, args.title)
+    written = [out / "losses.png", out / "accuracy.png"]
+    written += plot_expert_load(plt, colors, records, out, args.title)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
