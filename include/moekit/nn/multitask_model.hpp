@@ -1,0 +1,563 @@
+#pragma once
+// The reference multi-task model (DESIGN.md §1), built only from moekit's
+// parts, on the CPU backend:
+//
+//   x ─▶ frozen MLP encoder ─▶ e                         (moekit/nn/mlp_encoder.hpp)
+//     ─▶ h_1 = e + MoE_1(e)  ─▶ ... ─▶ h_M = h_{M-1} + MoE_M(h_{M-1})   (MoeLayer<S>, residual)
+//     ─▶ a = h_M P^T + s B_t A_t h_M                     (LoraBank<L>: frozen shared projection P,
+//                                                          one rank-R adapter per branch t)
+//     ─▶ z = W_t a + b_t                                 (TaskHeads<H>: one head per branch)
+//
+// Each sample carries its branch (task) id t in [0, H); the loss is the heads'
+// per-task softmax cross-entropy (TaskHeads::loss, fixed weights) plus the MoE
+// layers' aux losses (their coefficients are in config.moe). Branches share
+// the encoder and the MoE layers; each owns only its adapter and head, so
+// adding a branch (with_branch) trains only those.
+//
+// Parameters. The model owns them: one ModelTensor per parameter matrix, each
+// with a role that says who trains it and at which learning rate:
+//   role           tensors                                       trained
+//   kEncoder       encoder.{input,norm,ffn...}                   never (frozen)
+//   kGate          moe.{l}.gate.weight              E x d        TrainScope::all()
+//   kExperts       moe.{l}.experts.w1/w3/w2, shared.w1/w3/w2    TrainScope::all()
+//   kAdapterBase   adapter.weight (P)               d x d        never (frozen)
+//   kLora          adapter.lora_A (H R) x d, adapter.lora_B (H d) x R
+//   kHead          heads.weight (sum C) x d, heads.bias sum C
+// in the layouts of the components (stacked experts, adapters and heads).
+// Gradients live beside the values (empty for frozen tensors).
+//
+// Initialisation (all from config.seed, counter-based, so a model is the same
+// on every machine): the encoder as MlpEncoder::init; routers N(0, gate_init_std^2)
+// (1/d by default: routing starts unbalanced, as on a pretrained encoder, and
+// the balance loss has work to do);
+// experts' W1, W3 ~ N(0, 1/d) and W2 ~ N(0, 1/(2 M d_ff)) (small residual
+// branches); P = identity; LoRA A Kaiming-uniform and B = 0 (LoraBank::init,
+// so a new branch starts as the base); heads N(0, 1/d), bias 0.
+//
+// Training (loss_and_grads): forward, loss, backward. The scope says what gets
+// gradients: TrainScope::all() trains the MoE layers, every adapter and every
+// head; TrainScope::branch(t) only adapter t and head t (no MoE backward at
+// all). Inference (predict): the same forward with LoRA dropout off.
+//
+// Memory: activations and workspaces for config.max_batch samples are
+// allocated once at construction; a call takes any n <= max_batch.
+// Determinism: every part is deterministic for a fixed thread count, so the
+// whole step is; a sample's logits depend only on its own row and the
+// weights its branch uses.
+// Validation: the configuration at construction (each component's own checks
+// plus the composition: widths agree, no router noise — its seed would repeat
+// every step), and every call's batch (shapes, task ids, labels) before
+// anything is written.
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "moekit/core/error.hpp"
+#include "moekit/core/random.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/lora.hpp"
+#include "moekit/cpu/task_heads.hpp"
+#include "moekit/nn/mlp_encoder.hpp"
+#include "moekit/nn/moe_layer.hpp"
+#include "moekit/nn/param_count.hpp"
+#include "moekit/spec.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+namespace cpu {
+
+template <HeadSpecType H>
+struct MultitaskModelConfig {
+  MlpEncoderConfig encoder{};
+  MoeLayerConfig moe{};  // each MoE layer; moe.d_model must equal encoder.d_model
+  int num_moe_layers = 2;
+  float lora_alpha = 16.0f;  // LoRA scale s = alpha / R (alpha / sqrt(R) with rslora)
+  bool rslora = false;
+  float lora_dropout = 0.0f;
+  std::array<index_t, H::num_heads> classes{};  // per branch
+  index_t max_batch = 256;                      // largest batch a call takes
+  float gate_init_std = 0.0f;  // routers' initial weights ~ N(0, std^2); 0: 1 / sqrt(d_model)
+  std::uint64_t seed = 0;      // initialisation
+};
+
+enum class ParamRole { kEncoder, kGate, kExperts, kAdapterBase, kLora, kHead };
+
+constexpr bool is_frozen(ParamRole role) {
+  return role == ParamRole::kEncoder || role == ParamRole::kAdapterBase;
+}
+
+// One parameter matrix of the model, its gradient (same shape; empty when
+// frozen) and its role.
+struct ModelTensor {
+  std::string name;
+  ParamRole role = ParamRole::kEncoder;
+  index_t rows = 0, cols = 0;
+  std::vector<float> value, grad;
+
+  MatrixView<float> matrix() { return {value.data(), rows, cols}; }
+  MatrixView<const float> matrix() const { return {value.data(), rows, cols}; }
+  MatrixView<float> grad_matrix() { return grad.empty() ? MatrixView<float>() : matrix_of(grad); }
+  VectorView<float> flat() { return {value.data(), rows * cols}; }
+  VectorView<const float> flat() const { return {value.data(), rows * cols}; }
+  VectorView<float> flat_grad() { return {grad.data(), static_cast<index_t>(grad.size())}; }
+
+ private:
+  MatrixView<float> matrix_of(std::vector<float>& v) { return {v.data(), rows, cols}; }
+};
+
+// What a training step trains: everything but the frozen parts, or only one
+// branch's adapter and head.
+struct TrainScope {
+  int branch = -1;  // -1: all trainable parameters
+  static constexpr TrainScope all() { return {}; }
+  static constexpr TrainScope only_branch(int t) { return {t}; }
+  bool whole_model() const { return branch < 0; }
+};
+
+// A batch of samples: inputs, branch ids and (for training) labels.
+struct Batch {
+  MatrixView<const float> x{};              // n x d_input
+  VectorView<const std::int32_t> tasks{};   // n, each in [0, H)
+  VectorView<const std::int32_t> labels{};  // n, each in [0, classes[task]); training only
+};
+
+template <MoeSpecType S, HeadSpecType H>
+struct StepLosses {
+  TaskLosses<H> task;                    // per-branch loss, accuracy, count; task.total
+  double aux = 0.0;                      // sum over MoE layers of their weighted aux losses
+  double total = 0.0;                    // task.total + aux: the loss the gradients are of
+  std::vector<MoeAuxLosses> layer_aux;   // one per MoE layer, unweighted parts and total
+  std::vector<RoutingStats<S>> routing;  // one per MoE layer
+  // The mean over layers of the unweighted Switch balance loss (1 = balanced).
+  double mean_switch_loss() const {
+    double s = 0.0;
+    for (const MoeAuxLosses& a : layer_aux) s += a.switch_loss;
+    return layer_aux.empty() ? 0.0 : s / static_cast<double>(layer_aux.size());
+  }
+};
+
+template <MoeSpecType S, LoraSpecType L, HeadSpecType H>
+class MultitaskModel {
+ public:
+  using MoeSpec = S;
+  using LoraSpec = L;
+  using HeadSpec = H;
+  using Config = MultitaskModelConfig<H>;
+  static constexpr int kBranches = H::num_heads;
+  static constexpr int kExperts = S::num_experts;
+  static constexpr int kRank = L::rank;
+
+  // Activations point into the model's own buffers: it moves, it does not copy.
+  MultitaskModel(MultitaskModel&&) noexcept = default;
+  MultitaskModel& operator=(MultitaskModel&&) noexcept = default;
+  MultitaskModel(const MultitaskModel&) = delete;
+  MultitaskModel& operator=(const MultitaskModel&) = delete;
+
+  explicit MultitaskModel(const Config& config)
+      : config_(validated(config)),
+        encoder_(config.encoder),
+        bank_(LoraBankConfig{config.encoder.d_model, config.encoder.d_model, kBranches,
+                             config.lora_alpha, config.rslora, config.lora_dropout}),
+        heads_(TaskHeadsConfig<H>{config.encoder.d_model, config.classes, true}) {
+    for (int l = 0; l < config_.num_moe_layers; ++l) layers_.emplace_back(config_.moe);
+    make_tensors();
+    init();
+    allocate();
+  }
+
+  const Config& config() const { return config_; }
+  index_t d_model() const { return config_.encoder.d_model; }
+  int num_moe_layers() const { return config_.num_moe_layers; }
+  const MlpEncoder& encoder() const { return encoder_; }
+  const MoeLayer<S>& moe_layer(int l) const { return layers_.at(static_cast<std::size_t>(l)); }
+  const LoraBank<L>& adapters() const { return bank_; }
+  const TaskHeads<H>& heads() const { return heads_; }
+
+  // Every parameter tensor, in a fixed order.
+  std::vector<ModelTensor>& tensors() { return tensors_; }
+  const std::vector<ModelTensor>& tensors() const { return tensors_; }
+  ModelTensor& tensor(std::string_view name) { return tensors_[index_of(name)]; }
+  const ModelTensor& tensor(std::string_view name) const { return tensors_[index_of(name)]; }
+
+  // Parameter accounting (nn/param_count.hpp): total, active per sample and
+  // trainable, per part; `branch` is the cost of one more branch with as many
+  // classes as the last one (branch_params(c) for another count).
+  ModelParams params() const {
+    const MoeLayerConfig& m = config_.moe;
+    const index_t d = d_model();
+    ModelParams p;
+    p.encoder = encoder_.params();
+    const MoeLayerShape shape{d, m.d_ff, m.kind, false, false, m.num_shared, m.d_ff_shared};
+    for (int l = 0; l < config_.num_moe_layers; ++l) p.moe += moe_layer_params<S>(shape);
+    p.adapter_base = ParamCount{d * d, d * d, 0};
+    p.branch = branch_params(config_.classes[kBranches - 1]);
+    p.total = p.encoder + p.moe + p.adapter_base + lora_params<L>(d, d).one_of(kBranches) +
+              heads_.params();
+    return p;
+  }
+  ParamCount branch_params(index_t classes) const {
+    return lora_params<L>(d_model(), d_model()) +
+           head_bank_params<::moekit::HeadSpec<1>>(d_model(), {classes});
+  }
+
+  // ---- views of the parameters, as the components take them ----------------------------------
+
+  MlpEncoderWeights encoder_weights() const {
+    const auto& t = tensors_;
+    return {t[0].matrix(), t[1].flat(),   t[2].matrix(), t[3].matrix(),
+            t[4].matrix(), t[5].matrix(), t[6].matrix(), t[7].matrix()};
+  }
+  MoeLayerParams moe_params(int l) const {
+    const std::size_t i = moe_first(l);
+    const bool g = gated(), sh = config_.moe.num_shared > 0;
+    const auto& t = tensors_;
+    std::size_t k = i + 1;
+    MoeLayerParams p;
+    p.w_gate = t[i].matrix();
+    p.experts.w1 = t[k++].matrix();
+    if (g) p.experts.w3 = t[k++].matrix();
+    p.experts.w2 = t[k++].matrix();
+    if (sh) {
+      p.shared.w1 = t[k++].matrix();
+      if (g) p.shared.w3 = t[k++].matrix();
+      p.shared.w2 = t[k++].matrix();
+    }
+    return p;
+  }
+  LoraWeights adapter_weights() const {
+    const std::size_t i = adapter_first();
+    return {tensors_[i].matrix(), {}, tensors_[i + 1].matrix(), tensors_[i + 2].matrix()};
+  }
+  HeadWeights head_weights() const {
+    const std::size_t i = adapter_first() + 3;
+    return {tensors_[i].matrix(), tensors_[i + 1].flat()};
+  }
+
+  // ---- forward, loss, backward ----------------------------------------------------------------
+
+  // logits (n x heads().max_classes(), padded with -inf as TaskHeads writes
+  // them) for a batch, with LoRA dropout off. Labels are not read.
+  void predict(const Batch& batch, MatrixView<float> logits,
+               std::vector<RoutingStats<S>>* stats = nullptr) {
+    const index_t n = check_batch(batch, false);
+    check_shape(logits, n, heads_.max_classes(), "logits");
+    std::vector<RoutingStats<S>> local;
+    std::vector<MoeAuxLosses> aux;
+    forward(batch, LoraStep{}, stats != nullptr ? *stats : local, aux);
+    as_eigen(logits) = as_eigen(MatrixView<const float>(logits_.middle_rows(0, n)));
+  }
+
+  // One training step's forward, loss and backward: the gradients of
+  // losses.total land in each trained tensor's grad (overwritten; tensors
+  // outside the scope keep stale gradients, which an optimizer over the
+  // scope never reads). `step` gives LoRA dropout its noise.
+  StepLosses<S, H> loss_and_grads(const Batch& batch, TrainScope scope, const LoraStep& step) {
+    const index_t n = check_batch(batch, true);
+    MOEKIT_CHECK_ARG(scope.branch < kBranches, "scope.branch = ", scope.branch,
+                     " must be -1 (whole model) or in [0, ", kBranches, ")");
+    StepLosses<S, H> out;
+    out.aux = forward(batch, step, out.routing, out.layer_aux);
+    const MatrixView<float> dz = dlogits_.middle_rows(0, n);
+    out.task = heads_.loss(MatrixView<const float>(logits_.middle_rows(0, n)), batch.tasks,
+                           batch.labels, {}, dz);
+    out.total = out.task.total + out.aux;
+    backward(batch, scope, step, n);
+    return out;
+  }
+
+  // ---- branch expansion -----------------------------------------------------------------------
+
+  // A model with one more branch (classes of its head given): every existing
+  // tensor copied bit for bit, the new adapter and head initialised as a
+  // fresh model's would be (from `seed`). Existing branches' outputs are
+  // unchanged: a sample's logits depend only on the weights its branch uses.
+  MultitaskModel<S, L, ::moekit::HeadSpec<kBranches + 1>> with_branch(index_t classes,
+                                                                      std::uint64_t seed) const {
+    using Bigger = MultitaskModel<S, L, ::moekit::HeadSpec<kBranches + 1>>;
+    typename Bigger::Config c;
+    c.encoder = config_.encoder;
+    c.moe = config_.moe;
+    c.num_moe_layers = config_.num_moe_layers;
+    c.lora_alpha = config_.lora_alpha;
+    c.rslora = config_.rslora;
+    c.lora_dropout = config_.lora_dropout;
+    std::copy(config_.classes.begin(), config_.classes.end(), c.classes.begin());
+    c.classes[kBranches] = classes;
+    c.max_batch = config_.max_batch;
+    c.gate_init_std = config_.gate_init_std;
+    c.seed = seed;
+    Bigger bigger(c);
+    // Same names, same order; a branch tensor's old part is its leading rows
+    // (adapters and heads are stacked by branch).
+    for (const ModelTensor& t : tensors_) {
+      ModelTensor& dst = bigger.tensor(t.name);
+      std::copy(t.value.begin(), t.value.end(), dst.value.begin());
+    }
+    return bigger;
+  }
+
+ private:
+  // ---- construction ---------------------------------------------------------------------------
+
+  static const Config& validated(const Config& c) {
+    MOEKIT_CHECK_ARG(c.num_moe_layers >= 1, "config.num_moe_layers = ", c.num_moe_layers,
+                     " must be at least 1");
+    MOEKIT_CHECK_ARG(c.moe.d_model == c.encoder.d_model, "config.moe.d_model = ", c.moe.d_model,
+                     " must equal config.encoder.d_model = ", c.encoder.d_model);
+    MOEKIT_CHECK_ARG(c.moe.router.noise.kind == NoiseKind::kNone,
+                     "config.moe.router.noise must be off: the model's router noise would repeat "
+                     "the same draw every step");
+    MOEKIT_CHECK_ARG(c.max_batch >= 1, "config.max_batch = ", c.max_batch, " must be at least 1");
+    MOEKIT_CHECK_ARG(std::isfinite(c.gate_init_std) && c.gate_init_std >= 0.0f,
+                     "config.gate_init_std = ", c.gate_init_std, " must be finite and >= 0");
+    return c;
+  }
+
+  bool gated() const { return config_.moe.kind == FfnKind::kGated; }
+  std::size_t tensors_per_layer() const {
+    const std::size_t ffn = gated() ? 3 : 2;
+    return 1 + ffn + (config_.moe.num_shared > 0 ? ffn : 0);
+  }
+  std::size_t moe_first(int l) const {
+    MOEKIT_CHECK_RANGE(l, 0, config_.num_moe_layers);
+    return kEncoderTensors + static_cast<std::size_t>(l) * tensors_per_layer();
+  }
+  std::size_t adapter_first() const {
+    return kEncoderTensors + static_cast<std::size_t>(config_.num_moe_layers) * tensors_per_layer();
+  }
+
+  void add_tensor(std::string name, ParamRole role, index_t rows, index_t cols) {
+    ModelTensor t;
+    t.name = std::move(name);
+    t.role = role;
+    t.rows = rows;
+    t.cols = cols;
+    t.value.assign(static_cast<std::size_t>(rows * cols), 0.0f);
+    if (!is_frozen(role)) t.grad.assign(t.value.size(), 0.0f);
+    tensors_.push_back(std::move(t));
+  }
+
+  void make_tensors() {
+    const MlpEncoderConfig& e = config_.encoder;
+    const MoeLayerConfig& m = config_.moe;
+    const index_t d = e.d_model, layers = e.num_layers, E = kExperts;
+    add_tensor("encoder.input.weight", ParamRole::kEncoder, d, e.d_input);
+    add_tensor("encoder.input.bias", ParamRole::kEncoder, 1, d);
+    add_tensor("encoder.norm.weight", ParamRole::kEncoder, layers, d);
+    add_tensor("encoder.norm.bias", ParamRole::kEncoder, layers, d);
+    add_tensor("encoder.ffn.w1.weight", ParamRole::kEncoder, layers * e.d_ff, d);
+    add_tensor("encoder.ffn.w1.bias", ParamRole::kEncoder, layers, e.d_ff);
+    add_tensor("encoder.ffn.w2.weight", ParamRole::kEncoder, layers * d, e.d_ff);
+    add_tensor("encoder.ffn.w2.bias", ParamRole::kEncoder, layers, d);
+    const index_t f = m.d_ff, fs = layers_[0].d_ff_shared(), ns = m.num_shared;
+    for (int l = 0; l < config_.num_moe_layers; ++l) {
+      std::string p = "moe.";  // appended: GCC 12 warns falsely on "..." + std::string
+      p += std::to_string(l);
+      p += '.';
+      add_tensor(p + "gate.weight", ParamRole::kGate, E, d);
+      add_tensor(p + "experts.w1", ParamRole::kExperts, E * f, d);
+      if (gated()) add_tensor(p + "experts.w3", ParamRole::kExperts, E * f, d);
+      add_tensor(p + "experts.w2", ParamRole::kExperts, E * d, f);
+      if (ns > 0) {
+        add_tensor(p + "shared.w1", ParamRole::kExperts, ns * fs, d);
+        if (gated()) add_tensor(p + "shared.w3", ParamRole::kExperts, ns * fs, d);
+        add_tensor(p + "shared.w2", ParamRole::kExperts, ns * d, fs);
+      }
+    }
+    add_tensor("adapter.weight", ParamRole::kAdapterBase, d, d);
+    add_tensor("adapter.lora_A", ParamRole::kLora, kBranches * kRank, d);
+    add_tensor("adapter.lora_B", ParamRole::kLora, kBranches * d, kRank);
+    add_tensor("heads.weight", ParamRole::kHead, heads_.total_classes(), d);
+    add_tensor("heads.bias", ParamRole::kHead, 1, heads_.total_classes());
+  }
+
+  // Counter streams: one per tensor (its index), so adding tensors elsewhere
+  // never shifts another tensor's values.
+  static void fill_normal(ModelTensor& t, double stddev, std::uint64_t seed, std::uint64_t stream) {
+    const std::uint64_t s = mix64(seed ^ (0x9e3779b97f4a7c15ull * (stream + 1)));
+    for (std::size_t i = 0; i < t.value.size(); ++i) {
+      t.value[i] = static_cast<float>(stddev * random_normal(s, i));
+    }
+  }
+
+  void init() {
+    const std::uint64_t seed = config_.seed;
+    auto& t = tensors_;
+    encoder_.init(
+        MlpEncoderViews<float>{t[0].matrix(), t[1].flat(), t[2].matrix(), t[3].matrix(),
+                               t[4].matrix(), t[5].matrix(), t[6].matrix(), t[7].matrix()},
+        seed);
+    const double d = static_cast<double>(d_model());
+    const double down =
+        1.0 / std::sqrt(2.0 * config_.num_moe_layers * static_cast<double>(config_.moe.d_ff));
+    for (std::size_t i = kEncoderTensors; i < adapter_first(); ++i) {
+      ModelTensor& x = t[i];
+      const bool is_gate = x.role == ParamRole::kGate;
+      const bool is_down = x.name.ends_with(".w2");
+      const double gate = config_.gate_init_std > 0.0f ? config_.gate_init_std : 1.0 / std::sqrt(d);
+      fill_normal(x, is_gate ? gate : (is_down ? down : 1.0 / std::sqrt(d)), seed, i);
+    }
+    const std::size_t a = adapter_first();
+    as_eigen(t[a].matrix()).setIdentity();
+    bank_.init(t[a + 1].matrix(), t[a + 2].matrix(), LoraInitConfig{.seed = mix64(seed + 1)});
+    fill_normal(t[a + 3], 1.0 / std::sqrt(d), seed, a + 3);
+  }
+
+  void allocate() {
+    const index_t B = config_.max_batch, d = d_model();
+    const auto rows = [&](index_t r, index_t c) {
+      buffers_.emplace_back(static_cast<std::size_t>(r * c));
+      return MatrixView<float>(buffers_.back().data(), r, c);
+    };
+    buffers_.reserve(16 + static_cast<std::size_t>(config_.num_moe_layers));
+    encoded_ = rows(B, d);
+    for (int l = 0; l < config_.num_moe_layers; ++l) hidden_.push_back(rows(B, d));
+    adapted_ = rows(B, d);
+    saved_h_ = rows(B, kRank);
+    logits_ = rows(B, heads_.max_classes());
+    dlogits_ = rows(B, heads_.max_classes());
+    d_adapted_ = rows(B, d);
+    d_hidden_ = rows(B, d);
+    d_tmp_ = rows(B, d);
+    order_.resize(static_cast<std::size_t>(B));
+    offsets_.resize(static_cast<std::size_t>(kBranches + 1));
+    for (const MoeLayer<S>& layer : layers_) storage_.emplace_back(layer, B);
+    index_t ws =
+        std::max({encoder_.workspace_size(B), bank_.workspace_size(B), heads_.workspace_size(B)});
+    workspace_.resize(static_cast<std::size_t>(ws / 8 + 1));
+  }
+
+  // ---- the passes -----------------------------------------------------------------------------
+
+  index_t check_batch(const Batch& b, bool need_labels) const {
+    check_view(b.x, "batch.x");
+    const index_t n = b.x.rows();
+    check_shape(b.x, n, config_.encoder.d_input, "batch.x");
+    MOEKIT_CHECK(n <= config_.max_batch, Errc::kShapeMismatch, "batch.x has ", n,
+                 " rows but config.max_batch = ", config_.max_batch);
+    check_shape(b.tasks, n, "batch.tasks");
+    for (index_t i = 0; i < n; ++i) {
+      MOEKIT_CHECK(b.tasks[i] >= 0 && b.tasks[i] < kBranches, Errc::kOutOfRange, "batch.tasks[", i,
+                   "] = ", b.tasks[i], " must be in [0, ", kBranches, ")");
+    }
+    if (need_labels) check_shape(b.labels, n, "batch.labels");  // values: TaskHeads::loss
+    return n;
+  }
+
+  VectorView<std::byte> workspace() {
+    return {reinterpret_cast<std::byte*>(workspace_.data()),
+            static_cast<index_t>(workspace_.size() * sizeof(std::uint64_t))};
+  }
+
+  LoraRows lora_rows(const Batch& b) const {
+    const index_t n = b.x.rows();
+    return {b.tasks, {order_.data(), n}, {offsets_.data(), kBranches + 1}};
+  }
+
+  // Forward to the logits; returns the sum of the MoE layers' aux losses.
+  double forward(const Batch& b, const LoraStep& step, std::vector<RoutingStats<S>>& stats,
+                 std::vector<MoeAuxLosses>& layer_aux) {
+    const index_t n = b.x.rows();
+    encoder_.forward(b.x, encoder_weights(), encoded_.middle_rows(0, n), workspace());
+    stats.assign(layers_.size(), RoutingStats<S>{});
+    layer_aux.assign(layers_.size(), MoeAuxLosses{});
+    double aux = 0.0;
+    MatrixView<const float> in = encoded_.middle_rows(0, n);
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const MatrixView<float> out = hidden_[l].middle_rows(0, n);
+      layer_aux[l] = layers_[l].forward(in, moe_params(static_cast<int>(l)), storage_[l].state(),
+                                        out, &stats[l], storage_[l].workspace());
+      aux += layer_aux[l].total;
+      as_eigen(out) += as_eigen(in);  // residual
+      in = out;
+    }
+    bank_.group(b.tasks, {order_.data(), n}, {offsets_.data(), kBranches + 1});
+    bank_.forward(in, lora_rows(b), adapter_weights(), adapted_.middle_rows(0, n),
+                  saved_h_.middle_rows(0, n), step, workspace());
+    heads_.forward(MatrixView<const float>(adapted_.middle_rows(0, n)), b.tasks, head_weights(),
+                   logits_.middle_rows(0, n), workspace());
+    return aux;
+  }
+
+  void backward(const Batch& b, TrainScope scope, const LoraStep& step, index_t n) {
+    const std::size_t a = adapter_first();
+    auto& t = tensors_;
+    const MatrixView<float> d_adapted = d_adapted_.middle_rows(0, n);
+    heads_.backward(MatrixView<const float>(dlogits_.middle_rows(0, n)),
+                    MatrixView<const float>(adapted_.middle_rows(0, n)), b.tasks, head_weights(),
+                    d_adapted, HeadGrads{t[a + 3].grad_matrix(), t[a + 4].flat_grad()},
+                    workspace());
+    const bool whole = scope.whole_model();
+    const std::size_t last = layers_.size() - 1;
+    const MatrixView<float> d_top = d_hidden_.middle_rows(0, n);
+    bank_.backward(MatrixView<const float>(d_adapted), hidden_[last].middle_rows(0, n),
+                   lora_rows(b), adapter_weights(), saved_h_.middle_rows(0, n), step,
+                   whole ? d_top : MatrixView<float>(),
+                   LoraGrads{t[a + 1].grad_matrix(), t[a + 2].grad_matrix()}, workspace());
+    if (!whole) return;  // the MoE layers are frozen for a branch
+
+    // Down the residual stack: dh_{l-1} = dh_l + MoE_l'(dh_l); the bottom layer
+    // needs no input gradient (the encoder is frozen).
+    for (std::size_t l = layers_.size(); l-- > 0;) {
+      const MatrixView<const float> in = l == 0
+                                             ? MatrixView<const float>(encoded_.middle_rows(0, n))
+                                             : hidden_[l - 1].middle_rows(0, n);
+      const MatrixView<float> dx = l == 0 ? MatrixView<float>() : d_tmp_.middle_rows(0, n);
+      layers_[l].backward(MatrixView<const float>(d_top), in, moe_params(static_cast<int>(l)),
+                          storage_[l].state(), moe_grads(static_cast<int>(l)), dx,
+                          storage_[l].workspace());
+      if (l > 0) as_eigen(d_top) += as_eigen(MatrixView<const float>(dx));
+    }
+  }
+
+  MoeLayerGrads moe_grads(int l) {
+    const std::size_t i = moe_first(l);
+    const bool g = gated(), sh = config_.moe.num_shared > 0;
+    auto& t = tensors_;
+    std::size_t k = i + 1;
+    MoeLayerGrads p;
+    p.dw_gate = t[i].grad_matrix();
+    p.dw1 = t[k++].grad_matrix();
+    if (g) p.dw3 = t[k++].grad_matrix();
+    p.dw2 = t[k++].grad_matrix();
+    if (sh) {
+      p.shared_dw1 = t[k++].grad_matrix();
+      if (g) p.shared_dw3 = t[k++].grad_matrix();
+      p.shared_dw2 = t[k++].grad_matrix();
+    }
+    return p;
+  }
+
+  std::size_t index_of(std::string_view name) const {
+    for (std::size_t i = 0; i < tensors_.size(); ++i) {
+      if (tensors_[i].name == name) return i;
+    }
+    MOEKIT_FAIL(Errc::kInvalidArgument, "the model has no tensor named \"", name, "\"");
+  }
+
+  static constexpr std::size_t kEncoderTensors = 8;
+
+  Config config_;
+  MlpEncoder encoder_;
+  std::vector<MoeLayer<S>> layers_;
+  LoraBank<L> bank_;
+  TaskHeads<H> heads_;
+  std::vector<ModelTensor> tensors_;
+
+  std::vector<std::vector<float>> buffers_;  // activations, allocated once
+  MatrixView<float> encoded_, adapted_, saved_h_, logits_, dlogits_;
+  MatrixView<float> d_adapted_, d_hidden_, d_tmp_;
+  std::vector<MatrixView<float>> hidden_;  // h_1 .. h_M
+  std::vector<index_t> order_, offsets_;
+  std::vector<MoeLayerStorage<S>> storage_;
+  std::vector<std::uint64_t> workspace_;  // bytes, 8-aligned, shared by the passes in turn
+};
+
+}  // namespace cpu
+MOEKIT_NAMESPACE_END
