@@ -186,7 +186,7 @@ int main(int argc, char** argv) {
   // [train]
   // AdamW with one learning rate per component, warm-up then cosine decay,
   // clipping at global norm 1. This small model trains from scratch in under a
-  // minutes, so it uses 10x the reference rates (1e-4 / 5e-4 / 5e-4 / 1e-3,
+  // minute, so it uses 10x the reference rates (1e-4 / 5e-4 / 5e-4 / 1e-3,
   // the TrainerConfig defaults, are for adapting a large pretrained stack).
   train::TrainerConfig tc;
   tc.lr = {1e-3f, 5e-3f, 5e-3f, 1e-2f};
