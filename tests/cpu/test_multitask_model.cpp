@@ -300,6 +300,16 @@ TEST(MultitaskModel, CountsItsParameters) {
   EXPECT_EQ(model.branch_params(7).total, 4 * 16 * 2 + 7 * 17);
 }
 
+// A weights file of `m` without its "encoder.norm.bias" tensor.
+template <class M>
+void io_write_without_encoder(const std::filesystem::path& path, const M& m) {
+  moekit::io::SafetensorsWriter out;
+  for (const cpu::ModelTensor& t : m.tensors()) {
+    if (t.name != "encoder.norm.bias") out.add(t.name, t.matrix());
+  }
+  out.write(path);
+}
+
 // ---- trainer, checkpoints, expansion ------------------------------------------------------------
 
 template <class M>
@@ -407,6 +417,22 @@ TEST(MultitaskModel, RejectedCheckpointsChangeNothing) {
   for (std::size_t i = 0; i < model.tensors().size(); ++i) {
     EXPECT_TRUE(same_bits(model.tensors()[i].value, loaded.tensors()[i].value));
   }
+
+  // The encoder alone, into a model with other heads (its own encoder is replaced).
+  using M3b = Model<4, 2, 3>;
+  M3b three(small_config<M3b>(16, 0.0f));
+  const std::vector<float> gate = three.tensor("moe.0.gate.weight").value;
+  train::load_encoder(weights, three);
+  EXPECT_TRUE(same_bits(three.tensor("encoder.ffn.w1.weight").value,
+                        model.tensor("encoder.ffn.w1.weight").value));
+  EXPECT_TRUE(same_bits(three.tensor("moe.0.gate.weight").value, gate));
+  // A file without the encoder is refused and changes nothing.
+  M3b fresh3(small_config<M3b>(16, 0.0f));
+  const std::vector<float> enc = fresh3.tensor("encoder.input.weight").value;
+  io_write_without_encoder(temp_path("no_encoder.safetensors"), model);
+  expect_error([&] { train::load_encoder(temp_path("no_encoder.safetensors"), fresh3); },
+               Errc::kFormatError);
+  EXPECT_TRUE(same_bits(fresh3.tensor("encoder.input.weight").value, enc));
   std::filesystem::remove_all(path.parent_path());
 }
 

@@ -34,7 +34,7 @@
 // presence, dtype and shape before writing anything; a rejected file leaves
 // the model and the trainer untouched. save_model / load_model do the same
 // for the model's weights alone (inference, or a new run from trained
-// weights).
+// weights); load_encoder loads only the frozen encoder (a pretrained one).
 //
 // Evaluation (evaluate()): inference over a dataset in batches of the model's
 // max_batch: per-branch loss and accuracy, and each MoE layer's expert load
@@ -204,6 +204,21 @@ void load_model(const std::filesystem::path& path, Model& model) {
   const io::SafetensorsReader in(path);
   detail::check_signature(in, model);
   in.load(detail::model_targets(model));
+}
+
+// Loads the frozen encoder's weights alone (a pretrained encoder) from any
+// safetensors file that holds the eight "encoder.*" tensors under their model
+// names with the model's shapes (F32, F16 or BF16), e.g. one written by
+// save_model for another model with the same encoder. All or nothing.
+template <class Model>
+void load_encoder(const std::filesystem::path& path, Model& model) {
+  const io::SafetensorsReader in(path);
+  std::vector<io::TensorTarget> targets;
+  for (cpu::ModelTensor& t : model.tensors()) {
+    if (t.role == cpu::ParamRole::kEncoder)
+      targets.push_back({t.name, {t.rows, t.cols}, t.matrix()});
+  }
+  in.load(targets);
 }
 
 template <class Model>
