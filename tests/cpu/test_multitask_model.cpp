@@ -281,6 +281,8 @@ TEST(MultitaskModel, RejectsBadConfigurationsAndBatchesWithoutWriting) {
                Errc::kOutOfRange);
   expect_error([&] { model.loss_and_grads(bad.view(10), cpu::TrainScope::only_branch(2), {}); },
                Errc::kInvalidArgument);
+  expect_error([&] { model.loss_and_grads(bad.view(10), cpu::TrainScope::only_branch(-2), {}); },
+               Errc::kInvalidArgument);
   EXPECT_TRUE(std::all_of(logits.begin(), logits.end(), [](float v) { return v == 5.0f; }));
   expect_error([&] { model.tensor("no.such.tensor"); }, Errc::kInvalidArgument);
 }
@@ -336,8 +338,10 @@ TEST(MultitaskModel, TrainerGroupsFollowTheRolesAndScope) {
   one.scope = cpu::TrainScope::only_branch(2);
   const train::Trainer<M> branch(model, one);
   EXPECT_EQ(branch.optimizer().num_params(), model.branch_params(5).total);
-  one.scope = cpu::TrainScope::only_branch(3);
-  expect_error([&] { train::Trainer<M>(model, one); }, Errc::kInvalidArgument);
+  for (const int bad : {3, -2}) {
+    one.scope = cpu::TrainScope::only_branch(bad);
+    expect_error([&] { train::Trainer<M>(model, one); }, Errc::kInvalidArgument);
+  }
 }
 
 // Resuming from a checkpoint repeats the uninterrupted run bit for bit

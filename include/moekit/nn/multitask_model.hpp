@@ -259,8 +259,9 @@ class MultitaskModel {
   // scope never reads). `step` gives LoRA dropout its noise.
   StepLosses<S, H> loss_and_grads(const Batch& batch, TrainScope scope, const LoraStep& step) {
     const index_t n = check_batch(batch, true);
-    MOEKIT_CHECK_ARG(scope.branch < kBranches, "scope.branch = ", scope.branch,
-                     " must be -1 (whole model) or in [0, ", kBranches, ")");
+    MOEKIT_CHECK_ARG(scope.branch >= -1 && scope.branch < kBranches,
+                     "scope.branch = ", scope.branch, " must be -1 (whole model) or in [0, ",
+                     kBranches, ")");
     StepLosses<S, H> out;
     out.aux = forward(batch, step, out.routing, out.layer_aux);
     const MatrixView<float> dz = dlogits_.middle_rows(0, n);

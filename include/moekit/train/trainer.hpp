@@ -314,7 +314,8 @@ class Trainer {
                        "finite and >= 0, got ",
                        v);
     }
-    MOEKIT_CHECK_ARG(c.scope.branch < Model::kBranches, "config.scope.branch = ", c.scope.branch,
+    MOEKIT_CHECK_ARG(c.scope.branch >= -1 && c.scope.branch < Model::kBranches,
+                     "config.scope.branch = ", c.scope.branch,
                      " must be -1 (whole model) or in [0, ", Model::kBranches, ")");
     MOEKIT_CHECK_ARG(std::isfinite(c.max_grad_norm), "config.max_grad_norm = ", c.max_grad_norm,
                      " must be finite");
