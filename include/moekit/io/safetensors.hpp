@@ -80,6 +80,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/types.hpp"
 #include "moekit/core/view.hpp"
+#include "moekit/io/atomic_write.hpp"
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <fcntl.h>
@@ -764,28 +765,7 @@ class SafetensorsWriter {
 
   // Writes the file: "<path>.tmp" first, renamed over `path` once complete.
   void write(const std::filesystem::path& path) const {
-    std::filesystem::path tmp = path;
-    tmp += ".tmp";
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      MOEKIT_CHECK(out.is_open(), Errc::kIoError, "cannot open '", tmp.string(),
-                   "' for writing: ", std::strerror(errno));
-      write_to(out);
-      out.close();
-      if (!out) {
-        std::error_code ignored;
-        std::filesystem::remove(tmp, ignored);
-        MOEKIT_FAIL(Errc::kIoError, "writing '", tmp.string(), "' failed");
-      }
-    }
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) {
-      std::error_code ignored;
-      std::filesystem::remove(tmp, ignored);
-      MOEKIT_FAIL(Errc::kIoError, "cannot rename '", tmp.string(), "' to '", path.string(),
-                  "': ", ec.message());
-    }
+    write_file_atomically(path, [this](std::ostream& out) { write_to(out); });
   }
 
  private:

@@ -160,6 +160,7 @@
 #include "moekit/core/random.hpp"
 #include "moekit/core/types.hpp"
 #include "moekit/core/view.hpp"
+#include "moekit/io/atomic_write.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
 namespace train {
@@ -895,11 +896,7 @@ inline void write_csv(const std::filesystem::path& path, const Dataset& data) {
     MOEKIT_CHECK(std::isfinite(data.x[k]), Errc::kNonFinite, "data.x(", k / f, ", ", k % f,
                  ") = ", data.x[k], " is not finite; CSV rows must be finite");
   }
-  std::filesystem::path tmp = path;
-  tmp += ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    MOEKIT_CHECK(out.is_open(), Errc::kIoError, "cannot open '", tmp.string(), "' for writing");
+  io::write_file_atomically(path, [&](std::ostream& out) {
     std::string line = "task,label";
     for (std::size_t j = 0; j < f; ++j) line += ",f" + std::to_string(j);
     line += '\n';
@@ -917,22 +914,7 @@ inline void write_csv(const std::filesystem::path& path, const Dataset& data) {
       line += '\n';
       out.write(line.data(), static_cast<std::streamsize>(line.size()));
     }
-    out.flush();
-    if (!out) {
-      out.close();
-      std::error_code ignored;
-      std::filesystem::remove(tmp, ignored);
-      MOEKIT_FAIL(Errc::kIoError, "cannot write '", tmp.string(), "'");
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    MOEKIT_FAIL(Errc::kIoError, "cannot rename '", tmp.string(), "' to '", path.string(),
-                "': ", ec.message());
-  }
+  });
 }
 
 }  // namespace train
