@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -117,11 +118,7 @@ train::StepRecord record(std::int64_t step, const Report& r, const train::Traine
   rec.grad_norm = r.grad_norm;
   rec.accuracy.assign(r.losses.task.accuracy.begin(), r.losses.task.accuracy.end());
   for (const auto& s : r.losses.routing) {
-    std::vector<double> load;
-    double total = 0.0;
-    for (const index_t k : s.kept) total += static_cast<double>(k);
-    for (const index_t k : s.kept) load.push_back(total > 0 ? static_cast<double>(k) / total : 0);
-    rec.expert_load.push_back(load);
+    rec.expert_load.push_back(train::expert_load_fractions(std::span<const index_t>(s.kept)));
   }
   rec.tokens_per_s = samples_per_s;
   rec.peak_rss_mib = train::peak_rss_mib();
@@ -251,15 +248,19 @@ int main(int argc, char** argv) {
   if (opt.csv.empty()) {
     // [expand]
     // A fifth branch: copy the model, train only the new adapter and head on
-    // task 4's samples, and check that branches 0-3 answer exactly as before.
-    const index_t C = model.heads().max_classes();
-    std::vector<float> old_logits(static_cast<std::size_t>(test_set.size() * C));
-    std::vector<std::int32_t> old_tasks(test_set.tasks.begin(), test_set.tasks.end());
-    for (index_t r0 = 0; r0 < test_set.size(); r0 += B) {
-      const index_t n = std::min(B, test_set.size() - r0);
-      model.predict({test_set.inputs().middle_rows(r0, n), {old_tasks.data() + r0, n}, {}},
-                    {old_logits.data() + r0 * C, n, C});
-    }
+    // task 4's samples, and check that branches 0-3 answer exactly as before:
+    // compare the logits of every held-out sample (max_classes() per row).
+    const auto logits_of = [&](auto& m) {
+      const index_t C = m.heads().max_classes();
+      std::vector<float> z(static_cast<std::size_t>(test_set.size() * C));
+      for (index_t r0 = 0; r0 < test_set.size(); r0 += B) {
+        const index_t n = std::min(B, test_set.size() - r0);
+        m.predict({test_set.inputs().middle_rows(r0, n), test_set.task_view().segment(r0, n), {}},
+                  {z.data() + r0 * C, n, C});
+      }
+      return z;
+    };
+    const std::vector<float> old_logits = logits_of(model);
 
     auto bigger = model.with_branch(tasks.num_classes(4), /*seed=*/5);
     using Bigger = decltype(bigger);
@@ -279,15 +280,11 @@ int main(int argc, char** argv) {
     }
     branch_seconds = seconds_since(t1);
 
-    const index_t C5 = bigger.heads().max_classes();
-    std::vector<float> new_logits(static_cast<std::size_t>(test_set.size() * C5));
-    for (index_t r0 = 0; r0 < test_set.size(); r0 += B) {
-      const index_t n = std::min(B, test_set.size() - r0);
-      bigger.predict({test_set.inputs().middle_rows(r0, n), {old_tasks.data() + r0, n}, {}},
-                     {new_logits.data() + r0 * C5, n, C5});
-    }
+    const std::vector<float> new_logits = logits_of(bigger);
+    const index_t C = model.heads().max_classes(), C5 = bigger.heads().max_classes();
     for (index_t i = 0; i < test_set.size(); ++i) {
-      const std::size_t bytes = static_cast<std::size_t>(classes[old_tasks[i]]) * sizeof(float);
+      const std::size_t bytes =
+          static_cast<std::size_t>(classes[test_set.tasks[i]]) * sizeof(float);
       unchanged = unchanged && std::memcmp(&old_logits[i * C], &new_logits[i * C5], bytes) == 0;
     }
     const train::EvalReport new_eval = train::evaluate(bigger, new_test);

@@ -214,20 +214,14 @@ class MultitaskModel {
             t[4].matrix(), t[5].matrix(), t[6].matrix(), t[7].matrix()};
   }
   MoeLayerParams moe_params(int l) const {
-    const std::size_t i = moe_first(l);
-    const bool g = gated(), sh = config_.moe.num_shared > 0;
-    const auto& t = tensors_;
-    std::size_t k = i + 1;
+    const MoeSlots s = moe_slots(l);
+    const auto v = [this](std::size_t k) {
+      return k == kNoTensor ? MatrixView<const float>() : tensors_[k].matrix();
+    };
     MoeLayerParams p;
-    p.w_gate = t[i].matrix();
-    p.experts.w1 = t[k++].matrix();
-    if (g) p.experts.w3 = t[k++].matrix();
-    p.experts.w2 = t[k++].matrix();
-    if (sh) {
-      p.shared.w1 = t[k++].matrix();
-      if (g) p.shared.w3 = t[k++].matrix();
-      p.shared.w2 = t[k++].matrix();
-    }
+    p.w_gate = v(s.gate);
+    p.experts = {v(s.w1), v(s.w3), v(s.w2)};
+    p.shared = {v(s.shared_w1), v(s.shared_w3), v(s.shared_w2)};
     return p;
   }
   LoraWeights adapter_weights() const {
@@ -518,21 +512,39 @@ class MultitaskModel {
   }
 
   MoeLayerGrads moe_grads(int l) {
-    const std::size_t i = moe_first(l);
-    const bool g = gated(), sh = config_.moe.num_shared > 0;
-    auto& t = tensors_;
-    std::size_t k = i + 1;
+    const MoeSlots s = moe_slots(l);
+    const auto g = [this](std::size_t k) {
+      return k == kNoTensor ? MatrixView<float>() : tensors_[k].grad_matrix();
+    };
     MoeLayerGrads p;
-    p.dw_gate = t[i].grad_matrix();
-    p.dw1 = t[k++].grad_matrix();
-    if (g) p.dw3 = t[k++].grad_matrix();
-    p.dw2 = t[k++].grad_matrix();
-    if (sh) {
-      p.shared_dw1 = t[k++].grad_matrix();
-      if (g) p.shared_dw3 = t[k++].grad_matrix();
-      p.shared_dw2 = t[k++].grad_matrix();
-    }
+    p.dw_gate = g(s.gate);
+    p.dw1 = g(s.w1);
+    p.dw3 = g(s.w3);
+    p.dw2 = g(s.w2);
+    p.shared_dw1 = g(s.shared_w1);
+    p.shared_dw3 = g(s.shared_w3);
+    p.shared_dw2 = g(s.shared_w2);
     return p;
+  }
+
+  // Where layer l's tensors are in tensors_ (the order of make_tensors);
+  // kNoTensor for the ones this configuration does not have.
+  static constexpr std::size_t kNoTensor = static_cast<std::size_t>(-1);
+  struct MoeSlots {
+    std::size_t gate, w1, w3, w2, shared_w1, shared_w3, shared_w2;
+  };
+  MoeSlots moe_slots(int l) const {
+    const bool g = gated(), sh = config_.moe.num_shared > 0;
+    std::size_t k = moe_first(l);
+    MoeSlots s{};
+    s.gate = k++;
+    s.w1 = k++;
+    s.w3 = g ? k++ : kNoTensor;
+    s.w2 = k++;
+    s.shared_w1 = sh ? k++ : kNoTensor;
+    s.shared_w3 = sh && g ? k++ : kNoTensor;
+    s.shared_w2 = sh ? k++ : kNoTensor;
+    return s;
   }
 
   std::size_t index_of(std::string_view name) const {

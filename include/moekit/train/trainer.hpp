@@ -56,6 +56,7 @@
 #include "moekit/io/safetensors.hpp"
 #include "moekit/nn/multitask_model.hpp"
 #include "moekit/train/data.hpp"
+#include "moekit/train/metrics.hpp"
 #include "moekit/train/optimizer.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
@@ -171,10 +172,14 @@ std::vector<io::TensorSource> model_sources(const Model& m) {
   return out;
 }
 
-template <class Model>
-std::vector<io::TensorTarget> model_targets(Model& m) {
+// The model's tensors as load targets, those for which keep(tensor) holds.
+template <class Model, class Keep = bool (*)(const cpu::ModelTensor&)>
+std::vector<io::TensorTarget> model_targets(
+    Model& m, Keep keep = [](const cpu::ModelTensor&) { return true; }) {
   std::vector<io::TensorTarget> out;
-  for (cpu::ModelTensor& t : m.tensors()) out.push_back({t.name, {t.rows, t.cols}, t.matrix()});
+  for (cpu::ModelTensor& t : m.tensors()) {
+    if (keep(t)) out.push_back({t.name, {t.rows, t.cols}, t.matrix()});
+  }
   return out;
 }
 
@@ -213,12 +218,8 @@ void load_model(const std::filesystem::path& path, Model& model) {
 template <class Model>
 void load_encoder(const std::filesystem::path& path, Model& model) {
   const io::SafetensorsReader in(path);
-  std::vector<io::TensorTarget> targets;
-  for (cpu::ModelTensor& t : model.tensors()) {
-    if (t.role == cpu::ParamRole::kEncoder)
-      targets.push_back({t.name, {t.rows, t.cols}, t.matrix()});
-  }
-  in.load(targets);
+  in.load(detail::model_targets(
+      model, [](const cpu::ModelTensor& t) { return t.role == cpu::ParamRole::kEncoder; }));
 }
 
 template <class Model>
@@ -352,14 +353,14 @@ EvalReport evaluate(Model& model, const Dataset& data) {
   r.accuracy.assign(H, 0.0);
   r.count.assign(H, 0);
   const int layers = model.num_moe_layers();
-  std::vector<std::vector<double>> kept(static_cast<std::size_t>(layers), std::vector<double>(E));
+  std::vector<std::vector<index_t>> kept(static_cast<std::size_t>(layers),
+                                         std::vector<index_t>(E, 0));
   std::vector<float> logits(static_cast<std::size_t>(B * C));
   std::vector<cpu::RoutingStats<typename Model::MoeSpec>> stats;
   for (index_t r0 = 0; r0 < n; r0 += B) {
     const index_t m = std::min(B, n - r0);
-    const cpu::Batch batch{data.inputs().middle_rows(r0, m),
-                           {data.tasks.data() + r0, m},
-                           {data.labels.data() + r0, m}};
+    const cpu::Batch batch{data.inputs().middle_rows(r0, m), data.task_view().segment(r0, m),
+                           data.label_view().segment(r0, m)};
     const MatrixView<float> z(logits.data(), m, C);
     model.predict(batch, z, &stats);
     const auto l = model.heads().loss(MatrixView<const float>(z), batch.tasks, batch.labels);
@@ -369,7 +370,7 @@ EvalReport evaluate(Model& model, const Dataset& data) {
       r.count[h] += l.count[h];
     }
     for (int layer = 0; layer < layers; ++layer) {
-      for (int e = 0; e < E; ++e) kept[layer][e] += static_cast<double>(stats[layer].kept[e]);
+      for (int e = 0; e < E; ++e) kept[layer][e] += stats[layer].kept[e];
     }
   }
   for (int h = 0; h < H; ++h) {
@@ -378,16 +379,11 @@ EvalReport evaluate(Model& model, const Dataset& data) {
       r.accuracy[h] /= static_cast<double>(r.count[h]);
     }
   }
-  for (int layer = 0; layer < layers; ++layer) {
-    double total = 0.0, busiest = 0.0;
-    for (const double k : kept[layer]) total += k;
-    for (double& k : kept[layer]) {
-      k = total > 0.0 ? k / total : 0.0;
-      busiest = std::max(busiest, k);
-    }
-    r.max_load_ratio.push_back(busiest * E);
+  for (const std::vector<index_t>& counts : kept) {
+    r.expert_load.push_back(expert_load_fractions(counts));
+    const std::vector<double>& load = r.expert_load.back();
+    r.max_load_ratio.push_back(*std::max_element(load.begin(), load.end()) * E);
   }
-  r.expert_load = std::move(kept);
   return r;
 }
 
