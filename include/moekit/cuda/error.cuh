@@ -34,29 +34,32 @@ namespace gpu::detail {
 }  // namespace gpu::detail
 MOEKIT_NAMESPACE_END
 
-// Returns the cudaError_t of `expr` from the enclosing function if it failed.
-#define MOEKIT_CUDA_TRY(expr)                         \
+// The macros are variadic so that an expression with template commas,
+// MOEKIT_CUDA_CHECK(f<A, B>(x)), needs no extra parentheses.
+
+// Returns the cudaError_t of the expression from the enclosing function if it failed.
+#define MOEKIT_CUDA_TRY(...)                          \
   do {                                                \
-    const cudaError_t moekit_status_ = (expr);        \
+    const cudaError_t moekit_status_ = (__VA_ARGS__); \
     if (moekit_status_ != cudaSuccess) [[unlikely]] { \
       return moekit_status_;                          \
     }                                                 \
   } while (false)
 
-// Throws moekit::Error (kCudaError) if `expr` did not return cudaSuccess.
-#define MOEKIT_CUDA_CHECK(expr)                                          \
-  do {                                                                   \
-    const cudaError_t moekit_status_ = (expr);                           \
-    if (moekit_status_ != cudaSuccess) [[unlikely]] {                    \
-      ::moekit::gpu::detail::fail_cuda(moekit_status_, #expr, __func__); \
-    }                                                                    \
+// Throws moekit::Error (kCudaError) if the expression did not return cudaSuccess.
+#define MOEKIT_CUDA_CHECK(...)                                                  \
+  do {                                                                          \
+    const cudaError_t moekit_status_ = (__VA_ARGS__);                           \
+    if (moekit_status_ != cudaSuccess) [[unlikely]] {                           \
+      ::moekit::gpu::detail::fail_cuda(moekit_status_, #__VA_ARGS__, __func__); \
+    }                                                                           \
   } while (false)
 
-// Throws moekit::Error (kCublasError) if `expr` did not return CUBLAS_STATUS_SUCCESS.
-#define MOEKIT_CUBLAS_CHECK(expr)                                          \
-  do {                                                                     \
-    const cublasStatus_t moekit_status_ = (expr);                          \
-    if (moekit_status_ != CUBLAS_STATUS_SUCCESS) [[unlikely]] {            \
-      ::moekit::gpu::detail::fail_cublas(moekit_status_, #expr, __func__); \
-    }                                                                      \
+// Throws moekit::Error (kCublasError) if the expression did not return CUBLAS_STATUS_SUCCESS.
+#define MOEKIT_CUBLAS_CHECK(...)                                                  \
+  do {                                                                            \
+    const cublasStatus_t moekit_status_ = (__VA_ARGS__);                          \
+    if (moekit_status_ != CUBLAS_STATUS_SUCCESS) [[unlikely]] {                   \
+      ::moekit::gpu::detail::fail_cublas(moekit_status_, #__VA_ARGS__, __func__); \
+    }                                                                             \
   } while (false)
