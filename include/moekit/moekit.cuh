@@ -11,6 +11,7 @@
 #include "moekit/core/view.hpp"
 #include "moekit/cuda/aux_losses.cuh"
 #include "moekit/cuda/device.cuh"
+#include "moekit/cuda/dispatch.cuh"
 #include "moekit/cuda/error.cuh"
 #include "moekit/cuda/router.cuh"
 #include "moekit/nn/param_count.hpp"

@@ -1,7 +1,10 @@
 // The CPU backend's side of the CUDA tests (see cpu_reference.hpp).
 #include "cpu_reference.hpp"
 
+#include <cstddef>
+
 #include "moekit/cpu/aux_losses.hpp"
+#include "moekit/cpu/dispatch.hpp"
 #include "moekit/cpu/router.hpp"
 
 namespace moekit_test {
@@ -57,6 +60,46 @@ CpuRouting CpuReference<E, K>::route(const std::vector<float>& logits, std::int6
   out.mean_distribution.assign(stats.mean_distribution.begin(), stats.mean_distribution.end());
   out.z_loss = stats.z_loss;
   out.non_finite = stats.non_finite_logits;
+  return out;
+}
+
+template <int E, int K>
+CpuCappedRouting CpuReference<E, K>::route_with_capacity(const std::vector<float>& logits,
+                                                         std::int64_t tokens,
+                                                         const moekit::CapacityConfig& capacity) {
+  using S = MoeSpec<E, K>;
+  const auto run = [&](const moekit::CapacityConfig& c, SavedRouting& r,
+                       moekit::cpu::RoutingStats<S>& stats) {
+    moekit::cpu::RouterConfig config;
+    config.capacity = c;
+    const moekit::cpu::Router<S> router(config);
+    r.tokens = tokens;
+    r.logits = logits;
+    r.scores.assign(tokens * E, 0.0f);
+    r.weights.assign(tokens * K, 0.0f);
+    r.ids.assign(tokens * K, 0);
+    r.positions.assign(tokens * K, 0);
+    std::vector<std::byte> workspace(router.workspace_size(tokens, 0));
+    router.route(view_of(r, E, K), {}, &stats,
+                 {workspace.data(), static_cast<index_t>(workspace.size())});
+    return router.capacity(tokens);
+  };
+  SavedRouting dropless, capped;
+  moekit::cpu::RoutingStats<S> dropless_stats, stats;
+  run({}, dropless, dropless_stats);
+  CpuCappedRouting out;
+  out.capacity = run(capacity, capped, stats);
+  out.ids = dropless.ids;
+  out.weights = dropless.weights;
+  out.capped_ids = capped.ids;
+  out.positions = capped.positions;
+  out.capped_weights = capped.weights;
+  std::vector<index_t> offsets(E + 1);
+  moekit::cpu::dispatch_offsets<S>(view_of(capped, E, K), {offsets.data(), E + 1});
+  out.offsets.assign(offsets.begin(), offsets.end());
+  out.assigned.assign(stats.assigned.begin(), stats.assigned.end());
+  out.kept.assign(stats.kept.begin(), stats.kept.end());
+  out.dropped = stats.dropped;
   return out;
 }
 

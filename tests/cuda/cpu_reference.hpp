@@ -28,11 +28,29 @@ struct SavedRouting {
   std::vector<std::int32_t> ids, positions;    // T x K
 };
 
+// A routing with capacity as cpu::Router::route writes it (default gating,
+// no noise), next to the dropless routing of the same logits.
+struct CpuCappedRouting {
+  std::vector<std::int32_t> ids;         // T x K, dropless
+  std::vector<float> weights;            // T x K, dropless: before capacity
+  std::vector<std::int32_t> capped_ids;  // T x K, with capacity (the same experts)
+  std::vector<std::int32_t> positions;   // T x K, with capacity: -1 where dropped
+  std::vector<float> capped_weights;     // T x K, with capacity: 0 where dropped
+  std::vector<std::int64_t> offsets;     // E + 1: cpu::dispatch_offsets of the capped routing
+  std::int64_t capacity = 0;             // cpu::Router::capacity(T)
+  std::vector<std::int64_t> assigned;    // E, the capped routing's RoutingStats
+  std::vector<std::int64_t> kept;        // E
+  std::int64_t dropped = 0;
+};
+
 template <int E, int K>
 struct CpuReference {
   // cpu::Router::route with this gating (dropless, no noise); bias empty: none.
   static CpuRouting route(const std::vector<float>& logits, std::int64_t tokens,
                           const std::vector<float>& bias, const moekit::GatingConfig& gating);
+  // cpu::Router::route twice on the same logits: dropless, then with `capacity`.
+  static CpuCappedRouting route_with_capacity(const std::vector<float>& logits, std::int64_t tokens,
+                                              const moekit::CapacityConfig& capacity);
   // cpu::Router::backward_gate on a saved routing (all slots kept).
   static std::vector<float> backward_gate(const SavedRouting& r, const std::vector<float>& dweights,
                                           const moekit::GatingConfig& gating);
@@ -51,7 +69,7 @@ struct CpuReference {
   static std::vector<float> bias_update(float gamma, const std::vector<std::int64_t>& counts);
 };
 
-// Every (E, K) the CUDA router tests use; cpu_reference.cpp instantiates them.
+// Every (E, K) the CUDA router and dispatch tests use; cpu_reference.cpp instantiates them.
 // clang-format off
 #define MOEKIT_TEST_CUDA_SPECS(X) \
   X(1, 1) X(4, 2) X(4, 4) X(6, 3) X(6, 6) X(8, 1) X(8, 2) X(8, 3) X(16, 4) X(60, 4) X(60, 6) \
