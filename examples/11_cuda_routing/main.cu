@@ -1,5 +1,8 @@
-// Routing on the GPU: gpu::route with the two-phase workspace, the routing
-// statistics, the Switch loss, and the aux-loss-free bias update.
+// An MoE layer's forward on the GPU from moekit's parts: gpu::route with the
+// two-phase workspace, the routing statistics and the aux-loss-free bias
+// update; capacity and the dispatch plan, dispatch into the expert-major
+// buffer, the experts (gpu::ExpertFfn, SwiGLU on cuBLAS grouped GEMMs), and
+// the weighted combine back to token order.
 // Without a CUDA device it says so and exits with code 0.
 #include <cuda_bf16.h>
 
@@ -74,6 +77,112 @@ int main() {
                 host_stats.max_load_ratio(), host_stats.entropy(), host_stats.z_loss);
     // [cuda_route]
 
+    // [cuda_dispatch]
+    // Capacity 1.25 (drop the lowest weights), each expert's rows padded to
+    // a multiple of 16, the tile height of the expert GEMMs that follow.
+    const moekit::index_t d = 256;
+    const moekit::CapacityConfig capacity{1.25, moekit::DropPolicy::kProbs};
+    const int alignment = 16;
+    const moekit::index_t max_rows =
+        moekit::gpu::max_dispatch_rows<Spec>(tokens, capacity, alignment);
+
+    __nv_bfloat16 *x, *buffer, *y;
+    std::int32_t *positions, *row_slots;
+    moekit::index_t* offsets;
+    moekit::gpu::DispatchStats<Spec>* dispatch_stats;
+    MOEKIT_CUDA_CHECK(cudaMalloc(&x, tokens * d * sizeof(__nv_bfloat16)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&y, tokens * d * sizeof(__nv_bfloat16)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&buffer, max_rows * d * sizeof(__nv_bfloat16)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&positions, tokens * K * sizeof(std::int32_t)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&row_slots, max_rows * sizeof(std::int32_t)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&offsets, (E + 1) * sizeof(moekit::index_t)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&dispatch_stats, sizeof(*dispatch_stats)));
+    std::vector<__nv_bfloat16> host_x(tokens * d);
+    for (auto& v : host_x) v = __float2bfloat16(normal(gen));
+    MOEKIT_CUDA_CHECK(
+        cudaMemcpy(x, host_x.data(), host_x.size() * sizeof(host_x[0]), cudaMemcpyHostToDevice));
+
+    moekit::gpu::DispatchPlanArgs<Spec> plan;
+    plan.expert_ids = args.expert_ids;
+    plan.weights = args.weights;  // dropped slots get weight 0
+    plan.capacity = capacity;
+    plan.row_alignment = alignment;
+    plan.positions = {positions, tokens, K};
+    plan.offsets = {offsets, E + 1};
+    plan.row_slots = {row_slots, max_rows};
+    plan.stats = dispatch_stats;
+
+    std::size_t plan_bytes = 0;
+    MOEKIT_CUDA_CHECK(moekit::gpu::plan_dispatch(nullptr, plan_bytes, plan, stream));
+    void* plan_workspace;
+    MOEKIT_CUDA_CHECK(cudaMalloc(&plan_workspace, plan_bytes));
+    MOEKIT_CUDA_CHECK(moekit::gpu::plan_dispatch(plan_workspace, plan_bytes, plan, stream));
+
+    // Expert e's tokens are rows [offsets[e], offsets[e + 1]) of the buffer.
+    const moekit::MatrixView<__nv_bfloat16> rows(buffer, max_rows, d);
+    MOEKIT_CUDA_CHECK(moekit::gpu::dispatch<Spec, __nv_bfloat16>(
+        {x, tokens, d}, plan.dispatch_map(), rows, stream));
+    // [cuda_dispatch]
+
+    // [cuda_experts]
+    // The experts (SwiGLU, d_ff = 512) on the buffer. cuBLAS takes the group
+    // shapes on the host, so the E + 1 offsets come back first.
+    std::vector<moekit::index_t> host_offsets(E + 1);
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(host_offsets.data(), offsets,
+                                      (E + 1) * sizeof(moekit::index_t), cudaMemcpyDeviceToHost,
+                                      stream));
+    MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
+
+    const moekit::index_t d_ff = 512;
+    const moekit::gpu::ExpertFfn<Spec, __nv_bfloat16> experts(
+        {.d_model = d,
+         .d_ff = d_ff,
+         .kind = moekit::FfnKind::kGated,
+         .activation = moekit::Activation::kSilu});
+    std::vector<__nv_bfloat16> host_w(3 * E * d_ff * d);  // w1, w3, w2 of every expert
+    std::normal_distribution<float> init(0.0f, 0.05f);
+    for (auto& v : host_w) v = __float2bfloat16(init(gen));
+    __nv_bfloat16 *w, *expert_out;
+    MOEKIT_CUDA_CHECK(cudaMalloc(&w, host_w.size() * sizeof(host_w[0])));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&expert_out, max_rows * d * sizeof(__nv_bfloat16)));
+    MOEKIT_CUDA_CHECK(
+        cudaMemcpy(w, host_w.data(), host_w.size() * sizeof(host_w[0]), cudaMemcpyHostToDevice));
+    const moekit::gpu::ExpertWeights<__nv_bfloat16> expert_weights{
+        {w, E * d_ff, d}, {w + E * d_ff * d, E * d_ff, d}, {w + 2 * E * d_ff * d, E * d, d_ff}};
+
+    const std::size_t ffn_bytes = experts.workspace_size(max_rows);
+    void* ffn_workspace;
+    MOEKIT_CUDA_CHECK(cudaMalloc(&ffn_workspace, ffn_bytes));
+    cublasHandle_t cublas;
+    MOEKIT_CUBLAS_CHECK(cublasCreate(&cublas));
+    experts.forward(cublas, rows, {host_offsets.data(), E + 1}, expert_weights,
+                    {expert_out, max_rows, d}, {}, {}, ffn_workspace, ffn_bytes, stream);
+
+    // Back to token order: y[t] = sum_k w(t, k) expert_out[row(t, k)].
+    MOEKIT_CUDA_CHECK(moekit::gpu::combine<Spec, __nv_bfloat16>(
+        {expert_out, max_rows, d}, plan.expert_ids, plan.weights, plan.positions, {offsets, E + 1},
+        {y, tokens, d}, /*accumulate=*/false, stream));
+    // [cuda_experts]
+
+    moekit::gpu::DispatchStats<Spec> host_dispatch;
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(&host_dispatch, dispatch_stats, sizeof(host_dispatch),
+                                      cudaMemcpyDeviceToHost, stream));
+    MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
+    std::printf("capacity %lld per expert: %lld of %lld assignments dropped, %lld buffer rows\n",
+                static_cast<long long>(host_dispatch.capacity),
+                static_cast<long long>(host_dispatch.dropped), static_cast<long long>(tokens * K),
+                static_cast<long long>(host_dispatch.rows));
+
+    MOEKIT_CUBLAS_CHECK(cublasDestroy(cublas));
+    MOEKIT_CUDA_CHECK(cudaFree(ffn_workspace));
+    MOEKIT_CUDA_CHECK(cudaFree(expert_out));
+    MOEKIT_CUDA_CHECK(cudaFree(w));
+    MOEKIT_CUDA_CHECK(cudaFree(plan_workspace));
+    for (void* p : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(buffer),
+                    static_cast<void*>(positions), static_cast<void*>(row_slots),
+                    static_cast<void*>(offsets), static_cast<void*>(dispatch_stats)}) {
+      MOEKIT_CUDA_CHECK(cudaFree(p));
+    }
     MOEKIT_CUDA_CHECK(cudaFree(workspace));
     MOEKIT_CUDA_CHECK(cudaStreamDestroy(stream));
     for (void* p :

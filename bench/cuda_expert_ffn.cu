@@ -1,0 +1,158 @@
+// GPU expert FFN benchmarks: gpu::ExpertFfn (SwiGLU, bf16, fp32 accumulation)
+// forward and forward + backward over a balanced expert-major buffer, beside
+// the same run's cuBLAS dense bf16 GEMMs of equal FLOPs (all rows through one
+// d x d_ff expert), timed with CUDA events. Reports TFLOP/s, the dense
+// rate and their ratio (goals: >= 0.75 at C1, >= 0.60 at C2).
+//
+// Shapes (DESIGN.md §6, scaled to fill the chip): C1 T = 16384, d = 1024,
+// d_ff = 4096, E = 8, K = 2; C2 T = 16384, d = 1024, d_ff = 512, E = 64,
+// K = 8; and (E, K, d, d_ff) = (64, 8, 2048, 1408), (256, 8, 7168, 2048) at
+// T = 4096. Without a CUDA device the binary exits with 77 (CTest: skipped).
+#include <benchmark/benchmark.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "moekit/cuda/device.cuh"
+#include "moekit/cuda/expert_ffn.cuh"
+
+namespace {
+
+using moekit::index_t;
+using moekit::MatrixView;
+using moekit::MoeSpec;
+using moekit::VectorView;
+using T = __nv_bfloat16;
+namespace gpu = moekit::gpu;
+
+struct DeviceMemory {
+  void* p = nullptr;
+  std::size_t bytes;
+  explicit DeviceMemory(std::size_t n) : bytes(n) {
+    MOEKIT_CUDA_CHECK(cudaMalloc(&p, n < 1 ? 1 : n));
+    MOEKIT_CUDA_CHECK(cudaMemset(p, 0, n < 1 ? 1 : n));
+  }
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  ~DeviceMemory() { (void)cudaFree(p); }
+  T* bf16() const { return static_cast<T*>(p); }
+};
+
+// Seconds per call of `work` (CUDA events, `reps` calls after one warm-up).
+template <class F>
+double seconds_per_call(F&& work, int reps) {
+  work();
+  cudaEvent_t start, stop;
+  MOEKIT_CUDA_CHECK(cudaEventCreate(&start));
+  MOEKIT_CUDA_CHECK(cudaEventCreate(&stop));
+  MOEKIT_CUDA_CHECK(cudaEventRecord(start));
+  for (int i = 0; i < reps; ++i) work();
+  MOEKIT_CUDA_CHECK(cudaEventRecord(stop));
+  MOEKIT_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0.0f;
+  MOEKIT_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  MOEKIT_CUDA_CHECK(cudaEventDestroy(start));
+  MOEKIT_CUDA_CHECK(cudaEventDestroy(stop));
+  return static_cast<double>(ms) * 1e-3 / reps;
+}
+
+// C (m x n, row-major) = A (m x k) B^T (B: n x k), bf16, fp32 accumulation.
+void dense_gemm(cublasHandle_t handle, const T* a, const T* b, T* c, int m, int n, int k) {
+  const float one = 1.0f, zero = 0.0f;
+  MOEKIT_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, b, CUDA_R_16BF,
+                                   k, a, CUDA_R_16BF, k, &zero, c, CUDA_R_16BF, n,
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+template <int E, int K>
+void bench_ffn(benchmark::State& state, index_t d, index_t f, bool backward) {
+  using S = MoeSpec<E, K>;
+  const index_t tokens = state.range(0);
+  const index_t rows = tokens * K;
+  std::vector<index_t> offsets(E + 1);
+  for (int e = 0; e <= E; ++e) offsets[e] = rows * e / E;  // balanced
+  const auto bytes = [](index_t r, index_t c) { return static_cast<std::size_t>(r * c) * 2; };
+  DeviceMemory x(bytes(rows, d)), y(bytes(rows, d)), pre(bytes(rows, f)), gate(bytes(rows, f)),
+      w1(bytes(E * f, d)), w3(bytes(E * f, d)), w2(bytes(E * d, f)), dx(bytes(rows, d)),
+      dw1(w1.bytes), dw3(w3.bytes), dw2(w2.bytes);
+  const gpu::ExpertFfn<S, T> ffn({.d_model = d,
+                                  .d_ff = f,
+                                  .kind = moekit::FfnKind::kGated,
+                                  .activation = moekit::Activation::kSilu});
+  DeviceMemory workspace(ffn.workspace_size(rows));
+  cublasHandle_t handle;
+  MOEKIT_CUBLAS_CHECK(cublasCreate(&handle));
+  const VectorView<const index_t> off(offsets.data(), E + 1);
+  const gpu::ExpertWeights<T> w{
+      {w1.bf16(), E * f, d}, {w3.bf16(), E * f, d}, {w2.bf16(), E * d, f}};
+  const gpu::ExpertGrads<T> grads{
+      {dw1.bf16(), E * f, d}, {dw3.bf16(), E * f, d}, {dw2.bf16(), E * d, f}};
+  const auto run = [&] {
+    ffn.forward(handle, {x.bf16(), rows, d}, off, w, {y.bf16(), rows, d}, {pre.bf16(), rows, f},
+                {gate.bf16(), rows, f}, workspace.p, workspace.bytes);
+    if (backward) {
+      ffn.backward(handle, {y.bf16(), rows, d}, {x.bf16(), rows, d}, off, w, {pre.bf16(), rows, f},
+                   {gate.bf16(), rows, f}, {dx.bf16(), rows, d}, grads, workspace.p,
+                   workspace.bytes);
+    }
+  };
+  // The ceiling: the same GEMMs dense (all rows through expert 0's shapes).
+  const auto dense = [&] {
+    dense_gemm(handle, x.bf16(), w1.bf16(), pre.bf16(), static_cast<int>(rows), static_cast<int>(f),
+               static_cast<int>(d));
+    dense_gemm(handle, x.bf16(), w3.bf16(), gate.bf16(), static_cast<int>(rows),
+               static_cast<int>(f), static_cast<int>(d));
+    dense_gemm(handle, pre.bf16(), w2.bf16(), y.bf16(), static_cast<int>(rows), static_cast<int>(d),
+               static_cast<int>(f));
+  };
+  const double dense_s = seconds_per_call(dense, 10);
+  double seconds = 0.0;
+  for (auto _ : state) {
+    const double t = seconds_per_call(run, 1);
+    state.SetIterationTime(t);
+    seconds += t;
+  }
+  MOEKIT_CUBLAS_CHECK(cublasDestroy(handle));
+  // Forward: 3 GEMMs of 2 rows d f; backward: 6 more (dh, dW2, dW1, dW3, dx twice).
+  const double fwd_flops = 6.0 * static_cast<double>(rows) * static_cast<double>(d * f);
+  const double flops = backward ? 3.0 * fwd_flops : fwd_flops;
+  const double rate = flops * static_cast<double>(state.iterations()) / seconds;
+  const double dense_rate = fwd_flops / dense_s;
+  state.counters["TFLOP/s"] = rate * 1e-12;
+  state.counters["dense_TFLOP/s"] = dense_rate * 1e-12;
+  state.counters["of_dense"] = rate / dense_rate;
+  state.SetLabel(backward ? "fwd+bwd" : "fwd");
+}
+
+template <int E, int K>
+void register_shape(const std::string& name, index_t d, index_t f, index_t tokens) {
+  for (bool backward : {false, true}) {
+    benchmark::RegisterBenchmark(((backward ? "ffn_fwd_bwd/" : "ffn_fwd/") + name).c_str(),
+                                 [=](benchmark::State& s) { bench_ffn<E, K>(s, d, f, backward); })
+        ->Arg(tokens)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  cudaError_t status = cudaSuccess;
+  if (gpu::device_count(&status) == 0) {
+    std::printf("no CUDA device: %s; nothing to measure\n", cudaGetErrorName(status));
+    return 77;
+  }
+  register_shape<8, 2>("C1_bf16", 1024, 4096, 16384);
+  register_shape<64, 8>("C2_bf16", 1024, 512, 16384);
+  register_shape<64, 8>("E64_d2048_f1408_bf16", 2048, 1408, 4096);
+  register_shape<256, 8>("E256_d7168_f2048_bf16", 7168, 2048, 4096);
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

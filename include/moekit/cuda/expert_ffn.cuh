@@ -1,0 +1,455 @@
+#pragma once
+// Expert FFNs over the expert-major buffer on the CUDA backend, forward and
+// backward, for MoeSpec<E, K> and activations of type T (fp32, bf16, fp16):
+// the math and weight layout of moekit/cpu/expert_ffn.hpp (DESIGN.md §4).
+//
+//   w1  (E d_ff) x d,  w3 (E d_ff) x d (gated only),  w2 (E d) x d_ff   (row-major)
+//   a = X W1^T,  h = act(a) [* X W3^T],  y = h W2^T        for expert e's rows X
+//
+// How. Each GEMM of the FFN is ONE cuBLAS grouped GEMM
+// (cublasGemmGroupedBatchedEx) over the non-empty experts, fp32 accumulation
+// (CUBLAS_COMPUTE_32F), outputs rounded once to T; the activation and the
+// gate product are one element-wise kernel between the GEMMs (the same
+// routing::activate / activate_grad as the CPU). Empty experts cost nothing.
+//
+// Host offsets. cuBLAS takes the group shapes as host arrays, so forward and
+// backward take the expert offsets (E + 1) in HOST memory: copy
+// gpu::plan_dispatch's offsets back (8 (E + 1) bytes and one stream
+// synchronisation per layer), or pass offsets the host already knows. The
+// rows [offsets[e], offsets[e + 1]) may include gpu::dispatch's zero padding
+// rows; their outputs are FFN(0) = 0 for every activation here.
+//
+// Conventions. The calls validate everything on the host first and throw
+// moekit::Error (a bad argument, or a CUDA / cuBLAS failure afterwards): the
+// class owns no handle and mixes cuBLAS and CUDA statuses, so one error type
+// is simpler than CUB's returned cudaError_t. The caller's cuBLAS handle is
+// set to `stream`. The caller's workspace (workspace_size()) holds h, dh
+// and the GEMMs' pointer arrays; cuBLAS keeps its own workspace (give it one
+// with cublasSetWorkspace to stop it allocating). Saved activations a and g
+// are caller memory of type T, as on the CPU; an empty output or weight
+// gradient is not computed; with grads.accumulate the GEMMs add (beta = 1).
+// The pointer arrays travel by a pageable cudaMemcpyAsync, so the calls
+// cannot be captured into a CUDA graph (a device-side pointer-array kernel
+// would lift that).
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "moekit/core/activation.hpp"
+#include "moekit/core/error.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cuda/dispatch.cuh"
+#include "moekit/cuda/error.cuh"
+#include "moekit/nn/param_count.hpp"
+#include "moekit/spec.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+namespace gpu {
+
+struct ExpertFfnConfig {
+  index_t d_model = 0;
+  index_t d_ff = 0;  // width of one expert
+  FfnKind kind = FfnKind::kPlain;
+  Activation activation = Activation::kGeluTanh;
+};
+
+// The weights of all E experts, device memory (layout at the top).
+template <ActivationElement T>
+struct ExpertWeights {
+  MatrixView<const T> w1{};  // (E d_ff) x d
+  MatrixView<const T> w3{};  // (E d_ff) x d, kGated only
+  MatrixView<const T> w2{};  // (E d) x d_ff
+};
+
+// Weight gradients, device memory; an empty view is frozen.
+template <ActivationElement T>
+struct ExpertGrads {
+  MatrixView<T> dw1{};
+  MatrixView<T> dw3{};
+  MatrixView<T> dw2{};
+  bool accumulate = false;
+};
+
+namespace detail {
+
+template <class T>
+constexpr cudaDataType_t cuda_type() {
+  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return CUDA_R_16BF;
+  return CUDA_R_16F;
+}
+
+// h = act(a) * g (gated: g not empty) or act(a), rows [0, rows), in fp32.
+template <Activation A, class T>
+__global__ void __launch_bounds__(256)
+    activate_kernel(MatrixView<const T> a, MatrixView<const T> g, MatrixView<T> h, index_t rows) {
+  const index_t f = a.cols();
+  const index_t n = rows * f;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / f, c = i - r * f;
+    float v = activate(A, to_float(a(r, c)));
+    if (!g.empty()) v *= to_float(g(r, c));
+    h(r, c) = from_float<T>(v);
+  }
+}
+
+// Its backward, dh in `d` overwritten with da: gated, dg = dh * act(a) and
+// da = dh * g * act'(a); else da = dh * act'(a).
+template <Activation A, class T>
+__global__ void __launch_bounds__(256)
+    activate_backward_kernel(MatrixView<const T> a, MatrixView<const T> g, MatrixView<T> d,
+                             MatrixView<T> dg, index_t rows) {
+  const index_t f = a.cols();
+  const index_t n = rows * f;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / f, c = i - r * f;
+    const float x = to_float(a(r, c));
+    const float dh = to_float(d(r, c));
+    if (!g.empty()) {
+      dg(r, c) = from_float<T>(dh * activate(A, x));
+      d(r, c) = from_float<T>(dh * to_float(g(r, c)) * activate_grad(A, x));
+    } else {
+      d(r, c) = from_float<T>(dh * activate_grad(A, x));
+    }
+  }
+}
+
+inline int elementwise_grid(index_t n) {
+  const index_t blocks = (n + 255) / 256;
+  return static_cast<int>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
+}
+
+// Calls f(std::integral_constant<Activation, A>{}) for the run-time act.
+template <class F>
+void with_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::kRelu:
+      return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kGeluTanh:
+      return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kGeluErf:
+      return f(std::integral_constant<Activation, Activation::kGeluErf>{});
+    case Activation::kSilu:
+      return f(std::integral_constant<Activation, Activation::kSilu>{});
+  }
+}
+
+// One grouped GEMM, C_i = alpha op(A_i) op(B_i) + beta C_i in cuBLAS's
+// column-major terms, gathered on the host group by group (one group per
+// expert) and run by run(): the pointer arrays go to device memory
+// (`slots` pointers of it per array), then one cuBLAS call.
+class GroupedGemm {
+ public:
+  void add(cublasOperation_t ta, cublasOperation_t tb, index_t m, index_t n, index_t k,
+           const void* a, index_t lda, const void* b, index_t ldb, void* c, index_t ldc,
+           float beta) {
+    ta_.push_back(ta);
+    tb_.push_back(tb);
+    m_.push_back(narrow(m));
+    n_.push_back(narrow(n));
+    k_.push_back(narrow(k));
+    lda_.push_back(narrow(lda));
+    ldb_.push_back(narrow(ldb));
+    ldc_.push_back(narrow(ldc));
+    alpha_.push_back(1.0f);
+    beta_.push_back(beta);
+    pointers_a_.push_back(a);
+    pointers_b_.push_back(b);
+    pointers_c_.push_back(c);
+  }
+
+  void run(cublasHandle_t handle, cudaDataType_t type, void** device_pointers,
+           cudaStream_t stream) {
+    const int groups = static_cast<int>(m_.size());
+    if (groups == 0) return;
+    std::vector<const void*> all(3 * static_cast<std::size_t>(groups));
+    for (int i = 0; i < groups; ++i) {
+      all[i] = pointers_a_[i];
+      all[groups + i] = pointers_b_[i];
+      all[2 * groups + i] = pointers_c_[i];
+    }
+    // Pageable memory: the copy is staged before the call returns, and runs
+    // in stream order before the GEMM that reads it.
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(device_pointers, all.data(), all.size() * sizeof(void*),
+                                      cudaMemcpyHostToDevice, stream));
+    const std::vector<int> sizes(static_cast<std::size_t>(groups), 1);
+    MOEKIT_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+        handle, ta_.data(), tb_.data(), m_.data(), n_.data(), k_.data(), alpha_.data(),
+        const_cast<const void* const*>(device_pointers), type, lda_.data(),
+        const_cast<const void* const*>(device_pointers + groups), type, ldb_.data(), beta_.data(),
+        device_pointers + 2 * groups, type, ldc_.data(), groups, sizes.data(), CUBLAS_COMPUTE_32F));
+  }
+
+ private:
+  static int narrow(index_t v) {
+    MOEKIT_CHECK_ARG(v >= 0 && v <= 0x7FFFFFFF, "a GEMM dimension ", v, " exceeds 32 bits");
+    return static_cast<int>(v);
+  }
+  std::vector<cublasOperation_t> ta_, tb_;
+  std::vector<int> m_, n_, k_, lda_, ldb_, ldc_;
+  std::vector<float> alpha_, beta_;
+  std::vector<const void*> pointers_a_, pointers_b_;
+  std::vector<void*> pointers_c_;
+};
+
+}  // namespace detail
+
+template <MoeSpecType S, ActivationElement T>
+class ExpertFfn {
+ public:
+  static constexpr int kExperts = S::num_experts;
+
+  explicit ExpertFfn(const ExpertFfnConfig& config) : config_(config) {
+    MOEKIT_CHECK_ARG(config.d_model >= 1, "d_model = ", config.d_model, " is not positive");
+    MOEKIT_CHECK_ARG(config.d_ff >= 1, "d_ff = ", config.d_ff, " is not positive");
+    MOEKIT_CHECK_ARG(config.kind == FfnKind::kPlain || config.kind == FfnKind::kGated,
+                     "kind = ", static_cast<int>(config.kind), " is not an FfnKind");
+    MOEKIT_CHECK_ARG(
+        config.activation == Activation::kRelu || config.activation == Activation::kGeluTanh ||
+            config.activation == Activation::kGeluErf || config.activation == Activation::kSilu,
+        "activation = ", static_cast<int>(config.activation), " is not an Activation");
+  }
+
+  const ExpertFfnConfig& config() const { return config_; }
+  bool gated() const { return config_.kind == FfnKind::kGated; }
+
+  // Bytes of device workspace for an N-row buffer: two N x d_ff matrices of
+  // T and the pointer arrays (3 E pointers), each 256-byte aligned.
+  std::size_t workspace_size(index_t rows) const {
+    MOEKIT_CHECK_ARG(rows >= 0, "rows = ", rows, " is negative");
+    return 2 * matrix_bytes(rows) + detail::round_up(3 * kExperts * sizeof(void*));
+  }
+
+  // y = FFN_e(buffer rows of e) for every expert. buffer, y: N x d;
+  // saved_pre, saved_gate: N x d_ff or empty (saved_gate empty for kPlain).
+  // host_offsets[E] <= N: rows from host_offsets[E] on are not touched (a
+  // buffer sized by max_dispatch_rows() is larger than the rows in use).
+  void forward(cublasHandle_t handle, MatrixView<const T> buffer,
+               VectorView<const index_t> host_offsets, const ExpertWeights<T>& w, MatrixView<T> y,
+               MatrixView<T> saved_pre, MatrixView<T> saved_gate, void* workspace,
+               std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
+    const index_t n = check_common(buffer, host_offsets, w, workspace, workspace_bytes);
+    const index_t d = config_.d_model, f = config_.d_ff;
+    check_shape(y, n, d, "y");
+    if (!saved_pre.empty()) check_shape(saved_pre, n, f, "saved_pre");
+    if (gated() && !saved_gate.empty()) check_shape(saved_gate, n, f, "saved_gate");
+    if (!gated()) check_absent(saved_gate, "saved_gate");
+    if (n == 0) return;
+    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+
+    const MatrixView<T> ws0 = scratch(workspace, n, 0), ws1 = scratch(workspace, n, 1);
+    const MatrixView<T> a = saved_pre.empty() ? ws0 : saved_pre;
+    const MatrixView<T> g = gated() ? (saved_gate.empty() ? ws1 : saved_gate) : MatrixView<T>();
+    void** pointers = pointer_arrays(workspace, n);
+    constexpr cudaDataType_t type = detail::cuda_type<T>();
+
+    detail::GroupedGemm up, gate, down;
+    for_each_expert(host_offsets, [&](int e, index_t r0, index_t rows) {
+      // a = X W1^T: column-major a^T (f x rows) = W1_e (op T of d x f) X^T.
+      up.add(CUBLAS_OP_T, CUBLAS_OP_N, f, rows, d, w1_of(w, e), w.w1.ld(), buffer.row(r0),
+             buffer.ld(), a.row(r0), a.ld(), 0.0f);
+      if (gated()) {
+        gate.add(CUBLAS_OP_T, CUBLAS_OP_N, f, rows, d, w3_of(w, e), w.w3.ld(), buffer.row(r0),
+                 buffer.ld(), g.row(r0), g.ld(), 0.0f);
+      }
+    });
+    up.run(handle, type, pointers, stream);
+    gate.run(handle, type, pointers, stream);
+    // h into ws0 when a lives elsewhere, else in place over a.
+    const MatrixView<T> h = ws0;
+    activate(MatrixView<const T>(a), MatrixView<const T>(g), h, host_offsets[kExperts], stream);
+    for_each_expert(host_offsets, [&](int e, index_t r0, index_t rows) {
+      // y = h W2^T: column-major y^T (d x rows) = W2_e (op T of f x d) h^T.
+      down.add(CUBLAS_OP_T, CUBLAS_OP_N, d, rows, f, w2_of(w, e), w.w2.ld(), h.row(r0), h.ld(),
+               y.row(r0), y.ld(), 0.0f);
+    });
+    down.run(handle, type, pointers, stream);
+  }
+
+  // Backward of forward given dy (N x d); saved_pre / saved_gate are what
+  // forward wrote. dx: N x d or empty (overwritten); grads: see ExpertGrads.
+  void backward(cublasHandle_t handle, MatrixView<const T> dy, MatrixView<const T> buffer,
+                VectorView<const index_t> host_offsets, const ExpertWeights<T>& w,
+                MatrixView<const T> saved_pre, MatrixView<const T> saved_gate, MatrixView<T> dx,
+                const ExpertGrads<T>& grads, void* workspace, std::size_t workspace_bytes,
+                cudaStream_t stream = nullptr) const {
+    const index_t n = check_common(buffer, host_offsets, w, workspace, workspace_bytes);
+    const index_t d = config_.d_model, f = config_.d_ff;
+    const index_t e_ff = index_t{kExperts} * f, e_d = index_t{kExperts} * d;
+    check_shape(dy, n, d, "dy");
+    check_shape(saved_pre, n, f, "saved_pre");
+    if (gated()) {
+      check_shape(saved_gate, n, f, "saved_gate");
+    } else {
+      check_absent(saved_gate, "saved_gate");
+    }
+    const bool want_dx = !dx.empty(), want_dw1 = !grads.dw1.empty(), want_dw3 = !grads.dw3.empty(),
+               want_dw2 = !grads.dw2.empty();
+    if (want_dx) check_shape(dx, n, d, "dx");
+    if (want_dw1) check_shape(grads.dw1, e_ff, d, "grads.dw1");
+    if (gated() && want_dw3) check_shape(grads.dw3, e_ff, d, "grads.dw3");
+    if (!gated()) check_absent(grads.dw3, "grads.dw3");
+    if (want_dw2) check_shape(grads.dw2, e_d, f, "grads.dw2");
+    const float beta = grads.accumulate ? 1.0f : 0.0f;
+
+    // Empty experts: their gradient blocks are 0 (overwrite mode).
+    if (!grads.accumulate) {
+      for (int e = 0; e < kExperts; ++e) {
+        if (host_offsets[e + 1] != host_offsets[e]) continue;
+        if (want_dw1) zero(grads.dw1.middle_rows(e * f, f), stream);
+        if (want_dw3) zero(grads.dw3.middle_rows(e * f, f), stream);
+        if (want_dw2) zero(grads.dw2.middle_rows(e * d, d), stream);
+      }
+    }
+    const bool want_dh = want_dx || want_dw1 || want_dw3;
+    if (n == 0 || (!want_dh && !want_dw2)) return;
+    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    constexpr cudaDataType_t type = detail::cuda_type<T>();
+    void** pointers = pointer_arrays(workspace, n);
+    const MatrixView<T> ws0 = scratch(workspace, n, 0);  // dh, then da
+    const MatrixView<T> ws1 = scratch(workspace, n, 1);  // h, then dg
+
+    if (want_dw2) {  // dW2 = dy^T h, with h recomputed into ws1
+      activate(saved_pre, saved_gate, ws1, host_offsets[kExperts], stream);
+      detail::GroupedGemm gemm;
+      for_each_expert(host_offsets, [&](int e, index_t r0, index_t rows) {
+        // column-major dW2_e^T (f x d) = h_e^T (f x rows) dy_e (op T of d x rows).
+        gemm.add(CUBLAS_OP_N, CUBLAS_OP_T, f, d, rows, ws1.row(r0), ws1.ld(), dy.row(r0), dy.ld(),
+                 grads.dw2.row(e * d), grads.dw2.ld(), beta);
+      });
+      gemm.run(handle, type, pointers, stream);
+    }
+    if (!want_dh) return;
+    {
+      detail::GroupedGemm gemm;  // dh = dy W2: column-major dh^T = W2_e^T (f x d) dy^T
+      for_each_expert(host_offsets, [&](int e, index_t r0, index_t rows) {
+        gemm.add(CUBLAS_OP_N, CUBLAS_OP_N, f, rows, d, w2_of(w, e), w.w2.ld(), dy.row(r0), dy.ld(),
+                 ws0.row(r0), ws0.ld(), 0.0f);
+      });
+      gemm.run(handle, type, pointers, stream);
+    }
+    activate_backward(saved_pre, saved_gate, ws0, ws1, host_offsets[kExperts], stream);  // da, dg
+    const auto weight_grad = [&](MatrixView<T> dw, MatrixView<T> source) {
+      detail::GroupedGemm gemm;  // dW = source^T X: column-major dW^T (d x f) = X^T source
+      for_each_expert(host_offsets, [&](int e, index_t r0, index_t rows) {
+        gemm.add(CUBLAS_OP_N, CUBLAS_OP_T, d, f, rows, buffer.row(r0), buffer.ld(), source.row(r0),
+                 source.ld(), dw.row(e * f), dw.ld(), beta);
+      });
+      gemm.run(handle, type, pointers, stream);
+    };
+    if (want_dw1) weight_grad(grads.dw1, ws0);
+    if (gated() && want_dw3) weight_grad(grads.dw3, ws1);
+    if (!want_dx) return;
+    // dx (+)= source W (W = W1 or W3): column-major dx^T = W_e^T (d x f) source^T.
+    const auto input_grad = [&](MatrixView<const T> weight, MatrixView<T> source, float add) {
+      detail::GroupedGemm gemm;
+      for_each_expert(host_offsets, [&](int e, index_t r0, index_t rows) {
+        gemm.add(CUBLAS_OP_N, CUBLAS_OP_N, d, rows, f, weight.row(e * f), weight.ld(),
+                 source.row(r0), source.ld(), dx.row(r0), dx.ld(), add);
+      });
+      gemm.run(handle, type, pointers, stream);
+    };
+    input_grad(w.w1, ws0, 0.0f);
+    if (gated()) input_grad(w.w3, ws1, 1.0f);
+  }
+
+ private:
+  std::size_t matrix_bytes(index_t rows) const {
+    return detail::round_up(static_cast<std::size_t>(rows * config_.d_ff) * sizeof(T));
+  }
+  MatrixView<T> scratch(void* workspace, index_t rows, int which) const {
+    char* base =
+        static_cast<char*>(workspace) + static_cast<std::size_t>(which) * matrix_bytes(rows);
+    return {reinterpret_cast<T*>(base), rows, config_.d_ff};
+  }
+  void** pointer_arrays(void* workspace, index_t rows) const {
+    return reinterpret_cast<void**>(static_cast<char*>(workspace) + 2 * matrix_bytes(rows));
+  }
+
+  const T* w1_of(const ExpertWeights<T>& w, int e) const { return w.w1.row(e * config_.d_ff); }
+  const T* w3_of(const ExpertWeights<T>& w, int e) const { return w.w3.row(e * config_.d_ff); }
+  const T* w2_of(const ExpertWeights<T>& w, int e) const { return w.w2.row(e * config_.d_model); }
+
+  // Calls body(e, first row, rows) for every non-empty expert.
+  template <class Body>
+  static void for_each_expert(VectorView<const index_t> offsets, Body&& body) {
+    for (int e = 0; e < kExperts; ++e) {
+      const index_t rows = offsets[e + 1] - offsets[e];
+      if (rows > 0) body(e, offsets[e], rows);
+    }
+  }
+
+  void activate(MatrixView<const T> a, MatrixView<const T> g, MatrixView<T> h, index_t rows,
+                cudaStream_t stream) const {
+    detail::with_activation(config_.activation, [&](auto act) {
+      detail::activate_kernel<decltype(act)::value, T>
+          <<<detail::elementwise_grid(rows * config_.d_ff), 256, 0, stream>>>(a, g, h, rows);
+    });
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+  }
+
+  void activate_backward(MatrixView<const T> a, MatrixView<const T> g, MatrixView<T> d,
+                         MatrixView<T> dg, index_t rows, cudaStream_t stream) const {
+    detail::with_activation(config_.activation, [&](auto act) {
+      detail::activate_backward_kernel<decltype(act)::value, T>
+          <<<detail::elementwise_grid(rows * config_.d_ff), 256, 0, stream>>>(a, g, d, dg, rows);
+    });
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+  }
+
+  static void zero(MatrixView<T> m, cudaStream_t stream) {
+    MOEKIT_CUDA_CHECK(cudaMemset2DAsync(m.data(), static_cast<std::size_t>(m.ld()) * sizeof(T), 0,
+                                        static_cast<std::size_t>(m.cols()) * sizeof(T),
+                                        static_cast<std::size_t>(m.rows()), stream));
+  }
+
+  template <class V>
+  static void check_absent(const V& v, const char* name) {
+    MOEKIT_CHECK_ARG(v.empty(), name, " must be empty for FfnKind::kPlain");
+  }
+
+  // Checks shared by forward and backward; returns N.
+  index_t check_common(MatrixView<const T> buffer, VectorView<const index_t> offsets,
+                       const ExpertWeights<T>& w, void* workspace, std::size_t bytes) const {
+    const index_t d = config_.d_model, f = config_.d_ff;
+    check_view(buffer, "buffer");
+    const index_t n = buffer.rows();
+    MOEKIT_CHECK(buffer.cols() == d, Errc::kShapeMismatch, "buffer has ", buffer.cols(),
+                 " columns, d_model = ", d);
+    check_shape(offsets, index_t{kExperts} + 1, "host_offsets");
+    MOEKIT_CHECK(offsets[0] == 0, Errc::kInvalidArgument, "host_offsets[0] = ", offsets[0]);
+    for (int e = 0; e < kExperts; ++e) {
+      MOEKIT_CHECK(offsets[e + 1] >= offsets[e], Errc::kInvalidArgument,
+                   "host_offsets decreases at ", e + 1);
+    }
+    MOEKIT_CHECK(offsets[kExperts] <= n, Errc::kShapeMismatch,
+                 "host_offsets[E] = ", offsets[kExperts], " exceeds the buffer's ", n, " rows");
+    check_shape(w.w1, index_t{kExperts} * f, d, "weights.w1");
+    check_shape(w.w2, index_t{kExperts} * d, f, "weights.w2");
+    if (gated()) {
+      check_shape(w.w3, index_t{kExperts} * f, d, "weights.w3");
+    } else {
+      check_absent(w.w3, "weights.w3");
+    }
+    MOEKIT_CHECK(bytes >= workspace_size(n), Errc::kShapeMismatch, "workspace of ", bytes,
+                 " bytes, need workspace_size(", n, ") = ", workspace_size(n));
+    MOEKIT_CHECK(workspace != nullptr, Errc::kNullPointer, "workspace is null");
+    MOEKIT_CHECK(reinterpret_cast<std::uintptr_t>(workspace) % detail::kWorkspaceAlignment == 0,
+                 Errc::kInvalidArgument, "workspace is not 256-byte aligned");
+    return n;
+  }
+
+  ExpertFfnConfig config_;
+};
+
+}  // namespace gpu
+MOEKIT_NAMESPACE_END

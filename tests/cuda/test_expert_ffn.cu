@@ -1,0 +1,393 @@
+// gpu::ExpertFfn against a float64 reference written here (straight loops
+// over each expert's rows, DESIGN.md §5): forward and backward, plain and
+// gated, every activation, fp32 / bf16 / fp16, uneven and empty expert loads,
+// frozen gradients, accumulation, rows past offsets[E] left alone. Outputs
+// are poisoned before each run. Device tests skip without a GPU; the
+// argument checks run everywhere (they throw before any CUDA call).
+#include <cublas_v2.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "device_buffer.cuh"
+#include "gpu_test.cuh"
+#include "moekit/cuda/expert_ffn.cuh"
+
+namespace {
+
+using moekit::Activation;
+using moekit::Errc;
+using moekit::FfnKind;
+using moekit::index_t;
+using moekit::MatrixView;
+using moekit::MoeSpec;
+using moekit::VectorView;
+using moekit_test::DeviceBuffer;
+using moekit_test::from_float;
+using moekit_test::to_float;
+namespace gpu = moekit::gpu;
+
+// ---- the float64 reference --------------------------------------------------
+
+double act(Activation a, double x) {
+  switch (a) {
+    case Activation::kRelu:
+      return x > 0 ? x : 0.0;
+    case Activation::kGeluTanh: {
+      const double u = std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x);
+      return 0.5 * x * (1.0 + std::tanh(u));
+    }
+    case Activation::kGeluErf:
+      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
+    case Activation::kSilu:
+      return x / (1.0 + std::exp(-x));
+  }
+  return 0.0;
+}
+
+double act_grad(Activation a, double x) {
+  switch (a) {
+    case Activation::kRelu:
+      return x > 0 ? 1.0 : 0.0;
+    case Activation::kGeluTanh: {
+      const double c = std::sqrt(2.0 / M_PI);
+      const double u = c * (x + 0.044715 * x * x * x);
+      const double t = std::tanh(u);
+      return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x);
+    }
+    case Activation::kGeluErf:
+      return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))) +
+             x * std::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI);
+    case Activation::kSilu: {
+      const double s = 1.0 / (1.0 + std::exp(-x));
+      return s * (1.0 + x * (1.0 - s));
+    }
+  }
+  return 0.0;
+}
+
+// Row-major dense matrices in double.
+struct Problem {
+  int experts;
+  index_t d, f, rows;  // rows = N, the buffer's rows (>= offsets[E])
+  bool gated;
+  Activation activation;
+  std::vector<index_t> offsets;
+  std::vector<double> x, w1, w3, w2, dy;  // N x d, (E f) x d, (E f) x d, (E d) x f, N x d
+};
+
+struct Reference {
+  std::vector<double> y, a, g, dx, dw1, dw3, dw2;
+};
+
+Reference reference(const Problem& p) {
+  const index_t d = p.d, f = p.f;
+  Reference r;
+  r.y.assign(p.rows * d, 0.0);
+  r.a.assign(p.rows * f, 0.0);
+  r.g.assign(p.rows * f, 0.0);
+  r.dx.assign(p.rows * d, 0.0);
+  r.dw1.assign(p.experts * f * d, 0.0);
+  r.dw3.assign(p.experts * f * d, 0.0);
+  r.dw2.assign(p.experts * d * f, 0.0);
+  std::vector<double> h(f), dh(f), da(f), dg(f);
+  for (int e = 0; e < p.experts; ++e) {
+    for (index_t row = p.offsets[e]; row < p.offsets[e + 1]; ++row) {
+      const double* x = &p.x[row * d];
+      for (index_t j = 0; j < f; ++j) {
+        double a = 0, g = 0;
+        for (index_t i = 0; i < d; ++i) {
+          a += x[i] * p.w1[(e * f + j) * d + i];
+          if (p.gated) g += x[i] * p.w3[(e * f + j) * d + i];
+        }
+        r.a[row * f + j] = a;
+        r.g[row * f + j] = g;
+        h[j] = p.gated ? act(p.activation, a) * g : act(p.activation, a);
+      }
+      for (index_t k = 0; k < d; ++k) {
+        double y = 0;
+        for (index_t j = 0; j < f; ++j) y += h[j] * p.w2[(e * d + k) * f + j];
+        r.y[row * d + k] = y;
+      }
+      const double* gy = &p.dy[row * d];
+      for (index_t j = 0; j < f; ++j) {
+        double s = 0;
+        for (index_t k = 0; k < d; ++k) s += gy[k] * p.w2[(e * d + k) * f + j];
+        dh[j] = s;
+        const double a = r.a[row * f + j], g = r.g[row * f + j];
+        da[j] = p.gated ? s * g * act_grad(p.activation, a) : s * act_grad(p.activation, a);
+        dg[j] = p.gated ? s * act(p.activation, a) : 0.0;
+      }
+      for (index_t k = 0; k < d; ++k) {
+        for (index_t j = 0; j < f; ++j) r.dw2[(e * d + k) * f + j] += gy[k] * h[j];
+      }
+      for (index_t j = 0; j < f; ++j) {
+        for (index_t i = 0; i < d; ++i) {
+          r.dw1[(e * f + j) * d + i] += da[j] * x[i];
+          if (p.gated) r.dw3[(e * f + j) * d + i] += dg[j] * x[i];
+          r.dx[row * d + i] += da[j] * p.w1[(e * f + j) * d + i] +
+                               (p.gated ? dg[j] * p.w3[(e * f + j) * d + i] : 0.0);
+        }
+      }
+    }
+  }
+  return r;
+}
+
+// ||got - want|| / ||want|| over the first n entries.
+template <class T>
+double relative_error(const std::vector<T>& got, const std::vector<double>& want, std::size_t n) {
+  double diff = 0, norm = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double g = to_float(got[i]);
+    diff += (g - want[i]) * (g - want[i]);
+    norm += want[i] * want[i];
+  }
+  return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
+template <class T>
+double tolerance() {
+  if constexpr (std::is_same_v<T, float>) return 1e-5;
+  if constexpr (std::is_same_v<T, __half>) return 5e-3;
+  return 3e-2;  // bf16: a, g and h are stored in bf16 between the GEMMs
+}
+
+// Values rounded to T, and the same values as doubles for the reference.
+template <class T>
+std::vector<T> random_matrix(std::mt19937& gen, std::size_t n, float scale,
+                             std::vector<double>& exact) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<T> out(n);
+  exact.resize(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    out[i] = from_float<T>(normal(gen));
+    exact[i] = to_float(out[i]);
+  }
+  return out;
+}
+
+struct Case {
+  std::string name;
+  FfnKind kind;
+  Activation activation;
+  std::vector<index_t> rows_per_expert;  // E = 8 entries
+  index_t extra_rows = 0;                // buffer rows past offsets[E]
+};
+
+template <class T>
+void run_case(const Case& c, bool accumulate) {
+  constexpr int E = 8;
+  using S = MoeSpec<E, 2>;
+  SCOPED_TRACE(c.name + " " + moekit_test::type_name<T>() + (accumulate ? " accumulate" : ""));
+  Problem p{E, 48, 80, 0, c.kind == FfnKind::kGated, c.activation, {0}, {}, {}, {}, {}, {}};
+  for (index_t n : c.rows_per_expert) p.offsets.push_back(p.offsets.back() + n);
+  p.rows = p.offsets.back() + c.extra_rows;
+  const index_t d = p.d, f = p.f, n = p.rows;
+  std::mt19937 gen(17);
+  const auto x = random_matrix<T>(gen, n * d, 1.0f, p.x);
+  const auto w1 = random_matrix<T>(gen, E * f * d, 0.15f, p.w1);
+  const auto w3 = random_matrix<T>(gen, E * f * d, 0.15f, p.w3);
+  const auto w2 = random_matrix<T>(gen, E * d * f, 0.12f, p.w2);
+  const auto dy = random_matrix<T>(gen, n * d, 1.0f, p.dy);
+  const Reference ref = reference(p);
+
+  DeviceBuffer<T> bx(x), b1(w1), b3(w3), b2(w2), bdy(dy);
+  DeviceBuffer<T> y(n * d), pre(n * f), gate(n * f), gx(n * d), gw1(E * f * d), gw3(E * f * d),
+      gw2(E * d * f);
+  for (auto* b : {&y, &pre, &gate, &gx}) b->poison();
+  // Accumulate adds to a known start (1); overwrite must replace poison.
+  std::vector<T> ones(E * f * d, from_float<T>(1.0f));
+  for (auto* b : {&gw1, &gw3, &gw2}) {
+    if (accumulate) {
+      b->upload(ones);
+    } else {
+      b->poison();
+    }
+  }
+
+  const gpu::ExpertFfn<S, T> ffn(
+      {.d_model = d, .d_ff = f, .kind = c.kind, .activation = c.activation});
+  DeviceBuffer<unsigned char> workspace(ffn.workspace_size(n));
+  cublasHandle_t handle;
+  MOEKIT_CUBLAS_CHECK(cublasCreate(&handle));
+  const VectorView<const index_t> offsets(p.offsets.data(), E + 1);
+  gpu::ExpertWeights<T> w{{b1.get(), E * f, d}, {}, {b2.get(), E * d, f}};
+  if (p.gated) w.w3 = {b3.get(), E * f, d};
+  const MatrixView<T> gate_view = p.gated ? MatrixView<T>(gate.get(), n, f) : MatrixView<T>();
+  ffn.forward(handle, {bx.get(), n, d}, offsets, w, {y.get(), n, d}, {pre.get(), n, f}, gate_view,
+              workspace.get(), workspace.size());
+  gpu::ExpertGrads<T> grads{{gw1.get(), E * f, d}, {}, {gw2.get(), E * d, f}, accumulate};
+  if (p.gated) grads.dw3 = {gw3.get(), E * f, d};
+  ffn.backward(handle, {bdy.get(), n, d}, {bx.get(), n, d}, offsets, w, {pre.get(), n, f},
+               MatrixView<const T>(gate_view), {gx.get(), n, d}, grads, workspace.get(),
+               workspace.size());
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  MOEKIT_CUBLAS_CHECK(cublasDestroy(handle));
+
+  const std::size_t used_d = static_cast<std::size_t>(p.offsets.back() * d);
+  const std::size_t used_f = static_cast<std::size_t>(p.offsets.back() * f);
+  const double tol = tolerance<T>();
+  EXPECT_LT(relative_error(y.download(), ref.y, used_d), tol) << "y";
+  EXPECT_LT(relative_error(pre.download(), ref.a, used_f), tol) << "saved_pre";
+  if (p.gated) EXPECT_LT(relative_error(gate.download(), ref.g, used_f), tol) << "saved_gate";
+  EXPECT_LT(relative_error(gx.download(), ref.dx, used_d), tol) << "dx";
+  const auto check_grad = [&](const DeviceBuffer<T>& got, std::vector<double> want,
+                              const char* name) {
+    if (accumulate) {
+      for (double& v : want) v += 1.0;
+    }
+    EXPECT_LT(relative_error(got.download(), want, want.size()), tol) << name;
+  };
+  check_grad(gw1, ref.dw1, "dw1");
+  check_grad(gw2, ref.dw2, "dw2");
+  if (p.gated) check_grad(gw3, ref.dw3, "dw3");
+  // Rows past offsets[E] keep their poison.
+  const auto y_host = y.download();
+  for (std::size_t i = used_d; i < y_host.size(); ++i) {
+    ASSERT_TRUE(std::isnan(to_float(y_host[i]))) << "y row past offsets[E] written at " << i;
+  }
+}
+
+const std::vector<Case>& cases() {
+  static const std::vector<Case> all = {
+      {"gated silu uneven", FfnKind::kGated, Activation::kSilu, {5, 0, 33, 1, 0, 12, 64, 7}, 9},
+      {"plain gelu_tanh", FfnKind::kPlain, Activation::kGeluTanh, {16, 16, 16, 16, 16, 16, 16, 16}},
+      {"gated gelu_erf one expert",
+       FfnKind::kGated,
+       Activation::kGeluErf,
+       {0, 0, 0, 90, 0, 0, 0, 0}},
+      {"plain relu", FfnKind::kPlain, Activation::kRelu, {3, 9, 0, 0, 21, 2, 0, 40}, 3},
+      {"all empty", FfnKind::kGated, Activation::kSilu, {0, 0, 0, 0, 0, 0, 0, 0}, 4},
+  };
+  return all;
+}
+
+template <class T>
+class ExpertFfnGpu : public ::testing::Test {};
+using Types = ::testing::Types<float, __nv_bfloat16, __half>;
+TYPED_TEST_SUITE(ExpertFfnGpu, Types);
+
+TYPED_TEST(ExpertFfnGpu, ForwardAndBackwardMatchFloat64Reference) {
+  MOEKIT_REQUIRE_GPU();
+  for (const Case& c : cases()) run_case<TypeParam>(c, /*accumulate=*/false);
+}
+
+TYPED_TEST(ExpertFfnGpu, AccumulatedGradientsAddToWhatWasThere) {
+  MOEKIT_REQUIRE_GPU();
+  run_case<TypeParam>(cases()[0], /*accumulate=*/true);
+  run_case<TypeParam>(cases()[3], /*accumulate=*/true);
+}
+
+// Frozen parts: an empty gradient view is neither computed nor written; dx
+// alone still comes out right.
+TEST(ExpertFfnGpu, FrozenWeightsOnlyInputGradient) {
+  MOEKIT_REQUIRE_GPU();
+  constexpr int E = 8;
+  using S = MoeSpec<E, 2>;
+  const index_t d = 16, f = 24, n = 40;
+  Problem p{E,  d,  f,  n,  true, Activation::kSilu, {0, 5, 5, 12, 20, 20, 31, 33, 40},
+            {}, {}, {}, {}, {}};
+  std::mt19937 gen(5);
+  const auto x = random_matrix<float>(gen, n * d, 1.0f, p.x);
+  const auto w1 = random_matrix<float>(gen, E * f * d, 0.2f, p.w1);
+  const auto w3 = random_matrix<float>(gen, E * f * d, 0.2f, p.w3);
+  const auto w2 = random_matrix<float>(gen, E * d * f, 0.2f, p.w2);
+  const auto dy = random_matrix<float>(gen, n * d, 1.0f, p.dy);
+  const Reference ref = reference(p);
+  DeviceBuffer<float> bx(x), b1(w1), b3(w3), b2(w2), bdy(dy), y(n * d), pre(n * f), gate(n * f),
+      gx(n * d);
+  gx.poison();
+  const gpu::ExpertFfn<S, float> ffn(
+      {.d_model = d, .d_ff = f, .kind = FfnKind::kGated, .activation = Activation::kSilu});
+  DeviceBuffer<unsigned char> workspace(ffn.workspace_size(n));
+  cublasHandle_t handle;
+  MOEKIT_CUBLAS_CHECK(cublasCreate(&handle));
+  const VectorView<const index_t> offsets(p.offsets.data(), E + 1);
+  const gpu::ExpertWeights<float> w{
+      {b1.get(), E * f, d}, {b3.get(), E * f, d}, {b2.get(), E * d, f}};
+  ffn.forward(handle, {bx.get(), n, d}, offsets, w, {y.get(), n, d}, {pre.get(), n, f},
+              {gate.get(), n, f}, workspace.get(), workspace.size());
+  ffn.backward(handle, {bdy.get(), n, d}, {bx.get(), n, d}, offsets, w, {pre.get(), n, f},
+               {gate.get(), n, f}, {gx.get(), n, d}, {}, workspace.get(), workspace.size());
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  MOEKIT_CUBLAS_CHECK(cublasDestroy(handle));
+  EXPECT_LT(relative_error(gx.download(), ref.dx, ref.dx.size()), 1e-5);
+}
+
+// ---- argument checks (no device needed) -------------------------------------
+
+template <class F>
+void expect_error(Errc code, F&& call) {
+  try {
+    call();
+    ADD_FAILURE() << "no moekit::Error thrown";
+  } catch (const moekit::Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+  }
+}
+
+TEST(ExpertFfnGpuArgs, ConfigurationIsValidated) {
+  using S = MoeSpec<4, 2>;
+  expect_error(Errc::kInvalidArgument, [] { gpu::ExpertFfn<S, float>({.d_model = 0, .d_ff = 4}); });
+  expect_error(Errc::kInvalidArgument, [] { gpu::ExpertFfn<S, float>({.d_model = 4, .d_ff = 0}); });
+  expect_error(Errc::kInvalidArgument, [] {
+    gpu::ExpertFfn<S, float>({.d_model = 4, .d_ff = 4, .activation = static_cast<Activation>(9)});
+  });
+  expect_error(Errc::kInvalidArgument, [] {
+    gpu::ExpertFfn<S, float>({.d_model = 4, .d_ff = 4, .kind = static_cast<FfnKind>(7)});
+  });
+}
+
+// Shapes, offsets and the workspace are checked on the host before any
+// CUDA or cuBLAS call: fake device pointers are never touched.
+TEST(ExpertFfnGpuArgs, BadArgumentsThrowBeforeAnyCudaCall) {
+  constexpr int E = 4;
+  using S = MoeSpec<E, 2>;
+  const index_t d = 8, f = 16, n = 10;
+  const gpu::ExpertFfn<S, float> ffn(
+      {.d_model = d, .d_ff = f, .kind = FfnKind::kGated, .activation = Activation::kSilu});
+  auto* fake = reinterpret_cast<float*>(std::uintptr_t{1} << 20);
+  void* ws = reinterpret_cast<void*>(std::uintptr_t{1} << 24);
+  const std::size_t bytes = ffn.workspace_size(n);
+  std::vector<index_t> offsets = {0, 2, 5, 5, 10};
+  const gpu::ExpertWeights<float> w{{fake, E * f, d}, {fake, E * f, d}, {fake, E * d, f}};
+  const MatrixView<const float> x(fake, n, d);
+  const MatrixView<float> y(fake, n, d), pre(fake, n, f), gate(fake, n, f);
+  const auto forward = [&](const std::vector<index_t>& off,
+                           const gpu::ExpertWeights<float>& weights, MatrixView<float> out,
+                           std::size_t ws_bytes, void* ws_ptr) {
+    ffn.forward(nullptr, x, {off.data(), static_cast<index_t>(off.size())}, weights, out, pre, gate,
+                ws_ptr, ws_bytes);
+  };
+  expect_error(Errc::kShapeMismatch, [&] { forward(offsets, w, {fake, n - 1, d}, bytes, ws); });
+  expect_error(Errc::kShapeMismatch, [&] { forward(offsets, w, y, bytes - 1, ws); });
+  expect_error(Errc::kInvalidArgument, [&] {
+    forward(offsets, w, y, bytes, reinterpret_cast<void*>(std::uintptr_t{(1 << 24) + 4}));
+  });
+  expect_error(Errc::kNullPointer, [&] { forward(offsets, w, y, bytes, nullptr); });
+  expect_error(Errc::kInvalidArgument, [&] { forward({1, 2, 5, 5, 10}, w, y, bytes, ws); });
+  expect_error(Errc::kInvalidArgument, [&] { forward({0, 3, 2, 5, 10}, w, y, bytes, ws); });
+  expect_error(Errc::kShapeMismatch, [&] { forward({0, 2, 5, 5, 11}, w, y, bytes, ws); });
+  expect_error(Errc::kShapeMismatch, [&] { forward({0, 2, 5, 10}, w, y, bytes, ws); });
+  expect_error(Errc::kShapeMismatch, [&] {
+    forward(offsets, {{fake, E * f, d}, {}, {fake, E * d, f}}, y, bytes, ws);  // gated needs w3
+  });
+  expect_error(Errc::kShapeMismatch, [&] {
+    forward(offsets, {{fake, E * f, d + 1}, {fake, E * f, d}, {fake, E * d, f}}, y, bytes, ws);
+  });
+  const gpu::ExpertFfn<S, float> plain({.d_model = d, .d_ff = f});
+  expect_error(Errc::kInvalidArgument, [&] {  // kPlain takes no w3
+    plain.forward(nullptr, x, {offsets.data(), E + 1}, w, y, pre, {}, ws, bytes);
+  });
+  expect_error(Errc::kShapeMismatch, [&] {  // backward: dw2 of the wrong shape
+    ffn.backward(nullptr, x, x, {offsets.data(), E + 1}, w, pre, gate, y,
+                 {{fake, E * f, d}, {fake, E * f, d}, {fake, E * d, f + 1}}, ws, bytes);
+  });
+}
+
+}  // namespace
