@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "moekit/cuda/device.cuh"
+#include "cuda_common.cuh"
 #include "moekit/cuda/expert_ffn.cuh"
 
 namespace {
@@ -29,36 +29,8 @@ using moekit::VectorView;
 using T = __nv_bfloat16;
 namespace gpu = moekit::gpu;
 
-struct DeviceMemory {
-  void* p = nullptr;
-  std::size_t bytes;
-  explicit DeviceMemory(std::size_t n) : bytes(n) {
-    MOEKIT_CUDA_CHECK(cudaMalloc(&p, n < 1 ? 1 : n));
-    MOEKIT_CUDA_CHECK(cudaMemset(p, 0, n < 1 ? 1 : n));
-  }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  ~DeviceMemory() { (void)cudaFree(p); }
-  T* bf16() const { return static_cast<T*>(p); }
-};
-
-// Seconds per call of `work` (CUDA events, `reps` calls after one warm-up).
-template <class F>
-double seconds_per_call(F&& work, int reps) {
-  work();
-  cudaEvent_t start, stop;
-  MOEKIT_CUDA_CHECK(cudaEventCreate(&start));
-  MOEKIT_CUDA_CHECK(cudaEventCreate(&stop));
-  MOEKIT_CUDA_CHECK(cudaEventRecord(start));
-  for (int i = 0; i < reps; ++i) work();
-  MOEKIT_CUDA_CHECK(cudaEventRecord(stop));
-  MOEKIT_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0.0f;
-  MOEKIT_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  MOEKIT_CUDA_CHECK(cudaEventDestroy(start));
-  MOEKIT_CUDA_CHECK(cudaEventDestroy(stop));
-  return static_cast<double>(ms) * 1e-3 / reps;
-}
+using moekit_bench::DeviceMemory;
+using moekit_bench::seconds_per_call;
 
 // C (m x n, row-major) = A (m x k) B^T (B: n x k), bf16, fp32 accumulation.
 void dense_gemm(cublasHandle_t handle, const T* a, const T* b, T* c, int m, int n, int k) {
@@ -88,31 +60,32 @@ void bench_ffn(benchmark::State& state, index_t d, index_t f, bool backward) {
   MOEKIT_CUBLAS_CHECK(cublasCreate(&handle));
   const VectorView<const index_t> off(offsets.data(), E + 1);
   const gpu::ExpertWeights<T> w{
-      {w1.bf16(), E * f, d}, {w3.bf16(), E * f, d}, {w2.bf16(), E * d, f}};
+      {w1.as<T>(), E * f, d}, {w3.as<T>(), E * f, d}, {w2.as<T>(), E * d, f}};
   const gpu::ExpertGrads<T> grads{
-      {dw1.bf16(), E * f, d}, {dw3.bf16(), E * f, d}, {dw2.bf16(), E * d, f}};
+      {dw1.as<T>(), E * f, d}, {dw3.as<T>(), E * f, d}, {dw2.as<T>(), E * d, f}};
   const auto run = [&] {
-    ffn.forward(handle, {x.bf16(), rows, d}, off, w, {y.bf16(), rows, d}, {pre.bf16(), rows, f},
-                {gate.bf16(), rows, f}, workspace.p, workspace.bytes);
+    ffn.forward(handle, {x.as<T>(), rows, d}, off, w, {y.as<T>(), rows, d}, {pre.as<T>(), rows, f},
+                {gate.as<T>(), rows, f}, workspace.p, workspace.bytes);
     if (backward) {
-      ffn.backward(handle, {y.bf16(), rows, d}, {x.bf16(), rows, d}, off, w, {pre.bf16(), rows, f},
-                   {gate.bf16(), rows, f}, {dx.bf16(), rows, d}, grads, workspace.p,
-                   workspace.bytes);
+      ffn.backward(handle, {y.as<T>(), rows, d}, {x.as<T>(), rows, d}, off, w,
+                   {pre.as<T>(), rows, f}, {gate.as<T>(), rows, f}, {dx.as<T>(), rows, d}, grads,
+                   workspace.p, workspace.bytes);
     }
   };
   // The ceiling: the same GEMMs dense (all rows through expert 0's shapes).
   const auto dense = [&] {
-    dense_gemm(handle, x.bf16(), w1.bf16(), pre.bf16(), static_cast<int>(rows), static_cast<int>(f),
-               static_cast<int>(d));
-    dense_gemm(handle, x.bf16(), w3.bf16(), gate.bf16(), static_cast<int>(rows),
+    dense_gemm(handle, x.as<T>(), w1.as<T>(), pre.as<T>(), static_cast<int>(rows),
                static_cast<int>(f), static_cast<int>(d));
-    dense_gemm(handle, pre.bf16(), w2.bf16(), y.bf16(), static_cast<int>(rows), static_cast<int>(d),
-               static_cast<int>(f));
+    dense_gemm(handle, x.as<T>(), w3.as<T>(), gate.as<T>(), static_cast<int>(rows),
+               static_cast<int>(f), static_cast<int>(d));
+    dense_gemm(handle, pre.as<T>(), w2.as<T>(), y.as<T>(), static_cast<int>(rows),
+               static_cast<int>(d), static_cast<int>(f));
   };
   const double dense_s = seconds_per_call(dense, 10);
+  run();  // warm-up
   double seconds = 0.0;
   for (auto _ : state) {
-    const double t = seconds_per_call(run, 1);
+    const double t = moekit_bench::time_ms(run) * 1e-3;
     state.SetIterationTime(t);
     seconds += t;
   }
@@ -142,11 +115,7 @@ void register_shape(const std::string& name, index_t d, index_t f, index_t token
 }  // namespace
 
 int main(int argc, char** argv) {
-  cudaError_t status = cudaSuccess;
-  if (gpu::device_count(&status) == 0) {
-    std::printf("no CUDA device: %s; nothing to measure\n", cudaGetErrorName(status));
-    return 77;
-  }
+  if (moekit_bench::no_device()) return 77;
   register_shape<8, 2>("C1_bf16", 1024, 4096, 16384);
   register_shape<64, 8>("C2_bf16", 1024, 512, 16384);
   register_shape<64, 8>("E64_d2048_f1408_bf16", 2048, 1408, 4096);

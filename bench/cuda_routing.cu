@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_common.cuh"
 #include "moekit/cuda/aux_losses.cuh"
 #include "moekit/cuda/device.cuh"
 #include "moekit/cuda/dispatch.cuh"
@@ -32,38 +33,8 @@ using moekit::MoeSpec;
 using moekit::VectorView;
 namespace gpu = moekit::gpu;
 
-// A device allocation that lives for one benchmark.
-struct DeviceMemory {
-  void* p = nullptr;
-  std::size_t bytes;
-  explicit DeviceMemory(std::size_t n) : bytes(n) {
-    MOEKIT_CUDA_CHECK(cudaMalloc(&p, n < 1 ? 1 : n));
-  }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  ~DeviceMemory() { (void)cudaFree(p); }
-  template <class T>
-  T* as() const {
-    return static_cast<T*>(p);
-  }
-};
-
-// Milliseconds of `work` on the default stream, by CUDA events.
-template <class F>
-float time_ms(F&& work) {
-  cudaEvent_t start, stop;
-  MOEKIT_CUDA_CHECK(cudaEventCreate(&start));
-  MOEKIT_CUDA_CHECK(cudaEventCreate(&stop));
-  MOEKIT_CUDA_CHECK(cudaEventRecord(start));
-  work();
-  MOEKIT_CUDA_CHECK(cudaEventRecord(stop));
-  MOEKIT_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0.0f;
-  MOEKIT_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  MOEKIT_CUDA_CHECK(cudaEventDestroy(start));
-  MOEKIT_CUDA_CHECK(cudaEventDestroy(stop));
-  return ms;
-}
+using moekit_bench::DeviceMemory;
+using moekit_bench::time_ms;
 
 // The ceiling: device-to-device copy bandwidth (read + write) for `bytes`.
 double copy_gbps(std::size_t bytes) {
@@ -120,7 +91,6 @@ struct RoutingPipeline {
         offsets((E + 1) * sizeof(index_t)),
         row_slots(tk * 4) {
     upload_logits<T>(logits, tokens, E);
-    MOEKIT_CUDA_CHECK(cudaMemset(dlogits.p, 0, te * 4));
     route.logits = {logits.as<const T>(), tokens, E};
     route.gating.renormalize = true;
     route.scores = {scores.as<float>(), tokens, E};
@@ -224,8 +194,6 @@ void bench_dispatch_combine(benchmark::State& state) {
   const std::size_t row_bytes = static_cast<std::size_t>(d) * sizeof(T);
   DeviceMemory x(static_cast<std::size_t>(p.tokens) * row_bytes), y(x.bytes),
       buffer(p.tk * row_bytes);
-  MOEKIT_CUDA_CHECK(cudaMemset(x.p, 0, x.bytes));
-  MOEKIT_CUDA_CHECK(cudaMemset(buffer.p, 0, buffer.bytes));
   const MatrixView<const T> xv(x.as<const T>(), p.tokens, d);
   const MatrixView<T> bv(buffer.as<T>(), static_cast<index_t>(p.tk), d);
   const MatrixView<T> yv(y.as<T>(), p.tokens, d);
@@ -256,9 +224,6 @@ void bench_c1_share(benchmark::State& state) {
       buffer(static_cast<std::size_t>(rows * d) * 2),
       hidden(static_cast<std::size_t>(rows * d_ff) * 2), w1(static_cast<std::size_t>(d * d_ff) * 2),
       w2(w1.bytes);
-  for (DeviceMemory* m : {&x, &buffer, &hidden, &w1, &w2}) {
-    MOEKIT_CUDA_CHECK(cudaMemset(m->p, 0, m->bytes));
-  }
   const MatrixView<const T> xv(x.as<const T>(), tokens, d);
   const MatrixView<T> bv(buffer.as<T>(), rows, d);
   const MatrixView<T> yv(y.as<T>(), tokens, d);
@@ -281,13 +246,7 @@ void bench_c1_share(benchmark::State& state) {
                                      CUDA_R_16BF, f, hidden.p, CUDA_R_16BF, f, &zero, buffer.p,
                                      CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   };
-  gemms();
-  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
-  constexpr int kGemmReps = 10;
-  const double gemm_s = time_ms([&] {
-                          for (int i = 0; i < kGemmReps; ++i) gemms();
-                        }) *
-                        1e-3 / kGemmReps;
+  const double gemm_s = moekit_bench::seconds_per_call(gemms, 10);
   const double seconds = time_iterations(state, routing);
   MOEKIT_CUBLAS_CHECK(cublasDestroy(handle));
   const double routing_s = seconds / static_cast<double>(state.iterations());
@@ -317,11 +276,7 @@ void register_pair(const char* name) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  cudaError_t status = cudaSuccess;
-  if (gpu::device_count(&status) == 0) {
-    std::printf("no CUDA device: %s; nothing to measure\n", cudaGetErrorName(status));
-    return 77;
-  }
+  if (moekit_bench::no_device()) return 77;
   register_pair<8, 2, float>("E8_K2_fp32");
   register_pair<64, 8, float>("E64_K8_fp32");
   register_pair<256, 8, float>("E256_K8_fp32");

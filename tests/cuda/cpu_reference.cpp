@@ -26,6 +26,19 @@ moekit::cpu::Routing view_of(const SavedRouting& r, int e, int k) {
           {m->positions.data(), r.tokens, k}};
 }
 
+// A routing of `tokens` tokens over these logits, outputs zeroed, for the
+// CPU router to fill.
+SavedRouting blank_routing(const std::vector<float>& logits, std::int64_t tokens, int e, int k) {
+  SavedRouting r;
+  r.tokens = tokens;
+  r.logits = logits;
+  r.scores.assign(tokens * e, 0.0f);
+  r.weights.assign(tokens * k, 0.0f);
+  r.ids.assign(tokens * k, 0);
+  r.positions.assign(tokens * k, 0);
+  return r;
+}
+
 MatrixView<float> grad_view(std::vector<float>& dlogits, std::int64_t tokens, int e) {
   if (dlogits.empty()) return {};
   return {dlogits.data(), tokens, e};
@@ -41,13 +54,7 @@ CpuRouting CpuReference<E, K>::route(const std::vector<float>& logits, std::int6
   moekit::cpu::RouterConfig config;
   config.gating = gating;
   const moekit::cpu::Router<S> router(config);
-  SavedRouting r;
-  r.tokens = tokens;
-  r.logits = logits;
-  r.scores.assign(tokens * E, 0.0f);
-  r.weights.assign(tokens * K, 0.0f);
-  r.ids.assign(tokens * K, 0);
-  r.positions.assign(tokens * K, 0);
+  SavedRouting r = blank_routing(logits, tokens, E, K);
   moekit::cpu::RoutingStats<S> stats;
   const VectorView<const float> b(bias.empty() ? nullptr : bias.data(),
                                   static_cast<index_t>(bias.size()));
@@ -73,12 +80,7 @@ CpuCappedRouting CpuReference<E, K>::route_with_capacity(const std::vector<float
     moekit::cpu::RouterConfig config;
     config.capacity = c;
     const moekit::cpu::Router<S> router(config);
-    r.tokens = tokens;
-    r.logits = logits;
-    r.scores.assign(tokens * E, 0.0f);
-    r.weights.assign(tokens * K, 0.0f);
-    r.ids.assign(tokens * K, 0);
-    r.positions.assign(tokens * K, 0);
+    r = blank_routing(logits, tokens, E, K);
     std::vector<std::byte> workspace(router.workspace_size(tokens, 0));
     router.route(view_of(r, E, K), {}, &stats,
                  {workspace.data(), static_cast<index_t>(workspace.size())});

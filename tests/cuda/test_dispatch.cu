@@ -903,22 +903,8 @@ TEST(CudaDispatchRowsEdges, ZeroTokensWriteNothing) {
 
 // Distinct fake device addresses: validation never dereferences them, and a
 // check that wrongly passed would reach a launch and fail the expectation.
-template <class T>
-T* fake(std::uintptr_t n) {
-  return reinterpret_cast<T*>(n * 4096);
-}
-
-template <class F>
-void expect_error(F&& f, Errc code, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-  } catch (const moekit::Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
+using moekit_test::expect_error;
+using moekit_test::fake;
 using S82 = MoeSpec<8, 2>;
 
 gpu::DispatchPlanArgs<S82> good_plan_args(std::int64_t tokens) {

@@ -321,73 +321,94 @@ TEST(ExpertFfnGpu, FrozenWeightsOnlyInputGradient) {
 
 // ---- argument checks (no device needed) -------------------------------------
 
-template <class F>
-void expect_error(Errc code, F&& call) {
-  try {
-    call();
-    ADD_FAILURE() << "no moekit::Error thrown";
-  } catch (const moekit::Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-  }
-}
+using moekit_test::expect_error;
+using moekit_test::fake;
 
 TEST(ExpertFfnGpuArgs, ConfigurationIsValidated) {
   using S = MoeSpec<4, 2>;
-  expect_error(Errc::kInvalidArgument, [] { gpu::ExpertFfn<S, float>({.d_model = 0, .d_ff = 4}); });
-  expect_error(Errc::kInvalidArgument, [] { gpu::ExpertFfn<S, float>({.d_model = 4, .d_ff = 0}); });
-  expect_error(Errc::kInvalidArgument, [] {
-    gpu::ExpertFfn<S, float>({.d_model = 4, .d_ff = 4, .activation = static_cast<Activation>(9)});
-  });
-  expect_error(Errc::kInvalidArgument, [] {
-    gpu::ExpertFfn<S, float>({.d_model = 4, .d_ff = 4, .kind = static_cast<FfnKind>(7)});
-  });
+  using Ffn = gpu::ExpertFfn<S, float>;
+  expect_error([] { Ffn({.d_model = 0, .d_ff = 4}); }, Errc::kInvalidArgument, "d_model");
+  expect_error([] { Ffn({.d_model = 4, .d_ff = 0}); }, Errc::kInvalidArgument, "d_ff");
+  expect_error([] { Ffn({.d_model = 4, .d_ff = 4, .activation = static_cast<Activation>(9)}); },
+               Errc::kInvalidArgument, "activation");
+  expect_error([] { Ffn({.d_model = 4, .d_ff = 4, .kind = static_cast<FfnKind>(7)}); },
+               Errc::kInvalidArgument, "kind");
 }
 
 // Shapes, offsets and the workspace are checked on the host before any
-// CUDA or cuBLAS call: fake device pointers are never touched.
+// CUDA or cuBLAS call: the fake device pointers are never touched.
 TEST(ExpertFfnGpuArgs, BadArgumentsThrowBeforeAnyCudaCall) {
   constexpr int E = 4;
   using S = MoeSpec<E, 2>;
   const index_t d = 8, f = 16, n = 10;
   const gpu::ExpertFfn<S, float> ffn(
       {.d_model = d, .d_ff = f, .kind = FfnKind::kGated, .activation = Activation::kSilu});
-  auto* fake = reinterpret_cast<float*>(std::uintptr_t{1} << 20);
-  void* ws = reinterpret_cast<void*>(std::uintptr_t{1} << 24);
+  float* data = fake<float>(1);
+  void* ws = fake<void>(16);
   const std::size_t bytes = ffn.workspace_size(n);
-  std::vector<index_t> offsets = {0, 2, 5, 5, 10};
-  const gpu::ExpertWeights<float> w{{fake, E * f, d}, {fake, E * f, d}, {fake, E * d, f}};
-  const MatrixView<const float> x(fake, n, d);
-  const MatrixView<float> y(fake, n, d), pre(fake, n, f), gate(fake, n, f);
+  const std::vector<index_t> offsets = {0, 2, 5, 5, 10};
+  const gpu::ExpertWeights<float> w{{data, E * f, d}, {data, E * f, d}, {data, E * d, f}};
+  const MatrixView<const float> x(data, n, d);
+  const MatrixView<float> y(data, n, d), pre(data, n, f), gate(data, n, f);
   const auto forward = [&](const std::vector<index_t>& off,
                            const gpu::ExpertWeights<float>& weights, MatrixView<float> out,
                            std::size_t ws_bytes, void* ws_ptr) {
     ffn.forward(nullptr, x, {off.data(), static_cast<index_t>(off.size())}, weights, out, pre, gate,
                 ws_ptr, ws_bytes);
   };
-  expect_error(Errc::kShapeMismatch, [&] { forward(offsets, w, {fake, n - 1, d}, bytes, ws); });
-  expect_error(Errc::kShapeMismatch, [&] { forward(offsets, w, y, bytes - 1, ws); });
-  expect_error(Errc::kInvalidArgument, [&] {
-    forward(offsets, w, y, bytes, reinterpret_cast<void*>(std::uintptr_t{(1 << 24) + 4}));
-  });
-  expect_error(Errc::kNullPointer, [&] { forward(offsets, w, y, bytes, nullptr); });
-  expect_error(Errc::kInvalidArgument, [&] { forward({1, 2, 5, 5, 10}, w, y, bytes, ws); });
-  expect_error(Errc::kInvalidArgument, [&] { forward({0, 3, 2, 5, 10}, w, y, bytes, ws); });
-  expect_error(Errc::kShapeMismatch, [&] { forward({0, 2, 5, 5, 11}, w, y, bytes, ws); });
-  expect_error(Errc::kShapeMismatch, [&] { forward({0, 2, 5, 10}, w, y, bytes, ws); });
-  expect_error(Errc::kShapeMismatch, [&] {
-    forward(offsets, {{fake, E * f, d}, {}, {fake, E * d, f}}, y, bytes, ws);  // gated needs w3
-  });
-  expect_error(Errc::kShapeMismatch, [&] {
-    forward(offsets, {{fake, E * f, d + 1}, {fake, E * f, d}, {fake, E * d, f}}, y, bytes, ws);
-  });
+  expect_error(
+      [&] {
+        forward(offsets, w, {data, n - 1, d}, bytes, ws);
+      },
+      Errc::kShapeMismatch, "y is");
+  expect_error([&] { forward(offsets, w, y, bytes - 1, ws); }, Errc::kShapeMismatch,
+               "workspace of");
+  expect_error([&] { forward(offsets, w, y, bytes, static_cast<char*>(ws) + 4); },
+               Errc::kInvalidArgument, "256-byte aligned");
+  expect_error([&] { forward(offsets, w, y, bytes, nullptr); }, Errc::kNullPointer,
+               "workspace is null");
+  expect_error(
+      [&] {
+        forward({1, 2, 5, 5, 10}, w, y, bytes, ws);
+      },
+      Errc::kInvalidArgument, "host_offsets[0]");
+  expect_error(
+      [&] {
+        forward({0, 3, 2, 5, 10}, w, y, bytes, ws);
+      },
+      Errc::kInvalidArgument, "decreases");
+  expect_error(
+      [&] {
+        forward({0, 2, 5, 5, 11}, w, y, bytes, ws);
+      },
+      Errc::kShapeMismatch, "exceeds the buffer");
+  expect_error(
+      [&] {
+        forward({0, 2, 5, 10}, w, y, bytes, ws);
+      },
+      Errc::kShapeMismatch, "host_offsets");
+  expect_error(
+      [&] {
+        forward(offsets, {{data, E * f, d}, {}, {data, E * d, f}}, y, bytes, ws);
+      },
+      Errc::kShapeMismatch, "weights.w3");  // gated needs w3
+  expect_error(
+      [&] {
+        forward(offsets, {{data, E * f, d + 1}, {data, E * f, d}, {data, E * d, f}}, y, bytes, ws);
+      },
+      Errc::kShapeMismatch, "weights.w1");
   const gpu::ExpertFfn<S, float> plain({.d_model = d, .d_ff = f});
-  expect_error(Errc::kInvalidArgument, [&] {  // kPlain takes no w3
-    plain.forward(nullptr, x, {offsets.data(), E + 1}, w, y, pre, {}, ws, bytes);
-  });
-  expect_error(Errc::kShapeMismatch, [&] {  // backward: dw2 of the wrong shape
-    ffn.backward(nullptr, x, x, {offsets.data(), E + 1}, w, pre, gate, y,
-                 {{fake, E * f, d}, {fake, E * f, d}, {fake, E * d, f + 1}}, ws, bytes);
-  });
+  expect_error(
+      [&] {
+        plain.forward(nullptr, x, {offsets.data(), E + 1}, w, y, pre, {}, ws, bytes);
+      },
+      Errc::kInvalidArgument, "weights.w3 must be empty");
+  expect_error(
+      [&] {
+        ffn.backward(nullptr, x, x, {offsets.data(), E + 1}, w, pre, gate, y,
+                     {{data, E * f, d}, {data, E * f, d}, {data, E * d, f + 1}}, ws, bytes);
+      },
+      Errc::kShapeMismatch, "grads.dw2");
 }
 
 }  // namespace

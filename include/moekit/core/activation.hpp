@@ -29,6 +29,7 @@
 // before any kernel runs).
 
 #include <cmath>
+#include <type_traits>
 
 #include "moekit/core/config.hpp"
 
@@ -118,6 +119,23 @@ MOEKIT_HOST_DEVICE inline float activate_grad(Activation act, float x) {
     }
   }
   return ad::quiet_nan();
+}
+
+// Calls f(std::integral_constant<Activation, A>{}) for the run-time act, so
+// element-wise loops and kernels see a constant activation (host code; every
+// backend's FFN dispatches through it). act must be an enumerator.
+template <class F>
+void with_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::kRelu:
+      return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kGeluTanh:
+      return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kGeluErf:
+      return f(std::integral_constant<Activation, Activation::kGeluErf>{});
+    case Activation::kSilu:
+      return f(std::integral_constant<Activation, Activation::kSilu>{});
+  }
 }
 
 MOEKIT_NAMESPACE_END

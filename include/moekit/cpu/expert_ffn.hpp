@@ -124,22 +124,6 @@ struct ExpertGrads {
 
 namespace detail {
 
-// Calls f(std::integral_constant<Activation, A>{}) for the run-time act, so
-// element-wise loops see a constant activation. act is validated.
-template <class F>
-void with_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::kRelu:
-      return f(std::integral_constant<Activation, Activation::kRelu>{});
-    case Activation::kGeluTanh:
-      return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kGeluErf:
-      return f(std::integral_constant<Activation, Activation::kGeluErf>{});
-    case Activation::kSilu:
-      return f(std::integral_constant<Activation, Activation::kSilu>{});
-  }
-}
-
 // The FFN's element-wise middle, row by row: h = f(a) * g for a gated FFN
 // (g not empty), else h = f(a). h may be a itself.
 template <class Act>
@@ -249,7 +233,7 @@ class ExpertFfn {
     const MatrixView<float> ws1 = scratch(workspace, n, 1);
     const MatrixView<float> pre = saved_pre.empty() ? ws0 : saved_pre;
     const MatrixView<float> gate = saved_gate.empty() ? ws1 : saved_gate;
-    detail::with_activation(config_.activation, [&](auto act) {
+    with_activation(config_.activation, [&](auto act) {
       for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
         const auto x = as_eigen(buffer.middle_rows(r0, rows));
         auto a = pre.middle_rows(r0, rows);
@@ -314,7 +298,7 @@ class ExpertFfn {
 
     const MatrixView<float> ws0 = scratch(workspace, n, 0);  // dh, then da
     const MatrixView<float> ws1 = scratch(workspace, n, 1);  // h, then dg
-    detail::with_activation(config_.activation, [&](auto act) {
+    with_activation(config_.activation, [&](auto act) {
       for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
         const auto g_y = as_eigen(dy.middle_rows(r0, rows));
         const auto x = as_eigen(buffer.middle_rows(r0, rows));

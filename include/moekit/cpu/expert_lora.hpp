@@ -248,7 +248,7 @@ class ExpertLora {
     const MatrixView<float> gate = saved.gate.empty() ? ws.s1 : saved.gate;
     const float s = scale_;
     const ExpertAdapters<const float>& ad = weights.lora;
-    detail::with_activation(config_.activation, [&](auto act) {
+    with_activation(config_.activation, [&](auto act) {
       for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
         const auto x = as_eigen(buffer.middle_rows(r0, rows));
         const MatrixView<float> a = pre.middle_rows(r0, rows);
@@ -327,7 +327,7 @@ class ExpertLora {
     const Scratch ws = scratch(workspace, n);
     const float s = scale_;
     const ExpertAdapters<const float>& ad = weights.lora;
-    detail::with_activation(config_.activation, [&](auto act) {
+    with_activation(config_.activation, [&](auto act) {
       for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
         const auto g_y = as_eigen(dy.middle_rows(r0, rows));
         const MatrixView<const float> xv = buffer.middle_rows(r0, rows);

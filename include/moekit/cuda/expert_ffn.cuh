@@ -128,21 +128,6 @@ inline int elementwise_grid(index_t n) {
   return static_cast<int>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
 }
 
-// Calls f(std::integral_constant<Activation, A>{}) for the run-time act.
-template <class F>
-void with_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::kRelu:
-      return f(std::integral_constant<Activation, Activation::kRelu>{});
-    case Activation::kGeluTanh:
-      return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kGeluErf:
-      return f(std::integral_constant<Activation, Activation::kGeluErf>{});
-    case Activation::kSilu:
-      return f(std::integral_constant<Activation, Activation::kSilu>{});
-  }
-}
-
 // One grouped GEMM, C_i = alpha op(A_i) op(B_i) + beta C_i in cuBLAS's
 // column-major terms, gathered on the host group by group (one group per
 // expert) and run by run(): the pointer arrays go to device memory
@@ -390,7 +375,7 @@ class ExpertFfn {
 
   void activate(MatrixView<const T> a, MatrixView<const T> g, MatrixView<T> h, index_t rows,
                 cudaStream_t stream) const {
-    detail::with_activation(config_.activation, [&](auto act) {
+    with_activation(config_.activation, [&](auto act) {
       detail::activate_kernel<decltype(act)::value, T>
           <<<detail::elementwise_grid(rows * config_.d_ff), 256, 0, stream>>>(a, g, h, rows);
     });
@@ -399,7 +384,7 @@ class ExpertFfn {
 
   void activate_backward(MatrixView<const T> a, MatrixView<const T> g, MatrixView<T> d,
                          MatrixView<T> dg, index_t rows, cudaStream_t stream) const {
-    detail::with_activation(config_.activation, [&](auto act) {
+    with_activation(config_.activation, [&](auto act) {
       detail::activate_backward_kernel<decltype(act)::value, T>
           <<<detail::elementwise_grid(rows * config_.d_ff), 256, 0, stream>>>(a, g, d, dg, rows);
     });
