@@ -59,7 +59,7 @@ run_cuda() {
   if command -v compute-sanitizer >/dev/null; then
     compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
       "$tests" --gtest_brief=1 >"$out/memcheck.txt" 2>&1 || status=1
-    grep -E "ERROR SUMMARY|PASSED|FAILED" "$out/memcheck.txt" | tail -n 3
+    grep -E "ERROR SUMMARY|PASSED|FAILED" "$out/memcheck.txt" | tail -n 3 || true
   else
     echo "compute-sanitizer not found: memcheck NOT run" | tee "$out/memcheck.txt"
     status=1
