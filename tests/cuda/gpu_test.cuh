@@ -4,7 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <limits>
+#include <random>
 #include <string>
+#include <vector>
 
 #include "moekit/core/error.hpp"
 #include "moekit/cuda/device.cuh"
@@ -25,6 +28,31 @@ namespace moekit_test {
 template <class T>
 T* fake(std::uintptr_t n) {
   return reinterpret_cast<T*>(n * 4096);
+}
+
+// T x e normal logits (sigma 2) with non-finite ones in fixed rows: NaN in
+// row 3, +inf in row 7 (its other experts get weight exactly 0: ties), -inf
+// in row 11, where T > 12.
+inline std::vector<float> random_logits(std::int64_t tokens, int e, std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> x(static_cast<std::size_t>(tokens * e));
+  for (float& v : x) v = normal(gen);
+  if (tokens > 12) {
+    x[3 * e + 0] = std::numeric_limits<float>::quiet_NaN();
+    x[7 * e + (e - 1)] = std::numeric_limits<float>::infinity();
+    x[11 * e + e / 2] = -std::numeric_limits<float>::infinity();
+  }
+  return x;
+}
+
+// n values uniform in [lo, hi).
+inline std::vector<float> random_floats(std::size_t n, float lo, float hi, std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(gen);
+  return v;
 }
 
 // f() must throw moekit::Error with `code` and a message containing `needle`.

@@ -47,24 +47,11 @@ using moekit_test::two_phase;
 using moekit_test::type_name;
 namespace gpu = moekit::gpu;
 
+using moekit_test::random_floats;
+using moekit_test::random_logits;
 using ::testing::Test;
 
 // ---- inputs -----------------------------------------------------------------
-
-// Normal logits with non-finite ones in fixed rows: a +inf row gives weights
-// of exactly 0 to its other experts (ties for kProbs).
-std::vector<float> random_logits(std::int64_t tokens, int e, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal(0.0f, 2.0f);
-  std::vector<float> x(static_cast<std::size_t>(tokens * e));
-  for (float& v : x) v = normal(gen);
-  if (tokens > 12) {
-    x[3 * e + 0] = std::numeric_limits<float>::quiet_NaN();
-    x[7 * e + (e - 1)] = std::numeric_limits<float>::infinity();
-    x[11 * e + e / 2] = -std::numeric_limits<float>::infinity();
-  }
-  return x;
-}
 
 // Column e - 1 far above the rest: every token's first choice is expert e - 1.
 std::vector<float> one_expert_logits(std::int64_t tokens, int e, std::uint32_t seed) {
@@ -94,14 +81,6 @@ std::vector<std::int32_t> random_ids(std::int64_t tokens, int e, int k, std::uin
     }
   }
   return ids;
-}
-
-std::vector<float> random_floats(std::size_t n, float lo, float hi, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(gen);
-  return v;
 }
 
 std::string describe(const CapacityConfig& c) {

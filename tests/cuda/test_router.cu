@@ -34,6 +34,8 @@ using moekit::VectorView;
 using moekit_test::CpuReference;
 using moekit_test::DeviceBuffer;
 using moekit_test::from_float;
+using moekit_test::random_floats;
+using moekit_test::random_logits;
 using moekit_test::SavedRouting;
 using moekit_test::to_float;
 using moekit_test::two_phase;
@@ -79,28 +81,6 @@ std::vector<Variant> variants(int e, int k) {
     g.group_score_top = 1;
     v.push_back({"softmax_groups", g, false});
   }
-  return v;
-}
-
-// Random logits with a few non-finite ones (NaN, +inf, -inf) in fixed rows.
-std::vector<float> random_logits(std::int64_t tokens, int e, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal(0.0f, 2.0f);
-  std::vector<float> x(tokens * e);
-  for (float& v : x) v = normal(gen);
-  if (tokens > 12) {
-    x[3 * e + 0] = std::numeric_limits<float>::quiet_NaN();
-    x[7 * e + (e - 1)] = std::numeric_limits<float>::infinity();
-    x[11 * e + e / 2] = -std::numeric_limits<float>::infinity();
-  }
-  return x;
-}
-
-std::vector<float> random_vector(std::size_t n, float lo, float hi, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(gen);
   return v;
 }
 
@@ -260,7 +240,7 @@ void check_route(std::int64_t tokens, std::uint32_t seed) {
                              v.name;
     SCOPED_TRACE(what);
     const auto x = random_logits(tokens, E, seed++);
-    const auto bias = v.bias ? random_vector(E, -0.5f, 0.5f, seed++) : std::vector<float>{};
+    const auto bias = v.bias ? random_floats(E, -0.5f, 0.5f, seed++) : std::vector<float>{};
     RouteRun<S, T> run(tokens, x, bias, v.gating);
     run.run();
     const SavedRouting got = run.saved();
@@ -277,7 +257,7 @@ void check_route(std::int64_t tokens, std::uint32_t seed) {
     EXPECT_EQ(0, std::memcmp(&stats, &stats2, sizeof stats));
 
     // Backward of the gate on the GPU's routing, against the CPU's.
-    const auto dw = random_vector(tokens * K, -1.0f, 1.0f, seed++);
+    const auto dw = random_floats(tokens * K, -1.0f, 1.0f, seed++);
     DeviceBuffer<float> d_dw(dw);
     DeviceBuffer<float> dlogits(tokens * E);
     DeviceBuffer<std::int64_t> invalid(1);
@@ -372,7 +352,7 @@ void check_losses(std::int64_t tokens, std::uint32_t seed) {
                              " K=" + std::to_string(K) + " " + v.name;
     SCOPED_TRACE(what);
     const auto x = random_logits(tokens, E, seed++);
-    const auto bias = v.bias ? random_vector(E, -0.5f, 0.5f, seed++) : std::vector<float>{};
+    const auto bias = v.bias ? random_floats(E, -0.5f, 0.5f, seed++) : std::vector<float>{};
     RouteRun<S, T> run(tokens, x, bias, v.gating);
     run.run();
     SavedRouting r = run.saved();  // both backends read the GPU's routing
@@ -383,7 +363,7 @@ void check_losses(std::int64_t tokens, std::uint32_t seed) {
     DeviceBuffer<float> weights(r.weights);
     DeviceBuffer<double> loss(1);
     DeviceBuffer<std::int64_t> invalid(1);
-    const auto init = random_vector(tokens * E, -1.0f, 1.0f, seed++);
+    const auto init = random_floats(tokens * E, -1.0f, 1.0f, seed++);
     DeviceBuffer<float> dlogits(init);
     const MatrixView<const T> logits(run.logits.get(), tokens, E);
 
