@@ -58,6 +58,21 @@ double seconds_per_call(F&& work, int reps) {
   return static_cast<double>(ms) * 1e-3 / reps;
 }
 
+// The ceiling: device-to-device copy bandwidth (read + write) for `bytes`.
+inline double copy_gbps(std::size_t bytes) {
+  DeviceMemory src(bytes), dst(bytes);
+  MOEKIT_CUDA_CHECK(cudaMemset(src.p, 1, bytes));
+  constexpr int kReps = 20;
+  (void)time_ms(
+      [&] { MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst.p, src.p, bytes, cudaMemcpyDeviceToDevice)); });
+  const float ms = time_ms([&] {
+    for (int i = 0; i < kReps; ++i) {
+      MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst.p, src.p, bytes, cudaMemcpyDeviceToDevice));
+    }
+  });
+  return 2.0 * static_cast<double>(bytes) * kReps / (static_cast<double>(ms) * 1e6);
+}
+
 // True (after saying why) where no CUDA device can be used: main then
 // returns 77.
 inline bool no_device() {

@@ -33,23 +33,9 @@ using moekit::MoeSpec;
 using moekit::VectorView;
 namespace gpu = moekit::gpu;
 
+using moekit_bench::copy_gbps;
 using moekit_bench::DeviceMemory;
 using moekit_bench::time_ms;
-
-// The ceiling: device-to-device copy bandwidth (read + write) for `bytes`.
-double copy_gbps(std::size_t bytes) {
-  DeviceMemory src(bytes), dst(bytes);
-  MOEKIT_CUDA_CHECK(cudaMemset(src.p, 1, bytes));
-  constexpr int kReps = 20;
-  (void)time_ms(
-      [&] { MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst.p, src.p, bytes, cudaMemcpyDeviceToDevice)); });
-  const float ms = time_ms([&] {
-    for (int i = 0; i < kReps; ++i) {
-      MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst.p, src.p, bytes, cudaMemcpyDeviceToDevice));
-    }
-  });
-  return 2.0 * static_cast<double>(bytes) * kReps / (static_cast<double>(ms) * 1e6);
-}
 
 template <class T>
 T* upload_logits(DeviceMemory& m, index_t tokens, int experts) {

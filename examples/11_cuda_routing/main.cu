@@ -2,10 +2,12 @@
 // two-phase workspace, the routing statistics and the aux-loss-free bias
 // update; capacity and the dispatch plan, dispatch into the expert-major
 // buffer, the experts (gpu::ExpertFfn, SwiGLU on cuBLAS grouped GEMMs), and
-// the weighted combine back to token order.
+// the weighted combine back to token order; then per-task LoRA adapters
+// (gpu::LoraBank) on a frozen projection of the layer's output.
 // Without a CUDA device it says so and exits with code 0.
 #include <cuda_bf16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -164,6 +166,53 @@ int main() {
         {y, tokens, d}, /*accumulate=*/false, stream));
     // [cuda_experts]
 
+    // [cuda_lora]
+    // Per-task adapters on a frozen shared d x d projection: token t belongs
+    // to task t % 8 and each task has its own rank-8 LoRA; one bank serves
+    // them all (SGMV: each adapter works on its own rows only).
+    constexpr int kTasks = 8;
+    const moekit::gpu::LoraBank<moekit::LoraSpec<8>, __nv_bfloat16> adapters(
+        {.d_in = d, .d_out = d, .num_adapters = kTasks, .alpha = 16.0f});
+    std::vector<std::int32_t> host_tasks(tokens);
+    for (moekit::index_t t = 0; t < tokens; ++t)
+      host_tasks[t] = static_cast<std::int32_t>(t % kTasks);
+    std::vector<__nv_bfloat16> host_proj(d * d);
+    for (auto& v : host_proj) v = __float2bfloat16(init(gen));
+    std::int32_t* tasks;
+    moekit::index_t *order, *task_offsets;
+    __nv_bfloat16 *proj, *lora_a, *lora_b, *z;
+    MOEKIT_CUDA_CHECK(cudaMalloc(&tasks, tokens * sizeof(std::int32_t)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&order, tokens * sizeof(moekit::index_t)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&task_offsets, (kTasks + 1) * sizeof(moekit::index_t)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&proj, d * d * sizeof(__nv_bfloat16)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&lora_a, kTasks * 8 * d * sizeof(__nv_bfloat16)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&lora_b, kTasks * d * 8 * sizeof(__nv_bfloat16)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&z, tokens * d * sizeof(__nv_bfloat16)));
+    MOEKIT_CUDA_CHECK(cudaMemcpy(tasks, host_tasks.data(), tokens * sizeof(std::int32_t),
+                                 cudaMemcpyHostToDevice));
+    MOEKIT_CUDA_CHECK(
+        cudaMemcpy(proj, host_proj.data(), d * d * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice));
+    // Fresh adapters (a random, b = 0: each task starts as the base layer);
+    // trained ones would be loaded here instead.
+    const moekit::MatrixView<__nv_bfloat16> a_all(lora_a, kTasks * 8, d),
+        b_all(lora_b, kTasks * d, 8);
+    adapters.init(a_all, b_all, {.seed = 3}, stream);
+
+    // Group the rows by task once per batch, then z = y proj^T + adapter.
+    const std::size_t group_bytes = adapters.group_workspace_size(tokens);
+    const std::size_t lora_bytes = adapters.workspace_size(tokens);
+    void* lora_workspace;
+    MOEKIT_CUDA_CHECK(
+        cudaMalloc(&lora_workspace, group_bytes > lora_bytes ? group_bytes : lora_bytes));
+    adapters.group({tasks, tokens}, {order, tokens}, {task_offsets, kTasks + 1}, nullptr,
+                   lora_workspace, group_bytes, stream);
+    const moekit::gpu::LoraRows task_rows{
+        {tasks, tokens}, {order, tokens}, {task_offsets, kTasks + 1}};
+    adapters.forward(cublas, {y, tokens, d}, task_rows, {{proj, d, d}, {}, a_all, b_all},
+                     {z, tokens, d}, /*saved_h=*/{}, /*step=*/{}, lora_workspace, lora_bytes,
+                     stream);
+    // [cuda_lora]
+
     moekit::gpu::DispatchStats<Spec> host_dispatch;
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(&host_dispatch, dispatch_stats, sizeof(host_dispatch),
                                       cudaMemcpyDeviceToHost, stream));
@@ -173,6 +222,21 @@ int main() {
                 static_cast<long long>(host_dispatch.dropped), static_cast<long long>(tokens * K),
                 static_cast<long long>(host_dispatch.rows));
 
+    std::vector<__nv_bfloat16> host_z(tokens * d);
+    MOEKIT_CUDA_CHECK(
+        cudaMemcpy(host_z.data(), z, host_z.size() * sizeof(host_z[0]), cudaMemcpyDeviceToHost));
+    double sum_sq = 0.0;
+    for (const auto& v : host_z)
+      sum_sq += static_cast<double>(__bfloat162float(v)) * __bfloat162float(v);
+    std::printf("per-task LoRA on the layer output: %d adapters, rms %.4f\n", kTasks,
+                std::sqrt(sum_sq / static_cast<double>(host_z.size())));
+
+    for (void* p :
+         {static_cast<void*>(tasks), static_cast<void*>(order), static_cast<void*>(task_offsets),
+          static_cast<void*>(proj), static_cast<void*>(lora_a), static_cast<void*>(lora_b),
+          static_cast<void*>(z), lora_workspace}) {
+      MOEKIT_CUDA_CHECK(cudaFree(p));
+    }
     MOEKIT_CUBLAS_CHECK(cublasDestroy(cublas));
     MOEKIT_CUDA_CHECK(cudaFree(ffn_workspace));
     MOEKIT_CUDA_CHECK(cudaFree(expert_out));

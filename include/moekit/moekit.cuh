@@ -14,6 +14,7 @@
 #include "moekit/cuda/dispatch.cuh"
 #include "moekit/cuda/error.cuh"
 #include "moekit/cuda/expert_ffn.cuh"
+#include "moekit/cuda/lora.cuh"
 #include "moekit/cuda/router.cuh"
 #include "moekit/nn/param_count.hpp"
 #include "moekit/spec.hpp"

@@ -5,6 +5,7 @@
 // dense row-major std::vectors.
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "moekit/core/routing.hpp"
@@ -78,6 +79,43 @@ struct CpuReference {
 
 #define MOEKIT_TEST_DECLARE_REFERENCE(E, K) extern template struct CpuReference<E, K>;
 MOEKIT_TEST_CUDA_SPECS(MOEKIT_TEST_DECLARE_REFERENCE)
+
+// ---- LoRA (cpu_reference_lora.cpp) ----------------------------------------------
+
+// One LoRA call's inputs, fp32, dense row-major. ids empty: cpu::LoraLinear
+// (w required); else cpu::LoraBank with `adapters` adapters.
+struct LoraCase {
+  std::int64_t n = 0, d_in = 0, d_out = 0, adapters = 1;
+  float alpha = 1.0f, dropout = 0.0f;
+  bool rslora = false, training = false, accumulate = false;
+  std::uint64_t seed = 0, step = 0;
+  std::vector<std::int32_t> ids;  // n, or empty
+  std::vector<float> x, dy;       // n x d_in, n x d_out
+  std::vector<float> w, bias;     // d_out x d_in and d_out, or empty (bank)
+  std::vector<float> a, b;        // N R x d_in, N d_out x R
+  std::vector<float> y0, dx0;     // without w: the base values the bank adds to
+  std::vector<float> da0, db0;    // with accumulate: the gradients added to
+};
+
+struct LoraResult {
+  std::vector<float> y, h, dx, da, db;
+  std::vector<std::int64_t> order, offsets;  // bank only
+};
+
+// forward then backward of the CPU backend on `c`.
+template <int R>
+LoraResult cpu_lora(const LoraCase& c);
+// w after cpu::LoraBank::merge (sign > 0) or unmerge of adapter i.
+template <int R>
+std::vector<float> cpu_lora_merge(const LoraCase& c, std::int64_t adapter, float sign);
+// a and b after cpu::LoraBank::init.
+template <int R>
+std::pair<std::vector<float>, std::vector<float>> cpu_lora_init(std::int64_t adapters,
+                                                                std::int64_t d_in,
+                                                                std::int64_t d_out,
+                                                                std::uint64_t seed);
+
+#define MOEKIT_TEST_LORA_RANKS(X) X(1) X(8) X(16) X(72)
 #undef MOEKIT_TEST_DECLARE_REFERENCE
 
 }  // namespace moekit_test

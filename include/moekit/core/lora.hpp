@@ -22,7 +22,9 @@
 #include <cstdint>
 
 #include "moekit/core/config.hpp"
+#include "moekit/core/error.hpp"
 #include "moekit/core/random.hpp"
+#include "moekit/core/types.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
 
@@ -30,6 +32,52 @@ enum class LoraInit {
   kKaimingUniform,  // U(-1/sqrt(d_in), 1/sqrt(d_in)) (PyTorch / PEFT default)
   kGaussian,        // N(0, stddev^2)
 };
+
+// One adapter on a frozen linear layer (cpu::LoraLinear, gpu::LoraLinear).
+struct LoraConfig {
+  index_t d_in = 0;
+  index_t d_out = 0;
+  float alpha = 1.0f;    // s = alpha / R (alpha / sqrt(R) with rslora)
+  bool rslora = false;   // rank-stabilised scaling
+  float dropout = 0.0f;  // probability of dropping an adapter input element, in [0, 1)
+};
+
+// N adapters on one layer, each row picking its own (cpu::LoraBank, gpu::LoraBank).
+struct LoraBankConfig {
+  index_t d_in = 0;
+  index_t d_out = 0;
+  index_t num_adapters = 0;  // N
+  float alpha = 1.0f;        // shared by all adapters
+  bool rslora = false;
+  float dropout = 0.0f;
+};
+
+struct LoraInitConfig {
+  LoraInit kind = LoraInit::kKaimingUniform;
+  float stddev = 0.0f;     // kGaussian only; 0 means 1 / R
+  std::uint64_t seed = 0;  // A(r, j) is drawn with counter r d_in + j
+};
+
+// Training or inference, and the dropout noise of this step.
+struct LoraStep {
+  bool training = false;
+  std::uint64_t seed = 0;  // the run's seed
+  std::uint64_t step = 0;  // a new mask every step; backward must get the same values
+};
+
+// What every backend's constructor checks (Errc::kInvalidArgument).
+inline void check_lora_config(const LoraConfig& c) {
+  MOEKIT_CHECK_ARG(c.d_in >= 1, "config.d_in = ", c.d_in, " must be at least 1");
+  MOEKIT_CHECK_ARG(c.d_out >= 1, "config.d_out = ", c.d_out, " must be at least 1");
+  MOEKIT_CHECK_ARG(std::isfinite(c.alpha), "config.alpha = ", c.alpha, " must be finite");
+  MOEKIT_CHECK_ARG(c.dropout >= 0.0f && c.dropout < 1.0f, "config.dropout = ", c.dropout,
+                   " must be in [0, 1)");
+}
+inline void check_lora_config(const LoraBankConfig& c) {
+  check_lora_config(LoraConfig{c.d_in, c.d_out, c.alpha, c.rslora, c.dropout});
+  MOEKIT_CHECK_ARG(c.num_adapters >= 1 && c.num_adapters <= INT32_MAX,
+                   "config.num_adapters = ", c.num_adapters, " must be in [1, 2^31 - 1]");
+}
 
 MOEKIT_HOST_DEVICE inline float lora_scale(float alpha, int rank, bool rslora) {
   using std::sqrt;

@@ -111,35 +111,11 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
-struct LoraConfig {
-  index_t d_in = 0;
-  index_t d_out = 0;
-  float alpha = 1.0f;    // s = alpha / R (alpha / sqrt(R) with rslora)
-  bool rslora = false;   // rank-stabilised scaling
-  float dropout = 0.0f;  // probability of dropping an adapter input element, in [0, 1)
-};
-
-struct LoraBankConfig {
-  index_t d_in = 0;
-  index_t d_out = 0;
-  index_t num_adapters = 0;  // N
-  float alpha = 1.0f;        // shared by all adapters
-  bool rslora = false;
-  float dropout = 0.0f;
-};
-
-struct LoraInitConfig {
-  LoraInit kind = LoraInit::kKaimingUniform;
-  float stddev = 0.0f;     // kGaussian only; 0 means 1 / R
-  std::uint64_t seed = 0;  // A(r, j) is drawn with counter r d_in + j
-};
-
-// Training or inference, and the dropout noise of this step.
-struct LoraStep {
-  bool training = false;
-  std::uint64_t seed = 0;  // the run's seed
-  std::uint64_t step = 0;  // a new mask every step; backward must get the same values
-};
+// The configurations live in moekit/core/lora.hpp, shared with the CUDA backend.
+using ::moekit::LoraBankConfig;
+using ::moekit::LoraConfig;
+using ::moekit::LoraInitConfig;
+using ::moekit::LoraStep;
 
 struct LoraWeights {
   MatrixView<const float> w{};     // frozen base weight (LoraBank: may be empty)
@@ -164,14 +140,6 @@ struct LoraRows {
 };
 
 namespace detail {
-
-inline void check_lora_fields(index_t d_in, index_t d_out, float alpha, float dropout) {
-  MOEKIT_CHECK_ARG(d_in >= 1, "config.d_in = ", d_in, " must be at least 1");
-  MOEKIT_CHECK_ARG(d_out >= 1, "config.d_out = ", d_out, " must be at least 1");
-  MOEKIT_CHECK_ARG(std::isfinite(alpha), "config.alpha = ", alpha, " must be finite");
-  MOEKIT_CHECK_ARG(dropout >= 0.0f && dropout < 1.0f, "config.dropout = ", dropout,
-                   " must be in [0, 1)");
-}
 
 // The dropout of one call; inactive in inference or with p = 0.
 struct LoraMask {
@@ -537,7 +505,7 @@ class LoraLinear {
 
   // Rejects a configuration it cannot run (naming the field and value).
   explicit LoraLinear(const LoraConfig& config) : config_(config) {
-    detail::check_lora_fields(config.d_in, config.d_out, config.alpha, config.dropout);
+    check_lora_config(config);
     scale_ = lora_scale(config.alpha, kRank, config.rslora);
   }
 
@@ -704,9 +672,7 @@ class LoraBank {
   static constexpr int kRank = S::rank;
 
   explicit LoraBank(const LoraBankConfig& config) : config_(config) {
-    detail::check_lora_fields(config.d_in, config.d_out, config.alpha, config.dropout);
-    MOEKIT_CHECK_ARG(config.num_adapters >= 1 && config.num_adapters <= INT32_MAX,
-                     "config.num_adapters = ", config.num_adapters, " must be in [1, 2^31 - 1]");
+    check_lora_config(config);
     scale_ = lora_scale(config.alpha, kRank, config.rslora);
   }
 
