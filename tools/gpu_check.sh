@@ -15,8 +15,8 @@
 # the shared libraries they need beyond CUDA's and the C/C++ runtime's) is
 # what to copy to a GPU machine that lacks the build dependencies. Results
 # go to $OUT when set (the device tool's folder), else to
-# build/gpu/results: tests.txt, memcheck.txt, example.txt, bench_*.json.
-# Exits non-zero when a test, memcheck or the example fails.
+# build/gpu/results: tests.txt, memcheck.txt, example_*.txt, bench_*.json.
+# Exits non-zero when a test, memcheck or an example fails.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,12 +29,12 @@ build_cuda() {
   cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEKIT_WERROR=ON \
     -DMOEKIT_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
   cmake --build "$build" --target moekit_cuda_tests bench_cuda_routing bench_cuda_ffn bench_cuda_lora \
-    moekit_example_11_cuda_routing
+    moekit_example_11_cuda_routing moekit_example_13_cuda_heads
   local carry=$build/carry
   rm -rf "$carry" && mkdir -p "$carry/lib"
   cp "$build/tests/cuda/moekit_cuda_tests" "$build/bench/bench_cuda_routing" \
     "$build/bench/bench_cuda_ffn" "$build/bench/bench_cuda_lora" "$build/examples/11_cuda_routing" \
-    "$carry/"
+    "$build/examples/13_cuda_heads" "$carry/"
   # Shared libraries a bare CUDA machine may lack (GoogleTest, Google Benchmark).
   ldd "$carry"/moekit_cuda_tests "$carry"/bench_cuda_routing |
     awk '/=> \// && /(gtest|gmock|benchmark)/ {print $3}' | sort -u |
@@ -47,7 +47,6 @@ run_cuda() {
   mkdir -p "$out"
   local carry=$build/carry
   local tests=$carry/moekit_cuda_tests
-  local example=$carry/11_cuda_routing
   local status=0
   export LD_LIBRARY_PATH="$carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
@@ -66,9 +65,11 @@ run_cuda() {
     status=1
   fi
 
-  echo "== example 11"
-  "$example" >"$out/example.txt" 2>&1 || status=1
-  tail -n 3 "$out/example.txt"
+  for example in 11_cuda_routing 13_cuda_heads; do
+    echo "== example $example"
+    "$carry/$example" >"$out/example_$example.txt" 2>&1 || status=1
+    tail -n 3 "$out/example_$example.txt"
+  done
 
   echo "== benchmarks"
   for bench in bench_cuda_routing bench_cuda_ffn bench_cuda_lora; do

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "moekit/core/classification.hpp"
 #include "moekit/core/routing.hpp"
 
 namespace moekit_test {
@@ -117,5 +118,65 @@ std::pair<std::vector<float>, std::vector<float>> cpu_lora_init(std::int64_t ada
 
 #define MOEKIT_TEST_LORA_RANKS(X) X(1) X(8) X(16) X(72)
 #undef MOEKIT_TEST_DECLARE_REFERENCE
+
+// ---- task heads, distillation and early exit (test_heads.cu) ---------------
+
+// A task-head problem: dense row-major host data.
+struct HeadsProblem {
+  std::int64_t n = 0, d = 0;
+  std::vector<std::int64_t> classes;  // C_h, H entries
+  bool bias = true;
+  std::vector<float> x;              // n x d
+  std::vector<std::int32_t> tasks;   // n, or empty (H = 1)
+  std::vector<std::int32_t> labels;  // n
+  std::vector<float> w, b;           // (sum C) x d, sum C
+  moekit::TaskWeighting kind = moekit::TaskWeighting::kFixed;
+  std::vector<float> task_weights;  // kFixed: H or empty; kUncertainty: the H log_vars
+  bool accumulate = false;
+  std::vector<float> dw_in, db_in;  // the gradients before backward (accumulate)
+};
+
+// What cpu::TaskHeads computes: forward, loss (with dlogits and, for
+// kUncertainty, dlog_vars), then backward from its own dlogits.
+struct HeadsResult {
+  std::vector<float> logits, dlogits, dlog_vars, dx, dw, db;
+  double total = 0.0;
+  std::vector<double> loss, accuracy;
+  std::vector<std::int64_t> count;
+};
+
+template <int H>
+struct CpuHeadsReference {
+  static HeadsResult run(const HeadsProblem& p);
+};
+
+// cpu::distillation_loss; dstudent (n x C) is resized and written.
+moekit::DistillationLoss cpu_distillation(const moekit::DistillationConfig& config,
+                                          const std::vector<float>& student,
+                                          const std::vector<float>& teacher, std::int64_t n,
+                                          std::int64_t c, const std::vector<std::int32_t>& labels,
+                                          std::vector<float>& dstudent);
+
+// cpu::EarlyExit over a whole batch: exit i sees the live rows of
+// exit_logits[i] (n x C, one row per sample). Per step: the live count, kept
+// and state.original (their first m' entries).
+struct ExitRun {
+  std::vector<std::int32_t> prediction, exit;
+  std::vector<float> confidence;
+  std::vector<std::int64_t> live;
+  std::vector<std::vector<std::int64_t>> kept, original;
+};
+ExitRun cpu_early_exit(const moekit::EarlyExitConfig& config,
+                       const std::vector<std::vector<float>>& exit_logits, std::int64_t n,
+                       std::int64_t c);
+
+// cpu::multi_exit_loss with gradients (dlogits resized, k of n x C) and L_i.
+double cpu_multi_exit_loss(const std::vector<std::vector<float>>& logits, std::int64_t n,
+                           std::int64_t c, const std::vector<std::int32_t>& labels,
+                           const std::vector<float>& exit_weights,
+                           std::vector<std::vector<float>>& dlogits,
+                           std::vector<double>& exit_losses);
+
+// ---- end of task heads, distillation and early exit ------------------------
 
 }  // namespace moekit_test

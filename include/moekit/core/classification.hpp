@@ -21,6 +21,12 @@
 // p and log q are formed as (z - max)/T - log Z, never as log(exp(.)), so a p
 // that underflows to 0 contributes 0 log 0 = 0 to KL, not NaN.
 //
+// Element types. The row functions take rows of any type Z that converts to
+// float (float on the CPU; __nv_bfloat16 and __half in CUDA kernels) and
+// write gradients of any type D constructible from float; every value is
+// read once as float and the math runs in float / double as above, so a
+// bf16 row gives the fp32 result of its rounded values.
+//
 // Non-finite logits. The loss functions (cross_entropy_row, distillation_row)
 // do not sanitise: a NaN or Inf logit gives a non-finite loss and gradient,
 // which the caller sees. The exit scores follow the routing rule
@@ -32,8 +38,10 @@
 #include <cmath>
 
 #include "moekit/core/config.hpp"
+#include "moekit/core/error.hpp"
 #include "moekit/core/routing.hpp"
 #include "moekit/core/types.hpp"
+#include "moekit/core/view.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
 
@@ -52,6 +60,99 @@ struct ExitCriteria {
   float min_margin = routing::kInf;
   int patience = 0;
 };
+
+// ---- configurations shared by the backends (validated on the host) --------
+
+// Early exit (cpu::EarlyExit, gpu::EarlyExit).
+struct EarlyExitConfig {
+  ExitCriteria criteria{};  // which rules are on (all off by default)
+  int num_exits = 0;        // exits in the model; the last takes every live row
+};
+
+// Rejects criteria that cannot be meant (naming the field and value).
+inline void check_early_exit_config(const EarlyExitConfig& config) {
+  const ExitCriteria& c = config.criteria;
+  MOEKIT_CHECK_ARG(config.num_exits >= 1, "config.num_exits = ", config.num_exits,
+                   " must be at least 1");
+  MOEKIT_CHECK_ARG(
+      c.min_confidence == routing::kInf || (c.min_confidence >= 0.0f && c.min_confidence <= 1.0f),
+      "config.criteria.min_confidence = ", c.min_confidence, " must be in [0, 1] or +inf (off)");
+  MOEKIT_CHECK_ARG(c.min_margin == routing::kInf || (c.min_margin >= 0.0f && c.min_margin <= 1.0f),
+                   "config.criteria.min_margin = ", c.min_margin,
+                   " must be in [0, 1] or +inf (off)");
+  MOEKIT_CHECK_ARG(
+      c.max_entropy == -routing::kInf || (c.max_entropy >= 0.0f && c.max_entropy < routing::kInf),
+      "config.criteria.max_entropy = ", c.max_entropy, " must be finite and >= 0, or -inf (off)");
+  MOEKIT_CHECK_ARG(c.patience >= 0, "config.criteria.patience = ", c.patience,
+                   " must be >= 0 (0 is off)");
+}
+
+// Knowledge distillation (cpu::distillation_loss, gpu::distillation_loss).
+struct DistillationConfig {
+  float temperature = 1.0f;  // T > 0
+  float alpha = 0.5f;        // weight a of the soft (teacher) term, in [0, 1]
+};
+
+// Means over the batch of the distillation loss (formulas at the top).
+struct DistillationLoss {
+  double loss = 0.0;  // L
+  double kl = 0.0;    // mean KL(p || q), without a T^2
+  double ce = 0.0;    // mean CE(y, softmax(s)), without 1 - a; 0 when a = 1
+};
+
+inline void check_distillation_config(const DistillationConfig& config) {
+  const float temp = config.temperature, alpha = config.alpha;
+  MOEKIT_CHECK_ARG(std::isfinite(temp) && temp > 0.0f, "config.temperature = ", temp,
+                   " must be finite and positive");
+  MOEKIT_CHECK_ARG(std::isfinite(alpha) && alpha >= 0.0f && alpha <= 1.0f, "config.alpha = ", alpha,
+                   " must be in [0, 1]");
+}
+
+// How task heads combine the per-task losses (cpu::TaskHeads, gpu::TaskHeads).
+enum class TaskWeighting {
+  kFixed,        // L = sum w_h L_h
+  kUncertainty,  // L = sum exp(-s_h) L_h + s_h
+};
+
+// The task weights, in HOST memory on both backends (H floats each).
+struct TaskWeights {
+  TaskWeighting kind = TaskWeighting::kFixed;
+  VectorView<const float> fixed{};     // kFixed: H weights >= 0, or empty for all 1
+  VectorView<const float> log_vars{};  // kUncertainty: the H learned s_h
+};
+
+// Weights of H heads, and dlog_vars (H entries or empty; empty for kFixed).
+// Reads only w's host arrays and the size of dlog_vars.
+inline void check_task_weights(const TaskWeights& w, int heads, VectorView<float> dlog_vars) {
+  if (w.kind == TaskWeighting::kFixed) {
+    MOEKIT_CHECK(w.log_vars.empty() && dlog_vars.empty(), Errc::kInvalidArgument,
+                 "log_vars / dlog_vars must be empty for TaskWeighting::kFixed, got ",
+                 w.log_vars.size(), " / ", dlog_vars.size(), " elements");
+    if (w.fixed.empty()) return;
+    check_shape(w.fixed, heads, "weighting.fixed");
+    for (int h = 0; h < heads; ++h) {
+      MOEKIT_CHECK_ARG(std::isfinite(w.fixed[h]) && w.fixed[h] >= 0.0f, "weighting.fixed[", h,
+                       "] = ", w.fixed[h], " must be finite and non-negative");
+    }
+    return;
+  }
+  MOEKIT_CHECK_ARG(w.kind == TaskWeighting::kUncertainty,
+                   "weighting.kind = ", static_cast<int>(w.kind), " is not a TaskWeighting");
+  MOEKIT_CHECK(w.fixed.empty(), Errc::kInvalidArgument, "weighting.fixed has ", w.fixed.size(),
+               " elements but must be empty for TaskWeighting::kUncertainty");
+  check_shape(w.log_vars, heads, "weighting.log_vars");
+  if (!dlog_vars.empty()) check_shape(dlog_vars, heads, "dlog_vars");
+  for (int h = 0; h < heads; ++h) {
+    MOEKIT_CHECK_ARG(std::isfinite(w.log_vars[h]), "weighting.log_vars[", h, "] = ", w.log_vars[h],
+                     " is not finite");
+  }
+}
+
+// c_h: the weight of task h's loss in L (w checked).
+inline double task_coefficient(const TaskWeights& w, int h) {
+  if (w.kind == TaskWeighting::kUncertainty) return std::exp(-static_cast<double>(w.log_vars[h]));
+  return w.fixed.empty() ? 1.0 : static_cast<double>(w.fixed[h]);
+}
 
 namespace classify {
 
@@ -74,26 +175,40 @@ MOEKIT_HOST_DEVICE inline float log_(float v) {
   return log(v);
 }
 
+// An element as float (see "Element types" at the top).
+template <class Z>
+MOEKIT_HOST_DEVICE inline float value(const Z& v) {
+  return static_cast<float>(v);
+}
+
 // max_c z_c (no sanitising; for the loss functions).
-MOEKIT_HOST_DEVICE inline float row_max(const float* z, index_t n) {
-  float m = z[0];
-  for (index_t c = 1; c < n; ++c) m = z[c] > m ? z[c] : m;
+template <class Z>
+MOEKIT_HOST_DEVICE inline float row_max(const Z* z, index_t n) {
+  float m = value(z[0]);
+  for (index_t c = 1; c < n; ++c) {
+    const float x = value(z[c]);
+    m = x > m ? x : m;
+  }
   return m;
 }
 
 // sum_c exp((z_c - m) * inv_t) in double; m = row_max(z), inv_t > 0.
-MOEKIT_HOST_DEVICE inline double sum_exp(const float* z, index_t n, float m, float inv_t) {
+template <class Z>
+MOEKIT_HOST_DEVICE inline double sum_exp(const Z* z, index_t n, float m, float inv_t) {
   double s = 0.0;
-  for (index_t c = 0; c < n; ++c) s += static_cast<double>(routing::exp_((z[c] - m) * inv_t));
+  for (index_t c = 0; c < n; ++c) {
+    s += static_cast<double>(routing::exp_((value(z[c]) - m) * inv_t));
+  }
   return s;
 }
 
 // argmax_c z_c with NaN as -inf, ties -> lower class; n >= 1.
-MOEKIT_HOST_DEVICE inline int argmax(const float* z, index_t n) {
+template <class Z>
+MOEKIT_HOST_DEVICE inline int argmax(const Z* z, index_t n) {
   int best = 0;
-  float v = routing::sanitize(z[0]);
+  float v = routing::sanitize(value(z[0]));
   for (index_t c = 1; c < n; ++c) {
-    const float x = routing::sanitize(z[c]);
+    const float x = routing::sanitize(value(z[c]));
     if (x > v) {
       v = x;
       best = static_cast<int>(c);
@@ -105,28 +220,30 @@ MOEKIT_HOST_DEVICE inline int argmax(const float* z, index_t n) {
 // Softmax cross-entropy of row z (n >= 1 classes) with label y in [0, n).
 // Returns CE (in double). When dz is not null, writes
 // dz_c = scale (softmax(z)_c - [c == y]) for every c.
-MOEKIT_HOST_DEVICE inline double cross_entropy_row(const float* z, index_t n, int y, float scale,
-                                                   float* dz) {
+template <class Z, class D>
+MOEKIT_HOST_DEVICE inline double cross_entropy_row(const Z* z, index_t n, int y, float scale,
+                                                   D* dz) {
   const float m = row_max(z, n);
   const double total = sum_exp(z, n, m, 1.0f);
   if (dz != nullptr) {
     const float inv = static_cast<float>(1.0 / total);
     for (index_t c = 0; c < n; ++c) {
-      const float p = routing::exp_(z[c] - m) * inv;
-      dz[c] = scale * (c == y ? p - 1.0f : p);
+      const float p = routing::exp_(value(z[c]) - m) * inv;
+      dz[c] = static_cast<D>(scale * (c == y ? p - 1.0f : p));
     }
   }
   using std::log;
-  return log(total) - static_cast<double>(z[y] - m);
+  return log(total) - static_cast<double>(value(z[y]) - m);
 }
 
 // Distillation terms of one row: student s and teacher t (n >= 1 classes),
 // temperature > 0, alpha in [0, 1], label y in [0, n) (ignored, and may be
 // anything, when alpha = 1). When ds is not null writes
 // ds_c = scale (alpha T (q_c - p_c) + (1 - alpha) (r_c - [c == y])).
-MOEKIT_HOST_DEVICE inline DistillationTerms distillation_row(const float* s, const float* t,
-                                                             index_t n, int y, float temperature,
-                                                             float alpha, float scale, float* ds) {
+template <class Z, class D>
+MOEKIT_HOST_DEVICE inline DistillationTerms distillation_row(const Z* s, const Z* t, index_t n,
+                                                             int y, float temperature, float alpha,
+                                                             float scale, D* ds) {
   using std::log;
   const float inv_t = 1.0f / temperature;
   const float ms = row_max(s, n), mt = row_max(t, n);
@@ -140,34 +257,36 @@ MOEKIT_HOST_DEVICE inline DistillationTerms distillation_row(const float* s, con
   DistillationTerms out;
   double kl = 0.0;
   for (index_t c = 0; c < n; ++c) {
-    const float log_q = (s[c] - ms) * inv_t - log_zq;
-    const float log_p = (t[c] - mt) * inv_t - log_zp;
+    const float sc = value(s[c]);
+    const float log_q = (sc - ms) * inv_t - log_zq;
+    const float log_p = (value(t[c]) - mt) * inv_t - log_zp;
     const float p = routing::exp_(log_p), q = routing::exp_(log_q);
     kl += static_cast<double>(p) * (static_cast<double>(log_p) - static_cast<double>(log_q));
     if (ds != nullptr) {
       float g = g_kl * (q - p);
       if (want_ce) {
-        const float r = routing::exp_(s[c] - ms) * inv_zr;
+        const float r = routing::exp_(sc - ms) * inv_zr;
         g += g_ce * (c == y ? r - 1.0f : r);
       }
-      ds[c] = g;
+      ds[c] = static_cast<D>(g);
     }
   }
   out.kl = kl > 0.0 ? kl : 0.0;  // KL >= 0; rounding may dip below by an ulp
-  out.ce = want_ce ? log(zr) - static_cast<double>(s[y] - ms) : 0.0;
+  out.ce = want_ce ? log(zr) - static_cast<double>(value(s[y]) - ms) : 0.0;
   return out;
 }
 
 // The exit scores of row z (n >= 1), under the non-finite rule at the top.
-MOEKIT_HOST_DEVICE inline ExitScores exit_scores(const float* z, index_t n) {
+template <class Z>
+MOEKIT_HOST_DEVICE inline ExitScores exit_scores(const Z* z, index_t n) {
   ExitScores out;
   out.top1 = argmax(z, n);
-  const float m = routing::sanitize(z[out.top1]);
+  const float m = routing::sanitize(value(z[out.top1]));
   // p_c = w_c / total with w_c = exp(z_c - m), or the rule's masses.
   const bool special = !routing::is_finite(m);  // +inf present, or all -inf / NaN
   double total = 0.0;
   for (index_t c = 0; c < n; ++c) {
-    const float x = routing::sanitize(z[c]);
+    const float x = routing::sanitize(value(z[c]));
     total += special ? ((x == m) ? 1.0 : 0.0) : static_cast<double>(routing::exp_(x - m));
   }
   const float inv = static_cast<float>(1.0 / total);
@@ -176,7 +295,7 @@ MOEKIT_HOST_DEVICE inline ExitScores exit_scores(const float* z, index_t n) {
   using std::log;
   const double log_total = log(total);
   for (index_t c = 0; c < n; ++c) {
-    const float x = routing::sanitize(z[c]);
+    const float x = routing::sanitize(value(z[c]));
     float p;
     double log_p;
     if (special) {

@@ -42,28 +42,17 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
-struct DistillationConfig {
-  float temperature = 1.0f;  // T > 0
-  float alpha = 0.5f;        // weight a of the soft (teacher) term, in [0, 1]
-};
+using ::moekit::DistillationConfig;  // core/classification.hpp
 
-// Means over the batch (formulas above).
-struct DistillationLoss {
-  double loss = 0.0;  // L
-  double kl = 0.0;    // mean KL(p || q), without a T^2
-  double ce = 0.0;    // mean CE(y, softmax(s)), without 1 - a; 0 when a = 1
-};
+using ::moekit::DistillationLoss;  // the means over the batch (formulas above)
 
 inline DistillationLoss distillation_loss(const DistillationConfig& config,
                                           MatrixView<const float> student,
                                           MatrixView<const float> teacher,
                                           VectorView<const std::int32_t> labels,
                                           MatrixView<float> dstudent = {}) {
+  check_distillation_config(config);
   const float temp = config.temperature, alpha = config.alpha;
-  MOEKIT_CHECK_ARG(std::isfinite(temp) && temp > 0.0f, "config.temperature = ", temp,
-                   " must be finite and positive");
-  MOEKIT_CHECK_ARG(std::isfinite(alpha) && alpha >= 0.0f && alpha <= 1.0f, "config.alpha = ", alpha,
-                   " must be in [0, 1]");
   check_view(student, "student");
   const index_t n = student.rows(), c = student.cols();
   MOEKIT_CHECK(n == 0 || c >= 1, Errc::kShapeMismatch, "student is ", n, " x ", c,

@@ -65,10 +65,7 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
-struct EarlyExitConfig {
-  ExitCriteria criteria{};  // which rules are on (all off by default)
-  int num_exits = 0;        // exits in the model; the last takes every live row
-};
+using ::moekit::EarlyExitConfig;  // core/classification.hpp
 
 // Per-sample results in the batch's original order (n entries each).
 struct ExitResults {
@@ -88,20 +85,7 @@ class EarlyExit {
  public:
   // Rejects criteria that cannot be meant (naming the field and value).
   explicit EarlyExit(const EarlyExitConfig& config) : config_(config) {
-    const ExitCriteria& c = config.criteria;
-    MOEKIT_CHECK_ARG(config.num_exits >= 1, "config.num_exits = ", config.num_exits,
-                     " must be at least 1");
-    MOEKIT_CHECK_ARG(
-        c.min_confidence == routing::kInf || (c.min_confidence >= 0.0f && c.min_confidence <= 1.0f),
-        "config.criteria.min_confidence = ", c.min_confidence, " must be in [0, 1] or +inf (off)");
-    MOEKIT_CHECK_ARG(
-        c.min_margin == routing::kInf || (c.min_margin >= 0.0f && c.min_margin <= 1.0f),
-        "config.criteria.min_margin = ", c.min_margin, " must be in [0, 1] or +inf (off)");
-    MOEKIT_CHECK_ARG(
-        c.max_entropy == -routing::kInf || (c.max_entropy >= 0.0f && c.max_entropy < routing::kInf),
-        "config.criteria.max_entropy = ", c.max_entropy, " must be finite and >= 0, or -inf (off)");
-    MOEKIT_CHECK_ARG(c.patience >= 0, "config.criteria.patience = ", c.patience,
-                     " must be >= 0 (0 is off)");
+    check_early_exit_config(config);
   }
 
   const EarlyExitConfig& config() const { return config_; }

@@ -110,17 +110,9 @@ struct HeadGrads {
   bool accumulate = false;  // add to dw / db instead of overwriting them
 };
 
-enum class TaskWeighting {
-  kFixed,        // L = sum w_h L_h
-  kUncertainty,  // L = sum exp(-s_h) L_h + s_h
-};
-
-// How loss() combines the per-task losses.
-struct TaskWeights {
-  TaskWeighting kind = TaskWeighting::kFixed;
-  VectorView<const float> fixed{};     // kFixed: H weights >= 0, or empty for all 1
-  VectorView<const float> log_vars{};  // kUncertainty: the H learned s_h
-};
+// How loss() combines the per-task losses (core/classification.hpp).
+using ::moekit::TaskWeighting;
+using ::moekit::TaskWeights;
 
 // What loss() returns: the combined loss and per-task statistics.
 template <HeadSpecType S>
@@ -396,28 +388,7 @@ class TaskHeads {
   }
 
   static void check_weighting(const TaskWeights& w, VectorView<float> dlog_vars) {
-    if (w.kind == TaskWeighting::kFixed) {
-      MOEKIT_CHECK(w.log_vars.empty() && dlog_vars.empty(), Errc::kInvalidArgument,
-                   "log_vars / dlog_vars must be empty for TaskWeighting::kFixed, got ",
-                   w.log_vars.size(), " / ", dlog_vars.size(), " elements");
-      if (w.fixed.empty()) return;
-      check_shape(w.fixed, kHeads, "weighting.fixed");
-      for (int h = 0; h < kHeads; ++h) {
-        MOEKIT_CHECK_ARG(std::isfinite(w.fixed[h]) && w.fixed[h] >= 0.0f, "weighting.fixed[", h,
-                         "] = ", w.fixed[h], " must be finite and non-negative");
-      }
-      return;
-    }
-    MOEKIT_CHECK_ARG(w.kind == TaskWeighting::kUncertainty,
-                     "weighting.kind = ", static_cast<int>(w.kind), " is not a TaskWeighting");
-    MOEKIT_CHECK(w.fixed.empty(), Errc::kInvalidArgument, "weighting.fixed has ", w.fixed.size(),
-                 " elements but must be empty for TaskWeighting::kUncertainty");
-    check_shape(w.log_vars, kHeads, "weighting.log_vars");
-    if (!dlog_vars.empty()) check_shape(dlog_vars, kHeads, "dlog_vars");
-    for (int h = 0; h < kHeads; ++h) {
-      MOEKIT_CHECK_ARG(std::isfinite(w.log_vars[h]), "weighting.log_vars[", h,
-                       "] = ", w.log_vars[h], " is not finite");
-    }
+    check_task_weights(w, kHeads, dlog_vars);
   }
 
   void check_workspace(VectorView<std::byte> workspace, index_t n) const {
@@ -432,10 +403,7 @@ class TaskHeads {
   }
 
   // c_h: the weight of task h's loss in L.
-  static double coefficient(const TaskWeights& w, int h) {
-    if (w.kind == TaskWeighting::kUncertainty) return std::exp(-static_cast<double>(w.log_vars[h]));
-    return w.fixed.empty() ? 1.0 : static_cast<double>(w.fixed[h]);
-  }
+  static double coefficient(const TaskWeights& w, int h) { return task_coefficient(w, h); }
 
   // Stable counting sort of the rows by task (tasks validated).
   Plan make_plan(VectorView<const std::int32_t> tasks, index_t n,
