@@ -15,7 +15,8 @@
 # the shared libraries they need beyond CUDA's and the C/C++ runtime's) is
 # what to copy to a GPU machine that lacks the build dependencies. Results
 # go to $OUT when set (the device tool's folder), else to
-# build/gpu/results: tests.txt, memcheck.txt, example_*.txt, bench_*.json.
+# build/gpu/results: tests.txt, memcheck.txt, racecheck.txt, synccheck.txt,
+# example_*.txt, bench_*.json.
 # Exits non-zero when a test, memcheck or an example fails.
 set -euo pipefail
 
@@ -60,6 +61,14 @@ run_cuda() {
     compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
       "$tests" --gtest_brief=1 >"$out/memcheck.txt" 2>&1 || status=1
     grep -E "ERROR SUMMARY|PASSED|FAILED" "$out/memcheck.txt" | tail -n 3 || true
+    # Shared-memory races and barrier misuse in the kernels that tile through
+    # shared memory (a subset: racecheck is slow).
+    for tool in racecheck synccheck; do
+      compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 "$tests" \
+        --gtest_brief=1 --gtest_filter='CudaLora*:*Head*:*Exit*:*Dispatch*' \
+        >"$out/$tool.txt" 2>&1 || status=1
+      echo "$tool: $(grep -E "ERROR SUMMARY" "$out/$tool.txt" | tail -n 1 || true)"
+    done
   else
     echo "compute-sanitizer not found: memcheck NOT run" | tee "$out/memcheck.txt"
     status=1

@@ -290,6 +290,9 @@ TEST(CudaLora, BankMatchesCpuFp32) {
   }
   compare_with_cpu<1, float>({.n = 77, .d_in = 33, .d_out = 7, .adapters = 3}, 12);
   compare_with_cpu<72, float>({.n = 300, .d_in = 120, .d_out = 88, .adapters = 5}, 13);
+  // No rows: outputs untouched, every adapter's gradient 0.
+  compare_with_cpu<8, float>({.n = 0, .d_in = 32, .d_out = 16, .adapters = 4}, 14);
+  compare_with_cpu<8, float>({.n = 0, .d_in = 32, .d_out = 16, .adapters = 1, .bank = false}, 15);
 }
 
 TEST(CudaLora, BankMatchesCpuWithDropoutAndAccumulate) {
@@ -315,6 +318,7 @@ TEST(CudaLora, SplitGradientSumsMatchCpu) {
   compare_with_cpu<16, float>({.n = 8192, .d_in = 256, .d_out = 128, .adapters = 1}, 30);
   compare_with_cpu<16, float>(
       {.n = 8192, .d_in = 128, .d_out = 256, .adapters = 1, .bank = false, .accumulate = true}, 31);
+  compare_with_cpu<16, float>({.n = 4096, .d_in = 256, .d_out = 128, .adapters = 4}, 32);
 }
 
 TEST(CudaLora, HalfPrecisionMatchesCpu) {
@@ -335,10 +339,10 @@ TEST(CudaLora, GroupCountsInvalidIdsAndTreatsThemAsNone) {
   const std::int64_t n = 50, N = 4;
   std::vector<std::int32_t> ids(static_cast<std::size_t>(n));
   for (std::int64_t t = 0; t < n; ++t)
-    ids[static_cast<std::size_t>(t)] = static_cast<std::int32_t>(t % 7) - 1;
-  ids[3] = 4;      // == N: invalid
-  ids[9] = -7;     // invalid
-  ids[10] = 1000;  // invalid
+    ids[static_cast<std::size_t>(t)] = static_cast<std::int32_t>(t % (N + 1)) - 1;  // -1 .. N - 1
+  ids[3] = 4;                                                                       // == N: invalid
+  ids[9] = -7;                                                                      // invalid
+  ids[10] = 1000;                                                                   // invalid
   const moekit::gpu::LoraBank<LoraSpec<4>, float> bank({.d_in = 8, .d_out = 8, .num_adapters = N});
   DeviceBuffer<std::int32_t> d_ids(ids);
   DeviceBuffer<index_t> order(static_cast<std::size_t>(n)),

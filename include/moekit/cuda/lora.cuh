@@ -30,7 +30,8 @@
 // segment sizes, so tiles are numbered per segment from floor(offsets[i] /
 // tile) + i: those ranges never overlap and all lie below n / tile + N, the
 // grid size. A block finds its segment by binary search and leaves if its
-// tile is past the segment's end (at most N + 1 idle blocks). So every call
+// tile is past the segment's end (the numbering's gaps, and the tiles rows
+// without an adapter would have had, are idle blocks). So every call
 // is stream-ordered and can be captured into a CUDA graph; the base GEMMs
 // are cuBLAS calls on the caller's handle (set to `stream`).
 //
@@ -524,19 +525,32 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// From the sorted keys: offsets[i] = the first position whose key is >= i
-// (each written once, at the position where the key passes i), the tail of
-// order (rows without an adapter) set to -1, and the invalid count.
+// The first position in sorted keys[0, n) whose key is >= k.
+MOEKIT_DEVICE inline index_t lower_bound(const std::uint32_t* keys, index_t n, std::int64_t k) {
+  index_t lo = 0, hi = n;
+  while (lo < hi) {
+    const index_t mid = (lo + hi) / 2;
+    if (std::int64_t{keys[mid]} < k) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// From the sorted keys: offsets[i] = lower_bound(i) for i <= N, the invalid
+// count n - lower_bound(N + 1), and -1 in order's tail (rows without an
+// adapter). One thread per entry: O(log n) each, whatever N and n.
 __global__ void __launch_bounds__(256)
     lora_offsets_kernel(const std::uint32_t* keys, index_t n, std::int64_t adapters, index_t* order,
                         index_t* offsets, std::int64_t* invalid) {
-  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p <= n;
+  const index_t count = n > adapters + 2 ? n : adapters + 2;
+  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < count;
        p += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t before = p > 0 ? std::int64_t{keys[p - 1]} : -1;
-    const std::int64_t here = p < n ? std::int64_t{keys[p]} : adapters + 2;
-    for (std::int64_t i = before + 1; i <= here && i <= adapters; ++i) offsets[i] = p;
-    if (p < n && here >= adapters) order[p] = -1;
-    if (invalid != nullptr && before < adapters + 1 && here >= adapters + 1) *invalid = n - p;
+    if (p <= adapters) offsets[p] = lower_bound(keys, n, p);
+    if (p == adapters + 1 && invalid != nullptr) *invalid = n - lower_bound(keys, n, p);
+    if (p < n && std::int64_t{keys[p]} >= adapters) order[p] = -1;
   }
 }
 
@@ -565,7 +579,9 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// a(r, j) = lora_init_value(counter (first + r) d_in + j), b = 0: the CPU's values.
+// a(r, j) = lora_init_value(counter (first + r) d_in + j), b = 0: the CPU's
+// values (bit for bit for kKaimingUniform; kGaussian's log and cos may differ
+// from the host's in the last bit).
 template <class T>
 __global__ void __launch_bounds__(256)
     lora_init_kernel(MatrixView<T> a, MatrixView<T> b, LoraInit kind, float spread,
@@ -728,8 +744,6 @@ class LoraOps {
     const index_t d = in.cols();
     const int s = splits(seg.rows, seg.count, d);
     const index_t columns = static_cast<index_t>(kLoraThreads) * kOuterColumns<R>;
-    MOEKIT_CHECK_ARG(seg.count <= 65535, "num_adapters = ", seg.count,
-                     " exceeds the 65535 adapters a backward launch can take");
     const dim3 blocks(static_cast<unsigned>(grid((d + columns - 1) / columns)),
                       static_cast<unsigned>(seg.count), static_cast<unsigned>(s));
     float* part = static_cast<float*>(partials);
@@ -760,6 +774,12 @@ inline void check_workspace(const void* workspace, std::size_t bytes, std::size_
   MOEKIT_CHECK(workspace != nullptr, Errc::kNullPointer, "workspace is null");
   MOEKIT_CHECK(reinterpret_cast<std::uintptr_t>(workspace) % kWorkspaceAlignment == 0,
                Errc::kInvalidArgument, "workspace is not 256-byte aligned");
+}
+
+// A leading dimension cuBLAS accepts: a view of one row may have ld < cols.
+template <class V>
+index_t gemm_ld(const V& v) {
+  return v.ld() > v.cols() ? v.ld() : v.cols();
 }
 
 template <class T>
@@ -824,6 +844,7 @@ class LoraLayer {
     check_shape(y, n, d_out_, "y");
     if (!saved_h.empty()) check_h(saved_h, n, "saved_h");
     check_workspace(workspace, bytes, workspace_size(n));
+    check_launch_limits(n, false);
     if (n == 0) return;
     if (!w.w.empty()) base_forward(handle, x, w, y, stream);
     const MatrixView<float> h = saved_h.empty() ? scratch(workspace, n) : saved_h;
@@ -852,14 +873,15 @@ class LoraLayer {
       check_h(saved_h, n, "saved_h");
     }
     check_workspace(workspace, bytes, workspace_size(n));
+    check_launch_limits(n, want_da || want_db);
     if (!want_dx && !want_da && !want_db) return;
     void* partials =
         static_cast<char*>(workspace) + round_up(static_cast<std::size_t>(n * R) * sizeof(float));
     if (want_dx && !w.w.empty() && n > 0) {
       MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
       // dx = dy w: column-major dx^T (d_in x n) = w^T (d_in x d_out) dy^T.
-      cublas_gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, d_in_, n, d_out_, w.w.data(), w.w.ld(),
-                  dy.data(), dy.ld(), 0.0f, dx.data(), dx.ld());
+      cublas_gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, d_in_, n, d_out_, w.w.data(), gemm_ld(w.w),
+                  dy.data(), gemm_ld(dy), 0.0f, dx.data(), gemm_ld(dx));
     }
     if (want_db) ops_.outer_db(saved_h, dy, seg, grads.db, grads.accumulate, partials, stream);
     const MatrixView<float> dh = scratch(workspace, n);
@@ -934,6 +956,18 @@ class LoraLayer {
   }
 
  private:
+  // What the launches need, checked before the first one: 32-bit GEMM sizes,
+  // grid sizes, and at most 65535 adapters in the gradient grids' y.
+  void check_launch_limits(index_t n, bool gradients) const {
+    constexpr index_t kMax = std::numeric_limits<std::int32_t>::max();
+    MOEKIT_CHECK_ARG(n <= kMax && d_in_ <= kMax && d_out_ <= kMax, "n = ", n, ", d_in = ", d_in_,
+                     ", d_out = ", d_out_, ": each must fit in 32 bits");
+    MOEKIT_CHECK_ARG(tile_blocks(n, adapters_, 1) <= kMax, "n = ", n, " rows and ", adapters_,
+                     " adapters exceed the grid limit");
+    MOEKIT_CHECK_ARG(!gradients || adapters_ <= 65535, "num_adapters = ", adapters_,
+                     " exceeds the 65535 adapters a gradient launch can take");
+  }
+
   void check_h(MatrixView<const float> h, index_t n, const char* name) const {
     check_view(h, name);
     check_rank(h.cols(), R, name, "columns");
@@ -954,8 +988,8 @@ class LoraLayer {
     }
     MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
     // Column-major y^T (d_out x n) = w (op T of d_in x d_out) x^T.
-    cublas_gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, d_out_, n, d_in_, w.w.data(), w.w.ld(), x.data(),
-                x.ld(), w.bias.empty() ? 0.0f : 1.0f, y.data(), y.ld());
+    cublas_gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, d_out_, n, d_in_, w.w.data(), gemm_ld(w.w),
+                x.data(), gemm_ld(x), w.bias.empty() ? 0.0f : 1.0f, y.data(), gemm_ld(y));
   }
 
   index_t d_in_, d_out_, adapters_;
@@ -1107,8 +1141,9 @@ class LoraBank {
           base, sort_bytes, keys_in, keys_out, values_in, order.data(),
           static_cast<std::int64_t>(n), 0, key_bits(), stream));
     }
-    detail::lora_offsets_kernel<<<detail::elementwise_grid(n + 1), 256, 0, stream>>>(
-        keys_out, n, num_adapters(), order.data(), offsets.data(), invalid);
+    detail::
+        lora_offsets_kernel<<<detail::elementwise_grid(n + num_adapters() + 2), 256, 0, stream>>>(
+            keys_out, n, num_adapters(), order.data(), offsets.data(), invalid);
     MOEKIT_CUDA_CHECK(cudaGetLastError());
   }
 
