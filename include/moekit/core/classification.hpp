@@ -87,6 +87,37 @@ inline void check_early_exit_config(const EarlyExitConfig& config) {
                    " must be >= 0 (0 is off)");
 }
 
+// Per-sample results of early exit in the batch's original order (n entries
+// each), in the backend's memory (cpu::EarlyExit, gpu::EarlyExit).
+struct ExitResults {
+  VectorView<std::int32_t> prediction{};  // argmax class at the exit taken
+  VectorView<float> confidence{};         // max probability there
+  VectorView<std::int32_t> exit{};        // exit taken, 0-based; -1 while live
+};
+
+// The live rows (capacity n each; the first m entries are live).
+struct ExitState {
+  VectorView<index_t> original{};       // original index of live row r, increasing
+  VectorView<std::int32_t> previous{};  // argmax at the previous exit, -1 before exit 0
+  VectorView<std::int32_t> agree{};     // patience counter
+};
+
+inline void check_exit_results(const ExitResults& results, index_t n) {
+  check_shape(results.exit, n, "results.exit");
+  check_shape(results.prediction, n, "results.prediction");
+  check_shape(results.confidence, n, "results.confidence");
+}
+
+inline void check_exit_state(const ExitState& state, index_t m) {
+  check_view(state.original, "state.original");
+  check_view(state.previous, "state.previous");
+  check_view(state.agree, "state.agree");
+  MOEKIT_CHECK(state.original.size() >= m && state.previous.size() >= m && state.agree.size() >= m,
+               Errc::kShapeMismatch, "state views have ", state.original.size(), ", ",
+               state.previous.size(), " and ", state.agree.size(),
+               " entries (original, previous, agree), fewer than the ", m, " rows");
+}
+
 // Knowledge distillation (cpu::distillation_loss, gpu::distillation_loss).
 struct DistillationConfig {
   float temperature = 1.0f;  // T > 0

@@ -25,6 +25,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/random.hpp"
 #include "moekit/core/types.hpp"
+#include "moekit/core/view.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
 
@@ -63,6 +64,22 @@ struct LoraStep {
   bool training = false;
   std::uint64_t seed = 0;  // the run's seed
   std::uint64_t step = 0;  // a new mask every step; backward must get the same values
+};
+
+// Gradient outputs of the adapter(s), fp32, in the backend's memory (host
+// for cpu::, device for gpu::); an empty view is frozen.
+struct LoraGrads {
+  MatrixView<float> da{};
+  MatrixView<float> db{};
+  bool accumulate = false;  // add to da / db instead of overwriting them
+};
+
+// A bank's row assignment, in the backend's memory: ids from the caller,
+// order and offsets from the bank's group().
+struct LoraRows {
+  VectorView<const std::int32_t> ids{};  // n, each in [-1, N)
+  VectorView<const index_t> order{};     // n
+  VectorView<const index_t> offsets{};   // N + 1
 };
 
 // What every backend's constructor checks (Errc::kInvalidArgument).

@@ -67,19 +67,9 @@ namespace cpu {
 
 using ::moekit::EarlyExitConfig;  // core/classification.hpp
 
-// Per-sample results in the batch's original order (n entries each).
-struct ExitResults {
-  VectorView<std::int32_t> prediction{};  // argmax class at the exit taken
-  VectorView<float> confidence{};         // max probability there
-  VectorView<std::int32_t> exit{};        // exit taken, 0-based; -1 while live
-};
-
-// The live rows (capacity n each; the first m entries are live).
-struct ExitState {
-  VectorView<index_t> original{};       // original index of live row r, increasing
-  VectorView<std::int32_t> previous{};  // argmax at the previous exit, -1 before exit 0
-  VectorView<std::int32_t> agree{};     // patience counter
-};
+// Results and live-row state (moekit/core/classification.hpp, shared by the backends).
+using ::moekit::ExitResults;
+using ::moekit::ExitState;
 
 class EarlyExit {
  public:
@@ -94,8 +84,8 @@ class EarlyExit {
   // = -1 (prediction and confidence are written when a sample exits). Returns n.
   index_t begin(index_t n, ExitState state, ExitResults results) const {
     MOEKIT_CHECK_GE(n, 0);
-    check_results(results, n);
-    check_state(state, n);
+    check_exit_results(results, n);
+    check_exit_state(state, n);
     for (index_t r = 0; r < n; ++r) {
       state.original[r] = r;
       state.previous[r] = -1;
@@ -116,8 +106,8 @@ class EarlyExit {
     MOEKIT_CHECK(m == 0 || c >= 1, Errc::kShapeMismatch, "logits is ", m, " x ", c,
                  ": at least one class is needed");
     const index_t n = results.exit.size();
-    check_results(results, n);
-    check_state(state, m);
+    check_exit_results(results, n);
+    check_exit_state(state, m);
     check_view(kept, "kept");
     MOEKIT_CHECK(kept.size() >= m, Errc::kShapeMismatch, "kept has ", kept.size(),
                  " entries, fewer than the ", m, " live rows");
@@ -168,23 +158,6 @@ class EarlyExit {
   }
 
  private:
-  static void check_results(const ExitResults& results, index_t n) {
-    check_shape(results.exit, n, "results.exit");
-    check_shape(results.prediction, n, "results.prediction");
-    check_shape(results.confidence, n, "results.confidence");
-  }
-
-  static void check_state(const ExitState& state, index_t m) {
-    check_view(state.original, "state.original");
-    check_view(state.previous, "state.previous");
-    check_view(state.agree, "state.agree");
-    MOEKIT_CHECK(
-        state.original.size() >= m && state.previous.size() >= m && state.agree.size() >= m,
-        Errc::kShapeMismatch, "state views have ", state.original.size(), ", ",
-        state.previous.size(), " and ", state.agree.size(),
-        " entries (original, previous, agree), fewer than the ", m, " rows");
-  }
-
   EarlyExitConfig config_;
 };
 

@@ -114,7 +114,9 @@ namespace cpu {
 // The configurations live in moekit/core/lora.hpp, shared with the CUDA backend.
 using ::moekit::LoraBankConfig;
 using ::moekit::LoraConfig;
+using ::moekit::LoraGrads;
 using ::moekit::LoraInitConfig;
+using ::moekit::LoraRows;
 using ::moekit::LoraStep;
 
 struct LoraWeights {
@@ -122,21 +124,6 @@ struct LoraWeights {
   VectorView<const float> bias{};  // frozen base bias, d_out, or empty
   MatrixView<const float> a{};     // adapter down-projection(s)
   MatrixView<const float> b{};     // adapter up-projection(s)
-};
-
-// Gradient outputs of the adapter(s); an empty view is frozen.
-struct LoraGrads {
-  MatrixView<float> da{};
-  MatrixView<float> db{};
-  bool accumulate = false;  // add to da / db instead of overwriting them
-};
-
-// A bank's row assignment: ids from the caller, order and offsets from
-// LoraBank::group.
-struct LoraRows {
-  VectorView<const std::int32_t> ids{};  // n, each in [-1, N)
-  VectorView<const index_t> order{};     // n
-  VectorView<const index_t> offsets{};   // N + 1
 };
 
 namespace detail {

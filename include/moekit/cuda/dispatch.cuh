@@ -379,6 +379,13 @@ __global__ void __launch_bounds__(kThreads)
 // A row is moved in chunks of N elements: N = 16 bytes' worth when every row
 // involved is 16-byte aligned (one vector load or store per chunk), else 1.
 
+// The sum over a warp's lanes, the same value in every lane: a fixed
+// butterfly, so each partial sum forms in the same order every run.
+MOEKIT_DEVICE inline float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+  return v;
+}
+
 template <class T>
 inline constexpr int kVectorElements = 16 / static_cast<int>(sizeof(T));
 
@@ -562,9 +569,7 @@ __global__ void __launch_bounds__(kThreads)
         load_chunk<N>(o + j, b);
         for (int c = 0; c < N; ++c) sum += a[c] * b[c];
       }
-      for (int offset = 16; offset > 0; offset /= 2) {
-        sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
-      }
+      sum = warp_sum(sum);
     }
     if (lane == 0) dweights(t, k) = sum;
   }

@@ -94,20 +94,10 @@ struct LoraWeights {
   MatrixView<const T> b{};     // d_out x R (bank: N d_out x R)
 };
 
-// Adapter gradients, fp32 device memory; an empty view is frozen.
-struct LoraGrads {
-  MatrixView<float> da{};
-  MatrixView<float> db{};
-  bool accumulate = false;  // add to da / db instead of overwriting them
-};
-
-// A bank's row assignment, device arrays: ids from the caller, order and
-// offsets from LoraBank::group.
-struct LoraRows {
-  VectorView<const std::int32_t> ids{};  // n, each in [-1, N)
-  VectorView<const index_t> order{};     // n
-  VectorView<const index_t> offsets{};   // N + 1
-};
+// Adapter gradients (fp32) and a bank's row assignment, in device memory
+// (moekit/core/lora.hpp, shared with the CPU backend).
+using ::moekit::LoraGrads;
+using ::moekit::LoraRows;
 
 namespace detail {
 
@@ -241,11 +231,6 @@ struct Factor {
     return data + (i * block + j) * ld + r;
   }
 };
-
-MOEKIT_DEVICE inline float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
-  return v;
-}
 
 // Loads n consecutive elements as fp32, V at a time (V = 1, or 16 bytes
 // where the caller chose vectors).
