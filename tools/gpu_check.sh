@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every CUDA part in one go: build, tests, compute-sanitizer memcheck, the
-# CUDA example and the GPU benchmarks, ending with a short table.
+# CUDA examples and the GPU benchmarks, ending with a short table, and the
+# same shapes through a plain PyTorch loop over experts where PyTorch is.
 #
 #   tools/gpu_check.sh build   where the build dependencies are (nvcc, CMake,
 #                              GoogleTest, Google Benchmark, Eigen): builds
@@ -95,6 +96,27 @@ for path in sys.argv[1:]:
         cells = [f"{r[c]:13.3g}" if c in r else f"{'':13}" for c in cols]
         print(f"{r['name']:44} {r['real_time']:9.1f} " + " ".join(cells))
 EOF
+
+  echo "== a plain PyTorch loop over experts, on bench_cuda_ffn's shapes"
+  if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    python3 "$root/bench/torch_moe_loop.py" >"$out/torch_moe_loop.jsonl" 2>"$out/torch_moe_loop.err" ||
+      status=1
+    python3 - "$out/bench_cuda_ffn.json" "$out/torch_moe_loop.jsonl" <<'EOF'
+import json, sys
+ours = {r["name"]: r["real_time"] for r in json.load(open(sys.argv[1]))["benchmarks"]}
+print(f"{'moekit benchmark':36} {'moekit_us':>10} {'torch_us':>10} {'speedup':>8} {'torch_layer_us':>15}")
+for line in open(sys.argv[2]):
+    t = json.loads(line)
+    for prefix, experts, whole in (("ffn_fwd/", "experts_us", "layer_us"),
+                                   ("ffn_fwd_bwd/", "experts_bwd_us", "layer_bwd_us")):
+        mine = next((v for k, v in ours.items() if k.startswith(prefix + t["name"] + "/")), None)
+        if mine:
+            print(f"{prefix + t['name']:36} {mine:10.1f} {t[experts]:10.1f} "
+                  f"{t[experts] / mine:8.1f} {t[whole]:15.1f}")
+EOF
+  else
+    echo "PyTorch with CUDA not found: comparison NOT run"
+  fi
   return $status
 }
 
