@@ -183,12 +183,14 @@ struct Case {
 // or nothing at all (frozen weights: empty views, dx alone).
 enum class Grads { kOverwrite, kAccumulate, kFrozen };
 
-template <class T>
+// G: the weight gradients' element (T, or float for fp32 gradients).
+template <class T, class G = T>
 void run_case(const Case& c, Grads mode) {
   const bool accumulate = mode == Grads::kAccumulate, frozen = mode == Grads::kFrozen;
   constexpr int E = 8;
   using S = MoeSpec<E, 2>;
-  SCOPED_TRACE(c.name + " " + moekit_test::type_name<T>() +
+  SCOPED_TRACE(c.name + " " + moekit_test::type_name<T>() + " grads " +
+               moekit_test::type_name<G>() +
                (accumulate ? " accumulate" : (frozen ? " frozen" : "")));
   Problem p{E, 48, 80, 0, c.kind == FfnKind::kGated, c.activation, {0}, {}, {}, {}, {}, {}};
   for (index_t n : c.rows_per_expert) p.offsets.push_back(p.offsets.back() + n);
@@ -203,12 +205,12 @@ void run_case(const Case& c, Grads mode) {
   const Reference ref = reference(p);
 
   DeviceBuffer<T> bx(x), b1(w1), b3(w3), b2(w2), bdy(dy);
-  DeviceBuffer<T> y(n * d), pre(n * f), gate(n * f), gx(n * d), gw1(E * f * d), gw3(E * f * d),
-      gw2(E * d * f);
+  DeviceBuffer<T> y(n * d), pre(n * f), gate(n * f), gx(n * d);
+  DeviceBuffer<G> gw1(E * f * d), gw3(E * f * d), gw2(E * d * f);
   for (auto* b : {&y, &pre, &gate, &gx}) b->poison();
   // Accumulate adds to a known start (1); overwrite must replace poison;
   // frozen must leave the poison.
-  std::vector<T> ones(E * f * d, from_float<T>(1.0f));
+  std::vector<G> ones(E * f * d, from_float<G>(1.0f));
   for (auto* b : {&gw1, &gw3, &gw2}) {
     if (accumulate) {
       b->upload(ones);
@@ -228,7 +230,7 @@ void run_case(const Case& c, Grads mode) {
   const MatrixView<T> gate_view = p.gated ? MatrixView<T>(gate.get(), n, f) : MatrixView<T>();
   ffn.forward(handle, {bx.get(), n, d}, offsets, w, {y.get(), n, d}, {pre.get(), n, f}, gate_view,
               workspace.get(), workspace.size());
-  gpu::ExpertGrads<T> grads{{gw1.get(), E * f, d}, {}, {gw2.get(), E * d, f}, accumulate};
+  gpu::ExpertGrads<G> grads{{gw1.get(), E * f, d}, {}, {gw2.get(), E * d, f}, accumulate};
   if (p.gated) grads.dw3 = {gw3.get(), E * f, d};
   if (frozen) grads = {};
   ffn.backward(handle, {bdy.get(), n, d}, {bx.get(), n, d}, offsets, w, {pre.get(), n, f},
@@ -244,10 +246,10 @@ void run_case(const Case& c, Grads mode) {
   EXPECT_LT(relative_error(pre.download(), ref.a, used_f), tol) << "saved_pre";
   if (p.gated) EXPECT_LT(relative_error(gate.download(), ref.g, used_f), tol) << "saved_gate";
   EXPECT_LT(relative_error(gx.download(), ref.dx, used_d), tol) << "dx";
-  const auto check_grad = [&](const DeviceBuffer<T>& got, std::vector<double> want,
+  const auto check_grad = [&](const DeviceBuffer<G>& got, std::vector<double> want,
                               const char* name) {
     if (frozen) {
-      for (const T& v : got.download()) ASSERT_TRUE(std::isnan(to_float(v))) << name << " written";
+      for (const G& v : got.download()) ASSERT_TRUE(std::isnan(to_float(v))) << name << " written";
       return;
     }
     if (accumulate) {
@@ -287,6 +289,14 @@ TYPED_TEST_SUITE(ExpertFfnGpu, Types);
 TYPED_TEST(ExpertFfnGpu, ForwardAndBackwardMatchFloat64Reference) {
   MOEKIT_REQUIRE_GPU();
   for (const Case& c : cases()) run_case<TypeParam>(c, Grads::kOverwrite);
+}
+
+// Mixed precision: bf16 / fp16 activations and weights, fp32 weight gradients.
+TEST(ExpertFfnGpu, Fp32WeightGradientsWithHalfActivations) {
+  MOEKIT_REQUIRE_GPU();
+  run_case<__nv_bfloat16, float>(cases()[0], Grads::kOverwrite);
+  run_case<__half, float>(cases()[3], Grads::kOverwrite);
+  run_case<__nv_bfloat16, float>(cases()[1], Grads::kAccumulate);
 }
 
 TYPED_TEST(ExpertFfnGpu, AccumulatedGradientsAddToWhatWasThere) {
@@ -389,8 +399,10 @@ TEST(ExpertFfnGpuArgs, BadArgumentsThrowBeforeAnyCudaCall) {
       Errc::kInvalidArgument, "weights.w3 must be empty");
   expect_error(
       [&] {
-        ffn.backward(nullptr, x, x, {offsets.data(), E + 1}, w, pre, gate, y,
-                     {{data, E * f, d}, {data, E * f, d}, {data, E * d, f + 1}}, ws, bytes);
+        ffn.backward(
+            nullptr, x, x, {offsets.data(), E + 1}, w, pre, gate, y,
+            gpu::ExpertGrads<float>{{data, E * f, d}, {data, E * f, d}, {data, E * d, f + 1}}, ws,
+            bytes);
       },
       Errc::kShapeMismatch, "grads.dw2");
 }

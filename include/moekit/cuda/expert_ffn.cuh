@@ -68,12 +68,15 @@ struct ExpertWeights {
   MatrixView<const T> w2{};  // (E d) x d_ff
 };
 
-// Weight gradients, device memory; an empty view is frozen.
-template <ActivationElement T>
+// Weight gradients, device memory, of element G: T, or float with T = bf16 /
+// fp16 for fp32 gradients (mixed-precision training keeps its gradients and
+// master weights in fp32; the GEMMs then write fp32 directly, no rounding to
+// T in between). An empty view is frozen.
+template <class G>
 struct ExpertGrads {
-  MatrixView<T> dw1{};
-  MatrixView<T> dw3{};
-  MatrixView<T> dw2{};
+  MatrixView<G> dw1{};
+  MatrixView<G> dw3{};
+  MatrixView<G> dw2{};
   bool accumulate = false;
 };
 
@@ -152,8 +155,9 @@ class GroupedGemm {
     pointers_c_.push_back(c);
   }
 
-  void run(cublasHandle_t handle, cudaDataType_t type, void** device_pointers,
-           cudaStream_t stream) {
+  // A and B of `type`, C of `c_type` (the same, or fp32 for fp32 gradients).
+  void run(cublasHandle_t handle, cudaDataType_t type, void** device_pointers, cudaStream_t stream,
+           cudaDataType_t c_type) {
     const int groups = static_cast<int>(m_.size());
     if (groups == 0) return;
     std::vector<const void*> all(3 * static_cast<std::size_t>(groups));
@@ -171,7 +175,8 @@ class GroupedGemm {
         handle, ta_.data(), tb_.data(), m_.data(), n_.data(), k_.data(), alpha_.data(),
         const_cast<const void* const*>(device_pointers), type, lda_.data(),
         const_cast<const void* const*>(device_pointers + groups), type, ldb_.data(), beta_.data(),
-        device_pointers + 2 * groups, type, ldc_.data(), groups, sizes.data(), CUBLAS_COMPUTE_32F));
+        device_pointers + 2 * groups, c_type, ldc_.data(), groups, sizes.data(),
+        CUBLAS_COMPUTE_32F));
   }
 
  private:
@@ -247,8 +252,8 @@ class ExpertFfn {
                  buffer.ld(), g.row(r0), g.ld(), 0.0f);
       }
     });
-    up.run(handle, type, pointers, stream);
-    gate.run(handle, type, pointers, stream);
+    up.run(handle, type, pointers, stream, type);
+    gate.run(handle, type, pointers, stream, type);
     // h into ws0 when a lives elsewhere, else in place over a.
     const MatrixView<T> h = ws0;
     activate(MatrixView<const T>(a), MatrixView<const T>(g), h, host_offsets[kExperts], stream);
@@ -257,16 +262,20 @@ class ExpertFfn {
       down.add(CUBLAS_OP_T, CUBLAS_OP_N, d, rows, f, w2_of(w, e), w.w2.ld(), h.row(r0), h.ld(),
                y.row(r0), y.ld(), 0.0f);
     });
-    down.run(handle, type, pointers, stream);
+    down.run(handle, type, pointers, stream, type);
   }
 
   // Backward of forward given dy (N x d); saved_pre / saved_gate are what
-  // forward wrote. dx: N x d or empty (overwritten); grads: see ExpertGrads.
+  // forward wrote. dx: N x d or empty (overwritten); grads: see ExpertGrads
+  // (G = T, or float for fp32 weight gradients).
+  template <class G>
   void backward(cublasHandle_t handle, MatrixView<const T> dy, MatrixView<const T> buffer,
                 VectorView<const index_t> host_offsets, const ExpertWeights<T>& w,
                 MatrixView<const T> saved_pre, MatrixView<const T> saved_gate, MatrixView<T> dx,
-                const ExpertGrads<T>& grads, void* workspace, std::size_t workspace_bytes,
+                const ExpertGrads<G>& grads, void* workspace, std::size_t workspace_bytes,
                 cudaStream_t stream = nullptr) const {
+    static_assert(std::is_same_v<G, T> || std::is_same_v<G, float>,
+                  "weight gradients are of the activation type T or float");
     const index_t n = check_common(buffer, host_offsets, w, workspace, workspace_bytes);
     const index_t d = config_.d_model, f = config_.d_ff;
     const index_t e_ff = index_t{kExperts} * f, e_d = index_t{kExperts} * d;
@@ -299,6 +308,7 @@ class ExpertFfn {
     if (n == 0 || (!want_dh && !want_dw2)) return;
     MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
     constexpr cudaDataType_t type = detail::cuda_type<T>();
+    constexpr cudaDataType_t grad_type = detail::cuda_type<G>();
     void** pointers = pointer_arrays(workspace, n);
     const MatrixView<T> ws0 = scratch(workspace, n, 0);  // dh, then da
     const MatrixView<T> ws1 = scratch(workspace, n, 1);  // h, then dg
@@ -311,7 +321,7 @@ class ExpertFfn {
         gemm.add(CUBLAS_OP_N, CUBLAS_OP_T, f, d, rows, ws1.row(r0), ws1.ld(), dy.row(r0), dy.ld(),
                  grads.dw2.row(e * d), grads.dw2.ld(), beta);
       });
-      gemm.run(handle, type, pointers, stream);
+      gemm.run(handle, type, pointers, stream, grad_type);
     }
     if (!want_dh) return;
     {
@@ -320,16 +330,16 @@ class ExpertFfn {
         gemm.add(CUBLAS_OP_N, CUBLAS_OP_N, f, rows, d, w2_of(w, e), w.w2.ld(), dy.row(r0), dy.ld(),
                  ws0.row(r0), ws0.ld(), 0.0f);
       });
-      gemm.run(handle, type, pointers, stream);
+      gemm.run(handle, type, pointers, stream, type);
     }
     activate_backward(saved_pre, saved_gate, ws0, ws1, host_offsets[kExperts], stream);  // da, dg
-    const auto weight_grad = [&](MatrixView<T> dw, MatrixView<T> source) {
+    const auto weight_grad = [&](MatrixView<G> dw, MatrixView<T> source) {
       detail::GroupedGemm gemm;  // dW = source^T X: column-major dW^T (d x f) = X^T source
       for_each_expert(host_offsets, [&](int e, index_t r0, index_t rows) {
         gemm.add(CUBLAS_OP_N, CUBLAS_OP_T, d, f, rows, buffer.row(r0), buffer.ld(), source.row(r0),
                  source.ld(), dw.row(e * f), dw.ld(), beta);
       });
-      gemm.run(handle, type, pointers, stream);
+      gemm.run(handle, type, pointers, stream, grad_type);
     };
     if (want_dw1) weight_grad(grads.dw1, ws0);
     if (gated() && want_dw3) weight_grad(grads.dw3, ws1);
@@ -341,7 +351,7 @@ class ExpertFfn {
         gemm.add(CUBLAS_OP_N, CUBLAS_OP_N, d, rows, f, weight.row(e * f), weight.ld(),
                  source.row(r0), source.ld(), dx.row(r0), dx.ld(), add);
       });
-      gemm.run(handle, type, pointers, stream);
+      gemm.run(handle, type, pointers, stream, type);
     };
     input_grad(w.w1, ws0, 0.0f);
     if (gated()) input_grad(w.w3, ws1, 1.0f);
@@ -391,9 +401,10 @@ class ExpertFfn {
     MOEKIT_CUDA_CHECK(cudaGetLastError());
   }
 
-  static void zero(MatrixView<T> m, cudaStream_t stream) {
-    MOEKIT_CUDA_CHECK(cudaMemset2DAsync(m.data(), static_cast<std::size_t>(m.ld()) * sizeof(T), 0,
-                                        static_cast<std::size_t>(m.cols()) * sizeof(T),
+  template <class G>
+  static void zero(MatrixView<G> m, cudaStream_t stream) {
+    MOEKIT_CUDA_CHECK(cudaMemset2DAsync(m.data(), static_cast<std::size_t>(m.ld()) * sizeof(G), 0,
+                                        static_cast<std::size_t>(m.cols()) * sizeof(G),
                                         static_cast<std::size_t>(m.rows()), stream));
   }
 
