@@ -89,40 +89,51 @@ constexpr cudaDataType_t cuda_type() {
   return CUDA_R_16F;
 }
 
-// h = act(a) * g (gated: g not empty) or act(a), rows [0, rows), in fp32.
-template <Activation A, class T>
+// h = act(a) * g (gated: g not empty) or act(a), rows [0, rows), in fp32,
+// V elements at a time (16-byte vectors where every row allows them).
+template <Activation A, int V, class T>
 __global__ void __launch_bounds__(256)
     activate_kernel(MatrixView<const T> a, MatrixView<const T> g, MatrixView<T> h, index_t rows) {
   const index_t f = a.cols();
-  const index_t n = rows * f;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+  const index_t chunks = rows * f / V;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < chunks;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t r = i / f, c = i - r * f;
-    float v = activate(A, to_float(a(r, c)));
-    if (!g.empty()) v *= to_float(g(r, c));
-    h(r, c) = from_float<T>(v);
+    const index_t r = i * V / f, c = i * V - r * f;
+    float x[V], gate[V];
+    load_chunk<V>(&a(r, c), x);
+    if (!g.empty()) load_chunk<V>(&g(r, c), gate);
+#pragma unroll
+    for (int k = 0; k < V; ++k) x[k] = activate(A, x[k]) * (g.empty() ? 1.0f : gate[k]);
+    store_chunk<V>(&h(r, c), x);
   }
 }
 
 // Its backward, dh in `d` overwritten with da: gated, dg = dh * act(a) and
 // da = dh * g * act'(a); else da = dh * act'(a).
-template <Activation A, class T>
+template <Activation A, int V, class T>
 __global__ void __launch_bounds__(256)
     activate_backward_kernel(MatrixView<const T> a, MatrixView<const T> g, MatrixView<T> d,
                              MatrixView<T> dg, index_t rows) {
   const index_t f = a.cols();
-  const index_t n = rows * f;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+  const index_t chunks = rows * f / V;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < chunks;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t r = i / f, c = i - r * f;
-    const float x = to_float(a(r, c));
-    const float dh = to_float(d(r, c));
+    const index_t r = i * V / f, c = i * V - r * f;
+    float x[V], dh[V], gate[V], out[V];
+    load_chunk<V>(&a(r, c), x);
+    load_chunk<V>(&d(r, c), dh);
     if (!g.empty()) {
-      dg(r, c) = from_float<T>(dh * activate(A, x));
-      d(r, c) = from_float<T>(dh * to_float(g(r, c)) * activate_grad(A, x));
+      load_chunk<V>(&g(r, c), gate);
+#pragma unroll
+      for (int k = 0; k < V; ++k) out[k] = dh[k] * activate(A, x[k]);
+      store_chunk<V>(&dg(r, c), out);
+#pragma unroll
+      for (int k = 0; k < V; ++k) out[k] = dh[k] * gate[k] * activate_grad(A, x[k]);
     } else {
-      d(r, c) = from_float<T>(dh * activate_grad(A, x));
+#pragma unroll
+      for (int k = 0; k < V; ++k) out[k] = dh[k] * activate_grad(A, x[k]);
     }
+    store_chunk<V>(&d(r, c), out);
   }
 }
 
@@ -358,6 +369,8 @@ class ExpertFfn {
   }
 
  private:
+  static constexpr int kVector = detail::kVectorElements<T>;  // elements per 16 bytes
+
   std::size_t matrix_bytes(index_t rows) const {
     return detail::round_up(static_cast<std::size_t>(rows * config_.d_ff) * sizeof(T));
   }
@@ -385,18 +398,34 @@ class ExpertFfn {
 
   void activate(MatrixView<const T> a, MatrixView<const T> g, MatrixView<T> h, index_t rows,
                 cudaStream_t stream) const {
+    const bool vec = detail::rows_vectorizable<T>(config_.d_ff, a, g, h);
+    const index_t chunks = rows * config_.d_ff / (vec ? kVector : 1);
     with_activation(config_.activation, [&](auto act) {
-      detail::activate_kernel<decltype(act)::value, T>
-          <<<detail::elementwise_grid(rows * config_.d_ff), 256, 0, stream>>>(a, g, h, rows);
+      constexpr Activation A = decltype(act)::value;
+      if (vec) {
+        detail::activate_kernel<A, kVector, T>
+            <<<detail::elementwise_grid(chunks), 256, 0, stream>>>(a, g, h, rows);
+      } else {
+        detail::activate_kernel<A, 1, T>
+            <<<detail::elementwise_grid(chunks), 256, 0, stream>>>(a, g, h, rows);
+      }
     });
     MOEKIT_CUDA_CHECK(cudaGetLastError());
   }
 
   void activate_backward(MatrixView<const T> a, MatrixView<const T> g, MatrixView<T> d,
                          MatrixView<T> dg, index_t rows, cudaStream_t stream) const {
+    const bool vec = detail::rows_vectorizable<T>(config_.d_ff, a, g, d, dg);
+    const index_t chunks = rows * config_.d_ff / (vec ? kVector : 1);
     with_activation(config_.activation, [&](auto act) {
-      detail::activate_backward_kernel<decltype(act)::value, T>
-          <<<detail::elementwise_grid(rows * config_.d_ff), 256, 0, stream>>>(a, g, d, dg, rows);
+      constexpr Activation A = decltype(act)::value;
+      if (vec) {
+        detail::activate_backward_kernel<A, kVector, T>
+            <<<detail::elementwise_grid(chunks), 256, 0, stream>>>(a, g, d, dg, rows);
+      } else {
+        detail::activate_backward_kernel<A, 1, T>
+            <<<detail::elementwise_grid(chunks), 256, 0, stream>>>(a, g, d, dg, rows);
+      }
     });
     MOEKIT_CUDA_CHECK(cudaGetLastError());
   }
