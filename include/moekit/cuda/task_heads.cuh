@@ -152,13 +152,6 @@ MOEKIT_DEVICE int head_of(const std::int32_t* tasks, index_t i) {
   return h >= 0 && h < H ? h : -1;
 }
 
-// The sum over the warp's lanes, the same value in every lane (a fixed
-// butterfly: each partial sum is formed in the same order every run).
-MOEKIT_DEVICE inline float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
-  return v;
-}
-
 inline int warp_rows_grid(index_t rows) {
   const index_t blocks = (rows + kHeadWarps - 1) / kHeadWarps;
   return static_cast<int>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
