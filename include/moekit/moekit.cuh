@@ -3,6 +3,7 @@
 // includes no Eigen, so it is safe in any .cu file.
 
 #include "moekit/core/activation.hpp"
+#include "moekit/core/backend.hpp"
 #include "moekit/core/classification.hpp"
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
@@ -18,6 +19,7 @@
 #include "moekit/cuda/error.cuh"
 #include "moekit/cuda/expert_ffn.cuh"
 #include "moekit/cuda/lora.cuh"
+#include "moekit/cuda/moe_layer.cuh"
 #include "moekit/cuda/router.cuh"
 #include "moekit/cuda/task_heads.cuh"
 #include "moekit/nn/param_count.hpp"

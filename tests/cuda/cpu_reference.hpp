@@ -8,8 +8,10 @@
 #include <utility>
 #include <vector>
 
+#include "moekit/core/activation.hpp"
 #include "moekit/core/classification.hpp"
 #include "moekit/core/routing.hpp"
+#include "moekit/nn/param_count.hpp"
 
 namespace moekit_test {
 
@@ -178,5 +180,55 @@ double cpu_multi_exit_loss(const std::vector<std::vector<float>>& logits, std::i
                            std::vector<double>& exit_losses);
 
 // ---- end of task heads, distillation and early exit ------------------------
+
+// ---- MoE layer (cpu_reference_moe_layer.cpp, test_moe_layer.cu) -----------
+
+// Gradient buffers of a MoE layer, fp32 dense row-major: the start values a
+// backward receives (an EMPTY vector is a frozen gradient, or for dx "no
+// input gradient"; with accumulate the values are added to) and its results.
+struct MoeLayerGradValues {
+  std::vector<float> dx, dw_gate, dgate_bias, dw1, dw3, dw2, shared_dw1, shared_dw3, shared_dw2;
+};
+
+// One MoE layer problem (inputs and parameters fp32, dense row-major; empty
+// gate_bias / selection_bias / w3 / shared weights: absent).
+struct MoeLayerCase {
+  std::int64_t tokens = 0, d = 0, f = 0, fs = 0;  // fs: d_ff_shared (0 = f)
+  int num_shared = 0;
+  moekit::FfnKind kind = moekit::FfnKind::kPlain;
+  moekit::Activation activation = moekit::Activation::kGeluTanh;
+  moekit::GatingConfig gating{};
+  moekit::CapacityConfig capacity{};
+  float switch_coeff = 0.0f, z_coeff = 0.0f;
+  moekit::SwitchNormalization normalization = moekit::SwitchNormalization::kTokensTimesK;
+  std::vector<float> x, dy;                              // T x d
+  std::vector<float> w_gate, gate_bias, selection_bias;  // E x d, E, E
+  std::vector<float> w1, w3, w2;                         // routed experts
+  std::vector<float> shared_w1, shared_w3, shared_w2;    // shared experts
+  MoeLayerGradValues grads;
+  bool accumulate = false;
+};
+
+struct MoeLayerResult {
+  std::vector<float> y;
+  MoeLayerGradValues grads;
+  double switch_loss = 0.0, z_loss = 0.0, total = 0.0;
+  std::vector<std::int32_t> ids, positions;  // T x K
+  std::vector<float> weights;                // T x K
+  std::vector<std::int64_t> offsets;         // E + 1
+  std::int64_t dropped = 0;
+};
+
+// cpu::MoeLayer forward then backward on `c`, through moe_layer_step<CpuBackend>.
+template <int E, int K>
+MoeLayerResult cpu_moe_layer(const MoeLayerCase& c);
+
+#define MOEKIT_TEST_MOE_LAYER_SPECS(X) X(8, 2) X(4, 1)
+#define MOEKIT_TEST_DECLARE_MOE_LAYER(E, K) \
+  extern template MoeLayerResult cpu_moe_layer<E, K>(const MoeLayerCase&);
+MOEKIT_TEST_MOE_LAYER_SPECS(MOEKIT_TEST_DECLARE_MOE_LAYER)
+#undef MOEKIT_TEST_DECLARE_MOE_LAYER
+
+// ---- end of MoE layer --------------------------------------------------------
 
 }  // namespace moekit_test

@@ -34,6 +34,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/random.hpp"
 #include "moekit/core/types.hpp"
+#include "moekit/core/view.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
 
@@ -80,6 +81,37 @@ struct CapacityConfig {
 // (kTokensTimesK, 1 under perfect balance) or N = T (kTokens, as several
 // public top-k implementations do: K times larger). Shared by both backends.
 enum class SwitchNormalization { kTokensTimesK, kTokens };
+
+struct SwitchLossOptions {
+  SwitchNormalization normalization = SwitchNormalization::kTokensTimesK;
+};
+
+// The routing of a batch of T tokens: what a router writes and what backward
+// and the aux losses read back. All views are caller memory (host memory on
+// the CPU backend, device memory on the CUDA backend).
+struct Routing {
+  MatrixView<float> logits;             // T x E, noise included
+  MatrixView<float> scores;             // T x E: p (softmax rules) or s (sigmoid)
+  MatrixView<std::int32_t> expert_ids;  // T x K, ordered by key, distinct per row
+  MatrixView<float> weights;            // T x K, combine weights, 0 where dropped
+  MatrixView<std::int32_t> positions;   // T x K, row in the expert's buffer, -1 = dropped
+};
+
+// The Switch loss's value, E sum_e f_e P_e, from a batch's statistics: the
+// assignments per expert before capacity (f_e = assigned[e] / N) and the mean
+// routing distribution P. Both backends' statistics feed this one loop.
+template <int E, int K, class Counts, class Distribution>
+double switch_loss_value(index_t tokens, const Counts& assigned,
+                         const Distribution& mean_distribution, SwitchNormalization norm) {
+  if (tokens == 0) return 0.0;
+  const double n_tokens = static_cast<double>(tokens);
+  const double denom = norm == SwitchNormalization::kTokens ? n_tokens : n_tokens * K;
+  double sum = 0.0;
+  for (int e = 0; e < E; ++e) {
+    sum += static_cast<double>(assigned[e]) / denom * mean_distribution[e];
+  }
+  return E * sum;
+}
 
 // A group's score sums at most this many keys.
 inline constexpr int kMaxGroupScoreTop = 8;

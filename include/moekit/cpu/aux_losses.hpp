@@ -82,9 +82,7 @@ namespace cpu {
 // core/routing.hpp, shared with the CUDA backend.
 using ::moekit::SwitchNormalization;
 
-struct SwitchLossOptions {
-  SwitchNormalization normalization = SwitchNormalization::kTokensTimesK;
-};
+using ::moekit::SwitchLossOptions;
 
 // L = importance_weight * CV^2(importance) + load_weight * CV^2(load).
 struct ImportanceLoadOptions {
@@ -222,15 +220,8 @@ double switch_loss(const RoutingStats<S>& stats, SwitchLossOptions options = {})
                        options.normalization == SwitchNormalization::kTokens,
                    "options.normalization = ", static_cast<int>(options.normalization),
                    " is not a SwitchNormalization");
-  if (stats.tokens == 0) return 0.0;
-  const double n_tokens = static_cast<double>(stats.tokens);
-  const double denom =
-      options.normalization == SwitchNormalization::kTokens ? n_tokens : n_tokens * S::top_k;
-  double sum = 0.0;
-  for (int e = 0; e < S::num_experts; ++e) {
-    sum += static_cast<double>(stats.assigned[e]) / denom * stats.mean_distribution[e];
-  }
-  return S::num_experts * sum;
+  return switch_loss_value<S::num_experts, S::top_k>(
+      stats.tokens, stats.assigned, stats.mean_distribution, options.normalization);
 }
 
 // DeepSeek-V3's sequence-wise balance loss: consecutive blocks of

@@ -40,15 +40,8 @@ struct RouterConfig {
   NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;
 };
 
-// The routing of a batch of T tokens: what forward writes and what backward
-// and the aux losses read back. All views are caller memory.
-struct Routing {
-  MatrixView<float> logits;             // T x E, noise included
-  MatrixView<float> scores;             // T x E: p (softmax rules) or s (sigmoid)
-  MatrixView<std::int32_t> expert_ids;  // T x K, ordered by key, distinct per row
-  MatrixView<float> weights;            // T x K, combine weights, 0 where dropped
-  MatrixView<std::int32_t> positions;   // T x K, row in the expert's buffer, -1 = dropped
-};
+// The routing of a batch (defined in core/routing.hpp, shared with the CUDA backend).
+using ::moekit::Routing;
 
 // Gradients of the router's inputs; an empty view is not computed. With
 // `accumulate`, results are added to what the views hold.

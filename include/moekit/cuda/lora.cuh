@@ -497,6 +497,7 @@ __global__ void __launch_bounds__(256)
 // ---- grouping, zeroing, base, init and merge ------------------------------------
 
 // key: the adapter id, N for -1, N + 1 for an invalid id; value: the row.
+template <int = 0>  // a template, so that every translation unit may define it
 __global__ void __launch_bounds__(256)
     lora_keys_kernel(VectorView<const std::int32_t> ids, std::int64_t adapters, std::uint32_t* keys,
                      index_t* values) {
@@ -527,6 +528,7 @@ MOEKIT_DEVICE inline index_t lower_bound(const std::uint32_t* keys, index_t n, s
 // From the sorted keys: offsets[i] = lower_bound(i) for i <= N, the invalid
 // count n - lower_bound(N + 1), and -1 in order's tail (rows without an
 // adapter). One thread per entry: O(log n) each, whatever N and n.
+template <int = 0>  // a template, so that every translation unit may define it
 __global__ void __launch_bounds__(256)
     lora_offsets_kernel(const std::uint32_t* keys, index_t n, std::int64_t adapters, index_t* order,
                         index_t* offsets, std::int64_t* invalid) {
@@ -540,6 +542,7 @@ __global__ void __launch_bounds__(256)
 }
 
 // h(t, :) = 0 for the rows without an adapter (as the CPU's saved_h).
+template <int = 0>  // a template, so that every translation unit may define it
 __global__ void __launch_bounds__(256)
     lora_zero_free_rows_kernel(VectorView<const std::int32_t> ids, std::int64_t adapters,
                                MatrixView<float> h) {
@@ -767,10 +770,12 @@ index_t gemm_ld(const V& v) {
   return v.ld() > v.cols() ? v.ld() : v.cols();
 }
 
-template <class T>
+// C = op(A) op(B) + beta C (cuBLAS's column-major terms), A and B of type T,
+// C of type U (T, or float for an fp32 result of T inputs), fp32 accumulation.
+template <class T, class U = T>
 void cublas_gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, index_t m,
                  index_t n, index_t k, const T* a, index_t lda, const T* b, index_t ldb, float beta,
-                 T* c, index_t ldc) {
+                 U* c, index_t ldc) {
   const auto narrow = [](index_t v) {
     MOEKIT_CHECK_ARG(v >= 0 && v <= 0x7FFFFFFF, "a GEMM dimension ", v, " exceeds 32 bits");
     return static_cast<int>(v);
@@ -778,8 +783,8 @@ void cublas_gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t 
   const float alpha = 1.0f;
   constexpr cudaDataType_t type = cuda_type<T>();
   MOEKIT_CUBLAS_CHECK(cublasGemmEx(handle, ta, tb, narrow(m), narrow(n), narrow(k), &alpha, a, type,
-                                   narrow(lda), b, type, narrow(ldb), &beta, c, type, narrow(ldc),
-                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                   narrow(lda), b, type, narrow(ldb), &beta, c, cuda_type<U>(),
+                                   narrow(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace detail
@@ -834,7 +839,7 @@ class LoraLayer {
     if (!w.w.empty()) base_forward(handle, x, w, y, stream);
     const MatrixView<float> h = saved_h.empty() ? scratch(workspace, n) : saved_h;
     if (!saved_h.empty() && !ids.empty()) {
-      lora_zero_free_rows_kernel<<<elementwise_grid(n * R), 256, 0, stream>>>(ids, adapters_, h);
+      lora_zero_free_rows_kernel<><<<elementwise_grid(n * R), 256, 0, stream>>>(ids, adapters_, h);
       MOEKIT_CUDA_CHECK(cudaGetLastError());
     }
     ops_.shrink_x(x, seg, w.a, step, h, stream);
@@ -1119,15 +1124,15 @@ class LoraBank {
     std::size_t sort_bytes = need - static_cast<std::size_t>(base - static_cast<char*>(workspace));
 
     if (n > 0) {
-      detail::lora_keys_kernel<<<detail::elementwise_grid(n), 256, 0, stream>>>(ids, num_adapters(),
-                                                                                keys_in, values_in);
+      detail::lora_keys_kernel<><<<detail::elementwise_grid(n), 256, 0, stream>>>(
+          ids, num_adapters(), keys_in, values_in);
       MOEKIT_CUDA_CHECK(cudaGetLastError());
       MOEKIT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
           base, sort_bytes, keys_in, keys_out, values_in, order.data(),
           static_cast<std::int64_t>(n), 0, key_bits(), stream));
     }
-    detail::
-        lora_offsets_kernel<<<detail::elementwise_grid(n + num_adapters() + 2), 256, 0, stream>>>(
+    detail::lora_offsets_kernel<>
+        <<<detail::elementwise_grid(n + num_adapters() + 2), 256, 0, stream>>>(
             keys_out, n, num_adapters(), order.data(), offsets.data(), invalid);
     MOEKIT_CUDA_CHECK(cudaGetLastError());
   }

@@ -50,6 +50,7 @@
 #include <vector>
 
 #include "moekit/core/activation.hpp"
+#include "moekit/core/backend.hpp"
 #include "moekit/core/error.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/aux_losses.hpp"
@@ -112,25 +113,25 @@ struct MoeLayerState {
   MatrixView<float> shared_gate;  // same, kGated only
 };
 
-// Minimum rows of the state buffers for a capacity of T tokens.
-struct MoeLayerStateRows {
-  index_t tokens = 0;       // routing rows
-  index_t routed_rows = 0;  // buffer, expert_out, saved_pre, saved_gate
-  index_t shared_rows = 0;  // shared_pre, shared_gate
-};
-
-// The aux losses of a forward, unscaled (each 0 when its coefficient is 0).
-struct MoeAuxLosses {
-  double switch_loss = 0.0;
-  double z_loss = 0.0;
-  double total = 0.0;  // switch_coeff * switch_loss + z_coeff * z_loss
-};
+// Shared with the CUDA backend (moekit/core/backend.hpp): the minimum rows of
+// the state buffers for a capacity of T tokens, and the aux losses of a forward.
+using ::moekit::MoeAuxLosses;
+using ::moekit::MoeLayerStateRows;
 
 template <MoeSpecType S>
 class MoeLayer {
  public:
   static constexpr int kExperts = S::num_experts;
   static constexpr int kTopK = S::top_k;
+  // The types of this backend's arguments, for code templated on the backend
+  // (moekit/core/backend.hpp); gpu::MoeLayer<S, T> has the same names.
+  using Element = float;
+  using Config = MoeLayerConfig;
+  using Params = MoeLayerParams;
+  using Grads = MoeLayerGrads;
+  using State = MoeLayerState;
+  using Stats = RoutingStats<S>;
+  using Workspace = VectorView<std::byte>;
 
   // Rejects a configuration the layer cannot run (naming the field and value).
   explicit MoeLayer(const MoeLayerConfig& config)
@@ -582,4 +583,11 @@ class MoeLayerStorage {
 };
 
 }  // namespace cpu
+
+// The CPU backend for moekit::MoeLayer<S, Backend> (moekit/core/backend.hpp).
+struct CpuBackend {
+  template <MoeSpecType S>
+  using MoeLayer = cpu::MoeLayer<S>;
+};
+
 MOEKIT_NAMESPACE_END

@@ -1,0 +1,912 @@
+#pragma once
+// A Mixture-of-Experts layer on the CUDA backend for MoeSpec<E, K> and
+// activations / weights of type T (fp32, bf16, fp16): router, dispatch, routed
+// expert FFNs, combine and shared experts, forward and backward, composed from
+// moekit/cuda/{router,aux_losses,dispatch,expert_ffn}.cuh. The math, argument
+// names and argument order are cpu::MoeLayer<S>'s (moekit/nn/moe_layer.hpp):
+//
+//   y = sum_{k kept} w(t, k) FFN_{ids(t, k)}(x_t) + sum_i FFN_shared_i(x_t)
+//
+//   moekit::gpu::MoeLayer<moekit::MoeSpec<8, 2>, __nv_bfloat16> layer(config);
+//   moekit::gpu::MoeLayerStorage<Spec, __nv_bfloat16> storage(layer, t_max);  // cudaMalloc once
+//   const auto ws = storage.workspace(cublas_handle, stream);
+//   auto aux = layer.forward(x, params, storage.state(), y, &stats, ws);
+//   layer.backward(dy, x, params, storage.state(), grads, dx, ws);
+//
+// Code templated on the backend (moekit::MoeLayer<S, Backend>, moekit/core/
+// backend.hpp) compiles against both layers. The differences, all from the
+// memory model:
+//   - Every view is DEVICE memory except state.host_offsets (host, E + 1),
+//     and `stats` (host: forward copies the device statistics into it).
+//   - The Workspace argument is MoeLayerWorkspace: the device workspace
+//     (256-byte aligned, workspace_size() bytes, a std::size_t) plus the
+//     caller's cuBLAS handle and the stream every launch goes to. It is
+//     required (the CPU's may be omitted when its size is 0), so `stats`
+//     has no default either.
+//   - Stats is MoeLayerStats<S>: gpu::RoutingStats and gpu::DispatchStats
+//     (the CPU's RoutingStats holds the same counts in one struct).
+//   - No router noise (NoiseConfig) and no FfnThreading: Config has none.
+//   - Saved expert ids and positions are device data the host cannot check
+//     without a copy: backward does not re-validate them (the CPU does); a
+//     bad id counts for nothing, per the parts' documented rules.
+//
+// Types. x, y, dy, dx, every weight and weight gradient, and the saved
+// activations are T. The router runs in fp32 as gpu::route wants: the gate
+// GEMM reads T and accumulates and writes fp32 logits (no rounding before
+// top-k); scores, weights, dlogits and the gate biases (gate_bias,
+// selection_bias, dgate_bias) are fp32. The backward GEMMs of the gate read
+// dlogits rounded to T (no rounding for T = float). Every GEMM is cuBLAS with
+// fp32 accumulation.
+//
+// One host synchronisation per forward: gpu::ExpertFfn takes the expert
+// offsets in HOST memory (cuBLAS's grouped GEMM takes its group sizes from the
+// host), so forward copies plan_dispatch's offsets (8 (E + 1) bytes) and the
+// statistics (a few hundred bytes) back and synchronises the stream once,
+// after the router and the plan and before the expert GEMMs. The aux losses'
+// values come from those statistics, so forward returns them on the host as
+// the CPU does. Forward stores the host copy in state.host_offsets; backward
+// reads it there and does not synchronise.
+//
+// Backward (dy = dL/dy), the CPU's order:
+//   combine_backward    -> d_expert_out, dweights
+//   ExpertFfn::backward -> d_buffer, expert weight gradients
+//   dispatch_backward   -> dx
+//   backward_gate       -> dlogits; += switch / z loss gradients (with coefficients)
+//   gate GEMMs          -> dx (added), dw_gate; dgate_bias = column sums of dlogits
+//   shared FFN backward -> dx (added), shared weight gradients
+// An empty gradient view is frozen: not computed, not written, no work done
+// for it. An empty dx means "no input gradient". With grads.accumulate every
+// non-empty output (dx too) receives the sum.
+//
+// Validation: every argument the host can see (shapes against the config, T
+// against the state's capacity, null pointers, the cuBLAS handle, the
+// workspace, the host offsets against the state) is checked before the first
+// launch, and a bad one throws moekit::Error naming it. With
+// NonFinitePolicy::kError a non-finite logit throws Errc::kNonFinite at the
+// synchronisation, after the state's routing was written, never y (as on the
+// CPU). CUDA and cuBLAS failures throw moekit::Error (kCudaError /
+// kCublasError). Outputs must not overlap inputs (not checked).
+//
+// Determinism: no float atomics; every part sums in a fixed order, so reruns
+// on one GPU are bit-identical. Results differ from the CPU's in the last bits.
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <type_traits>
+#include <vector>
+
+#include "moekit/core/activation.hpp"
+#include "moekit/core/backend.hpp"
+#include "moekit/core/error.hpp"
+#include "moekit/core/routing.hpp"
+#include "moekit/core/view.hpp"
+#include "moekit/cuda/aux_losses.cuh"
+#include "moekit/cuda/dispatch.cuh"
+#include "moekit/cuda/error.cuh"
+#include "moekit/cuda/expert_ffn.cuh"
+#include "moekit/cuda/lora.cuh"
+#include "moekit/cuda/router.cuh"
+#include "moekit/nn/param_count.hpp"
+#include "moekit/spec.hpp"
+
+MOEKIT_NAMESPACE_BEGIN
+namespace gpu {
+
+// cpu::RouterConfig without noise (not on the GPU yet).
+struct MoeRouterConfig {
+  GatingConfig gating{};
+  CapacityConfig capacity{};
+  NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;
+};
+
+// cpu::MoeLayerConfig without threading; same names and order, so designated
+// initialisers written for one compile for the other (noise aside).
+struct MoeLayerConfig {
+  index_t d_model = 0;
+  index_t d_ff = 0;  // width of one routed expert
+  FfnKind kind = FfnKind::kPlain;
+  Activation activation = Activation::kGeluTanh;
+  MoeRouterConfig router{};
+  int num_shared = 0;         // shared experts, run on every token
+  index_t d_ff_shared = 0;    // width of one shared expert; 0 = d_ff
+  float switch_coeff = 0.0f;  // Switch balance loss coefficient; 0 = off
+  float z_coeff = 0.0f;       // router z-loss coefficient; 0 = off
+  SwitchLossOptions switch_options{};
+};
+
+// Parameters, device memory. Routed experts in gpu::ExpertWeights' layout
+// (E experts of width d_ff); shared experts in the same layout with
+// num_shared experts of width d_ff_shared (all empty when num_shared = 0).
+template <ActivationElement T>
+struct MoeLayerParams {
+  MatrixView<const T> w_gate{};              // E x d
+  VectorView<const float> gate_bias{};       // E, or empty
+  VectorView<const float> selection_bias{};  // E, or empty (update_expert_bias's bias)
+  ExpertWeights<T> experts{};
+  ExpertWeights<T> shared{};
+};
+
+// Gradient outputs, device memory; an empty view is frozen.
+template <ActivationElement T>
+struct MoeLayerGrads {
+  MatrixView<T> dw_gate{};            // E x d
+  VectorView<float> dgate_bias{};     // E; must be empty when params.gate_bias is
+  MatrixView<T> dw1{}, dw3{}, dw2{};  // routed experts
+  MatrixView<T> shared_dw1{}, shared_dw3{}, shared_dw2{};  // shared experts
+  bool accumulate = false;  // add to every output (dx too) instead of overwriting
+};
+
+// What forward saves for backward. Capacity T_max = routing.logits.rows();
+// shapes are minimums for T = T_max (MoeLayer::state_rows gives them).
+template <ActivationElement T>
+struct MoeLayerState {
+  Routing routing;                     // device: T_max x E (logits, scores), T_max x K
+  VectorView<index_t> offsets;         // device, E + 1
+  VectorView<index_t> host_offsets;    // HOST, E + 1: forward's copy of offsets
+  VectorView<std::int32_t> row_slots;  // device, routed_rows (the dispatch plan)
+  MatrixView<T> buffer;                // routed_rows x d, the dispatched tokens
+  MatrixView<T> expert_out;            // routed_rows x d
+  MatrixView<T> saved_pre;             // routed_rows x d_ff
+  MatrixView<T> saved_gate;            // routed_rows x d_ff for kGated, empty for kPlain
+  MatrixView<T> shared_pre;            // num_shared T_max x d_ff_shared (empty if no shared)
+  MatrixView<T> shared_gate;           // same, kGated only
+};
+
+// Forward's statistics, copied to the host.
+template <MoeSpecType S>
+struct MoeLayerStats {
+  RoutingStats<S> routing;    // before capacity (route)
+  DispatchStats<S> dispatch;  // capacity, kept and dropped (plan_dispatch)
+};
+
+// Where and how a call runs: the device workspace and the caller's cuBLAS
+// handle (set to `stream` by the call) and stream.
+struct MoeLayerWorkspace {
+  void* data = nullptr;  // device, 256-byte aligned
+  std::size_t bytes = 0;
+  cublasHandle_t handle = nullptr;
+  cudaStream_t stream = nullptr;
+};
+
+namespace detail {
+
+// dst += src element-wise in fp32, rounded once (shared experts' outputs).
+template <class T>
+__global__ void __launch_bounds__(256) add_rows_kernel(MatrixView<const T> src, MatrixView<T> dst) {
+  const index_t cols = dst.cols(), n = dst.rows() * cols;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / cols, c = i - r * cols;
+    dst(r, c) = from_float<T>(to_float(dst(r, c)) + to_float(src(r, c)));
+  }
+}
+
+// dst = src rounded to T (dlogits for the gate's backward GEMMs).
+template <class T>
+__global__ void __launch_bounds__(256)
+    round_rows_kernel(MatrixView<const float> src, MatrixView<T> dst) {
+  const index_t cols = dst.cols(), n = dst.rows() * cols;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / cols, c = i - r * cols;
+    dst(r, c) = from_float<T>(src(r, c));
+  }
+}
+
+// out[e] (+)= sum_t m(t, e): one block per column, each thread sums a fixed
+// stride of rows in double, then a block reduction in a fixed tree order.
+template <int = 0>  // a template, so that every translation unit may define it
+__global__ void __launch_bounds__(kThreads)
+    column_sums_kernel(MatrixView<const float> m, float* out, bool accumulate) {
+  using Reduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  const index_t e = blockIdx.x;
+  double sum = 0.0;
+  for (index_t t = threadIdx.x; t < m.rows(); t += kThreads) sum += static_cast<double>(m(t, e));
+  const double total = Reduce(storage).Sum(sum);
+  if (threadIdx.x == 0) {
+    out[e] = accumulate ? static_cast<float>(static_cast<double>(out[e]) + total)
+                        : static_cast<float>(total);
+  }
+}
+
+}  // namespace detail
+
+template <MoeSpecType S, ActivationElement T>
+class MoeLayer {
+ public:
+  static constexpr int kExperts = S::num_experts;
+  static constexpr int kTopK = S::top_k;
+  // The types of this backend's arguments (moekit/core/backend.hpp).
+  using Element = T;
+  using Config = MoeLayerConfig;
+  using Params = MoeLayerParams<T>;
+  using Grads = MoeLayerGrads<T>;
+  using State = MoeLayerState<T>;
+  using Stats = MoeLayerStats<S>;
+  using Workspace = MoeLayerWorkspace;
+
+  // Rejects a configuration the layer cannot run (naming the field and value).
+  explicit MoeLayer(const MoeLayerConfig& config)
+      : config_(validated(config)),
+        ffn_(ExpertFfnConfig{config.d_model, config.d_ff, config.kind, config.activation}),
+        shared_ffn_(ExpertFfnConfig{config.d_model, shared_width(config), config.kind,
+                                    config.activation}) {}
+
+  const MoeLayerConfig& config() const { return config_; }
+  bool gated() const { return config_.kind == FfnKind::kGated; }
+  index_t d_ff_shared() const { return shared_width(config_); }
+  // Slots per expert for a batch of `tokens` (tokens when dropless).
+  index_t capacity(index_t tokens) const {
+    return expert_capacity(tokens, kExperts, kTopK, config_.router.capacity.factor);
+  }
+
+  // Rows of the expert-major buffer for T tokens, at most: T K, or E times
+  // the expert capacity when that is smaller (max_dispatch_rows, no padding).
+  index_t routed_rows(index_t tokens) const {
+    return max_dispatch_rows<S>(tokens, config_.router.capacity, 1);
+  }
+
+  MoeLayerStateRows state_rows(index_t tokens) const {
+    return {tokens, routed_rows(tokens), index_t{config_.num_shared} * tokens};
+  }
+
+  // Bytes of the one device workspace forward and backward take for T tokens.
+  // Asks CUB (plan_dispatch's sort and scan), so it needs the CUDA runtime.
+  std::size_t workspace_size(index_t tokens) const {
+    detail::check_token_count(tokens, kTopK);
+    return std::max(forward_layout(tokens).total, backward_layout(tokens).total);
+  }
+
+  // y = the layer's output for x (T x d); fills `state` for backward and
+  // `stats` (host, when not null). Returns the aux losses (unscaled) whose
+  // coefficients are on. Synchronises `workspace.stream` once (header).
+  MoeAuxLosses forward(MatrixView<const T> x, const Params& params, const State& state,
+                       MatrixView<T> y, Stats* stats, const Workspace& workspace) const {
+    check_view(x, "x");
+    const index_t tokens = x.rows();
+    const index_t d = config_.d_model;
+    detail::check_token_count(tokens, kTopK);
+    check_shape(x, tokens, d, "x");
+    check_shape(y, tokens, d, "y");
+    check_params(params);
+    check_state(state, tokens);
+    check_workspace(workspace, tokens);
+
+    const ForwardLayout lay = forward_layout(tokens);
+    const cudaStream_t stream = workspace.stream;
+    const cublasHandle_t handle = workspace.handle;
+    char* ws = static_cast<char*>(workspace.data);
+    void* main = ws + lay.main;
+    const Routing routing = routing_rows(state.routing, tokens);
+    const index_t rows = routed_rows(tokens);
+    auto* d_routing_stats = detail::carve<RoutingStats<S>>(ws, lay.routing_stats);
+    auto* d_dispatch_stats = detail::carve<DispatchStats<S>>(ws, lay.dispatch_stats);
+
+    // Router: logits = x w_gate^T + gate_bias in fp32, then gating and the plan.
+    gate_forward(handle, x, params, routing.logits, stream);
+    const RouteArgs<S, float> route_args{
+        routing.logits,     params.selection_bias, config_.router.gating, routing.scores,
+        routing.expert_ids, routing.weights,       d_routing_stats};
+    std::size_t bytes = lay.main_bytes;
+    MOEKIT_CUDA_CHECK(route(main, bytes, route_args, stream));
+    const DispatchPlanArgs<S> plan{routing.expert_ids,
+                                   routing.weights,
+                                   config_.router.capacity,
+                                   1,
+                                   routing.positions,
+                                   state.offsets,
+                                   state.row_slots.segment(0, rows),
+                                   d_dispatch_stats,
+                                   nullptr};
+    bytes = lay.main_bytes;
+    MOEKIT_CUDA_CHECK(plan_dispatch(main, bytes, plan, stream));
+
+    // The one synchronisation: ExpertFfn needs the offsets on the host.
+    Stats host_stats{};
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(state.host_offsets.data(), state.offsets.data(),
+                                      sizeof(index_t) * (kExperts + 1), cudaMemcpyDeviceToHost,
+                                      stream));
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(&host_stats.routing, d_routing_stats, sizeof(RoutingStats<S>),
+                                      cudaMemcpyDeviceToHost, stream));
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(&host_stats.dispatch, d_dispatch_stats,
+                                      sizeof(DispatchStats<S>), cudaMemcpyDeviceToHost, stream));
+    MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
+    MOEKIT_CHECK(config_.router.non_finite != NonFinitePolicy::kError ||
+                     host_stats.routing.non_finite_logits == 0,
+                 Errc::kNonFinite, host_stats.routing.non_finite_logits,
+                 " logits are not finite (NonFinitePolicy::kError); y is not written");
+    const VectorView<const index_t> host_offsets = state.host_offsets;
+    const index_t n = host_offsets[kExperts];
+    MOEKIT_CHECK(n <= rows, Errc::kOutOfRange, "plan_dispatch used ", n,
+                 " buffer rows, more than routed_rows = ", rows);  // never, by max_dispatch_rows
+
+    // Routed experts.
+    const MatrixView<T> buffer = state.buffer.middle_rows(0, n);
+    const MatrixView<T> out = state.expert_out.middle_rows(0, n);
+    MOEKIT_CUDA_CHECK(
+        dispatch<S>(x, plan.dispatch_map(), state.buffer.middle_rows(0, rows), stream));
+    ffn_.forward(handle, buffer, host_offsets, params.experts, out,
+                 state.saved_pre.middle_rows(0, n),
+                 gated() ? state.saved_gate.middle_rows(0, n) : MatrixView<T>(), main,
+                 lay.main_bytes, stream);
+    MOEKIT_CUDA_CHECK(combine<S>(MatrixView<const T>(out), routing.expert_ids, routing.weights,
+                                 routing.positions, state.offsets, y, false, stream));
+
+    // Shared experts, added in order after the routed output (as on the CPU).
+    if (config_.num_shared > 0) {
+      const std::array<index_t, 2> all = {0, tokens};
+      const MatrixView<T> tmp(static_cast<T*>(main), tokens, d);
+      void* shared_ws = static_cast<char*>(main) + lay.token_bytes;
+      for (int i = 0; i < config_.num_shared; ++i) {
+        shared_ffn_.forward(handle, x, {all.data(), 2}, shared_weights(params.shared, i), tmp,
+                            shared_block(state.shared_pre, i, tokens),
+                            gated() ? shared_block(state.shared_gate, i, tokens) : MatrixView<T>(),
+                            shared_ws, lay.main_bytes - lay.token_bytes, stream);
+        add_rows(tmp, y, stream);
+      }
+    }
+
+    if (stats != nullptr) *stats = host_stats;
+    MoeAuxLosses aux;
+    if (config_.switch_coeff != 0.0f) {
+      aux.switch_loss = switch_loss_value<kExperts, kTopK>(
+          host_stats.routing.tokens, host_stats.routing.assigned,
+          host_stats.routing.mean_distribution, config_.switch_options.normalization);
+    }
+    if (config_.z_coeff != 0.0f) aux.z_loss = host_stats.routing.z_loss;
+    aux.total = static_cast<double>(config_.switch_coeff) * aux.switch_loss +
+                static_cast<double>(config_.z_coeff) * aux.z_loss;
+    return aux;
+  }
+
+  // Gradients of L = f(y) + switch_coeff L_switch + z_coeff L_z given
+  // dy = df/dy (T x d) and the x, params and state of the forward. dx (T x d)
+  // or empty; grads: see MoeLayerGrads. No host synchronisation.
+  void backward(MatrixView<const T> dy, MatrixView<const T> x, const Params& params,
+                const State& state, const Grads& grads, MatrixView<T> dx,
+                const Workspace& workspace) const {
+    check_view(dy, "dy");
+    const index_t tokens = dy.rows();
+    const index_t d = config_.d_model;
+    detail::check_token_count(tokens, kTopK);
+    check_shape(dy, tokens, d, "dy");
+    check_shape(x, tokens, d, "x");
+    if (!dx.empty()) check_shape(dx, tokens, d, "dx");
+    check_params(params);
+    check_grads(grads, params);
+    check_state(state, tokens);
+    const index_t n = check_host_offsets(state.host_offsets, tokens);
+    check_workspace(workspace, tokens);
+
+    const BackwardLayout lay = backward_layout(tokens);
+    const cudaStream_t stream = workspace.stream;
+    const cublasHandle_t handle = workspace.handle;
+    char* ws = static_cast<char*>(workspace.data);
+    void* main = ws + lay.main;
+    const Routing routing = routing_rows(state.routing, tokens);
+    const index_t rows = routed_rows(tokens);
+    const VectorView<const index_t> offsets = state.offsets;
+    const VectorView<const index_t> host_offsets = state.host_offsets;
+
+    const bool acc = grads.accumulate;
+    const bool want_dx = !dx.empty();
+    const bool want_router = want_dx || !grads.dw_gate.empty() || !grads.dgate_bias.empty();
+    const bool want_expert_w = !grads.dw1.empty() || !grads.dw3.empty() || !grads.dw2.empty();
+    const bool want_d_out = want_dx || want_expert_w;
+
+    const MatrixView<float> dweights(detail::carve<float>(ws, lay.dweights), tokens, kTopK);
+    const MatrixView<float> dlogits(detail::carve<float>(ws, lay.dlogits), tokens, kExperts);
+    const MatrixView<T> d_out(static_cast<T*>(main), n, d);
+    const MatrixView<T> d_buffer(detail::carve<T>(main, lay.routed_bytes), n, d);
+    const MatrixView<const T> buffer = state.buffer.middle_rows(0, n);
+    const MatrixView<const T> out = state.expert_out.middle_rows(0, n);
+    const DispatchMap map{{state.row_slots.data(), rows}, offsets.data() + kExperts};
+
+    // Routed experts.
+    if (want_d_out || want_router) {
+      MOEKIT_CUDA_CHECK(combine_backward<S>(dy, out, routing.expert_ids, routing.weights,
+                                            routing.positions, offsets, map,
+                                            want_d_out ? d_out : MatrixView<T>(),
+                                            want_router ? dweights : MatrixView<float>(), stream));
+    }
+    if (want_d_out) {
+      ffn_.backward(
+          handle, MatrixView<const T>(d_out), buffer, host_offsets, params.experts,
+          state.saved_pre.middle_rows(0, n),
+          gated() ? MatrixView<const T>(state.saved_gate.middle_rows(0, n)) : MatrixView<const T>(),
+          want_dx ? d_buffer : MatrixView<T>(),
+          ExpertGrads<T>{grads.dw1, grads.dw3, grads.dw2, acc},
+          static_cast<char*>(main) + 2 * lay.routed_bytes, lay.main_bytes - 2 * lay.routed_bytes,
+          stream);
+    }
+    if (want_dx) {
+      MOEKIT_CUDA_CHECK(dispatch_backward<S>(MatrixView<const T>(d_buffer), routing.expert_ids,
+                                             routing.positions, offsets, dx, acc, stream));
+    }
+
+    // Router: gate, aux losses (coefficients included), then the gate GEMMs.
+    if (want_router) {
+      const GatingConfig gating = config_.router.gating;
+      MOEKIT_CUDA_CHECK(backward_gate<S>(
+          GateBackwardArgs<S, float>{routing.logits, routing.scores, routing.expert_ids, dweights,
+                                     gating, dlogits, nullptr},
+          stream));
+      double* losses = detail::carve<double>(ws, lay.losses);
+      if (config_.switch_coeff != 0.0f) {
+        const SwitchLossArgs<S, float> args{gating.rule,
+                                            routing.logits,
+                                            routing.scores,
+                                            routing.expert_ids,
+                                            config_.switch_options.normalization,
+                                            config_.switch_coeff,
+                                            losses,
+                                            dlogits,
+                                            nullptr};
+        std::size_t bytes = lay.main_bytes;
+        MOEKIT_CUDA_CHECK(switch_loss(main, bytes, args, stream));
+      }
+      if (config_.z_coeff != 0.0f) {
+        const ZLossArgs<S, float> args{routing.logits, config_.z_coeff, losses + 1, dlogits};
+        std::size_t bytes = lay.main_bytes;
+        MOEKIT_CUDA_CHECK(z_loss(main, bytes, args, stream));
+      }
+      gate_backward(handle, x, params, MatrixView<const float>(dlogits),
+                    detail::carve<T>(ws, lay.dlogits_rounded), grads, dx, stream);
+    }
+
+    // Shared experts: dy reaches each unchanged.
+    const bool want_shared_w =
+        !grads.shared_dw1.empty() || !grads.shared_dw3.empty() || !grads.shared_dw2.empty();
+    if (config_.num_shared > 0 && (want_dx || want_shared_w)) {
+      const std::array<index_t, 2> all = {0, tokens};
+      const MatrixView<T> tmp(static_cast<T*>(main), tokens, d);
+      void* shared_ws = static_cast<char*>(main) + lay.token_bytes;
+      const index_t fs = d_ff_shared();
+      for (int i = 0; i < config_.num_shared; ++i) {
+        const ExpertGrads<T> g{shared_grad(grads.shared_dw1, i, fs),
+                               shared_grad(grads.shared_dw3, i, fs),
+                               shared_grad(grads.shared_dw2, i, d), acc};
+        shared_ffn_.backward(handle, dy, x, {all.data(), 2}, shared_weights(params.shared, i),
+                             shared_block(state.shared_pre, i, tokens),
+                             gated()
+                                 ? MatrixView<const T>(shared_block(state.shared_gate, i, tokens))
+                                 : MatrixView<const T>(),
+                             want_dx ? tmp : MatrixView<T>(), g, shared_ws,
+                             lay.main_bytes - lay.token_bytes, stream);
+        if (want_dx) add_rows(tmp, dx, stream);
+      }
+    }
+  }
+
+ private:
+  // Workspace regions (byte offsets, each 256-byte aligned). Forward:
+  //   [routing stats][dispatch stats][main: the largest of route's, the
+  //    plan's, the routed FFN's workspace, and shared: T x d + its FFN's]
+  // Backward:
+  //   [dweights T K][dlogits T E][dlogits in T (T != float)][2 losses][main:
+  //    the largest of d_out, d_buffer (N x d each) + the FFN's workspace,
+  //    the switch and z losses', and shared: T x d + its FFN's]
+  // Forward's regions are dead when backward runs, so the two overlap.
+  struct ForwardLayout {
+    std::size_t routing_stats = 0, dispatch_stats = 0, main = 0, main_bytes = 0;
+    std::size_t token_bytes = 0, total = 0;
+  };
+  struct BackwardLayout {
+    std::size_t dweights = 0, dlogits = 0, dlogits_rounded = 0, losses = 0, main = 0;
+    std::size_t main_bytes = 0, routed_bytes = 0, token_bytes = 0, total = 0;
+  };
+
+  template <class U>
+  static std::size_t array_bytes(index_t count) {
+    return static_cast<std::size_t>(count) * sizeof(U);
+  }
+
+  // The part of main the shared experts use (0 without shared experts).
+  std::size_t shared_main_bytes(index_t tokens) const {
+    if (config_.num_shared == 0) return 0;
+    return detail::round_up(array_bytes<T>(tokens * config_.d_model)) +
+           shared_ffn_.workspace_size(tokens);
+  }
+
+  ForwardLayout forward_layout(index_t tokens) const {
+    RouteArgs<S, float> route_args;
+    route_args.logits = {static_cast<const float*>(nullptr), tokens, kExperts};
+    std::size_t route_bytes = 0;
+    MOEKIT_CUDA_CHECK(route(nullptr, route_bytes, route_args));
+    DispatchPlanArgs<S> plan;
+    plan.expert_ids = {static_cast<const std::int32_t*>(nullptr), tokens, kTopK};
+    plan.capacity = config_.router.capacity;
+    std::size_t plan_bytes = 0;
+    MOEKIT_CUDA_CHECK(plan_dispatch(nullptr, plan_bytes, plan));
+
+    ForwardLayout l;
+    detail::WorkspacePlan p;
+    l.routing_stats = p.reserve(sizeof(RoutingStats<S>));
+    l.dispatch_stats = p.reserve(sizeof(DispatchStats<S>));
+    l.token_bytes = detail::round_up(array_bytes<T>(tokens * config_.d_model));
+    l.main_bytes = std::max({route_bytes, plan_bytes, ffn_.workspace_size(routed_rows(tokens)),
+                             shared_main_bytes(tokens)});
+    l.main = p.reserve(l.main_bytes);
+    l.total = p.bytes();
+    return l;
+  }
+
+  BackwardLayout backward_layout(index_t tokens) const {
+    SwitchLossArgs<S, float> switch_args;
+    switch_args.scores = {static_cast<const float*>(nullptr), tokens, kExperts};
+    std::size_t switch_bytes = 0;
+    MOEKIT_CUDA_CHECK(switch_loss(nullptr, switch_bytes, switch_args));
+    ZLossArgs<S, float> z_args;
+    z_args.logits = {static_cast<const float*>(nullptr), tokens, kExperts};
+    std::size_t z_bytes = 0;
+    MOEKIT_CUDA_CHECK(z_loss(nullptr, z_bytes, z_args));
+
+    const index_t rows = routed_rows(tokens);
+    BackwardLayout l;
+    detail::WorkspacePlan p;
+    l.dweights = p.reserve(array_bytes<float>(tokens * kTopK));
+    l.dlogits = p.reserve(array_bytes<float>(tokens * kExperts));
+    l.dlogits_rounded = p.reserve(std::is_same_v<T, float> ? 0 : array_bytes<T>(tokens * kExperts));
+    l.losses = p.reserve(2 * sizeof(double));
+    l.routed_bytes = detail::round_up(array_bytes<T>(rows * config_.d_model));
+    l.token_bytes = detail::round_up(array_bytes<T>(tokens * config_.d_model));
+    l.main_bytes = std::max({2 * l.routed_bytes + ffn_.workspace_size(rows), switch_bytes, z_bytes,
+                             shared_main_bytes(tokens)});
+    l.main = p.reserve(l.main_bytes);
+    l.total = p.bytes();
+    return l;
+  }
+
+  static index_t shared_width(const MoeLayerConfig& c) {
+    return c.d_ff_shared > 0 ? c.d_ff_shared : c.d_ff;
+  }
+
+  static const MoeLayerConfig& validated(const MoeLayerConfig& c) {
+    check_gating(c.router.gating, kExperts, kTopK);
+    MOEKIT_CHECK_ARG(!std::isnan(c.router.capacity.factor), "config.router.capacity.factor is NaN");
+    MOEKIT_CHECK_ARG(c.router.capacity.policy == DropPolicy::kPosition ||
+                         c.router.capacity.policy == DropPolicy::kProbs,
+                     "config.router.capacity.policy = ", static_cast<int>(c.router.capacity.policy),
+                     " is not a DropPolicy");
+    MOEKIT_CHECK_ARG(c.router.non_finite == NonFinitePolicy::kSanitize ||
+                         c.router.non_finite == NonFinitePolicy::kError,
+                     "config.router.non_finite = ", static_cast<int>(c.router.non_finite),
+                     " is not a NonFinitePolicy");
+    MOEKIT_CHECK_ARG(c.num_shared >= 0, "config.num_shared = ", c.num_shared,
+                     " must be non-negative");
+    MOEKIT_CHECK_ARG(c.d_ff_shared >= 0, "config.d_ff_shared = ", c.d_ff_shared,
+                     " must be non-negative (0 = d_ff)");
+    MOEKIT_CHECK_ARG(std::isfinite(c.switch_coeff) && c.switch_coeff >= 0.0f,
+                     "config.switch_coeff = ", c.switch_coeff, " must be finite and non-negative");
+    MOEKIT_CHECK_ARG(std::isfinite(c.z_coeff) && c.z_coeff >= 0.0f, "config.z_coeff = ", c.z_coeff,
+                     " must be finite and non-negative");
+    MOEKIT_CHECK_ARG(
+        c.switch_options.normalization == SwitchNormalization::kTokensTimesK ||
+            c.switch_options.normalization == SwitchNormalization::kTokens,
+        "config.switch_options.normalization = ", static_cast<int>(c.switch_options.normalization),
+        " is not a SwitchNormalization");
+    return c;  // d_model, d_ff, kind, activation: ExpertFfn's constructor
+  }
+
+  // logits = x w_gate^T (+ gate_bias), fp32 out (cuBLAS, fp32 accumulation).
+  void gate_forward(cublasHandle_t handle, MatrixView<const T> x, const Params& params,
+                    MatrixView<float> logits, cudaStream_t stream) const {
+    const index_t tokens = x.rows();
+    if (tokens == 0) return;
+    const bool bias = !params.gate_bias.empty();
+    if (bias) {
+      detail::broadcast_bias_kernel<float>
+          <<<detail::elementwise_grid(tokens * kExperts), 256, 0, stream>>>(params.gate_bias,
+                                                                            logits);
+      MOEKIT_CUDA_CHECK(cudaGetLastError());
+    }
+    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    // Column-major logits^T (E x T) = w_gate (op T of d x E) x^T.
+    detail::cublas_gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, kExperts, tokens, config_.d_model,
+                        params.w_gate.data(), detail::gemm_ld(params.w_gate), x.data(),
+                        detail::gemm_ld(x), bias ? 1.0f : 0.0f, logits.data(),
+                        detail::gemm_ld(logits));
+  }
+
+  // From dlogits (T x E, fp32): dgate_bias (column sums), dw_gate = dlogits^T
+  // x and dx += dlogits w_gate, the GEMMs on dlogits rounded to T.
+  void gate_backward(cublasHandle_t handle, MatrixView<const T> x, const Params& params,
+                     MatrixView<const float> dlogits, T* rounded, const Grads& grads,
+                     MatrixView<T> dx, cudaStream_t stream) const {
+    const index_t tokens = x.rows();
+    const index_t d = config_.d_model;
+    const bool acc = grads.accumulate;
+    if (!grads.dgate_bias.empty()) {
+      detail::column_sums_kernel<>
+          <<<kExperts, detail::kThreads, 0, stream>>>(dlogits, grads.dgate_bias.data(), acc);
+      MOEKIT_CUDA_CHECK(cudaGetLastError());
+    }
+    const bool want_dw = !grads.dw_gate.empty(), want_dx = !dx.empty();
+    if (tokens == 0) {  // no rows to multiply: an overwritten dw_gate is 0
+      if (want_dw && !acc) zero(grads.dw_gate, stream);
+      return;
+    }
+    if (!want_dw && !want_dx) return;
+    MatrixView<const T> g;
+    if constexpr (std::is_same_v<T, float>) {
+      g = dlogits;
+    } else {
+      const MatrixView<T> r(rounded, tokens, kExperts);
+      detail::round_rows_kernel<T>
+          <<<detail::elementwise_grid(tokens * kExperts), 256, 0, stream>>>(dlogits, r);
+      MOEKIT_CUDA_CHECK(cudaGetLastError());
+      g = r;
+    }
+    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    if (want_dw) {
+      // Column-major dw_gate^T (d x E) = x^T (d x T) g (op T of E x T).
+      detail::cublas_gemm(handle, CUBLAS_OP_N, CUBLAS_OP_T, d, kExperts, tokens, x.data(),
+                          detail::gemm_ld(x), g.data(), detail::gemm_ld(g), acc ? 1.0f : 0.0f,
+                          grads.dw_gate.data(), detail::gemm_ld(grads.dw_gate));
+    }
+    if (want_dx) {
+      // dx += g w_gate: column-major dx^T (d x T) = w_gate^T (d x E) g^T (E x T).
+      detail::cublas_gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, d, tokens, kExperts,
+                          params.w_gate.data(), detail::gemm_ld(params.w_gate), g.data(),
+                          detail::gemm_ld(g), 1.0f, dx.data(), detail::gemm_ld(dx));
+    }
+  }
+
+  static void add_rows(MatrixView<const T> src, MatrixView<T> dst, cudaStream_t stream) {
+    if (dst.empty()) return;
+    detail::add_rows_kernel<T><<<detail::elementwise_grid(dst.size()), 256, 0, stream>>>(src, dst);
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+  }
+
+  static void zero(MatrixView<T> m, cudaStream_t stream) {
+    MOEKIT_CUDA_CHECK(cudaMemset2DAsync(m.data(), static_cast<std::size_t>(m.ld()) * sizeof(T), 0,
+                                        static_cast<std::size_t>(m.cols()) * sizeof(T),
+                                        static_cast<std::size_t>(m.rows()), stream));
+  }
+
+  // The first `tokens` rows of a routing.
+  static Routing routing_rows(const Routing& r, index_t tokens) {
+    return {r.logits.middle_rows(0, tokens), r.scores.middle_rows(0, tokens),
+            r.expert_ids.middle_rows(0, tokens), r.weights.middle_rows(0, tokens),
+            r.positions.middle_rows(0, tokens)};
+  }
+
+  static MatrixView<T> shared_block(MatrixView<T> m, int i, index_t tokens) {
+    return m.middle_rows(i * tokens, tokens);
+  }
+  static MatrixView<T> shared_grad(MatrixView<T> m, int i, index_t rows) {
+    return m.empty() ? MatrixView<T>() : m.middle_rows(i * rows, rows);
+  }
+  ExpertWeights<T> shared_weights(const ExpertWeights<T>& w, int i) const {
+    const index_t fs = d_ff_shared(), d = config_.d_model;
+    return {w.w1.middle_rows(i * fs, fs),
+            gated() ? w.w3.middle_rows(i * fs, fs) : MatrixView<const T>(),
+            w.w2.middle_rows(i * d, d)};
+  }
+
+  template <class U>
+  static void check_absent(MatrixView<U> v, const char* name) {
+    MOEKIT_CHECK(v.empty(), Errc::kInvalidArgument, name, " is ", v.rows(), " x ", v.cols(),
+                 " but must be empty (FfnKind::kPlain, or num_shared = 0)");
+  }
+
+  template <class U>
+  static void check_part(MatrixView<U> v, bool required, index_t rows, index_t cols,
+                         const char* name) {
+    if (required) {
+      check_shape(v, rows, cols, name);
+    } else {
+      check_absent(v, name);
+    }
+  }
+
+  void check_params(const Params& p) const {
+    const index_t d = config_.d_model, f = config_.d_ff, fs = d_ff_shared();
+    const index_t n = config_.num_shared;
+    check_shape(p.w_gate, kExperts, d, "params.w_gate");
+    if (!p.gate_bias.empty()) check_shape(p.gate_bias, kExperts, "params.gate_bias");
+    if (!p.selection_bias.empty()) check_shape(p.selection_bias, kExperts, "params.selection_bias");
+    check_shape(p.experts.w1, kExperts * f, d, "params.experts.w1");
+    check_part(p.experts.w3, gated(), kExperts * f, d, "params.experts.w3");
+    check_shape(p.experts.w2, kExperts * d, f, "params.experts.w2");
+    check_part(p.shared.w1, n > 0, n * fs, d, "params.shared.w1");
+    check_part(p.shared.w3, n > 0 && gated(), n * fs, d, "params.shared.w3");
+    check_part(p.shared.w2, n > 0, n * d, fs, "params.shared.w2");
+  }
+
+  // Gradient views: empty (frozen) or exactly the parameter's shape.
+  void check_grads(const Grads& g, const Params& p) const {
+    const index_t d = config_.d_model, f = config_.d_ff, fs = d_ff_shared();
+    const index_t n = config_.num_shared;
+    if (!g.dw_gate.empty()) check_shape(g.dw_gate, kExperts, d, "grads.dw_gate");
+    if (!g.dgate_bias.empty()) {
+      MOEKIT_CHECK(!p.gate_bias.empty(), Errc::kInvalidArgument,
+                   "grads.dgate_bias is given but params.gate_bias is empty");
+      check_shape(g.dgate_bias, kExperts, "grads.dgate_bias");
+    }
+    if (!g.dw1.empty()) check_shape(g.dw1, kExperts * f, d, "grads.dw1");
+    if (!g.dw3.empty()) check_part(g.dw3, gated(), kExperts * f, d, "grads.dw3");
+    if (!g.dw2.empty()) check_shape(g.dw2, kExperts * d, f, "grads.dw2");
+    if (!g.shared_dw1.empty()) check_part(g.shared_dw1, n > 0, n * fs, d, "grads.shared_dw1");
+    if (!g.shared_dw3.empty()) {
+      check_part(g.shared_dw3, n > 0 && gated(), n * fs, d, "grads.shared_dw3");
+    }
+    if (!g.shared_dw2.empty()) check_part(g.shared_dw2, n > 0, n * d, fs, "grads.shared_dw2");
+  }
+
+  template <class U>
+  static void check_rows(MatrixView<U> v, index_t rows, index_t cols, const char* name) {
+    check_view(v, name);
+    MOEKIT_CHECK(v.cols() == cols, Errc::kShapeMismatch, name, " has ", v.cols(),
+                 " columns, expected ", cols);
+    MOEKIT_CHECK(v.rows() >= rows, Errc::kShapeMismatch, name, " has ", v.rows(),
+                 " rows, fewer than the ", rows, " this batch needs");
+  }
+
+  void check_state(const State& s, index_t tokens) const {
+    const MoeLayerStateRows need = state_rows(tokens);
+    const index_t d = config_.d_model, f = config_.d_ff, fs = d_ff_shared();
+    const index_t cap = s.routing.logits.rows();
+    MOEKIT_CHECK(tokens <= cap, Errc::kShapeMismatch, "T = ", tokens,
+                 " exceeds the state's capacity state.routing.logits.rows() = ", cap);
+    check_rows(s.routing.logits, tokens, kExperts, "state.routing.logits");
+    check_rows(s.routing.scores, tokens, kExperts, "state.routing.scores");
+    check_rows(s.routing.expert_ids, tokens, kTopK, "state.routing.expert_ids");
+    check_rows(s.routing.weights, tokens, kTopK, "state.routing.weights");
+    check_rows(s.routing.positions, tokens, kTopK, "state.routing.positions");
+    check_shape(s.offsets, index_t{kExperts} + 1, "state.offsets");
+    check_shape(s.host_offsets, index_t{kExperts} + 1, "state.host_offsets");
+    check_view(s.row_slots, "state.row_slots");
+    MOEKIT_CHECK(s.row_slots.size() >= need.routed_rows, Errc::kShapeMismatch,
+                 "state.row_slots has ", s.row_slots.size(), " entries, fewer than the ",
+                 need.routed_rows, " this batch needs");
+    check_rows(s.buffer, need.routed_rows, d, "state.buffer");
+    check_rows(s.expert_out, need.routed_rows, d, "state.expert_out");
+    check_rows(s.saved_pre, need.routed_rows, f, "state.saved_pre");
+    if (gated()) {
+      check_rows(s.saved_gate, need.routed_rows, f, "state.saved_gate");
+    } else {
+      check_absent(s.saved_gate, "state.saved_gate");
+    }
+    if (config_.num_shared > 0) {
+      check_rows(s.shared_pre, need.shared_rows, fs, "state.shared_pre");
+      if (gated()) {
+        check_rows(s.shared_gate, need.shared_rows, fs, "state.shared_gate");
+      } else {
+        check_absent(s.shared_gate, "state.shared_gate");
+      }
+    } else {
+      check_absent(s.shared_pre, "state.shared_pre");
+      check_absent(s.shared_gate, "state.shared_gate");
+    }
+  }
+
+  // The host copy of forward's offsets: 0, non-decreasing, within the
+  // buffer. Returns the rows in use.
+  index_t check_host_offsets(VectorView<const index_t> o, index_t tokens) const {
+    MOEKIT_CHECK(o[0] == 0, Errc::kInvalidArgument, "state.host_offsets[0] = ", o[0],
+                 ", expected 0 (run forward first)");
+    for (int e = 0; e < kExperts; ++e) {
+      MOEKIT_CHECK(o[e + 1] >= o[e], Errc::kInvalidArgument, "state.host_offsets decreases at ",
+                   e + 1, " (run forward first)");
+    }
+    MOEKIT_CHECK(o[kExperts] <= routed_rows(tokens), Errc::kShapeMismatch, "state.host_offsets[",
+                 kExperts, "] = ", o[kExperts], " exceeds routed_rows(", tokens,
+                 ") = ", routed_rows(tokens));
+    return o[kExperts];
+  }
+
+  // The handle and the workspace; the size last, as it asks CUB.
+  void check_workspace(const Workspace& w, index_t tokens) const {
+    MOEKIT_CHECK(w.handle != nullptr, Errc::kNullPointer, "workspace.handle is null");
+    MOEKIT_CHECK(w.data != nullptr, Errc::kNullPointer, "workspace.data is null");
+    MOEKIT_CHECK(reinterpret_cast<std::uintptr_t>(w.data) % detail::kWorkspaceAlignment == 0,
+                 Errc::kInvalidArgument, "workspace.data is not ", detail::kWorkspaceAlignment,
+                 "-byte aligned");
+    const std::size_t need = workspace_size(tokens);
+    MOEKIT_CHECK(w.bytes >= need, Errc::kShapeMismatch, "workspace.bytes = ", w.bytes,
+                 ", workspace_size(", tokens, ") = ", need);
+  }
+
+  MoeLayerConfig config_;
+  ExpertFfn<S, T> ffn_;
+  ExpertFfn<MoeSpec<1, 1>, T> shared_ffn_;  // one shared expert at a time, on all tokens
+};
+
+// Owning device storage for a layer's state and workspace up to `max_tokens`:
+// one cudaMalloc here, one cudaFree in the destructor; the views stay valid
+// while this object lives. state().host_offsets is a host vector.
+template <MoeSpecType S, ActivationElement T>
+class MoeLayerStorage {
+ public:
+  MoeLayerStorage(const MoeLayer<S, T>& layer, index_t max_tokens) {
+    constexpr int E = S::num_experts, K = S::top_k;
+    const MoeLayerConfig& c = layer.config();
+    const MoeLayerStateRows rows = layer.state_rows(max_tokens);
+    const index_t d = c.d_model, f = c.d_ff, fs = layer.d_ff_shared();
+    const bool gated = layer.gated();
+    const bool shared = c.num_shared > 0;
+    const auto bytes = [](index_t n, std::size_t size) {
+      return static_cast<std::size_t>(n) * size;
+    };
+    detail::WorkspacePlan plan;
+    const std::size_t at_logits = plan.reserve(bytes(max_tokens * E, sizeof(float)));
+    const std::size_t at_scores = plan.reserve(bytes(max_tokens * E, sizeof(float)));
+    const std::size_t at_ids = plan.reserve(bytes(max_tokens * K, sizeof(std::int32_t)));
+    const std::size_t at_weights = plan.reserve(bytes(max_tokens * K, sizeof(float)));
+    const std::size_t at_positions = plan.reserve(bytes(max_tokens * K, sizeof(std::int32_t)));
+    const std::size_t at_offsets = plan.reserve(bytes(E + 1, sizeof(index_t)));
+    const std::size_t at_slots = plan.reserve(bytes(rows.routed_rows, sizeof(std::int32_t)));
+    const std::size_t at_buffer = plan.reserve(bytes(rows.routed_rows * d, sizeof(T)));
+    const std::size_t at_out = plan.reserve(bytes(rows.routed_rows * d, sizeof(T)));
+    const std::size_t at_pre = plan.reserve(bytes(rows.routed_rows * f, sizeof(T)));
+    const std::size_t at_gate = plan.reserve(gated ? bytes(rows.routed_rows * f, sizeof(T)) : 0);
+    const std::size_t at_shared_pre =
+        plan.reserve(shared ? bytes(rows.shared_rows * fs, sizeof(T)) : 0);
+    const std::size_t at_shared_gate =
+        plan.reserve(shared && gated ? bytes(rows.shared_rows * fs, sizeof(T)) : 0);
+    workspace_bytes_ = layer.workspace_size(max_tokens);
+    const std::size_t at_workspace = plan.reserve(workspace_bytes_);
+    MOEKIT_CUDA_CHECK(cudaMalloc(&base_, plan.bytes()));
+    host_offsets_.assign(static_cast<std::size_t>(E + 1), 0);
+    workspace_ = detail::carve<char>(base_, at_workspace);
+
+    const auto matrix = [&](std::size_t at, index_t r, index_t cols) {
+      return MatrixView<T>(detail::carve<T>(base_, at), r, cols);
+    };
+    state_.routing = {{detail::carve<float>(base_, at_logits), max_tokens, E},
+                      {detail::carve<float>(base_, at_scores), max_tokens, E},
+                      {detail::carve<std::int32_t>(base_, at_ids), max_tokens, K},
+                      {detail::carve<float>(base_, at_weights), max_tokens, K},
+                      {detail::carve<std::int32_t>(base_, at_positions), max_tokens, K}};
+    state_.offsets = {detail::carve<index_t>(base_, at_offsets), E + 1};
+    state_.host_offsets = {host_offsets_.data(), E + 1};
+    state_.row_slots = {detail::carve<std::int32_t>(base_, at_slots), rows.routed_rows};
+    state_.buffer = matrix(at_buffer, rows.routed_rows, d);
+    state_.expert_out = matrix(at_out, rows.routed_rows, d);
+    state_.saved_pre = matrix(at_pre, rows.routed_rows, f);
+    state_.saved_gate = gated ? matrix(at_gate, rows.routed_rows, f) : MatrixView<T>();
+    state_.shared_pre = shared ? matrix(at_shared_pre, rows.shared_rows, fs) : MatrixView<T>();
+    state_.shared_gate =
+        shared && gated ? matrix(at_shared_gate, rows.shared_rows, fs) : MatrixView<T>();
+  }
+  MoeLayerStorage(const MoeLayerStorage&) = delete;
+  MoeLayerStorage& operator=(const MoeLayerStorage&) = delete;
+  ~MoeLayerStorage() {
+    if (base_ != nullptr) (void)cudaFree(base_);
+  }
+
+  const MoeLayerState<T>& state() const { return state_; }
+  MoeLayerWorkspace workspace(cublasHandle_t handle, cudaStream_t stream = nullptr) const {
+    return {workspace_, workspace_bytes_, handle, stream};
+  }
+
+ private:
+  void* base_ = nullptr;
+  void* workspace_ = nullptr;
+  std::size_t workspace_bytes_ = 0;
+  std::vector<index_t> host_offsets_;
+  MoeLayerState<T> state_;
+};
+
+}  // namespace gpu
+
+// The CUDA backend for moekit::MoeLayer<S, Backend> (moekit/core/backend.hpp),
+// with activations and weights of type T.
+template <gpu::ActivationElement T>
+struct CudaBackend {
+  template <MoeSpecType S>
+  using MoeLayer = gpu::MoeLayer<S, T>;
+};
+
+MOEKIT_NAMESPACE_END
