@@ -404,14 +404,6 @@ MOEKIT_DEVICE inline __half from_float<__half>(float v) {
   return __float2half(v);
 }
 
-// The sum over the warp's lanes, the same value in every lane (a fixed
-// butterfly: each partial sum is formed in the same order every run). Shared
-// by the LoRA and task-head kernels.
-MOEKIT_DEVICE inline float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
-  return v;
-}
-
 template <int N, class T>
 MOEKIT_DEVICE void load_chunk(const T* p, float (&v)[N]) {
   if constexpr (N == 1) {
