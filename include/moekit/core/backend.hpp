@@ -21,7 +21,9 @@
 // listed at the top of moekit/cuda/moe_layer.cuh.
 
 #include "moekit/core/config.hpp"
+#include "moekit/core/error.hpp"
 #include "moekit/core/types.hpp"
+#include "moekit/core/view.hpp"
 #include "moekit/spec.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
@@ -38,6 +40,110 @@ struct MoeLayerStateRows {
   index_t tokens = 0;       // routing rows
   index_t routed_rows = 0;  // buffer, expert_out, saved_pre, saved_gate
   index_t shared_rows = 0;  // shared_pre, shared_gate
+};
+
+// The shape checks both backends' MoE layers make, written once: templates
+// over the backend's Params / Grads / State, whose fields have the same names
+// (host views on the CPU, device views on the GPU; only shapes are read).
+struct MoeLayerChecks {
+  int experts = 0, top_k = 0;
+  index_t d_model = 0, d_ff = 0, d_ff_shared = 0, num_shared = 0;
+  bool gated = false;
+
+  template <class V>
+  static void check_absent(const V& v, const char* name) {
+    MOEKIT_CHECK(v.empty(), Errc::kInvalidArgument, name, " is ", v.rows(), " x ", v.cols(),
+                 " but must be empty (FfnKind::kPlain, or num_shared = 0)");
+  }
+
+  // An expert weight (or gradient) view: required when `required`, else empty.
+  template <class V>
+  static void check_part(const V& v, bool required, index_t rows, index_t cols, const char* name) {
+    if (required) {
+      check_shape(v, rows, cols, name);
+    } else {
+      check_absent(v, name);
+    }
+  }
+
+  // A state buffer: `cols` columns and at least `rows` rows.
+  template <class V>
+  static void check_rows(const V& v, index_t rows, index_t cols, const char* name) {
+    check_view(v, name);
+    MOEKIT_CHECK(v.cols() == cols, Errc::kShapeMismatch, name, " has ", v.cols(),
+                 " columns, expected ", cols);
+    MOEKIT_CHECK(v.rows() >= rows, Errc::kShapeMismatch, name, " has ", v.rows(),
+                 " rows, fewer than the ", rows, " this batch needs");
+  }
+
+  template <class Params>
+  void check_params(const Params& p) const {
+    const index_t e = experts, d = d_model, f = d_ff, fs = d_ff_shared, n = num_shared;
+    check_shape(p.w_gate, e, d, "params.w_gate");
+    if (!p.gate_bias.empty()) check_shape(p.gate_bias, e, "params.gate_bias");
+    if (!p.selection_bias.empty()) check_shape(p.selection_bias, e, "params.selection_bias");
+    check_shape(p.experts.w1, e * f, d, "params.experts.w1");
+    check_part(p.experts.w3, gated, e * f, d, "params.experts.w3");
+    check_shape(p.experts.w2, e * d, f, "params.experts.w2");
+    check_part(p.shared.w1, n > 0, n * fs, d, "params.shared.w1");
+    check_part(p.shared.w3, n > 0 && gated, n * fs, d, "params.shared.w3");
+    check_part(p.shared.w2, n > 0, n * d, fs, "params.shared.w2");
+  }
+
+  // Gradient views: empty (frozen) or exactly the parameter's shape.
+  template <class Grads, class Params>
+  void check_grads(const Grads& g, const Params& p) const {
+    const index_t e = experts, d = d_model, f = d_ff, fs = d_ff_shared, n = num_shared;
+    if (!g.dw_gate.empty()) check_shape(g.dw_gate, e, d, "grads.dw_gate");
+    if (!g.dgate_bias.empty()) {
+      MOEKIT_CHECK(!p.gate_bias.empty(), Errc::kInvalidArgument,
+                   "grads.dgate_bias is given but params.gate_bias is empty");
+      check_shape(g.dgate_bias, e, "grads.dgate_bias");
+    }
+    if (!g.dw1.empty()) check_shape(g.dw1, e * f, d, "grads.dw1");
+    if (!g.dw3.empty()) check_part(g.dw3, gated, e * f, d, "grads.dw3");
+    if (!g.dw2.empty()) check_shape(g.dw2, e * d, f, "grads.dw2");
+    if (!g.shared_dw1.empty()) check_part(g.shared_dw1, n > 0, n * fs, d, "grads.shared_dw1");
+    if (!g.shared_dw3.empty()) {
+      check_part(g.shared_dw3, n > 0 && gated, n * fs, d, "grads.shared_dw3");
+    }
+    if (!g.shared_dw2.empty()) check_part(g.shared_dw2, n > 0, n * d, fs, "grads.shared_dw2");
+  }
+
+  // The state's routing, offsets and buffers for T tokens (`need` from the
+  // layer's state_rows(T)); a backend checks its extra fields itself.
+  template <class State>
+  void check_state(const State& s, index_t tokens, const MoeLayerStateRows& need) const {
+    const index_t d = d_model, f = d_ff, fs = d_ff_shared;
+    const index_t cap = s.routing.logits.rows();
+    MOEKIT_CHECK(tokens <= cap, Errc::kShapeMismatch, "T = ", tokens,
+                 " exceeds the state's capacity state.routing.logits.rows() = ", cap);
+    check_rows(s.routing.logits, tokens, experts, "state.routing.logits");
+    check_rows(s.routing.scores, tokens, experts, "state.routing.scores");
+    check_rows(s.routing.expert_ids, tokens, top_k, "state.routing.expert_ids");
+    check_rows(s.routing.weights, tokens, top_k, "state.routing.weights");
+    check_rows(s.routing.positions, tokens, top_k, "state.routing.positions");
+    check_shape(s.offsets, index_t{experts} + 1, "state.offsets");
+    check_rows(s.buffer, need.routed_rows, d, "state.buffer");
+    check_rows(s.expert_out, need.routed_rows, d, "state.expert_out");
+    check_rows(s.saved_pre, need.routed_rows, f, "state.saved_pre");
+    if (gated) {
+      check_rows(s.saved_gate, need.routed_rows, f, "state.saved_gate");
+    } else {
+      check_absent(s.saved_gate, "state.saved_gate");
+    }
+    if (num_shared > 0) {
+      check_rows(s.shared_pre, need.shared_rows, fs, "state.shared_pre");
+      if (gated) {
+        check_rows(s.shared_gate, need.shared_rows, fs, "state.shared_gate");
+      } else {
+        check_absent(s.shared_gate, "state.shared_gate");
+      }
+    } else {
+      check_absent(s.shared_pre, "state.shared_pre");
+      check_absent(s.shared_gate, "state.shared_gate");
+    }
+  }
 };
 
 // The MoE layer of a backend: cpu::MoeLayer<S> for CpuBackend,

@@ -278,7 +278,7 @@ class MoeLayer {
     detail::check_token_count(tokens, kTopK);
     check_shape(x, tokens, d, "x");
     check_shape(y, tokens, d, "y");
-    check_params(params);
+    checks().check_params(params);
     check_state(state, tokens);
     check_workspace(workspace, tokens);
 
@@ -382,8 +382,8 @@ class MoeLayer {
     check_shape(dy, tokens, d, "dy");
     check_shape(x, tokens, d, "x");
     if (!dx.empty()) check_shape(dx, tokens, d, "dx");
-    check_params(params);
-    check_grads(grads, params);
+    checks().check_params(params);
+    checks().check_grads(grads, params);
     check_state(state, tokens);
     const index_t n = check_host_offsets(state.host_offsets, tokens);
     check_workspace(workspace, tokens);
@@ -694,101 +694,21 @@ class MoeLayer {
             w.w2.middle_rows(i * d, d)};
   }
 
-  template <class U>
-  static void check_absent(MatrixView<U> v, const char* name) {
-    MOEKIT_CHECK(v.empty(), Errc::kInvalidArgument, name, " is ", v.rows(), " x ", v.cols(),
-                 " but must be empty (FfnKind::kPlain, or num_shared = 0)");
+  // Shape checks shared with the CPU layer (moekit/core/backend.hpp).
+  MoeLayerChecks checks() const {
+    return {kExperts,           kTopK,  config_.d_model, config_.d_ff, d_ff_shared(),
+            config_.num_shared, gated()};
   }
 
-  template <class U>
-  static void check_part(MatrixView<U> v, bool required, index_t rows, index_t cols,
-                         const char* name) {
-    if (required) {
-      check_shape(v, rows, cols, name);
-    } else {
-      check_absent(v, name);
-    }
-  }
-
-  void check_params(const Params& p) const {
-    const index_t d = config_.d_model, f = config_.d_ff, fs = d_ff_shared();
-    const index_t n = config_.num_shared;
-    check_shape(p.w_gate, kExperts, d, "params.w_gate");
-    if (!p.gate_bias.empty()) check_shape(p.gate_bias, kExperts, "params.gate_bias");
-    if (!p.selection_bias.empty()) check_shape(p.selection_bias, kExperts, "params.selection_bias");
-    check_shape(p.experts.w1, kExperts * f, d, "params.experts.w1");
-    check_part(p.experts.w3, gated(), kExperts * f, d, "params.experts.w3");
-    check_shape(p.experts.w2, kExperts * d, f, "params.experts.w2");
-    check_part(p.shared.w1, n > 0, n * fs, d, "params.shared.w1");
-    check_part(p.shared.w3, n > 0 && gated(), n * fs, d, "params.shared.w3");
-    check_part(p.shared.w2, n > 0, n * d, fs, "params.shared.w2");
-  }
-
-  // Gradient views: empty (frozen) or exactly the parameter's shape.
-  void check_grads(const Grads& g, const Params& p) const {
-    const index_t d = config_.d_model, f = config_.d_ff, fs = d_ff_shared();
-    const index_t n = config_.num_shared;
-    if (!g.dw_gate.empty()) check_shape(g.dw_gate, kExperts, d, "grads.dw_gate");
-    if (!g.dgate_bias.empty()) {
-      MOEKIT_CHECK(!p.gate_bias.empty(), Errc::kInvalidArgument,
-                   "grads.dgate_bias is given but params.gate_bias is empty");
-      check_shape(g.dgate_bias, kExperts, "grads.dgate_bias");
-    }
-    if (!g.dw1.empty()) check_shape(g.dw1, kExperts * f, d, "grads.dw1");
-    if (!g.dw3.empty()) check_part(g.dw3, gated(), kExperts * f, d, "grads.dw3");
-    if (!g.dw2.empty()) check_shape(g.dw2, kExperts * d, f, "grads.dw2");
-    if (!g.shared_dw1.empty()) check_part(g.shared_dw1, n > 0, n * fs, d, "grads.shared_dw1");
-    if (!g.shared_dw3.empty()) {
-      check_part(g.shared_dw3, n > 0 && gated(), n * fs, d, "grads.shared_dw3");
-    }
-    if (!g.shared_dw2.empty()) check_part(g.shared_dw2, n > 0, n * d, fs, "grads.shared_dw2");
-  }
-
-  template <class U>
-  static void check_rows(MatrixView<U> v, index_t rows, index_t cols, const char* name) {
-    check_view(v, name);
-    MOEKIT_CHECK(v.cols() == cols, Errc::kShapeMismatch, name, " has ", v.cols(),
-                 " columns, expected ", cols);
-    MOEKIT_CHECK(v.rows() >= rows, Errc::kShapeMismatch, name, " has ", v.rows(),
-                 " rows, fewer than the ", rows, " this batch needs");
-  }
-
+  // The shared checks plus the GPU state's own fields.
   void check_state(const State& s, index_t tokens) const {
     const MoeLayerStateRows need = state_rows(tokens);
-    const index_t d = config_.d_model, f = config_.d_ff, fs = d_ff_shared();
-    const index_t cap = s.routing.logits.rows();
-    MOEKIT_CHECK(tokens <= cap, Errc::kShapeMismatch, "T = ", tokens,
-                 " exceeds the state's capacity state.routing.logits.rows() = ", cap);
-    check_rows(s.routing.logits, tokens, kExperts, "state.routing.logits");
-    check_rows(s.routing.scores, tokens, kExperts, "state.routing.scores");
-    check_rows(s.routing.expert_ids, tokens, kTopK, "state.routing.expert_ids");
-    check_rows(s.routing.weights, tokens, kTopK, "state.routing.weights");
-    check_rows(s.routing.positions, tokens, kTopK, "state.routing.positions");
-    check_shape(s.offsets, index_t{kExperts} + 1, "state.offsets");
+    checks().check_state(s, tokens, need);
     check_shape(s.host_offsets, index_t{kExperts} + 1, "state.host_offsets");
     check_view(s.row_slots, "state.row_slots");
     MOEKIT_CHECK(s.row_slots.size() >= need.routed_rows, Errc::kShapeMismatch,
                  "state.row_slots has ", s.row_slots.size(), " entries, fewer than the ",
                  need.routed_rows, " this batch needs");
-    check_rows(s.buffer, need.routed_rows, d, "state.buffer");
-    check_rows(s.expert_out, need.routed_rows, d, "state.expert_out");
-    check_rows(s.saved_pre, need.routed_rows, f, "state.saved_pre");
-    if (gated()) {
-      check_rows(s.saved_gate, need.routed_rows, f, "state.saved_gate");
-    } else {
-      check_absent(s.saved_gate, "state.saved_gate");
-    }
-    if (config_.num_shared > 0) {
-      check_rows(s.shared_pre, need.shared_rows, fs, "state.shared_pre");
-      if (gated()) {
-        check_rows(s.shared_gate, need.shared_rows, fs, "state.shared_gate");
-      } else {
-        check_absent(s.shared_gate, "state.shared_gate");
-      }
-    } else {
-      check_absent(s.shared_pre, "state.shared_pre");
-      check_absent(s.shared_gate, "state.shared_gate");
-    }
   }
 
   // The host copy of forward's offsets: 0, non-decreasing, within the
