@@ -1,6 +1,7 @@
 #pragma once
 // Device memory and element helpers shared by moekit's CUDA tests.
 
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -83,6 +84,19 @@ float to_float(T v) {
     return __half2float(v);
   }
 }
+
+// A cuBLAS handle for one test.
+class Cublas {
+ public:
+  Cublas() { MOEKIT_CUBLAS_CHECK(cublasCreate(&handle_)); }
+  ~Cublas() { (void)cublasDestroy(handle_); }
+  Cublas(const Cublas&) = delete;
+  Cublas& operator=(const Cublas&) = delete;
+  cublasHandle_t get() const { return handle_; }
+
+ private:
+  cublasHandle_t handle_ = nullptr;
+};
 
 template <class T>
 const char* type_name() {

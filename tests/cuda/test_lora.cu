@@ -189,18 +189,6 @@ struct DeviceCase {
   std::int64_t d_in, d_out, adapters;
 };
 
-class Cublas {
- public:
-  Cublas() { MOEKIT_CUBLAS_CHECK(cublasCreate(&handle_)); }
-  ~Cublas() { (void)cublasDestroy(handle_); }
-  Cublas(const Cublas&) = delete;
-  Cublas& operator=(const Cublas&) = delete;
-  cublasHandle_t get() const { return handle_; }
-
- private:
-  cublasHandle_t handle_ = nullptr;
-};
-
 // forward + backward of one case on the GPU (bank: group first).
 template <int R, class T>
 void run_gpu(const LoraCase& c, DeviceCase<R, T>& g, cublasHandle_t handle) {

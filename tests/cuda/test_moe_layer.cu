@@ -36,6 +36,7 @@ using moekit::index_t;
 using moekit::MatrixView;
 using moekit::MoeSpec;
 using moekit::VectorView;
+using moekit_test::Cublas;
 using moekit_test::DeviceBuffer;
 using moekit_test::expect_error;
 using moekit_test::fake;
@@ -163,18 +164,6 @@ struct DeviceMatrix {
     for (const T& v : buffer.download()) out.push_back(to_float(v));
     return out;
   }
-};
-
-class Cublas {
- public:
-  Cublas() { MOEKIT_CUBLAS_CHECK(cublasCreate(&handle_)); }
-  ~Cublas() { (void)cublasDestroy(handle_); }
-  Cublas(const Cublas&) = delete;
-  Cublas& operator=(const Cublas&) = delete;
-  cublasHandle_t get() const { return handle_; }
-
- private:
-  cublasHandle_t handle_ = nullptr;
 };
 
 template <int E, int K, class T>
