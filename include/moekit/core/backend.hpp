@@ -20,8 +20,11 @@
 // differs is the memory model (host or device views, what Workspace holds),
 // listed at the top of moekit/cuda/moe_layer.cuh.
 
+#include <cmath>
+
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
+#include "moekit/core/routing.hpp"
 #include "moekit/core/types.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/spec.hpp"
@@ -41,6 +44,25 @@ struct MoeLayerStateRows {
   index_t routed_rows = 0;  // buffer, expert_out, saved_pre, saved_gate
   index_t shared_rows = 0;  // shared_pre, shared_gate
 };
+
+// The configuration fields both backends' MoE layers check themselves (the
+// rest go to their parts' constructors); Config is either layer's config.
+template <class Config>
+void check_moe_layer_fields(const Config& c) {
+  MOEKIT_CHECK_ARG(c.num_shared >= 0, "config.num_shared = ", c.num_shared,
+                   " must be non-negative");
+  MOEKIT_CHECK_ARG(c.d_ff_shared >= 0, "config.d_ff_shared = ", c.d_ff_shared,
+                   " must be non-negative (0 = d_ff)");
+  MOEKIT_CHECK_ARG(std::isfinite(c.switch_coeff) && c.switch_coeff >= 0.0f,
+                   "config.switch_coeff = ", c.switch_coeff, " must be finite and non-negative");
+  MOEKIT_CHECK_ARG(std::isfinite(c.z_coeff) && c.z_coeff >= 0.0f, "config.z_coeff = ", c.z_coeff,
+                   " must be finite and non-negative");
+  MOEKIT_CHECK_ARG(
+      c.switch_options.normalization == SwitchNormalization::kTokensTimesK ||
+          c.switch_options.normalization == SwitchNormalization::kTokens,
+      "config.switch_options.normalization = ", static_cast<int>(c.switch_options.normalization),
+      " is not a SwitchNormalization");
+}
 
 // The shape checks both backends' MoE layers make, written once: templates
 // over the backend's Params / Grads / State, whose fields have the same names

@@ -118,6 +118,26 @@ inline void check_exit_state(const ExitState& state, index_t m) {
                " entries (original, previous, agree), fewer than the ", m, " rows");
 }
 
+// What EarlyExit::step checks on either backend before it decides: the exit
+// index, the m x C logits of the live rows (C >= 1 when m > 0), the results
+// (n = results.exit.size()), the state's capacity and kept. Returns n.
+template <class Logits>
+index_t check_exit_step(int exit, int num_exits, const Logits& logits, const ExitState& state,
+                        const ExitResults& results, VectorView<index_t> kept) {
+  MOEKIT_CHECK_RANGE(exit, 0, num_exits);
+  check_view(logits, "logits");
+  const index_t m = logits.rows(), c = logits.cols();
+  MOEKIT_CHECK(m == 0 || c >= 1, Errc::kShapeMismatch, "logits is ", m, " x ", c,
+               ": at least one class is needed");
+  const index_t n = results.exit.size();
+  check_exit_results(results, n);
+  check_exit_state(state, m);
+  check_view(kept, "kept");
+  MOEKIT_CHECK(kept.size() >= m, Errc::kShapeMismatch, "kept has ", kept.size(),
+               " entries, fewer than the ", m, " live rows");
+  return n;
+}
+
 // Knowledge distillation (cpu::distillation_loss, gpu::distillation_loss).
 struct DistillationConfig {
   float temperature = 1.0f;  // T > 0

@@ -123,4 +123,33 @@ MOEKIT_HOST_DEVICE constexpr bool lora_dropout_keep(std::uint64_t key, float p,
   return random_uniform(key, counter) >= p;
 }
 
+// The dropout of one call on the adapter input (the rule at the top):
+// inactive in inference or with p = 0; element (t, j) of x has counter
+// t d_in + j, and a kept element is scaled by 1 / (1 - p).
+struct LoraDropout {
+  bool active = false;
+  std::uint64_t key = 0;
+  float p = 0.0f;
+  float keep_scale = 1.0f;
+  index_t width = 0;  // d_in
+
+  static LoraDropout make(float p, const LoraStep& step, index_t d_in) {
+    LoraDropout m;
+    m.active = step.training && p > 0.0f;
+    if (m.active) {
+      m.key = lora_dropout_key(step.seed, step.step);
+      m.p = p;
+      m.keep_scale = 1.0f / (1.0f - p);
+      m.width = d_in;
+    }
+    return m;
+  }
+  // v masked as element (t, j); v itself when inactive.
+  MOEKIT_HOST_DEVICE float apply(float v, index_t t, index_t j) const {
+    if (!active) return v;
+    const auto counter = static_cast<std::uint64_t>(t * width + j);
+    return lora_dropout_keep(key, p, counter) ? v * keep_scale : 0.0f;
+  }
+};
+
 MOEKIT_NAMESPACE_END

@@ -100,17 +100,8 @@ class EarlyExit {
   // rows that stay. Returns m', the rows still live.
   index_t step(int exit, MatrixView<const float> logits, ExitState state, ExitResults results,
                VectorView<index_t> kept) const {
-    MOEKIT_CHECK_RANGE(exit, 0, config_.num_exits);
-    check_view(logits, "logits");
+    const index_t n = check_exit_step(exit, config_.num_exits, logits, state, results, kept);
     const index_t m = logits.rows(), c = logits.cols();
-    MOEKIT_CHECK(m == 0 || c >= 1, Errc::kShapeMismatch, "logits is ", m, " x ", c,
-                 ": at least one class is needed");
-    const index_t n = results.exit.size();
-    check_exit_results(results, n);
-    check_exit_state(state, m);
-    check_view(kept, "kept");
-    MOEKIT_CHECK(kept.size() >= m, Errc::kShapeMismatch, "kept has ", kept.size(),
-                 " entries, fewer than the ", m, " live rows");
     for (index_t r = 0; r < m; ++r) {
       const index_t k = state.original[r];
       MOEKIT_CHECK(k >= 0 && k < n, Errc::kOutOfRange, "state.original[", r, "] = ", k,

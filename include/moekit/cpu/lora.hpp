@@ -128,24 +128,11 @@ struct LoraWeights {
 
 namespace detail {
 
-// The dropout of one call; inactive in inference or with p = 0.
-struct LoraMask {
-  bool active = false;
-  std::uint64_t key = 0;
-  float p = 0.0f;
-  float keep_scale = 1.0f;
-  index_t width = 0;  // d_in: element (t, j) has counter t d_in + j
-
+// The dropout of one call (moekit/core/lora.hpp, shared with CUDA), applied
+// a row at a time.
+struct LoraMask : LoraDropout {
   static LoraMask make(float p, const LoraStep& step, index_t d_in) {
-    LoraMask m;
-    m.active = step.training && p > 0.0f;
-    if (m.active) {
-      m.key = lora_dropout_key(step.seed, step.step);
-      m.p = p;
-      m.keep_scale = 1.0f / (1.0f - p);
-      m.width = d_in;
-    }
-    return m;
+    return {LoraDropout::make(p, step, d_in)};
   }
   // dst[j] (= or +=) src[j] * mask(t, j) for j < cols.
   template <bool kAdd>

@@ -285,18 +285,7 @@ class EarlyExit {
   template <class T>
   void check_step(int exit, MatrixView<const T> logits, ExitState state, ExitResults results,
                   VectorView<index_t> kept, const index_t* num_live) const {
-    const index_t m = logits.rows();
-    MOEKIT_CHECK_RANGE(exit, 0, config_.num_exits);
-    check_view(logits, "logits");
-    const index_t c = logits.cols();
-    MOEKIT_CHECK(m == 0 || c >= 1, Errc::kShapeMismatch, "logits is ", m, " x ", c,
-                 ": at least one class is needed");
-    const index_t n = results.exit.size();
-    check_exit_results(results, n);
-    check_exit_state(state, m);
-    check_view(kept, "kept");
-    MOEKIT_CHECK(kept.size() >= m, Errc::kShapeMismatch, "kept has ", kept.size(),
-                 " entries, fewer than the ", m, " live rows");
+    check_exit_step(exit, config_.num_exits, logits, state, results, kept);
     MOEKIT_CHECK(num_live != nullptr, Errc::kNullPointer, "num_live is null");
   }
 

@@ -136,33 +136,6 @@ inline constexpr int kOuterStage = 32;
 template <int R>
 inline constexpr int kOuterColumns = 32 / kRankChunk<R> < 1 ? 1 : 32 / kRankChunk<R>;
 
-// The dropout of one call on the adapter input (core/lora.hpp): element (t,
-// j) of x is kept with probability 1 - p and then scaled by 1 / (1 - p).
-struct LoraDropout {
-  bool active = false;
-  std::uint64_t key = 0;
-  float p = 0.0f;
-  float keep_scale = 1.0f;
-  index_t width = 0;  // d_in
-
-  static LoraDropout make(float p, const LoraStep& step, index_t d_in) {
-    LoraDropout m;
-    m.active = step.training && p > 0.0f;
-    if (m.active) {
-      m.key = lora_dropout_key(step.seed, step.step);
-      m.p = p;
-      m.keep_scale = 1.0f / (1.0f - p);
-      m.width = d_in;
-    }
-    return m;
-  }
-  MOEKIT_DEVICE float apply(float v, index_t t, index_t j) const {
-    if (!active) return v;
-    const auto counter = static_cast<std::uint64_t>(t * width + j);
-    return lora_dropout_keep(key, p, counter) ? v * keep_scale : 0.0f;
-  }
-};
-
 // Rows grouped by adapter: segment i is positions [bound(i), bound(i + 1)) of
 // order. Without order, one segment: the rows 0 .. n - 1 themselves.
 struct LoraSegments {

@@ -368,19 +368,7 @@ class MoeLayer {
   }
 
   static const MoeLayerConfig& validated(const MoeLayerConfig& c) {
-    MOEKIT_CHECK_ARG(c.num_shared >= 0, "config.num_shared = ", c.num_shared,
-                     " must be non-negative");
-    MOEKIT_CHECK_ARG(c.d_ff_shared >= 0, "config.d_ff_shared = ", c.d_ff_shared,
-                     " must be non-negative (0 = d_ff)");
-    MOEKIT_CHECK_ARG(std::isfinite(c.switch_coeff) && c.switch_coeff >= 0.0f,
-                     "config.switch_coeff = ", c.switch_coeff, " must be finite and non-negative");
-    MOEKIT_CHECK_ARG(std::isfinite(c.z_coeff) && c.z_coeff >= 0.0f, "config.z_coeff = ", c.z_coeff,
-                     " must be finite and non-negative");
-    MOEKIT_CHECK_ARG(
-        c.switch_options.normalization == SwitchNormalization::kTokensTimesK ||
-            c.switch_options.normalization == SwitchNormalization::kTokens,
-        "config.switch_options.normalization = ", static_cast<int>(c.switch_options.normalization),
-        " is not a SwitchNormalization");
+    check_moe_layer_fields(c);
     return c;  // d_model, d_ff, kind, activation, threading, router: the parts' constructors
   }
 
