@@ -1,13 +1,19 @@
 #pragma once
 // What moekit's GPU benchmarks share: device memory that lives for one
-// benchmark, CUDA-event timing, and the exit code for a machine without a
-// device (77, which CTest reports as skipped).
+// benchmark, a device-side fill, CUDA-event timing, the ceilings (copy
+// bandwidth, cuBLAS dense GEMMs of an FFN's FLOPs), and the exit code for a
+// machine without a device (77, which CTest reports as skipped).
 
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
 
+#include "moekit/core/types.hpp"
 #include "moekit/cuda/device.cuh"
 #include "moekit/cuda/error.cuh"
 
@@ -29,6 +35,32 @@ struct DeviceMemory {
     return static_cast<T*>(p);
   }
 };
+
+// Fills n elements with values spread over [-scale, scale] from a hash of
+// (index, seed): random-looking (routing on them does not collapse onto a
+// few experts), cheap, and on the device, so tens of GB of weights need no
+// host copy. Default stream.
+template <class T>
+__global__ void fill_uniform_kernel(T* p, std::size_t n, float scale, std::uint32_t seed) {
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    std::uint64_t z = i + (static_cast<std::uint64_t>(seed) << 40) + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;  // splitmix64's finaliser
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = static_cast<float>(z >> 40) * 0x1.0p-24f;  // [0, 1)
+    p[i] = static_cast<T>(scale * (2.0f * u - 1.0f));
+  }
+}
+
+template <class T>
+void fill_uniform(T* p, std::size_t n, float scale, std::uint32_t seed) {
+  if (n == 0) return;
+  const std::size_t blocks = std::min<std::size_t>((n + 255) / 256, 65536);
+  fill_uniform_kernel<T><<<static_cast<unsigned>(blocks), 256>>>(p, n, scale, seed);
+  MOEKIT_CUDA_CHECK(cudaGetLastError());
+}
 
 // Milliseconds of `work` on the default stream, by CUDA events.
 template <class F>
@@ -72,6 +104,46 @@ inline double copy_gbps(std::size_t bytes) {
   });
   return 2.0 * static_cast<double>(bytes) * kReps / (static_cast<double>(ms) * 1e6);
 }
+
+// C (m x n, row-major) = A (m x k) B^T (B: n x k, row-major), bf16 with
+// fp32 accumulation, on the handle's stream.
+inline void dense_gemm(cublasHandle_t handle, const __nv_bfloat16* a, const __nv_bfloat16* b,
+                       __nv_bfloat16* c, moekit::index_t m, moekit::index_t n, moekit::index_t k) {
+  const float one = 1.0f, zero = 0.0f;
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  MOEKIT_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, ni, mi, ki, &one, b,
+                                   CUDA_R_16BF, ki, a, CUDA_R_16BF, ki, &zero, c, CUDA_R_16BF, ni,
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// The ceiling of routed SwiGLU experts over `rows` rows (DESIGN.md §6): the
+// three GEMMs of one dense FFN over the same rows, pre = x W1^T,
+// gate = x W3^T, y = pre W2^T (bf16, fp32 accumulation, no element-wise
+// part): the experts' FLOPs (flops()), each GEMM as one matrix.
+struct DenseFfnGemms {
+  const __nv_bfloat16* x;   // rows x d
+  const __nv_bfloat16* w1;  // d_ff x d
+  const __nv_bfloat16* w3;  // d_ff x d
+  const __nv_bfloat16* w2;  // d x d_ff
+  __nv_bfloat16* pre;       // rows x d_ff
+  __nv_bfloat16* gate;      // rows x d_ff
+  __nv_bfloat16* y;         // rows x d
+  moekit::index_t rows, d, d_ff;
+
+  double flops() const {
+    return 6.0 * static_cast<double>(rows) * static_cast<double>(d) * static_cast<double>(d_ff);
+  }
+  void run(cublasHandle_t handle) const {
+    dense_gemm(handle, x, w1, pre, rows, d_ff, d);
+    dense_gemm(handle, x, w3, gate, rows, d_ff, d);
+    dense_gemm(handle, pre, w2, y, rows, d, d_ff);
+  }
+  // The rate, FLOP/s: 10 calls after a warm-up, on the handle's stream
+  // (which must be the default stream that seconds_per_call times).
+  double rate(cublasHandle_t handle) const {
+    return flops() / seconds_per_call([&] { run(handle); }, 10);
+  }
+};
 
 // True (after saying why) where no CUDA device can be used: main then
 // returns 77.

@@ -30,15 +30,6 @@ using T = __nv_bfloat16;
 namespace gpu = moekit::gpu;
 
 using moekit_bench::DeviceMemory;
-using moekit_bench::seconds_per_call;
-
-// C (m x n, row-major) = A (m x k) B^T (B: n x k), bf16, fp32 accumulation.
-void dense_gemm(cublasHandle_t handle, const T* a, const T* b, T* c, int m, int n, int k) {
-  const float one = 1.0f, zero = 0.0f;
-  MOEKIT_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, b, CUDA_R_16BF,
-                                   k, a, CUDA_R_16BF, k, &zero, c, CUDA_R_16BF, n,
-                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-}
 
 template <int E, int K>
 void bench_ffn(benchmark::State& state, index_t d, index_t f, bool backward) {
@@ -73,15 +64,10 @@ void bench_ffn(benchmark::State& state, index_t d, index_t f, bool backward) {
     }
   };
   // The ceiling: the same GEMMs dense (all rows through expert 0's shapes).
-  const auto dense = [&] {
-    dense_gemm(handle, x.as<T>(), w1.as<T>(), pre.as<T>(), static_cast<int>(rows),
-               static_cast<int>(f), static_cast<int>(d));
-    dense_gemm(handle, x.as<T>(), w3.as<T>(), gate.as<T>(), static_cast<int>(rows),
-               static_cast<int>(f), static_cast<int>(d));
-    dense_gemm(handle, pre.as<T>(), w2.as<T>(), y.as<T>(), static_cast<int>(rows),
-               static_cast<int>(d), static_cast<int>(f));
-  };
-  const double dense_s = seconds_per_call(dense, 10);
+  const moekit_bench::DenseFfnGemms dense{
+      x.as<T>(),    w1.as<T>(), w3.as<T>(), w2.as<T>(), pre.as<T>(),
+      gate.as<T>(), y.as<T>(),  rows,       d,          f};
+  const double dense_rate = dense.rate(handle);
   run();  // warm-up
   double seconds = 0.0;
   for (auto _ : state) {
@@ -94,7 +80,6 @@ void bench_ffn(benchmark::State& state, index_t d, index_t f, bool backward) {
   const double fwd_flops = 6.0 * static_cast<double>(rows) * static_cast<double>(d * f);
   const double flops = backward ? 3.0 * fwd_flops : fwd_flops;
   const double rate = flops * static_cast<double>(state.iterations()) / seconds;
-  const double dense_rate = fwd_flops / dense_s;
   state.counters["TFLOP/s"] = rate * 1e-12;
   state.counters["dense_TFLOP/s"] = dense_rate * 1e-12;
   state.counters["of_dense"] = rate / dense_rate;

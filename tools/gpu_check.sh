@@ -31,12 +31,12 @@ build_cuda() {
   cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEKIT_WERROR=ON \
     -DMOEKIT_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
   cmake --build "$build" --target moekit_cuda_tests bench_cuda_routing bench_cuda_ffn bench_cuda_lora \
-    moekit_example_11_cuda_routing moekit_example_13_cuda_heads
+    bench_cuda_moe_layer moekit_example_11_cuda_routing moekit_example_13_cuda_heads
   local carry=$build/carry
   rm -rf "$carry" && mkdir -p "$carry/lib"
   cp "$build/tests/cuda/moekit_cuda_tests" "$build/bench/bench_cuda_routing" \
-    "$build/bench/bench_cuda_ffn" "$build/bench/bench_cuda_lora" "$build/examples/11_cuda_routing" \
-    "$build/examples/13_cuda_heads" "$carry/"
+    "$build/bench/bench_cuda_ffn" "$build/bench/bench_cuda_lora" "$build/bench/bench_cuda_moe_layer" \
+    "$build/examples/11_cuda_routing" "$build/examples/13_cuda_heads" "$carry/"
   # Shared libraries a bare CUDA machine may lack (GoogleTest, Google Benchmark).
   ldd "$carry"/moekit_cuda_tests "$carry"/bench_cuda_routing |
     awk '/=> \// && /(gtest|gmock|benchmark)/ {print $3}' | sort -u |
@@ -82,14 +82,16 @@ run_cuda() {
   done
 
   echo "== benchmarks"
-  for bench in bench_cuda_routing bench_cuda_ffn bench_cuda_lora; do
+  # --benchmark_min_time in plain seconds: Google Benchmark 1.7 (Debian 12's,
+  # whose shared library the carry holds) rejects a "0.2s" suffix and exits.
+  for bench in bench_cuda_routing bench_cuda_ffn bench_cuda_lora bench_cuda_moe_layer; do
     "$carry/$bench" --benchmark_out="$out/$bench.json" --benchmark_out_format=json \
-      --benchmark_min_time=0.2s --benchmark_color=false >"$out/$bench.txt" 2>&1 || status=1
+      --benchmark_min_time=0.2 --benchmark_color=false >"$out/$bench.txt" 2>&1 || status=1
   done
-  python3 - "$out"/bench_cuda_{routing,ffn,lora}.json <<'EOF'
+  python3 - "$out"/bench_cuda_{routing,ffn,lora,moe_layer}.json <<'EOF'
 import json, sys
 cols = ["GB/s", "copy_GB/s", "of_copy", "TFLOP/s", "dense_TFLOP/s", "of_dense", "routing_us",
-        "gemm_us", "share", "group_us"]
+        "gemm_us", "share", "group_us", "other_share"]
 print(f"{'benchmark':44} {'time_us':>9} " + " ".join(f"{c:>13}" for c in cols))
 for path in sys.argv[1:]:
     for r in json.load(open(path))["benchmarks"]:
