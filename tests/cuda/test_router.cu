@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -722,6 +723,34 @@ TEST(CudaRouterHostMath, DistributionTermsMatchTheCpuStatistics) {
       EXPECT_TRUE(close(sum[e] / tokens, cpu.mean_distribution[e], 1e-12, 1e-15)) << e;
     }
     EXPECT_TRUE(close(lse / tokens, cpu.z_loss, 1e-6));
+  }
+}
+
+// The warp backward's dot product over the K selected experts adds in
+// increasing expert order, so it equals softmax_backward's sum over all E
+// (whose other terms are zero) bit for bit.
+TEST(CudaRouterHostMath, SelectedDotAddsInExpertOrder) {
+  constexpr int E = 384, K = 22;
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 100; ++trial) {
+    std::vector<int> experts(E);
+    std::iota(experts.begin(), experts.end(), 0);
+    std::shuffle(experts.begin(), experts.end(), rng);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    int ids[K];
+    float g[K], p[K];
+    std::vector<float> dense_g(E, 0.0f), dense_p(E, 0.0f);
+    for (int k = 0; k < K; ++k) {
+      ids[k] = experts[k];
+      g[k] = u(rng);
+      p[k] = 0.5f * (u(rng) + 1.0f);
+      dense_g[ids[k]] = g[k];
+      dense_p[ids[k]] = p[k];
+    }
+    float reference = 0.0f;
+    for (int e = 0; e < E; ++e) reference += dense_g[e] * dense_p[e];
+    const float dot = gpu::detail::dot_in_expert_order<K>(ids, g, p);
+    EXPECT_EQ(0, std::memcmp(&dot, &reference, sizeof dot)) << dot << " vs " << reference;
   }
 }
 

@@ -341,6 +341,18 @@ MOEKIT_HOST_DEVICE void routing_distribution_backward(GatingRule rule, const flo
   }
 }
 
+// A group's score: the sum of its `top` largest keys (sanitized), largest
+// first; a group holding a +inf key scores +inf.
+MOEKIT_HOST_DEVICE inline float group_score(const float* keys, int group_size, int top) {
+  float vals[kMaxGroupScoreTop];
+  int ids[kMaxGroupScoreTop];
+  int n = 0;
+  for (int j = 0; j < group_size; ++j) insert_top<kMaxGroupScoreTop>(keys[j], j, vals, ids, n, top);
+  float score = 0.0f;
+  for (int j = 0; j < n; ++j) score += vals[j];
+  return is_nan(score) ? kInf : score;  // +inf + -inf: the group holds a +inf key
+}
+
 // Selects K experts from `keys` (sanitized), honouring group limits.
 template <int E, int K>
 MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cfg, int* ids) {
@@ -355,16 +367,7 @@ MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cf
   int group_ids[E];
   int kept = 0;
   for (int g = 0; g < cfg.num_groups; ++g) {
-    float top[kMaxGroupScoreTop];
-    int top_ids[kMaxGroupScoreTop];
-    int n = 0;
-    for (int j = 0; j < group_size; ++j) {
-      insert_top<kMaxGroupScoreTop>(keys[g * group_size + j], j, top, top_ids, n,
-                                    cfg.group_score_top);
-    }
-    float score = 0.0f;
-    for (int j = 0; j < n; ++j) score += top[j];
-    if (is_nan(score)) score = kInf;  // +inf + -inf: the group holds a +inf key
+    const float score = group_score(keys + g * group_size, group_size, cfg.group_score_top);
     insert_top<E>(score, g, group_vals, group_ids, kept, cfg.groups_kept);
   }
   for (int i = 0; i < kept; ++i) {
@@ -402,18 +405,17 @@ MOEKIT_HOST_DEVICE inline float selection_key(bool logit_key, float x, float sco
   return sanitize((logit_key ? sanitize(x) : score) + (bias != nullptr ? bias[e] : 0.0f));
 }
 
-// The K weights of a token routed to `ids` (see the rules above).
-template <int E, int K>
-MOEKIT_HOST_DEVICE void weigh(const float* x, const float* scores, const int* ids,
-                              const GatingConfig& cfg, float* weights) {
+// The K weights from the selected experts' logits and scores, sel_x[k] =
+// x[ids[k]] and sel_s[k] = scores[ids[k]] (see the rules above).
+template <int K>
+MOEKIT_HOST_DEVICE void weigh_selected(const float* sel_x, const float* sel_s,
+                                       const GatingConfig& cfg, float* weights) {
   if (cfg.rule == GatingRule::kTopKSoftmax) {
-    float selected[K];
-    for (int k = 0; k < K; ++k) selected[k] = x[ids[k]];
-    softmax<K>(selected, weights);
+    softmax<K>(sel_x, weights);
   } else {
     float sum = 0.0f;
     for (int k = 0; k < K; ++k) {
-      weights[k] = scores[ids[k]];
+      weights[k] = sel_s[k];
       sum += weights[k];
     }
     if (cfg.renormalize) {
@@ -422,6 +424,18 @@ MOEKIT_HOST_DEVICE void weigh(const float* x, const float* scores, const int* id
     }
   }
   for (int k = 0; k < K; ++k) weights[k] *= cfg.scaling;
+}
+
+// The K weights of a token routed to `ids`.
+template <int E, int K>
+MOEKIT_HOST_DEVICE void weigh(const float* x, const float* scores, const int* ids,
+                              const GatingConfig& cfg, float* weights) {
+  float sel_x[K], sel_s[K];
+  for (int k = 0; k < K; ++k) {
+    sel_x[k] = x[ids[k]];
+    sel_s[k] = scores[ids[k]];
+  }
+  weigh_selected<K>(sel_x, sel_s, cfg, weights);
 }
 
 // Given a token's logits x and its scores, selects the K experts and writes
@@ -446,6 +460,44 @@ MOEKIT_HOST_DEVICE int gate_token(const float* x, const float* bias, const Gatin
   return non_finite;
 }
 
+// The half of gate_token's backward that needs only the K selected experts
+// (sel_x[k] = x[ids[k]], sel_s[k] = scores[ids[k]], dw = dL/dw, zero for
+// dropped slots). For kTopKSoftmax and kSigmoid it writes dx at ids[k] to
+// out[k] and returns false; for kSoftmaxTopK it writes g[ids[k]] = dL/dp at
+// the selected experts, for softmax_backward to spread over all E, and
+// returns true.
+template <int K>
+MOEKIT_HOST_DEVICE bool gate_selected_backward(const float* sel_x, const float* sel_s,
+                                               const float* dw, const GatingConfig& cfg,
+                                               float* out) {
+  const float c = cfg.scaling;
+  if (cfg.rule == GatingRule::kTopKSoftmax) {
+    for (int k = 0; k < K; ++k) out[k] = 0.0f;
+    if (!is_finite(row_max<K>(sel_x))) return false;  // the rule's weights are constant there
+    float w[K];
+    softmax<K>(sel_x, w);
+    float dot = 0.0f;
+    for (int k = 0; k < K; ++k) dot += dw[k] * w[k];
+    for (int k = 0; k < K; ++k) out[k] = c * w[k] * (dw[k] - dot);
+    return false;
+  }
+  // dL/dv for the selected scores v_k = sel_s[k].
+  if (cfg.renormalize) {
+    float sum = 0.0f, dot = 0.0f;
+    for (int k = 0; k < K; ++k) sum += sel_s[k];
+    for (int k = 0; k < K; ++k) dot += dw[k] * sel_s[k];
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int k = 0; k < K; ++k) out[k] = c * inv * (dw[k] - dot * inv);
+  } else {
+    for (int k = 0; k < K; ++k) out[k] = c * dw[k];
+  }
+  if (cfg.rule == GatingRule::kSigmoid) {
+    for (int k = 0; k < K; ++k) out[k] = out[k] * sel_s[k] * (1.0f - sel_s[k]);
+    return false;
+  }
+  return true;
+}
+
 // Backward of gate_token for one token: dx = (dw/dx)^T dw, written to dx
 // (all E entries). `scores` and `ids` are what gate_token produced for x;
 // dw holds dL/dw for the K slots, zero for dropped ones (their weight is the
@@ -454,42 +506,19 @@ template <int E, int K>
 MOEKIT_HOST_DEVICE void gate_token_backward(const float* x, const float* scores, const int* ids,
                                             const float* dw, const GatingConfig& cfg, float* dx) {
   for (int e = 0; e < E; ++e) dx[e] = 0.0f;
-  const float c = cfg.scaling;
-
-  if (cfg.rule == GatingRule::kTopKSoftmax) {
-    float selected[K], w[K];
-    for (int k = 0; k < K; ++k) selected[k] = x[ids[k]];
-    if (!is_finite(row_max<K>(selected))) return;  // the rule's weights are constant there
-    softmax<K>(selected, w);
-    float dot = 0.0f;
-    for (int k = 0; k < K; ++k) dot += dw[k] * w[k];
-    for (int k = 0; k < K; ++k) dx[ids[k]] = c * w[k] * (dw[k] - dot);
-    return;
+  float sel_x[K], sel_s[K], out[K];
+  for (int k = 0; k < K; ++k) {
+    sel_x[k] = x[ids[k]];
+    sel_s[k] = scores[ids[k]];
   }
-
-  // dL/dv for the selected scores v_k = scores[ids[k]].
-  float dv[K];
-  if (cfg.renormalize) {
-    float sum = 0.0f, dot = 0.0f;
-    for (int k = 0; k < K; ++k) sum += scores[ids[k]];
-    for (int k = 0; k < K; ++k) dot += dw[k] * scores[ids[k]];
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    for (int k = 0; k < K; ++k) dv[k] = c * inv * (dw[k] - dot * inv);
-  } else {
-    for (int k = 0; k < K; ++k) dv[k] = c * dw[k];
-  }
-
-  if (cfg.rule == GatingRule::kSigmoid) {
-    for (int k = 0; k < K; ++k) {
-      const float s = scores[ids[k]];
-      dx[ids[k]] = dv[k] * s * (1.0f - s);
-    }
+  if (!gate_selected_backward<K>(sel_x, sel_s, dw, cfg, out)) {
+    for (int k = 0; k < K; ++k) dx[ids[k]] = out[k];
     return;
   }
   if (!is_finite(row_max<E>(x))) return;  // the rule's p is constant there
   float g[E];
   for (int e = 0; e < E; ++e) g[e] = 0.0f;
-  for (int k = 0; k < K; ++k) g[ids[k]] = dv[k];
+  for (int k = 0; k < K; ++k) g[ids[k]] = out[k];
   softmax_backward<E>(scores, g, 1.0f, dx);
 }
 
@@ -519,6 +548,21 @@ MOEKIT_HOST_DEVICE double cv_squared(const double* v, double scale, double* grad
 // clamps there; flushing keeps tiny values equal on every backend).
 inline constexpr float kZLossExpFloor = -87.0f;
 
+// The z-loss's pieces, shared by the per-token loop below and the CUDA
+// backend's warp-wide version: exp(x - max) flushed below the floor, lse
+// from the maximum and that sum, and the gradient's factor c.
+MOEKIT_HOST_DEVICE inline float z_loss_exp(float x_minus_max) {
+  return x_minus_max < kZLossExpFloor ? 0.0f : exp_(x_minus_max);
+}
+MOEKIT_HOST_DEVICE inline double log_sum_exp(float max, float sum) {
+  using std::log;
+  return static_cast<double>(max + log(sum));
+}
+MOEKIT_HOST_DEVICE inline float z_loss_grad_scale(double lse, float sum, double coeff,
+                                                  double tokens) {
+  return static_cast<float>(coeff * 2.0 * lse / tokens) / sum;
+}
+
 // One token's router z-loss term: returns lse^2, lse = log sum_e exp x[e],
 // computed as max + log(sum exp(x - max)) in float, for a row of finite
 // logits, and 0 (no gradient) for a row with any non-finite logit. With dx
@@ -533,12 +577,11 @@ MOEKIT_HOST_DEVICE double z_loss_token(const float* x, double coeff, double toke
   float m = x[0];
   for (int e = 1; e < E; ++e) m = x[e] > m ? x[e] : m;
   float sum = 0.0f;
-  for (int e = 0; e < E; ++e) sum += x[e] - m < kZLossExpFloor ? 0.0f : exp_(x[e] - m);
-  using std::log;
-  const double lse = static_cast<double>(m + log(sum));
+  for (int e = 0; e < E; ++e) sum += z_loss_exp(x[e] - m);
+  const double lse = log_sum_exp(m, sum);
   if (dx != nullptr) {
-    const float c = static_cast<float>(coeff * 2.0 * lse / tokens) / sum;
-    for (int e = 0; e < E; ++e) dx[e] += c * (x[e] - m < kZLossExpFloor ? 0.0f : exp_(x[e] - m));
+    const float c = z_loss_grad_scale(lse, sum, coeff, tokens);
+    for (int e = 0; e < E; ++e) dx[e] += c * z_loss_exp(x[e] - m);
   }
   return lse * lse;
 }

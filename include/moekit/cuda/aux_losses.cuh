@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads)
     switch_gradient_kernel(GatingRule rule, MatrixView<const T> logits,
                            MatrixView<const float> scores, SequenceTiles tiles, const float* grad,
                            MatrixView<float> dlogits) {
-  constexpr int kRows = kTileRows<E, 3>;
+  constexpr int kRows = kRowsPerBlock<E, 3>;
   constexpr int kStride = kRowStride<E>;
   __shared__ float x_tile[kRows * kStride];
   __shared__ float s_tile[kRows * kStride];
@@ -199,14 +199,21 @@ __global__ void __launch_bounds__(kThreads)
   load_rows<E>(scores, first, rows, s_tile);
   load_rows<E>(MatrixView<const float>(dlogits), first, rows, d_tile);
   __syncthreads();
-  const int r = static_cast<int>(threadIdx.x);
-  if (r < rows) {
-    float dx[E];
-    for (int e = 0; e < E; ++e) dx[e] = 0.0f;
-    const float* g = grad + static_cast<index_t>(b / tiles.tiles) * E;
-    routing::routing_distribution_backward<E>(rule, x_tile + r * kStride, s_tile + r * kStride, g,
-                                              1.0f, dx);
-    for (int e = 0; e < E; ++e) d_tile[r * kStride + e] += dx[e];
+  const float* g = grad + static_cast<index_t>(b / tiles.tiles) * E;
+  if constexpr (kWarpPerToken<E>) {
+    for (int r = static_cast<int>(threadIdx.x) / 32; r < rows; r += kWarpsPerBlock) {
+      warp_distribution_backward_row<E>(rule, x_tile + r * kStride, s_tile + r * kStride, g, 1.0f,
+                                        d_tile + r * kStride);
+    }
+  } else {
+    const int r = static_cast<int>(threadIdx.x);
+    if (r < rows) {
+      float dx[E];
+      for (int e = 0; e < E; ++e) dx[e] = 0.0f;
+      routing::routing_distribution_backward<E>(rule, x_tile + r * kStride, s_tile + r * kStride, g,
+                                                1.0f, dx);
+      for (int e = 0; e < E; ++e) d_tile[r * kStride + e] += dx[e];
+    }
   }
   __syncthreads();
   store_rows<E>(d_tile, rows, dlogits, first);
@@ -217,7 +224,7 @@ template <int E, class T>
 __global__ void __launch_bounds__(kThreads)
     z_loss_kernel(MatrixView<const T> logits, double coeff, MatrixView<float> dlogits,
                   double* partial) {
-  constexpr int kRows = kTileRows<E, 2>;
+  constexpr int kRows = kRowsPerBlock<E, 2>;
   constexpr int kStride = kRowStride<E>;
   __shared__ float x_tile[kRows * kStride];
   __shared__ float d_tile[kRows * kStride];
@@ -229,11 +236,26 @@ __global__ void __launch_bounds__(kThreads)
   load_rows<E>(logits, first, rows, x_tile);
   if (grad) load_rows<E>(MatrixView<const float>(dlogits), first, rows, d_tile);
   __syncthreads();
-  const int r = static_cast<int>(threadIdx.x);
-  if (r < rows) {
-    row_lse_square[r] =
-        routing::z_loss_token<E>(x_tile + r * kStride, coeff, static_cast<double>(tokens),
-                                 grad ? d_tile + r * kStride : nullptr);
+  if constexpr (kWarpPerToken<E>) {
+    for (int r = static_cast<int>(threadIdx.x) / 32; r < rows; r += kWarpsPerBlock) {
+      float x[kLaneSlots<E>];
+      load_slots<E>(x_tile + r * kStride, -routing::kInf, x);
+      int non_finite = 0;
+      for (int j = 0; j < kLaneSlots<E>; ++j) {
+        non_finite += lane_id() + 32 * j < E && !routing::is_finite(x[j]);
+      }
+      const double lse_square =
+          warp_z_loss<E>(x, warp_sum(non_finite), coeff, static_cast<double>(tokens),
+                         grad ? d_tile + r * kStride : nullptr);
+      if (lane_id() == 0) row_lse_square[r] = lse_square;
+    }
+  } else {
+    const int r = static_cast<int>(threadIdx.x);
+    if (r < rows) {
+      row_lse_square[r] =
+          routing::z_loss_token<E>(x_tile + r * kStride, coeff, static_cast<double>(tokens),
+                                   grad ? d_tile + r * kStride : nullptr);
+    }
   }
   __syncthreads();
   if (grad) store_rows<E>(d_tile, rows, dlogits, first);
@@ -316,7 +338,7 @@ __global__ void __launch_bounds__(kThreads)
                                MatrixView<const std::int32_t> expert_ids,
                                MatrixView<const std::int32_t> positions,
                                const double* grad_importance, MatrixView<float> dlogits) {
-  constexpr int kRows = kTileRows<E, 3>;
+  constexpr int kRows = kRowsPerBlock<E, 3>;
   constexpr int kStride = kRowStride<E>;
   __shared__ float x_tile[kRows * kStride];
   __shared__ float s_tile[kRows * kStride];
@@ -328,20 +350,35 @@ __global__ void __launch_bounds__(kThreads)
   load_rows<E>(scores, first, rows, s_tile);
   load_rows<E>(MatrixView<const float>(dlogits), first, rows, d_tile);
   __syncthreads();
-  const int r = static_cast<int>(threadIdx.x);
-  if (r < rows) {
-    int ids[K];
+  // The row's ids and dL/dw (the importance gradient of each kept slot).
+  const auto row_grad = [&](int r, int* ids, float* dw) {
     for (int k = 0; k < K; ++k) ids[k] = expert_ids(first + r, k);
-    if (routing::valid_ids<E, K>(ids)) {
+    for (int k = 0; k < K; ++k) {
+      const bool ok = ids[k] >= 0 && ids[k] < E;
+      const bool kept = positions.empty() || positions(first + r, k) >= 0;
+      dw[k] = ok && kept ? static_cast<float>(grad_importance[ids[k]]) : 0.0f;
+    }
+  };
+  if constexpr (kWarpPerToken<E>) {
+    for (int r = static_cast<int>(threadIdx.x) / 32; r < rows; r += kWarpsPerBlock) {
+      int ids[K];
       float dw[K];
-      for (int k = 0; k < K; ++k) {
-        const bool kept = positions.empty() || positions(first + r, k) >= 0;
-        dw[k] = kept ? static_cast<float>(grad_importance[ids[k]]) : 0.0f;
+      row_grad(r, ids, dw);
+      warp_gate_backward_row<E, K>(x_tile + r * kStride, s_tile + r * kStride, ids, dw, cfg,
+                                   d_tile + r * kStride, true);
+    }
+  } else {
+    const int r = static_cast<int>(threadIdx.x);
+    if (r < rows) {
+      int ids[K];
+      float dw[K];
+      row_grad(r, ids, dw);
+      if (routing::valid_ids<E, K>(ids)) {
+        float dx[E];
+        routing::gate_token_backward<E, K>(x_tile + r * kStride, s_tile + r * kStride, ids, dw, cfg,
+                                           dx);
+        for (int e = 0; e < E; ++e) d_tile[r * kStride + e] += dx[e];
       }
-      float dx[E];
-      routing::gate_token_backward<E, K>(x_tile + r * kStride, s_tile + r * kStride, ids, dw, cfg,
-                                         dx);
-      for (int e = 0; e < E; ++e) d_tile[r * kStride + e] += dx[e];
     }
   }
   __syncthreads();
@@ -382,7 +419,7 @@ cudaError_t switch_impl(void* d_temp_storage, std::size_t& temp_storage_bytes,
                "scores have T = ", tokens, " rows, not a multiple of sequence_length = ", length);
   const int sequences = length > 0 ? static_cast<int>(tokens / length) : 0;
   const SequenceTiles tiles = make_tiles(length, kTileRows<E, 1>);
-  const SequenceTiles grad_tiles = make_tiles(length, kTileRows<E, 3>);
+  const SequenceTiles grad_tiles = make_tiles(length, kRowsPerBlock<E, 3>);
   const std::size_t blocks = static_cast<std::size_t>(sequences) * tiles.tiles;
   const std::size_t ns = static_cast<std::size_t>(sequences);
   WorkspacePlan plan;
@@ -465,7 +502,7 @@ cudaError_t z_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
   constexpr int E = S::num_experts;
   const index_t tokens = args.logits.rows();
   detail::check_token_count(tokens, S::top_k);
-  const int blocks = detail::grid_for(tokens, detail::kTileRows<E, 2>);
+  const int blocks = detail::grid_for(tokens, detail::kRowsPerBlock<E, 2>);
   detail::WorkspacePlan plan;
   const std::size_t at_partial = plan.reserve(static_cast<std::size_t>(blocks) * sizeof(double));
   if (detail::size_query(d_temp_storage, temp_storage_bytes, plan.bytes())) return cudaSuccess;
@@ -535,7 +572,7 @@ cudaError_t importance_load_loss(void* d_temp_storage, std::size_t& temp_storage
       args.loss);
   MOEKIT_CUDA_TRY(cudaGetLastError());
   if (!args.dlogits.empty() && tokens > 0) {
-    const int grad_blocks = detail::grid_for(tokens, detail::kTileRows<E, 3>);
+    const int grad_blocks = detail::grid_for(tokens, detail::kRowsPerBlock<E, 3>);
     detail::importance_gradient_kernel<E, K, T><<<grad_blocks, detail::kThreads, 0, stream>>>(
         args.gating, args.logits, args.scores, args.expert_ids, args.positions, grad_importance,
         args.dlogits);

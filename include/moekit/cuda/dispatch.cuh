@@ -73,6 +73,7 @@
 #include "moekit/core/view.hpp"
 #include "moekit/cuda/error.cuh"
 #include "moekit/cuda/router.cuh"
+#include "moekit/cuda/warp.cuh"
 #include "moekit/spec.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
@@ -205,7 +206,7 @@ MOEKIT_DEVICE void warp_count(MatrixView<const std::int32_t> ids,
     if (e >= 0 && lane == __ffs(static_cast<int>(peers)) - 1) hist[e] += __popc(peers);
   }
   if (invalid != nullptr) {
-    for (int offset = 16; offset > 0; offset /= 2) bad += __shfl_xor_sync(0xFFFFFFFFu, bad, offset);
+    bad = warp_sum(bad);
     if (lane == 0 && bad > 0) atomicAdd(invalid, static_cast<unsigned long long>(bad));
   }
 }
@@ -378,13 +379,6 @@ __global__ void __launch_bounds__(kThreads)
 //
 // A row is moved in chunks of N elements: N = 16 bytes' worth when every row
 // involved is 16-byte aligned (one vector load or store per chunk), else 1.
-
-// The sum over a warp's lanes, the same value in every lane: a fixed
-// butterfly, so each partial sum forms in the same order every run.
-MOEKIT_DEVICE inline float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
-  return v;
-}
 
 template <class T>
 inline constexpr int kVectorElements = 16 / static_cast<int>(sizeof(T));

@@ -80,6 +80,7 @@
 #include "moekit/cuda/dispatch.cuh"
 #include "moekit/cuda/error.cuh"
 #include "moekit/cuda/expert_ffn.cuh"
+#include "moekit/cuda/warp.cuh"
 #include "moekit/spec.hpp"
 
 MOEKIT_NAMESPACE_BEGIN

@@ -46,6 +46,7 @@
 #include "moekit/core/routing.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cuda/error.cuh"
+#include "moekit/cuda/warp.cuh"
 #include "moekit/spec.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
@@ -165,18 +166,360 @@ MOEKIT_DEVICE void store_rows(const float* tile, int rows, MatrixView<float> m, 
 // The factor of a token's score in its routing distribution q (routing::
 // routing_distribution, in double as the CPU statistics): 1 for the softmax
 // rules, 1 / sum(s) for sigmoid, and -1 for sigmoid's uniform fallback.
+MOEKIT_HOST_DEVICE inline double sigmoid_distribution_scale(double total_score) {
+  return total_score > 0.0 ? 1.0 / total_score : -1.0;
+}
+
 template <int E>
 MOEKIT_HOST_DEVICE double distribution_scale(GatingRule rule, const float* scores) {
   if (rule != GatingRule::kSigmoid) return 1.0;
   double total = 0.0;
   for (int e = 0; e < E; ++e) total += static_cast<double>(scores[e]);
-  return total > 0.0 ? 1.0 / total : -1.0;
+  return sigmoid_distribution_scale(total);
 }
 
 // q[e] of one token, in double, from distribution_scale().
 template <int E>
 MOEKIT_HOST_DEVICE double distribution_term(double scale, float score) {
   return scale < 0.0 ? 1.0 / E : static_cast<double>(score) * scale;
+}
+
+// ---- one token per warp ---------------------------------------------------
+//
+// Up to 32 experts a thread routes a token alone with the CPU's per-token
+// functions. Beyond that its E-sized arrays (logits, scores, keys) spill to
+// local memory and an E-wide tile holds so few rows that most of a block's
+// threads idle (E = 384: 23 of 128). So there one warp routes one token,
+// lane l holding experts l, l + 32, ... ("slots") in registers:
+//   - selection: K rounds of a warp argmax under routing::precedes, a total
+//     order, so it picks exactly what routing::select_experts picks from the
+//     same keys (group scores are routing::group_score, one lane per group);
+//   - weights and the K-sized half of backward: routing::weigh_selected and
+//     routing::gate_selected_backward, the CPU's code on the same values;
+//   - sums (softmax's normaliser, the z-loss's, dot products over E) are
+//     warp butterflies, so they round differently from the CPU's sequential
+//     loops by a few ulp, as the CPU's vectorised exp already does. The one
+//     sum over the K selected experts, softmax_backward's dot product, runs
+//     in the CPU's expert order.
+
+template <int E>
+inline constexpr bool kWarpPerToken = E > 32;
+template <int E>
+inline constexpr int kLaneSlots = (E + 31) / 32;
+inline constexpr int kWarpsPerBlock = kThreads / 32;
+
+// Rows of a block's tile when `mats` E-wide tiles share shared memory: up to
+// 128 (one per thread) below 33 experts, 4 per warp beyond (more blocks,
+// each light on shared memory).
+template <int E, int mats>
+inline constexpr int kRowsPerBlock =
+    kWarpPerToken<E>&& kTileRows<E, mats> > 4 * kWarpsPerBlock ? 4 * kWarpsPerBlock
+                                                               : kTileRows<E, mats>;
+
+MOEKIT_DEVICE inline int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
+
+// v[j] = row[lane + 32 j], or `pad` past the row's E entries.
+template <int E>
+MOEKIT_DEVICE void load_slots(const float* row, float pad, float* v) {
+  for (int j = 0; j < kLaneSlots<E>; ++j) {
+    const int e = lane_id() + 32 * j;
+    v[j] = e < E ? row[e] : pad;
+  }
+}
+
+template <int E>
+MOEKIT_DEVICE void store_slots(const float* v, float* row) {
+  for (int j = 0; j < kLaneSlots<E>; ++j) {
+    const int e = lane_id() + 32 * j;
+    if (e < E) row[e] = v[j];
+  }
+}
+
+// Bit j set where slot j holds an expert (lane + 32 j < E).
+template <int E>
+MOEKIT_DEVICE unsigned row_slots_mask() {
+  unsigned mask = 0;
+  for (int j = 0; j < kLaneSlots<E>; ++j) mask |= (lane_id() + 32 * j < E ? 1u : 0u) << j;
+  return mask;
+}
+
+// The row maximum of the sanitized logits (routing::row_max); padding is -inf.
+template <int E>
+MOEKIT_DEVICE float warp_row_max(const float* x) {
+  float m = -routing::kInf;
+  for (int j = 0; j < kLaneSlots<E>; ++j) m = fmaxf(m, routing::sanitize(x[j]));
+  return warp_max(m);
+}
+
+// routing::compute_scores's scores of the slots (padding: x = -inf).
+template <int E>
+MOEKIT_DEVICE void warp_scores(GatingRule rule, const float* x, float* s) {
+  constexpr int V = kLaneSlots<E>;
+  if (rule == GatingRule::kSigmoid) {
+    for (int j = 0; j < V; ++j) s[j] = routing::sigmoid(x[j]);
+    return;
+  }
+  const float m = warp_row_max<E>(x);
+  if (m == routing::kInf) {
+    int n = 0;
+    for (int j = 0; j < V; ++j) n += x[j] == routing::kInf;
+    const float share = 1.0f / static_cast<float>(warp_sum(n));
+    for (int j = 0; j < V; ++j) s[j] = x[j] == routing::kInf ? share : 0.0f;
+    return;
+  }
+  if (m == -routing::kInf) {
+    for (int j = 0; j < V; ++j) s[j] = 1.0f / static_cast<float>(E);
+    return;
+  }
+  float z = 0.0f;
+  for (int j = 0; j < V; ++j) {
+    s[j] = routing::exp_(routing::sanitize(x[j]) - m);  // padding: exp(-inf) = 0
+    z += s[j];
+  }
+  const float inv = 1.0f / warp_sum(z);
+  for (int j = 0; j < V; ++j) s[j] *= inv;
+}
+
+// routing::z_loss_token on the slots: lse^2, 0 for a row with a non-finite
+// logit; with d_row, adds the gradient there (c * exp(x - max)).
+template <int E>
+MOEKIT_DEVICE double warp_z_loss(const float* x, int non_finite, double coeff, double tokens,
+                                 float* d_row) {
+  if (non_finite != 0) return 0.0;
+  float m = -routing::kInf;
+  for (int j = 0; j < kLaneSlots<E>; ++j) m = fmaxf(m, x[j]);
+  m = warp_max(m);
+  float sum = 0.0f;
+  for (int j = 0; j < kLaneSlots<E>; ++j) sum += routing::z_loss_exp(x[j] - m);
+  sum = warp_sum(sum);
+  const double lse = routing::log_sum_exp(m, sum);
+  if (d_row != nullptr) {
+    const float c = routing::z_loss_grad_scale(lse, sum, coeff, tokens);
+    for (int j = 0; j < kLaneSlots<E>; ++j) {
+      const int e = lane_id() + 32 * j;
+      if (e < E) d_row[e] += c * routing::z_loss_exp(x[j] - m);
+    }
+  }
+  return lse * lse;
+}
+
+// The best (key, id) among the slots set in `candidates`, then across the
+// warp: every lane returns the winner's id; `value` and `extra` come back
+// as the owning lane's v[j] and extra[j] of the winner (0 if none).
+template <int E>
+MOEKIT_DEVICE int warp_argmax(const float* key, unsigned candidates, const float* v,
+                              const float* extra, float& value, float& extra_out) {
+  float best = -routing::kInf;
+  int best_id = routing::kNoId;
+  float best_v = 0.0f, best_extra = 0.0f;
+  for (int j = 0; j < kLaneSlots<E>; ++j) {
+    const int id = lane_id() + 32 * j;
+    if (((candidates >> j) & 1u) != 0 && routing::precedes(key[j], id, best, best_id)) {
+      best = key[j];
+      best_id = id;
+      best_v = v != nullptr ? v[j] : 0.0f;
+      best_extra = extra != nullptr ? extra[j] : 0.0f;
+    }
+  }
+  float win = best;
+  int win_id = best_id;
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(kFullWarp, win, offset);
+    const int other_id = __shfl_xor_sync(kFullWarp, win_id, offset);
+    if (routing::precedes(other, other_id, win, win_id)) {
+      win = other;
+      win_id = other_id;
+    }
+  }
+  const int owner = win_id & 31;  // the winner's lane (ids are lane + 32 j)
+  value = __shfl_sync(kFullWarp, best_v, owner);
+  extra_out = __shfl_sync(kFullWarp, best_extra, owner);
+  return win_id;
+}
+
+// Group-limited selection's eligible slots: those of the cfg.groups_kept best
+// groups (routing::group_score over the sanitized keys; ties -> the lower
+// group), as routing::select_experts. `row` is E floats of this warp's
+// shared memory, used as scratch.
+template <int E>
+MOEKIT_DEVICE unsigned warp_kept_groups(const float* key, const GatingConfig& cfg, float* row) {
+  constexpr int V = kLaneSlots<E>;
+  const int groups = cfg.num_groups;
+  const int group_size = E / groups;
+  store_slots<E>(key, row);
+  __syncwarp();
+  float score[V];  // groups lane + 32 j (groups <= E)
+  unsigned open = 0;
+  for (int j = 0; j < V; ++j) {
+    const int g = lane_id() + 32 * j;
+    score[j] = g < groups
+                   ? routing::group_score(row + g * group_size, group_size, cfg.group_score_top)
+                   : 0.0f;
+    open |= (g < groups ? 1u : 0u) << j;
+  }
+  unsigned kept = 0;
+  for (int round = 0; round < cfg.groups_kept; ++round) {
+    float unused_v, unused_extra;
+    const int g = warp_argmax<E>(score, open & ~kept, nullptr, nullptr, unused_v, unused_extra);
+    if (g < groups && lane_id() == (g & 31)) kept |= 1u << (g >> 5);
+  }
+  __syncwarp();  // every lane has read the keys: row[g] now flags kept groups
+  for (int j = 0; j < V; ++j) {
+    const int g = lane_id() + 32 * j;
+    if (g < groups) row[g] = ((kept >> j) & 1u) != 0 ? 1.0f : 0.0f;
+  }
+  __syncwarp();
+  unsigned eligible = 0;
+  for (int j = 0; j < V; ++j) {
+    const int e = lane_id() + 32 * j;
+    eligible |= (e < E && row[e / group_size] != 0.0f ? 1u : 0u) << j;
+  }
+  __syncwarp();  // the caller reuses row
+  return eligible;
+}
+
+// What one token adds to a block's routing statistics.
+struct RowStats {
+  int non_finite = 0;
+  double lse_square = 0.0;  // routing::z_loss_token's lse^2
+  double scale = 1.0;       // distribution_scale
+};
+
+// One token routed by one warp (routing::gate_token): row holds its E
+// logits (shared memory) and receives its scores; every lane gets the K ids
+// and weights. Statistics only with `stats`.
+template <int E, int K>
+MOEKIT_DEVICE RowStats warp_gate_row(float* row, const float* bias, const GatingConfig& cfg,
+                                     bool stats, int* ids, float* weights) {
+  static_assert(E <= 1024, "one warp holds a token's experts in 32 slots per lane: E <= 1024");
+  constexpr int V = kLaneSlots<E>;
+  float x[V], s[V], key[V];
+  load_slots<E>(row, -routing::kInf, x);
+  const unsigned in_row = row_slots_mask<E>();
+  int non_finite = 0;
+  for (int j = 0; j < V; ++j) non_finite += ((in_row >> j) & 1u) != 0 && !routing::is_finite(x[j]);
+  non_finite = warp_sum(non_finite);
+  warp_scores<E>(cfg.rule, x, s);
+  const bool logit_key = routing::selects_on_logits(cfg, bias != nullptr);
+  for (int j = 0; j < V; ++j) {
+    const int e = lane_id() + 32 * j;
+    key[j] = e < E ? routing::selection_key(logit_key, x[j], s[j], bias, e) : -routing::kInf;
+  }
+  __syncwarp();  // every lane holds its logits: the row is scratch until the scores
+  const unsigned eligible =
+      cfg.num_groups > 1 ? warp_kept_groups<E>(key, cfg, row) & in_row : in_row;
+  float sel_x[K], sel_s[K];
+  unsigned taken = 0;
+  for (int k = 0; k < K; ++k) {
+    ids[k] = warp_argmax<E>(key, eligible & ~taken, x, s, sel_x[k], sel_s[k]);
+    if (ids[k] < E && lane_id() == (ids[k] & 31)) taken |= 1u << (ids[k] >> 5);
+  }
+  routing::weigh_selected<K>(sel_x, sel_s, cfg, weights);
+  RowStats out;
+  out.non_finite = non_finite;
+  if (stats) {
+    out.lse_square = warp_z_loss<E>(x, non_finite, 0.0, 1.0, nullptr);
+    if (cfg.rule == GatingRule::kSigmoid) {
+      double total = 0.0;
+      for (int j = 0; j < V; ++j)
+        total += ((in_row >> j) & 1u) != 0 ? static_cast<double>(s[j]) : 0.0;
+      out.scale = sigmoid_distribution_scale(warp_sum(total));
+    }
+  }
+  store_slots<E>(s, row);
+  return out;
+}
+
+// sum_k g[k] p[k] in increasing ids[k] (distinct): softmax_backward's dot
+// product, whose other terms are zero, in the CPU's order.
+template <int K>
+MOEKIT_HOST_DEVICE float dot_in_expert_order(const int* ids, const float* g, const float* p) {
+  int rank[K];
+  for (int k = 0; k < K; ++k) {
+    rank[k] = 0;
+    for (int i = 0; i < K; ++i) rank[k] += ids[i] < ids[k];
+  }
+  float dot = 0.0f;
+  for (int r = 0; r < K; ++r) {
+    for (int k = 0; k < K; ++k) {
+      if (rank[k] == r) dot += g[k] * p[k];
+    }
+  }
+  return dot;
+}
+
+// routing::gate_token_backward of one token by one warp (ids and dw the same
+// in every lane): writes dx to d_row, or adds it with `add`. d_row may be
+// x_row. Returns false, leaving the row's gradient 0, where the ids are out
+// of range or repeated.
+template <int E, int K>
+MOEKIT_DEVICE bool warp_gate_backward_row(const float* x_row, const float* s_row, const int* ids,
+                                          const float* dw, const GatingConfig& cfg, float* d_row,
+                                          bool add) {
+  constexpr int V = kLaneSlots<E>;
+  const bool valid = routing::valid_ids<E, K>(ids);
+  float x[V], s[V], d[V];
+  load_slots<E>(x_row, -routing::kInf, x);
+  load_slots<E>(s_row, 0.0f, s);
+  for (int j = 0; j < V; ++j) d[j] = 0.0f;
+  if (valid) {
+    float sel_x[K], sel_s[K], out[K];
+    for (int k = 0; k < K; ++k) {
+      sel_x[k] = x_row[ids[k]];
+      sel_s[k] = s_row[ids[k]];
+    }
+    const bool over_all = routing::gate_selected_backward<K>(sel_x, sel_s, dw, cfg, out);
+    // Only kSoftmaxTopK spreads over all E, and not where p is constant.
+    const bool spread = over_all && routing::is_finite(warp_row_max<E>(x));
+    const float dot = spread ? dot_in_expert_order<K>(ids, out, sel_s) : 0.0f;
+    for (int j = 0; j < V; ++j) {
+      const int e = lane_id() + 32 * j;
+      float g = 0.0f;
+      for (int k = 0; k < K; ++k) g = ids[k] == e ? out[k] : g;
+      d[j] = !over_all ? g : (spread ? s[j] * (g - dot) : 0.0f);
+    }
+  }
+  __syncwarp();  // d_row may be x_row: every lane has read it
+  for (int j = 0; j < V; ++j) {
+    const int e = lane_id() + 32 * j;
+    if (e < E) d_row[e] = add ? d_row[e] + d[j] : d[j];
+  }
+  return valid;
+}
+
+// routing::routing_distribution_backward of one token by one warp: adds
+// coeff (dq/dx)^T g to d_row (g: E values, the same for every lane).
+template <int E>
+MOEKIT_DEVICE void warp_distribution_backward_row(GatingRule rule, const float* x_row,
+                                                  const float* s_row, const float* g, float coeff,
+                                                  float* d_row) {
+  constexpr int V = kLaneSlots<E>;
+  float x[V], s[V], gv[V];
+  load_slots<E>(x_row, -routing::kInf, x);
+  load_slots<E>(s_row, 0.0f, s);
+  load_slots<E>(g, 0.0f, gv);
+  float dot = 0.0f, sum = 0.0f;
+  for (int j = 0; j < V; ++j) {
+    dot += gv[j] * s[j];
+    sum += s[j];
+  }
+  dot = warp_sum(dot);
+  if (rule != GatingRule::kSigmoid) {
+    if (!routing::is_finite(warp_row_max<E>(x))) return;
+    for (int j = 0; j < V; ++j) {
+      const int e = lane_id() + 32 * j;
+      if (e < E) d_row[e] += coeff * s[j] * (gv[j] - dot);
+    }
+    return;
+  }
+  sum = warp_sum(sum);
+  if (!(sum > 0.0f)) return;  // the uniform fallback is constant
+  const float inv = 1.0f / sum;
+  for (int j = 0; j < V; ++j) {
+    const int e = lane_id() + 32 * j;
+    const float ds = (gv[j] - dot * inv) * inv;
+    if (e < E) d_row[e] += coeff * ds * s[j] * (1.0f - s[j]);
+  }
 }
 
 // Per-block partial statistics of route(), block b at [b * E, (b + 1) * E).
@@ -246,74 +589,119 @@ inline int grid_for(index_t tokens, int rows_per_block) {
 // router runs. Selection and weighting are therefore the CPU's code on the
 // same keys (correct by construction, with no second implementation to keep
 // in step); scores go back through the same tile with coalesced stores.
-// A faster design, to adopt once a GPU can measure it: one warp per token
-// (E / 32 logits per lane, warp-shuffle max/sum, a warp-wide bitonic or
-// radix top-K), keeping per-thread state in registers instead of the local
-// memory that E-sized arrays use here.
+// That is the design up to 32 experts; beyond, one warp routes one token
+// (kWarpPerToken, above), the same functions where a function is per token.
+
+// route_kernel's grid: one block per tile up to this many, then each block
+// takes every gridDim.x-th tile. It bounds the statistics partials (blocks x
+// E, added up by one block) whatever T is, and depends on T only, so the
+// summation order, hence every bit, is the same on every GPU.
+inline constexpr int kMaxRouteBlocks = 1024;
+
+template <int E>
+int route_blocks(index_t tokens) {
+  const int tiles = grid_for(tokens, kRowsPerBlock<E, 1>);
+  return tiles < kMaxRouteBlocks ? tiles : kMaxRouteBlocks;
+}
 
 template <int E, int K, class T>
 __global__ void __launch_bounds__(kThreads)
     route_kernel(MatrixView<const T> logits, const float* bias, GatingConfig cfg,
                  MatrixView<float> scores, MatrixView<std::int32_t> ids_out,
                  MatrixView<float> weights_out, StatsPartials partials) {
-  constexpr int kRows = kTileRows<E, 1>;
+  constexpr int kRows = kRowsPerBlock<E, 1>;
   constexpr int kStride = kRowStride<E>;
+  constexpr int kExpertsPerThread = (E + kThreads - 1) / kThreads;
   __shared__ float tile[kRows * kStride];
   __shared__ int tile_ids[kRows * K];
   __shared__ double row_scale[kRows];
   __shared__ double row_lse_square[kRows];
   __shared__ int row_non_finite[kRows];
 
-  const index_t first = static_cast<index_t>(blockIdx.x) * kRows;
-  const int rows = static_cast<int>(logits.rows() - first < kRows ? logits.rows() - first : kRows);
+  const index_t tokens = logits.rows();
   const bool stats = partials.count != nullptr;
-  load_rows<E>(logits, first, rows, tile);
-  __syncthreads();
+  // This block's statistics over its tiles, in tile then token order.
+  int count[kExpertsPerThread] = {};
+  double q[kExpertsPerThread] = {};
+  double lse = 0.0;  // thread 0's
+  std::int64_t non_finite = 0;
 
-  const int r = static_cast<int>(threadIdx.x);
-  float s[E];
-  if (r < rows) {
-    const float* x = tile + r * kStride;
-    int ids[K];
-    float w[K];
-    const int non_finite = routing::gate_token<E, K>(x, bias, cfg, ids, w, s);
-    for (int k = 0; k < K; ++k) {
-      ids_out(first + r, k) = ids[k];
-      weights_out(first + r, k) = w[k];
-      tile_ids[r * K + k] = ids[k];
+  for (index_t first = static_cast<index_t>(blockIdx.x) * kRows; first < tokens;
+       first += static_cast<index_t>(gridDim.x) * kRows) {
+    const int rows = static_cast<int>(tokens - first < kRows ? tokens - first : kRows);
+    load_rows<E>(logits, first, rows, tile);
+    __syncthreads();
+
+    if constexpr (kWarpPerToken<E>) {
+      const int lane = lane_id();
+      for (int r = static_cast<int>(threadIdx.x) / 32; r < rows; r += kWarpsPerBlock) {
+        int ids[K];
+        float w[K];
+        const RowStats row = warp_gate_row<E, K>(tile + r * kStride, bias, cfg, stats, ids, w);
+        for (int k = 0; k < K; ++k) {
+          if ((k & 31) != lane) continue;
+          ids_out(first + r, k) = ids[k];
+          weights_out(first + r, k) = w[k];
+          tile_ids[r * K + k] = ids[k];
+        }
+        if (stats && lane == 0) {
+          row_non_finite[r] = row.non_finite;
+          row_lse_square[r] = row.lse_square;
+          row_scale[r] = row.scale;
+        }
+      }
+    } else {
+      const int r = static_cast<int>(threadIdx.x);
+      float s[E];
+      if (r < rows) {
+        const float* x = tile + r * kStride;
+        int ids[K];
+        float w[K];
+        const int nf = routing::gate_token<E, K>(x, bias, cfg, ids, w, s);
+        for (int k = 0; k < K; ++k) {
+          ids_out(first + r, k) = ids[k];
+          weights_out(first + r, k) = w[k];
+          tile_ids[r * K + k] = ids[k];
+        }
+        if (stats) {
+          row_non_finite[r] = nf;
+          row_lse_square[r] = routing::z_loss_token<E>(x, 0.0, 1.0, nullptr);
+          row_scale[r] = distribution_scale<E>(cfg.rule, s);
+        }
+      }
+      __syncthreads();  // every thread is done with its logits: reuse the tile for scores
+      if (r < rows) {
+        for (int e = 0; e < E; ++e) tile[r * kStride + e] = s[e];
+      }
     }
+    __syncthreads();
+    store_rows<E>(tile, rows, scores, first);
     if (stats) {
-      row_non_finite[r] = non_finite;
-      row_lse_square[r] = routing::z_loss_token<E>(x, 0.0, 1.0, nullptr);
-      row_scale[r] = distribution_scale<E>(cfg.rule, s);
+      for (int i = 0; i < kExpertsPerThread; ++i) {
+        const int e = static_cast<int>(threadIdx.x) + i * kThreads;
+        if (e >= E) break;
+        for (int t = 0; t < rows; ++t) {
+          for (int k = 0; k < K; ++k) count[i] += tile_ids[t * K + k] == e;
+          q[i] += distribution_term<E>(row_scale[t], tile[t * kStride + e]);
+        }
+      }
+      if (threadIdx.x == 0) {
+        for (int t = 0; t < rows; ++t) {
+          lse += row_lse_square[t];
+          non_finite += row_non_finite[t];
+        }
+      }
     }
+    __syncthreads();  // the next tile overwrites the shared arrays
   }
-  __syncthreads();  // every thread is done with its logits: reuse the tile for scores
-  if (r < rows) {
-    for (int e = 0; e < E; ++e) tile[r * kStride + e] = s[e];
-  }
-  __syncthreads();
-  store_rows<E>(tile, rows, scores, first);
   if (!stats) return;
-
-  // Per-expert partial sums over the tile's tokens, in token order.
-  for (int e = static_cast<int>(threadIdx.x); e < E; e += static_cast<int>(blockDim.x)) {
-    int count = 0;
-    double q = 0.0;
-    for (int t = 0; t < rows; ++t) {
-      for (int k = 0; k < K; ++k) count += tile_ids[t * K + k] == e;
-      q += distribution_term<E>(row_scale[t], tile[t * kStride + e]);
-    }
-    partials.count[static_cast<index_t>(blockIdx.x) * E + e] = count;
-    partials.distribution[static_cast<index_t>(blockIdx.x) * E + e] = q;
+  for (int i = 0; i < kExpertsPerThread; ++i) {
+    const int e = static_cast<int>(threadIdx.x) + i * kThreads;
+    if (e >= E) break;
+    partials.count[static_cast<index_t>(blockIdx.x) * E + e] = count[i];
+    partials.distribution[static_cast<index_t>(blockIdx.x) * E + e] = q[i];
   }
   if (threadIdx.x == 0) {
-    double lse = 0.0;
-    std::int64_t non_finite = 0;
-    for (int t = 0; t < rows; ++t) {
-      lse += row_lse_square[t];
-      non_finite += row_non_finite[t];
-    }
     partials.lse_square[blockIdx.x] = lse;
     partials.non_finite[blockIdx.x] = non_finite;
   }
@@ -361,7 +749,7 @@ __global__ void __launch_bounds__(kThreads)
                          MatrixView<const std::int32_t> expert_ids,
                          MatrixView<const float> dweights, GatingConfig cfg,
                          MatrixView<float> dlogits, unsigned long long* invalid_rows) {
-  constexpr int kRows = kTileRows<E, 2>;
+  constexpr int kRows = kRowsPerBlock<E, 2>;
   constexpr int kStride = kRowStride<E>;
   __shared__ float x_tile[kRows * kStride];
   __shared__ float s_tile[kRows * kStride];
@@ -370,23 +758,38 @@ __global__ void __launch_bounds__(kThreads)
   load_rows<E>(logits, first, rows, x_tile);
   load_rows<E>(scores, first, rows, s_tile);
   __syncthreads();
-  const int r = static_cast<int>(threadIdx.x);
-  if (r < rows) {
-    int ids[K];
-    float dw[K];
-    for (int k = 0; k < K; ++k) {
-      ids[k] = expert_ids(first + r, k);
-      dw[k] = dweights(first + r, k);
+  if constexpr (kWarpPerToken<E>) {
+    for (int r = static_cast<int>(threadIdx.x) / 32; r < rows; r += kWarpsPerBlock) {
+      int ids[K];
+      float dw[K];
+      for (int k = 0; k < K; ++k) {
+        ids[k] = expert_ids(first + r, k);
+        dw[k] = dweights(first + r, k);
+      }
+      float* row = x_tile + r * kStride;
+      const bool valid =
+          warp_gate_backward_row<E, K>(row, s_tile + r * kStride, ids, dw, cfg, row, false);
+      if (!valid && invalid_rows != nullptr && lane_id() == 0) atomicAdd(invalid_rows, 1ull);
     }
-    float dx[E];
-    if (routing::valid_ids<E, K>(ids)) {
-      routing::gate_token_backward<E, K>(x_tile + r * kStride, s_tile + r * kStride, ids, dw, cfg,
-                                         dx);
-    } else {
-      for (int e = 0; e < E; ++e) dx[e] = 0.0f;
-      if (invalid_rows != nullptr) atomicAdd(invalid_rows, 1ull);  // an exact integer count
+  } else {
+    const int r = static_cast<int>(threadIdx.x);
+    if (r < rows) {
+      int ids[K];
+      float dw[K];
+      for (int k = 0; k < K; ++k) {
+        ids[k] = expert_ids(first + r, k);
+        dw[k] = dweights(first + r, k);
+      }
+      float dx[E];
+      if (routing::valid_ids<E, K>(ids)) {
+        routing::gate_token_backward<E, K>(x_tile + r * kStride, s_tile + r * kStride, ids, dw, cfg,
+                                           dx);
+      } else {
+        for (int e = 0; e < E; ++e) dx[e] = 0.0f;
+        if (invalid_rows != nullptr) atomicAdd(invalid_rows, 1ull);  // an exact integer count
+      }
+      for (int e = 0; e < E; ++e) x_tile[r * kStride + e] = dx[e];  // only thread r reads row r
     }
-    for (int e = 0; e < E; ++e) x_tile[r * kStride + e] = dx[e];  // only thread r reads row r
   }
   __syncthreads();
   store_rows<E>(x_tile, rows, dlogits, first);
@@ -414,10 +817,9 @@ template <MoeSpecType S, LogitElement T>
 cudaError_t route(void* d_temp_storage, std::size_t& temp_storage_bytes,
                   const RouteArgs<S, T>& args, cudaStream_t stream = nullptr) {
   constexpr int E = S::num_experts, K = S::top_k;
-  constexpr int kRows = detail::kTileRows<E, 1>;
   const index_t tokens = args.logits.rows();
   detail::check_token_count(tokens, K);
-  const int blocks = detail::grid_for(tokens, kRows);
+  const int blocks = detail::route_blocks<E>(tokens);
   detail::WorkspacePlan plan;
   const std::size_t nb = static_cast<std::size_t>(blocks);
   const std::size_t at_count = plan.reserve(nb * E * sizeof(std::int32_t));
@@ -469,7 +871,7 @@ cudaError_t backward_gate(const GateBackwardArgs<S, T>& args, cudaStream_t strea
   if (invalid != nullptr) {
     MOEKIT_CUDA_TRY(cudaMemsetAsync(invalid, 0, sizeof(*invalid), stream));
   }
-  const int blocks = detail::grid_for(tokens, detail::kTileRows<E, 2>);
+  const int blocks = detail::grid_for(tokens, detail::kRowsPerBlock<E, 2>);
   if (blocks == 0) return cudaSuccess;
   detail::backward_gate_kernel<E, K, T><<<blocks, detail::kThreads, 0, stream>>>(
       args.logits, args.scores, args.expert_ids, args.dweights, args.gating, args.dlogits, invalid);

@@ -78,6 +78,7 @@
 #include "moekit/core/view.hpp"
 #include "moekit/cuda/dispatch.cuh"
 #include "moekit/cuda/error.cuh"
+#include "moekit/cuda/warp.cuh"
 #include "moekit/nn/param_count.hpp"
 #include "moekit/spec.hpp"
 
