@@ -476,7 +476,8 @@ MOEKIT_DEVICE bool warp_gate_backward_row(const float* x_row, const float* s_row
       const int e = lane_id() + 32 * j;
       float g = 0.0f;
       for (int k = 0; k < K; ++k) g = ids[k] == e ? out[k] : g;
-      d[j] = !over_all ? g : (spread ? s[j] * (g - dot) : 0.0f);
+      // 0 + ..., as the CPU adds into a zeroed dx: a -0 product becomes +0.
+      d[j] = !over_all ? g : (spread ? 0.0f + s[j] * (g - dot) : 0.0f);
     }
   }
   __syncwarp();  // d_row may be x_row: every lane has read it
@@ -590,7 +591,8 @@ inline int grid_for(index_t tokens, int rows_per_block) {
 // same keys (correct by construction, with no second implementation to keep
 // in step); scores go back through the same tile with coalesced stores.
 // That is the design up to 32 experts; beyond, one warp routes one token
-// (kWarpPerToken, above), the same functions where a function is per token.
+// (kWarpPerToken, above): the CPU's functions for everything per token or
+// per selected expert, warp butterflies for sums over E.
 
 // route_kernel's grid: one block per tile up to this many, then each block
 // takes every gridDim.x-th tile. It bounds the statistics partials (blocks x
@@ -811,8 +813,10 @@ void check_route_args(const RouteArgs<S, T>& a) {
 }  // namespace detail
 
 // Routes T tokens from their logits (header: two-phase, validation, errors).
-// Writes scores, expert_ids and weights exactly as cpu::Router::route would
-// (the same gate_token), and with args.stats the statistics.
+// Writes scores, expert_ids and weights as cpu::Router::route would (the
+// same per-token functions; beyond 32 experts sums over E form in warp
+// order, so scores differ by a few ulp and score-keyed ids can differ at
+// near-ties, docs/cuda.md), and with args.stats the statistics.
 template <MoeSpecType S, LogitElement T>
 cudaError_t route(void* d_temp_storage, std::size_t& temp_storage_bytes,
                   const RouteArgs<S, T>& args, cudaStream_t stream = nullptr) {
