@@ -848,10 +848,19 @@ TEST(RouterBadInput, ConfigIsValidatedWithNamedFields) {
   c.gating.scaling = 0.0f;
   moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
   c = RouterConfig{};
+  // The noise check is moekit::check_noise, shared with the GPU layer.
   c.noise = {NoiseKind::kJitter, 1.0f, 0};
-  moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
+  EXPECT_NE(moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument)
+                .find("noise.amount = 1 must be below 1 for jitter"),
+            std::string::npos);
   c.noise = {NoiseKind::kGaussian, -1.0f, 0};
+  EXPECT_NE(moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument)
+                .find("noise.amount = -1 must be finite and non-negative"),
+            std::string::npos);
+  c.noise = {NoiseKind::kGaussian, std::numeric_limits<float>::infinity(), 0};
   moekit_test::expect_error([&] { Router<S> r(c); }, Errc::kInvalidArgument);
+  c.noise = {NoiseKind::kJitter, 0.999f, 0};
+  EXPECT_NO_THROW(Router<S>{c});
 }
 
 TEST(RouterBadInput, ShapesNullsAndIdsAreRejectedWithoutWriting) {

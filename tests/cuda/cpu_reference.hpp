@@ -198,6 +198,7 @@ struct MoeLayerCase {
   moekit::FfnKind kind = moekit::FfnKind::kPlain;
   moekit::Activation activation = moekit::Activation::kGeluTanh;
   moekit::GatingConfig gating{};
+  moekit::NoiseConfig noise{};
   moekit::CapacityConfig capacity{};
   float switch_coeff = 0.0f, z_coeff = 0.0f;
   moekit::SwitchNormalization normalization = moekit::SwitchNormalization::kTokensTimesK;

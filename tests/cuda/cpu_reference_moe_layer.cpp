@@ -30,6 +30,10 @@ VectorView<const float> cvec(const std::vector<float>& v) {
 
 }  // namespace
 
+// The designated initialiser of moe_layer_step.hpp compiles for the CPU config
+// (test_moe_layer.cu instantiates it for the GPU's).
+[[maybe_unused]] constexpr auto kNoisyConfig = &noisy_layer_config<moekit::cpu::MoeLayerConfig>;
+
 template <int E, int K>
 MoeLayerResult cpu_moe_layer(const MoeLayerCase& c) {
   using S = moekit::MoeSpec<E, K>;
@@ -40,6 +44,7 @@ MoeLayerResult cpu_moe_layer(const MoeLayerCase& c) {
   config.kind = c.kind;
   config.activation = c.activation;
   config.router.gating = c.gating;
+  config.router.noise = c.noise;
   config.router.capacity = c.capacity;
   config.num_shared = c.num_shared;
   config.d_ff_shared = c.fs;

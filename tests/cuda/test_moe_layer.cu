@@ -4,7 +4,8 @@
 // dgate_bias, routed and shared expert weights); plain and gated FFNs, with
 // and without shared experts, capacity with drops (both policies) and
 // dropless, frozen router / experts / shared experts, accumulation, an
-// uneven load, fp32 (1e-5 relative) and bf16 (1e-2), reruns bit-identical.
+// uneven load, router noise (Gaussian and jitter, fp32 and bf16), fp32 (1e-5
+// relative) and bf16 (1e-2), reruns bit-identical (with noise too).
 // Outputs are poisoned before each run. Device tests skip without a GPU; the
 // argument checks and the backend switch's compile-time checks run everywhere.
 #include <cublas_v2.h>
@@ -35,6 +36,8 @@ using moekit::GatingRule;
 using moekit::index_t;
 using moekit::MatrixView;
 using moekit::MoeSpec;
+using moekit::NoiseConfig;
+using moekit::NoiseKind;
 using moekit::VectorView;
 using moekit_test::Cublas;
 using moekit_test::DeviceBuffer;
@@ -58,6 +61,10 @@ static_assert(
 // cpu_reference_moe_layer.cpp).
 [[maybe_unused]] constexpr auto kStepFloat = &moekit_test::moe_layer_step<CudaBackend<float>, S82>;
 [[maybe_unused]] constexpr auto kStepHalf = &moekit_test::moe_layer_step<CudaBackend<__half>, S82>;
+// A designated initialiser written once for both layers' configs, router noise
+// included (cpu_reference_moe_layer.cpp instantiates the CPU's).
+[[maybe_unused]] constexpr auto kNoisyConfig =
+    &moekit_test::noisy_layer_config<gpu::MoeLayerConfig>;
 
 // ---- problems ------------------------------------------------------------------
 
@@ -67,6 +74,7 @@ struct Options {
   FfnKind kind = FfnKind::kPlain;
   Activation activation = Activation::kGeluTanh;
   moekit::GatingConfig gating{};
+  NoiseConfig noise{};
   moekit::CapacityConfig capacity{};
   float switch_coeff = 0.01f, z_coeff = 0.001f;
   bool gate_bias = true;
@@ -94,6 +102,7 @@ MoeLayerCase make_case(const Options& o) {
   c.kind = o.kind;
   c.activation = o.activation;
   c.gating = o.gating;
+  c.noise = o.noise;
   c.capacity = o.capacity;
   c.switch_coeff = o.switch_coeff;
   c.z_coeff = o.z_coeff;
@@ -176,6 +185,7 @@ MoeLayerResult gpu_moe_layer(const MoeLayerCase& c, moekit::MoeAuxLosses* aux_ou
   config.kind = c.kind;
   config.activation = c.activation;
   config.router.gating = c.gating;
+  config.router.noise = c.noise;
   config.router.capacity = c.capacity;
   config.num_shared = c.num_shared;
   config.d_ff_shared = c.fs;
@@ -408,24 +418,105 @@ TEST(CudaMoeLayer, ZeroTokens) {
   check_against_cpu<8, 2, float>(o, kFp32);
 }
 
-TEST(CudaMoeLayer, RerunsAreBitIdentical) {
+// ---- router noise (the CPU router's draws, element for element) -------------------
+
+constexpr NoiseConfig kGaussianNoise{NoiseKind::kGaussian, 0.5f, 42};
+constexpr NoiseConfig kJitterNoise{NoiseKind::kJitter, 0.2f, 9};
+
+TEST(CudaMoeLayer, GaussianNoiseMatchesCpu) {
   MOEKIT_REQUIRE_GPU();
   Options o;
-  o.num_shared = 1;
+  o.noise = kGaussianNoise;
+  check_against_cpu<8, 2, float>(o, kFp32);
   o.kind = FfnKind::kGated;
+  o.num_shared = 1;
   o.capacity = {1.0, DropPolicy::kProbs};
-  const MoeLayerCase c = make_case<8, float>(o);
-  const MoeLayerResult a = gpu_moe_layer<8, 2, float>(c);
-  const MoeLayerResult b = gpu_moe_layer<8, 2, float>(c);
-  const auto same = [](const std::vector<float>& u, const std::vector<float>& v) {
-    return u.size() == v.size() && std::memcmp(u.data(), v.data(), u.size() * sizeof(float)) == 0;
-  };
-  EXPECT_TRUE(same(a.y, b.y));
-  EXPECT_TRUE(same(a.grads.dx, b.grads.dx));
-  EXPECT_TRUE(same(a.grads.dw_gate, b.grads.dw_gate));
-  EXPECT_TRUE(same(a.grads.dgate_bias, b.grads.dgate_bias));
-  EXPECT_TRUE(same(a.grads.dw1, b.grads.dw1));
-  EXPECT_TRUE(same(a.grads.shared_dw2, b.grads.shared_dw2));
+  o.accumulate = true;
+  check_against_cpu<8, 2, float>(o, kFp32);
+  Options sigmoid;  // top-1 sigmoid, no gate bias: the noise lands on bare GEMM logits
+  sigmoid.noise = kGaussianNoise;
+  sigmoid.gating.rule = GatingRule::kSigmoid;
+  sigmoid.gate_bias = false;
+  check_against_cpu<4, 1, float>(sigmoid, kFp32);
+}
+
+TEST(CudaMoeLayer, JitterMatchesCpu) {
+  MOEKIT_REQUIRE_GPU();
+  Options o;
+  o.noise = kJitterNoise;
+  check_against_cpu<8, 2, float>(o, kFp32);
+  o.kind = FfnKind::kGated;
+  o.num_shared = 1;
+  o.capacity = {1.0, DropPolicy::kPosition};
+  o.accumulate = true;
+  check_against_cpu<8, 2, float>(o, kFp32);
+}
+
+// The gate's two jittered backward paths one at a time: dx alone (frozen
+// router), dw_gate alone (no dx), and the router alone (frozen experts).
+TEST(CudaMoeLayer, JitterWithFrozenPartsMatchesCpu) {
+  MOEKIT_REQUIRE_GPU();
+  for (int which = 0; which < 3; ++which) {
+    SCOPED_TRACE(which);
+    Options o;
+    o.noise = kJitterNoise;
+    o.num_shared = 1;
+    o.frozen_router = which == 0;
+    o.want_dx = which != 1;
+    o.frozen_experts = which == 2;
+    check_against_cpu<8, 2, float>(o, kFp32);
+  }
+}
+
+// Low precision: the jittered gate GEMM runs in fp32 (w_gate widened), so
+// routing and weights still agree with the CPU's; backward reads T.
+TEST(CudaMoeLayer, NoisyLowPrecisionMatchesCpu) {
+  MOEKIT_REQUIRE_GPU();
+  for (const NoiseConfig& noise : {kGaussianNoise, kJitterNoise}) {
+    SCOPED_TRACE(static_cast<int>(noise.kind));
+    Options o;
+    o.noise = noise;
+    o.num_shared = 1;
+    o.kind = FfnKind::kGated;
+    check_against_cpu<8, 2, __nv_bfloat16>(o, kBf16);
+    check_against_cpu<8, 2, __half>(o, kBf16);
+  }
+}
+
+TEST(CudaMoeLayer, NoisyZeroTokens) {
+  MOEKIT_REQUIRE_GPU();
+  for (const NoiseConfig& noise : {kGaussianNoise, kJitterNoise}) {
+    SCOPED_TRACE(static_cast<int>(noise.kind));
+    Options o;
+    o.tokens = 0;
+    o.noise = noise;
+    check_against_cpu<8, 2, float>(o, kFp32);
+  }
+}
+
+TEST(CudaMoeLayer, RerunsAreBitIdentical) {
+  MOEKIT_REQUIRE_GPU();
+  for (const NoiseConfig& noise : {NoiseConfig{}, kGaussianNoise, kJitterNoise}) {
+    SCOPED_TRACE(static_cast<int>(noise.kind));
+    Options o;
+    o.num_shared = 1;
+    o.kind = FfnKind::kGated;
+    o.capacity = {1.0, DropPolicy::kProbs};
+    o.noise = noise;
+    const MoeLayerCase c = make_case<8, float>(o);
+    const MoeLayerResult a = gpu_moe_layer<8, 2, float>(c);
+    const MoeLayerResult b = gpu_moe_layer<8, 2, float>(c);
+    const auto same = [](const std::vector<float>& u, const std::vector<float>& v) {
+      return u.size() == v.size() && std::memcmp(u.data(), v.data(), u.size() * sizeof(float)) == 0;
+    };
+    EXPECT_EQ(a.ids, b.ids);
+    EXPECT_TRUE(same(a.y, b.y));
+    EXPECT_TRUE(same(a.grads.dx, b.grads.dx));
+    EXPECT_TRUE(same(a.grads.dw_gate, b.grads.dw_gate));
+    EXPECT_TRUE(same(a.grads.dgate_bias, b.grads.dgate_bias));
+    EXPECT_TRUE(same(a.grads.dw1, b.grads.dw1));
+    EXPECT_TRUE(same(a.grads.shared_dw2, b.grads.shared_dw2));
+  }
 }
 
 TEST(CudaMoeLayer, NonFiniteErrorPolicyThrowsBeforeWritingY) {
@@ -487,6 +578,67 @@ TEST(CudaMoeLayerHost, ConfigIsValidated) {
       Errc::kInvalidArgument, "config.router.non_finite");
   bad([](auto& c) { c.router.gating.num_groups = 3; }, Errc::kInvalidArgument, "num_groups");
   bad([](auto& c) { c.kind = static_cast<FfnKind>(7); }, Errc::kInvalidArgument, "kind");
+}
+
+// The noise check is the CPU router's (moekit::check_noise): constructing the
+// layer throws, so no call ever launches with a bad noise configuration.
+TEST(CudaMoeLayerHost, NoiseConfigIsValidated) {
+  const auto bad = [](NoiseConfig noise, const char* needle) {
+    gpu::MoeLayerConfig c = host_config();
+    c.router.noise = noise;
+    expect_error([&] { gpu::MoeLayer<S82, float>{c}; }, Errc::kInvalidArgument, needle);
+    expect_error([&] { gpu::MoeLayer<S82, __nv_bfloat16>{c}; }, Errc::kInvalidArgument, needle);
+  };
+  bad({static_cast<NoiseKind>(7), 0.1f, 0}, "config.router.noise.kind = 7 is not a NoiseKind");
+  bad({NoiseKind::kGaussian, NAN, 0}, "config.router.noise.amount = nan");
+  bad({NoiseKind::kGaussian, INFINITY, 0}, "must be finite and non-negative");
+  bad({NoiseKind::kGaussian, -0.5f, 0}, "config.router.noise.amount = -0.5");
+  bad({NoiseKind::kNone, -1.0f, 0}, "must be finite and non-negative");
+  bad({NoiseKind::kJitter, 1.0f, 0}, "must be below 1 for jitter");
+  bad({NoiseKind::kJitter, 1.5f, 0}, "must be below 1 for jitter");
+
+  // The edges that are allowed: any finite Gaussian amount, jitter below 1, 0.
+  for (const NoiseConfig& ok :
+       {NoiseConfig{NoiseKind::kGaussian, 1e6f, 1}, NoiseConfig{NoiseKind::kJitter, 0.999f, 2},
+        NoiseConfig{NoiseKind::kJitter, 0.0f, 3}}) {
+    gpu::MoeLayerConfig c = host_config();
+    c.router.noise = ok;
+    EXPECT_NO_THROW((gpu::MoeLayer<S82, float>{c}));
+  }
+}
+
+// The designated initialiser of moe_layer_step.hpp (the CPU config's, too)
+// carries the noise into the GPU layer.
+TEST(CudaMoeLayerHost, DesignatedConfigCarriesNoise) {
+  const auto c = moekit_test::noisy_layer_config<gpu::MoeLayerConfig>(16, 24, kJitterNoise);
+  const gpu::MoeLayer<S82, float> layer(c);
+  EXPECT_EQ(layer.config().router.noise.kind, NoiseKind::kJitter);
+  EXPECT_EQ(layer.config().router.noise.amount, 0.2f);
+  EXPECT_EQ(layer.config().router.noise.seed, 9u);
+  EXPECT_EQ(layer.config().router.capacity.policy, DropPolicy::kProbs);
+  EXPECT_TRUE(layer.gated());
+}
+
+// The noisy device cases above test something: on the CPU reference (run here,
+// no GPU needed) the noise moves the routing (Gaussian) or the router's
+// gradients (jitter; its routing may or may not move).
+TEST(CudaMoeLayerHost, NoiseCasesAreNotNoOps) {
+  Options o;
+  const MoeLayerResult clean = moekit_test::cpu_moe_layer<8, 2>(make_case<8, float>(o));
+  o.noise = kGaussianNoise;
+  const MoeLayerResult gaussian = moekit_test::cpu_moe_layer<8, 2>(make_case<8, float>(o));
+  EXPECT_NE(gaussian.ids, clean.ids);
+  o.noise = kJitterNoise;
+  const MoeLayerResult jitter = moekit_test::cpu_moe_layer<8, 2>(make_case<8, float>(o));
+  EXPECT_NE(jitter.grads.dw_gate, clean.grads.dw_gate);
+  EXPECT_NE(jitter.grads.dx, clean.grads.dx);
+  // The same seed draws the same noise; another seed other noise.
+  const auto run = [](const Options& options) {
+    return moekit_test::cpu_moe_layer<8, 2>(make_case<8, float>(options));
+  };
+  EXPECT_EQ(run(o).grads.dw_gate, jitter.grads.dw_gate);
+  o.noise.seed = 10;
+  EXPECT_NE(run(o).grads.dw_gate, jitter.grads.dw_gate);
 }
 
 TEST(CudaMoeLayerHost, StateRowsAreTheDispatchBound) {

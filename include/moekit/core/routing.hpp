@@ -150,6 +150,20 @@ inline void check_gating(const GatingConfig& g, int num_experts, int top_k) {
   }
 }
 
+// Rejects a noise configuration (both backends' routers, and the losses that
+// read one): a NoiseKind, an amount finite and >= 0, and below 1 for jitter
+// (a factor U(1 - amount, 1 + amount) stays positive). `name` prefixes the
+// fields in the message ("noise", "config.router.noise", ...).
+inline void check_noise(const NoiseConfig& n, const char* name = "noise") {
+  MOEKIT_CHECK_ARG(
+      n.kind == NoiseKind::kNone || n.kind == NoiseKind::kGaussian || n.kind == NoiseKind::kJitter,
+      name, ".kind = ", static_cast<int>(n.kind), " is not a NoiseKind");
+  MOEKIT_CHECK_ARG(std::isfinite(n.amount) && n.amount >= 0.0f, name, ".amount = ", n.amount,
+                   " must be finite and non-negative");
+  MOEKIT_CHECK_ARG(n.kind != NoiseKind::kJitter || n.amount < 1.0f, name, ".amount = ", n.amount,
+                   " must be below 1 for jitter");
+}
+
 namespace routing {
 
 // Jitter's factor for router-input element `counter` (= t * d + j):

@@ -308,9 +308,7 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
   MOEKIT_CHECK_ARG(std::isfinite(options.load_weight) && options.load_weight >= 0.0f,
                    "options.load_weight = ", options.load_weight,
                    " must be finite and non-negative");
-  MOEKIT_CHECK_ARG(std::isfinite(config.noise.amount) && config.noise.amount >= 0.0f,
-                   "config.noise.amount = ", config.noise.amount,
-                   " must be finite and non-negative");
+  check_noise(config.noise, "config.noise");
   MOEKIT_CHECK_ARG(std::isfinite(config.gating.scaling),
                    "config.gating.scaling = ", config.gating.scaling, " is not finite");
 

@@ -424,14 +424,7 @@ class Router {
  private:
   static void validate(const RouterConfig& c) {
     check_gating(c.gating, kExperts, kTopK);
-    const NoiseConfig& n = c.noise;
-    MOEKIT_CHECK_ARG(n.kind == NoiseKind::kNone || n.kind == NoiseKind::kGaussian ||
-                         n.kind == NoiseKind::kJitter,
-                     "noise.kind = ", static_cast<int>(n.kind), " is not a NoiseKind");
-    MOEKIT_CHECK_ARG(std::isfinite(n.amount) && n.amount >= 0.0f, "noise.amount = ", n.amount,
-                     " must be finite and non-negative");
-    MOEKIT_CHECK_ARG(n.kind != NoiseKind::kJitter || n.amount < 1.0f, "noise.amount = ", n.amount,
-                     " must be below 1 for jitter");
+    check_noise(c.noise);
     MOEKIT_CHECK_ARG(!std::isnan(c.capacity.factor), "capacity.factor is NaN");
     MOEKIT_CHECK_ARG(
         c.capacity.policy == DropPolicy::kPosition || c.capacity.policy == DropPolicy::kProbs,

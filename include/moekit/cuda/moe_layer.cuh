@@ -25,18 +25,36 @@
 //     has no default either.
 //   - Stats is MoeLayerStats<S>: gpu::RoutingStats and gpu::DispatchStats
 //     (the CPU's RoutingStats holds the same counts in one struct).
-//   - No router noise (NoiseConfig) and no FfnThreading: Config has none.
+//   - No FfnThreading: Config has none (the CPU's expert threading).
 //   - Saved expert ids and positions are device data the host cannot check
 //     without a copy: backward does not re-validate them (the CPU does); a
 //     bad id counts for nothing, per the parts' documented rules.
 //
 // Types. x, y, dy, dx, every weight and weight gradient, and the saved
 // activations are T. The router runs in fp32 as gpu::route wants: the gate
-// GEMM reads T and accumulates and writes fp32 logits (no rounding before
-// top-k); scores, weights, dlogits and the gate biases (gate_bias,
-// selection_bias, dgate_bias) are fp32. The backward GEMMs of the gate read
-// dlogits rounded to T (no rounding for T = float). Every GEMM is cuBLAS with
-// fp32 accumulation.
+// GEMM reads T (fp32 with jitter, below) and accumulates and writes fp32
+// logits (no rounding before top-k); scores, weights, dlogits and the gate
+// biases (gate_bias, selection_bias, dgate_bias) are fp32. The backward GEMMs
+// of the gate read dlogits rounded to T (no rounding for T = float). Every
+// GEMM is cuBLAS with fp32 accumulation.
+//
+// Router noise (config.router.noise) is the CPU router's, element for element:
+// the same counter-based draws (moekit/core/random.hpp), regenerated in
+// backward, never saved.
+//   kGaussian: logits(t, e) += amount * random_normal(seed, t E + e), after the
+//     gate GEMM and gate_bias, before gating. Backward needs nothing more: the
+//     noise is a constant added to the logits.
+//   kJitter: the router's input (only the router's: the experts read x) is
+//     x~(t, j) = x(t, j) * routing::jitter_factor(seed, amount, t d + j).
+//     Forward holds x~ in fp32 and widens w_gate to fp32 beside it (exact),
+//     so the gate GEMM runs in fp32 on the CPU's values and the logits carry
+//     no rounding the CPU's lack (x~ rounded to T would move a bf16 router's
+//     logits by ~2^-9 relative: enough to flip near-tied top-k choices).
+//     Backward regenerates x~ rounded to T for dw_gate = dlogits^T x~ (the
+//     gate's backward GEMMs read T, as without noise; exact for T = float),
+//     and adds dx += (dlogits w_gate) * factor, the product in fp32, rounded
+//     once. Workspace: T x d floats (+ E x d floats for T != float) in
+//     forward, T x d floats in backward (workspace_size includes them).
 //
 // One host synchronisation per forward: gpu::ExpertFfn takes the expert
 // offsets in HOST memory (cuBLAS's grouped GEMM takes its group sizes from the
@@ -87,6 +105,7 @@
 #include "moekit/core/activation.hpp"
 #include "moekit/core/backend.hpp"
 #include "moekit/core/error.hpp"
+#include "moekit/core/random.hpp"
 #include "moekit/core/routing.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cuda/aux_losses.cuh"
@@ -101,15 +120,16 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace gpu {
 
-// cpu::RouterConfig without noise (not on the GPU yet).
+// cpu::RouterConfig: same fields, names and order.
 struct MoeRouterConfig {
   GatingConfig gating{};
+  NoiseConfig noise{};  // training noise, as on the CPU (header)
   CapacityConfig capacity{};
   NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;
 };
 
 // cpu::MoeLayerConfig without threading; same names and order, so designated
-// initialisers written for one compile for the other (noise aside).
+// initialisers written for one compile for the other.
 struct MoeLayerConfig {
   index_t d_model = 0;
   index_t d_ff = 0;  // width of one routed expert
@@ -190,15 +210,59 @@ __global__ void __launch_bounds__(256) add_rows_kernel(MatrixView<const T> src, 
   }
 }
 
-// dst = src rounded to T (dlogits for the gate's backward GEMMs).
-template <class T>
+// dst = src converted through fp32: dlogits rounded to T for the gate's
+// backward GEMMs, w_gate widened (exactly) to fp32 for a jittered forward.
+template <class Src, class Dst>
 __global__ void __launch_bounds__(256)
-    round_rows_kernel(MatrixView<const float> src, MatrixView<T> dst) {
+    convert_rows_kernel(MatrixView<const Src> src, MatrixView<Dst> dst) {
   const index_t cols = dst.cols(), n = dst.rows() * cols;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t r = i / cols, c = i - r * cols;
-    dst(r, c) = from_float<T>(src(r, c));
+    dst(r, c) = from_float<Dst>(to_float(src(r, c)));
+  }
+}
+
+// out(t, j) = x(t, j) * routing::jitter_factor(seed, amount, t d + j) in fp32,
+// rounded once to U: cpu::Router's jittered input (U = float, forward's gate
+// GEMM) or its T copy (backward's dw_gate GEMM).
+template <class T, class U>
+__global__ void __launch_bounds__(256)
+    jitter_kernel(MatrixView<const T> x, float amount, std::uint64_t seed, MatrixView<U> out) {
+  const index_t cols = x.cols(), n = x.rows() * cols;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / cols, c = i - r * cols;
+    const float factor = routing::jitter_factor(seed, amount, static_cast<std::uint64_t>(i));
+    out(r, c) = from_float<U>(to_float(x(r, c)) * factor);
+  }
+}
+
+// dx(t, j) += g(t, j) * routing::jitter_factor(seed, amount, t d + j) in fp32,
+// rounded once: the gate's dx through the jittered input (dx~/dx is the
+// factor), g = dlogits w_gate.
+template <class T>
+__global__ void __launch_bounds__(256) add_jittered_kernel(MatrixView<const float> g, float amount,
+                                                           std::uint64_t seed, MatrixView<T> dx) {
+  const index_t cols = dx.cols(), n = dx.rows() * cols;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / cols, c = i - r * cols;
+    const float factor = routing::jitter_factor(seed, amount, static_cast<std::uint64_t>(i));
+    dx(r, c) = from_float<T>(to_float(dx(r, c)) + g(r, c) * factor);
+  }
+}
+
+// logits(t, e) += amount * random_normal(seed, t E + e): cpu::Router's
+// Gaussian noise, element for element.
+template <int = 0>  // a template, so that every translation unit may define it
+__global__ void __launch_bounds__(256)
+    gaussian_noise_kernel(MatrixView<float> logits, float amount, std::uint64_t seed) {
+  const index_t cols = logits.cols(), n = logits.rows() * cols;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / cols, c = i - r * cols;
+    logits(r, c) += amount * random_normal(seed, static_cast<std::uint64_t>(i));
   }
 }
 
@@ -280,20 +344,14 @@ class MoeLayer {
     check_shape(y, tokens, d, "y");
     checks().check_params(params);
     check_state(state, tokens);
-    check_workspace(workspace, tokens);
-
-    const ForwardLayout lay = forward_layout(tokens);
-    const cudaStream_t stream = workspace.stream;
-    const cublasHandle_t handle = workspace.handle;
-    char* ws = static_cast<char*>(workspace.data);
-    void* main = ws + lay.main;
-    const Routing routing = routing_rows(state.routing, tokens);
-    const index_t rows = routed_rows(tokens);
+    const auto [lay, stream, handle, ws, main, routing, rows] =
+        begin_call<ForwardLayout>(workspace, state, tokens);
     auto* d_routing_stats = detail::carve<RoutingStats<S>>(ws, lay.routing_stats);
     auto* d_dispatch_stats = detail::carve<DispatchStats<S>>(ws, lay.dispatch_stats);
 
-    // Router: logits = x w_gate^T + gate_bias in fp32, then gating and the plan.
-    gate_forward(handle, x, params, routing.logits, stream);
+    // Router: logits = x w_gate^T + gate_bias (+ noise) in fp32, then gating
+    // and the plan.
+    gate_forward(handle, x, params, routing.logits, main, stream);
     const RouteArgs<S, float> route_args{
         routing.logits,     params.selection_bias, config_.router.gating, routing.scores,
         routing.expert_ids, routing.weights,       d_routing_stats};
@@ -386,15 +444,8 @@ class MoeLayer {
     checks().check_grads(grads, params);
     check_state(state, tokens);
     const index_t n = check_host_offsets(state.host_offsets, tokens);
-    check_workspace(workspace, tokens);
-
-    const BackwardLayout lay = backward_layout(tokens);
-    const cudaStream_t stream = workspace.stream;
-    const cublasHandle_t handle = workspace.handle;
-    char* ws = static_cast<char*>(workspace.data);
-    void* main = ws + lay.main;
-    const Routing routing = routing_rows(state.routing, tokens);
-    const index_t rows = routed_rows(tokens);
+    const auto [lay, stream, handle, ws, main, routing, rows] =
+        begin_call<BackwardLayout>(workspace, state, tokens);
     const VectorView<const index_t> offsets = state.offsets;
     const VectorView<const index_t> host_offsets = state.host_offsets;
 
@@ -461,7 +512,7 @@ class MoeLayer {
         MOEKIT_CUDA_CHECK(z_loss(main, bytes, args, stream));
       }
       gate_backward(handle, x, params, MatrixView<const float>(dlogits),
-                    detail::carve<T>(ws, lay.dlogits_rounded), grads, dx, stream);
+                    detail::carve<T>(ws, lay.dlogits_rounded), main, grads, dx, stream);
     }
 
     // Shared experts: dy reaches each unchanged.
@@ -490,13 +541,16 @@ class MoeLayer {
 
  private:
   // Workspace regions (byte offsets, each 256-byte aligned). Forward:
-  //   [routing stats][dispatch stats][main: the largest of route's, the
-  //    plan's, the routed FFN's workspace, and shared: T x d + its FFN's]
+  //   [routing stats][dispatch stats][main: the largest of the gate's jitter
+  //    scratch, route's, the plan's, the routed FFN's workspace, and shared:
+  //    T x d + its FFN's]
   // Backward:
   //   [dweights T K][dlogits T E][dlogits in T (T != float)][2 losses][main:
   //    the largest of d_out, d_buffer (N x d each) + the FFN's workspace,
-  //    the switch and z losses', and shared: T x d + its FFN's]
-  // Forward's regions are dead when backward runs, so the two overlap.
+  //    the switch and z losses', the gate's jitter scratch, and shared:
+  //    T x d + its FFN's]
+  // Each part of main is dead before the next one starts (stream order), and
+  // forward's regions are dead when backward runs, so the two overlap.
   struct ForwardLayout {
     std::size_t routing_stats = 0, dispatch_stats = 0, main = 0, main_bytes = 0;
     std::size_t token_bytes = 0, total = 0;
@@ -505,6 +559,51 @@ class MoeLayer {
     std::size_t dweights = 0, dlogits = 0, dlogits_rounded = 0, losses = 0, main = 0;
     std::size_t main_bytes = 0, routed_bytes = 0, token_bytes = 0, total = 0;
   };
+
+  // What forward and backward start from once their arguments are checked:
+  // the workspace (checked here, last, as its size asks CUB) and this call's
+  // layout of it, the stream and cuBLAS handle, and the state's first T rows.
+  template <class Layout>
+  struct Call {
+    Layout lay;
+    cudaStream_t stream;
+    cublasHandle_t handle;
+    char* ws;         // the workspace
+    void* main;       // its main region, lay.main_bytes
+    Routing routing;  // state.routing's first T rows
+    index_t rows;     // routed_rows(T)
+  };
+
+  template <class Layout>
+  Call<Layout> begin_call(const Workspace& w, const State& state, index_t tokens) const {
+    check_workspace(w, tokens);
+    Layout lay;
+    if constexpr (std::is_same_v<Layout, ForwardLayout>) {
+      lay = forward_layout(tokens);
+    } else {
+      lay = backward_layout(tokens);
+    }
+    char* ws = static_cast<char*>(w.data);
+    return {lay,
+            w.stream,
+            w.handle,
+            ws,
+            ws + lay.main,
+            routing_rows(state.routing, tokens),
+            routed_rows(tokens)};
+  }
+
+  bool jittered() const { return config_.router.noise.kind == NoiseKind::kJitter; }
+
+  // The gate's jitter scratch in main: forward's x~ (T x d fp32) and, for
+  // T != float, w_gate widened to fp32 (E x d); backward's x~ in T, then
+  // dlogits w_gate in fp32 (T x d floats, one after the other). 0 without jitter.
+  std::size_t jitter_bytes(index_t tokens, bool forward) const {
+    if (!jittered()) return 0;
+    const std::size_t input = detail::round_up(array_bytes<float>(tokens * config_.d_model));
+    const bool widen = forward && !std::is_same_v<T, float>;
+    return input + (widen ? detail::round_up(array_bytes<float>(kExperts * config_.d_model)) : 0);
+  }
 
   template <class U>
   static std::size_t array_bytes(index_t count) {
@@ -534,8 +633,8 @@ class MoeLayer {
     l.routing_stats = p.reserve(sizeof(RoutingStats<S>));
     l.dispatch_stats = p.reserve(sizeof(DispatchStats<S>));
     l.token_bytes = detail::round_up(array_bytes<T>(tokens * config_.d_model));
-    l.main_bytes = std::max({route_bytes, plan_bytes, ffn_.workspace_size(routed_rows(tokens)),
-                             shared_main_bytes(tokens)});
+    l.main_bytes = std::max({jitter_bytes(tokens, true), route_bytes, plan_bytes,
+                             ffn_.workspace_size(routed_rows(tokens)), shared_main_bytes(tokens)});
     l.main = p.reserve(l.main_bytes);
     l.total = p.bytes();
     return l;
@@ -561,7 +660,7 @@ class MoeLayer {
     l.routed_bytes = detail::round_up(array_bytes<T>(rows * config_.d_model));
     l.token_bytes = detail::round_up(array_bytes<T>(tokens * config_.d_model));
     l.main_bytes = std::max({2 * l.routed_bytes + ffn_.workspace_size(rows), switch_bytes, z_bytes,
-                             shared_main_bytes(tokens)});
+                             jitter_bytes(tokens, false), shared_main_bytes(tokens)});
     l.main = p.reserve(l.main_bytes);
     l.total = p.bytes();
     return l;
@@ -573,6 +672,7 @@ class MoeLayer {
 
   static const MoeLayerConfig& validated(const MoeLayerConfig& c) {
     check_gating(c.router.gating, kExperts, kTopK);
+    check_noise(c.router.noise, "config.router.noise");
     MOEKIT_CHECK_ARG(!std::isnan(c.router.capacity.factor), "config.router.capacity.factor is NaN");
     MOEKIT_CHECK_ARG(c.router.capacity.policy == DropPolicy::kPosition ||
                          c.router.capacity.policy == DropPolicy::kProbs,
@@ -586,11 +686,15 @@ class MoeLayer {
     return c;  // d_model, d_ff, kind, activation: ExpertFfn's constructor
   }
 
-  // logits = x w_gate^T (+ gate_bias), fp32 out (cuBLAS, fp32 accumulation).
+  // logits = x~ w_gate^T (+ gate_bias) (+ Gaussian noise), fp32 out (cuBLAS,
+  // fp32 accumulation). x~ = x; with jitter, x jittered in fp32 into `scratch`
+  // (jitter_bytes) and the GEMM in fp32 on w_gate widened beside it.
   void gate_forward(cublasHandle_t handle, MatrixView<const T> x, const Params& params,
-                    MatrixView<float> logits, cudaStream_t stream) const {
+                    MatrixView<float> logits, void* scratch, cudaStream_t stream) const {
     const index_t tokens = x.rows();
+    const index_t d = config_.d_model;
     if (tokens == 0) return;
+    const NoiseConfig& noise = config_.router.noise;
     const bool bias = !params.gate_bias.empty();
     if (bias) {
       detail::broadcast_bias_kernel<float>
@@ -599,21 +703,57 @@ class MoeLayer {
       MOEKIT_CUDA_CHECK(cudaGetLastError());
     }
     MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
-    // Column-major logits^T (E x T) = w_gate (op T of d x E) x^T.
-    detail::cublas_gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, kExperts, tokens, config_.d_model,
-                        params.w_gate.data(), detail::gemm_ld(params.w_gate), x.data(),
-                        detail::gemm_ld(x), bias ? 1.0f : 0.0f, logits.data(),
-                        detail::gemm_ld(logits));
+    if (jittered()) {
+      const MatrixView<float> jittered_x(static_cast<float*>(scratch), tokens, d);
+      detail::jitter_kernel<T, float><<<detail::elementwise_grid(tokens * d), 256, 0, stream>>>(
+          x, noise.amount, noise.seed, jittered_x);
+      MOEKIT_CUDA_CHECK(cudaGetLastError());
+      MatrixView<const float> w;
+      if constexpr (std::is_same_v<T, float>) {
+        w = params.w_gate;
+      } else {
+        const std::size_t at = detail::round_up(array_bytes<float>(tokens * d));
+        const MatrixView<float> wide(detail::carve<float>(scratch, at), kExperts, d);
+        detail::convert_rows_kernel<T, float>
+            <<<detail::elementwise_grid(kExperts * d), 256, 0, stream>>>(params.w_gate, wide);
+        MOEKIT_CUDA_CHECK(cudaGetLastError());
+        w = wide;
+      }
+      logits_gemm<float>(handle, w, jittered_x, bias, logits);
+    } else {
+      logits_gemm<T>(handle, params.w_gate, x, bias, logits);
+    }
+    if (noise.kind == NoiseKind::kGaussian) {
+      detail::gaussian_noise_kernel<>
+          <<<detail::elementwise_grid(tokens * kExperts), 256, 0, stream>>>(logits, noise.amount,
+                                                                            noise.seed);
+      MOEKIT_CUDA_CHECK(cudaGetLastError());
+    }
+  }
+
+  // logits = x w^T, added to the broadcast gate_bias when `bias`; U = T, or
+  // float for a jittered x.
+  template <class U>
+  void logits_gemm(cublasHandle_t handle, MatrixView<const U> w, MatrixView<const U> x, bool bias,
+                   MatrixView<float> logits) const {
+    // Column-major logits^T (E x T) = w (op T of d x E) x^T.
+    detail::cublas_gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, kExperts, x.rows(), config_.d_model,
+                        w.data(), detail::gemm_ld(w), x.data(), detail::gemm_ld(x),
+                        bias ? 1.0f : 0.0f, logits.data(), detail::gemm_ld(logits));
   }
 
   // From dlogits (T x E, fp32): dgate_bias (column sums), dw_gate = dlogits^T
-  // x and dx += dlogits w_gate, the GEMMs on dlogits rounded to T.
+  // x~ and dx += (dlogits w_gate) dx~/dx, the GEMMs on dlogits rounded to T.
+  // x~ = x; with jitter, forward's x~ regenerated in T into `scratch` for
+  // dw_gate, then dlogits w_gate in fp32 there (after that GEMM, in stream
+  // order), scaled by the factor and added to dx.
   void gate_backward(cublasHandle_t handle, MatrixView<const T> x, const Params& params,
-                     MatrixView<const float> dlogits, T* rounded, const Grads& grads,
+                     MatrixView<const float> dlogits, T* rounded, void* scratch, const Grads& grads,
                      MatrixView<T> dx, cudaStream_t stream) const {
     const index_t tokens = x.rows();
     const index_t d = config_.d_model;
     const bool acc = grads.accumulate;
+    const NoiseConfig& noise = config_.router.noise;
     if (!grads.dgate_bias.empty()) {
       detail::column_sums_kernel<>
           <<<kExperts, detail::kThreads, 0, stream>>>(dlogits, grads.dgate_bias.data(), acc);
@@ -630,23 +770,40 @@ class MoeLayer {
       g = dlogits;
     } else {
       const MatrixView<T> r(rounded, tokens, kExperts);
-      detail::round_rows_kernel<T>
+      detail::convert_rows_kernel<float, T>
           <<<detail::elementwise_grid(tokens * kExperts), 256, 0, stream>>>(dlogits, r);
       MOEKIT_CUDA_CHECK(cudaGetLastError());
       g = r;
     }
     MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
     if (want_dw) {
-      // Column-major dw_gate^T (d x E) = x^T (d x T) g (op T of E x T).
-      detail::cublas_gemm(handle, CUBLAS_OP_N, CUBLAS_OP_T, d, kExperts, tokens, x.data(),
-                          detail::gemm_ld(x), g.data(), detail::gemm_ld(g), acc ? 1.0f : 0.0f,
+      MatrixView<const T> input = x;
+      if (jittered()) {
+        const MatrixView<T> jittered_x(static_cast<T*>(scratch), tokens, d);
+        detail::jitter_kernel<T, T><<<detail::elementwise_grid(tokens * d), 256, 0, stream>>>(
+            x, noise.amount, noise.seed, jittered_x);
+        MOEKIT_CUDA_CHECK(cudaGetLastError());
+        input = jittered_x;
+      }
+      // Column-major dw_gate^T (d x E) = x~^T (d x T) g (op T of E x T).
+      detail::cublas_gemm(handle, CUBLAS_OP_N, CUBLAS_OP_T, d, kExperts, tokens, input.data(),
+                          detail::gemm_ld(input), g.data(), detail::gemm_ld(g), acc ? 1.0f : 0.0f,
                           grads.dw_gate.data(), detail::gemm_ld(grads.dw_gate));
     }
-    if (want_dx) {
+    if (want_dx && !jittered()) {
       // dx += g w_gate: column-major dx^T (d x T) = w_gate^T (d x E) g^T (E x T).
       detail::cublas_gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, d, tokens, kExperts,
                           params.w_gate.data(), detail::gemm_ld(params.w_gate), g.data(),
                           detail::gemm_ld(g), 1.0f, dx.data(), detail::gemm_ld(dx));
+    } else if (want_dx) {
+      // product = g w_gate in fp32, then dx += product * factor, rounded once.
+      const MatrixView<float> product(static_cast<float*>(scratch), tokens, d);
+      detail::cublas_gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, d, tokens, kExperts,
+                          params.w_gate.data(), detail::gemm_ld(params.w_gate), g.data(),
+                          detail::gemm_ld(g), 0.0f, product.data(), detail::gemm_ld(product));
+      detail::add_jittered_kernel<T><<<detail::elementwise_grid(tokens * d), 256, 0, stream>>>(
+          product, noise.amount, noise.seed, dx);
+      MOEKIT_CUDA_CHECK(cudaGetLastError());
     }
   }
 
