@@ -4,6 +4,7 @@
 // bandwidth, cuBLAS dense GEMMs of an FFN's FLOPs), and the exit code for a
 // machine without a device (77, which CTest reports as skipped).
 
+#include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
@@ -12,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <string>
 
 #include "moekit/core/types.hpp"
 #include "moekit/cuda/device.cuh"
@@ -144,6 +146,30 @@ struct DenseFfnGemms {
     return flops() / seconds_per_call([&] { run(handle); }, 10);
   }
 };
+
+// The expert shapes of bench_cuda_ffn and bench_cuda_moe_layer, one list:
+// C1 and C2 (DESIGN.md §6) scaled to T = 16384, and (E, K, d, d_ff) =
+// (64, 8, 2048, 1408), (256, 8, 7168, 2048) at T = 4096. For each shape,
+// bench<E, K>(state, d, d_ff, backward) is registered as
+// "<prefix>_fwd/<shape>/<T>" and "<prefix>_fwd_bwd/<shape>/<T>".
+template <template <int, int> class Bench>
+void register_expert_shapes(const std::string& prefix) {
+  const auto add = [&]<int E, int K>(const char* shape, moekit::index_t d, moekit::index_t d_ff,
+                                     moekit::index_t tokens) {
+    for (bool backward : {false, true}) {
+      const std::string name = prefix + (backward ? "_fwd_bwd/" : "_fwd/") + shape;
+      benchmark::RegisterBenchmark(
+          name.c_str(), [=](benchmark::State& s) { Bench<E, K>::run(s, d, d_ff, backward); })
+          ->Arg(tokens)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
+    }
+  };
+  add.template operator()<8, 2>("C1_bf16", 1024, 4096, 16384);
+  add.template operator()<64, 8>("C2_bf16", 1024, 512, 16384);
+  add.template operator()<64, 8>("E64_d2048_f1408_bf16", 2048, 1408, 4096);
+  add.template operator()<256, 8>("E256_d7168_f2048_bf16", 7168, 2048, 4096);
+}
 
 // True (after saying why) where no CUDA device can be used: main then
 // returns 77.

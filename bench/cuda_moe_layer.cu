@@ -248,25 +248,19 @@ void bench_layer(benchmark::State& state, index_t d, index_t f, bool backward) {
   state.SetLabel(backward ? "fwd+bwd" : "fwd");
 }
 
+// bench_bench_layer as the class template register_expert_shapes wants.
 template <int E, int K>
-void register_shape(const std::string& name, index_t d, index_t f, index_t tokens) {
-  for (bool backward : {false, true}) {
-    benchmark::RegisterBenchmark(((backward ? "layer_fwd_bwd/" : "layer_fwd/") + name).c_str(),
-                                 [=](benchmark::State& s) { bench_layer<E, K>(s, d, f, backward); })
-        ->Arg(tokens)
-        ->UseManualTime()
-        ->Unit(benchmark::kMicrosecond);
+struct Bench {
+  static void run(benchmark::State& s, index_t d, index_t f, bool backward) {
+    bench_layer<E, K>(s, d, f, backward);
   }
-}
+};
 
 }  // namespace
 
 int main(int argc, char** argv) {
   if (moekit_bench::no_device()) return 77;
-  register_shape<8, 2>("C1_bf16", 1024, 4096, 16384);
-  register_shape<64, 8>("C2_bf16", 1024, 512, 16384);
-  register_shape<64, 8>("E64_d2048_f1408_bf16", 2048, 1408, 4096);
-  register_shape<256, 8>("E256_d7168_f2048_bf16", 7168, 2048, 4096);
+  moekit_bench::register_expert_shapes<Bench>("layer");
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
