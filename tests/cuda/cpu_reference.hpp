@@ -210,6 +210,26 @@ struct MoeLayerCase {
   bool accumulate = false;
 };
 
+// The layer configuration of `c` for either backend (cpu::MoeLayerConfig or
+// gpu::MoeLayerConfig: the same field names).
+template <class Config>
+Config layer_config(const MoeLayerCase& c) {
+  Config config;
+  config.d_model = c.d;
+  config.d_ff = c.f;
+  config.kind = c.kind;
+  config.activation = c.activation;
+  config.router.gating = c.gating;
+  config.router.noise = c.noise;
+  config.router.capacity = c.capacity;
+  config.num_shared = c.num_shared;
+  config.d_ff_shared = c.fs;
+  config.switch_coeff = c.switch_coeff;
+  config.z_coeff = c.z_coeff;
+  config.switch_options.normalization = c.normalization;
+  return config;
+}
+
 struct MoeLayerResult {
   std::vector<float> y;
   MoeLayerGradValues grads;

@@ -38,19 +38,7 @@ template <int E, int K>
 MoeLayerResult cpu_moe_layer(const MoeLayerCase& c) {
   using S = moekit::MoeSpec<E, K>;
   namespace cpu = moekit::cpu;
-  cpu::MoeLayerConfig config;
-  config.d_model = c.d;
-  config.d_ff = c.f;
-  config.kind = c.kind;
-  config.activation = c.activation;
-  config.router.gating = c.gating;
-  config.router.noise = c.noise;
-  config.router.capacity = c.capacity;
-  config.num_shared = c.num_shared;
-  config.d_ff_shared = c.fs;
-  config.switch_coeff = c.switch_coeff;
-  config.z_coeff = c.z_coeff;
-  config.switch_options.normalization = c.normalization;
+  const auto config = layer_config<cpu::MoeLayerConfig>(c);
   const moekit::MoeLayer<S, moekit::CpuBackend> layer(config);
   cpu::MoeLayerStorage<S> storage(layer, c.tokens);
 

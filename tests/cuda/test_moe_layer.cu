@@ -44,6 +44,7 @@ using moekit_test::DeviceBuffer;
 using moekit_test::expect_error;
 using moekit_test::fake;
 using moekit_test::from_float;
+using moekit_test::layer_config;
 using moekit_test::MoeLayerCase;
 using moekit_test::MoeLayerGradValues;
 using moekit_test::MoeLayerResult;
@@ -179,19 +180,7 @@ template <int E, int K, class T>
 MoeLayerResult gpu_moe_layer(const MoeLayerCase& c, moekit::MoeAuxLosses* aux_out = nullptr,
                              gpu::MoeLayerStats<MoeSpec<E, K>>* stats_out = nullptr) {
   using S = MoeSpec<E, K>;
-  gpu::MoeLayerConfig config;
-  config.d_model = c.d;
-  config.d_ff = c.f;
-  config.kind = c.kind;
-  config.activation = c.activation;
-  config.router.gating = c.gating;
-  config.router.noise = c.noise;
-  config.router.capacity = c.capacity;
-  config.num_shared = c.num_shared;
-  config.d_ff_shared = c.fs;
-  config.switch_coeff = c.switch_coeff;
-  config.z_coeff = c.z_coeff;
-  config.switch_options.normalization = c.normalization;
+  const auto config = layer_config<gpu::MoeLayerConfig>(c);
   const moekit::MoeLayer<S, CudaBackend<T>> layer(config);
   gpu::MoeLayerStorage<S, T> storage(layer, c.tokens);
   const gpu::MoeLayerState<T>& state = storage.state();

@@ -172,6 +172,22 @@ struct TaskWeights {
   VectorView<const float> log_vars{};  // kUncertainty: the H learned s_h
 };
 
+// TaskHeads::backward's outputs on both backends, each checked where it is
+// not empty: dx (n x d), dw (total_classes x d) and db (total_classes; must
+// be empty without a bias).
+template <class X, class G>
+void check_head_backward_outputs(MatrixView<X> dx, MatrixView<G> dw, VectorView<G> db, index_t n,
+                                 index_t d, index_t total_classes, bool bias) {
+  if (!dx.empty()) check_shape(dx, n, d, "dx");
+  if (!dw.empty()) check_shape(dw, total_classes, d, "grads.dw");
+  if (bias) {
+    if (!db.empty()) check_shape(db, total_classes, "grads.db");
+  } else {
+    MOEKIT_CHECK(db.empty(), Errc::kInvalidArgument, "grads.db has ", db.size(),
+                 " elements but must be empty: config.bias is false");
+  }
+}
+
 // Weights of H heads, and dlog_vars (H entries or empty; empty for kFixed).
 // Reads only w's host arrays and the size of dlog_vars.
 inline void check_task_weights(const TaskWeights& w, int heads, VectorView<float> dlog_vars) {

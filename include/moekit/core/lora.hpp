@@ -110,6 +110,19 @@ MOEKIT_HOST_DEVICE inline float lora_init_value(LoraInit kind, float spread, std
   return spread * (2.0f * random_uniform(seed, counter) - 1.0f);
 }
 
+// The `spread` lora_init_value wants for config c, rank R and d_in inputs,
+// after checking c: the given stddev (or 1 / R when 0) for kGaussian,
+// 1 / sqrt(d_in) for kKaimingUniform. Both backends' init call this.
+template <int R>
+float lora_init_spread(const LoraInitConfig& c, index_t d_in) {
+  MOEKIT_CHECK_ARG(c.kind == LoraInit::kKaimingUniform || c.kind == LoraInit::kGaussian,
+                   "init.kind = ", static_cast<int>(c.kind), " is not a LoraInit");
+  MOEKIT_CHECK_ARG(std::isfinite(c.stddev) && c.stddev >= 0.0f, "init.stddev = ", c.stddev,
+                   " must be finite and >= 0");
+  return c.kind == LoraInit::kGaussian ? (c.stddev > 0.0f ? c.stddev : 1.0f / static_cast<float>(R))
+                                       : 1.0f / std::sqrt(static_cast<float>(d_in));
+}
+
 // The dropout key of one training step.
 MOEKIT_HOST_DEVICE constexpr std::uint64_t lora_dropout_key(std::uint64_t seed,
                                                             std::uint64_t step) {

@@ -452,13 +452,7 @@ void lora_safe_merge(MatrixView<float> w, MatrixView<const float> a, MatrixView<
 template <int R>
 void lora_init_block(MatrixView<float> a, MatrixView<float> b, const LoraInitConfig& c,
                      index_t d_in, index_t first_row) {
-  MOEKIT_CHECK_ARG(c.kind == LoraInit::kKaimingUniform || c.kind == LoraInit::kGaussian,
-                   "init.kind = ", static_cast<int>(c.kind), " is not a LoraInit");
-  MOEKIT_CHECK_ARG(std::isfinite(c.stddev) && c.stddev >= 0.0f, "init.stddev = ", c.stddev,
-                   " must be finite and >= 0");
-  const float spread = c.kind == LoraInit::kGaussian
-                           ? (c.stddev > 0.0f ? c.stddev : 1.0f / static_cast<float>(R))
-                           : 1.0f / std::sqrt(static_cast<float>(d_in));
+  const float spread = lora_init_spread<R>(c, d_in);
   for (index_t r = 0; r < a.rows(); ++r) {
     for (index_t j = 0; j < d_in; ++j) {
       a(r, j) = lora_init_value(c.kind, spread, c.seed,

@@ -788,13 +788,7 @@ class LoraLayer {
 
   void init(MatrixView<T> a, MatrixView<T> b, const LoraInitConfig& c, index_t first_row,
             cudaStream_t stream) const {
-    MOEKIT_CHECK_ARG(c.kind == LoraInit::kKaimingUniform || c.kind == LoraInit::kGaussian,
-                     "init.kind = ", static_cast<int>(c.kind), " is not a LoraInit");
-    MOEKIT_CHECK_ARG(std::isfinite(c.stddev) && c.stddev >= 0.0f, "init.stddev = ", c.stddev,
-                     " must be finite and >= 0");
-    const float spread = c.kind == LoraInit::kGaussian
-                             ? (c.stddev > 0.0f ? c.stddev : 1.0f / static_cast<float>(R))
-                             : 1.0f / std::sqrt(static_cast<float>(d_in_));
+    const float spread = lora_init_spread<R>(c, d_in_);
     lora_init_kernel<T><<<elementwise_grid(a.size() + b.size()), 256, 0, stream>>>(
         a, b, c.kind, spread, c.seed, first_row);
     MOEKIT_CUDA_CHECK(cudaGetLastError());

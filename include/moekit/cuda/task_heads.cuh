@@ -572,14 +572,7 @@ class TaskHeads {
     check_weights(weights);
     check_shape(dlogits, n, max_classes_, "dlogits");
     const bool want_dx = !dx.empty(), want_dw = !grads.dw.empty(), want_db = !grads.db.empty();
-    if (want_dx) check_shape(dx, n, d, "dx");
-    if (want_dw) check_shape(grads.dw, total_classes(), d, "grads.dw");
-    if (config_.bias) {
-      if (want_db) check_shape(grads.db, total_classes(), "grads.db");
-    } else {
-      MOEKIT_CHECK(!want_db, Errc::kInvalidArgument, "grads.db has ", grads.db.size(),
-                   " elements but must be empty: config.bias is false");
-    }
+    check_head_backward_outputs(dx, grads.dw, grads.db, n, d, total_classes(), config_.bias);
     const std::int32_t* task_ids = task_pointer(tasks);
     if (want_dw || want_db) {
       check_workspace(workspace, workspace_bytes, 0, n);  // before CUB, which needs a device
