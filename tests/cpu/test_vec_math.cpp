@@ -12,8 +12,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moekit/core/classification.hpp"
@@ -22,25 +24,14 @@
 #include "vec_math_reference.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
-namespace cpu::generic {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_GENERIC
-#include "vec_math_kernel-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace cpu::generic
-#if MOEKIT_DETAIL_X86
-namespace cpu::avx2 {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX2
-#include "vec_math_kernel-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace cpu::avx2
-MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN
-namespace cpu::avx512 {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX512
-#include "vec_math_kernel-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace cpu::avx512
-MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_END
-#endif
+namespace cpu {
+#define MOEKIT_PER_ISA_FILE "vec_math_kernel-inl.hpp"
+#include "moekit/cpu/detail/per_isa.hpp"
+#undef MOEKIT_PER_ISA_FILE
+#define MOEKIT_PER_ISA_FILE "vec_ops_kernel-inl.hpp"
+#include "moekit/cpu/detail/per_isa.hpp"
+#undef MOEKIT_PER_ISA_FILE
+}  // namespace cpu
 MOEKIT_NAMESPACE_END
 
 namespace {
@@ -173,6 +164,68 @@ TEST(VecMath, AccuracyAgainstFloat64AndTheSameBitsOnEveryPath) {
         }
       }
       EXPECT_EQ(differ, 0u) << vt::math_fn_name(fn) << " on " << moekit::cpu::isa_name(isa);
+    }
+  }
+}
+
+// The operations vec.hpp offers for the math, on every path, against the
+// portable path, on random and special values and every tail length.
+TEST(VecMath, OperationsGiveThePortableBitsOnEveryPath) {
+  std::mt19937 rng(17);
+  std::uniform_int_distribution<std::uint32_t> any_bits;
+  std::normal_distribution<float> normal(0.0f, 100.0f);
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(),
+                            3e9f,
+                            -3e9f,
+                            2147483520.0f,
+                            -2147483648.0f,
+                            0x1p-149f,
+                            1.5f,
+                            -2.5f};
+  using Ops = void (*)(const float*, const float*, int, float*);
+  std::vector<std::pair<Isa, Ops>> ops{{Isa::kGeneric, moekit::cpu::generic::vec_ops}};
+#if MOEKIT_DETAIL_X86
+  if (moekit::cpu::isa_available(Isa::kAvx2))
+    ops.push_back({Isa::kAvx2, moekit::cpu::avx2::vec_ops});
+  if (moekit::cpu::isa_available(Isa::kAvx512)) {
+    ops.push_back({Isa::kAvx512, moekit::cpu::avx512::vec_ops});
+  }
+#endif
+  constexpr int kOut = moekit::cpu::generic::kVecOpsOutputs * 16;
+  for (int trial = 0; trial < 400; ++trial) {
+    float a[16], b[16];
+    for (int i = 0; i < 16; ++i) {
+      const int pick = static_cast<int>(rng() % 4);
+      a[i] = pick == 0   ? vt::from_bits(any_bits(rng))
+             : pick == 1 ? specials[rng() % 12]
+                         : normal(rng);
+      b[i] = rng() % 3 == 0 ? a[i] : normal(rng);
+      if (rng() % 5 == 0) b[i] = specials[rng() % 12];
+    }
+    const int n = trial % 17;
+    float want[kOut], got[kOut];
+    ops[0].second(a, b, n, want);
+    for (std::size_t p = 1; p < ops.size(); ++p) {
+      ops[p].second(a, b, n, got);
+      for (int i = 0; i < kOut; ++i) {
+        ASSERT_TRUE(same(got[i], want[i])) << moekit::cpu::isa_name(ops[p].first) << " output "
+                                           << i / 16 << " lane " << i % 16 << " trial " << trial;
+      }
+    }
+    // A few against their definitions.
+    for (int i = 0; i < 16; ++i) {
+      ASSERT_EQ(bits(want[16 + i]), bits(a[i]) & 0x7fffffffu);
+      ASSERT_EQ(bits(want[32 + i]), bits(a[i]) ^ 0x80000000u);
+      ASSERT_EQ(want[48 + i], a[i] < b[i] ? 1.0f : 0.0f);
+      ASSERT_EQ(bits(want[112 + i]), bits(i < n ? a[i] : b[i]));
+      const bool in_range = a[i] >= -2147483648.0f && a[i] < 2147483648.0f;
+      ASSERT_EQ(
+          static_cast<std::int32_t>(bits(want[176 + i])),
+          in_range ? static_cast<std::int32_t>(a[i]) : std::numeric_limits<std::int32_t>::min());
     }
   }
 }

@@ -44,27 +44,9 @@ struct RowExpSum {
   float sum;
 };
 
-namespace generic {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_GENERIC
-#include "moekit/cpu/detail/elementwise-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace generic
-
-#if MOEKIT_DETAIL_X86
-namespace avx2 {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX2
-#include "moekit/cpu/detail/elementwise-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace avx2
-
-MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN
-namespace avx512 {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX512
-#include "moekit/cpu/detail/elementwise-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace avx512
-MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_END
-#endif
+#define MOEKIT_PER_ISA_FILE "moekit/cpu/detail/elementwise-inl.hpp"
+#include "moekit/cpu/detail/per_isa.hpp"
+#undef MOEKIT_PER_ISA_FILE
 
 // h = act(a + bias) * g for a gated FFN (g not empty), else act(a + bias);
 // bias (a.cols() floats) may be null. a, g, h: the same shape; h may be a

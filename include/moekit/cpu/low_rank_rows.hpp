@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/types.hpp"
@@ -131,11 +132,16 @@ void unpack_panel(const float* panel, float alpha, bool add, MatrixView<float> m
   }
 }
 
+// A block's arrays of rows, ranks or coefficients (the int bound converted
+// once, where -Wsign-conversion wants it).
+template <class T, int N>
+using BlockArray = T[static_cast<std::size_t>(N)];
+
 // A block's rows m0 .. m0 + M - 1 and, for prefetch_l2, the rows of the
 // next block (the block's own where none follow).
 template <int M, class RowAt, class T>
-MOEKIT_FORCE_INLINE void block_rows(RowAt row, index_t m0, index_t count, T* (&rows)[M],
-                                    const float* (&next)[M]) {
+MOEKIT_FORCE_INLINE void block_rows(RowAt row, index_t m0, index_t count, BlockArray<T*, M>& rows,
+                                    BlockArray<const float*, M>& next) {
   MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
     rows[m] = row(m0 + m);
     next[m] = m0 + M + m < count ? row(m0 + M + m) : rows[m];
@@ -144,7 +150,8 @@ MOEKIT_FORCE_INLINE void block_rows(RowAt row, index_t m0, index_t count, T* (&r
 
 // c[m][r] = alpha coef(m0 + m, r): a block's coefficients, in registers or L1.
 template <int M, int R>
-MOEKIT_FORCE_INLINE void block_coefs(const float* coef, index_t m0, float alpha, float (&c)[M][R]) {
+MOEKIT_FORCE_INLINE void block_coefs(const float* coef, index_t m0, float alpha,
+                                     BlockArray<BlockArray<float, R>, M>& c) {
   MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
     for (int r = 0; r < R; ++r) c[m][r] = alpha * coef[(m0 + m) * R + r];
   }
@@ -153,25 +160,9 @@ MOEKIT_FORCE_INLINE void block_coefs(const float* coef, index_t m0, float alpha,
 }  // namespace cpu::detail
 
 namespace cpu {
-namespace generic {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_GENERIC
-#include "moekit/cpu/detail/low_rank_rows-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace generic
-#if MOEKIT_DETAIL_X86
-namespace avx2 {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX2
-#include "moekit/cpu/detail/low_rank_rows-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace avx2
-MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN
-namespace avx512 {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX512
-#include "moekit/cpu/detail/low_rank_rows-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace avx512
-MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_END
-#endif
+#define MOEKIT_PER_ISA_FILE "moekit/cpu/detail/low_rank_rows-inl.hpp"
+#include "moekit/cpu/detail/per_isa.hpp"
+#undef MOEKIT_PER_ISA_FILE
 
 }  // namespace cpu
 

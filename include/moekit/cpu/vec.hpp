@@ -25,12 +25,13 @@
 // include guard whose functions carry MOEKIT_KERNEL_TARGET, and include that
 // file inside each of the namespaces with the macro set to the namespace's
 // target (a function template needs its own target attribute to inline the
-// vector operations; it does not inherit the caller's):
+// vector operations; it does not inherit the caller's).
+// moekit/cpu/detail/per_isa.hpp does the including:
 //
-//   namespace cpu::avx2 {
-//   #define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX2
-//   #include "moekit/cpu/detail/my_kernel-inl.hpp"
-//   #undef MOEKIT_KERNEL_TARGET
+//   namespace cpu {
+//   #define MOEKIT_PER_ISA_FILE "moekit/cpu/detail/my_kernel-inl.hpp"
+//   #include "moekit/cpu/detail/per_isa.hpp"
+//   #undef MOEKIT_PER_ISA_FILE
 //   }
 //
 // The operations are always inlined, so no vector crosses a call boundary

@@ -33,27 +33,9 @@ namespace cpu {
 // subnormals there, so callers return their limits.
 inline constexpr float kNormalTailClamp = 14.5f;
 
-namespace generic {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_GENERIC
-#include "moekit/cpu/detail/vec_math-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace generic
-
-#if MOEKIT_DETAIL_X86
-namespace avx2 {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX2
-#include "moekit/cpu/detail/vec_math-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace avx2
-
-MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN
-namespace avx512 {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX512
-#include "moekit/cpu/detail/vec_math-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace avx512
-MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_END
-#endif
+#define MOEKIT_PER_ISA_FILE "moekit/cpu/detail/vec_math-inl.hpp"
+#include "moekit/cpu/detail/per_isa.hpp"
+#undef MOEKIT_PER_ISA_FILE
 
 }  // namespace cpu
 MOEKIT_NAMESPACE_END

@@ -11,6 +11,8 @@
 // order), and a row's tail joins through partial loads, so every path gives
 // the same bits.
 
+using detail::BlockArray;
+
 // Ranks per group in shrink, rows per block in expand and accumulate_outer.
 inline constexpr int kShrinkRankGroup = kF32x16Registers >= 32 ? 8 : kF32x16Registers >= 16 ? 4 : 2;
 inline constexpr int kRowBlock = kF32x16Registers >= 32 ? 8 : 4;
@@ -34,44 +36,49 @@ struct ShrinkBlocks {
   float alpha;
   float* out;
 
+  // acc[m][g] += x[m][k0, k0 + width) * the panel block p's rank g.
+  template <int M, int G>
+  MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void accumulate(
+      const BlockArray<const float*, M>& x, index_t k0, int width, const float* p,
+      BlockArray<BlockArray<F32x16, G>, M>& acc) const {
+    BlockArray<F32x16, M> xv;
+    MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
+      xv[m] = width == kF32x16Lanes ? load(x[m] + k0) : load_partial(x[m] + k0, width);
+    }
+    MOEKIT_UNROLL for (int g = 0; g < G; ++g) {
+      const F32x16 pv = load(p + g * kF32x16Lanes);
+      MOEKIT_UNROLL for (int m = 0; m < M; ++m) acc[m][g] = fmadd(xv[m], pv, acc[m][g]);
+    }
+  }
+
   template <int M, int R0, int G>
-  MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void group(index_t m0, const float* const (&x)[M],
-                                                      const float* const (&next)[M]) const {
+  MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void group(
+      index_t m0, const BlockArray<const float*, M>& x,
+      const BlockArray<const float*, M>& next) const {
     constexpr int kL = kF32x16Lanes;
     const index_t blocks = d / kL;
     const int tail = static_cast<int>(d - blocks * kL);
-    F32x16 acc[M][G];
+    BlockArray<BlockArray<F32x16, G>, M> acc;
     MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
       MOEKIT_UNROLL for (int g = 0; g < G; ++g) acc[m][g] = zero();
     }
     const float* p = panel + R0 * kL;
     for (index_t b = 0; b < blocks; ++b, p += R * kL) {
-      F32x16 xv[M];
-      MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-        xv[m] = load(x[m] + b * kL);
-        if constexpr (R0 == 0) detail::prefetch_l2(next[m] + b * kL);
+      if constexpr (R0 == 0) {
+        MOEKIT_UNROLL for (int m = 0; m < M; ++m) detail::prefetch_l2(next[m] + b * kL);
       }
-      MOEKIT_UNROLL for (int g = 0; g < G; ++g) {
-        const F32x16 pv = load(p + g * kL);
-        MOEKIT_UNROLL for (int m = 0; m < M; ++m) acc[m][g] = fmadd(xv[m], pv, acc[m][g]);
-      }
+      accumulate<M, G>(x, b * kL, kL, p, acc);
     }
-    if (tail > 0) {  // the panel's padding is 0
-      F32x16 xv[M];
-      MOEKIT_UNROLL for (int m = 0; m < M; ++m) xv[m] = load_partial(x[m] + blocks * kL, tail);
-      MOEKIT_UNROLL for (int g = 0; g < G; ++g) {
-        const F32x16 pv = load(p + g * kL);
-        MOEKIT_UNROLL for (int m = 0; m < M; ++m) acc[m][g] = fmadd(xv[m], pv, acc[m][g]);
-      }
-    }
+    if (tail > 0) accumulate<M, G>(x, blocks * kL, tail, p, acc);  // the panel's padding is 0
     for (int m = 0; m < M; ++m) {
       for (int g = 0; g < G; ++g) out[(m0 + m) * R + R0 + g] = alpha * reduce_add(acc[m][g]);
     }
   }
 
   template <int M, int R0 = 0>
-  MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void groups(index_t m0, const float* const (&x)[M],
-                                                       const float* const (&next)[M]) const {
+  MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void groups(
+      index_t m0, const BlockArray<const float*, M>& x,
+      const BlockArray<const float*, M>& next) const {
     if constexpr (R0 < R) {
       constexpr int G = std::min(kShrinkRankGroup, R - R0);
       group<M, R0, G>(m0, x, next);
@@ -81,8 +88,8 @@ struct ShrinkBlocks {
 
   template <int M>
   MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void operator()(index_t m0) const {
-    const float* x[M];
-    const float* next[M];
+    BlockArray<const float*, M> x;
+    BlockArray<const float*, M> next;
     detail::block_rows(row, m0, count, x, next);
     groups<M>(m0, x, next);
   }
@@ -104,11 +111,11 @@ struct ExpandBlocks {
   const float* panel;
 
   template <int M>
-  MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void step(float* const (&y)[M],
-                                                     const float* const (&next)[M],
-                                                     const float (&c)[M][R], index_t k0,
-                                                     const float* p, int width) const {
-    F32x16 acc[M];
+  MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void step(const BlockArray<float*, M>& y,
+                                                     const BlockArray<const float*, M>& next,
+                                                     const BlockArray<BlockArray<float, R>, M>& c,
+                                                     index_t k0, const float* p, int width) const {
+    BlockArray<F32x16, M> acc;
     MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
       acc[m] = width == kF32x16Lanes ? load(y[m] + k0) : load_partial(y[m] + k0, width);
       detail::prefetch_l2(next[m] + k0);
@@ -129,9 +136,9 @@ struct ExpandBlocks {
   template <int M>
   MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void operator()(index_t m0) const {
     constexpr int kL = kF32x16Lanes;
-    float* y[M];
-    const float* next[M];
-    float c[M][R];
+    BlockArray<float*, M> y;
+    BlockArray<const float*, M> next;
+    BlockArray<BlockArray<float, R>, M> c;
     detail::block_rows(row, m0, count, y, next);
     detail::block_coefs(coef, m0, alpha, c);
     const index_t blocks = d / kL;
@@ -156,11 +163,11 @@ struct OuterBlocks {
   float* panel;
 
   template <int M>
-  MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void step(const float* const (&x)[M],
-                                                     const float* const (&next)[M],
-                                                     const float (&c)[M][R], index_t k0, float* p,
-                                                     int width) const {
-    F32x16 xv[M];
+  MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void step(const BlockArray<const float*, M>& x,
+                                                     const BlockArray<const float*, M>& next,
+                                                     const BlockArray<BlockArray<float, R>, M>& c,
+                                                     index_t k0, float* p, int width) const {
+    BlockArray<F32x16, M> xv;
     MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
       xv[m] = width == kF32x16Lanes ? load(x[m] + k0) : load_partial(x[m] + k0, width);
       detail::prefetch_l2(next[m] + k0);
@@ -179,9 +186,9 @@ struct OuterBlocks {
   template <int M>
   MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void operator()(index_t m0) const {
     constexpr int kL = kF32x16Lanes;
-    const float* x[M];
-    const float* next[M];
-    float c[M][R];
+    BlockArray<const float*, M> x;
+    BlockArray<const float*, M> next;
+    BlockArray<BlockArray<float, R>, M> c;
     detail::block_rows(row, m0, count, x, next);
     detail::block_coefs(coef, m0, 1.0f, c);
     const index_t blocks = d / kL;
