@@ -177,7 +177,7 @@ void router_softmax(benchmark::State& state, bool vec, int threads) {
         const moekit::cpu::ShiftedExp z = moekit::cpu::shifted_exp<kExperts>(xt, st);
         for (int e = 0; e < kExperts; ++e) st[e] /= z.sum;
       } else {
-        moekit::routing::compute_scores<kExperts>(moekit::GatingRule::kSoftmax, xt, st);
+        moekit::routing::compute_scores<kExperts>(moekit::GatingRule::kSoftmaxTopK, xt, st);
       }
     }
     benchmark::DoNotOptimize(s.data());

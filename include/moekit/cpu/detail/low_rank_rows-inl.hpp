@@ -90,7 +90,7 @@ struct ShrinkBlocks {
   MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void operator()(index_t m0) const {
     BlockArray<const float*, M> x;
     BlockArray<const float*, M> next;
-    detail::block_rows(row, m0, count, x, next);
+    detail::block_rows<M>(row, m0, count, x, next);
     groups<M>(m0, x, next);
   }
 };
@@ -139,8 +139,8 @@ struct ExpandBlocks {
     BlockArray<float*, M> y;
     BlockArray<const float*, M> next;
     BlockArray<BlockArray<float, R>, M> c;
-    detail::block_rows(row, m0, count, y, next);
-    detail::block_coefs(coef, m0, alpha, c);
+    detail::block_rows<M>(row, m0, count, y, next);
+    detail::block_coefs<M, R>(coef, m0, alpha, c);
     const index_t blocks = d / kL;
     const float* p = panel;
     for (index_t b = 0; b < blocks; ++b, p += R * kL) step<M>(y, next, c, b * kL, p, kL);
@@ -189,8 +189,8 @@ struct OuterBlocks {
     BlockArray<const float*, M> x;
     BlockArray<const float*, M> next;
     BlockArray<BlockArray<float, R>, M> c;
-    detail::block_rows(row, m0, count, x, next);
-    detail::block_coefs(coef, m0, 1.0f, c);
+    detail::block_rows<M>(row, m0, count, x, next);
+    detail::block_coefs<M, R>(coef, m0, 1.0f, c);
     const index_t blocks = d / kL;
     float* p = panel;
     for (index_t b = 0; b < blocks; ++b, p += R * kL) step<M>(x, next, c, b * kL, p, kL);
