@@ -232,35 +232,31 @@ std::string run_name(const std::string& what, int threads) {
   return what + "/threads:" + std::to_string(threads);
 }
 
-void add(const std::string& name, std::function<void(benchmark::State&)> f) {
-  benchmark::RegisterBenchmark(name.c_str(), std::move(f))
-      ->Unit(benchmark::kMillisecond)
-      ->UseRealTime();
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   const int thread_counts[] = {2, 1};  // 2 first (see bench/routing.cpp: libgomp after 1 thread)
   const auto pass_bytes = static_cast<std::size_t>(kRows * kFf) * 4;
   for (int th : thread_counts) {
-    add(run_name("copy/C1_pass", th),
-        [=](benchmark::State& s) { parallel_copy(s, pass_bytes, th); });
+    moekit_bench::add_wall_ms(run_name("copy/C1_pass", th),
+                              [=](benchmark::State& s) { parallel_copy(s, pass_bytes, th); });
     for (bool vec : {true, false}) {
       const std::string kind = vec ? "/vec" : "/scalar";
-      add(run_name("swiglu_fwd" + kind, th),
-          [=](benchmark::State& s) { swiglu(s, false, vec, th); });
-      add(run_name("swiglu_bwd" + kind, th),
-          [=](benchmark::State& s) { swiglu(s, true, vec, th); });
-      add(run_name("ce_rows" + kind, th),
-          [=](benchmark::State& s) { row_losses(s, false, vec, th); });
-      add(run_name("kd_rows" + kind, th),
-          [=](benchmark::State& s) { row_losses(s, true, vec, th); });
-      add(run_name("router_softmax" + kind, th),
-          [=](benchmark::State& s) { router_softmax(s, vec, th); });
+      moekit_bench::add_wall_ms(run_name("swiglu_fwd" + kind, th),
+                                [=](benchmark::State& s) { swiglu(s, false, vec, th); });
+      moekit_bench::add_wall_ms(run_name("swiglu_bwd" + kind, th),
+                                [=](benchmark::State& s) { swiglu(s, true, vec, th); });
+      moekit_bench::add_wall_ms(run_name("ce_rows" + kind, th),
+                                [=](benchmark::State& s) { row_losses(s, false, vec, th); });
+      moekit_bench::add_wall_ms(run_name("kd_rows" + kind, th),
+                                [=](benchmark::State& s) { row_losses(s, true, vec, th); });
+      moekit_bench::add_wall_ms(run_name("router_softmax" + kind, th),
+                                [=](benchmark::State& s) { router_softmax(s, vec, th); });
     }
-    add(run_name("layer_fwd/C1", th), [=](benchmark::State& s) { layer(s, false, th); });
-    add(run_name("layer_fwd_bwd/C1", th), [=](benchmark::State& s) { layer(s, true, th); });
+    moekit_bench::add_wall_ms(run_name("layer_fwd/C1", th),
+                              [=](benchmark::State& s) { layer(s, false, th); });
+    moekit_bench::add_wall_ms(run_name("layer_fwd_bwd/C1", th),
+                              [=](benchmark::State& s) { layer(s, true, th); });
   }
   benchmark::AddCustomContext("cpu_path", moekit::cpu::isa_name(moekit::cpu::active_isa()));
   benchmark::Initialize(&argc, argv);
