@@ -74,8 +74,7 @@ struct Tiny {
   BertEncoderConfig config;
   BertEncoder encoder;
   BertEncoderStorage storage;
-  explicit Tiny(BertEncoderConfig c, std::uint32_t seed = 1)
-      : config(c), encoder(c), storage(c) {
+  explicit Tiny(BertEncoderConfig c, std::uint32_t seed = 1) : config(c), encoder(c), storage(c) {
     moekit_test::randomize(storage.views(), seed);
   }
   moekit::cpu::BertEncoderWeights weights() const { return storage.weights(); }
@@ -85,8 +84,8 @@ struct Tiny {
     if (layers < 0) layers = config.num_layers;
     StridedMatrix h(batch.tokens(), config.d_model, pad);
     h.poison();
-    std::vector<std::byte> ws(static_cast<std::size_t>(
-        encoder.workspace_size(batch.tokens(), moekit::cpu::longest_sequence(batch.offset_view()))));
+    std::vector<std::byte> ws(static_cast<std::size_t>(encoder.workspace_size(
+        batch.tokens(), moekit::cpu::longest_sequence(batch.offset_view()))));
     encoder.embed(batch.id_view(), batch.type_view(), batch.offset_view(), weights(), h.view());
     encoder.run_layers(0, layers, batch.offset_view(), weights(), h.view(),
                        {ws.data(), static_cast<index_t>(ws.size())});
@@ -135,7 +134,8 @@ TEST_P(BertEncoderMath, MatchesTheFloat64ReferenceOfAPaddedBatch) {
     plain.final_beta = {};
     const Batch batch({5, 1, 33}, c.vocab_size, 3);
     StridedMatrix h(batch.tokens(), c.d_model);
-    std::vector<std::byte> ws(static_cast<std::size_t>(t.encoder.workspace_size(batch.tokens(), 33)));
+    std::vector<std::byte> ws(
+        static_cast<std::size_t>(t.encoder.workspace_size(batch.tokens(), 33)));
     t.encoder.forward(batch.id_view(), batch.type_view(), batch.offset_view(), plain, h.view(),
                       {ws.data(), static_cast<index_t>(ws.size())});
     // Reference: the pre-LN stack without its last normalisation.
@@ -217,8 +217,8 @@ TEST(BertEncoder, ASequenceGivesTheSameBitsInAnyBatchAndOnAnyThreadCount) {
   }
   const StridedMatrix backwards = t.run(reversed);
   for (index_t s = 0; s < batch.size(); ++s) {
-    EXPECT_TRUE(same_bits(rows_of(backwards, reversed, batch.size() - 1 - s),
-                          rows_of(together, batch, s)));
+    EXPECT_TRUE(
+        same_bits(rows_of(backwards, reversed, batch.size() - 1 - s), rows_of(together, batch, s)));
   }
 #if defined(_OPENMP)
   const int threads = omp_get_max_threads();
@@ -243,8 +243,7 @@ TEST(BertEncoder, LayerRangesAndEarlyExitCompactionGiveTheSameBits) {
   moekit::cpu::gather_sequences(after0.cview(), batch.offset_view(), {keep.data(), 2}, kept.view(),
                                 {kept_offsets.data(), 3});
   EXPECT_EQ(kept_offsets, (std::vector<index_t>{0, 18, 53}));
-  std::vector<std::byte> ws(
-      static_cast<std::size_t>(t.encoder.workspace_size(kept.rows, 35)));
+  std::vector<std::byte> ws(static_cast<std::size_t>(t.encoder.workspace_size(kept.rows, 35)));
   t.encoder.run_layers(1, 2, {kept_offsets.data(), 3}, t.weights(), kept.view(),
                        {ws.data(), static_cast<index_t>(ws.size())});
   Batch kept_batch({}, t.config.vocab_size, 0);
@@ -276,18 +275,19 @@ TEST(BertEncoder, PoolingMatchesFloat64) {
         for (index_t k = 0; k < 10 && m > 0; ++k) {
           double acc = p == Pooling::kMax ? -1e300 : 0.0;
           for (index_t i = 0; i < (p == Pooling::kCls ? 1 : m); ++i) {
-            acc = p == Pooling::kMax ? std::max(acc, double{h.at(r0 + i, k)})
-                                     : acc + h.at(r0 + i, k);
+            acc =
+                p == Pooling::kMax ? std::max(acc, double{h.at(r0 + i, k)}) : acc + h.at(r0 + i, k);
           }
-          ref[static_cast<std::size_t>(k)] = p == Pooling::kMean ? acc / static_cast<double>(m) : acc;
+          ref[static_cast<std::size_t>(k)] =
+              p == Pooling::kMean ? acc / static_cast<double>(m) : acc;
         }
         double norm = 0.0;
         for (const double e : ref) norm += e * e;
         norm = std::max(std::sqrt(norm), 1e-12);
         for (index_t k = 0; k < 10; ++k) {
           const double expected = ref[static_cast<std::size_t>(k)] / (normalize ? norm : 1.0);
-          EXPECT_NEAR(out.at(s, k), expected, 1e-6) << "seq " << s << " pooling "
-                                                    << static_cast<int>(p);
+          EXPECT_NEAR(out.at(s, k), expected, 1e-6)
+              << "seq " << s << " pooling " << static_cast<int>(p);
         }
       }
     }
@@ -332,7 +332,8 @@ TEST(BertCheckpoint, RoundTripsThroughSafetensorsInEveryDtypeAndNaming) {
       moekit::io::SafetensorsWriter writer;
       writer.add(moekit::io::weight_sources(t.encoder, t.weights(), prefix), dtype);
       std::vector<float> pooler(48 * 48, 0.5f);
-      writer.add(std::string(prefix) + "pooler.dense.weight", MatrixView<const float>(pooler.data(), 48, 48));
+      writer.add(std::string(prefix) + "pooler.dense.weight",
+                 MatrixView<const float>(pooler.data(), 48, 48));
       const auto reader = moekit::io::SafetensorsReader::from_bytes(writer.to_bytes(), "memory");
       EXPECT_EQ(moekit::io::bert_prefix(reader), prefix);
       BertEncoderStorage loaded(t.config);
@@ -349,10 +350,18 @@ TEST(BertCheckpoint, RoundTripsThroughSafetensorsInEveryDtypeAndNaming) {
       };
       const auto a = t.weights(), b = loaded.weights();
       const std::pair<MatrixView<const float>, MatrixView<const float>> pairs[] = {
-          {a.word_embeddings, b.word_embeddings}, {a.position_embeddings, b.position_embeddings},
-          {a.token_type_embeddings, b.token_type_embeddings}, {a.w_qkv, b.w_qkv},
-          {a.b_qkv, b.b_qkv}, {a.w_out, b.w_out}, {a.b_out, b.b_out}, {a.ln1_gamma, b.ln1_gamma},
-          {a.ln2_beta, b.ln2_beta}, {a.w_ff1, b.w_ff1}, {a.b_ff1, b.b_ff1}, {a.w_ff2, b.w_ff2},
+          {a.word_embeddings, b.word_embeddings},
+          {a.position_embeddings, b.position_embeddings},
+          {a.token_type_embeddings, b.token_type_embeddings},
+          {a.w_qkv, b.w_qkv},
+          {a.b_qkv, b.b_qkv},
+          {a.w_out, b.w_out},
+          {a.b_out, b.b_out},
+          {a.ln1_gamma, b.ln1_gamma},
+          {a.ln2_beta, b.ln2_beta},
+          {a.w_ff1, b.w_ff1},
+          {a.b_ff1, b.b_ff1},
+          {a.w_ff2, b.w_ff2},
           {a.b_ff2, b.b_ff2}};
       for (const auto& [x, y] : pairs)
         for (index_t r = 0; r < x.rows(); ++r)
@@ -374,8 +383,8 @@ TEST(BertCheckpoint, LoadsAModelFolder) {
   EXPECT_EQ(model.tokenizer.vocab_size(), t.config.vocab_size);
   EXPECT_EQ(model.encoder.config().activation, Activation::kGeluErf);
   EXPECT_EQ(model.encoder.config().layer_norm_eps, 1e-6f);
-  const moekit::text::TokenBatch batch = model.tokenizer.encode_batch(
-      std::vector<std::string>{"w7 w8 w9", "w12"}, 16);
+  const moekit::text::TokenBatch batch =
+      model.tokenizer.encode_batch(std::vector<std::string>{"w7 w8 w9", "w12"}, 16);
   EXPECT_EQ(batch.ids, (std::vector<std::int32_t>{2, 7, 8, 9, 3, 2, 12, 3}));
   Batch b({}, t.config.vocab_size, 0);
   b.ids = batch.ids;
@@ -401,8 +410,8 @@ TEST(BertCheckpoint, RejectsBadCheckpointsNamingTheTensor) {
     const auto reader = moekit::io::SafetensorsReader::from_bytes(writer.to_bytes(), "ckpt");
     moekit::io::load_bert_weights(reader, t.encoder, dst.views());
   };
-  std::string msg = expect_error(
-      [&] { load_without("encoder.layer.1.attention.self.key.bias"); }, Errc::kFormatError);
+  std::string msg = expect_error([&] { load_without("encoder.layer.1.attention.self.key.bias"); },
+                                 Errc::kFormatError);
   EXPECT_NE(msg.find("encoder.layer.1.attention.self.key.bias"), std::string::npos) << msg;
   // A misshapen tensor: the intermediate weight transposed.
   moekit::io::SafetensorsWriter writer;
@@ -424,8 +433,7 @@ TEST(BertCheckpoint, RejectsBadCheckpointsNamingTheTensor) {
   write_text(dir / "config.json", config_json(t.config));
   write_text(dir / "vocab.txt", vocab_text(t.config.vocab_size + 1));
   msg = expect_error([&] { moekit::io::load_bert_model(dir); }, Errc::kShapeMismatch);
-  EXPECT_NE(msg.find("41 tokens but the word embeddings have vocab_size = 40"),
-            std::string::npos)
+  EXPECT_NE(msg.find("41 tokens but the word embeddings have vocab_size = 40"), std::string::npos)
       << msg;
   std::filesystem::remove_all(dir);
 }
@@ -433,8 +441,9 @@ TEST(BertCheckpoint, RejectsBadCheckpointsNamingTheTensor) {
 TEST(BertCheckpoint, RejectsBadConfigs) {
   const BertEncoderConfig c = moekit_test::tiny_bert_config();
   EXPECT_EQ(moekit::io::parse_bert_config(config_json(c), "c").d_ff, 160);
-  std::string msg = expect_error(
-      [] { moekit::io::parse_bert_config("{\"hidden_size\": 8}", "cfg.json"); }, Errc::kFormatError);
+  std::string msg =
+      expect_error([] { moekit::io::parse_bert_config("{\"hidden_size\": 8}", "cfg.json"); },
+                   Errc::kFormatError);
   EXPECT_NE(msg.find("'cfg.json' has no \"num_hidden_layers\""), std::string::npos) << msg;
   std::string text = config_json(c);
   text.replace(text.find("\"gelu\""), 6, "\"swish\"");
@@ -507,9 +516,8 @@ TEST(BertEncoder, RejectsBadInputBeforeWritingAnything) {
   EXPECT_NE(msg.find("layers [1, 3)"), std::string::npos) << msg;
   auto w = t.weights();
   w.w_ff2 = w.w_ff2.middle_rows(0, 48);
-  msg = expect_error(
-      [&] { t.encoder.run_layers(0, 2, batch.offset_view(), w, h.view(), wsv); },
-      Errc::kShapeMismatch);
+  msg = expect_error([&] { t.encoder.run_layers(0, 2, batch.offset_view(), w, h.view(), wsv); },
+                     Errc::kShapeMismatch);
   EXPECT_NE(msg.find("weights.w_ff2"), std::string::npos) << msg;
   EXPECT_TRUE(h.bits_equal(before));
   // A sequence longer than the position table.
@@ -520,8 +528,7 @@ TEST(BertEncoder, RejectsBadInputBeforeWritingAnything) {
         t.encoder.embed(too_long.id_view(), {}, too_long.offset_view(), t.weights(), h81.view());
       },
       Errc::kOutOfRange);
-  EXPECT_NE(msg.find("sequence 0 has 81 tokens, more than max_positions = 80"),
-            std::string::npos)
+  EXPECT_NE(msg.find("sequence 0 has 81 tokens, more than max_positions = 80"), std::string::npos)
       << msg;
   // Configs.
   BertEncoderConfig c = moekit_test::tiny_bert_config();

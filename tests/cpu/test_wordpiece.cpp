@@ -29,10 +29,10 @@ std::u32string decode(std::string_view s) {
 }
 
 const std::vector<std::string> kVocab = {
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cafe", "un",   "##aff", "##able",
-    "a",     "##b",   "!",     ",",     "東",     "京",  "x",    "##x",  "e",     "naive",
-    "é",     "ab",    "-",     "ς",     "σ",      "ο",   "δ",    "$",    "3",     "[",
-    "]",     "mask",  "cls",   "i",     "ᄒ",      "##ᅡ", "##ᆫ",  "hello"};
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the",  "cafe", "un",   "##aff", "##able",
+    "a",     "##b",   "!",     ",",     "東",     "京",   "x",    "##x",  "e",     "naive",
+    "é",     "ab",    "-",     "ς",     "σ",      "ο",    "δ",    "$",    "3",     "[",
+    "]",     "mask",  "cls",   "i",     "ᄒ",     "##ᅡ", "##ᆫ", "hello"};
 
 WordPieceTokenizer make(moekit::text::WordPieceConfig config = {}) {
   return WordPieceTokenizer(kVocab, std::move(config));
@@ -52,7 +52,8 @@ Ids ids_of(const WordPieceTokenizer& tok, std::initializer_list<const char*> tok
 }
 
 TEST(Utf8, DecodesValidText) {
-  EXPECT_EQ(decode("a\xc3\xa9\xe6\x9d\xb1\xf0\x9f\x98\x80"), std::u32string(U"a\u00e9\u6771\U0001F600"));
+  EXPECT_EQ(decode("a\xc3\xa9\xe6\x9d\xb1\xf0\x9f\x98\x80"),
+            std::u32string(U"a\u00e9\u6771\U0001F600"));
   std::string back;
   for (const char32_t c : decode("a\xc3\xa9\xe6\x9d\xb1\xf0\x9f\x98\x80")) {
     moekit::text::append_utf8(c, back);
@@ -64,12 +65,12 @@ TEST(Utf8, ReplacesEachMaximalIllFormedSubpart) {
   const char32_t r = moekit::text::kReplacementCharacter;
   // Examples of the Unicode standard's U+FFFD substitution (as Python's "replace").
   EXPECT_EQ(decode("\x80"), std::u32string({r}));
-  EXPECT_EQ(decode("\xc0\xaf"), std::u32string({r, r}));               // C0 never starts
-  EXPECT_EQ(decode("\xe0\x80\xaf"), std::u32string({r, r, r}));        // overlong
-  EXPECT_EQ(decode("\xed\xa0\x80"), std::u32string({r, r, r}));        // surrogate
+  EXPECT_EQ(decode("\xc0\xaf"), std::u32string({r, r}));                // C0 never starts
+  EXPECT_EQ(decode("\xe0\x80\xaf"), std::u32string({r, r, r}));         // overlong
+  EXPECT_EQ(decode("\xed\xa0\x80"), std::u32string({r, r, r}));         // surrogate
   EXPECT_EQ(decode("\xf4\x90\x80\x80"), std::u32string({r, r, r, r}));  // > U+10FFFF
-  EXPECT_EQ(decode("\xe2\x82"), std::u32string({r}));                  // truncated at the end
-  EXPECT_EQ(decode("\xf0\x9f\x98x"), std::u32string({r, U'x'}));       // cut by an ASCII byte
+  EXPECT_EQ(decode("\xe2\x82"), std::u32string({r}));                   // truncated at the end
+  EXPECT_EQ(decode("\xf0\x9f\x98x"), std::u32string({r, U'x'}));        // cut by an ASCII byte
   EXPECT_EQ(decode("\xe2\x28\xa1"), std::u32string({r, U'(', r}));
   EXPECT_EQ(decode("a\xffz"), std::u32string({U'a', r, U'z'}));
 }
@@ -170,7 +171,10 @@ TEST(WordPiece, EncodeAddsTheTemplateAndTruncates) {
 
 TEST(WordPiece, InvalidUtf8IsDroppedLikeReplacementCharacters) {
   const auto tok = make();
-  EXPECT_EQ(pieces(tok, "th\xff" "e \xe2\x82"), ids_of(tok, {"the"}));
+  EXPECT_EQ(pieces(tok,
+                   "th\xff"
+                   "e \xe2\x82"),
+            ids_of(tok, {"the"}));
   EXPECT_EQ(pieces(tok, "\xc0\xaf\xed\xa0\x80"), Ids{});
   EXPECT_EQ(pieces(tok, "the \xef\xbf\xbd the"), pieces(tok, "the \xff the"));
 }

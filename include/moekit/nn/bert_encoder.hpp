@@ -144,14 +144,26 @@ struct BertEncoderViews {
   MatrixView<T> ln2_gamma{}, ln2_beta{};
   VectorView<T> final_gamma{}, final_beta{};
 
-  operator BertEncoderViews<const T>() const
-  requires(!std::is_const_v<T>)
-  {
-    return {word_embeddings, position_embeddings, token_type_embeddings, embedding_gamma,
-            embedding_beta,  w_qkv,               b_qkv,                 w_out,
-            b_out,           ln1_gamma,           ln1_beta,              w_ff1,
-            b_ff1,           w_ff2,               b_ff2,                 ln2_gamma,
-            ln2_beta,        final_gamma,         final_beta};
+  operator BertEncoderViews<const T>() const requires(!std::is_const_v<T>) {
+    return {word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
+            embedding_gamma,
+            embedding_beta,
+            w_qkv,
+            b_qkv,
+            w_out,
+            b_out,
+            ln1_gamma,
+            ln1_beta,
+            w_ff1,
+            b_ff1,
+            w_ff2,
+            b_ff2,
+            ln2_gamma,
+            ln2_beta,
+            final_gamma,
+            final_beta};
   }
 };
 using BertEncoderWeights = BertEncoderViews<const float>;
@@ -172,8 +184,8 @@ namespace detail {
 inline constexpr index_t kRowChunk = 32;
 inline constexpr index_t kColumnBlock = 128;
 
-using ChunkMatrix =
-    Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor, kRowChunk, Eigen::Dynamic>;
+using ChunkMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor, kRowChunk,
+                                  Eigen::Dynamic>;
 using ChunkMap = Eigen::Map<ChunkMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
 
 inline ChunkMap chunk_map(MatrixView<float> c) {
@@ -310,8 +322,7 @@ inline index_t check_offsets(VectorView<const index_t> offsets, index_t rows, co
   check_view(offsets, name);
   MOEKIT_CHECK(offsets.size() >= 1, Errc::kShapeMismatch, name,
                " is empty; it needs B + 1 entries (one, 0, for no sequences)");
-  MOEKIT_CHECK(offsets[0] == 0, Errc::kInvalidArgument, name, "[0] = ", offsets[0],
-               ", expected 0");
+  MOEKIT_CHECK(offsets[0] == 0, Errc::kInvalidArgument, name, "[0] = ", offsets[0], ", expected 0");
   const index_t b = offsets.size() - 1;
   for (index_t s = 0; s < b; ++s) {
     MOEKIT_CHECK(offsets[s + 1] >= offsets[s], Errc::kInvalidArgument, name, " decreases: ", name,
@@ -362,14 +373,16 @@ class BertEncoder {
              MatrixView<float> hidden) const {
     const BertEncoderConfig& c = config_;
     check_view(ids, "ids");
-    const index_t n = ids.size(), d = c.d_model;
+    [[maybe_unused]] const index_t n = ids.size();
+    const index_t d = c.d_model;
     check_inputs(ids, types, offsets, w, hidden);
     const index_t b = offsets.size() - 1;
     MOEKIT_PARALLEL_FOR_IF(n * d >= kParallelGrain)
     for (index_t s = 0; s < b; ++s) {
       for (index_t t = offsets[s]; t < offsets[s + 1]; ++t) {
         float* out = hidden.row(t);
-        std::memcpy(out, w.word_embeddings.row(ids[t]), static_cast<std::size_t>(d) * sizeof(float));
+        std::memcpy(out, w.word_embeddings.row(ids[t]),
+                    static_cast<std::size_t>(d) * sizeof(float));
         detail::add_rows(w.position_embeddings.row(t - offsets[s]),
                          c.type_vocab_size > 0
                              ? w.token_type_embeddings.row(types.empty() ? 0 : types[t])
@@ -627,8 +640,8 @@ class BertEncoder {
                    " is outside [0, type_vocab_size = ", c.type_vocab_size, ")");
     }
     for (index_t s = 0; s < b; ++s) {
-      MOEKIT_CHECK(offsets[s + 1] - offsets[s] <= c.max_positions, Errc::kOutOfRange,
-                   "sequence ", s, " has ", offsets[s + 1] - offsets[s],
+      MOEKIT_CHECK(offsets[s + 1] - offsets[s] <= c.max_positions, Errc::kOutOfRange, "sequence ",
+                   s, " has ", offsets[s + 1] - offsets[s],
                    " tokens, more than max_positions = ", c.max_positions);
     }
   }
@@ -637,8 +650,9 @@ class BertEncoder {
     MOEKIT_CHECK_ARG(c.vocab_size >= 1, "config.vocab_size = ", c.vocab_size,
                      " must be at least 1");
     MOEKIT_CHECK_ARG(c.d_model >= 1, "config.d_model = ", c.d_model, " must be at least 1");
-    MOEKIT_CHECK_ARG(c.num_heads >= 1 && c.d_model % c.num_heads == 0, "config.num_heads = ",
-                     c.num_heads, " must be at least 1 and divide d_model = ", c.d_model);
+    MOEKIT_CHECK_ARG(c.num_heads >= 1 && c.d_model % c.num_heads == 0,
+                     "config.num_heads = ", c.num_heads,
+                     " must be at least 1 and divide d_model = ", c.d_model);
     MOEKIT_CHECK_ARG(c.d_ff >= 1, "config.d_ff = ", c.d_ff, " must be at least 1");
     MOEKIT_CHECK_ARG(c.num_layers >= 0, "config.num_layers = ", c.num_layers,
                      " must be non-negative");
@@ -647,15 +661,13 @@ class BertEncoder {
     MOEKIT_CHECK_ARG(c.type_vocab_size >= 0, "config.type_vocab_size = ", c.type_vocab_size,
                      " must be non-negative");
     MOEKIT_CHECK_ARG(c.activation == Activation::kGeluErf ||
-                         c.activation == Activation::kGeluTanh ||
-                         c.activation == Activation::kRelu,
+                         c.activation == Activation::kGeluTanh || c.activation == Activation::kRelu,
                      "config.activation = ", static_cast<int>(c.activation),
                      " is not kGeluErf, kGeluTanh or kRelu");
     MOEKIT_CHECK_ARG(c.norm == NormPlacement::kPost || c.norm == NormPlacement::kPre,
                      "config.norm = ", static_cast<int>(c.norm), " is not a NormPlacement");
     MOEKIT_CHECK_ARG(std::isfinite(c.layer_norm_eps) && c.layer_norm_eps > 0.0f,
-                     "config.layer_norm_eps = ", c.layer_norm_eps,
-                     " must be finite and positive");
+                     "config.layer_norm_eps = ", c.layer_norm_eps, " must be finite and positive");
   }
 
   BertEncoderConfig config_;
@@ -721,9 +733,9 @@ inline void pool_sequences(MatrixView<const float> hidden, VectorView<const inde
   const index_t d = hidden.cols();
   const index_t b = check_offsets(offsets, hidden.rows(), "offsets");
   check_shape(out, b, d, "out");
-  MOEKIT_CHECK_ARG(pooling == Pooling::kCls || pooling == Pooling::kMean ||
-                       pooling == Pooling::kMax,
-                   "pooling = ", static_cast<int>(pooling), " is not a Pooling");
+  MOEKIT_CHECK_ARG(
+      pooling == Pooling::kCls || pooling == Pooling::kMean || pooling == Pooling::kMax,
+      "pooling = ", static_cast<int>(pooling), " is not a Pooling");
   MOEKIT_PARALLEL_FOR_IF(hidden.rows() * d >= kParallelGrain)
   for (index_t s = 0; s < b; ++s) {
     float* o = out.row(s);
@@ -747,9 +759,8 @@ inline void pool_sequences(MatrixView<const float> hidden, VectorView<const inde
       });
       scale /= std::max(std::sqrt(acc.sum()), 1e-12f);
     }
-    detail::transform_row(o, d, o, [&](const detail::Lanes& v, index_t) -> detail::Lanes {
-      return v * scale;
-    });
+    detail::transform_row(
+        o, d, o, [&](const detail::Lanes& v, index_t) -> detail::Lanes { return v * scale; });
   }
 }
 

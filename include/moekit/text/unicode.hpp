@@ -158,10 +158,9 @@ inline void canonical_order(std::u32string& s, std::size_t from) {
     std::size_t j = i;
     while (j < s.size() && combining_class(s[j]) != 0) ++j;
     if (j - i > 1) {
-      std::stable_sort(s.begin() + static_cast<std::ptrdiff_t>(i),
-                       s.begin() + static_cast<std::ptrdiff_t>(j), [](char32_t a, char32_t b) {
-                         return combining_class(a) < combining_class(b);
-                       });
+      std::stable_sort(
+          s.begin() + static_cast<std::ptrdiff_t>(i), s.begin() + static_cast<std::ptrdiff_t>(j),
+          [](char32_t a, char32_t b) { return combining_class(a) < combining_class(b); });
     }
     i = j;
   }

@@ -6,7 +6,8 @@
 // 0.23.3) id for id. Base: Unicode 14.0.0 (Python's unicodedata);
 // where the reference behaves differently on a character (its general
 // categories and decompositions are older, its case mappings newer), its
-// behaviour is taken. Characters changed that way, per property: cleanup 13, whitespace 0, marks 385, punctuation 106, CJK 0, decompositions 1, combining classes 98, lowercase 55.
+// behaviour is taken. Characters changed that way, per property: cleanup 13, whitespace 0, marks
+// 385, punctuation 106, CJK 0, decompositions 1, combining classes 98, lowercase 55.
 //
 //   kFlagRunStart / kFlagRunFlags   the flags below, run-length coded over all code
 //                                   points: run i covers [start[i], start[i + 1])
@@ -22,9 +23,9 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace text::unicode_tables {
 
-inline constexpr std::uint8_t kRemove = 1;      // dropped by text cleanup (control, format, ...)
-inline constexpr std::uint8_t kSpace = 2;       // whitespace: cleanup makes it ' ' (unless removed)
-inline constexpr std::uint8_t kMark = 4;        // nonspacing mark, dropped with the accents
+inline constexpr std::uint8_t kRemove = 1;  // dropped by text cleanup (control, format, ...)
+inline constexpr std::uint8_t kSpace = 2;   // whitespace: cleanup makes it ' ' (unless removed)
+inline constexpr std::uint8_t kMark = 4;    // nonspacing mark, dropped with the accents
 inline constexpr std::uint8_t kPunctuation = 8;  // split off as a word of its own
 inline constexpr std::uint8_t kCjk = 16;         // CJK ideograph, spaced as a word of its own
 

@@ -113,7 +113,8 @@ inline PaddedBatch pad_batch(const TokenBatch& batch, std::int32_t pad_id) {
   for (index_t s = 0; s < out.rows; ++s) {
     for (index_t j = 0; j < batch.length(s); ++j) {
       const auto cell = static_cast<std::size_t>(s * out.width + j);
-      out.ids[cell] = batch.ids[static_cast<std::size_t>(batch.offsets[static_cast<std::size_t>(s)] + j)];
+      out.ids[cell] =
+          batch.ids[static_cast<std::size_t>(batch.offsets[static_cast<std::size_t>(s)] + j)];
       out.mask[cell] = 1;
     }
   }
@@ -125,15 +126,15 @@ class WordPieceTokenizer {
   // vocab[i] is the token of id i.
   WordPieceTokenizer(std::vector<std::string> vocab, WordPieceConfig config = {})
       : config_(std::move(config)), vocab_(std::move(vocab)) {
-    MOEKIT_CHECK_ARG(config_.max_chars_per_word >= 1, "config.max_chars_per_word = ",
-                     config_.max_chars_per_word, " must be at least 1");
+    MOEKIT_CHECK_ARG(config_.max_chars_per_word >= 1,
+                     "config.max_chars_per_word = ", config_.max_chars_per_word,
+                     " must be at least 1");
     MOEKIT_CHECK_ARG(!config_.continuation_prefix.empty(), "config.continuation_prefix is empty");
     MOEKIT_CHECK_ARG(vocab_.size() < std::size_t{INT32_MAX}, "the vocabulary has ", vocab_.size(),
                      " tokens, more than 32-bit ids can number");
     ids_.reserve(vocab_.size());
     for (std::size_t i = 0; i < vocab_.size(); ++i) {
-      MOEKIT_CHECK(!vocab_[i].empty(), Errc::kFormatError, "vocabulary line ", i + 1,
-                   " is empty");
+      MOEKIT_CHECK(!vocab_[i].empty(), Errc::kFormatError, "vocabulary line ", i + 1, " is empty");
       const auto [it, fresh] = ids_.emplace(vocab_[i], static_cast<std::int32_t>(i));
       MOEKIT_CHECK(fresh, Errc::kFormatError, "token '", vocab_[i], "' is on vocabulary lines ",
                    it->second + 1, " and ", i + 1);
