@@ -58,7 +58,7 @@ class PlainBert(torch.nn.Module):
         self.eps = c["layer_norm_eps"]
         self.word = torch.nn.Embedding(c["vocab_size"], d)
         self.pos = torch.nn.Embedding(c["max_position_embeddings"], d)
-        self.type = torch.nn.Embedding(c["type_vocab_size"], d)
+        self.token_type = torch.nn.Embedding(c["type_vocab_size"], d)
         self.ln = torch.nn.LayerNorm(d, eps=self.eps)
         self.layers = torch.nn.ModuleList()
         for _ in range(c["num_hidden_layers"]):
@@ -70,7 +70,7 @@ class PlainBert(torch.nn.Module):
     def forward(self, ids):
         b, m = ids.shape
         pos = torch.arange(m).unsqueeze(0)
-        h = self.ln(self.word(ids) + self.pos(pos) + self.type(torch.zeros_like(ids)))
+        h = self.ln(self.word(ids) + self.pos(pos) + self.token_type(torch.zeros_like(ids)))
         d = h.shape[-1]
         dh = d // self.heads
         for layer in self.layers:
