@@ -321,20 +321,26 @@ void write_text(const std::filesystem::path& path, const std::string& text) {
   std::ofstream(path, std::ios::binary) << text;
 }
 
-std::string config_json(const BertEncoderConfig& c, const std::string& extra = "") {
-  return "{\"model_type\": \"bert\", \"hidden_size\": " + std::to_string(c.d_model) +
-         ", \"num_hidden_layers\": " + std::to_string(c.num_layers) +
-         ", \"num_attention_heads\": " + std::to_string(c.num_heads) +
-         ", \"intermediate_size\": " + std::to_string(c.d_ff) +
-         ", \"max_position_embeddings\": " + std::to_string(c.max_positions) +
-         ", \"vocab_size\": " + std::to_string(c.vocab_size) +
-         ", \"type_vocab_size\": " + std::to_string(c.type_vocab_size) +
-         ", \"layer_norm_eps\": 1e-06, \"hidden_act\": \"gelu\"" + extra + "}";
+std::string config_json(const BertEncoderConfig& c) {
+  // Appended piece by piece: GCC 12 warns (-Wrestrict, wrongly) about
+  // "literal" + std::to_string(...) at -O3.
+  std::string text = "{\"model_type\": \"bert\"";
+  const auto key = [&](const char* name, index_t value) {
+    text.append(", \"").append(name).append("\": ").append(std::to_string(value));
+  };
+  key("hidden_size", c.d_model);
+  key("num_hidden_layers", c.num_layers);
+  key("num_attention_heads", c.num_heads);
+  key("intermediate_size", c.d_ff);
+  key("max_position_embeddings", c.max_positions);
+  key("vocab_size", c.vocab_size);
+  key("type_vocab_size", c.type_vocab_size);
+  return text.append(", \"layer_norm_eps\": 1e-06, \"hidden_act\": \"gelu\"}");
 }
 
 std::string vocab_text(index_t n) {
   std::string text = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n";
-  for (index_t i = 5; i < n; ++i) text += "w" + std::to_string(i) + "\n";
+  for (index_t i = 5; i < n; ++i) text.append("w").append(std::to_string(i)).append("\n");
   return text;
 }
 
