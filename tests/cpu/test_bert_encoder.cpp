@@ -169,7 +169,15 @@ INSTANTIATE_TEST_SUITE_P(
                       Variant{NormPlacement::kPost, Activation::kGeluTanh, false},
                       Variant{NormPlacement::kPost, Activation::kRelu, false},
                       Variant{NormPlacement::kPre, Activation::kGeluErf, true},
-                      Variant{NormPlacement::kPre, Activation::kGeluTanh, false}));
+                      Variant{NormPlacement::kPre, Activation::kGeluTanh, false}),
+    [](const ::testing::TestParamInfo<Variant>& info) {
+      const Variant& v = info.param;
+      const char* act = v.act == Activation::kGeluErf    ? "GeluErf"
+                        : v.act == Activation::kGeluTanh ? "GeluTanh"
+                                                         : "Relu";
+      return std::string(v.norm == NormPlacement::kPost ? "PostLn" : "PreLn") + act +
+             (v.final_norm ? "FinalLn" : "");
+    });
 
 TEST(BertEncoder, StridesGiveTheSameBits) {
   const Tiny t(moekit_test::tiny_bert_config());
@@ -243,7 +251,10 @@ TEST_P(BertEncoderInvariance, ASequenceGivesTheSameBitsInAnyBatchAndOnAnyThreadC
 }
 
 INSTANTIATE_TEST_SUITE_P(Sizes, BertEncoderInvariance,
-                         ::testing::Values(moekit_test::tiny_bert_config(), odd_bert_config()));
+                         ::testing::Values(moekit_test::tiny_bert_config(), odd_bert_config()),
+                         [](const ::testing::TestParamInfo<BertEncoderConfig>& info) {
+                           return std::string("d").append(std::to_string(info.param.d_model));
+                         });
 
 TEST(BertEncoder, LayerRangesAndEarlyExitCompactionGiveTheSameBits) {
   const Tiny t(moekit_test::tiny_bert_config());
