@@ -170,8 +170,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Variant{NormPlacement::kPost, Activation::kRelu, false},
                       Variant{NormPlacement::kPre, Activation::kGeluErf, true},
                       Variant{NormPlacement::kPre, Activation::kGeluTanh, false}),
-    [](const ::testing::TestParamInfo<Variant>& info) {
-      const Variant& v = info.param;
+    [](const ::testing::TestParamInfo<Variant>& p) {
+      const Variant& v = p.param;
       const char* act = v.act == Activation::kGeluErf    ? "GeluErf"
                         : v.act == Activation::kGeluTanh ? "GeluTanh"
                                                          : "Relu";
@@ -252,8 +252,8 @@ TEST_P(BertEncoderInvariance, ASequenceGivesTheSameBitsInAnyBatchAndOnAnyThreadC
 
 INSTANTIATE_TEST_SUITE_P(Sizes, BertEncoderInvariance,
                          ::testing::Values(moekit_test::tiny_bert_config(), odd_bert_config()),
-                         [](const ::testing::TestParamInfo<BertEncoderConfig>& info) {
-                           return std::string("d").append(std::to_string(info.param.d_model));
+                         [](const ::testing::TestParamInfo<BertEncoderConfig>& p) {
+                           return std::string("d").append(std::to_string(p.param.d_model));
                          });
 
 TEST(BertEncoder, LayerRangesAndEarlyExitCompactionGiveTheSameBits) {
