@@ -18,8 +18,10 @@
 // Evaluation. log-sum-exp is taken about the row maximum, so no exp
 // overflows; exp and log run in float per element, every sum over classes
 // in double (a 32k-class row then sums without losing the small terms). log
-// p and log q are formed as (z - max)/T - log Z, never as log(exp(.)), so a p
-// that underflows to 0 contributes 0 log 0 = 0 to KL, not NaN.
+// p and log q are formed as (z - max)/T - log Z, never as log(exp(.)), and a
+// class with p = 0 (underflow, or a -inf logit such as TaskHeads' padding of
+// a head with fewer classes) adds 0 log 0 = 0 to KL, whatever q is: padding
+// a row with -inf classes leaves its KL and gradient unchanged.
 //
 // Element types. The row functions take rows of any type Z that converts to
 // float (float on the CPU; __nv_bfloat16 and __half in CUDA kernels) and
@@ -28,12 +30,14 @@
 // bf16 row gives the fp32 result of its rounded values.
 //
 // Non-finite logits. The loss functions (cross_entropy_row, distillation_row)
-// do not sanitise: a NaN or Inf logit gives a non-finite loss and gradient,
-// which the caller sees. The exit scores follow the routing rule
-// (core/routing.hpp) so that a decision is always defined: NaN counts as
-// -inf; a row with +inf entries puts equal mass on them; a row with no entry
-// above -inf is uniform. So confidence is always in [1/C, 1], top1 a valid
-// class, and a NaN never makes a sample exit by itself.
+// do not sanitise: a NaN or +Inf logit, or a row with no class above -inf,
+// gives a non-finite loss, which the caller sees. A -inf logit is a masked
+// class (probability 0): finite results, unless the mass it lacks is needed
+// (the label's class, or a student -inf where the teacher's p > 0: +inf). The exit scores follow
+// the routing rule (core/routing.hpp) so that a decision is always defined: NaN counts as -inf; a
+// row with +inf entries puts equal mass on them; a row with no entry above -inf is uniform. So
+// confidence is always in [1/C, 1], top1 a valid class, and a NaN never makes a sample exit by
+// itself.
 
 #include <cmath>
 
@@ -328,7 +332,12 @@ MOEKIT_HOST_DEVICE inline DistillationTerms distillation_row(const Z* s, const Z
     const float log_q = (sc - ms) * inv_t - log_zq;
     const float log_p = (value(t[c]) - mt) * inv_t - log_zp;
     const float p = routing::exp_(log_p), q = routing::exp_(log_q);
-    kl += static_cast<double>(p) * (static_cast<double>(log_p) - static_cast<double>(log_q));
+    // p log(p / q) -> 0 as p -> 0, for any q: a class with p = 0 (a -inf
+    // padding logit, or an underflow) adds nothing, even where log_q is
+    // -inf too. Only an exact 0 is skipped: a NaN p still reaches the sum.
+    if (p != 0.0f) {
+      kl += static_cast<double>(p) * (static_cast<double>(log_p) - static_cast<double>(log_q));
+    }
     if (ds != nullptr) {
       float g = g_kl * (q - p);
       if (want_ce) {
@@ -338,7 +347,8 @@ MOEKIT_HOST_DEVICE inline DistillationTerms distillation_row(const Z* s, const Z
       ds[c] = static_cast<D>(g);
     }
   }
-  out.kl = kl > 0.0 ? kl : 0.0;  // KL >= 0; rounding may dip below by an ulp
+  // KL >= 0; rounding may dip below by an ulp. NaN and +inf stay as they are.
+  out.kl = kl < 0.0 ? 0.0 : kl;
   out.ce = want_ce ? log(zr) - static_cast<double>(value(s[y]) - ms) : 0.0;
   return out;
 }
