@@ -49,9 +49,11 @@
 // dlogits asks for the value only. All arguments are validated before
 // anything is written (expert ids: Errc::kOutOfRange); T = 0 gives L = 0.
 //
-// Non-finite logits in z_loss: a row with any non-finite logit contributes 0
-// to the sum and gets no gradient, but still counts in T (the mean is over all
-// T rows). The other losses read scores/weights, which gating keeps finite.
+// Non-finite logits in z_loss: a -inf logit is a masked expert (exp = 0, no
+// gradient) and its row counts as usual. A row whose lse is undefined (a NaN
+// or +inf logit, or every logit -inf) contributes 0 to the sum and gets no
+// gradient, but still counts in T (the mean is over all T rows). The other
+// losses read scores/weights, which gating keeps finite.
 //
 // Sums are deterministic: per-expert and loss sums run in double over tokens
 // in order; only the per-row gradient loops run in parallel (disjoint rows).
@@ -267,19 +269,11 @@ double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {
   const double n_tokens = static_cast<double>(tokens);
   const MatrixView<const float> logits = routing.logits;
   constexpr int E = S::num_experts;
+  // Chunked like the router's statistic, with the same per-token function
+  // (routing::z_loss_token, shared with CUDA): the same bits.
   const double sum = chunked_sum<E>(tokens, [&](index_t t) {
-    if (!all_finite(logits.row_view(t))) return 0.0;  // 0, no gradient, still counted in T
-    // Chunked like the router's statistic, with the same shifted_exp: the same bits.
-    float ex[E];
-    const ShiftedExp z = shifted_exp<E>(logits.row(t), ex);
-    const double lse_square = z.lse_square();
-    if (!dlogits.empty()) {
-      const double lse = static_cast<double>(z.max + std::log(z.sum));
-      const float c = static_cast<float>(static_cast<double>(coeff) * 2.0 * lse / n_tokens) / z.sum;
-      float* row = dlogits.row(t);
-      for (int e = 0; e < E; ++e) row[e] += c * ex[e];
-    }
-    return lse_square;
+    return routing::z_loss_token<E>(logits.row(t), static_cast<double>(coeff), n_tokens,
+                                    dlogits.empty() ? nullptr : dlogits.row(t));
   });
   return sum / n_tokens;
 }

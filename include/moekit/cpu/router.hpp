@@ -53,8 +53,7 @@ struct RouterGrads {
 };
 
 // Cheap enough to leave on: gating computes them in the same pass over the
-// tokens (O(T E) additions; with the sigmoid rule one more exp per logit for
-// z_loss).
+// tokens (O(T E) additions and, for z_loss, one scalar exp per logit).
 template <MoeSpecType S>
 struct RoutingStats {
   static constexpr int kExperts = S::num_experts;
@@ -64,8 +63,9 @@ struct RoutingStats {
   std::array<double, kExperts> mean_distribution{};  // mean over tokens of q (routing distribution)
   index_t dropped = 0;
   index_t non_finite_logits = 0;
-  // The router z-loss of the batch, mean_t logsumexp(logits_t)^2 (rows with a
-  // non-finite logit add 0): the same bits as cpu::z_loss(routing, 1).
+  // The router z-loss of the batch, mean_t logsumexp(logits_t)^2 (rows with
+  // a NaN or +inf logit, or only -inf, add 0; a -inf logit alone is a masked
+  // expert): the same bits as cpu::z_loss(routing, 1).
   double z_loss = 0.0;
 
   // Entropy (nats) of mean_distribution: log(E) when the router spreads its
@@ -195,14 +195,10 @@ inline constexpr float kExpFloor = -87.0f;
 // vectorised exp; returns the max and the sum, so logsumexp = max + log(sum).
 // Eigen's exp clamps its argument near -88.7 where expf underflows: entries
 // below kExpFloor are flushed to 0 so tiny values match the scalar rule's.
-// The one implementation behind softmax gating, the z-loss and its statistic.
+// The one implementation behind softmax gating.
 struct ShiftedExp {
   float max;
   float sum;
-  double lse_square() const {
-    const double lse = static_cast<double>(max + std::log(sum));
-    return lse * lse;
-  }
 };
 
 template <int E>
@@ -581,13 +577,15 @@ class Router {
 
   // Scores of `rows` tokens from `first`; returns their non-finite logits.
   // Finite rows use the vectorised exp (shifted_exp); a row with a
-  // non-finite logit takes the exact scalar rule and adds nothing to the
-  // z-loss sum. With lse_square, adds the rows' logsumexp^2.
+  // non-finite logit takes the exact scalar rule. With lse_square, adds the
+  // rows' z-loss terms (routing::z_loss_token, as cpu::z_loss: the same bits).
   int score_rows(const Routing& out, index_t first, index_t rows, double* lse_square) const {
     int non_finite = 0;
     for (index_t t = first; t < first + rows; ++t) {
       const float* x = out.logits.row(t);
       float* s = out.scores.row(t);
+      if (lse_square != nullptr)
+        *lse_square += routing::z_loss_token<kExperts>(x, 0.0, 1.0, nullptr);
       if (!all_finite(out.logits.row_view(t))) {
         non_finite += routing::compute_scores<kExperts>(config_.gating.rule, x, s);
         continue;
@@ -596,14 +594,8 @@ class Router {
       if (config_.gating.rule == GatingRule::kSigmoid) {
         const Eigen::Map<const Eigen::Array<float, 1, kExperts>> xs(x);
         scores = 1.0f / (1.0f + (-xs).exp());
-        if (lse_square != nullptr) {
-          float tmp[kExperts];
-          *lse_square += shifted_exp<kExperts>(x, tmp).lse_square();
-        }
       } else {
-        const ShiftedExp z = shifted_exp<kExperts>(x, s);
-        scores /= z.sum;
-        if (lse_square != nullptr) *lse_square += z.lse_square();
+        scores /= shifted_exp<kExperts>(x, s).sum;
       }
     }
     return non_finite;

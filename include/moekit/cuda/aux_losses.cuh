@@ -240,13 +240,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = static_cast<int>(threadIdx.x) / 32; r < rows; r += kWarpsPerBlock) {
       float x[kLaneSlots<E>];
       load_slots<E>(x_tile + r * kStride, -routing::kInf, x);
-      int non_finite = 0;
-      for (int j = 0; j < kLaneSlots<E>; ++j) {
-        non_finite += lane_id() + 32 * j < E && !routing::is_finite(x[j]);
-      }
-      const double lse_square =
-          warp_z_loss<E>(x, warp_sum(non_finite), coeff, static_cast<double>(tokens),
-                         grad ? d_tile + r * kStride : nullptr);
+      const double lse_square = warp_z_loss<E>(x, coeff, static_cast<double>(tokens),
+                                               grad ? d_tile + r * kStride : nullptr);
       if (lane_id() == 0) row_lse_square[r] = lse_square;
     }
   } else {
@@ -494,8 +489,9 @@ cudaError_t sequence_aux_loss(void* d_temp_storage, std::size_t& temp_storage_by
   return detail::switch_impl(d_temp_storage, temp_storage_bytes, args, sequence_length, stream);
 }
 
-// Router z-loss (cpu::z_loss): L = mean_t lse_t^2; a row with a non-finite
-// logit adds 0 and gets no gradient but counts in T.
+// Router z-loss (cpu::z_loss): L = mean_t lse_t^2; a -inf logit is a masked
+// expert; a row with a NaN or +inf logit, or only -inf, adds 0 and gets no
+// gradient but counts in T.
 template <MoeSpecType S, LogitElement T>
 cudaError_t z_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
                    const ZLossArgs<S, T>& args, cudaStream_t stream = nullptr) {

@@ -66,7 +66,7 @@ struct RoutingStats {
   std::int64_t tokens;
   std::int64_t non_finite_logits;
   std::int64_t max_assigned;           // the busiest expert's assignments
-  double z_loss;                       // mean_t logsumexp(logits_t)^2, non-finite rows add 0
+  double z_loss;                       // mean_t logsumexp(logits_t)^2 (cpu::z_loss's rule)
   std::int64_t assigned[kExperts];     // assignments per expert
   double mean_distribution[kExperts];  // mean over tokens of the routing distribution q
 
@@ -280,15 +280,19 @@ MOEKIT_DEVICE void warp_scores(GatingRule rule, const float* x, float* s) {
   for (int j = 0; j < V; ++j) s[j] *= inv;
 }
 
-// routing::z_loss_token on the slots: lse^2, 0 for a row with a non-finite
-// logit; with d_row, adds the gradient there (c * exp(x - max)).
+// routing::z_loss_token on the slots (padding slots hold -inf): lse^2, 0
+// for a row with a NaN or +inf logit or nothing above -inf; with d_row,
+// adds the gradient there (c * exp(x - max)).
 template <int E>
-MOEKIT_DEVICE double warp_z_loss(const float* x, int non_finite, double coeff, double tokens,
-                                 float* d_row) {
-  if (non_finite != 0) return 0.0;
+MOEKIT_DEVICE double warp_z_loss(const float* x, double coeff, double tokens, float* d_row) {
+  int poisoned = 0;
   float m = -routing::kInf;
-  for (int j = 0; j < kLaneSlots<E>; ++j) m = fmaxf(m, x[j]);
+  for (int j = 0; j < kLaneSlots<E>; ++j) {
+    poisoned += routing::z_loss_poisons(x[j]);
+    m = x[j] > m ? x[j] : m;
+  }
   m = warp_max(m);
+  if (warp_sum(poisoned) != 0 || routing::is_minus_inf(m)) return 0.0;
   float sum = 0.0f;
   for (int j = 0; j < kLaneSlots<E>; ++j) sum += routing::z_loss_exp(x[j] - m);
   sum = warp_sum(sum);
@@ -418,7 +422,7 @@ MOEKIT_DEVICE RowStats warp_gate_row(float* row, const float* bias, const Gating
   RowStats out;
   out.non_finite = non_finite;
   if (stats) {
-    out.lse_square = warp_z_loss<E>(x, non_finite, 0.0, 1.0, nullptr);
+    out.lse_square = warp_z_loss<E>(x, 0.0, 1.0, nullptr);
     if (cfg.rule == GatingRule::kSigmoid) {
       double total = 0.0;
       for (int j = 0; j < V; ++j)
