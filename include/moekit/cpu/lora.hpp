@@ -26,9 +26,13 @@
 // row gets the base output only).
 //
 // Dropout. In training (LoraStep::training) with config.dropout = p > 0, the
-// mask of element (t, j) of x is a pure function of (step.seed, step.step, t,
+// mask of element (t, j) of x is a pure function of (step.seed, step.step,
+// config.dropout_stream, the adapter's index in a bank (0 for LoraLinear), t,
 // j) (moekit/core/lora.hpp): it is never stored, backward regenerates it, and
-// passing the same LoraStep gives the same mask. Otherwise no mask work at all.
+// passing the same LoraStep gives the same mask. Two adapters draw independent
+// masks from one LoraStep when their streams (or bank indices) differ, so give
+// each adapter object of a model its own dropout_stream. Otherwise (inference,
+// p = 0) no mask work at all.
 //
 // Saved activations. forward writes h into `saved_h` (n x R, caller memory);
 // backward reads it (needed for db only). For inference pass an empty view:
@@ -131,9 +135,10 @@ namespace detail {
 // The dropout of one call (moekit/core/lora.hpp, shared with CUDA), applied
 // a row at a time.
 struct LoraMask : LoraDropout {
-  static LoraMask make(float p, const LoraStep& step, index_t d_in) {
-    return {LoraDropout::make(p, step, d_in)};
+  static LoraMask make(float p, const LoraStep& step, index_t d_in, std::uint64_t stream) {
+    return {LoraDropout::make(p, step, d_in, stream)};
   }
+  LoraMask for_adapter(index_t adapter) const { return {LoraDropout::for_adapter(adapter)}; }
   // dst[j] (= or +=) src[j] * mask(t, j) for j < cols.
   template <bool kAdd>
   void apply(const float* src, float* dst, index_t t, index_t cols) const {
@@ -339,7 +344,12 @@ struct LoraBankSlotShape {
 template <int R>
 struct LoraSegmentKernel {
   float scale = 0.0f;
-  LoraMask mask;
+  LoraMask mask;  // the call's (stream's) mask before for_adapter, adapter i's after
+
+  // The kernel of adapter i: its own dropout mask.
+  LoraSegmentKernel for_adapter(index_t adapter) const {
+    return {scale, mask.for_adapter(adapter)};
+  }
 
   void pack(index_t adapter, MatrixView<const float> a, MatrixView<const float> b,
             LoraBankSlot& slot) const {
@@ -592,7 +602,9 @@ class LoraLinear {
   }
 
   detail::LoraKernel<kRank> kernel(const LoraStep& step) const {
-    return {scale_, detail::LoraMask::make(config_.dropout, step, config_.d_in)};
+    return {scale_,
+            detail::LoraMask::make(config_.dropout, step, config_.d_in, config_.dropout_stream)
+                .for_adapter(0)};
   }
 
   // All rows at once, or chunks of rows when dropout needs masked copies.
@@ -743,8 +755,9 @@ class LoraBank {
       detail::LoraBankSlot slot = slot_at(base, tid);
       for_each_chunk(rows, total * tid / nth, total * (tid + 1) / nth,
                      [&](index_t i, const detail::RowSet& set) {
-                       k.pack(i, a_of(weights.a, i), b_of(weights.b, i), slot);
-                       k.forward(x, set, saved_h, y, slot);
+                       const detail::LoraSegmentKernel<kRank> ki = k.for_adapter(i);
+                       ki.pack(i, a_of(weights.a, i), b_of(weights.b, i), slot);
+                       ki.forward(x, set, saved_h, y, slot);
                      });
     };
     if (threads > 1) {
@@ -804,13 +817,14 @@ class LoraBank {
     const VectorView<const index_t> off = rows.offsets;
     // Rows [begin, end) of adapter i's segment into the slot's gradient panels.
     const auto run_rows = [&](index_t i, index_t begin, index_t end, detail::LoraBankSlot& slot) {
-      k.pack(i, a_of(weights.a, i), b_of(weights.b, i), slot);
+      const detail::LoraSegmentKernel<kRank> ki = k.for_adapter(i);
+      ki.pack(i, a_of(weights.a, i), b_of(weights.b, i), slot);
       if (want_da) std::fill_n(slot.ga, detail::panel_floats<kRank>(config_.d_in), 0.0f);
       if (want_db) std::fill_n(slot.gb, detail::panel_floats<kRank>(config_.d_out), 0.0f);
       const index_t c = chunk_rows();
       for (index_t k0 = begin; k0 < end; k0 += c) {
-        k.backward(dy, x, saved_h, detail::RowSet{rows.order.data(), k0, std::min(c, end - k0)}, dx,
-                   want_da, want_db, slot);
+        ki.backward(dy, x, saved_h, detail::RowSet{rows.order.data(), k0, std::min(c, end - k0)},
+                    dx, want_da, want_db, slot);
       }
     };
     const auto store_grads = [&](index_t i, const detail::LoraBankSlot& slot, bool add) {
@@ -908,8 +922,10 @@ class LoraBank {
     return workspace.size() / slot_bytes();
   }
 
+  // The call's kernel; for_adapter(i) gives adapter i's.
   detail::LoraSegmentKernel<kRank> segment_kernel(const LoraStep& step) const {
-    return {scale_, detail::LoraMask::make(config_.dropout, step, config_.d_in)};
+    return {scale_,
+            detail::LoraMask::make(config_.dropout, step, config_.d_in, config_.dropout_stream)};
   }
 
   // f(i, rows) for the chunks of positions [begin, end) of the grouped rows

@@ -225,10 +225,11 @@ MOEKIT_DEVICE void load_span(const T* p, float* v) {
 template <int R, int V, FactorLayout L, class T>
 __global__ void __launch_bounds__(kLoraThreads)
     lora_shrink_kernel(MatrixView<const T> in, LoraSegments seg, Factor<L, T> f, float scale,
-                       LoraDropout drop, MatrixView<float> out) {
+                       LoraDropout call_drop, MatrixView<float> out) {
   constexpr int kRows = kShrinkRows<R>, kChunk = kRankChunk<R>;
   LoraTile tile;
   if (!find_tile(seg, kRows, blockIdx.x, tile)) return;
+  const LoraDropout drop = call_drop.for_adapter(tile.segment);
   index_t rows[kRows];
 #pragma unroll
   for (int m = 0; m < kRows; ++m)
@@ -310,10 +311,11 @@ __global__ void __launch_bounds__(kLoraThreads)
 template <int R, int V, FactorLayout L, class T>
 __global__ void __launch_bounds__(kLoraThreads)
     lora_expand_kernel(MatrixView<const float> coef, LoraSegments seg, Factor<L, T> f, float scale,
-                       LoraDropout drop, MatrixView<T> out) {
+                       LoraDropout call_drop, MatrixView<T> out) {
   constexpr int kRows = kExpandRows;
   LoraTile tile;
   if (!find_tile(seg, kRows, blockIdx.x, tile)) return;
+  const LoraDropout drop = call_drop.for_adapter(tile.segment);
   __shared__ float c[kRows][R];
   __shared__ index_t rows[kRows];
   if (threadIdx.x < kRows) {
@@ -392,10 +394,11 @@ struct GradOut {
 template <int R, FactorLayout L, class T>
 __global__ void __launch_bounds__(kLoraThreads)
     lora_outer_kernel(MatrixView<const float> coef, MatrixView<const T> in, LoraSegments seg,
-                      float scale, LoraDropout drop, int splits, GradOut<L> grad, bool accumulate,
-                      float* partials) {
+                      float scale, LoraDropout call_drop, int splits, GradOut<L> grad,
+                      bool accumulate, float* partials) {
   constexpr int kChunk = kRankChunk<R>, kCols = kOuterColumns<R>;
   const index_t i = blockIdx.y, d = in.cols();
+  const LoraDropout drop = call_drop.for_adapter(i);
   const int s = static_cast<int>(blockIdx.z);
   const index_t begin = seg.bound(i), len = seg.bound(i + 1) > begin ? seg.bound(i + 1) - begin : 0;
   const index_t p0 = begin + len * s / splits, p1 = begin + len * (s + 1) / splits;
@@ -594,8 +597,12 @@ inline constexpr int kLoraVector = 16 / static_cast<int>(sizeof(T));
 template <int R, class T>
 class LoraOps {
  public:
-  LoraOps(index_t d_in, index_t d_out, float scale, float dropout)
-      : d_in_(d_in), d_out_(d_out), scale_(scale), dropout_(dropout) {}
+  LoraOps(index_t d_in, index_t d_out, float scale, float dropout, std::uint64_t dropout_stream)
+      : d_in_(d_in),
+        d_out_(d_out),
+        scale_(scale),
+        dropout_(dropout),
+        dropout_stream_(dropout_stream) {}
 
   // Gradient partial sums' bytes for n rows over N adapters (0 when one split).
   std::size_t partial_bytes(index_t n, index_t adapters) const {
@@ -648,8 +655,9 @@ class LoraOps {
   }
 
  private:
+  // The call's dropout; each kernel takes its adapter's by for_adapter(i).
   LoraDropout dropout(const LoraStep& step) const {
-    return LoraDropout::make(dropout_, step, d_in_);
+    return LoraDropout::make(dropout_, step, d_in_, dropout_stream_);
   }
 
   // Splits of each adapter's rows for outer: enough blocks to fill a large
@@ -721,6 +729,7 @@ class LoraOps {
 
   index_t d_in_, d_out_;
   float scale_, dropout_;
+  std::uint64_t dropout_stream_;
 };
 
 inline void check_rank(index_t got, int rank, const char* name, const char* what) {
@@ -770,12 +779,13 @@ namespace detail {
 template <int R, class T>
 class LoraLayer {
  public:
-  LoraLayer(index_t d_in, index_t d_out, index_t adapters, float alpha, bool rslora, float dropout)
+  LoraLayer(index_t d_in, index_t d_out, index_t adapters, float alpha, bool rslora, float dropout,
+            std::uint64_t dropout_stream)
       : d_in_(d_in),
         d_out_(d_out),
         adapters_(adapters),
         scale_(lora_scale(alpha, R, rslora)),
-        ops_(d_in, d_out, lora_scale(alpha, R, rslora), dropout) {}
+        ops_(d_in, d_out, lora_scale(alpha, R, rslora), dropout, dropout_stream) {}
 
   float scale() const { return scale_; }
 
@@ -968,7 +978,8 @@ class LoraLinear {
 
   explicit LoraLinear(const LoraConfig& config)
       : config_((check_lora_config(config), config)),
-        layer_(config.d_in, config.d_out, 1, config.alpha, config.rslora, config.dropout) {}
+        layer_(config.d_in, config.d_out, 1, config.alpha, config.rslora, config.dropout,
+               config.dropout_stream) {}
 
   const LoraConfig& config() const { return config_; }
   float scale() const { return layer_.scale(); }
@@ -1049,7 +1060,7 @@ class LoraBank {
   explicit LoraBank(const LoraBankConfig& config)
       : config_((check_lora_config(config), config)),
         layer_(config.d_in, config.d_out, config.num_adapters, config.alpha, config.rslora,
-               config.dropout) {}
+               config.dropout, config.dropout_stream) {}
 
   const LoraBankConfig& config() const { return config_; }
   float scale() const { return layer_.scale(); }
