@@ -61,7 +61,9 @@ void check_z_loss_token() {
     EXPECT_EQ(got[11 * E + e], 0.5f);
   }
   EXPECT_EQ(got[13 * E], 0.5f);  // the masked expert: + 0
-  if (E > 1) EXPECT_NE(got[13 * E + 1], 0.5f);
+  if (E > 1) {
+    EXPECT_NE(got[13 * E + 1], 0.5f);
+  }
 }
 
 TEST(RoutingMath, ZLossTokenMatchesCpuZLoss) {
