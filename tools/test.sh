@@ -7,6 +7,8 @@
 #      result happened to be right. The training runs (cpu.MultitaskTraining.*,
 #      hundreds of steps) are left out there: unoptimised they take too long,
 #      and the model's unit tests (cpu.MultitaskModel.*) cover its code paths.
+#   3. the fuzz targets (tests/fuzz: libFuzzer with ASan and UBSan, clang),
+#      each run for MOEKIT_FUZZ_SECONDS (15) from its committed seed corpus.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/bootstrap.sh
@@ -20,3 +22,7 @@ ctest --preset default -j "$jobs"
 cmake --preset debug >/dev/null
 cmake --build --preset debug --target moekit_cpu_tests
 ctest --preset debug -j "$jobs" -R '^cpu\.' -E '^cpu\.MultitaskTraining\.'
+
+cmake --preset fuzz >/dev/null
+cmake --build --preset fuzz
+ctest --preset fuzz -j "$jobs"
