@@ -40,6 +40,9 @@
 // itself.
 
 #include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
@@ -122,12 +125,25 @@ inline void check_exit_state(const ExitState& state, index_t m) {
                " entries (original, previous, agree), fewer than the ", m, " rows");
 }
 
+// The state and results of an early-exit call as OverlapCheck outputs.
+inline void add_exit_outputs(OverlapCheck& c, const ExitState& state, const ExitResults& results) {
+  c.out({{state.original, "state.original"},
+         {state.previous, "state.previous"},
+         {state.agree, "state.agree"},
+         {results.prediction, "results.prediction"},
+         {results.confidence, "results.confidence"},
+         {results.exit, "results.exit"}});
+}
+
 // What EarlyExit::step checks on either backend before it decides: the exit
 // index, the m x C logits of the live rows (C >= 1 when m > 0), the results
-// (n = results.exit.size()), the state's capacity and kept. Returns n.
+// (n = results.exit.size()), the state's capacity, kept, and that no output
+// shares memory with another or with the logits (`where`: the caller's
+// name). Returns n.
 template <class Logits>
-index_t check_exit_step(int exit, int num_exits, const Logits& logits, const ExitState& state,
-                        const ExitResults& results, VectorView<index_t> kept) {
+index_t check_exit_step(const char* where, int exit, int num_exits, const Logits& logits,
+                        const ExitState& state, const ExitResults& results,
+                        VectorView<index_t> kept) {
   MOEKIT_CHECK_RANGE(exit, 0, num_exits);
   check_view(logits, "logits");
   const index_t m = logits.rows(), c = logits.cols();
@@ -139,7 +155,49 @@ index_t check_exit_step(int exit, int num_exits, const Logits& logits, const Exi
   check_view(kept, "kept");
   MOEKIT_CHECK(kept.size() >= m, Errc::kShapeMismatch, "kept has ", kept.size(),
                " entries, fewer than the ", m, " live rows");
+  OverlapCheck overlap(where);
+  add_exit_outputs(overlap, state, results);
+  overlap.out({{kept, "kept"}}).in({{logits, "logits"}}).check();
   return n;
+}
+
+// The overlap check of multi_exit_loss on either backend: no dlogits[i] or
+// exit_losses shares memory with another output or with an input (logits[j],
+// labels, exit_weights). The number of views is the caller's, so pairs are
+// tested here rather than in one OverlapCheck.
+template <class In, class Out>
+void check_multi_exit_overlap(const char* where, std::span<const In> logits,
+                              VectorView<const std::int32_t> labels,
+                              VectorView<const float> exit_weights, std::span<const Out> dlogits,
+                              VectorView<double> exit_losses) {
+  const auto name = [](const char* what, std::size_t i) {
+    return std::string(what) + "[" + std::to_string(i) + "]";
+  };
+  const Footprint losses(exit_losses, "exit_losses");
+  OverlapCheck(where)
+      .out({losses})
+      .in({{labels, "labels"}, {exit_weights, "exit_weights"}})
+      .check();
+  for (std::size_t j = 0; j < logits.size(); ++j) {
+    if (overlap(losses, Footprint(logits[j], ""))) {
+      OverlapCheck::fail(where, "exit_losses", name("logits", j), false);
+    }
+  }
+  for (std::size_t i = 0; i < dlogits.size(); ++i) {
+    const Footprint out(dlogits[i], "");
+    const auto fail_if = [&](const Footprint& other, const std::string& other_name, bool is_out) {
+      if (overlap(out, other)) OverlapCheck::fail(where, name("dlogits", i), other_name, is_out);
+    };
+    for (std::size_t j = 0; j < logits.size(); ++j) {
+      fail_if(Footprint(logits[j], ""), name("logits", j), false);
+    }
+    for (std::size_t j = i + 1; j < dlogits.size(); ++j) {
+      fail_if(Footprint(dlogits[j], ""), name("dlogits", j), true);
+    }
+    fail_if(losses, "exit_losses", true);
+    fail_if(Footprint(labels, ""), "labels", false);
+    fail_if(Footprint(exit_weights, ""), "exit_weights", false);
+  }
 }
 
 // Knowledge distillation (cpu::distillation_loss, gpu::distillation_loss).
@@ -190,6 +248,20 @@ void check_head_backward_outputs(MatrixView<X> dx, MatrixView<G> dw, VectorView<
     MOEKIT_CHECK(db.empty(), Errc::kInvalidArgument, "grads.db has ", db.size(),
                  " elements but must be empty: config.bias is false");
   }
+}
+
+// TaskHeads::backward's arguments on both backends, for its OverlapCheck
+// (the caller adds its workspace): dx and the gradients written, the rest read.
+template <class HeadWeightsT, class HeadGradsT>
+void add_head_backward_args(OverlapCheck& c, const auto& dlogits, const auto& x,
+                            VectorView<const std::int32_t> tasks, const HeadWeightsT& weights,
+                            const auto& dx, const HeadGradsT& grads) {
+  c.out({{dx, "dx"}, {grads.dw, "grads.dw"}, {grads.db, "grads.db"}})
+      .in({{dlogits, "dlogits"},
+           {x, "x"},
+           {tasks, "tasks"},
+           {weights.w, "weights.w"},
+           {weights.b, "weights.b"}});
 }
 
 // Weights of H heads, and dlog_vars (H entries or empty; empty for kFixed).

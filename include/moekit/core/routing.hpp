@@ -97,6 +97,14 @@ struct Routing {
   MatrixView<std::int32_t> positions;   // T x K, row in the expert's buffer, -1 = dropped
 };
 
+// The five views of a routing named `name` (a string literal), as a list
+// of OverlapCheck arguments: MOEKIT_ROUTING_ARGS(out, "out").
+#define MOEKIT_ROUTING_ARGS(r, name)                                          \
+  {(r).logits, name ".logits"}, {(r).scores, name ".scores"},                 \
+      {(r).expert_ids, name ".expert_ids"}, {(r).weights, name ".weights"}, { \
+    (r).positions, name ".positions"                                          \
+  }
+
 // The Switch loss's value, E sum_e f_e P_e, from a batch's statistics: the
 // assignments per expert before capacity (f_e = assigned[e] / N) and the mean
 // routing distribution P. Both backends' statistics feed this one loop.

@@ -97,10 +97,16 @@ inline constexpr double kCvSquaredEpsilon = routing::kCvSquaredEpsilon;
 
 namespace detail {
 
-// An empty dlogits means "no gradient"; otherwise it must be T x E.
+// An empty dlogits means "no gradient"; otherwise it must be T x E and
+// share no memory with the routing it reads (`where`: the loss's name).
 template <MoeSpecType S>
-void check_aux_dlogits(MatrixView<float> dlogits, index_t tokens) {
-  if (!dlogits.empty()) check_shape(dlogits, tokens, S::num_experts, "dlogits");
+void check_aux_dlogits(MatrixView<float> dlogits, const Routing& routing, const char* where) {
+  if (dlogits.empty()) return;
+  check_shape(dlogits, routing.logits.rows(), S::num_experts, "dlogits");
+  OverlapCheck(where)
+      .out({{dlogits, "dlogits"}})
+      .in({MOEKIT_ROUTING_ARGS(routing, "routing")})
+      .check();
 }
 
 inline void check_aux_coeff(float coeff) {
@@ -202,7 +208,7 @@ double switch_loss(GatingRule rule, const Routing& routing, SwitchLossOptions op
                    MatrixView<float> dlogits = {}) {
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, routing.logits.rows());
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::switch_loss");
   detail::check_aux_coeff(coeff);
   MOEKIT_CHECK_ARG(options.normalization == SwitchNormalization::kTokensTimesK ||
                        options.normalization == SwitchNormalization::kTokens,
@@ -235,7 +241,7 @@ double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequen
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::sequence_aux_loss");
   detail::check_aux_coeff(coeff);
   MOEKIT_CHECK_ARG(sequence_length >= 1, "sequence_length = ", sequence_length,
                    " must be positive");
@@ -262,7 +268,7 @@ template <MoeSpecType S>
 double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {}) {
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::z_loss");
   detail::check_aux_coeff(coeff);
   if (tokens == 0) return 0.0;
 
@@ -293,7 +299,7 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::importance_load_loss");
   detail::check_aux_coeff(coeff);
   if (!selection_bias.empty()) check_shape(selection_bias, kE, "selection_bias");
   MOEKIT_CHECK_ARG(std::isfinite(options.importance_weight) && options.importance_weight >= 0.0f,

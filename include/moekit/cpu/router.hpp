@@ -318,6 +318,14 @@ class Router {
     check_routing<S>(out, tokens);
     check_selection_bias(selection_bias);
     check_workspace(workspace, tokens, x.cols());
+    OverlapCheck("cpu::Router::forward")
+        .out({MOEKIT_ROUTING_ARGS(out, "out"),
+              {workspace.segment(0, workspace_size(tokens, x.cols())), "workspace"}})
+        .in({{x, "x"},
+             {w_gate, "w_gate"},
+             {gate_bias, "gate_bias"},
+             {selection_bias, "selection_bias"}})
+        .check();
 
     auto logits = as_eigen(out.logits);
     if (config_.noise.kind == NoiseKind::kJitter) {
@@ -340,6 +348,14 @@ class Router {
     check_routing<S>(out, out.logits.rows());
     check_selection_bias(selection_bias);
     check_workspace(workspace, out.logits.rows(), 0);
+    OverlapCheck("cpu::Router::route")  // out.logits is read (and kept)
+        .out({{out.scores, "out.scores"},
+              {out.expert_ids, "out.expert_ids"},
+              {out.weights, "out.weights"},
+              {out.positions, "out.positions"},
+              {workspace.segment(0, workspace_size(out.logits.rows(), 0)), "workspace"}})
+        .in({{out.logits, "out.logits"}, {selection_bias, "selection_bias"}})
+        .check();
     route_validated(out, selection_bias, stats, workspace);
   }
 
@@ -353,6 +369,10 @@ class Router {
     check_shape(dlogits, tokens, kExperts, "dlogits");
     check_expert_ids<S>(saved.expert_ids, "routing.expert_ids");
     check_distinct_ids(saved.expert_ids);
+    OverlapCheck("cpu::Router::backward_gate")
+        .out({{dlogits, "dlogits"}})
+        .in({MOEKIT_ROUTING_ARGS(saved, "saved"), {dweights, "dweights"}})
+        .check();
     const GatingConfig gating = config_.gating;
     MOEKIT_PARALLEL_FOR_IF(tokens * kExperts > kParallelGrain)
     for (index_t t = 0; t < tokens; ++t) {
@@ -378,6 +398,13 @@ class Router {
     if (!grads.dw_gate.empty()) check_shape(grads.dw_gate, kExperts, d, "grads.dw_gate");
     if (!grads.dbias.empty()) check_shape(grads.dbias, kExperts, "grads.dbias");
     check_workspace(workspace, tokens, d);
+    OverlapCheck("cpu::Router::backward_logits")
+        .out({{grads.dx, "grads.dx"},
+              {grads.dw_gate, "grads.dw_gate"},
+              {grads.dbias, "grads.dbias"},
+              {workspace.segment(0, workspace_size(tokens, d)), "workspace"}})
+        .in({{x, "x"}, {w_gate, "w_gate"}, {dlogits, "dlogits"}})
+        .check();
     const bool jittered = config_.noise.kind == NoiseKind::kJitter;
 
     const auto g = as_eigen(dlogits);

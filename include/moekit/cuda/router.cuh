@@ -576,6 +576,11 @@ inline bool size_query(void* d_temp_storage, std::size_t& temp_storage_bytes, st
   return false;
 }
 
+// The part of a caller's temp storage a call uses, for its OverlapCheck.
+inline Footprint temp_storage(void* d_temp_storage, std::size_t bytes) {
+  return {static_cast<std::byte*>(d_temp_storage), static_cast<index_t>(bytes), "d_temp_storage"};
+}
+
 inline void check_token_count(index_t tokens, int top_k) {
   MOEKIT_CHECK_ARG(tokens >= 0, "the token count ", tokens, " is negative");
   MOEKIT_CHECK_ARG(tokens <= std::numeric_limits<std::int32_t>::max() / top_k, "tokens = ", tokens,
@@ -836,6 +841,14 @@ cudaError_t route(void* d_temp_storage, std::size_t& temp_storage_bytes,
   const std::size_t at_nf = plan.reserve(nb * sizeof(std::int64_t));
   if (detail::size_query(d_temp_storage, temp_storage_bytes, plan.bytes())) return cudaSuccess;
   detail::check_route_args(args);
+  OverlapCheck("gpu::route")
+      .out({{args.scores, "args.scores"},
+            {args.expert_ids, "args.expert_ids"},
+            {args.weights, "args.weights"},
+            {args.stats, args.stats != nullptr ? 1 : 0, "args.stats"},
+            detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in({{args.logits, "args.logits"}, {args.selection_bias, "args.selection_bias"}})
+      .check();
 
   detail::StatsPartials partials;
   if (args.stats != nullptr) {
@@ -874,6 +887,14 @@ cudaError_t backward_gate(const GateBackwardArgs<S, T>& args, cudaStream_t strea
   check_shape(args.expert_ids, tokens, K, "args.expert_ids");
   check_shape(args.dweights, tokens, K, "args.dweights");
   check_shape(args.dlogits, tokens, E, "args.dlogits");
+  OverlapCheck("gpu::backward_gate")
+      .out({{args.dlogits, "args.dlogits"},
+            {args.invalid_rows, args.invalid_rows != nullptr ? 1 : 0, "args.invalid_rows"}})
+      .in({{args.logits, "args.logits"},
+           {args.scores, "args.scores"},
+           {args.expert_ids, "args.expert_ids"},
+           {args.dweights, "args.dweights"}})
+      .check();
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_rows);
   static_assert(sizeof(unsigned long long) == sizeof(std::int64_t));
   if (invalid != nullptr) {

@@ -759,6 +759,31 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
   std::string error_;
 };
 
+// No two load targets share memory (one copy would overwrite the other):
+// a sweep over the targets sorted by first byte tests only the pairs whose
+// spans meet.
+inline void check_targets_disjoint(std::span<const TensorTarget> targets) {
+  std::vector<Footprint> prints;
+  std::vector<std::size_t> order;
+  for (std::size_t i = 0; i < targets.size(); ++i) {
+    prints.emplace_back(targets[i].view, "");
+    if (!prints.back().empty()) order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(),
+            [&](std::size_t a, std::size_t b) { return prints[a].begin < prints[b].begin; });
+  for (std::size_t k = 0; k < order.size(); ++k) {
+    const Footprint& a = prints[order[k]];
+    for (std::size_t l = k + 1; l < order.size() && prints[order[l]].begin < a.end(); ++l) {
+      if (!overlap(a, prints[order[l]])) continue;
+      const auto name = [&](std::size_t i) {
+        return "targets[" + std::to_string(i) + "] ('" + shown(targets[i].name) + "')";
+      };
+      OverlapCheck::fail("io::SafetensorsReader::load", name(std::min(order[k], order[l])),
+                         name(std::max(order[k], order[l])), true);
+    }
+  }
+}
+
 // The checksum moekit records in kChecksumKey, "crc32c:" and 8 hex digits:
 // CRC-32C over the header's canonical form, then the data buffer. The
 // canonical form lists the tensors by name (name, dtype, rank, dimensions,
@@ -908,6 +933,7 @@ class SafetensorsReader {
       detail::check_named_view(t, "target");
       dtypes[i] = check_tensor(t.name, t.shape);
     }
+    detail::check_targets_disjoint(targets);
     for (std::size_t i = 0; i < targets.size(); ++i) {
       const TensorTarget& t = targets[i];
       const TensorInfo& info = tensors_.find(t.name)->second;

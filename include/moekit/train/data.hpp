@@ -711,6 +711,13 @@ inline void gather(const Dataset& data, std::span<const index_t> rows, MatrixVie
     MOEKIT_CHECK(rows[k] >= 0 && rows[k] < data.size(), Errc::kOutOfRange, "rows[", k,
                  "] = ", rows[k], " is outside [0, ", data.size(), ")");
   }
+  OverlapCheck("train::gather")
+      .out({{x, "x"}, {tasks, "tasks"}, {labels, "labels"}})
+      .in({{data.inputs(), "data.x"},
+           {data.task_view(), "data.tasks"},
+           {data.label_view(), "data.labels"},
+           {rows.data(), static_cast<index_t>(rows.size()), "rows"}})
+      .check();
   const auto f = static_cast<std::size_t>(data.features);
   for (index_t k = 0; k < n; ++k) {
     const auto r = static_cast<std::size_t>(rows[static_cast<std::size_t>(k)]);
