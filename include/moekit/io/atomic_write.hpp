@@ -72,8 +72,14 @@ inline std::uint64_t temp_name_bits() {
 inline std::filesystem::path temp_path_for(const std::filesystem::path& path) {
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(temp_name_bits()));
+  // Appended piece by piece: GCC 12 reports a false -Wrestrict on chains of
+  // const char* + std::string temporaries.
+  std::string name = ".";
+  name += path.filename().string();
+  name += ".tmp-";
+  name += hex;
   std::filesystem::path tmp = path;
-  tmp.replace_filename("." + path.filename().string() + ".tmp-" + hex);
+  tmp.replace_filename(name);
   return tmp;
 }
 

@@ -595,8 +595,9 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
   bool key(string_t& k) override {
     if (at_ == At::kTop) {
       if (k == "__metadata__" ? std::exchange(saw_metadata_, true) : tensors_.count(k) != 0) {
-        return fail(concat_(k == "__metadata__" ? "__metadata__" : "tensor '" + shown(k) + "'",
-                            " appears more than once in the header of '", source_, "'"));
+        return fail(
+            concat_(k == "__metadata__" ? "__metadata__" : concat_("tensor '", shown(k), "'"),
+                    " appears more than once in the header of '", source_, "'"));
       }
       key_ = k;
       return true;
@@ -776,7 +777,7 @@ inline void check_targets_disjoint(std::span<const TensorTarget> targets) {
     for (std::size_t l = k + 1; l < order.size() && prints[order[l]].begin < a.end(); ++l) {
       if (!overlap(a, prints[order[l]])) continue;
       const auto name = [&](std::size_t i) {
-        return "targets[" + std::to_string(i) + "] ('" + shown(targets[i].name) + "')";
+        return ::moekit::detail::concat("targets[", i, "] ('", shown(targets[i].name), "')");
       };
       OverlapCheck::fail("io::SafetensorsReader::load", name(std::min(order[k], order[l])),
                          name(std::max(order[k], order[l])), true);
@@ -1008,8 +1009,9 @@ class SafetensorsReader {
                    "]) overlap in '", source_, "'");
       MOEKIT_CHECK(t->begin == expected, Errc::kFormatError, "bytes [", expected, ", ", t->begin,
                    ") of the data buffer of '", source_, "' belong to no tensor (a hole ",
-                   prev == nullptr ? std::string("before the first tensor")
-                                   : "after '" + detail::shown(prev->name) + "'",
+                   prev == nullptr
+                       ? std::string("before the first tensor")
+                       : ::moekit::detail::concat("after '", detail::shown(prev->name), "'"),
                    ", before '", detail::shown(t->name), "')");
       expected = t->end;
       prev = t;
