@@ -787,6 +787,11 @@ template <class... Args>
 
 using ::moekit::detail::shown;  // a field as messages show it (at most 64 bytes)
 
+inline void check_csv_options(const CsvOptions& options) {
+  MOEKIT_CHECK_ARG(options.features == -1 || options.features >= 1,
+                   "options.features = ", options.features, " must be -1 (any) or at least 1");
+}
+
 inline std::int32_t parse_id(std::string_view field, const char* what, std::string_view path,
                              std::size_t line, std::size_t column) {
   std::int64_t v = 0;
@@ -815,8 +820,7 @@ inline std::int32_t parse_id(std::string_view field, const char* what, std::stri
 // `source` names the text in messages (read_csv passes the path).
 inline Dataset parse_csv(std::string_view text, std::string_view source,
                          const CsvOptions& options = {}) {
-  MOEKIT_CHECK_ARG(options.features == -1 || options.features >= 1,
-                   "options.features = ", options.features, " must be -1 (any) or at least 1");
+  detail::check_csv_options(options);
   Dataset d;
   std::size_t columns = 0;  // 0 until the header or the first row fixes it
   bool header_seen = false;
@@ -895,6 +899,7 @@ inline Dataset parse_csv(std::string_view text, std::string_view source,
 
 // Reads a dataset from a file (parse_csv on its contents).
 inline Dataset read_csv(const std::filesystem::path& path, const CsvOptions& options = {}) {
+  detail::check_csv_options(options);  // before the file is opened
   std::error_code fs_ec;
   MOEKIT_CHECK(!std::filesystem::is_directory(path, fs_ec), Errc::kIoError, "cannot read '",
                path.string(), "': it is a directory");
