@@ -448,9 +448,10 @@ int run(const Options& opt) {
               (opt.out / "metrics.jsonl").string().c_str(),
               (opt.out / "metrics.jsonl").string().c_str());
   if (!checkpoint_ok) {
-    std::printf("checkpoint: NOT written after the last step (see the error above); %s\n",
-                checkpointed > 0 ? ("it holds step " + std::to_string(checkpointed)).c_str()
-                                 : "there is none");
+    std::printf(
+        "checkpoint: NOT written after the last step (see the error above); the last "
+        "good one holds step %lld (0: none)\n",
+        static_cast<long long>(checkpointed));
   }
   return !ok ? 1 : (checkpoint_ok ? 0 : 3);
 }
