@@ -768,13 +768,15 @@ TEST(Lora, EmptyBatch) {
   const LoraBank<S> bank({.d_in = 8, .d_out = 6, .num_adapters = 3});
   EXPECT_EQ(lora.workspace_size(0), 0);
   EXPECT_EQ(bank.workspace_size(0), 0);
-  Mat da1(4, 8), db1(6, 4);
+  Mat a1(4, 8), b1(6, 4), da1(4, 8), db1(6, 4);  // weights and gradients apart
+  a1.fill(0.5f);
+  b1.fill(0.25f);
   da1.poison();
   db1.poison();
   const LoraStep st{.training = true};
-  lora.forward(p.x.cview(), {.w = p.w.cview(), .a = da1.cview(), .b = db1.cview()}, p.y.view(),
+  lora.forward(p.x.cview(), {.w = p.w.cview(), .a = a1.cview(), .b = b1.cview()}, p.y.view(),
                p.h.view(), st, {});
-  lora.backward(p.dy.cview(), p.x.cview(), {.w = p.w.cview(), .a = da1.cview(), .b = db1.cview()},
+  lora.backward(p.dy.cview(), p.x.cview(), {.w = p.w.cview(), .a = a1.cview(), .b = b1.cview()},
                 p.h.cview(), st, p.dx.view(), {.da = da1.view(), .db = db1.view()}, {});
   EXPECT_FALSE(da1.any_nan());  // overwrite mode: zero gradients
   p.run(bank, st);
