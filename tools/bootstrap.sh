@@ -14,6 +14,7 @@ packages=(
   libgtest-dev libbenchmark-dev   # tests and benchmarks
   libopenblas-openmp-dev          # the optional BLAS the MoE layer benchmark compares with
   clang-format                    # the format check
+  clang libclang-rt-14-dev        # the fuzz targets (libFuzzer, tests/fuzz)
   python3                         # docs snippet check
   python3-pip                     # installs the Python modules of the tests (below)
 )

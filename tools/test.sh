@@ -10,6 +10,8 @@
 #      So are the runs of the real all-MiniLM-L6-v2 (cpu.MiniLM.*, minutes
 #      unoptimised): the tiny random BERTs of cpu.BertEncoder*.* and
 #      cpu.BertCheckpoint.* run the same encoder and loader code.
+#   3. the fuzz targets (tests/fuzz: libFuzzer with ASan and UBSan, clang),
+#      each run for MOEKIT_FUZZ_SECONDS (15) from its committed seed corpus.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/bootstrap.sh
@@ -27,3 +29,7 @@ ctest --preset default -j "$jobs"
 cmake --preset debug >/dev/null
 cmake --build --preset debug --target moekit_cpu_tests
 ctest --preset debug -j "$jobs" -R '^cpu\.' -E '^cpu\.(MultitaskTraining|MiniLM)\.'
+
+cmake --preset fuzz >/dev/null
+cmake --build --preset fuzz
+ctest --preset fuzz -j "$jobs"

@@ -327,10 +327,12 @@ double ref_z(const std::vector<double>& x, index_t T, int E, double coeff,
   double sum = 0.0;
   for (index_t t = 0; t < T; ++t) {
     const double* xt = &x[t * E];
-    bool finite = true;
-    for (int e = 0; e < E; ++e) finite = finite && std::isfinite(xt[e]);
-    if (!finite) continue;
+    // -inf is a masked expert (exp = 0); NaN, +inf or nothing above -inf
+    // leave lse undefined: the row adds 0.
+    bool defined = true;
+    for (int e = 0; e < E; ++e) defined = defined && !std::isnan(xt[e]) && xt[e] != kInf;
     const double m = *std::max_element(xt, xt + E);
+    if (!defined || m == -kInf) continue;
     double z = 0.0;
     for (int e = 0; e < E; ++e) z += std::exp(xt[e] - m);
     const double lse = m + std::log(z);
@@ -859,18 +861,40 @@ TEST(AuxLossZ, MatchesFloat64ReferenceAndFiniteDifferences) {
   CheckZ<MoeSpec<8, 2>>::run(d);
 }
 
+// The case: a masked (-inf) expert leaves a finite log-sum-exp.
+TEST(AuxLossZ, MaskedExpertKeepsItsRow) {
+  using S = MoeSpec<4, 1>;
+  AuxBuffers<S> buf(2);
+  const float rows[8] = {1.0f, 2.0f, 3.0f, -kInf, 1.0f, 2.0f, 3.0f, 4.0f};
+  std::copy(rows, rows + 8, buf.logits.begin());
+  Router<S>(gating(GatingRule::kSoftmaxTopK)).route(buf.view(), {});
+  std::vector<float> dl(8, 0.0f);
+  const double loss = moekit::cpu::z_loss<S>(buf.view(), 1.0f, {dl.data(), 2, 4});
+  const double lse0 = std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0));
+  const double lse1 = std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0) + std::exp(4.0));
+  EXPECT_NEAR(loss, (lse0 * lse0 + lse1 * lse1) / 2.0, 1e-5);  // 15.66, not 9.86
+  EXPECT_NEAR(loss, 15.66, 0.005);
+  EXPECT_EQ(dl[3], 0.0f);  // the masked expert gets no gradient
+  EXPECT_NEAR(dl[0], lse0 * std::exp(1.0 - lse0), 1e-5);
+  RoutingStats<S> stats;
+  Router<S>(gating(GatingRule::kSoftmaxTopK)).route(buf.view(), {}, &stats);
+  EXPECT_EQ(stats.z_loss, loss);
+}
+
 TEST(AuxLossZ, NonFiniteRowsContributeZeroAndGetNoGradient) {
   using S = MoeSpec<8, 2>;
   constexpr int E = 8;
-  const index_t T = 6;
+  const index_t T = 7;
   AuxBuffers<S> buf(T);
   std::mt19937 rng(21);
   std::normal_distribution<float> normal(0.0f, 2.0f);
   for (float& v : buf.logits) v = normal(rng);
   buf.logits[1 * E + 3] = kNaN;
   buf.logits[2 * E + 5] = kInf;
-  buf.logits[3 * E + 0] = -kInf;
+  buf.logits[3 * E + 0] = -kInf;  // masked: the row counts, without expert 0
+  buf.logits[3 * E + 6] = -kInf;
   for (int e = 0; e < E; ++e) buf.logits[4 * E + e] = kNaN;
+  for (int e = 0; e < E; ++e) buf.logits[6 * E + e] = -kInf;  // nothing above -inf
   RouterConfig cfg = gating(GatingRule::kSoftmaxTopK);
   Router<S>(cfg).route(buf.view(), {});
 
@@ -879,11 +903,11 @@ TEST(AuxLossZ, NonFiniteRowsContributeZeroAndGetNoGradient) {
   const double loss = moekit::cpu::z_loss<S>(buf.view(), kCoeff, {dl.data(), T, E});
   std::vector<double> ref_grad(T * E, 0.0);
   const double ref_loss = ref_z(to_double(buf.logits), T, E, kCoeff, &ref_grad);
-  EXPECT_LT(rel_err(loss, ref_loss), 1e-6);  // rows 0 and 5 over T = 6
+  EXPECT_LT(rel_err(loss, ref_loss), 1e-6);  // rows 0, 3 and 5 over T = 7
   for (index_t t = 0; t < T; ++t) {
     for (int e = 0; e < E; ++e) {
       const std::size_t i = t * E + e;
-      if (t >= 1 && t <= 4) {
+      if (t == 1 || t == 2 || t == 4 || t == 6) {
         EXPECT_EQ(dl[i], before[i]) << "row " << t;
       } else {
         EXPECT_NEAR(dl[i] - before[i], ref_grad[i], 1e-6);
@@ -894,7 +918,7 @@ TEST(AuxLossZ, NonFiniteRowsContributeZeroAndGetNoGradient) {
   std::vector<float> dl2(T * E, 0.0f);
   const MatrixView<float> v(dl2.data(), T, E);
   double sum = moekit::cpu::switch_loss<S>(GatingRule::kSoftmaxTopK, buf.view(), {}, 1.0f, v);
-  sum += moekit::cpu::sequence_aux_loss<S>(GatingRule::kSoftmaxTopK, buf.view(), 3, 1.0f, v);
+  sum += moekit::cpu::sequence_aux_loss<S>(GatingRule::kSoftmaxTopK, buf.view(), 7, 1.0f, v);
   sum += moekit::cpu::importance_load_loss<S>(cfg, buf.view(), {}, {}, 1.0f, v);
   EXPECT_TRUE(std::isfinite(sum));
   for (float g : dl2) EXPECT_TRUE(std::isfinite(g));
@@ -1135,6 +1159,7 @@ void expect_stats_carry_loss_values(GatingRule rule, index_t T, unsigned seed) {
   if (T > 3) {
     buf.logits[1 * E + 2] = kNaN;
     buf.logits[3 * E + 0] = kInf;
+    buf.logits[2 * E + 1] = -kInf;  // a masked expert: the row still adds its lse^2
   }
   RouterConfig config = gating(rule);
   config.capacity.factor = 1.0f;

@@ -34,6 +34,7 @@ using moekit::LoraSpec;
 using moekit::MatrixView;
 using moekit::VectorView;
 using moekit::cpu::LoraBank;
+using moekit::cpu::LoraConfig;
 using moekit::cpu::LoraGrads;
 using moekit::cpu::LoraInitConfig;
 using moekit::cpu::LoraLinear;
@@ -50,10 +51,13 @@ std::size_t sz(index_t v) { return static_cast<std::size_t>(v); }
 
 // ---- float64 reference ------------------------------------------------------------
 
-// Dropout factor of element (t, j) by the documented contract.
-double mask_factor(const LoraStep& st, float p, index_t d_in, index_t t, index_t j) {
+// Dropout factor of element (t, j) of adapter `adapter` (0 for a
+// LoraLinear) of dropout stream `stream`, by the documented contract.
+double mask_factor(const LoraStep& st, float p, index_t d_in, index_t t, index_t j,
+                   std::uint64_t stream, int adapter) {
   if (!st.training || p == 0.0f) return 1.0;
-  const std::uint64_t key = moekit::lora_dropout_key(st.seed, st.step);
+  const std::uint64_t key =
+      moekit::lora_dropout_key(st.seed, st.step, stream, static_cast<std::uint64_t>(adapter));
   return moekit::lora_dropout_keep(key, p, static_cast<std::uint64_t>(t * d_in + j))
              ? 1.0 / (1.0 - static_cast<double>(p))
              : 0.0;
@@ -73,7 +77,8 @@ struct RefOut {
 RefOut reference(const Dims& p, const std::vector<int>& ids, const std::vector<double>& x,
                  const std::vector<double>& w, const std::vector<double>& bias,
                  const std::vector<double>& a, const std::vector<double>& b,
-                 const std::vector<double>& g, double s, const LoraStep& st, float drop) {
+                 const std::vector<double>& g, double s, const LoraStep& st, float drop,
+                 std::uint64_t stream = 0) {
   const index_t n = p.n, di = p.d_in, dout = p.d_out, R = p.rank;
   RefOut r;
   r.y.assign(sz(n * dout), 0.0);
@@ -100,7 +105,7 @@ RefOut reference(const Dims& p, const std::vector<int>& ids, const std::vector<d
     }
     if (id < 0) continue;
     for (index_t j = 0; j < di; ++j)
-      xd[sz(j)] = x[sz(t * di + j)] * mask_factor(st, drop, di, t, j);
+      xd[sz(j)] = x[sz(t * di + j)] * mask_factor(st, drop, di, t, j, stream, id);
     const index_t ar = id * R, bo = id * dout;
     for (index_t q = 0; q < R; ++q) {
       double v = 0;
@@ -123,7 +128,7 @@ RefOut reference(const Dims& p, const std::vector<int>& ids, const std::vector<d
     for (index_t j = 0; j < di; ++j) {
       double v = 0;
       for (index_t q = 0; q < R; ++q) v += dh[sz(q)] * a[sz((ar + q) * di + j)];
-      r.dx[sz(t * di + j)] += mask_factor(st, drop, di, t, j) * v;
+      r.dx[sz(t * di + j)] += mask_factor(st, drop, di, t, j, stream, id) * v;
     }
   }
   return r;
@@ -189,11 +194,12 @@ struct Problem {
     ws.assign(sz(bytes), std::byte{0xff});
     return {ws.data(), bytes};
   }
-  RefOut ref(double s, const LoraStep& st, float drop, bool base = true) const {
+  RefOut ref(double s, const LoraStep& st, float drop, bool base = true,
+             std::uint64_t stream = 0) const {
     std::vector<double> bias64(bias.begin(), bias.end());
     return reference(dims, ids, x.values(), base ? w.values() : std::vector<double>{},
                      base ? bias64 : std::vector<double>{}, a.values(), b.values(), dy.values(), s,
-                     st, drop);
+                     st, drop, stream);
   }
 
   template <class S>
@@ -393,6 +399,56 @@ TEST(Lora, FrozenAndAccumulatedGradients) {
   EXPECT_LT(rel_error(db.values(), want_b), 1e-6);
 }
 
+// Adapters given the same LoraStep draw independent masks (issue 21, item 2):
+// the adapters of a bank by their index, LoraLinears by their dropout
+// stream. Both banks see the same batch and adapters with the same weights,
+// so only the mask can tell them apart.
+TEST(Lora, BankAdaptersSharingAStepDrawTheirOwnMasks) {
+  using S = LoraSpec<4>;
+  const index_t n = 40;
+  const LoraBank<S> bank({.d_in = 24, .d_out = 8, .num_adapters = 2, .dropout = 0.5f});
+  Problem first({n, 24, 8, 4, 2}, all_zero(n), 31u), second = first;
+  second.ids.assign(sz(n), 1);
+  second.ids32.assign(sz(n), 1);
+  for (Problem* p : {&first, &second}) {  // adapter 1 = adapter 0
+    for (index_t r = 0; r < 4; ++r) {
+      for (index_t j = 0; j < 24; ++j) p->a.view()(4 + r, j) = p->a.cview()(r, j);
+    }
+    for (index_t o = 0; o < 8; ++o) {
+      for (index_t r = 0; r < 4; ++r) p->b.view()(8 + o, r) = p->b.cview()(o, r);
+    }
+  }
+  const LoraStep st{.training = true, .seed = 5, .step = 2};
+  first.run(bank, st);
+  second.run(bank, st);
+  EXPECT_FALSE(first.h.bits_equal(second.h)) << "adapters 0 and 1 dropped the same features";
+  EXPECT_LT(compare(second, second.ref(bank.scale(), st, 0.5f)).worst(), kTol);
+}
+
+TEST(Lora, DropoutStreamsSeparateLoraLinears) {
+  using S = LoraSpec<4>;
+  const index_t n = 40;
+  const LoraConfig base{.d_in = 24, .d_out = 8, .dropout = 0.5f};
+  LoraConfig other = base;
+  other.dropout_stream = 1;
+  const LoraLinear<S> q(base), v(other), q_again(base);
+  Problem pq({n, 24, 8, 4, 1}, all_zero(n), 32u), pv = pq, pq_again = pq;
+  const LoraStep st{.training = true, .seed = 5, .step = 2};
+  pq.run(q, st);
+  pv.run(v, st);
+  pq_again.run(q_again, st);
+  EXPECT_FALSE(pq.h.bits_equal(pv.h));
+  EXPECT_TRUE(pq.h.bits_equal(pq_again.h));  // a stream is a pure function, like the step
+  EXPECT_LT(compare(pv, pv.ref(v.scale(), st, 0.5f, true, 1)).worst(), kTol);
+  // LoraLinear is adapter 0 of a bank of the same stream.
+  const LoraBank<S> bank(
+      {.d_in = 24, .d_out = 8, .num_adapters = 1, .dropout = 0.5f, .dropout_stream = 1});
+  Problem pb = pv;
+  pb.poison();
+  pb.run(bank, st);
+  EXPECT_LT(rel_error(pb.h.values(), pv.h.values()), 1e-6);
+}
+
 TEST(Lora, InferenceNeedsNoSavedStateAndIgnoresDropout) {
   using S = LoraSpec<8>;
   Problem p({64, 32, 24, 8, 1}, all_zero(64), 21u);
@@ -428,7 +484,7 @@ TEST(Lora, DropoutIsReproducibleAndDropsAboutP) {
   // The mask itself: the fraction dropped is near p.
   index_t dropped = 0;
   for (index_t t = 0; t < 200; ++t)
-    for (index_t j = 0; j < 64; ++j) dropped += mask_factor(st, drop, 64, t, j) == 0.0;
+    for (index_t j = 0; j < 64; ++j) dropped += mask_factor(st, drop, 64, t, j, 0, 0) == 0.0;
   EXPECT_NEAR(static_cast<double>(dropped) / (200.0 * 64.0), drop, 0.02);
 }
 
@@ -712,13 +768,15 @@ TEST(Lora, EmptyBatch) {
   const LoraBank<S> bank({.d_in = 8, .d_out = 6, .num_adapters = 3});
   EXPECT_EQ(lora.workspace_size(0), 0);
   EXPECT_EQ(bank.workspace_size(0), 0);
-  Mat da1(4, 8), db1(6, 4);
+  Mat a1(4, 8), b1(6, 4), da1(4, 8), db1(6, 4);  // weights and gradients apart
+  a1.fill(0.5f);
+  b1.fill(0.25f);
   da1.poison();
   db1.poison();
   const LoraStep st{.training = true};
-  lora.forward(p.x.cview(), {.w = p.w.cview(), .a = da1.cview(), .b = db1.cview()}, p.y.view(),
+  lora.forward(p.x.cview(), {.w = p.w.cview(), .a = a1.cview(), .b = b1.cview()}, p.y.view(),
                p.h.view(), st, {});
-  lora.backward(p.dy.cview(), p.x.cview(), {.w = p.w.cview(), .a = da1.cview(), .b = db1.cview()},
+  lora.backward(p.dy.cview(), p.x.cview(), {.w = p.w.cview(), .a = a1.cview(), .b = b1.cview()},
                 p.h.cview(), st, p.dx.view(), {.da = da1.view(), .db = db1.view()}, {});
   EXPECT_FALSE(da1.any_nan());  // overwrite mode: zero gradients
   p.run(bank, st);

@@ -32,9 +32,8 @@ std::vector<float> random_rows(index_t tokens, unsigned seed) {
   return x;
 }
 
-// Sum of z_loss_token over rows equals cpu::z_loss within rounding (the CPU
-// uses Eigen's vectorised exp, the token function the scalar one), and so
-// does the gradient it adds.
+// Sum of z_loss_token over rows equals cpu::z_loss (which calls it), and so
+// does the gradient it adds; NaN, +inf and all -inf rows add nothing.
 template <int E>
 void check_z_loss_token() {
   using S = MoeSpec<E, 1>;
@@ -43,6 +42,8 @@ void check_z_loss_token() {
   b.logits = random_rows<E>(tokens, 3);
   b.logits[5 * E] = std::numeric_limits<float>::quiet_NaN();  // a row that adds 0
   b.logits[9 * E + E - 1] = std::numeric_limits<float>::infinity();
+  for (int e = 0; e < E; ++e) b.logits[11 * E + e] = -std::numeric_limits<float>::infinity();
+  b.logits[13 * E] = -std::numeric_limits<float>::infinity();  // masked: the row counts
   std::vector<float> ref(tokens * E, 0.5f), got(tokens * E, 0.5f);
   const double cpu = moekit::cpu::z_loss<S>(b.view(), 0.25f, {ref.data(), tokens, E});
   double sum = 0.0;
@@ -52,11 +53,16 @@ void check_z_loss_token() {
   }
   EXPECT_NEAR(sum / tokens, cpu, 1e-6 * cpu);
   for (index_t i = 0; i < tokens * E; ++i) {
-    ASSERT_NEAR(got[i], ref[i], 1e-6f * std::fabs(ref[i]) + 1e-9f) << i;
+    ASSERT_EQ(got[i], ref[i]) << i;
   }
   for (int e = 0; e < E; ++e) {
-    EXPECT_EQ(got[5 * E + e], 0.5f);  // non-finite rows: no gradient
+    EXPECT_EQ(got[5 * E + e], 0.5f);  // undefined rows: no gradient
     EXPECT_EQ(got[9 * E + e], 0.5f);
+    EXPECT_EQ(got[11 * E + e], 0.5f);
+  }
+  EXPECT_EQ(got[13 * E], 0.5f);  // the masked expert: + 0
+  if (E > 1) {
+    EXPECT_NE(got[13 * E + 1], 0.5f);
   }
 }
 

@@ -97,6 +97,14 @@ struct Routing {
   MatrixView<std::int32_t> positions;   // T x K, row in the expert's buffer, -1 = dropped
 };
 
+// The five views of a routing named `name` (a string literal), as a list
+// of OverlapCheck arguments: MOEKIT_ROUTING_ARGS(out, "out").
+#define MOEKIT_ROUTING_ARGS(r, name)                                          \
+  {(r).logits, name ".logits"}, {(r).scores, name ".scores"},                 \
+      {(r).expert_ids, name ".expert_ids"}, {(r).weights, name ".weights"}, { \
+    (r).positions, name ".positions"                                          \
+  }
+
 // The Switch loss's value, E sum_e f_e P_e, from a batch's statistics: the
 // assignments per expert before capacity (f_e = assigned[e] / N) and the mean
 // routing distribution P. Both backends' statistics feed this one loop.
@@ -577,19 +585,31 @@ MOEKIT_HOST_DEVICE inline float z_loss_grad_scale(double lse, float sum, double 
   return static_cast<float>(coeff * 2.0 * lse / tokens) / sum;
 }
 
-// One token's router z-loss term: returns lse^2, lse = log sum_e exp x[e],
-// computed as max + log(sum exp(x - max)) in float, for a row of finite
-// logits, and 0 (no gradient) for a row with any non-finite logit. With dx
+// Whether a logit leaves a row's z-loss undefined: NaN or +inf. A -inf
+// logit is a masked expert (exp = 0) and keeps the row, unless every logit
+// of the row is -inf.
+MOEKIT_HOST_DEVICE inline bool z_loss_poisons(float x) {
+  return is_nan(x) || float_bits(x) == 0x7f800000u;
+}
+// Whether a row maximum is -inf (by bits, like the rest of the rule).
+MOEKIT_HOST_DEVICE inline bool is_minus_inf(float v) { return float_bits(v) == 0xff800000u; }
+
+// One token's router z-loss term, the one implementation of the formula
+// (the CPU's z-loss and statistic call it; the CUDA warp path is its
+// warp-parallel copy): returns lse^2, lse = log sum_e exp x[e], computed as
+// max + log(sum exp(x - max)) in float, and 0 (no gradient) for a row whose
+// lse is undefined: a NaN or +inf logit, or no logit above -inf. With dx
 // not null, ADDS coeff * dL/dx for L = (1 / tokens) sum_t lse_t^2, i.e.
 // c * exp(x[e] - max) with c = float(2 coeff lse / tokens) / sum: one
-// addition per element.
+// addition per element (+0 at a -inf logit).
 template <int E>
 MOEKIT_HOST_DEVICE double z_loss_token(const float* x, double coeff, double tokens, float* dx) {
+  float m = -kInf;
   for (int e = 0; e < E; ++e) {
-    if (!is_finite(x[e])) return 0.0;
+    if (z_loss_poisons(x[e])) return 0.0;
+    m = x[e] > m ? x[e] : m;
   }
-  float m = x[0];
-  for (int e = 1; e < E; ++e) m = x[e] > m ? x[e] : m;
+  if (is_minus_inf(m)) return 0.0;
   float sum = 0.0f;
   for (int e = 0; e < E; ++e) sum += z_loss_exp(x[e] - m);
   const double lse = log_sum_exp(m, sum);

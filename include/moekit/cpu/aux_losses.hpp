@@ -49,9 +49,11 @@
 // dlogits asks for the value only. All arguments are validated before
 // anything is written (expert ids: Errc::kOutOfRange); T = 0 gives L = 0.
 //
-// Non-finite logits in z_loss: a row with any non-finite logit contributes 0
-// to the sum and gets no gradient, but still counts in T (the mean is over all
-// T rows). The other losses read scores/weights, which gating keeps finite.
+// Non-finite logits in z_loss: a -inf logit is a masked expert (exp = 0, no
+// gradient) and its row counts as usual. A row whose lse is undefined (a NaN
+// or +inf logit, or every logit -inf) contributes 0 to the sum and gets no
+// gradient, but still counts in T (the mean is over all T rows). The other
+// losses read scores/weights, which gating keeps finite.
 //
 // Sums are deterministic: per-expert and loss sums run in double over tokens
 // in order; only the per-row gradient loops run in parallel (disjoint rows).
@@ -95,10 +97,16 @@ inline constexpr double kCvSquaredEpsilon = routing::kCvSquaredEpsilon;
 
 namespace detail {
 
-// An empty dlogits means "no gradient"; otherwise it must be T x E.
+// An empty dlogits means "no gradient"; otherwise it must be T x E and
+// share no memory with the routing it reads (`where`: the loss's name).
 template <MoeSpecType S>
-void check_aux_dlogits(MatrixView<float> dlogits, index_t tokens) {
-  if (!dlogits.empty()) check_shape(dlogits, tokens, S::num_experts, "dlogits");
+void check_aux_dlogits(MatrixView<float> dlogits, const Routing& routing, const char* where) {
+  if (dlogits.empty()) return;
+  check_shape(dlogits, routing.logits.rows(), S::num_experts, "dlogits");
+  OverlapCheck(where)
+      .out({{dlogits, "dlogits"}})
+      .in({MOEKIT_ROUTING_ARGS(routing, "routing")})
+      .check();
 }
 
 inline void check_aux_coeff(float coeff) {
@@ -200,7 +208,7 @@ double switch_loss(GatingRule rule, const Routing& routing, SwitchLossOptions op
                    MatrixView<float> dlogits = {}) {
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, routing.logits.rows());
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::switch_loss");
   detail::check_aux_coeff(coeff);
   MOEKIT_CHECK_ARG(options.normalization == SwitchNormalization::kTokensTimesK ||
                        options.normalization == SwitchNormalization::kTokens,
@@ -233,7 +241,7 @@ double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequen
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::sequence_aux_loss");
   detail::check_aux_coeff(coeff);
   MOEKIT_CHECK_ARG(sequence_length >= 1, "sequence_length = ", sequence_length,
                    " must be positive");
@@ -260,26 +268,18 @@ template <MoeSpecType S>
 double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {}) {
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::z_loss");
   detail::check_aux_coeff(coeff);
   if (tokens == 0) return 0.0;
 
   const double n_tokens = static_cast<double>(tokens);
   const MatrixView<const float> logits = routing.logits;
   constexpr int E = S::num_experts;
+  // Chunked like the router's statistic, with the same per-token function
+  // (routing::z_loss_token, shared with CUDA): the same bits.
   const double sum = chunked_sum<E>(tokens, [&](index_t t) {
-    if (!all_finite(logits.row_view(t))) return 0.0;  // 0, no gradient, still counted in T
-    // Chunked like the router's statistic, with the same shifted_exp: the same bits.
-    float ex[E];
-    const ShiftedExp z = shifted_exp<E>(logits.row(t), ex);
-    const double lse_square = z.lse_square();
-    if (!dlogits.empty()) {
-      const double lse = static_cast<double>(z.max + std::log(z.sum));
-      const float c = static_cast<float>(static_cast<double>(coeff) * 2.0 * lse / n_tokens) / z.sum;
-      float* row = dlogits.row(t);
-      for (int e = 0; e < E; ++e) row[e] += c * ex[e];
-    }
-    return lse_square;
+    return routing::z_loss_token<E>(logits.row(t), static_cast<double>(coeff), n_tokens,
+                                    dlogits.empty() ? nullptr : dlogits.row(t));
   });
   return sum / n_tokens;
 }
@@ -299,7 +299,7 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::importance_load_loss");
   detail::check_aux_coeff(coeff);
   if (!selection_bias.empty()) check_shape(selection_bias, kE, "selection_bias");
   MOEKIT_CHECK_ARG(std::isfinite(options.importance_weight) && options.importance_weight >= 0.0f,

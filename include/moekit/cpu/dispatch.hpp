@@ -44,9 +44,9 @@
 // kNullPointer (null data), kOutOfRange (an id or position out of range, a
 // position at or beyond its expert's count), kInvalidArgument (offsets not a
 // scan of the routing's counts, positions not numbered in token order).
-// Values (NaN/Inf in x or weights) are not checked. Outputs must not overlap
-// the inputs (not checked). Strided views (ld > cols) work; padding columns
-// are never touched.
+// Values (NaN/Inf in x or weights) are not checked. An output that overlaps
+// an input is refused (kInvalidArgument, naming both). Strided views (ld >
+// cols) work; padding columns are never touched.
 //
 //   std::array<index_t, E + 1> offsets;
 //   const index_t n = dispatch_offsets<S>(routing, {offsets.data(), E + 1});
@@ -195,6 +195,10 @@ index_t dispatch_offsets(const Routing& routing, VectorView<index_t> offsets) {
   check_shape(offsets, index_t{kE} + 1, "offsets");
   const std::array<index_t, kE> count =
       detail::check_dispatch_routing<S>(routing, routing.expert_ids.rows(), nullptr);
+  OverlapCheck("cpu::dispatch_offsets")
+      .out({{offsets, "offsets"}})
+      .in({{routing.expert_ids, "routing.expert_ids"}, {routing.positions, "routing.positions"}})
+      .check();
   offsets[0] = 0;
   for (int e = 0; e < kE; ++e) offsets[e + 1] = offsets[e] + count[e];
   return offsets[kE];
@@ -209,6 +213,13 @@ void dispatch(MatrixView<const float> x, const Routing& routing, VectorView<cons
   const index_t tokens = x.rows();
   const index_t rows = detail::check_dispatch_args<S>(routing, tokens, offsets);
   check_shape(buffer, rows, x.cols(), "buffer");
+  OverlapCheck("cpu::dispatch")
+      .out({{buffer, "buffer"}})
+      .in({{x, "x"},
+           {routing.expert_ids, "routing.expert_ids"},
+           {routing.positions, "routing.positions"},
+           {offsets, "offsets"}})
+      .check();
   MOEKIT_PARALLEL_FOR_IF(tokens * kK * x.cols() > kLightParallelGrain)
   for (index_t t = 0; t < tokens; ++t) {
     for (int k = 0; k < kK; ++k) {
@@ -229,6 +240,14 @@ void combine(MatrixView<const float> expert_out, const Routing& routing,
   check_shape(routing.weights, tokens, S::top_k, "routing.weights");
   check_shape(expert_out, rows, expert_out.cols(), "expert_out");
   check_shape(y, tokens, expert_out.cols(), "y");
+  OverlapCheck("cpu::combine")
+      .out({{y, "y"}})
+      .in({{expert_out, "expert_out"},
+           {routing.expert_ids, "routing.expert_ids"},
+           {routing.positions, "routing.positions"},
+           {routing.weights, "routing.weights"},
+           {offsets, "offsets"}})
+      .check();
   detail::combine_rows<S>(expert_out, routing, offsets, y, accumulate, /*weighted=*/true);
 }
 
@@ -252,6 +271,15 @@ void combine_backward(MatrixView<const float> dy, MatrixView<const float> expert
   if (want_dw) check_shape(dweights, tokens, kK, "dweights");
   if (want_dw || !expert_out.empty()) check_shape(expert_out, rows, d, "expert_out");
   if (want_dout) check_shape(routing.weights, tokens, kK, "routing.weights");
+  OverlapCheck("cpu::combine_backward")
+      .out({{d_expert_out, "d_expert_out"}, {dweights, "dweights"}})
+      .in({{dy, "dy"},
+           {expert_out, "expert_out"},
+           {routing.expert_ids, "routing.expert_ids"},
+           {routing.positions, "routing.positions"},
+           {routing.weights, "routing.weights"},
+           {offsets, "offsets"}})
+      .check();
   MOEKIT_PARALLEL_FOR_IF(tokens * kK * d > kLightParallelGrain)
   for (index_t t = 0; t < tokens; ++t) {
     const auto g = as_eigen(dy.row_view(t));
@@ -275,6 +303,13 @@ void dispatch_backward(MatrixView<const float> d_buffer, const Routing& routing,
   const index_t rows = detail::check_dispatch_args<S>(routing, tokens, offsets);
   check_shape(d_buffer, rows, d_buffer.cols(), "d_buffer");
   check_shape(dx, tokens, d_buffer.cols(), "dx");
+  OverlapCheck("cpu::dispatch_backward")
+      .out({{dx, "dx"}})
+      .in({{d_buffer, "d_buffer"},
+           {routing.expert_ids, "routing.expert_ids"},
+           {routing.positions, "routing.positions"},
+           {offsets, "offsets"}})
+      .check();
   detail::combine_rows<S>(d_buffer, routing, offsets, dx, accumulate, /*weighted=*/false);
 }
 

@@ -71,6 +71,10 @@ inline DistillationLoss distillation_loss(const DistillationConfig& config,
     }
   }
   if (!dstudent.empty()) check_shape(dstudent, n, c, "dstudent");
+  OverlapCheck("cpu::distillation_loss")
+      .out({{dstudent, "dstudent"}})
+      .in({{student, "student"}, {teacher, "teacher"}, {labels, "labels"}})
+      .check();
   DistillationLoss out;
   if (n == 0) return out;
 

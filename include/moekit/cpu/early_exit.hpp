@@ -87,6 +87,9 @@ class EarlyExit {
     MOEKIT_CHECK_GE(n, 0);
     check_exit_results(results, n);
     check_exit_state(state, n);
+    OverlapCheck overlap("cpu::EarlyExit::begin");
+    add_exit_outputs(overlap, state, results);
+    overlap.check();
     for (index_t r = 0; r < n; ++r) {
       state.original[r] = r;
       state.previous[r] = -1;
@@ -101,7 +104,8 @@ class EarlyExit {
   // rows that stay. Returns m', the rows still live.
   index_t step(int exit, MatrixView<const float> logits, ExitState state, ExitResults results,
                VectorView<index_t> kept) const {
-    const index_t n = check_exit_step(exit, config_.num_exits, logits, state, results, kept);
+    const index_t n = check_exit_step("cpu::EarlyExit::step", exit, config_.num_exits, logits,
+                                      state, results, kept);
     const index_t m = logits.rows(), c = logits.cols();
     for (index_t r = 0; r < m; ++r) {
       const index_t k = state.original[r];
@@ -200,6 +204,7 @@ void gather_rows(MatrixView<const T> src, VectorView<const index_t> kept, Matrix
   check_view(src, "src");
   detail::check_kept(kept, src.rows());
   check_shape(dst, kept.size(), src.cols(), "dst");
+  OverlapCheck("cpu::gather_rows").out({{dst, "dst"}}).in({{src, "src"}, {kept, "kept"}}).check();
   MOEKIT_PARALLEL_FOR_IF(kept.size() * src.cols() > kLightParallelGrain)
   for (index_t j = 0; j < kept.size(); ++j) {
     as_eigen(dst.row_view(j)) = as_eigen(src.row_view(kept[j]));
@@ -258,6 +263,8 @@ inline double multi_exit_loss(std::span<const MatrixView<const float>> logits,
     }
   }
   if (!exit_losses.empty()) check_shape(exit_losses, k, "exit_losses");
+  check_multi_exit_overlap("cpu::multi_exit_loss", logits, labels, exit_weights, dlogits,
+                           exit_losses);
 
   double total = 0.0;
   for (index_t i = 0; i < k; ++i) {

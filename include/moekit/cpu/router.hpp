@@ -54,8 +54,7 @@ struct RouterGrads {
 };
 
 // Cheap enough to leave on: gating computes them in the same pass over the
-// tokens (O(T E) additions; with the sigmoid rule one more exp per logit for
-// z_loss).
+// tokens (O(T E) additions and, for z_loss, one scalar exp per logit).
 template <MoeSpecType S>
 struct RoutingStats {
   static constexpr int kExperts = S::num_experts;
@@ -65,8 +64,9 @@ struct RoutingStats {
   std::array<double, kExperts> mean_distribution{};  // mean over tokens of q (routing distribution)
   index_t dropped = 0;
   index_t non_finite_logits = 0;
-  // The router z-loss of the batch, mean_t logsumexp(logits_t)^2 (rows with a
-  // non-finite logit add 0): the same bits as cpu::z_loss(routing, 1).
+  // The router z-loss of the batch, mean_t logsumexp(logits_t)^2 (rows with
+  // a NaN or +inf logit, or only -inf, add 0; a -inf logit alone is a masked
+  // expert): the same bits as cpu::z_loss(routing, 1).
   double z_loss = 0.0;
 
   // Entropy (nats) of mean_distribution: log(E) when the router spreads its
@@ -197,14 +197,10 @@ inline constexpr float kExpFloor = -87.0f;
 // translation unit); returns the max and the sum, so logsumexp = max +
 // log(sum). Entries below kExpFloor are flushed to 0 so tiny values match
 // the scalar rule's (core/routing.hpp). The one implementation behind
-// softmax gating, the z-loss and its statistic.
+// softmax gating.
 struct ShiftedExp {
   float max;
   float sum;
-  double lse_square() const {
-    const double lse = static_cast<double>(max + std::log(sum));
-    return lse * lse;
-  }
 };
 
 template <int E>
@@ -320,6 +316,14 @@ class Router {
     check_routing<S>(out, tokens);
     check_selection_bias(selection_bias);
     check_workspace(workspace, tokens, x.cols());
+    OverlapCheck("cpu::Router::forward")
+        .out({MOEKIT_ROUTING_ARGS(out, "out"),
+              {workspace.segment(0, workspace_size(tokens, x.cols())), "workspace"}})
+        .in({{x, "x"},
+             {w_gate, "w_gate"},
+             {gate_bias, "gate_bias"},
+             {selection_bias, "selection_bias"}})
+        .check();
 
     auto logits = as_eigen(out.logits);
     if (config_.noise.kind == NoiseKind::kJitter) {
@@ -342,6 +346,14 @@ class Router {
     check_routing<S>(out, out.logits.rows());
     check_selection_bias(selection_bias);
     check_workspace(workspace, out.logits.rows(), 0);
+    OverlapCheck("cpu::Router::route")  // out.logits is read (and kept)
+        .out({{out.scores, "out.scores"},
+              {out.expert_ids, "out.expert_ids"},
+              {out.weights, "out.weights"},
+              {out.positions, "out.positions"},
+              {workspace.segment(0, workspace_size(out.logits.rows(), 0)), "workspace"}})
+        .in({{out.logits, "out.logits"}, {selection_bias, "selection_bias"}})
+        .check();
     route_validated(out, selection_bias, stats, workspace);
   }
 
@@ -355,6 +367,10 @@ class Router {
     check_shape(dlogits, tokens, kExperts, "dlogits");
     check_expert_ids<S>(saved.expert_ids, "routing.expert_ids");
     check_distinct_ids(saved.expert_ids);
+    OverlapCheck("cpu::Router::backward_gate")
+        .out({{dlogits, "dlogits"}})
+        .in({MOEKIT_ROUTING_ARGS(saved, "saved"), {dweights, "dweights"}})
+        .check();
     const GatingConfig gating = config_.gating;
     MOEKIT_PARALLEL_FOR_IF(tokens * kExperts > kParallelGrain)
     for (index_t t = 0; t < tokens; ++t) {
@@ -380,6 +396,13 @@ class Router {
     if (!grads.dw_gate.empty()) check_shape(grads.dw_gate, kExperts, d, "grads.dw_gate");
     if (!grads.dbias.empty()) check_shape(grads.dbias, kExperts, "grads.dbias");
     check_workspace(workspace, tokens, d);
+    OverlapCheck("cpu::Router::backward_logits")
+        .out({{grads.dx, "grads.dx"},
+              {grads.dw_gate, "grads.dw_gate"},
+              {grads.dbias, "grads.dbias"},
+              {workspace.segment(0, workspace_size(tokens, d)), "workspace"}})
+        .in({{x, "x"}, {w_gate, "w_gate"}, {dlogits, "dlogits"}})
+        .check();
     const bool jittered = config_.noise.kind == NoiseKind::kJitter;
 
     const auto g = as_eigen(dlogits);
@@ -579,13 +602,15 @@ class Router {
 
   // Scores of `rows` tokens from `first`; returns their non-finite logits.
   // Finite rows use the vectorised exp (shifted_exp, sigmoid_row); a row with a
-  // non-finite logit takes the exact scalar rule and adds nothing to the
-  // z-loss sum. With lse_square, adds the rows' logsumexp^2.
+  // non-finite logit takes the exact scalar rule. With lse_square, adds the
+  // rows' z-loss terms (routing::z_loss_token, as cpu::z_loss: the same bits).
   int score_rows(const Routing& out, index_t first, index_t rows, double* lse_square) const {
     int non_finite = 0;
     for (index_t t = first; t < first + rows; ++t) {
       const float* x = out.logits.row(t);
       float* s = out.scores.row(t);
+      if (lse_square != nullptr)
+        *lse_square += routing::z_loss_token<kExperts>(x, 0.0, 1.0, nullptr);
       if (!all_finite(out.logits.row_view(t))) {
         non_finite += routing::compute_scores<kExperts>(config_.gating.rule, x, s);
         continue;
@@ -593,14 +618,8 @@ class Router {
       Eigen::Map<Eigen::Array<float, 1, kExperts>> scores(s);
       if (config_.gating.rule == GatingRule::kSigmoid) {
         sigmoid_row(x, kExperts, s);
-        if (lse_square != nullptr) {
-          float tmp[kExperts];
-          *lse_square += shifted_exp<kExperts>(x, tmp).lse_square();
-        }
       } else {
-        const ShiftedExp z = shifted_exp<kExperts>(x, s);
-        scores /= z.sum;
-        if (lse_square != nullptr) *lse_square += z.lse_square();
+        scores /= shifted_exp<kExperts>(x, s).sum;
       }
     }
     return non_finite;

@@ -181,6 +181,10 @@ class TaskHeads {
     check_weights(weights);
     check_shape(logits, n, max_classes_, "logits");
     check_workspace(workspace, n);
+    OverlapCheck("cpu::TaskHeads::forward")
+        .out({{logits, "logits"}, {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
+        .check();
 
     const Plan plan = make_plan(tasks, n, workspace);
     const MatrixView<float> gx = grouped_x(workspace, n);
@@ -225,6 +229,14 @@ class TaskHeads {
     check_labels(labels, tasks, n);
     check_weighting(weighting, dlog_vars);
     if (!dlogits.empty()) check_shape(dlogits, n, max_classes_, "dlogits");
+    OverlapCheck("cpu::TaskHeads::loss")
+        .out({{dlogits, "dlogits"}, {dlog_vars, "dlog_vars"}})
+        .in({{logits, "logits"},
+             {tasks, "tasks"},
+             {labels, "labels"},
+             {weighting.fixed, "weighting.fixed"},
+             {weighting.log_vars, "weighting.log_vars"}})
+        .check();
 
     TaskLosses<S> out;
     for (index_t i = 0; i < n; ++i) ++out.count[task_of(tasks, i)];
@@ -279,6 +291,9 @@ class TaskHeads {
     const bool want_dx = !dx.empty(), want_dw = !grads.dw.empty(), want_db = !grads.db.empty();
     check_head_backward_outputs(dx, grads.dw, grads.db, n, d, total_classes(), config_.bias);
     check_workspace(workspace, n);
+    OverlapCheck overlap("cpu::TaskHeads::backward");
+    add_head_backward_args(overlap, dlogits, x, tasks, weights, dx, grads);
+    overlap.out({{workspace.segment(0, workspace_size(n)), "workspace"}}).check();
 
     const Plan plan = make_plan(tasks, n, workspace);
     if (!grads.accumulate) {  // heads without rows: zero gradient blocks
