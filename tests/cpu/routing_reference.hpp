@@ -1,5 +1,5 @@
 #pragma once
-// Straightforward float64 reference for routing (DESIGN.md §4), written
+// Straightforward float64 reference for routing (docs/math.md#routing), written
 // independently of moekit/core/routing.hpp: sorting instead of insertion,
 // doubles throughout. Tests compare the library against it.
 

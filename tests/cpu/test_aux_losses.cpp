@@ -120,7 +120,7 @@ struct ErrorLog {
 };
 
 // ---- float64 reference ----------------------------------------------------------
-// Written from DESIGN.md §4 without moekit's core math: sorts instead of
+// Written from docs/math.md without moekit's core math: sorts instead of
 // insertion lists, explicit Jacobians instead of backward helpers.
 
 struct Ref {

@@ -329,7 +329,7 @@ TEST(MultitaskModel, TrainerGroupsFollowTheRolesAndScope) {
   M model(small_config<M>(8, 0.0f));
   const train::Trainer<M> all(model, {});
   EXPECT_EQ(all.optimizer().num_groups(), 4);
-  EXPECT_EQ(all.optimizer().group(0).lr, 1e-4f);  // DESIGN.md §1 rates
+  EXPECT_EQ(all.optimizer().group(0).lr, 1e-4f);  // the reference rates
   EXPECT_EQ(all.optimizer().group(1).lr, 5e-4f);
   EXPECT_EQ(all.optimizer().group(2).lr, 5e-4f);
   EXPECT_EQ(all.optimizer().group(3).lr, 1e-3f);

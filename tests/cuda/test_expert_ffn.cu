@@ -1,5 +1,5 @@
 // gpu::ExpertFfn against a float64 reference written here (straight loops
-// over each expert's rows, DESIGN.md §5): forward and backward, plain and
+// over each expert's rows, docs/index.md#adding-a-component): forward and backward, plain and
 // gated, every activation, fp32 / bf16 / fp16, uneven and empty expert loads,
 // frozen gradients, accumulation, rows past offsets[E] left alone. Outputs
 // are poisoned before each run. Device tests skip without a GPU; the

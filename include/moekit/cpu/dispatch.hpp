@@ -13,7 +13,7 @@
 //
 // Expert e owns buffer rows [offsets[e], offsets[e + 1]); pos numbers each
 // expert's kept slots 0, 1, 2, ... in token order, so within an expert the
-// rows follow increasing token index (the stable permutation of DESIGN §4),
+// rows follow increasing token index (the stable permutation of docs/math.md),
 // and every buffer row belongs to exactly one kept slot.
 //
 //   dispatch           buffer[row(t, k)]      = x[t]                          kept (t, k)

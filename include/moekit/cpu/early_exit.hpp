@@ -1,5 +1,5 @@
 #pragma once
-// Early exit on the CPU backend (DESIGN.md §4): exit classifiers after chosen
+// Early exit on the CPU backend (docs/math.md#early-exit): exit classifiers after chosen
 // layers decide per sample whether it leaves the batch; leavers' predictions
 // are kept in the batch's original order and the rest are compacted for the
 // next layer. Also the weighted multi-exit training loss.
@@ -39,7 +39,7 @@
 //   L_i = (1 / n) sum_r CE(z_{i,r}, y_r),    L = sum_i w_i L_i / sum_i w_i,
 //   dL/dz_{i,r} = w_i / (n sum_i w_i) (softmax(z_{i,r}) - onehot(y_r)),
 // with exit_weights w (k entries >= 0, positive sum) or, if empty, w_i = i + 1
-// (deeper exits weigh more; the "1-based i" of DESIGN.md §4). Sums in double,
+// (deeper exits weigh more; w_i is the 1-based exit number). Sums in double,
 // in order.
 //
 // Validation (every call, before anything is written): config (constructor:

@@ -1,5 +1,5 @@
 #pragma once
-// Training monitoring for moekit's reference multi-task model (DESIGN.md §1:
+// Training monitoring for moekit's reference multi-task model (docs/reference_model.md:
 // total loss, aux loss, per-branch accuracy, expert utilisation, speed,
 // memory). Host only.
 //

@@ -1,6 +1,6 @@
 #pragma once
 // Quality checks of a training run of the reference multi-task model, as the
-// architecture asks for them (DESIGN.md §1), as code a user can call:
+// architecture asks for them (docs/reference_model.md), as code a user can call:
 //
 //   encoder_frozen          the frozen tensors' bits are unchanged (fingerprints
 //                           taken before and after training are equal)

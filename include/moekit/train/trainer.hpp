@@ -4,7 +4,7 @@
 // linear warm-up then cosine decay, global-norm gradient clipping, exact
 // checkpoints, and evaluation.
 //
-// Parameter groups (DESIGN.md §1 gives the default rates):
+// Parameter groups (defaults: the reference system's rates):
 //   "moe"   the experts (routed and shared)   lr.moe   1e-4
 //   "gate"  the routers                        lr.gate  5e-4
 //   "lora"  the branch adapters (A and B)      lr.lora  5e-4
