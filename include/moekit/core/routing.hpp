@@ -1,5 +1,5 @@
 #pragma once
-// Routing math shared by every backend (docs/math.md#routing), one token at a time.
+// Routing math shared by every backend (docs/math.md, "Routing"), one token at a time.
 //
 // Rules (x = a token's E logits, b = optional per-expert selection bias):
 //   kSoftmaxTopK  p = softmax(x); select the K largest p (+ b); w = p at those

@@ -1,6 +1,6 @@
 #pragma once
 // Load-balancing losses and the aux-loss-free expert bias on the CPU backend
-// (docs/math.md#balance-losses), computed from the Routing that Router<S>::forward/route wrote.
+// (docs/math.md, "Balance losses"), computed from the Routing that Router<S>::forward/route wrote.
 //
 // Notation: T tokens, E experts, K per token; x = routing.logits (T x E, noise
 // included), ids = routing.expert_ids, w = routing.weights (0 where dropped),

@@ -1,5 +1,5 @@
 #pragma once
-// Early exit on the CPU backend (docs/math.md#early-exit): exit classifiers after chosen
+// Early exit on the CPU backend (docs/math.md, "Early exit"): exit classifiers after chosen
 // layers decide per sample whether it leaves the batch; leavers' predictions
 // are kept in the batch's original order and the rest are compacted for the
 // next layer. Also the weighted multi-exit training loss.

@@ -1,6 +1,6 @@
 #pragma once
 // H task heads on a shared encoder on the CPU backend, for HeadSpec<H>
-// (docs/math.md#task-heads): forward, softmax cross-entropy per task with fixed or
+// (docs/math.md, "Task heads"): forward, softmax cross-entropy per task with fixed or
 // uncertainty weighting, per-task accuracy, and backward.
 //
 // Layout. Head h is a linear classifier with C_h = config.classes[h] classes
@@ -49,7 +49,7 @@
 // workspace_size(n) bytes (aligned for index_t): the sort permutation and the
 // grouped rows of x and of the logits. No call allocates. With H = 1 it is 0.
 //
-// Threading (docs/index.md#threads: one pool at a time). With at least as many busy
+// Threading (docs/index.md, "Threads": one pool at a time). With at least as many busy
 // heads as OpenMP threads averaging at most kHeadParallelMaxRows rows (many
 // small heads), heads run in parallel with single-threaded GEMMs; otherwise
 // heads run in turn and Eigen parallelises each GEMM. Each output element is

@@ -12,7 +12,7 @@
 //   gpu::combine<Spec>(expert_out, ids, weights, positions, offsets, y, false, stream);
 //
 // The plan. Slot s = t K + k is token t's k-th assignment. With C the
-// capacity (docs/math.md#capacity; T when dropless) and a the row alignment:
+// capacity (docs/math.md, "Capacity"; T when dropless) and a the row alignment:
 //
 //   p(t, k)    = kept slots of expert e = ids(t, k) before s, in slot order
 //   positions  = p, or -1 for a slot dropped by capacity (its weight set to 0)
