@@ -147,20 +147,22 @@ MOEKIT_FORCE_INLINE void for_rank_groups(F& f) {
 
 // A block's rows m0 .. m0 + M - 1 and, for prefetch_l2, the rows of the
 // next block (the block's own where none follow).
-template <int M, class RowAt, class T>
+template <std::size_t M, class RowAt, class T>
 MOEKIT_FORCE_INLINE void block_rows(RowAt row, index_t m0, index_t count, T* (&rows)[M],
                                     const float* (&next)[M]) {
-  MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
+  constexpr int kM = static_cast<int>(M);
+  MOEKIT_UNROLL for (int m = 0; m < kM; ++m) {
     rows[m] = row(m0 + m);
-    next[m] = m0 + M + m < count ? row(m0 + M + m) : rows[m];
+    next[m] = m0 + kM + m < count ? row(m0 + kM + m) : rows[m];
   }
 }
 
 // c[m][r] = alpha coef(m0 + m, r): a block's coefficients, in registers or L1.
-template <int M, int R>
+template <std::size_t M, std::size_t R>
 MOEKIT_FORCE_INLINE void block_coefs(const float* coef, index_t m0, float alpha, float (&c)[M][R]) {
-  MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-    for (int r = 0; r < R; ++r) c[m][r] = alpha * coef[(m0 + m) * R + r];
+  constexpr int kM = static_cast<int>(M), kR = static_cast<int>(R);
+  MOEKIT_UNROLL for (int m = 0; m < kM; ++m) {
+    for (int r = 0; r < kR; ++r) c[m][r] = alpha * coef[(m0 + m) * kR + r];
   }
 }
 
@@ -170,17 +172,17 @@ void shrink_rows(RowAt row, index_t count, index_t d, const float* panel, float 
   constexpr int kL = simd::kLanes;
   const index_t blocks = d / kL;
   auto rows_block = [&]<int M>(index_t m0) {
-    const float* x[M];
-    const float* next[M];
+    const float* x[to_size(M)];
+    const float* next[to_size(M)];
     block_rows(row, m0, count, x, next);
     auto group = [&]<int R0, int G>() {
-      simd::Floats acc[M][G];
+      simd::Floats acc[to_size(M)][to_size(G)];
       MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
         MOEKIT_UNROLL for (int g = 0; g < G; ++g) acc[m][g] = simd::zeros();
       }
       const float* p = panel + R0 * kL;
       for (index_t b = 0; b < blocks; ++b, p += R * kL) {
-        simd::Floats xv[M];
+        simd::Floats xv[to_size(M)];
         MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
           xv[m] = simd::load(x[m] + b * kL);
           if constexpr (R0 == 0) prefetch_l2(next[m] + b * kL);
@@ -210,14 +212,14 @@ void expand_rows(RowAt row, index_t count, index_t d, const float* coef, float a
   constexpr int kL = simd::kLanes;
   const index_t blocks = d / kL;
   auto rows_block = [&]<int M>(index_t m0) {
-    float* y[M];
-    const float* next[M];
-    float c[M][R];
+    float* y[to_size(M)];
+    const float* next[to_size(M)];
+    float c[to_size(M)][to_size(R)];
     block_rows(row, m0, count, y, next);
     block_coefs(coef, m0, alpha, c);
     const float* p = panel;
     for (index_t b = 0; b < blocks; ++b, p += R * kL) {
-      simd::Floats acc[M];
+      simd::Floats acc[to_size(M)];
       MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
         acc[m] = simd::load(y[m] + b * kL);
         prefetch_l2(next[m] + b * kL);
@@ -247,14 +249,14 @@ void accumulate_outer(RowAt row, index_t count, index_t d, const float* coef, fl
   constexpr int kL = simd::kLanes;
   const index_t blocks = d / kL;
   auto rows_block = [&]<int M>(index_t m0) {
-    const float* x[M];
-    const float* next[M];
-    float c[M][R];
+    const float* x[to_size(M)];
+    const float* next[to_size(M)];
+    float c[to_size(M)][to_size(R)];
     block_rows(row, m0, count, x, next);
     block_coefs(coef, m0, 1.0f, c);
     float* p = panel;
     for (index_t b = 0; b < blocks; ++b, p += R * kL) {
-      simd::Floats xv[M];
+      simd::Floats xv[to_size(M)];
       MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
         xv[m] = simd::load(x[m] + b * kL);
         prefetch_l2(next[m] + b * kL);
