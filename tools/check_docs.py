@@ -13,8 +13,8 @@ and must equal the lines between the two `// [specs]` markers of that file,
 dedented (examples are built and run as tests, so the docs cannot drift from working
 code). It also checks that every docs page is reachable from README.md, and
 that every link to a page's section (`<page>.md#<section>` in the docs,
-`docs/<page>.md#<section>` in sources, scripts and build files) names a page and
-a heading that exist.
+`docs/<page>.md#<section>` or `docs/<page>.md, "<Heading>"` in sources, scripts
+and build files) names a page and a heading that exist.
 
 Usage: check_docs.py <repo root>
 """
@@ -27,7 +27,7 @@ MARKER = re.compile(r"^\s*<!--\s*snippet:\s*([^#\s]+)#(\S+)\s*-->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
 LINK = re.compile(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)")
 ANCHOR_LINK = re.compile(r"\]\(([^)#\s]*?)(?:([^)#\s/]+\.md))?#([^)\s]+)\)")
-SOURCE_REF = re.compile(r"\bdocs/([a-z_]+\.md)(?:#([a-z0-9_-]+))?")
+SOURCE_REF = re.compile(r'\bdocs/([a-z_]+\.md)(?:#([a-z0-9_-]+)|, "([^"]+)")?')
 SOURCE_GLOBS = ("include/**/*.hpp", "include/**/*.cuh", "tests/**/*.cpp", "tests/**/*.hpp",
                 "tests/**/*.cu", "tests/**/*.cuh", "tests/**/*.cmake", "tests/**/*.py",
                 "tests/**/CMakeLists.txt", "examples/**/*.cpp", "examples/**/*.cu",
@@ -95,8 +95,13 @@ def anchors(page: pathlib.Path) -> set[str]:
             fenced = not fenced
         m = re.match(r"^#{1,6}\s+(.*?)\s*$", line)
         if m and not fenced:
-            ids.add(re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-"))
+            ids.add(slug(m.group(1)))
     return ids
+
+
+def slug(heading: str) -> str:
+    """GitHub's id of a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
 
 
 def section_links(root: pathlib.Path, pages: list[pathlib.Path]) -> list[str]:
@@ -126,7 +131,9 @@ def section_links(root: pathlib.Path, pages: list[pathlib.Path]) -> list[str]:
         except UnicodeDecodeError:
             continue
         for n, line in enumerate(text.splitlines(), 1):
-            for name, anchor in SOURCE_REF.findall(line):
+            for name, anchor, heading in SOURCE_REF.findall(line):
+                if heading:  # docs/<page>.md, "<Heading>" (header comments, read by Doxygen)
+                    anchor = slug(heading)
                 check(f"{source.relative_to(root)}:{n}", root / "docs" / name, anchor or None)
     return errors
 
