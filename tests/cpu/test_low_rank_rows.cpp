@@ -22,8 +22,6 @@ using moekit::MatrixView;
 using moekit::to_size;
 namespace kernels = moekit::cpu::detail;
 
-std::size_t to_size(index_t i) { return static_cast<std::size_t>(i); }
-
 std::vector<float> randoms(std::size_t n, unsigned seed) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
