@@ -9,6 +9,8 @@ set -euo pipefail
 
 packages=(
   g++ cmake ninja-build           # toolchain (CMake >= 3.25)
+  clang libclang-rt-14-dev        # the second compiler: CI's sanitizer build, header checks
+  libomp-14-dev                   # OpenMP for clang (the parallel paths under the sanitizers)
   libeigen3-dev                   # the CPU backend
   nlohmann-json3-dev              # safetensors weight files (moekit/io/)
   libgtest-dev libbenchmark-dev   # tests and benchmarks

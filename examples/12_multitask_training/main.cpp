@@ -249,14 +249,14 @@ int run(const Options& opt) {
   if (!opt.csv.empty()) all = train::read_csv(opt.csv);
   // Branches 0-3 train now; task 4 waits for the expansion.
   std::vector<index_t> first_four;
-  for (index_t i = 0; i < all.size(); ++i) {
-    if (all.tasks[i] < 4) first_four.push_back(i);
+  for (std::size_t i = 0; i < all.tasks.size(); ++i) {
+    if (all.tasks[i] < 4) first_four.push_back(static_cast<index_t>(i));
   }
   const auto [train_set, test_set] = train::split(train::subset(all, first_four), 0.9, /*seed=*/2);
   // [data]
   const index_t features = train_set.features;
   std::array<index_t, 4> classes{};  // per branch: the largest label + 1
-  for (index_t i = 0; i < all.size(); ++i) {
+  for (std::size_t i = 0; i < all.tasks.size(); ++i) {
     if (all.tasks[i] < 4) {
       index_t& c = classes[static_cast<std::size_t>(all.tasks[i])];
       c = std::max<index_t>(c, all.labels[i] + 1);
@@ -302,7 +302,7 @@ int run(const Options& opt) {
 
   constexpr index_t B = 256;
   train::BatchSampler sampler(train_set.size(), B, /*seed=*/3);
-  std::vector<float> x(B * features);
+  std::vector<float> x(static_cast<std::size_t>(B * features));
   std::vector<std::int32_t> task_ids(B), labels(B);
   const moekit::MatrixView<float> x_view(x.data(), B, features);
   const cpu::Batch batch{x_view, {task_ids.data(), B}, {labels.data(), B}};
@@ -367,7 +367,8 @@ int run(const Options& opt) {
     // A fifth branch: copy the model, train only the new adapter and head on
     // task 4's samples, and check that branches 0-3 answer exactly as before:
     // compare the logits of every held-out sample (max_classes() per row).
-    const auto logits_of = [&](auto& m) {
+    // test_set by init-capture: clang 14 and 15 cannot capture a structured binding.
+    const auto logits_of = [&, &test_set = test_set](auto& m) {
       const index_t C = m.heads().max_classes();
       std::vector<float> z(static_cast<std::size_t>(test_set.size() * C));
       for (index_t r0 = 0; r0 < test_set.size(); r0 += B) {
@@ -399,10 +400,12 @@ int run(const Options& opt) {
 
     const std::vector<float> new_logits = logits_of(bigger);
     const index_t C = model.heads().max_classes(), C5 = bigger.heads().max_classes();
-    for (index_t i = 0; i < test_set.size(); ++i) {
-      const std::size_t bytes =
-          static_cast<std::size_t>(classes[test_set.tasks[i]]) * sizeof(float);
-      unchanged = unchanged && std::memcmp(&old_logits[i * C], &new_logits[i * C5], bytes) == 0;
+    for (std::size_t i = 0; i < test_set.tasks.size(); ++i) {
+      const auto task = static_cast<std::size_t>(test_set.tasks[i]);
+      const std::size_t bytes = static_cast<std::size_t>(classes[task]) * sizeof(float);
+      unchanged = unchanged &&
+                  std::memcmp(old_logits.data() + i * static_cast<std::size_t>(C),
+                              new_logits.data() + i * static_cast<std::size_t>(C5), bytes) == 0;
     }
     const train::EvalReport new_eval = train::evaluate(bigger, new_test);
     // [expand]
@@ -414,8 +417,8 @@ int run(const Options& opt) {
 
   // The final table.
   std::printf("\n%-8s %7s %9s %8s %7s\n", "branch", "classes", "accuracy", "chance", "loss");
-  for (int h = 0; h < 4; ++h) {
-    std::printf("%-8d %7lld %9.3f %8.3f %7.3f\n", h, static_cast<long long>(classes[h]),
+  for (std::size_t h = 0; h < 4; ++h) {
+    std::printf("%-8zu %7lld %9.3f %8.3f %7.3f\n", h, static_cast<long long>(classes[h]),
                 eval.accuracy[h], 1.0 / static_cast<double>(classes[h]), eval.loss[h]);
   }
   if (opt.csv.empty()) {

@@ -1,5 +1,5 @@
 // Knowledge distillation (moekit/cpu/distillation.hpp) against a float64
-// reference written here from DESIGN.md §4, its gradient against the
+// reference written here from docs/math.md, its gradient against the
 // analytic float64 formula and central finite differences of the reference
 // (T = 1, 2, 4 and a = 0, 0.5, 1), numerical stability at huge logits,
 // determinism across thread counts, strided views and bad input.

@@ -18,6 +18,7 @@ namespace {
 
 using moekit::index_t;
 using moekit::MoeSpec;
+using moekit::to_size;
 namespace routing = moekit::routing;
 
 static_assert(std::is_same_v<moekit::cpu::SwitchNormalization, moekit::SwitchNormalization>,
@@ -27,7 +28,7 @@ template <int E>
 std::vector<float> random_rows(index_t tokens, unsigned seed) {
   std::mt19937 gen(seed);
   std::normal_distribution<float> normal(0.0f, 3.0f);
-  std::vector<float> x(tokens * E);
+  std::vector<float> x(to_size(tokens * E));
   for (float& v : x) v = normal(gen);
   return x;
 }
@@ -48,21 +49,21 @@ void check_z_loss_token() {
   const double cpu = moekit::cpu::z_loss<S>(b.view(), 0.25f, {ref.data(), tokens, E});
   double sum = 0.0;
   for (index_t t = 0; t < tokens; ++t) {
-    sum +=
-        routing::z_loss_token<E>(&b.logits[t * E], 0.25, static_cast<double>(tokens), &got[t * E]);
+    sum += routing::z_loss_token<E>(&b.logits[to_size(t * E)], 0.25, static_cast<double>(tokens),
+                                    &got[to_size(t * E)]);
   }
   EXPECT_NEAR(sum / tokens, cpu, 1e-6 * cpu);
   for (index_t i = 0; i < tokens * E; ++i) {
-    ASSERT_EQ(got[i], ref[i]) << i;
+    ASSERT_EQ(got[to_size(i)], ref[to_size(i)]) << i;
   }
   for (int e = 0; e < E; ++e) {
-    EXPECT_EQ(got[5 * E + e], 0.5f);  // undefined rows: no gradient
-    EXPECT_EQ(got[9 * E + e], 0.5f);
-    EXPECT_EQ(got[11 * E + e], 0.5f);
+    EXPECT_EQ(got[to_size(5 * E + e)], 0.5f);  // undefined rows: no gradient
+    EXPECT_EQ(got[to_size(9 * E + e)], 0.5f);
+    EXPECT_EQ(got[to_size(11 * E + e)], 0.5f);
   }
-  EXPECT_EQ(got[13 * E], 0.5f);  // the masked expert: + 0
+  EXPECT_EQ(got[to_size(13 * E)], 0.5f);  // the masked expert: + 0
   if (E > 1) {
-    EXPECT_NE(got[13 * E + 1], 0.5f);
+    EXPECT_NE(got[to_size(13 * E + 1)], 0.5f);
   }
 }
 

@@ -34,13 +34,12 @@ namespace io = moekit::io;
 using moekit::Errc;
 using moekit::index_t;
 using moekit::MatrixView;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit_test::expect_error;
 using Mat = moekit_test::StridedMatrix;
 
 constexpr float kSentinel = 12345.0f;
-
-std::size_t sz(index_t v) { return static_cast<std::size_t>(v); }
 
 // A fresh path in the test's temporary directory.
 fs::path temp_path(const std::string& name) {
@@ -63,7 +62,7 @@ std::string file_bytes(const std::string& header, const std::string& data,
                        std::uint64_t n = std::numeric_limits<std::uint64_t>::max()) {
   if (n == std::numeric_limits<std::uint64_t>::max()) n = header.size();
   std::string out(8, '\0');
-  for (int i = 0; i < 8; ++i) out[sz(i)] = static_cast<char>((n >> (8 * i)) & 0xffu);
+  for (int i = 0; i < 8; ++i) out[to_size(i)] = static_cast<char>((n >> (8 * i)) & 0xffu);
   return out + header + data;
 }
 
@@ -88,7 +87,7 @@ void expect_bad_file(const std::string& name, const std::string& bytes, Errc cod
 
 std::vector<float> random_vector(std::mt19937& rng, index_t n) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> v(sz(n));
+  std::vector<float> v(to_size(n));
   for (float& x : v) x = normal(rng);
   return v;
 }
@@ -757,7 +756,7 @@ struct MoeBuffers {
     n_shared = c.num_shared;
     const bool g = layer.gated();
     const auto make = [&](index_t n) {
-      return rng != nullptr ? random_vector(*rng, n) : std::vector<float>(sz(n), kSentinel);
+      return rng != nullptr ? random_vector(*rng, n) : std::vector<float>(to_size(n), kSentinel);
     };
     w_gate = make(E * d);
     if (biases) gate_bias = make(E), selection_bias = make(E);
@@ -798,7 +797,7 @@ std::vector<float> run_layer(const moekit::cpu::MoeLayer<S>& layer,
                              index_t T) {
   moekit::cpu::MoeLayerStorage<S> st(layer, T);
   const index_t d = layer.config().d_model;
-  std::vector<float> y(sz(T * d));
+  std::vector<float> y(to_size(T * d));
   layer.forward({x.data(), T, d}, p, st.state(), {y.data(), T, d}, nullptr, st.workspace());
   return y;
 }
@@ -850,7 +849,7 @@ TEST(SafetensorsWeights, MoeLayerBf16AndStridedDestinations) {
       "");
   EXPECT_TRUE(gate.padding_untouched() && w1.padding_untouched() && w2.padding_untouched());
   for (index_t i = 0; i < 20 * 6; ++i) {
-    const float want = io::bf16_bits_to_float(io::float_to_bf16_bits(src.w3[sz(i)]));
+    const float want = io::bf16_bits_to_float(io::float_to_bf16_bits(src.w3[to_size(i)]));
     ASSERT_EQ(w3.at(i / 6, i % 6), want);
   }
 }

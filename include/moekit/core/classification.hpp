@@ -1,12 +1,12 @@
 #pragma once
-// Classification math shared by every backend (DESIGN.md §4: heads, knowledge
+// Classification math shared by every backend (docs/math.md: heads, knowledge
 // distillation, early exit), one row of C logits at a time. Host-device, no
 // Eigen: the CPU backend calls these per row and CUDA kernels will too.
 //
 // Softmax cross-entropy of a row z with label y:
 //   lse = log sum_c exp(z_c),   CE = lse - z_y,   dCE/dz = softmax(z) - onehot(y)
 // Knowledge distillation of student logits s against teacher logits t at
-// temperature T with mixing a (DESIGN.md §4):
+// temperature T with mixing a (docs/math.md, "Knowledge distillation"):
 //   p = softmax(t / T),  q = softmax(s / T),  r = softmax(s)
 //   L = a T^2 KL(p || q) + (1 - a) CE(y, r),   KL(p || q) = sum_c p_c (log p_c - log q_c)
 //   dL/ds = a T (q - p) + (1 - a) (r - onehot(y))

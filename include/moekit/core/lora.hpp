@@ -1,5 +1,5 @@
 #pragma once
-// LoRA math shared by every backend (DESIGN.md §4): the scaling factor, the
+// LoRA math shared by every backend (docs/math.md, "LoRA"): the scaling factor, the
 // initial values of A and the dropout mask on the adapter input. All are pure
 // functions of their arguments (the random ones of a caller seed and an
 // element counter, see moekit/core/random.hpp), so the CPU and CUDA backends,

@@ -13,7 +13,7 @@
 //
 // Expert e owns buffer rows [offsets[e], offsets[e + 1]); pos numbers each
 // expert's kept slots 0, 1, 2, ... in token order, so within an expert the
-// rows follow increasing token index (the stable permutation of DESIGN §4),
+// rows follow increasing token index (the stable permutation of docs/math.md),
 // and every buffer row belongs to exactly one kept slot.
 //
 //   dispatch           buffer[row(t, k)]      = x[t]                          kept (t, k)
@@ -93,21 +93,21 @@ std::array<index_t, S::num_experts> check_dispatch_routing(
   check_shape(routing.expert_ids, tokens, kK, "routing.expert_ids");
   check_shape(routing.positions, tokens, kK, "routing.positions");
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  std::array<index_t, kE> count{};
+  std::array<index_t, to_size(kE)> count{};
   if (offsets != nullptr) {
     const VectorView<const index_t> off = *offsets;
     MOEKIT_CHECK(off[0] == 0, Errc::kInvalidArgument, "offsets[0] = ", off[0], ", expected 0");
     for (int e = 0; e < kE; ++e) {
       MOEKIT_CHECK(off[e + 1] >= off[e], Errc::kInvalidArgument, "offsets decreases: offsets[", e,
                    "] = ", off[e], " > offsets[", e + 1, "] = ", off[e + 1]);
-      count[e] = off[e + 1] - off[e];
+      count[to_size(e)] = off[e + 1] - off[e];
     }
   }
-  std::array<index_t, kE> fill{};
+  std::array<index_t, to_size(kE)> fill{};
   for (index_t t = 0; t < tokens; ++t) {
     for (int k = 0; k < kK; ++k) {
       const std::int32_t p = routing.positions(t, k);
-      const int e = routing.expert_ids(t, k);
+      const std::size_t e = to_size(routing.expert_ids(t, k));
       MOEKIT_CHECK(p >= -1 && p < tokens, Errc::kOutOfRange, "routing.positions(", t, ", ", k,
                    ") = ", p, " is outside [-1, T = ", tokens, ")");
       if (p < 0) continue;
@@ -121,7 +121,7 @@ std::array<index_t, S::num_experts> check_dispatch_routing(
     }
   }
   if (offsets != nullptr) {
-    for (int e = 0; e < kE; ++e) {
+    for (std::size_t e = 0; e < kE; ++e) {
       MOEKIT_CHECK(fill[e] == count[e], Errc::kInvalidArgument, "offsets give expert ", e, " ",
                    count[e], " rows, but the routing keeps ", fill[e], " of its assignments");
     }
@@ -151,8 +151,8 @@ void combine_rows(MatrixView<const float> src, const Routing& routing,
   const index_t d = dst.cols();
   MOEKIT_PARALLEL_FOR_IF(tokens * kK * d > kLightParallelGrain)
   for (index_t t = 0; t < tokens; ++t) {
-    index_t rows[kK];
-    float scale[kK];
+    index_t rows[to_size(kK)];
+    float scale[to_size(kK)];
     int kept = 0;
     for (int k = 0; k < kK; ++k) {
       const index_t r = dispatch_row(routing, offsets, t, k);
@@ -193,14 +193,14 @@ index_t dispatch_offsets(const Routing& routing, VectorView<index_t> offsets) {
   constexpr int kE = S::num_experts;
   check_view(routing.expert_ids, "routing.expert_ids");
   check_shape(offsets, index_t{kE} + 1, "offsets");
-  const std::array<index_t, kE> count =
+  const std::array<index_t, to_size(kE)> count =
       detail::check_dispatch_routing<S>(routing, routing.expert_ids.rows(), nullptr);
   OverlapCheck("cpu::dispatch_offsets")
       .out({{offsets, "offsets"}})
       .in({{routing.expert_ids, "routing.expert_ids"}, {routing.positions, "routing.positions"}})
       .check();
   offsets[0] = 0;
-  for (int e = 0; e < kE; ++e) offsets[e + 1] = offsets[e] + count[e];
+  for (int e = 0; e < kE; ++e) offsets[e + 1] = offsets[e] + count[to_size(e)];
   return offsets[kE];
 }
 

@@ -1,5 +1,5 @@
 #pragma once
-// Knowledge distillation loss on the CPU backend (DESIGN.md §4): a student's
+// Knowledge distillation loss on the CPU backend (docs/math.md): a student's
 // logits trained against a teacher's softened distribution and the labels.
 //
 // For row i of the student logits s_i and teacher logits t_i (n x C each),

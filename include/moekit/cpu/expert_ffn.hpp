@@ -40,7 +40,7 @@
 // set to 0 (overwrite) or left unchanged (accumulate). dx is always
 // overwritten (dispatch_backward accumulates into the token gradient).
 //
-// Threading (DESIGN.md §6: one thread pool at a time). Each expert is one
+// Threading (docs/index.md, "Threads": one pool at a time). Each expert is one
 // set of Eigen GEMMs on its rows. Either the experts run in parallel
 // (OpenMP, dynamic schedule) with each GEMM single-threaded - Eigen does not
 // parallelise a GEMM called from inside an active OpenMP parallel region -

@@ -14,7 +14,7 @@
 //   h   n x R          saved adapter activations (caller memory)
 //   y   n x d_out
 //
-// The math (DESIGN.md §4), s = alpha / R, or alpha / sqrt(R) with rsLoRA
+// The math (docs/math.md, "LoRA"), s = alpha / R, or alpha / sqrt(R) with rsLoRA
 // (moekit/core/lora.hpp), drop = dropout on the adapter input (identity in
 // inference or with p = 0):
 //   forward   h = drop(x) a^T,   y = x w^T + bias + s h b^T

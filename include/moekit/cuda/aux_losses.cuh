@@ -1,6 +1,6 @@
 #pragma once
 // Load-balancing losses and the aux-loss-free bias update on the CUDA backend:
-// the formulas of moekit/cpu/aux_losses.hpp (DESIGN.md §4), computed from
+// the formulas of moekit/cpu/aux_losses.hpp (docs/math.md), computed from
 // what gpu::route() wrote. Conventions as in moekit/cuda/router.cuh:
 // two-phase workspace (a null d_temp_storage asks for the size), host-side
 // validation that throws moekit::Error before any launch, cudaError_t for

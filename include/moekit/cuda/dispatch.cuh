@@ -1,6 +1,6 @@
 #pragma once
 // Capacity, dispatch and combine on the CUDA backend, forward and backward,
-// for MoeSpec<E, K>: the math of moekit/cpu/dispatch.hpp (DESIGN.md §4) on a
+// for MoeSpec<E, K>: the math of moekit/cpu/dispatch.hpp (docs/math.md) on a
 // routing that gpu::route() wrote.
 //
 //   gpu::DispatchPlanArgs<Spec> plan{ids, weights, capacity, /*row_alignment=*/1,
@@ -12,7 +12,7 @@
 //   gpu::combine<Spec>(expert_out, ids, weights, positions, offsets, y, false, stream);
 //
 // The plan. Slot s = t K + k is token t's k-th assignment. With C the
-// capacity (DESIGN §4; T when dropless) and a the row alignment:
+// capacity (docs/math.md, "Capacity"; T when dropless) and a the row alignment:
 //
 //   p(t, k)    = kept slots of expert e = ids(t, k) before s, in slot order
 //   positions  = p, or -1 for a slot dropped by capacity (its weight set to 0)

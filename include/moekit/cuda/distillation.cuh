@@ -1,5 +1,5 @@
 #pragma once
-// Knowledge distillation loss on the CUDA backend (DESIGN.md §4): the math of
+// Knowledge distillation loss on the CUDA backend (docs/math.md): the math of
 // moekit/cpu/distillation.hpp on device data of type T (fp32, bf16, fp16).
 //
 // For row i of student logits s_i and teacher logits t_i (n x C each),

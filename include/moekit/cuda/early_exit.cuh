@@ -1,5 +1,5 @@
 #pragma once
-// Early exit on the CUDA backend (DESIGN.md §4): the exit decision, stream
+// Early exit on the CUDA backend (docs/math.md): the exit decision, stream
 // compaction of the live rows and the weighted multi-exit training loss of
 // moekit/cpu/early_exit.hpp, on device data; logits of type T (fp32, bf16,
 // fp16).

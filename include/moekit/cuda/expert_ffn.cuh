@@ -1,7 +1,7 @@
 #pragma once
 // Expert FFNs over the expert-major buffer on the CUDA backend, forward and
 // backward, for MoeSpec<E, K> and activations of type T (fp32, bf16, fp16):
-// the math and weight layout of moekit/cpu/expert_ffn.hpp (DESIGN.md §4).
+// the math and weight layout of moekit/cpu/expert_ffn.hpp (docs/math.md).
 //
 //   w1  (E d_ff) x d,  w3 (E d_ff) x d (gated only),  w2 (E d) x d_ff   (row-major)
 //   a = X W1^T,  h = act(a) [* X W3^T],  y = h W2^T        for expert e's rows X

@@ -4,7 +4,7 @@
 // a bank of N adapters where each row picks its own (LoraBank, SGMV style),
 // forward and backward, initialisation and merging on the device. The math,
 // layout, dropout mask and configuration are the CPU backend's
-// (moekit/cpu/lora.hpp, DESIGN.md §4), s = alpha / R (alpha / sqrt(R) rsLoRA):
+// (moekit/cpu/lora.hpp, docs/math.md), s = alpha / R (alpha / sqrt(R) rsLoRA):
 //
 //   x  n x d_in,  w  d_out x d_in (frozen, optional bias d_out),
 //   a  N R x d_in (adapter i: rows [i R, (i + 1) R)),  b  N d_out x R (rows [i d_out, ...))

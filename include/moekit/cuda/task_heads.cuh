@@ -2,7 +2,7 @@
 // H task heads on a shared encoder on the CUDA backend, for HeadSpec<H> and
 // elements T (fp32, bf16, fp16): forward, per-task softmax cross-entropy with
 // fixed or uncertainty weighting, per-task accuracy, and backward. The math,
-// weight layout and gradient rules of moekit/cpu/task_heads.hpp (DESIGN.md §4):
+// weight layout and gradient rules of moekit/cpu/task_heads.hpp (docs/math.md):
 //
 //   w  (sum_h C_h) x d   head h's W_h = rows [off_h, off_h + C_h)     (row-major)
 //   b  sum_h C_h         head h's b_h (config.bias)

@@ -96,7 +96,7 @@
 #include <utility>
 #include <vector>
 
-#include <nlohmann/json.hpp>
+#include "moekit/detail/json.hpp"  // nlohmann_json (moekit::io)
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"

@@ -1,5 +1,5 @@
 #pragma once
-// Training monitoring for moekit's reference multi-task model (DESIGN.md §1:
+// Training monitoring for moekit's reference multi-task model (docs/reference_model.md:
 // total loss, aux loss, per-branch accuracy, expert utilisation, speed,
 // memory). Host only.
 //
@@ -69,7 +69,7 @@
 #include <utility>
 #include <vector>
 
-#include <nlohmann/json.hpp>
+#include "moekit/detail/json.hpp"  // nlohmann_json (moekit::io)
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
