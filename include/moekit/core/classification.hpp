@@ -41,6 +41,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <span>
 #include <string>
 
@@ -252,16 +253,20 @@ void check_head_backward_outputs(MatrixView<X> dx, MatrixView<G> dw, VectorView<
 
 // TaskHeads::backward's arguments on both backends, for its OverlapCheck
 // (the caller adds its workspace): dx and the gradients written, the rest read.
+// The lists are spelled as std::initializer_list<Footprint>: nvcc's front
+// end wraps a bare braced list with dependent members in parentheses, which
+// the host compiler rejects.
 template <class HeadWeightsT, class HeadGradsT>
 void add_head_backward_args(OverlapCheck& c, const auto& dlogits, const auto& x,
                             VectorView<const std::int32_t> tasks, const HeadWeightsT& weights,
                             const auto& dx, const HeadGradsT& grads) {
-  c.out({{dx, "dx"}, {grads.dw, "grads.dw"}, {grads.db, "grads.db"}})
-      .in({{dlogits, "dlogits"},
-           {x, "x"},
-           {tasks, "tasks"},
-           {weights.w, "weights.w"},
-           {weights.b, "weights.b"}});
+  c.out(
+       std::initializer_list<Footprint>{{dx, "dx"}, {grads.dw, "grads.dw"}, {grads.db, "grads.db"}})
+      .in(std::initializer_list<Footprint>{{dlogits, "dlogits"},
+                                           {x, "x"},
+                                           {tasks, "tasks"},
+                                           {weights.w, "weights.w"},
+                                           {weights.b, "weights.b"}});
 }
 
 // Weights of H heads, and dlog_vars (H entries or empty; empty for kFixed).
