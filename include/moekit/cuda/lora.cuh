@@ -33,7 +33,8 @@
 // tile is past the segment's end (the numbering's gaps, and the tiles rows
 // without an adapter would have had, are idle blocks). So every call
 // is stream-ordered and can be captured into a CUDA graph; the base GEMMs
-// are cuBLAS calls on the caller's handle (set to `stream`).
+// are cuBLAS calls on the caller's handle (put on `stream` where it is on
+// another one: gpu::ExpertFfn says why).
 //
 // Determinism. Every output element is written by one thread, every sum runs
 // in a fixed order (warp butterflies and warps in order; outer's splits in
@@ -862,7 +863,7 @@ class LoraLayer {
     void* partials =
         static_cast<char*>(workspace) + round_up(static_cast<std::size_t>(n * R) * sizeof(float));
     if (want_dx && !w.w.empty() && n > 0) {
-      MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+      detail::use_stream(handle, stream);
       // dx = dy w: column-major dx^T (d_in x n) = w^T (d_in x d_out) dy^T.
       cublas_gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, d_in_, n, d_out_, w.w.data(), gemm_ld(w.w),
                   dy.data(), gemm_ld(dy), 0.0f, dx.data(), gemm_ld(dx));
@@ -986,7 +987,7 @@ class LoraLayer {
       broadcast_bias_kernel<T><<<elementwise_grid(n * d_out_), 256, 0, stream>>>(w.bias, y);
       MOEKIT_CUDA_CHECK(cudaGetLastError());
     }
-    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    detail::use_stream(handle, stream);
     // Column-major y^T (d_out x n) = w (op T of d_in x d_out) x^T.
     cublas_gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, d_out_, n, d_in_, w.w.data(), gemm_ld(w.w),
                 x.data(), gemm_ld(x), w.bias.empty() ? 0.0f : 1.0f, y.data(), gemm_ld(y));

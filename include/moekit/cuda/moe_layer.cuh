@@ -190,7 +190,8 @@ struct MoeLayerStats {
 };
 
 // Where and how a call runs: the device workspace and the caller's cuBLAS
-// handle (set to `stream` by the call) and stream.
+// handle (put on `stream` by the call where it is on another one, which
+// drops a cublasSetWorkspace workspace: set the stream first) and stream.
 struct MoeLayerWorkspace {
   void* data = nullptr;  // device, 256-byte aligned
   std::size_t bytes = 0;
@@ -719,7 +720,7 @@ class MoeLayer {
                                                                             logits);
       MOEKIT_CUDA_CHECK(cudaGetLastError());
     }
-    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    detail::use_stream(handle, stream);
     if (jittered()) {
       const MatrixView<float> jittered_x(static_cast<float*>(scratch), tokens, d);
       detail::jitter_kernel<T, float><<<detail::elementwise_grid(tokens * d), 256, 0, stream>>>(
@@ -792,7 +793,7 @@ class MoeLayer {
       MOEKIT_CUDA_CHECK(cudaGetLastError());
       g = r;
     }
-    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    detail::use_stream(handle, stream);
     if (want_dw) {
       MatrixView<const T> input = x;
       if (jittered()) {
