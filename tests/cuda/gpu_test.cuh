@@ -25,10 +25,10 @@
 
 // Skips the calling test under compute-sanitizer (see under_compute_sanitizer).
 #define MOEKIT_SKIP_UNDER_COMPUTE_SANITIZER(why)                                             \
-  do {                                                                                      \
-    if (::moekit_test::under_compute_sanitizer()) {                                         \
+  do {                                                                                       \
+    if (::moekit_test::under_compute_sanitizer()) {                                          \
       GTEST_SKIP() << "under compute-sanitizer (MOEKIT_UNDER_COMPUTE_SANITIZER=1): " << why; \
-    }                                                                                       \
+    }                                                                                        \
   } while (false)
 
 namespace moekit_test {

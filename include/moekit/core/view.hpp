@@ -240,6 +240,12 @@ inline bool overlap(const Footprint& a, const Footprint& b) {
 // kInvalidArgument, naming `where` (the public function, e.g.
 // "cpu::MoeLayer::forward") and both arguments, when an output overlaps
 // another output or an input. No allocation: at most kMax arguments.
+// An argument list for OverlapCheck::out / in. Code that nvcc compiles
+// spells the type, out(Footprints{{y, "y"}}): nvcc's front end wraps a bare
+// braced list in a dependent call in parentheses, which the host compiler
+// then rejects.
+using Footprints = std::initializer_list<Footprint>;
+
 class OverlapCheck {
  public:
   static constexpr int kMax = 48;
@@ -247,8 +253,8 @@ class OverlapCheck {
   explicit OverlapCheck(const char* where) : where_(where) {}
 
   // out({{y, "y"}, {grads.dx, "grads.dx"}}), in({{x, "x"}}); empty views count for nothing.
-  OverlapCheck& out(std::initializer_list<Footprint> args) { return add(args, true); }
-  OverlapCheck& in(std::initializer_list<Footprint> args) { return add(args, false); }
+  OverlapCheck& out(Footprints args) { return add(args, true); }
+  OverlapCheck& in(Footprints args) { return add(args, false); }
 
   void check() const {
     for (int i = 0; i < n_; ++i) {

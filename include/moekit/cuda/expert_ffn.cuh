@@ -283,11 +283,11 @@ class ExpertFfn {
     if (gated() && !saved_gate.empty()) check_shape(saved_gate, n, f, "saved_gate");
     if (!gated()) check_absent(saved_gate, "saved_gate");
     OverlapCheck("gpu::ExpertFfn::forward")
-        .out({{y, "y"},
-              {saved_pre, "saved_pre"},
-              {saved_gate, "saved_gate"},
-              detail::temp_storage(workspace, workspace_size(n))})
-        .in({{buffer, "buffer"}, {w.w1, "w.w1"}, {w.w3, "w.w3"}, {w.w2, "w.w2"}})
+        .out(Footprints{{y, "y"},
+                        {saved_pre, "saved_pre"},
+                        {saved_gate, "saved_gate"},
+                        detail::temp_storage(workspace, workspace_size(n))})
+        .in(Footprints{{buffer, "buffer"}, {w.w1, "w.w1"}, {w.w3, "w.w3"}, {w.w2, "w.w2"}})
         .check();
     if (n == 0) return;
     detail::use_stream(handle, stream);
@@ -350,18 +350,18 @@ class ExpertFfn {
     if (!gated()) check_absent(grads.dw3, "grads.dw3");
     if (want_dw2) check_shape(grads.dw2, e_d, f, "grads.dw2");
     OverlapCheck("gpu::ExpertFfn::backward")
-        .out({{dx, "dx"},
-              {grads.dw1, "grads.dw1"},
-              {grads.dw3, "grads.dw3"},
-              {grads.dw2, "grads.dw2"},
-              detail::temp_storage(workspace, workspace_size(n))})
-        .in({{dy, "dy"},
-             {buffer, "buffer"},
-             {w.w1, "w.w1"},
-             {w.w3, "w.w3"},
-             {w.w2, "w.w2"},
-             {saved_pre, "saved_pre"},
-             {saved_gate, "saved_gate"}})
+        .out(Footprints{{dx, "dx"},
+                        {grads.dw1, "grads.dw1"},
+                        {grads.dw3, "grads.dw3"},
+                        {grads.dw2, "grads.dw2"},
+                        detail::temp_storage(workspace, workspace_size(n))})
+        .in(Footprints{{dy, "dy"},
+                       {buffer, "buffer"},
+                       {w.w1, "w.w1"},
+                       {w.w3, "w.w3"},
+                       {w.w2, "w.w2"},
+                       {saved_pre, "saved_pre"},
+                       {saved_gate, "saved_gate"}})
         .check();
     const float beta = grads.accumulate ? 1.0f : 0.0f;
 

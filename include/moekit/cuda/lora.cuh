@@ -799,7 +799,7 @@ class LoraLayer {
 
   void init(const char* where, MatrixView<T> a, MatrixView<T> b, const LoraInitConfig& c,
             index_t first_row, cudaStream_t stream) const {
-    OverlapCheck(where).out({{a, "a"}, {b, "b"}}).check();
+    OverlapCheck(where).out(Footprints{{a, "a"}, {b, "b"}}).check();
     const float spread = lora_init_spread<R>(c, d_in_);
     lora_init_kernel<T><<<elementwise_grid(a.size() + b.size()), 256, 0, stream>>>(
         a, b, c.kind, spread, c.seed, first_row);
@@ -816,8 +816,9 @@ class LoraLayer {
     check_workspace(workspace, bytes, workspace_size(n));
     check_launch_limits(n, false);
     OverlapCheck overlap(where);
-    overlap.out({{y, "y"}, {saved_h, "saved_h"}, temp_storage(workspace, workspace_size(n))})
-        .in({{x, "x"}, {ids, "rows.ids"}});
+    overlap
+        .out(Footprints{{y, "y"}, {saved_h, "saved_h"}, temp_storage(workspace, workspace_size(n))})
+        .in(Footprints{{x, "x"}, {ids, "rows.ids"}});
     add_inputs(overlap, w, seg);
     overlap.check();
     if (n == 0) return;
@@ -852,11 +853,11 @@ class LoraLayer {
     check_launch_limits(n, want_da || want_db);
     OverlapCheck overlap(where);
     overlap
-        .out({{dx, "dx"},
-              {grads.da, "grads.da"},
-              {grads.db, "grads.db"},
-              temp_storage(workspace, workspace_size(n))})
-        .in({{dy, "dy"}, {x, "x"}, {saved_h, "saved_h"}});
+        .out(Footprints{{dx, "dx"},
+                        {grads.da, "grads.da"},
+                        {grads.db, "grads.db"},
+                        temp_storage(workspace, workspace_size(n))})
+        .in(Footprints{{dy, "dy"}, {x, "x"}, {saved_h, "saved_h"}});
     add_inputs(overlap, w, seg);
     overlap.check();
     if (!want_dx && !want_da && !want_db) return;
@@ -889,7 +890,7 @@ class LoraLayer {
     OverlapCheck(where)
         .out(
             {{w, "w"}, temp_storage(safe ? workspace : nullptr, safe ? merge_workspace_size() : 0)})
-        .in({{a, "a"}, {b, "b"}})
+        .in(Footprints{{a, "a"}, {b, "b"}})
         .check();
     const MatrixView<const T> ai = a.middle_rows(adapter * R, R);
     const MatrixView<const T> bi = b.middle_rows(adapter * d_out_, d_out_);
@@ -943,12 +944,12 @@ class LoraLayer {
 
   // The weights and row grouping a call reads, for its OverlapCheck.
   void add_inputs(OverlapCheck& c, const LoraWeights<T>& w, const LoraSegments& seg) const {
-    c.in({{w.w, "weights.w"},
-          {w.bias, "weights.bias"},
-          {w.a, "weights.a"},
-          {w.b, "weights.b"},
-          {seg.order, seg.order != nullptr ? seg.rows : 0, "rows.order"},
-          {seg.offsets, seg.offsets != nullptr ? seg.count + 1 : 0, "rows.offsets"}});
+    c.in(Footprints{{w.w, "weights.w"},
+                    {w.bias, "weights.bias"},
+                    {w.a, "weights.a"},
+                    {w.b, "weights.b"},
+                    {seg.order, seg.order != nullptr ? seg.rows : 0, "rows.order"},
+                    {seg.offsets, seg.offsets != nullptr ? seg.count + 1 : 0, "rows.offsets"}});
   }
 
   static void check_handle(cublasHandle_t handle, const LoraWeights<T>& w) {
@@ -1127,11 +1128,11 @@ class LoraBank {
     const std::size_t need = group_workspace_size(n);
     detail::check_workspace(workspace, workspace_bytes, need);
     OverlapCheck("gpu::LoraBank::group")
-        .out({{order, "order"},
-              {offsets, "offsets"},
-              {invalid, invalid != nullptr ? 1 : 0, "invalid"},
-              detail::temp_storage(workspace, need)})
-        .in({{ids, "ids"}})
+        .out(Footprints{{order, "order"},
+                        {offsets, "offsets"},
+                        {invalid, invalid != nullptr ? 1 : 0, "invalid"},
+                        detail::temp_storage(workspace, need)})
+        .in(Footprints{{ids, "ids"}})
         .check();
     const auto count = static_cast<std::size_t>(n);
     char* base = static_cast<char*>(workspace);

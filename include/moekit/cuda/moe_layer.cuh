@@ -350,10 +350,10 @@ class MoeLayer {
         begin_call<ForwardLayout>(workspace, state, tokens);
     OverlapCheck overlap("gpu::MoeLayer::forward");
     overlap
-        .out({{y, "y"},
-              {state.row_slots, "state.row_slots"},
-              detail::temp_storage(workspace.data, lay.total)})
-        .in({{x, "x"}});
+        .out(Footprints{{y, "y"},
+                        {state.row_slots, "state.row_slots"},
+                        detail::temp_storage(workspace.data, lay.total)})
+        .in(Footprints{{x, "x"}});
     add_moe_params(overlap, params);
     add_moe_state(overlap, state, /*written=*/true);
     overlap.check();
@@ -458,8 +458,8 @@ class MoeLayer {
     const auto [lay, stream, handle, ws, main, routing, rows] =
         begin_call<BackwardLayout>(workspace, state, tokens);
     OverlapCheck overlap("gpu::MoeLayer::backward");
-    overlap.out({{dx, "dx"}, detail::temp_storage(workspace.data, lay.total)})
-        .in({{dy, "dy"}, {x, "x"}, {state.row_slots, "state.row_slots"}});
+    overlap.out(Footprints{{dx, "dx"}, detail::temp_storage(workspace.data, lay.total)})
+        .in(Footprints{{dy, "dy"}, {x, "x"}, {state.row_slots, "state.row_slots"}});
     add_moe_params(overlap, params);
     add_moe_grads(overlap, grads);
     add_moe_state(overlap, state, /*written=*/false);

@@ -508,8 +508,10 @@ class TaskHeads {
     check_weights(weights);
     check_shape(logits, n, max_classes_, "logits");
     OverlapCheck("gpu::TaskHeads::forward")
-        .out({{logits, "logits"}, {invalid_rows, invalid_rows != nullptr ? 1 : 0, "invalid_rows"}})
-        .in({{x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
+        .out(Footprints{{logits, "logits"},
+                        {invalid_rows, invalid_rows != nullptr ? 1 : 0, "invalid_rows"}})
+        .in(Footprints{
+            {x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
         .check();
     auto* invalid = reinterpret_cast<unsigned long long*>(invalid_rows);
     if (invalid != nullptr)
@@ -541,11 +543,11 @@ class TaskHeads {
     const LossPlan lp = loss_plan(n);
     check_workspace(workspace, workspace_bytes, lp.plan.bytes(), n);
     OverlapCheck("gpu::TaskHeads::loss")
-        .out({{dlogits, "dlogits"},
-              {dlog_vars, "dlog_vars"},
-              {result, 1, "result"},
-              detail::temp_storage(workspace, lp.plan.bytes())})
-        .in({{logits, "logits"}, {tasks, "tasks"}, {labels, "labels"}})
+        .out(Footprints{{dlogits, "dlogits"},
+                        {dlog_vars, "dlog_vars"},
+                        {result, 1, "result"},
+                        detail::temp_storage(workspace, lp.plan.bytes())})
+        .in(Footprints{{logits, "logits"}, {tasks, "tasks"}, {labels, "labels"}})
         .check();
 
     detail::LossTable<kHeads> loss_table{};
@@ -605,7 +607,7 @@ class TaskHeads {
       check_workspace(workspace, workspace_bytes, 0, n);  // before CUB, which needs a device
       const BackwardPlan bp = backward_plan(n);
       check_workspace(workspace, workspace_bytes, bp.plan.bytes(), n);
-      overlap.out({detail::temp_storage(workspace, bp.plan.bytes())}).check();
+      overlap.out(Footprints{detail::temp_storage(workspace, bp.plan.bytes())}).check();
       auto* keys_in = detail::carve<std::uint32_t>(workspace, bp.keys_in);
       auto* keys_out = detail::carve<std::uint32_t>(workspace, bp.keys_out);
       auto* rows_in = detail::carve<std::int32_t>(workspace, bp.rows_in);
