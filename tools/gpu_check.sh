@@ -33,7 +33,7 @@
 # $OUT/gpu_check_stageN.tar.gz when OUT is set (the device tool's folder),
 # else build/gpu/results/. The summary table is printed at the end as well.
 # Every step runs under `timeout` and records a row of its own (ok, FAIL,
-# TIMEOUT, skipped, not run); the table is built from whatever rows exist, so
+# TIMEOUT, MISSING, skipped, not run); the table is built from whatever rows exist, so
 # a missing or broken result never loses the rest. Exit status: 0 when no
 # step failed or timed out, 1 otherwise.
 #
@@ -110,6 +110,7 @@ build_carry() {
 self=$root/tools/gpu_check.sh
 dir=${MOEKIT_GPU_CHECK_DIR:-}  # this stage's result folder (exported for the steps)
 deadline=0                     # epoch seconds after which no step starts
+device=0                       # 1 where the test binary ran a kernel
 failures=0
 
 # row NAME STATUS RC SECONDS NOTE: one line of the summary.
@@ -257,6 +258,20 @@ memcheck_suites() {
     }'
 }
 
+# sanitizer_step NAME LIMIT TOOL FILTER: the tests FILTER under the
+# sanitizer's TOOL, or a row saying why not: skipped without a device,
+# MISSING (a failure) on a GPU machine without compute-sanitizer.
+sanitizer_step() {
+  if ((device == 0)); then
+    row "$1" skipped - 0 "no usable CUDA device"
+  elif ! command -v compute-sanitizer >/dev/null; then
+    row "$1" MISSING - 0 "compute-sanitizer not found"
+    failures=$((failures + 1))
+  else
+    step "$1" "$2" sanitize "$3" "$4"
+  fi
+}
+
 sanitize() {
   local tool=$1 filter=$2
   MOEKIT_UNDER_COMPUTE_SANITIZER=1 compute-sanitizer --tool "$tool" --error-exitcode 99 \
@@ -279,7 +294,8 @@ either_side_of_32() {
 stage1() {
   step environment 60 environment
   use_fallback
-  local device=1 suite
+  local suite
+  device=1
   device_usable || device=0
   echo "device usable: $device" >>"$dir/environment.txt"
   # Every suite in its own process: a crash or a hang costs one suite.
@@ -289,22 +305,14 @@ stage1() {
   done < <(list_suites)
   [[ -x $carry/moekit_cuda_tests ]] || row tests FAIL - 0 "no moekit_cuda_tests in $carry"
   while read -r suite; do
-    host_only "${suite%%/*}" && continue
-    if ((device == 0)); then
-      row "memcheck.${suite//\//_}" skipped - 0 "no usable CUDA device"
-    elif ! command -v compute-sanitizer >/dev/null; then
-      row "memcheck.${suite//\//_}" skipped - 0 "compute-sanitizer not found"
-      failures=$((failures + 1))
-    else
-      step "memcheck.${suite//\//_}" 75 sanitize memcheck "$suite.*"
-    fi
+    host_only "${suite%%/*}" || sanitizer_step "memcheck.${suite//\//_}" 75 memcheck "$suite.*"
   done < <(memcheck_suites)
 }
 
 stage2() {
   find_libraries >"$dir/libraries.txt"
   use_fallback
-  local device=1
+  device=1
   device_usable || device=0
   # The kernels that share shared memory, the router's warp path first.
   local -a groups=(
@@ -317,14 +325,7 @@ stage2() {
   local tool group
   for tool in racecheck synccheck; do
     for group in "${groups[@]}"; do
-      if ((device == 0)); then
-        row "$tool.${group%%:*}" skipped - 0 "no usable CUDA device"
-      elif ! command -v compute-sanitizer >/dev/null; then
-        row "$tool.${group%%:*}" skipped - 0 "compute-sanitizer not found"
-        failures=$((failures + 1))
-      else
-        step "$tool.${group%%:*}" 60 sanitize "$tool" "${group#*:}"
-      fi
+      sanitizer_step "$tool.${group%%:*}" 60 "$tool" "${group#*:}"
     done
   done
   local example bench
