@@ -33,9 +33,9 @@
 # $OUT/gpu_check_stageN.tar.gz when OUT is set (the device tool's folder),
 # else build/gpu/results/. The summary table is printed at the end as well.
 # Every step runs under `timeout` and records a row of its own (ok, FAIL,
-# TIMEOUT, MISSING, skipped, not run); the table is built from whatever rows exist, so
-# a missing or broken result never loses the rest. Exit status: 0 when no
-# step failed or timed out, 1 otherwise.
+# TIMEOUT, MISSING, skipped, not run); the table is built from whatever rows
+# exist, so a missing or broken result never loses the rest. Exit status: 0
+# when no step failed, timed out, went missing or was cut for time, else 1.
 #
 # ---- device time budget (one session: 15 minutes of device time in all,
 # machine start-up and idle waits included; at most 10 minutes a command) ----
