@@ -429,8 +429,8 @@ dry_run() {
     echo "a GPU is present: run the stages for real instead"
     exit 77
   fi
-  local scratch b status=0
-  scratch=$(mktemp -d)
+  local b status=0
+  scratch=$(mktemp -d)  # global: the EXIT trap outlives this function
   trap 'rm -rf "$scratch"' EXIT
   mkdir -p "$scratch/carry" "$scratch/out"
   for b in "${binaries[@]}"; do
