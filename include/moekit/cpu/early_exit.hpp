@@ -84,6 +84,7 @@ class EarlyExit {
   // Starts a batch of n samples: every sample live, in order; results.exit
   // = -1 (prediction and confidence are written when a sample exits). Returns n.
   index_t begin(index_t n, ExitState state, ExitResults results) const {
+    MOEKIT_API("cpu::EarlyExit::begin");
     MOEKIT_CHECK_GE(n, 0);
     check_exit_results(results, n);
     check_exit_state(state, n);
@@ -201,6 +202,7 @@ void compact_rows(VectorView<T> v, VectorView<const index_t> kept) {
 // Out of place: dst row j = src row kept[j] (dst: kept.size() x cols).
 template <class T>
 void gather_rows(MatrixView<const T> src, VectorView<const index_t> kept, MatrixView<T> dst) {
+  MOEKIT_API("cpu::gather_rows");
   check_view(src, "src");
   detail::check_kept(kept, src.rows());
   check_shape(dst, kept.size(), src.cols(), "dst");

@@ -196,6 +196,7 @@ class ExpertFfn {
   void forward(MatrixView<const float> buffer, VectorView<const index_t> offsets,
                const ExpertWeights& weights, MatrixView<float> y, MatrixView<float> saved_pre,
                MatrixView<float> saved_gate, VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::ExpertFfn::forward");
     const index_t n = check_common(buffer, offsets, weights, workspace);
     const index_t d = config_.d_model, f = config_.d_ff;
     check_shape(y, n, d, "y");
@@ -248,6 +249,7 @@ class ExpertFfn {
                 MatrixView<const float> saved_pre, MatrixView<const float> saved_gate,
                 MatrixView<float> dx, const ExpertGrads& grads,
                 VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::ExpertFfn::backward");
     const index_t n = check_common(buffer, offsets, weights, workspace);
     const index_t d = config_.d_model, f = config_.d_ff;
     const index_t e_rows_ff = index_t{kExperts} * f, e_rows_d = index_t{kExperts} * d;

@@ -19,7 +19,12 @@
 //   moekit::cpu::MoeLayerStorage<Spec> storage(layer, t_max);
 //   auto aux = layer.forward(x, params, storage.state(), y, &stats, storage.workspace());
 //   ... loss: L = f(y) + switch_coeff * aux.switch_loss + z_coeff * aux.z_loss ...
-//   layer.backward(dy, x, params, storage.state(), grads, dx, storage.workspace());
+//   layer.backward(dy, x, params, storage.state(), dx, grads, storage.workspace());
+//
+// Argument order as every backward in moekit: the output gradient dy, the
+// forward's inputs and saved state, then dx before the parameter gradients.
+// The workspace is never optional (every call needs one), so it has no
+// default and forgetting it does not compile.
 //
 // Backward (dy = dL/dy; the aux losses' gradients are added with their
 // coefficients, so the gradients are those of L as above):
@@ -167,12 +172,14 @@ class MoeLayer {
   }
 
   // y = the layer's output for x (T x d); fills `state` for backward and
-  // `stats` (when not null) with the routing statistics. Returns the aux
-  // losses (unscaled) whose coefficients are on.
+  // `stats` (unless null) with the routing statistics. Returns both aux
+  // losses' values (unscaled) whatever the coefficients (a coefficient of 0
+  // only leaves the value out of total and the gradients). workspace:
+  // workspace_size(T) bytes.
   MoeAuxLosses forward(MatrixView<const float> x, const MoeLayerParams& params,
-                       const MoeLayerState& state, MatrixView<float> y,
-                       RoutingStats<S>* stats = nullptr,
-                       VectorView<std::byte> workspace = {}) const {
+                       const MoeLayerState& state, MatrixView<float> y, RoutingStats<S>* stats,
+                       VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::MoeLayer::forward");
     check_view(x, "x");
     const index_t tokens = x.rows();
     const index_t d = config_.d_model;
@@ -220,20 +227,20 @@ class MoeLayer {
     }
 
     MoeAuxLosses aux;
-    if (config_.switch_coeff != 0.0f)
-      aux.switch_loss = switch_loss<S>(*stats, config_.switch_options);
-    if (config_.z_coeff != 0.0f) aux.z_loss = stats->z_loss;
+    aux.switch_loss = switch_loss<S>(*stats, config_.switch_options);
+    aux.z_loss = stats->z_loss;
     aux.total = static_cast<double>(config_.switch_coeff) * aux.switch_loss +
                 static_cast<double>(config_.z_coeff) * aux.z_loss;
     return aux;
   }
 
   // Gradients of L = f(y) + switch_coeff L_switch + z_coeff L_z given
-  // dy = df/dy (T x d) and the x, params and state of the forward. dx (T x d) or empty; grads: see
-  // MoeLayerGrads.
+  // dy = df/dy (T x d) and the x, params and state of the forward. dx (T x
+  // d) or empty; grads: see MoeLayerGrads; workspace: workspace_size(T) bytes.
   void backward(MatrixView<const float> dy, MatrixView<const float> x, const MoeLayerParams& params,
-                const MoeLayerState& state, const MoeLayerGrads& grads, MatrixView<float> dx,
-                VectorView<std::byte> workspace = {}) const {
+                const MoeLayerState& state, MatrixView<float> dx, const MoeLayerGrads& grads,
+                VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::MoeLayer::backward");
     check_view(dy, "dy");
     const index_t tokens = dy.rows();
     const index_t d = config_.d_model;
@@ -246,7 +253,7 @@ class MoeLayer {
     const Routing routing = routing_rows(state.routing, tokens);
     const VectorView<const index_t> offsets = state.offsets;
     const index_t n = detail::check_dispatch_args<S>(routing, tokens, offsets);
-    check_distinct_ids(routing.expert_ids);
+    check_distinct_ids(routing.expert_ids, "state.routing.expert_ids");
     MOEKIT_CHECK(n <= routed_rows(tokens), Errc::kShapeMismatch, "offsets[", kExperts, "] = ", n,
                  " exceeds routed_rows(", tokens, ") = ", routed_rows(tokens));
     const Layout lay = layout(tokens, routed_rows(tokens));
@@ -381,6 +388,7 @@ class MoeLayer {
   }
 
   static const MoeLayerConfig& validated(const MoeLayerConfig& c) {
+    MOEKIT_API("cpu::MoeLayer::MoeLayer");
     check_moe_layer_fields(c);
     return c;  // d_model, d_ff, kind, activation, threading, router: the parts' constructors
   }
@@ -417,17 +425,6 @@ class MoeLayer {
                  " bytes, workspace_size() = ", need);
     MOEKIT_CHECK(reinterpret_cast<std::uintptr_t>(workspace.data()) % alignof(float) == 0,
                  Errc::kInvalidArgument, "workspace is not aligned to ", alignof(float), " bytes");
-  }
-
-  static void check_distinct_ids(MatrixView<const std::int32_t> ids) {
-    for (index_t t = 0; t < ids.rows(); ++t) {
-      for (int k = 1; k < kTopK; ++k) {
-        for (int j = 0; j < k; ++j) {
-          MOEKIT_CHECK(ids(t, k) != ids(t, j), Errc::kInvalidArgument,
-                       "state.routing.expert_ids row ", t, " repeats expert ", ids(t, k));
-        }
-      }
-    }
   }
 
   MoeLayerConfig config_;
