@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
@@ -112,6 +113,20 @@ template <class T>
 MatrixView(T*, index_t, index_t, index_t) -> MatrixView<T>;
 template <class T>
 VectorView(T*, index_t) -> VectorView<T>;
+
+// A view of a std::vector the caller owns (a workspace, a bias, a label
+// list): view_of(workspace) where a function takes VectorView<std::byte>.
+// Valid until the vector reallocates. moekit/cpu/eigen.hpp adds the Eigen
+// overloads.
+template <class T, class A>
+VectorView<T> view_of(std::vector<T, A>& v) {
+  return VectorView<T>(v.data(), static_cast<index_t>(v.size()));
+}
+// The same, read-only, for a const vector.
+template <class T, class A>
+VectorView<const T> view_of(const std::vector<T, A>& v) {
+  return VectorView<const T>(v.data(), static_cast<index_t>(v.size()));
+}
 
 // ---- host-side validation -------------------------------------------------
 

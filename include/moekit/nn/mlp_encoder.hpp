@@ -33,6 +33,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "moekit/core/activation.hpp"
 #include "moekit/core/error.hpp"
@@ -62,6 +63,13 @@ struct MlpEncoderViews {
   MatrixView<T> gamma{}, beta{};
   MatrixView<T> w1{}, b1{};
   MatrixView<T> w2{}, b2{};
+
+  // Mutable views (what init fills) convert to the read-only weights
+  // forward takes: encoder.forward(x, views, y, ws).
+  template <class U>
+  requires(std::is_same_v<U, const T> && !std::is_const_v<T>) operator MlpEncoderViews<U>() const {
+    return {w_in, b_in, gamma, beta, w1, b1, w2, b2};
+  }
 };
 using MlpEncoderWeights = MlpEncoderViews<const float>;
 
@@ -98,6 +106,7 @@ class MlpEncoder {
   // element), biases 0, LayerNorm the identity. The residual branches are
   // scaled by 1 / sqrt(2 L) so the activations stay O(1) with depth.
   void init(const MlpEncoderViews<float>& w, std::uint64_t seed) const {
+    MOEKIT_API("cpu::MlpEncoder::init");
     check(w, "w");
     OverlapCheck overlap("cpu::MlpEncoder::init");
     add_views(overlap, {w.w_in, w.b_in, w.gamma, w.beta, w.w1, w.b1, w.w2, w.b2}, /*written=*/true);
@@ -126,6 +135,7 @@ class MlpEncoder {
   // y = the encoding of x (n x d_input), n x d.
   void forward(MatrixView<const float> x, const MlpEncoderWeights& w, MatrixView<float> y,
                VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::MlpEncoder::forward");
     const MlpEncoderConfig& c = config_;
     check_view(x, "x");
     const index_t n = x.rows(), d = c.d_model, f = c.d_ff;
