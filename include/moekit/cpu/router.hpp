@@ -34,11 +34,13 @@ namespace cpu {
 
 static_assert(sizeof(int) == sizeof(std::int32_t), "expert ids are 32-bit ints");
 
+// The router's configuration (the rules in core/routing.hpp); the
+// constructor validates it.
 struct RouterConfig {
-  GatingConfig gating{};
-  NoiseConfig noise{};
-  CapacityConfig capacity{};
-  NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;
+  GatingConfig gating{};                                    // rule, renormalisation, groups
+  NoiseConfig noise{};                                      // training noise (off by default)
+  CapacityConfig capacity{};                                // capacity factor and drop policy
+  NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;  // what a NaN/Inf logit does
 };
 
 // The routing of a batch (defined in core/routing.hpp, shared with the CUDA backend).
@@ -50,21 +52,21 @@ struct RouterGrads {
   MatrixView<float> dx{};       // T x d
   MatrixView<float> dw_gate{};  // E x d
   VectorView<float> dbias{};    // E
-  bool accumulate = false;
+  bool accumulate = false;      // add to the views instead of overwriting
 };
 
 // Cheap enough to leave on: gating computes them in the same pass over the
 // tokens (O(T E) additions and, for z_loss, one scalar exp per logit).
 template <MoeSpecType S>
 struct RoutingStats {
-  static constexpr int kExperts = S::num_experts;
-  index_t tokens = 0;
+  static constexpr int kExperts = S::num_experts;     // E
+  index_t tokens = 0;                                 // T, the tokens routed
   std::array<index_t, to_size(kExperts)> assigned{};  // assignments per expert, before capacity
   std::array<index_t, to_size(kExperts)> kept{};      // after capacity
   std::array<double, to_size(kExperts)>
-      mean_distribution{};  // mean over tokens of q (routing distribution)
-  index_t dropped = 0;
-  index_t non_finite_logits = 0;
+      mean_distribution{};        // mean over tokens of q (routing distribution)
+  index_t dropped = 0;            // assignments dropped by capacity
+  index_t non_finite_logits = 0;  // NaN or Inf logits seen (NonFinitePolicy::kSanitize)
   // The router z-loss of the batch, mean_t logsumexp(logits_t)^2 (rows with
   // a NaN or +inf logit, or only -inf, add 0; a -inf logit alone is a masked
   // expert): the same bits as cpu::z_loss(routing, 1).
@@ -145,11 +147,14 @@ std::array<index_t, S::num_experts> assignment_counts(MatrixView<const std::int3
 // partials, kCount x E values, live on the stack).
 template <int E>
 struct TokenChunks {
-  static constexpr int kCount = std::clamp(4096 / E, 16, 64);
-  index_t tokens;
+  static constexpr int kCount = std::clamp(4096 / E, 16, 64);  // chunks
+  index_t tokens;                                              // T
   index_t size;  // tokens per chunk (the last may be short or empty)
+  // Chunks of t tokens.
   explicit TokenChunks(index_t t) : tokens(t), size((t + kCount - 1) / kCount) {}
+  // The first token of chunk c.
   index_t begin(std::size_t c) const { return std::min(tokens, static_cast<index_t>(c) * size); }
+  // One past the last token of chunk c.
   index_t end(std::size_t c) const { return begin(c + 1); }
 };
 
@@ -213,10 +218,11 @@ inline constexpr float kExpFloor = -87.0f;
 // the scalar rule's (core/routing.hpp). The one implementation behind
 // softmax gating.
 struct ShiftedExp {
-  float max;
-  float sum;
+  float max;  // max x
+  float sum;  // sum of exp(x - max)
 };
 
+// The function described above, for E logits.
 template <int E>
 ShiftedExp shifted_exp(const float* x, float* out) {
   const RowExpSum r = shifted_exp_row(x, E, kExpFloor, out);
@@ -289,15 +295,17 @@ void top_k_lanes(const float* keys, int* ids_out) {
 
 }  // namespace detail
 
+// The router for MoeSpec<E, K> (see the top of this file).
 template <MoeSpecType S>
 class Router {
  public:
-  static constexpr int kExperts = S::num_experts;
-  static constexpr int kTopK = S::top_k;
+  static constexpr int kExperts = S::num_experts;  // E
+  static constexpr int kTopK = S::top_k;           // K
 
   // Rejects a configuration that cannot route (naming the field and value).
   explicit Router(const RouterConfig& config) : config_(config) { validate(config); }
 
+  // The configuration it was built with.
   const RouterConfig& config() const { return config_; }
 
   // Slots per expert for a batch of `tokens` (tokens when dropless).
