@@ -66,8 +66,7 @@ struct MlpEncoderViews {
 
   // Mutable views (what init fills) convert to the read-only weights
   // forward takes: encoder.forward(x, views, y, ws).
-  template <class U>
-  requires(std::is_same_v<U, const T> && !std::is_const_v<T>) operator MlpEncoderViews<U>() const {
+  operator MlpEncoderViews<const T>() const requires(!std::is_const_v<T>) {
     return {w_in, b_in, gamma, beta, w1, b1, w2, b2};
   }
 };
