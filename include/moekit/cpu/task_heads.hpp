@@ -94,11 +94,12 @@ namespace cpu {
 // Mean rows per busy head up to which heads run in parallel (see above).
 inline constexpr index_t kHeadParallelMaxRows = 1024;
 
+// The heads' configuration; the constructor validates it.
 template <HeadSpecType S>
 struct TaskHeadsConfig {
   index_t d_model = 0;                          // feature width d
   std::array<index_t, S::num_heads> classes{};  // C_h, each >= 1
-  bool bias = true;
+  bool bias = true;                             // whether the heads have biases
 };
 
 // All heads' parameters (layout at the top of this file).
@@ -109,8 +110,8 @@ struct HeadWeights {
 
 // Gradient outputs of the parameters; an empty view is frozen.
 struct HeadGrads {
-  MatrixView<float> dw{};
-  VectorView<float> db{};
+  MatrixView<float> dw{};   // (sum of C_h) x d, the layout of HeadWeights::w
+  VectorView<float> db{};   // sum of C_h; empty without bias
   bool accumulate = false;  // add to dw / db instead of overwriting them
 };
 
@@ -136,10 +137,11 @@ struct TaskLossRows {
   VectorView<double> loss{};             // the row's cross-entropy
 };
 
+// H linear classification heads over a shared feature (see the top of this file).
 template <HeadSpecType S>
 class TaskHeads {
  public:
-  static constexpr int kHeads = S::num_heads;
+  static constexpr int kHeads = S::num_heads;  // H
 
   // Rejects a configuration it cannot run (naming the field, head and value).
   explicit TaskHeads(const TaskHeadsConfig<S>& config) : config_(config) {
@@ -154,8 +156,11 @@ class TaskHeads {
     }
   }
 
+  // The configuration it was built with.
   const TaskHeadsConfig<S>& config() const { return config_; }
+  // d, the feature width.
   index_t d_model() const { return config_.d_model; }
+  // C_h, the classes of head h.
   index_t classes(int h) const { return config_.classes[to_size(h)]; }
   // First row of head h in w (and entry in b).
   index_t class_offset(int h) const { return offsets_[to_size(h)]; }
