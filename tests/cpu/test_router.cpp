@@ -935,7 +935,9 @@ TEST(RouterApplyCapacity, MatchesTheRoutersOwnCapacity) {
   for (const GatingConfig& gating : gating_grid<8, 2>()) {
     for (DropPolicy policy : {DropPolicy::kPosition, DropPolicy::kProbs}) {
       RoutingBuffers<S> free_buf(T), capped_buf(T);
-      for (float& v : free_buf.logits) v = normal(rng) + (&v - free_buf.logits.data()) % 8 * 0.3f;
+      for (std::size_t i = 0; i < free_buf.logits.size(); ++i) {
+        free_buf.logits[i] = normal(rng) + 0.3f * static_cast<float>(i % 8);  // skewed: drops
+      }
       capped_buf.logits = free_buf.logits;
       RouterConfig config;
       config.gating = gating;
