@@ -455,30 +455,14 @@ TEST(MoeLayer, CapacityDropsMatchAnIndependentCount) {
   EXPECT_GE(rounds_with_drops, 24) << "of 48 rounds";  // the test must see many drops
 }
 
-TEST(MoeLayer, ForwardReturnsAuxLosses) {
+// forward's aux losses against float64 for the given coefficients. The values
+// are reported whatever the coefficients: a coefficient of 0 only leaves its
+// loss out of total (and of the gradients).
+void check_aux_losses(float switch_coeff, float z_coeff) {
   using S = MoeSpec<8, 2>;
   MoeLayerConfig c = make_config(FfnKind::kPlain, Activation::kGeluTanh, 0, 0.0);
-  c.switch_coeff = 0.01f;
-  c.z_coeff = 0.001f;
-  const MoeLayer<S> layer(c);
-  const Problem p = make_problem(c, 8, 2, 40, 11);
-  MoeLayerStorage<S> st(layer, 40);
-  std::vector<float> y(p.x.size(), kNaN);
-  const auto aux = layer.forward({p.x.data(), 40, p.d}, params_of(p, c), st.state(),
-                                 {y.data(), 40, p.d}, nullptr, st.workspace());
-  const Ref r = ref_forward(p, c, Params64(p), positions_of(st, 40));
-  EXPECT_NEAR(aux.switch_loss, r.switch_loss, 1e-5 * r.switch_loss);
-  EXPECT_NEAR(aux.z_loss, r.z_loss, 1e-5 * r.z_loss);
-  EXPECT_DOUBLE_EQ(aux.total, 0.01f * aux.switch_loss + 0.001f * aux.z_loss);
-}
-
-// The values are reported whatever the coefficients: a coefficient of 0
-// only leaves its loss out of total (and of the gradients).
-TEST(MoeLayer, ForwardReportsAuxValuesWithZeroCoefficients) {
-  using S = MoeSpec<8, 2>;
-  const MoeLayerConfig c = make_config(FfnKind::kPlain, Activation::kGeluTanh, 0, 0.0);
-  ASSERT_EQ(c.switch_coeff, 0.0f);
-  ASSERT_EQ(c.z_coeff, 0.0f);
+  c.switch_coeff = switch_coeff;
+  c.z_coeff = z_coeff;
   const MoeLayer<S> layer(c);
   const Problem p = make_problem(c, 8, 2, 40, 11);
   MoeLayerStorage<S> st(layer, 40);
@@ -490,7 +474,15 @@ TEST(MoeLayer, ForwardReportsAuxValuesWithZeroCoefficients) {
   ASSERT_GT(r.z_loss, 0.0);
   EXPECT_NEAR(aux.switch_loss, r.switch_loss, 1e-5 * r.switch_loss);
   EXPECT_NEAR(aux.z_loss, r.z_loss, 1e-5 * r.z_loss);
-  EXPECT_EQ(aux.total, 0.0);
+  EXPECT_DOUBLE_EQ(aux.total, static_cast<double>(switch_coeff) * aux.switch_loss +
+                                  static_cast<double>(z_coeff) * aux.z_loss);
+}
+
+TEST(MoeLayer, ForwardReturnsAuxLosses) { check_aux_losses(0.01f, 0.001f); }
+
+TEST(MoeLayer, ForwardReportsAuxValuesWithZeroCoefficients) {
+  check_aux_losses(0.0f, 0.0f);
+  check_aux_losses(0.01f, 0.0f);
 }
 
 // Errors from shared checkers carry the name of the function the user called.
