@@ -17,15 +17,12 @@ void moekit_api_case(const Layer& layer, moekit::MatrixView<const float> x,
   layer.backward(x, x, params, state, dx, grads, workspace);
   layer.backward(x, x, params, state, {}, grads, workspace);
 #elif MOEKIT_API_CASE == 1
-  // The order before dx moved first: grads, then dx.
+  // The order before dx moved first: grads, then dx (or {} for no dx).
   layer.backward(x, x, params, state, grads, dx, workspace);
-#elif MOEKIT_API_CASE == 2
-  // The same with "no dx" spelled {}.
   layer.backward(x, x, params, state, grads, {}, workspace);
-#elif MOEKIT_API_CASE == 3
-  // The workspace is required: no default.
+#elif MOEKIT_API_CASE == 2
+  // The workspace is required: no default (backward likewise).
   layer.forward(x, params, state, y, nullptr);
-#elif MOEKIT_API_CASE == 4
   layer.backward(x, x, params, state, dx, grads);
 #endif
   static_cast<void>(layer), static_cast<void>(x), static_cast<void>(params);
