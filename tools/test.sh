@@ -9,7 +9,10 @@
 #      and the model's unit tests (cpu.MultitaskModel.*) cover its code paths.
 #      So are the runs of the real all-MiniLM-L6-v2 (cpu.MiniLM.*, minutes
 #      unoptimised): the tiny random BERTs of cpu.BertEncoder*.* and
-#      cpu.BertCheckpoint.* run the same encoder and loader code.
+#      cpu.BertCheckpoint.* run the same encoder and loader code; and the text
+#      system's training on real text (cpu.TextSystem.*), whose code paths the
+#      unit tests cpu.TextDatasets.*, cpu.EncodedCache.* and
+#      cpu.TextMultitaskModel.* cover.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/bootstrap.sh
@@ -25,5 +28,5 @@ cmake --build --preset default
 ctest --preset default -j "$jobs"
 
 cmake --preset debug >/dev/null
-cmake --build --preset debug --target moekit_cpu_tests
-ctest --preset debug -j "$jobs" -R '^cpu\.' -E '^cpu\.(MultitaskTraining|MiniLM)\.'
+cmake --build --preset debug --target moekit_cpu_tests moekit_text_tests
+ctest --preset debug -j "$jobs" -R '^cpu\.' -E '^cpu\.(MultitaskTraining|MiniLM|TextSystem)\.'

@@ -21,17 +21,21 @@
 // (metrics logs; tools/plot_run.py draws them). Exits 77 when the model or
 // the data is missing.
 
+#include <array>
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "moekit/cpu/early_exit.hpp"
 #include "moekit/io/bert.hpp"
 #include "moekit/nn/text_multitask_model.hpp"
 #include "moekit/text/encoded_cache.hpp"
@@ -50,6 +54,7 @@ using json = nlohmann::json;
 
 constexpr int kTasks = 4;
 constexpr int kExitLayers[] = {2, 4};
+constexpr double kExitLayersRun[] = {2, 4, 6};  // encoder layers run before exit 0, 1, 2 (the end)
 
 struct Options {
   std::filesystem::path model, data, cache, out = "text_multitask_run";
@@ -200,6 +205,187 @@ RunResult train_and_evaluate(const char* name, Model& model, train::TextSamples&
   rec.accuracy = out.eval.accuracy;
   rec.elapsed_s = since(t0);
   log.write(rec);
+  return out;
+}
+
+// ---- early exit ----------------------------------------------------------------------------
+
+// An exit classifier: a linear head on one encoder layer's pooled state
+// (the text model with no MoE layers and one branch; its adapter stays 0).
+using ExitHead = cpu::TextMultitaskModel<Dense, Lora, moekit::HeadSpec<1>>;
+
+std::unique_ptr<ExitHead> exit_head(index_t classes, index_t batch) {
+  auto c = model_config<Dense, moekit::HeadSpec<1>>({classes}, 1, 0, batch);
+  c.distillation = {2.0f, 0.5f};  // temperature, weight of the teacher's term
+  return std::make_unique<ExitHead>(c);
+}
+
+// Trains exit head `exit` of one task on its pooled states; with a teacher
+// (the full system's logits on the training texts) by distillation.
+std::unique_ptr<ExitHead> train_exit_head(const train::TextTask& task, int exit,
+                                          const std::vector<float>* teacher, double epochs,
+                                          index_t batch) {
+  auto head = exit_head(task.num_classes(), batch);
+  train::TextSamples samples({&task.train_encoded}, {&task.train.labels});
+  if (teacher != nullptr) samples.set_teacher(*teacher, task.num_classes());
+  const auto steps = std::max<std::int64_t>(
+      1, static_cast<std::int64_t>(epochs * static_cast<double>(samples.size()) /
+                                   static_cast<double>(batch) + 0.5));
+  train::Trainer<ExitHead> trainer(*head, trainer_config(steps, true));
+  train::train_text_model<ExitHead>(trainer, samples, steps, batch, 31 + static_cast<std::uint64_t>(exit),
+                                    {exit});
+  return head;
+}
+
+// Logits (n x classes) of every test text of a task at one exit head.
+std::vector<float> exit_logits(ExitHead& head, const train::TextTask& task, int exit) {
+  train::TextSamples samples({&task.test_encoded}, {&task.test.labels});
+  return train::evaluate_text_model(head, samples, {exit}, false).logits;
+}
+
+struct ExitPoint {
+  double threshold = 0, accuracy = 0, mean_layers = 0;
+};
+
+// Per-sample early exit (cpu::EarlyExit, confidence rule) over the three
+// exits' logits (n x C each; the last is the full system): accuracy and the
+// mean number of encoder layers run.
+ExitPoint exit_point(const std::array<const std::vector<float>*, 3>& logits, index_t C,
+                     const std::vector<std::int32_t>& labels, float threshold) {
+  const auto n = static_cast<index_t>(labels.size());
+  const cpu::EarlyExit rule({.criteria = {.min_confidence = threshold}, .num_exits = 3});
+  std::vector<index_t> original(static_cast<std::size_t>(n)), kept(original);
+  std::vector<std::int32_t> previous(original.size()), agree(original.size()),
+      pred(original.size()), exit(original.size());
+  std::vector<float> conf(original.size()), live;
+  const cpu::ExitState state{{original.data(), n}, {previous.data(), n}, {agree.data(), n}};
+  const cpu::ExitResults results{{pred.data(), n}, {conf.data(), n}, {exit.data(), n}};
+  index_t m = rule.begin(n, state, results);
+  for (int e = 0; e < 3; ++e) {
+    live.resize(static_cast<std::size_t>(m * C));
+    for (index_t r = 0; r < m; ++r) {
+      std::copy_n(logits[static_cast<std::size_t>(e)]->data() + original[static_cast<std::size_t>(r)] * C, C,
+                  live.data() + r * C);
+    }
+    m = rule.step(e, {live.data(), m, C}, state, results, {kept.data(), n});
+  }
+  ExitPoint p;
+  p.threshold = threshold;
+  for (index_t i = 0; i < n; ++i) {
+    p.accuracy += pred[static_cast<std::size_t>(i)] == labels[static_cast<std::size_t>(i)] ? 1 : 0;
+    p.mean_layers += kExitLayersRun[exit[static_cast<std::size_t>(i)]];
+  }
+  p.accuracy /= static_cast<double>(std::max<index_t>(1, n));
+  p.mean_layers /= static_cast<double>(std::max<index_t>(1, n));
+  return p;
+}
+
+struct Latency {
+  index_t texts = 0;
+  double full_ms = 0, exit_ms = 0;    // per text, wall clock
+  double full_acc = 0, exit_acc = 0;  // on these texts
+  double exit_layers = 0;             // mean encoder layers run with exits
+};
+
+// The live path, text in, class out, for n test texts of task t in batches:
+// without exits (all six encoder layers, then the MoE system) and with them
+// (layers [0, 2), exit head; the samples that stay are compacted with
+// gather_sequences and only they run layers [2, 4), and so on), so the
+// encoder layers of samples that left are never computed.
+template <class Moe>
+Latency live_latency(const moekit::io::BertModel& bert, const train::TextTask& task, int t,
+                     Moe& moe, ExitHead& h2, ExitHead& h4, float threshold, index_t n,
+                     index_t batch, index_t max_length) {
+  const cpu::BertEncoder& enc = bert.encoder;
+  const cpu::BertEncoderWeights w = bert.weights.weights();
+  const index_t d = enc.config().d_model, C = task.num_classes(), Cm = moe.heads().max_classes();
+  const cpu::EarlyExit rule({.criteria = {.min_confidence = threshold}, .num_exits = 3});
+  n = std::min(n, task.test.size());
+  Latency out;
+  out.texts = n;
+  std::vector<float> h(static_cast<std::size_t>(batch * max_length * d)), g(h.size()),
+      pooled(static_cast<std::size_t>(batch * d)), z(static_cast<std::size_t>(batch * Cm));
+  std::vector<std::byte> ws(static_cast<std::size_t>(enc.workspace_size(batch * max_length, max_length)));
+  const moekit::VectorView<std::byte> wsv(ws.data(), static_cast<index_t>(ws.size()));
+  std::vector<index_t> original(static_cast<std::size_t>(batch)), kept(original),
+      offsets2(static_cast<std::size_t>(batch + 1)), one(static_cast<std::size_t>(batch + 1));
+  std::vector<std::int32_t> previous(original.size()), agree(original.size()), pred(original.size()),
+      exit(original.size()), tasks(original.size(), static_cast<std::int32_t>(t)),
+      zeros(original.size(), 0);
+  std::vector<float> conf(original.size());
+  for (index_t i = 0; i <= batch; ++i) one[static_cast<std::size_t>(i)] = i;
+  // Logits of the m sequences in `hidden` (packed, offsets) from the MoE system.
+  const auto full = [&](const float* hidden, const index_t* offsets, index_t m) {
+    const cpu::TextBatch b{{hidden, offsets[m], d}, {offsets, m + 1}, {tasks.data(), m}, {}};
+    moe.predict(b, {z.data(), m, Cm});
+    return moekit::MatrixView<const float>(z.data(), m, C, Cm);
+  };
+  const auto head = [&](ExitHead& e, index_t m) {
+    const cpu::TextBatch b{{pooled.data(), m, d}, {one.data(), m + 1}, {zeros.data(), m}, {}};
+    e.predict(b, {z.data(), m, C});
+    return moekit::MatrixView<const float>(z.data(), m, C);
+  };
+  for (const bool exits : {false, true}) {
+    double correct = 0, layers = 0;
+    const auto t0 = Clock::now();
+    for (index_t b0 = 0; b0 < n; b0 += batch) {
+      const index_t m0 = std::min(batch, n - b0);
+      std::vector<std::string_view> texts;
+      for (index_t i = b0; i < b0 + m0; ++i) texts.push_back(task.test.texts[static_cast<std::size_t>(i)]);
+      const text::TokenBatch tb = bert.tokenizer.encode_batch(texts, max_length);
+      const moekit::MatrixView<float> hv(h.data(), tb.tokens(), d);
+      enc.embed(tb.ids_view(), {}, tb.offsets_view(), w, hv);
+      const cpu::ExitState state{{original.data(), m0}, {previous.data(), m0}, {agree.data(), m0}};
+      const cpu::ExitResults res{{pred.data(), m0}, {conf.data(), m0}, {exit.data(), m0}};
+      if (!exits) {
+        enc.run_layers(0, 6, tb.offsets_view(), w, hv, wsv);
+        const auto logits = full(h.data(), tb.offsets.data(), m0);
+        for (index_t i = 0; i < m0; ++i) {
+          const float* r = logits.row(i);
+          pred[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(std::max_element(r, r + C) - r);
+          exit[static_cast<std::size_t>(i)] = 2;
+        }
+      } else {
+        index_t m = rule.begin(m0, state, res);
+        float* cur = h.data();
+        float* other = g.data();
+        std::vector<index_t> offs(tb.offsets.begin(), tb.offsets.end());
+        int done = 0;
+        for (int e = 0; e < 3 && m > 0; ++e) {
+          const int upto = e < 2 ? kExitLayers[e] : 6;
+          const moekit::VectorView<const index_t> ov(offs.data(), m + 1);
+          const moekit::MatrixView<float> cv(cur, offs[static_cast<std::size_t>(m)], d);
+          enc.run_layers(done, upto, ov, w, cv, wsv);
+          done = upto;
+          moekit::MatrixView<const float> logits;
+          if (e < 2) {
+            cpu::pool_sequences(cv, ov, cpu::Pooling::kMean, false, {pooled.data(), m, d});
+            logits = head(e == 0 ? h2 : h4, m);
+          } else {
+            logits = full(cur, offs.data(), m);
+          }
+          const index_t live = rule.step(e, logits, state, res, {kept.data(), m});
+          if (e < 2 && live > 0) {  // compact: only the samples that stay run on
+            cpu::gather_sequences(cv, ov, {kept.data(), live},
+                                  {other, offs[static_cast<std::size_t>(m)], d},
+                                  {offsets2.data(), live + 1});
+            std::copy_n(offsets2.begin(), live + 1, offs.begin());
+            std::swap(cur, other);
+          }
+          m = live;
+        }
+      }
+      for (index_t i = 0; i < m0; ++i) {
+        const auto k = static_cast<std::size_t>(i);
+        correct += pred[k] == task.test.labels[static_cast<std::size_t>(b0 + i)] ? 1 : 0;
+        layers += kExitLayersRun[exit[k]];
+      }
+    }
+    const double ms = 1e3 * since(t0) / static_cast<double>(std::max<index_t>(1, n));
+    (exits ? out.exit_ms : out.full_ms) = ms;
+    (exits ? out.exit_acc : out.full_acc) = correct / static_cast<double>(std::max<index_t>(1, n));
+    if (exits) out.exit_layers = layers / static_cast<double>(std::max<index_t>(1, n));
+  }
   return out;
 }
 
@@ -469,6 +655,69 @@ int main(int argc, char** argv) {
                             {"old_logits_differing", differing}};
   }
   stages["expansion"] = since(t0);
+  // ---- 7. early exit, with and without distillation ----------------------------------------------
+  t0 = Clock::now();
+  {
+    const train::TextEval teacher_eval = train::evaluate_text_model(moe, train_set, {}, false);
+    const std::vector<float> thresholds = {0.0f, 0.5f, 0.6f, 0.7f, 0.8f, 0.9f, 0.95f, 0.99f,
+                                           std::numeric_limits<float>::infinity()};
+    std::printf("\nearly exit (confidence rule; exits after encoder layers 2 and 4, then the full "
+                "system after 6):\n");
+    std::printf("%-16s %-9s %s\n", "branch", "heads", "threshold: accuracy @ mean layers");
+    for (int t = 0; t < kTasks; ++t) {
+      const train::TextTask& task = tasks[static_cast<std::size_t>(t)];
+      const index_t C = task.num_classes(), Cm = moe.heads().max_classes();
+      // The full system's logits (first C columns), on train (teacher) and test.
+      std::vector<float> teacher, full;
+      for (index_t s = 0; s < train_set.size(); ++s) {
+        if (train_set.tasks()[static_cast<std::size_t>(s)] != t) continue;
+        const auto* r = teacher_eval.logits.data() + s * Cm;
+        teacher.insert(teacher.end(), r, r + C);
+      }
+      for (index_t s = 0; s < test_set.size(); ++s) {
+        if (test_set.tasks()[static_cast<std::size_t>(s)] != t) continue;
+        const auto* r = moe_run.eval.logits.data() + s * Cm;
+        full.insert(full.end(), r, r + C);
+      }
+      json& jt = summary["early_exit"][task.name];
+      std::array<std::unique_ptr<ExitHead>, 2> distilled;
+      for (const bool distill : {false, true}) {
+        std::array<std::unique_ptr<ExitHead>, 2> heads;
+        std::array<std::vector<float>, 2> logits;
+        for (int e = 0; e < 2; ++e) {
+          heads[static_cast<std::size_t>(e)] =
+              train_exit_head(task, e, distill ? &teacher : nullptr, o.epochs, o.batch);
+          logits[static_cast<std::size_t>(e)] = exit_logits(*heads[static_cast<std::size_t>(e)], task, e);
+        }
+        const char* kind = distill ? "distilled" : "labels";
+        std::printf("%-16s %-9s", task.name.c_str(), kind);
+        json curve = json::array();
+        for (const float th : thresholds) {
+          const ExitPoint p = exit_point({&logits[0], &logits[1], &full}, C, task.test.labels, th);
+          curve.push_back({{"threshold", std::isinf(th) ? -1.0 : double(th)},
+                           {"accuracy", p.accuracy}, {"mean_layers", p.mean_layers}});
+          if (th == 0.0f || th == 0.8f || th == 0.95f || std::isinf(th)) {
+            std::printf("  %s: %.1f%% @ %.2f", std::isinf(th) ? "off" : (th == 0.0f ? "0" : (th == 0.8f ? ".8" : ".95")),
+                        100 * p.accuracy, p.mean_layers);
+          }
+        }
+        std::printf("\n");
+        jt[kind] = curve;
+        if (distill) distilled = std::move(heads);
+      }
+      const Latency lat = live_latency(bert, task, t, moe, *distilled[0], *distilled[1], 0.9f,
+                                       std::min<index_t>(64, task.test.size()), 16, o.max_length);
+      std::printf("%-16s live, %ld texts: %.1f ms/text without exits (acc %.1f%%), %.1f ms/text "
+                  "with exits at 0.9 (acc %.1f%%, %.2f layers)\n",
+                  task.name.c_str(), static_cast<long>(lat.texts), lat.full_ms, 100 * lat.full_acc,
+                  lat.exit_ms, 100 * lat.exit_acc, lat.exit_layers);
+      jt["live"] = {{"texts", lat.texts}, {"threshold", 0.9}, {"full_ms_per_text", lat.full_ms},
+                    {"exit_ms_per_text", lat.exit_ms}, {"full_accuracy", lat.full_acc},
+                    {"exit_accuracy", lat.exit_acc}, {"exit_mean_layers", lat.exit_layers}};
+      progress("early exit", t + 1, kTasks, since(t0));
+    }
+  }
+  stages["early_exit"] = since(t0);
   stages["total"] = since(t_all);
 
   std::ofstream(o.out / "summary.json") << summary.dump(1) << "\n";

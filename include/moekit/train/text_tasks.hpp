@@ -159,6 +159,16 @@ class TextSamples {
   index_t row(index_t sample) const { return rows_[static_cast<std::size_t>(sample)]; }
   index_t d_model() const { return encoded_.front()->d_model; }
 
+  // Distillation targets: `cols` teacher logits per sample (size() x cols),
+  // handed out with every batch from now on (TextBatch::teacher).
+  void set_teacher(std::vector<float> logits, index_t cols) {
+    MOEKIT_CHECK_ARG(cols >= 1 && static_cast<index_t>(logits.size()) == size() * cols,
+                     "set_teacher: ", logits.size(), " logits for ", size(), " samples of ",
+                     cols, " columns");
+    teacher_ = std::move(logits);
+    teacher_cols_ = cols;
+  }
+
   // Packs samples `which` into buffers owned by this object (valid until the
   // next call) and returns the batch.
   cpu::TextBatch batch(std::span<const index_t> which, BatchSource source = {}) {
@@ -167,6 +177,7 @@ class TextSamples {
     b_labels_.clear();
     b_offsets_.assign(1, 0);
     b_tokens_.clear();
+    b_teacher_.clear();
     std::vector<index_t> one(1);
     for (const index_t s : which) {
       MOEKIT_CHECK_RANGE(s, 0, size());
@@ -183,12 +194,17 @@ class TextSamples {
       }
       b_tokens_.insert(b_tokens_.end(), scratch_.begin(), scratch_.end());
       b_offsets_.push_back(static_cast<index_t>(b_tokens_.size()) / d);
+      if (teacher_cols_ > 0) {
+        const auto first = teacher_.begin() + s * teacher_cols_;
+        b_teacher_.insert(b_teacher_.end(), first, first + teacher_cols_);
+      }
     }
     cpu::TextBatch b;
     b.tokens = {b_tokens_.data(), b_offsets_.back(), d};
     b.offsets = {b_offsets_.data(), n + 1};
     b.tasks = {b_tasks_.data(), n};
     b.labels = {b_labels_.data(), n};
+    if (teacher_cols_ > 0) b.teacher = {b_teacher_.data(), n, teacher_cols_};
     return b;
   }
 
@@ -197,7 +213,9 @@ class TextSamples {
   int first_task_ = 0;
   std::vector<std::int32_t> tasks_, labels_;
   std::vector<index_t> rows_;
-  std::vector<float> b_tokens_, scratch_;
+  std::vector<float> teacher_;
+  index_t teacher_cols_ = 0;
+  std::vector<float> b_tokens_, b_teacher_, scratch_;
   std::vector<index_t> b_offsets_, scratch_offsets_;
   std::vector<std::int32_t> b_tasks_, b_labels_;
 };
