@@ -40,7 +40,7 @@
 // set to 0 (overwrite) or left unchanged (accumulate). dx is always
 // overwritten (dispatch_backward accumulates into the token gradient).
 //
-// Threading (DESIGN.md §6: one thread pool at a time). Each expert is one
+// Threading (docs/index.md, "Threads": one pool at a time). Each expert is one
 // set of Eigen GEMMs on its rows. Either the experts run in parallel
 // (OpenMP, dynamic schedule) with each GEMM single-threaded - Eigen does not
 // parallelise a GEMM called from inside an active OpenMP parallel region -
@@ -62,8 +62,9 @@
 // offsets[E] vs N, workspace too small), kNullPointer (null data),
 // kInvalidArgument (configuration, offsets not a scan, a view given where
 // kPlain has none, misaligned workspace). Values (NaN/Inf) are not checked.
-// Outputs must not overlap inputs or each other (not checked). Strided views
-// (ld > cols) work; padding columns are never touched.
+// An output that overlaps an input or another output is refused
+// (kInvalidArgument, naming both). Strided views (ld > cols) work; padding
+// columns are never touched.
 //
 //   const ExpertFfn<S> ffn({.d_model = d, .d_ff = f, .kind = FfnKind::kGated,
 //                           .activation = Activation::kSilu});
@@ -81,6 +82,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/elementwise.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/nn/param_count.hpp"
 #include "moekit/spec.hpp"
@@ -125,44 +127,19 @@ struct ExpertGrads {
 namespace detail {
 
 // The FFN's element-wise middle, row by row: h = f(a) * g for a gated FFN
-// (g not empty), else h = f(a). h may be a itself.
+// (g not empty), else h = f(a). h may be a itself. Vectorised and chosen at
+// run time (cpu/elementwise.hpp); every element depends on its inputs only.
 template <class Act>
-void activate_rows(Act act, MatrixView<const float> a, MatrixView<const float> g,
-                   MatrixView<float> h) {
-  const index_t f = a.cols();
-  for (index_t i = 0; i < a.rows(); ++i) {
-    const float* pa = a.row(i);
-    float* ph = h.row(i);
-    if (!g.empty()) {
-      const float* pg = g.row(i);
-      for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]) * pg[j];
-    } else {
-      for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]);
-    }
-  }
+void activate_rows(Act, MatrixView<const float> a, MatrixView<const float> g, MatrixView<float> h) {
+  activation_rows(Act::value, a, g, h);
 }
 
 // Its backward, given dh in `d` (overwritten with da): gated, dg = dh * f(a)
 // and da = dh * g * f'(a); else da = dh * f'(a) (dg unused).
 template <class Act>
-void activate_rows_backward(Act act, MatrixView<const float> a, MatrixView<const float> g,
+void activate_rows_backward(Act, MatrixView<const float> a, MatrixView<const float> g,
                             MatrixView<float> d, MatrixView<float> dg) {
-  const index_t f = a.cols();
-  for (index_t i = 0; i < a.rows(); ++i) {
-    const float* pa = a.row(i);
-    float* pdh = d.row(i);
-    if (!g.empty()) {
-      const float* pg = g.row(i);
-      float* pdg = dg.row(i);
-      for (index_t j = 0; j < f; ++j) {
-        const float dh = pdh[j];
-        pdg[j] = dh * activate(act(), pa[j]);
-        pdh[j] = dh * pg[j] * activate_grad(act(), pa[j]);
-      }
-    } else {
-      for (index_t j = 0; j < f; ++j) pdh[j] *= activate_grad(act(), pa[j]);
-    }
-  }
+  activation_rows_backward(Act::value, a, g, d, dg);
 }
 
 // Whether the experts run in parallel under `threading` (see the top of this file).
@@ -228,6 +205,17 @@ class ExpertFfn {
     } else {
       check_absent(saved_gate, "saved_gate");
     }
+    OverlapCheck("cpu::ExpertFfn::forward")
+        .out({{y, "y"},
+              {saved_pre, "saved_pre"},
+              {saved_gate, "saved_gate"},
+              {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{buffer, "buffer"},
+             {offsets, "offsets"},
+             {weights.w1, "weights.w1"},
+             {weights.w3, "weights.w3"},
+             {weights.w2, "weights.w2"}})
+        .check();
 
     const MatrixView<float> ws0 = scratch(workspace, n, 0);
     const MatrixView<float> ws1 = scratch(workspace, n, 1);
@@ -282,6 +270,21 @@ class ExpertFfn {
       check_absent(grads.dw3, "grads.dw3");
     }
     if (want_dw2) check_shape(grads.dw2, e_rows_d, f, "grads.dw2");
+    OverlapCheck("cpu::ExpertFfn::backward")
+        .out({{dx, "dx"},
+              {grads.dw1, "grads.dw1"},
+              {grads.dw3, "grads.dw3"},
+              {grads.dw2, "grads.dw2"},
+              {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{dy, "dy"},
+             {buffer, "buffer"},
+             {offsets, "offsets"},
+             {weights.w1, "weights.w1"},
+             {weights.w3, "weights.w3"},
+             {weights.w2, "weights.w2"},
+             {saved_pre, "saved_pre"},
+             {saved_gate, "saved_gate"}})
+        .check();
     const bool want_dh = want_dx || want_dw1 || want_dw3;
     const bool acc = grads.accumulate;
 
