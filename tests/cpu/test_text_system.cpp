@@ -335,28 +335,31 @@ TEST(TextMultitaskModel, PoolingTermAdapterAndHeadMatchFloat64) {
   const auto& W = model.tensor("heads.weight");
   const auto& b = model.tensor("heads.bias");
   const double s = model.adapters().scale();
-  for (index_t i = 0; i < 6; ++i) {
-    const int t = data.tasks[static_cast<std::size_t>(i)];
+  const auto Cs = static_cast<std::size_t>(C);
+  for (std::size_t i = 0; i < 6; ++i) {
+    const auto t = static_cast<std::size_t>(data.tasks[i]);
     std::vector<double> p(12, 0.0), a(12, 0.0), h(2, 0.0);
-    const index_t len = data.offsets[i + 1] - data.offsets[i];
-    for (index_t tok = data.offsets[i]; tok < data.offsets[i + 1]; ++tok)
-      for (index_t j = 0; j < 12; ++j) p[j] += data.x[tok * 12 + j] / double(len);
-    for (index_t j = 0; j < 12; ++j) p[j] += term[i * 12 + j];
-    for (index_t r = 0; r < 2; ++r)
-      for (index_t j = 0; j < 12; ++j) h[r] += double(A.value[(t * 2 + r) * 12 + j]) * p[j];
-    for (index_t o = 0; o < 12; ++o) {
-      for (index_t j = 0; j < 12; ++j) a[o] += double(P.value[o * 12 + j]) * p[j];
-      for (index_t r = 0; r < 2; ++r) a[o] += s * B.value[(t * 12 + o) * 2 + r] * h[r];
+    const auto begin = static_cast<std::size_t>(data.offsets[i]),
+               end = static_cast<std::size_t>(data.offsets[i + 1]);
+    for (std::size_t tok = begin; tok < end; ++tok)
+      for (std::size_t j = 0; j < 12; ++j) p[j] += data.x[tok * 12 + j] / double(end - begin);
+    for (std::size_t j = 0; j < 12; ++j) p[j] += term[i * 12 + j];
+    for (std::size_t r = 0; r < 2; ++r)
+      for (std::size_t j = 0; j < 12; ++j) h[r] += double(A.value[(t * 2 + r) * 12 + j]) * p[j];
+    for (std::size_t o = 0; o < 12; ++o) {
+      for (std::size_t j = 0; j < 12; ++j) a[o] += double(P.value[o * 12 + j]) * p[j];
+      for (std::size_t r = 0; r < 2; ++r) a[o] += s * B.value[(t * 12 + o) * 2 + r] * h[r];
     }
-    const index_t first = model.heads().class_offset(t), classes = model.heads().classes(t);
-    for (index_t c = 0; c < C; ++c) {
+    const auto first = static_cast<std::size_t>(model.heads().class_offset(static_cast<int>(t)));
+    const auto classes = static_cast<std::size_t>(model.heads().classes(static_cast<int>(t)));
+    for (std::size_t c = 0; c < Cs; ++c) {
       if (c >= classes) {
-        EXPECT_TRUE(std::isinf(z[i * C + c]));
+        EXPECT_TRUE(std::isinf(z[i * Cs + c]));
         continue;
       }
       double ref = b.value[first + c];
-      for (index_t j = 0; j < 12; ++j) ref += double(W.value[(first + c) * 12 + j]) * a[j];
-      EXPECT_NEAR(z[i * C + c], ref, 1e-4 * (1 + std::fabs(ref))) << i << " " << c;
+      for (std::size_t j = 0; j < 12; ++j) ref += double(W.value[(first + c) * 12 + j]) * a[j];
+      EXPECT_NEAR(z[i * Cs + c], ref, 1e-4 * (1 + std::fabs(ref))) << i << " " << c;
     }
   }
 }
@@ -432,9 +435,13 @@ TEST(TextMultitaskModel, ExpansionKeepsOldBranchesAndResumeIsBitIdentical) {
   const index_t C5 = bigger.heads().max_classes();
   std::vector<float> after(8 * static_cast<std::size_t>(C5));
   bigger.predict(data.view(12), {after.data(), 8, C5});
-  for (index_t i = 0; i < 8; ++i) {
-    for (index_t c = 0; c < bigger.heads().classes(data.tasks[static_cast<std::size_t>(i)]); ++c) {
-      EXPECT_EQ(std::memcmp(&before[i * C + c], &after[i * C5 + c], sizeof(float)), 0) << i << c;
+  for (std::size_t i = 0; i < 8; ++i) {
+    const auto classes = static_cast<std::size_t>(bigger.heads().classes(data.tasks[i]));
+    for (std::size_t c = 0; c < classes; ++c) {
+      EXPECT_EQ(std::memcmp(&before[i * static_cast<std::size_t>(C) + c],
+                            &after[i * static_cast<std::size_t>(C5) + c], sizeof(float)),
+                0)
+          << i << c;
     }
   }
   EXPECT_NE(bigger.tensor("heads.bias").value.back(), 0.0f);  // the new branch did train

@@ -239,12 +239,12 @@ class Collector {
   std::vector<std::string> texts_, values_;
 };
 
-// Reads records after `header_lines` header records of the same width as the first.
-inline LabelledTexts read_delimited(const std::filesystem::path& path, char delimiter,
-                                    int header_lines, std::string_view text_column,
-                                    std::string_view class_column,
-                                    const std::vector<std::string>& classes) {
-  const std::string data = read_whole_file(path);
+// Parses the records of `data` (the contents of `path`, which messages name)
+// after `header_lines` header records of the same width as the first.
+inline LabelledTexts parse_delimited(std::string_view data, const std::filesystem::path& path,
+                                     char delimiter, int header_lines,
+                                     std::string_view text_column, std::string_view class_column,
+                                     const std::vector<std::string>& classes) {
   RecordReader reader(data, delimiter, path);
   Record header;
   MOEKIT_CHECK(reader.next(header), Errc::kFormatError, path.string(),
@@ -269,6 +269,14 @@ inline LabelledTexts read_delimited(const std::filesystem::path& path, char deli
     out.add(std::move(r.fields[text_col]), std::move(r.fields[class_col]), r.line, class_column);
   }
   return std::move(out).finish();
+}
+
+inline LabelledTexts read_delimited(const std::filesystem::path& path, char delimiter,
+                                    int header_lines, std::string_view text_column,
+                                    std::string_view class_column,
+                                    const std::vector<std::string>& classes) {
+  return parse_delimited(read_whole_file(path), path, delimiter, header_lines, text_column,
+                         class_column, classes);
 }
 
 }  // namespace detail

@@ -92,9 +92,10 @@ struct EncodedTexts {
   void gather_pooled(index_t exit, VectorView<const index_t> rows, std::vector<float>& out) const {
     MOEKIT_CHECK_RANGE(exit, 0, num_exits());
     out.resize(static_cast<std::size_t>(rows.size() * d_model));
+    const auto exits = static_cast<std::size_t>(num_exits()), d = static_cast<std::size_t>(d_model);
     for (index_t i = 0; i < rows.size(); ++i) {
-      to_float(pooled.data() + (at(rows[i]) * num_exits() + exit) * d_model, d_model,
-               out.data() + i * d_model);
+      to_float(pooled.data() + (at(rows[i]) * exits + static_cast<std::size_t>(exit)) * d,
+               d_model, out.data() + i * d_model);
     }
   }
 
