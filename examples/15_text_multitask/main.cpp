@@ -24,12 +24,12 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
-#include <memory>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -84,15 +84,24 @@ Options parse(int argc, char** argv) {
     const std::string a = argv[i];
     if (i + 1 >= argc) usage(argv[0]);
     const char* v = argv[++i];
-    if (a == "--model") o.model = v;
-    else if (a == "--data") o.data = v;
-    else if (a == "--out") o.out = v;
-    else if (a == "--cache") o.cache = v;
-    else if (a == "--train") o.train = std::atol(v);
-    else if (a == "--test") o.test = std::atol(v);
-    else if (a == "--epochs") o.epochs = std::atof(v);
-    else if (a == "--max-length") o.max_length = std::atol(v);
-    else usage(argv[0]);
+    if (a == "--model")
+      o.model = v;
+    else if (a == "--data")
+      o.data = v;
+    else if (a == "--out")
+      o.out = v;
+    else if (a == "--cache")
+      o.cache = v;
+    else if (a == "--train")
+      o.train = std::atol(v);
+    else if (a == "--test")
+      o.test = std::atol(v);
+    else if (a == "--epochs")
+      o.epochs = std::atof(v);
+    else if (a == "--max-length")
+      o.max_length = std::atol(v);
+    else
+      usage(argv[0]);
   }
   if (o.cache.empty()) o.cache = o.data / "cache";
   if (o.epochs <= 0 || o.train < 0 || o.test < 0 || o.max_length < 2) usage(argv[0]);
@@ -229,11 +238,11 @@ std::unique_ptr<ExitHead> train_exit_head(const train::TextTask& task, int exit,
   train::TextSamples samples({&task.train_encoded}, {&task.train.labels});
   if (teacher != nullptr) samples.set_teacher(*teacher, task.num_classes());
   const auto steps = std::max<std::int64_t>(
-      1, static_cast<std::int64_t>(epochs * static_cast<double>(samples.size()) /
-                                   static_cast<double>(batch) + 0.5));
+      1, static_cast<std::int64_t>(
+             epochs * static_cast<double>(samples.size()) / static_cast<double>(batch) + 0.5));
   train::Trainer<ExitHead> trainer(*head, trainer_config(steps, true));
-  train::train_text_model<ExitHead>(trainer, samples, steps, batch, 31 + static_cast<std::uint64_t>(exit),
-                                    {exit});
+  train::train_text_model<ExitHead>(trainer, samples, steps, batch,
+                                    31 + static_cast<std::uint64_t>(exit), {exit});
   return head;
 }
 
@@ -264,8 +273,9 @@ ExitPoint exit_point(const std::array<const std::vector<float>*, 3>& logits, ind
   for (int e = 0; e < 3; ++e) {
     live.resize(static_cast<std::size_t>(m * C));
     for (index_t r = 0; r < m; ++r) {
-      std::copy_n(logits[static_cast<std::size_t>(e)]->data() + original[static_cast<std::size_t>(r)] * C, C,
-                  live.data() + r * C);
+      std::copy_n(
+          logits[static_cast<std::size_t>(e)]->data() + original[static_cast<std::size_t>(r)] * C,
+          C, live.data() + r * C);
     }
     m = rule.step(e, {live.data(), m, C}, state, results, {kept.data(), n});
   }
@@ -305,13 +315,14 @@ Latency live_latency(const moekit::io::BertModel& bert, const train::TextTask& t
   out.texts = n;
   std::vector<float> h(static_cast<std::size_t>(batch * max_length * d)), g(h.size()),
       pooled(static_cast<std::size_t>(batch * d)), z(static_cast<std::size_t>(batch * Cm));
-  std::vector<std::byte> ws(static_cast<std::size_t>(enc.workspace_size(batch * max_length, max_length)));
+  std::vector<std::byte> ws(
+      static_cast<std::size_t>(enc.workspace_size(batch * max_length, max_length)));
   const moekit::VectorView<std::byte> wsv(ws.data(), static_cast<index_t>(ws.size()));
   std::vector<index_t> original(static_cast<std::size_t>(batch)), kept(original),
       offsets2(static_cast<std::size_t>(batch + 1)), one(static_cast<std::size_t>(batch + 1));
-  std::vector<std::int32_t> previous(original.size()), agree(original.size()), pred(original.size()),
-      exit(original.size()), tasks(original.size(), static_cast<std::int32_t>(t)),
-      zeros(original.size(), 0);
+  std::vector<std::int32_t> previous(original.size()), agree(original.size()),
+      pred(original.size()), exit(original.size()),
+      tasks(original.size(), static_cast<std::int32_t>(t)), zeros(original.size(), 0);
   std::vector<float> conf(original.size());
   for (index_t i = 0; i <= batch; ++i) one[static_cast<std::size_t>(i)] = i;
   // Logits of the m sequences in `hidden` (packed, offsets) from the MoE system.
@@ -331,7 +342,8 @@ Latency live_latency(const moekit::io::BertModel& bert, const train::TextTask& t
     for (index_t b0 = 0; b0 < n; b0 += batch) {
       const index_t m0 = std::min(batch, n - b0);
       std::vector<std::string_view> texts;
-      for (index_t i = b0; i < b0 + m0; ++i) texts.push_back(task.test.texts[static_cast<std::size_t>(i)]);
+      for (index_t i = b0; i < b0 + m0; ++i)
+        texts.push_back(task.test.texts[static_cast<std::size_t>(i)]);
       const text::TokenBatch tb = bert.tokenizer.encode_batch(texts, max_length);
       const moekit::MatrixView<float> hv(h.data(), tb.tokens(), d);
       enc.embed(tb.ids_view(), {}, tb.offsets_view(), w, hv);
@@ -342,7 +354,8 @@ Latency live_latency(const moekit::io::BertModel& bert, const train::TextTask& t
         const auto logits = full(h.data(), tb.offsets.data(), m0);
         for (index_t i = 0; i < m0; ++i) {
           const float* r = logits.row(i);
-          pred[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(std::max_element(r, r + C) - r);
+          pred[static_cast<std::size_t>(i)] =
+              static_cast<std::int32_t>(std::max_element(r, r + C) - r);
           exit[static_cast<std::size_t>(i)] = 2;
         }
       } else {
@@ -413,7 +426,8 @@ json routing_json(const std::vector<train::LayerRouting>& layers,
         for (const index_t c : per) total += c;
         const index_t seen = total / l.top_k;
         if (seen < 20) continue;
-        share.emplace_back(static_cast<double>(per[static_cast<std::size_t>(e)]) / static_cast<double>(seen), id);
+        share.emplace_back(
+            static_cast<double>(per[static_cast<std::size_t>(e)]) / static_cast<double>(seen), id);
       }
       std::sort(share.begin(), share.end(), [](const auto& a, const auto& b) {
         return a.first != b.first ? a.first > b.first : a.second < b.second;
@@ -431,22 +445,29 @@ json routing_json(const std::vector<train::LayerRouting>& layers,
 }
 
 json scores_json(const train::TextEval& e) {
-  return {{"accuracy", e.accuracy}, {"macro_f1", e.macro_f1}, {"count", e.count},
-          {"mean_accuracy", e.mean_accuracy()}, {"mean_macro_f1", e.mean_macro_f1()}};
+  return {{"accuracy", e.accuracy},
+          {"macro_f1", e.macro_f1},
+          {"count", e.count},
+          {"mean_accuracy", e.mean_accuracy()},
+          {"mean_macro_f1", e.mean_macro_f1()}};
 }
 
 json params_json(const moekit::ModelParams& p) {
   const auto c = [](const moekit::ParamCount& x) {
     return json{{"total", x.total}, {"active", x.active}, {"trainable", x.trainable}};
   };
-  return {{"encoder", c(p.encoder)}, {"moe", c(p.moe)}, {"adapter_base", c(p.adapter_base)},
-          {"branch", c(p.branch)}, {"total", c(p.total)}};
+  return {{"encoder", c(p.encoder)},
+          {"moe", c(p.moe)},
+          {"adapter_base", c(p.adapter_base)},
+          {"branch", c(p.branch)},
+          {"total", c(p.total)}};
 }
 
 void print_table(const std::vector<train::TextTask>& tasks,
                  const std::vector<std::pair<std::string, const train::TextEval*>>& rows) {
   std::printf("\n%-24s", "test accuracy / macro-F1");
-  for (int t = 0; t < kTasks; ++t) std::printf(" %17s", tasks[static_cast<std::size_t>(t)].name.c_str());
+  for (int t = 0; t < kTasks; ++t)
+    std::printf(" %17s", tasks[static_cast<std::size_t>(t)].name.c_str());
   std::printf(" %13s\n", "mean");
   for (const auto& [name, e] : rows) {
     std::printf("%-24s", name.c_str());
@@ -463,8 +484,9 @@ void print_table(const std::vector<train::TextTask>& tasks,
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   if (o.model.empty() || !std::filesystem::exists(o.model / "model.safetensors")) {
-    std::fprintf(stderr, "no model folder: pass --model DIR or set MOEKIT_MINILM_DIR "
-                         "(tools/bootstrap.sh installs all-MiniLM-L6-v2)\n");
+    std::fprintf(stderr,
+                 "no model folder: pass --model DIR or set MOEKIT_MINILM_DIR "
+                 "(tools/bootstrap.sh installs all-MiniLM-L6-v2)\n");
     return 77;
   }
   const std::vector<train::CorpusFiles> files = train::reference_task_files();
@@ -492,11 +514,14 @@ int main(int argc, char** argv) {
     std::printf("  %-16s %2ld classes  %6ld train  %6ld test\n", t.name.c_str(),
                 static_cast<long>(t.num_classes()), static_cast<long>(t.train.size()),
                 static_cast<long>(t.test.size()));
-    summary["tasks"].push_back({{"name", t.name}, {"classes", t.train.classes},
-                                {"train", t.train.size()}, {"test", t.test.size()}});
+    summary["tasks"].push_back({{"name", t.name},
+                                {"classes", t.train.classes},
+                                {"train", t.train.size()},
+                                {"test", t.test.size()}});
   }
 
-  // ---- 2. encoder, cached ------------------------------------------------------------------------
+  // ---- 2. encoder, cached
+  // ------------------------------------------------------------------------
   t0 = Clock::now();
   const moekit::io::BertModel bert = moekit::io::load_bert_model(o.model);
   const std::uint64_t model_hash = text::model_fingerprint(o.model);
@@ -520,8 +545,10 @@ int main(int argc, char** argv) {
     }
   }
   stages["encode"] = since(t0);
-  summary["encoding"] = {{"encoded", encoded}, {"from_cache", reused},
-                         {"tokens_encoded", tokens_encoded}, {"max_length", o.max_length},
+  summary["encoding"] = {{"encoded", encoded},
+                         {"from_cache", reused},
+                         {"tokens_encoded", tokens_encoded},
+                         {"max_length", o.max_length},
                          {"seconds", since(t0)}};
   std::printf("encoder: %ld texts encoded (%ld tokens), %ld from the cache, %.1f s\n",
               static_cast<long>(encoded), static_cast<long>(tokens_encoded),
@@ -547,7 +574,8 @@ int main(int argc, char** argv) {
   summary["steps"] = steps;
   summary["batch"] = o.batch;
 
-  // ---- 3. the MoE system, and 4. the baselines -----------------------------------------------------
+  // ---- 3. the MoE system, and 4. the baselines
+  // -----------------------------------------------------
   t0 = Clock::now();
   cpu::TextMultitaskModel<Coarse, Lora, Heads> moe(
       model_config<Coarse, Heads>(classes, kExpertWidth, 2, max_tokens));
@@ -569,7 +597,8 @@ int main(int argc, char** argv) {
   // ---- 5. fine-grained MoE: E = 64, K = 8, the same active parameters ---------------------------
   cpu::TextMultitaskModel<Fine, Lora, Heads> fine(
       model_config<Fine, Heads>(classes, 2 * kExpertWidth / 8, 2, max_tokens));
-  const RunResult fine_run = train_and_evaluate("fine", fine, train_set, test_set, steps, o.batch, o);
+  const RunResult fine_run =
+      train_and_evaluate("fine", fine, train_set, test_set, steps, o.batch, o);
   stages["train_fine"] = fine_run.train_seconds;
 
   print_table(tasks, {{"majority class", &majority},
@@ -591,10 +620,11 @@ int main(int argc, char** argv) {
   summary["models"]["moe"]["routing"] = routing_json(moe_run.eval.routing, bert.tokenizer);
   summary["models"]["fine"]["routing"] = routing_json(fine_run.eval.routing, bert.tokenizer);
   for (std::size_t l = 0; l < moe_run.eval.routing.size(); ++l) {
-    std::printf("MoE layer %zu: max/mean load %.2f (E=8), %.2f (E=64 fine); routing entropy "
-                "%.2f of %.2f nats\n",
-                l, moe_run.eval.routing[l].max_over_mean(), fine_run.eval.routing[l].max_over_mean(),
-                moe_run.eval.routing[l].mean_entropy(), std::log(8.0));
+    std::printf(
+        "MoE layer %zu: max/mean load %.2f (E=8), %.2f (E=64 fine); routing entropy "
+        "%.2f of %.2f nats\n",
+        l, moe_run.eval.routing[l].max_over_mean(), fine_run.eval.routing[l].max_over_mean(),
+        moe_run.eval.routing[l].mean_entropy(), std::log(8.0));
   }
 
   // ---- 6. branch expansion: BBC News, only its adapter and head ---------------------------------
@@ -627,7 +657,8 @@ int main(int argc, char** argv) {
     index_t differing = 0, compared = 0;
     const train::TextEval& before = moe_run.eval;
     for (index_t s = 0; s < test_set.size(); ++s) {
-      const index_t c = classes[static_cast<std::size_t>(test_set.tasks()[static_cast<std::size_t>(s)])];
+      const index_t c =
+          classes[static_cast<std::size_t>(test_set.tasks()[static_cast<std::size_t>(s)])];
       for (index_t j = 0; j < c; ++j) {
         ++compared;
         if (std::memcmp(&before.logits[static_cast<std::size_t>(s * before.logit_cols + j)],
@@ -638,13 +669,13 @@ int main(int argc, char** argv) {
       }
     }
     const moekit::ParamCount branch = moe.branch_params(bbc.num_classes());
-    std::printf("\nbranch expansion (bbc-news, %ld classes): test accuracy %.1f / macro-F1 %.1f; "
-                "%ld trained parameters; %.1f s for %ld steps; old branches: %ld of %ld logits "
-                "differ\n",
-                static_cast<long>(bbc.num_classes()), 100 * e5.accuracy[kTasks],
-                100 * e5.macro_f1[kTasks], static_cast<long>(branch.trainable), bbc_train_s,
-                static_cast<long>(bbc_steps), static_cast<long>(differing),
-                static_cast<long>(compared));
+    std::printf(
+        "\nbranch expansion (bbc-news, %ld classes): test accuracy %.1f / macro-F1 %.1f; "
+        "%ld trained parameters; %.1f s for %ld steps; old branches: %ld of %ld logits "
+        "differ\n",
+        static_cast<long>(bbc.num_classes()), 100 * e5.accuracy[kTasks], 100 * e5.macro_f1[kTasks],
+        static_cast<long>(branch.trainable), bbc_train_s, static_cast<long>(bbc_steps),
+        static_cast<long>(differing), static_cast<long>(compared));
     summary["expansion"] = {{"task", bbc.name},
                             {"accuracy", e5.accuracy[kTasks]},
                             {"macro_f1", e5.macro_f1[kTasks]},
@@ -655,14 +686,16 @@ int main(int argc, char** argv) {
                             {"old_logits_differing", differing}};
   }
   stages["expansion"] = since(t0);
-  // ---- 7. early exit, with and without distillation ----------------------------------------------
+  // ---- 7. early exit, with and without distillation
+  // ----------------------------------------------
   t0 = Clock::now();
   {
     const train::TextEval teacher_eval = train::evaluate_text_model(moe, train_set, {}, false);
-    const std::vector<float> thresholds = {0.0f, 0.5f, 0.6f, 0.7f, 0.8f, 0.9f, 0.95f, 0.99f,
-                                           std::numeric_limits<float>::infinity()};
-    std::printf("\nearly exit (confidence rule; exits after encoder layers 2 and 4, then the full "
-                "system after 6):\n");
+    const std::vector<float> thresholds = {
+        0.0f, 0.5f, 0.6f, 0.7f, 0.8f, 0.9f, 0.95f, 0.99f, std::numeric_limits<float>::infinity()};
+    std::printf(
+        "\nearly exit (confidence rule; exits after encoder layers 2 and 4, then the full "
+        "system after 6):\n");
     std::printf("%-16s %-9s %s\n", "branch", "heads", "threshold: accuracy @ mean layers");
     for (int t = 0; t < kTasks; ++t) {
       const train::TextTask& task = tasks[static_cast<std::size_t>(t)];
@@ -687,7 +720,8 @@ int main(int argc, char** argv) {
         for (int e = 0; e < 2; ++e) {
           heads[static_cast<std::size_t>(e)] =
               train_exit_head(task, e, distill ? &teacher : nullptr, o.epochs, o.batch);
-          logits[static_cast<std::size_t>(e)] = exit_logits(*heads[static_cast<std::size_t>(e)], task, e);
+          logits[static_cast<std::size_t>(e)] =
+              exit_logits(*heads[static_cast<std::size_t>(e)], task, e);
         }
         const char* kind = distill ? "distilled" : "labels";
         std::printf("%-16s %-9s", task.name.c_str(), kind);
@@ -695,9 +729,11 @@ int main(int argc, char** argv) {
         for (const float th : thresholds) {
           const ExitPoint p = exit_point({&logits[0], &logits[1], &full}, C, task.test.labels, th);
           curve.push_back({{"threshold", std::isinf(th) ? -1.0 : double(th)},
-                           {"accuracy", p.accuracy}, {"mean_layers", p.mean_layers}});
+                           {"accuracy", p.accuracy},
+                           {"mean_layers", p.mean_layers}});
           if (th == 0.0f || th == 0.8f || th == 0.95f || std::isinf(th)) {
-            std::printf("  %s: %.1f%% @ %.2f", std::isinf(th) ? "off" : (th == 0.0f ? "0" : (th == 0.8f ? ".8" : ".95")),
+            std::printf("  %s: %.1f%% @ %.2f",
+                        std::isinf(th) ? "off" : (th == 0.0f ? "0" : (th == 0.8f ? ".8" : ".95")),
                         100 * p.accuracy, p.mean_layers);
           }
         }
@@ -707,13 +743,18 @@ int main(int argc, char** argv) {
       }
       const Latency lat = live_latency(bert, task, t, moe, *distilled[0], *distilled[1], 0.9f,
                                        std::min<index_t>(64, task.test.size()), 16, o.max_length);
-      std::printf("%-16s live, %ld texts: %.1f ms/text without exits (acc %.1f%%), %.1f ms/text "
-                  "with exits at 0.9 (acc %.1f%%, %.2f layers)\n",
-                  task.name.c_str(), static_cast<long>(lat.texts), lat.full_ms, 100 * lat.full_acc,
-                  lat.exit_ms, 100 * lat.exit_acc, lat.exit_layers);
-      jt["live"] = {{"texts", lat.texts}, {"threshold", 0.9}, {"full_ms_per_text", lat.full_ms},
-                    {"exit_ms_per_text", lat.exit_ms}, {"full_accuracy", lat.full_acc},
-                    {"exit_accuracy", lat.exit_acc}, {"exit_mean_layers", lat.exit_layers}};
+      std::printf(
+          "%-16s live, %ld texts: %.1f ms/text without exits (acc %.1f%%), %.1f ms/text "
+          "with exits at 0.9 (acc %.1f%%, %.2f layers)\n",
+          task.name.c_str(), static_cast<long>(lat.texts), lat.full_ms, 100 * lat.full_acc,
+          lat.exit_ms, 100 * lat.exit_acc, lat.exit_layers);
+      jt["live"] = {{"texts", lat.texts},
+                    {"threshold", 0.9},
+                    {"full_ms_per_text", lat.full_ms},
+                    {"exit_ms_per_text", lat.exit_ms},
+                    {"full_accuracy", lat.full_acc},
+                    {"exit_accuracy", lat.exit_acc},
+                    {"exit_mean_layers", lat.exit_layers}};
       progress("early exit", t + 1, kTasks, since(t0));
     }
   }

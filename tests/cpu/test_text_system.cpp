@@ -71,7 +71,8 @@ TEST(TextDatasets, ReadsOrangeTabWithQuotesCrlfAndBlankLines) {
       "2\tplain text\tnews\r\n"
       "\n"
       "3\t\"two\nlines\"\tsport";  // no line end at the end
-  const text::LabelledTexts t = text::read_orange_tab(write(dir / "a.tab", tab), "Text", "Category");
+  const text::LabelledTexts t =
+      text::read_orange_tab(write(dir / "a.tab", tab), "Text", "Category");
   ASSERT_EQ(t.size(), 3);
   EXPECT_EQ(t.texts[0], "said \"hi\", then\tleft");
   EXPECT_EQ(t.texts[1], "plain text");
@@ -136,8 +137,8 @@ TEST(TextDatasets, RejectsMalformedFilesNamingFileLineAndField) {
   };
   for (const Case& c : cases) {
     const auto path = write(dir / c.name, c.content);
-    const std::string m = expect_error(
-        [&] { text::read_orange_tab(path, "Text", "Category"); }, Errc::kFormatError);
+    const std::string m =
+        expect_error([&] { text::read_orange_tab(path, "Text", "Category"); }, Errc::kFormatError);
     EXPECT_NE(m.find(path.string()), std::string::npos) << c.name << ": " << m;
     EXPECT_NE(m.find(c.expect), std::string::npos) << c.name << ": " << m;
   }
@@ -239,7 +240,8 @@ TEST(EncodedCache, CachedTextsHaveTheBitsOfAFreshRunAndStaleFilesAreRebuilt) {
 // ---- the model ----------------------------------------------------------------------------------
 
 template <int E, int K, int H>
-using Model = cpu::TextMultitaskModel<moekit::MoeSpec<E, K>, moekit::LoraSpec<2>, moekit::HeadSpec<H>>;
+using Model =
+    cpu::TextMultitaskModel<moekit::MoeSpec<E, K>, moekit::LoraSpec<2>, moekit::HeadSpec<H>>;
 
 template <class M>
 typename M::Config small_config(int moe_layers = 2) {
@@ -265,7 +267,9 @@ struct Tokens {
   std::vector<std::int32_t> tasks, labels;
   cpu::TextBatch view(index_t d) const {
     const index_t n = static_cast<index_t>(tasks.size());
-    return {{x.data(), offsets.back(), d}, {offsets.data(), n + 1}, {tasks.data(), n},
+    return {{x.data(), offsets.back(), d},
+            {offsets.data(), n + 1},
+            {tasks.data(), n},
             {labels.data(), n}};
   }
 };
@@ -273,9 +277,12 @@ struct Tokens {
 Tokens random_tokens(index_t n, index_t d, int heads, std::uint64_t seed) {
   Tokens b;
   for (index_t i = 0; i < n; ++i) {
-    const int t = static_cast<int>(moekit::random_bits(seed + 1, static_cast<std::uint64_t>(i)) % static_cast<std::uint64_t>(heads));
+    const int t = static_cast<int>(moekit::random_bits(seed + 1, static_cast<std::uint64_t>(i)) %
+                                   static_cast<std::uint64_t>(heads));
     b.tasks.push_back(t);
-    b.labels.push_back(static_cast<std::int32_t>(moekit::random_bits(seed + 2, static_cast<std::uint64_t>(i)) % static_cast<std::uint64_t>(3 + t)));
+    b.labels.push_back(
+        static_cast<std::int32_t>(moekit::random_bits(seed + 2, static_cast<std::uint64_t>(i)) %
+                                  static_cast<std::uint64_t>(3 + t)));
     b.offsets.push_back(b.offsets.back() + 1 + static_cast<index_t>(i % 4));
   }
   b.x.resize(static_cast<std::size_t>(b.offsets.back() * d));
@@ -319,7 +326,8 @@ TEST(TextMultitaskModel, PoolingTermAdapterAndHeadMatchFloat64) {
   using M = Model<2, 1, 2>;
   M model(small_config<M>(0));
   for (cpu::ModelTensor& t : model.tensors()) {
-    for (std::size_t i = 0; i < t.value.size(); ++i) t.value[i] += 0.1f * moekit::random_normal(77, i);
+    for (std::size_t i = 0; i < t.value.size(); ++i)
+      t.value[i] += 0.1f * moekit::random_normal(77, i);
   }
   const Tokens data = random_tokens(6, 12, 2, 4);
   std::vector<float> term(6 * 12);
@@ -377,8 +385,11 @@ TEST(TextMultitaskModel, RejectsBadConfigurationsAndBatches) {
   const index_t C = model.heads().max_classes();
   std::vector<float> z(4 * static_cast<std::size_t>(C));
   data.offsets[2] = data.offsets[1];  // an empty sample
-  std::string m = expect_error([&] { model.predict(data.view(12), {z.data(), 4, C}); },
-                               Errc::kInvalidArgument);
+  std::string m = expect_error(
+      [&] {
+        model.predict(data.view(12), {z.data(), 4, C});
+      },
+      Errc::kInvalidArgument);
   EXPECT_NE(m.find("batch.offsets[2]"), std::string::npos) << m;
   data = random_tokens(4, 12, 2, 1);
   data.tasks[3] = 2;
@@ -399,8 +410,8 @@ TEST(TextMultitaskModel, RejectsBadConfigurationsAndBatches) {
 TEST(TextMultitaskModel, ExpansionKeepsOldBranchesAndResumeIsBitIdentical) {
   using M = Model<4, 2, 2>;
   const Tokens data = random_tokens(8, 12, 2, 3);
-  const auto run = [&](M& m, std::int64_t from, std::int64_t to,
-                       const std::filesystem::path& load, const std::filesystem::path& save) {
+  const auto run = [&](M& m, std::int64_t from, std::int64_t to, const std::filesystem::path& load,
+                       const std::filesystem::path& save) {
     train::TrainerConfig tc;
     tc.warmup_steps = 2;
     tc.total_steps = 10;
@@ -469,7 +480,8 @@ TEST(TextSystem, RealTextBeatsMajorityExpansionIsIsolatedAndResumeIsExact) {
   bool have = !model_dir.empty() && std::filesystem::exists(model_dir / "model.safetensors");
   for (const train::CorpusFiles& f : files) have = have && std::filesystem::exists(data / f.train);
   if (!have) {
-    if (std::getenv("CI") != nullptr) FAIL() << "the model or the data is missing (tools/bootstrap.sh)";
+    if (std::getenv("CI") != nullptr)
+      FAIL() << "the model or the data is missing (tools/bootstrap.sh)";
     GTEST_SKIP() << "the model (MOEKIT_MINILM_DIR) or the data (MOEKIT_DATA_DIR) is missing";
   }
   const moekit::io::BertModel bert = moekit::io::load_bert_model(model_dir);
@@ -481,8 +493,8 @@ TEST(TextSystem, RealTextBeatsMajorityExpansionIsIsolatedAndResumeIsExact) {
     if (t == 4) task = train::read_reference_task(data, files[t], 64, 64, 100 + t);
     task.train_encoded = text::encode_texts(bert, hash, task.train.texts, 128, {2, 4},
                                             cache / (task.name + "-train"));
-    task.test_encoded = text::encode_texts(bert, hash, task.test.texts, 128, {2, 4},
-                                           cache / (task.name + "-test"));
+    task.test_encoded =
+        text::encode_texts(bert, hash, task.test.texts, 128, {2, 4}, cache / (task.name + "-test"));
     tasks.push_back(std::move(task));
   }
   std::vector<const text::EncodedTexts*> tr, te;
@@ -499,9 +511,12 @@ TEST(TextSystem, RealTextBeatsMajorityExpansionIsIsolatedAndResumeIsExact) {
   }
   train::TextSamples train_set(tr, trl), test_set(te, tel);
 
-  using M = cpu::TextMultitaskModel<moekit::MoeSpec<8, 2>, moekit::LoraSpec<8>, moekit::HeadSpec<4>>;
+  using M =
+      cpu::TextMultitaskModel<moekit::MoeSpec<8, 2>, moekit::LoraSpec<8>, moekit::HeadSpec<4>>;
   typename M::Config c;
-  c.moe = {.d_model = 384, .d_ff = 128, .kind = moekit::FfnKind::kGated,
+  c.moe = {.d_model = 384,
+           .d_ff = 128,
+           .kind = moekit::FfnKind::kGated,
            .activation = moekit::Activation::kSilu};
   c.moe.switch_coeff = 0.01f;
   c.classes = classes;
@@ -534,7 +549,8 @@ TEST(TextSystem, RealTextBeatsMajorityExpansionIsIsolatedAndResumeIsExact) {
   train::train_text_model<Big>(bt, bbc, 8, 32, 13);
   const train::TextEval after = train::evaluate_text_model(bigger, test_set, {}, false);
   for (index_t s = 0; s < test_set.size(); ++s) {
-    const index_t k = classes[static_cast<std::size_t>(test_set.tasks()[static_cast<std::size_t>(s)])];
+    const index_t k =
+        classes[static_cast<std::size_t>(test_set.tasks()[static_cast<std::size_t>(s)])];
     for (index_t j = 0; j < k; ++j) {
       ASSERT_EQ(std::memcmp(&moe.logits[static_cast<std::size_t>(s * moe.logit_cols + j)],
                             &after.logits[static_cast<std::size_t>(s * after.logit_cols + j)],

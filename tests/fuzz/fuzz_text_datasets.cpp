@@ -29,13 +29,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::vector<std::string> none, fixed = {"a", "b", "pos"};
   for (const auto* classes : {&none, &fixed}) {
     try {
-      check(text::detail::parse_delimited(bytes, "fuzz.tab", '\t', 3, "Text", "Category",
-                                          *classes));
+      check(
+          text::detail::parse_delimited(bytes, "fuzz.tab", '\t', 3, "Text", "Category", *classes));
     } catch (const moekit::Error&) {
     }
     try {
-      check(text::detail::parse_delimited(bytes, "fuzz.csv", ',', 1, "text", "category",
-                                          *classes));
+      check(text::detail::parse_delimited(bytes, "fuzz.csv", ',', 1, "text", "category", *classes));
     } catch (const moekit::Error&) {
     }
   }

@@ -75,9 +75,9 @@ struct TextMultitaskConfig {
   bool rslora = false;
   float lora_dropout = 0.0f;
   std::array<index_t, H::num_heads> classes{};
-  index_t max_batch = 32;     // samples per call
-  index_t max_tokens = 4096;  // tokens per call
-  float gate_init_std = 0.0f;  // 0: 1 / sqrt(d_model)
+  index_t max_batch = 32;             // samples per call
+  index_t max_tokens = 4096;          // tokens per call
+  float gate_init_std = 0.0f;         // 0: 1 / sqrt(d_model)
   DistillationConfig distillation{};  // used when a batch has teacher logits
   std::uint64_t seed = 0;
 };
@@ -85,12 +85,12 @@ struct TextMultitaskConfig {
 // A batch: each sample's token states (packed; sample i is rows
 // [offsets[i], offsets[i + 1]) of tokens), branch ids and labels.
 struct TextBatch {
-  MatrixView<const float> tokens{};          // N x d
-  VectorView<const index_t> offsets{};       // n + 1
-  VectorView<const std::int32_t> tasks{};    // n, each in [0, H)
-  VectorView<const std::int32_t> labels{};   // n (training)
-  MatrixView<const float> pooled_term{};     // n x d or empty: added to the pooled features
-  MatrixView<const float> teacher{};         // n x C or empty: distillation targets (H = 1)
+  MatrixView<const float> tokens{};         // N x d
+  VectorView<const index_t> offsets{};      // n + 1
+  VectorView<const std::int32_t> tasks{};   // n, each in [0, H)
+  VectorView<const std::int32_t> labels{};  // n (training)
+  MatrixView<const float> pooled_term{};    // n x d or empty: added to the pooled features
+  MatrixView<const float> teacher{};        // n x C or empty: distillation targets (H = 1)
   index_t size() const { return tasks.size(); }
 };
 
@@ -213,17 +213,17 @@ class TextMultitaskModel {
   Routing routing(int l) const {
     const Routing& r = storage_.at(static_cast<std::size_t>(l)).state().routing;
     const index_t N = last_tokens_;
-    return {r.logits.middle_rows(0, N), r.scores.middle_rows(0, N),
-            r.expert_ids.middle_rows(0, N), r.weights.middle_rows(0, N),
-            r.positions.middle_rows(0, N)};
+    return {r.logits.middle_rows(0, N), r.scores.middle_rows(0, N), r.expert_ids.middle_rows(0, N),
+            r.weights.middle_rows(0, N), r.positions.middle_rows(0, N)};
   }
   // After a forward of n samples: the pooled features p (n x d, u included).
   MatrixView<const float> pooled() const { return pooled_.middle_rows(0, last_samples_); }
 
   StepLosses<S, H> loss_and_grads(const TextBatch& batch, TrainScope scope, const LoraStep& step) {
     const index_t n = check_batch(batch, true);
-    MOEKIT_CHECK_ARG(scope.branch >= -1 && scope.branch < kBranches, "scope.branch = ",
-                     scope.branch, " must be -1 (whole model) or in [0, ", kBranches, ")");
+    MOEKIT_CHECK_ARG(scope.branch >= -1 && scope.branch < kBranches,
+                     "scope.branch = ", scope.branch, " must be -1 (whole model) or in [0, ",
+                     kBranches, ")");
     StepLosses<S, H> out;
     out.aux = forward(batch, step, out.routing, out.layer_aux);
     const MatrixView<const float> z = logits_.middle_rows(0, n);
@@ -331,10 +331,10 @@ class TextMultitaskModel {
   void init() {
     const std::uint64_t seed = config_.seed;
     const double d = static_cast<double>(d_model());
-    const double down = config_.num_moe_layers == 0
-                            ? 0.0
-                            : 1.0 / std::sqrt(2.0 * config_.num_moe_layers *
-                                              static_cast<double>(config_.moe.d_ff));
+    const double down =
+        config_.num_moe_layers == 0
+            ? 0.0
+            : 1.0 / std::sqrt(2.0 * config_.num_moe_layers * static_cast<double>(config_.moe.d_ff));
     const double gate = config_.gate_init_std > 0.0f ? config_.gate_init_std : 1.0 / std::sqrt(d);
     for (std::size_t i = 0; i < adapter_first(); ++i) {
       ModelTensor& x = tensors_[i];
@@ -390,17 +390,19 @@ class TextMultitaskModel {
                  "batch.offsets must run from 0 to batch.tokens.rows() = ", N, ", got ",
                  b.offsets[0], " .. ", b.offsets[n]);
     for (index_t i = 0; i < n; ++i) {
-      MOEKIT_CHECK(b.offsets[i + 1] > b.offsets[i], Errc::kInvalidArgument, "batch.offsets[",
-                   i + 1, "] = ", b.offsets[i + 1], " must exceed batch.offsets[", i,
-                   "] = ", b.offsets[i], " (every sample needs a token)");
-      MOEKIT_CHECK(b.tasks[i] >= 0 && b.tasks[i] < kBranches, Errc::kOutOfRange, "batch.tasks[",
-                   i, "] = ", b.tasks[i], " must be in [0, ", kBranches, ")");
+      MOEKIT_CHECK(b.offsets[i + 1] > b.offsets[i], Errc::kInvalidArgument, "batch.offsets[", i + 1,
+                   "] = ", b.offsets[i + 1], " must exceed batch.offsets[", i, "] = ", b.offsets[i],
+                   " (every sample needs a token)");
+      MOEKIT_CHECK(b.tasks[i] >= 0 && b.tasks[i] < kBranches, Errc::kOutOfRange, "batch.tasks[", i,
+                   "] = ", b.tasks[i], " must be in [0, ", kBranches, ")");
     }
     if (!b.pooled_term.empty()) check_shape(b.pooled_term, n, d_model(), "batch.pooled_term");
     if (need_labels) check_shape(b.labels, n, "batch.labels");
     if (!b.teacher.empty()) {
-      MOEKIT_CHECK_ARG(kBranches == 1, "batch.teacher: distillation needs a one-branch model, "
-                                       "this one has ", kBranches);
+      MOEKIT_CHECK_ARG(kBranches == 1,
+                       "batch.teacher: distillation needs a one-branch model, "
+                       "this one has ",
+                       kBranches);
       check_shape(b.teacher, n, heads_.max_classes(), "batch.teacher");
     }
     return n;

@@ -66,8 +66,8 @@ namespace text {
 
 struct LabelledTexts {
   std::vector<std::string> texts;
-  std::vector<std::int32_t> labels;   // one per text, in [0, classes.size())
-  std::vector<std::string> classes;   // label id -> class name
+  std::vector<std::int32_t> labels;  // one per text, in [0, classes.size())
+  std::vector<std::string> classes;  // label id -> class name
 
   index_t size() const { return static_cast<index_t>(texts.size()); }
   index_t num_classes() const { return static_cast<index_t>(classes.size()); }
@@ -160,7 +160,8 @@ class RecordReader {
     ++pos_;
     while (true) {
       MOEKIT_CHECK(pos_ < data_.size(), Errc::kFormatError, path_.string(), ":", start_line,
-                   ": field ", index + 1, ": the quoted field is not closed before the end of the file");
+                   ": field ", index + 1,
+                   ": the quoted field is not closed before the end of the file");
       const char c = data_[pos_++];
       if (c == '\n') ++line_;
       if (c != '"') {
@@ -207,9 +208,9 @@ class Collector {
     MOEKIT_CHECK(!cls.empty(), Errc::kFormatError, path_.string(), ":", line, ": field \"",
                  class_name, "\" (the class) is empty");
     if (!fixed_.empty()) {
-      MOEKIT_CHECK(std::find(fixed_.begin(), fixed_.end(), cls) != fixed_.end(),
-                   Errc::kFormatError, path_.string(), ":", line, ": field \"", class_name,
-                   "\": class \"", cls, "\" is not one of the ", fixed_.size(), " given classes");
+      MOEKIT_CHECK(std::find(fixed_.begin(), fixed_.end(), cls) != fixed_.end(), Errc::kFormatError,
+                   path_.string(), ":", line, ": field \"", class_name, "\": class \"", cls,
+                   "\" is not one of the ", fixed_.size(), " given classes");
     }
     texts_.push_back(std::move(text));
     values_.push_back(std::move(cls));
@@ -242,8 +243,8 @@ class Collector {
 // Parses the records of `data` (the contents of `path`, which messages name)
 // after `header_lines` header records of the same width as the first.
 inline LabelledTexts parse_delimited(std::string_view data, const std::filesystem::path& path,
-                                     char delimiter, int header_lines,
-                                     std::string_view text_column, std::string_view class_column,
+                                     char delimiter, int header_lines, std::string_view text_column,
+                                     std::string_view class_column,
                                      const std::vector<std::string>& classes) {
   RecordReader reader(data, delimiter, path);
   Record header;
@@ -254,8 +255,8 @@ inline LabelledTexts parse_delimited(std::string_view data, const std::filesyste
   const std::size_t class_col = column_of(header.fields, class_column, path, header.line);
   Record r;
   for (int h = 1; h < header_lines; ++h) {
-    MOEKIT_CHECK(reader.next(r), Errc::kFormatError, path.string(), ": header line ", h + 1,
-                 " of ", header_lines, " is missing");
+    MOEKIT_CHECK(reader.next(r), Errc::kFormatError, path.string(), ": header line ", h + 1, " of ",
+                 header_lines, " is missing");
     MOEKIT_CHECK(r.fields.size() == width, Errc::kFormatError, path.string(), ":", r.line,
                  ": header line ", h + 1, " has ", r.fields.size(), " fields, the first has ",
                  width);
@@ -327,8 +328,8 @@ struct Split {
 
 inline Split seeded_split(index_t n, double test_fraction, std::uint64_t seed) {
   MOEKIT_CHECK_GE(n, 0);
-  MOEKIT_CHECK_ARG(test_fraction >= 0.0 && test_fraction <= 1.0, "test_fraction = ",
-                   test_fraction, " must be in [0, 1]");
+  MOEKIT_CHECK_ARG(test_fraction >= 0.0 && test_fraction <= 1.0, "test_fraction = ", test_fraction,
+                   " must be in [0, 1]");
   std::vector<index_t> perm(static_cast<std::size_t>(n));
   for (index_t i = 0; i < n; ++i) perm[static_cast<std::size_t>(i)] = i;
   const std::uint64_t key = mix64(seed ^ 0x53706c6974ull);

@@ -64,10 +64,10 @@ struct EncodedTexts {
   index_t d_model = 0;
   index_t max_length = 0;
   std::vector<int> exit_layers;
-  std::vector<index_t> offsets{0};   // n + 1 token offsets
-  std::vector<std::int32_t> ids;     // tokens
-  std::vector<std::uint16_t> states; // tokens x d, f16 bits
-  std::vector<std::uint16_t> pooled; // n x exits x d, f16 bits
+  std::vector<index_t> offsets{0};    // n + 1 token offsets
+  std::vector<std::int32_t> ids;      // tokens
+  std::vector<std::uint16_t> states;  // tokens x d, f16 bits
+  std::vector<std::uint16_t> pooled;  // n x exits x d, f16 bits
 
   index_t size() const { return static_cast<index_t>(offsets.size()) - 1; }
   index_t tokens() const { return offsets.back(); }
@@ -94,8 +94,8 @@ struct EncodedTexts {
     out.resize(static_cast<std::size_t>(rows.size() * d_model));
     const auto exits = static_cast<std::size_t>(num_exits()), d = static_cast<std::size_t>(d_model);
     for (index_t i = 0; i < rows.size(); ++i) {
-      to_float(pooled.data() + (at(rows[i]) * exits + static_cast<std::size_t>(exit)) * d,
-               d_model, out.data() + i * d_model);
+      to_float(pooled.data() + (at(rows[i]) * exits + static_cast<std::size_t>(exit)) * d, d_model,
+               out.data() + i * d_model);
     }
   }
 
@@ -110,11 +110,11 @@ struct EncodedTexts {
 };
 
 struct CacheStats {
-  index_t reused = 0;      // texts read from the cache
-  index_t encoded = 0;     // texts run through the encoder
+  index_t reused = 0;   // texts read from the cache
+  index_t encoded = 0;  // texts run through the encoder
   index_t tokens_encoded = 0;
   double encode_seconds = 0.0;
-  bool rebuilt = false;    // the file was absent, stale or malformed
+  bool rebuilt = false;  // the file was absent, stale or malformed
 };
 
 inline std::uint64_t fnv1a64(std::string_view bytes, std::uint64_t h = 0xcbf29ce484222325ull) {
@@ -247,8 +247,8 @@ inline EncodedTexts encode_texts(const io::BertModel& model, std::uint64_t model
                      "exit_layers[", i, "] = ", exit_layers[i], " must be ascending in [1, ",
                      c.num_layers, ")");
   }
-  detail::CacheKey key{model_hash, static_cast<std::uint64_t>(max_length),
-                       static_cast<std::uint64_t>(d), {}};
+  detail::CacheKey key{
+      model_hash, static_cast<std::uint64_t>(max_length), static_cast<std::uint64_t>(d), {}};
   for (const int l : exit_layers) key.exits.push_back(static_cast<std::uint64_t>(l));
 
   // Which texts are wanted, by key; duplicates share one entry.
@@ -297,7 +297,8 @@ inline EncodedTexts encode_texts(const io::BertModel& model, std::uint64_t model
     const index_t tokens = batch.tokens(), seqs = batch.size();
     hidden.resize(static_cast<std::size_t>(tokens * d));
     pooled.resize(static_cast<std::size_t>(seqs * d));
-    workspace.resize(static_cast<std::size_t>(model.encoder.workspace_size(tokens, batch.longest())));
+    workspace.resize(
+        static_cast<std::size_t>(model.encoder.workspace_size(tokens, batch.longest())));
     const MatrixView<float> h(hidden.data(), tokens, d);
     const VectorView<std::byte> ws(workspace.data(), static_cast<index_t>(workspace.size()));
     model.encoder.embed(batch.ids_view(), {}, batch.offsets_view(), w, h);
@@ -310,7 +311,8 @@ inline EncodedTexts encode_texts(const io::BertModel& model, std::uint64_t model
       if (e == exits) break;
       cpu::pool_sequences(h, batch.offsets_view(), cpu::Pooling::kMean, false,
                           MatrixView<float>(pooled.data(), seqs, d));
-      for (const float v : pooled) exit_pooled[static_cast<std::size_t>(e)].push_back(io::float_to_f16_bits(v));
+      for (const float v : pooled)
+        exit_pooled[static_cast<std::size_t>(e)].push_back(io::float_to_f16_bits(v));
     }
     for (index_t s = 0; s < seqs; ++s) {
       detail::Entry& e = entries[slot.at(keys[todo[b0 + static_cast<std::size_t>(s)]])];
@@ -342,9 +344,8 @@ inline EncodedTexts encode_texts(const io::BertModel& model, std::uint64_t model
 
   // Rewrite the file: its old entries (those with the same key) and the new ones.
   if (!cache_file.empty() && (!todo.empty() || st.rebuilt)) {
-    std::filesystem::create_directories(cache_file.parent_path().empty()
-                                            ? std::filesystem::path(".")
-                                            : cache_file.parent_path());
+    std::filesystem::create_directories(
+        cache_file.parent_path().empty() ? std::filesystem::path(".") : cache_file.parent_path());
     std::filesystem::path merged = cache_file;
     merged += ".new";
     io::write_file_atomically(merged, [&](std::ostream& out) {

