@@ -379,8 +379,12 @@ Latency live_latency(const moekit::io::BertModel& bert, const train::TextTask& t
           }
           const index_t live = rule.step(e, logits, state, res, {kept.data(), m});
           if (e < 2 && live > 0) {  // compact: only the samples that stay run on
-            cpu::gather_sequences(cv, ov, {kept.data(), live},
-                                  {other, offs[static_cast<std::size_t>(m)], d},
+            index_t kept_tokens = 0;
+            for (index_t k = 0; k < live; ++k) {
+              const auto seq = static_cast<std::size_t>(kept[static_cast<std::size_t>(k)]);
+              kept_tokens += offs[seq + 1] - offs[seq];
+            }
+            cpu::gather_sequences(cv, ov, {kept.data(), live}, {other, kept_tokens, d},
                                   {offsets2.data(), live + 1});
             std::copy_n(offsets2.begin(), live + 1, offs.begin());
             std::swap(cur, other);
@@ -482,6 +486,7 @@ void print_table(const std::vector<train::TextTask>& tasks,
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each result line as it comes, into a file too
   const Options o = parse(argc, argv);
   if (o.model.empty() || !std::filesystem::exists(o.model / "model.safetensors")) {
     std::fprintf(stderr,
