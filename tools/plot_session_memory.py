@@ -62,7 +62,7 @@ def chart(runs, out):
               "(python3 -m pip install matplotlib)")
         sys.exit(SKIP)
     scenarios = sorted({s for s, _ in runs})
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.5 * len(scenarios), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.5 * len(scenarios), 4.8), squeeze=False)
     for ax, scenario in zip(axes[0], scenarios):
         for (s, variant), points in sorted(runs.items()):
             if s != scenario:
@@ -78,8 +78,9 @@ def chart(runs, out):
         ax.set_ylim(0, 1.02)
         ax.set_title(scenario)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 

@@ -626,7 +626,7 @@ int real_text(const Options& opt) {
   const Variant variants[] = {{"fast weights", true, false, false},
                               {"slots", false, true, false},
                               {"both", true, true, false},
-                              {"both, on features", true, true, true}};
+                              {"on features", true, true, true}};
   const index_t d_key = 64, sub_keys = opt.quick ? 8 : 32;
   std::ofstream csv(fs::path(opt.out) / "session_memory.csv");
   csv << "variant,scenario,category,n,target_accuracy,unrelated_accuracy,unrelated_changed\n";
