@@ -8,7 +8,9 @@
 // return each item's result, one float vector per item. It runs every item
 // alone on one thread for the reference, then random batches of 1 to
 // max_items items drawn with repetition from the pool in random order, on
-// 1 and 2 threads, and compares each item's bits with its reference.
+// 1 and 2 threads and on every CPU path the machine has (cpu/isa.hpp:
+// generic, AVX2, AVX-512 and AMX, which all promise the same bits), and
+// compares each item's bits with its reference.
 // Results hold no NaN (components poison their outputs with NaN before a
 // run, so an element left unwritten shows); integers (expert ids) are
 // passed as floats, which hold them exactly.
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "moekit/core/types.hpp"
+#include "moekit/cpu/isa.hpp"
 #include "test_support.hpp"
 
 #if defined(_OPENMP)
@@ -66,6 +69,16 @@ inline std::vector<int> invariance_thread_counts() {
 #else
   return {1};
 #endif
+}
+
+// The CPU paths this machine can run, the widest last.
+inline std::vector<moekit::cpu::Isa> invariance_isas() {
+  using moekit::cpu::Isa;
+  std::vector<Isa> isas;
+  for (const Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
+    if (moekit::cpu::isa_available(isa)) isas.push_back(isa);
+  }
+  return isas;
 }
 
 // Batch sizes for one thread count: 1, 2, one small, one medium and one
@@ -113,7 +126,7 @@ inline std::string first_difference(const std::vector<float>& got, const std::ve
 }  // namespace detail
 
 // Checks the property for `run` over a pool of `pool` items (see the top of
-// this file); `seed` picks the batches.
+// this file); `seed` picks the batches. The reference runs on the widest path.
 template <class Run>
 void expect_batch_invariant(moekit::index_t pool, moekit::index_t max_items, std::uint32_t seed,
                             Run&& run) {
@@ -132,19 +145,23 @@ void expect_batch_invariant(moekit::index_t pool, moekit::index_t max_items, std
   }
   std::mt19937 rng(seed);
   std::uniform_int_distribution<index_t> pick(0, pool - 1);
-  for (const int threads : invariance_thread_counts()) {
-    const ThreadCount scope(threads);
-    for (const index_t size : invariance_batch_sizes(max_items, rng)) {
-      std::vector<index_t> items(static_cast<std::size_t>(size));
-      for (index_t& item : items) item = pick(rng);
-      const BatchResults got = run(items);
-      ASSERT_EQ(got.size(), items.size());
-      for (std::size_t j = 0; j < items.size(); ++j) {
-        const std::vector<float>& want = alone[static_cast<std::size_t>(items[j])];
-        // One report per batch: the first item that differs.
-        ASSERT_TRUE(same_bits(got[j], want))
-            << "item " << items[j] << " at position " << j << " of a batch of " << size << " on "
-            << threads << " thread(s): " << detail::first_difference(got[j], want);
+  for (const moekit::cpu::Isa isa : invariance_isas()) {
+    const moekit::cpu::IsaLimit path(isa);
+    for (const int threads : invariance_thread_counts()) {
+      const ThreadCount scope(threads);
+      for (const index_t size : invariance_batch_sizes(max_items, rng)) {
+        std::vector<index_t> items(static_cast<std::size_t>(size));
+        for (index_t& item : items) item = pick(rng);
+        const BatchResults got = run(items);
+        ASSERT_EQ(got.size(), items.size());
+        for (std::size_t j = 0; j < items.size(); ++j) {
+          const std::vector<float>& want = alone[static_cast<std::size_t>(items[j])];
+          // One report per batch: the first item that differs.
+          ASSERT_TRUE(same_bits(got[j], want))
+              << "item " << items[j] << " at position " << j << " of a batch of " << size << " on "
+              << threads << " thread(s), " << moekit::cpu::isa_name(isa)
+              << " path: " << detail::first_difference(got[j], want);
+        }
       }
     }
   }

@@ -146,7 +146,9 @@ template <int R>
 ShrinkOperand panel_operand(const float* panel) {
   return {panel, kPanelLanes, index_t{R} * kPanelLanes};
 }
-inline ShrinkOperand rows_operand(MatrixView<const float> m) { return {m.data(), m.ld(), kPanelLanes}; }
+inline ShrinkOperand rows_operand(MatrixView<const float> m) {
+  return {m.data(), m.ld(), kPanelLanes};
+}
 
 // A block's arrays of rows, ranks or coefficients (the int bound converted
 // once, where -Wsign-conversion wants it).
