@@ -26,6 +26,7 @@
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/elementwise.hpp"
+#include "moekit/cpu/low_rank_rows.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/spec.hpp"
 
@@ -244,6 +245,27 @@ double chunked_sum(index_t n, F&& f) {
   return sum;
 }
 
+// logits = x w_gate^T (T x d times d x E), batch invariant: each token's E
+// logits are summed over d in one fixed order (low_rank_rows.hpp's
+// shrink_rows, w_gate's rows read in place), whatever the other rows and
+// the thread count; threads take fixed runs of kGateRows rows. The same
+// bits on every CPU path.
+inline constexpr index_t kGateRows = 64;
+
+template <int E>
+void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
+                 MatrixView<float> logits) {
+  const index_t tokens = x.rows(), d = x.cols();
+  const index_t runs = (tokens + kGateRows - 1) / kGateRows;
+  MOEKIT_PARALLEL_FOR_IF(tokens * d * E > kParallelGrain)
+  for (index_t i = 0; i < runs; ++i) {
+    const index_t first = i * kGateRows, rows = std::min(kGateRows, tokens - first);
+    detail::shrink_rows<E>(detail::RowsOf<const float>{x.data(), x.ld(), {nullptr, first, rows}},
+                           rows, d, detail::rows_operand(w_gate), 1.0f, logits.row(first),
+                           logits.ld());
+  }
+}
+
 namespace detail {
 
 // Top-K of 16 tokens at once, token l in lane l: keys is E x 16 (expert-major),
@@ -348,15 +370,14 @@ class Router {
              {selection_bias, "selection_bias"}})
         .check();
 
-    auto logits = as_eigen(out.logits);
     if (config_.noise.kind == NoiseKind::kJitter) {
       const MatrixView<float> jittered(scratch<float>(workspace), tokens, x.cols());
       jitter(x, jittered);
-      logits.noalias() = as_eigen(MatrixView<const float>(jittered)) * as_eigen(w_gate).transpose();
+      gate_logits<kExperts>(jittered, w_gate, out.logits);
     } else {
-      logits.noalias() = as_eigen(x) * as_eigen(w_gate).transpose();
+      gate_logits<kExperts>(x, w_gate, out.logits);
     }
-    if (!gate_bias.empty()) logits.rowwise() += as_eigen(gate_bias).transpose();
+    if (!gate_bias.empty()) as_eigen(out.logits).rowwise() += as_eigen(gate_bias).transpose();
     if (config_.noise.kind == NoiseKind::kGaussian) add_gaussian_noise(out.logits);
     route_validated(out, selection_bias, stats, workspace);
   }
