@@ -49,10 +49,12 @@
 #endif
 
 // GCC 12 reports its own AVX-512 intrinsics (which start from
-// _mm512_undefined_ps) as "may be used uninitialized" once inlined.
+// _mm512_undefined_ps) as "(may be) used uninitialized" once inlined.
 #if defined(__GNUC__) && !defined(__clang__)
-#define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN \
-  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN                       \
+  _Pragma("GCC diagnostic push")                                           \
+      _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")          \
+          _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
 #define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_END _Pragma("GCC diagnostic pop")
 #else
 #define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN
@@ -462,11 +464,10 @@ MOEKIT_DETAIL_OP void load_bf16_pairs(const std::uint16_t* p, F32x16& even, F32x
 }
 
 MOEKIT_DETAIL_OP void store_int8(std::int8_t* p, F32x16 v) {
-  const F32x16 r =
-      min(max({_mm512_roundscale_ps(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)},
-              set1(-127.0f)),
-          set1(127.0f));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r.v)));
+  // Clamping before rounding gives the same integers (the bounds are integers).
+  const F32x16 r = min(max(v, set1(-127.0f)), set1(127.0f));
+  const __m512i q = _mm512_cvt_roundps_epi32(r.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(q));
 }
 
 MOEKIT_DETAIL_OP F32x16 load_int32(const std::int32_t* p) {

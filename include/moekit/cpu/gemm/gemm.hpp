@@ -81,27 +81,10 @@ struct GemmOperands {
 
 namespace detail {
 
-// The kernel families (see the table at the top of this file); kAmxEmulated
-// runs the AMX kernels on EmulatedTiles.
-enum class GemmPath : int { kGeneric, kAvx2, kAvx512, kAmx, kAmxEmulated };
-
-// Test hook: while an AmxEmulation lives, bf16 and int8 products take the
-// AMX kernels on emulated tiles, whatever the machine (see gemm/tiles.hpp).
-inline std::atomic<int>& amx_emulation_depth() {
-  static std::atomic<int> depth{0};
-  return depth;
-}
-class AmxEmulation {
- public:
-  AmxEmulation() { ++amx_emulation_depth(); }
-  ~AmxEmulation() { --amx_emulation_depth(); }
-  AmxEmulation(const AmxEmulation&) = delete;
-  AmxEmulation& operator=(const AmxEmulation&) = delete;
-};
+// The kernel families (see the table at the top of this file).
+enum class GemmPath : int { kGeneric, kAvx2, kAvx512, kAmx };
 
 inline GemmPath gemm_path(GemmDtype dtype) {
-  if (dtype != GemmDtype::kFloat32 && amx_emulation_depth().load() > 0)
-    return GemmPath::kAmxEmulated;
   switch (active_isa()) {
     case Isa::kAmx:
       return dtype == GemmDtype::kFloat32 ? GemmPath::kAvx512 : GemmPath::kAmx;
@@ -123,15 +106,10 @@ struct GemmKernel {
   const char* name = "";
 };
 
-inline GemmKernel gemm_kernel(GemmPath path, GemmDtype dtype) {
+inline GemmKernel path_kernel(GemmPath path, GemmDtype dtype) {
   const int d = static_cast<int>(dtype);
   switch (path) {
     case GemmPath::kGeneric:
-    case GemmPath::kAmxEmulated:
-      if (path == GemmPath::kAmxEmulated && d != 0) {
-        return d == 1 ? GemmKernel{generic::amx_emulated::amx_item<false>, "amx-emulated bf16 32x32"}
-                      : GemmKernel{generic::amx_emulated::amx_item<true>, "amx-emulated int8 32x32"};
-      }
       return d == 0   ? GemmKernel{generic::gemm_kernels::fma_item<6, 1, false>, "generic fma 6x16"}
              : d == 1 ? GemmKernel{generic::gemm_kernels::fma_item<6, 1, true>,
                                    "generic bf16 fma 6x16"}
@@ -161,7 +139,53 @@ inline GemmKernel gemm_kernel(GemmPath path, GemmDtype dtype) {
       break;
 #endif
   }
-  return gemm_kernel(GemmPath::kGeneric, dtype);
+  return path_kernel(GemmPath::kGeneric, dtype);
+}
+
+// Test hook: while a GemmKernelOverride lives, products of the dtypes it
+// names run its kernels instead of the path's (the AVX-512 blockings on the
+// portable operations, the AMX kernels on emulated tiles; see test_gemm.cpp).
+struct GemmKernelOverride {
+  GemmKernel kernels[3] = {};  // per GemmDtype; a null `run` keeps the path's
+
+  explicit GemmKernelOverride(GemmDtype dtype, GemmKernel kernel) {
+    kernels[static_cast<int>(dtype)] = kernel;
+    previous_ = slot().exchange(this);
+  }
+  ~GemmKernelOverride() { slot().store(previous_); }
+  GemmKernelOverride(const GemmKernelOverride&) = delete;
+  GemmKernelOverride& operator=(const GemmKernelOverride&) = delete;
+
+  static std::atomic<GemmKernelOverride*>& slot() {
+    static std::atomic<GemmKernelOverride*> current{nullptr};
+    return current;
+  }
+  const GemmKernelOverride* previous() const { return previous_; }
+
+ private:
+  GemmKernelOverride* previous_ = nullptr;
+};
+
+// The AMX kernels on EmulatedTiles for bf16 and int8 (a GemmKernelOverride pair).
+class AmxEmulation {
+ public:
+  AmxEmulation()
+      : bf16_(GemmDtype::kBfloat16,
+              {generic::amx_emulated::amx_item<false>, "amx-emulated bf16 32x32"}),
+        int8_(GemmDtype::kInt8, {generic::amx_emulated::amx_item<true>, "amx-emulated int8 32x32"}) {
+  }
+
+ private:
+  GemmKernelOverride bf16_, int8_;
+};
+
+// The kernel a product of `dtype` runs now.
+inline GemmKernel gemm_kernel(GemmDtype dtype) {
+  for (const GemmKernelOverride* o = GemmKernelOverride::slot().load(); o != nullptr;
+       o = o->previous()) {
+    if (o->kernels[static_cast<int>(dtype)].run != nullptr) return o->kernels[static_cast<int>(dtype)];
+  }
+  return path_kernel(gemm_path(dtype), dtype);
 }
 
 // Products smaller than this many multiply-adds stay on one thread (waking
@@ -271,7 +295,6 @@ void run_gemm(const char* where, bool grouped, const GemmSpec& spec, index_t gro
     gemm_fail(where, Errc::kInvalidArgument, "spec.op_a = ", static_cast<int>(spec.op_a),
               ", spec.op_b = ", static_cast<int>(spec.op_b), ": not an Op");
   if (groups < 0) gemm_fail(where, Errc::kInvalidArgument, "groups = ", groups, " is negative");
-  const GemmPath path = gemm_path(spec.dtype);
   index_t items = 0;
   double macs = 0.0;
   for (index_t g = 0; g < groups; ++g) {
@@ -311,7 +334,7 @@ void run_gemm(const char* where, bool grouped, const GemmSpec& spec, index_t gro
   }
   if (items < threads) threads = static_cast<int>(items);
 
-  const ItemKernel kernel = gemm_kernel(path, spec.dtype).run;
+  const ItemKernel kernel = gemm_kernel(spec.dtype).run;
   std::byte* const base = workspace.data() + skip;
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -370,9 +393,7 @@ void run_gemm(const char* where, bool grouped, const GemmSpec& spec, index_t gro
 }  // namespace detail
 
 // The kernel family a dtype runs on now (e.g. "avx2 fma 6x16"), for reports.
-inline const char* gemm_kernel_name(GemmDtype dtype) {
-  return detail::gemm_kernel(detail::gemm_path(dtype), dtype).name;
-}
+inline const char* gemm_kernel_name(GemmDtype dtype) { return detail::gemm_kernel(dtype).name; }
 
 // C_g = alpha op(A_g) op(B_g) + beta C_g for every g < groups, where
 // operands(g) returns group g's GemmOperands (called several times per group:
