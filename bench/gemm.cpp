@@ -14,7 +14,8 @@
 // weights (the engine's inference form), at 2 and 1 threads. The closing table
 // gives the ratios the engine issue sets goals on.
 //
-// Run: <build>/bench/bench_gemm [--benchmark_repetitions=3]
+// Run: <build>/bench/bench_gemm [--cpu_time] [--benchmark_repetitions=3]
+// (--cpu_time: rates per CPU second of the whole process, for shared machines.)
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
@@ -184,8 +185,8 @@ void sgemm(benchmark::State& state, bool engine, int threads) {
                         {ws.data(), index_t(ws.size())});
     } else {
 #if defined(MOEKIT_BENCH_OPENBLAS)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(n), int(n), 1.0f,
-                  a.data(), int(n), b.data(), int(n), 0.0f, c.data(), int(n));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(n), int(n), 1.0f, a.data(),
+                  int(n), b.data(), int(n), 0.0f, c.data(), int(n));
 #endif
     }
     benchmark::DoNotOptimize(c.data());
@@ -247,10 +248,10 @@ void engine_forward(Experts& m, const GemmSpec& spec, const PackedMatrix* p1,
         const index_t e = group / 2;
         const bool third = group % 2 == 1;
         const PackedMatrix* p = third ? p3 : p1;
-        return GemmOperands{m.rows_of(m.x, e, d),
-                            p != nullptr ? MatrixView<const float>()
-                                         : m.block(third ? m.w3 : m.w1, e, f, d),
-                            p, e, m.rows_of(third ? m.g : m.a, e, f)};
+        return GemmOperands{
+            m.rows_of(m.x, e, d),
+            p != nullptr ? MatrixView<const float>() : m.block(third ? m.w3 : m.w1, e, f, d), p, e,
+            m.rows_of(third ? m.g : m.a, e, f)};
       },
       ws);
   moekit::cpu::gemm_grouped(
@@ -392,15 +393,30 @@ std::string run_name(const std::string& what, const std::string& who, int thread
   return what + "/" + who + "/threads:" + std::to_string(threads);
 }
 
+// Rates from wall-clock time, or (--cpu_time) from the process's CPU time:
+// work per CPU second, which a machine shared with other jobs distorts less.
+bool g_cpu_time = false;
+
 void add(const std::string& name, std::function<void(benchmark::State&)> f) {
-  benchmark::RegisterBenchmark(name.c_str(), std::move(f))
-      ->Unit(benchmark::kMillisecond)
-      ->UseRealTime();
+  auto* b = benchmark::RegisterBenchmark(name.c_str(), std::move(f))->Unit(benchmark::kMillisecond);
+  if (g_cpu_time) {
+    b->MeasureProcessCPUTime();
+  } else {
+    b->UseRealTime();
+  }
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--cpu_time") {
+      g_cpu_time = true;
+      for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+      --argc;
+      break;
+    }
+  }
   const Shape shapes[] = {{"C1", 2048, 1024, 4096, 8, 2}, {"C2", 2048, 1024, 512, 64, 8}};
   const auto& features = moekit::cpu::cpu_features();
 #if defined(MOEKIT_BENCH_OPENBLAS)
@@ -451,7 +467,7 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("bf16 kernel", moekit::cpu::gemm_kernel_name(GemmDtype::kBfloat16));
   benchmark::AddCustomContext("int8 kernel", moekit::cpu::gemm_kernel_name(GemmDtype::kInt8));
   benchmark::Initialize(&argc, argv);
-  moekit_bench::RecordingReporter reporter;
+  moekit_bench::RecordingReporter reporter(g_cpu_time);
   benchmark::RunSpecifiedBenchmarks(&reporter);
 
   // Rates from seconds; ratios of runs of this invocation.
@@ -461,10 +477,11 @@ int main(int argc, char** argv) {
   };
   const auto ratio = [](double a, double b) { return a > 0 && b > 0 ? a / b : 0.0; };
   const double sgemm_flops = 2.0 * 2048.0 * 2048.0 * 2048.0;
-  std::printf("\nGFLOP/s (int8: GOP/s); ratios within this run; 0 = not run here\n");
+  std::printf("\nGFLOP/s (int8: GOP/s) per %s; ratios within this run; 0 = not run here\n",
+              g_cpu_time ? "CPU second of the process" : "second of wall-clock time");
   std::printf("%-4s %3s %9s %9s %9s %9s %6s %9s %9s %6s %9s %9s %6s %8s %8s\n", "cfg", "thr",
-              "fma_peak", "amx_bf16", "sgemm_ob", "sgemm_en", "en/ob", "fwd_ob", "fwd_en",
-              "en/ob", "bwd_ob", "bwd_en", "en/ob", "fwd_bf16", "fwd_int8");
+              "fma_peak", "amx_bf16", "sgemm_ob", "sgemm_en", "en/ob", "fwd_ob", "fwd_en", "en/ob",
+              "bwd_ob", "bwd_en", "en/ob", "fwd_bf16", "fwd_int8");
   for (int t : thread_counts) {
     const double fma = features.avx512 ? rate(run_name("fma_peak", "avx512", t), fma_flops(true, t))
                                        : rate(run_name("fma_peak", "avx2", t), fma_flops(false, t));
@@ -478,17 +495,17 @@ int main(int argc, char** argv) {
       const double f_en = rate(run_name(fwd, "engine", t), sh.forward_flops());
       const double b_ob = rate(run_name(bwd, "openblas", t), 2.0 * sh.forward_flops());
       const double b_en = rate(run_name(bwd, "engine", t), 2.0 * sh.forward_flops());
-      std::printf("%-4s %3d %9.1f %9.1f %9.1f %9.1f %6.2f %9.1f %9.1f %6.2f %9.1f %9.1f %6.2f %8.1f %8.1f\n",
-                  sh.name, t, fma, amx, sg_ob, sg_en, ratio(sg_en, sg_ob), f_ob, f_en,
-                  ratio(f_en, f_ob), b_ob, b_en, ratio(b_en, b_ob),
-                  rate(run_name(fwd, "engine_bf16", t), sh.forward_flops()),
-                  rate(run_name(fwd, "engine_int8", t), sh.forward_flops()));
+      std::printf(
+          "%-4s %3d %9.1f %9.1f %9.1f %9.1f %6.2f %9.1f %9.1f %6.2f %9.1f %9.1f %6.2f %8.1f "
+          "%8.1f\n",
+          sh.name, t, fma, amx, sg_ob, sg_en, ratio(sg_en, sg_ob), f_ob, f_en, ratio(f_en, f_ob),
+          b_ob, b_en, ratio(b_en, b_ob), rate(run_name(fwd, "engine_bf16", t), sh.forward_flops()),
+          rate(run_name(fwd, "engine_int8", t), sh.forward_flops()));
     }
-    std::printf("     %3d engine sgemm / fma peak %.2f; bf16 experts / AMX peak %.2f\n", t,
-                ratio(sg_en, fma),
-                ratio(rate(run_name("experts_fwd_C1", "engine_bf16", t),
-                           shapes[0].forward_flops()),
-                      amx));
+    std::printf(
+        "     %3d engine sgemm / fma peak %.2f; bf16 experts / AMX peak %.2f\n", t,
+        ratio(sg_en, fma),
+        ratio(rate(run_name("experts_fwd_C1", "engine_bf16", t), shapes[0].forward_flops()), amx));
   }
   std::printf("kernels: fp32 %s, bf16 %s, int8 %s\n",
               moekit::cpu::gemm_kernel_name(GemmDtype::kFloat32),

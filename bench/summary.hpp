@@ -14,7 +14,10 @@ namespace moekit_bench {
 class RecordingReporter : public benchmark::ConsoleReporter {
  public:
   // Plain text: logs and the closing table are read by scripts and tests.
-  RecordingReporter() : ConsoleReporter(OO_Tabular) {}
+  // With cpu_time the runs measure the process's CPU time
+  // (MeasureProcessCPUTime) and that is what is kept.
+  explicit RecordingReporter(bool cpu_time = false)
+      : ConsoleReporter(OO_Tabular), cpu_time_(cpu_time) {}
 
   // Keeps each run's time; with --benchmark_repetitions, the median of the
   // repetitions (reported after them) replaces it: on a shared machine that
@@ -24,12 +27,14 @@ class RecordingReporter : public benchmark::ConsoleReporter {
       const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
       if ((run.run_type == Run::RT_Iteration && run.iterations > 0) || median) {
         std::string name = run.run_name.str();
-        const std::string suffix = "/real_time";  // added by UseRealTime()
-        if (name.size() > suffix.size() && name.ends_with(suffix)) {
-          name.resize(name.size() - suffix.size());
+        // Added by UseRealTime() / MeasureProcessCPUTime().
+        for (const std::string suffix : {"/real_time", "/process_time"}) {
+          if (name.size() > suffix.size() && name.ends_with(suffix)) {
+            name.resize(name.size() - suffix.size());
+          }
         }
-        seconds_[name] =
-            run.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(run.time_unit);
+        seconds_[name] = (cpu_time_ ? run.GetAdjustedCPUTime() : run.GetAdjustedRealTime()) /
+                         benchmark::GetTimeUnitMultiplier(run.time_unit);
       }
     }
     ConsoleReporter::ReportRuns(runs);
@@ -42,6 +47,7 @@ class RecordingReporter : public benchmark::ConsoleReporter {
   }
 
  private:
+  bool cpu_time_ = false;
   std::map<std::string, double> seconds_;
 };
 

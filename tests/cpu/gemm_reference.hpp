@@ -153,9 +153,9 @@ struct Int8Model {
     for (index_t kk = 0; kk < k; ++kk)
       s += std::int64_t{qa[static_cast<std::size_t>(i * k + kk)]} *
            qb[static_cast<std::size_t>(kk * n + j)];
-    return product(static_cast<float>(static_cast<std::int32_t>(s)),
-                   product(rows[static_cast<std::size_t>(i)].scale,
-                           cols[static_cast<std::size_t>(j)].scale));
+    return product(
+        static_cast<float>(static_cast<std::int32_t>(s)),
+        product(rows[static_cast<std::size_t>(i)].scale, cols[static_cast<std::size_t>(j)].scale));
   }
 };
 

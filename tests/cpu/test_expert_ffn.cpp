@@ -684,7 +684,8 @@ TEST(ExpertFfn, EveryPathGivesTheSameBits) {
                             {&p.dw1, &runs[0].dw1},
                             {&p.dw3, &runs[0].dw3},
                             {&p.dw2, &runs[0].dw2}}) {
-          EXPECT_TRUE(a->bits_equal(*b)) << path.name << " differs from " << c::isa_name(Isa::kGeneric);
+          EXPECT_TRUE(a->bits_equal(*b))
+              << path.name << " differs from " << c::isa_name(Isa::kGeneric);
         }
       }
       runs.push_back(std::move(p));
@@ -726,11 +727,12 @@ TEST(ExpertFfn, BatchInvariance) {
           std::memcpy(&alone.x.at(0, 0), &big.x.at(r, 0), sizeof(float) * std::size_t(d));
           std::memcpy(&alone.dy.at(0, 0), &big.dy.at(r, 0), sizeof(float) * std::size_t(d));
           alone.run(ffn);
-          EXPECT_EQ(std::memcmp(&alone.y.at(0, 0), &batch.y.at(r, 0), sizeof(float) * std::size_t(d)),
-                    0)
+          EXPECT_EQ(
+              std::memcmp(&alone.y.at(0, 0), &batch.y.at(r, 0), sizeof(float) * std::size_t(d)), 0)
               << "y of row " << r << " (expert " << e << ") at " << threads << " threads";
           EXPECT_EQ(
-              std::memcmp(&alone.dx.at(0, 0), &batch.dx.at(r, 0), sizeof(float) * std::size_t(d)), 0)
+              std::memcmp(&alone.dx.at(0, 0), &batch.dx.at(r, 0), sizeof(float) * std::size_t(d)),
+              0)
               << "dx of row " << r << " (expert " << e << ") at " << threads << " threads";
         }
       }
@@ -753,9 +755,9 @@ TEST(ExpertFfn, PackedForwardInEveryDtype) {
       const moekit::cpu::PackedExpertWeights packed = ffn.pack(p.weights(), dtype);
       EXPECT_EQ(packed.dtype(), dtype);
       for (const moekit_test::GemmPathCase& path : moekit_test::gemm_path_cases(dtype)) {
-        SCOPED_TRACE(::testing::Message() << "kind " << static_cast<int>(kind) << " "
-                                          << moekit::cpu::gemm_dtype_name(dtype) << " "
-                                          << path.name);
+        SCOPED_TRACE(::testing::Message()
+                     << "kind " << static_cast<int>(kind) << " "
+                     << moekit::cpu::gemm_dtype_name(dtype) << " " << path.name);
         Mat y(p.dims.n(), p.dims.d), y_alone(1, p.dims.d);
         y.poison();
         moekit_test::with_path(path, dtype, [&] {
@@ -795,7 +797,8 @@ TEST(ExpertFfn, PackedRejectsBadInput) {
   const ExpertFfn<S> ffn(p.config());
   moekit::cpu::PackedExpertWeights packed = ffn.pack(p.weights(), GemmDtype::kInt8);
   const VectorView<std::byte> w = p.workspace(ffn.workspace_size(p.dims.n()));
-  packed.w2 = moekit::cpu::PackedMatrix(GemmDtype::kBfloat16, moekit::cpu::Op::kTrans, p.w2.cview(), 4);
+  packed.w2 =
+      moekit::cpu::PackedMatrix(GemmDtype::kBfloat16, moekit::cpu::Op::kTrans, p.w2.cview(), 4);
   std::string m = expect_error([&] { ffn.forward(p.x.cview(), p.off(), packed, p.y.view(), w); },
                                Errc::kInvalidArgument);
   EXPECT_NE(m.find("weights.w2 holds bfloat16 but weights.w1 holds int8"), std::string::npos) << m;

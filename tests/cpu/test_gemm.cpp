@@ -58,7 +58,6 @@ MOEKIT_NAMESPACE_END
 
 namespace {
 
-
 using moekit::Errc;
 using moekit::index_t;
 using moekit::MatrixView;
@@ -79,7 +78,8 @@ using moekit_test::ThreadCount;
 using Mat = moekit_test::StridedMatrix;
 
 std::vector<std::byte> workspace_for(int threads) {
-  return std::vector<std::byte>(static_cast<std::size_t>(moekit::cpu::gemm_workspace_size(threads)));
+  return std::vector<std::byte>(
+      static_cast<std::size_t>(moekit::cpu::gemm_workspace_size(threads)));
 }
 VectorView<std::byte> view(std::vector<std::byte>& w) {
   return {w.data(), static_cast<index_t>(w.size())};
@@ -126,8 +126,8 @@ struct Shape {
 // Odd sizes; K past the fp32 pass (256), the AMX bf16 pass (512) and the
 // int8 pass (1024); M past a packed A block (192) and N past an item (512).
 // (Unoptimised sanitizer builds leave out the largest.)
-const std::vector<Shape> kShapes = {{1, 1, 1},    {5, 3, 7},     {13, 33, 63}, {70, 17, 300},
-                                    {7, 530, 33}, {3, 19, 1030}, {6, 16, 0},
+const std::vector<Shape> kShapes = {{1, 1, 1},     {5, 3, 7},     {13, 33, 63}, {70, 17, 300},
+                                    {7, 530, 33},  {3, 19, 1030}, {6, 16, 0},
 #if defined(NDEBUG)
                                     {200, 40, 513}
 #endif
@@ -175,8 +175,8 @@ const std::vector<float>& model_sums(const Sums& s, Model model) {
 // view or packed taking turns: bit for bit against the path's model (real
 // AMX bf16: reported, see gemm/tiles.hpp), and against float64.
 void check_every_path(GemmDtype dtype) {
-  const std::pair<float, float> scalars[] = {{1.0f, 0.0f}, {-0.75f, 0.0f}, {1.0f, 1.0f},
-                                             {0.5f, -1.25f}};
+  const std::pair<float, float> scalars[] = {
+      {1.0f, 0.0f}, {-0.75f, 0.0f}, {1.0f, 1.0f}, {0.5f, -1.25f}};
   const std::vector<GemmPathCase> paths = moekit_test::gemm_path_cases(dtype);
   std::vector<double> worst(paths.size(), 0.0);
   int turn = 0;
@@ -207,9 +207,10 @@ void check_every_path(GemmDtype dtype) {
           index_t differing = 0;
           for (index_t i = 0; i < s.m; ++i)
             for (index_t j = 0; j < s.n; ++j)
-              differing += float_bits(out.at(i, j)) !=
-                           float_bits(moekit_test::output(want[static_cast<std::size_t>(i * s.n + j)],
-                                                          alpha, beta, p.c_old.at(i, j)));
+              differing +=
+                  float_bits(out.at(i, j)) !=
+                  float_bits(moekit_test::output(want[static_cast<std::size_t>(i * s.n + j)], alpha,
+                                                 beta, p.c_old.at(i, j)));
           if (model == Model::kAmxBf16 && !path.emulate_amx) {
             if (differing > 0)
               std::printf("[ info ] %s: %ld of %ld elements differ from the emulator's model\n",
@@ -307,8 +308,8 @@ void check_batch_invariance(GemmDtype dtype) {
           for (index_t i = 0; i < size; ++i)
             differing += std::memcmp(&out.at(i, 0), &alone.at(rows[static_cast<std::size_t>(i)], 0),
                                      sizeof(float) * static_cast<std::size_t>(n)) != 0;
-          EXPECT_EQ(differing, 0) << "rows whose bits changed in a batch of " << size << " at "
-                                  << t << " threads";
+          EXPECT_EQ(differing, 0) << "rows whose bits changed in a batch of " << size << " at " << t
+                                  << " threads";
         }
       }
     });
@@ -346,12 +347,15 @@ TEST(Gemm, GroupedEqualsOneProductPerGroup) {
     moekit::cpu::gemm_grouped(
         spec, groups,
         [&](index_t g) {
-          const index_t r0 = offsets[static_cast<std::size_t>(g)], n = counts[static_cast<std::size_t>(g)];
-          return GemmOperands{x.cview().middle_rows(r0, n), {}, &pw, g, y.view().middle_rows(r0, n)};
+          const index_t r0 = offsets[static_cast<std::size_t>(g)],
+                        n = counts[static_cast<std::size_t>(g)];
+          return GemmOperands{
+              x.cview().middle_rows(r0, n), {}, &pw, g, y.view().middle_rows(r0, n)};
         },
         view(ws));
     for (index_t g = 0; g < groups; ++g) {
-      const index_t r0 = offsets[static_cast<std::size_t>(g)], n = counts[static_cast<std::size_t>(g)];
+      const index_t r0 = offsets[static_cast<std::size_t>(g)],
+                    n = counts[static_cast<std::size_t>(g)];
       moekit::cpu::gemm(spec, x.cview().middle_rows(r0, n), pw, g, one.view().middle_rows(r0, n),
                         view(ws));
     }
@@ -366,13 +370,15 @@ TEST(Gemm, GroupedEqualsOneProductPerGroup) {
   moekit::cpu::gemm_grouped(
       spec, groups,
       [&](index_t g) {
-        const index_t r0 = offsets[static_cast<std::size_t>(g)], n = counts[static_cast<std::size_t>(g)];
+        const index_t r0 = offsets[static_cast<std::size_t>(g)],
+                      n = counts[static_cast<std::size_t>(g)];
         return GemmOperands{dy.cview().middle_rows(r0, n), x.cview().middle_rows(r0, n), nullptr, 0,
                             dw.view().middle_rows(g * f, f)};
       },
       view(ws));
   for (index_t g = 0; g < groups; ++g) {
-    const index_t r0 = offsets[static_cast<std::size_t>(g)], n = counts[static_cast<std::size_t>(g)];
+    const index_t r0 = offsets[static_cast<std::size_t>(g)],
+                  n = counts[static_cast<std::size_t>(g)];
     moekit::cpu::gemm(spec, dy.cview().middle_rows(r0, n), x.cview().middle_rows(r0, n),
                       dw_one.view().middle_rows(g * f, f), view(ws));
   }
@@ -445,8 +451,8 @@ TEST(Gemm, NoAllocationAtRealisticSizes) {
                         nullptr, 0, dw.view().middle_rows(g * f, f)};
   };
   const auto int8 = [&](index_t g) {
-    return GemmOperands{x.cview().middle_rows(g * per, per), {}, &p8, g,
-                        y.view().middle_rows(g * per, per)};
+    return GemmOperands{
+        x.cview().middle_rows(g * per, per), {}, &p8, g, y.view().middle_rows(g * per, per)};
   };
   for (int pass = 0; pass < 2; ++pass) {  // the first pass starts the thread pool
     moekit_test::CountAllocations count;
@@ -481,7 +487,9 @@ TEST(Gemm, RejectsBadInputAndWritesNothing) {
       Errc::kShapeMismatch);
   EXPECT_NE(m.find("c is 3 x 5, expected 4 x 5"), std::string::npos) << m;
   m = expect_error(
-      [&] { moekit::cpu::gemm({}, MatrixView<const float>(nullptr, 4, 6), b.cview(), c.view(), wv); },
+      [&] {
+        moekit::cpu::gemm({}, MatrixView<const float>(nullptr, 4, 6), b.cview(), c.view(), wv);
+      },
       Errc::kNullPointer);
   EXPECT_NE(m.find("a is null"), std::string::npos) << m;
   m = expect_error([&] { moekit::cpu::gemm({}, a.cview(), pb, 0, c.view(), wv); },
@@ -500,9 +508,7 @@ TEST(Gemm, RejectsBadInputAndWritesNothing) {
       Errc::kInvalidArgument);
   EXPECT_NE(m.find("spec.op_a = 3"), std::string::npos) << m;
   m = expect_error(
-      [&] {
-        moekit::cpu::gemm({}, a.cview(), b.cview(), c.view(), wv.segment(0, wv.size() / 2));
-      },
+      [&] { moekit::cpu::gemm({}, a.cview(), b.cview(), c.view(), wv.segment(0, wv.size() / 2)); },
       Errc::kShapeMismatch);
   EXPECT_NE(m.find("workspace has"), std::string::npos) << m;
   m = expect_error(
@@ -521,7 +527,10 @@ TEST(Gemm, RejectsBadInputAndWritesNothing) {
       [&] {
         moekit::cpu::gemm_grouped(
             {.dtype = GemmDtype::kBfloat16}, 1,
-            [&](index_t) { return GemmOperands{a.cview(), b.cview(), &pb, 0, c.view()}; }, wv);
+            [&](index_t) {
+              return GemmOperands{a.cview(), b.cview(), &pb, 0, c.view()};
+            },
+            wv);
       },
       Errc::kInvalidArgument);
   EXPECT_NE(m.find("operands(0).b is 6 x 5 but B is packed"), std::string::npos) << m;
@@ -549,10 +558,10 @@ TEST(PackedMatrix, HoldsTheRoundedOrQuantizedValues) {
         const moekit_test::Int8Row s = moekit_test::int8_scale(amax);
         for (index_t k = 0; k < 37; ++k) {
           const float x = w.at(g * 21 + n, k);
-          const float want =
-              dtype == GemmDtype::kFloat32    ? x
-              : dtype == GemmDtype::kBfloat16 ? moekit_test::round_bf16(x)
-                                              : float(moekit_test::quantize(x, s.inverse)) * s.scale;
+          const float want = dtype == GemmDtype::kFloat32 ? x
+                             : dtype == GemmDtype::kBfloat16
+                                 ? moekit_test::round_bf16(x)
+                                 : float(moekit_test::quantize(x, s.inverse)) * s.scale;
           ASSERT_EQ(float_bits(p.value(g, k, n)), float_bits(want))
               << moekit::cpu::gemm_dtype_name(dtype) << " g " << g << " k " << k << " n " << n;
         }
@@ -569,13 +578,14 @@ TEST(PackedMatrix, HoldsTheRoundedOrQuantizedValues) {
 TEST(PackedMatrix, FromInt8AndBadInput) {
   std::vector<std::int8_t> q = {1, -2, 3, 127, -127, 0};  // 2 x 3: N = 2, K = 3 (op kTrans)
   const std::vector<float> scales = {0.5f, 0.25f};
-  const PackedMatrix p = PackedMatrix::from_int8(Op::kTrans, {q.data(), 2, 3},
-                                                 {scales.data(), 2});
+  const PackedMatrix p = PackedMatrix::from_int8(Op::kTrans, {q.data(), 2, 3}, {scales.data(), 2});
   EXPECT_EQ(p.value(0, 1, 0), -1.0f);
   EXPECT_EQ(p.value(0, 0, 1), 127.0f * 0.25f);
   q[2] = -128;
   std::string m = expect_error(
-      [&] { PackedMatrix::from_int8(Op::kTrans, {q.data(), 2, 3}, {scales.data(), 2}); },
+      [&] {
+        PackedMatrix::from_int8(Op::kTrans, {q.data(), 2, 3}, {scales.data(), 2});
+      },
       Errc::kInvalidArgument);
   EXPECT_NE(m.find("q holds -128"), std::string::npos) << m;
   Mat w(5, 4);
@@ -636,8 +646,8 @@ TEST(AmxTiles, EmulatorFollowsTheDocumentedSemantics) {
     for (std::size_t n = 0; n < 16; ++n) {
       float even = 0.0f, odd = 0.0f;
       for (std::size_t k = 0; k < 16; ++k) {
-        even = moekit_test::flush(std::fma(moekit_test::flush(widen(a[m * 32 + 2 * k])),
-                                           widen(b[k * 32 + 2 * n]), even));
+        even = moekit_test::flush(
+            std::fma(moekit_test::flush(widen(a[m * 32 + 2 * k])), widen(b[k * 32 + 2 * n]), even));
         odd = moekit_test::flush(std::fma(moekit_test::flush(widen(a[m * 32 + 2 * k + 1])),
                                           widen(b[k * 32 + 2 * n + 1]), odd));
       }
@@ -654,8 +664,10 @@ TEST(AmxTiles, EmulatorFollowsTheDocumentedSemantics) {
       differ += float_bits(hw[i]) != float_bits(got[i]);
       worst = std::max(worst, double(std::fabs(hw[i] - got[i])));
     }
-    std::printf("[ info ] TDPBF16PS on this machine vs the emulator: %d of 256 elements differ "
-                "(largest difference %.3g)\n", differ, worst);
+    std::printf(
+        "[ info ] TDPBF16PS on this machine vs the emulator: %d of 256 elements differ "
+        "(largest difference %.3g)\n",
+        differ, worst);
     EXPECT_LT(worst, 1e-3);
   }
 #endif
@@ -700,7 +712,8 @@ TEST(AmxTiles, EmulatedInt8DotProductsAreExact) {
       for (std::size_t n = 0; n < 16; ++n) {
         std::int64_t s = 5;
         for (std::size_t k = 0; k < 64; ++k) {
-          const int av = signed_a ? int{a[m * 64 + k]} : int{static_cast<std::uint8_t>(a[m * 64 + k])};
+          const int av =
+              signed_a ? int{a[m * 64 + k]} : int{static_cast<std::uint8_t>(a[m * 64 + k])};
           s += av * int{b[(k / 4) * 64 + 4 * n + k % 4]};
         }
         ASSERT_EQ(got[m * 16 + n], s) << m << " " << n;
@@ -714,10 +727,28 @@ TEST(AmxTiles, EmulatedInt8DotProductsAreExact) {
 // reduce_max / abs on every vector path against the scalar rules (ties,
 // denormals, NaN, infinities, overflow to infinity, clamping).
 TEST(Vec, ConversionsFollowTheRuleOnEveryPath) {
-  std::vector<float> xs = {0.0f, -0.0f, 1.0f, -1.0f, 1.00390625f, 1.01171875f, 3.4e38f, -3.4e38f,
-                           1e-40f, -1e-40f, 1.2e-38f, std::numeric_limits<float>::infinity(),
-                           -std::numeric_limits<float>::infinity(), std::nanf(""), -126.5f,
-                           127.5f, 128.0f, -300.0f, 2.5f, 3.5f, -2.5f, 0.4999f};
+  std::vector<float> xs = {0.0f,
+                           -0.0f,
+                           1.0f,
+                           -1.0f,
+                           1.00390625f,
+                           1.01171875f,
+                           3.4e38f,
+                           -3.4e38f,
+                           1e-40f,
+                           -1e-40f,
+                           1.2e-38f,
+                           std::numeric_limits<float>::infinity(),
+                           -std::numeric_limits<float>::infinity(),
+                           std::nanf(""),
+                           -126.5f,
+                           127.5f,
+                           128.0f,
+                           -300.0f,
+                           2.5f,
+                           3.5f,
+                           -2.5f,
+                           0.4999f};
   std::mt19937 rng(10);
   std::normal_distribution<float> normal(0.0f, 100.0f);
   while (xs.size() % 16 != 0 || xs.size() < 64) xs.push_back(normal(rng));

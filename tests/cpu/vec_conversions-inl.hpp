@@ -2,12 +2,12 @@
 // included into every ISA namespace of test_gemm.cpp (no include guard, on
 // purpose: see moekit/cpu/vec.hpp).
 struct VecConversions {
-  float rounded[16];         // round_bf16(x)
-  std::uint16_t bits[16];    // store_bf16(x)
-  float even[16], odd[16];   // load_bf16_pairs(bits, then 16 zeros)
-  std::int8_t quantized[16]; // store_int8(x)
-  float from_ints[16];       // load_int32(ints)
-  float amax;                // reduce_max(abs(x))
+  float rounded[16];          // round_bf16(x)
+  std::uint16_t bits[16];     // store_bf16(x)
+  float even[16], odd[16];    // load_bf16_pairs(bits, then 16 zeros)
+  std::int8_t quantized[16];  // store_int8(x)
+  float from_ints[16];        // load_int32(ints)
+  float amax;                 // reduce_max(abs(x))
 };
 
 MOEKIT_KERNEL_TARGET inline VecConversions vec_conversions(const float* x,

@@ -298,28 +298,30 @@ class ExpertFfn {
     const VectorView<std::byte> engine = engine_workspace(workspace, n);
     // a = X W1^T (and g = X W3^T): one grouped product, W3 in the odd groups.
     const int per_expert = gated() ? 2 : 1;
-    gemm_grouped({.op_a = Op::kNone, .op_b = Op::kTrans}, index_t{kExperts} * per_expert,
-                 [&](index_t group) {
-                   const auto e = static_cast<int>(group / per_expert);
-                   const bool second = group % per_expert == 1;
-                   const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-                   return GemmOperands{buffer.middle_rows(r0, rows),
-                                       second ? w3_of(weights, e) : w1_of(weights, e), nullptr, 0,
-                                       (second ? gate : pre).middle_rows(r0, rows)};
-                 },
-                 engine);
+    gemm_grouped(
+        {.op_a = Op::kNone, .op_b = Op::kTrans}, index_t{kExperts} * per_expert,
+        [&](index_t group) {
+          const auto e = static_cast<int>(group / per_expert);
+          const bool second = group % per_expert == 1;
+          const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+          return GemmOperands{buffer.middle_rows(r0, rows),
+                              second ? w3_of(weights, e) : w1_of(weights, e), nullptr, 0,
+                              (second ? gate : pre).middle_rows(r0, rows)};
+        },
+        engine);
     with_activation(config_.activation, [&](auto act) {
-      detail::activate_all_rows(act, pre, gated() ? MatrixView<const float>(gate)
-                                                  : MatrixView<const float>(),
+      detail::activate_all_rows(act, pre,
+                                gated() ? MatrixView<const float>(gate) : MatrixView<const float>(),
                                 ws0);  // h, in place of a when a is not saved
     });
-    gemm_grouped({.op_a = Op::kNone, .op_b = Op::kTrans}, kExperts,
-                 [&](index_t e) {
-                   const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-                   return GemmOperands{ws0.middle_rows(r0, rows), w2_of(weights, static_cast<int>(e)),
-                                       nullptr, 0, y.middle_rows(r0, rows)};
-                 },
-                 engine);
+    gemm_grouped(
+        {.op_a = Op::kNone, .op_b = Op::kTrans}, kExperts,
+        [&](index_t e) {
+          const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+          return GemmOperands{ws0.middle_rows(r0, rows), w2_of(weights, static_cast<int>(e)),
+                              nullptr, 0, y.middle_rows(r0, rows)};
+        },
+        engine);
   }
 
   // Packs frozen weights once for the engine in `dtype` (allocates; see the
@@ -350,28 +352,30 @@ class ExpertFfn {
     const VectorView<std::byte> engine = engine_workspace(workspace, n);
     const GemmSpec spec{.dtype = weights.dtype(), .op_a = Op::kNone, .op_b = Op::kNone};
     const int per_expert = gated() ? 2 : 1;
-    gemm_grouped(spec, index_t{kExperts} * per_expert,
-                 [&](index_t group) {
-                   const index_t e = group / per_expert;
-                   const bool second = group % per_expert == 1;
-                   const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-                   return GemmOperands{buffer.middle_rows(r0, rows), {},
-                                       second ? &weights.w3 : &weights.w1, e,
-                                       (second ? g : a).middle_rows(r0, rows)};
-                 },
-                 engine);
+    gemm_grouped(
+        spec, index_t{kExperts} * per_expert,
+        [&](index_t group) {
+          const index_t e = group / per_expert;
+          const bool second = group % per_expert == 1;
+          const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+          return GemmOperands{buffer.middle_rows(r0, rows),
+                              {},
+                              second ? &weights.w3 : &weights.w1,
+                              e,
+                              (second ? g : a).middle_rows(r0, rows)};
+        },
+        engine);
     with_activation(config_.activation, [&](auto act) {
-      detail::activate_all_rows(act, a, gated() ? MatrixView<const float>(g)
-                                                : MatrixView<const float>(),
-                                a);
+      detail::activate_all_rows(
+          act, a, gated() ? MatrixView<const float>(g) : MatrixView<const float>(), a);
     });
-    gemm_grouped(spec, kExperts,
-                 [&](index_t e) {
-                   const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-                   return GemmOperands{a.middle_rows(r0, rows), {}, &weights.w2, e,
-                                       y.middle_rows(r0, rows)};
-                 },
-                 engine);
+    gemm_grouped(
+        spec, kExperts,
+        [&](index_t e) {
+          const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+          return GemmOperands{a.middle_rows(r0, rows), {}, &weights.w2, e, y.middle_rows(r0, rows)};
+        },
+        engine);
   }
 
   // Backward of forward given dy = dL/dy (N x d). saved_pre (and saved_gate
@@ -428,8 +432,9 @@ class ExpertFfn {
     const auto weight_grad = [&](MatrixView<const float> rows_a, MatrixView<const float> rows_b,
                                  MatrixView<float> dw, index_t e, index_t block) {
       const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-      if (rows == 0) return GemmOperands{{}, rows_b.middle_rows(r0, 0), nullptr, 0,
-                                         dw.block(e * block, 0, 0, dw.cols())};
+      if (rows == 0)
+        return GemmOperands{
+            {}, rows_b.middle_rows(r0, 0), nullptr, 0, dw.block(e * block, 0, 0, dw.cols())};
       return GemmOperands{rows_a.middle_rows(r0, rows), rows_b.middle_rows(r0, rows), nullptr, 0,
                           dw.middle_rows(e * block, block)};
     };
@@ -437,44 +442,46 @@ class ExpertFfn {
     with_activation(config_.activation, [&](auto act) {
       if (want_dw2) {  // dW2 = dy^T h, h recomputed into ws1
         detail::activate_all_rows(act, saved_pre, gate, ws1);
-        gemm_grouped(dw_spec, kExperts,
-                     [&](index_t e) { return weight_grad(dy, ws1, grads.dw2, e, d); }, engine);
+        gemm_grouped(
+            dw_spec, kExperts, [&](index_t e) { return weight_grad(dy, ws1, grads.dw2, e, d); },
+            engine);
       }
       if (!want_dh) return;
 
-      gemm_grouped({.op_a = Op::kNone, .op_b = Op::kNone}, kExperts,  // dh = dy W2
-                   [&](index_t e) {
-                     const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-                     return GemmOperands{dy.middle_rows(r0, rows),
-                                         w2_of(weights, static_cast<int>(e)), nullptr, 0,
-                                         ws0.middle_rows(r0, rows)};
-                   },
-                   engine);
-      detail::activate_all_rows_backward(act, saved_pre, gate, ws0, gated() ? ws1 : MatrixView<float>());
+      gemm_grouped(
+          {.op_a = Op::kNone, .op_b = Op::kNone}, kExperts,  // dh = dy W2
+          [&](index_t e) {
+            const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+            return GemmOperands{dy.middle_rows(r0, rows), w2_of(weights, static_cast<int>(e)),
+                                nullptr, 0, ws0.middle_rows(r0, rows)};
+          },
+          engine);
+      detail::activate_all_rows_backward(act, saved_pre, gate, ws0,
+                                         gated() ? ws1 : MatrixView<float>());
       const MatrixView<const float> da = ws0, dg = ws1;
       const int dw_per_expert = (want_dw1 ? 1 : 0) + (want_dw3 ? 1 : 0);
       if (dw_per_expert > 0) {  // dW1 = da^T X, dW3 = dg^T X
-        gemm_grouped(dw_spec, index_t{kExperts} * dw_per_expert,
-                     [&](index_t group) {
-                       const index_t e = group / dw_per_expert;
-                       const bool third = !want_dw1 || group % dw_per_expert == 1;
-                       return weight_grad(third ? dg : da, buffer, third ? grads.dw3 : grads.dw1,
-                                          e, f);
-                     },
-                     engine);
+        gemm_grouped(
+            dw_spec, index_t{kExperts} * dw_per_expert,
+            [&](index_t group) {
+              const index_t e = group / dw_per_expert;
+              const bool third = !want_dw1 || group % dw_per_expert == 1;
+              return weight_grad(third ? dg : da, buffer, third ? grads.dw3 : grads.dw1, e, f);
+            },
+            engine);
       }
       if (!want_dx) return;
       for (int part = 0; part < (gated() ? 2 : 1); ++part) {  // dx = da W1 (+ dg W3)
-        gemm_grouped({.op_a = Op::kNone, .op_b = Op::kNone, .beta = part == 0 ? 0.0f : 1.0f},
-                     kExperts,
-                     [&](index_t e) {
-                       const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-                       const auto ei = static_cast<int>(e);
-                       return GemmOperands{(part == 0 ? da : dg).middle_rows(r0, rows),
-                                           part == 0 ? w1_of(weights, ei) : w3_of(weights, ei),
-                                           nullptr, 0, dx.middle_rows(r0, rows)};
-                     },
-                     engine);
+        gemm_grouped(
+            {.op_a = Op::kNone, .op_b = Op::kNone, .beta = part == 0 ? 0.0f : 1.0f}, kExperts,
+            [&](index_t e) {
+              const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+              const auto ei = static_cast<int>(e);
+              return GemmOperands{(part == 0 ? da : dg).middle_rows(r0, rows),
+                                  part == 0 ? w1_of(weights, ei) : w3_of(weights, ei), nullptr, 0,
+                                  dx.middle_rows(r0, rows)};
+            },
+            engine);
       }
     });
   }
@@ -564,15 +571,14 @@ class ExpertFfn {
   static void check_packed(const PackedMatrix& p, index_t k, index_t n, GemmDtype dtype,
                            const char* name) {
     MOEKIT_CHECK(p.groups() == kExperts && p.k() == k && p.n() == n, Errc::kShapeMismatch, name,
-                 " packs ", p.groups(), " groups of ", p.k(), " x ", p.n(), ", expected ",
-                 kExperts, " of ", k, " x ", n, " (ExpertFfn::pack)");
+                 " packs ", p.groups(), " groups of ", p.k(), " x ", p.n(), ", expected ", kExperts,
+                 " of ", k, " x ", n, " (ExpertFfn::pack)");
     MOEKIT_CHECK(p.dtype() == dtype, Errc::kInvalidArgument, name, " holds ",
                  gemm_dtype_name(p.dtype()), " but weights.w1 holds ", gemm_dtype_name(dtype));
   }
 
   index_t scratch_bytes(index_t rows) const {
-    return detail::round_up(2 * rows * config_.d_ff * index_t{sizeof(float)},
-                            detail::kSlotAlign);
+    return detail::round_up(2 * rows * config_.d_ff * index_t{sizeof(float)}, detail::kSlotAlign);
   }
 
   // Scratch matrix `slot` (0 or 1) of the workspace, N x d_ff floats.

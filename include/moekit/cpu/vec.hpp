@@ -51,10 +51,9 @@
 // GCC 12 reports its own AVX-512 intrinsics (which start from
 // _mm512_undefined_ps) as "(may be) used uninitialized" once inlined.
 #if defined(__GNUC__) && !defined(__clang__)
-#define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN                       \
-  _Pragma("GCC diagnostic push")                                           \
-      _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")          \
-          _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN                                       \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"") \
+      _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
 #define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_END _Pragma("GCC diagnostic pop")
 #else
 #define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN
@@ -289,7 +288,6 @@ MOEKIT_DETAIL_OP float reduce_add(F32x16 v) {
   return _mm_cvtss_f32(s4);
 }
 
-
 MOEKIT_DETAIL_OP float reduce_max(F32x16 v) {
   __m256 s8 = _mm256_max_ps(v.lo, v.hi);
   __m128 s4 = _mm_max_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
@@ -344,9 +342,9 @@ MOEKIT_DETAIL_OP void load_bf16_pairs(const std::uint16_t* p, F32x16& even, F32x
 
 MOEKIT_DETAIL_OP void store_int8(std::int8_t* p, F32x16 v) {
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const F32x16 r = min(max({_mm256_round_ps(v.lo, kNearest), _mm256_round_ps(v.hi, kNearest)},
-                           set1(-127.0f)),
-                       set1(127.0f));
+  const F32x16 r =
+      min(max({_mm256_round_ps(v.lo, kNearest), _mm256_round_ps(v.hi, kNearest)}, set1(-127.0f)),
+          set1(127.0f));
   // packs interleaves the 128-bit halves as in store_bf16.
   const __m256i words = _mm256_permute4x64_epi64(
       _mm256_packs_epi32(_mm256_cvttps_epi32(r.lo), _mm256_cvttps_epi32(r.hi)), 0xD8);
@@ -417,7 +415,6 @@ MOEKIT_DETAIL_OP float reduce_add(F32x16 v) {
   s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
   return _mm_cvtss_f32(s4);
 }
-
 
 MOEKIT_DETAIL_OP float reduce_max(F32x16 v) {
   const __m256 s8 =

@@ -39,8 +39,7 @@ constexpr const char* gemm_dtype_name(GemmDtype dtype) noexcept {
 }
 
 constexpr bool is_gemm_dtype(GemmDtype dtype) noexcept {
-  return dtype == GemmDtype::kFloat32 || dtype == GemmDtype::kBfloat16 ||
-         dtype == GemmDtype::kInt8;
+  return dtype == GemmDtype::kFloat32 || dtype == GemmDtype::kBfloat16 || dtype == GemmDtype::kInt8;
 }
 constexpr bool is_op(Op op) noexcept { return op == Op::kNone || op == Op::kTrans; }
 
@@ -110,7 +109,7 @@ struct GemmSlot {
 struct PackedPanels {
   const std::byte* data = nullptr;
   index_t block_stride = 0;
-  const float* col_scales = nullptr;        // int8: N padded
+  const float* col_scales = nullptr;       // int8: N padded
   const std::int32_t* col_sums = nullptr;  // int8: sum over k of each column's int8 values
 };
 
@@ -153,7 +152,7 @@ inline Int8Scale int8_scale(float amax) {
 }  // namespace detail
 
 // Bytes of workspace a GEMM call needs to run on `threads` threads: one slot
-// per thread (about 1.5 MiB) and alignment slack. A call given fewer slots
+// per thread (about 2.2 MiB) and alignment slack. A call given fewer slots
 // than threads runs on as many threads as it has slots.
 constexpr index_t gemm_workspace_size(int threads) {
   return threads < 1 ? 0 : detail::kSlotAlign + threads * detail::kSlotBytes;

@@ -73,7 +73,7 @@ struct GemmSpec {
 // One group's matrices: A, B from a view or packed, and C.
 struct GemmOperands {
   MatrixView<const float> a{};
-  MatrixView<const float> b{};          // empty when B is packed
+  MatrixView<const float> b{};           // empty when B is packed
   const PackedMatrix* packed = nullptr;  // B = packed's group `packed_group`
   index_t packed_group = 0;
   MatrixView<float> c{};
@@ -110,15 +110,16 @@ inline GemmKernel path_kernel(GemmPath path, GemmDtype dtype) {
   const int d = static_cast<int>(dtype);
   switch (path) {
     case GemmPath::kGeneric:
-      return d == 0   ? GemmKernel{generic::gemm_kernels::fma_item<6, 1, false>, "generic fma 6x16"}
-             : d == 1 ? GemmKernel{generic::gemm_kernels::fma_item<6, 1, true>,
-                                   "generic bf16 fma 6x16"}
-                      : GemmKernel{generic::gemm_kernels::int8_item<4, 1, false>, "generic int8 4x16"};
+      return d == 0 ? GemmKernel{generic::gemm_kernels::fma_item<6, 1, false>, "generic fma 6x16"}
+             : d == 1
+                 ? GemmKernel{generic::gemm_kernels::fma_item<6, 1, true>, "generic bf16 fma 6x16"}
+                 : GemmKernel{generic::gemm_kernels::int8_item<4, 1, false>, "generic int8 4x16"};
 #if MOEKIT_DETAIL_X86
     case GemmPath::kAvx2:
       return d == 0   ? GemmKernel{avx2::gemm_kernels::fma_item<6, 1, false>, "avx2 fma 6x16"}
              : d == 1 ? GemmKernel{avx2::gemm_kernels::fma_item<6, 1, true>, "avx2 bf16 fma 6x16"}
-                      : GemmKernel{avx2::gemm_kernels::int8_item<2, 1, false>, "avx2 int8 vpmaddwd 2x16"};
+                      : GemmKernel{avx2::gemm_kernels::int8_item<2, 1, false>,
+                                   "avx2 int8 vpmaddwd 2x16"};
     case GemmPath::kAmx:
 #if MOEKIT_HAS_HARDWARE_TILES
       if (d != 0) {
@@ -133,7 +134,8 @@ inline GemmKernel path_kernel(GemmPath path, GemmDtype dtype) {
       return d == 0 ? GemmKernel{avx512::gemm_kernels::fma_item<12, 2, false>, "avx512 fma 12x32"}
              : d == 1
                  ? GemmKernel{avx512::gemm_kernels::fma_item<12, 2, true>, "avx512 bf16 fma 12x32"}
-                 : GemmKernel{avx512::gemm_kernels::int8_item<12, 2, true>, "avx512 int8 vnni 12x32"};
+                 : GemmKernel{avx512::gemm_kernels::int8_item<12, 2, true>,
+                              "avx512 int8 vnni 12x32"};
 #else
     default:
       break;
@@ -172,8 +174,8 @@ class AmxEmulation {
   AmxEmulation()
       : bf16_(GemmDtype::kBfloat16,
               {generic::amx_emulated::amx_item<false>, "amx-emulated bf16 32x32"}),
-        int8_(GemmDtype::kInt8, {generic::amx_emulated::amx_item<true>, "amx-emulated int8 32x32"}) {
-  }
+        int8_(GemmDtype::kInt8,
+              {generic::amx_emulated::amx_item<true>, "amx-emulated int8 32x32"}) {}
 
  private:
   GemmKernelOverride bf16_, int8_;
@@ -183,7 +185,8 @@ class AmxEmulation {
 inline GemmKernel gemm_kernel(GemmDtype dtype) {
   for (const GemmKernelOverride* o = GemmKernelOverride::slot().load(); o != nullptr;
        o = o->previous()) {
-    if (o->kernels[static_cast<int>(dtype)].run != nullptr) return o->kernels[static_cast<int>(dtype)];
+    if (o->kernels[static_cast<int>(dtype)].run != nullptr)
+      return o->kernels[static_cast<int>(dtype)];
   }
   return path_kernel(gemm_path(dtype), dtype);
 }
@@ -305,8 +308,7 @@ void run_gemm(const char* where, bool grouped, const GemmSpec& spec, index_t gro
   if (items == 0) return;
 
   if (workspace.size() < 0 || (workspace.size() > 0 && workspace.data() == nullptr))
-    gemm_fail(where, Errc::kNullPointer, "workspace is null but has ", workspace.size(),
-              " bytes");
+    gemm_fail(where, Errc::kNullPointer, "workspace is null but has ", workspace.size(), " bytes");
   const auto address = reinterpret_cast<std::uintptr_t>(workspace.data());
   const auto skip = static_cast<index_t>((kSlotAlign - address % kSlotAlign) % kSlotAlign);
   const index_t slots = workspace.size() < skip ? 0 : (workspace.size() - skip) / kSlotBytes;

@@ -76,8 +76,8 @@ class PackedMatrix {
       for (index_t n = 0; n < p.n_; ++n) {
         for (index_t k = 0; k < p.k_; ++k) {
           const std::int8_t v = op == Op::kTrans ? q(g * p.n_ + n, k) : q(g * p.k_ + k, n);
-          MOEKIT_CHECK(v != -128, Errc::kInvalidArgument, "q holds -128 (group ", g,
-                       ", column ", n, ", row ", k, "); int8 weights are symmetric, in [-127, 127]");
+          MOEKIT_CHECK(v != -128, Errc::kInvalidArgument, "q holds -128 (group ", g, ", column ", n,
+                       ", row ", k, "); int8 weights are symmetric, in [-127, 127]");
           *p.at<std::int8_t>(g, k, n) = v;
           p.sums_of(g)[n] += v;
         }
@@ -88,8 +88,8 @@ class PackedMatrix {
   }
 
   GemmDtype dtype() const { return dtype_; }
-  index_t k() const { return k_; }  // rows of each B_g
-  index_t n() const { return n_; }  // columns of each B_g
+  index_t k() const { return k_; }            // rows of each B_g
+  index_t n() const { return n_; }            // columns of each B_g
   index_t groups() const { return groups_; }  // 0: default-constructed, nothing packed
   // Bytes held (panels, and for int8 the scales and sums).
   index_t bytes() const { return static_cast<index_t>(storage_.size() * sizeof(Chunk)); }
@@ -125,8 +125,7 @@ class PackedMatrix {
         return f;
       }
       case GemmDtype::kInt8:
-        return float(static_cast<std::int8_t>(std::to_integer<std::uint8_t>(*p))) *
-               scales_of(g)[n];
+        return float(static_cast<std::int8_t>(std::to_integer<std::uint8_t>(*p))) * scales_of(g)[n];
     }
     return 0.0f;
   }
@@ -136,8 +135,7 @@ class PackedMatrix {
     std::byte bytes[detail::kSlotAlign];
   };
 
-  void init(GemmDtype dtype, Op op, index_t rows, index_t cols, index_t groups,
-            const char* name) {
+  void init(GemmDtype dtype, Op op, index_t rows, index_t cols, index_t groups, const char* name) {
     MOEKIT_CHECK_ARG(is_op(op), "op = ", static_cast<int>(op), " is not an Op");
     MOEKIT_CHECK_ARG(groups >= 1, "groups = ", groups, " must be at least 1");
     MOEKIT_CHECK(rows % groups == 0, Errc::kShapeMismatch, name, " has ", rows,
@@ -153,12 +151,11 @@ class PackedMatrix {
     const index_t elem = dtype == GemmDtype::kFloat32 ? 4 : dtype == GemmDtype::kBfloat16 ? 2 : 1;
     n_padded_ = detail::round_up(n_, detail::kPackedColAlign);
     block_bytes_ = detail::packed_k(dtype, k_) * detail::kBlockCols * elem;
-    group_bytes_ = detail::round_up(n_padded_ / detail::kBlockCols * block_bytes_,
-                                    detail::kSlotAlign);
+    group_bytes_ =
+        detail::round_up(n_padded_ / detail::kBlockCols * block_bytes_, detail::kSlotAlign);
     const index_t extras = dtype == GemmDtype::kInt8 ? groups * n_padded_ * 8 : 0;
     const index_t total = groups * group_bytes_ + extras;
-    storage_.assign(static_cast<std::size_t>(detail::ceil_div(total, detail::kSlotAlign)),
-                    Chunk{});
+    storage_.assign(static_cast<std::size_t>(detail::ceil_div(total, detail::kSlotAlign)), Chunk{});
   }
 
   std::byte* base() { return storage_.empty() ? nullptr : storage_.front().bytes; }
@@ -210,8 +207,7 @@ class PackedMatrix {
 
   void pack_float32(const detail::GemmItem& src, index_t g) {
     for (index_t n0 = 0; n0 < n_; n0 += detail::kBlockCols)
-      for (index_t k = 0; k < k_; ++k)
-        generic::store(at<float>(g, k, n0), row_chunk(src, k, n0));
+      for (index_t k = 0; k < k_; ++k) generic::store(at<float>(g, k, n0), row_chunk(src, k, n0));
   }
 
   void pack_bfloat16(const detail::GemmItem& src, index_t g) {
@@ -219,8 +215,7 @@ class PackedMatrix {
     for (index_t n0 = 0; n0 < n_; n0 += detail::kBlockCols) {
       for (index_t k = 0; k < k_; ++k) {
         generic::store_bf16(bits, row_chunk(src, k, n0));
-        for (index_t j = 0; j < detail::kBlockCols; ++j)
-          *at<std::uint16_t>(g, k, n0 + j) = bits[j];
+        for (index_t j = 0; j < detail::kBlockCols; ++j) *at<std::uint16_t>(g, k, n0 + j) = bits[j];
       }
     }
   }
@@ -229,7 +224,8 @@ class PackedMatrix {
     std::int8_t q[detail::kBlockCols];
     for (index_t n0 = 0; n0 < n_; n0 += detail::kBlockCols) {
       generic::F32x16 amax = generic::zero();
-      for (index_t k = 0; k < k_; ++k) amax = generic::max(amax, generic::abs(row_chunk(src, k, n0)));
+      for (index_t k = 0; k < k_; ++k)
+        amax = generic::max(amax, generic::abs(row_chunk(src, k, n0)));
       generic::F32x16 inverse = generic::zero();
       for (index_t j = 0; j < detail::kBlockCols && n0 + j < n_; ++j) {
         const detail::Int8Scale s = detail::int8_scale(amax.lane[j]);

@@ -137,8 +137,8 @@ class EmulatedTiles {
   template <int T>
   Shape shape(const char* instruction) const {
     static_assert(T >= 0 && T < kTileCount);
-    MOEKIT_CHECK(configured_ && config_.rows[T] > 0, Errc::kInvalidArgument, instruction,
-                 ": tile ", T, " is not configured");
+    MOEKIT_CHECK(configured_ && config_.rows[T] > 0, Errc::kInvalidArgument, instruction, ": tile ",
+                 T, " is not configured");
     return {config_.rows[T], config_.colsb[T]};
   }
   template <int C, int A, int B>
@@ -183,7 +183,8 @@ class EmulatedTiles {
         auto sum = static_cast<std::uint32_t>(acc);
         for (int k = 0; k < d.k; ++k) {
           for (int t = 0; t < 4; ++t) {
-            const auto a_byte = std::to_integer<std::uint8_t>(data_[A][m * kTileMaxColsb + 4 * k + t]);
+            const auto a_byte =
+                std::to_integer<std::uint8_t>(data_[A][m * kTileMaxColsb + 4 * k + t]);
             const int a = kSignedA ? static_cast<std::int8_t>(a_byte) : int{a_byte};
             const int b = static_cast<std::int8_t>(
                 std::to_integer<std::uint8_t>(data_[B][k * kTileMaxColsb + 4 * n + t]));
@@ -196,7 +197,9 @@ class EmulatedTiles {
     }
   }
 
-  static float daz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
+  static float daz(float x) {
+    return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
+  }
   static float ftz(float x) { return daz(x); }
   static float fma_ftz(float a, float b, float c) { return ftz(std::fma(a, b, c)); }
 

@@ -45,7 +45,7 @@ MOEKIT_KERNEL_TARGET void pack_a_tiles(const detail::GemmItem& it, index_t i0, i
         Elem* out = reinterpret_cast<Elem*>(dst + (rg * nkt + kt) * kAmxTileBytes) + r * kStep;
         for (index_t c = 0; c < kStep; c += kF32x16Lanes) {
           const index_t k = kt * kStep + c;
-          const int n = static_cast<int>(m >= rows || k >= kb           ? 0
+          const int n = static_cast<int>(m >= rows || k >= kb    ? 0
                                          : kb - k < kF32x16Lanes ? kb - k
                                                                  : kF32x16Lanes);
           F32x16 v = zero();

@@ -43,8 +43,8 @@ MOEKIT_KERNEL_TARGET inline void write_tile(const float* sums, int nr, const Til
 // The int8 sums of a tile (rows of `nr` int32) dequantized, s = float(q)
 // (row scale x column scale), then written as above.
 MOEKIT_KERNEL_TARGET inline void write_int8_tile(const std::int32_t* sums, int nr,
-                                                 const float* row_scales,
-                                                 const float* col_scales, const TileOut& out) {
+                                                 const float* row_scales, const float* col_scales,
+                                                 const TileOut& out) {
   for (int i = 0; i < out.rows; ++i) {
     const F32x16 row_scale = set1(row_scales[2 * i]);
     for (int j = 0; j < out.cols; j += kF32x16Lanes) {

@@ -32,8 +32,7 @@ constexpr index_t fma_panel_index(index_t k, index_t j) {
 // through the output rule.
 template <int MR, int NB, bool kBf16>
 MOEKIT_KERNEL_TARGET void fma_tile(index_t kb, const float* a, const FmaPanel<kBf16>* b,
-                                   index_t b_stride, float* sums, bool resume,
-                                   const TileOut* out) {
+                                   index_t b_stride, float* sums, bool resume, const TileOut* out) {
   F32x16 acc[std::size_t{MR}][std::size_t{NB}];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
@@ -104,9 +103,8 @@ MOEKIT_KERNEL_TARGET void pack_a_panels(const detail::GemmItem& it, index_t i0, 
     }
     if constexpr (kBf16) {
       for (index_t x = 0; x < panels * MR * kb_pad; x += kF32x16Lanes) {
-        const int n = static_cast<int>(panels * MR * kb_pad - x < kF32x16Lanes
-                                           ? panels * MR * kb_pad - x
-                                           : kF32x16Lanes);
+        const int n = static_cast<int>(
+            panels * MR * kb_pad - x < kF32x16Lanes ? panels * MR * kb_pad - x : kF32x16Lanes);
         store_partial(dst + x, round_bf16(load_partial(dst + x, n)), n);
       }
     }
@@ -143,7 +141,7 @@ MOEKIT_KERNEL_TARGET void pack_a_panels(const detail::GemmItem& it, index_t i0, 
 // Columns of block blk (16 wide) inside `cols` columns.
 constexpr int block_cols(index_t cols, index_t blk) {
   const index_t c0 = blk * detail::kBlockCols;
-  return static_cast<int>(cols - c0 <= 0                ? 0
+  return static_cast<int>(cols - c0 <= 0                   ? 0
                           : cols - c0 < detail::kBlockCols ? cols - c0
                                                            : detail::kBlockCols);
 }
@@ -189,8 +187,8 @@ MOEKIT_KERNEL_TARGET void pack_b_panels(const detail::GemmItem& it, index_t n0, 
         const int n = static_cast<int>(kb - k < 8 ? kb - k : 8);
         for (int h = 0; h < 2; ++h) {
           const int h_rows = valid - 8 * h < 0 ? 0 : valid - 8 * h < 8 ? valid - 8 * h : 8;
-          const float* src = h_rows > 0 ? detail::b_element(it, k0 + k, n0 + blk * kCols + 8 * h)
-                                        : nullptr;
+          const float* src =
+              h_rows > 0 ? detail::b_element(it, k0 + k, n0 + blk * kCols + 8 * h) : nullptr;
           if constexpr (kBf16) {
             transpose8(src, it.ldb, h_rows, n, rows + 8 * h, kCols);
           } else {  // fp32: straight into the block

@@ -20,8 +20,8 @@
 // `scales` are the item's row scales (int8_row_scales) from row i0 - it.m0.
 template <int MR, bool kOffsetA>
 MOEKIT_KERNEL_TARGET void pack_a_quads(const detail::GemmItem& it, index_t i0, index_t rows,
-                                       index_t k0, index_t kb, index_t kb_pad,
-                                       const float* scales, std::int8_t* dst) {
+                                       index_t k0, index_t kb, index_t kb_pad, const float* scales,
+                                       std::int8_t* dst) {
   static_assert(MR <= kF32x16Lanes);
   const index_t first = i0 - it.m0;
   for (index_t p = 0; p * MR < rows; ++p) {
