@@ -131,22 +131,21 @@ struct Int8Model {
     cols.resize(static_cast<std::size_t>(n));
     qa.resize(static_cast<std::size_t>(m * k));
     qb.resize(static_cast<std::size_t>(k * n));
-    for (index_t i = 0; i < m; ++i) {
+    // Each row of op(A) and each column of op(B): its scale, then its values.
+    const auto quantize_line = [&](Int8Row& scale, auto value, auto out) {
       float amax = 0.0f;
-      for (index_t kk = 0; kk < k; ++kk) amax = std::max(amax, std::fabs(p.av(i, kk)));
-      rows[static_cast<std::size_t>(i)] = int8_scale(amax);
-      for (index_t kk = 0; kk < k; ++kk)
-        qa[static_cast<std::size_t>(i * k + kk)] =
-            quantize(p.av(i, kk), rows[static_cast<std::size_t>(i)].inverse);
-    }
-    for (index_t j = 0; j < n; ++j) {
-      float amax = 0.0f;
-      for (index_t kk = 0; kk < k; ++kk) amax = std::max(amax, std::fabs(p.bv(kk, j)));
-      cols[static_cast<std::size_t>(j)] = int8_scale(amax);
-      for (index_t kk = 0; kk < k; ++kk)
-        qb[static_cast<std::size_t>(kk * n + j)] =
-            quantize(p.bv(kk, j), cols[static_cast<std::size_t>(j)].inverse);
-    }
+      for (index_t kk = 0; kk < k; ++kk) amax = std::max(amax, std::fabs(value(kk)));
+      scale = int8_scale(amax);
+      for (index_t kk = 0; kk < k; ++kk) out(kk) = quantize(value(kk), scale.inverse);
+    };
+    for (index_t i = 0; i < m; ++i)
+      quantize_line(
+          rows[static_cast<std::size_t>(i)], [&](index_t kk) { return p.av(i, kk); },
+          [&](index_t kk) -> int& { return qa[static_cast<std::size_t>(i * k + kk)]; });
+    for (index_t j = 0; j < n; ++j)
+      quantize_line(
+          cols[static_cast<std::size_t>(j)], [&](index_t kk) { return p.bv(kk, j); },
+          [&](index_t kk) -> int& { return qb[static_cast<std::size_t>(kk * n + j)]; });
   }
   float value(index_t i, index_t j) const {
     std::int64_t s = 0;

@@ -193,36 +193,39 @@ void activate_rows_backward(Act act, MatrixView<const float> a, MatrixView<const
   }
 }
 
+// body(r0, rows) for blocks of `rows` rows covering [0, n), spread over the
+// threads when the n x cols elements are worth it (not inside a parallel region).
+template <class Body>
+void for_row_blocks(index_t n, index_t cols, Body&& body) {
+  constexpr index_t kBlock = 64;
+  MOEKIT_PARALLEL_FOR_IF(n * cols >= kParallelGrain && !in_parallel())
+  for (index_t r0 = 0; r0 < n; r0 += kBlock) body(r0, n - r0 < kBlock ? n - r0 : kBlock);
+}
+
+// Rows [r0, r0 + rows) of a view, or the empty view it is.
+template <class T>
+MatrixView<T> rows_of(MatrixView<T> v, index_t r0, index_t rows) {
+  return v.empty() ? v : v.middle_rows(r0, rows);
+}
+
 // activate_rows over all rows, in row blocks spread over the threads (h may
 // be a).
 template <class Act>
 void activate_all_rows(Act act, MatrixView<const float> a, MatrixView<const float> g,
                        MatrixView<float> h) {
-  constexpr index_t kBlock = 64;
-  const index_t n = a.rows();
-  MOEKIT_PARALLEL_FOR_IF(n * a.cols() >= kParallelGrain && !in_parallel())
-  for (index_t r0 = 0; r0 < n; r0 += kBlock) {
-    const index_t rows = n - r0 < kBlock ? n - r0 : kBlock;
-    activate_rows(act, a.middle_rows(r0, rows),
-                  g.empty() ? MatrixView<const float>() : g.middle_rows(r0, rows),
-                  h.middle_rows(r0, rows));
-  }
+  for_row_blocks(a.rows(), a.cols(), [&](index_t r0, index_t rows) {
+    activate_rows(act, a.middle_rows(r0, rows), rows_of(g, r0, rows), h.middle_rows(r0, rows));
+  });
 }
 
 // activate_rows_backward likewise.
 template <class Act>
 void activate_all_rows_backward(Act act, MatrixView<const float> a, MatrixView<const float> g,
                                 MatrixView<float> d, MatrixView<float> dg) {
-  constexpr index_t kBlock = 64;
-  const index_t n = a.rows();
-  MOEKIT_PARALLEL_FOR_IF(n * a.cols() >= kParallelGrain && !in_parallel())
-  for (index_t r0 = 0; r0 < n; r0 += kBlock) {
-    const index_t rows = n - r0 < kBlock ? n - r0 : kBlock;
-    activate_rows_backward(act, a.middle_rows(r0, rows),
-                           g.empty() ? MatrixView<const float>() : g.middle_rows(r0, rows),
-                           d.middle_rows(r0, rows),
-                           dg.empty() ? MatrixView<float>() : dg.middle_rows(r0, rows));
-  }
+  for_row_blocks(a.rows(), a.cols(), [&](index_t r0, index_t rows) {
+    activate_rows_backward(act, a.middle_rows(r0, rows), rows_of(g, r0, rows),
+                           d.middle_rows(r0, rows), rows_of(dg, r0, rows));
+  });
 }
 
 // Whether the experts run in parallel under `threading` (see the top of this file).

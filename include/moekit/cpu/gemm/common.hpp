@@ -51,6 +51,9 @@ namespace detail {
 
 constexpr index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 constexpr index_t ceil_div(index_t x, index_t m) { return (x + m - 1) / m; }
+// Reduction passes of kc over K (one empty pass for K = 0: C still gets
+// alpha 0 + beta C).
+constexpr index_t reduction_passes(index_t k, index_t kc) { return k == 0 ? 1 : ceil_div(k, kc); }
 
 // Cache blocking shared by every path (the register blocking mr x nr is the
 // kernel's own). A thread's unit of work, an item, is at most

@@ -94,7 +94,7 @@ MOEKIT_KERNEL_TARGET void amx_item(const detail::GemmItem& it, const detail::Gem
   constexpr index_t kStep = kTileMaxColsb / index_t{sizeof(Elem)};
   constexpr index_t kStride = kTileMaxColsb;  // every tile row is 64 bytes
   const index_t kc = kInt8 ? detail::kInt8Kc : detail::kAmxBf16Kc;
-  const index_t passes = it.k == 0 ? 1 : detail::ceil_div(it.k, kc);
+  const index_t passes = detail::reduction_passes(it.k, kc);
   const index_t tile_cols = detail::ceil_div(it.cols, 32);
   std::byte* const partial = slot.partial;
   if constexpr (kInt8) int8_row_scales(it, slot.row_scales);
@@ -162,13 +162,7 @@ MOEKIT_KERNEL_TARGET void amx_item(const detail::GemmItem& it, const detail::Gem
           tiles.template store<2>(sums + 2 * kAmxTileBytes, kStride);
           tiles.template store<3>(sums + 3 * kAmxTileBytes, kStride);
           if (!final) continue;
-          TileOut out;
-          out.c = it.c + (it.m0 + ic + ir) * it.ldc + it.n0 + jt * 32;
-          out.ldc = it.ldc;
-          out.rows = static_cast<int>(mb - ir < 32 ? mb - ir : 32);
-          out.cols = static_cast<int>(it.cols - jt * 32 < 32 ? it.cols - jt * 32 : 32);
-          out.alpha = it.alpha;
-          out.beta = it.beta;
+          const TileOut out = tile_out(it, ic + ir, jt * 32, mb - ir, 32, 32);
           write_amx_tile<kInt8>(sums, slot.row_scales + 2 * (ic + ir),
                                 kInt8 ? it.packed.col_scales + it.n0 + jt * 32 : nullptr, out);
         }

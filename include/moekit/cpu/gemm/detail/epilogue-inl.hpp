@@ -32,6 +32,20 @@ struct TileOut {
   float alpha = 1.0f, beta = 0.0f;
 };
 
+// The destination of the mr x nr tile at (row, col) of an item (row counted
+// from the item's first row, rows_left rows of its A block from there on).
+inline TileOut tile_out(const detail::GemmItem& it, index_t row, index_t col, index_t rows_left,
+                        int mr, int nr) {
+  TileOut out;
+  out.c = it.c + (it.m0 + row) * it.ldc + it.n0 + col;
+  out.ldc = it.ldc;
+  out.rows = static_cast<int>(rows_left < mr ? rows_left : mr);
+  out.cols = static_cast<int>(it.cols - col < nr ? it.cols - col : nr);
+  out.alpha = it.alpha;
+  out.beta = it.beta;
+  return out;
+}
+
 // Writes a finished tile held as rows of `nr` floats (ld = nr).
 MOEKIT_KERNEL_TARGET inline void write_tile(const float* sums, int nr, const TileOut& out) {
   for (int i = 0; i < out.rows; ++i) {

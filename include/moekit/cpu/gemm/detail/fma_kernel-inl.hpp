@@ -211,7 +211,7 @@ MOEKIT_KERNEL_TARGET void fma_item(const detail::GemmItem& it, const detail::Gem
   constexpr int NR = NB * kF32x16Lanes;
   using Panel = FmaPanel<kBf16>;
   const index_t kc = detail::kFmaKc;
-  const index_t passes = it.k == 0 ? 1 : detail::ceil_div(it.k, kc);
+  const index_t passes = detail::reduction_passes(it.k, kc);
   const index_t tile_cols = detail::ceil_div(it.cols, NR);
   const index_t row_tiles = detail::ceil_div(it.rows, MR);  // partial sums: tiles in loop order
   const index_t blocks = tile_cols * NB;
@@ -242,15 +242,7 @@ MOEKIT_KERNEL_TARGET void fma_item(const detail::GemmItem& it, const detail::Gem
       if (kb > 0) pack_a_panels<MR, kBf16>(it, it.m0 + ic, mb, pc, kb, kb_pad, a_pack);
       for (index_t jt = 0; jt < tile_cols; ++jt) {
         for (index_t ir = 0; ir < mb; ir += MR) {
-          TileOut out;
-          if (final) {
-            out.c = it.c + (it.m0 + ic + ir) * it.ldc + it.n0 + jt * NR;
-            out.ldc = it.ldc;
-            out.rows = static_cast<int>(mb - ir < MR ? mb - ir : MR);
-            out.cols = static_cast<int>(it.cols - jt * NR < NR ? it.cols - jt * NR : NR);
-            out.alpha = it.alpha;
-            out.beta = it.beta;
-          }
+          const TileOut out = tile_out(it, ic + ir, jt * NR, mb - ir, MR, NR);
           fma_tile<MR, NB, kBf16>(kb_pad, a_pack + ir * kb_pad,
                                   kb == 0 ? b : b + jt * NB * b_stride, b_stride,
                                   partial + (jt * row_tiles + (ic + ir) / MR) * MR * NR, pass > 0,

@@ -65,7 +65,7 @@ template <int MR, int NB, bool kOffsetA>
 MOEKIT_KERNEL_TARGET void int8_item(const detail::GemmItem& it, const detail::GemmSlot& slot) {
   constexpr int NR = NB * kF32x16Lanes;
   const index_t kc = detail::kInt8Kc;
-  const index_t passes = it.k == 0 ? 1 : detail::ceil_div(it.k, kc);
+  const index_t passes = detail::reduction_passes(it.k, kc);
   const index_t tile_cols = detail::ceil_div(it.cols, NR);
   std::int8_t* const a_pack = reinterpret_cast<std::int8_t*>(slot.a);
   std::int32_t* const partial = reinterpret_cast<std::int32_t*>(slot.partial);
@@ -93,13 +93,7 @@ MOEKIT_KERNEL_TARGET void int8_item(const detail::GemmItem& it, const detail::Ge
                                       kb == 0 ? b : b + jt * NB * it.packed.block_stride,
                                       it.packed.block_stride, sums, pass > 0);
           if (!final) continue;
-          TileOut out;
-          out.c = it.c + (it.m0 + ic + ir) * it.ldc + it.n0 + jt * NR;
-          out.ldc = it.ldc;
-          out.rows = static_cast<int>(mb - ir < MR ? mb - ir : MR);
-          out.cols = static_cast<int>(it.cols - jt * NR < NR ? it.cols - jt * NR : NR);
-          out.alpha = it.alpha;
-          out.beta = it.beta;
+          const TileOut out = tile_out(it, ic + ir, jt * NR, mb - ir, MR, NR);
           if constexpr (kOffsetA) {  // sum (a + 128) b = sum a b + 128 sum b, mod 2^32
             for (int i = 0; i < out.rows; ++i)
               for (int j = 0; j < out.cols; ++j)
