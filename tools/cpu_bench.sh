@@ -11,9 +11,9 @@
 #             shared with other jobs; the PyTorch ratios stay wall-clock)
 # --reps N    Google Benchmark repetitions (median kept; default 3)
 #
-# Python: $MOEKIT_TORCH_PYTHON, else /work/torchenv/bin/python if present,
-# else python3. Results go to build/bench-cpu/results: gemm.txt,
-# moe_layer.txt, torch.jsonl, summary.txt.
+# Python: $MOEKIT_TORCH_PYTHON (a Python with PyTorch 2.x; installing one
+# pulls large wheels, so it is never part of CI), else python3. Results go to
+# build/bench-cpu/results: gemm.txt, moe_layer.txt, torch.jsonl, summary.txt.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -45,9 +45,7 @@ echo "== bench_moe_layer (C1, C2)"
 "$build/bench/bench_moe_layer" --benchmark_filter='^(layer_fwd|layer_fwd_bwd|layer_overhead|experts_fwd[a-z0-9_]*|dense_gemm|sgemm_ceiling)/(C1|C2|n2048)' --benchmark_repetitions="$reps" \
   --benchmark_report_aggregates_only=true | tee "$out/moe_layer.txt"
 
-python=${MOEKIT_TORCH_PYTHON:-}
-if [[ -z $python && -x /work/torchenv/bin/python ]]; then python=/work/torchenv/bin/python; fi
-python=${python:-python3}
+python=${MOEKIT_TORCH_PYTHON:-python3}
 if ! "$python" -c 'import torch' 2>/dev/null; then
   echo "== no PyTorch for $python: the PyTorch ratios are skipped"
   exit 0

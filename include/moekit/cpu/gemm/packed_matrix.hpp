@@ -24,7 +24,7 @@
 //
 // Packing allocates (once); the GEMM calls that read a PackedMatrix do not.
 
-#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -48,20 +48,7 @@ class PackedMatrix {
                      " is not a GemmDtype");
     init(dtype, op, w.rows(), w.cols(), groups, "w");
     check_view(w, "w");
-    for (index_t g = 0; g < groups_; ++g) {
-      const detail::GemmItem src = source(w, op, g);
-      switch (dtype) {
-        case GemmDtype::kFloat32:
-          pack_float32(src, g);
-          break;
-        case GemmDtype::kBfloat16:
-          pack_bfloat16(src, g);
-          break;
-        case GemmDtype::kInt8:
-          pack_int8(src, g);
-          break;
-      }
-    }
+    for (index_t g = 0; g < groups_; ++g) pack_group(source(w, op, g), g);
   }
 
   // int8 weights quantized by the caller: B_g = op(Q_g), output column n of
@@ -188,56 +175,59 @@ class PackedMatrix {
     return reinterpret_cast<T*>(base() + offset(g, k, n));
   }
 
-  // W viewed as group g's op(W_g), through the kernels' element accessor.
-  detail::GemmItem source(MatrixView<const float> w, Op op, index_t g) const {
-    detail::GemmItem it;
-    it.op_b = op;
-    it.ldb = w.ld();
-    it.b = w.data() == nullptr ? nullptr : w.row(op == Op::kTrans ? g * n_ : g * k_);
-    return it;
+  // Group g's B_g(k, n) read from W.
+  struct Source {
+    MatrixView<const float> w;
+    Op op;
+    index_t first_row;  // of W_g
+    float at(index_t k, index_t n) const {
+      return op == Op::kTrans ? w(first_row + n, k) : w(first_row + k, n);
+    }
+  };
+  Source source(MatrixView<const float> w, Op op, index_t g) const {
+    return {w, op, op == Op::kTrans ? g * n_ : g * k_};
   }
 
-  // Columns [n0, n0 + 16) of row k of B as a vector (zeros past N).
-  generic::F32x16 row_chunk(const detail::GemmItem& src, index_t k, index_t n0) const {
-    generic::F32x16 v = generic::zero();
-    for (index_t j = 0; j < detail::kBlockCols && n0 + j < n_; ++j)
-      v.lane[j] = *detail::b_element(src, k, n0 + j);
-    return v;
-  }
-
-  void pack_float32(const detail::GemmItem& src, index_t g) {
-    for (index_t n0 = 0; n0 < n_; n0 += detail::kBlockCols)
-      for (index_t k = 0; k < k_; ++k) generic::store(at<float>(g, k, n0), row_chunk(src, k, n0));
-  }
-
-  void pack_bfloat16(const detail::GemmItem& src, index_t g) {
-    std::uint16_t bits[detail::kBlockCols];
-    for (index_t n0 = 0; n0 < n_; n0 += detail::kBlockCols) {
-      for (index_t k = 0; k < k_; ++k) {
-        generic::store_bf16(bits, row_chunk(src, k, n0));
-        for (index_t j = 0; j < detail::kBlockCols; ++j) *at<std::uint16_t>(g, k, n0 + j) = bits[j];
+  // Stores 16 consecutive values of B_g's column n (rows k .. k + 15, zeros
+  // past K) in the dtype's layout, through the portable vector operations
+  // (so the rounding is the kernels'); int8 with the column's inverse scale.
+  void store_column_chunk(index_t g, index_t k, index_t n, generic::F32x16 v, float inverse) {
+    const index_t count = k_ - k < 16 ? k_ - k : 16;
+    if (dtype_ == GemmDtype::kFloat32) {
+      for (index_t t = 0; t < count; ++t) *at<float>(g, k + t, n) = v.lane[t];
+    } else if (dtype_ == GemmDtype::kBfloat16) {
+      std::uint16_t bits[16];
+      generic::store_bf16(bits, v);
+      for (index_t t = 0; t < count; ++t) *at<std::uint16_t>(g, k + t, n) = bits[t];
+    } else {
+      std::int8_t q[16];
+      generic::store_int8(q, generic::mul(v, generic::set1(inverse)));
+      for (index_t t = 0; t < count; ++t) {
+        *at<std::int8_t>(g, k + t, n) = q[t];
+        sums_of(g)[n] += q[t];
       }
     }
   }
 
-  void pack_int8(const detail::GemmItem& src, index_t g) {
-    std::int8_t q[detail::kBlockCols];
-    for (index_t n0 = 0; n0 < n_; n0 += detail::kBlockCols) {
-      generic::F32x16 amax = generic::zero();
-      for (index_t k = 0; k < k_; ++k)
-        amax = generic::max(amax, generic::abs(row_chunk(src, k, n0)));
-      generic::F32x16 inverse = generic::zero();
-      for (index_t j = 0; j < detail::kBlockCols && n0 + j < n_; ++j) {
-        const detail::Int8Scale s = detail::int8_scale(amax.lane[j]);
-        scales_of(g)[n0 + j] = s.scale;
-        inverse.lane[j] = s.inverse;
-      }
-      for (index_t k = 0; k < k_; ++k) {
-        generic::store_int8(q, generic::mul(row_chunk(src, k, n0), inverse));
-        for (index_t j = 0; j < detail::kBlockCols; ++j) {
-          *at<std::int8_t>(g, k, n0 + j) = q[j];
-          sums_of(g)[n0 + j] += q[j];
+  // Packs group g: column by column of B_g (a row of W for Op::kTrans, read
+  // in order), the int8 scale from the column's largest magnitude first.
+  void pack_group(const Source& src, index_t g) {
+    generic::F32x16 chunk;
+    for (index_t n = 0; n < n_; ++n) {
+      float inverse = 0.0f;
+      if (dtype_ == GemmDtype::kInt8) {
+        float amax = 0.0f;
+        for (index_t k = 0; k < k_; ++k) {
+          const float v = std::fabs(src.at(k, n));
+          amax = v > amax ? v : amax;
         }
+        const detail::Int8Scale s = detail::int8_scale(amax);
+        scales_of(g)[n] = s.scale;
+        inverse = s.inverse;
+      }
+      for (index_t k = 0; k < k_; k += 16) {
+        for (index_t t = 0; t < 16; ++t) chunk.lane[t] = k + t < k_ ? src.at(k + t, n) : 0.0f;
+        store_column_chunk(g, k, n, chunk, inverse);
       }
     }
   }
