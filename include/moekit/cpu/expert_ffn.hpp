@@ -198,7 +198,8 @@ void activate_rows_backward(Act act, MatrixView<const float> a, MatrixView<const
 template <class Body>
 void for_row_blocks(index_t n, index_t cols, Body&& body) {
   constexpr index_t kBlock = 64;
-  MOEKIT_PARALLEL_FOR_IF(n * cols >= kParallelGrain && !in_parallel())
+  [[maybe_unused]] const bool parallel = n * cols >= kParallelGrain && !in_parallel();
+  MOEKIT_PARALLEL_FOR_IF(parallel)
   for (index_t r0 = 0; r0 < n; r0 += kBlock) body(r0, n - r0 < kBlock ? n - r0 : kBlock);
 }
 
