@@ -12,23 +12,11 @@
 
 // The test kernel, once per path.
 MOEKIT_NAMESPACE_BEGIN
-namespace cpu::generic {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_GENERIC
-#include "vec_kernel-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace cpu::generic
-#if MOEKIT_DETAIL_X86
-namespace cpu::avx2 {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX2
-#include "vec_kernel-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace cpu::avx2
-namespace cpu::avx512 {
-#define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX512
-#include "vec_kernel-inl.hpp"
-#undef MOEKIT_KERNEL_TARGET
-}  // namespace cpu::avx512
-#endif
+namespace cpu {
+#define MOEKIT_PER_ISA_FILE "vec_kernel-inl.hpp"
+#include "moekit/cpu/detail/per_isa.hpp"
+#undef MOEKIT_PER_ISA_FILE
+}  // namespace cpu
 MOEKIT_NAMESPACE_END
 
 namespace {
