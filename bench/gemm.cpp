@@ -398,25 +398,13 @@ std::string run_name(const std::string& what, const std::string& who, int thread
 bool g_cpu_time = false;
 
 void add(const std::string& name, std::function<void(benchmark::State&)> f) {
-  auto* b = benchmark::RegisterBenchmark(name.c_str(), std::move(f))->Unit(benchmark::kMillisecond);
-  if (g_cpu_time) {
-    b->MeasureProcessCPUTime();
-  } else {
-    b->UseRealTime();
-  }
+  moekit_bench::add_ms(name, std::move(f), g_cpu_time);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]) == "--cpu_time") {
-      g_cpu_time = true;
-      for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
-      --argc;
-      break;
-    }
-  }
+  g_cpu_time = moekit_bench::take_flag(argc, argv, "--cpu_time");
   const Shape shapes[] = {{"C1", 2048, 1024, 4096, 8, 2}, {"C2", 2048, 1024, 512, 64, 8}};
   const auto& features = moekit::cpu::cpu_features();
 #if defined(MOEKIT_BENCH_OPENBLAS)

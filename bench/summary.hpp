@@ -61,4 +61,27 @@ inline void add_wall_ms(const std::string& name, std::function<void(benchmark::S
       ->UseRealTime();
 }
 
+// The same, or with `cpu_time` timed in the process's CPU time (work per
+// CPU second, which a machine shared with other jobs distorts less).
+inline void add_ms(const std::string& name, std::function<void(benchmark::State&)> f,
+                   bool cpu_time) {
+  if (!cpu_time) return add_wall_ms(name, std::move(f));
+  benchmark::RegisterBenchmark(name.c_str(), std::move(f))
+      ->Unit(benchmark::kMillisecond)
+      ->MeasureProcessCPUTime();
+}
+
+// Whether `flag` is among the arguments; removes it (before
+// benchmark::Initialize sees them).
+inline bool take_flag(int& argc, char** argv, const std::string& flag) {
+  for (int i = 1; i < argc; ++i) {
+    if (flag == argv[i]) {
+      for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+      --argc;
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace moekit_bench

@@ -5,11 +5,18 @@
 # baseline (bench/torch_moe_cpu.py) at the same thread counts where a Python
 # with torch is found, and prints the PyTorch ratios:
 #
-#   tools/cpu_bench.sh [--cpu_time] [--reps N]
+#   tools/cpu_bench.sh [--cpu_time] [--reps N] [--encoder]
 #
 # --cpu_time  bench_gemm's rates per CPU second of the process (for a machine
 #             shared with other jobs; the PyTorch ratios stay wall-clock)
 # --reps N    Google Benchmark repetitions (median kept; default 3)
+# --encoder   instead: the BERT encoder (bench_encoder: fp32 from the views,
+#             packed fp32 / bf16 / int8) beside the FMA peak and the engine's
+#             and OpenBLAS's SGEMM (bench_gemm), and bench/torch_encoder.py in
+#             fp32 / bf16 / dynamic int8 at 1 and 2 threads; with --cpu_time
+#             both sides compare CPU time of the process (results:
+#             gemm_ceilings.json, encoder.json / .txt, torch_encoder.txt,
+#             encoder_summary.txt)
 #
 # Python: $MOEKIT_TORCH_PYTHON (a Python with PyTorch 2.x; installing one
 # pulls large wheels, so it is never part of CI), else python3. Results go to
@@ -20,21 +27,47 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=${MOEKIT_CPU_BENCH_BUILD:-$root/build/bench-cpu}
 cpu_time=""
 reps=3
+encoder=""
 while (($#)); do
   case $1 in
     --cpu_time) cpu_time=--cpu_time ;;
     --reps) reps=$2; shift ;;
-    *) echo "usage: $0 [--cpu_time] [--reps N]" >&2; exit 2 ;;
+    --encoder) encoder=1 ;;
+    *) echo "usage: $0 [--cpu_time] [--reps N] [--encoder]" >&2; exit 2 ;;
   esac
   shift
 done
 
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEKIT_ENABLE_CUDA=OFF \
   -DMOEKIT_BUILD_TESTS=OFF -DMOEKIT_BUILD_EXAMPLES=OFF >/dev/null
-cmake --build "$build" --target bench_gemm bench_moe_layer
 out=$build/results
 mkdir -p "$out"
 export OMP_WAIT_POLICY=PASSIVE
+python=${MOEKIT_TORCH_PYTHON:-python3}
+
+if [[ -n $encoder ]]; then
+  cmake --build "$build" --target bench_gemm bench_encoder
+  uptime | tee "$out/load.txt"
+  echo "== bench_gemm (ceilings)"
+  "$build/bench/bench_gemm" $cpu_time --benchmark_filter='^(fma_peak|sgemm)/' \
+    --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=true \
+    --benchmark_out="$out/gemm_ceilings.json" --benchmark_out_format=json
+  echo "== bench_encoder"
+  "$build/bench/bench_encoder" $cpu_time --benchmark_repetitions="$reps" \
+    --benchmark_report_aggregates_only=true --benchmark_out="$out/encoder.json" \
+    --benchmark_out_format=json | tee "$out/encoder.txt"
+  if ! "$python" -c 'import torch' 2>/dev/null; then
+    echo "== no PyTorch for $python: the PyTorch ratios are skipped"
+    exit 0
+  fi
+  echo "== PyTorch ($python)"
+  "$python" "$root/bench/torch_encoder.py" --threads 2 1 --repeats $((reps * 3)) \
+    --dtype fp32 bf16 int8 | tee "$out/torch_encoder.txt"
+  "$python" "$root/tools/encoder_bench_summary.py" "$out" $cpu_time | tee "$out/encoder_summary.txt"
+  exit 0
+fi
+
+cmake --build "$build" --target bench_gemm bench_moe_layer
 uptime | tee "$out/load.txt"
 
 echo "== bench_gemm"
@@ -45,7 +78,6 @@ echo "== bench_moe_layer (C1, C2)"
 "$build/bench/bench_moe_layer" --benchmark_filter='^(layer_fwd|layer_fwd_bwd|layer_overhead|experts_fwd[a-z0-9_]*|dense_gemm|sgemm_ceiling)/(C1|C2|n2048)' --benchmark_repetitions="$reps" \
   --benchmark_report_aggregates_only=true | tee "$out/moe_layer.txt"
 
-python=${MOEKIT_TORCH_PYTHON:-python3}
 if ! "$python" -c 'import torch' 2>/dev/null; then
   echo "== no PyTorch for $python: the PyTorch ratios are skipped"
   exit 0

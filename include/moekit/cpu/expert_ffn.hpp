@@ -537,24 +537,21 @@ class ExpertFfn {
     return n;
   }
 
+  // Errors name forward, the public function that takes packed weights.
   void check_packed(const PackedExpertWeights& w) const {
     const index_t d = config_.d_model, f = config_.d_ff;
-    check_packed(w.w1, d, f, w.dtype(), "weights.w1");
+    const auto check = [&](const PackedMatrix& m, index_t k, index_t n, const char* name) {
+      detail::check_packed_matrix("forward", m, kExperts, k, n, w.dtype(), name, "weights.w1",
+                                  "ExpertFfn::pack");
+    };
+    check(w.w1, d, f, "weights.w1");
     if (gated()) {
-      check_packed(w.w3, d, f, w.dtype(), "weights.w3");
-    } else {
-      MOEKIT_CHECK(w.w3.groups() == 0, Errc::kInvalidArgument,
-                   "weights.w3 is packed but must be empty for FfnKind::kPlain");
+      check(w.w3, d, f, "weights.w3");
+    } else if (w.w3.groups() != 0) {
+      moekit::detail::fail(Errc::kInvalidArgument, "forward",
+                           "weights.w3 is packed but must be empty for FfnKind::kPlain");
     }
-    check_packed(w.w2, f, d, w.dtype(), "weights.w2");
-  }
-  static void check_packed(const PackedMatrix& p, index_t k, index_t n, GemmDtype dtype,
-                           const char* name) {
-    MOEKIT_CHECK(p.groups() == kExperts && p.k() == k && p.n() == n, Errc::kShapeMismatch, name,
-                 " packs ", p.groups(), " groups of ", p.k(), " x ", p.n(), ", expected ", kExperts,
-                 " of ", k, " x ", n, " (ExpertFfn::pack)");
-    MOEKIT_CHECK(p.dtype() == dtype, Errc::kInvalidArgument, name, " holds ",
-                 gemm_dtype_name(p.dtype()), " but weights.w1 holds ", gemm_dtype_name(dtype));
+    check(w.w2, f, d, "weights.w2");
   }
 
   index_t scratch_bytes(index_t rows) const {

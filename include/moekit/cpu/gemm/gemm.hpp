@@ -35,6 +35,9 @@
 // thread: gemm_workspace_size(threads) bytes (cpu/gemm/common.hpp). A call
 // uses min(max_threads(), slots) threads, one thread inside an enclosing
 // OpenMP parallel region (one thread pool at a time), and allocates nothing.
+// On one thread it runs on the caller, without an OpenMP region, in the
+// workspace's first slot: tasks of a caller's parallel region may each run
+// products on a workspace of their own (gemm_workspace_size(1) bytes each).
 //
 // Validation (before anything is written): the spec's enumerators; every
 // view well formed; op(A) M x K, op(B) K x N and C M x N; a packed B of the
@@ -338,25 +341,20 @@ void run_gemm(const char* where, bool grouped, const GemmSpec& spec, index_t gro
 
   const ItemKernel kernel = gemm_kernel(spec.dtype).run;
   std::byte* const base = workspace.data() + skip;
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads) if (threads > 1)
-#endif
-  {
-    std::byte* mine = base + thread_id() * kSlotBytes;
+  // Runs items in increasing order on slot `slot_index`. Item t's group is
+  // found by walking the groups forward from the last one (restarting when t
+  // goes back), so a thread walks them once.
+  const auto run_items = [&](index_t slot_index, auto&& for_items) {
+    std::byte* mine = base + slot_index * kSlotBytes;
     GemmSlot slot;
     slot.a = mine;
     slot.b = slot.a + kSlotABytes;
     slot.partial = slot.b + kSlotBBytes;
     slot.row_scales = reinterpret_cast<float*>(slot.partial + kSlotPartialBytes);
-    // The items of group g are [first, first + count); a thread takes items
-    // in increasing order, so it walks the groups once.
-    index_t g = -1, first = 0, count = 0;
+    index_t g = -1, first = 0, count = 0;  // the items of group g are [first, first + count)
     GemmOperands ops{};
     GemmShape shape{};
-#if defined(_OPENMP)
-#pragma omp for schedule(dynamic, 1)
-#endif
-    for (index_t t = 0; t < items; ++t) {
+    for_items([&](index_t t) {
       if (t < first) g = -1, first = 0, count = 0;
       while (t >= first + count) {
         first += count;
@@ -388,8 +386,24 @@ void run_gemm(const char* where, bool grouped, const GemmSpec& spec, index_t gro
       it.alpha = spec.alpha;
       it.beta = spec.beta;
       kernel(it, slot);
-    }
+    });
+  };
+
+  // One thread runs on the caller, with no OpenMP region: a caller's own
+  // parallel tasks may each run a product on their own workspace slot.
+  if (threads == 1) {
+    run_items(0, [&](auto&& item) {
+      for (index_t t = 0; t < items; ++t) item(t);
+    });
+    return;
   }
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+  run_items(thread_id(), [&](auto&& item) {
+#pragma omp for schedule(dynamic, 1)
+    for (index_t t = 0; t < items; ++t) item(t);
+  });
+#endif
 }
 
 }  // namespace detail

@@ -238,5 +238,30 @@ class PackedMatrix {
   std::vector<Chunk> storage_;
 };
 
+namespace detail {
+
+// Checks a component's packed weight: `groups` groups of k x n (k, n
+// unchecked when groups = 0) in `dtype`. Errors are of the public function
+// `where` and name the argument `name`, the dtype's owner `dtype_of` and the
+// function that packs (`packer`).
+inline void check_packed_matrix(const char* where, const PackedMatrix& p, index_t groups, index_t k,
+                                index_t n, GemmDtype dtype, const char* name, const char* dtype_of,
+                                const char* packer) {
+  if (p.groups() != groups || (groups > 0 && (p.k() != k || p.n() != n))) {
+    moekit::detail::fail(Errc::kShapeMismatch, where,
+                         moekit::detail::concat(name, " packs ", p.groups(), " groups of ", p.k(),
+                                                " x ", p.n(), ", expected ", groups, " of ", k,
+                                                " x ", n, " (", packer, ")"));
+  }
+  if (p.dtype() != dtype) {
+    moekit::detail::fail(Errc::kInvalidArgument, where,
+                         moekit::detail::concat(name, " holds ", gemm_dtype_name(p.dtype()),
+                                                " but ", dtype_of, " holds ",
+                                                gemm_dtype_name(dtype)));
+  }
+}
+
+}  // namespace detail
+
 }  // namespace cpu
 MOEKIT_NAMESPACE_END
