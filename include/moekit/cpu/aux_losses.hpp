@@ -1,6 +1,6 @@
 #pragma once
 // Load-balancing losses and the aux-loss-free expert bias on the CPU backend
-// (DESIGN.md §4), computed from the Routing that Router<S>::forward/route wrote.
+// (docs/math.md, "Balance losses"), computed from the Routing that Router<S>::forward/route wrote.
 //
 // Notation: T tokens, E experts, K per token; x = routing.logits (T x E, noise
 // included), ids = routing.expert_ids, w = routing.weights (0 where dropped),
@@ -49,9 +49,11 @@
 // dlogits asks for the value only. All arguments are validated before
 // anything is written (expert ids: Errc::kOutOfRange); T = 0 gives L = 0.
 //
-// Non-finite logits in z_loss: a row with any non-finite logit contributes 0
-// to the sum and gets no gradient, but still counts in T (the mean is over all
-// T rows). The other losses read scores/weights, which gating keeps finite.
+// Non-finite logits in z_loss: a -inf logit is a masked expert (exp = 0, no
+// gradient) and its row counts as usual. A row whose lse is undefined (a NaN
+// or +inf logit, or every logit -inf) contributes 0 to the sum and gets no
+// gradient, but still counts in T (the mean is over all T rows). The other
+// losses read scores/weights, which gating keeps finite.
 //
 // Sums are deterministic: per-expert and loss sums run in double over tokens
 // in order; only the per-row gradient loops run in parallel (disjoint rows).
@@ -95,10 +97,16 @@ inline constexpr double kCvSquaredEpsilon = routing::kCvSquaredEpsilon;
 
 namespace detail {
 
-// An empty dlogits means "no gradient"; otherwise it must be T x E.
+// An empty dlogits means "no gradient"; otherwise it must be T x E and
+// share no memory with the routing it reads (`where`: the loss's name).
 template <MoeSpecType S>
-void check_aux_dlogits(MatrixView<float> dlogits, index_t tokens) {
-  if (!dlogits.empty()) check_shape(dlogits, tokens, S::num_experts, "dlogits");
+void check_aux_dlogits(MatrixView<float> dlogits, const Routing& routing, const char* where) {
+  if (dlogits.empty()) return;
+  check_shape(dlogits, routing.logits.rows(), S::num_experts, "dlogits");
+  OverlapCheck(where)
+      .out({{dlogits, "dlogits"}})
+      .in({MOEKIT_ROUTING_ARGS(routing, "routing")})
+      .check();
 }
 
 inline void check_aux_coeff(float coeff) {
@@ -117,22 +125,23 @@ double switch_rows(GatingRule rule, MatrixView<const float> logits, MatrixView<c
   const index_t tokens = scores.rows();
   if (tokens == 0) return 0.0;
 
-  const std::array<index_t, kE> count = assignment_counts<S>(ids);
-  const std::array<double, kE> q_sum = routing_distribution_sum<S>(rule, scores);
+  const std::array<index_t, to_size(kE)> count = assignment_counts<S>(ids);
+  const std::array<double, to_size(kE)> q_sum = routing_distribution_sum<S>(rule, scores);
   const double n_tokens = static_cast<double>(tokens);
   const double denom = norm == SwitchNormalization::kTokens ? n_tokens : n_tokens * kK;
   double sum = 0.0;
-  std::array<double, kE> f{};
+  std::array<double, to_size(kE)> f{};
   for (int e = 0; e < kE; ++e) {
-    f[e] = static_cast<double>(count[e]) / denom;
-    sum += f[e] * (q_sum[e] / n_tokens);
+    f[to_size(e)] = static_cast<double>(count[to_size(e)]) / denom;
+    sum += f[to_size(e)] * (q_sum[to_size(e)] / n_tokens);
   }
   if (!dlogits.empty()) {
-    float g[kE];  // grad_scale * dL/dq_t, the same for every token
-    for (int e = 0; e < kE; ++e) g[e] = static_cast<float>(grad_scale * kE * f[e] / n_tokens);
+    float g[to_size(kE)];  // grad_scale * dL/dq_t, the same for every token
+    for (int e = 0; e < kE; ++e)
+      g[e] = static_cast<float>(grad_scale * kE * f[to_size(e)] / n_tokens);
     MOEKIT_PARALLEL_FOR_IF(tokens * kE > kParallelGrain)
     for (index_t t = 0; t < tokens; ++t) {
-      float dx[kE] = {};
+      float dx[to_size(kE)] = {};
       routing::routing_distribution_backward<kE>(rule, logits.row(t), scores.row(t), g, 1.0f, dx);
       float* row = dlogits.row(t);
       for (int e = 0; e < kE; ++e) row[e] += dx[e];
@@ -144,7 +153,8 @@ double switch_rows(GatingRule rule, MatrixView<const float> logits, MatrixView<c
 // CV^2(v) with the population variance; writes scale * dCV^2/dv to grad
 // (routing::cv_squared, the one implementation both backends run).
 template <int N>
-double cv_squared(const std::array<double, N>& v, double scale, std::array<double, N>& grad) {
+double cv_squared(const std::array<double, to_size(N)>& v, double scale,
+                  std::array<double, to_size(N)>& grad) {
   return routing::cv_squared<N>(v.data(), scale, grad.data());
 }
 
@@ -158,15 +168,15 @@ template <int E, int K>
 void smooth_load_token(const float* h, float sigma, std::uint64_t seed, index_t token, double* prob,
                        double* density, int* thr) {
   constexpr int kTop = K < E ? K + 1 : E;
-  float vals[kTop];
-  int order[kTop];
+  float vals[to_size(kTop)];
+  int order[to_size(kTop)];
   int n = 0;
   bool finite = true;
   for (int e = 0; e < E; ++e) {
     finite = finite && routing::is_finite(h[e]);
     routing::insert_top<kTop>(routing::sanitize(h[e]), e, vals, order, n, kTop);
   }
-  bool selected[E] = {};
+  bool selected[to_size(E)] = {};
   for (int k = 0; k < K; ++k) selected[order[k]] = true;
   for (int e = 0; e < E; ++e) {
     density[e] = 0.0;
@@ -200,7 +210,7 @@ double switch_loss(GatingRule rule, const Routing& routing, SwitchLossOptions op
                    MatrixView<float> dlogits = {}) {
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, routing.logits.rows());
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::switch_loss");
   detail::check_aux_coeff(coeff);
   MOEKIT_CHECK_ARG(options.normalization == SwitchNormalization::kTokensTimesK ||
                        options.normalization == SwitchNormalization::kTokens,
@@ -233,7 +243,7 @@ double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequen
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::sequence_aux_loss");
   detail::check_aux_coeff(coeff);
   MOEKIT_CHECK_ARG(sequence_length >= 1, "sequence_length = ", sequence_length,
                    " must be positive");
@@ -260,26 +270,18 @@ template <MoeSpecType S>
 double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {}) {
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::z_loss");
   detail::check_aux_coeff(coeff);
   if (tokens == 0) return 0.0;
 
   const double n_tokens = static_cast<double>(tokens);
   const MatrixView<const float> logits = routing.logits;
   constexpr int E = S::num_experts;
+  // Chunked like the router's statistic, with the same per-token function
+  // (routing::z_loss_token, shared with CUDA): the same bits.
   const double sum = chunked_sum<E>(tokens, [&](index_t t) {
-    if (!all_finite(logits.row_view(t))) return 0.0;  // 0, no gradient, still counted in T
-    // Chunked like the router's statistic, with the same shifted_exp: the same bits.
-    float ex[E];
-    const ShiftedExp z = shifted_exp<E>(logits.row(t), ex);
-    const double lse_square = z.lse_square();
-    if (!dlogits.empty()) {
-      const double lse = static_cast<double>(z.max + std::log(z.sum));
-      const float c = static_cast<float>(static_cast<double>(coeff) * 2.0 * lse / n_tokens) / z.sum;
-      float* row = dlogits.row(t);
-      for (int e = 0; e < E; ++e) row[e] += c * ex[e];
-    }
-    return lse_square;
+    return routing::z_loss_token<E>(logits.row(t), static_cast<double>(coeff), n_tokens,
+                                    dlogits.empty() ? nullptr : dlogits.row(t));
   });
   return sum / n_tokens;
 }
@@ -299,7 +301,7 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::importance_load_loss");
   detail::check_aux_coeff(coeff);
   if (!selection_bias.empty()) check_shape(selection_bias, kE, "selection_bias");
   MOEKIT_CHECK_ARG(std::isfinite(options.importance_weight) && options.importance_weight >= 0.0f,
@@ -319,25 +321,25 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
                       selection_bias.empty() && routing::selects_on_logits(gating, false) &&
                       gating.num_groups <= 1;
 
-  std::array<double, kE> importance{};
-  std::array<double, kE> load{};
+  std::array<double, to_size(kE)> importance{};
+  std::array<double, to_size(kE)> load{};
   for (index_t t = 0; t < tokens; ++t) {
     for (int k = 0; k < kK; ++k) {
       const int e = routing.expert_ids(t, k);
-      if (routing.positions(t, k) >= 0) importance[e] += routing.weights(t, k);
-      if (!smooth) load[e] += 1.0;
+      if (routing.positions(t, k) >= 0) importance[to_size(e)] += routing.weights(t, k);
+      if (!smooth) load[to_size(e)] += 1.0;
     }
   }
   if (smooth) {
     for (index_t t = 0; t < tokens; ++t) {
-      double prob[kE], density[kE];
-      int thr[kE];
+      double prob[to_size(kE)], density[to_size(kE)];
+      int thr[to_size(kE)];
       detail::smooth_load_token<kE, kK>(routing.logits.row(t), sigma, seed, t, prob, density, thr);
-      for (int e = 0; e < kE; ++e) load[e] += prob[e];
+      for (int e = 0; e < kE; ++e) load[to_size(e)] += prob[e];
     }
   }
   // grad_* = coeff * dL/d(importance), coeff * dL/d(load).
-  std::array<double, kE> grad_importance{}, grad_load{};
+  std::array<double, to_size(kE)> grad_importance{}, grad_load{};
   const double loss =
       options.importance_weight *
           detail::cv_squared<kE>(importance, static_cast<double>(coeff) * options.importance_weight,
@@ -349,24 +351,24 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
   MOEKIT_PARALLEL_FOR_IF(tokens * kE > kParallelGrain)
   for (index_t t = 0; t < tokens; ++t) {
     // Importance: dL/dw(t, k) for kept slots, then through gating.
-    float dw[kK];
+    float dw[to_size(kK)];
     for (int k = 0; k < kK; ++k) {
       dw[k] = routing.positions(t, k) >= 0
-                  ? static_cast<float>(grad_importance[routing.expert_ids(t, k)])
+                  ? static_cast<float>(grad_importance[to_size(routing.expert_ids(t, k))])
                   : 0.0f;
     }
-    float dx[kE];
+    float dx[to_size(kE)];
     routing::gate_token_backward<kE, kK>(routing.logits.row(t), routing.scores.row(t),
                                          routing.expert_ids.row(t), dw, gating, dx);
-    double total[kE];
+    double total[to_size(kE)];
     for (int e = 0; e < kE; ++e) total[e] = dx[e];
     if (smooth) {
-      double prob[kE], density[kE];
-      int thr[kE];
+      double prob[to_size(kE)], density[to_size(kE)];
+      int thr[to_size(kE)];
       detail::smooth_load_token<kE, kK>(routing.logits.row(t), sigma, seed, t, prob, density, thr);
       for (int e = 0; e < kE; ++e) {
         if (thr[e] < 0) continue;
-        const double d = grad_load[e] * density[e];
+        const double d = grad_load[to_size(e)] * density[e];
         total[e] += d;
         total[thr[e]] -= d;
       }
@@ -400,15 +402,15 @@ class ExpertBias {
   // The Router's selection_bias; valid while this object lives.
   VectorView<const float> bias() const { return {bias_.data(), kExperts}; }
   // Assignments accumulated since the last update().
-  const std::array<index_t, kExperts>& counts() const { return counts_; }
+  const std::array<index_t, to_size(kExperts)>& counts() const { return counts_; }
 
   // Adds stats.assigned (assignments before capacity).
   void accumulate(const RoutingStats<S>& stats) {
-    for (int e = 0; e < kExperts; ++e) {
+    for (std::size_t e = 0; e < kExperts; ++e) {
       MOEKIT_CHECK_ARG(stats.assigned[e] >= 0, "stats.assigned[", e, "] = ", stats.assigned[e],
                        " is negative");
     }
-    for (int e = 0; e < kExperts; ++e) counts_[e] += stats.assigned[e];
+    for (std::size_t e = 0; e < kExperts; ++e) counts_[e] += stats.assigned[e];
   }
 
   // Adds the assignments in expert_ids (any rows x K).
@@ -416,7 +418,7 @@ class ExpertBias {
     check_shape(expert_ids, expert_ids.rows(), kTopK, "expert_ids");
     check_expert_ids<S>(expert_ids, "expert_ids");
     for (index_t t = 0; t < expert_ids.rows(); ++t) {
-      for (int k = 0; k < kTopK; ++k) ++counts_[expert_ids(t, k)];
+      for (int k = 0; k < kTopK; ++k) ++counts_[to_size(expert_ids(t, k))];
     }
   }
 
@@ -426,9 +428,9 @@ class ExpertBias {
     for (index_t c : counts_) total += c;
     for (int e = 0; e < kExperts; ++e) {
       // sign(total / E - count_e) in exact integer arithmetic.
-      const index_t diff = total - static_cast<index_t>(kExperts) * counts_[e];
+      const index_t diff = total - static_cast<index_t>(kExperts) * counts_[to_size(e)];
       const float sign = diff > 0 ? 1.0f : (diff < 0 ? -1.0f : 0.0f);
-      bias_[e] += gamma_ * sign;
+      bias_[to_size(e)] += gamma_ * sign;
     }
     counts_.fill(0);
   }
@@ -440,13 +442,13 @@ class ExpertBias {
       MOEKIT_CHECK(std::isfinite(bias[e]), Errc::kNonFinite, "bias[", e, "] = ", bias[e],
                    " is not finite");
     }
-    for (int e = 0; e < kExperts; ++e) bias_[e] = bias[e];
+    for (int e = 0; e < kExperts; ++e) bias_[to_size(e)] = bias[e];
   }
 
  private:
   float gamma_;
-  std::array<float, kExperts> bias_{};
-  std::array<index_t, kExperts> counts_{};
+  std::array<float, to_size(kExperts)> bias_{};
+  std::array<index_t, to_size(kExperts)> counts_{};
 };
 
 }  // namespace cpu

@@ -50,9 +50,10 @@
 //             dx = da W1 (+ dg W3, added by a second product with beta = 1)
 // with the element-wise passes between them over all rows at once.
 //
-// Threading and determinism (one thread pool at a time). The engine's
-// threads split each grouped product into blocks of rows and columns across
-// all experts, never a reduction; the element-wise passes split rows. Every
+// Threading and determinism (docs/index.md, "Threads": one thread pool at a
+// time). The engine's threads split each grouped product into blocks of rows
+// and columns across all experts, never a reduction; the element-wise passes
+// split rows. Every
 // output element is computed by one fixed chain of operations, so results
 // are bit-identical run after run, for any thread count, and batch
 // invariant: a row's y (and dx) depends on that row, its expert's weights
@@ -77,8 +78,9 @@
 // offsets[E] vs N, workspace too small), kNullPointer (null data),
 // kInvalidArgument (configuration, offsets not a scan, a view given where
 // kPlain has none, misaligned workspace). Values (NaN/Inf) are not checked.
-// Outputs must not overlap inputs or each other (not checked). Strided views
-// (ld > cols) work; padding columns are never touched.
+// An output that overlaps an input or another output is refused
+// (kInvalidArgument, naming both). Strided views (ld > cols) work; padding
+// columns are never touched.
 //
 //   const ExpertFfn<S> ffn({.d_model = d, .d_ff = f, .kind = FfnKind::kGated,
 //                           .activation = Activation::kSilu});
@@ -269,6 +271,17 @@ class ExpertFfn {
     } else {
       check_absent(saved_gate, "saved_gate");
     }
+    OverlapCheck("cpu::ExpertFfn::forward")
+        .out({{y, "y"},
+              {saved_pre, "saved_pre"},
+              {saved_gate, "saved_gate"},
+              {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{buffer, "buffer"},
+             {offsets, "offsets"},
+             {weights.w1, "weights.w1"},
+             {weights.w3, "weights.w3"},
+             {weights.w2, "weights.w2"}})
+        .check();
     if (n == 0) return;
 
     const MatrixView<float> ws0 = scratch(workspace, n, 0);
@@ -326,6 +339,10 @@ class ExpertFfn {
     const index_t n = check_buffer(buffer, offsets, workspace);
     check_packed(weights);
     check_shape(y, n, config_.d_model, "y");
+    OverlapCheck("cpu::ExpertFfn::forward")
+        .out({{y, "y"}, {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{buffer, "buffer"}, {offsets, "offsets"}})
+        .check();
     if (n == 0) return;
     const MatrixView<float> a = scratch(workspace, n, 0);
     const MatrixView<float> g = scratch(workspace, n, 1);
@@ -388,6 +405,21 @@ class ExpertFfn {
       check_absent(grads.dw3, "grads.dw3");
     }
     if (want_dw2) check_shape(grads.dw2, e_rows_d, f, "grads.dw2");
+    OverlapCheck("cpu::ExpertFfn::backward")
+        .out({{dx, "dx"},
+              {grads.dw1, "grads.dw1"},
+              {grads.dw3, "grads.dw3"},
+              {grads.dw2, "grads.dw2"},
+              {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{dy, "dy"},
+             {buffer, "buffer"},
+             {offsets, "offsets"},
+             {weights.w1, "weights.w1"},
+             {weights.w3, "weights.w3"},
+             {weights.w2, "weights.w2"},
+             {saved_pre, "saved_pre"},
+             {saved_gate, "saved_gate"}})
+        .check();
     const bool want_dh = want_dx || want_dw1 || want_dw3;
     const bool acc = grads.accumulate;
 
@@ -541,14 +573,14 @@ class ExpertFfn {
   void check_packed(const PackedExpertWeights& w) const {
     const index_t d = config_.d_model, f = config_.d_ff;
     const auto check = [&](const PackedMatrix& m, index_t k, index_t n, const char* name) {
-      detail::check_packed_matrix("forward", m, kExperts, k, n, w.dtype(), name, "weights.w1",
+      detail::check_packed_matrix("cpu::ExpertFfn::forward", m, kExperts, k, n, w.dtype(), name, "weights.w1",
                                   "ExpertFfn::pack");
     };
     check(w.w1, d, f, "weights.w1");
     if (gated()) {
       check(w.w3, d, f, "weights.w3");
     } else if (w.w3.groups() != 0) {
-      moekit::detail::fail(Errc::kInvalidArgument, "forward",
+      moekit::detail::fail(Errc::kInvalidArgument, "cpu::ExpertFfn::forward",
                            "weights.w3 is packed but must be empty for FfnKind::kPlain");
     }
     check(w.w2, f, d, "weights.w2");

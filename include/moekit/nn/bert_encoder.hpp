@@ -88,7 +88,9 @@
 // (max_positions); 0 <= first <= last <= L; the workspace large enough and
 // float-aligned. Errors name the argument and the values: kShapeMismatch,
 // kNullPointer, kInvalidArgument, kOutOfRange. Values are not checked for
-// NaN/Inf. hidden must not overlap the weights or the workspace.
+// NaN/Inf. run_layers rejects (kInvalidArgument) hidden or the workspace
+// overlapping each other, offsets or the projection weights; packed weights
+// must be of this config, in one dtype (pack makes them so).
 //
 //   const moekit::cpu::BertEncoder encoder(config);
 //   std::vector<std::byte> ws(encoder.workspace_size(batch.tokens(), batch.longest()));
@@ -510,6 +512,14 @@ class BertEncoder {
                    Errc::kInvalidArgument, "workspace is not aligned to ", alignof(float),
                    " bytes");
     }
+    OverlapCheck("cpu::BertEncoder::run_layers")
+        .out({{hidden, "hidden"}, {workspace.segment(0, need), "workspace"}})
+        .in({{offsets, "offsets"},
+             {w.w_qkv, "weights.w_qkv"},
+             {w.w_out, "weights.w_out"},
+             {w.w_ff1, "weights.w_ff1"},
+             {w.w_ff2, "weights.w_ff2"}})
+        .check();
     if (hidden.rows() == 0 || first == last) return;
     const Buffers buf = buffers(workspace, hidden.rows(), longest, threads);
     for (int l = first; l < last; ++l) layer(l, offsets, w, packed, hidden, buf);
@@ -526,7 +536,7 @@ class BertEncoder {
   void check_packed(const PackedBertWeights& p) const {
     const index_t d = config_.d_model, f = config_.d_ff, layers = config_.num_layers;
     const auto check = [&](const PackedMatrix& m, index_t k, index_t n, const char* name) {
-      detail::check_packed_matrix("run_layers", m, layers, k, n, p.dtype(), name, "packed.w_qkv",
+      detail::check_packed_matrix("cpu::BertEncoder::run_layers", m, layers, k, n, p.dtype(), name, "packed.w_qkv",
                                   "BertEncoder::pack");
     };
     check(p.w_qkv, d, 3 * d, "packed.w_qkv");
