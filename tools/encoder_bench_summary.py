@@ -22,8 +22,10 @@ def medians(path, cpu_time):
     """run name -> (median ms, GFLOP/s or 0) from a Google Benchmark JSON file
     (its CPU time where the runs measured the process's CPU time)."""
     out = {}
-    for b in json.load(open(path))["benchmarks"]:
-        if b.get("aggregate_name") != "median":
+    runs = json.load(open(path))["benchmarks"]
+    medians_only = any(b.get("aggregate_name") == "median" for b in runs)  # one repetition: none
+    for b in runs:
+        if medians_only and b.get("aggregate_name") != "median":
             continue
         name = b["run_name"]
         for suffix in ("/real_time", "/process_time"):
