@@ -181,7 +181,7 @@ void bench_layer(benchmark::State& state, index_t d, index_t f, bool backward) {
   gpu::MoeLayerStats<S> stats{};
   const auto run = [&] {
     (void)s.layer.forward(x, params, st, y, &stats, ws);
-    if (backward) s.layer.backward(dy, x, params, st, grads, dx, ws);
+    if (backward) s.layer.backward(dy, x, params, st, dx, grads, ws);
   };
   run();  // warm-up; fills the state the ceiling and the experts read
   MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());

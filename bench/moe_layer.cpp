@@ -120,7 +120,7 @@ struct Setup {
 
   void backward() {
     layer.backward({dy.data(), shape.tokens, shape.d_model}, in(), params(), storage.state(),
-                   grads(), {dx.data(), shape.tokens, shape.d_model}, storage.workspace());
+                   {dx.data(), shape.tokens, shape.d_model}, grads(), storage.workspace());
   }
 };
 

@@ -18,6 +18,7 @@ packages=(
   clang-format                    # the format check
   clang libclang-rt-14-dev        # the fuzz targets (libFuzzer, tests/fuzz)
   python3                         # docs snippet check
+  doxygen                         # the doxygen.undocumented test (API reference warnings)
   python3-pip                     # installs the Python modules of the tests (below)
 )
 

@@ -13,7 +13,7 @@
 //     typename Layer::Params params = ...;   // Config, Params, Grads, State, Stats,
 //     ...                                    // Workspace, Element: per backend
 //     moekit::MoeAuxLosses aux = layer.forward(x, params, state, y, &stats, workspace);
-//     layer.backward(dy, x, params, state, grads, dx, workspace);
+//     layer.backward(dy, x, params, state, dx, grads, workspace);
 //   }
 //
 // Both layers have the same member names, argument order and math; what
@@ -32,7 +32,9 @@
 
 MOEKIT_NAMESPACE_BEGIN
 
-// The aux losses of a forward, unscaled (each 0 when its coefficient is 0).
+// The aux losses of a forward, unscaled: both values whatever the
+// coefficients (a coefficient of 0 leaves its loss out of total and of the
+// gradients only).
 struct MoeAuxLosses {
   double switch_loss = 0.0;
   double z_loss = 0.0;

@@ -120,12 +120,13 @@ enum class FfnThreading {
 // Mean rows per non-empty expert up to which kAuto runs experts in parallel.
 inline constexpr index_t kExpertParallelMaxRows = 1024;
 
+// The experts' configuration; the constructor validates it.
 struct ExpertFfnConfig {
-  index_t d_model = 0;
-  index_t d_ff = 0;  // width of one expert
-  FfnKind kind = FfnKind::kPlain;
-  Activation activation = Activation::kGeluTanh;
-  FfnThreading threading = FfnThreading::kAuto;
+  index_t d_model = 0;                            // d
+  index_t d_ff = 0;                               // width of one expert
+  FfnKind kind = FfnKind::kPlain;                 // plain or gated experts
+  Activation activation = Activation::kGeluTanh;  // the hidden layer's activation
+  FfnThreading threading = FfnThreading::kAuto;   // how the experts use threads
 };
 
 // The weights of all E experts (layout at the top of this file).
@@ -147,9 +148,9 @@ struct PackedExpertWeights {
 // Gradient outputs of the weights; an empty view is frozen (not computed,
 // not written).
 struct ExpertGrads {
-  MatrixView<float> dw1{};
-  MatrixView<float> dw3{};
-  MatrixView<float> dw2{};
+  MatrixView<float> dw1{};  // (E d_ff) x d, the layout of ExpertWeights::w1
+  MatrixView<float> dw3{};  // (E d_ff) x d, gated experts only
+  MatrixView<float> dw2{};  // (E d) x d_ff
   bool accumulate = false;  // add to the blocks instead of overwriting them
 };
 
@@ -241,12 +242,14 @@ void for_each_expert(FfnThreading threading, VectorView<const index_t> offsets, 
 template <MoeSpecType S>
 class ExpertFfn {
  public:
-  static constexpr int kExperts = S::num_experts;
+  static constexpr int kExperts = S::num_experts;  // E
 
   // Rejects a configuration it cannot run (naming the field and value).
   explicit ExpertFfn(const ExpertFfnConfig& config) : config_(config) { validate(config); }
 
+  // The configuration it was built with.
   const ExpertFfnConfig& config() const { return config_; }
+  // Whether the experts are gated (w3 used).
   bool gated() const { return config_.kind == FfnKind::kGated; }
 
   // Bytes of workspace forward and backward need for an N-row buffer:
@@ -262,6 +265,7 @@ class ExpertFfn {
   void forward(MatrixView<const float> buffer, VectorView<const index_t> offsets,
                const ExpertWeights& weights, MatrixView<float> y, MatrixView<float> saved_pre,
                MatrixView<float> saved_gate, VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::ExpertFfn::forward");
     const index_t n = check_common(buffer, offsets, weights, workspace);
     const index_t d = config_.d_model, f = config_.d_ff;
     check_shape(y, n, d, "y");
@@ -320,6 +324,7 @@ class ExpertFfn {
   // Packs frozen weights once for the engine in `dtype` (allocates; see the
   // top of this file). Checks the weights' shapes as forward does.
   PackedExpertWeights pack(const ExpertWeights& weights, GemmDtype dtype) const {
+    MOEKIT_API("cpu::ExpertFfn::pack");
     check_weights(weights);
     MOEKIT_CHECK_ARG(is_gemm_dtype(dtype), "dtype = ", static_cast<int>(dtype),
                      " is not a GemmDtype");
@@ -336,6 +341,7 @@ class ExpertFfn {
   void forward(MatrixView<const float> buffer, VectorView<const index_t> offsets,
                const PackedExpertWeights& weights, MatrixView<float> y,
                VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::ExpertFfn::forward");
     const index_t n = check_buffer(buffer, offsets, workspace);
     check_packed(weights);
     check_shape(y, n, config_.d_model, "y");
@@ -383,6 +389,7 @@ class ExpertFfn {
                 MatrixView<const float> saved_pre, MatrixView<const float> saved_gate,
                 MatrixView<float> dx, const ExpertGrads& grads,
                 VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::ExpertFfn::backward");
     const index_t n = check_common(buffer, offsets, weights, workspace);
     const index_t d = config_.d_model, f = config_.d_ff;
     const index_t e_rows_ff = index_t{kExperts} * f, e_rows_d = index_t{kExperts} * d;

@@ -504,6 +504,7 @@ cudaError_t sequence_aux_loss(void* d_temp_storage, std::size_t& temp_storage_by
 template <MoeSpecType S, LogitElement T>
 cudaError_t z_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
                    const ZLossArgs<S, T>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::z_loss");
   constexpr int E = S::num_experts;
   const index_t tokens = args.logits.rows();
   detail::check_token_count(tokens, S::top_k);
@@ -539,6 +540,7 @@ template <MoeSpecType S, LogitElement T>
 cudaError_t importance_load_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
                                  const ImportanceLoadArgs<S, T>& args,
                                  cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::importance_load_loss");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = args.expert_ids.rows();
   detail::check_token_count(tokens, K);

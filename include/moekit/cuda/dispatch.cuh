@@ -616,6 +616,7 @@ void check_plan_args(const DispatchPlanArgs<S>& a) {
 template <MoeSpecType S>
 cudaError_t plan_dispatch(void* d_temp_storage, std::size_t& temp_storage_bytes,
                           const DispatchPlanArgs<S>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::plan_dispatch");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = args.expert_ids.rows();
   detail::check_token_count(tokens, K);
@@ -729,6 +730,7 @@ cudaError_t plan_dispatch(void* d_temp_storage, std::size_t& temp_storage_bytes,
 template <MoeSpecType S, ActivationElement T>
 cudaError_t dispatch(MatrixView<const T> x, const DispatchMap& map, MatrixView<T> buffer,
                      cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::dispatch");
   constexpr int K = S::top_k;
   detail::check_token_count(x.rows(), K);
   check_view(x, "x");
@@ -764,6 +766,7 @@ cudaError_t combine(MatrixView<const T> expert_out, MatrixView<const std::int32_
                     MatrixView<const float> weights, MatrixView<const std::int32_t> positions,
                     VectorView<const index_t> offsets, MatrixView<T> y, bool accumulate = false,
                     cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::combine");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = y.rows();
   detail::check_saved_plan<S>(expert_ids, positions, offsets, tokens);
@@ -803,6 +806,7 @@ cudaError_t combine_backward(MatrixView<const T> dy, MatrixView<const T> expert_
                              VectorView<const index_t> offsets, const DispatchMap& map,
                              MatrixView<T> d_expert_out, MatrixView<float> dweights,
                              cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::combine_backward");
   constexpr int E = S::num_experts, K = S::top_k;
   check_view(dy, "dy");
   const index_t tokens = dy.rows();
@@ -872,6 +876,7 @@ cudaError_t dispatch_backward(MatrixView<const T> d_buffer,
                               MatrixView<const std::int32_t> positions,
                               VectorView<const index_t> offsets, MatrixView<T> dx,
                               bool accumulate = false, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::dispatch_backward");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = dx.rows();
   detail::check_saved_plan<S>(expert_ids, positions, offsets, tokens);

@@ -134,6 +134,7 @@ __global__ void distillation_finalize_kernel(const double* partial, int blocks, 
 template <ActivationElement T>
 cudaError_t distillation_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
                               const DistillationArgs<T>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::distillation_loss");
   const index_t n = args.student.rows();
   MOEKIT_CHECK_ARG(n >= 0 && n <= std::numeric_limits<std::int32_t>::max(), "student has ", n,
                    " rows, more than 2^31 - 1");

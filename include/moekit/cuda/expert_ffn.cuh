@@ -238,6 +238,7 @@ class ExpertFfn {
                VectorView<const index_t> host_offsets, const ExpertWeights<T>& w, MatrixView<T> y,
                MatrixView<T> saved_pre, MatrixView<T> saved_gate, void* workspace,
                std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::ExpertFfn::forward");
     const index_t n = check_common(buffer, host_offsets, w, workspace, workspace_bytes);
     const index_t d = config_.d_model, f = config_.d_ff;
     check_shape(y, n, d, "y");
@@ -292,6 +293,7 @@ class ExpertFfn {
                 MatrixView<const T> saved_pre, MatrixView<const T> saved_gate, MatrixView<T> dx,
                 const ExpertGrads<G>& grads, void* workspace, std::size_t workspace_bytes,
                 cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::ExpertFfn::backward");
     static_assert(std::is_same_v<G, T> || std::is_same_v<G, float>,
                   "weight gradients are of the activation type T or float");
     const index_t n = check_common(buffer, host_offsets, w, workspace, workspace_bytes);

@@ -1119,6 +1119,7 @@ class LoraBank {
   void group(VectorView<const std::int32_t> ids, VectorView<index_t> order,
              VectorView<index_t> offsets, std::int64_t* invalid, void* workspace,
              std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::LoraBank::group");
     check_view(ids, "ids");
     const index_t n = ids.size();
     check_shape(order, n, "order");

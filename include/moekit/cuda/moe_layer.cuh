@@ -11,7 +11,7 @@
 //   moekit::gpu::MoeLayerStorage<Spec, __nv_bfloat16> storage(layer, t_max);  // cudaMalloc once
 //   const auto ws = storage.workspace(cublas_handle, stream);
 //   auto aux = layer.forward(x, params, storage.state(), y, &stats, ws);
-//   layer.backward(dy, x, params, storage.state(), grads, dx, ws);
+//   layer.backward(dy, x, params, storage.state(), dx, grads, ws);
 //
 // Code templated on the backend (moekit::MoeLayer<S, Backend>, moekit/core/
 // backend.hpp) compiles against both layers. The differences, all from the
@@ -333,10 +333,12 @@ class MoeLayer {
   }
 
   // y = the layer's output for x (T x d); fills `state` for backward and
-  // `stats` (host, when not null). Returns the aux losses (unscaled) whose
-  // coefficients are on. Synchronises `workspace.stream` once (header).
+  // `stats` (host, when not null). Returns both aux losses' values
+  // (unscaled) whatever the coefficients (a coefficient of 0 leaves its loss
+  // out of total and the gradients). Synchronises `workspace.stream` once (header).
   MoeAuxLosses forward(MatrixView<const T> x, const Params& params, const State& state,
                        MatrixView<T> y, Stats* stats, const Workspace& workspace) const {
+    MOEKIT_API("gpu::MoeLayer::forward");
     check_view(x, "x");
     const index_t tokens = x.rows();
     const index_t d = config_.d_model;
@@ -426,12 +428,10 @@ class MoeLayer {
 
     if (stats != nullptr) *stats = host_stats;
     MoeAuxLosses aux;
-    if (config_.switch_coeff != 0.0f) {
-      aux.switch_loss = switch_loss_value<kExperts, kTopK>(
-          host_stats.routing.tokens, host_stats.routing.assigned,
-          host_stats.routing.mean_distribution, config_.switch_options.normalization);
-    }
-    if (config_.z_coeff != 0.0f) aux.z_loss = host_stats.routing.z_loss;
+    aux.switch_loss = switch_loss_value<kExperts, kTopK>(
+        host_stats.routing.tokens, host_stats.routing.assigned,
+        host_stats.routing.mean_distribution, config_.switch_options.normalization);
+    aux.z_loss = host_stats.routing.z_loss;
     aux.total = static_cast<double>(config_.switch_coeff) * aux.switch_loss +
                 static_cast<double>(config_.z_coeff) * aux.z_loss;
     return aux;
@@ -441,8 +441,9 @@ class MoeLayer {
   // dy = df/dy (T x d) and the x, params and state of the forward. dx (T x d)
   // or empty; grads: see MoeLayerGrads. No host synchronisation.
   void backward(MatrixView<const T> dy, MatrixView<const T> x, const Params& params,
-                const State& state, const Grads& grads, MatrixView<T> dx,
+                const State& state, MatrixView<T> dx, const Grads& grads,
                 const Workspace& workspace) const {
+    MOEKIT_API("gpu::MoeLayer::backward");
     check_view(dy, "dy");
     const index_t tokens = dy.rows();
     const index_t d = config_.d_model;

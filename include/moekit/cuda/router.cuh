@@ -829,6 +829,7 @@ void check_route_args(const RouteArgs<S, T>& a) {
 template <MoeSpecType S, LogitElement T>
 cudaError_t route(void* d_temp_storage, std::size_t& temp_storage_bytes,
                   const RouteArgs<S, T>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::route");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = args.logits.rows();
   detail::check_token_count(tokens, K);
@@ -878,6 +879,7 @@ cudaError_t route(void* d_temp_storage, std::size_t& temp_storage_bytes,
 // workspace.
 template <MoeSpecType S, LogitElement T>
 cudaError_t backward_gate(const GateBackwardArgs<S, T>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::backward_gate");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = args.logits.rows();
   detail::check_token_count(tokens, K);

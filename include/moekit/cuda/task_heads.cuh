@@ -488,6 +488,7 @@ class TaskHeads {
   void forward(MatrixView<const T> x, VectorView<const std::int32_t> tasks,
                const HeadWeights<T>& weights, MatrixView<T> logits,
                std::int64_t* invalid_rows = nullptr, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::TaskHeads::forward");
     check_view(x, "x");
     const index_t n = x.rows();
     check_shape(x, n, config_.d_model, "x");
@@ -517,6 +518,7 @@ class TaskHeads {
             VectorView<const std::int32_t> labels, const TaskWeights& weighting,
             TaskLosses<S>* result, MatrixView<T> dlogits, VectorView<float> dlog_vars,
             void* workspace, std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::TaskHeads::loss");
     check_view(logits, "logits");
     const index_t n = logits.rows();
     check_shape(logits, n, max_classes_, "logits");
@@ -575,6 +577,7 @@ class TaskHeads {
                 VectorView<const std::int32_t> tasks, const HeadWeights<T>& weights,
                 MatrixView<T> dx, const HeadGrads<T>& grads, void* workspace,
                 std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::TaskHeads::backward");
     check_view(x, "x");
     const index_t n = x.rows();
     const index_t d = config_.d_model;

@@ -365,6 +365,7 @@ class BertEncoder {
   // The projections' weights of `w` packed once for the engine in `dtype`
   // (allocates; see the top of this file). Checks the weights as forward does.
   PackedBertWeights pack(const BertEncoderWeights& w, GemmDtype dtype) const {
+    MOEKIT_API("cpu::BertEncoder::pack");
     check_weights(w, "weights");
     MOEKIT_CHECK_ARG(is_gemm_dtype(dtype), "dtype = ", static_cast<int>(dtype),
                      " is not a GemmDtype");
@@ -383,6 +384,7 @@ class BertEncoder {
   void embed(VectorView<const std::int32_t> ids, VectorView<const std::int32_t> types,
              VectorView<const index_t> offsets, const BertEncoderWeights& w,
              MatrixView<float> hidden) const {
+    MOEKIT_API("cpu::BertEncoder::embed");
     const BertEncoderConfig& c = config_;
     check_view(ids, "ids");
     [[maybe_unused]] const index_t n = ids.size();
@@ -410,6 +412,7 @@ class BertEncoder {
   void run_layers(int first, int last, VectorView<const index_t> offsets,
                   const BertEncoderWeights& w, MatrixView<float> hidden,
                   VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::BertEncoder::run_layers");
     run_layers(first, last, offsets, w, nullptr, hidden, workspace);
   }
 
@@ -419,6 +422,7 @@ class BertEncoder {
   void run_layers(int first, int last, VectorView<const index_t> offsets,
                   const BertEncoderWeights& w, const PackedBertWeights& packed,
                   MatrixView<float> hidden, VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::BertEncoder::run_layers");
     run_layers(first, last, offsets, w, &packed, hidden, workspace);
   }
 
@@ -426,6 +430,7 @@ class BertEncoder {
   void forward(VectorView<const std::int32_t> ids, VectorView<const std::int32_t> types,
                VectorView<const index_t> offsets, const BertEncoderWeights& w,
                MatrixView<float> hidden, VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::BertEncoder::forward");
     embed(ids, types, offsets, w, hidden);
     run_layers(0, config_.num_layers, offsets, w, hidden, workspace);
   }
@@ -435,6 +440,7 @@ class BertEncoder {
                VectorView<const index_t> offsets, const BertEncoderWeights& w,
                const PackedBertWeights& packed, MatrixView<float> hidden,
                VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::BertEncoder::forward");
     embed(ids, types, offsets, w, hidden);
     run_layers(0, config_.num_layers, offsets, w, packed, hidden, workspace);
   }

@@ -505,7 +505,7 @@ class MultitaskModel {
                                              : hidden_[l - 1].middle_rows(0, n);
       const MatrixView<float> dx = l == 0 ? MatrixView<float>() : d_tmp_.middle_rows(0, n);
       layers_[l].backward(MatrixView<const float>(d_top), in, moe_params(static_cast<int>(l)),
-                          storage_[l].state(), moe_grads(static_cast<int>(l)), dx,
+                          storage_[l].state(), dx, moe_grads(static_cast<int>(l)),
                           storage_[l].workspace());
       if (l > 0) as_eigen(d_top) += as_eigen(MatrixView<const float>(dx));
     }

@@ -702,6 +702,7 @@ class BatchSampler {
 // written. Everything is checked before anything is written.
 inline void gather(const Dataset& data, std::span<const index_t> rows, MatrixView<float> x,
                    VectorView<std::int32_t> tasks, VectorView<std::int32_t> labels) {
+  MOEKIT_API("train::gather");
   check_dataset(data, "data");
   const auto n = static_cast<index_t>(rows.size());
   check_shape(x, n, data.features, "x");
