@@ -185,7 +185,11 @@ using BertEncoderWeights = BertEncoderViews<const float>;
 // (BertEncoder::pack): per matrix the L layers as the groups of one
 // PackedMatrix, group l = layer l's W^T. Empty (no groups) for L = 0.
 struct PackedBertWeights {
-  PackedMatrix w_qkv{}, w_out{}, w_ff1{}, w_ff2{};
+  PackedMatrix w_qkv{};  // the query, key and value projections, L groups of d x 3d
+  PackedMatrix w_out{};  // the attention output projection, L groups of d x d
+  PackedMatrix w_ff1{};  // the FFN's first product, L groups of d x d_ff
+  PackedMatrix w_ff2{};  // the FFN's second product, L groups of d_ff x d
+  // The dtype the projections are packed in (one for all four).
   GemmDtype dtype() const { return w_qkv.dtype(); }
 };
 
