@@ -64,15 +64,10 @@ namespace gpu = moekit::gpu;
 
 using moekit_bench::DeviceMemory;
 using moekit_bench::fill_uniform;
+using moekit_bench::free_device_bytes;
 
 std::size_t bytes(index_t rows, index_t cols) {
   return static_cast<std::size_t>(rows * cols) * sizeof(T);
-}
-
-std::size_t free_device_bytes() {
-  std::size_t free = 0, total = 0;
-  MOEKIT_CUDA_CHECK(cudaMemGetInfo(&free, &total));
-  return free;
 }
 
 // Mean seconds of one call of `work`, each timed on its own (as the layer is).

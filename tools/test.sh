@@ -14,7 +14,10 @@
 #      (cpu.MultitaskModel.*) cover its code paths.
 #      So are the runs of the real all-MiniLM-L6-v2 (cpu.MiniLM.*, minutes
 #      unoptimised): the tiny random BERTs of cpu.BertEncoder*.* and
-#      cpu.BertCheckpoint.* run the same encoder and loader code;
+#      cpu.BertCheckpoint.* run the same encoder and loader code; and the text
+#      system's training on real text (cpu.TextSystem.*), whose code paths the
+#      unit tests cpu.TextDatasets.*, cpu.EncodedCache.* and
+#      cpu.TextMultitaskModel.* cover;
 #   3. clang, the fuzz preset: the fuzz targets (tests/fuzz: libFuzzer with
 #      ASan and UBSan), each run for MOEKIT_FUZZ_SECONDS (15) from its
 #      committed seed corpus.
@@ -34,7 +37,7 @@ ctest --preset default -j "$jobs"
 
 cmake --preset debug >/dev/null
 cmake --build --preset debug
-ctest --preset debug -j "$jobs" -R '^cpu\.' -E '^cpu\.(MultitaskTraining\.|MiniLM\.|BertEncoderPacked\.EveryDtype)'
+ctest --preset debug -j "$jobs" -R '^cpu\.' -E '^cpu\.(MultitaskTraining\.|MiniLM\.|TextSystem\.|BertEncoderPacked\.EveryDtype)'
 
 cmake --preset fuzz >/dev/null
 cmake --build --preset fuzz

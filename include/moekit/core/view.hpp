@@ -279,6 +279,12 @@ inline bool overlap(const Footprint& a, const Footprint& b) {
   return false;
 }
 
+// An argument list for OverlapCheck::out / in. Code that nvcc compiles
+// spells the type, out(Footprints{{y, "y"}}): nvcc's front end wraps a bare
+// braced list in a dependent call in parentheses, which the host compiler
+// then rejects.
+using Footprints = std::initializer_list<Footprint>;
+
 // The arguments of one call of a public entry point: outputs (written, or
 // read and written) and inputs (only read). check() fails with
 // kInvalidArgument, naming `where` (the public function, e.g.
@@ -292,9 +298,9 @@ class OverlapCheck {
   explicit OverlapCheck(const char* where) : where_(where) {}
 
   // out({{y, "y"}, {grads.dx, "grads.dx"}}), in({{x, "x"}}); empty views count for nothing.
-  OverlapCheck& out(std::initializer_list<Footprint> args) { return add(args, true); }
+  OverlapCheck& out(Footprints args) { return add(args, true); }
   // Inputs (only read); see out().
-  OverlapCheck& in(std::initializer_list<Footprint> args) { return add(args, false); }
+  OverlapCheck& in(Footprints args) { return add(args, false); }
 
   // Fails (kInvalidArgument) if an output overlaps another argument.
   void check() const {

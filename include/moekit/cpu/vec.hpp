@@ -7,8 +7,9 @@
 //   cpu::avx512::F32x16    one 512-bit register
 //
 // beside it Mask16 (a lane mask from the comparisons), I32x16 (sixteen int32
-// lanes, for bit tricks on floats) and F64x16 (sixteen doubles, for sums
-// that must not lose small terms).
+// lanes, for bit tricks on floats and exact integer dot products of int8
+// data) and F64x16 (sixteen doubles, for sums that must not lose small
+// terms).
 //
 // Every namespace offers the same operations under the same names, and each
 // operation gives the same bits in every namespace: lane-wise arithmetic is
@@ -358,6 +359,35 @@ MOEKIT_FORCE_INLINE I32x16 sra_i32(I32x16 a) {
   for (std::int32_t& x : a.lane) x = x >> kBits;  // arithmetic since C++20
   return a;
 }
+// Sixteen int8 (or int32) values from memory, and int32 lanes to memory.
+// Integer sums are exact (wrapping on overflow), so their order never
+// changes a result: int8 dot products agree on every path.
+MOEKIT_FORCE_INLINE I32x16 load_i8(const std::int8_t* p) {
+  I32x16 v;
+  for (int i = 0; i < 16; ++i) v.lane[i] = p[i];
+  return v;
+}
+MOEKIT_FORCE_INLINE I32x16 load_i32(const std::int32_t* p) {
+  I32x16 v;
+  std::memcpy(v.lane, p, sizeof v.lane);
+  return v;
+}
+MOEKIT_FORCE_INLINE void store_i32(std::int32_t* p, I32x16 v) {
+  std::memcpy(p, v.lane, sizeof v.lane);
+}
+// The low 32 bits of the lanes' products.
+MOEKIT_FORCE_INLINE I32x16 mul_i32(I32x16 a, I32x16 b) {
+  for (int i = 0; i < 16; ++i) {
+    a.lane[i] = static_cast<std::int32_t>(static_cast<std::uint32_t>(a.lane[i]) *
+                                          static_cast<std::uint32_t>(b.lane[i]));
+  }
+  return a;
+}
+MOEKIT_FORCE_INLINE std::int32_t reduce_add_i32(I32x16 v) {
+  std::uint32_t s = 0;
+  for (const std::int32_t x : v.lane) s += static_cast<std::uint32_t>(x);
+  return static_cast<std::int32_t>(s);
+}
 
 // ---- double lanes (sums in double) ----
 
@@ -606,6 +636,28 @@ template <int kBits>
 MOEKIT_DETAIL_OP I32x16 sra_i32(I32x16 a) {
   return {_mm256_srai_epi32(a.lo, kBits), _mm256_srai_epi32(a.hi, kBits)};
 }
+MOEKIT_DETAIL_OP I32x16 load_i8(const std::int8_t* p) {
+  return {_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+MOEKIT_DETAIL_OP I32x16 load_i32(const std::int32_t* p) {
+  return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8))};
+}
+MOEKIT_DETAIL_OP void store_i32(std::int32_t* p, I32x16 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v.lo);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 8), v.hi);
+}
+MOEKIT_DETAIL_OP I32x16 mul_i32(I32x16 a, I32x16 b) {
+  return {_mm256_mullo_epi32(a.lo, b.lo), _mm256_mullo_epi32(a.hi, b.hi)};
+}
+MOEKIT_DETAIL_OP std::int32_t reduce_add_i32(I32x16 v) {
+  const __m256i s8 = _mm256_add_epi32(v.lo, v.hi);
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+  s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
+  return _mm_cvtsi128_si32(s4);
+}
 
 struct F64x16 {
   __m256d q0, q1, q2, q3;  // lanes 0-3, 4-7, 8-11, 12-15
@@ -809,6 +861,13 @@ template <int kBits>
 MOEKIT_DETAIL_OP I32x16 sra_i32(I32x16 a) {
   return {_mm512_srai_epi32(a.v, kBits)};
 }
+MOEKIT_DETAIL_OP I32x16 load_i8(const std::int8_t* p) {
+  return {_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+MOEKIT_DETAIL_OP I32x16 load_i32(const std::int32_t* p) { return {_mm512_loadu_si512(p)}; }
+MOEKIT_DETAIL_OP void store_i32(std::int32_t* p, I32x16 v) { _mm512_storeu_si512(p, v.v); }
+MOEKIT_DETAIL_OP I32x16 mul_i32(I32x16 a, I32x16 b) { return {_mm512_mullo_epi32(a.v, b.v)}; }
+MOEKIT_DETAIL_OP std::int32_t reduce_add_i32(I32x16 v) { return _mm512_reduce_add_epi32(v.v); }
 
 struct F64x16 {
   __m512d lo, hi;  // lanes 0-7, 8-15

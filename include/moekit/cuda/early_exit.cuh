@@ -293,7 +293,8 @@ class EarlyExit {
     check_exit_step("gpu::EarlyExit::step", exit, config_.num_exits, logits, state, results, kept);
     MOEKIT_CHECK(num_live != nullptr, Errc::kNullPointer, "num_live is null");
     OverlapCheck overlap("gpu::EarlyExit::step");
-    overlap.out({{num_live, 1, "num_live"}, {kept, "kept"}}).in({{logits, "logits"}});
+    overlap.out(Footprints{{num_live, 1, "num_live"}, {kept, "kept"}})
+        .in(Footprints{{logits, "logits"}});
     add_exit_outputs(overlap, state, results);
     overlap.check();
   }
@@ -347,8 +348,8 @@ requires std::is_trivially_copyable_v<T> cudaError_t gather_rows(MatrixView<cons
                src.cols());
   MOEKIT_CHECK(num_live != nullptr, Errc::kNullPointer, "num_live is null");
   OverlapCheck("gpu::gather_rows")  // rows move in parallel: out of place only
-      .out({{dst, "dst"}})
-      .in({{src, "src"}, {kept, "kept"}, {num_live, 1, "num_live"}})
+      .out(Footprints{{dst, "dst"}})
+      .in(Footprints{{src, "src"}, {kept, "kept"}, {num_live, 1, "num_live"}})
       .check();
   if (kept.empty() || src.cols() == 0) return cudaSuccess;
   constexpr int kWarpsPerBlock = detail::kExitThreads / 32;
@@ -415,11 +416,12 @@ cudaError_t multi_exit_loss(void* d_temp_storage, std::size_t& temp_storage_byte
   check_multi_exit_overlap("gpu::multi_exit_loss", args.logits, args.labels, {}, args.dlogits,
                            args.exit_losses);
   OverlapCheck("gpu::multi_exit_loss")
-      .out({{args.loss, 1, "args.loss"},
-            {args.invalid_labels, args.invalid_labels != nullptr ? 1 : 0, "args.invalid_labels"},
-            {args.exit_losses, "args.exit_losses"},
-            detail::temp_storage(d_temp_storage, plan.bytes())})
-      .in({{args.labels, "args.labels"}})
+      .out(Footprints{
+          {args.loss, 1, "args.loss"},
+          {args.invalid_labels, args.invalid_labels != nullptr ? 1 : 0, "args.invalid_labels"},
+          {args.exit_losses, "args.exit_losses"},
+          detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in(Footprints{{args.labels, "args.labels"}})
       .check();
 
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_labels);

@@ -190,7 +190,8 @@ struct MoeLayerStats {
 };
 
 // Where and how a call runs: the device workspace and the caller's cuBLAS
-// handle (set to `stream` by the call) and stream.
+// handle (put on `stream` by the call where it is on another one, which
+// drops a cublasSetWorkspace workspace: set the stream first) and stream.
 struct MoeLayerWorkspace {
   void* data = nullptr;  // device, 256-byte aligned
   std::size_t bytes = 0;
@@ -351,10 +352,10 @@ class MoeLayer {
         begin_call<ForwardLayout>(workspace, state, tokens);
     OverlapCheck overlap("gpu::MoeLayer::forward");
     overlap
-        .out({{y, "y"},
-              {state.row_slots, "state.row_slots"},
-              detail::temp_storage(workspace.data, lay.total)})
-        .in({{x, "x"}});
+        .out(Footprints{{y, "y"},
+                        {state.row_slots, "state.row_slots"},
+                        detail::temp_storage(workspace.data, lay.total)})
+        .in(Footprints{{x, "x"}});
     add_moe_params(overlap, params);
     add_moe_state(overlap, state, /*written=*/true);
     overlap.check();
@@ -458,8 +459,8 @@ class MoeLayer {
     const auto [lay, stream, handle, ws, main, routing, rows] =
         begin_call<BackwardLayout>(workspace, state, tokens);
     OverlapCheck overlap("gpu::MoeLayer::backward");
-    overlap.out({{dx, "dx"}, detail::temp_storage(workspace.data, lay.total)})
-        .in({{dy, "dy"}, {x, "x"}, {state.row_slots, "state.row_slots"}});
+    overlap.out(Footprints{{dx, "dx"}, detail::temp_storage(workspace.data, lay.total)})
+        .in(Footprints{{dy, "dy"}, {x, "x"}, {state.row_slots, "state.row_slots"}});
     add_moe_params(overlap, params);
     add_moe_grads(overlap, grads);
     add_moe_state(overlap, state, /*written=*/false);
@@ -720,7 +721,7 @@ class MoeLayer {
                                                                             logits);
       MOEKIT_CUDA_CHECK(cudaGetLastError());
     }
-    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    detail::use_stream(handle, stream);
     if (jittered()) {
       const MatrixView<float> jittered_x(static_cast<float*>(scratch), tokens, d);
       detail::jitter_kernel<T, float><<<detail::elementwise_grid(tokens * d), 256, 0, stream>>>(
@@ -793,7 +794,7 @@ class MoeLayer {
       MOEKIT_CUDA_CHECK(cudaGetLastError());
       g = r;
     }
-    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    detail::use_stream(handle, stream);
     if (want_dw) {
       MatrixView<const T> input = x;
       if (jittered()) {

@@ -1,6 +1,6 @@
 #pragma once
 // A frozen dense MLP encoder on the CPU backend: the shared base of the
-// reference multi-task model (docs/reference_model.md), inference only.
+// reference multi-task model (docs/synthetic_model.md), inference only.
 //
 //   h_0     = x W_in^T + b_in                                  (n x d_input -> n x d)
 //   h_{l+1} = h_l + W2_l act(W1_l LN_l(h_l) + b1_l) + b2_l     l = 0 .. L-1 (pre-LN residual)

@@ -1,5 +1,5 @@
 #pragma once
-// The reference multi-task model (docs/reference_model.md), built only from moekit's
+// The reference multi-task model (docs/synthetic_model.md), built only from moekit's
 // parts, on the CPU backend:
 //
 //   x ─▶ frozen MLP encoder ─▶ e                         (moekit/nn/mlp_encoder.hpp)
@@ -110,6 +110,16 @@ struct ModelTensor {
  private:
   MatrixView<float> matrix_of(std::vector<float>& v) { return {v.data(), rows, cols}; }
 };
+
+// Fills t with N(0, stddev^2) draws from counter stream `stream` of `seed`:
+// one stream per tensor (its index), so adding tensors elsewhere never shifts
+// another tensor's values.
+inline void fill_normal(ModelTensor& t, double stddev, std::uint64_t seed, std::uint64_t stream) {
+  const std::uint64_t s = mix64(seed ^ (0x9e3779b97f4a7c15ull * (stream + 1)));
+  for (std::size_t i = 0; i < t.value.size(); ++i) {
+    t.value[i] = static_cast<float>(stddev * random_normal(s, i));
+  }
+}
 
 // What a training step trains: everything but the frozen parts, or only one
 // branch's adapter and head.
@@ -370,15 +380,6 @@ class MultitaskModel {
     add_tensor("adapter.lora_B", ParamRole::kLora, kBranches * d, kRank);
     add_tensor("heads.weight", ParamRole::kHead, heads_.total_classes(), d);
     add_tensor("heads.bias", ParamRole::kHead, 1, heads_.total_classes());
-  }
-
-  // Counter streams: one per tensor (its index), so adding tensors elsewhere
-  // never shifts another tensor's values.
-  static void fill_normal(ModelTensor& t, double stddev, std::uint64_t seed, std::uint64_t stream) {
-    const std::uint64_t s = mix64(seed ^ (0x9e3779b97f4a7c15ull * (stream + 1)));
-    for (std::size_t i = 0; i < t.value.size(); ++i) {
-      t.value[i] = static_cast<float>(stddev * random_normal(s, i));
-    }
   }
 
   void init() {

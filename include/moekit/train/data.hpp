@@ -1,5 +1,5 @@
 #pragma once
-// Training data for moekit's reference multi-task model (docs/reference_model.md): an
+// Training data for moekit's reference multi-task model (docs/synthetic_model.md): an
 // in-memory multi-task dataset, a synthetic benchmark with structure that
 // rewards experts, stateless batching, and CSV files. Host only.
 //
