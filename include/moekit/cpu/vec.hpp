@@ -35,6 +35,14 @@
 //   #undef MOEKIT_PER_ISA_FILE
 //   }
 //
+// Conversions (the GEMM engine's, moekit/cpu/gemm/): round_bf16 / store_bf16
+// round to bfloat16 exactly as the x86 instruction VCVTNEPS2BF16 does (ties
+// to even, denormals to a signed zero, NaN kept quiet), load_bf16_pairs widens
+// bf16 pairs, store_int8 rounds to the nearest integer (ties to even) and
+// clamps to [-127, 127], load_int32 converts int32 to float. Rounding to an
+// integer and int32 -> float assume the default floating-point environment
+// (round to nearest), which every path then shares.
+//
 // The operations are always inlined, so no vector crosses a call boundary
 // (no ABI question between translation units built with different flags).
 // Lambdas do not inherit a target attribute either: kernel bodies use none.
@@ -230,6 +238,59 @@ MOEKIT_FORCE_INLINE float reduce_max(F32x16 v) {
     for (int i = 0; i < width; ++i) s[i] = s[i] > s[i + width] ? s[i] : s[i + width];
   }
   return s[0];
+}
+
+// ---- conversions ----
+
+// The bf16 bits of one float (see the top of this file).
+MOEKIT_FORCE_INLINE std::uint32_t bf16_rounded_bits(std::uint32_t u) {
+  if ((u & 0x7FFFFFFFU) > 0x7F800000U) return (u | 0x00400000U) & 0xFFFF0000U;  // NaN: quiet
+  if ((u & 0x7F800000U) == 0) return u & 0x80000000U;  // zero or denormal: signed zero
+  return (u + 0x7FFFU + ((u >> 16) & 1U)) & 0xFFFF0000U;
+}
+
+// Each lane rounded to bf16, as a float.
+MOEKIT_FORCE_INLINE F32x16 round_bf16(F32x16 v) {
+  for (float& x : v.lane) {
+    std::uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    u = bf16_rounded_bits(u);
+    std::memcpy(&x, &u, sizeof u);
+  }
+  return v;
+}
+
+// The 16 lanes rounded to bf16, stored as 16 bf16 bit patterns.
+MOEKIT_FORCE_INLINE void store_bf16(std::uint16_t* p, F32x16 v) {
+  for (int i = 0; i < 16; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, &v.lane[i], sizeof u);
+    p[i] = static_cast<std::uint16_t>(bf16_rounded_bits(u) >> 16);
+  }
+}
+
+// 16 bf16 pairs p[2i], p[2i + 1] widened (exactly) into even[i] and odd[i].
+MOEKIT_FORCE_INLINE void load_bf16_pairs(const std::uint16_t* p, F32x16& even, F32x16& odd) {
+  for (int i = 0; i < 16; ++i) {
+    const std::uint32_t e = std::uint32_t{p[2 * i]} << 16, o = std::uint32_t{p[2 * i + 1]} << 16;
+    std::memcpy(&even.lane[i], &e, sizeof e);
+    std::memcpy(&odd.lane[i], &o, sizeof o);
+  }
+}
+
+// Each lane rounded to the nearest integer (ties to even), clamped to
+// [-127, 127] (NaN to -127, max's rule), stored as 16 int8.
+MOEKIT_FORCE_INLINE void store_int8(std::int8_t* p, F32x16 v) {
+  for (float& x : v.lane) x = std::nearbyint(x);
+  v = min(max(v, set1(-127.0f)), set1(127.0f));
+  for (int i = 0; i < 16; ++i) p[i] = static_cast<std::int8_t>(v.lane[i]);
+}
+
+// 16 int32 converted to float (round to nearest).
+MOEKIT_FORCE_INLINE F32x16 load_int32(const std::int32_t* p) {
+  F32x16 v;
+  for (int i = 0; i < 16; ++i) v.lane[i] = static_cast<float>(p[i]);
+  return v;
 }
 
 // ---- int32 lanes ----
@@ -483,6 +544,63 @@ MOEKIT_DETAIL_OP float reduce_max(F32x16 v) {
   return _mm_cvtss_f32(s4);
 }
 
+// ---- conversions (generic:: has the scalar rule) ----
+
+// Eight floats' bf16 bits, in the upper halves of the 32-bit lanes.
+MOEKIT_DETAIL_OP __m256i bf16_rounded_bits(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i magnitude = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i is_nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F800000));
+  const __m256i is_tiny = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7F800000)),
+                                             _mm256_setzero_si256());
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), is_nan);
+  r = _mm256_blendv_epi8(r, _mm256_and_si256(u, _mm256_set1_epi32(int(0x80000000U))), is_tiny);
+  return _mm256_and_si256(r, _mm256_set1_epi32(int(0xFFFF0000U)));
+}
+
+MOEKIT_DETAIL_OP F32x16 round_bf16(F32x16 v) {
+  return {_mm256_castsi256_ps(bf16_rounded_bits(v.lo)),
+          _mm256_castsi256_ps(bf16_rounded_bits(v.hi))};
+}
+
+MOEKIT_DETAIL_OP void store_bf16(std::uint16_t* p, F32x16 v) {
+  const __m256i lo = _mm256_srli_epi32(bf16_rounded_bits(v.lo), 16);
+  const __m256i hi = _mm256_srli_epi32(bf16_rounded_bits(v.hi), 16);
+  // packus interleaves the 128-bit halves: lo0-3 hi0-3 | lo4-7 hi4-7; put them in order.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+}
+
+MOEKIT_DETAIL_OP void load_bf16_pairs(const std::uint16_t* p, F32x16& even, F32x16& odd) {
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+  const __m256i high_half = _mm256_set1_epi32(int(0xFFFF0000U));
+  even = {_mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16))};
+  odd = {_mm256_castsi256_ps(_mm256_and_si256(lo, high_half)),
+         _mm256_castsi256_ps(_mm256_and_si256(hi, high_half))};
+}
+
+MOEKIT_DETAIL_OP void store_int8(std::int8_t* p, F32x16 v) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const F32x16 r =
+      min(max({_mm256_round_ps(v.lo, kNearest), _mm256_round_ps(v.hi, kNearest)}, set1(-127.0f)),
+          set1(127.0f));
+  // packs interleaves the 128-bit halves as in store_bf16.
+  const __m256i words = _mm256_permute4x64_epi64(
+      _mm256_packs_epi32(_mm256_cvttps_epi32(r.lo), _mm256_cvttps_epi32(r.hi)), 0xD8);
+  const __m128i bytes =
+      _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bytes);
+}
+
+MOEKIT_DETAIL_OP F32x16 load_int32(const std::int32_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+          _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8)))};
+}
+
 struct I32x16 {
   __m256i lo, hi;
 };
@@ -681,6 +799,46 @@ MOEKIT_DETAIL_OP float reduce_max(F32x16 v) {
   s4 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4));
   s4 = _mm_max_ss(s4, _mm_movehdup_ps(s4));
   return _mm_cvtss_f32(s4);
+}
+
+// ---- conversions (generic:: has the scalar rule) ----
+
+MOEKIT_DETAIL_OP __m512i bf16_rounded_bits(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  const __mmask16 is_nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7F800000));
+  const __mmask16 is_tiny = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7F800000));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  r = _mm512_mask_or_epi32(r, is_nan, u, _mm512_set1_epi32(0x00400000));
+  r = _mm512_mask_and_epi32(r, is_tiny, u, _mm512_set1_epi32(int(0x80000000U)));
+  return _mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000U)));
+}
+
+MOEKIT_DETAIL_OP F32x16 round_bf16(F32x16 v) {
+  return {_mm512_castsi512_ps(bf16_rounded_bits(v.v))};
+}
+
+MOEKIT_DETAIL_OP void store_bf16(std::uint16_t* p, F32x16 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_rounded_bits(v.v), 16)));
+}
+
+MOEKIT_DETAIL_OP void load_bf16_pairs(const std::uint16_t* p, F32x16& even, F32x16& odd) {
+  const __m512i u = _mm512_loadu_si512(p);
+  even = {_mm512_castsi512_ps(_mm512_slli_epi32(u, 16))};
+  odd = {_mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(int(0xFFFF0000U))))};
+}
+
+MOEKIT_DETAIL_OP void store_int8(std::int8_t* p, F32x16 v) {
+  // Clamping before rounding gives the same integers (the bounds are integers).
+  const F32x16 r = min(max(v, set1(-127.0f)), set1(127.0f));
+  const __m512i q = _mm512_cvt_roundps_epi32(r.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(q));
+}
+
+MOEKIT_DETAIL_OP F32x16 load_int32(const std::int32_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_loadu_si512(p))};
 }
 
 struct I32x16 {
