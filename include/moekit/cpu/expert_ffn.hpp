@@ -98,8 +98,8 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
-#include "moekit/cpu/gemm/gemm.hpp"
 #include "moekit/cpu/elementwise.hpp"
+#include "moekit/cpu/gemm/gemm.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/nn/param_count.hpp"
 #include "moekit/spec.hpp"
@@ -139,9 +139,10 @@ struct ExpertWeights {
 // Frozen expert weights packed once for inference (ExpertFfn::pack): E
 // groups each of W1^T, W3^T (kGated; empty otherwise) and W2^T, in one dtype.
 struct PackedExpertWeights {
-  PackedMatrix w1{};
-  PackedMatrix w3{};
-  PackedMatrix w2{};
+  PackedMatrix w1{};  // E groups of W1^T, d x d_ff each
+  PackedMatrix w3{};  // E groups of W3^T, d x d_ff each (kGated; empty otherwise)
+  PackedMatrix w2{};  // E groups of W2^T, d_ff x d each
+  // The dtype the weights are packed in (one for all three).
   GemmDtype dtype() const { return w1.dtype(); }
 };
 
@@ -580,8 +581,8 @@ class ExpertFfn {
   void check_packed(const PackedExpertWeights& w) const {
     const index_t d = config_.d_model, f = config_.d_ff;
     const auto check = [&](const PackedMatrix& m, index_t k, index_t n, const char* name) {
-      detail::check_packed_matrix("cpu::ExpertFfn::forward", m, kExperts, k, n, w.dtype(), name, "weights.w1",
-                                  "ExpertFfn::pack");
+      detail::check_packed_matrix("cpu::ExpertFfn::forward", m, kExperts, k, n, w.dtype(), name,
+                                  "weights.w1", "ExpertFfn::pack");
     };
     check(w.w1, d, f, "weights.w1");
     if (gated()) {

@@ -43,6 +43,7 @@ namespace cpu {
 // int32: 2^17 * 127 * 127 < 2^31.
 inline constexpr index_t kMaxInt8DotLength = index_t{1} << 17;
 
+// The kernels' file, which per_isa.hpp includes once per ISA namespace.
 #define MOEKIT_PER_ISA_FILE "moekit/cpu/detail/memory_kernels-inl.hpp"
 #include "moekit/cpu/detail/per_isa.hpp"
 #undef MOEKIT_PER_ISA_FILE

@@ -245,13 +245,14 @@ double chunked_sum(index_t n, F&& f) {
   return sum;
 }
 
+// Rows per run of gate_logits (a thread's unit of work).
+inline constexpr index_t kGateRows = 64;
+
 // logits = x w_gate^T (T x d times d x E), batch invariant: each token's E
 // logits are summed over d in one fixed order (low_rank_rows.hpp's
 // shrink_rows, w_gate's rows read in place), whatever the other rows and
 // the thread count; threads take fixed runs of kGateRows rows. The same
 // bits on every CPU path.
-inline constexpr index_t kGateRows = 64;
-
 template <int E>
 void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                  MatrixView<float> logits) {

@@ -201,6 +201,7 @@ inline void load_session(cpu::SessionMemory& memory, std::int32_t session,
                  {slot_ids.data(), used}, {values.data(), used, c.d_value}, writes);
 }
 
+// The same, from the file at `path`.
 inline void load_session(cpu::SessionMemory& memory, std::int32_t session,
                          const std::filesystem::path& path) {
   load_session(memory, session, SafetensorsReader(path));

@@ -106,6 +106,7 @@ inline constexpr int kMaxSlotTopK = 8;
 // (snapshots store them as F32).
 inline constexpr index_t kMaxSubKeys = 4096;
 
+// The memory's shape and fixed rates; the constructor validates it.
 struct SessionMemoryConfig {
   index_t d_model = 0;           // width of x
   index_t d_key = 0;             // d_k, keys and queries (even when sub_keys > 0)
@@ -123,8 +124,8 @@ struct SessionMemoryConfig {
 
 // A codebook of int8 rows with one scale per row (row r ~ scale[r] keys.row(r)).
 struct Int8Rows {
-  MatrixView<const std::int8_t> keys{};
-  VectorView<const float> scale{};
+  MatrixView<const std::int8_t> keys{};  // n x width
+  VectorView<const float> scale{};       // n, finite and >= 0
 };
 
 // The long-term weights: frozen, caller memory, never written.
@@ -132,13 +133,15 @@ struct SessionMemoryWeights {
   MatrixView<const float> w_key{};    // d_k x d_model
   MatrixView<const float> w_query{};  // d_k x d_model (may be the same memory as w_key)
   VectorView<const float> w_write{};  // d_model, or empty: config.write_strength
-  float write_bias = 0.0f;
-  VectorView<const float> w_gate{};  // d_model, or empty: config.gate
-  float gate_bias = 0.0f;
-  Int8Rows sub_keys_a{};  // n x d_k / 2, scores the first half of a key
-  Int8Rows sub_keys_b{};  // n x d_k / 2, the second half
+  float write_bias = 0.0f;            // c_b
+  VectorView<const float> w_gate{};   // d_model, or empty: config.gate
+  float gate_bias = 0.0f;             // c_g
+  Int8Rows sub_keys_a{};              // n x d_k / 2, scores the first half of a key
+  Int8Rows sub_keys_b{};              // n x d_k / 2, the second half
 };
 
+// Short-term memory of many sessions over frozen weights (see the top of
+// this file).
 class SessionMemory {
  public:
   // Validates the config and the weights against it.
@@ -149,10 +152,10 @@ class SessionMemory {
     sessions_.resize(static_cast<std::size_t>(config.max_sessions));
   }
 
-  const SessionMemoryConfig& config() const { return config_; }
-  const SessionMemoryWeights& weights() const { return weights_; }
-  bool has_slots() const { return config_.sub_keys > 0; }
-  index_t slots() const { return config_.sub_keys * config_.sub_keys; }
+  const SessionMemoryConfig& config() const { return config_; }          // as validated
+  const SessionMemoryWeights& weights() const { return weights_; }       // the views it was given
+  bool has_slots() const { return config_.sub_keys > 0; }                // sub_keys > 0
+  index_t slots() const { return config_.sub_keys * config_.sub_keys; }  // n^2 slot ids
 
   // ---- lifecycle ----
 
@@ -200,11 +203,13 @@ class SessionMemory {
     --open_count_;
   }
 
+  // Whether `session` is an id in [0, max_sessions) that is open (any value
+  // may be asked).
   bool is_open(std::int32_t session) const {
     return session >= 0 && session < config_.max_sessions &&
            sessions_[static_cast<std::size_t>(session)] != nullptr;
   }
-  index_t open_sessions() const { return open_count_; }
+  index_t open_sessions() const { return open_count_; }  // how many are open
 
   // Bytes of state one open session holds (see the top of this file).
   index_t state_bytes() const {
@@ -221,8 +226,10 @@ class SessionMemory {
     if (!config_.fast_weights) return {};
     return {s.fast.data(), config_.d_value, config_.d_key};
   }
-  // Slots the session holds, and the writes it has taken.
+  // Slots the session holds.
   index_t slots_used(std::int32_t session) const { return open_session(session, "session").used; }
+  // Writes the session has taken (rows of write() with its id) since it was
+  // opened or reset, or the count restore() gave it.
   std::uint64_t writes(std::int32_t session) const {
     return open_session(session, "session").writes;
   }

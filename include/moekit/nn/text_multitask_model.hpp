@@ -66,51 +66,58 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
+// The text model's configuration; the constructor validates it.
 template <HeadSpecType H>
 struct TextMultitaskConfig {
-  index_t d_model = 384;
-  MoeLayerConfig moe{};  // each MoE layer (num_shared must be 0); moe.d_model = d_model
-  int num_moe_layers = 2;
-  float lora_alpha = 16.0f;
-  bool rslora = false;
-  float lora_dropout = 0.0f;
-  std::array<index_t, H::num_heads> classes{};
-  index_t max_batch = 32;             // samples per call
-  index_t max_tokens = 4096;          // tokens per call
-  float gate_init_std = 0.0f;         // 0: 1 / sqrt(d_model)
-  DistillationConfig distillation{};  // used when a batch has teacher logits
-  std::uint64_t seed = 0;
+  index_t d_model = 384;      // width of the encoder's token states, d
+  MoeLayerConfig moe{};       // each MoE layer (num_shared must be 0); moe.d_model = d_model
+  int num_moe_layers = 2;     // M; 0: a linear head per branch on the pooled states
+  float lora_alpha = 16.0f;   // LoRA scale s = alpha / R (alpha / sqrt(R) with rslora)
+  bool rslora = false;        // the rank-stabilised scale alpha / sqrt(R)
+  float lora_dropout = 0.0f;  // dropout on the adapter input in training, in [0, 1)
+  std::array<index_t, H::num_heads> classes{};  // per branch
+  index_t max_batch = 32;                       // samples per call
+  index_t max_tokens = 4096;                    // tokens per call
+  float gate_init_std = 0.0f;                   // 0: 1 / sqrt(d_model)
+  DistillationConfig distillation{};            // used when a batch has teacher logits
+  std::uint64_t seed = 0;                       // initialisation
 };
 
 // A batch: each sample's token states (packed; sample i is rows
 // [offsets[i], offsets[i + 1]) of tokens), branch ids and labels.
 struct TextBatch {
-  MatrixView<const float> tokens{};         // N x d
-  VectorView<const index_t> offsets{};      // n + 1
-  VectorView<const std::int32_t> tasks{};   // n, each in [0, H)
-  VectorView<const std::int32_t> labels{};  // n (training)
-  MatrixView<const float> pooled_term{};    // n x d or empty: added to the pooled features
-  MatrixView<const float> teacher{};        // n x C or empty: distillation targets (H = 1)
-  index_t size() const { return tasks.size(); }
+  MatrixView<const float> tokens{};              // N x d
+  VectorView<const index_t> offsets{};           // n + 1
+  VectorView<const std::int32_t> tasks{};        // n, each in [0, H)
+  VectorView<const std::int32_t> labels{};       // n (training)
+  MatrixView<const float> pooled_term{};         // n x d or empty: added to the pooled features
+  MatrixView<const float> teacher{};             // n x C or empty: distillation targets (H = 1)
+  index_t size() const { return tasks.size(); }  // n, the samples
 };
 
+// The multi-task model on encoded text: MoE layers, pooling, a LoRA adapter
+// and a head per branch (see the top of this file).
 template <MoeSpecType S, LoraSpecType L, HeadSpecType H>
 class TextMultitaskModel {
  public:
-  using MoeSpec = S;
-  using LoraSpec = L;
-  using HeadSpec = H;
-  using Config = TextMultitaskConfig<H>;
-  using Batch = TextBatch;
-  static constexpr int kBranches = H::num_heads;
-  static constexpr int kExperts = S::num_experts;
-  static constexpr int kRank = L::rank;
+  using MoeSpec = S;                               // the MoE layers' E and K
+  using LoraSpec = L;                              // the adapters' rank R
+  using HeadSpec = H;                              // the number of branches H
+  using Config = TextMultitaskConfig<H>;           // the configuration type
+  using Batch = TextBatch;                         // what predict() and loss_and_grads() take
+  static constexpr int kBranches = H::num_heads;   // H
+  static constexpr int kExperts = S::num_experts;  // E
+  static constexpr int kRank = L::rank;            // R
 
+  // Activations point into the model's own buffers: it moves, it does not copy.
   TextMultitaskModel(TextMultitaskModel&&) noexcept = default;
+  // Move assignment (see the move constructor).
   TextMultitaskModel& operator=(TextMultitaskModel&&) noexcept = default;
   TextMultitaskModel(const TextMultitaskModel&) = delete;
   TextMultitaskModel& operator=(const TextMultitaskModel&) = delete;
 
+  // A model with its weights initialised from config.seed and its buffers
+  // allocated for config.max_batch samples and config.max_tokens tokens.
   explicit TextMultitaskModel(const Config& config)
       : config_(validated(config)),
         bank_(LoraBankConfig{config.d_model, config.d_model, kBranches, config.lora_alpha,
@@ -122,15 +129,21 @@ class TextMultitaskModel {
     allocate();
   }
 
-  const Config& config() const { return config_; }
-  index_t d_model() const { return config_.d_model; }
-  int num_moe_layers() const { return config_.num_moe_layers; }
+  const Config& config() const { return config_; }               // as validated
+  index_t d_model() const { return config_.d_model; }            // d
+  int num_moe_layers() const { return config_.num_moe_layers; }  // M
+  // MoE layer l, in [0, M) (std::out_of_range otherwise).
   const MoeLayer<S>& moe_layer(int l) const { return layers_.at(static_cast<std::size_t>(l)); }
-  const LoraBank<L>& adapters() const { return bank_; }
-  const TaskHeads<H>& heads() const { return heads_; }
+  const LoraBank<L>& adapters() const { return bank_; }  // the branches' adapters
+  const TaskHeads<H>& heads() const { return heads_; }   // the branches' heads
+
+  // Every parameter tensor, in a fixed order (the table at the top of this file).
   std::vector<ModelTensor>& tensors() { return tensors_; }
+  // The same, read-only.
   const std::vector<ModelTensor>& tensors() const { return tensors_; }
+  // The tensor named `name`; kInvalidArgument when the model has none.
   ModelTensor& tensor(std::string_view name) { return tensors_[index_of(name)]; }
+  // The same, read-only.
   const ModelTensor& tensor(std::string_view name) const { return tensors_[index_of(name)]; }
 
   // The structure, as checkpoints record it.
@@ -173,11 +186,15 @@ class TextMultitaskModel {
               heads_.params();
     return p;
   }
+  // The parameters of one more branch with `classes` classes: its adapter and head.
   ParamCount branch_params(index_t classes) const {
     return lora_params<L>(d_model(), d_model()) +
            head_bank_params<::moekit::HeadSpec<1>>(d_model(), {classes});
   }
 
+  // ---- views of the parameters, as the components take them ----------------------------------
+
+  // MoE layer l's router and experts.
   MoeLayerParams moe_params(int l) const {
     const std::size_t k = moe_first(l);
     MoeLayerParams p;
@@ -187,10 +204,12 @@ class TextMultitaskModel {
                  tensors_[k + (gated() ? 3 : 2)].matrix()};
     return p;
   }
+  // The adapters: the frozen projection P and every branch's A and B.
   LoraWeights adapter_weights() const {
     const std::size_t i = adapter_first();
     return {tensors_[i].matrix(), {}, tensors_[i + 1].matrix(), tensors_[i + 2].matrix()};
   }
+  // The heads' stacked weights and biases.
   HeadWeights head_weights() const {
     const std::size_t i = adapter_first() + 3;
     return {tensors_[i].matrix(), tensors_[i + 1].flat()};
@@ -219,6 +238,11 @@ class TextMultitaskModel {
   // After a forward of n samples: the pooled features p (n x d, u included).
   MatrixView<const float> pooled() const { return pooled_.middle_rows(0, last_samples_); }
 
+  // One training step's forward, loss and backward (the loss at the top of this
+  // file): the gradients of losses.total land in the tensors' grad
+  // (overwritten; with a one-branch `scope` the MoE layers' are not computed
+  // and keep stale values, which an optimizer over the scope never reads).
+  // `step` gives LoRA dropout its noise.
   StepLosses<S, H> loss_and_grads(const TextBatch& batch, TrainScope scope, const LoraStep& step) {
     const index_t n = check_batch(batch, true);
     MOEKIT_CHECK_ARG(scope.branch >= -1 && scope.branch < kBranches,

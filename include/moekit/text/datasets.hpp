@@ -64,13 +64,14 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace text {
 
+// A labelled corpus: texts, one label per text and the class names.
 struct LabelledTexts {
-  std::vector<std::string> texts;
+  std::vector<std::string> texts;    // byte for byte as read
   std::vector<std::int32_t> labels;  // one per text, in [0, classes.size())
   std::vector<std::string> classes;  // label id -> class name
 
-  index_t size() const { return static_cast<index_t>(texts.size()); }
-  index_t num_classes() const { return static_cast<index_t>(classes.size()); }
+  index_t size() const { return static_cast<index_t>(texts.size()); }           // texts
+  index_t num_classes() const { return static_cast<index_t>(classes.size()); }  // classes
   // The rows `rows` (indices into this), in that order, with the same classes.
   LabelledTexts subset(const std::vector<index_t>& rows) const {
     LabelledTexts out;
@@ -282,18 +283,23 @@ inline LabelledTexts read_delimited(const std::filesystem::path& path, char deli
 
 }  // namespace detail
 
+// An Orange .tab file: texts from column `text_column`, classes from
+// `class_column` (see the top of this file for `classes`).
 inline LabelledTexts read_orange_tab(const std::filesystem::path& path,
                                      std::string_view text_column, std::string_view class_column,
                                      const std::vector<std::string>& classes = {}) {
   return detail::read_delimited(path, '\t', 3, text_column, class_column, classes);
 }
 
+// A CSV file with a header line: texts from column `text_column`, classes
+// from `class_column`.
 inline LabelledTexts read_csv(const std::filesystem::path& path, std::string_view text_column,
                               std::string_view class_column,
                               const std::vector<std::string>& classes = {}) {
   return detail::read_delimited(path, ',', 1, text_column, class_column, classes);
 }
 
+// One subfolder of `dir` per class (its name), one text per regular file.
 inline LabelledTexts read_class_folders(const std::filesystem::path& dir,
                                         const std::vector<std::string>& classes = {}) {
   std::error_code ec;
@@ -323,9 +329,12 @@ inline LabelledTexts read_class_folders(const std::filesystem::path& dir,
 // A seeded split of [0, n): about test_fraction of the rows (round to
 // nearest) go to the test part; both parts in increasing order.
 struct Split {
-  std::vector<index_t> train, test;
+  std::vector<index_t> train;  // the rows not in test, increasing
+  std::vector<index_t> test;   // round(test_fraction n) rows, increasing
 };
 
+// The Split of [0, n) for `seed`: a seeded permutation's first rows are the
+// test part. The same on every machine.
 inline Split seeded_split(index_t n, double test_fraction, std::uint64_t seed) {
   MOEKIT_CHECK_GE(n, 0);
   MOEKIT_CHECK_ARG(test_fraction >= 0.0 && test_fraction <= 1.0, "test_fraction = ", test_fraction,

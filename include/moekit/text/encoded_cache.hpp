@@ -60,19 +60,22 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace text {
 
+// The encoder's outputs for n texts, in the order they were given (see the
+// top of this file).
 struct EncodedTexts {
-  index_t d_model = 0;
-  index_t max_length = 0;
-  std::vector<int> exit_layers;
+  index_t d_model = 0;                // d
+  index_t max_length = 0;             // the tokenizer's limit, in tokens
+  std::vector<int> exit_layers;       // the layers after which `pooled` was taken
   std::vector<index_t> offsets{0};    // n + 1 token offsets
   std::vector<std::int32_t> ids;      // tokens
   std::vector<std::uint16_t> states;  // tokens x d, f16 bits
   std::vector<std::uint16_t> pooled;  // n x exits x d, f16 bits
 
-  index_t size() const { return static_cast<index_t>(offsets.size()) - 1; }
-  index_t tokens() const { return offsets.back(); }
+  index_t size() const { return static_cast<index_t>(offsets.size()) - 1; }  // n
+  index_t tokens() const { return offsets.back(); }                          // over all texts
+  // Tokens of text s, in [0, n) (kOutOfRange otherwise).
   index_t length(index_t s) const { return offsets[at(s) + 1] - offsets[at(s)]; }
-  index_t num_exits() const { return static_cast<index_t>(exit_layers.size()); }
+  index_t num_exits() const { return static_cast<index_t>(exit_layers.size()); }  // exits
 
   // The token states of sequences `rows` (in that order) as floats, packed:
   // tokens (sum of lengths x d) and their offsets (rows.size() + 1).
@@ -109,14 +112,17 @@ struct EncodedTexts {
   }
 };
 
+// What encode_texts did (distinct texts: duplicates count once).
 struct CacheStats {
-  index_t reused = 0;   // texts read from the cache
-  index_t encoded = 0;  // texts run through the encoder
-  index_t tokens_encoded = 0;
-  double encode_seconds = 0.0;
-  bool rebuilt = false;  // the file was absent, stale or malformed
+  index_t reused = 0;           // texts read from the cache
+  index_t encoded = 0;          // texts run through the encoder
+  index_t tokens_encoded = 0;   // their tokens
+  double encode_seconds = 0.0;  // wall time spent encoding them
+  bool rebuilt = false;         // the file was absent, stale or malformed
 };
 
+// FNV-1a, 64 bits, of `bytes`, continuing from `h` (the offset basis by
+// default), so a hash can be fed in pieces.
 inline std::uint64_t fnv1a64(std::string_view bytes, std::uint64_t h = 0xcbf29ce484222325ull) {
   for (const char c : bytes) h = (h ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
   return h;

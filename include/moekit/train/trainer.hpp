@@ -284,6 +284,8 @@ class Trainer {
   std::int64_t steps() const { return step_; }
   std::int64_t skipped_steps() const { return skipped_; }
 
+  // One training step on `batch` (the model's batch type), as the top of this
+  // file describes; the step counter advances even when the update is skipped.
   StepReport<Model> step(const typename detail::BatchOf<Model>::type& batch) {
     StepReport<Model> r;
     const cpu::LoraStep lora_step{true, config_.dropout_seed, static_cast<std::uint64_t>(step_)};

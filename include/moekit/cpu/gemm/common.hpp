@@ -26,6 +26,8 @@ enum class Op : int { kNone = 0, kTrans = 1 };
 //              channel) to int8 with symmetric scales, int32 sums, fp32 output
 enum class GemmDtype : int { kFloat32 = 0, kBfloat16 = 1, kInt8 = 2 };
 
+// The dtype's name as messages and reports print it ("float32", "bfloat16",
+// "int8"; "unknown" for a value outside the enum).
 constexpr const char* gemm_dtype_name(GemmDtype dtype) noexcept {
   switch (dtype) {
     case GemmDtype::kFloat32:
@@ -38,9 +40,12 @@ constexpr const char* gemm_dtype_name(GemmDtype dtype) noexcept {
   return "unknown";
 }
 
+// Whether a value (e.g. cast from an int) names a GemmDtype; the entry
+// points check their arguments with it.
 constexpr bool is_gemm_dtype(GemmDtype dtype) noexcept {
   return dtype == GemmDtype::kFloat32 || dtype == GemmDtype::kBfloat16 || dtype == GemmDtype::kInt8;
 }
+// Whether a value names an Op.
 constexpr bool is_op(Op op) noexcept { return op == Op::kNone || op == Op::kTrans; }
 
 // The largest reduction length of an int8 product: int32 sums of K products

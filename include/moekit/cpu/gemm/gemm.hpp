@@ -66,20 +66,20 @@ namespace cpu {
 
 // What a product computes, for every group of a call.
 struct GemmSpec {
-  GemmDtype dtype = GemmDtype::kFloat32;
-  Op op_a = Op::kNone;
-  Op op_b = Op::kNone;  // for a B from a view (a packed B is op(W) already)
-  float alpha = 1.0f;
-  float beta = 0.0f;
+  GemmDtype dtype = GemmDtype::kFloat32;  // the compute type (a packed B must have it)
+  Op op_a = Op::kNone;                    // op(A)
+  Op op_b = Op::kNone;                    // for a B from a view (a packed B is op(W) already)
+  float alpha = 1.0f;                     // scales op(A) op(B)
+  float beta = 0.0f;                      // scales C's old value; 0: C is not read
 };
 
 // One group's matrices: A, B from a view or packed, and C.
 struct GemmOperands {
-  MatrixView<const float> a{};
+  MatrixView<const float> a{};           // A: op(A) is M x K
   MatrixView<const float> b{};           // empty when B is packed
   const PackedMatrix* packed = nullptr;  // B = packed's group `packed_group`
-  index_t packed_group = 0;
-  MatrixView<float> c{};
+  index_t packed_group = 0;              // in [0, packed->groups())
+  MatrixView<float> c{};                 // C, M x N: written (and read when beta != 0)
 };
 
 namespace detail {

@@ -39,6 +39,7 @@ inline void transpose8(const float* src, index_t ld, int rows, int cols, float* 
     for (int r = 0; r < 8; ++r) dst[stride * t + r] = r < rows ? src[ld * r + t] : 0.0f;
 }
 
+// The target attribute of the kernels included below: portable code.
 #define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_GENERIC
 #include "moekit/cpu/gemm/detail/epilogue-inl.hpp"
 #include "moekit/cpu/gemm/detail/fma_kernel-inl.hpp"
@@ -75,6 +76,7 @@ void int8_tile(index_t kq, const std::int8_t* a, const std::int8_t* b, index_t b
 namespace generic::amx_emulated {
 using namespace generic::gemm_kernels;
 using Tiles = EmulatedTiles;
+// The AMX kernels on the emulator, in portable code.
 #define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_GENERIC
 #include "moekit/cpu/gemm/detail/amx_kernel-inl.hpp"
 #undef MOEKIT_KERNEL_TARGET
@@ -113,6 +115,7 @@ MOEKIT_FORCE_INLINE MOEKIT_TARGET_AVX2 void transpose8(const float* src, index_t
     if (t < cols) _mm256_storeu_ps(dst + stride * t, out[t]);
 }
 
+// The kernels included below, for AVX2.
 #define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX2
 #include "moekit/cpu/gemm/detail/epilogue-inl.hpp"
 #include "moekit/cpu/gemm/detail/fma_kernel-inl.hpp"
@@ -169,6 +172,7 @@ MOEKIT_TARGET_AVX2 void int8_tile(index_t kq, const std::int8_t* a, const std::i
 MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN
 namespace avx512::gemm_kernels {
 using avx2::gemm_kernels::transpose8;
+// The FMA kernels, for AVX-512.
 #define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AVX512
 #include "moekit/cpu/gemm/detail/epilogue-inl.hpp"
 #include "moekit/cpu/gemm/detail/fma_kernel-inl.hpp"
@@ -217,6 +221,7 @@ namespace avx512::amx_kernels {
 using namespace avx512::gemm_kernels;
 #if MOEKIT_HAS_HARDWARE_TILES
 using Tiles = HardwareTiles;
+// The AMX kernels on the instructions.
 #define MOEKIT_KERNEL_TARGET MOEKIT_TARGET_AMX
 #include "moekit/cpu/gemm/detail/amx_kernel-inl.hpp"
 #undef MOEKIT_KERNEL_TARGET

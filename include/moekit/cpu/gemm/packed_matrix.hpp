@@ -38,6 +38,7 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
+// B of one or more products packed for the kernels (see the top of this file).
 class PackedMatrix {
  public:
   PackedMatrix() = default;
@@ -74,7 +75,7 @@ class PackedMatrix {
     return p;
   }
 
-  GemmDtype dtype() const { return dtype_; }
+  GemmDtype dtype() const { return dtype_; }  // the compute type it was packed for
   index_t k() const { return k_; }            // rows of each B_g
   index_t n() const { return n_; }            // columns of each B_g
   index_t groups() const { return groups_; }  // 0: default-constructed, nothing packed
@@ -248,16 +249,16 @@ inline void check_packed_matrix(const char* where, const PackedMatrix& p, index_
                                 index_t n, GemmDtype dtype, const char* name, const char* dtype_of,
                                 const char* packer) {
   if (p.groups() != groups || (groups > 0 && (p.k() != k || p.n() != n))) {
-    moekit::detail::fail(Errc::kShapeMismatch, where,
-                         moekit::detail::concat(name, " packs ", p.groups(), " groups of ", p.k(),
-                                                " x ", p.n(), ", expected ", groups, " of ", k,
-                                                " x ", n, " (", packer, ")"));
+    moekit::detail::fail(
+        Errc::kShapeMismatch, where,
+        moekit::detail::concat(name, " packs ", p.groups(), " groups of ", p.k(), " x ", p.n(),
+                               ", expected ", groups, " of ", k, " x ", n, " (", packer, ")"));
   }
   if (p.dtype() != dtype) {
-    moekit::detail::fail(Errc::kInvalidArgument, where,
-                         moekit::detail::concat(name, " holds ", gemm_dtype_name(p.dtype()),
-                                                " but ", dtype_of, " holds ",
-                                                gemm_dtype_name(dtype)));
+    moekit::detail::fail(
+        Errc::kInvalidArgument, where,
+        moekit::detail::concat(name, " holds ", gemm_dtype_name(p.dtype()), " but ", dtype_of,
+                               " holds ", gemm_dtype_name(dtype)));
   }
 }
 

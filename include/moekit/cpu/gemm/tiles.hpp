@@ -43,20 +43,24 @@ namespace cpu {
 
 // The 64-byte operand of LDTILECFG (palette 1).
 struct TileConfig {
-  std::uint8_t palette_id = 0;
-  std::uint8_t start_row = 0;
-  std::uint8_t reserved0[14] = {};
-  std::uint16_t colsb[16] = {};  // bytes per row of tile i (tiles 8-15 unused)
-  std::uint8_t rows[16] = {};
+  std::uint8_t palette_id = 0;      // 1 (the only palette the emulator knows)
+  std::uint8_t start_row = 0;       // the row an interrupted load or store resumes at
+  std::uint8_t reserved0[14] = {};  // must be zero
+  std::uint16_t colsb[16] = {};     // bytes per row of tile i (tiles 8-15 unused)
+  std::uint8_t rows[16] = {};       // rows of tile i (tiles 8-15 unused)
 };
 static_assert(sizeof(TileConfig) == 64);
 
+// Palette 1's limits: tiles tmm0-tmm7, each at most 16 rows of 64 bytes.
 inline constexpr int kTileCount = 8;
-inline constexpr int kTileMaxRows = 16;
-inline constexpr int kTileMaxColsb = 64;
+inline constexpr int kTileMaxRows = 16;   // the most rows of a tile
+inline constexpr int kTileMaxColsb = 64;  // the most bytes per row of a tile
 
+// The tile instructions' documented semantics in portable C++ (see the top of
+// this file): the same interface as HardwareTiles, on any machine.
 class EmulatedTiles {
  public:
+  // LDTILECFG: checks and takes the configuration; every tile becomes zero.
   void configure(const TileConfig& config) {
     MOEKIT_CHECK(config.palette_id == 1, Errc::kInvalidArgument, "ldtilecfg: palette ",
                  int{config.palette_id}, " (only palette 1 is emulated)");
@@ -70,12 +74,14 @@ class EmulatedTiles {
     std::memset(data_, 0, sizeof data_);
     configured_ = true;
   }
+  // TILERELEASE: back to the unconfigured state.
   void release() {
     config_ = TileConfig{};
     std::memset(data_, 0, sizeof data_);
     configured_ = false;
   }
 
+  // TILEZERO: tile T becomes zero.
   template <int T>
   void zero() {
     shape<T>("tilezero");
@@ -92,6 +98,7 @@ class EmulatedTiles {
       std::memcpy(data_[T] + r * kTileMaxColsb, static_cast<const std::byte*>(base) + r * stride,
                   static_cast<std::size_t>(s.colsb));
   }
+  // TILESTORED: the tile's rows [0, rows) of `colsb` bytes to base + r * stride.
   template <int T>
   void store(void* base, index_t stride) const {
     const Shape s = shape<T>("tilestored");
@@ -116,11 +123,12 @@ class EmulatedTiles {
       }
     }
   }
-  // Int32 sums of byte quadruples: signed x signed, unsigned x signed.
+  // C += int32 sums of byte quadruples, signed A x signed B (TDPBSSD).
   template <int C, int A, int B>
   void dpbssd() {
     int8_dot<C, A, B, true>("tdpbssd");
   }
+  // The same with unsigned A bytes (TDPBUSD).
   template <int C, int A, int B>
   void dpbusd() {
     int8_dot<C, A, B, false>("tdpbusd");
@@ -209,6 +217,7 @@ class EmulatedTiles {
 };
 
 #if MOEKIT_DETAIL_X86 && defined(__x86_64__)
+// 1 where HardwareTiles exists (x86-64), else 0.
 #define MOEKIT_HAS_HARDWARE_TILES 1
 
 // The instructions, in both assembler dialects (as the compilers' own AMX
@@ -256,6 +265,7 @@ class HardwareTiles {
   }
 };
 #else
+// No HardwareTiles on this target: the AMX paths run on EmulatedTiles only.
 #define MOEKIT_HAS_HARDWARE_TILES 0
 #endif
 

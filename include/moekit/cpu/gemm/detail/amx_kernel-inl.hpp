@@ -22,6 +22,8 @@ inline TileConfig amx_gemm_tile_config() {
   return config;
 }
 
+// Bytes of one full tile (16 rows of 64 bytes): the step between the packed A
+// tiles and between the tiles of stored partial sums.
 inline constexpr index_t kAmxTileBytes = kTileMaxRows * kTileMaxColsb;
 
 // op(A) rows [i0, i0 + rows) x k [k0, k0 + kb) as 16-row tiles: row group

@@ -26,10 +26,12 @@ MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void write_c(float* c, int n, F32x16 s,
 // A tile's destination in C: its top-left element, and how much of the
 // kernel's mr x nr tile lies inside C.
 struct TileOut {
-  float* c = nullptr;
-  index_t ldc = 0;
-  int rows = 0, cols = 0;
-  float alpha = 1.0f, beta = 0.0f;
+  float* c = nullptr;  // the tile's top-left element of C
+  index_t ldc = 0;     // C's row stride
+  int rows = 0;        // rows of the tile inside C (<= mr)
+  int cols = 0;        // columns of the tile inside C (<= nr)
+  float alpha = 1.0f;  // the output rule's alpha
+  float beta = 0.0f;   // the output rule's beta (0: C is not read)
 };
 
 // The destination of the mr x nr tile at (row, col) of an item (row counted

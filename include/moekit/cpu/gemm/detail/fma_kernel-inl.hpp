@@ -21,6 +21,7 @@
 // fp32 (k, j) at [16 k + j], bf16 pairs (k, j) at [32 (k / 2) + 2 j + k % 2].
 template <bool kBf16>
 using FmaPanel = std::conditional_t<kBf16, std::uint16_t, float>;
+// Where element (k, j) of a 16-column block lies in the panel.
 template <bool kBf16>
 constexpr index_t fma_panel_index(index_t k, index_t j) {
   return kBf16 ? 32 * (k / 2) + 2 * j + k % 2 : 16 * k + j;
