@@ -91,9 +91,9 @@ void encoder_forward(benchmark::State& state, Shape shape, Variant variant, int 
   std::vector<float> hidden(static_cast<std::size_t>(shape.tokens() * config.d_model));
   std::vector<std::byte> ws(
       static_cast<std::size_t>(encoder.workspace_size(shape.tokens(), shape.length)));
-  const moekit::cpu::PackedBertWeights packed =
-      variant.packed ? encoder.pack(storage.weights(), variant.dtype)
-                     : moekit::cpu::PackedBertWeights{};
+  const moekit::cpu::PackedBertWeights packed = variant.packed
+                                                    ? encoder.pack(storage.weights(), variant.dtype)
+                                                    : moekit::cpu::PackedBertWeights{};
   for (auto _ : state) {
     const moekit::VectorView<const index_t> offs(offsets.data(), shape.sequences + 1);
     const moekit::MatrixView<float> h(hidden.data(), shape.tokens(), config.d_model);

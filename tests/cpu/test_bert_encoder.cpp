@@ -244,8 +244,7 @@ void check_invariance(const BertEncoderConfig& config, const DtypeCase& dt = kDt
     alone.ids = batch.seq_ids(s);
     alone.types = batch.seq_types(s);
     alone.offsets = {0, alone.tokens()};
-    EXPECT_TRUE(
-        same_bits(rows_of(t.run(alone, -1, 0, p), alone, 0), rows_of(together, batch, s)))
+    EXPECT_TRUE(same_bits(rows_of(t.run(alone, -1, 0, p), alone, 0), rows_of(together, batch, s)))
         << "sequence " << s;
   }
   // Reversed order, with the sequences at other rows.

@@ -155,7 +155,8 @@ void check_paths(index_t d, index_t count) {
   SCOPED_TRACE(::testing::Message() << "R " << R << " d " << d << " rows " << count);
   using moekit::cpu::Isa;
   const index_t ld = d + 1;
-  const std::vector<float> src = randoms(to_size(count * ld), 11), mat = randoms(to_size(R * d), 12),
+  const std::vector<float> src = randoms(to_size(count * ld), 11),
+                           mat = randoms(to_size(R * d), 12),
                            coef = randoms(to_size(count * R), 13);
   std::vector<float> panel(to_size(kernels::panel_floats<R>(d)));
   kernels::pack_panel<R>(MatrixView<const float>(mat.data(), R, d), panel.data());
@@ -194,7 +195,8 @@ void check_paths(index_t d, index_t count) {
     std::vector<float> row(src.begin() + i * ld, src.begin() + (i + 1) * ld);
     kernels::expand_rows<R>(kernels::RowsOf<float>{row.data(), ld, {nullptr, 0, 1}}, 1, d,
                             coef.data() + i * R, 1.5f, panel.data());
-    for (index_t k = 0; k < d; ++k) EXPECT_EQ(row[to_size(k)], portable.expand[to_size(i * ld + k)]);
+    for (index_t k = 0; k < d; ++k)
+      EXPECT_EQ(row[to_size(k)], portable.expand[to_size(i * ld + k)]);
   }
 }
 

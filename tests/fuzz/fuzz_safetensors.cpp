@@ -24,7 +24,8 @@ void read_everything(const io::SafetensorsReader& r) {
     std::uint64_t count = 0;
     if (!io::detail::element_count(t.shape, 1, count)) __builtin_trap();  // the open checked it
     std::vector<float> dst(static_cast<std::size_t>(count));
-    r.read({name, t.shape, moekit::MatrixView<float>(dst.data(), 1, static_cast<moekit::index_t>(count))});
+    r.read({name, t.shape,
+            moekit::MatrixView<float>(dst.data(), 1, static_cast<moekit::index_t>(count))});
   }
 }
 

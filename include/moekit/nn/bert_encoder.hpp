@@ -465,8 +465,7 @@ class BertEncoder {
     check_shape(w.word_embeddings, c.vocab_size, d, field("word_embeddings"));
     check_shape(w.position_embeddings, c.max_positions, d, field("position_embeddings"));
     if (c.type_vocab_size > 0) {
-      check_shape(w.token_type_embeddings, c.type_vocab_size, d,
-                  field("token_type_embeddings"));
+      check_shape(w.token_type_embeddings, c.type_vocab_size, d, field("token_type_embeddings"));
     } else {
       MOEKIT_CHECK(w.token_type_embeddings.empty(), Errc::kInvalidArgument, name,
                    ".token_type_embeddings must be empty when type_vocab_size = 0");
@@ -541,13 +540,12 @@ class BertEncoder {
     }
   }
 
-
   // Errors name run_layers, the public function that checks packed weights.
   void check_packed(const PackedBertWeights& p) const {
     const index_t d = config_.d_model, f = config_.d_ff, layers = config_.num_layers;
     const auto check = [&](const PackedMatrix& m, index_t k, index_t n, const char* name) {
-      detail::check_packed_matrix("cpu::BertEncoder::run_layers", m, layers, k, n, p.dtype(), name, "packed.w_qkv",
-                                  "BertEncoder::pack");
+      detail::check_packed_matrix("cpu::BertEncoder::run_layers", m, layers, k, n, p.dtype(), name,
+                                  "packed.w_qkv", "BertEncoder::pack");
     };
     check(p.w_qkv, d, 3 * d, "packed.w_qkv");
     check(p.w_out, d, d, "packed.w_out");
