@@ -13,6 +13,7 @@ packages=(
   nlohmann-json3-dev              # safetensors weight files (moekit/io/)
   libgtest-dev libbenchmark-dev   # tests and benchmarks
   libopenblas-openmp-dev          # the optional BLAS the MoE layer benchmark compares with
+  libopenmpi-dev openmpi-bin      # moekit::mpi: the MPI transport and its tests (mpirun)
   clang-format                    # the format check
   python3                         # docs snippet check
   python3-pip                     # installs the Python modules of the tests (below)

@@ -64,6 +64,9 @@ struct LoraStep {
   bool training = false;
   std::uint64_t seed = 0;  // the run's seed
   std::uint64_t step = 0;  // a new mask every step; backward must get the same values
+  // The batch index of the call's row 0: a call on a slice of the batch (a
+  // token block, a rank's rows) draws the mask the whole batch would.
+  index_t first_row = 0;
 };
 
 // Gradient outputs of the adapter(s), fp32, in the backend's memory (host
@@ -138,13 +141,14 @@ MOEKIT_HOST_DEVICE constexpr bool lora_dropout_keep(std::uint64_t key, float p,
 
 // The dropout of one call on the adapter input (the rule at the top):
 // inactive in inference or with p = 0; element (t, j) of x has counter
-// t d_in + j, and a kept element is scaled by 1 / (1 - p).
+// (first_row + t) d_in + j, and a kept element is scaled by 1 / (1 - p).
 struct LoraDropout {
   bool active = false;
   std::uint64_t key = 0;
   float p = 0.0f;
   float keep_scale = 1.0f;
   index_t width = 0;  // d_in
+  index_t row0 = 0;   // LoraStep::first_row
 
   static LoraDropout make(float p, const LoraStep& step, index_t d_in) {
     LoraDropout m;
@@ -154,13 +158,14 @@ struct LoraDropout {
       m.p = p;
       m.keep_scale = 1.0f / (1.0f - p);
       m.width = d_in;
+      m.row0 = step.first_row;
     }
     return m;
   }
   // v masked as element (t, j); v itself when inactive.
   MOEKIT_HOST_DEVICE float apply(float v, index_t t, index_t j) const {
     if (!active) return v;
-    const auto counter = static_cast<std::uint64_t>(t * width + j);
+    const auto counter = static_cast<std::uint64_t>((row0 + t) * width + j);
     return lora_dropout_keep(key, p, counter) ? v * keep_scale : 0.0f;
   }
 };

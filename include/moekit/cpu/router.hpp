@@ -11,6 +11,15 @@
 //
 // The router's weight is w_gate (E x d, the layout of torch.nn.Linear and of
 // checkpoints: Mixtral's `gate.weight`), so logits = x w_gate^T + gate_bias.
+//
+// Token blocks (core/token_blocks.hpp): the logits GEMM and backward's dx run
+// one GEMM per block of kTokenBlock rows, and dw_gate and dbias are folded over
+// the blocks in order, so a token's logits and every gradient are the same
+// bits however the batch is split over the ranks of an expert-parallel
+// group. The pieces an expert-parallel layer composes are public: logits()
+// (with the global index of the first token, for the noise counters),
+// gate() (scores, top-K and weights of each row, no capacity), number_slots()
+// and finish_stats() below, and backward_gate() / backward_logits().
 
 #include <algorithm>
 #include <array>
@@ -23,6 +32,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/random.hpp"
 #include "moekit/core/routing.hpp"
+#include "moekit/core/token_blocks.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/parallel.hpp"
@@ -316,24 +326,103 @@ class Router {
                const Routing& out, RoutingStats<S>* stats = nullptr,
                VectorView<std::byte> workspace = {}) const {
     const index_t tokens = x.rows();
-    check_view(x, "x");
-    check_shape(w_gate, kExperts, x.cols(), "w_gate");
-    if (!gate_bias.empty()) check_shape(gate_bias, kExperts, "gate_bias");
+    check_logits_args(x, w_gate, gate_bias, out.logits, workspace);
     check_routing<S>(out, tokens);
     check_selection_bias(selection_bias);
-    check_workspace(workspace, tokens, x.cols());
-
-    auto logits = as_eigen(out.logits);
-    if (config_.noise.kind == NoiseKind::kJitter) {
-      const MatrixView<float> jittered(scratch<float>(workspace), tokens, x.cols());
-      jitter(x, jittered);
-      logits.noalias() = as_eigen(MatrixView<const float>(jittered)) * as_eigen(w_gate).transpose();
-    } else {
-      logits.noalias() = as_eigen(x) * as_eigen(w_gate).transpose();
-    }
-    if (!gate_bias.empty()) logits.rowwise() += as_eigen(gate_bias).transpose();
-    if (config_.noise.kind == NoiseKind::kGaussian) add_gaussian_noise(out.logits);
+    compute_logits(x, w_gate, gate_bias, out.logits, workspace, 0);
     route_validated(out, selection_bias, stats, workspace);
+  }
+
+  // logits = x w_gate^T + gate_bias (+ noise) alone (T x E), one GEMM per
+  // token block. Row t is the batch's token first_token + t: the noise
+  // counters (jitter: (first_token + t) d + j, Gaussian: (first_token + t) E
+  // + e) are those of the whole batch, so ranks that each hold a slice draw
+  // what one process would.
+  void logits(MatrixView<const float> x, MatrixView<const float> w_gate,
+              VectorView<const float> gate_bias, MatrixView<float> logits,
+              VectorView<std::byte> workspace = {}, index_t first_token = 0) const {
+    check_logits_args(x, w_gate, gate_bias, logits, workspace);
+    MOEKIT_CHECK_ARG(first_token >= 0, "first_token = ", first_token, " is negative");
+    compute_logits(x, w_gate, gate_bias, logits, workspace, first_token);
+  }
+
+  // Scores, top-K ids and weights of every row of out (logits given), with
+  // no capacity: positions are not written. Returns the rows with a
+  // non-finite logit (NonFinitePolicy::kError rejects them first).
+  index_t gate(const Routing& out, VectorView<const float> selection_bias) const {
+    const index_t tokens = out.logits.rows();
+    check_routing<S>(out, tokens);
+    check_selection_bias(selection_bias);
+    if (config_.non_finite == NonFinitePolicy::kError) reject_non_finite(out.logits);
+    const float* bias = selection_bias.empty() ? nullptr : selection_bias.data();
+    index_t non_finite = 0;
+    for (index_t b = 0; b < tokens; b += kRowBlock) {
+      const index_t rows = std::min(kRowBlock, tokens - b);
+      non_finite += score_rows(out, b, rows, nullptr);
+      select_rows(out, bias, b, rows);
+    }
+    return non_finite;
+  }
+
+  // Capacity by position for the slots of tokens [first, end), in (t, k)
+  // order: slot (t, k) of expert e takes position next[e]++ and is kept when
+  // that is below cap; otherwise it gets position -1 and weight 0. Returns
+  // the slots dropped. next[e] starts at the slots of e before `first` (in
+  // the whole batch), so a slice numbers its slots as the whole batch would.
+  static index_t number_slots(const Routing& out, index_t first, index_t end,
+                              std::array<std::int32_t, kExperts>& next, index_t cap) {
+    index_t dropped = 0;
+    for (index_t t = first; t < end; ++t) {
+      for (int k = 0; k < kTopK; ++k) {
+        const std::int32_t p = next[out.expert_ids(t, k)]++;
+        if (p < cap) {
+          out.positions(t, k) = p;
+        } else {
+          out.positions(t, k) = -1;
+          out.weights(t, k) = 0.0f;
+          ++dropped;
+        }
+      }
+    }
+    return dropped;
+  }
+
+  // The chunk sums behind RoutingStats' mean distribution and z-loss
+  // (TokenChunks<E> of the whole batch): add_token() adds one token's q_t
+  // and logsumexp^2 to its chunk, in token order, exactly as the routing
+  // pass does; finish() writes the statistics. A batch split over ranks
+  // passes these sums from rank to rank (dist::pass_along_ranks).
+  struct StatSums {
+    std::array<std::array<double, kExperts>, TokenChunks<kExperts>::kCount> distribution{};
+    std::array<double, TokenChunks<kExperts>::kCount> lse_square{};
+  };
+  void add_token_stats(StatSums& sums, int chunk, const float* logits, const float* scores) const {
+    add_routing_distribution<kExperts>(config_.gating.rule, scores,
+                                       sums.distribution[static_cast<std::size_t>(chunk)].data());
+    if (!all_finite(VectorView<const float>(logits, kExperts))) return;
+    float tmp[kExperts];
+    sums.lse_square[static_cast<std::size_t>(chunk)] +=
+        shifted_exp<kExperts>(logits, tmp).lse_square();
+  }
+  static void finish_stats(const StatSums& sums, index_t tokens,
+                           const std::array<index_t, kExperts>& assigned, index_t cap,
+                           index_t dropped, index_t non_finite, RoutingStats<S>& stats) {
+    stats.tokens = tokens;
+    stats.assigned = assigned;
+    for (int e = 0; e < kExperts; ++e) stats.kept[e] = std::min(assigned[e], cap);
+    stats.dropped = dropped;
+    stats.non_finite_logits = non_finite;
+    std::array<double, kExperts> sum{};
+    double lse_sum = 0.0;
+    for (std::size_t c = 0; c < sums.lse_square.size(); ++c) {
+      for (int e = 0; e < kExperts; ++e) sum[e] += sums.distribution[c][e];
+      lse_sum += sums.lse_square[c];
+    }
+    const double n_tokens = static_cast<double>(tokens);
+    for (int e = 0; e < kExperts; ++e) {
+      stats.mean_distribution[e] = tokens > 0 ? sum[e] / n_tokens : 0.0;
+    }
+    stats.z_loss = tokens > 0 ? lse_sum / n_tokens : 0.0;
   }
 
   // Gating, capacity and statistics from logits the caller already wrote to
@@ -369,10 +458,13 @@ class Router {
   }
 
   // From dL/dlogits (gate part plus aux losses): dx, dw_gate and dbias, as
-  // requested by non-empty views in `grads`.
+  // requested by non-empty views in `grads`. One GEMM per token block;
+  // dw_gate and dbias are folded over the blocks in order (the first block
+  // overwrites unless grads.accumulate). Row t is the batch's token
+  // first_token + t (the jitter counters, as in logits()).
   void backward_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                        MatrixView<const float> dlogits, const RouterGrads& grads,
-                       VectorView<std::byte> workspace = {}) const {
+                       VectorView<std::byte> workspace = {}, index_t first_token = 0) const {
     const index_t tokens = x.rows();
     const index_t d = x.cols();
     check_view(x, "x");
@@ -382,43 +474,58 @@ class Router {
     if (!grads.dw_gate.empty()) check_shape(grads.dw_gate, kExperts, d, "grads.dw_gate");
     if (!grads.dbias.empty()) check_shape(grads.dbias, kExperts, "grads.dbias");
     check_workspace(workspace, tokens, d);
+    MOEKIT_CHECK_ARG(first_token >= 0, "first_token = ", first_token, " is negative");
     const bool jittered = config_.noise.kind == NoiseKind::kJitter;
+    const bool want_db = !grads.dbias.empty(), want_dw = !grads.dw_gate.empty();
 
-    const auto g = as_eigen(dlogits);
-    if (!grads.dbias.empty()) {
-      auto db = as_eigen(grads.dbias);
-      if (grads.accumulate)
-        db += g.colwise().sum().transpose();
-      else
-        db = g.colwise().sum().transpose();
-    }
     const MatrixView<float> jittered_x(jittered ? scratch<float>(workspace) : nullptr, tokens, d);
-    if (!grads.dw_gate.empty()) {
-      auto dw = as_eigen(grads.dw_gate);
-      if (jittered) jitter(x, jittered_x);  // the input the logits were computed from
-      const auto input = jittered ? as_eigen(MatrixView<const float>(jittered_x)) : as_eigen(x);
-      if (grads.accumulate)
-        dw.noalias() += g.transpose() * input;
-      else
-        dw.noalias() = g.transpose() * input;
+    if (!grads.accumulate && tokens == 0) {  // no block: the sums are empty
+      if (want_db) as_eigen(grads.dbias).setZero();
+      if (want_dw) as_eigen(grads.dw_gate).setZero();
     }
-    if (!grads.dx.empty()) {
-      auto dx = as_eigen(grads.dx);
+    if (want_db || want_dw) {
+      if (jittered && want_dw) jitter(x, jittered_x, first_token);  // what the logits saw
+      const MatrixView<const float> input = jittered ? MatrixView<const float>(jittered_x) : x;
+      for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t b) {
+        const bool add = grads.accumulate || b > 0;
+        const auto g = as_eigen(dlogits.middle_rows(r0, rows));
+        if (want_db) {
+          auto db = as_eigen(grads.dbias);
+          if (add)
+            db += g.colwise().sum().transpose();
+          else
+            db = g.colwise().sum().transpose();
+        }
+        if (want_dw) {
+          auto dw = as_eigen(grads.dw_gate);
+          const auto in = as_eigen(input.middle_rows(r0, rows));
+          if (add)
+            dw.noalias() += g.transpose() * in;
+          else
+            dw.noalias() = g.transpose() * in;
+        }
+      });
+    }
+    if (grads.dx.empty()) return;
+    for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t) {
+      const auto g = as_eigen(dlogits.middle_rows(r0, rows));
+      auto dx = as_eigen(grads.dx.middle_rows(r0, rows));
       if (!jittered) {
         if (grads.accumulate)
           dx.noalias() += g * as_eigen(w_gate);
         else
           dx.noalias() = g * as_eigen(w_gate);
-      } else {
-        auto tmp = as_eigen(jittered_x);
-        tmp.noalias() = g * as_eigen(w_gate);
-        jitter(jittered_x, jittered_x);  // d x~/d x is the jitter factor
-        if (grads.accumulate)
-          dx += tmp;
-        else
-          dx = tmp;
+        return;
       }
-    }
+      const MatrixView<float> tmp_view = jittered_x.middle_rows(r0, rows);
+      auto tmp = as_eigen(tmp_view);
+      tmp.noalias() = g * as_eigen(w_gate);
+      jitter(tmp_view, tmp_view, first_token + r0);  // d x~/d x is the jitter factor
+      if (grads.accumulate)
+        dx += tmp;
+      else
+        dx = tmp;
+    });
   }
 
  private:
@@ -495,9 +602,8 @@ class Router {
     const bool want_stats = stats != nullptr;
     // Per chunk: assignments per expert, then (after the scan) its first row.
     std::array<std::array<std::int32_t, kExperts>, kChunks> start{};
-    std::array<std::array<double, kExperts>, kChunks> distribution{};
-    std::array<double, kChunks> lse_square{};
-    std::array<index_t, kExperts> assigned{}, kept{};
+    StatSums sums;
+    std::array<index_t, kExperts> assigned{};
     index_t non_finite = 0, dropped = 0;
 #if defined(_OPENMP)
 #pragma omp parallel if (tokens * kExperts > kParallelGrain) reduction(+ : non_finite, dropped)
@@ -510,14 +616,14 @@ class Router {
         const index_t first = chunks.begin(c), end = chunks.end(c);
         for (index_t b = first; b < end; b += kRowBlock) {
           const index_t rows = std::min(kRowBlock, end - b);
-          non_finite += score_rows(out, b, rows, want_stats ? &lse_square[c] : nullptr);
+          non_finite += score_rows(out, b, rows, want_stats ? &sums.lse_square[c] : nullptr);
           select_rows(out, bias, b, rows);
         }
         for (index_t t = first; t < end; ++t) {
           for (int k = 0; k < kTopK; ++k) ++start[c][out.expert_ids(t, k)];
           if (want_stats) {
             add_routing_distribution<kExperts>(config_.gating.rule, out.scores.row(t),
-                                               distribution[c].data());
+                                               sums.distribution[c].data());
           }
         }
       }
@@ -533,50 +639,19 @@ class Router {
             sum[e] += n;
           }
         }
-        for (int e = 0; e < kExperts; ++e) {
-          assigned[e] = sum[e];
-          kept[e] = std::min<index_t>(sum[e], cap);
-        }
+        for (int e = 0; e < kExperts; ++e) assigned[e] = sum[e];
       }
       if (by_position) {
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
         for (int c = 0; c < kChunks; ++c) {
-          std::array<std::int32_t, kExperts>& next = start[c];
-          for (index_t t = chunks.begin(c); t < chunks.end(c); ++t) {
-            for (int k = 0; k < kTopK; ++k) {
-              const std::int32_t p = next[out.expert_ids(t, k)]++;
-              if (p < cap) {
-                out.positions(t, k) = p;
-              } else {
-                out.positions(t, k) = -1;
-                out.weights(t, k) = 0.0f;
-                ++dropped;
-              }
-            }
-          }
+          dropped += number_slots(out, chunks.begin(c), chunks.end(c), start[c], cap);
         }
       }
     }
     if (!by_position) dropped = drop_lowest_weights(out, assigned, cap, workspace);
-    if (!want_stats) return;
-    stats->tokens = tokens;
-    stats->assigned = assigned;
-    stats->kept = kept;
-    stats->dropped = dropped;
-    stats->non_finite_logits = non_finite;
-    std::array<double, kExperts> sum{};
-    double lse_sum = 0.0;
-    for (int c = 0; c < kChunks; ++c) {
-      for (int e = 0; e < kExperts; ++e) sum[e] += distribution[c][e];
-      lse_sum += lse_square[c];
-    }
-    const double n_tokens = static_cast<double>(tokens);
-    for (int e = 0; e < kExperts; ++e) {
-      stats->mean_distribution[e] = tokens > 0 ? sum[e] / n_tokens : 0.0;
-    }
-    stats->z_loss = tokens > 0 ? lse_sum / n_tokens : 0.0;
+    if (want_stats) finish_stats(sums, tokens, assigned, cap, dropped, non_finite, *stats);
   }
 
   // Scores of `rows` tokens from `first`; returns their non-finite logits.
@@ -707,30 +782,59 @@ class Router {
     return dropped;
   }
 
-  // out = in * jitter factor, element (t, j) drawn with counter t * d + j.
-  // in and out may be the same view (backward scales dx~ in place).
-  void jitter(MatrixView<const float> in, MatrixView<float> out) const {
+  // out = in * jitter factor, element (t, j) drawn with counter (t0 + t) d +
+  // j (t0: the batch index of row 0). in and out may be the same view
+  // (backward scales dx~ in place).
+  void jitter(MatrixView<const float> in, MatrixView<float> out, index_t t0) const {
     const index_t d = in.cols();
     const float a = config_.noise.amount;
     const std::uint64_t seed = config_.noise.seed;
     MOEKIT_PARALLEL_FOR_IF(in.size() > kParallelGrain)
     for (index_t t = 0; t < in.rows(); ++t) {
       for (index_t j = 0; j < d; ++j) {
-        out(t, j) =
-            in(t, j) * routing::jitter_factor(seed, a, static_cast<std::uint64_t>(t * d + j));
+        out(t, j) = in(t, j) *
+                    routing::jitter_factor(seed, a, static_cast<std::uint64_t>((t0 + t) * d + j));
       }
     }
   }
 
-  // logits += amount * N(0, 1), element (t, e) drawn with counter t * E + e.
-  void add_gaussian_noise(MatrixView<float> logits) const {
+  // logits += amount * N(0, 1), element (t, e) drawn with counter (t0 + t) E + e.
+  void add_gaussian_noise(MatrixView<float> logits, index_t t0) const {
     const float a = config_.noise.amount;
     const std::uint64_t seed = config_.noise.seed;
     for (index_t t = 0; t < logits.rows(); ++t) {
       for (int e = 0; e < kExperts; ++e) {
-        logits(t, e) += a * random_normal(seed, static_cast<std::uint64_t>(t * kExperts + e));
+        logits(t, e) +=
+            a * random_normal(seed, static_cast<std::uint64_t>((t0 + t) * kExperts + e));
       }
     }
+  }
+
+  void check_logits_args(MatrixView<const float> x, MatrixView<const float> w_gate,
+                         VectorView<const float> gate_bias, MatrixView<float> logits,
+                         VectorView<std::byte> workspace) const {
+    check_view(x, "x");
+    check_shape(w_gate, kExperts, x.cols(), "w_gate");
+    if (!gate_bias.empty()) check_shape(gate_bias, kExperts, "gate_bias");
+    check_shape(logits, x.rows(), kExperts, "logits");
+    check_workspace(workspace, x.rows(), x.cols());
+  }
+
+  // The logits of x, one GEMM per token block (arguments checked).
+  void compute_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
+                      VectorView<const float> gate_bias, MatrixView<float> logits,
+                      VectorView<std::byte> workspace, index_t t0) const {
+    const bool jittered = config_.noise.kind == NoiseKind::kJitter;
+    const MatrixView<float> noisy_x(jittered ? scratch<float>(workspace) : nullptr, x.rows(),
+                                    x.cols());
+    if (jittered) jitter(x, noisy_x, t0);
+    const MatrixView<const float> in = jittered ? MatrixView<const float>(noisy_x) : x;
+    for_each_token_block(x.rows(), [&](index_t r0, index_t rows, index_t) {
+      auto l = as_eigen(logits.middle_rows(r0, rows));
+      l.noalias() = as_eigen(in.middle_rows(r0, rows)) * as_eigen(w_gate).transpose();
+      if (!gate_bias.empty()) l.rowwise() += as_eigen(gate_bias).transpose();
+    });
+    if (config_.noise.kind == NoiseKind::kGaussian) add_gaussian_noise(logits, t0);
   }
 
   // Rows scored, then selected, together (they stay in L1 between the two).

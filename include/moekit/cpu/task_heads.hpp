@@ -222,31 +222,72 @@ class TaskHeads {
     check_weighting(weighting, dlog_vars);
     if (!dlogits.empty()) check_shape(dlogits, n, max_classes_, "dlogits");
 
-    TaskLosses<S> out;
-    for (index_t i = 0; i < n; ++i) ++out.count[task_of(tasks, i)];
+    const std::array<index_t, kHeads> count = task_counts(tasks, n);
+    LossSums sums;
+    add_loss_rows(logits, tasks, labels, count, weighting, sums, dlogits);
+    return finish_loss(count, sums, weighting, dlog_vars);
+  }
+
+  // loss() in its three parts, for a batch whose rows are split over the
+  // ranks of an expert-parallel group: the rows per task (summed over the
+  // ranks: integers), the rows' losses and hits added to running sums in row
+  // order (passed from rank to rank, so the sums are those of one process),
+  // and the per-task means and their combination. The arguments are those
+  // of loss(), checked by it; these parts check only their own.
+  struct LossSums {
+    std::array<double, kHeads> loss{};
+    std::array<double, kHeads> correct{};
+  };
+
+  std::array<index_t, kHeads> task_counts(VectorView<const std::int32_t> tasks, index_t n) const {
+    check_tasks(tasks, n);
+    std::array<index_t, kHeads> count{};
+    for (index_t i = 0; i < n; ++i) ++count[task_of(tasks, i)];
+    return count;
+  }
+
+  // Adds the rows' cross-entropies and hits to `sums` and writes their
+  // gradient rows, scaled by c_h / n_h with n_h from `count` (the batch's).
+  void add_loss_rows(MatrixView<const float> logits, VectorView<const std::int32_t> tasks,
+                     VectorView<const std::int32_t> labels,
+                     const std::array<index_t, kHeads>& count, const TaskWeights& weighting,
+                     LossSums& sums, MatrixView<float> dlogits = {}) const {
+    const index_t n = logits.rows();
+    check_shape(logits, n, max_classes_, "logits");
+    check_tasks(tasks, n);
+    check_labels(labels, tasks, n);
+    check_weighting(weighting, {});
+    if (!dlogits.empty()) check_shape(dlogits, n, max_classes_, "dlogits");
     // c_h / n_h, the gradient scale of each task's rows.
     std::array<float, kHeads> scale{};
     for (int h = 0; h < kHeads; ++h) {
-      if (out.count[h] == 0) continue;
-      scale[h] = static_cast<float>(coefficient(weighting, h) / static_cast<double>(out.count[h]));
+      if (count[h] == 0) continue;
+      scale[h] = static_cast<float>(coefficient(weighting, h) / static_cast<double>(count[h]));
     }
-    std::array<double, kHeads> correct{};
     for (index_t i = 0; i < n; ++i) {
       const int h = task_of(tasks, i);
       const index_t c = config_.classes[h];
       const float* z = logits.row(i);
       float* dz = dlogits.empty() ? nullptr : dlogits.row(i);
-      out.loss[h] += classify::cross_entropy_row(z, c, labels[i], scale[h], dz);
-      correct[h] += classify::argmax(z, c) == labels[i] ? 1.0 : 0.0;
+      sums.loss[h] += classify::cross_entropy_row(z, c, labels[i], scale[h], dz);
+      sums.correct[h] += classify::argmax(z, c) == labels[i] ? 1.0 : 0.0;
       if (dz != nullptr) {
         for (index_t k = c; k < max_classes_; ++k) dz[k] = 0.0f;
       }
     }
+  }
+
+  TaskLosses<S> finish_loss(const std::array<index_t, kHeads>& count, const LossSums& sums,
+                            const TaskWeights& weighting = {},
+                            VectorView<float> dlog_vars = {}) const {
+    check_weighting(weighting, dlog_vars);
+    TaskLosses<S> out;
+    out.count = count;
     for (int h = 0; h < kHeads; ++h) {
       if (out.count[h] > 0) {
-        const double count = static_cast<double>(out.count[h]);
-        out.loss[h] /= count;
-        out.accuracy[h] = correct[h] / count;
+        const double n = static_cast<double>(out.count[h]);
+        out.loss[h] = sums.loss[h] / n;
+        out.accuracy[h] = sums.correct[h] / n;
         out.total += coefficient(weighting, h) * out.loss[h];
         if (weighting.kind == TaskWeighting::kUncertainty) out.total += weighting.log_vars[h];
       }
