@@ -14,7 +14,7 @@ bin="$build/bench/bench_expert_parallel"
 export OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
   OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none \
   OMPI_MCA_rmaps_base_oversubscribe=1
-echo "cores: $(nproc)"
+echo "cores: $(nproc --all)"
 json=()
 for ranks in 1 2 4; do
   out="$(mpirun --oversubscribe -np "$ranks" "$bin" "$@")"

@@ -55,6 +55,25 @@ struct EpCase {
   }
 };
 
+// A layer for the cases: SwiGLU or GELU experts of width f on d, `shared`
+// shared experts of width fs, the given capacity factor, both aux losses.
+inline moekit::cpu::MoeLayerConfig ep_layer_config(moekit::FfnKind kind, int shared,
+                                                   double capacity, index_t d, index_t f,
+                                                   index_t fs) {
+  moekit::cpu::MoeLayerConfig c;
+  c.d_model = d;
+  c.d_ff = f;
+  c.kind = kind;
+  c.activation =
+      kind == moekit::FfnKind::kGated ? moekit::Activation::kSilu : moekit::Activation::kGeluTanh;
+  c.num_shared = shared;
+  c.d_ff_shared = shared > 0 ? fs : 0;
+  c.router.capacity.factor = capacity;
+  c.switch_coeff = 0.1f;
+  c.z_coeff = 0.01f;
+  return c;
+}
+
 inline std::vector<float> random_floats(std::size_t n, float scale, std::mt19937& rng) {
   std::normal_distribution<float> dist(0.0f, scale);
   std::vector<float> v(n);
@@ -291,18 +310,17 @@ struct TrainingLog {
   std::vector<std::vector<float>> tensors;         // final values, in model order
 };
 
-// `steps` steps of the Trainer on rows [first, first + rows) of each global
+// Steps [s0, s1) of `trainer` on rows [first, first + rows) of each global
 // batch of `batch` rows (the whole batch in one process).
-inline TrainingLog train_slice(TrainModel& model, int steps, index_t batch, index_t first,
-                               index_t rows) {
+inline TrainingLog train_steps(TrainModel& model, moekit::train::Trainer<TrainModel>& trainer,
+                               int s0, int s1, index_t batch, index_t first, index_t rows) {
   const moekit::train::SyntheticTasks tasks({.features = 24, .classes = {4, 3, 6}, .seed = 11});
   const moekit::train::Dataset data = tasks.sample(3000, 1);
-  moekit::train::Trainer<TrainModel> trainer(model, training_trainer_config(steps));
   moekit::train::BatchSampler sampler(data.size(), batch, 3);
   std::vector<float> x(static_cast<std::size_t>(rows * 24));
   std::vector<std::int32_t> t(static_cast<std::size_t>(rows)), y(static_cast<std::size_t>(rows));
   TrainingLog log;
-  for (int s = 0; s < steps; ++s) {
+  for (int s = s0; s < s1; ++s) {
     const std::vector<index_t> all = sampler.indices(s);
     const std::span<const index_t> mine(all.data() + first, static_cast<std::size_t>(rows));
     moekit::train::gather(data, mine, {x.data(), rows, 24}, {t.data(), rows}, {y.data(), rows});
@@ -316,6 +334,13 @@ inline TrainingLog train_slice(TrainModel& model, int steps, index_t batch, inde
   }
   for (const auto& tensor : model.tensors()) log.tensors.push_back(tensor.value);
   return log;
+}
+
+// `steps` steps from the start, with the trainer configuration above.
+inline TrainingLog train_slice(TrainModel& model, int steps, index_t batch, index_t first,
+                               index_t rows) {
+  moekit::train::Trainer<TrainModel> trainer(model, training_trainer_config(steps));
+  return train_steps(model, trainer, 0, steps, batch, first, rows);
 }
 
 // One rank's run compared with one process's: every step's losses, norm

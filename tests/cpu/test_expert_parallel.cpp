@@ -246,17 +246,7 @@ TEST(TokenSplit, EveryRankButTheLastHoldingTokensHoldsWholeBlocks) {
 // ---- the layer on N ranks against one process ----------------------------------------------
 
 moekit::cpu::MoeLayerConfig layer_config(FfnKind kind, int shared, double capacity) {
-  moekit::cpu::MoeLayerConfig c;
-  c.d_model = 16;
-  c.d_ff = 12;
-  c.kind = kind;
-  c.activation = kind == FfnKind::kGated ? Activation::kSilu : Activation::kGeluTanh;
-  c.num_shared = shared;
-  c.d_ff_shared = shared > 0 ? 10 : 0;
-  c.router.capacity.factor = capacity;
-  c.switch_coeff = 0.1f;
-  c.z_coeff = 0.01f;
-  return c;
+  return moekit_test::ep_layer_config(kind, shared, capacity, 16, 12, 10);
 }
 
 template <class S>
@@ -359,6 +349,63 @@ TEST(ExpertParallelTraining, FiftyStepsOnTwoToFourRanksAreBitIdenticalToOneProce
                   ref.task.front(), ref.task.back());
     }
   }
+}
+
+// A rank's checkpoint holds its shard: resuming from it repeats the
+// uninterrupted run bit for bit, and a model with another shard (here one
+// process's) refuses it.
+TEST(ExpertParallelTraining, ShardCheckpointsResumeExactlyAndFitOnlyTheirShard) {
+  using moekit_test::TrainModel;
+  using Trainer = moekit::train::Trainer<TrainModel>;
+  constexpr int kSteps = 6;
+  const std::vector<int> experts = {5, 3};
+  const std::string dir = ::testing::TempDir();
+  LoopbackGroup group(2);
+  std::mutex m;
+  std::vector<std::string> diffs;
+  group.run([&](LoopbackTransport& t) {
+    const std::string path = dir + "moekit_ep_shard_" + std::to_string(t.rank()) + ".safetensors";
+    const auto make = [&] {
+      return TrainModel(moekit_test::training_model_config(64),
+                        {t, ExpertPlacement::from_counts(experts)});
+    };
+    const moekit::train::TrainerConfig tc = moekit_test::training_trainer_config(kSteps);
+    TrainModel straight = make();
+    Trainer straight_trainer(straight, tc);
+    const auto whole =
+        moekit_test::train_steps(straight, straight_trainer, 0, kSteps, 128, 64 * t.rank(), 64);
+    TrainModel first = make();
+    Trainer first_trainer(first, tc);
+    moekit_test::train_steps(first, first_trainer, 0, 3, 128, 64 * t.rank(), 64);
+    first_trainer.save_checkpoint(path);
+    TrainModel resumed = make();
+    Trainer resumed_trainer(resumed, tc);
+    resumed_trainer.load_checkpoint(path);
+    const auto rest =
+        moekit_test::train_steps(resumed, resumed_trainer, 3, kSteps, 128, 64 * t.rank(), 64);
+    std::vector<std::string> d;
+    for (int s = 0; s < 3; ++s) {
+      if (!moekit_test::same_value_bits(rest.loss[static_cast<std::size_t>(s)],
+                                        whole.loss[static_cast<std::size_t>(3 + s)])) {
+        d.push_back("the resumed run differs at step " + std::to_string(3 + s));
+      }
+    }
+    for (std::size_t i = 0; i < whole.tensors.size(); ++i) {
+      if (rest.tensors[i] != whole.tensors[i]) d.push_back("resumed " + straight.tensors()[i].name);
+    }
+    if (t.rank() == 0) {  // one process's model cannot take a shard
+      TrainModel one(moekit_test::training_model_config(128));
+      Trainer one_trainer(one, tc);
+      const std::string msg =
+          expect_error([&] { one_trainer.load_checkpoint(path); }, Errc::kShapeMismatch);
+      if (msg.find("first_expert=0 local_experts=5") == std::string::npos) {
+        d.push_back("the shard was not named: " + msg);
+      }
+    }
+    const std::lock_guard<std::mutex> lock(m);
+    diffs.insert(diffs.end(), d.begin(), d.end());
+  });
+  for (const std::string& d : diffs) ADD_FAILURE() << d;
 }
 
 // ---- bad configurations stop every rank ----------------------------------------------------

@@ -33,18 +33,7 @@ using moekit::dist::MpiTransport;
 using moekit_test::EpCase;
 
 moekit::cpu::MoeLayerConfig layer_config(moekit::FfnKind kind, int shared, double capacity) {
-  moekit::cpu::MoeLayerConfig c;
-  c.d_model = 24;
-  c.d_ff = 16;
-  c.kind = kind;
-  c.activation =
-      kind == moekit::FfnKind::kGated ? moekit::Activation::kSilu : moekit::Activation::kGeluTanh;
-  c.num_shared = shared;
-  c.d_ff_shared = shared > 0 ? 12 : 0;
-  c.router.capacity.factor = capacity;
-  c.switch_coeff = 0.1f;
-  c.z_coeff = 0.01f;
-  return c;
+  return moekit_test::ep_layer_config(kind, shared, capacity, 24, 16, 12);
 }
 
 // Expert and token splits of this world size (each rank's rows a multiple

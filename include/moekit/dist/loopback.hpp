@@ -216,10 +216,7 @@ class LoopbackTransport {
 
   void all_to_all(std::span<const std::int64_t> send, std::span<std::int64_t> recv) {
     const std::size_t n = static_cast<std::size_t>(size());
-    MOEKIT_CHECK(send.size() % n == 0 && recv.size() == send.size(), Errc::kShapeMismatch,
-                 "send has ", send.size(), " and recv ", recv.size(),
-                 " counts; both must be the same multiple of ", n, " ranks");
-    const std::size_t m = send.size() / n;
+    const std::size_t m = detail::counts_per_rank(send, recv, size());
     LoopbackGroup::Slot mine = slot("all_to_all");
     mine.counts = send.data();
     mine.count_size = send.size();

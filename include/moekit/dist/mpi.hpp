@@ -41,7 +41,6 @@
 #endif
 #include <mpi.h>
 
-#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cstddef>
@@ -120,10 +119,8 @@ class MpiTransport {
 
   void all_to_all(std::span<const std::int64_t> send, std::span<std::int64_t> recv) {
     const std::size_t n = static_cast<std::size_t>(size_);
-    MOEKIT_CHECK(send.size() % n == 0 && recv.size() == send.size(), Errc::kShapeMismatch,
-                 "send has ", send.size(), " and recv ", recv.size(),
-                 " counts; both must be the same multiple of ", n, " ranks");
-    const int m = checked_int(static_cast<index_t>(send.size() / n), "counts per rank");
+    const int m = checked_int(static_cast<index_t>(detail::counts_per_rank(send, recv, size_)),
+                              "counts per rank");
     MPI_Request req = MPI_REQUEST_NULL;
     call(MPI_Ialltoall(send.data(), m, MPI_INT64_T, recv.data(), m, MPI_INT64_T, comm_, &req),
          "all_to_all");
@@ -239,14 +236,16 @@ class MpiTransport {
         op, ": MPI failed: ", std::string(text, static_cast<std::size_t>(len))));
   }
 
-  // Polls `req` until it completes or the deadline passes. Yields between
-  // polls, then sleeps for growing spans (up to 1 ms) so that a rank that
-  // waits long does not take a core from the ranks it waits for.
+  // Polls `req` until it completes or the deadline passes. MPI moves a large
+  // message only while some call on this rank polls it (no progress
+  // thread), so the loop polls without pause, yielding the core between
+  // polls; only after a second of waiting (a peer that is late, not data
+  // in flight) does it nap between polls, so that a rank that waits long
+  // does not take a core from the ranks it waits for.
   void wait(MPI_Request& req, const char* op, int peer = -1,
             MPI_Status* status = MPI_STATUS_IGNORE) const {
     const auto start = std::chrono::steady_clock::now();
     const auto deadline = start + options_.timeout;
-    auto nap = std::chrono::microseconds(0);
     int done = 0;
     while (true) {
       call(MPI_Test(&req, &done, status), op);
@@ -254,18 +253,17 @@ class MpiTransport {
       const auto now = std::chrono::steady_clock::now();
       if (now >= deadline) {
         const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - start);
-        fail(peer >= 0
-                 ? ::moekit::detail::concat(op, ": waited ", ms.count(), " ms for rank ", peer,
-                                            ", which did not answer")
-                 : ::moekit::detail::concat(op, ": waited ", ms.count(),
-                                            " ms for the other ranks, which did not all arrive "
-                                            "(a rank hung, left, or called another operation)"));
+        fail(peer >= 0 ? ::moekit::detail::concat(op, ": waited ", ms.count(), " ms for rank ",
+                                                  peer, ", which did not answer")
+                       : ::moekit::detail::concat(op, ": waited ", ms.count(),
+                                                  " ms for the other ranks, which did not all "
+                                                  "arrive (a rank hung, left, or called another "
+                                                  "operation)"));
       }
-      if (now - start < std::chrono::milliseconds(1)) {
+      if (now - start < std::chrono::seconds(1)) {
         std::this_thread::yield();
       } else {
-        nap = std::min(std::chrono::microseconds(1000), nap + std::chrono::microseconds(20));
-        std::this_thread::sleep_for(nap);
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
       }
     }
   }

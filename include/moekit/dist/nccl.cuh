@@ -77,11 +77,9 @@ class NcclTransport {
 
   void all_to_all(std::span<const std::int64_t> send, std::span<std::int64_t> recv) {
     const std::size_t n = static_cast<std::size_t>(size_);
-    MOEKIT_CHECK(send.size() % n == 0 && recv.size() == send.size(), Errc::kShapeMismatch,
-                 "send has ", send.size(), " and recv ", recv.size(),
-                 " counts; both must be the same multiple of ", n, " ranks");
+    const std::size_t m = detail::counts_per_rank(send, recv, size_);
     check_capacity(send.size());
-    const std::size_t m = send.size() / n, bytes = send.size() * sizeof(std::int64_t);
+    const std::size_t bytes = send.size() * sizeof(std::int64_t);
     std::int64_t* in = counts_;
     std::int64_t* out = counts_ + capacity_;
     cuda(cudaMemcpyAsync(in, send.data(), bytes, cudaMemcpyHostToDevice, stream_),

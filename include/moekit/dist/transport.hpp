@@ -267,6 +267,16 @@ class TransportRef {
 
 namespace detail {
 
+// An all_to_all's counts: send and recv the same multiple of the ranks.
+inline std::size_t counts_per_rank(std::span<const std::int64_t> send,
+                                   std::span<const std::int64_t> recv, int ranks) {
+  const auto n = static_cast<std::size_t>(ranks);
+  MOEKIT_CHECK(send.size() % n == 0 && recv.size() == send.size(), Errc::kShapeMismatch,
+               "send has ", send.size(), " and recv ", recv.size(),
+               " counts; both must be the same multiple of ", n, " ranks");
+  return send.size() / n;
+}
+
 // The segment sizes of an all_to_all_v: one per rank, none negative.
 inline void check_segments(std::span<const index_t> bytes, int ranks, const char* name) {
   MOEKIT_CHECK(bytes.size() == static_cast<std::size_t>(ranks), Errc::kShapeMismatch, name, " has ",

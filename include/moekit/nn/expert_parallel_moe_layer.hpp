@@ -54,9 +54,10 @@
 // that follows the block rule gives the same bits as cpu::MoeLayer in one
 // process with the same OpenMP thread count per process and the same
 // config.threading (with kAuto the layer takes the decision one process
-// would, from the batch's counts). Exceptions: DropPolicy::kProbs and
-// NonFinitePolicy::kError with non-finite logits are rejected (the first needs
-// a sort over the whole batch, see docs/expert_parallel.md).
+// would, from the batch's counts). DropPolicy::kProbs is not supported
+// (Errc::kUnsupported: it ranks each expert's assignments over the whole
+// batch). With NonFinitePolicy::kError a rank that meets a non-finite logit
+// throws kNonFinite and the others kTransportError naming it.
 //
 // Failure. Construction is collective: every rank's configuration
 // fingerprint (config, placement, number of ranks) is compared, and ranks
@@ -275,13 +276,7 @@ class ExpertParallelMoeLayer {
     RoutingStats<S> local_stats;
     if (stats == nullptr) stats = &local_stats;
     batch_stats(plan, routing, workspace, lay, *stats);
-    MoeAuxLosses aux;
-    if (config_.switch_coeff != 0.0f)
-      aux.switch_loss = switch_loss<S>(*stats, config_.switch_options);
-    if (config_.z_coeff != 0.0f) aux.z_loss = stats->z_loss;
-    aux.total = static_cast<double>(config_.switch_coeff) * aux.switch_loss +
-                static_cast<double>(config_.z_coeff) * aux.z_loss;
-    return aux;
+    return aux_losses(config_, *stats);
   }
 
   // Collective. Gradients of the loss of the whole batch (as cpu::MoeLayer::

@@ -225,6 +225,18 @@ class SharedExperts {
   ExpertFfn<MoeSpec<1, 1>> ffn_;
 };
 
+// The aux losses (unscaled, and their weighted total) that a layer with
+// configuration c reports for a forward with these routing statistics.
+template <MoeSpecType S>
+MoeAuxLosses aux_losses(const MoeLayerConfig& c, const RoutingStats<S>& stats) {
+  MoeAuxLosses aux;
+  if (c.switch_coeff != 0.0f) aux.switch_loss = switch_loss<S>(stats, c.switch_options);
+  if (c.z_coeff != 0.0f) aux.z_loss = stats.z_loss;
+  aux.total = static_cast<double>(c.switch_coeff) * aux.switch_loss +
+              static_cast<double>(c.z_coeff) * aux.z_loss;
+  return aux;
+}
+
 template <MoeSpecType S>
 class MoeLayer {
  public:
@@ -308,13 +320,7 @@ class MoeLayer {
     shared_.forward(x, params.shared, state.shared_pre, state.shared_gate, y,
                     region(workspace, lay.main, shared_.workspace_size(tokens)));
 
-    MoeAuxLosses aux;
-    if (config_.switch_coeff != 0.0f)
-      aux.switch_loss = switch_loss<S>(*stats, config_.switch_options);
-    if (config_.z_coeff != 0.0f) aux.z_loss = stats->z_loss;
-    aux.total = static_cast<double>(config_.switch_coeff) * aux.switch_loss +
-                static_cast<double>(config_.z_coeff) * aux.z_loss;
-    return aux;
+    return aux_losses(config_, *stats);
   }
 
   // Gradients of L = f(y) + switch_coeff L_switch + z_coeff L_z given
