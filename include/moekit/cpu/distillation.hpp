@@ -10,8 +10,11 @@
 //   dL/ds_i = (1 / n) (a T (q_i - p_i) + (1 - a) (r_i - onehot(y_i)))
 // The T^2 keeps the soft term's gradient scale independent of T (Hinton et
 // al. 2015). The teacher gets no gradient. Per-row math is
-// classify::distillation_row (core/classification.hpp), shared with CUDA:
-// log-sum-exp about the row maximum, sums over classes in double.
+// classify::distillation_row's (core/classification.hpp, which CUDA runs):
+// log-sum-exp about the row maximum, sums over classes in double; on the CPU
+// vectorised (cpu::distillation_row, cpu/elementwise.hpp), the same bits on
+// every CPU path, each row's terms and gradient independent of the batch
+// (but for the 1 / n scale).
 //
 // Returns the mean loss L and, for monitoring, the mean KL(p || q) and mean CE
 // (unscaled; ce = 0 when a = 1, where labels are not used and may be empty).
@@ -37,6 +40,7 @@
 #include "moekit/core/classification.hpp"
 #include "moekit/core/error.hpp"
 #include "moekit/core/view.hpp"
+#include "moekit/cpu/elementwise.hpp"
 #include "moekit/cpu/parallel.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
@@ -78,9 +82,9 @@ inline DistillationLoss distillation_loss(const DistillationConfig& config,
   for (int k = 0; k < kChunks; ++k) {
     const index_t end = std::min(n, (k + 1) * chunk);
     for (index_t i = k * chunk; i < end; ++i) {
-      const classify::DistillationTerms terms = classify::distillation_row(
-          student.row(i), teacher.row(i), c, use_labels ? labels[i] : 0, temp, alpha, scale,
-          dstudent.empty() ? nullptr : dstudent.row(i));
+      const classify::DistillationTerms terms =
+          distillation_row(student.row(i), teacher.row(i), c, use_labels ? labels[i] : 0, temp,
+                           alpha, scale, dstudent.empty() ? nullptr : dstudent.row(i));
       kl_part[k] += terms.kl;
       ce_part[k] += terms.ce;
     }

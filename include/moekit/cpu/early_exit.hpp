@@ -60,6 +60,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/elementwise.hpp"
 #include "moekit/cpu/parallel.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
@@ -267,8 +268,8 @@ inline double multi_exit_loss(std::span<const MatrixView<const float>> logits,
         n > 0 ? static_cast<float>(w / (weight_sum * static_cast<double>(n))) : 0.0f;
     double sum = 0.0;
     for (index_t r = 0; r < n; ++r) {
-      sum += classify::cross_entropy_row(logits[i].row(r), c, labels[r], scale,
-                                         grad ? dlogits[i].row(r) : nullptr);
+      sum += cross_entropy_row(logits[i].row(r), c, labels[r], scale,
+                               grad ? dlogits[i].row(r) : nullptr);
     }
     const double mean = n > 0 ? sum / static_cast<double>(n) : 0.0;
     if (!exit_losses.empty()) exit_losses[i] = mean;

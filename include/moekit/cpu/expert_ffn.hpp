@@ -81,6 +81,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/elementwise.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/nn/param_count.hpp"
 #include "moekit/spec.hpp"
@@ -141,44 +142,19 @@ inline ExpertGrads expert_grads(const ExpertGrads& g, index_t i, index_t f, inde
 namespace detail {
 
 // The FFN's element-wise middle, row by row: h = f(a) * g for a gated FFN
-// (g not empty), else h = f(a). h may be a itself.
+// (g not empty), else h = f(a). h may be a itself. Vectorised and chosen at
+// run time (cpu/elementwise.hpp); every element depends on its inputs only.
 template <class Act>
-void activate_rows(Act act, MatrixView<const float> a, MatrixView<const float> g,
-                   MatrixView<float> h) {
-  const index_t f = a.cols();
-  for (index_t i = 0; i < a.rows(); ++i) {
-    const float* pa = a.row(i);
-    float* ph = h.row(i);
-    if (!g.empty()) {
-      const float* pg = g.row(i);
-      for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]) * pg[j];
-    } else {
-      for (index_t j = 0; j < f; ++j) ph[j] = activate(act(), pa[j]);
-    }
-  }
+void activate_rows(Act, MatrixView<const float> a, MatrixView<const float> g, MatrixView<float> h) {
+  activation_rows(Act::value, a, g, h);
 }
 
 // Its backward, given dh in `d` (overwritten with da): gated, dg = dh * f(a)
 // and da = dh * g * f'(a); else da = dh * f'(a) (dg unused).
 template <class Act>
-void activate_rows_backward(Act act, MatrixView<const float> a, MatrixView<const float> g,
+void activate_rows_backward(Act, MatrixView<const float> a, MatrixView<const float> g,
                             MatrixView<float> d, MatrixView<float> dg) {
-  const index_t f = a.cols();
-  for (index_t i = 0; i < a.rows(); ++i) {
-    const float* pa = a.row(i);
-    float* pdh = d.row(i);
-    if (!g.empty()) {
-      const float* pg = g.row(i);
-      float* pdg = dg.row(i);
-      for (index_t j = 0; j < f; ++j) {
-        const float dh = pdh[j];
-        pdg[j] = dh * activate(act(), pa[j]);
-        pdh[j] = dh * pg[j] * activate_grad(act(), pa[j]);
-      }
-    } else {
-      for (index_t j = 0; j < f; ++j) pdh[j] *= activate_grad(act(), pa[j]);
-    }
-  }
+  activation_rows_backward(Act::value, a, g, d, dg);
 }
 
 // Whether the experts run in parallel under `threading` (see the top of this file).

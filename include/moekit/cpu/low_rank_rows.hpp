@@ -18,19 +18,22 @@
 // coef and out are count x R, contiguous; row(m) gives row m's first element
 // (RowsOf: rows picked through an index list at no cost).
 //
-// Register blocking (AVX-512; half the rows or ranks with 16 vector
-// registers): shrink keeps 2 rows x 8 ranks of accumulators, expand 8 rows of
-// output against the rank vectors of one column block, accumulate_outer 8
-// rows of input against one panel vector per rank. Each output element is
-// summed in one fixed order whatever the blocking, so results are
-// deterministic.
+// Layout and results do not depend on compile flags: a panel's column
+// blocks are always kPanelLanes = 16 floats wide (panel_floats, and with it
+// LoraBank's workspace size, is the same in every translation unit), and
+// the kernels are written once over F32x16 (detail/low_rank_rows-inl.hpp)
+// and chosen at run time (cpu/isa.hpp), every path giving the same bits.
+// Each output element is summed in one fixed order whatever the register
+// blocking, so results are deterministic and per row (batch invariant).
 
 #include <algorithm>
+#include <cmath>
+#include <cstddef>
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/types.hpp"
 #include "moekit/core/view.hpp"
-#include "moekit/cpu/simd.hpp"
+#include "moekit/cpu/vec.hpp"
 
 #if defined(__clang__)
 #define MOEKIT_UNROLL _Pragma("unroll")
@@ -68,7 +71,8 @@ RowsOf<T> rows_of(MatrixView<T> m, const RowSet& rows) {
   return {m.data(), m.ld(), rows};
 }
 
-inline constexpr bool kWideRegisters = simd::kRegisters >= 32;
+// Columns per block of a panel: F32x16's lanes on every path.
+inline constexpr int kPanelLanes = kF32x16Lanes;
 
 // Rows of a segment are scattered, so the hardware prefetcher meets every
 // row as a new stream; the kernels walk the next block's rows into L2 while
@@ -85,13 +89,13 @@ MOEKIT_FORCE_INLINE void prefetch_l2(const T* p) {
 // Floats of a panel of R x d: d rounded up to whole column blocks.
 template <int R>
 constexpr index_t panel_floats(index_t d) {
-  return (d + simd::kLanes - 1) / simd::kLanes * simd::kLanes * R;
+  return (d + kPanelLanes - 1) / kPanelLanes * kPanelLanes * R;
 }
 
 // Element (r, k) of a panel.
 template <int R>
 MOEKIT_FORCE_INLINE index_t panel_at(int r, index_t k) {
-  constexpr int kL = simd::kLanes;
+  constexpr int kL = kPanelLanes;
   return (k / kL * R + r) * kL + k % kL;
 }
 
@@ -100,7 +104,7 @@ MOEKIT_FORCE_INLINE index_t panel_at(int r, index_t k) {
 // consecutive rows of R floats from d x R.
 template <int R, bool kTransposed = false>
 void pack_panel(MatrixView<const float> mat, float* panel) {
-  constexpr int kL = simd::kLanes;
+  constexpr int kL = kPanelLanes;
   const index_t d = kTransposed ? mat.rows() : mat.cols();
   for (index_t k0 = 0; k0 < d; k0 += kL, panel += R * kL) {
     const int width = static_cast<int>(std::min<index_t>(kL, d - k0));
@@ -112,10 +116,11 @@ void pack_panel(MatrixView<const float> mat, float* panel) {
   }
 }
 
-// mat (R x d, or d x R when transposed) = or += alpha panel.
+// mat (R x d, or d x R when transposed) = or += alpha panel (the sum fused,
+// so that no compile flag decides whether it is).
 template <int R, bool kTransposed = false>
 void unpack_panel(const float* panel, float alpha, bool add, MatrixView<float> mat) {
-  const auto put = [&](float& dst, float v) { dst = add ? dst + alpha * v : alpha * v; };
+  const auto put = [&](float& dst, float v) { dst = add ? std::fma(alpha, v, dst) : alpha * v; };
   if constexpr (kTransposed) {
     for (index_t k = 0; k < mat.rows(); ++k) {
       for (int r = 0; r < R; ++r) put(mat(k, r), panel[panel_at<R>(r, k)]);
@@ -127,29 +132,16 @@ void unpack_panel(const float* panel, float alpha, bool add, MatrixView<float> m
   }
 }
 
-// f.template operator()<M>(m0) over [begin, end): blocks of kMax rows, then
-// of kMax / 2, kMax / 4, ..., 1 rows for what is left.
-template <int kMax, class F>
-MOEKIT_FORCE_INLINE void for_row_blocks(index_t begin, index_t end, F& f) {
-  for (; end - begin >= kMax; begin += kMax) f.template operator()<kMax>(begin);
-  if constexpr (kMax > 1) for_row_blocks<kMax / 2>(begin, end, f);
-}
-
-// f.template operator()<R0, G>() over rank groups [R0, R0 + G) of at most kGroup ranks.
-template <int R, int kGroup, int R0 = 0, class F>
-MOEKIT_FORCE_INLINE void for_rank_groups(F& f) {
-  if constexpr (R0 < R) {
-    constexpr int G = std::min(kGroup, R - R0);
-    f.template operator()<R0, G>();
-    for_rank_groups<R, kGroup, R0 + G>(f);
-  }
-}
+// A block's arrays of rows, ranks or coefficients (the int bound converted
+// once, where -Wsign-conversion wants it).
+template <class T, int N>
+using BlockArray = T[static_cast<std::size_t>(N)];
 
 // A block's rows m0 .. m0 + M - 1 and, for prefetch_l2, the rows of the
 // next block (the block's own where none follow).
 template <int M, class RowAt, class T>
-MOEKIT_FORCE_INLINE void block_rows(RowAt row, index_t m0, index_t count, T* (&rows)[M],
-                                    const float* (&next)[M]) {
+MOEKIT_FORCE_INLINE void block_rows(RowAt row, index_t m0, index_t count, BlockArray<T*, M>& rows,
+                                    BlockArray<const float*, M>& next) {
   MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
     rows[m] = row(m0 + m);
     next[m] = m0 + M + m < count ? row(m0 + M + m) : rows[m];
@@ -158,123 +150,41 @@ MOEKIT_FORCE_INLINE void block_rows(RowAt row, index_t m0, index_t count, T* (&r
 
 // c[m][r] = alpha coef(m0 + m, r): a block's coefficients, in registers or L1.
 template <int M, int R>
-MOEKIT_FORCE_INLINE void block_coefs(const float* coef, index_t m0, float alpha, float (&c)[M][R]) {
+MOEKIT_FORCE_INLINE void block_coefs(const float* coef, index_t m0, float alpha,
+                                     BlockArray<BlockArray<float, R>, M>& c) {
   MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
     for (int r = 0; r < R; ++r) c[m][r] = alpha * coef[(m0 + m) * R + r];
   }
 }
 
+}  // namespace cpu::detail
+
+namespace cpu {
+#define MOEKIT_PER_ISA_FILE "moekit/cpu/detail/low_rank_rows-inl.hpp"
+#include "moekit/cpu/detail/per_isa.hpp"
+#undef MOEKIT_PER_ISA_FILE
+
+}  // namespace cpu
+
+namespace cpu::detail {
+
 // out(m, r) = alpha sum_k row(m)[k] P(r, k): m < count, r < R, k < d.
 template <int R, class RowAt>
 void shrink_rows(RowAt row, index_t count, index_t d, const float* panel, float alpha, float* out) {
-  constexpr int kL = simd::kLanes;
-  const index_t blocks = d / kL;
-  auto rows_block = [&]<int M>(index_t m0) {
-    const float* x[M];
-    const float* next[M];
-    block_rows(row, m0, count, x, next);
-    auto group = [&]<int R0, int G>() {
-      simd::Floats acc[M][G];
-      MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-        MOEKIT_UNROLL for (int g = 0; g < G; ++g) acc[m][g] = simd::zeros();
-      }
-      const float* p = panel + R0 * kL;
-      for (index_t b = 0; b < blocks; ++b, p += R * kL) {
-        simd::Floats xv[M];
-        MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-          xv[m] = simd::load(x[m] + b * kL);
-          if constexpr (R0 == 0) prefetch_l2(next[m] + b * kL);
-        }
-        MOEKIT_UNROLL for (int g = 0; g < G; ++g) {
-          const simd::Floats pv = simd::load(p + g * kL);
-          MOEKIT_UNROLL for (int m = 0; m < M; ++m) acc[m][g] = simd::fma(xv[m], pv, acc[m][g]);
-        }
-      }
-      for (int m = 0; m < M; ++m) {
-        for (int g = 0; g < G; ++g) {
-          float s = simd::sum(acc[m][g]);
-          for (index_t k = blocks * kL; k < d; ++k) s += x[m][k] * panel[panel_at<R>(R0 + g, k)];
-          out[(m0 + m) * R + R0 + g] = alpha * s;
-        }
-      }
-    };
-    for_rank_groups<R, kWideRegisters ? 8 : 4>(group);
-  };
-  for_row_blocks<2>(0, count, rows_block);
+  with_vec_path([&](auto path) { shrink_rows<R>(path, row, count, d, panel, alpha, out); });
 }
 
 // row(m)[k] += sum_r (alpha coef(m, r)) P(r, k): m < count, k < d.
 template <int R, class RowAt>
 void expand_rows(RowAt row, index_t count, index_t d, const float* coef, float alpha,
                  const float* panel) {
-  constexpr int kL = simd::kLanes;
-  const index_t blocks = d / kL;
-  auto rows_block = [&]<int M>(index_t m0) {
-    float* y[M];
-    const float* next[M];
-    float c[M][R];
-    block_rows(row, m0, count, y, next);
-    block_coefs(coef, m0, alpha, c);
-    const float* p = panel;
-    for (index_t b = 0; b < blocks; ++b, p += R * kL) {
-      simd::Floats acc[M];
-      MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-        acc[m] = simd::load(y[m] + b * kL);
-        prefetch_l2(next[m] + b * kL);
-      }
-      MOEKIT_UNROLL for (int r = 0; r < R; ++r) {
-        const simd::Floats pv = simd::load(p + r * kL);
-        MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-          acc[m] = simd::fma(simd::broadcast(c[m][r]), pv, acc[m]);
-        }
-      }
-      MOEKIT_UNROLL for (int m = 0; m < M; ++m) simd::store(y[m] + b * kL, acc[m]);
-    }
-    for (int m = 0; m < M; ++m) {
-      for (index_t k = blocks * kL; k < d; ++k) {
-        float s = y[m][k];
-        for (int r = 0; r < R; ++r) s += c[m][r] * panel[panel_at<R>(r, k)];
-        y[m][k] = s;
-      }
-    }
-  };
-  for_row_blocks<kWideRegisters ? 8 : 4>(0, count, rows_block);
+  with_vec_path([&](auto path) { expand_rows<R>(path, row, count, d, coef, alpha, panel); });
 }
 
 // P(r, k) += sum_m coef(m, r) row(m)[k]: r < R, k < d, rows in order.
 template <int R, class RowAt>
 void accumulate_outer(RowAt row, index_t count, index_t d, const float* coef, float* panel) {
-  constexpr int kL = simd::kLanes;
-  const index_t blocks = d / kL;
-  auto rows_block = [&]<int M>(index_t m0) {
-    const float* x[M];
-    const float* next[M];
-    float c[M][R];
-    block_rows(row, m0, count, x, next);
-    block_coefs(coef, m0, 1.0f, c);
-    float* p = panel;
-    for (index_t b = 0; b < blocks; ++b, p += R * kL) {
-      simd::Floats xv[M];
-      MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-        xv[m] = simd::load(x[m] + b * kL);
-        prefetch_l2(next[m] + b * kL);
-      }
-      MOEKIT_UNROLL for (int r = 0; r < R; ++r) {
-        simd::Floats acc = simd::load(p + r * kL);
-        MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
-          acc = simd::fma(simd::broadcast(c[m][r]), xv[m], acc);
-        }
-        simd::store(p + r * kL, acc);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      for (index_t k = blocks * kL; k < d; ++k) {
-        float& s = panel[panel_at<R>(r, k)];
-        for (int m = 0; m < M; ++m) s += c[m][r] * x[m][k];
-      }
-    }
-  };
-  for_row_blocks<kWideRegisters ? 8 : 4>(0, count, rows_block);
+  with_vec_path([&](auto path) { accumulate_outer<R>(path, row, count, d, coef, panel); });
 }
 
 }  // namespace cpu::detail

@@ -35,6 +35,7 @@
 #include "moekit/core/token_blocks.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/elementwise.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/spec.hpp"
 
@@ -201,11 +202,12 @@ inline bool all_finite(VectorView<const float> v) {
 // Below this, exp(x - max) is under float's normal range.
 inline constexpr float kExpFloor = -87.0f;
 
-// out = exp(x - max x) for one finite row of E logits, with Eigen's
-// vectorised exp; returns the max and the sum, so logsumexp = max + log(sum).
-// Eigen's exp clamps its argument near -88.7 where expf underflows: entries
-// below kExpFloor are flushed to 0 so tiny values match the scalar rule's.
-// The one implementation behind softmax gating, the z-loss and its statistic.
+// out = exp(x - max x) for one finite row of E logits, vectorised
+// (cpu::shifted_exp_row: the same bits on every CPU path and in every
+// translation unit); returns the max and the sum, so logsumexp = max +
+// log(sum). Entries below kExpFloor are flushed to 0 so tiny values match
+// the scalar rule's (core/routing.hpp). The one implementation behind
+// softmax gating, the z-loss and its statistic.
 struct ShiftedExp {
   float max;
   float sum;
@@ -217,12 +219,8 @@ struct ShiftedExp {
 
 template <int E>
 ShiftedExp shifted_exp(const float* x, float* out) {
-  const Eigen::Map<const Eigen::Array<float, 1, E>> xs(x);
-  Eigen::Map<Eigen::Array<float, 1, E>> o(out);
-  const float m = xs.maxCoeff();
-  o = (xs - m).exp();
-  for (int e = 0; e < E; ++e) out[e] = x[e] - m < kExpFloor ? 0.0f : out[e];
-  return {m, o.sum()};
+  const RowExpSum r = shifted_exp_row(x, E, kExpFloor, out);
+  return {r.max, r.sum};
 }
 
 // Sum over [0, n) of f(i) in double by TokenChunks<E>: deterministic for any
@@ -655,7 +653,7 @@ class Router {
   }
 
   // Scores of `rows` tokens from `first`; returns their non-finite logits.
-  // Finite rows use the vectorised exp (shifted_exp); a row with a
+  // Finite rows use the vectorised exp (shifted_exp, sigmoid_row); a row with a
   // non-finite logit takes the exact scalar rule and adds nothing to the
   // z-loss sum. With lse_square, adds the rows' logsumexp^2.
   int score_rows(const Routing& out, index_t first, index_t rows, double* lse_square) const {
@@ -669,8 +667,7 @@ class Router {
       }
       Eigen::Map<Eigen::Array<float, 1, kExperts>> scores(s);
       if (config_.gating.rule == GatingRule::kSigmoid) {
-        const Eigen::Map<const Eigen::Array<float, 1, kExperts>> xs(x);
-        scores = 1.0f / (1.0f + (-xs).exp());
+        sigmoid_row(x, kExperts, s);
         if (lse_square != nullptr) {
           float tmp[kExperts];
           *lse_square += shifted_exp<kExperts>(x, tmp).lse_square();

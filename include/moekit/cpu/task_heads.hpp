@@ -35,7 +35,10 @@
 //                 no 1/2 factors; s = log_vars). dL/ds_h = 1 - exp(-s_h) L_h on P, 0 off P.
 // Gradient of L: dL/dz_i = c_h / n_h (softmax(z_i) - onehot(labels[i])), c_h = w_h or
 // exp(-s_h); dlogits gets it in columns [0, C_h) and 0 in the padding.
-// Sums run in double, over rows in order (deterministic).
+// Each row's CE and softmax run vectorised (cpu::cross_entropy_row,
+// cpu/elementwise.hpp: the same bits on every CPU path, a row's values
+// independent of the batch but for the scale c_h / n_h); sums run in
+// double, over rows in order (deterministic).
 //
 // Backward (backward()), given dz = dL/dlogits (n x max_classes(); only each
 // row's first C_h columns are read), per head over its rows X_h, dZ_h:
@@ -80,6 +83,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/elementwise.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/nn/param_count.hpp"
 #include "moekit/spec.hpp"
@@ -269,7 +273,7 @@ class TaskHeads {
       const index_t c = config_.classes[h];
       const float* z = logits.row(i);
       float* dz = dlogits.empty() ? nullptr : dlogits.row(i);
-      sums.loss[h] += classify::cross_entropy_row(z, c, labels[i], scale[h], dz);
+      sums.loss[h] += cross_entropy_row(z, c, labels[i], scale[h], dz);
       sums.correct[h] += classify::argmax(z, c) == labels[i] ? 1.0 : 0.0;
       if (dz != nullptr) {
         for (index_t k = c; k < max_classes_; ++k) dz[k] = 0.0f;

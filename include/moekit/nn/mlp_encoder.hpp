@@ -38,6 +38,7 @@
 #include "moekit/core/random.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/elementwise.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/nn/param_count.hpp"
 
@@ -148,8 +149,8 @@ class MlpEncoder {
       const Activation act = c.activation;
       MOEKIT_PARALLEL_FOR_IF(n * f >= kParallelGrain)
       for (index_t t = 0; t < n; ++t) {
-        float* row = hidden.row(t);
-        for (index_t j = 0; j < f; ++j) row[j] = activate(act, row[j] + b1[j]);
+        const MatrixView<float> row = hidden.middle_rows(t, 1);
+        cpu::activation_rows(act, MatrixView<const float>(row), {}, row, b1.data());
       }
       h.noalias() += as_eigen(MatrixView<const float>(hidden)) *
                      as_eigen(w.w2.middle_rows(l * d, d)).transpose();
