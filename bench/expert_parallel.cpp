@@ -7,12 +7,15 @@
 //   exchange      the layer's own messages replayed without any compute
 //                 (every operation, with the sizes this step used): the
 //                 transport's share of the step, a ceiling for the rest;
-//   link          a ping-pong between ranks 0 and 1: latency (8 bytes) and
-//                 bandwidth (4 MiB), the two numbers of the scaling model in
+//   link          a ping-pong between ranks 0 and 1, the median round trip:
+//                 latency (8 bytes) and bandwidth (4 MiB), the two numbers of the scaling model in
 //                 docs/expert_parallel.md, which predicts `exchange` from the
 //                 recorded message sizes.
 // Every time is the median over --reps steps of the slowest rank's time
-// (ranks start each step together), with the range. Not Google Benchmark:
+// (ranks start each step together), with the range; beside the wall time,
+// the slowest rank's CPU time (its process's), which a loaded machine
+// inflates far less (it also counts the polling while a rank waits for its
+// peers, so on a quiet machine the two agree). Not Google Benchmark:
 // its adaptive iteration counts would differ between ranks and a
 // collective cannot.
 //
@@ -21,6 +24,8 @@
 #include <moekit/nn/expert_parallel_moe_layer.hpp>
 #include <moekit/nn/moe_layer.hpp>
 
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -28,6 +33,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -149,15 +155,20 @@ class Recorder {
     }
   }
 
-  // The scaling model's time for the recorded operations: each costs one
-  // latency per step it takes (log2 of the ranks for a collective, N - 1
-  // pairwise rounds for an all_to_all_v) and its largest per-rank volume
-  // over the bandwidth.
-  double model_seconds(double latency, double bandwidth) const {
+  // The scaling model's time for this rank's recorded operations: each
+  // costs one latency per step it takes (log2 of the ranks for a
+  // collective, N - 1 pairwise rounds for an all_to_all_v) and its largest
+  // per-rank volume over the bandwidth. Sends (the rank-order chains) are
+  // apart: a chain's hops run one after the other, so the step's model is
+  // the slowest rank's collectives plus every rank's sends.
+  struct Model {
+    double collectives = 0, sends = 0;
+  };
+  Model model_seconds(double latency, double bandwidth) const {
     const int n = t_->size();
     double lg = 0;
     for (int k = 1; k < n; k *= 2) ++lg;
-    double t = 0;
+    double t = 0, sends = 0;
     for (const Entry& e : ops_) {
       switch (e.op) {
         case Op::kPayload: {
@@ -171,7 +182,7 @@ class Recorder {
           break;
         }
         case Op::kSend:
-          t += latency + static_cast<double>(e.size) / bandwidth;
+          sends += latency + static_cast<double>(e.size) / bandwidth;
           break;
         case Op::kRecv:
           break;  // its time is the matching send's
@@ -182,7 +193,7 @@ class Recorder {
           t += lg * latency;
       }
     }
-    return t;
+    return {t, sends};
   }
 
  private:
@@ -215,27 +226,46 @@ std::vector<float> random_floats(std::size_t n, float scale, unsigned seed) {
   return v;
 }
 
-// The slowest rank's seconds for each rep, its median and range.
+// Median and range of a set of seconds.
 struct Timing {
   double median = 0, low = 0, high = 0;
+  static Timing of(std::vector<double> s) {
+    std::sort(s.begin(), s.end());
+    return {s[s.size() / 2], s.front(), s.back()};
+  }
 };
 
+std::int64_t cpu_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return std::int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
+}
+
+// The slowest rank's wall and CPU seconds of each rep.
 template <class F>
-Timing time_steps(MpiTransport& t, int reps, F&& step) {
-  std::vector<double> slowest;
-  std::vector<std::int64_t> ns(static_cast<std::size_t>(t.size())), scratch(ns.size());
+std::pair<Timing, Timing> time_steps(MpiTransport& t, int reps, F&& step) {
+  std::vector<double> wall, cpu;
+  const std::size_t n = static_cast<std::size_t>(t.size());
+  std::vector<std::int64_t> all(2 * n), scratch(2 * n);
   for (int r = 0; r < reps + 2; ++r) {  // two warm-up steps
     t.barrier();
     const auto t0 = Clock::now();
+    const std::int64_t c0 = cpu_ns();
     step();
-    const std::int64_t mine =
-        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
-    moekit::dist::all_gather(t, std::span<const std::int64_t>(&mine, 1), ns, scratch);
-    if (r >= 2)
-      slowest.push_back(static_cast<double>(*std::max_element(ns.begin(), ns.end())) * 1e-9);
+    const std::int64_t mine[2] = {
+        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count(),
+        cpu_ns() - c0};
+    moekit::dist::all_gather(t, std::span<const std::int64_t>(mine), all, scratch);
+    if (r < 2) continue;
+    std::int64_t w = 0, c = 0;
+    for (std::size_t q = 0; q < n; ++q) {
+      w = std::max(w, all[2 * q]);
+      c = std::max(c, all[2 * q + 1]);
+    }
+    wall.push_back(static_cast<double>(w) * 1e-9);
+    cpu.push_back(static_cast<double>(c) * 1e-9);
   }
-  std::sort(slowest.begin(), slowest.end());
-  return {slowest[slowest.size() / 2], slowest.front(), slowest.back()};
+  return {Timing::of(wall), Timing::of(cpu)};
 }
 
 }  // namespace
@@ -291,21 +321,24 @@ int main(int argc, char** argv) {
   };
 
   // The baseline: one process on the whole batch, on rank 0 (the others wait).
-  Timing one{};
+  Timing one{}, one_cpu{};
   if (rank == 0) {
     const moekit::cpu::MoeLayer<S> layer(c);
     moekit::cpu::MoeLayerStorage<S> st(layer, o.tokens);
-    std::vector<double> times;
+    std::vector<double> wall, cpu;
     for (int r = 0; r < o.reps + 2; ++r) {
       const auto t0 = Clock::now();
+      const std::int64_t c0 = cpu_ns();
       layer.forward({x.data(), o.tokens, d}, params(0, E), st.state(), {y.data(), o.tokens, d},
                     nullptr, st.workspace());
       layer.backward({dy.data(), o.tokens, d}, {x.data(), o.tokens, d}, params(0, E), st.state(),
                      grads(0, E), {dx.data(), o.tokens, d}, st.workspace());
-      if (r >= 2) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      if (r < 2) continue;
+      wall.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      cpu.push_back(static_cast<double>(cpu_ns() - c0) * 1e-9);
     }
-    std::sort(times.begin(), times.end());
-    one = {times[times.size() / 2], times.front(), times.back()};
+    one = Timing::of(wall);
+    one_cpu = Timing::of(cpu);
   }
 
   // The expert-parallel layer on this rank's share.
@@ -324,18 +357,18 @@ int main(int argc, char** argv) {
   step();
   rec.stop();
   std::vector<std::int64_t> sent = {mpi.traffic().bytes_sent - before.bytes_sent};
-  const Timing ep = time_steps(mpi, o.reps, step);
-  const Timing exchange = time_steps(mpi, o.reps, [&] { rec.replay(); });
+  const auto [ep, ep_cpu] = time_steps(mpi, o.reps, step);
+  const auto [exchange, exchange_cpu] = time_steps(mpi, o.reps, [&] { rec.replay(); });
 
   // The link: ping-pong between ranks 0 and 1 (none on one rank).
   double latency = 0, bandwidth = 0;
   if (n > 1) {
     for (const std::size_t bytes : {std::size_t{8}, std::size_t{4} << 20}) {
       std::vector<std::byte> buf(bytes);
-      const int reps = bytes == 8 ? 200 : 10;
+      std::vector<double> round_trips;
       mpi.barrier();
-      const auto t0 = Clock::now();
-      for (int r = 0; r < reps; ++r) {
+      for (int r = 0; r < (bytes == 8 ? 200 : 20); ++r) {
+        const auto t0 = Clock::now();
         if (rank == 0) {
           mpi.send(1, buf);
           mpi.recv(1, buf);
@@ -343,8 +376,10 @@ int main(int argc, char** argv) {
           mpi.recv(0, buf);
           mpi.send(0, buf);
         }
+        round_trips.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
       }
-      const double one_way = std::chrono::duration<double>(Clock::now() - t0).count() / (2 * reps);
+      // The median round trip: a loaded machine's preemptions stay out.
+      const double one_way = Timing::of(round_trips).median / 2;
       if (bytes == 8)
         latency = one_way;
       else
@@ -352,30 +387,50 @@ int main(int argc, char** argv) {
     }
   }
   mpi.all_reduce_sum(sent);
-  const double model = n > 1 ? rec.model_seconds(latency, bandwidth) : 0.0;
+  double model = 0;
+  if (n > 1) {
+    const auto m = rec.model_seconds(latency, bandwidth);
+    const std::int64_t mine[2] = {static_cast<std::int64_t>(m.collectives * 1e9),
+                                  static_cast<std::int64_t>(m.sends * 1e9)};
+    std::vector<std::int64_t> all(2 * static_cast<std::size_t>(n)), scratch(all.size());
+    moekit::dist::all_gather(mpi, std::span<const std::int64_t>(mine), all, scratch);
+    std::int64_t collectives = 0, sends = 0;
+    for (std::size_t q = 0; q < static_cast<std::size_t>(n); ++q) {
+      collectives = std::max(collectives, all[2 * q]);
+      sends += all[2 * q + 1];
+    }
+    model = static_cast<double>(collectives + sends) * 1e-9;
+  }
 
   if (rank == 0) {
     const double per_token = static_cast<double>(sent[0]) / static_cast<double>(o.tokens);
     std::printf(
         "expert_parallel ranks=%d tokens=%lld d=%lld d_ff=%lld E=%d K=%d\n"
-        "  step (fwd+bwd)     %8.3f ms  [%.3f, %.3f]\n"
-        "  one process        %8.3f ms  [%.3f, %.3f]   speedup %.2f\n"
-        "  exchange alone     %8.3f ms  [%.3f, %.3f]   %.0f%% of the step\n"
+        "                     wall median [range]            CPU median [range]\n"
+        "  step (fwd+bwd)     %8.3f ms [%.3f, %.3f]   %8.3f ms [%.3f, %.3f]\n"
+        "  one process        %8.3f ms [%.3f, %.3f]   %8.3f ms [%.3f, %.3f]\n"
+        "  exchange alone     %8.3f ms [%.3f, %.3f]   %8.3f ms [%.3f, %.3f]\n"
+        "  speedup over one process: wall %.2f, CPU %.2f; the exchange is %.0f%% of the step\n"
         "  exchange, model    %8.3f ms   (latency %.2f us, bandwidth %.2f GB/s)\n"
         "  bytes per token    %8.0f   (all ranks, forward + backward, one layer)\n",
         n, static_cast<long long>(o.tokens), static_cast<long long>(d), static_cast<long long>(f),
-        E, S::top_k, ep.median * 1e3, ep.low * 1e3, ep.high * 1e3, one.median * 1e3, one.low * 1e3,
-        one.high * 1e3, one.median / ep.median, exchange.median * 1e3, exchange.low * 1e3,
-        exchange.high * 1e3, 100.0 * exchange.median / ep.median, model * 1e3, latency * 1e6,
-        bandwidth * 1e-9, per_token);
+        E, S::top_k, ep.median * 1e3, ep.low * 1e3, ep.high * 1e3, ep_cpu.median * 1e3,
+        ep_cpu.low * 1e3, ep_cpu.high * 1e3, one.median * 1e3, one.low * 1e3, one.high * 1e3,
+        one_cpu.median * 1e3, one_cpu.low * 1e3, one_cpu.high * 1e3, exchange.median * 1e3,
+        exchange.low * 1e3, exchange.high * 1e3, exchange_cpu.median * 1e3, exchange_cpu.low * 1e3,
+        exchange_cpu.high * 1e3, one.median / ep.median, one_cpu.median / ep_cpu.median,
+        100.0 * exchange.median / ep.median, model * 1e3, latency * 1e6, bandwidth * 1e-9,
+        per_token);
     std::printf(
         "{\"bench\":\"expert_parallel\",\"ranks\":%d,\"tokens\":%lld,\"d\":%lld,\"d_ff\":%lld,"
-        "\"step_ms\":%.4f,\"step_ms_low\":%.4f,\"step_ms_high\":%.4f,\"one_process_ms\":%.4f,"
-        "\"exchange_ms\":%.4f,\"model_exchange_ms\":%.4f,\"latency_us\":%.3f,"
+        "\"step_ms\":%.4f,\"step_ms_low\":%.4f,\"step_ms_high\":%.4f,\"step_cpu_ms\":%.4f,"
+        "\"one_process_ms\":%.4f,\"one_process_cpu_ms\":%.4f,\"exchange_ms\":%.4f,"
+        "\"exchange_cpu_ms\":%.4f,\"model_exchange_ms\":%.4f,\"latency_us\":%.3f,"
         "\"bandwidth_gbs\":%.3f,\"bytes_per_token\":%.1f}\n",
         n, static_cast<long long>(o.tokens), static_cast<long long>(d), static_cast<long long>(f),
-        ep.median * 1e3, ep.low * 1e3, ep.high * 1e3, one.median * 1e3, exchange.median * 1e3,
-        model * 1e3, latency * 1e6, bandwidth * 1e-9, per_token);
+        ep.median * 1e3, ep.low * 1e3, ep.high * 1e3, ep_cpu.median * 1e3, one.median * 1e3,
+        one_cpu.median * 1e3, exchange.median * 1e3, exchange_cpu.median * 1e3, model * 1e3,
+        latency * 1e6, bandwidth * 1e-9, per_token);
   }
   return 0;
 }

@@ -34,24 +34,25 @@ endif()
 # For moekit's own tests, examples and benchmarks: a CTest test that runs
 # <target> under mpirun on <ranks> ranks of this machine. On one machine
 # without a network (a CI container): 4 ranks on 2 cores need
-# --oversubscribe (Open MPI), the ranks talk over shared memory (btl
-# self,vader) and, as root, Open MPI wants its run-as-root consent. The
-# vader BTL's single-copy mechanism (CMA, process_vm_readv) is turned off:
-# containers commonly forbid that ptrace-like access between processes, and
-# Open MPI 4.1 then fails at the first large message instead of falling
-# back to copies. Each rank runs one OpenMP thread (the ranks share the
+# oversubscription, the ranks talk over shared memory (btl self,vader) and,
+# as root, Open MPI wants its run-as-root consent. All of it is set through
+# Open MPI's environment variables, which other MPIs ignore (a flag such as
+# --oversubscribe would stop MPICH's mpiexec). The vader BTL's single-copy
+# mechanism (CMA, process_vm_readv) is turned off: containers commonly
+# forbid that ptrace-like access between processes, and Open MPI 4.1 then
+# fails at the first large message instead of falling back to copies. The
+# ranks are not bound to cores (Open MPI binds 2 ranks to a core each by
+# default): on a machine shared with other jobs a bound rank waits for its
+# one core while another is idle, which made the 50-step training run 4 to
+# 5 times slower here. Each rank runs one OpenMP thread (the ranks share the
 # cores).
 function(moekit_add_mpirun_test name ranks target)
   cmake_parse_arguments(PARSE_ARGV 3 arg "" "" "ARGS;PROPERTIES")
-  set(flags ${MPIEXEC_PREFLAGS})
-  if(MPI_CXX_LIBRARY_VERSION_STRING MATCHES "Open MPI")
-    list(APPEND flags --oversubscribe)
-  endif()
   set(env OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
           OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none
-          OMPI_MCA_rmaps_base_oversubscribe=1)
+          OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_hwloc_base_binding_policy=none)
   add_test(NAME ${name}
-    COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${flags}
+    COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${MPIEXEC_PREFLAGS}
             $<TARGET_FILE:${target}> ${MPIEXEC_POSTFLAGS} ${arg_ARGS})
   set_tests_properties(${name} PROPERTIES ENVIRONMENT "${env}" TIMEOUT 120
                                           PROCESSORS ${ranks} ${arg_PROPERTIES})
