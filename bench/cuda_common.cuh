@@ -118,7 +118,7 @@ inline void dense_gemm(cublasHandle_t handle, const __nv_bfloat16* a, const __nv
                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// The ceiling of routed SwiGLU experts over `rows` rows (DESIGN.md §6): the
+// The ceiling of routed SwiGLU experts over `rows` rows (docs/index.md#benchmarks): the
 // three GEMMs of one dense FFN over the same rows, pre = x W1^T,
 // gate = x W3^T, y = pre W2^T (bf16, fp32 accumulation, no element-wise
 // part): the experts' FLOPs (flops()), each GEMM as one matrix.
@@ -148,7 +148,7 @@ struct DenseFfnGemms {
 };
 
 // The expert shapes of bench_cuda_ffn and bench_cuda_moe_layer, one list:
-// C1 and C2 (DESIGN.md §6) scaled to T = 16384, and (E, K, d, d_ff) =
+// C1 and C2 (docs/index.md#benchmark-sizes) scaled to T = 16384, and (E, K, d, d_ff) =
 // (64, 8, 2048, 1408), (256, 8, 7168, 2048) at T = 4096. For each shape,
 // bench<E, K>(state, d, d_ff, backward) is registered as
 // "<prefix>_fwd/<shape>/<T>" and "<prefix>_fwd_bwd/<shape>/<T>".

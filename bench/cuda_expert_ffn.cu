@@ -4,7 +4,7 @@
 // d x d_ff expert), timed with CUDA events. Reports TFLOP/s, the dense
 // rate and their ratio (goals: >= 0.75 at C1, >= 0.60 at C2).
 //
-// Shapes (DESIGN.md §6, scaled to fill the chip): C1 T = 16384, d = 1024,
+// Shapes (docs/index.md#benchmark-sizes, scaled to fill the chip): C1 T = 16384, d = 1024,
 // d_ff = 4096, E = 8, K = 2; C2 T = 16384, d = 1024, d_ff = 512, E = 64,
 // K = 8; and (E, K, d, d_ff) = (64, 8, 2048, 1408), (256, 8, 7168, 2048) at
 // T = 4096. Without a CUDA device the binary exits with 77 (CTest: skipped).

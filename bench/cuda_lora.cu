@@ -13,7 +13,7 @@
 // with 64 adapters), and group_us, the per-batch grouping (a CUB radix sort
 // of the ids), which forward's time does not include.
 //
-// Shapes: T = 16384 rows, d_in = d_out = 4096 (DESIGN.md §6's LoRA d, T
+// Shapes: T = 16384 rows, d_in = d_out = 4096 (the LoRA d of docs/index.md#benchmark-sizes, T
 // scaled to fill the chip), N in {1, 8, 64} at R = 16, and R = 64 at N = 64.
 // Without a CUDA device the binary exits with 77 (CTest: skipped).
 #include <benchmark/benchmark.h>

@@ -27,7 +27,7 @@
 // while the host launches the expert GEMMs after it, are part of the measured
 // time, as they are of a training step.
 //
-// Shapes (DESIGN.md §6, scaled to fill the chip; bench_cuda_ffn's): C1
+// Shapes (docs/index.md#benchmark-sizes, scaled to fill the chip; bench_cuda_ffn's): C1
 // T = 16384, d = 1024, d_ff = 4096, E = 8, K = 2; C2 T = 16384, d = 1024,
 // d_ff = 512, E = 64, K = 8; and (E, K, d, d_ff) = (64, 8, 2048, 1408),
 // (256, 8, 7168, 2048) at T = 4096. The largest holds 256 x 3 x 7168 x 2048

@@ -195,7 +195,7 @@ void bench_dispatch_combine(benchmark::State& state) {
   state.SetLabel("dispatch+combine");
 }
 
-// The routing + permutation share of an MoE layer at C1 (DESIGN §6) scaled
+// The routing + permutation share of an MoE layer at C1 (docs/index.md#benchmark-sizes) scaled
 // to T tokens: route + Switch + z + plan + dispatch + combine, over the
 // same run's cuBLAS bf16 GEMMs of the experts' FLOPs (T K rows through
 // d x d_ff and back: 4 T K d d_ff). Goal: at most 0.10.

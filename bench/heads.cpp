@@ -111,7 +111,7 @@ void kd_loss(benchmark::State& state, int threads) {
   const std::vector<float> teacher = random_vector(kSamples * kVocab, 2.0f, 5);
   std::vector<float> grad(kSamples * kVocab);
   std::vector<std::int32_t> labels(kSamples);
-  for (index_t i = 0; i < kSamples; ++i) labels[i] = static_cast<std::int32_t>(i % kVocab);
+  for (std::size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<std::int32_t>(i % kVocab);
   for (auto _ : state) {
     const auto kd = moekit::cpu::distillation_loss(
         {.temperature = 2.0f, .alpha = 0.5f}, {student.data(), kSamples, kVocab},

@@ -27,6 +27,7 @@ using moekit::FfnKind;
 using moekit::index_t;
 using moekit::MatrixView;
 using moekit::MoeSpec;
+using moekit::to_size;
 using moekit::cpu::FfnThreading;
 using moekit_bench::random_vector;
 using moekit_bench::RowMatrix;
@@ -67,14 +68,14 @@ struct Setup {
   Setup(const Shape& s, FfnThreading threading)
       : shape(s), layer(config(s, threading)), storage(layer, s.tokens) {
     const index_t T = s.tokens, d = s.d_model, f = s.d_ff;
-    x.resize(T * d);
-    y.resize(T * d);
-    dy.resize(T * d);
-    dx.resize(T * d);
-    w_gate.resize(E * d);
-    w1.resize(E * f * d);
-    w3.resize(E * f * d);
-    w2.resize(E * d * f);
+    x.resize(to_size(T * d));
+    y.resize(to_size(T * d));
+    dy.resize(to_size(T * d));
+    dx.resize(to_size(T * d));
+    w_gate.resize(to_size(E * d));
+    w1.resize(to_size(E * f * d));
+    w3.resize(to_size(E * f * d));
+    w2.resize(to_size(E * d * f));
     x = random_vector(x.size(), 1.0f, 1);
     dy = random_vector(dy.size(), 1.0f, 2);
     w_gate =

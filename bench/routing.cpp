@@ -16,6 +16,7 @@ namespace {
 
 using moekit::index_t;
 using moekit::MoeSpec;
+using moekit::to_size;
 
 constexpr index_t kTokens = 2048;
 constexpr index_t kModel = 1024;
@@ -25,16 +26,16 @@ struct Inputs {
   std::vector<std::int32_t> ids, positions;
   Inputs(int experts, int top_k)
       : x(kTokens * kModel),
-        w(experts * kModel),
-        logits(kTokens * experts),
-        scores(kTokens * experts),
-        weights(kTokens * top_k),
-        dweights(kTokens * top_k, 1.0f),
-        dlogits(kTokens * experts),
+        w(to_size(experts * kModel)),
+        logits(to_size(kTokens * experts)),
+        scores(to_size(kTokens * experts)),
+        weights(to_size(kTokens * top_k)),
+        dweights(to_size(kTokens * top_k), 1.0f),
+        dlogits(to_size(kTokens * experts)),
         dx(kTokens * kModel),
-        dw(experts * kModel),
-        ids(kTokens * top_k),
-        positions(kTokens * top_k) {
+        dw(to_size(experts * kModel)),
+        ids(to_size(kTokens * top_k)),
+        positions(to_size(kTokens * top_k)) {
     std::mt19937 rng(1);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (float& v : x) v = normal(rng);

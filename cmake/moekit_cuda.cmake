@@ -1,9 +1,14 @@
 # Decides whether moekit::cuda exists (MOEKIT_ENABLE_CUDA = AUTO/ON/OFF) and
 # defines it. Sets MOEKIT_HAS_CUDA.
 #
-# moekit::cuda needs the CUDA toolkit (cudart, cuBLAS, CCCL), not the CUDA
-# language: a consumer that compiles .cu files enables CUDA itself. Only
-# moekit's own tests and benchmarks enable the language, in the top-level build.
+# moekit::cuda needs the CUDA toolkit (nvcc, cudart, cuBLAS, CCCL), not the
+# CUDA language: detection is find_package(CUDAToolkit), which locates nvcc
+# itself (CUDAToolkit_ROOT, CUDA_PATH, PATH, /usr/local/cuda) and compiles
+# nothing. A consumer that compiles .cu files enables CUDA itself; only
+# moekit's own tests, examples and benchmarks enable the language, in the
+# top-level build. (Enabling it for an install would make CMake test the
+# compiler with the caller's toolchain, e.g. a Conan toolchain's C++20, which
+# CMake 3.25 cannot give nvcc.)
 
 set(MOEKIT_HAS_CUDA OFF)
 string(TOUPPER "${MOEKIT_ENABLE_CUDA}" _moekit_cuda_mode)
@@ -12,23 +17,20 @@ if(NOT _moekit_cuda_mode MATCHES "^(AUTO|ON|OFF)$")
 endif()
 
 if(NOT _moekit_cuda_mode STREQUAL "OFF")
-  include(CheckLanguage)
-  check_language(CUDA)
-  if(CMAKE_CUDA_COMPILER)
-    find_package(CUDAToolkit)
-    if(CUDAToolkit_FOUND)
-      find_package(CCCL CONFIG QUIET
-        HINTS "${CUDAToolkit_LIBRARY_DIR}/cmake" "${CUDAToolkit_LIBRARY_ROOT}/lib/cmake")
-    endif()
-    if(CUDAToolkit_FOUND AND CCCL_FOUND)
-      set(MOEKIT_HAS_CUDA ON)
-    elseif(_moekit_cuda_mode STREQUAL "ON")
-      message(FATAL_ERROR "MOEKIT_ENABLE_CUDA=ON: nvcc was found at ${CMAKE_CUDA_COMPILER}, "
-        "but not its toolkit with CCCL (CUDAToolkit_FOUND=${CUDAToolkit_FOUND}, CCCL_FOUND=${CCCL_FOUND}).")
-    endif()
+  find_package(CUDAToolkit QUIET)
+  if(CUDAToolkit_FOUND)
+    find_package(CCCL CONFIG QUIET
+      HINTS "${CUDAToolkit_LIBRARY_DIR}/cmake" "${CUDAToolkit_LIBRARY_ROOT}/lib/cmake")
+  endif()
+  if(CUDAToolkit_FOUND AND CCCL_FOUND)
+    set(MOEKIT_HAS_CUDA ON)
+  elseif(_moekit_cuda_mode STREQUAL "ON" AND NOT CUDAToolkit_FOUND)
+    message(FATAL_ERROR "MOEKIT_ENABLE_CUDA=ON, but no CUDA toolkit (nvcc, cudart, cuBLAS) was found. "
+      "Set CUDAToolkit_ROOT to its folder (or put nvcc on PATH), or configure with "
+      "-DMOEKIT_ENABLE_CUDA=AUTO or OFF.")
   elseif(_moekit_cuda_mode STREQUAL "ON")
-    message(FATAL_ERROR "MOEKIT_ENABLE_CUDA=ON, but no CUDA compiler (nvcc) was found. "
-      "Put nvcc on PATH or set CMAKE_CUDA_COMPILER, or configure with -DMOEKIT_ENABLE_CUDA=AUTO or OFF.")
+    message(FATAL_ERROR "MOEKIT_ENABLE_CUDA=ON: the CUDA toolkit ${CUDAToolkit_VERSION} was found at "
+      "${CUDAToolkit_BIN_DIR}, but not its CCCL (CUB, Thrust, libcu++) CMake package.")
   endif()
 endif()
 message(STATUS "moekit: CUDA backend ${MOEKIT_HAS_CUDA} (MOEKIT_ENABLE_CUDA=${MOEKIT_ENABLE_CUDA})")
@@ -55,6 +57,9 @@ if(MOEKIT_HAS_CUDA)
   if(PROJECT_IS_TOP_LEVEL AND (MOEKIT_BUILD_TESTS OR MOEKIT_BUILD_BENCHMARKS OR MOEKIT_BUILD_EXAMPLES))
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
       set(CMAKE_CUDA_ARCHITECTURES "80;90" CACHE STRING "CUDA architectures for moekit's own targets")
+    endif()
+    if(NOT CMAKE_CUDA_COMPILER AND NOT DEFINED ENV{CUDACXX})
+      set(CMAKE_CUDA_COMPILER "${CUDAToolkit_NVCC_EXECUTABLE}")  # the toolkit found above
     endif()
     enable_language(CUDA)
   endif()

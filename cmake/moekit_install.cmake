@@ -10,6 +10,10 @@ install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/" DESTINATION "${CMAKE_INSTALL_
 
 install(TARGETS moekit EXPORT moekitTargets)
 install(EXPORT moekitTargets NAMESPACE moekit:: DESTINATION "${MOEKIT_INSTALL_CMAKEDIR}")
+if(MOEKIT_HAS_IO)
+  install(TARGETS moekit_io EXPORT moekitIoTargets)
+  install(EXPORT moekitIoTargets NAMESPACE moekit:: DESTINATION "${MOEKIT_INSTALL_CMAKEDIR}")
+endif()
 if(MOEKIT_HAS_MPI)
   install(TARGETS moekit_mpi EXPORT moekitMpiTargets)
   install(EXPORT moekitMpiTargets NAMESPACE moekit:: DESTINATION "${MOEKIT_INSTALL_CMAKEDIR}")

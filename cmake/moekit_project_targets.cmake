@@ -4,7 +4,7 @@
 # moekit_project_target(<target>): warnings (errors with MOEKIT_WERROR) and
 # C++20 for CUDA sources.
 function(moekit_project_target target)
-  set(cxx_warnings -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wno-sign-conversion)
+  set(cxx_warnings -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wsign-conversion)
   if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
     # GCC 12 reports false "may be used uninitialized" inside its own
     # avx512fintrin.h when Eigen is built with -march=native.

@@ -9,12 +9,15 @@ set -euo pipefail
 
 packages=(
   g++ cmake ninja-build           # toolchain (CMake >= 3.25)
+  clang libclang-rt-14-dev        # the second compiler: CI's sanitizer build, header checks
+  libomp-14-dev                   # OpenMP for clang (the parallel paths under the sanitizers)
   libeigen3-dev                   # the CPU backend
   nlohmann-json3-dev              # safetensors weight files (moekit/io/)
   libgtest-dev libbenchmark-dev   # tests and benchmarks
   libopenblas-openmp-dev          # the optional BLAS the MoE layer benchmark compares with
   libopenmpi-dev openmpi-bin      # moekit::mpi: the MPI transport and its tests (mpirun)
   clang-format                    # the format check
+  clang libclang-rt-14-dev        # the fuzz targets (libFuzzer, tests/fuzz)
   python3                         # docs snippet check
   python3-pip                     # installs the Python modules of the tests (below)
 )

@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # Quick start, command 2: install what is missing, build everything (the CUDA
 # targets too where nvcc exists) and run the whole test suite. CI runs this.
-#   1. the default preset: every test, example and benchmark smoke run;
-#   2. the CPU unit tests again under AddressSanitizer and UBSan (debug
-#      preset), so an out-of-range read or write fails even where the
-#      result happened to be right. The training runs (cpu.MultitaskTraining.*,
-#      hundreds of steps) are left out there: unoptimised they take too long,
-#      and the model's unit tests (cpu.MultitaskModel.*) cover its code paths.
+# Two compilers, each doing what it is best placed to do:
+#   1. GCC, the default preset (Release): every test, example and benchmark
+#      smoke run, and every public header compiled alone by GCC and by clang
+#      with the strict warnings;
+#   2. clang, the debug preset (Debug, AddressSanitizer and UBSan, OpenMP,
+#      any UB report fatal): the CPU unit tests and the examples built, and
+#      the CPU unit tests run again, so an out-of-range read or write fails
+#      even where the result happened to be right. The training runs
+#      (cpu.MultitaskTraining.*, hundreds of steps) are left out there:
+#      unoptimised they take too long, and the model's unit tests
+#      (cpu.MultitaskModel.*) cover its code paths.
 #      So are the runs of the real all-MiniLM-L6-v2 (cpu.MiniLM.*, minutes
 #      unoptimised): the tiny random BERTs of cpu.BertEncoder*.* and
 #      cpu.BertCheckpoint.* run the same encoder and loader code.
 #      And the expert-parallel training runs (cpu.ExpertParallelTraining.*):
 #      the layer's loopback tests (cpu.ExpertParallelMoeLayer.*) run the same
-#      code under the sanitizers.
+#      code under the sanitizers; the MPI tests (dist.mpi.*) run in pass 1;
+#   3. clang, the fuzz preset: the fuzz targets (tests/fuzz: libFuzzer with
+#      ASan and UBSan), each run for MOEKIT_FUZZ_SECONDS (15) from its
+#      committed seed corpus.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/bootstrap.sh
@@ -28,5 +36,9 @@ cmake --build --preset default
 ctest --preset default -j "$jobs"
 
 cmake --preset debug >/dev/null
-cmake --build --preset debug --target moekit_cpu_tests
+cmake --build --preset debug
 ctest --preset debug -j "$jobs" -R '^cpu\.' -E '^cpu\.(MultitaskTraining|MiniLM|ExpertParallelTraining)\.'
+
+cmake --preset fuzz >/dev/null
+cmake --build --preset fuzz
+ctest --preset fuzz -j "$jobs"

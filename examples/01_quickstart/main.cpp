@@ -1,13 +1,15 @@
 // 01_quickstart: the shape of a moekit model, what it costs, and a real MoE
-// layer forward pass with its routing statistics. (LoRA adapters and heads
-// join this example when they land.)
+// layer forward pass with its routing statistics. It checks what it
+// computes and exits with 1 when a result is wrong.
 // [include]
 #include <moekit/moekit.hpp>  // the portable and CPU parts (moekit/moekit.cuh: CUDA)
 // [include]
 
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 // [specs]
@@ -31,7 +33,67 @@ constexpr moekit::ModelParams kParams = moekit::reference_model_params<Moe, Lora
 static_assert(kParams.total.active < kParams.total.total);
 // [specs]
 
+// The parameter counts of this configuration, written out: each MoE layer
+// holds a router (E x d) and E SwiGLU experts (three d x d_ff matrices) of
+// which a token uses K; a branch is a rank-R adapter on a d x d projection
+// and a linear head with bias.
+constexpr moekit::param_t kD = kShape.moe.d_model, kF = kShape.moe.d_ff;
+constexpr moekit::param_t kExpert = 3 * kD * kF;
+static_assert(kParams.moe.total == 2 * (Moe::num_experts * kD + Moe::num_experts * kExpert));
+static_assert(kParams.moe.active == 2 * (Moe::num_experts * kD + Moe::top_k * kExpert));
+static_assert(kParams.branch.total == Lora::rank * 2 * kD + kShape.classes_per_branch * (kD + 1));
+static_assert(kParams.total.total == kParams.encoder.total + kParams.moe.total + kD * kD +
+                                         Heads::num_heads * kParams.branch.total);
+static_assert(kParams.total.trainable ==
+              kParams.moe.total + Heads::num_heads * kParams.branch.total);
+
 namespace {
+
+// Token t's output recomputed in double from the weights, as the layer is
+// configured: Mixtral routing (the two largest logits, a softmax over the
+// two) and SwiGLU experts, silu(x W1^T) * (x W3^T) W2^T.
+std::vector<double> reference_output(const std::vector<float>& x, const std::vector<float>& w_gate,
+                                     const std::vector<float>& w1, const std::vector<float>& w3,
+                                     const std::vector<float>& w2, moekit::index_t t,
+                                     moekit::index_t d, moekit::index_t f, int experts) {
+  const auto at = [](const std::vector<float>& v, moekit::index_t i) {
+    return static_cast<double>(v[static_cast<std::size_t>(i)]);
+  };
+  std::vector<double> logits(static_cast<std::size_t>(experts));
+  for (int e = 0; e < experts; ++e) {
+    for (moekit::index_t i = 0; i < d; ++i) {
+      logits[static_cast<std::size_t>(e)] += at(w_gate, e * d + i) * at(x, t * d + i);
+    }
+  }
+  int first = 0, second = -1;  // the two largest, ties to the lower expert
+  for (int e = 1; e < experts; ++e) {
+    if (logits[static_cast<std::size_t>(e)] > logits[static_cast<std::size_t>(first)]) first = e;
+  }
+  for (int e = 0; e < experts; ++e) {
+    if (e != first && (second < 0 || logits[static_cast<std::size_t>(e)] >
+                                         logits[static_cast<std::size_t>(second)])) {
+      second = e;
+    }
+  }
+  const double gap =
+      logits[static_cast<std::size_t>(second)] - logits[static_cast<std::size_t>(first)];
+  const double w_first = 1.0 / (1.0 + std::exp(gap));
+  std::vector<double> y(static_cast<std::size_t>(d), 0.0);
+  for (const auto& [e, w] : {std::pair{first, w_first}, std::pair{second, 1.0 - w_first}}) {
+    for (moekit::index_t h = 0; h < f; ++h) {
+      double a = 0.0, g = 0.0;
+      for (moekit::index_t i = 0; i < d; ++i) {
+        a += at(w1, (e * f + h) * d + i) * at(x, t * d + i);
+        g += at(w3, (e * f + h) * d + i) * at(x, t * d + i);
+      }
+      const double act = a / (1.0 + std::exp(-a)) * g;
+      for (moekit::index_t j = 0; j < d; ++j) {
+        y[static_cast<std::size_t>(j)] += w * at(w2, (e * d + j) * f + h) * act;
+      }
+    }
+  }
+  return y;
+}
 
 void print_row(const char* name, const moekit::ParamCount& p) {
   std::printf("  %-22s %12lld %12lld %12lld\n", name, static_cast<long long>(p.total),
@@ -105,5 +167,33 @@ int main() {
               100.0 * stats.utilization(), stats.max_load_ratio(), stats.entropy(),
               std::log(static_cast<double>(E)));
   // [layer]
+
+  // Checks (CTest runs this example): every token went to K experts (the
+  // layer is dropless), and a few tokens' outputs match the double-precision
+  // recomputation.
+  moekit::index_t assigned = 0;
+  for (moekit::index_t count : stats.assigned) assigned += count;
+  if (assigned != T * Moe::top_k || stats.dropped != 0) {
+    std::printf("wrong routing: %lld assignments, %lld dropped\n", static_cast<long long>(assigned),
+                static_cast<long long>(stats.dropped));
+    return 1;
+  }
+  for (moekit::index_t t : {moekit::index_t{0}, T / 2, T - 1}) {
+    const std::vector<double> ref = reference_output(input, w_gate, w1, w3, w2, t, d, f, E);
+    double num = 0.0, den = 0.0;
+    for (moekit::index_t j = 0; j < d; ++j) {
+      const double diff =
+          output[static_cast<std::size_t>(t * d + j)] - ref[static_cast<std::size_t>(j)];
+      num += diff * diff;
+      den += ref[static_cast<std::size_t>(j)] * ref[static_cast<std::size_t>(j)];
+    }
+    if (!(std::sqrt(num / den) < 1e-4)) {
+      std::printf("token %lld: output differs from the reference by %.3g (relative)\n",
+                  static_cast<long long>(t), std::sqrt(num / den));
+      return 1;
+    }
+  }
+  std::printf("checked: routing counts and tokens 0, %lld, %lld against double precision\n",
+              static_cast<long long>(T / 2), static_cast<long long>(T - 1));
   return 0;
 }

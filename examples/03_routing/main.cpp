@@ -11,6 +11,7 @@ namespace {
 
 using moekit::GatingRule;
 using moekit::index_t;
+using moekit::to_size;
 using moekit::cpu::RouterConfig;
 
 // [rules]
@@ -79,7 +80,7 @@ int main() {
                                      {positions.data(), T, K}};
 
   const moekit::cpu::Router<Spec> router(switch_transformer());
-  std::vector<std::byte> workspace(router.workspace_size(T, d));  // jitter needs T x d floats
+  std::vector<std::byte> workspace(to_size(router.workspace_size(T, d)));  // jitter: T x d floats
   moekit::cpu::RoutingStats<Spec> stats;
   router.forward({x.data(), T, d}, {w_gate.data(), E, d}, /*gate_bias=*/{},
                  /*selection_bias=*/{}, routing, &stats,
@@ -133,7 +134,7 @@ int main() {
   for (int step = 0; step <= 200; ++step) {
     for (index_t t = 0; t < T; ++t) {  // skewed logits: later experts favoured
       for (int e = 0; e < 64; ++e)
-        big_logits[t * 64 + e] = 0.05f * static_cast<float>(e) + normal(rng);
+        big_logits[to_size(t * 64 + e)] = 0.05f * static_cast<float>(e) + normal(rng);
     }
     deepseek.route(big, balancer.bias(), &big_stats);
     balancer.accumulate(big_stats);

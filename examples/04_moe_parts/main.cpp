@@ -1,8 +1,10 @@
 // 04_moe_parts: an MoE layer assembled from moekit's parts on the CPU
 // backend - router, dispatch, grouped expert FFNs, combine - forward and
-// backward. docs/moe_layer.md is cut from this file.
+// backward, checked against the composed moekit::cpu::MoeLayer (the program
+// exits with 1 when they disagree). docs/moe_layer.md is cut from this file.
 #include <moekit/moekit.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -11,10 +13,11 @@
 namespace {
 
 using moekit::index_t;
+using moekit::to_size;
 
-std::vector<float> random_vector(std::mt19937& rng, std::size_t n, float scale) {
+std::vector<float> random_vector(std::mt19937& rng, index_t n, float scale) {
   std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
+  std::vector<float> v(static_cast<std::size_t>(n));
   for (float& x : v) x = normal(rng);
   return v;
 }
@@ -67,11 +70,12 @@ int main() {
   std::vector<index_t> offsets(E + 1);
   const index_t n = moekit::cpu::dispatch_offsets<Spec>(routing, {offsets.data(), E + 1});
   const moekit::VectorView<const index_t> offsets_view(offsets.data(), E + 1);
-  std::vector<float> buffer(n * d), expert_out(n * d), pre(n * f), gate_pre(n * f);
+  const std::size_t rows = to_size(n);
+  std::vector<float> buffer(rows * d), expert_out(rows * d), pre(rows * f), gate_pre(rows * f);
   moekit::cpu::dispatch<Spec>({x.data(), T, d}, routing, offsets_view, {buffer.data(), n, d});
 
   // Experts: one grouped GEMM pass; pre-activations are kept for backward.
-  std::vector<std::byte> workspace(experts.workspace_size(n));
+  std::vector<std::byte> workspace(to_size(experts.workspace_size(n)));
   experts.forward({buffer.data(), n, d}, offsets_view, weights, {expert_out.data(), n, d},
                   {pre.data(), n, f}, {gate_pre.data(), n, f}, view_of(workspace));
 
@@ -83,7 +87,7 @@ int main() {
   // [backward]
   // Given dL/dy: weights and experts first, then the tokens, then the router.
   const std::vector<float> dy = random_vector(rng, T * d, 1.0f);
-  std::vector<float> d_expert_out(n * d), dweights(T * K), d_buffer(n * d);
+  std::vector<float> d_expert_out(rows * d), dweights(T * K), d_buffer(rows * d);
   moekit::cpu::combine_backward<Spec>({dy.data(), T, d}, {expert_out.data(), n, d}, routing,
                                       offsets_view, {d_expert_out.data(), n, d},
                                       {dweights.data(), T, K});
@@ -114,5 +118,43 @@ int main() {
       E, K, static_cast<long long>(T), static_cast<long long>(n), static_cast<long long>(T * K),
       static_cast<long long>(router.capacity(T)), stats.max_load_ratio());
   std::printf("|y| = %.4f, |dx| = %.4f\n", std::sqrt(y_norm), std::sqrt(dx_norm));
-  return 0;
+
+  // Check (CTest runs this example): the parts compose to what
+  // moekit::cpu::MoeLayer computes with the same configuration and weights,
+  // forward and backward (its gradients include the same Switch loss term).
+  moekit::cpu::MoeLayerConfig layer_config;
+  layer_config.d_model = d;
+  layer_config.d_ff = f;
+  layer_config.kind = moekit::FfnKind::kGated;
+  layer_config.activation = moekit::Activation::kSilu;
+  layer_config.router = routing_config;
+  layer_config.switch_coeff = 1e-2f;
+  const moekit::cpu::MoeLayer<Spec> layer(layer_config);
+  moekit::cpu::MoeLayerStorage<Spec> storage(layer, T);
+  const moekit::cpu::MoeLayerParams layer_params{.w_gate = {w_gate.data(), E, d},
+                                                 .experts = weights};
+  std::vector<float> layer_y(y.size()), layer_dx(dx.size()), layer_dw_gate(dw_gate.size()),
+      layer_dw1(dw1.size()), layer_dw3(dw3.size()), layer_dw2(dw2.size());
+  layer.forward({x.data(), T, d}, layer_params, storage.state(), {layer_y.data(), T, d}, nullptr,
+                storage.workspace());
+  moekit::cpu::MoeLayerGrads layer_grads;
+  layer_grads.dw_gate = {layer_dw_gate.data(), E, d};
+  layer_grads.dw1 = {layer_dw1.data(), E * f, d};
+  layer_grads.dw3 = {layer_dw3.data(), E * f, d};
+  layer_grads.dw2 = {layer_dw2.data(), E * d, f};
+  layer.backward({dy.data(), T, d}, {x.data(), T, d}, layer_params, storage.state(), layer_grads,
+                 {layer_dx.data(), T, d}, storage.workspace());
+  const auto rel_diff = [](const std::vector<float>& a, const std::vector<float>& b) {
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+      den += double(b[i]) * b[i];
+    }
+    return std::sqrt(num / den);
+  };
+  const double worst =
+      std::max({rel_diff(y, layer_y), rel_diff(dx, layer_dx), rel_diff(dw_gate, layer_dw_gate),
+                rel_diff(dw1, layer_dw1), rel_diff(dw3, layer_dw3), rel_diff(dw2, layer_dw2)});
+  std::printf("parts vs MoeLayer: largest relative difference %.2e\n", worst);
+  return worst < 1e-5 ? 0 : 1;
 }

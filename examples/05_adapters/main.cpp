@@ -1,7 +1,8 @@
 // 05_adapters: LoRA adapters on the CPU backend - one adapter on a frozen
 // linear layer (training step with dropout, merge for serving), a bank of
 // per-task adapters where each row of the batch picks its own, and LoRA on the
-// experts of an MoE layer. docs/adapters.md is cut from this file.
+// experts of an MoE layer. It checks what it computes against double-precision
+// recomputations (exit code 1 when wrong). docs/adapters.md is cut from this file.
 #include <moekit/moekit.hpp>
 
 #include <algorithm>
@@ -14,10 +15,11 @@
 namespace {
 
 using moekit::index_t;
+using moekit::to_size;
 
-std::vector<float> random_vector(std::mt19937& rng, std::size_t n, float scale) {
+std::vector<float> random_vector(std::mt19937& rng, index_t n, float scale) {
   std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
+  std::vector<float> v(static_cast<std::size_t>(n));
   for (float& x : v) x = normal(rng);
   return v;
 }
@@ -52,16 +54,17 @@ int main() {
   // dropout mask from the same LoraStep and gives dA, dB (W is frozen) and dx.
   std::vector<float> y(n * d_out), h(n * R), dy(n * d_out), dx(n * d_in);
   std::vector<float> da(R * d_in), db(d_out * R);
-  std::vector<std::byte> workspace(lora.workspace_size(n));
+  std::vector<std::byte> workspace(to_size(lora.workspace_size(n)));
   const moekit::cpu::LoraStep step{.training = true, .seed = 2024, .step = 0};
   lora.forward({x.data(), n, d_in}, weights, {y.data(), n, d_out}, {h.data(), n, R}, step,
                view_of(workspace));
-  for (index_t i = 0; i < n * d_out; ++i) dy[i] = y[i] / static_cast<float>(n);  // L = |y|^2 / 2n
+  for (std::size_t i = 0; i < dy.size(); ++i)
+    dy[i] = y[i] / static_cast<float>(n);  // L = |y|^2 / 2n
   lora.backward({dy.data(), n, d_out}, {x.data(), n, d_in}, weights, {h.data(), n, R}, step,
                 {dx.data(), n, d_in}, {.da = {da.data(), R, d_in}, .db = {db.data(), d_out, R}},
                 view_of(workspace));
   // B starts at zero, so only dB is non-zero on the first step.
-  for (index_t i = 0; i < d_out * R; ++i) b[i] -= 0.05f * db[i];
+  for (std::size_t i = 0; i < b.size(); ++i) b[i] -= 0.05f * db[i];
   // [train]
 
   double norm_db = 0, norm_da = 0;
@@ -89,11 +92,11 @@ int main() {
   // [merge]
 
   double diff = 0, ref = 0, restore = 0;
-  for (index_t i = 0; i < n * d_out; ++i) {
+  for (std::size_t i = 0; i < y_adapter.size(); ++i) {
     diff += (y_adapter[i] - y_merged[i]) * (y_adapter[i] - y_merged[i]);
     ref += y_adapter[i] * y_adapter[i];
   }
-  for (index_t i = 0; i < d_out * d_in; ++i)
+  for (std::size_t i = 0; i < w.size(); ++i)
     restore = std::max<double>(restore, std::abs(merged[i] - w[i]));
   std::printf("merged vs adapter: relative difference %.2e; unmerge restores W to %.1e\n",
               std::sqrt(diff / ref), restore);
@@ -110,13 +113,13 @@ int main() {
   bank_b = random_vector(rng, N * d_out * R, 0.1f);  // as if trained
 
   std::vector<std::int32_t> ids(n);
-  for (index_t t = 0; t < n; ++t) ids[t] = static_cast<std::int32_t>(t % (N + 1)) - 1;
+  for (std::size_t t = 0; t < ids.size(); ++t) ids[t] = static_cast<std::int32_t>(t % (N + 1)) - 1;
   std::vector<index_t> order(n), offsets(N + 1);
   bank.group({ids.data(), n}, {order.data(), n}, {offsets.data(), N + 1});
   const moekit::cpu::LoraRows rows{{ids.data(), n}, {order.data(), n}, {offsets.data(), N + 1}};
 
   std::vector<float> y_bank(n * d_out);
-  std::vector<std::byte> bank_workspace(bank.workspace_size(n));
+  std::vector<std::byte> bank_workspace(to_size(bank.workspace_size(n)));
   bank.forward({x.data(), n, d_in}, rows,
                {.w = {w.data(), d_out, d_in},
                 .a = {bank_a.data(), N * R, d_in},
@@ -126,7 +129,7 @@ int main() {
 
   std::printf("bank: rows per adapter");
   for (index_t i = 0; i < N; ++i)
-    std::printf(" %lld", static_cast<long long>(offsets[i + 1] - offsets[i]));
+    std::printf(" %lld", static_cast<long long>(offsets[to_size(i + 1)] - offsets[to_size(i)]));
   std::printf(", %lld rows on the base layer only\n", static_cast<long long>(n - offsets[N]));
 
   // [expert_lora]
@@ -160,7 +163,7 @@ int main() {
   const std::vector<float> buffer = random_vector(rng, rows_e * d, 1.0f);
   std::vector<float> out(rows_e * d), pre(rows_e * f), gate(rows_e * f), h1(rows_e * R),
       h3(rows_e * R), h2(rows_e * R);
-  std::vector<std::byte> expert_workspace(experts.workspace_size(rows_e));
+  std::vector<std::byte> expert_workspace(to_size(experts.workspace_size(rows_e)));
   const moekit::cpu::ExpertLoraSaved<float> saved{.pre = {pre.data(), rows_e, f},
                                                   .gate = {gate.data(), rows_e, f},
                                                   .h1 = {h1.data(), rows_e, R},
@@ -201,5 +204,66 @@ int main() {
               100.0 * static_cast<double>(kAdapter.total) / static_cast<double>(d_in * d_out),
               static_cast<long long>(d_out), static_cast<long long>(d_in));
   // [params]
+
+  // Checks (CTest runs this example); each failure exits with 1.
+  // The first step: with B = 0, dA is exactly zero and dB = s dy^T h (s = 2).
+  const float *dy_t = dy.data(), *h_t = h.data(), *db_t = db.data();
+  double db_num = 0, db_den = 0;
+  for (index_t o = 0; o < d_out; ++o) {
+    for (index_t r = 0; r < R; ++r) {
+      double want = 0;
+      for (index_t t = 0; t < n; ++t) want += 2.0 * double(dy_t[t * d_out + o]) * h_t[t * R + r];
+      db_num += (db_t[o * R + r] - want) * (db_t[o * R + r] - want);
+      db_den += want * want;
+    }
+  }
+  // Merging: the merged layer answers as the adapter does; unmerge restores W.
+  // The bank: each row is x W^T plus its own adapter's s x A_i^T B_i^T.
+  const float *x_t = x.data(), *w_t = w.data(), *a_t = bank_a.data(), *b_t = bank_b.data();
+  double bank_num = 0, bank_den = 0;
+  for (index_t t = 0; t < n; ++t) {
+    const int id = ids[to_size(t)];
+    double hr[R] = {};
+    for (index_t r = 0; r < R && id >= 0; ++r) {
+      for (index_t j = 0; j < d_in; ++j)
+        hr[r] += double(a_t[(id * R + r) * d_in + j]) * x_t[t * d_in + j];
+    }
+    for (index_t o = 0; o < d_out; ++o) {
+      double want = 0;
+      for (index_t j = 0; j < d_in; ++j) want += double(w_t[o * d_in + j]) * x_t[t * d_in + j];
+      for (index_t r = 0; r < R && id >= 0; ++r)
+        want += 2.0 * hr[r] * b_t[(id * d_out + o) * R + r];
+      const double got = y_bank[to_size(t * d_out + o)];
+      bank_num += (got - want) * (got - want);
+      bank_den += want * want;
+    }
+  }
+  // LoRA on experts starts as the frozen experts, bit for bit.
+  const moekit::cpu::ExpertFfn<Moe> frozen({.d_model = d,
+                                            .d_ff = f,
+                                            .kind = moekit::FfnKind::kGated,
+                                            .activation = moekit::Activation::kSilu});
+  std::vector<float> frozen_out(out.size());
+  std::vector<std::byte> frozen_workspace(to_size(frozen.workspace_size(rows_e)));
+  frozen.forward({buffer.data(), rows_e, d}, off, expert_weights.base,
+                 {frozen_out.data(), rows_e, d}, {}, {}, view_of(frozen_workspace));
+  const struct {
+    bool ok;
+    const char* what;
+  } checks[] = {
+      {norm_da == 0.0 && norm_db > 0.0, "first step: dA must be 0 and dB not (B starts at 0)"},
+      {std::sqrt(db_num / db_den) < 1e-5, "dB differs from s dy^T h"},
+      {std::sqrt(diff / ref) < 1e-5 && restore < 1e-5, "merged layer or unmerge is off"},
+      {std::sqrt(bank_num / bank_den) < 1e-5, "a bank row differs from its own adapter"},
+      {frozen_out == out && norm_da1 == 0.0 && norm_db2 > 0.0,
+       "expert LoRA does not start as the frozen experts"},
+  };
+  for (const auto& c : checks) {
+    if (!c.ok) {
+      std::printf("wrong: %s\n", c.what);
+      return 1;
+    }
+  }
+  std::printf("checked: dB, merging, every bank row, expert LoRA at B = 0\n");
   return 0;
 }

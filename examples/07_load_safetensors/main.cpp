@@ -75,11 +75,11 @@ int main() {
   moekit::io::SafetensorsWriter writer;
   moekit::io::save_weights(writer, layer, params, "layers.0.moe.");
   writer.set_metadata("format", "pt");
-  writer.write(path);  // the views are read here; writes path.tmp, then renames
+  writer.write(path);  // the views are read here; a temporary, then renamed over path
   // [save]
 
   // [load]
-  const moekit::io::SafetensorsReader file(path);  // maps the file, validates all of it
+  const moekit::io::SafetensorsReader file(path);  // validates the header and the checksum
   const moekit::io::TensorInfo& info = file.info("layers.0.moe.experts.7.w2.weight");
   std::printf("%s: %lld tensors; experts.7.w2 is %s [%lld, %lld]\n", path.filename().c_str(),
               static_cast<long long>(file.size()), info.dtype.c_str(),

@@ -14,9 +14,9 @@ namespace {
 
 using moekit::index_t;
 
-std::vector<float> random_vector(std::mt19937& rng, std::size_t n, float scale) {
+std::vector<float> random_vector(std::mt19937& rng, index_t n, float scale) {
   std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
+  std::vector<float> v(static_cast<std::size_t>(n));
   for (float& x : v) x = normal(rng);
   return v;
 }
@@ -91,7 +91,7 @@ int main() {
     // Loss: L = mse + switch_coeff * L_switch + z_coeff * L_z. Only dL/dy of
     // the task loss is ours to give; backward adds the balance losses' part.
     double mse = 0.0;
-    for (index_t i = 0; i < T * d; ++i) {
+    for (std::size_t i = 0; i < y.size(); ++i) {
       const float diff = y[i] - target[i];
       mse += 0.5 * diff * diff / T;
       dy[i] = diff / static_cast<float>(T);

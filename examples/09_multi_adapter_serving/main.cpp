@@ -16,10 +16,11 @@
 namespace {
 
 using moekit::index_t;
+using moekit::to_size;
 
-std::vector<float> random_vector(std::mt19937& rng, std::size_t n, float scale) {
+std::vector<float> random_vector(std::mt19937& rng, index_t n, float scale) {
   std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
+  std::vector<float> v(static_cast<std::size_t>(n));
   for (float& x : v) x = normal(rng);
   return v;
 }
@@ -37,7 +38,7 @@ double max_row_error(const std::vector<float>& a, const std::vector<float>& b, i
     if (!pick(r)) continue;
     double diff = 0.0, ref = 0.0;
     for (index_t c = 0; c < cols; ++c) {
-      const double u = a[r * cols + c], v = b[r * cols + c];
+      const double u = a[to_size(r * cols + c)], v = b[to_size(r * cols + c)];
       diff += (u - v) * (u - v);
       ref += v * v;
     }
@@ -81,7 +82,7 @@ int main() {
   std::vector<index_t> order(n), offsets(N + 1);
   bank.group({ids.data(), n}, {order.data(), n}, {offsets.data(), N + 1});
   const moekit::cpu::LoraRows rows{{ids.data(), n}, {order.data(), n}, {offsets.data(), N + 1}};
-  std::vector<std::byte> workspace(bank.workspace_size(n));
+  std::vector<std::byte> workspace(to_size(bank.workspace_size(n)));
   std::vector<float> y(n * d_out);
   bank.forward({x.data(), n, d_in}, rows, weights, {y.data(), n, d_out}, /*saved_h=*/{},
                moekit::cpu::LoraStep{}, view_of(workspace));  // inference: no dropout
@@ -89,7 +90,7 @@ int main() {
 
   std::printf("batch of %lld requests: rows per adapter", static_cast<long long>(n));
   for (index_t i = 0; i < N; ++i)
-    std::printf(" %lld", static_cast<long long>(offsets[i + 1] - offsets[i]));
+    std::printf(" %lld", static_cast<long long>(offsets[to_size(i + 1)] - offsets[to_size(i)]));
   std::printf(", %lld on the base layer only\n", static_cast<long long>(n - offsets[N]));
 
   // [check]
@@ -97,7 +98,7 @@ int main() {
   // of A and rows [i d_out, (i+1) d_out) of B. The base layer is an adapter
   // whose B is zero.
   const moekit::cpu::LoraLinear<Lora> single({.d_in = d_in, .d_out = d_out, .alpha = 16.0f});
-  std::vector<std::byte> single_workspace(single.workspace_size(n));
+  std::vector<std::byte> single_workspace(to_size(single.workspace_size(n)));
   const std::vector<float> zero_b(d_out * R, 0.0f);
   std::vector<float> y_alone(n * d_out);
   double worst = 0.0;
@@ -109,7 +110,7 @@ int main() {
                    {y_alone.data(), n, d_out}, {}, moekit::cpu::LoraStep{},
                    view_of(single_workspace));
     const double err =
-        max_row_error(y, y_alone, n, d_out, [&](index_t r) { return ids[r] == task; });
+        max_row_error(y, y_alone, n, d_out, [&](index_t r) { return ids[to_size(r)] == task; });
     std::printf("adapter %2d: bank rows vs the adapter alone, max relative difference %.1e\n", task,
                 err);
     worst = std::max(worst, err);
@@ -132,7 +133,7 @@ int main() {
   // [merge]
 
   const double merge_err =
-      max_row_error(y, y_merged, n, d_out, [&](index_t r) { return ids[r] == kTask; });
+      max_row_error(y, y_merged, n, d_out, [&](index_t r) { return ids[to_size(r)] == kTask; });
   std::printf("task %d merged into W: max relative difference to the bank %.1e\n", kTask,
               merge_err);
   if (!(worst < 1e-5) || !(merge_err < 1e-5)) {

@@ -18,15 +18,16 @@
 namespace {
 
 using moekit::index_t;
+using moekit::to_size;
 using Spec = moekit::MoeSpec<4, 2>;
 constexpr int E = Spec::num_experts;
 constexpr int kLayers = 3;                              // one exit after each layer
 constexpr index_t d = 32, f = 64, kClasses = 5;         // d_model, d_ff per expert, classes
 constexpr index_t kBatch = 64, kRequests = 4 * kBatch;  // four batches of requests
 
-std::vector<float> random_vector(std::mt19937& rng, std::size_t n, float scale) {
+std::vector<float> random_vector(std::mt19937& rng, index_t n, float scale) {
   std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
+  std::vector<float> v(static_cast<std::size_t>(n));
   for (float& x : v) x = normal(rng);
   return v;
 }
@@ -58,10 +59,10 @@ int main() {
   const moekit::cpu::MoeLayer<Spec> layer(config);
   std::array<Block, kLayers> blocks;
   for (int l = 0; l < kLayers; ++l) {
-    blocks[l] = {random_vector(rng, E * d, 0.2f), random_vector(rng, E * f * d, 0.1f),
-                 random_vector(rng, E * d * f, 0.1f),
-                 random_vector(rng, kClasses * d, 0.45f * static_cast<float>(l + 1)),
-                 std::vector<float>(kClasses, 0.0f)};
+    blocks[to_size(l)] = {random_vector(rng, E * d, 0.2f), random_vector(rng, E * f * d, 0.1f),
+                          random_vector(rng, E * d * f, 0.1f),
+                          random_vector(rng, kClasses * d, 0.45f * static_cast<float>(l + 1)),
+                          std::vector<float>(kClasses, 0.0f)};
   }
   const moekit::cpu::TaskHeads<moekit::HeadSpec<1>> exit_head(
       {.d_model = d, .classes = {kClasses}});
@@ -96,13 +97,13 @@ int main() {
     for (int l = 0; l < kLayers && live > 0; ++l) {
       std::printf(" %lld", static_cast<long long>(live));
       const moekit::MatrixView<float> x(acts.data(), live, d);
-      layer.forward(x, blocks[l].moe(), storage.state(), {moe_out.data(), live, d}, nullptr,
-                    storage.workspace());
+      layer.forward(x, blocks[to_size(l)].moe(), storage.state(), {moe_out.data(), live, d},
+                    nullptr, storage.workspace());
       moekit::as_eigen(x) +=
           moekit::as_eigen(moekit::MatrixView<const float>(moe_out.data(), live, d));
       rows_run += live;
 
-      exit_head.forward(x, {}, blocks[l].exit(), {logits.data(), live, kClasses}, {});
+      exit_head.forward(x, {}, blocks[to_size(l)].exit(), {logits.data(), live, kClasses}, {});
       const index_t before = live;
       live = exits.step(l, {logits.data(), live, kClasses}, state, results, {kept.data(), kBatch});
       // Survivors move up, in order: the next layer runs on `live` rows only.
@@ -121,9 +122,9 @@ int main() {
   std::printf("MoE layers ran %lld rows of %lld at full depth (%.0f%%)\n",
               static_cast<long long>(rows_run), static_cast<long long>(kRequests * kLayers),
               100.0 * static_cast<double>(rows_run) / static_cast<double>(kRequests * kLayers));
-  for (index_t i = 0; i < 4; ++i) {
-    std::printf("request %lld: class %d, confidence %.2f, exit %d\n", static_cast<long long>(i),
-                prediction[i], confidence[i], exit_taken[i]);
+  for (std::size_t i = 0; i < 4; ++i) {
+    std::printf("request %zu: class %d, confidence %.2f, exit %d\n", i, prediction[i],
+                confidence[i], exit_taken[i]);
   }
 
   // Reference: every request through every layer and exit, no compaction; a
@@ -134,14 +135,15 @@ int main() {
   moekit::cpu::MoeLayerStorage<Spec> ref_storage(layer, kRequests);
   for (int l = 0; l < kLayers; ++l) {
     const moekit::MatrixView<float> x(ref_acts.data(), kRequests, d);
-    layer.forward(x, blocks[l].moe(), ref_storage.state(), {ref_out.data(), kRequests, d}, nullptr,
-                  ref_storage.workspace());
+    layer.forward(x, blocks[to_size(l)].moe(), ref_storage.state(), {ref_out.data(), kRequests, d},
+                  nullptr, ref_storage.workspace());
     moekit::as_eigen(x) +=
         moekit::as_eigen(moekit::MatrixView<const float>(ref_out.data(), kRequests, d));
-    exit_head.forward(x, {}, blocks[l].exit(), {ref_logits.data(), kRequests, kClasses}, {});
-    for (index_t r = 0; r < kRequests; ++r) {
+    exit_head.forward(x, {}, blocks[to_size(l)].exit(), {ref_logits.data(), kRequests, kClasses},
+                      {});
+    for (std::size_t r = 0; r < ref_exit.size(); ++r) {
       if (ref_exit[r] >= 0) continue;
-      const float* z = &ref_logits[r * kClasses];
+      const float* z = ref_logits.data() + r * kClasses;
       const index_t top = std::max_element(z, z + kClasses) - z;
       double sum = 0.0;
       for (index_t c = 0; c < kClasses; ++c) sum += std::exp(double(z[c]) - z[top]);
@@ -150,12 +152,12 @@ int main() {
       if (ref_conf[r] >= 0.8f || l == kLayers - 1) ref_exit[r] = l;
     }
   }
-  for (index_t r = 0; r < kRequests; ++r) {
+  for (std::size_t r = 0; r < ref_exit.size(); ++r) {
     if (exit_taken[r] != ref_exit[r] || prediction[r] != ref_class[r] ||
         std::abs(confidence[r] - ref_conf[r]) > 1e-5f) {
-      std::printf("FAILED: request %lld: exit %d class %d confidence %.6f, reference %d %d %.6f\n",
-                  static_cast<long long>(r), exit_taken[r], prediction[r], confidence[r],
-                  ref_exit[r], ref_class[r], ref_conf[r]);
+      std::printf("FAILED: request %zu: exit %d class %d confidence %.6f, reference %d %d %.6f\n",
+                  r, exit_taken[r], prediction[r], confidence[r], ref_exit[r], ref_class[r],
+                  ref_conf[r]);
       return 1;
     }
   }

@@ -23,11 +23,11 @@ struct RoutingBuffers {
 
   explicit RoutingBuffers(std::int64_t t)
       : tokens(t),
-        logits(t * E, kPoison),
-        scores(t * E, kPoison),
-        weights(t * K, kPoison),
-        ids(t * K, kPoisonId),
-        positions(t * K, kPoisonId) {}
+        logits(moekit::to_size(t * E), kPoison),
+        scores(moekit::to_size(t * E), kPoison),
+        weights(moekit::to_size(t * K), kPoison),
+        ids(moekit::to_size(t * K), kPoisonId),
+        positions(moekit::to_size(t * K), kPoisonId) {}
 
   moekit::cpu::Routing view() {
     return {{logits.data(), tokens, E},

@@ -19,6 +19,7 @@
 #include "expect_error.hpp"
 #include "moekit/cpu/aux_losses.hpp"
 #include "moekit/cpu/router.hpp"
+#include "test_support.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -32,6 +33,7 @@ using moekit::index_t;
 using moekit::MatrixView;
 using moekit::MoeSpec;
 using moekit::NoiseKind;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit::cpu::ExpertBias;
 using moekit::cpu::ImportanceLoadOptions;
@@ -41,6 +43,9 @@ using moekit::cpu::Routing;
 using moekit::cpu::RoutingStats;
 using moekit::cpu::SwitchLossOptions;
 using moekit::cpu::SwitchNormalization;
+using moekit_test::rel_error;
+using moekit_test::same_bits;
+using moekit_test::to_double;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -60,11 +65,11 @@ struct AuxBuffers {
 
   explicit AuxBuffers(index_t t)
       : tokens(t),
-        logits(t * E, kNaN),
-        scores(t * E, kNaN),
-        weights(t * K, kNaN),
-        ids(t * K, -777),
-        positions(t * K, -777) {}
+        logits(to_size(t * E), kNaN),
+        scores(to_size(t * E), kNaN),
+        weights(to_size(t * K), kNaN),
+        ids(to_size(t * K), -777),
+        positions(to_size(t * K), -777) {}
 
   Routing view() {
     return {{logits.data(), tokens, E},
@@ -82,26 +87,9 @@ std::vector<float> poison(std::size_t n) {
   return p;
 }
 
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
-// ||out - ref|| / ||ref||.
-double rel_err(const std::vector<double>& out, const std::vector<double>& ref) {
-  double num = 0.0, den = 0.0;
-  for (std::size_t i = 0; i < ref.size(); ++i) {
-    num += (out[i] - ref[i]) * (out[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  // A reference that is zero up to rounding (K = E makes the Switch loss
-  // constant) has no scale: the error is then absolute.
-  return std::sqrt(den) > 1e-8 ? std::sqrt(num / den) : std::sqrt(num);
-}
-double rel_err(double out, double ref) {
-  return ref != 0.0 ? std::abs(out - ref) / std::abs(ref) : std::abs(out);
-}
-
-std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+// A gradient reference that is zero up to rounding (K = E makes the Switch
+// loss constant) has no scale: below this norm the error is absolute.
+constexpr double kZeroScale = 1e-8;
 
 // Worst errors seen, printed once at the end for the record.
 struct ErrorLog {
@@ -120,7 +108,7 @@ struct ErrorLog {
 };
 
 // ---- float64 reference ----------------------------------------------------------
-// Written from DESIGN.md §4 without moekit's core math: sorts instead of
+// Written from docs/math.md without moekit's core math: sorts instead of
 // insertion lists, explicit Jacobians instead of backward helpers.
 
 struct Ref {
@@ -150,17 +138,17 @@ Ref make_ref(const RouterConfig& c, const std::vector<float>& bias, int E, int K
 
 std::vector<double> ref_softmax(const double* x, int n) {
   const double m = *std::max_element(x, x + n);
-  std::vector<double> p(n);
+  std::vector<double> p(to_size(n));
   double z = 0.0;
-  for (int i = 0; i < n; ++i) z += p[i] = std::exp(x[i] - m);
+  for (int i = 0; i < n; ++i) z += p[to_size(i)] = std::exp(x[i] - m);
   for (double& v : p) v /= z;
   return p;
 }
 
 std::vector<double> ref_scores(const Ref& r, const double* x) {
   if (r.rule != GatingRule::kSigmoid) return ref_softmax(x, r.E);
-  std::vector<double> s(r.E);
-  for (int e = 0; e < r.E; ++e) s[e] = 1.0 / (1.0 + std::exp(-x[e]));
+  std::vector<double> s(to_size(r.E));
+  for (int e = 0; e < r.E; ++e) s[to_size(e)] = 1.0 / (1.0 + std::exp(-x[e]));
   return s;
 }
 
@@ -174,11 +162,12 @@ std::vector<double> ref_q(const Ref& r, const std::vector<double>& scores) {
 }
 
 std::vector<double> ref_keys(const Ref& r, const double* x, const std::vector<double>& scores) {
-  std::vector<double> keys(r.E);
+  std::vector<double> keys(to_size(r.E));
   for (int e = 0; e < r.E; ++e) {
     const bool on_logit = r.rule == GatingRule::kTopKSoftmax ||
                           (r.rule == GatingRule::kSoftmaxTopK && r.bias.empty());
-    keys[e] = (on_logit ? x[e] : scores[e]) + (r.bias.empty() ? 0.0 : r.bias[e]);
+    keys[to_size(e)] =
+        (on_logit ? x[e] : scores[to_size(e)]) + (r.bias.empty() ? 0.0 : r.bias[to_size(e)]);
   }
   return keys;
 }
@@ -186,7 +175,7 @@ std::vector<double> ref_keys(const Ref& r, const double* x, const std::vector<do
 // Candidates sorted by key, higher first, ties -> lower index first.
 std::vector<int> ref_order(const std::vector<double>& keys, std::vector<int> candidates) {
   std::stable_sort(candidates.begin(), candidates.end(), [&](int a, int b) {
-    return keys[a] > keys[b] || (keys[a] == keys[b] && a < b);
+    return keys[to_size(a)] > keys[to_size(b)] || (keys[to_size(a)] == keys[to_size(b)] && a < b);
   });
   return candidates;
 }
@@ -194,25 +183,25 @@ std::vector<int> ref_order(const std::vector<double>& keys, std::vector<int> can
 std::vector<int> ref_select(const Ref& r, const std::vector<double>& keys) {
   std::vector<int> candidates;
   if (r.groups <= 1) {
-    candidates.resize(r.E);
+    candidates.resize(to_size(r.E));
     std::iota(candidates.begin(), candidates.end(), 0);
   } else {
     const int size = r.E / r.groups;
-    std::vector<double> group_score(r.groups);
+    std::vector<double> group_score(to_size(r.groups));
     for (int g = 0; g < r.groups; ++g) {
       std::vector<double> v(keys.begin() + g * size, keys.begin() + (g + 1) * size);
       std::sort(v.begin(), v.end(), std::greater<>());
-      group_score[g] = std::accumulate(v.begin(), v.begin() + r.group_top, 0.0);
+      group_score[to_size(g)] = std::accumulate(v.begin(), v.begin() + r.group_top, 0.0);
     }
-    std::vector<int> groups(r.groups);
+    std::vector<int> groups(to_size(r.groups));
     std::iota(groups.begin(), groups.end(), 0);
     groups = ref_order(group_score, groups);
     for (int i = 0; i < r.groups_kept; ++i) {
-      for (int j = 0; j < size; ++j) candidates.push_back(groups[i] * size + j);
+      for (int j = 0; j < size; ++j) candidates.push_back(groups[to_size(i)] * size + j);
     }
   }
   std::vector<int> order = ref_order(keys, candidates);
-  order.resize(r.K);
+  order.resize(to_size(r.K));
   return order;
 }
 
@@ -225,42 +214,42 @@ struct RefRouting {
 RefRouting ref_route(const Ref& r, const std::vector<double>& x, index_t T) {
   const int E = r.E, K = r.K;
   RefRouting out;
-  out.scores.resize(T * E);
-  out.weights.resize(T * K);
-  out.ids.resize(T * K);
-  out.kept.assign(T * K, true);
+  out.scores.resize(to_size(T * E));
+  out.weights.resize(to_size(T * K));
+  out.ids.resize(to_size(T * K));
+  out.kept.assign(to_size(T * K), true);
   for (index_t t = 0; t < T; ++t) {
-    const double* xt = &x[t * E];
+    const double* xt = &x[to_size(t * E)];
     const std::vector<double> s = ref_scores(r, xt);
     const std::vector<int> ids = ref_select(r, ref_keys(r, xt, s));
-    std::vector<double> w(K);
+    std::vector<double> w(to_size(K));
     if (r.rule == GatingRule::kTopKSoftmax) {
-      std::vector<double> sel(K);
-      for (int k = 0; k < K; ++k) sel[k] = xt[ids[k]];
+      std::vector<double> sel(to_size(K));
+      for (int k = 0; k < K; ++k) sel[to_size(k)] = xt[ids[to_size(k)]];
       w = ref_softmax(sel.data(), K);
     } else {
       double sum = 0.0;
-      for (int k = 0; k < K; ++k) sum += w[k] = s[ids[k]];
+      for (int k = 0; k < K; ++k) sum += w[to_size(k)] = s[to_size(ids[to_size(k)])];
       if (r.renormalize) {
         for (double& v : w) v /= sum;
       }
     }
-    for (int e = 0; e < E; ++e) out.scores[t * E + e] = s[e];
+    for (int e = 0; e < E; ++e) out.scores[to_size(t * E + e)] = s[to_size(e)];
     for (int k = 0; k < K; ++k) {
-      out.ids[t * K + k] = ids[k];
-      out.weights[t * K + k] = w[k] * r.scaling;
+      out.ids[to_size(t * K + k)] = ids[to_size(k)];
+      out.weights[to_size(t * K + k)] = w[to_size(k)] * r.scaling;
     }
   }
   if (r.capacity_factor > 0.0) {
     const double c = std::ceil(r.capacity_factor * static_cast<double>(T) * K / E);
     const index_t cap = std::min<index_t>(T, static_cast<index_t>(c));
-    std::vector<index_t> fill(E, 0);
+    std::vector<index_t> fill(to_size(E), 0);
     for (index_t i = 0; i < T * K; ++i) {
-      if (fill[out.ids[i]] < cap) {
-        ++fill[out.ids[i]];
+      if (fill[to_size(out.ids[to_size(i)])] < cap) {
+        ++fill[to_size(out.ids[to_size(i)])];
       } else {
-        out.kept[i] = false;
-        out.weights[i] = 0.0;
+        out.kept[to_size(i)] = false;
+        out.weights[to_size(i)] = 0.0;
       }
     }
   }
@@ -273,39 +262,41 @@ double ref_switch(const Ref& r, const RefRouting& rt, index_t r0, index_t n, boo
                   double coeff, std::vector<double>* grad) {
   const int E = r.E, K = r.K;
   if (n == 0) return 0.0;
-  std::vector<double> f(E, 0.0), P(E, 0.0);
+  std::vector<double> f(to_size(E), 0.0), P(to_size(E), 0.0);
   for (index_t t = r0; t < r0 + n; ++t) {
-    for (int k = 0; k < K; ++k) f[rt.ids[t * K + k]] += 1.0;
+    for (int k = 0; k < K; ++k) f[to_size(rt.ids[to_size(t * K + k)])] += 1.0;
     const std::vector<double> s(rt.scores.begin() + t * E, rt.scores.begin() + (t + 1) * E);
     const std::vector<double> q = ref_q(r, s);
-    for (int e = 0; e < E; ++e) P[e] += q[e] / static_cast<double>(n);
+    for (int e = 0; e < E; ++e) P[to_size(e)] += q[to_size(e)] / static_cast<double>(n);
   }
   const double denom = tokens_times_k ? static_cast<double>(n) * K : static_cast<double>(n);
   double loss = 0.0;
   for (int e = 0; e < E; ++e) {
-    f[e] /= denom;
-    loss += E * f[e] * P[e];
+    f[to_size(e)] /= denom;
+    loss += E * f[to_size(e)] * P[to_size(e)];
   }
   if (grad != nullptr) {
     for (index_t t = r0; t < r0 + n; ++t) {
-      const double* s = &rt.scores[t * E];
+      const double* s = &rt.scores[to_size(t * E)];
       // J(i, j) = dq_i / dx_j, written out.
-      std::vector<double> J(E * E);
+      std::vector<double> J(to_size(E * E));
       double sum = 0.0;
       for (int e = 0; e < E; ++e) sum += s[e];
       for (int i = 0; i < E; ++i) {
         for (int j = 0; j < E; ++j) {
           if (r.rule != GatingRule::kSigmoid) {
-            J[i * E + j] = s[i] * ((i == j ? 1.0 : 0.0) - s[j]);
+            J[to_size(i * E + j)] = s[i] * ((i == j ? 1.0 : 0.0) - s[j]);
           } else {
-            J[i * E + j] = ((i == j ? 1.0 : 0.0) / sum - s[i] / (sum * sum)) * s[j] * (1.0 - s[j]);
+            J[to_size(i * E + j)] =
+                ((i == j ? 1.0 : 0.0) / sum - s[i] / (sum * sum)) * s[j] * (1.0 - s[j]);
           }
         }
       }
       for (int j = 0; j < E; ++j) {
         double g = 0.0;
-        for (int i = 0; i < E; ++i) g += E * f[i] / static_cast<double>(n) * J[i * E + j];
-        (*grad)[t * E + j] += coeff * g;
+        for (int i = 0; i < E; ++i)
+          g += E * f[to_size(i)] / static_cast<double>(n) * J[to_size(i * E + j)];
+        (*grad)[to_size(t * E + j)] += coeff * g;
       }
     }
   }
@@ -326,18 +317,21 @@ double ref_z(const std::vector<double>& x, index_t T, int E, double coeff,
              std::vector<double>* grad) {
   double sum = 0.0;
   for (index_t t = 0; t < T; ++t) {
-    const double* xt = &x[t * E];
-    bool finite = true;
-    for (int e = 0; e < E; ++e) finite = finite && std::isfinite(xt[e]);
-    if (!finite) continue;
+    const double* xt = &x[to_size(t * E)];
+    // -inf is a masked expert (exp = 0); NaN, +inf or nothing above -inf
+    // leave lse undefined: the row adds 0.
+    bool defined = true;
+    for (int e = 0; e < E; ++e) defined = defined && !std::isnan(xt[e]) && xt[e] != kInf;
     const double m = *std::max_element(xt, xt + E);
+    if (!defined || m == -kInf) continue;
     double z = 0.0;
     for (int e = 0; e < E; ++e) z += std::exp(xt[e] - m);
     const double lse = m + std::log(z);
     sum += lse * lse;
     if (grad != nullptr) {
       for (int e = 0; e < E; ++e) {
-        (*grad)[t * E + e] += coeff * 2.0 * lse * std::exp(xt[e] - m) / z / static_cast<double>(T);
+        (*grad)[to_size(t * E + e)] +=
+            coeff * 2.0 * lse * std::exp(xt[e] - m) / z / static_cast<double>(T);
       }
     }
   }
@@ -354,7 +348,7 @@ double ref_cv2(const std::vector<double>& v) {
 
 // Experts of one token by noisy logit, higher first, ties -> lower index.
 std::vector<int> ref_token_order(const double* h, int E) {
-  std::vector<int> all(E);
+  std::vector<int> all(to_size(E));
   std::iota(all.begin(), all.end(), 0);
   return ref_order(std::vector<double>(h, h + E), all);
 }
@@ -369,9 +363,9 @@ double ref_keep_probability(const std::vector<int>& order, const double* h, doub
   int j;
   if (rank < K) {
     if (K == E) return 1.0;
-    j = order[K];
+    j = order[to_size(K)];
   } else {
-    j = order[K - 1];
+    j = order[to_size(K - 1)];
   }
   return 0.5 * std::erfc(-(c_e - h[j]) / sigma / std::sqrt(2.0));
 }
@@ -385,16 +379,17 @@ double ref_importance_load(const Ref& r, const std::vector<double>& clean,
   std::vector<double> h(clean.size());
   for (std::size_t i = 0; i < h.size(); ++i) h[i] = clean[i] + noise[i];
   const RefRouting rt = ref_route(r, h, T);
-  std::vector<double> importance(E, 0.0), load(E, 0.0);
+  std::vector<double> importance(to_size(E), 0.0), load(to_size(E), 0.0);
   for (index_t i = 0; i < T * K; ++i) {
-    if (rt.kept[i]) importance[rt.ids[i]] += rt.weights[i];
-    if (sigma <= 0.0) load[rt.ids[i]] += 1.0;
+    if (rt.kept[to_size(i)]) importance[to_size(rt.ids[to_size(i)])] += rt.weights[to_size(i)];
+    if (sigma <= 0.0) load[to_size(rt.ids[to_size(i)])] += 1.0;
   }
   if (sigma > 0.0) {
     for (index_t t = 0; t < T; ++t) {
-      const std::vector<int> order = ref_token_order(&h[t * E], E);
+      const std::vector<int> order = ref_token_order(&h[to_size(t * E)], E);
       for (int e = 0; e < E; ++e) {
-        load[e] += ref_keep_probability(order, &h[t * E], clean[t * E + e], e, K, sigma);
+        load[to_size(e)] +=
+            ref_keep_probability(order, &h[to_size(t * E)], clean[to_size(t * E + e)], e, K, sigma);
       }
     }
   }
@@ -448,10 +443,10 @@ std::vector<int> signature(const Ref& r, const double* x) {
   const std::vector<double> s = ref_scores(r, x);
   const std::vector<double> keys = ref_keys(r, x, s);
   std::vector<int> sig = ref_select(r, keys);
-  std::vector<int> all(r.E);
+  std::vector<int> all(to_size(r.E));
   std::iota(all.begin(), all.end(), 0);
   std::vector<int> order = ref_order(keys, all);
-  order.resize(std::min(r.K + 1, r.E));
+  order.resize(to_size(std::min(r.K + 1, r.E)));
   sig.insert(sig.end(), order.begin(), order.end());
   return sig;
 }
@@ -461,10 +456,10 @@ bool stable_token(const Ref& r, std::vector<double> x) {
   const std::vector<int> base = signature(r, x.data());
   for (int e = 0; e < r.E; ++e) {
     for (double d : {kStableMargin, -kStableMargin}) {
-      const double x0 = x[e];
-      x[e] = x0 + d;
+      const double x0 = x[to_size(e)];
+      x[to_size(e)] = x0 + d;
       const bool same = signature(r, x.data()) == base;
-      x[e] = x0;
+      x[to_size(e)] = x0;
       if (!same) return false;
     }
   }
@@ -486,7 +481,7 @@ struct Prepared {
   std::vector<double> clean, noise;  // float64 copies: noisy = clean + noise exactly
 
   explicit Prepared(const CaseDesc& d)
-      : config(d.config), T(d.tokens), x(d.tokens * E), buf(d.tokens) {
+      : config(d.config), T(d.tokens), x(to_size(d.tokens * E)), buf(d.tokens) {
     std::mt19937 rng(d.seed);
     std::normal_distribution<float> normal(0.0f, static_cast<float>(d.logit_scale));
     std::uniform_real_distribution<float> small(-0.1f, 0.1f);
@@ -495,7 +490,7 @@ struct Prepared {
       for (float& b : bias) b = small(rng);
     }
     eye.assign(E * E, 0.0f);
-    for (int e = 0; e < E; ++e) eye[e * E + e] = 1.0f;
+    for (int e = 0; e < E; ++e) eye[to_size(e * E + e)] = 1.0f;
     for (float& v : x) v = normal(rng);
     ref = make_ref(config, bias, E, K);
     for (int attempt = 0;; ++attempt) {
@@ -505,7 +500,7 @@ struct Prepared {
         const std::vector<double> h(buf.logits.begin() + t * E, buf.logits.begin() + (t + 1) * E);
         if (!stable_token(ref, h)) {
           all_stable = false;
-          for (int e = 0; e < E; ++e) x[t * E + e] = normal(rng);
+          for (int e = 0; e < E; ++e) x[to_size(t * E + e)] = normal(rng);
         }
       }
       if (all_stable) break;
@@ -537,8 +532,8 @@ struct Prepared {
   void expect_matches_reference() const {
     const RefRouting rt = ref_route(ref, noisy_logits(clean), T);
     for (index_t i = 0; i < T * K; ++i) {
-      ASSERT_EQ(buf.ids[i], rt.ids[i]) << "slot " << i;
-      ASSERT_EQ(buf.positions[i] >= 0, rt.kept[i]) << "slot " << i;
+      ASSERT_EQ(buf.ids[to_size(i)], rt.ids[to_size(i)]) << "slot " << i;
+      ASSERT_EQ(buf.positions[to_size(i)] >= 0, rt.kept[to_size(i)]) << "slot " << i;
     }
   }
 
@@ -561,7 +556,7 @@ struct Prepared {
 // The library call on zeros, returning (loss, coeff * dL/dx as double).
 template <class F>
 std::pair<double, std::vector<double>> run_on_zeros(F&& call, index_t T, int E) {
-  std::vector<float> d(T * E, 0.0f);
+  std::vector<float> d(to_size(T * E), 0.0f);
   const double loss = call(MatrixView<float>(d.data(), T, E));
   return {loss, to_double(d)};
 }
@@ -621,7 +616,7 @@ struct CheckSwitch {
             return moekit::cpu::switch_loss<S>(p.config.gating.rule, p.buf.view(), opt, kCoeff, dl);
           },
           p.T, E);
-      std::vector<double> ref_grad(p.T * E, 0.0);
+      std::vector<double> ref_grad(to_size(p.T * E), 0.0);
       const double ref_loss = ref_switch(p.ref, rt, 0, p.T, tk, kCoeff, &ref_grad);
       int flips = 0;
       auto f = p.watched(
@@ -631,8 +626,8 @@ struct CheckSwitch {
           flips);
       const std::vector<double> fd = finite_differences(f, p.clean);
       EXPECT_EQ(flips, 0) << d.name;
-      const double ev = rel_err(loss, ref_loss), eg = rel_err(grad, ref_grad),
-                   ef = rel_err(grad, fd);
+      const double ev = rel_error(loss, ref_loss), eg = rel_error(grad, ref_grad, kZeroScale),
+                   ef = rel_error(grad, fd, kZeroScale);
       switch_log.note(tk ? "switch T*K" : "switch T", d.name, ev, eg, ef);
       EXPECT_LT(ev, 1e-6) << d.name;
       EXPECT_LT(eg, 1e-5) << d.name;
@@ -656,9 +651,9 @@ TEST(AuxLossSwitch, OneUnderPerfectBalanceMoreWhenCollapsed) {
   // gets exactly T K / E assignments; L = sum_e P_e = 1 whatever P is.
   AuxBuffers<S> buf(T);
   for (index_t t = 0; t < T; ++t) {
-    for (int e = 0; e < E; ++e) buf.logits[t * E + e] = u(rng);
-    buf.logits[t * E + t % E] = 4.0f;
-    buf.logits[t * E + (t + 1) % E] = 3.0f;
+    for (int e = 0; e < E; ++e) buf.logits[to_size(t * E + e)] = u(rng);
+    buf.logits[to_size(t * E + t % E)] = 4.0f;
+    buf.logits[to_size(t * E + (t + 1) % E)] = 3.0f;
   }
   RoutingStats<S> stats;
   router.route(buf.view(), {}, &stats);
@@ -668,9 +663,9 @@ TEST(AuxLossSwitch, OneUnderPerfectBalanceMoreWhenCollapsed) {
   EXPECT_NEAR(balanced, 1.0, 1e-6);
   // Collapsed: every token to experts 0 and 1.
   for (index_t t = 0; t < T; ++t) {
-    for (int e = 0; e < E; ++e) buf.logits[t * E + e] = u(rng);
-    buf.logits[t * E + 0] = 4.0f;
-    buf.logits[t * E + 1] = 3.0f;
+    for (int e = 0; e < E; ++e) buf.logits[to_size(t * E + e)] = u(rng);
+    buf.logits[to_size(t * E + 0)] = 4.0f;
+    buf.logits[to_size(t * E + 1)] = 3.0f;
   }
   router.route(buf.view(), {}, &stats);
   const double collapsed =
@@ -683,8 +678,8 @@ TEST(AuxLossSwitch, OneUnderPerfectBalanceMoreWhenCollapsed) {
   using S1 = MoeSpec<8, 1>;
   AuxBuffers<S1> one(T);
   for (index_t t = 0; t < T; ++t) {
-    for (int e = 0; e < E; ++e) one.logits[t * E + e] = u(rng);
-    one.logits[t * E] = 3.0f;
+    for (int e = 0; e < E; ++e) one.logits[to_size(t * E + e)] = u(rng);
+    one.logits[to_size(t * E)] = 3.0f;
   }
   RoutingStats<S1> stats1;
   Router<S1>(gating(GatingRule::kSoftmaxTopK)).route(one.view(), {}, &stats1);
@@ -717,7 +712,7 @@ TEST(AuxLossSwitch, TokensNormalisationIsKTimesTokensTimesK) {
   EXPECT_NEAR(t, 4.0 * tk, 1e-12 * t);
   std::vector<double> scaled(grad_tk);
   for (double& v : scaled) v *= 4.0;
-  EXPECT_LT(rel_err(grad_t, scaled), 1e-6);
+  EXPECT_LT(rel_error(grad_t, scaled, kZeroScale), 1e-6);
 }
 
 TEST(AuxLossSwitch, DroppedAssignmentsStillCountAndFCarriesNoGradient) {
@@ -763,7 +758,7 @@ struct CheckSequence {
                                                      kCoeff, dl);
           },
           p.T, E);
-      std::vector<double> ref_grad(p.T * E, 0.0);
+      std::vector<double> ref_grad(to_size(p.T * E), 0.0);
       const double ref_loss = ref_sequence(p.ref, rt, p.T, len, kCoeff, &ref_grad);
       int flips = 0;
       auto f = p.watched(
@@ -773,8 +768,8 @@ struct CheckSequence {
           flips);
       const std::vector<double> fd = finite_differences(f, p.clean);
       EXPECT_EQ(flips, 0) << d.name;
-      const double ev = rel_err(loss, ref_loss), eg = rel_err(grad, ref_grad),
-                   ef = rel_err(grad, fd);
+      const double ev = rel_error(loss, ref_loss), eg = rel_error(grad, ref_grad, kZeroScale),
+                   ef = rel_error(grad, fd, kZeroScale);
       const std::string what = "seq len " + std::to_string(len);
       sequence_log.note(what.c_str(), d.name, ev, eg, ef);
       EXPECT_LT(ev, 1e-6) << d.name << " " << what;
@@ -833,7 +828,7 @@ struct CheckZ {
         [&](MatrixView<float> dl) { return moekit::cpu::z_loss<S>(p.buf.view(), kCoeff, dl); }, p.T,
         E);
     const std::vector<double> h = p.noisy_logits(p.clean);
-    std::vector<double> ref_grad(p.T * E, 0.0);
+    std::vector<double> ref_grad(to_size(p.T * E), 0.0);
     const double ref_loss = ref_z(h, p.T, E, kCoeff, &ref_grad);
     int flips = 0;
     auto f = p.watched(
@@ -842,7 +837,8 @@ struct CheckZ {
         },
         flips);
     const std::vector<double> fd = finite_differences(f, p.clean);
-    const double ev = rel_err(loss, ref_loss), eg = rel_err(grad, ref_grad), ef = rel_err(grad, fd);
+    const double ev = rel_error(loss, ref_loss), eg = rel_error(grad, ref_grad, kZeroScale),
+                 ef = rel_error(grad, fd, kZeroScale);
     z_log.note("z", d.name, ev, eg, ef);
     EXPECT_LT(ev, 1e-6) << d.name;
     EXPECT_LT(eg, 1e-5) << d.name;
@@ -859,18 +855,40 @@ TEST(AuxLossZ, MatchesFloat64ReferenceAndFiniteDifferences) {
   CheckZ<MoeSpec<8, 2>>::run(d);
 }
 
+// The case: a masked (-inf) expert leaves a finite log-sum-exp.
+TEST(AuxLossZ, MaskedExpertKeepsItsRow) {
+  using S = MoeSpec<4, 1>;
+  AuxBuffers<S> buf(2);
+  const float rows[8] = {1.0f, 2.0f, 3.0f, -kInf, 1.0f, 2.0f, 3.0f, 4.0f};
+  std::copy(rows, rows + 8, buf.logits.begin());
+  Router<S>(gating(GatingRule::kSoftmaxTopK)).route(buf.view(), {});
+  std::vector<float> dl(8, 0.0f);
+  const double loss = moekit::cpu::z_loss<S>(buf.view(), 1.0f, {dl.data(), 2, 4});
+  const double lse0 = std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0));
+  const double lse1 = std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0) + std::exp(4.0));
+  EXPECT_NEAR(loss, (lse0 * lse0 + lse1 * lse1) / 2.0, 1e-5);  // 15.66, not 9.86
+  EXPECT_NEAR(loss, 15.66, 0.005);
+  EXPECT_EQ(dl[3], 0.0f);  // the masked expert gets no gradient
+  EXPECT_NEAR(dl[0], lse0 * std::exp(1.0 - lse0), 1e-5);
+  RoutingStats<S> stats;
+  Router<S>(gating(GatingRule::kSoftmaxTopK)).route(buf.view(), {}, &stats);
+  EXPECT_EQ(stats.z_loss, loss);
+}
+
 TEST(AuxLossZ, NonFiniteRowsContributeZeroAndGetNoGradient) {
   using S = MoeSpec<8, 2>;
   constexpr int E = 8;
-  const index_t T = 6;
+  const index_t T = 7;
   AuxBuffers<S> buf(T);
   std::mt19937 rng(21);
   std::normal_distribution<float> normal(0.0f, 2.0f);
   for (float& v : buf.logits) v = normal(rng);
   buf.logits[1 * E + 3] = kNaN;
   buf.logits[2 * E + 5] = kInf;
-  buf.logits[3 * E + 0] = -kInf;
-  for (int e = 0; e < E; ++e) buf.logits[4 * E + e] = kNaN;
+  buf.logits[3 * E + 0] = -kInf;  // masked: the row counts, without expert 0
+  buf.logits[3 * E + 6] = -kInf;
+  for (int e = 0; e < E; ++e) buf.logits[to_size(4 * E + e)] = kNaN;
+  for (int e = 0; e < E; ++e) buf.logits[to_size(6 * E + e)] = -kInf;  // nothing above -inf
   RouterConfig cfg = gating(GatingRule::kSoftmaxTopK);
   Router<S>(cfg).route(buf.view(), {});
 
@@ -879,11 +897,11 @@ TEST(AuxLossZ, NonFiniteRowsContributeZeroAndGetNoGradient) {
   const double loss = moekit::cpu::z_loss<S>(buf.view(), kCoeff, {dl.data(), T, E});
   std::vector<double> ref_grad(T * E, 0.0);
   const double ref_loss = ref_z(to_double(buf.logits), T, E, kCoeff, &ref_grad);
-  EXPECT_LT(rel_err(loss, ref_loss), 1e-6);  // rows 0 and 5 over T = 6
+  EXPECT_LT(rel_error(loss, ref_loss), 1e-6);  // rows 0, 3 and 5 over T = 7
   for (index_t t = 0; t < T; ++t) {
     for (int e = 0; e < E; ++e) {
-      const std::size_t i = t * E + e;
-      if (t >= 1 && t <= 4) {
+      const std::size_t i = to_size(t * E + e);
+      if (t == 1 || t == 2 || t == 4 || t == 6) {
         EXPECT_EQ(dl[i], before[i]) << "row " << t;
       } else {
         EXPECT_NEAR(dl[i] - before[i], ref_grad[i], 1e-6);
@@ -894,7 +912,7 @@ TEST(AuxLossZ, NonFiniteRowsContributeZeroAndGetNoGradient) {
   std::vector<float> dl2(T * E, 0.0f);
   const MatrixView<float> v(dl2.data(), T, E);
   double sum = moekit::cpu::switch_loss<S>(GatingRule::kSoftmaxTopK, buf.view(), {}, 1.0f, v);
-  sum += moekit::cpu::sequence_aux_loss<S>(GatingRule::kSoftmaxTopK, buf.view(), 3, 1.0f, v);
+  sum += moekit::cpu::sequence_aux_loss<S>(GatingRule::kSoftmaxTopK, buf.view(), 7, 1.0f, v);
   sum += moekit::cpu::importance_load_loss<S>(cfg, buf.view(), {}, {}, 1.0f, v);
   EXPECT_TRUE(std::isfinite(sum));
   for (float g : dl2) EXPECT_TRUE(std::isfinite(g));
@@ -933,7 +951,7 @@ struct CheckImportanceLoad {
           flips);
       const std::vector<double> fd = finite_differences(f, p.clean);
       EXPECT_EQ(flips, 0) << d.name;
-      const double ev = rel_err(loss, ref_loss), ef = rel_err(grad, fd);
+      const double ev = rel_error(loss, ref_loss), ef = rel_error(grad, fd, kZeroScale);
       char what[64];
       std::snprintf(what, sizeof what, "%s a%.1f b%.1f", smooth ? "smooth" : "counts", a, b);
       importance_log.note(what, d.name, ev, -1.0, ef);
@@ -1001,20 +1019,21 @@ TEST(AuxLossImportanceLoad, NonFiniteTokenCountsItsHardSelection) {
   p.route();
   ASSERT_EQ(p.buf.ids[5 * K], 0);
   ASSERT_EQ(p.buf.ids[5 * K + 1], 1);
-  std::vector<float> dl(p.T * E, 0.0f);
+  std::vector<float> dl(to_size(p.T * E), 0.0f);
   const double loss = moekit::cpu::importance_load_loss<S>(p.config, p.buf.view(), {}, {0.0f, 1.0f},
                                                            kCoeff, {dl.data(), p.T, E});
   std::vector<double> load(E, 0.0);
   const std::vector<double> h = p.noisy_logits(p.clean);
   for (index_t t = 0; t < p.T; ++t) {
-    const std::vector<int> order = ref_token_order(&h[t * E], E);
+    const std::vector<int> order = ref_token_order(&h[to_size(t * E)], E);
     for (int e = 0; e < E; ++e) {
-      load[e] += t == 5 ? (e < K ? 1.0 : 0.0)
-                        : ref_keep_probability(order, &h[t * E], p.clean[t * E + e], e, K, 0.5);
+      load[to_size(e)] += t == 5 ? (e < K ? 1.0 : 0.0)
+                                 : ref_keep_probability(order, &h[to_size(t * E)],
+                                                        p.clean[to_size(t * E + e)], e, K, 0.5);
     }
   }
-  EXPECT_LT(rel_err(loss, ref_cv2(load)), 1e-5);
-  for (int e = 0; e < E; ++e) EXPECT_EQ(dl[5 * E + e], 0.0f);
+  EXPECT_LT(rel_error(loss, ref_cv2(load)), 1e-5);
+  for (int e = 0; e < E; ++e) EXPECT_EQ(dl[to_size(5 * E + e)], 0.0f);
   for (float g : dl) EXPECT_TRUE(std::isfinite(g));
 }
 
@@ -1023,12 +1042,12 @@ TEST(AuxLossImportanceLoad, NonFiniteTokenCountsItsHardSelection) {
 template <class S, class F>
 void expect_adds(const char* name, index_t T, F&& call) {
   constexpr int E = S::num_experts;
-  std::vector<float> zero(T * E, 0.0f);
+  std::vector<float> zero(to_size(T * E), 0.0f);
   const double l0 = call(MatrixView<float>(zero.data(), T, E));
-  std::vector<float> dl = poison(T * E);
+  std::vector<float> dl = poison(to_size(T * E));
   const double l1 = call(MatrixView<float>(dl.data(), T, E));
   EXPECT_EQ(l0, l1) << name;
-  const std::vector<float> p = poison(T * E);
+  const std::vector<float> p = poison(to_size(T * E));
   std::size_t changed = 0;
   for (std::size_t i = 0; i < dl.size(); ++i) {
     EXPECT_EQ(dl[i], p[i] + zero[i]) << name << " element " << i;  // one float addition
@@ -1093,12 +1112,12 @@ TEST(AuxLoss, BitIdenticalAcrossRunsAndThreadCounts) {
   AuxBuffers<S> buf(T);
   std::mt19937 rng(32);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> x(T * E), eye(E * E, 0.0f);
+  std::vector<float> x(to_size(T * E)), eye(E * E, 0.0f);
   for (float& v : x) v = normal(rng);
-  for (int e = 0; e < E; ++e) eye[e * E + e] = 1.0f;
+  for (int e = 0; e < E; ++e) eye[to_size(e * E + e)] = 1.0f;
   Router<S>(d.config).forward({x.data(), T, E}, {eye.data(), E, E}, {}, {}, buf.view());
   auto all = [&] {
-    std::vector<float> dl(T * E, 0.0f);
+    std::vector<float> dl(to_size(T * E), 0.0f);
     const MatrixView<float> v(dl.data(), T, E);
     std::vector<double> losses{
         moekit::cpu::switch_loss<S>(GatingRule::kSoftmaxTopK, buf.view(), {}, 1.0f, v),
@@ -1135,6 +1154,7 @@ void expect_stats_carry_loss_values(GatingRule rule, index_t T, unsigned seed) {
   if (T > 3) {
     buf.logits[1 * E + 2] = kNaN;
     buf.logits[3 * E + 0] = kInf;
+    buf.logits[2 * E + 1] = -kInf;  // a masked expert: the row still adds its lse^2
   }
   RouterConfig config = gating(rule);
   config.capacity.factor = 1.0f;
@@ -1179,7 +1199,7 @@ TEST(AuxLossBadInput, RejectedWithNamedValuesAndNothingWritten) {
   constexpr int E = 8;
   Prepared<S> p(case_e8k2());
   const index_t T = p.T;
-  const std::vector<float> before = poison((T + 1) * E);
+  const std::vector<float> before = poison(to_size((T + 1) * E));
   std::vector<float> dl = before;
   const MatrixView<float> good(dl.data(), T, E);
   const GatingRule rule = GatingRule::kSoftmaxTopK;
@@ -1299,7 +1319,8 @@ TEST(ExpertBias, BalancesASkewedRouter) {
     // Expert e's logits are offset by 6 (e / (E - 1) - 1/2): a strong skew.
     for (index_t t = 0; t < T; ++t) {
       for (int e = 0; e < E; ++e) {
-        buf.logits[t * E + e] = normal(rng) + 6.0f * (static_cast<float>(e) / (E - 1) - 0.5f);
+        buf.logits[to_size(t * E + e)] =
+            normal(rng) + 6.0f * (static_cast<float>(e) / (E - 1) - 0.5f);
       }
     }
     router.route(buf.view(), balance.bias(), &stats);

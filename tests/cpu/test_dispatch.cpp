@@ -34,6 +34,7 @@ using moekit::Errc;
 using moekit::index_t;
 using moekit::MatrixView;
 using moekit::MoeSpec;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit::cpu::Router;
 using moekit::cpu::RouterConfig;
@@ -90,12 +91,13 @@ Routed<S> route_random(index_t tokens, double factor, DropPolicy policy, std::ui
 template <class S>
 std::vector<index_t> reference_rows(const RoutingBuffers<S>& b) {
   constexpr int E = S::num_experts, K = S::top_k;
-  std::vector<index_t> rows(b.tokens * K, -1);
+  std::vector<index_t> rows(to_size(b.tokens * K), -1);
   index_t next = 0;
   for (int e = 0; e < E; ++e) {
     for (index_t t = 0; t < b.tokens; ++t) {
       for (int k = 0; k < K; ++k) {
-        if (b.ids[t * K + k] == e && b.positions[t * K + k] >= 0) rows[t * K + k] = next++;
+        if (b.ids[to_size(t * K + k)] == e && b.positions[to_size(t * K + k)] >= 0)
+          rows[to_size(t * K + k)] = next++;
       }
     }
   }
@@ -130,7 +132,8 @@ TYPED_TEST(DispatchCombine, MatchFloat64ReferenceAndAdjoints) {
 
       // Offsets: the exclusive scan of the router's kept counts.
       EXPECT_EQ(r.offsets[0], 0);
-      for (int e = 0; e < E; ++e) EXPECT_EQ(r.offsets[e + 1] - r.offsets[e], r.stats.kept[e]);
+      for (int e = 0; e < E; ++e)
+        EXPECT_EQ(r.offsets[to_size(e + 1)] - r.offsets[to_size(e)], r.stats.kept[to_size(e)]);
       EXPECT_EQ(r.rows, T * K - r.stats.dropped);
       if (c.factor > 0 && E > 1) {
         EXPECT_GT(r.stats.dropped, 0) << "the case should drop";
@@ -150,8 +153,9 @@ TYPED_TEST(DispatchCombine, MatchFloat64ReferenceAndAdjoints) {
       moekit::cpu::dispatch<S>(x.cview(), r.view(), r.off(), buffer.view());
       for (index_t t = 0; t < T; ++t) {
         for (int k = 0; k < K; ++k) {
-          if (row[t * K + k] < 0) continue;
-          for (index_t j = 0; j < d; ++j) ASSERT_EQ(buffer.at(row[t * K + k], j), x.at(t, j));
+          if (row[to_size(t * K + k)] < 0) continue;
+          for (index_t j = 0; j < d; ++j)
+            ASSERT_EQ(buffer.at(row[to_size(t * K + k)], j), x.at(t, j));
         }
       }
       for (double v : buffer.values())
@@ -159,21 +163,21 @@ TYPED_TEST(DispatchCombine, MatchFloat64ReferenceAndAdjoints) {
       EXPECT_TRUE(buffer.padding_untouched());
 
       // The float64 references, per token, k in order.
-      std::vector<double> y_ref(T * d, 0.0), dx_ref(T * d, 0.0), dout_ref(n * d, 0.0),
-          dw_ref(T * K, 0.0);
+      std::vector<double> y_ref(to_size(T * d), 0.0), dx_ref(to_size(T * d), 0.0),
+          dout_ref(to_size(n * d), 0.0), dw_ref(T * K, 0.0);
       for (index_t t = 0; t < T; ++t) {
         for (int k = 0; k < K; ++k) {
-          const index_t q = row[t * K + k];
+          const index_t q = row[to_size(t * K + k)];
           if (q < 0) continue;
-          const double w = b.weights[t * K + k];
+          const double w = b.weights[to_size(t * K + k)];
           double dw = 0.0;
           for (index_t j = 0; j < d; ++j) {
-            y_ref[t * d + j] += w * expert_out.at(q, j);
-            dx_ref[t * d + j] += d_buffer.at(q, j);
-            dout_ref[q * d + j] = w * dy.at(t, j);
+            y_ref[to_size(t * d + j)] += w * expert_out.at(q, j);
+            dx_ref[to_size(t * d + j)] += d_buffer.at(q, j);
+            dout_ref[to_size(q * d + j)] = w * dy.at(t, j);
             dw += double(dy.at(t, j)) * expert_out.at(q, j);
           }
-          dw_ref[t * K + k] = dw;
+          dw_ref[to_size(t * K + k)] = dw;
         }
       }
 
@@ -199,7 +203,7 @@ TYPED_TEST(DispatchCombine, MatchFloat64ReferenceAndAdjoints) {
       }
       for (index_t t = 0; t < T; ++t) {
         for (int k = 0; k < K; ++k) {
-          if (row[t * K + k] < 0) {
+          if (row[to_size(t * K + k)] < 0) {
             EXPECT_EQ(dweights.at(t, k), 0.0f);
           }
         }
@@ -213,7 +217,8 @@ TYPED_TEST(DispatchCombine, MatchFloat64ReferenceAndAdjoints) {
       const double rhs_d = dot(x.values(), dx.values());
       double rhs_w = 0.0;
       for (index_t t = 0; t < T; ++t) {
-        for (int k = 0; k < K; ++k) rhs_w += double(b.weights[t * K + k]) * dweights.at(t, k);
+        for (int k = 0; k < K; ++k)
+          rhs_w += double(b.weights[to_size(t * K + k)]) * dweights.at(t, k);
       }
       // Relative to ||a|| ||b||, the scale of <a, b>: |<a, b>| itself can be
       // small by cancellation between random terms (then, relative to it,
@@ -263,7 +268,7 @@ TYPED_TEST(DispatchCombine, AccumulateIsExactAndDroppedTokensAreUntouched) {
   index_t all_dropped = 0;
   for (index_t t = 0; t < T; ++t) {
     bool any = false;
-    for (int k = 0; k < K; ++k) any |= r.buf.positions[t * K + k] >= 0;
+    for (int k = 0; k < K; ++k) any |= r.buf.positions[to_size(t * K + k)] >= 0;
     all_dropped += any ? 0 : 1;
     for (index_t j = 0; j < d; ++j) {
       if (!any) {
@@ -346,12 +351,12 @@ void check_all_ops(Routed<S>& r, index_t d) {
     for (index_t j = 0; j < d; ++j) {
       double ys = 0.0, xs = 0.0;
       for (int k = 0; k < K; ++k) {
-        const index_t q = row[t * K + k];
+        const index_t q = row[to_size(t * K + k)];
         if (q < 0) continue;
-        ys += double(r.buf.weights[t * K + k]) * eo.at(q, j);
+        ys += double(r.buf.weights[to_size(t * K + k)]) * eo.at(q, j);
         xs += eo.at(q, j);
         ASSERT_EQ(buffer.at(q, j), x.at(t, j));
-        ASSERT_EQ(d_out.at(q, j), r.buf.weights[t * K + k] * x.at(t, j));
+        ASSERT_EQ(d_out.at(q, j), r.buf.weights[to_size(t * K + k)] * x.at(t, j));
       }
       ASSERT_NEAR(y.at(t, j), ys, 1e-5 * (1.0 + std::abs(ys)));
       ASSERT_NEAR(dx.at(t, j), xs, 1e-5 * (1.0 + std::abs(xs)));
@@ -389,13 +394,13 @@ TEST(DispatchEdgeCases, EmptyExperts) {
   // Only experts 3..7 can win; the others get hugely negative logits.
   for (index_t t = 0; t < T; ++t) {
     for (int e = 0; e < 16; ++e)
-      r.buf.logits[t * 16 + e] = normal(rng) - (e >= 3 && e < 8 ? 0 : 50);
+      r.buf.logits[to_size(t * 16 + e)] = normal(rng) - (e >= 3 && e < 8 ? 0 : 50);
   }
   Router<S>(RouterConfig{}).route(r.view(), {}, &r.stats);
   r.rows = moekit::cpu::dispatch_offsets<S>(r.view(), {r.offsets.data(), 17});
   for (int e = 0; e < 16; ++e) {
     if (e < 3 || e >= 8) {
-      EXPECT_EQ(r.offsets[e + 1], r.offsets[e]) << e;
+      EXPECT_EQ(r.offsets[to_size(e + 1)], r.offsets[to_size(e)]) << e;
     }
   }
   EXPECT_EQ(r.rows, T * 4);
@@ -408,7 +413,8 @@ TEST(DispatchEdgeCases, AllTokensToOneExpert) {
   for (double factor : {0.0, 0.5}) {
     Routed<S1> r(T);
     for (index_t t = 0; t < T; ++t) {
-      for (int e = 0; e < 8; ++e) r.buf.logits[t * 8 + e] = e == 5 ? 10.0f : 0.01f * float(t % 7);
+      for (int e = 0; e < 8; ++e)
+        r.buf.logits[to_size(t * 8 + e)] = e == 5 ? 10.0f : 0.01f * float(t % 7);
     }
     RouterConfig config;
     config.capacity.factor = factor;
@@ -426,7 +432,7 @@ TEST(DispatchEdgeCases, KEqualsE) {
   using S = MoeSpec<4, 4>;
   Routed<S> r = route_random<S>(23, 0.0, DropPolicy::kPosition, 8u);
   EXPECT_EQ(r.rows, 23 * 4);
-  for (int e = 0; e < 4; ++e) EXPECT_EQ(r.offsets[e + 1] - r.offsets[e], 23);
+  for (int e = 0; e < 4; ++e) EXPECT_EQ(r.offsets[to_size(e + 1)] - r.offsets[to_size(e)], 23);
   check_all_ops<S>(r, 9);
 }
 
@@ -490,8 +496,8 @@ class DispatchBadInput : public ::testing::Test {
   std::pair<index_t, int> second_kept_slot() const {
     std::vector<int> seen(8, 0);
     for (index_t i = 0; i < T * 2; ++i) {
-      const int e = r.buf.ids[i];
-      if (r.buf.positions[i] >= 0 && ++seen[e] == 2) return {i, e};
+      const int e = r.buf.ids[to_size(i)];
+      if (r.buf.positions[to_size(i)] >= 0 && ++seen[to_size(e)] == 2) return {i, e};
     }
     ADD_FAILURE() << "no expert keeps two slots";
     return {0, 0};
@@ -553,11 +559,11 @@ TEST_F(DispatchBadInput, PositionBeyondItsExpertsCount) {
   index_t last = -1;
   const int e = r.buf.ids[0];
   for (index_t i = 0; i < T * 2; ++i) {
-    if (r.buf.ids[i] == e && r.buf.positions[i] >= 0) last = i;
+    if (r.buf.ids[to_size(i)] == e && r.buf.positions[to_size(i)] >= 0) last = i;
   }
-  const index_t count = r.offsets[e + 1] - r.offsets[e];
+  const index_t count = r.offsets[to_size(e + 1)] - r.offsets[to_size(e)];
   ASSERT_LT(count, T);
-  r.buf.positions[last] = static_cast<std::int32_t>(count);
+  r.buf.positions[to_size(last)] = static_cast<std::int32_t>(count);
   const std::string msg = all_fail(Errc::kOutOfRange);
   EXPECT_NE(msg.find("is not below expert " + std::to_string(e) + "'s row count"),
             std::string::npos)
@@ -566,7 +572,7 @@ TEST_F(DispatchBadInput, PositionBeyondItsExpertsCount) {
 
 TEST_F(DispatchBadInput, DuplicateOrUnorderedPositions) {
   const auto [slot, e] = second_kept_slot();
-  r.buf.positions[slot] = 0;  // the same row as the expert's first slot
+  r.buf.positions[to_size(slot)] = 0;  // the same row as the expert's first slot
   const std::string msg = all_fail(Errc::kInvalidArgument);
   EXPECT_NE(msg.find("expected 1"), std::string::npos) << msg;
   std::vector<index_t> off(9, -3);
@@ -612,8 +618,8 @@ TEST_F(DispatchBadInput, OffsetsThatDoNotMatch) {
   all_fail_with(Errc::kInvalidArgument, {off.data(), 9});
   off = r.offsets;
   int busy = 0;  // an expert with rows
-  while (off[busy + 1] == off[busy]) ++busy;
-  off[busy + 1] -= 1;  // one row short: its last position is past its rows
+  while (off[to_size(busy + 1)] == off[to_size(busy)]) ++busy;
+  off[to_size(busy + 1)] -= 1;  // one row short: its last position is past its rows
   all_fail_with(Errc::kOutOfRange, {off.data(), 9});
   // Wrong length, or null.
   all_fail_with(Errc::kShapeMismatch, {r.offsets.data(), 8});

@@ -1,5 +1,5 @@
 // Knowledge distillation (moekit/cpu/distillation.hpp) against a float64
-// reference written here from DESIGN.md §4, its gradient against the
+// reference written here from docs/math.md, its gradient against the
 // analytic float64 formula and central finite differences of the reference
 // (T = 1, 2, 4 and a = 0, 0.5, 1), numerical stability at huge logits,
 // determinism across thread counts, strided views and bad input.
@@ -194,6 +194,62 @@ TEST(Distillation, StableAtHugeLogits) {
         ref_kd(b.student.values(), b.teacher.values(), b.labels, b.n, b.c, 4.0, alpha);
     EXPECT_LT(rel(got.loss, ref.loss), 1e-5);
     EXPECT_LT(rel_error(b.grad.values(), ref.grad), 1e-5);
+  }
+}
+
+// TaskHeads pads a head with fewer classes with -inf logits (on both student
+// and teacher): a padded class has p = q = 0 and must add exactly nothing,
+// so a 3-class row padded to 5 gives the 3-class KL, not 0 * (-inf + inf).
+TEST(Distillation, MinusInfPaddingAddsNothing) {
+  Batch b(9, 3, 21, 0.05f);  // close logits: a small KL that a clamp to 0 would hide
+  for (const float alpha : {0.5f, 1.0f}) {
+    StridedMatrix s5(b.n, 5, 1), t5(b.n, 5, 2), g5(b.n, 5, 1);
+    s5.fill(-kInf);
+    t5.fill(-kInf);
+    for (index_t i = 0; i < b.n; ++i) {
+      for (index_t k = 0; k < 3; ++k) {
+        s5.view()(i, k) = b.student.cview()(i, k);
+        t5.view()(i, k) = b.teacher.cview()(i, k);
+      }
+    }
+    g5.poison();
+    const DistillationConfig cfg{.temperature = 2.0f, .alpha = alpha};
+    const DistillationLoss three =
+        distillation_loss(cfg, b.student.cview(), b.teacher.cview(), b.label_view(), b.grad.view());
+    const DistillationLoss five =
+        distillation_loss(cfg, s5.cview(), t5.cview(), b.label_view(), g5.view());
+    const RefKd ref = ref_kd(b.student.values(), b.teacher.values(), b.labels, b.n, 3, 2.0, alpha);
+    ASSERT_GT(ref.kl, 0.0);
+    EXPECT_LT(rel(five.kl, ref.kl), 1e-4) << five.kl << " vs " << ref.kl;
+    EXPECT_EQ(five.kl, three.kl);
+    EXPECT_EQ(five.loss, three.loss);
+    for (index_t i = 0; i < b.n; ++i) {
+      for (index_t k = 0; k < 5; ++k) {
+        const float want = k < 3 ? b.grad.cview()(i, k) : 0.0f;
+        EXPECT_EQ(g5.cview()(i, k), want) << "row " << i << ", class " << k;
+      }
+    }
+  }
+}
+
+// The documented rule: a non-finite teacher or student gives a non-finite
+// loss (never a finite one beside a NaN gradient).
+TEST(Distillation, NonFiniteLogitsGiveNonFiniteLoss) {
+  for (const float bad : {kNaN, kInf}) {
+    for (const bool in_teacher : {true, false}) {
+      for (const float alpha : {0.5f, 1.0f}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "value " << bad << (in_teacher ? " in teacher" : " in student")
+                     << ", a = " << alpha);
+        Batch b(4, 6, 22);
+        (in_teacher ? b.teacher : b.student).view()(2, 4) = bad;
+        const DistillationLoss got =
+            distillation_loss({.temperature = 2.0f, .alpha = alpha}, b.student.cview(),
+                              b.teacher.cview(), b.label_view(), b.grad.view());
+        EXPECT_FALSE(std::isfinite(got.loss)) << got.loss;
+        EXPECT_FALSE(std::isfinite(got.kl)) << got.kl;
+      }
+    }
   }
 }
 

@@ -29,6 +29,7 @@ using moekit::Errc;
 using moekit::ExitCriteria;
 using moekit::index_t;
 using moekit::MatrixView;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit::cpu::EarlyExit;
 using moekit::cpu::ExitResults;
@@ -152,7 +153,7 @@ Outcome ref_run(const ExitCriteria& c, const std::vector<StridedMatrix>& logits,
   for (index_t s = 0; s < n; ++s) {
     int previous = -1, agree = 0;
     for (int i = 0; i < k; ++i) {
-      const RefScores sc = ref_scores(logits[i].cview().row(s), logits[i].cols);
+      const RefScores sc = ref_scores(logits[to_size(i)].cview().row(s), logits[to_size(i)].cols);
       agree = sc.top1 == previous ? agree + 1 : 0;
       previous = sc.top1;
       if (i == k - 1 || ref_passes(c, sc, agree)) {
@@ -188,7 +189,7 @@ ExitRun lib_run(const ExitCriteria& c, const std::vector<StridedMatrix>& logits,
       const index_t s = static_cast<index_t>(act.at(r, 0));
       EXPECT_EQ(s, run.original[static_cast<std::size_t>(r)]) << "exit " << i << " row " << r;
       EXPECT_EQ(act.at(r, 1), -static_cast<float>(s));
-      for (index_t j = 0; j < classes; ++j) z.at(r, j) = logits[i].at(s, j);
+      for (index_t j = 0; j < classes; ++j) z.at(r, j) = logits[to_size(i)].at(s, j);
     }
     m = exits.step(i, z.cview(), run.state(), run.results(), run.kept_view());
     if (live_per_exit != nullptr) live_per_exit->push_back(m);
@@ -283,7 +284,7 @@ TEST(EarlyExit, PatienceCountsAgreeingConsecutiveExits) {
   for (int i = 0; i < 6; ++i) {
     logits.emplace_back(4, 3, 1);
     for (index_t s = 0; s < 4; ++s) {
-      for (index_t c = 0; c < 3; ++c) logits[i].at(s, c) = c == argmax[s][i] ? 1.0f : 0.0f;
+      for (index_t c = 0; c < 3; ++c) logits[to_size(i)].at(s, c) = c == argmax[s][i] ? 1.0f : 0.0f;
     }
   }
   const ExitRun run = lib_run({.patience = 2}, logits, 4);

@@ -42,6 +42,8 @@ using moekit::cpu::ExpertFfnConfig;
 using moekit::cpu::ExpertGrads;
 using moekit::cpu::ExpertWeights;
 using moekit::cpu::FfnThreading;
+using moekit_test::act64;
+using moekit_test::act64_grad;
 using moekit_test::expect_error;
 
 using moekit_test::kNaN;
@@ -67,42 +69,6 @@ const char* name(Activation a) {
 }
 
 // ---- float64 activation formulas (textbook forms) ---------------------------
-
-double act64(Activation a, double x) {
-  const double pi = 3.14159265358979323846;
-  switch (a) {
-    case Activation::kRelu:
-      return x > 0 ? x : 0.0;
-    case Activation::kGeluTanh:
-      return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / pi) * (x + 0.044715 * x * x * x)));
-    case Activation::kGeluErf:
-      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
-    case Activation::kSilu:
-      return x / (1.0 + std::exp(-x));
-  }
-  return std::nan("");
-}
-
-double act64_grad(Activation a, double x) {
-  const double pi = 3.14159265358979323846;
-  switch (a) {
-    case Activation::kRelu:
-      return x > 0 ? 1.0 : 0.0;
-    case Activation::kGeluTanh: {
-      const double c = std::sqrt(2.0 / pi);
-      const double t = std::tanh(c * (x + 0.044715 * x * x * x));
-      return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x);
-    }
-    case Activation::kGeluErf:
-      return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))) +
-             x * std::exp(-0.5 * x * x) / std::sqrt(2.0 * pi);
-    case Activation::kSilu: {
-      const double s = 1.0 / (1.0 + std::exp(-x));
-      return s * (1.0 + x * (1.0 - s));
-    }
-  }
-  return std::nan("");
-}
 
 // Test points: a fine grid over [-14, 14], 0, tiny and huge magnitudes.
 std::vector<float> activation_points() {

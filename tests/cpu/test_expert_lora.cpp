@@ -44,6 +44,7 @@ using moekit::LoraInit;
 using moekit::LoraSpec;
 using moekit::MatrixView;
 using moekit::MoeSpec;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit::cpu::ExpertAdapters;
 using moekit::cpu::ExpertFfn;
@@ -53,6 +54,8 @@ using moekit::cpu::ExpertLoraGrads;
 using moekit::cpu::ExpertLoraSaved;
 using moekit::cpu::ExpertLoraWeights;
 using moekit::cpu::FfnThreading;
+using moekit_test::act64;
+using moekit_test::act64_grad;
 using moekit_test::expect_error;
 using moekit_test::rel_error;
 using Mat = moekit_test::StridedMatrix;
@@ -62,55 +65,17 @@ constexpr Activation kActivations[] = {Activation::kRelu, Activation::kGeluTanh,
 constexpr FfnKind kKinds[] = {FfnKind::kPlain, FfnKind::kGated};
 constexpr double kTol = 1e-5;
 
-std::size_t sz(index_t v) { return static_cast<std::size_t>(v); }
-
 // ---- float64 reference ----------------------------------------------------------
-
-double act64(Activation a, double x) {
-  const double pi = 3.14159265358979323846;
-  switch (a) {
-    case Activation::kRelu:
-      return x > 0 ? x : 0.0;
-    case Activation::kGeluTanh:
-      return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / pi) * (x + 0.044715 * x * x * x)));
-    case Activation::kGeluErf:
-      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
-    case Activation::kSilu:
-      return x / (1.0 + std::exp(-x));
-  }
-  return std::nan("");
-}
-
-double act64_grad(Activation a, double x) {
-  const double pi = 3.14159265358979323846;
-  switch (a) {
-    case Activation::kRelu:
-      return x > 0 ? 1.0 : 0.0;
-    case Activation::kGeluTanh: {
-      const double c = std::sqrt(2.0 / pi);
-      const double t = std::tanh(c * (x + 0.044715 * x * x * x));
-      return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x);
-    }
-    case Activation::kGeluErf:
-      return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))) +
-             x * std::exp(-0.5 * x * x) / std::sqrt(2.0 * pi);
-    case Activation::kSilu: {
-      const double s = 1.0 / (1.0 + std::exp(-x));
-      return s * (1.0 + x * (1.0 - s));
-    }
-  }
-  return std::nan("");
-}
 
 // A dense row-major float64 matrix for the reference.
 struct D {
   index_t rows = 0, cols = 0;
   std::vector<double> v;
   D() = default;
-  D(index_t r, index_t c) : rows(r), cols(c), v(sz(r * c), 0.0) {}
+  D(index_t r, index_t c) : rows(r), cols(c), v(to_size(r * c), 0.0) {}
   D(index_t r, index_t c, std::vector<double> values) : rows(r), cols(c), v(std::move(values)) {}
-  double& operator()(index_t r, index_t c) { return v[sz(r * cols + c)]; }
-  double operator()(index_t r, index_t c) const { return v[sz(r * cols + c)]; }
+  double& operator()(index_t r, index_t c) { return v[to_size(r * cols + c)]; }
+  double operator()(index_t r, index_t c) const { return v[to_size(r * cols + c)]; }
   // Rows [r0, r0 + n) as a copy.
   D rows_of(index_t r0, index_t n) const {
     D out(n, cols);
@@ -203,7 +168,7 @@ RefOut reference(const Dims& p, const RefIn& in) {
   r.da2 = D(p.on2 ? E * R : 0, f);
   r.db2 = D(p.on2 ? E * d : 0, R);
   for (int e = 0; e < p.experts; ++e) {
-    const index_t r0 = p.offsets[sz(e)], ne = p.offsets[sz(e) + 1] - r0;
+    const index_t r0 = p.offsets[to_size(e)], ne = p.offsets[to_size(e) + 1] - r0;
     if (ne == 0) continue;
     const D x = in.x.rows_of(r0, ne), dy = in.dy.rows_of(r0, ne);
     const D w1 = in.w1.rows_of(e * f, f), w2 = in.w2.rows_of(e * d, d);
@@ -280,7 +245,7 @@ std::vector<index_t> offsets_of(const std::vector<index_t>& counts) {
 std::vector<index_t> uneven_counts(int experts) {
   if (experts == 1) return {53};
   if (experts == 8) return {0, 37, 1, 0, 90, 5, 0, 12};
-  std::vector<index_t> c(sz(experts));
+  std::vector<index_t> c(to_size(experts));
   std::mt19937 rng(static_cast<std::uint32_t>(experts));
   std::uniform_int_distribution<int> count(0, 14);
   for (index_t& v : c) v = count(rng) < 3 ? 0 : count(rng);
@@ -381,7 +346,7 @@ struct Problem {
     return {da1.view(), db1.view(), da3.view(), db3.view(), da2.view(), db2.view(), accumulate};
   }
   VectorView<std::byte> workspace(index_t bytes) {
-    ws.assign(sz(bytes), std::byte{0xff});
+    ws.assign(to_size(bytes), std::byte{0xff});
     return {ws.data(), bytes};
   }
   RefIn ref_in() const {
@@ -501,7 +466,8 @@ TYPED_TEST(ExpertLoraTyped, MatchesFloat64ReferenceDeterministically) {
         EXPECT_LT(err.worst(), kTol) << describe(err);
         worst = std::max(worst, err.worst());
         for (int e = 0; e < E; ++e) {
-          if (p.dims.offsets[sz(e)] == p.dims.offsets[sz(e) + 1]) expect_zero_blocks(p, e);
+          if (p.dims.offsets[to_size(e)] == p.dims.offsets[to_size(e) + 1])
+            expect_zero_blocks(p, e);
         }
         Problem again = p;
         again.poison_outputs();
@@ -598,7 +564,7 @@ TEST(ExpertLora, ZeroBOrNoAdapterEqualsExpertFfn) {
       const ExpertFfn<S> ffn(lora.ffn_config());
       Mat y(p.dims.n(), p.dims.d), pre(p.dims.n(), p.dims.f), gate(p.gate.rows, p.dims.f),
           dx(p.dims.n(), p.dims.d);
-      std::vector<std::byte> ws(sz(ffn.workspace_size(p.dims.n())));
+      std::vector<std::byte> ws(to_size(ffn.workspace_size(p.dims.n())));
       const VectorView<std::byte> wv(ws.data(), static_cast<index_t>(ws.size()));
       const moekit::cpu::ExpertWeights w{p.w1.cview(), p.w3.cview(), p.w2.cview()};
       ffn.forward(p.x.cview(), p.off(), w, y.view(), pre.view(), gate.view(), wv);
@@ -824,7 +790,7 @@ TEST(ExpertLora, AccumulateAddsToTheOldGradients) {
     // differ from the old values).
     const index_t R = 4, f = 40, d = 24;
     for (int e = 0; e < 8; ++e) {
-      const bool empty = q.dims.offsets[sz(e)] == q.dims.offsets[sz(e) + 1];
+      const bool empty = q.dims.offsets[to_size(e)] == q.dims.offsets[to_size(e) + 1];
       const auto same = [&](const Mat& a, const Mat& b, index_t r0, index_t rows) {
         bool eq = true;
         for (index_t r = r0; r < r0 + rows; ++r)
@@ -984,7 +950,7 @@ TEST(ExpertLora, MergeMatchesAdaptersAndUnmergeRestoresW) {
     EXPECT_TRUE(w2.bits_equal(p.w2));
     const ExpertFfn<S> ffn(lora.ffn_config());
     Mat y(p.dims.n(), p.dims.d);
-    std::vector<std::byte> ws(sz(ffn.workspace_size(p.dims.n())));
+    std::vector<std::byte> ws(to_size(ffn.workspace_size(p.dims.n())));
     ffn.forward(p.x.cview(), p.off(), {w1.cview(), w3.cview(), w2.cview()}, y.view(), {}, {},
                 {ws.data(), static_cast<index_t>(ws.size())});
     EXPECT_LT(rel_error(y.values(), p.y.values()), 1e-5);
@@ -1144,7 +1110,7 @@ TEST(ExpertLora, RejectsBadInputAndWritesNothing) {
     };
     for (const Case& c : cases) {
       SCOPED_TRACE(c.what);
-      Args a{base, base.dims.offsets, std::vector<std::byte>(sz(ws_bytes)), {}, {}, {}, {}};
+      Args a{base, base.dims.offsets, std::vector<std::byte>(to_size(ws_bytes)), {}, {}, {}, {}};
       a.w = a.p.weights();
       a.saved = a.p.saved();
       a.grads = a.p.grads();
@@ -1171,7 +1137,7 @@ TEST(ExpertLora, RejectsBadInputAndWritesNothing) {
 
     // kPlain has no W3 (adapters, saved gate); kGated needs the saved gate.
     Problem p = base;
-    std::vector<std::byte> ws(sz(ws_bytes));
+    std::vector<std::byte> ws(to_size(ws_bytes));
     const VectorView<std::byte> wv(ws.data(), ws_bytes);
     std::string msg;
     if (kind == FfnKind::kPlain) {
@@ -1200,7 +1166,7 @@ TEST(ExpertLora, RejectsBadInputAndWritesNothing) {
         },
         Errc::kShapeMismatch);
     EXPECT_NE(msg.find("saved.pre is 0 x 0, expected 10 x 12"), std::string::npos) << msg;
-    std::vector<std::byte> big(sz(ws_bytes) + 8);
+    std::vector<std::byte> big(to_size(ws_bytes) + 8);
     msg = expect_error(
         [&] {
           lora.forward(p.x.cview(), p.off(), p.weights(), p.y.view(), p.saved(),

@@ -32,8 +32,10 @@ using moekit::index_t;
 using moekit::LoraInit;
 using moekit::LoraSpec;
 using moekit::MatrixView;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit::cpu::LoraBank;
+using moekit::cpu::LoraConfig;
 using moekit::cpu::LoraGrads;
 using moekit::cpu::LoraInitConfig;
 using moekit::cpu::LoraLinear;
@@ -46,14 +48,15 @@ using Mat = moekit_test::StridedMatrix;
 
 constexpr double kTol = 2e-6;
 
-std::size_t sz(index_t v) { return static_cast<std::size_t>(v); }
-
 // ---- float64 reference ------------------------------------------------------------
 
-// Dropout factor of element (t, j) by the documented contract.
-double mask_factor(const LoraStep& st, float p, index_t d_in, index_t t, index_t j) {
+// Dropout factor of element (t, j) of adapter `adapter` (0 for a
+// LoraLinear) of dropout stream `stream`, by the documented contract.
+double mask_factor(const LoraStep& st, float p, index_t d_in, index_t t, index_t j,
+                   std::uint64_t stream, int adapter) {
   if (!st.training || p == 0.0f) return 1.0;
-  const std::uint64_t key = moekit::lora_dropout_key(st.seed, st.step);
+  const std::uint64_t key =
+      moekit::lora_dropout_key(st.seed, st.step, stream, static_cast<std::uint64_t>(adapter));
   return moekit::lora_dropout_keep(key, p, static_cast<std::uint64_t>(t * d_in + j))
              ? 1.0 / (1.0 - static_cast<double>(p))
              : 0.0;
@@ -73,57 +76,60 @@ struct RefOut {
 RefOut reference(const Dims& p, const std::vector<int>& ids, const std::vector<double>& x,
                  const std::vector<double>& w, const std::vector<double>& bias,
                  const std::vector<double>& a, const std::vector<double>& b,
-                 const std::vector<double>& g, double s, const LoraStep& st, float drop) {
+                 const std::vector<double>& g, double s, const LoraStep& st, float drop,
+                 std::uint64_t stream = 0) {
   const index_t n = p.n, di = p.d_in, dout = p.d_out, R = p.rank;
   RefOut r;
-  r.y.assign(sz(n * dout), 0.0);
-  r.h.assign(sz(n * R), 0.0);
-  r.dx.assign(sz(n * di), 0.0);
-  r.da.assign(sz(p.adapters * R * di), 0.0);
-  r.db.assign(sz(p.adapters * dout * R), 0.0);
-  std::vector<double> xd(sz(di)), dh(sz(R));
+  r.y.assign(to_size(n * dout), 0.0);
+  r.h.assign(to_size(n * R), 0.0);
+  r.dx.assign(to_size(n * di), 0.0);
+  r.da.assign(to_size(p.adapters * R * di), 0.0);
+  r.db.assign(to_size(p.adapters * dout * R), 0.0);
+  std::vector<double> xd(to_size(di)), dh(to_size(R));
   for (index_t t = 0; t < n; ++t) {
-    const int id = ids[sz(t)];
+    const int id = ids[to_size(t)];
     for (index_t o = 0; o < dout; ++o) {
       double v = 0;
       if (!w.empty()) {
-        for (index_t j = 0; j < di; ++j) v += x[sz(t * di + j)] * w[sz(o * di + j)];
-        if (!bias.empty()) v += bias[sz(o)];
+        for (index_t j = 0; j < di; ++j) v += x[to_size(t * di + j)] * w[to_size(o * di + j)];
+        if (!bias.empty()) v += bias[to_size(o)];
       }
-      r.y[sz(t * dout + o)] = v;
+      r.y[to_size(t * dout + o)] = v;
     }
     for (index_t j = 0; j < di; ++j) {
       double v = 0;
       if (!w.empty())
-        for (index_t o = 0; o < dout; ++o) v += g[sz(t * dout + o)] * w[sz(o * di + j)];
-      r.dx[sz(t * di + j)] = v;
+        for (index_t o = 0; o < dout; ++o) v += g[to_size(t * dout + o)] * w[to_size(o * di + j)];
+      r.dx[to_size(t * di + j)] = v;
     }
     if (id < 0) continue;
     for (index_t j = 0; j < di; ++j)
-      xd[sz(j)] = x[sz(t * di + j)] * mask_factor(st, drop, di, t, j);
+      xd[to_size(j)] = x[to_size(t * di + j)] * mask_factor(st, drop, di, t, j, stream, id);
     const index_t ar = id * R, bo = id * dout;
     for (index_t q = 0; q < R; ++q) {
       double v = 0;
-      for (index_t j = 0; j < di; ++j) v += xd[sz(j)] * a[sz((ar + q) * di + j)];
-      r.h[sz(t * R + q)] = v;
+      for (index_t j = 0; j < di; ++j) v += xd[to_size(j)] * a[to_size((ar + q) * di + j)];
+      r.h[to_size(t * R + q)] = v;
     }
     for (index_t o = 0; o < dout; ++o) {
       double v = 0;
-      for (index_t q = 0; q < R; ++q) v += r.h[sz(t * R + q)] * b[sz((bo + o) * R + q)];
-      r.y[sz(t * dout + o)] += s * v;
+      for (index_t q = 0; q < R; ++q) v += r.h[to_size(t * R + q)] * b[to_size((bo + o) * R + q)];
+      r.y[to_size(t * dout + o)] += s * v;
     }
     for (index_t q = 0; q < R; ++q) {
       double v = 0;
-      for (index_t o = 0; o < dout; ++o) v += g[sz(t * dout + o)] * b[sz((bo + o) * R + q)];
-      dh[sz(q)] = s * v;
       for (index_t o = 0; o < dout; ++o)
-        r.db[sz((bo + o) * R + q)] += s * g[sz(t * dout + o)] * r.h[sz(t * R + q)];
-      for (index_t j = 0; j < di; ++j) r.da[sz((ar + q) * di + j)] += dh[sz(q)] * xd[sz(j)];
+        v += g[to_size(t * dout + o)] * b[to_size((bo + o) * R + q)];
+      dh[to_size(q)] = s * v;
+      for (index_t o = 0; o < dout; ++o)
+        r.db[to_size((bo + o) * R + q)] += s * g[to_size(t * dout + o)] * r.h[to_size(t * R + q)];
+      for (index_t j = 0; j < di; ++j)
+        r.da[to_size((ar + q) * di + j)] += dh[to_size(q)] * xd[to_size(j)];
     }
     for (index_t j = 0; j < di; ++j) {
       double v = 0;
-      for (index_t q = 0; q < R; ++q) v += dh[sz(q)] * a[sz((ar + q) * di + j)];
-      r.dx[sz(t * di + j)] += mask_factor(st, drop, di, t, j) * v;
+      for (index_t q = 0; q < R; ++q) v += dh[to_size(q)] * a[to_size((ar + q) * di + j)];
+      r.dx[to_size(t * di + j)] += mask_factor(st, drop, di, t, j, stream, id) * v;
     }
   }
   return r;
@@ -165,8 +171,8 @@ struct Problem {
     db = Mat(N * p.d_out, R);
     poison();
     ids32.assign(ids.begin(), ids.end());
-    order.assign(sz(n), 0);
-    offsets.assign(sz(N + 1), 0);
+    order.assign(to_size(n), 0);
+    offsets.assign(to_size(N + 1), 0);
   }
   void poison() {
     for (Mat* m : {&y, &h, &dx, &da, &db}) m->poison();
@@ -186,14 +192,15 @@ struct Problem {
             {offsets.data(), static_cast<index_t>(offsets.size())}};
   }
   VectorView<std::byte> workspace(index_t bytes) {
-    ws.assign(sz(bytes), std::byte{0xff});
+    ws.assign(to_size(bytes), std::byte{0xff});
     return {ws.data(), bytes};
   }
-  RefOut ref(double s, const LoraStep& st, float drop, bool base = true) const {
+  RefOut ref(double s, const LoraStep& st, float drop, bool base = true,
+             std::uint64_t stream = 0) const {
     std::vector<double> bias64(bias.begin(), bias.end());
     return reference(dims, ids, x.values(), base ? w.values() : std::vector<double>{},
                      base ? bias64 : std::vector<double>{}, a.values(), b.values(), dy.values(), s,
-                     st, drop);
+                     st, drop, stream);
   }
 
   template <class S>
@@ -238,13 +245,13 @@ void expect_bits_equal(const Problem& p, const Problem& q) {
   }
 }
 
-std::vector<int> all_zero(index_t n) { return std::vector<int>(sz(n), 0); }
+std::vector<int> all_zero(index_t n) { return std::vector<int>(to_size(n), 0); }
 
 // Random ids in [-1, N) with adapter `empty` never used.
 std::vector<int> random_ids(index_t n, index_t adapters, std::uint32_t seed, int empty = -2) {
   std::mt19937 rng(seed);
   std::uniform_int_distribution<int> pick(-1, static_cast<int>(adapters) - 1);
-  std::vector<int> ids(sz(n));
+  std::vector<int> ids(to_size(n));
   for (int& id : ids) {
     do id = pick(rng);
     while (id == empty && adapters > 1);
@@ -393,6 +400,56 @@ TEST(Lora, FrozenAndAccumulatedGradients) {
   EXPECT_LT(rel_error(db.values(), want_b), 1e-6);
 }
 
+// Adapters given the same LoraStep draw independent masks (issue 21, item 2):
+// the adapters of a bank by their index, LoraLinears by their dropout
+// stream. Both banks see the same batch and adapters with the same weights,
+// so only the mask can tell them apart.
+TEST(Lora, BankAdaptersSharingAStepDrawTheirOwnMasks) {
+  using S = LoraSpec<4>;
+  const index_t n = 40;
+  const LoraBank<S> bank({.d_in = 24, .d_out = 8, .num_adapters = 2, .dropout = 0.5f});
+  Problem first({n, 24, 8, 4, 2}, all_zero(n), 31u), second = first;
+  second.ids.assign(to_size(n), 1);
+  second.ids32.assign(to_size(n), 1);
+  for (Problem* p : {&first, &second}) {  // adapter 1 = adapter 0
+    for (index_t r = 0; r < 4; ++r) {
+      for (index_t j = 0; j < 24; ++j) p->a.view()(4 + r, j) = p->a.cview()(r, j);
+    }
+    for (index_t o = 0; o < 8; ++o) {
+      for (index_t r = 0; r < 4; ++r) p->b.view()(8 + o, r) = p->b.cview()(o, r);
+    }
+  }
+  const LoraStep st{.training = true, .seed = 5, .step = 2};
+  first.run(bank, st);
+  second.run(bank, st);
+  EXPECT_FALSE(first.h.bits_equal(second.h)) << "adapters 0 and 1 dropped the same features";
+  EXPECT_LT(compare(second, second.ref(bank.scale(), st, 0.5f)).worst(), kTol);
+}
+
+TEST(Lora, DropoutStreamsSeparateLoraLinears) {
+  using S = LoraSpec<4>;
+  const index_t n = 40;
+  const LoraConfig base{.d_in = 24, .d_out = 8, .dropout = 0.5f};
+  LoraConfig other = base;
+  other.dropout_stream = 1;
+  const LoraLinear<S> q(base), v(other), q_again(base);
+  Problem pq({n, 24, 8, 4, 1}, all_zero(n), 32u), pv = pq, pq_again = pq;
+  const LoraStep st{.training = true, .seed = 5, .step = 2};
+  pq.run(q, st);
+  pv.run(v, st);
+  pq_again.run(q_again, st);
+  EXPECT_FALSE(pq.h.bits_equal(pv.h));
+  EXPECT_TRUE(pq.h.bits_equal(pq_again.h));  // a stream is a pure function, like the step
+  EXPECT_LT(compare(pv, pv.ref(v.scale(), st, 0.5f, true, 1)).worst(), kTol);
+  // LoraLinear is adapter 0 of a bank of the same stream.
+  const LoraBank<S> bank(
+      {.d_in = 24, .d_out = 8, .num_adapters = 1, .dropout = 0.5f, .dropout_stream = 1});
+  Problem pb = pv;
+  pb.poison();
+  pb.run(bank, st);
+  EXPECT_LT(rel_error(pb.h.values(), pv.h.values()), 1e-6);
+}
+
 TEST(Lora, InferenceNeedsNoSavedStateAndIgnoresDropout) {
   using S = LoraSpec<8>;
   Problem p({64, 32, 24, 8, 1}, all_zero(64), 21u);
@@ -428,7 +485,7 @@ TEST(Lora, DropoutIsReproducibleAndDropsAboutP) {
   // The mask itself: the fraction dropped is near p.
   index_t dropped = 0;
   for (index_t t = 0; t < 200; ++t)
-    for (index_t j = 0; j < 64; ++j) dropped += mask_factor(st, drop, 64, t, j) == 0.0;
+    for (index_t j = 0; j < 64; ++j) dropped += mask_factor(st, drop, 64, t, j, 0, 0) == 0.0;
   EXPECT_NEAR(static_cast<double>(dropped) / (200.0 * 64.0), drop, 0.02);
 }
 
@@ -586,8 +643,8 @@ void bank_matches_reference_and_single_adapters() {
     const char* name;
     std::vector<int> ids;
   };
-  std::vector<int> blocked(sz(n));
-  for (index_t t = 0; t < n; ++t) blocked[sz(t)] = static_cast<int>((t * N) / n);
+  std::vector<int> blocked(to_size(n));
+  for (index_t t = 0; t < n; ++t) blocked[to_size(t)] = static_cast<int>((t * N) / n);
   if (N > 2) std::fill(blocked.begin(), blocked.begin() + 5, -1);
   const Layout layouts[] = {{"random", random_ids(n, N, 7u, N > 1 ? 1 : -2)}, {"blocked", blocked}};
   for (const Layout& layout : layouts) {
@@ -648,13 +705,13 @@ void bank_matches_reference_and_single_adapters() {
   for (index_t i = -1; i < N; ++i) {
     std::vector<index_t> rows;
     for (index_t t = 0; t < n; ++t)
-      if (p.ids[sz(t)] == i) rows.push_back(t);
+      if (p.ids[to_size(t)] == i) rows.push_back(t);
     const auto m = static_cast<index_t>(rows.size());
     Mat xs(m, d_in), dys(m, d_out), ys(m, d_out), hs(m, R), dxs(m, d_in), das(R, d_in),
         dbs(d_out, R);
     for (index_t k = 0; k < m; ++k) {
-      for (index_t j = 0; j < d_in; ++j) xs.at(k, j) = p.x.at(rows[sz(k)], j);
-      for (index_t o = 0; o < d_out; ++o) dys.at(k, o) = p.dy.at(rows[sz(k)], o);
+      for (index_t j = 0; j < d_in; ++j) xs.at(k, j) = p.x.at(rows[to_size(k)], j);
+      for (index_t o = 0; o < d_out; ++o) dys.at(k, o) = p.dy.at(rows[to_size(k)], o);
     }
     Mat zero_b(d_out, R);
     zero_b.fill(0.0f);
@@ -670,8 +727,8 @@ void bank_matches_reference_and_single_adapters() {
                     {das.view(), dbs.view()}, wv);
     std::vector<double> by, bdx, ry = ys.values(), rdx = dxs.values();
     for (index_t k = 0; k < m; ++k) {
-      for (index_t o = 0; o < d_out; ++o) by.push_back(p.y.at(rows[sz(k)], o));
-      for (index_t j = 0; j < d_in; ++j) bdx.push_back(p.dx.at(rows[sz(k)], j));
+      for (index_t o = 0; o < d_out; ++o) by.push_back(p.y.at(rows[to_size(k)], o));
+      for (index_t j = 0; j < d_in; ++j) bdx.push_back(p.dx.at(rows[to_size(k)], j));
     }
     EXPECT_LT(rel_error(by, ry), 1e-6) << "adapter " << i;
     EXPECT_LT(rel_error(bdx, rdx), 1e-6) << "adapter " << i;
@@ -695,8 +752,8 @@ TEST(Lora, BankWideRowsGatherManyChunks) {
   // the threads' runs of rows cross segments.
   using S = LoraSpec<2>;
   const index_t n = 700, d = 2048, dout = 8;
-  std::vector<int> ids(sz(n));
-  for (index_t t = 0; t < n; ++t) ids[sz(t)] = t < 300 ? 0 : static_cast<int>(t % 3) - 1;
+  std::vector<int> ids(to_size(n));
+  for (index_t t = 0; t < n; ++t) ids[to_size(t)] = t < 300 ? 0 : static_cast<int>(t % 3) - 1;
   Problem p({n, d, dout, 2, 2}, ids, 23u);
   const LoraBank<S> bank({.d_in = d, .d_out = dout, .num_adapters = 2, .alpha = 2.0f});
   EXPECT_EQ(bank.chunk_rows(), 128);
@@ -712,13 +769,15 @@ TEST(Lora, EmptyBatch) {
   const LoraBank<S> bank({.d_in = 8, .d_out = 6, .num_adapters = 3});
   EXPECT_EQ(lora.workspace_size(0), 0);
   EXPECT_EQ(bank.workspace_size(0), 0);
-  Mat da1(4, 8), db1(6, 4);
+  Mat a1(4, 8), b1(6, 4), da1(4, 8), db1(6, 4);  // weights and gradients apart
+  a1.fill(0.5f);
+  b1.fill(0.25f);
   da1.poison();
   db1.poison();
   const LoraStep st{.training = true};
-  lora.forward(p.x.cview(), {.w = p.w.cview(), .a = da1.cview(), .b = db1.cview()}, p.y.view(),
+  lora.forward(p.x.cview(), {.w = p.w.cview(), .a = a1.cview(), .b = b1.cview()}, p.y.view(),
                p.h.view(), st, {});
-  lora.backward(p.dy.cview(), p.x.cview(), {.w = p.w.cview(), .a = da1.cview(), .b = db1.cview()},
+  lora.backward(p.dy.cview(), p.x.cview(), {.w = p.w.cview(), .a = a1.cview(), .b = b1.cview()},
                 p.h.cview(), st, p.dx.view(), {.da = da1.view(), .db = db1.view()}, {});
   EXPECT_FALSE(da1.any_nan());  // overwrite mode: zero gradients
   p.run(bank, st);

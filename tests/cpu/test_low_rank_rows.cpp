@@ -21,9 +21,8 @@ namespace {
 
 using moekit::index_t;
 using moekit::MatrixView;
+using moekit::to_size;
 namespace kernels = moekit::cpu::detail;
-
-std::size_t sz(index_t i) { return static_cast<std::size_t>(i); }
 
 std::vector<float> randoms(std::size_t n, unsigned seed) {
   std::mt19937 rng(seed);
@@ -43,9 +42,9 @@ template <int R>
 void check(index_t d, index_t count) {
   SCOPED_TRACE(::testing::Message() << "R " << R << " d " << d << " rows " << count);
   const index_t total = count + 5, ld = d + 3;  // strided source, rows picked out of order
-  std::vector<float> src = randoms(sz(total * ld), 1), mat = randoms(sz(R * (d + 2)), 2),
-                     coef = randoms(sz(count * R), 3);
-  std::vector<index_t> order(sz(total));
+  std::vector<float> src = randoms(to_size(total * ld), 1), mat = randoms(to_size(R * (d + 2)), 2),
+                     coef = randoms(to_size(count * R), 3);
+  std::vector<index_t> order(to_size(total));
   std::iota(order.begin(), order.end(), index_t{0});
   std::shuffle(order.begin(), order.end(), std::mt19937(4));
   const kernels::RowSet rows{order.data(), 2, count};
@@ -53,21 +52,21 @@ void check(index_t d, index_t count) {
   const auto row_of = [&](index_t k) { return src.data() + rows[k] * ld; };
 
   // pack / unpack round trip, plain and transposed.
-  std::vector<float> panel(sz(kernels::panel_floats<R>(d)), -1.0f);
+  std::vector<float> panel(to_size(kernels::panel_floats<R>(d)), -1.0f);
   kernels::pack_panel<R>(m, panel.data());
-  std::vector<float> back(sz(R * d));
+  std::vector<float> back(to_size(R * d));
   kernels::unpack_panel<R>(panel.data(), 1.0f, false, MatrixView<float>(back.data(), R, d));
   for (index_t r = 0; r < R; ++r)
-    for (index_t k = 0; k < d; ++k) ASSERT_EQ(back[sz(r * d + k)], m(r, k));
-  std::vector<float> mt(sz(d * R));
+    for (index_t k = 0; k < d; ++k) ASSERT_EQ(back[to_size(r * d + k)], m(r, k));
+  std::vector<float> mt(to_size(d * R));
   for (index_t r = 0; r < R; ++r)
-    for (index_t k = 0; k < d; ++k) mt[sz(k * R + r)] = m(r, k);
+    for (index_t k = 0; k < d; ++k) mt[to_size(k * R + r)] = m(r, k);
   std::vector<float> panel_t(panel.size(), -1.0f);
   kernels::pack_panel<R, true>(MatrixView<const float>(mt.data(), d, R), panel_t.data());
   EXPECT_EQ(panel_t, panel);
 
   // shrink
-  std::vector<float> out(sz(count * R), -7.0f);
+  std::vector<float> out(to_size(count * R), -7.0f);
   kernels::shrink_rows<R>(kernels::RowsOf<const float>{src.data(), ld, rows}, count, d,
                           panel.data(), 0.5f, out.data());
   for (index_t i = 0; i < count; ++i) {
@@ -77,7 +76,7 @@ void check(index_t d, index_t count) {
         want += double{row_of(i)[k]} * m(r, k);
         mag += std::abs(double{row_of(i)[k]} * m(r, k));
       }
-      expect_close(out[sz(i * R + r)], 0.5 * want, mag, "shrink");
+      expect_close(out[to_size(i * R + r)], 0.5 * want, mag, "shrink");
     }
   }
 
@@ -85,22 +84,22 @@ void check(index_t d, index_t count) {
   std::vector<float> dst = src;
   kernels::expand_rows<R>(kernels::RowsOf<float>{dst.data(), ld, rows}, count, d, coef.data(),
                           -2.0f, panel.data());
-  std::vector<bool> picked(sz(total), false);
-  for (index_t i = 0; i < count; ++i) picked[sz(rows[i])] = true;
+  std::vector<bool> picked(to_size(total), false);
+  for (index_t i = 0; i < count; ++i) picked[to_size(rows[i])] = true;
   for (index_t i = 0; i < count; ++i) {
     for (index_t k = 0; k < d; ++k) {
       double want = row_of(i)[k], mag = std::abs(want);
       for (index_t r = 0; r < R; ++r) {
-        want += -2.0 * coef[sz(i * R + r)] * m(r, k);
-        mag += std::abs(2.0 * coef[sz(i * R + r)] * m(r, k));
+        want += -2.0 * coef[to_size(i * R + r)] * m(r, k);
+        mag += std::abs(2.0 * coef[to_size(i * R + r)] * m(r, k));
       }
-      expect_close(dst[sz(rows[i] * ld + k)], want, mag, "expand");
+      expect_close(dst[to_size(rows[i] * ld + k)], want, mag, "expand");
     }
   }
   for (index_t t = 0; t < total; ++t) {
     for (index_t k = 0; k < ld; ++k) {
-      if (picked[sz(t)] && k < d) continue;
-      ASSERT_EQ(dst[sz(t * ld + k)], src[sz(t * ld + k)]) << "row " << t << " col " << k;
+      if (picked[to_size(t)] && k < d) continue;
+      ASSERT_EQ(dst[to_size(t * ld + k)], src[to_size(t * ld + k)]) << "row " << t << " col " << k;
     }
   }
 
@@ -119,12 +118,12 @@ void check(index_t d, index_t count) {
   for (index_t r = 0; r < R; ++r) {
     for (index_t k = 0; k < d; ++k) {
       const index_t at = kernels::panel_at<R>(static_cast<int>(r), k);
-      double want = g0[sz(at)], mag = std::abs(want);
+      double want = g0[to_size(at)], mag = std::abs(want);
       for (index_t i = 0; i < count; ++i) {
-        want += double{coef[sz(i * R + r)]} * row_of(i)[k];
-        mag += std::abs(double{coef[sz(i * R + r)]} * row_of(i)[k]);
+        want += double{coef[to_size(i * R + r)]} * row_of(i)[k];
+        mag += std::abs(double{coef[to_size(i * R + r)]} * row_of(i)[k]);
       }
-      expect_close(g[sz(at)], want, mag, "accumulate_outer");
+      expect_close(g[to_size(at)], want, mag, "accumulate_outer");
     }
   }
 }

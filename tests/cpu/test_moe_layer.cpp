@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,11 +22,14 @@
 namespace {
 
 using moekit::Activation;
+using moekit::DropPolicy;
 using moekit::Errc;
 using moekit::FfnKind;
+using moekit::GatingRule;
 using moekit::index_t;
 using moekit::MatrixView;
 using moekit::MoeSpec;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit::cpu::MoeLayer;
 using moekit::cpu::MoeLayerConfig;
@@ -33,28 +37,14 @@ using moekit::cpu::MoeLayerGrads;
 using moekit::cpu::MoeLayerParams;
 using moekit::cpu::MoeLayerState;
 using moekit::cpu::MoeLayerStorage;
+using moekit_test::act64;
 using moekit_test::expect_error;
 using moekit_test::ref_gate;
 using moekit_test::rel_error;
+using moekit_test::same_bits;
+using moekit_test::to_double;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-double act64(Activation a, double x) {
-  const double pi = 3.14159265358979323846;
-  switch (a) {
-    case Activation::kRelu:
-      return x > 0 ? x : 0.0;
-    case Activation::kGeluTanh:
-      return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / pi) * (x + 0.044715 * x * x * x)));
-    case Activation::kGeluErf:
-      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
-    case Activation::kSilu:
-      return x / (1.0 + std::exp(-x));
-  }
-  return std::nan("");
-}
-
-std::vector<double> to64(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
 // All parameters and inputs of one problem, float (for the layer) and the
 // problem's sizes.
@@ -69,15 +59,15 @@ struct Problem {
 struct Params64 {
   std::vector<double> x, wg, bg, w1, w3, w2, s1, s3, s2;
   explicit Params64(const Problem& p)
-      : x(to64(p.x)),
-        wg(to64(p.wg)),
-        bg(to64(p.bg)),
-        w1(to64(p.w1)),
-        w3(to64(p.w3)),
-        w2(to64(p.w2)),
-        s1(to64(p.s1)),
-        s3(to64(p.s3)),
-        s2(to64(p.s2)) {}
+      : x(to_double(p.x)),
+        wg(to_double(p.wg)),
+        bg(to_double(p.bg)),
+        w1(to_double(p.w1)),
+        w3(to_double(p.w3)),
+        w2(to_double(p.w2)),
+        s1(to_double(p.s1)),
+        s3(to_double(p.s3)),
+        s2(to_double(p.s2)) {}
 };
 
 // out += scale * FFN(x) for one expert: W1, W3 f x d (W3 null when plain), W2 d x f.
@@ -90,11 +80,11 @@ void ffn64(const double* x, const double* W1, const double* W3, const double* W2
       a += W1[j * d + i] * x[i];
       if (W3 != nullptr) g += W3[j * d + i] * x[i];
     }
-    h[j] = act64(act, a) * (W3 != nullptr ? g : 1.0);
+    h[to_size(j)] = act64(act, a) * (W3 != nullptr ? g : 1.0);
   }
   for (index_t i = 0; i < d; ++i) {
     double s = 0;
-    for (index_t j = 0; j < f; ++j) s += W2[i * f + j] * h[j];
+    for (index_t j = 0; j < f; ++j) s += W2[i * f + j] * h[to_size(j)];
     out[i] += scale * s;
   }
 }
@@ -105,47 +95,105 @@ struct Ref {
   double switch_loss = 0, z_loss = 0;
 };
 
-// Reference forward. Routing from logits by ref_gate; `kept` (T x K, from
-// the layer's positions) says which slots survived capacity.
+// The float64 router: every token's logits and its routing by ref_gate.
+struct RefRouting {
+  std::vector<std::vector<double>> logits;  // T x E
+  std::vector<moekit_test::RefRoute> routes;
+};
+
+RefRouting ref_routing(const Problem& p, const MoeLayerConfig& c, const Params64& q) {
+  const index_t d = p.d;
+  const int E = p.E;
+  RefRouting r;
+  for (index_t t = 0; t < p.T; ++t) {
+    std::vector<double> logits(to_size(E));
+    for (int e = 0; e < E; ++e) {
+      double s = q.bg.empty() ? 0.0 : q.bg[to_size(e)];
+      for (index_t i = 0; i < d; ++i) s += q.wg[to_size(e * d + i)] * q.x[to_size(t * d + i)];
+      logits[to_size(e)] = s;
+    }
+    r.routes.push_back(ref_gate(logits, nullptr, c.router.gating, p.K));
+    r.logits.push_back(std::move(logits));
+  }
+  return r;
+}
+
+// Which slots survive capacity, decided from the float64 routing alone (not
+// from the layer): C = min(T, ceil(factor T K / E)), factor <= 0 dropless;
+// DropPolicy::kPosition keeps each expert's first C slots in token order,
+// kProbs its C largest weights (equal weights: the earlier token). Returns
+// positions as the router writes them: a kept slot's row among its expert's
+// kept slots in token order, -1 for a dropped one.
+std::vector<std::int32_t> ref_positions(const RefRouting& routing, int E, int K,
+                                        const moekit::CapacityConfig& capacity) {
+  const auto T = static_cast<index_t>(routing.routes.size());
+  const double c = std::ceil(capacity.factor * static_cast<double>(T) * K / E);
+  const index_t cap = capacity.factor <= 0.0 ? T : std::min(T, static_cast<index_t>(c));
+  std::vector<bool> kept(to_size(T * K), false);
+  for (int e = 0; e < E; ++e) {
+    std::vector<index_t> slots;  // expert e's slots t K + k, in token order
+    for (index_t t = 0; t < T; ++t) {
+      for (int k = 0; k < K; ++k) {
+        if (routing.routes[to_size(t)].ids[to_size(k)] == e) slots.push_back(t * K + k);
+      }
+    }
+    if (capacity.policy == moekit::DropPolicy::kProbs) {
+      const auto weight = [&](index_t slot) {
+        return routing.routes[to_size(slot / K)].weights[to_size(slot % K)];
+      };
+      std::stable_sort(slots.begin(), slots.end(),
+                       [&](index_t a, index_t b) { return weight(a) > weight(b); });
+    }
+    for (std::size_t i = 0; i < slots.size() && static_cast<index_t>(i) < cap; ++i) {
+      kept[to_size(slots[i])] = true;
+    }
+  }
+  std::vector<std::int32_t> positions(to_size(T * K), -1);
+  std::vector<std::int32_t> next(to_size(E), 0);
+  for (index_t slot = 0; slot < T * K; ++slot) {
+    const int e = routing.routes[to_size(slot / K)].ids[to_size(slot % K)];
+    if (kept[to_size(slot)]) positions[to_size(slot)] = next[to_size(e)]++;
+  }
+  return positions;
+}
+
+// Reference forward. Routing from logits by ref_gate; `positions` (T x K)
+// says which slots survived capacity (-1: dropped).
 Ref ref_forward(const Problem& p, const MoeLayerConfig& c, const Params64& q,
                 const std::vector<std::int32_t>& positions) {
   const index_t T = p.T, d = p.d;
   const int E = p.E, K = p.K;
+  const RefRouting routing = ref_routing(p, c, q);
   Ref r;
   r.y.assign(static_cast<std::size_t>(T * d), 0.0);
-  std::vector<double> count(E, 0.0), P(E, 0.0);
+  std::vector<double> count(to_size(E), 0.0), P(to_size(E), 0.0);
   for (index_t t = 0; t < T; ++t) {
-    std::vector<double> logits(E);
-    for (int e = 0; e < E; ++e) {
-      double s = q.bg.empty() ? 0.0 : q.bg[e];
-      for (index_t i = 0; i < d; ++i) s += q.wg[e * d + i] * q.x[t * d + i];
-      logits[e] = s;
-    }
-    const moekit_test::RefRoute route = ref_gate(logits, nullptr, c.router.gating, K);
+    const std::vector<double>& logits = routing.logits[to_size(t)];
+    const moekit_test::RefRoute& route = routing.routes[to_size(t)];
     double m = -moekit_test::kInf;
     for (double v : logits) m = std::max(m, v);
     double z = 0;
     for (double v : logits) z += std::exp(v - m);
     const double lse = m + std::log(z);
     r.z_loss += lse * lse / static_cast<double>(T);
-    for (int e = 0; e < E; ++e) P[e] += route.scores[e] / static_cast<double>(T);
-    const double* xt = &q.x[t * d];
-    double* yt = &r.y[t * d];
+    for (int e = 0; e < E; ++e) P[to_size(e)] += route.scores[to_size(e)] / static_cast<double>(T);
+    const double* xt = &q.x[to_size(t * d)];
+    double* yt = &r.y[to_size(t * d)];
     for (int k = 0; k < K; ++k) {
-      const int e = route.ids[k];
+      const int e = route.ids[to_size(k)];
       r.ids.push_back(e);
-      count[e] += 1.0;
-      if (positions[t * K + k] < 0) continue;
-      ffn64(xt, &q.w1[e * p.f * d], p.gated ? &q.w3[e * p.f * d] : nullptr, &q.w2[e * d * p.f], d,
-            p.f, c.activation, route.weights[k], yt);
+      count[to_size(e)] += 1.0;
+      if (positions[to_size(t * K + k)] < 0) continue;
+      ffn64(xt, &q.w1[to_size(e * p.f * d)], p.gated ? &q.w3[to_size(e * p.f * d)] : nullptr,
+            &q.w2[to_size(e * d * p.f)], d, p.f, c.activation, route.weights[to_size(k)], yt);
     }
     for (int s = 0; s < p.n_shared; ++s) {
-      ffn64(xt, &q.s1[s * p.fs * d], p.gated ? &q.s3[s * p.fs * d] : nullptr, &q.s2[s * d * p.fs],
-            d, p.fs, c.activation, 1.0, yt);
+      ffn64(xt, &q.s1[to_size(s * p.fs * d)], p.gated ? &q.s3[to_size(s * p.fs * d)] : nullptr,
+            &q.s2[to_size(s * d * p.fs)], d, p.fs, c.activation, 1.0, yt);
     }
   }
   for (int e = 0; e < E; ++e) {
-    r.switch_loss += E * (count[e] / static_cast<double>(T * K)) * P[e];
+    r.switch_loss += E * (count[to_size(e)] / static_cast<double>(T * K)) * P[to_size(e)];
   }
   return r;
 }
@@ -166,9 +214,10 @@ std::vector<float> randn(std::mt19937& rng, index_t n, float scale) {
 }
 
 // A random problem whose tokens sit at least `gap` away from a top-K flip
-// (selection keys are the logits: kSoftmaxTopK without selection bias).
+// (selection keys are the logits, or sigmoid of them: no selection bias).
+// The gate bias ~ N(0, bias_scale^2) makes the experts' loads uneven.
 Problem make_problem(const MoeLayerConfig& c, int E, int K, index_t T, unsigned seed,
-                     bool bias = true) {
+                     bool bias = true, float bias_scale = 0.5f) {
   std::mt19937 rng(seed);
   Problem p;
   p.E = E;
@@ -181,7 +230,7 @@ Problem make_problem(const MoeLayerConfig& c, int E, int K, index_t T, unsigned 
   p.gated = c.kind == FfnKind::kGated;
   const index_t d = p.d;
   p.wg = randn(rng, E * d, 1.0f);
-  if (bias) p.bg = randn(rng, E, 0.5f);
+  if (bias) p.bg = randn(rng, E, bias_scale);
   const float sw = 1.0f / std::sqrt(static_cast<float>(d));
   p.w1 = randn(rng, E * p.f * d, sw);
   if (p.gated) p.w3 = randn(rng, E * p.f * d, sw);
@@ -196,16 +245,17 @@ Problem make_problem(const MoeLayerConfig& c, int E, int K, index_t T, unsigned 
   p.x.resize(static_cast<std::size_t>(T * d));
   for (index_t t = 0; t < T; ++t) {
     for (int attempt = 0;; ++attempt) {
-      for (index_t i = 0; i < d; ++i) p.x[t * d + i] = dist(rng);
+      for (index_t i = 0; i < d; ++i) p.x[to_size(t * d + i)] = dist(rng);
       if (K == E) break;
-      std::vector<double> l(E);
+      std::vector<double> l(to_size(E));
       for (int e = 0; e < E; ++e) {
-        double s = p.bg.empty() ? 0.0 : p.bg[e];
-        for (index_t i = 0; i < d; ++i) s += double{p.wg[e * d + i]} * p.x[t * d + i];
-        l[e] = s;
+        double s = p.bg.empty() ? 0.0 : p.bg[to_size(e)];
+        for (index_t i = 0; i < d; ++i)
+          s += double{p.wg[to_size(e * d + i)]} * p.x[to_size(t * d + i)];
+        l[to_size(e)] = s;
       }
       std::sort(l.begin(), l.end(), std::greater<>());
-      if (l[K - 1] - l[K] > 0.2 || attempt > 1000) break;
+      if (l[to_size(K - 1)] - l[to_size(K)] > 0.2 || attempt > 1000) break;
     }
   }
   return p;
@@ -290,11 +340,15 @@ void check_forward(const MoeLayerConfig& c, index_t T, unsigned seed, bool expec
   moekit::cpu::RoutingStats<S> stats;
   layer.forward({p.x.data(), T, p.d}, params_of(p, c), st.state(), {y.data(), T, p.d}, &stats,
                 st.workspace());
-  const std::vector<std::int32_t> pos = positions_of(st, T);
-  const Ref r = ref_forward(p, c, Params64(p), pos);
+  // Drops decided by the reference itself, not read from the layer.
+  const Params64 q(p);
+  const std::vector<std::int32_t> pos =
+      ref_positions(ref_routing(p, c, q), E, K, c.router.capacity);
+  EXPECT_EQ(positions_of(st, T), pos);
+  const Ref r = ref_forward(p, c, q, pos);
   const auto& ids = st.state().routing.expert_ids;
-  for (index_t i = 0; i < T * K; ++i) ASSERT_EQ(ids.data()[i], r.ids[i]) << "slot " << i;
-  const double err = rel_error(to64(y), r.y);
+  for (index_t i = 0; i < T * K; ++i) ASSERT_EQ(ids.data()[i], r.ids[to_size(i)]) << "slot " << i;
+  const double err = rel_error(to_double(y), r.y);
   EXPECT_LT(err, 1e-6) << "E=" << E << " K=" << K << " shared=" << c.num_shared;
   EXPECT_EQ(stats.dropped > 0, expect_drops) << stats.dropped;
   std::printf("[ forward ] E=%d K=%d %s shared=%d drops=%lld rel err %.3g\n", E, K,
@@ -316,6 +370,91 @@ TEST(MoeLayer, ForwardMatchesFloat64Reference) {
       check_forward<MoeSpec<8, 2>>(make_config(kind, act, shared, 0.75, 16, 24), 150, 7, true);
     }
   }
+}
+
+// Capacity on random problems against ref_positions, which decides the drops
+// from the float64 routing alone: every gating rule and drop policy, factors
+// from very tight to dropless, uneven loads, T from 1 to 64. The layer's
+// positions, the zero weight of each dropped slot, the kept and dropped
+// counts and the output must all be what that independent count says.
+template <class S>
+void check_capacity(std::mt19937& rng, int round, int& rounds_with_drops) {
+  constexpr int E = S::num_experts, K = S::top_k;
+  std::uniform_int_distribution<int> coin(0, 1), rule(0, 2), tokens(1, 64);
+  std::uniform_real_distribution<double> factor(0.05, 2.0);
+  MoeLayerConfig c =
+      make_config(coin(rng) != 0 ? FfnKind::kGated : FfnKind::kPlain, Activation::kSilu, coin(rng),
+                  round % 4 == 0 ? 0.0 : factor(rng), 8, 6);
+  c.router.capacity.policy = coin(rng) != 0 ? DropPolicy::kProbs : DropPolicy::kPosition;
+  c.router.gating.rule = std::array{GatingRule::kSoftmaxTopK, GatingRule::kTopKSoftmax,
+                                    GatingRule::kSigmoid}[to_size(rule(rng))];
+  const index_t T = tokens(rng);
+  const MoeLayer<S> layer(c);
+  // kProbs: redraw a problem in which float rounding could reorder two
+  // different weights at an expert's capacity boundary (the float64 order
+  // would then not be the layer's). Equal weights (K = 1 with kTopKSoftmax:
+  // all 1) are no risk: the tie rule decides.
+  Problem p;
+  std::vector<std::int32_t> ref_pos;
+  for (unsigned seed = static_cast<unsigned>(rng());; ++seed) {
+    p = make_problem(c, E, K, T, seed, true, 2.0f);
+    const RefRouting routing = ref_routing(p, c, Params64(p));
+    ref_pos = ref_positions(routing, E, K, c.router.capacity);
+    bool clear = true;
+    for (index_t slot = 0; slot < T * K && c.router.capacity.policy == DropPolicy::kProbs; ++slot) {
+      for (index_t other = 0; other < T * K; ++other) {
+        const auto& a = routing.routes[to_size(slot / K)];
+        const auto& b = routing.routes[to_size(other / K)];
+        const double wa = a.weights[to_size(slot % K)], wb = b.weights[to_size(other % K)];
+        const bool boundary = (ref_pos[to_size(slot)] < 0) != (ref_pos[to_size(other)] < 0);
+        if (boundary && a.ids[to_size(slot % K)] == b.ids[to_size(other % K)] && wa != wb &&
+            std::abs(wa - wb) <= 1e-5 * std::max(wa, wb)) {
+          clear = false;
+        }
+      }
+    }
+    if (clear) break;
+  }
+
+  MoeLayerStorage<S> st(layer, T);
+  std::vector<float> y(p.x.size(), kNaN);
+  moekit::cpu::RoutingStats<S> stats;
+  layer.forward({p.x.data(), T, p.d}, params_of(p, c), st.state(), {y.data(), T, p.d}, &stats,
+                st.workspace());
+  const std::string where =
+      "round " + std::to_string(round) + ": E=" + std::to_string(E) + " K=" + std::to_string(K) +
+      " T=" + std::to_string(T) + " factor " + std::to_string(c.router.capacity.factor) +
+      (c.router.capacity.policy == DropPolicy::kProbs ? " kProbs" : " kPosition");
+  ASSERT_EQ(positions_of(st, T), ref_pos) << where;
+  std::vector<index_t> kept(to_size(E), 0);
+  index_t dropped = 0;
+  const auto& routing = st.state().routing;
+  for (index_t t = 0; t < T; ++t) {
+    for (int k = 0; k < K; ++k) {
+      if (routing.positions(t, k) < 0) {
+        ++dropped;
+        EXPECT_EQ(routing.weights(t, k), 0.0f) << where << " slot " << t << "," << k;
+      } else {
+        ++kept[to_size(routing.expert_ids(t, k))];
+      }
+    }
+  }
+  EXPECT_EQ(stats.dropped, dropped) << where;
+  if (dropped > 0) ++rounds_with_drops;
+  for (int e = 0; e < E; ++e) EXPECT_EQ(stats.kept[to_size(e)], kept[to_size(e)]) << where;
+  EXPECT_LT(rel_error(to_double(y), ref_forward(p, c, Params64(p), ref_pos).y), 1e-6) << where;
+}
+
+TEST(MoeLayer, CapacityDropsMatchAnIndependentCount) {
+  std::mt19937 rng(2024);
+  int rounds_with_drops = 0;
+  for (int round = 0; round < 12; ++round) {
+    check_capacity<MoeSpec<8, 2>>(rng, round, rounds_with_drops);
+    check_capacity<MoeSpec<5, 3>>(rng, round, rounds_with_drops);
+    check_capacity<MoeSpec<4, 1>>(rng, round, rounds_with_drops);
+    check_capacity<MoeSpec<6, 6>>(rng, round, rounds_with_drops);
+  }
+  EXPECT_GE(rounds_with_drops, 24) << "of 48 rounds";  // the test must see many drops
 }
 
 TEST(MoeLayer, ForwardReturnsAuxLosses) {
@@ -352,7 +491,7 @@ double fd_error(const Problem& p, const MoeLayerConfig& c, const std::vector<std
     v[i] = keep;
     fd[i] = (lp - lm) / (2 * h);
   }
-  const double err = rel_error(to64(got), fd);
+  const double err = rel_error(to_double(got), fd);
   EXPECT_LT(err, 1e-5) << what;
   return err;
 }
@@ -372,7 +511,8 @@ void check_backward(const MoeLayerConfig& c, index_t T, unsigned seed) {
   const std::vector<std::int32_t> pos = positions_of(st, T);
   Params64 q(p);
   const Ref r = ref_forward(p, c, q, pos);
-  for (index_t i = 0; i < T * K; ++i) ASSERT_EQ(st.state().routing.expert_ids.data()[i], r.ids[i]);
+  for (index_t i = 0; i < T * K; ++i)
+    ASSERT_EQ(st.state().routing.expert_ids.data()[i], r.ids[to_size(i)]);
   double worst = 0;
   worst = std::max(worst, fd_error(p, c, pos, q, &Params64::x, g.dx, "dx"));
   worst = std::max(worst, fd_error(p, c, pos, q, &Params64::wg, g.dwg, "dw_gate"));
@@ -434,10 +574,6 @@ std::vector<float> run_all(const MoeLayerConfig& c, const Problem& p, Grads& g) 
   return y;
 }
 
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
 TEST(MoeLayer, Deterministic) {
   using S = MoeSpec<16, 4>;
   MoeLayerConfig c = make_config(FfnKind::kGated, Activation::kSilu, 1, 1.0, 32, 48);
@@ -465,7 +601,7 @@ TEST(MoeLayer, EmptyExpertsGetZeroGradients) {
   Grads g(p);
   const std::vector<float> y = run_all<S>(c, p, g);
   std::vector<std::int32_t> all_kept(static_cast<std::size_t>(p.T * 2), 0);
-  EXPECT_LT(rel_error(to64(y), ref_forward(p, c, Params64(p), all_kept).y), 1e-6);
+  EXPECT_LT(rel_error(to_double(y), ref_forward(p, c, Params64(p), all_kept).y), 1e-6);
   const std::size_t block = static_cast<std::size_t>(p.f * p.d);
   for (std::size_t i = 6 * block; i < 8 * block; ++i) {
     ASSERT_EQ(g.dw1[i], 0.0f);
@@ -555,10 +691,10 @@ TEST(MoeLayer, AccumulateAddsToEveryOutput) {
     for (float e : a) r.push_back(2.0 * e);
     return r;
   };
-  EXPECT_LT(rel_error(to64(g.dx), twice(once.dx)), 1e-6);
-  EXPECT_LT(rel_error(to64(g.dwg), twice(once.dwg)), 1e-6);
-  EXPECT_LT(rel_error(to64(g.dw1), twice(once.dw1)), 1e-6);
-  EXPECT_LT(rel_error(to64(g.ds2), twice(once.ds2)), 1e-6);
+  EXPECT_LT(rel_error(to_double(g.dx), twice(once.dx)), 1e-6);
+  EXPECT_LT(rel_error(to_double(g.dwg), twice(once.dwg)), 1e-6);
+  EXPECT_LT(rel_error(to_double(g.dw1), twice(once.dw1)), 1e-6);
+  EXPECT_LT(rel_error(to_double(g.ds2), twice(once.ds2)), 1e-6);
 }
 
 // ---- bad input ---------------------------------------------------------------

@@ -22,12 +22,15 @@
 #include "moekit/train/data.hpp"
 #include "moekit/train/quality.hpp"
 #include "moekit/train/trainer.hpp"
+#include "test_support.hpp"
 
 namespace {
 
 using moekit::Errc;
 using moekit::index_t;
+using moekit::to_size;
 using moekit_test::expect_error;
+using moekit_test::same_bits;
 namespace cpu = moekit::cpu;
 namespace train = moekit::train;
 
@@ -35,10 +38,6 @@ std::vector<float> normal_vector(std::size_t n, std::uint64_t seed) {
   std::vector<float> v(n);
   for (std::size_t i = 0; i < n; ++i) v[i] = moekit::random_normal(seed, i);
   return v;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
 std::filesystem::path temp_path(const std::string& name) {
@@ -66,7 +65,7 @@ TEST(MlpEncoder, MatchesFloat64ReferenceAndCountsItsParameters) {
     for (std::size_t i = 0; i < v->size(); ++i) (*v)[i] = 0.5f * r[i] + (v == &gamma ? 1.0f : 0.0f);
   }
   const std::vector<float> x = normal_vector(n * din, 5);
-  std::vector<float> y(n * d, std::nanf("")), ws(enc.workspace_size(n) / 4);
+  std::vector<float> y(n * d, std::nanf("")), ws(to_size(enc.workspace_size(n) / 4));
   enc.forward({x.data(), n, din},
               cpu::MlpEncoderWeights{w.w_in, w.b_in, w.gamma, w.beta, w.w1, w.b1, w.w2, w.b2},
               {y.data(), n, d}, {reinterpret_cast<std::byte*>(ws.data()), enc.workspace_size(n)});
@@ -75,30 +74,35 @@ TEST(MlpEncoder, MatchesFloat64ReferenceAndCountsItsParameters) {
   for (index_t t = 0; t < n; ++t) {
     std::vector<double> h(d), u(d), a(f);
     for (index_t i = 0; i < d; ++i) {
-      h[i] = b_in[i];
-      for (index_t j = 0; j < din; ++j) h[i] += double(w_in[i * din + j]) * x[t * din + j];
+      h[to_size(i)] = b_in[to_size(i)];
+      for (index_t j = 0; j < din; ++j)
+        h[to_size(i)] += double(w_in[to_size(i * din + j)]) * x[to_size(t * din + j)];
     }
     for (index_t l = 0; l < L; ++l) {
       double mean = 0.0, var = 0.0;
       for (double v : h) mean += v / d;
       for (double v : h) var += (v - mean) * (v - mean) / d;
       for (index_t i = 0; i < d; ++i) {
-        u[i] = gamma[l * d + i] * (h[i] - mean) / std::sqrt(var + 1e-5) + beta[l * d + i];
+        u[to_size(i)] = gamma[to_size(l * d + i)] * (h[to_size(i)] - mean) / std::sqrt(var + 1e-5) +
+                        beta[to_size(l * d + i)];
       }
       for (index_t k = 0; k < f; ++k) {
-        double s = b1[l * f + k];
-        for (index_t i = 0; i < d; ++i) s += double(w1[(l * f + k) * d + i]) * u[i];
-        a[k] = 0.5 * s * (1.0 + std::tanh(0.7978845608028654 * (s + 0.044715 * s * s * s)));
+        double s = b1[to_size(l * f + k)];
+        for (index_t i = 0; i < d; ++i)
+          s += double(w1[to_size((l * f + k) * d + i)]) * u[to_size(i)];
+        a[to_size(k)] =
+            0.5 * s * (1.0 + std::tanh(0.7978845608028654 * (s + 0.044715 * s * s * s)));
       }
       for (index_t i = 0; i < d; ++i) {
-        double s = b2[l * d + i];
-        for (index_t k = 0; k < f; ++k) s += double(w2[(l * d + i) * f + k]) * a[k];
-        h[i] += s;
+        double s = b2[to_size(l * d + i)];
+        for (index_t k = 0; k < f; ++k)
+          s += double(w2[to_size((l * d + i) * f + k)]) * a[to_size(k)];
+        h[to_size(i)] += s;
       }
     }
     for (index_t i = 0; i < d; ++i) {
-      num += (y[t * d + i] - h[i]) * (y[t * d + i] - h[i]);
-      den += h[i] * h[i];
+      num += (y[to_size(t * d + i)] - h[to_size(i)]) * (y[to_size(t * d + i)] - h[to_size(i)]);
+      den += h[to_size(i)] * h[to_size(i)];
     }
   }
   EXPECT_LT(std::sqrt(num / den), 1e-5);
@@ -164,35 +168,38 @@ struct BatchData {
 BatchData random_batch(index_t n, index_t d_input, int heads, std::uint64_t seed) {
   BatchData b{normal_vector(static_cast<std::size_t>(n * d_input), seed), {}, {}};
   for (index_t i = 0; i < n; ++i) {
-    const int t = static_cast<int>(moekit::random_bits(seed + 1, i) % heads);
+    const int t = static_cast<int>(moekit::random_bits(seed + 1, to_size(i)) % to_size(heads));
     b.tasks.push_back(t);
-    b.labels.push_back(static_cast<std::int32_t>(moekit::random_bits(seed + 2, i) % (3 + t)));
+    b.labels.push_back(
+        static_cast<std::int32_t>(moekit::random_bits(seed + 2, to_size(i)) % (to_size(3 + t))));
   }
   return b;
 }
 
-// Every trained tensor's gradient against central differences of the loss
-// (the model runs in float, so the differences do too).
-// K = E: the top-k choice cannot flip under a perturbation, so the loss is smooth.
-TEST(MultitaskModel, GradientsMatchFiniteDifferences) {
-  using M = Model<4, 4, 2>;
-  auto c = small_config<M>(12, 0.1f);
-  c.moe.num_shared = 1;
-  M model(c);
-  for (float& v : model.tensor("adapter.lora_B").value) v = 0.2f;  // B = 0 would hide dA
-  const BatchData data = random_batch(12, 10, 2, 7);
-  const cpu::Batch batch = data.view(10);
+// Every trained tensor's gradient at `step` against fourth-order central
+// differences of the loss (the model runs in float, so the differences do
+// too; the h^2 error term cancels), at every ninth element or so. A
+// perturbation must not flip a token's top-k choice (the loss would jump):
+// at each perturbed point every layer's assignment counts are checked
+// against the unperturbed point's.
+template <class M>
+void check_gradients(M& model, const cpu::Batch& batch, const cpu::LoraStep& step) {
+  const auto base = model.loss_and_grads(batch, cpu::TrainScope::all(), step);
   for (cpu::ModelTensor& t : model.tensors()) {
     if (t.grad.empty()) continue;
-    model.loss_and_grads(batch, cpu::TrainScope::all(), {});  // at the unperturbed point
+    model.loss_and_grads(batch, cpu::TrainScope::all(), step);  // at the unperturbed point
     const std::vector<float> grad = t.grad;
     double num = 0.0, den = 0.0;
     for (std::size_t i = 0; i < t.value.size(); i += 1 + t.value.size() / 9) {
-      // Fourth-order central differences: the h^2 error term cancels.
       const float v = t.value[i], h = 1e-2f;
       const auto loss_at = [&](float delta) {
         t.value[i] = v + delta;
-        return model.loss_and_grads(batch, cpu::TrainScope::all(), {}).total;
+        const auto out = model.loss_and_grads(batch, cpu::TrainScope::all(), step);
+        for (std::size_t l = 0; l < out.routing.size(); ++l) {
+          EXPECT_EQ(out.routing[l].assigned, base.routing[l].assigned)
+              << t.name << "[" << i << "] + " << delta << " flips a top-k choice in layer " << l;
+        }
+        return out.total;
       };
       const double fd =
           (8.0 * (loss_at(h) - loss_at(-h)) - (loss_at(2 * h) - loss_at(-2 * h))) / (12.0 * h);
@@ -202,6 +209,32 @@ TEST(MultitaskModel, GradientsMatchFiniteDifferences) {
     }
     EXPECT_LT(std::sqrt(num / den), 5e-3) << t.name;
   }
+}
+
+// K = E: every expert is always selected, the loss is smooth everywhere.
+TEST(MultitaskModel, GradientsMatchFiniteDifferences) {
+  using M = Model<4, 4, 2>;
+  auto c = small_config<M>(12, 0.1f);
+  c.moe.num_shared = 1;
+  M model(c);
+  for (float& v : model.tensor("adapter.lora_B").value) v = 0.2f;  // B = 0 would hide dA
+  const BatchData data = random_batch(12, 10, 2, 7);
+  check_gradients(model, data.view(10), {});
+}
+
+// K < E (the top-k choice matters: its weights are a softmax over the chosen
+// logits) and LoRA dropout on (a fixed step draws the same mask at every
+// perturbed point, so the loss stays a smooth function of the weights).
+TEST(MultitaskModel, GradientsMatchFiniteDifferencesWithTopKAndDropout) {
+  using M = Model<4, 2, 2>;
+  auto c = small_config<M>(12, 0.1f);
+  c.moe.num_shared = 1;
+  c.moe.router.gating.rule = moekit::GatingRule::kTopKSoftmax;
+  c.lora_dropout = 0.25f;
+  M model(c);
+  for (float& v : model.tensor("adapter.lora_B").value) v = 0.2f;
+  const BatchData data = random_batch(12, 10, 2, 7);
+  check_gradients(model, data.view(10), {.training = true, .seed = 17, .step = 3});
 }
 
 TEST(MultitaskModel, BranchScopeGivesTheSameBranchGradientsAndSkipsTheMoe) {
@@ -231,15 +264,15 @@ TEST(MultitaskModel, PredictIsDeterministicAndEqualsTheTrainingForward) {
   M model(small_config<M>(20, 0.0f));
   const BatchData data = random_batch(20, 10, 2, 4);
   const index_t C = model.heads().max_classes();
-  std::vector<float> a(20 * C, std::nanf("")), b(20 * C, 1.0f);
+  std::vector<float> a(to_size(20 * C), std::nanf("")), b(to_size(20 * C), 1.0f);
   model.predict(data.view(10), {a.data(), 20, C});
   model.loss_and_grads(data.view(10), cpu::TrainScope::all(), {});
   model.predict(data.view(10), {b.data(), 20, C});
   EXPECT_TRUE(same_bits(a, b));
   for (index_t i = 0; i < 20; ++i) {  // each row has its head's classes, -inf padding after
-    const index_t classes = 3 + data.tasks[i];
+    const index_t classes = 3 + data.tasks[to_size(i)];
     for (index_t k = 0; k < C; ++k) {
-      EXPECT_EQ(std::isfinite(a[i * C + k]), k < classes) << i << " " << k;
+      EXPECT_EQ(std::isfinite(a[to_size(i * C + k)]), k < classes) << i << " " << k;
     }
   }
 }
@@ -259,7 +292,7 @@ TEST(MultitaskModel, RejectsBadConfigurationsAndBatchesWithoutWriting) {
 
   M model(small_config<M>(8, 0.0f));
   const index_t C = model.heads().max_classes();
-  std::vector<float> logits(9 * C, 5.0f);
+  std::vector<float> logits(to_size(9 * C), 5.0f);
   BatchData big = random_batch(9, 10, 2, 1);
   msg = expect_error(
       [&] {
@@ -329,7 +362,7 @@ TEST(MultitaskModel, TrainerGroupsFollowTheRolesAndScope) {
   M model(small_config<M>(8, 0.0f));
   const train::Trainer<M> all(model, {});
   EXPECT_EQ(all.optimizer().num_groups(), 4);
-  EXPECT_EQ(all.optimizer().group(0).lr, 1e-4f);  // DESIGN.md §1 rates
+  EXPECT_EQ(all.optimizer().group(0).lr, 1e-4f);  // the reference rates
   EXPECT_EQ(all.optimizer().group(1).lr, 5e-4f);
   EXPECT_EQ(all.optimizer().group(2).lr, 5e-4f);
   EXPECT_EQ(all.optimizer().group(3).lr, 1e-3f);
@@ -350,7 +383,9 @@ TEST(MultitaskModel, CheckpointResumeIsBitIdentical) {
   using M = Model<4, 2, 2>;
   auto c = small_config<M>(16, 0.1f);
   c.lora_dropout = 0.1f;
-  const auto batch_of = [](std::int64_t step) { return random_batch(16, 10, 2, 100 + step); };
+  const auto batch_of = [](std::int64_t step) {
+    return random_batch(16, 10, 2, to_size(100 + step));
+  };
   const train::TrainerConfig tc = trainer_config<M>(8);
 
   M straight(c);
@@ -377,7 +412,7 @@ TEST(MultitaskModel, CheckpointResumeIsBitIdentical) {
   EXPECT_EQ(t1.optimizer().steps(), t3.optimizer().steps());
   const auto m1 = t1.optimizer().exp_avg_sq("moe.1.experts.w2");
   const auto m3 = t3.optimizer().exp_avg_sq("moe.1.experts.w2");
-  EXPECT_EQ(std::memcmp(m1.data(), m3.data(), m1.size() * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(m1.data(), m3.data(), to_size(m1.size()) * sizeof(float)), 0);
 }
 
 TEST(MultitaskModel, RejectedCheckpointsChangeNothing) {
@@ -444,11 +479,11 @@ TEST(MultitaskModel, AddedBranchLeavesOldBranchesBitIdentical) {
   using M = Model<4, 2, 2>;
   M model(small_config<M>(24, 0.1f));
   train::Trainer<M> trainer(model, trainer_config<M>(3));
-  for (int s = 0; s < 3; ++s) trainer.step(random_batch(24, 10, 2, 40 + s).view(10));
+  for (int s = 0; s < 3; ++s) trainer.step(random_batch(24, 10, 2, to_size(40 + s)).view(10));
 
   const BatchData old_rows = random_batch(24, 10, 2, 77);
   const index_t C2 = model.heads().max_classes();
-  std::vector<float> before(24 * C2);
+  std::vector<float> before(to_size(24 * C2));
   model.predict(old_rows.view(10), {before.data(), 24, C2});
 
   auto bigger = model.with_branch(6, 123);
@@ -459,7 +494,7 @@ TEST(MultitaskModel, AddedBranchLeavesOldBranchesBitIdentical) {
   tc.scope = cpu::TrainScope::only_branch(2);
   train::Trainer<M3> branch_trainer(bigger, tc);
   for (int s = 0; s < 3; ++s) {
-    BatchData b = random_batch(24, 10, 3, 50 + s);
+    BatchData b = random_batch(24, 10, 3, to_size(50 + s));
     for (std::size_t i = 0; i < b.tasks.size(); ++i) {
       b.tasks[i] = 2;
       b.labels[i] %= 6;
@@ -467,11 +502,14 @@ TEST(MultitaskModel, AddedBranchLeavesOldBranchesBitIdentical) {
     branch_trainer.step(b.view(10));
   }
   const index_t C3 = bigger.heads().max_classes();
-  std::vector<float> after(24 * C3);
+  std::vector<float> after(to_size(24 * C3));
   bigger.predict(old_rows.view(10), {after.data(), 24, C3});
   for (index_t i = 0; i < 24; ++i) {
-    const index_t classes = 3 + old_rows.tasks[i];
-    EXPECT_EQ(std::memcmp(&before[i * C2], &after[i * C3], classes * sizeof(float)), 0) << i;
+    const index_t classes = 3 + old_rows.tasks[to_size(i)];
+    EXPECT_EQ(std::memcmp(&before[to_size(i * C2)], &after[to_size(i * C3)],
+                          to_size(classes) * sizeof(float)),
+              0)
+        << i;
   }
   // Only branch 2's slices moved.
   EXPECT_TRUE(

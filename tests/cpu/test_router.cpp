@@ -31,6 +31,7 @@ using moekit::index_t;
 using moekit::MatrixView;
 using moekit::MoeSpec;
 using moekit::NoiseKind;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit::cpu::Router;
 using moekit::cpu::RouterConfig;
@@ -79,7 +80,7 @@ template <int K>
 bool compare_token(const std::int32_t* ids, const float* weights, const moekit_test::RefRoute& ref,
                    double tie, std::vector<double>& out_w, std::vector<double>& ref_w) {
   std::map<int, double> ref_weight;
-  for (int k = 0; k < K; ++k) ref_weight[ref.ids[k]] = ref.weights[k];
+  for (int k = 0; k < K; ++k) ref_weight[ref.ids[to_size(k)]] = ref.weights[to_size(k)];
   std::set<int> seen;
   for (int k = 0; k < K; ++k) {
     EXPECT_TRUE(ids[k] >= 0 && ids[k] < static_cast<int>(ref.keys.size())) << ids[k];
@@ -89,17 +90,19 @@ bool compare_token(const std::int32_t* ids, const float* weights, const moekit_t
   for (int k = 0; k < K; ++k) same_set &= ref_weight.count(ids[k]) == 1;
   if (!same_set) {
     // Only acceptable at a near-tie on the selection boundary.
-    const double kth = ref.keys[ref.ids[K - 1]];
+    const double kth = ref.keys[to_size(ref.ids[K - 1])];
     for (int k = 0; k < K; ++k) {
       if (!ref_weight.count(ids[k])) {
-        EXPECT_NEAR(ref.keys[ids[k]], kth, tie) << "selected an expert far below the K-th key";
+        EXPECT_NEAR(ref.keys[to_size(ids[k])], kth, tie)
+            << "selected an expert far below the K-th key";
       }
     }
     return false;
   }
   for (int k = 0; k < K; ++k) {
     if (k > 0) {
-      EXPECT_GE(ref.keys[ids[k - 1]] + tie, ref.keys[ids[k]]) << "ids out of key order";
+      EXPECT_GE(ref.keys[to_size(ids[k - 1])] + tie, ref.keys[to_size(ids[k])])
+          << "ids out of key order";
     }
     out_w.push_back(weights[k]);
     ref_w.push_back(ref_weight[ids[k]]);
@@ -133,9 +136,9 @@ TYPED_TEST(RouterForward, MatchesFloat64Reference) {
   std::vector<double> ref_logits(T * E);
   for (index_t t = 0; t < T; ++t) {
     for (int e = 0; e < E; ++e) {
-      double acc = gate_bias[e];
-      for (index_t j = 0; j < d; ++j) acc += double(x[t * d + j]) * w[e * d + j];
-      ref_logits[t * E + e] = acc;
+      double acc = gate_bias[to_size(e)];
+      for (index_t j = 0; j < d; ++j) acc += double(x[to_size(t * d + j)]) * w[to_size(e * d + j)];
+      ref_logits[to_size(t * E + e)] = acc;
     }
   }
 
@@ -163,7 +166,8 @@ TYPED_TEST(RouterForward, MatchesFloat64Reference) {
         out_scores.insert(out_scores.end(), buf.scores.begin() + t * E,
                           buf.scores.begin() + (t + 1) * E);
         ref_scores.insert(ref_scores.end(), ref.scores.begin(), ref.scores.end());
-        if (compare_token<K>(&buf.ids[t * K], &buf.weights[t * K], ref, 1e-5, out_w, ref_w)) {
+        if (compare_token<K>(&buf.ids[to_size(t * K)], &buf.weights[to_size(t * K)], ref, 1e-5,
+                             out_w, ref_w)) {
           ++compared;
         } else {
           ++ambiguous;
@@ -174,7 +178,7 @@ TYPED_TEST(RouterForward, MatchesFloat64Reference) {
       EXPECT_EQ(stats.tokens, T);
       EXPECT_EQ(stats.dropped, 0);
       EXPECT_EQ(stats.non_finite_logits, 0);
-      for (index_t i = 0; i < T * K; ++i) EXPECT_GE(buf.positions[i], 0);
+      for (index_t i = 0; i < T * K; ++i) EXPECT_GE(buf.positions[to_size(i)], 0);
     }
   }
   EXPECT_LE(ambiguous, compared / 100) << "too many near-ties to call this a comparison";
@@ -220,13 +224,13 @@ TEST(RouterTies, GroupTiesPickLowerGroup) {
 TEST(RouterEdges, OneExpert) {
   using S = MoeSpec<1, 1>;
   RoutingBuffers<S> buf(5);
-  for (int t = 0; t < 5; ++t) buf.logits[t] = static_cast<float>(t) - 2.0f;
+  for (int t = 0; t < 5; ++t) buf.logits[to_size(t)] = static_cast<float>(t) - 2.0f;
   RouterConfig config;
   Router<S>(config).route(buf.view(), {});
   for (int t = 0; t < 5; ++t) {
-    EXPECT_EQ(buf.ids[t], 0);
-    EXPECT_EQ(buf.weights[t], 1.0f);
-    EXPECT_EQ(buf.positions[t], t);
+    EXPECT_EQ(buf.ids[to_size(t)], 0);
+    EXPECT_EQ(buf.weights[to_size(t)], 1.0f);
+    EXPECT_EQ(buf.positions[to_size(t)], t);
   }
   config.gating.rule = GatingRule::kSigmoid;  // weight = s unless renormalised
   Router<S>(config).route(buf.view(), {});
@@ -269,13 +273,14 @@ TEST(RouterEdges, AllTokensToOneExpert) {
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
   for (index_t t = 0; t < T; ++t) {
-    for (int e = 0; e < 8; ++e) buf.logits[t * 8 + e] = normal(rng) + (e == 3 ? 50.0f : 0.0f);
+    for (int e = 0; e < 8; ++e)
+      buf.logits[to_size(t * 8 + e)] = normal(rng) + (e == 3 ? 50.0f : 0.0f);
   }
   RoutingStats<S> stats;
   Router<S>(RouterConfig{}).route(buf.view(), {}, &stats);
   for (index_t t = 0; t < T; ++t) {
-    EXPECT_EQ(buf.ids[t * 2], 3);
-    EXPECT_EQ(buf.positions[t * 2], t);  // dropless: every token kept, in order
+    EXPECT_EQ(buf.ids[to_size(t * 2)], 3);
+    EXPECT_EQ(buf.positions[to_size(t * 2)], t);  // dropless: every token kept, in order
   }
   EXPECT_EQ(stats.assigned[3], T);
   EXPECT_EQ(stats.kept[3], T);
@@ -306,8 +311,8 @@ TEST(RouterNonFinite, DocumentedRuleAndCount) {
       std::set<int> ids(buf.ids.begin() + t * 3, buf.ids.begin() + t * 3 + 3);
       EXPECT_EQ(ids.size(), 3u) << "duplicate ids in token " << t;
       for (int id : ids) EXPECT_TRUE(id >= 0 && id < 6);
-      for (int k = 0; k < 3; ++k) EXPECT_TRUE(std::isfinite(buf.weights[t * 3 + k]));
-      for (int e = 0; e < 6; ++e) EXPECT_TRUE(std::isfinite(buf.scores[t * 6 + e]));
+      for (int k = 0; k < 3; ++k) EXPECT_TRUE(std::isfinite(buf.weights[to_size(t * 3 + k)]));
+      for (int e = 0; e < 6; ++e) EXPECT_TRUE(std::isfinite(buf.scores[to_size(t * 6 + e)]));
     }
     // Token 0: 5 then 1 then 3 (NaN and -inf last). Token 1: the two +inf first.
     EXPECT_EQ(std::vector<std::int32_t>(buf.ids.begin(), buf.ids.begin() + 3),
@@ -351,9 +356,9 @@ template <class S>
 void skewed_logits(RoutingBuffers<S>& buf) {
   constexpr int E = S::num_experts;
   for (index_t t = 0; t < buf.tokens; ++t) {
-    for (int e = 0; e < E; ++e) buf.logits[t * E + e] = 0.0f;
-    buf.logits[t * E + 0] = 2.0f + 0.01f * static_cast<float>(t);
-    buf.logits[t * E + 1 + t % (E - 1)] = 1.0f;
+    for (int e = 0; e < E; ++e) buf.logits[to_size(t * E + e)] = 0.0f;
+    buf.logits[to_size(t * E + 0)] = 2.0f + 0.01f * static_cast<float>(t);
+    buf.logits[to_size(t * E + 1 + t % (E - 1))] = 1.0f;
   }
 }
 
@@ -369,15 +374,15 @@ TEST(RouterCapacity, PositionPolicyKeepsEarliestTokens) {
   RoutingStats<S> stats;
   router.route(buf.view(), {}, &stats);
   for (index_t t = 0; t < T; ++t) {
-    EXPECT_EQ(buf.ids[t * 2], 0);
+    EXPECT_EQ(buf.ids[to_size(t * 2)], 0);
     if (t < 10) {
-      EXPECT_EQ(buf.positions[t * 2], t);
-      EXPECT_GT(buf.weights[t * 2], 0.0f);
+      EXPECT_EQ(buf.positions[to_size(t * 2)], t);
+      EXPECT_GT(buf.weights[to_size(t * 2)], 0.0f);
     } else {
-      EXPECT_EQ(buf.positions[t * 2], -1);
-      EXPECT_EQ(buf.weights[t * 2], 0.0f);
+      EXPECT_EQ(buf.positions[to_size(t * 2)], -1);
+      EXPECT_EQ(buf.weights[to_size(t * 2)], 0.0f);
     }
-    EXPECT_GE(buf.positions[t * 2 + 1], 0);  // second choices spread over 3 experts
+    EXPECT_GE(buf.positions[to_size(t * 2 + 1)], 0);  // second choices spread over 3 experts
   }
   EXPECT_EQ(stats.dropped, 10);
   EXPECT_EQ(stats.assigned[0], 20);
@@ -395,7 +400,7 @@ TEST(RouterCapacity, ProbsPolicyKeepsHighestWeights) {
   RoutingStats<S> stats;
   const Router<S> router(config);
   // kProbs sorts slots in caller workspace (T x K ints), never allocates.
-  std::vector<std::byte> workspace(router.workspace_size(T, 0));
+  std::vector<std::byte> workspace(to_size(router.workspace_size(T, 0)));
   ASSERT_EQ(workspace.size(), T * 2 * sizeof(std::int32_t));
   EXPECT_THROW(router.route(buf.view(), {}, &stats), moekit::Error);
   router.route(buf.view(), {}, &stats, {workspace.data(), static_cast<index_t>(workspace.size())});
@@ -403,10 +408,10 @@ TEST(RouterCapacity, ProbsPolicyKeepsHighestWeights) {
   // positions count in token order.
   for (index_t t = 0; t < T; ++t) {
     if (t < 10) {
-      EXPECT_EQ(buf.positions[t * 2], -1) << t;
-      EXPECT_EQ(buf.weights[t * 2], 0.0f);
+      EXPECT_EQ(buf.positions[to_size(t * 2)], -1) << t;
+      EXPECT_EQ(buf.weights[to_size(t * 2)], 0.0f);
     } else {
-      EXPECT_EQ(buf.positions[t * 2], t - 10) << t;
+      EXPECT_EQ(buf.positions[to_size(t * 2)], t - 10) << t;
     }
   }
   EXPECT_EQ(stats.dropped, 10);
@@ -419,11 +424,11 @@ TEST(RouterCapacity, ProbsPolicyTiesDropLaterTokens) {
   config.capacity.policy = DropPolicy::kProbs;
   RoutingBuffers<S> buf(6);
   for (int t = 0; t < 6; ++t) {
-    buf.logits[t * 2] = 1.0f;  // identical tokens
-    buf.logits[t * 2 + 1] = 0.0f;
+    buf.logits[to_size(t * 2)] = 1.0f;  // identical tokens
+    buf.logits[to_size(t * 2 + 1)] = 0.0f;
   }
   const Router<S> router(config);
-  std::vector<std::byte> workspace(router.workspace_size(6, 0));
+  std::vector<std::byte> workspace(to_size(router.workspace_size(6, 0)));
   router.route(buf.view(), {}, nullptr, {workspace.data(), static_cast<index_t>(workspace.size())});
   EXPECT_EQ(buf.positions, (std::vector<std::int32_t>{0, 1, -1, -1, -1, -1}));
 }
@@ -474,7 +479,7 @@ TEST(RouterNoise, JitterScalesInputs) {
   RouterConfig config;
   config.noise = {NoiseKind::kJitter, 0.1f, 9};
   const Router<S> router(config);
-  std::vector<std::byte> workspace(router.workspace_size(T, d));
+  std::vector<std::byte> workspace(to_size(router.workspace_size(T, d)));
   ASSERT_EQ(workspace.size(), static_cast<std::size_t>(T * d) * sizeof(float));
   RoutingBuffers<S> buf(T);
   router.forward({x.data(), T, d}, {w.data(), 4, d}, {}, {}, buf.view(), nullptr,
@@ -488,9 +493,9 @@ TEST(RouterNoise, JitterScalesInputs) {
         const double u = moekit::random_uniform(9, static_cast<std::uint64_t>(t * d + j));
         const double factor = 0.9 + 0.2 * u;
         max_factor_dev = std::max(max_factor_dev, std::abs(factor - 1.0));
-        acc += x[t * d + j] * factor * w[e * d + j];
+        acc += x[to_size(t * d + j)] * factor * w[to_size(e * d + j)];
       }
-      ref[t * 4 + e] = acc;
+      ref[to_size(t * 4 + e)] = acc;
     }
   }
   EXPECT_LT(moekit_test::rel_error(out, ref), 1e-5);
@@ -507,7 +512,7 @@ TEST(RouterStats, MeanDistributionEntropyUtilization) {
   using S = MoeSpec<4, 1>;
   RoutingBuffers<S> buf(4);
   std::fill(buf.logits.begin(), buf.logits.end(), 0.0f);  // uniform p
-  for (int t = 0; t < 4; ++t) buf.logits[t * 4 + t] = 0.0f;
+  for (int t = 0; t < 4; ++t) buf.logits[to_size(t * 4 + t)] = 0.0f;
   RoutingStats<S> stats;
   Router<S>(RouterConfig{}).route(buf.view(), {}, &stats);
   EXPECT_NEAR(stats.entropy(), std::log(4.0), 1e-6);
@@ -541,16 +546,18 @@ std::vector<double> fd_gate_gradient(const std::vector<float>& logits, int E, in
       const auto r = moekit_test::ref_gate(xt, bias, gating, K);
       double l = 0;
       for (int k = 0; k < K; ++k) {
-        EXPECT_EQ(r.ids[k], ids[t * K + k]) << "selection flipped under the FD step";
-        if (positions[t * K + k] >= 0) l += dweights[t * K + k] * r.weights[k];
+        EXPECT_EQ(r.ids[to_size(k)], ids[to_size(t * K + k)])
+            << "selection flipped under the FD step";
+        if (positions[to_size(t * K + k)] >= 0)
+          l += dweights[to_size(t * K + k)] * r.weights[to_size(k)];
       }
       return l;
     };
     for (int e = 0; e < E; ++e) {
       std::vector<double> up = x, down = x;
-      up[e] += h;
-      down[e] -= h;
-      grad[t * E + e] = (loss(up) - loss(down)) / (2 * h);
+      up[to_size(e)] += h;
+      down[to_size(e)] -= h;
+      grad[to_size(t * E + e)] = (loss(up) - loss(down)) / (2 * h);
     }
   }
   return grad;
@@ -608,10 +615,10 @@ TEST(RouterBackwardLogits, GradientsOfTheLinearLayer) {
   std::vector<double> ref_dx(T * d, 0), ref_dw(8 * d, 0), ref_db(8, 0);
   for (index_t t = 0; t < T; ++t) {
     for (int e = 0; e < 8; ++e) {
-      ref_db[e] += g[t * 8 + e];
+      ref_db[to_size(e)] += g[to_size(t * 8 + e)];
       for (index_t j = 0; j < d; ++j) {
-        ref_dx[t * d + j] += double(g[t * 8 + e]) * w[e * d + j];
-        ref_dw[e * d + j] += double(g[t * 8 + e]) * x[t * d + j];
+        ref_dx[to_size(t * d + j)] += double(g[to_size(t * 8 + e)]) * w[to_size(e * d + j)];
+        ref_dw[to_size(e * d + j)] += double(g[to_size(t * 8 + e)]) * x[to_size(t * d + j)];
       }
     }
   }
@@ -649,7 +656,7 @@ TEST(RouterBackwardLogits, EndToEndWithJitterMatchesFiniteDifferences) {
   config.gating.renormalize = true;
   config.noise = {NoiseKind::kJitter, 0.2f, 77};
   const Router<S> router(config);
-  std::vector<std::byte> workspace(router.workspace_size(T, d));
+  std::vector<std::byte> workspace(to_size(router.workspace_size(T, d)));
   RoutingBuffers<S> buf(T);
   router.forward({x.data(), T, d}, {w.data(), 8, d}, {}, {}, buf.view(), nullptr,
                  {workspace.data(), static_cast<index_t>(workspace.size())});
@@ -667,11 +674,11 @@ TEST(RouterBackwardLogits, EndToEndWithJitterMatchesFiniteDifferences) {
       for (int e = 0; e < 8; ++e) {
         for (index_t j = 0; j < d; ++j) {
           const double u = moekit::random_uniform(77, static_cast<std::uint64_t>(t * d + j));
-          logits[e] += xs[t * d + j] * (0.8 + 0.4 * u) * ws[e * d + j];
+          logits[to_size(e)] += xs[to_size(t * d + j)] * (0.8 + 0.4 * u) * ws[to_size(e * d + j)];
         }
       }
       const auto r = moekit_test::ref_gate(logits, nullptr, config.gating, 2);
-      for (int k = 0; k < 2; ++k) l += dweights[t * 2 + k] * r.weights[k];
+      for (int k = 0; k < 2; ++k) l += dweights[to_size(t * 2 + k)] * r.weights[to_size(k)];
     }
     return l;
   };

@@ -18,6 +18,7 @@ namespace {
 
 using moekit::index_t;
 using moekit::MoeSpec;
+using moekit::to_size;
 namespace routing = moekit::routing;
 
 static_assert(std::is_same_v<moekit::cpu::SwitchNormalization, moekit::SwitchNormalization>,
@@ -27,14 +28,13 @@ template <int E>
 std::vector<float> random_rows(index_t tokens, unsigned seed) {
   std::mt19937 gen(seed);
   std::normal_distribution<float> normal(0.0f, 3.0f);
-  std::vector<float> x(tokens * E);
+  std::vector<float> x(to_size(tokens * E));
   for (float& v : x) v = normal(gen);
   return x;
 }
 
-// Sum of z_loss_token over rows equals cpu::z_loss within rounding (the CPU
-// uses Eigen's vectorised exp, the token function the scalar one), and so
-// does the gradient it adds.
+// Sum of z_loss_token over rows equals cpu::z_loss (which calls it), and so
+// does the gradient it adds; NaN, +inf and all -inf rows add nothing.
 template <int E>
 void check_z_loss_token() {
   using S = MoeSpec<E, 1>;
@@ -43,20 +43,27 @@ void check_z_loss_token() {
   b.logits = random_rows<E>(tokens, 3);
   b.logits[5 * E] = std::numeric_limits<float>::quiet_NaN();  // a row that adds 0
   b.logits[9 * E + E - 1] = std::numeric_limits<float>::infinity();
+  for (int e = 0; e < E; ++e) b.logits[11 * E + e] = -std::numeric_limits<float>::infinity();
+  b.logits[13 * E] = -std::numeric_limits<float>::infinity();  // masked: the row counts
   std::vector<float> ref(tokens * E, 0.5f), got(tokens * E, 0.5f);
   const double cpu = moekit::cpu::z_loss<S>(b.view(), 0.25f, {ref.data(), tokens, E});
   double sum = 0.0;
   for (index_t t = 0; t < tokens; ++t) {
-    sum +=
-        routing::z_loss_token<E>(&b.logits[t * E], 0.25, static_cast<double>(tokens), &got[t * E]);
+    sum += routing::z_loss_token<E>(&b.logits[to_size(t * E)], 0.25, static_cast<double>(tokens),
+                                    &got[to_size(t * E)]);
   }
   EXPECT_NEAR(sum / tokens, cpu, 1e-6 * cpu);
   for (index_t i = 0; i < tokens * E; ++i) {
-    ASSERT_NEAR(got[i], ref[i], 1e-6f * std::fabs(ref[i]) + 1e-9f) << i;
+    ASSERT_EQ(got[to_size(i)], ref[to_size(i)]) << i;
   }
   for (int e = 0; e < E; ++e) {
-    EXPECT_EQ(got[5 * E + e], 0.5f);  // non-finite rows: no gradient
-    EXPECT_EQ(got[9 * E + e], 0.5f);
+    EXPECT_EQ(got[to_size(5 * E + e)], 0.5f);  // undefined rows: no gradient
+    EXPECT_EQ(got[to_size(9 * E + e)], 0.5f);
+    EXPECT_EQ(got[to_size(11 * E + e)], 0.5f);
+  }
+  EXPECT_EQ(got[to_size(13 * E)], 0.5f);  // the masked expert: + 0
+  if (E > 1) {
+    EXPECT_NE(got[to_size(13 * E + 1)], 0.5f);
   }
 }
 

@@ -6,11 +6,13 @@
 // named error and leaves the destination untouched.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -32,13 +34,12 @@ namespace io = moekit::io;
 using moekit::Errc;
 using moekit::index_t;
 using moekit::MatrixView;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit_test::expect_error;
 using Mat = moekit_test::StridedMatrix;
 
 constexpr float kSentinel = 12345.0f;
-
-std::size_t sz(index_t v) { return static_cast<std::size_t>(v); }
 
 // A fresh path in the test's temporary directory.
 fs::path temp_path(const std::string& name) {
@@ -61,7 +62,7 @@ std::string file_bytes(const std::string& header, const std::string& data,
                        std::uint64_t n = std::numeric_limits<std::uint64_t>::max()) {
   if (n == std::numeric_limits<std::uint64_t>::max()) n = header.size();
   std::string out(8, '\0');
-  for (int i = 0; i < 8; ++i) out[sz(i)] = static_cast<char>((n >> (8 * i)) & 0xffu);
+  for (int i = 0; i < 8; ++i) out[to_size(i)] = static_cast<char>((n >> (8 * i)) & 0xffu);
   return out + header + data;
 }
 
@@ -86,7 +87,7 @@ void expect_bad_file(const std::string& name, const std::string& bytes, Errc cod
 
 std::vector<float> random_vector(std::mt19937& rng, index_t n) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> v(sz(n));
+  std::vector<float> v(to_size(n));
   for (float& x : v) x = normal(rng);
   return v;
 }
@@ -212,13 +213,33 @@ TEST(Safetensors, WriterProducesTheExactFormat) {
   w.set_metadata("format", "pt");
   const std::vector<std::byte> got = w.to_bytes();
 
-  // F32 first (larger elements first), then F16; metadata first in the header.
-  std::string header =
-      R"({"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-      R"("b":{"dtype":"F16","shape":[1],"data_offsets":[8,10]}})";
+  // F32 first (larger elements first), then F16; metadata first in the
+  // header, with the checksum: CRC-32C of the canonical header (tensors by
+  // name, then metadata without the checksum; strings length-prefixed, every
+  // number 8 bytes little-endian) followed by the data.
+  const std::string data = f32_bytes({1.0f, -2.0f}) + std::string("\0\x38", 2);
+  std::string canonical;
+  const auto u64 = [&canonical](std::uint64_t v) {
+    for (int i = 0; i < 8; ++i) canonical.push_back(static_cast<char>((v >> (8 * i)) & 0xffu));
+  };
+  const auto text = [&](const std::string& t) {
+    u64(t.size());
+    canonical += t;
+  };
+  u64(2);  // tensors
+  text("a"), text("F32"), u64(1), u64(2), u64(0), u64(8);
+  text("b"), text("F16"), u64(1), u64(1), u64(8), u64(10);
+  u64(1);  // metadata entries besides the checksum
+  text("format"), text("pt");
+  canonical += data;
+  char sum[9];
+  std::snprintf(sum, sizeof sum, "%08x", io::crc32c(canonical.data(), canonical.size()));
+  std::string header = R"({"__metadata__":{"format":"pt","moekit.checksum":"crc32c:)" +
+                       std::string(sum) +
+                       R"("},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                       R"("b":{"dtype":"F16","shape":[1],"data_offsets":[8,10]}})";
   header.append((8 - header.size() % 8) % 8, ' ');
-  const std::string expected =
-      file_bytes(header, f32_bytes({1.0f, -2.0f}) + std::string("\0\x38", 2));
+  const std::string expected = file_bytes(header, data);
   ASSERT_EQ(got.size(), expected.size());
   EXPECT_EQ(std::memcmp(got.data(), expected.data(), expected.size()), 0);
   EXPECT_EQ(header.size() % 8, 0u);
@@ -459,6 +480,245 @@ TEST(Safetensors, LoadChecksEverythingBeforeWriting) {
   EXPECT_TRUE(bits_equal(db, a));
 }
 
+// ---- hostile files (issue 21, item 5) -----------------------------------------------------
+//
+// Each is rejected quickly, with a short message that never quotes the
+// header, and without work or memory beyond a small multiple of its size.
+
+constexpr std::size_t kShortMessage = 400;
+
+std::string expect_short_error(const std::vector<std::byte>& bytes, Errc code,
+                               const std::string& needle, io::SafetensorsReadOptions opt = {}) {
+  const std::string msg = expect_error(
+      [&] { (void)io::SafetensorsReader::from_bytes(bytes, "hostile.safetensors", opt); }, code);
+  EXPECT_NE(msg.find(needle), std::string::npos) << msg.substr(0, 1000);
+  EXPECT_LT(msg.size(), kShortMessage) << msg.substr(0, 1000);
+  return msg;
+}
+
+std::vector<std::byte> to_vector(const std::string& s) {
+  std::vector<std::byte> v(s.size());
+  std::memcpy(v.data(), s.data(), s.size());
+  return v;
+}
+
+// A shape or data_offsets nested 100,000 deep (a 200 KB file) crashed the
+// reader: the message dumped the JSON recursively.
+TEST(SafetensorsHostile, DeepNestingStopsAtOnce) {
+  const std::size_t depth = 100000;
+  for (const std::string field : {"shape", "data_offsets"}) {
+    const std::string header = R"({"t":{"dtype":"F32",")" + field +
+                               "\":" + std::string(depth, '[') + std::string(depth, ']') + "}}";
+    expect_short_error(to_vector(file_bytes(header, "")), Errc::kFormatError,
+                       "non-negative integer");
+  }
+  // Nesting anywhere else: in the metadata, in an unknown key, at the top.
+  expect_short_error(to_vector(file_bytes(R"({"__metadata__":{"k":)" + std::string(depth, '[') +
+                                              std::string(depth, ']') + "}}",
+                                          "")),
+                     Errc::kFormatError, "expected a string");
+  expect_short_error(to_vector(file_bytes(R"({"t":{"x":)" + std::string(depth, '{'), "")),
+                     Errc::kFormatError, "holds a JSON object");
+  expect_short_error(to_vector(file_bytes(std::string(depth, '['), "")), Errc::kFormatError,
+                     "expected an object");
+}
+
+// 99 MiB of empty arrays took 2.9 GiB and went whole into the message. Now a
+// header is at most options.max_header_bytes long (16 MiB by default), and
+// within that the first array where none belongs ends the parse.
+TEST(SafetensorsHostile, LongHeadersAreBoundedAndNeverQuoted) {
+  std::string arrays = R"({"t":{"dtype":"F32","shape":[)";
+  while (arrays.size() < (2u << 20)) arrays += "[],";
+  arrays += "[]]}}";
+  expect_short_error(to_vector(file_bytes(arrays, "")), Errc::kFormatError,
+                     "not a non-negative integer");
+  // Beyond the limit: refused before the header is read.
+  EXPECT_EQ(io::SafetensorsReadOptions{}.max_header_bytes, 16u << 20);
+  const std::string huge = R"({"__metadata__":{"k":")" + std::string(17u << 20, 'x') + "\"}}";
+  expect_short_error(to_vector(file_bytes(huge, "")), Errc::kFormatError,
+                     "exceeds the limit of 16777216 bytes");
+  io::SafetensorsReadOptions opt;
+  opt.max_header_bytes = 1u << 20;
+  const std::string big = R"({"__metadata__":{"k":")" + std::string(2u << 20, 'x') + "\"}}";
+  expect_short_error(to_vector(file_bytes(big, "")), Errc::kFormatError,
+                     "exceeds the limit of 1048576 bytes", opt);
+  // A raised limit reads it (a long metadata string is legal).
+  opt.max_header_bytes = 4u << 20;
+  const io::SafetensorsReader r =
+      io::SafetensorsReader::from_bytes(to_vector(file_bytes(big, "")), "big", opt);
+  EXPECT_EQ(r.metadata().at("k").size(), 2u << 20);
+  opt.max_header_bytes = io::kMaxHeaderBytes + 1;
+  expect_short_error(to_vector(file_bytes("{}", "")), Errc::kInvalidArgument, "max_header_bytes",
+                     opt);
+  // A long name is cut in messages.
+  const std::string name(5000, 'n');
+  expect_short_error(to_vector(file_bytes(
+                         R"({")" + name + R"(":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}})",
+                         f32_bytes({1, 2}))),
+                     Errc::kFormatError, "(5000 bytes)");
+  // A long token in broken JSON is not quoted either.
+  expect_short_error(to_vector(file_bytes(R"({"t":)" + std::string(100000, 'z') + "}", "")),
+                     Errc::kFormatError, "not valid JSON");
+}
+
+// Shapes beyond kMaxRank dimensions, element counts that overflow, extra
+// offsets: all rejected as they are read.
+TEST(SafetensorsHostile, ElementCountsAreBounded) {
+  std::string dims = "1";
+  for (int i = 0; i < 64; ++i) dims += ",1";
+  expect_short_error(to_vector(file_bytes(
+                         R"({"t":{"dtype":"F32","shape":[)" + dims + R"(],"data_offsets":[0,4]}})",
+                         f32_bytes({1}))),
+                     Errc::kFormatError, "more than 64 dimensions");
+  expect_short_error(
+      to_vector(file_bytes(
+          R"({"t":{"dtype":"F32","shape":[9223372036854775807,9223372036854775807],"data_offsets":[0,4]}})",
+          f32_bytes({1}))),
+      Errc::kFormatError, "overflows 64 bits");
+  expect_short_error(
+      to_vector(
+          file_bytes(R"({"t":{"dtype":"F32","shape":[9223372036854775808],"data_offsets":[0,4]}})",
+                     f32_bytes({1}))),
+      Errc::kFormatError, "not a non-negative integer");
+  std::string offsets = "0,4";
+  for (int i = 0; i < 100000; ++i) offsets += ",4";
+  expect_short_error(
+      to_vector(file_bytes(R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[)" + offsets + "]}}",
+                           f32_bytes({1}))),
+      Errc::kFormatError, "data_offsets is not two non-negative integers");
+}
+
+// The duplicate-key check was quadratic (1 MiB of metadata: 8 s; 20 MiB: not
+// done after 10 minutes). 100,000 metadata keys and 50,000 tensors (about
+// 4 MiB) with the duplicate last: the maps find it in O(n log n) (a
+// quadratic check would spend minutes here).
+TEST(SafetensorsHostile, DuplicateKeysAreFoundInLogTime) {
+  std::string meta = R"({"__metadata__":{)";
+  for (int i = 0; i < 100000; ++i) meta += "\"k" + std::to_string(i) + "\":\"\",";
+  meta += R"("k0":""}})";
+  expect_short_error(to_vector(file_bytes(meta, "")), Errc::kFormatError,
+                     "__metadata__ key 'k0' appears more than once");
+  const int n = 50000;
+  std::string tensors = "{";
+  for (int i = 0; i < n; ++i) {
+    tensors += "\"t" + std::to_string(i) + R"(":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},)";
+  }
+  tensors += R"("t0":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}})";
+  expect_short_error(to_vector(file_bytes(tensors, "")), Errc::kFormatError,
+                     "tensor 't0' appears more than once");
+  // And without the duplicate, all of them load.
+  tensors.resize(tensors.rfind(",\"t0\""));
+  tensors += "}";
+  EXPECT_EQ(io::SafetensorsReader::from_bytes(to_vector(file_bytes(tensors, ""))).size(), n);
+}
+
+// Opening a FIFO waited for a writer forever; devices and directories are
+// refused the same way.
+TEST(SafetensorsHostile, NonRegularFilesAreRefusedWithoutBlocking) {
+  const fs::path fifo = temp_path("fifo.safetensors");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  std::string msg = expect_error([&] { io::SafetensorsReader r(fifo); }, Errc::kIoError);
+  EXPECT_NE(msg.find("not a regular file (a FIFO)"), std::string::npos) << msg;
+  msg = expect_error([&] { io::SafetensorsReader r("/dev/null"); }, Errc::kIoError);
+  EXPECT_NE(msg.find("not a regular file (a device)"), std::string::npos) << msg;
+  fs::remove(fifo);
+}
+
+// A file truncated after the reader opened it killed the process with
+// SIGBUS (it was mapped). Now the read that finds it short says so.
+TEST(SafetensorsHostile, AFileTruncatedAfterOpeningIsAnErrorNotACrash) {
+  std::vector<float> v(100000);
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i);
+  io::SafetensorsWriter w;
+  w.add("v", VectorView<const float>(v.data(), static_cast<index_t>(v.size())));
+  const fs::path p = temp_path("shrinks.safetensors");
+  w.write(p);
+  const io::SafetensorsReader r(p);
+  fs::resize_file(p, fs::file_size(p) / 2);
+  std::vector<float> got(v.size(), kSentinel);
+  const std::string msg = expect_error(
+      [&] { r.read("v", VectorView<float>(got.data(), static_cast<index_t>(got.size()))); },
+      Errc::kIoError);
+  EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
+  EXPECT_NE(msg.find(p.string()), std::string::npos) << msg;
+  EXPECT_THROW((void)r.bytes("v"), moekit::Error);
+  // Truncated before the open: the header check catches it.
+  EXPECT_THROW(io::SafetensorsReader again(p), moekit::Error);
+}
+
+// ---- checksums (issue 21, item 7) -----------------------------------------------------------
+
+TEST(SafetensorsChecksum, Crc32cHasTheStandardCheckValue) {
+  EXPECT_EQ(io::crc32c("123456789", 9), 0xe3069283u);
+  EXPECT_EQ(io::crc32c("", 0), 0u);
+  // Piece by piece equals all at once, at every split.
+  const std::string text = "moekit checks what it writes, byte by byte.";
+  for (std::size_t cut = 0; cut <= text.size(); ++cut) {
+    io::Crc32c c;
+    c.update(text.data(), cut);
+    c.update(text.data() + cut, text.size() - cut);
+    ASSERT_EQ(c.value(), io::crc32c(text.data(), text.size())) << cut;
+  }
+}
+
+// A flipped data byte loaded silently. Now every file moekit writes records
+// a checksum, and any changed byte is caught at open (data, shape, name or
+// metadata), unless verification is turned off.
+TEST(SafetensorsChecksum, AFlippedByteIsCaught) {
+  std::vector<float> v = {1.0f, 2.0f, 3.0f, 4.0f};
+  io::SafetensorsWriter w;
+  w.add("weight", VectorView<const float>(v.data(), 4));
+  w.set_metadata("step", "1000");
+  const std::vector<std::byte> good = w.to_bytes();
+  const io::SafetensorsReader ok = io::SafetensorsReader::from_bytes(good);
+  EXPECT_TRUE(ok.checksum_verified());
+  EXPECT_EQ(ok.metadata().at("moekit.checksum").substr(0, 7), "crc32c:");
+  const std::string text(reinterpret_cast<const char*>(good.data()), good.size());
+  const std::size_t data = good.size() - 16;
+  // A bit in the data, a digit of the step, a letter of the name.
+  for (const std::size_t at : {data + 5, text.find("1000") + 3, text.find("weight") + 1}) {
+    std::vector<std::byte> bad = good;
+    bad[at] ^= std::byte{0x01};
+    const std::string msg = expect_short_error(bad, Errc::kFormatError, "is corrupted");
+    EXPECT_NE(msg.find("verify_checksum = false"), std::string::npos) << msg;
+    io::SafetensorsReadOptions skip;
+    skip.verify_checksum = false;
+    const io::SafetensorsReader r = io::SafetensorsReader::from_bytes(bad, "bad", skip);
+    EXPECT_FALSE(r.checksum_verified());
+  }
+  // A malformed checksum entry is named.
+  std::string forged = text;
+  forged.replace(forged.find("crc32c:"), 7, "crc99c:");
+  expect_short_error(to_vector(forged), Errc::kFormatError, "not \"crc32c:\" and 8 hex digits");
+  // The key is the writer's own.
+  const std::string msg = expect_error(
+      [&] { w.set_metadata("moekit.checksum", "crc32c:00000000"); }, Errc::kInvalidArgument);
+  EXPECT_NE(msg.find("reserved"), std::string::npos) << msg;
+}
+
+// Files from other writers have no checksum and load as before; so does a
+// moekit file after a tool rewrote its header in another JSON layout (the
+// checksum covers what the header says, not its spacing or order).
+TEST(SafetensorsChecksum, ForeignFilesAndReformattedHeadersLoad) {
+  const std::string header = R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  const io::SafetensorsReader foreign =
+      io::SafetensorsReader::from_bytes(to_vector(file_bytes(header, f32_bytes({3, 4}))));
+  EXPECT_FALSE(foreign.checksum_verified());
+  EXPECT_TRUE(foreign.metadata().empty());
+
+  std::vector<float> v = {1.0f, 2.0f};
+  io::SafetensorsWriter w;
+  w.add("x", VectorView<const float>(v.data(), 2));
+  const io::SafetensorsReader mine = io::SafetensorsReader::from_bytes(w.to_bytes());
+  const std::string sum = mine.metadata().at("moekit.checksum");
+  const std::string reordered = R"({ "x" : {"shape":[2], "data_offsets":[0,8], "dtype":"F32"},)"
+                                R"( "__metadata__": {"moekit.checksum": ")" +
+                                sum + "\"}}";
+  const io::SafetensorsReader again =
+      io::SafetensorsReader::from_bytes(to_vector(file_bytes(reordered, f32_bytes({1, 2}))));
+  EXPECT_TRUE(again.checksum_verified());
+}
+
 TEST(Safetensors, WriterRejectsBadInputWithoutAddingAnything) {
   const std::vector<float> v = {1, 2, 3, 4};
   io::SafetensorsWriter w;
@@ -496,7 +756,7 @@ struct MoeBuffers {
     n_shared = c.num_shared;
     const bool g = layer.gated();
     const auto make = [&](index_t n) {
-      return rng != nullptr ? random_vector(*rng, n) : std::vector<float>(sz(n), kSentinel);
+      return rng != nullptr ? random_vector(*rng, n) : std::vector<float>(to_size(n), kSentinel);
     };
     w_gate = make(E * d);
     if (biases) gate_bias = make(E), selection_bias = make(E);
@@ -537,7 +797,7 @@ std::vector<float> run_layer(const moekit::cpu::MoeLayer<S>& layer,
                              index_t T) {
   moekit::cpu::MoeLayerStorage<S> st(layer, T);
   const index_t d = layer.config().d_model;
-  std::vector<float> y(sz(T * d));
+  std::vector<float> y(to_size(T * d));
   layer.forward({x.data(), T, d}, p, st.state(), {y.data(), T, d}, nullptr, st.workspace());
   return y;
 }
@@ -589,7 +849,7 @@ TEST(SafetensorsWeights, MoeLayerBf16AndStridedDestinations) {
       "");
   EXPECT_TRUE(gate.padding_untouched() && w1.padding_untouched() && w2.padding_untouched());
   for (index_t i = 0; i < 20 * 6; ++i) {
-    const float want = io::bf16_bits_to_float(io::float_to_bf16_bits(src.w3[sz(i)]));
+    const float want = io::bf16_bits_to_float(io::float_to_bf16_bits(src.w3[to_size(i)]));
     ASSERT_EQ(w3.at(i / 6, i % 6), want);
   }
 }

@@ -28,6 +28,7 @@ using moekit::Errc;
 using moekit::HeadSpec;
 using moekit::index_t;
 using moekit::MatrixView;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit::cpu::HeadGrads;
 using moekit::cpu::HeadWeights;
@@ -54,7 +55,7 @@ struct Problem {
   std::vector<std::int32_t> tasks, labels;
   std::vector<std::byte> ws;
 
-  Problem(const std::array<index_t, H>& classes, index_t rows, index_t width,
+  Problem(const std::array<index_t, to_size(H)>& classes, index_t rows, index_t width,
           const std::vector<std::int32_t>& task_ids, std::uint32_t seed, bool bias = true)
       : n(rows), d(width), tasks(task_ids) {
     config.d_model = d;
@@ -164,15 +165,15 @@ RefOut ref_eval(const Problem<S>& p, const RefParams& r, TaskWeighting kind) {
   out.accuracy.assign(H, 0.0);
   out.count.assign(H, 0);
   std::vector<index_t> off(H + 1, 0);
-  for (int h = 0; h < H; ++h) off[h + 1] = off[h] + p.config.classes[h];
+  for (int h = 0; h < H; ++h) off[to_size(h + 1)] = off[to_size(h)] + p.config.classes[to_size(h)];
   for (index_t i = 0; i < p.n; ++i) {
     const int h = p.task(i);
-    const index_t c = p.config.classes[h];
+    const index_t c = p.config.classes[to_size(h)];
     std::vector<double> z(static_cast<std::size_t>(c));
     for (index_t k = 0; k < c; ++k) {
-      double v = r.b.empty() ? 0.0 : r.b[static_cast<std::size_t>(off[h] + k)];
+      double v = r.b.empty() ? 0.0 : r.b[static_cast<std::size_t>(off[to_size(h)] + k)];
       for (index_t j = 0; j < p.d; ++j) {
-        v += r.w[static_cast<std::size_t>((off[h] + k) * p.d + j)] *
+        v += r.w[static_cast<std::size_t>((off[to_size(h)] + k) * p.d + j)] *
              r.x[static_cast<std::size_t>(i * p.d + j)];
       }
       z[static_cast<std::size_t>(k)] = v;
@@ -181,19 +182,19 @@ RefOut ref_eval(const Problem<S>& p, const RefParams& r, TaskWeighting kind) {
     double sum = 0.0;
     for (double v : z) sum += std::exp(v - m);
     const int y = p.labels[static_cast<std::size_t>(i)];
-    out.loss[h] += std::log(sum) + m - z[static_cast<std::size_t>(y)];
-    out.accuracy[h] += (std::max_element(z.begin(), z.end()) - z.begin()) == y ? 1.0 : 0.0;
-    ++out.count[h];
+    out.loss[to_size(h)] += std::log(sum) + m - z[static_cast<std::size_t>(y)];
+    out.accuracy[to_size(h)] += (std::max_element(z.begin(), z.end()) - z.begin()) == y ? 1.0 : 0.0;
+    ++out.count[to_size(h)];
     out.logits.push_back(z);
   }
   for (int h = 0; h < H; ++h) {
-    if (out.count[h] == 0) continue;
-    out.loss[h] /= static_cast<double>(out.count[h]);
-    out.accuracy[h] /= static_cast<double>(out.count[h]);
+    if (out.count[to_size(h)] == 0) continue;
+    out.loss[to_size(h)] /= static_cast<double>(out.count[to_size(h)]);
+    out.accuracy[to_size(h)] /= static_cast<double>(out.count[to_size(h)]);
     if (kind == TaskWeighting::kFixed) {
-      out.total += p.fixed[h] * out.loss[h];
+      out.total += p.fixed[to_size(h)] * out.loss[to_size(h)];
     } else {
-      out.total += std::exp(-r.s[h]) * out.loss[h] + r.s[h];
+      out.total += std::exp(-r.s[to_size(h)]) * out.loss[to_size(h)] + r.s[to_size(h)];
     }
   }
   return out;
@@ -239,7 +240,7 @@ TaskLosses<S> check_against_reference(Problem<S>& p, TaskWeighting kind, bool fd
   // Logits: values in the head's columns, -inf padding, strides untouched.
   std::vector<double> got_z, ref_z;
   for (index_t i = 0; i < p.n; ++i) {
-    const index_t c = p.config.classes[p.task(i)];
+    const index_t c = p.config.classes[to_size(p.task(i))];
     for (index_t k = 0; k < p.maxc; ++k) {
       if (k < c) {
         got_z.push_back(p.logits.at(i, k));
@@ -258,9 +259,10 @@ TaskLosses<S> check_against_reference(Problem<S>& p, TaskWeighting kind, bool fd
 
   // Per-task statistics.
   for (int h = 0; h < H; ++h) {
-    EXPECT_EQ(got.count[h], ref.count[h]) << "task " << h;
-    EXPECT_NEAR(got.loss[h], ref.loss[h], 1e-5 * (1.0 + ref.loss[h])) << "task " << h;
-    EXPECT_EQ(got.accuracy[h], ref.accuracy[h]) << "task " << h;
+    EXPECT_EQ(got.count[to_size(h)], ref.count[to_size(h)]) << "task " << h;
+    EXPECT_NEAR(got.loss[to_size(h)], ref.loss[to_size(h)], 1e-5 * (1.0 + ref.loss[to_size(h)]))
+        << "task " << h;
+    EXPECT_EQ(got.accuracy[to_size(h)], ref.accuracy[to_size(h)]) << "task " << h;
   }
   EXPECT_NEAR(got.total, ref.total, 1e-5 * (1.0 + std::abs(ref.total)));
 
@@ -313,16 +315,16 @@ TEST(TaskHeads, TaskWithNoSamplesIsLeftOutAndGetsZeroGradient) {
     Problem<S> p({5, 3, 8, 6}, 33, 6, make_tasks<4>(33, 5, false, {1, 3}), 15);
     const TaskLosses<S> got = check_against_reference(p, kind);
     for (int h : {1, 3}) {
-      EXPECT_EQ(got.count[h], 0);
-      EXPECT_EQ(got.loss[h], 0.0);
-      EXPECT_EQ(got.accuracy[h], 0.0);
+      EXPECT_EQ(got.count[to_size(h)], 0);
+      EXPECT_EQ(got.loss[to_size(h)], 0.0);
+      EXPECT_EQ(got.accuracy[to_size(h)], 0.0);
       const moekit::cpu::TaskHeads<S> heads(p.config);
-      for (index_t r = 0; r < p.config.classes[h]; ++r) {
+      for (index_t r = 0; r < p.config.classes[to_size(h)]; ++r) {
         EXPECT_EQ(p.db[static_cast<std::size_t>(heads.class_offset(h) + r)], 0.0f);
         for (index_t j = 0; j < p.d; ++j) EXPECT_EQ(p.dw.at(heads.class_offset(h) + r, j), 0.0f);
       }
       if (kind == TaskWeighting::kUncertainty) {
-        EXPECT_EQ(p.dlog_vars[h], 0.0f);
+        EXPECT_EQ(p.dlog_vars[to_size(h)], 0.0f);
       }
     }
   }
@@ -341,14 +343,14 @@ TEST(TaskHeads, SingleHeadWithAndWithoutTaskIds) {
 TEST(TaskHeads, HundredHeadsWithDifferentClassCounts) {
   using S = HeadSpec<100>;
   std::array<index_t, 100> classes{};
-  for (int h = 0; h < 100; ++h) classes[h] = 1 + (h * 7) % 13;  // 1 .. 13 classes
+  for (int h = 0; h < 100; ++h) classes[to_size(h)] = 1 + (h * 7) % 13;  // 1 .. 13 classes
   // 300 rows, tasks 10..19 absent; one-class heads have CE 0.
   std::vector<int> empty;
   for (int h = 10; h < 20; ++h) empty.push_back(h);
   for (TaskWeighting kind : {TaskWeighting::kFixed, TaskWeighting::kUncertainty}) {
     Problem<S> p(classes, 300, 4, make_tasks<100>(300, 6, false, empty), 17);
     const TaskLosses<S> got = check_against_reference(p, kind);
-    for (int h : empty) EXPECT_EQ(got.count[h], 0);
+    for (int h : empty) EXPECT_EQ(got.count[to_size(h)], 0);
     EXPECT_EQ(got.loss[0], 0.0);  // classes[0] = 1
   }
 }
@@ -429,7 +431,7 @@ TEST(TaskHeads, AccumulateAddsToWeightGradients) {
 TEST(TaskHeads, BitIdenticalRunAfterRun) {
   using S = HeadSpec<100>;
   std::array<index_t, 100> classes{};
-  for (int h = 0; h < 100; ++h) classes[h] = 2 + h % 9;
+  for (int h = 0; h < 100; ++h) classes[to_size(h)] = 2 + h % 9;
   Problem<S> a(classes, 2000, 32, make_tasks<100>(2000, 10, false), 20);
   Problem<S> b = a;
   check_against_reference(a, TaskWeighting::kFixed, /*fd=*/false);
@@ -497,9 +499,9 @@ TEST(TaskHeadsBadInput, RejectedWithNamedValuesAndNothingWritten) {
   bad_task[7] = 3;
   neg_task[2] = -1;
   // Row 4's label: one past its task's class count.
-  bad_label[4] = static_cast<std::int32_t>(p.config.classes[p.task(4)]);
+  bad_label[4] = static_cast<std::int32_t>(p.config.classes[to_size(p.task(4))]);
   const std::string label_msg = "labels[4] = " + std::to_string(bad_label[4]) + " is outside [0, " +
-                                std::to_string(p.config.classes[p.task(4)]) +
+                                std::to_string(p.config.classes[to_size(p.task(4))]) +
                                 ") (classes of task " + std::to_string(p.task(4)) + ")";
   std::vector<float> nan_fixed = p.fixed, neg_fixed = p.fixed, inf_lv = p.log_vars;
   nan_fixed[1] = kNaN;

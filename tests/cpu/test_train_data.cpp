@@ -21,6 +21,7 @@
 
 #include "expect_error.hpp"
 #include "moekit/train/data.hpp"
+#include "test_support.hpp"
 
 namespace {
 
@@ -29,16 +30,14 @@ namespace train = moekit::train;
 using moekit::Errc;
 using moekit::index_t;
 using moekit::MatrixView;
+using moekit::to_size;
 using moekit::VectorView;
 using moekit_test::expect_error;
 using train::Dataset;
 
-std::size_t sz(index_t v) { return static_cast<std::size_t>(v); }
-
 bool same_bits(const Dataset& a, const Dataset& b) {
   return a.features == b.features && a.tasks == b.tasks && a.labels == b.labels &&
-         a.x.size() == b.x.size() &&
-         std::memcmp(a.x.data(), b.x.data(), a.x.size() * sizeof(float)) == 0;
+         moekit_test::same_bits(a.x, b.x);
 }
 
 // The defaults' benchmark, built once (its constructor fits the task rules).
@@ -82,9 +81,9 @@ TEST(SyntheticTasks, MoreTasksShareTheFirstTasksExactly) {
     EXPECT_EQ(a.classes, b.classes);
     EXPECT_EQ(a.regime_factor, b.regime_factor);
     for (int rho = 0; rho < 2; ++rho) {
-      EXPECT_EQ(a.factors[sz(rho)], b.factors[sz(rho)]);
-      EXPECT_EQ(a.weights[sz(rho)], b.weights[sz(rho)]);
-      EXPECT_EQ(a.bias[sz(rho)], b.bias[sz(rho)]);
+      EXPECT_EQ(a.factors[to_size(rho)], b.factors[to_size(rho)]);
+      EXPECT_EQ(a.weights[to_size(rho)], b.weights[to_size(rho)]);
+      EXPECT_EQ(a.bias[to_size(rho)], b.bias[to_size(rho)]);
     }
     EXPECT_TRUE(same_bits(three.sample_task(300, t, 9), four.sample_task(300, t, 9))) << t;
   }
@@ -116,8 +115,8 @@ TEST(SyntheticTasks, LabelsInRangeEveryTaskPresentClassesBalanced) {
   EXPECT_EQ(d.num_tasks(), 4);
   EXPECT_EQ(d.task_counts(), (std::vector<index_t>{2000, 2000, 2000, 2000}));
   for (index_t i = 0; i < d.size(); ++i) {
-    ASSERT_GE(d.labels[sz(i)], 0);
-    ASSERT_LT(d.labels[sz(i)], tasks.num_classes(d.tasks[sz(i)]));
+    ASSERT_GE(d.labels[to_size(i)], 0);
+    ASSERT_LT(d.labels[to_size(i)], tasks.num_classes(d.tasks[to_size(i)]));
   }
   for (int t = 0; t < 4; ++t) {
     const std::vector<index_t> counts = d.class_counts(t);
@@ -126,10 +125,11 @@ TEST(SyntheticTasks, LabelsInRangeEveryTaskPresentClassesBalanced) {
     const double uniform = 2000.0 / static_cast<double>(c);
     for (index_t y = 0; y < c; ++y) {
       // A third of uniform is the requirement; the bias fit gives ~0.85-1.15.
-      EXPECT_GT(static_cast<double>(counts[sz(y)]), uniform / 3) << "task " << t << " class " << y;
-      EXPECT_GT(static_cast<double>(counts[sz(y)]), 0.7 * uniform)
+      EXPECT_GT(static_cast<double>(counts[to_size(y)]), uniform / 3)
           << "task " << t << " class " << y;
-      EXPECT_LT(static_cast<double>(counts[sz(y)]), 1.3 * uniform)
+      EXPECT_GT(static_cast<double>(counts[to_size(y)]), 0.7 * uniform)
+          << "task " << t << " class " << y;
+      EXPECT_LT(static_cast<double>(counts[to_size(y)]), 1.3 * uniform)
           << "task " << t << " class " << y;
     }
   }
@@ -144,7 +144,7 @@ TEST(SyntheticTasks, LabelsFollowTheRuleUpToLabelNoise) {
       train::SyntheticTasksConfig{.input_noise = 0.0f, .label_noise = 0.0f, .seed = 11});
   const Dataset d = clean.sample(400, 2, &z);
   const auto L = static_cast<std::size_t>(clean.latent());
-  std::vector<float> x(sz(clean.features()));
+  std::vector<float> x(to_size(clean.features()));
   for (std::size_t i = 0; i < 400; ++i) {
     const std::span<const float> zi(z.data() + i * L, L);
     ASSERT_EQ(d.labels[i], clean.clean_label(d.tasks[i], zi)) << i;
@@ -154,7 +154,7 @@ TEST(SyntheticTasks, LabelsFollowTheRuleUpToLabelNoise) {
         std::equal(x.begin(), x.end(), d.x.begin() + static_cast<std::ptrdiff_t>(i * x.size())));
     // The rule reads z[S_rho] only: the regime factor decides rho.
     const train::SyntheticTaskRule& r = clean.rule(d.tasks[i]);
-    EXPECT_EQ(clean.regime(d.tasks[i], zi), zi[sz(r.regime_factor)] > 0 ? 1 : 0);
+    EXPECT_EQ(clean.regime(d.tasks[i], zi), zi[to_size(r.regime_factor)] > 0 ? 1 : 0);
   }
   // Same rows with label noise 0.3: about 1 - 0.3 (1 - 1/C) keep the rule's label.
   const train::SyntheticTasks noisy(train::SyntheticTasksConfig{
@@ -173,7 +173,7 @@ TEST(SyntheticTasks, RulesAreWellFormedAndShareFactors) {
   for (int t = 0; t < b.num_tasks(); ++t) {
     const train::SyntheticTaskRule& r = b.rule(t);
     for (int rho = 0; rho < 2; ++rho) {
-      const std::vector<int>& s = r.factors[sz(rho)];
+      const std::vector<int>& s = r.factors[to_size(rho)];
       ASSERT_EQ(s.size(), 3u);
       EXPECT_EQ(std::set<int>(s.begin(), s.end()).size(), 3u);
       for (const int k : s) {
@@ -184,7 +184,8 @@ TEST(SyntheticTasks, RulesAreWellFormedAndShareFactors) {
       }
       for (index_t c = 0; c < r.classes; ++c) {
         double n2 = 0;
-        for (std::size_t j = 0; j < 3; ++j) n2 += std::pow(r.weights[sz(rho)][sz(c) * 3 + j], 2);
+        for (std::size_t j = 0; j < 3; ++j)
+          n2 += std::pow(r.weights[to_size(rho)][to_size(c) * 3 + j], 2);
         EXPECT_NEAR(n2, 1.0, 1e-5);
       }
     }
@@ -209,11 +210,11 @@ TEST(SyntheticTasks, RulesAreWellFormedAndShareFactors) {
 TEST(SyntheticTasks, StructureIsLearnable) {
   const train::SyntheticTasks& b = bench();
   const Dataset tr = b.sample_task(1500, 2, 1), te = b.sample_task(300, 2, 2);
-  const auto f = sz(tr.features);
+  const auto f = to_size(tr.features);
   int correct = 0;
-  std::vector<std::pair<float, int>> dist(sz(tr.size()));
-  for (std::size_t i = 0; i < sz(te.size()); ++i) {
-    for (std::size_t j = 0; j < sz(tr.size()); ++j) {
+  std::vector<std::pair<float, int>> dist(to_size(tr.size()));
+  for (std::size_t i = 0; i < to_size(te.size()); ++i) {
+    for (std::size_t j = 0; j < to_size(tr.size()); ++j) {
       float d2 = 0;
       for (std::size_t k = 0; k < f; ++k) d2 += std::pow(te.x[i * f + k] - tr.x[j * f + k], 2.0f);
       dist[j] = {d2, tr.labels[j]};
@@ -263,8 +264,8 @@ TEST(BatchSampler, BatchesArePureFunctionsOfSeedAndStep) {
   // Out of order, with a warm cache of other epochs, and from fresh samplers.
   train::BatchSampler scrambled(103, 10, 42);
   for (const std::int64_t s : {39, 0, 21, 20, 5, 33, 10, 11, 38, 1}) {
-    EXPECT_EQ(scrambled.indices(s), in_order[sz(s)]) << s;
-    EXPECT_EQ(train::BatchSampler(103, 10, 42).indices(s), in_order[sz(s)]) << s;
+    EXPECT_EQ(scrambled.indices(s), in_order[to_size(s)]) << s;
+    EXPECT_EQ(train::BatchSampler(103, 10, 42).indices(s), in_order[to_size(s)]) << s;
   }
   EXPECT_EQ(forward.indices(7), in_order[7]);
   // Far steps work without visiting the ones before.
@@ -280,16 +281,16 @@ TEST(BatchSampler, EachEpochCoversEveryRowOnce) {
     const std::vector<index_t> rows = sampler.indices(s);
     flat.insert(flat.end(), rows.begin(), rows.end());
   }
-  std::vector<index_t> perm(sz(n));
+  std::vector<index_t> perm(to_size(n));
   for (std::int64_t e = 0; e < 3; ++e) {
     std::vector<index_t> epoch(flat.begin() + e * n, flat.begin() + (e + 1) * n);
     sampler.permutation(e, perm);
     EXPECT_EQ(epoch, perm) << "epoch " << e;  // straddling batches included
     std::sort(epoch.begin(), epoch.end());
-    for (index_t i = 0; i < n; ++i) ASSERT_EQ(epoch[sz(i)], i) << "epoch " << e;
+    for (index_t i = 0; i < n; ++i) ASSERT_EQ(epoch[to_size(i)], i) << "epoch " << e;
   }
   // Epochs are shuffled differently.
-  std::vector<index_t> p0(sz(n)), p1(sz(n));
+  std::vector<index_t> p0(to_size(n)), p1(to_size(n));
   sampler.permutation(0, p0);
   sampler.permutation(1, p1);
   EXPECT_NE(p0, p1);
@@ -327,7 +328,7 @@ TEST(Gather, CopiesRowsAndChecksFirst) {
                 VectorView<std::int32_t>(tasks.data(), 4),
                 VectorView<std::int32_t>(labels.data(), 4));
   for (std::size_t k = 0; k < 4; ++k) {
-    const auto r = sz(rows[k]);
+    const auto r = to_size(rows[k]);
     EXPECT_TRUE(std::equal(x.begin() + static_cast<std::ptrdiff_t>(k * 32),
                            x.begin() + static_cast<std::ptrdiff_t>(k * 32 + 32),
                            d.x.begin() + static_cast<std::ptrdiff_t>(r * 32)));
@@ -380,7 +381,7 @@ TEST(Dataset, SplitSubsetAppend) {
                        part->x.begin() + i * 32))
           found = r;
       ASSERT_LT(found, 101u);
-      EXPECT_EQ(part->labels[sz(i)], d.labels[found]);
+      EXPECT_EQ(part->labels[to_size(i)], d.labels[found]);
       if (i > 0) {
         EXPECT_GT(found, last);
       }

@@ -15,6 +15,7 @@ namespace moekit_test {
 using moekit::index_t;
 using moekit::MatrixView;
 using moekit::MoeSpec;
+using moekit::to_size;
 using moekit::VectorView;
 
 namespace {
@@ -35,10 +36,10 @@ SavedRouting blank_routing(const std::vector<float>& logits, std::int64_t tokens
   SavedRouting r;
   r.tokens = tokens;
   r.logits = logits;
-  r.scores.assign(tokens * e, 0.0f);
-  r.weights.assign(tokens * k, 0.0f);
-  r.ids.assign(tokens * k, 0);
-  r.positions.assign(tokens * k, 0);
+  r.scores.assign(to_size(tokens * e), 0.0f);
+  r.weights.assign(to_size(tokens * k), 0.0f);
+  r.ids.assign(to_size(tokens * k), 0);
+  r.positions.assign(to_size(tokens * k), 0);
   return r;
 }
 
@@ -84,7 +85,7 @@ CpuCappedRouting CpuReference<E, K>::route_with_capacity(const std::vector<float
     config.capacity = c;
     const moekit::cpu::Router<S> router(config);
     r = blank_routing(logits, tokens, E, K);
-    std::vector<std::byte> workspace(router.workspace_size(tokens, 0));
+    std::vector<std::byte> workspace(to_size(router.workspace_size(tokens, 0)));
     router.route(view_of(r, E, K), {}, &stats,
                  {workspace.data(), static_cast<index_t>(workspace.size())});
     return router.capacity(tokens);
@@ -116,8 +117,8 @@ std::vector<float> CpuReference<E, K>::backward_gate(const SavedRouting& r,
   config.gating = gating;
   const moekit::cpu::Router<MoeSpec<E, K>> router(config);
   SavedRouting kept = r;
-  kept.positions.assign(r.tokens * K, 0);
-  std::vector<float> dlogits(r.tokens * E, 0.0f);
+  kept.positions.assign(to_size(r.tokens * K), 0);
+  std::vector<float> dlogits(to_size(r.tokens * E), 0.0f);
   router.backward_gate(view_of(kept, E, K), {dweights.data(), r.tokens, K},
                        {dlogits.data(), r.tokens, E});
   return dlogits;
@@ -163,7 +164,7 @@ std::vector<float> CpuReference<E, K>::bias_update(float gamma,
   using S = MoeSpec<E, K>;
   moekit::cpu::ExpertBias<S> bias(gamma);
   moekit::cpu::RoutingStats<S> stats;
-  for (int e = 0; e < E; ++e) stats.assigned[e] = counts[e];
+  for (int e = 0; e < E; ++e) stats.assigned[to_size(e)] = counts[to_size(e)];
   bias.accumulate(stats);
   bias.update();
   return {bias.bias().data(), bias.bias().data() + E};
@@ -180,7 +181,7 @@ HeadsResult CpuHeadsReference<H>::run(const HeadsProblem& p) {
   using S = moekit::HeadSpec<H>;
   moekit::cpu::TaskHeadsConfig<S> config;
   config.d_model = p.d;
-  for (int h = 0; h < H; ++h) config.classes[h] = p.classes[static_cast<std::size_t>(h)];
+  for (int h = 0; h < H; ++h) config.classes[to_size(h)] = p.classes[static_cast<std::size_t>(h)];
   config.bias = p.bias;
   const moekit::cpu::TaskHeads<S> heads(config);
   const index_t n = p.n, d = p.d, width = heads.max_classes(), total = heads.total_classes();

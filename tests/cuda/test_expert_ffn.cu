@@ -1,5 +1,5 @@
 // gpu::ExpertFfn against a float64 reference written here (straight loops
-// over each expert's rows, DESIGN.md §5): forward and backward, plain and
+// over each expert's rows, docs/index.md#adding-a-component): forward and backward, plain and
 // gated, every activation, fp32 / bf16 / fp16, uneven and empty expert loads,
 // frozen gradients, accumulation, rows past offsets[E] left alone. Outputs
 // are poisoned before each run. Device tests skip without a GPU; the
@@ -16,6 +16,7 @@
 #include "device_buffer.cuh"
 #include "gpu_test.cuh"
 #include "moekit/cuda/expert_ffn.cuh"
+#include "test_support.hpp"
 
 namespace {
 
@@ -26,49 +27,14 @@ using moekit::index_t;
 using moekit::MatrixView;
 using moekit::MoeSpec;
 using moekit::VectorView;
+using moekit_test::act64;
+using moekit_test::act64_grad;
 using moekit_test::DeviceBuffer;
 using moekit_test::from_float;
 using moekit_test::to_float;
 namespace gpu = moekit::gpu;
 
 // ---- the float64 reference --------------------------------------------------
-
-double act(Activation a, double x) {
-  switch (a) {
-    case Activation::kRelu:
-      return x > 0 ? x : 0.0;
-    case Activation::kGeluTanh: {
-      const double u = std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x);
-      return 0.5 * x * (1.0 + std::tanh(u));
-    }
-    case Activation::kGeluErf:
-      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
-    case Activation::kSilu:
-      return x / (1.0 + std::exp(-x));
-  }
-  return 0.0;
-}
-
-double act_grad(Activation a, double x) {
-  switch (a) {
-    case Activation::kRelu:
-      return x > 0 ? 1.0 : 0.0;
-    case Activation::kGeluTanh: {
-      const double c = std::sqrt(2.0 / M_PI);
-      const double u = c * (x + 0.044715 * x * x * x);
-      const double t = std::tanh(u);
-      return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x);
-    }
-    case Activation::kGeluErf:
-      return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))) +
-             x * std::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI);
-    case Activation::kSilu: {
-      const double s = 1.0 / (1.0 + std::exp(-x));
-      return s * (1.0 + x * (1.0 - s));
-    }
-  }
-  return 0.0;
-}
 
 // Row-major dense matrices in double.
 struct Problem {
@@ -106,7 +72,7 @@ Reference reference(const Problem& p) {
         }
         r.a[row * f + j] = a;
         r.g[row * f + j] = g;
-        h[j] = p.gated ? act(p.activation, a) * g : act(p.activation, a);
+        h[j] = p.gated ? act64(p.activation, a) * g : act64(p.activation, a);
       }
       for (index_t k = 0; k < d; ++k) {
         double y = 0;
@@ -119,8 +85,8 @@ Reference reference(const Problem& p) {
         for (index_t k = 0; k < d; ++k) s += gy[k] * p.w2[(e * d + k) * f + j];
         dh[j] = s;
         const double a = r.a[row * f + j], g = r.g[row * f + j];
-        da[j] = p.gated ? s * g * act_grad(p.activation, a) : s * act_grad(p.activation, a);
-        dg[j] = p.gated ? s * act(p.activation, a) : 0.0;
+        da[j] = p.gated ? s * g * act64_grad(p.activation, a) : s * act64_grad(p.activation, a);
+        dg[j] = p.gated ? s * act64(p.activation, a) : 0.0;
       }
       for (index_t k = 0; k < d; ++k) {
         for (index_t j = 0; j < f; ++j) r.dw2[(e * d + k) * f + j] += gy[k] * h[j];

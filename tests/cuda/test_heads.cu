@@ -533,6 +533,40 @@ TEST(GpuDistillation, BadLabelsAddNothingAndAreCounted) {
   EXPECT_TRUE(std::isfinite(loss.download()[0].loss));
 }
 
+// TaskHeads' -inf padding of a head with fewer classes adds nothing to KL
+// (the shared row function, issue 21 item 1); a NaN teacher gives a NaN loss.
+TEST(GpuDistillation, MinusInfPaddingAddsNothingAndNaNTeacherIsNotFinite) {
+  MOEKIT_REQUIRE_GPU();
+  const index_t n = 5;
+  const auto s3 = moekit_test::random_floats(n * 3, -0.1f, 0.1f, 31);
+  const auto t3 = moekit_test::random_floats(n * 3, -0.1f, 0.1f, 32);
+  std::vector<float> s5(n * 5, -kInf), t5(n * 5, -kInf);
+  for (index_t i = 0; i < n; ++i) {
+    for (index_t k = 0; k < 3; ++k) {
+      s5[i * 5 + k] = s3[i * 3 + k];
+      t5[i * 5 + k] = t3[i * 3 + k];
+    }
+  }
+  const auto run = [&](const std::vector<float>& s, const std::vector<float>& t, index_t c) {
+    DeviceBuffer<float> student(s), teacher(t), ds(static_cast<std::size_t>(n * c));
+    DeviceBuffer<std::int32_t> y(std::vector<std::int32_t>(static_cast<std::size_t>(n), 1));
+    DeviceBuffer<moekit::DistillationLoss> loss(1);
+    gpu::DistillationArgs<float> args{{2.0f, 0.5f}, {student.get(), n, c}, {teacher.get(), n, c},
+                                      {y.get(), n}, {ds.get(), n, c},      loss.get(),
+                                      nullptr};
+    moekit_test::two_phase(
+        [&](void* p, std::size_t& bytes) { return gpu::distillation_loss(p, bytes, args); });
+    return loss.download()[0];
+  };
+  const moekit::DistillationLoss three = run(s3, t3, 3), five = run(s5, t5, 5);
+  EXPECT_GT(three.kl, 0.0);
+  EXPECT_EQ(five.kl, three.kl);
+  EXPECT_EQ(five.loss, three.loss);
+  std::vector<float> nan_teacher = t3;
+  nan_teacher[4] = kNaN;
+  EXPECT_FALSE(std::isfinite(run(s3, nan_teacher, 3).loss));
+}
+
 TEST(GpuDistillation, BadArgumentsThrowBeforeAnyLaunch) {
   const index_t n = 8, c = 4;
   gpu::DistillationArgs<float> args{{2.0f, 0.5f},

@@ -12,7 +12,11 @@ the package's files and reference are checked.
 Exits 77 (CTest: skipped) when no Conan 2 is installed; tools/bootstrap.sh
 installs one, so CI runs the test.
 
-Usage: conan_create.py <moekit source dir> <work dir>
+With --with-cuda the package is made with -o "moekit/*:with_cuda=True" (the
+CUDA toolkit installed, found by moekit's CMake itself), and test_package
+also links and runs a program against moekit::cuda.
+
+Usage: conan_create.py [--with-cuda] <moekit source dir> <work dir>
 """
 from __future__ import annotations
 
@@ -53,8 +57,11 @@ def header_version(source: pathlib.Path) -> str:
 
 
 def main() -> int:
-    source = pathlib.Path(sys.argv[1]).resolve()
-    work = pathlib.Path(sys.argv[2]).resolve()
+    args = sys.argv[1:]
+    with_cuda = "--with-cuda" in args
+    args = [a for a in args if a != "--with-cuda"]
+    source = pathlib.Path(args[0]).resolve()
+    work = pathlib.Path(args[1]).resolve()
     conan = find_conan()
     if conan is None:
         print("SKIPPED: Conan 2 is not installed (tools/bootstrap.sh installs it: "
@@ -98,17 +105,19 @@ def main() -> int:
     graph_json = conan_run("create", "create", str(recipe), f"--test-folder={test_package}",
                            f"--profile:host={profile}", f"--profile:build={profile}",
                            "--settings=build_type=Release", "--build=missing",
+                           f"--options=moekit/*:with_cuda={with_cuda}",
                            "--format=json", capture_json=True)
     log = (work / "create.log").read_text()
     after = sorted(p.relative_to(recipe) for p in recipe.rglob("*"))
     if after != before:
         raise SystemExit(f"[conan] conan create wrote into the source tree: "
                          f"{sorted(set(map(str, after)) - set(map(str, before)))}")
-    line = re.search(r"^.*moekit \S+ test_package: .*$", log, re.MULTILINE)
-    if not line:
+    lines = re.findall(r"^.*moekit \S+ test_package: .*$", log, re.MULTILINE)
+    if len(lines) != (2 if with_cuda else 1):
         print(log)
-        raise SystemExit("[conan] test_package did not print its result")
-    print(line.group(0).strip())
+        raise SystemExit("[conan] test_package did not print its result(s)")
+    for line in lines:
+        print(line.strip())
 
     # The package: reference version from version.hpp, header-only layout,
     # moekit's own package config, the license.
@@ -124,9 +133,13 @@ def main() -> int:
                  "licenses/LICENSE"):
         if not (folder / must).is_file():
             raise SystemExit(f"[conan] the package lacks {must} ({folder})")
-    for must_not in ("lib", "bin", "share/cmake/moekit/moekitCudaTargets.cmake"):
+    cuda_targets = "share/cmake/moekit/moekitCudaTargets.cmake"
+    for must in ("share/cmake/moekit/moekitIoTargets.cmake",) + ((cuda_targets,) if with_cuda else ()):
+        if not (folder / must).is_file():
+            raise SystemExit(f"[conan] the package lacks {must} ({folder})")
+    for must_not in ("lib", "bin") + (() if with_cuda else (cuda_targets,)):
         if (folder / must_not).exists():
-            raise SystemExit(f"[conan] the header-only, with_cuda=False package has {must_not}")
+            raise SystemExit(f"[conan] the header-only, with_cuda={with_cuda} package has {must_not}")
     print(f"[conan] moekit/{version}: package {pkg[0].get('package_id')} checked")
     return 0
 

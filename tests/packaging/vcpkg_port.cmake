@@ -4,19 +4,28 @@
 #
 # Runs packaging/vcpkg/moekit/portfile.cmake itself, offline, without vcpkg:
 # the vcpkg helpers the port calls are defined here as functions that do what
-# vcpkg documents for them (vcpkg_check_features, vcpkg_cmake_configure,
+# vcpkg documents for them (vcpkg_download_distfile, vcpkg_extract_source_archive,
+# vcpkg_find_cuda, vcpkg_check_features, vcpkg_cmake_configure,
 # vcpkg_cmake_install, vcpkg_cmake_config_fixup, vcpkg_install_copyright), so
-# the configure options, feature options and config path are exactly the
-# port's: nothing is copied out of the portfile, nothing can drift from it.
-# The port's local-source route is taken (MOEKIT_SOURCE_DIR, as a triplet would
-# set it); vcpkg_from_github refuses, there being no network.
+# the download, configure options, feature options and config path are exactly
+# the port's: nothing is copied out of the portfile, nothing can drift from it.
+#
+# The port's release route is taken, as a user's vcpkg takes it: first
+# tools/make_release.sh makes the release archive of the checked-out tree
+# (`git stash create`, so uncommitted edits of tracked files are in it) and
+# writes its SHA512 into a copy of the port, as a release does. The emulated
+# download then serves that archive from a local asset cache (no network) and,
+# like vcpkg, refuses a placeholder SHA512 and a file whose SHA512 differs.
+# With feature cuda, every folder holding an nvcc is taken off PATH first: the
+# port must find the toolkit itself (vcpkg_find_cuda).
 #
 # Then, like vcpkg: post-build checks for a header-only port, the package
 # copied from packages/ to installed/<triplet>/ (so nothing may remember the
 # packages/ path), and tests/install/consumer built and run against it with
-# find_package(moekit), CMAKE_PREFIX_PATH pointing at installed/<triplet>.
+# find_package(moekit COMPONENTS io), CMAKE_PREFIX_PATH pointing at installed/<triplet>.
 
 cmake_minimum_required(VERSION 3.25)
+include("${CMAKE_CURRENT_LIST_DIR}/release_sha512.cmake")
 
 function(step what)
   message(STATUS "[vcpkg] ${what}")
@@ -41,7 +50,7 @@ set(VCPKG_TARGET_IS_LINUX ON)
 set(CURRENT_PACKAGES_DIR "${WORK_DIR}/packages/${PORT}_${TARGET_TRIPLET}")
 set(CURRENT_BUILDTREES_DIR "${WORK_DIR}/buildtrees/${PORT}")
 set(CURRENT_INSTALLED_DIR "${WORK_DIR}/installed/${TARGET_TRIPLET}")
-set(MOEKIT_SOURCE_DIR "${SOURCE_DIR}")  # as `set(MOEKIT_SOURCE_DIR ...)` in a triplet would
+set(DOWNLOADS "${WORK_DIR}/downloads")  # vcpkg's asset cache, filled by the release script
 # FEATURES: "core" plus the requested ones, each declared by vcpkg.json.
 set(requested ${FEATURES})
 set(FEATURES core)
@@ -54,12 +63,99 @@ foreach(feature IN LISTS requested)
 endforeach()
 
 file(REMOVE_RECURSE "${WORK_DIR}")
-file(MAKE_DIRECTORY "${CURRENT_PACKAGES_DIR}" "${CURRENT_BUILDTREES_DIR}")
+file(MAKE_DIRECTORY "${CURRENT_PACKAGES_DIR}" "${CURRENT_BUILDTREES_DIR}" "${DOWNLOADS}")
+
+# ---- a release of the checked-out tree ----------------------------------------
+execute_process(COMMAND git -C "${SOURCE_DIR}" stash create
+                RESULT_VARIABLE rc OUTPUT_VARIABLE tree_commit OUTPUT_STRIP_TRAILING_WHITESPACE)
+if(NOT rc EQUAL 0)
+  fail("${SOURCE_DIR} is not a git checkout: the release archive is made with git archive")
+endif()
+if(tree_commit STREQUAL "")
+  set(tree_commit HEAD)  # nothing uncommitted
+endif()
+file(COPY "${PORT_DIR}/" DESTINATION "${WORK_DIR}/port")
+step("release archive (tools/make_release.sh)" bash "${SOURCE_DIR}/tools/make_release.sh"
+     --out "${DOWNLOADS}" --update-port "${WORK_DIR}/port" "${tree_commit}")
+string(REGEX MATCH "[0-9a-f]+\n?$" release_sha512 "${step_output}")
+string(STRIP "${release_sha512}" release_sha512)
+file(STRINGS "${WORK_DIR}/port/portfile.cmake" hash_line REGEX "^set\\(MOEKIT_RELEASE_SHA512 ")
+if(NOT hash_line STREQUAL "set(MOEKIT_RELEASE_SHA512 \"${release_sha512}\")")
+  fail("make_release.sh --update-port did not write the archive's SHA512 into the port: ${hash_line}")
+endif()
 
 # ---- vcpkg's helpers, emulated -------------------------------------------------
 function(vcpkg_from_github)
-  fail("the port called vcpkg_from_github although MOEKIT_SOURCE_DIR names a local "
-       "source tree; this test is offline")
+  fail("the port called vcpkg_from_github: releases are archives made by tools/make_release.sh")
+endfunction()
+
+# Like vcpkg: SHA512 is required and must be a real one (a placeholder such as
+# 0 is refused), and the file must have it. The file comes from the asset
+# cache (DOWNLOADS) under FILENAME; the URL must name that file.
+function(vcpkg_download_distfile out)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "SKIP_SHA512;SILENT_EXIT;QUIET;ALWAYS_REDOWNLOAD"
+                        "FILENAME;SHA512" "URLS;HEADERS;PATCHES")
+  if(NOT arg_FILENAME OR NOT arg_URLS OR arg_UNPARSED_ARGUMENTS)
+    fail("vcpkg_download_distfile: bad arguments '${ARGN}'")
+  endif()
+  if(arg_SKIP_SHA512)
+    fail("vcpkg_download_distfile: SKIP_SHA512 is for development only, not for a port")
+  endif()
+  check_release_sha512("${arg_SHA512}" "[vcpkg] vcpkg_download_distfile of ${arg_FILENAME}")
+  foreach(url IN LISTS arg_URLS)
+    if(NOT url MATCHES "^https://.+/${arg_FILENAME}$")
+      fail("vcpkg_download_distfile: URL '${url}' does not name ${arg_FILENAME} over https")
+    endif()
+  endforeach()
+  set(file "${DOWNLOADS}/${arg_FILENAME}")
+  if(NOT EXISTS "${file}")
+    fail("vcpkg_download_distfile: ${arg_FILENAME} is not in the asset cache; offline, nothing else")
+  endif()
+  file(SHA512 "${file}" actual)
+  if(NOT actual STREQUAL arg_SHA512)
+    fail("vcpkg_download_distfile: ${arg_FILENAME} has SHA512 ${actual}, the port expects ${arg_SHA512}")
+  endif()
+  message(STATUS "[vcpkg] downloaded ${arg_FILENAME} (${arg_URLS}), SHA512 checked")
+  set(${out} "${file}" PARENT_SCOPE)
+endfunction()
+
+# Extracts ARCHIVE under buildtrees/<port>/src and drops its single top folder.
+function(vcpkg_extract_source_archive out)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "NO_REMOVE_ONE_LEVEL;SKIP_PATCH_CHECK;Z_ALLOW_OLD_PARAMETER_NAMES"
+                        "ARCHIVE;SOURCE_BASE;BASE_DIRECTORY;WORKING_DIRECTORY" "PATCHES")
+  if(NOT arg_ARCHIVE OR arg_UNPARSED_ARGUMENTS OR arg_PATCHES)
+    fail("vcpkg_extract_source_archive: bad arguments '${ARGN}'")
+  endif()
+  set(tmp "${CURRENT_BUILDTREES_DIR}/src/extract")
+  file(MAKE_DIRECTORY "${tmp}")
+  file(ARCHIVE_EXTRACT INPUT "${arg_ARCHIVE}" DESTINATION "${tmp}")
+  file(GLOB top LIST_DIRECTORIES true "${tmp}/*")
+  list(LENGTH top n)
+  if(NOT n EQUAL 1 OR NOT IS_DIRECTORY "${top}")
+    fail("vcpkg_extract_source_archive: ${arg_ARCHIVE} does not hold one top folder: ${top}")
+  endif()
+  set(${out} "${top}" PARENT_SCOPE)
+endfunction()
+
+# The cuda port's helper: nvcc from CUDA_PATH, CUDA_HOME, CUDA_BIN_PATH,
+# CUDA_TOOLKIT_ROOT_DIR or /usr/local/cuda-<major>.<minor>, never from PATH;
+# sets NVCC (cache) and the toolkit's root.
+function(vcpkg_find_cuda)
+  cmake_parse_arguments(PARSE_ARGV 0 arg "" "OUT_CUDA_TOOLKIT_ROOT;OUT_CUDA_VERSION" "")
+  if(NOT arg_OUT_CUDA_TOOLKIT_ROOT)
+    fail("vcpkg_find_cuda: OUT_CUDA_TOOLKIT_ROOT is required")
+  endif()
+  file(GLOB versioned LIST_DIRECTORIES true "/usr/local/cuda-[0-9]*.[0-9]*")
+  find_program(NVCC nvcc NO_DEFAULT_PATH PATH_SUFFIXES bin bin64
+               PATHS ENV CUDA_PATH ENV CUDA_HOME ENV CUDA_BIN_PATH ENV CUDA_TOOLKIT_ROOT_DIR ${versioned})
+  if(NOT NVCC)
+    fail("vcpkg_find_cuda: no CUDA toolkit (CUDA_PATH, CUDA_HOME, /usr/local/cuda-<version>)")
+  endif()
+  cmake_path(GET NVCC PARENT_PATH bin)
+  cmake_path(GET bin PARENT_PATH root)
+  message(STATUS "[vcpkg] vcpkg_find_cuda: ${root}")
+  set(${arg_OUT_CUDA_TOOLKIT_ROOT} "${root}" PARENT_SCOPE)
+  set_property(GLOBAL PROPERTY vcpkg_cuda_root "${root}")
 endfunction()
 
 # FEATURES <feature> <option>...: -D<option>=ON for each requested feature, =OFF otherwise.
@@ -110,11 +206,7 @@ function(vcpkg_cmake_configure)
   endif()
   set(port_options ${arg_OPTIONS} ${arg_OPTIONS_RELEASE})
   message(STATUS "[vcpkg] the port's configure options: ${port_options}")
-  set(toolchain "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}")
-  if("cuda" IN_LIST FEATURES)
-    list(APPEND toolchain "-DCMAKE_CUDA_COMPILER=${CUDA_COMPILER}"
-         "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}")
-  endif()
+  set(toolchain "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}")  # no CUDA compiler: the port finds it
   set(build "${CURRENT_BUILDTREES_DIR}/${TARGET_TRIPLET}-rel")
   # The variables vcpkg itself passes around the port's options that bear on
   # an install (its toolchain file and compiler flags aside).
@@ -138,6 +230,13 @@ function(vcpkg_cmake_configure)
         fail("the port passes ${opt}, which moekit's CMakeLists.txt does not use")
       endif()
     endforeach()
+  endif()
+  get_property(cuda_root GLOBAL PROPERTY vcpkg_cuda_root)
+  if("cuda" IN_LIST FEATURES)
+    file(STRINGS "${build}/CMakeCache.txt" nvcc REGEX "^CUDAToolkit_NVCC_EXECUTABLE:")
+    if(NOT cuda_root OR NOT nvcc MATCHES "=${cuda_root}/bin/nvcc$")
+      fail("feature cuda: moekit used ${nvcc}, not the toolkit vcpkg_find_cuda found (${cuda_root})")
+    endif()
   endif()
   set_property(GLOBAL PROPERTY vcpkg_build_dir "${build}")
 endfunction()
@@ -224,14 +323,27 @@ function(vcpkg_install_copyright)
 endfunction()
 
 # ---- the port --------------------------------------------------------------------
+if("cuda" IN_LIST FEATURES)
+  # No nvcc on PATH: the port must locate the toolkit itself.
+  string(REPLACE ":" ";" path_dirs "$ENV{PATH}")
+  set(kept "")
+  foreach(dir IN LISTS path_dirs)
+    if(NOT EXISTS "${dir}/nvcc")
+      list(APPEND kept "${dir}")
+    endif()
+  endforeach()
+  string(REPLACE ";" ":" kept "${kept}")
+  set(ENV{PATH} "${kept}")
+  unset(ENV{CUDACXX})
+endif()
 message(STATUS "[vcpkg] ${PORT} ${VERSION}, features: ${FEATURES}")
-include("${PORT_DIR}/portfile.cmake")
+include("${WORK_DIR}/port/portfile.cmake")
 
 # ---- vcpkg's post-build checks that apply to a header-only port ------------------
 set(pkg "${CURRENT_PACKAGES_DIR}")
 foreach(must IN ITEMS include/moekit/moekit.hpp share/${PORT}/moekitConfig.cmake
                       share/${PORT}/moekitConfigVersion.cmake share/${PORT}/moekitTargets.cmake
-                      share/${PORT}/copyright share/${PORT}/usage)
+                      share/${PORT}/moekitIoTargets.cmake share/${PORT}/copyright share/${PORT}/usage)
   if(NOT EXISTS "${pkg}/${must}")
     fail("post-build check: ${must} is missing from the package")
   endif()
@@ -272,7 +384,7 @@ if("cuda" IN_LIST FEATURES)
        "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}")
 endif()
 step("configure consumer" ${CMAKE_COMMAND} -S "${CONSUMER_DIR}" -B "${WORK_DIR}/consumer-build" ${common}
-     -DMOEKIT_CONSUMER_MODE=find_package -DMOEKIT_CONSUMER_CUDA=${cuda}
+     -DMOEKIT_CONSUMER_MODE=find_package -DMOEKIT_CONSUMER_CUDA=${cuda} -DMOEKIT_CONSUMER_IO=ON
      "-DCMAKE_PREFIX_PATH=${CURRENT_INSTALLED_DIR}")
 # The package found must be the one just installed, not another on the system.
 file(STRINGS "${WORK_DIR}/consumer-build/CMakeCache.txt" found_dir REGEX "^moekit_DIR:")
@@ -281,6 +393,8 @@ if(NOT found_dir STREQUAL "moekit_DIR:PATH=${CURRENT_INSTALLED_DIR}/share/${PORT
 endif()
 step("build consumer" ${CMAKE_COMMAND} --build "${WORK_DIR}/consumer-build")
 step("run consumer" "${WORK_DIR}/consumer-build/consumer")
+message(STATUS "${step_output}")
+step("run io consumer" "${WORK_DIR}/consumer-build/consumer_io" "${WORK_DIR}/consumer-build")
 message(STATUS "${step_output}")
 if(cuda)
   step("run CUDA consumer" "${WORK_DIR}/consumer-build/consumer_cuda")

@@ -1,5 +1,5 @@
 #pragma once
-// Element-wise activations of the expert FFNs (DESIGN.md §4), shared by every
+// Element-wise activations of the expert FFNs (docs/math.md, "Expert FFN"), shared by every
 // backend: host-device, one float at a time.
 //
 // The functions, with u = sqrt(2/pi) (x + 0.044715 x^3) and sigma(z) = 1 / (1 + exp(-z)):

@@ -21,6 +21,7 @@
 // listed at the top of moekit/cuda/moe_layer.cuh.
 
 #include <cmath>
+#include <initializer_list>
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
@@ -174,6 +175,49 @@ struct MoeLayerChecks {
     }
   }
 };
+
+// The arguments of both backends' MoE layer calls for their OverlapCheck:
+// the parameters (read), the gradients (written) and the state's shared
+// fields (written by forward, read by backward); a backend adds its own.
+template <class Params>
+void add_moe_params(OverlapCheck& c, const Params& p) {
+  c.in({{p.w_gate, "params.w_gate"},
+        {p.gate_bias, "params.gate_bias"},
+        {p.selection_bias, "params.selection_bias"},
+        {p.experts.w1, "params.experts.w1"},
+        {p.experts.w3, "params.experts.w3"},
+        {p.experts.w2, "params.experts.w2"},
+        {p.shared.w1, "params.shared.w1"},
+        {p.shared.w3, "params.shared.w3"},
+        {p.shared.w2, "params.shared.w2"}});
+}
+template <class Grads>
+void add_moe_grads(OverlapCheck& c, const Grads& g) {
+  c.out({{g.dw_gate, "grads.dw_gate"},
+         {g.dgate_bias, "grads.dgate_bias"},
+         {g.dw1, "grads.dw1"},
+         {g.dw3, "grads.dw3"},
+         {g.dw2, "grads.dw2"},
+         {g.shared_dw1, "grads.shared_dw1"},
+         {g.shared_dw3, "grads.shared_dw3"},
+         {g.shared_dw2, "grads.shared_dw2"}});
+}
+template <class State>
+void add_moe_state(OverlapCheck& c, const State& s, bool written) {
+  const std::initializer_list<Footprint> views = {MOEKIT_ROUTING_ARGS(s.routing, "state.routing"),
+                                                  {s.offsets, "state.offsets"},
+                                                  {s.buffer, "state.buffer"},
+                                                  {s.expert_out, "state.expert_out"},
+                                                  {s.saved_pre, "state.saved_pre"},
+                                                  {s.saved_gate, "state.saved_gate"},
+                                                  {s.shared_pre, "state.shared_pre"},
+                                                  {s.shared_gate, "state.shared_gate"}};
+  if (written) {
+    c.out(views);
+  } else {
+    c.in(views);
+  }
+}
 
 // The MoE layer of a backend: cpu::MoeLayer<S> for CpuBackend,
 // gpu::MoeLayer<S, T> for CudaBackend<T>.

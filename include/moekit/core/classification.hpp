@@ -1,12 +1,12 @@
 #pragma once
-// Classification math shared by every backend (DESIGN.md §4: heads, knowledge
+// Classification math shared by every backend (docs/math.md: heads, knowledge
 // distillation, early exit), one row of C logits at a time. Host-device, no
 // Eigen: the CPU backend calls these per row and CUDA kernels will too.
 //
 // Softmax cross-entropy of a row z with label y:
 //   lse = log sum_c exp(z_c),   CE = lse - z_y,   dCE/dz = softmax(z) - onehot(y)
 // Knowledge distillation of student logits s against teacher logits t at
-// temperature T with mixing a (DESIGN.md §4):
+// temperature T with mixing a (docs/math.md, "Knowledge distillation"):
 //   p = softmax(t / T),  q = softmax(s / T),  r = softmax(s)
 //   L = a T^2 KL(p || q) + (1 - a) CE(y, r),   KL(p || q) = sum_c p_c (log p_c - log q_c)
 //   dL/ds = a T (q - p) + (1 - a) (r - onehot(y))
@@ -18,8 +18,10 @@
 // Evaluation. log-sum-exp is taken about the row maximum, so no exp
 // overflows; exp and log run in float per element, every sum over classes
 // in double (a 32k-class row then sums without losing the small terms). log
-// p and log q are formed as (z - max)/T - log Z, never as log(exp(.)), so a p
-// that underflows to 0 contributes 0 log 0 = 0 to KL, not NaN.
+// p and log q are formed as (z - max)/T - log Z, never as log(exp(.)), and a
+// class with p = 0 (underflow, or a -inf logit such as TaskHeads' padding of
+// a head with fewer classes) adds 0 log 0 = 0 to KL, whatever q is: padding
+// a row with -inf classes leaves its KL and gradient unchanged.
 //
 // Element types. The row functions take rows of any type Z that converts to
 // float (float on the CPU; __nv_bfloat16 and __half in CUDA kernels) and
@@ -28,14 +30,19 @@
 // bf16 row gives the fp32 result of its rounded values.
 //
 // Non-finite logits. The loss functions (cross_entropy_row, distillation_row)
-// do not sanitise: a NaN or Inf logit gives a non-finite loss and gradient,
-// which the caller sees. The exit scores follow the routing rule
-// (core/routing.hpp) so that a decision is always defined: NaN counts as
-// -inf; a row with +inf entries puts equal mass on them; a row with no entry
-// above -inf is uniform. So confidence is always in [1/C, 1], top1 a valid
-// class, and a NaN never makes a sample exit by itself.
+// do not sanitise: a NaN or +Inf logit, or a row with no class above -inf,
+// gives a non-finite loss, which the caller sees. A -inf logit is a masked
+// class (probability 0): finite results, unless the mass it lacks is needed
+// (the label's class, or a student -inf where the teacher's p > 0: +inf). The exit scores follow
+// the routing rule (core/routing.hpp) so that a decision is always defined: NaN counts as -inf; a
+// row with +inf entries puts equal mass on them; a row with no entry above -inf is uniform. So
+// confidence is always in [1/C, 1], top1 a valid class, and a NaN never makes a sample exit by
+// itself.
 
 #include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
@@ -118,12 +125,25 @@ inline void check_exit_state(const ExitState& state, index_t m) {
                " entries (original, previous, agree), fewer than the ", m, " rows");
 }
 
+// The state and results of an early-exit call as OverlapCheck outputs.
+inline void add_exit_outputs(OverlapCheck& c, const ExitState& state, const ExitResults& results) {
+  c.out({{state.original, "state.original"},
+         {state.previous, "state.previous"},
+         {state.agree, "state.agree"},
+         {results.prediction, "results.prediction"},
+         {results.confidence, "results.confidence"},
+         {results.exit, "results.exit"}});
+}
+
 // What EarlyExit::step checks on either backend before it decides: the exit
 // index, the m x C logits of the live rows (C >= 1 when m > 0), the results
-// (n = results.exit.size()), the state's capacity and kept. Returns n.
+// (n = results.exit.size()), the state's capacity, kept, and that no output
+// shares memory with another or with the logits (`where`: the caller's
+// name). Returns n.
 template <class Logits>
-index_t check_exit_step(int exit, int num_exits, const Logits& logits, const ExitState& state,
-                        const ExitResults& results, VectorView<index_t> kept) {
+index_t check_exit_step(const char* where, int exit, int num_exits, const Logits& logits,
+                        const ExitState& state, const ExitResults& results,
+                        VectorView<index_t> kept) {
   MOEKIT_CHECK_RANGE(exit, 0, num_exits);
   check_view(logits, "logits");
   const index_t m = logits.rows(), c = logits.cols();
@@ -135,7 +155,49 @@ index_t check_exit_step(int exit, int num_exits, const Logits& logits, const Exi
   check_view(kept, "kept");
   MOEKIT_CHECK(kept.size() >= m, Errc::kShapeMismatch, "kept has ", kept.size(),
                " entries, fewer than the ", m, " live rows");
+  OverlapCheck overlap(where);
+  add_exit_outputs(overlap, state, results);
+  overlap.out({{kept, "kept"}}).in({{logits, "logits"}}).check();
   return n;
+}
+
+// The overlap check of multi_exit_loss on either backend: no dlogits[i] or
+// exit_losses shares memory with another output or with an input (logits[j],
+// labels, exit_weights). The number of views is the caller's, so pairs are
+// tested here rather than in one OverlapCheck.
+template <class In, class Out>
+void check_multi_exit_overlap(const char* where, std::span<const In> logits,
+                              VectorView<const std::int32_t> labels,
+                              VectorView<const float> exit_weights, std::span<const Out> dlogits,
+                              VectorView<double> exit_losses) {
+  const auto name = [](const char* what, std::size_t i) {
+    return std::string(what) + "[" + std::to_string(i) + "]";
+  };
+  const Footprint losses(exit_losses, "exit_losses");
+  OverlapCheck(where)
+      .out({losses})
+      .in({{labels, "labels"}, {exit_weights, "exit_weights"}})
+      .check();
+  for (std::size_t j = 0; j < logits.size(); ++j) {
+    if (overlap(losses, Footprint(logits[j], ""))) {
+      OverlapCheck::fail(where, "exit_losses", name("logits", j), false);
+    }
+  }
+  for (std::size_t i = 0; i < dlogits.size(); ++i) {
+    const Footprint out(dlogits[i], "");
+    const auto fail_if = [&](const Footprint& other, const std::string& other_name, bool is_out) {
+      if (overlap(out, other)) OverlapCheck::fail(where, name("dlogits", i), other_name, is_out);
+    };
+    for (std::size_t j = 0; j < logits.size(); ++j) {
+      fail_if(Footprint(logits[j], ""), name("logits", j), false);
+    }
+    for (std::size_t j = i + 1; j < dlogits.size(); ++j) {
+      fail_if(Footprint(dlogits[j], ""), name("dlogits", j), true);
+    }
+    fail_if(losses, "exit_losses", true);
+    fail_if(Footprint(labels, ""), "labels", false);
+    fail_if(Footprint(exit_weights, ""), "exit_weights", false);
+  }
 }
 
 // Knowledge distillation (cpu::distillation_loss, gpu::distillation_loss).
@@ -186,6 +248,20 @@ void check_head_backward_outputs(MatrixView<X> dx, MatrixView<G> dw, VectorView<
     MOEKIT_CHECK(db.empty(), Errc::kInvalidArgument, "grads.db has ", db.size(),
                  " elements but must be empty: config.bias is false");
   }
+}
+
+// TaskHeads::backward's arguments on both backends, for its OverlapCheck
+// (the caller adds its workspace): dx and the gradients written, the rest read.
+template <class HeadWeightsT, class HeadGradsT>
+void add_head_backward_args(OverlapCheck& c, const auto& dlogits, const auto& x,
+                            VectorView<const std::int32_t> tasks, const HeadWeightsT& weights,
+                            const auto& dx, const HeadGradsT& grads) {
+  c.out({{dx, "dx"}, {grads.dw, "grads.dw"}, {grads.db, "grads.db"}})
+      .in({{dlogits, "dlogits"},
+           {x, "x"},
+           {tasks, "tasks"},
+           {weights.w, "weights.w"},
+           {weights.b, "weights.b"}});
 }
 
 // Weights of H heads, and dlog_vars (H entries or empty; empty for kFixed).
@@ -328,7 +404,12 @@ MOEKIT_HOST_DEVICE inline DistillationTerms distillation_row(const Z* s, const Z
     const float log_q = (sc - ms) * inv_t - log_zq;
     const float log_p = (value(t[c]) - mt) * inv_t - log_zp;
     const float p = routing::exp_(log_p), q = routing::exp_(log_q);
-    kl += static_cast<double>(p) * (static_cast<double>(log_p) - static_cast<double>(log_q));
+    // p log(p / q) -> 0 as p -> 0, for any q: a class with p = 0 (a -inf
+    // padding logit, or an underflow) adds nothing, even where log_q is
+    // -inf too. Only an exact 0 is skipped: a NaN p still reaches the sum.
+    if (p != 0.0f) {
+      kl += static_cast<double>(p) * (static_cast<double>(log_p) - static_cast<double>(log_q));
+    }
     if (ds != nullptr) {
       float g = g_kl * (q - p);
       if (want_ce) {
@@ -338,7 +419,8 @@ MOEKIT_HOST_DEVICE inline DistillationTerms distillation_row(const Z* s, const Z
       ds[c] = static_cast<D>(g);
     }
   }
-  out.kl = kl > 0.0 ? kl : 0.0;  // KL >= 0; rounding may dip below by an ulp
+  // KL >= 0; rounding may dip below by an ulp. NaN and +inf stay as they are.
+  out.kl = kl < 0.0 ? 0.0 : kl;
   out.ce = want_ce ? log(zr) - static_cast<double>(value(s[y]) - ms) : 0.0;
   return out;
 }

@@ -17,6 +17,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -94,6 +95,25 @@ std::string concat(const Args&... args) {
   std::ostringstream os;
   (os << ... << printable(args));
   return os.str();
+}
+
+// Text from a file or a caller (a name, a field, a key) as error messages
+// show it: at most 64 bytes, cut at a UTF-8 boundary with the full length
+// after it, control characters as '?'. A hostile input never makes a long
+// message.
+inline std::string shown(std::string_view s) {
+  constexpr std::size_t kShown = 64;
+  std::size_t cut = s.size();
+  if (cut > kShown) {
+    cut = kShown;
+    while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xc0u) == 0x80u) --cut;
+  }
+  std::string out(s.substr(0, cut));
+  for (char& c : out) {
+    if (static_cast<unsigned char>(c) < 0x20u || c == 0x7f) c = '?';
+  }
+  if (cut < s.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
+  return out;
 }
 
 // Cold path of every check: formats "moekit::<where>: <message>" and throws

@@ -1,5 +1,5 @@
 #pragma once
-// LoRA math shared by every backend (DESIGN.md §4): the scaling factor, the
+// LoRA math shared by every backend (docs/math.md, "LoRA"): the scaling factor, the
 // initial values of A and the dropout mask on the adapter input. All are pure
 // functions of their arguments (the random ones of a caller seed and an
 // element counter, see moekit/core/random.hpp), so the CPU and CUDA backends,
@@ -13,10 +13,16 @@
 //                      kGaussian        stddev random_normal(seed, c)
 //                    B = 0, so the adapted layer starts equal to the base layer.
 //   dropout          element (t, j) of the n x d_in adapter input is kept when
-//                      random_uniform(key, t d_in + j) >= p,  key = random_bits(seed, step)
+//                      random_uniform(key, (first_row + t) d_in + j) >= p,
+//                      key = lora_dropout_key(seed, step, stream, i)
 //                    and a kept element is scaled by 1 / (1 - p) (inverted dropout).
-//                    t is the row in the caller's batch, so a row's mask does not
-//                    depend on how rows are grouped.
+//                    first_row + t is the row in the whole batch (first_row from
+//                    the LoraStep, 0 unless the call runs a slice), so a row's
+//                    mask does not depend on how rows are grouped. (seed, step) come from the
+//                    LoraStep; stream is the adapter's config.dropout_stream and
+//                    i its index in a bank (0 for a LoraLinear), so adapters that
+//                    share a LoraStep draw independent masks: give every adapter
+//                    object of a model its own stream (two layers, Q and V, ...).
 
 #include <cmath>
 #include <cstdint>
@@ -38,9 +44,10 @@ enum class LoraInit {
 struct LoraConfig {
   index_t d_in = 0;
   index_t d_out = 0;
-  float alpha = 1.0f;    // s = alpha / R (alpha / sqrt(R) with rslora)
-  bool rslora = false;   // rank-stabilised scaling
-  float dropout = 0.0f;  // probability of dropping an adapter input element, in [0, 1)
+  float alpha = 1.0f;                // s = alpha / R (alpha / sqrt(R) with rslora)
+  bool rslora = false;               // rank-stabilised scaling
+  float dropout = 0.0f;              // probability of dropping an adapter input element, in [0, 1)
+  std::uint64_t dropout_stream = 0;  // this adapter's own masks (see "dropout" above)
 };
 
 // N adapters on one layer, each row picking its own (cpu::LoraBank, gpu::LoraBank).
@@ -51,6 +58,7 @@ struct LoraBankConfig {
   float alpha = 1.0f;        // shared by all adapters
   bool rslora = false;
   float dropout = 0.0f;
+  std::uint64_t dropout_stream = 0;  // adapter i draws from (stream, i)
 };
 
 struct LoraInitConfig {
@@ -94,7 +102,7 @@ inline void check_lora_config(const LoraConfig& c) {
                    " must be in [0, 1)");
 }
 inline void check_lora_config(const LoraBankConfig& c) {
-  check_lora_config(LoraConfig{c.d_in, c.d_out, c.alpha, c.rslora, c.dropout});
+  check_lora_config(LoraConfig{c.d_in, c.d_out, c.alpha, c.rslora, c.dropout, c.dropout_stream});
   MOEKIT_CHECK_ARG(c.num_adapters >= 1 && c.num_adapters <= INT32_MAX,
                    "config.num_adapters = ", c.num_adapters, " must be in [1, 2^31 - 1]");
 }
@@ -126,14 +134,16 @@ float lora_init_spread(const LoraInitConfig& c, index_t d_in) {
                                        : 1.0f / std::sqrt(static_cast<float>(d_in));
 }
 
-// The dropout key of one training step.
-MOEKIT_HOST_DEVICE constexpr std::uint64_t lora_dropout_key(std::uint64_t seed,
-                                                            std::uint64_t step) {
-  return random_bits(seed, step);
+// The dropout key of adapter `adapter` of stream `stream` at one training
+// step (seed, step): the step's key, then the stream's, then the adapter's.
+MOEKIT_HOST_DEVICE constexpr std::uint64_t lora_dropout_key(std::uint64_t seed, std::uint64_t step,
+                                                            std::uint64_t stream,
+                                                            std::uint64_t adapter) {
+  return random_bits(random_bits(random_bits(seed, step), stream), adapter);
 }
 
-// Whether input element `counter` (= t d_in + j) survives dropout with
-// probability p of being dropped.
+// Whether input element `counter` (= (first_row + t) d_in + j) survives
+// dropout with probability p of being dropped.
 MOEKIT_HOST_DEVICE constexpr bool lora_dropout_keep(std::uint64_t key, float p,
                                                     std::uint64_t counter) {
   return random_uniform(key, counter) >= p;
@@ -142,24 +152,33 @@ MOEKIT_HOST_DEVICE constexpr bool lora_dropout_keep(std::uint64_t key, float p,
 // The dropout of one call on the adapter input (the rule at the top):
 // inactive in inference or with p = 0; element (t, j) of x has counter
 // (first_row + t) d_in + j, and a kept element is scaled by 1 / (1 - p).
+// make() gives the call's dropout for a stream; for_adapter(i) that of
+// adapter i, whose key apply() uses.
 struct LoraDropout {
   bool active = false;
-  std::uint64_t key = 0;
+  std::uint64_t key = 0;  // the stream's key before for_adapter, the adapter's after
   float p = 0.0f;
   float keep_scale = 1.0f;
   index_t width = 0;  // d_in
   index_t row0 = 0;   // LoraStep::first_row
 
-  static LoraDropout make(float p, const LoraStep& step, index_t d_in) {
+  static LoraDropout make(float p, const LoraStep& step, index_t d_in, std::uint64_t stream) {
     LoraDropout m;
     m.active = step.training && p > 0.0f;
     if (m.active) {
-      m.key = lora_dropout_key(step.seed, step.step);
+      m.key = random_bits(random_bits(step.seed, step.step), stream);
       m.p = p;
       m.keep_scale = 1.0f / (1.0f - p);
       m.width = d_in;
       m.row0 = step.first_row;
     }
+    return m;
+  }
+  // The dropout of adapter i (i = 0 for a LoraLinear): key =
+  // lora_dropout_key(seed, step, stream, i).
+  MOEKIT_HOST_DEVICE constexpr LoraDropout for_adapter(index_t adapter) const {
+    LoraDropout m = *this;
+    if (m.active) m.key = random_bits(key, static_cast<std::uint64_t>(adapter));
     return m;
   }
   // v masked as element (t, j); v itself when inactive.

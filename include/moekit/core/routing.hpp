@@ -1,5 +1,5 @@
 #pragma once
-// Routing math shared by every backend (DESIGN.md §4), one token at a time.
+// Routing math shared by every backend (docs/math.md, "Routing"), one token at a time.
 //
 // Rules (x = a token's E logits, b = optional per-expert selection bias):
 //   kSoftmaxTopK  p = softmax(x); select the K largest p (+ b); w = p at those
@@ -97,6 +97,14 @@ struct Routing {
   MatrixView<std::int32_t> positions;   // T x K, row in the expert's buffer, -1 = dropped
 };
 
+// The five views of a routing named `name` (a string literal), as a list
+// of OverlapCheck arguments: MOEKIT_ROUTING_ARGS(out, "out").
+#define MOEKIT_ROUTING_ARGS(r, name)                                          \
+  {(r).logits, name ".logits"}, {(r).scores, name ".scores"},                 \
+      {(r).expert_ids, name ".expert_ids"}, {(r).weights, name ".weights"}, { \
+    (r).positions, name ".positions"                                          \
+  }
+
 // The Switch loss's value, E sum_e f_e P_e, from a batch's statistics: the
 // assignments per expert before capacity (f_e = assigned[e] / N) and the mean
 // routing distribution P. Both backends' statistics feed this one loop.
@@ -108,7 +116,7 @@ double switch_loss_value(index_t tokens, const Counts& assigned,
   const double denom = norm == SwitchNormalization::kTokens ? n_tokens : n_tokens * K;
   double sum = 0.0;
   for (int e = 0; e < E; ++e) {
-    sum += static_cast<double>(assigned[e]) / denom * mean_distribution[e];
+    sum += static_cast<double>(assigned[to_size(e)]) / denom * mean_distribution[to_size(e)];
   }
   return E * sum;
 }
@@ -251,7 +259,7 @@ MOEKIT_HOST_DEVICE void insert_sorted(const float* v, int id, float* vals, int* 
   // before[j * L + l]: v[l] precedes entry j of list l (true on a suffix of
   // each list). int, not bool, and every load unconditional: both keep the
   // lane loops vectorisable.
-  int before[K * L];
+  int before[to_size(K * L)];
   for (int j = 0; j < K; ++j) {
     for (int l = 0; l < L; ++l) {
       before[j * L + l] = precedes(v[l], id, vals[j * L + l], ids[j * L + l]);
@@ -370,15 +378,15 @@ MOEKIT_HOST_DEVICE inline float group_score(const float* keys, int group_size, i
 // Selects K experts from `keys` (sanitized), honouring group limits.
 template <int E, int K>
 MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cfg, int* ids) {
-  float vals[K];
+  float vals[to_size(K)];
   clear_top<K>(vals, ids);
   if (cfg.num_groups <= 1) {
     for (int e = 0; e < E; ++e) insert_sorted<K>(&keys[e], e, vals, ids);
     return;
   }
   const int group_size = E / cfg.num_groups;
-  float group_vals[E];
-  int group_ids[E];
+  float group_vals[to_size(E)];
+  int group_ids[to_size(E)];
   int kept = 0;
   for (int g = 0; g < cfg.num_groups; ++g) {
     const float score = group_score(keys + g * group_size, group_size, cfg.group_score_top);
@@ -444,7 +452,7 @@ MOEKIT_HOST_DEVICE void weigh_selected(const float* sel_x, const float* sel_s,
 template <int E, int K>
 MOEKIT_HOST_DEVICE void weigh(const float* x, const float* scores, const int* ids,
                               const GatingConfig& cfg, float* weights) {
-  float sel_x[K], sel_s[K];
+  float sel_x[to_size(K)], sel_s[to_size(K)];
   for (int k = 0; k < K; ++k) {
     sel_x[k] = x[ids[k]];
     sel_s[k] = scores[ids[k]];
@@ -458,7 +466,7 @@ template <int E, int K>
 MOEKIT_HOST_DEVICE void select_and_weigh(const float* x, const float* scores, const float* bias,
                                          const GatingConfig& cfg, int* ids, float* weights) {
   const bool logit_key = selects_on_logits(cfg, bias != nullptr);
-  float keys[E];
+  float keys[to_size(E)];
   for (int e = 0; e < E; ++e) keys[e] = selection_key(logit_key, x[e], scores[e], bias, e);
   select_experts<E, K>(keys, cfg, ids);
   weigh<E, K>(x, scores, ids, cfg, weights);
@@ -488,7 +496,7 @@ MOEKIT_HOST_DEVICE bool gate_selected_backward(const float* sel_x, const float* 
   if (cfg.rule == GatingRule::kTopKSoftmax) {
     for (int k = 0; k < K; ++k) out[k] = 0.0f;
     if (!is_finite(row_max<K>(sel_x))) return false;  // the rule's weights are constant there
-    float w[K];
+    float w[to_size(K)];
     softmax<K>(sel_x, w);
     float dot = 0.0f;
     for (int k = 0; k < K; ++k) dot += dw[k] * w[k];
@@ -520,7 +528,7 @@ template <int E, int K>
 MOEKIT_HOST_DEVICE void gate_token_backward(const float* x, const float* scores, const int* ids,
                                             const float* dw, const GatingConfig& cfg, float* dx) {
   for (int e = 0; e < E; ++e) dx[e] = 0.0f;
-  float sel_x[K], sel_s[K], out[K];
+  float sel_x[to_size(K)], sel_s[to_size(K)], out[to_size(K)];
   for (int k = 0; k < K; ++k) {
     sel_x[k] = x[ids[k]];
     sel_s[k] = scores[ids[k]];
@@ -530,7 +538,7 @@ MOEKIT_HOST_DEVICE void gate_token_backward(const float* x, const float* scores,
     return;
   }
   if (!is_finite(row_max<E>(x))) return;  // the rule's p is constant there
-  float g[E];
+  float g[to_size(E)];
   for (int e = 0; e < E; ++e) g[e] = 0.0f;
   for (int k = 0; k < K; ++k) g[ids[k]] = out[k];
   softmax_backward<E>(scores, g, 1.0f, dx);
@@ -577,19 +585,31 @@ MOEKIT_HOST_DEVICE inline float z_loss_grad_scale(double lse, float sum, double 
   return static_cast<float>(coeff * 2.0 * lse / tokens) / sum;
 }
 
-// One token's router z-loss term: returns lse^2, lse = log sum_e exp x[e],
-// computed as max + log(sum exp(x - max)) in float, for a row of finite
-// logits, and 0 (no gradient) for a row with any non-finite logit. With dx
+// Whether a logit leaves a row's z-loss undefined: NaN or +inf. A -inf
+// logit is a masked expert (exp = 0) and keeps the row, unless every logit
+// of the row is -inf.
+MOEKIT_HOST_DEVICE inline bool z_loss_poisons(float x) {
+  return is_nan(x) || float_bits(x) == 0x7f800000u;
+}
+// Whether a row maximum is -inf (by bits, like the rest of the rule).
+MOEKIT_HOST_DEVICE inline bool is_minus_inf(float v) { return float_bits(v) == 0xff800000u; }
+
+// One token's router z-loss term, the one implementation of the formula
+// (the CPU's z-loss and statistic call it; the CUDA warp path is its
+// warp-parallel copy): returns lse^2, lse = log sum_e exp x[e], computed as
+// max + log(sum exp(x - max)) in float, and 0 (no gradient) for a row whose
+// lse is undefined: a NaN or +inf logit, or no logit above -inf. With dx
 // not null, ADDS coeff * dL/dx for L = (1 / tokens) sum_t lse_t^2, i.e.
 // c * exp(x[e] - max) with c = float(2 coeff lse / tokens) / sum: one
-// addition per element.
+// addition per element (+0 at a -inf logit).
 template <int E>
 MOEKIT_HOST_DEVICE double z_loss_token(const float* x, double coeff, double tokens, float* dx) {
+  float m = -kInf;
   for (int e = 0; e < E; ++e) {
-    if (!is_finite(x[e])) return 0.0;
+    if (z_loss_poisons(x[e])) return 0.0;
+    m = x[e] > m ? x[e] : m;
   }
-  float m = x[0];
-  for (int e = 1; e < E; ++e) m = x[e] > m ? x[e] : m;
+  if (is_minus_inf(m)) return 0.0;
   float sum = 0.0f;
   for (int e = 0; e < E; ++e) sum += z_loss_exp(x[e] - m);
   const double lse = log_sum_exp(m, sum);

@@ -12,4 +12,8 @@ MOEKIT_NAMESPACE_BEGIN
 // views and Eigen maps exchange sizes without casts.
 using index_t = std::ptrdiff_t;
 
+// A valid (non-negative) index or id as the subscript of a standard container
+// (std::array, std::vector, std::span), whose subscripts are unsigned.
+MOEKIT_HOST_DEVICE constexpr std::size_t to_size(index_t i) { return static_cast<std::size_t>(i); }
+
 MOEKIT_NAMESPACE_END

@@ -1,6 +1,6 @@
 #pragma once
 // Load-balancing losses and the aux-loss-free expert bias on the CPU backend
-// (DESIGN.md §4), computed from the Routing that Router<S>::forward/route wrote.
+// (docs/math.md, "Balance losses"), computed from the Routing that Router<S>::forward/route wrote.
 //
 // Notation: T tokens, E experts, K per token; x = routing.logits (T x E, noise
 // included), ids = routing.expert_ids, w = routing.weights (0 where dropped),
@@ -49,9 +49,11 @@
 // dlogits asks for the value only. All arguments are validated before
 // anything is written (expert ids: Errc::kOutOfRange); T = 0 gives L = 0.
 //
-// Non-finite logits in z_loss: a row with any non-finite logit contributes 0
-// to the sum and gets no gradient, but still counts in T (the mean is over all
-// T rows). The other losses read scores/weights, which gating keeps finite.
+// Non-finite logits in z_loss: a -inf logit is a masked expert (exp = 0, no
+// gradient) and its row counts as usual. A row whose lse is undefined (a NaN
+// or +inf logit, or every logit -inf) contributes 0 to the sum and gets no
+// gradient, but still counts in T (the mean is over all T rows). The other
+// losses read scores/weights, which gating keeps finite.
 //
 // Sums are deterministic: per-expert and loss sums run in double over tokens
 // in order; only the per-row gradient loops run in parallel (disjoint rows).
@@ -95,10 +97,16 @@ inline constexpr double kCvSquaredEpsilon = routing::kCvSquaredEpsilon;
 
 namespace detail {
 
-// An empty dlogits means "no gradient"; otherwise it must be T x E.
+// An empty dlogits means "no gradient"; otherwise it must be T x E and
+// share no memory with the routing it reads (`where`: the loss's name).
 template <MoeSpecType S>
-void check_aux_dlogits(MatrixView<float> dlogits, index_t tokens) {
-  if (!dlogits.empty()) check_shape(dlogits, tokens, S::num_experts, "dlogits");
+void check_aux_dlogits(MatrixView<float> dlogits, const Routing& routing, const char* where) {
+  if (dlogits.empty()) return;
+  check_shape(dlogits, routing.logits.rows(), S::num_experts, "dlogits");
+  OverlapCheck(where)
+      .out({{dlogits, "dlogits"}})
+      .in({MOEKIT_ROUTING_ARGS(routing, "routing")})
+      .check();
 }
 
 inline void check_aux_coeff(float coeff) {
@@ -107,12 +115,12 @@ inline void check_aux_coeff(float coeff) {
 
 // f_e = count_e / N for a batch of `tokens` tokens (header formulas).
 template <int E, int K>
-std::array<double, E> switch_fractions(const std::array<index_t, E>& count, index_t tokens,
-                                       SwitchNormalization norm) {
+std::array<double, to_size(E)> switch_fractions(const std::array<index_t, to_size(E)>& count,
+                                                index_t tokens, SwitchNormalization norm) {
   const double n_tokens = static_cast<double>(tokens);
   const double denom = norm == SwitchNormalization::kTokens ? n_tokens : n_tokens * K;
-  std::array<double, E> f{};
-  for (int e = 0; e < E; ++e) f[e] = static_cast<double>(count[e]) / denom;
+  std::array<double, to_size(E)> f{};
+  for (std::size_t e = 0; e < to_size(E); ++e) f[e] = static_cast<double>(count[e]) / denom;
   return f;
 }
 
@@ -121,11 +129,12 @@ std::array<double, E> switch_fractions(const std::array<index_t, E>& count, inde
 // depends on its own scores and on f and T only.
 template <int E>
 void switch_gradient_rows(GatingRule rule, MatrixView<const float> logits,
-                          MatrixView<const float> scores, const std::array<double, E>& f,
+                          MatrixView<const float> scores, const std::array<double, to_size(E)>& f,
                           index_t tokens, double grad_scale, MatrixView<float> dlogits) {
   const double n_tokens = static_cast<double>(tokens);
   float g[E];  // grad_scale * dL/dq_t, the same for every token
-  for (int e = 0; e < E; ++e) g[e] = static_cast<float>(grad_scale * E * f[e] / n_tokens);
+  for (std::size_t e = 0; e < to_size(E); ++e)
+    g[e] = static_cast<float>(grad_scale * E * f[e] / n_tokens);
   const index_t rows = scores.rows();
   MOEKIT_PARALLEL_FOR_IF(rows * E > kParallelGrain)
   for (index_t t = 0; t < rows; ++t) {
@@ -148,38 +157,22 @@ double switch_rows(GatingRule rule, MatrixView<const float> logits, MatrixView<c
   const index_t tokens = scores.rows();
   if (tokens == 0) return 0.0;
 
-  const std::array<double, kE> f =
+  const std::array<double, to_size(kE)> f =
       switch_fractions<kE, kK>(assignment_counts<S>(ids), tokens, norm);
-  const std::array<double, kE> q_sum = routing_distribution_sum<S>(rule, scores);
+  const std::array<double, to_size(kE)> q_sum = routing_distribution_sum<S>(rule, scores);
   const double n_tokens = static_cast<double>(tokens);
   double sum = 0.0;
-  for (int e = 0; e < kE; ++e) sum += f[e] * (q_sum[e] / n_tokens);
+  for (std::size_t e = 0; e < kE; ++e) sum += f[e] * (q_sum[e] / n_tokens);
   if (!dlogits.empty())
     switch_gradient_rows<kE>(rule, logits, scores, f, tokens, grad_scale, dlogits);
   return kE * sum;
 }
 
-// One row of the z-loss of a batch of `tokens` tokens: returns lse^2 (0 for
-// a row with a non-finite logit) and, unless drow is null, adds coeff *
-// dL/dx to it (nothing for a non-finite row).
-template <int E>
-double z_loss_row(const float* logits, float coeff, double n_tokens, float* drow) {
-  if (!all_finite(VectorView<const float>(logits, E))) return 0.0;  // still counted in T
-  // The router's statistic uses the same shifted_exp: the same bits.
-  float ex[E];
-  const ShiftedExp z = shifted_exp<E>(logits, ex);
-  if (drow != nullptr) {
-    const double lse = static_cast<double>(z.max + std::log(z.sum));
-    const float c = static_cast<float>(static_cast<double>(coeff) * 2.0 * lse / n_tokens) / z.sum;
-    for (int e = 0; e < E; ++e) drow[e] += c * ex[e];
-  }
-  return z.lse_square();
-}
-
 // CV^2(v) with the population variance; writes scale * dCV^2/dv to grad
 // (routing::cv_squared, the one implementation both backends run).
 template <int N>
-double cv_squared(const std::array<double, N>& v, double scale, std::array<double, N>& grad) {
+double cv_squared(const std::array<double, to_size(N)>& v, double scale,
+                  std::array<double, to_size(N)>& grad) {
   return routing::cv_squared<N>(v.data(), scale, grad.data());
 }
 
@@ -193,15 +186,15 @@ template <int E, int K>
 void smooth_load_token(const float* h, float sigma, std::uint64_t seed, index_t token, double* prob,
                        double* density, int* thr) {
   constexpr int kTop = K < E ? K + 1 : E;
-  float vals[kTop];
-  int order[kTop];
+  float vals[to_size(kTop)];
+  int order[to_size(kTop)];
   int n = 0;
   bool finite = true;
   for (int e = 0; e < E; ++e) {
     finite = finite && routing::is_finite(h[e]);
     routing::insert_top<kTop>(routing::sanitize(h[e]), e, vals, order, n, kTop);
   }
-  bool selected[E] = {};
+  bool selected[to_size(E)] = {};
   for (int k = 0; k < K; ++k) selected[order[k]] = true;
   for (int e = 0; e < E; ++e) {
     density[e] = 0.0;
@@ -235,7 +228,7 @@ double switch_loss(GatingRule rule, const Routing& routing, SwitchLossOptions op
                    MatrixView<float> dlogits = {}) {
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, routing.logits.rows());
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::switch_loss");
   detail::check_aux_coeff(coeff);
   MOEKIT_CHECK_ARG(options.normalization == SwitchNormalization::kTokensTimesK ||
                        options.normalization == SwitchNormalization::kTokens,
@@ -268,7 +261,7 @@ double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequen
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::sequence_aux_loss");
   detail::check_aux_coeff(coeff);
   MOEKIT_CHECK_ARG(sequence_length >= 1, "sequence_length = ", sequence_length,
                    " must be positive");
@@ -295,17 +288,18 @@ template <MoeSpecType S>
 double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {}) {
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::z_loss");
   detail::check_aux_coeff(coeff);
   if (tokens == 0) return 0.0;
 
   const double n_tokens = static_cast<double>(tokens);
   const MatrixView<const float> logits = routing.logits;
   constexpr int E = S::num_experts;
-  // Chunked like the router's statistic: the same bits.
+  // Chunked like the router's statistic, with the same per-token function
+  // (routing::z_loss_token, shared with CUDA): the same bits.
   const double sum = chunked_sum<E>(tokens, [&](index_t t) {
-    return detail::z_loss_row<E>(logits.row(t), coeff, n_tokens,
-                                 dlogits.empty() ? nullptr : dlogits.row(t));
+    return routing::z_loss_token<E>(logits.row(t), static_cast<double>(coeff), n_tokens,
+                                    dlogits.empty() ? nullptr : dlogits.row(t));
   });
   return sum / n_tokens;
 }
@@ -320,8 +314,9 @@ double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {
 template <MoeSpecType S>
 void switch_loss_gradient(GatingRule rule, MatrixView<const float> logits,
                           MatrixView<const float> scores,
-                          const std::array<index_t, S::num_experts>& assigned, index_t tokens,
-                          SwitchLossOptions options, float coeff, MatrixView<float> dlogits) {
+                          const std::array<index_t, to_size(S::num_experts)>& assigned,
+                          index_t tokens, SwitchLossOptions options, float coeff,
+                          MatrixView<float> dlogits) {
   constexpr int kE = S::num_experts;
   check_shape(scores, logits.rows(), kE, "scores");
   check_shape(dlogits, logits.rows(), kE, "dlogits");
@@ -333,7 +328,7 @@ void switch_loss_gradient(GatingRule rule, MatrixView<const float> logits,
   MOEKIT_CHECK_ARG(tokens >= logits.rows(), "tokens = ", tokens, " is fewer than the ",
                    logits.rows(), " rows given");
   if (tokens == 0) return;
-  const std::array<double, kE> f =
+  const std::array<double, to_size(kE)> f =
       detail::switch_fractions<kE, S::top_k>(assigned, tokens, options.normalization);
   detail::switch_gradient_rows<kE>(rule, logits, scores, f, tokens, coeff, dlogits);
 }
@@ -349,7 +344,7 @@ void z_loss_gradient(MatrixView<const float> logits, index_t tokens, float coeff
   const double n_tokens = static_cast<double>(tokens);
   MOEKIT_PARALLEL_FOR_IF(logits.rows() * kE > kParallelGrain)
   for (index_t t = 0; t < logits.rows(); ++t) {
-    detail::z_loss_row<kE>(logits.row(t), coeff, n_tokens, dlogits.row(t));
+    routing::z_loss_token<kE>(logits.row(t), static_cast<double>(coeff), n_tokens, dlogits.row(t));
   }
 }
 
@@ -368,7 +363,7 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  detail::check_aux_dlogits<S>(dlogits, tokens);
+  detail::check_aux_dlogits<S>(dlogits, routing, "cpu::importance_load_loss");
   detail::check_aux_coeff(coeff);
   if (!selection_bias.empty()) check_shape(selection_bias, kE, "selection_bias");
   MOEKIT_CHECK_ARG(std::isfinite(options.importance_weight) && options.importance_weight >= 0.0f,
@@ -388,25 +383,25 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
                       selection_bias.empty() && routing::selects_on_logits(gating, false) &&
                       gating.num_groups <= 1;
 
-  std::array<double, kE> importance{};
-  std::array<double, kE> load{};
+  std::array<double, to_size(kE)> importance{};
+  std::array<double, to_size(kE)> load{};
   for (index_t t = 0; t < tokens; ++t) {
     for (int k = 0; k < kK; ++k) {
       const int e = routing.expert_ids(t, k);
-      if (routing.positions(t, k) >= 0) importance[e] += routing.weights(t, k);
-      if (!smooth) load[e] += 1.0;
+      if (routing.positions(t, k) >= 0) importance[to_size(e)] += routing.weights(t, k);
+      if (!smooth) load[to_size(e)] += 1.0;
     }
   }
   if (smooth) {
     for (index_t t = 0; t < tokens; ++t) {
-      double prob[kE], density[kE];
-      int thr[kE];
+      double prob[to_size(kE)], density[to_size(kE)];
+      int thr[to_size(kE)];
       detail::smooth_load_token<kE, kK>(routing.logits.row(t), sigma, seed, t, prob, density, thr);
-      for (int e = 0; e < kE; ++e) load[e] += prob[e];
+      for (int e = 0; e < kE; ++e) load[to_size(e)] += prob[e];
     }
   }
   // grad_* = coeff * dL/d(importance), coeff * dL/d(load).
-  std::array<double, kE> grad_importance{}, grad_load{};
+  std::array<double, to_size(kE)> grad_importance{}, grad_load{};
   const double loss =
       options.importance_weight *
           detail::cv_squared<kE>(importance, static_cast<double>(coeff) * options.importance_weight,
@@ -418,24 +413,24 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
   MOEKIT_PARALLEL_FOR_IF(tokens * kE > kParallelGrain)
   for (index_t t = 0; t < tokens; ++t) {
     // Importance: dL/dw(t, k) for kept slots, then through gating.
-    float dw[kK];
+    float dw[to_size(kK)];
     for (int k = 0; k < kK; ++k) {
       dw[k] = routing.positions(t, k) >= 0
-                  ? static_cast<float>(grad_importance[routing.expert_ids(t, k)])
+                  ? static_cast<float>(grad_importance[to_size(routing.expert_ids(t, k))])
                   : 0.0f;
     }
-    float dx[kE];
+    float dx[to_size(kE)];
     routing::gate_token_backward<kE, kK>(routing.logits.row(t), routing.scores.row(t),
                                          routing.expert_ids.row(t), dw, gating, dx);
-    double total[kE];
+    double total[to_size(kE)];
     for (int e = 0; e < kE; ++e) total[e] = dx[e];
     if (smooth) {
-      double prob[kE], density[kE];
-      int thr[kE];
+      double prob[to_size(kE)], density[to_size(kE)];
+      int thr[to_size(kE)];
       detail::smooth_load_token<kE, kK>(routing.logits.row(t), sigma, seed, t, prob, density, thr);
       for (int e = 0; e < kE; ++e) {
         if (thr[e] < 0) continue;
-        const double d = grad_load[e] * density[e];
+        const double d = grad_load[to_size(e)] * density[e];
         total[e] += d;
         total[thr[e]] -= d;
       }
@@ -469,15 +464,15 @@ class ExpertBias {
   // The Router's selection_bias; valid while this object lives.
   VectorView<const float> bias() const { return {bias_.data(), kExperts}; }
   // Assignments accumulated since the last update().
-  const std::array<index_t, kExperts>& counts() const { return counts_; }
+  const std::array<index_t, to_size(kExperts)>& counts() const { return counts_; }
 
   // Adds stats.assigned (assignments before capacity).
   void accumulate(const RoutingStats<S>& stats) {
-    for (int e = 0; e < kExperts; ++e) {
+    for (std::size_t e = 0; e < kExperts; ++e) {
       MOEKIT_CHECK_ARG(stats.assigned[e] >= 0, "stats.assigned[", e, "] = ", stats.assigned[e],
                        " is negative");
     }
-    for (int e = 0; e < kExperts; ++e) counts_[e] += stats.assigned[e];
+    for (std::size_t e = 0; e < kExperts; ++e) counts_[e] += stats.assigned[e];
   }
 
   // Adds the assignments in expert_ids (any rows x K).
@@ -485,7 +480,7 @@ class ExpertBias {
     check_shape(expert_ids, expert_ids.rows(), kTopK, "expert_ids");
     check_expert_ids<S>(expert_ids, "expert_ids");
     for (index_t t = 0; t < expert_ids.rows(); ++t) {
-      for (int k = 0; k < kTopK; ++k) ++counts_[expert_ids(t, k)];
+      for (int k = 0; k < kTopK; ++k) ++counts_[to_size(expert_ids(t, k))];
     }
   }
 
@@ -495,9 +490,9 @@ class ExpertBias {
     for (index_t c : counts_) total += c;
     for (int e = 0; e < kExperts; ++e) {
       // sign(total / E - count_e) in exact integer arithmetic.
-      const index_t diff = total - static_cast<index_t>(kExperts) * counts_[e];
+      const index_t diff = total - static_cast<index_t>(kExperts) * counts_[to_size(e)];
       const float sign = diff > 0 ? 1.0f : (diff < 0 ? -1.0f : 0.0f);
-      bias_[e] += gamma_ * sign;
+      bias_[to_size(e)] += gamma_ * sign;
     }
     counts_.fill(0);
   }
@@ -509,13 +504,13 @@ class ExpertBias {
       MOEKIT_CHECK(std::isfinite(bias[e]), Errc::kNonFinite, "bias[", e, "] = ", bias[e],
                    " is not finite");
     }
-    for (int e = 0; e < kExperts; ++e) bias_[e] = bias[e];
+    for (int e = 0; e < kExperts; ++e) bias_[to_size(e)] = bias[e];
   }
 
  private:
   float gamma_;
-  std::array<float, kExperts> bias_{};
-  std::array<index_t, kExperts> counts_{};
+  std::array<float, to_size(kExperts)> bias_{};
+  std::array<index_t, to_size(kExperts)> counts_{};
 };
 
 }  // namespace cpu

@@ -13,7 +13,7 @@
 //
 // Expert e owns buffer rows [offsets[e], offsets[e + 1]); pos numbers each
 // expert's kept slots 0, 1, 2, ... in token order, so within an expert the
-// rows follow increasing token index (the stable permutation of DESIGN §4),
+// rows follow increasing token index (the stable permutation of docs/math.md),
 // and every buffer row belongs to exactly one kept slot.
 //
 //   dispatch           buffer[row(t, k)]      = x[t]                          kept (t, k)
@@ -44,9 +44,9 @@
 // kNullPointer (null data), kOutOfRange (an id or position out of range, a
 // position at or beyond its expert's count), kInvalidArgument (offsets not a
 // scan of the routing's counts, positions not numbered in token order).
-// Values (NaN/Inf in x or weights) are not checked. Outputs must not overlap
-// the inputs (not checked). Strided views (ld > cols) work; padding columns
-// are never touched.
+// Values (NaN/Inf in x or weights) are not checked. An output that overlaps
+// an input is refused (kInvalidArgument, naming both). Strided views (ld >
+// cols) work; padding columns are never touched.
 //
 //   std::array<index_t, E + 1> offsets;
 //   const index_t n = dispatch_offsets<S>(routing, {offsets.data(), E + 1});
@@ -93,21 +93,21 @@ std::array<index_t, S::num_experts> check_dispatch_routing(
   check_shape(routing.expert_ids, tokens, kK, "routing.expert_ids");
   check_shape(routing.positions, tokens, kK, "routing.positions");
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
-  std::array<index_t, kE> count{};
+  std::array<index_t, to_size(kE)> count{};
   if (offsets != nullptr) {
     const VectorView<const index_t> off = *offsets;
     MOEKIT_CHECK(off[0] == 0, Errc::kInvalidArgument, "offsets[0] = ", off[0], ", expected 0");
     for (int e = 0; e < kE; ++e) {
       MOEKIT_CHECK(off[e + 1] >= off[e], Errc::kInvalidArgument, "offsets decreases: offsets[", e,
                    "] = ", off[e], " > offsets[", e + 1, "] = ", off[e + 1]);
-      count[e] = off[e + 1] - off[e];
+      count[to_size(e)] = off[e + 1] - off[e];
     }
   }
-  std::array<index_t, kE> fill{};
+  std::array<index_t, to_size(kE)> fill{};
   for (index_t t = 0; t < tokens; ++t) {
     for (int k = 0; k < kK; ++k) {
       const std::int32_t p = routing.positions(t, k);
-      const int e = routing.expert_ids(t, k);
+      const std::size_t e = to_size(routing.expert_ids(t, k));
       MOEKIT_CHECK(p >= -1 && p < tokens, Errc::kOutOfRange, "routing.positions(", t, ", ", k,
                    ") = ", p, " is outside [-1, T = ", tokens, ")");
       if (p < 0) continue;
@@ -121,7 +121,7 @@ std::array<index_t, S::num_experts> check_dispatch_routing(
     }
   }
   if (offsets != nullptr) {
-    for (int e = 0; e < kE; ++e) {
+    for (std::size_t e = 0; e < kE; ++e) {
       MOEKIT_CHECK(fill[e] == count[e], Errc::kInvalidArgument, "offsets give expert ", e, " ",
                    count[e], " rows, but the routing keeps ", fill[e], " of its assignments");
     }
@@ -151,8 +151,8 @@ void combine_rows(MatrixView<const float> src, const Routing& routing,
   const index_t d = dst.cols();
   MOEKIT_PARALLEL_FOR_IF(tokens * kK * d > kLightParallelGrain)
   for (index_t t = 0; t < tokens; ++t) {
-    index_t rows[kK];
-    float scale[kK];
+    index_t rows[to_size(kK)];
+    float scale[to_size(kK)];
     int kept = 0;
     for (int k = 0; k < kK; ++k) {
       const index_t r = dispatch_row(routing, offsets, t, k);
@@ -193,10 +193,14 @@ index_t dispatch_offsets(const Routing& routing, VectorView<index_t> offsets) {
   constexpr int kE = S::num_experts;
   check_view(routing.expert_ids, "routing.expert_ids");
   check_shape(offsets, index_t{kE} + 1, "offsets");
-  const std::array<index_t, kE> count =
+  const std::array<index_t, to_size(kE)> count =
       detail::check_dispatch_routing<S>(routing, routing.expert_ids.rows(), nullptr);
+  OverlapCheck("cpu::dispatch_offsets")
+      .out({{offsets, "offsets"}})
+      .in({{routing.expert_ids, "routing.expert_ids"}, {routing.positions, "routing.positions"}})
+      .check();
   offsets[0] = 0;
-  for (int e = 0; e < kE; ++e) offsets[e + 1] = offsets[e] + count[e];
+  for (int e = 0; e < kE; ++e) offsets[e + 1] = offsets[e] + count[to_size(e)];
   return offsets[kE];
 }
 
@@ -209,6 +213,13 @@ void dispatch(MatrixView<const float> x, const Routing& routing, VectorView<cons
   const index_t tokens = x.rows();
   const index_t rows = detail::check_dispatch_args<S>(routing, tokens, offsets);
   check_shape(buffer, rows, x.cols(), "buffer");
+  OverlapCheck("cpu::dispatch")
+      .out({{buffer, "buffer"}})
+      .in({{x, "x"},
+           {routing.expert_ids, "routing.expert_ids"},
+           {routing.positions, "routing.positions"},
+           {offsets, "offsets"}})
+      .check();
   MOEKIT_PARALLEL_FOR_IF(tokens * kK * x.cols() > kLightParallelGrain)
   for (index_t t = 0; t < tokens; ++t) {
     for (int k = 0; k < kK; ++k) {
@@ -229,6 +240,14 @@ void combine(MatrixView<const float> expert_out, const Routing& routing,
   check_shape(routing.weights, tokens, S::top_k, "routing.weights");
   check_shape(expert_out, rows, expert_out.cols(), "expert_out");
   check_shape(y, tokens, expert_out.cols(), "y");
+  OverlapCheck("cpu::combine")
+      .out({{y, "y"}})
+      .in({{expert_out, "expert_out"},
+           {routing.expert_ids, "routing.expert_ids"},
+           {routing.positions, "routing.positions"},
+           {routing.weights, "routing.weights"},
+           {offsets, "offsets"}})
+      .check();
   detail::combine_rows<S>(expert_out, routing, offsets, y, accumulate, /*weighted=*/true);
 }
 
@@ -252,6 +271,15 @@ void combine_backward(MatrixView<const float> dy, MatrixView<const float> expert
   if (want_dw) check_shape(dweights, tokens, kK, "dweights");
   if (want_dw || !expert_out.empty()) check_shape(expert_out, rows, d, "expert_out");
   if (want_dout) check_shape(routing.weights, tokens, kK, "routing.weights");
+  OverlapCheck("cpu::combine_backward")
+      .out({{d_expert_out, "d_expert_out"}, {dweights, "dweights"}})
+      .in({{dy, "dy"},
+           {expert_out, "expert_out"},
+           {routing.expert_ids, "routing.expert_ids"},
+           {routing.positions, "routing.positions"},
+           {routing.weights, "routing.weights"},
+           {offsets, "offsets"}})
+      .check();
   MOEKIT_PARALLEL_FOR_IF(tokens * kK * d > kLightParallelGrain)
   for (index_t t = 0; t < tokens; ++t) {
     const auto g = as_eigen(dy.row_view(t));
@@ -275,6 +303,13 @@ void dispatch_backward(MatrixView<const float> d_buffer, const Routing& routing,
   const index_t rows = detail::check_dispatch_args<S>(routing, tokens, offsets);
   check_shape(d_buffer, rows, d_buffer.cols(), "d_buffer");
   check_shape(dx, tokens, d_buffer.cols(), "dx");
+  OverlapCheck("cpu::dispatch_backward")
+      .out({{dx, "dx"}})
+      .in({{d_buffer, "d_buffer"},
+           {routing.expert_ids, "routing.expert_ids"},
+           {routing.positions, "routing.positions"},
+           {offsets, "offsets"}})
+      .check();
   detail::combine_rows<S>(d_buffer, routing, offsets, dx, accumulate, /*weighted=*/false);
 }
 

@@ -1,5 +1,5 @@
 #pragma once
-// Knowledge distillation loss on the CPU backend (DESIGN.md §4): a student's
+// Knowledge distillation loss on the CPU backend (docs/math.md): a student's
 // logits trained against a teacher's softened distribution and the labels.
 //
 // For row i of the student logits s_i and teacher logits t_i (n x C each),
@@ -71,6 +71,10 @@ inline DistillationLoss distillation_loss(const DistillationConfig& config,
     }
   }
   if (!dstudent.empty()) check_shape(dstudent, n, c, "dstudent");
+  OverlapCheck("cpu::distillation_loss")
+      .out({{dstudent, "dstudent"}})
+      .in({{student, "student"}, {teacher, "teacher"}, {labels, "labels"}})
+      .check();
   DistillationLoss out;
   if (n == 0) return out;
 

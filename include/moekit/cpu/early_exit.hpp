@@ -1,5 +1,5 @@
 #pragma once
-// Early exit on the CPU backend (DESIGN.md §4): exit classifiers after chosen
+// Early exit on the CPU backend (docs/math.md, "Early exit"): exit classifiers after chosen
 // layers decide per sample whether it leaves the batch; leavers' predictions
 // are kept in the batch's original order and the rest are compacted for the
 // next layer. Also the weighted multi-exit training loss.
@@ -39,7 +39,7 @@
 //   L_i = (1 / n) sum_r CE(z_{i,r}, y_r),    L = sum_i w_i L_i / sum_i w_i,
 //   dL/dz_{i,r} = w_i / (n sum_i w_i) (softmax(z_{i,r}) - onehot(y_r)),
 // with exit_weights w (k entries >= 0, positive sum) or, if empty, w_i = i + 1
-// (deeper exits weigh more; the "1-based i" of DESIGN.md §4). Sums in double,
+// (deeper exits weigh more; w_i is the 1-based exit number). Sums in double,
 // in order.
 //
 // Validation (every call, before anything is written): config (constructor:
@@ -87,6 +87,9 @@ class EarlyExit {
     MOEKIT_CHECK_GE(n, 0);
     check_exit_results(results, n);
     check_exit_state(state, n);
+    OverlapCheck overlap("cpu::EarlyExit::begin");
+    add_exit_outputs(overlap, state, results);
+    overlap.check();
     for (index_t r = 0; r < n; ++r) {
       state.original[r] = r;
       state.previous[r] = -1;
@@ -101,7 +104,8 @@ class EarlyExit {
   // rows that stay. Returns m', the rows still live.
   index_t step(int exit, MatrixView<const float> logits, ExitState state, ExitResults results,
                VectorView<index_t> kept) const {
-    const index_t n = check_exit_step(exit, config_.num_exits, logits, state, results, kept);
+    const index_t n = check_exit_step("cpu::EarlyExit::step", exit, config_.num_exits, logits,
+                                      state, results, kept);
     const index_t m = logits.rows(), c = logits.cols();
     for (index_t r = 0; r < m; ++r) {
       const index_t k = state.original[r];
@@ -200,6 +204,7 @@ void gather_rows(MatrixView<const T> src, VectorView<const index_t> kept, Matrix
   check_view(src, "src");
   detail::check_kept(kept, src.rows());
   check_shape(dst, kept.size(), src.cols(), "dst");
+  OverlapCheck("cpu::gather_rows").out({{dst, "dst"}}).in({{src, "src"}, {kept, "kept"}}).check();
   MOEKIT_PARALLEL_FOR_IF(kept.size() * src.cols() > kLightParallelGrain)
   for (index_t j = 0; j < kept.size(); ++j) {
     as_eigen(dst.row_view(j)) = as_eigen(src.row_view(kept[j]));
@@ -217,16 +222,19 @@ inline double multi_exit_loss(std::span<const MatrixView<const float>> logits,
                               std::span<const MatrixView<float>> dlogits = {},
                               VectorView<double> exit_losses = {}) {
   const index_t k = static_cast<index_t>(logits.size());
+  // The exits' views by signed exit index, like every other index here.
+  const MatrixView<const float>* exit_logits = logits.data();
+  const MatrixView<float>* exit_dlogits = dlogits.data();
   MOEKIT_CHECK_ARG(k >= 1, "logits holds no exits");
   check_view(logits[0], "logits[0]");
   const index_t n = logits[0].rows(), c = logits[0].cols();
   MOEKIT_CHECK(n == 0 || c >= 1, Errc::kShapeMismatch, "logits[0] is ", n, " x ", c,
                ": at least one class is needed");
   for (index_t i = 1; i < k; ++i) {
-    MOEKIT_CHECK(logits[i].rows() == n && logits[i].cols() == c, Errc::kShapeMismatch, "logits[", i,
-                 "] is ", logits[i].rows(), " x ", logits[i].cols(), ", expected ", n, " x ", c,
-                 " like logits[0]");
-    check_view(logits[i], "logits[i]");
+    MOEKIT_CHECK(exit_logits[i].rows() == n && exit_logits[i].cols() == c, Errc::kShapeMismatch,
+                 "logits[", i, "] is ", exit_logits[i].rows(), " x ", exit_logits[i].cols(),
+                 ", expected ", n, " x ", c, " like logits[0]");
+    check_view(exit_logits[i], "logits[i]");
   }
   check_shape(labels, n, "labels");
   for (index_t r = 0; r < n; ++r) {
@@ -249,27 +257,29 @@ inline double multi_exit_loss(std::span<const MatrixView<const float>> logits,
     MOEKIT_CHECK(static_cast<index_t>(dlogits.size()) == k, Errc::kShapeMismatch, "dlogits holds ",
                  dlogits.size(), " views, expected one per exit: ", k);
     for (index_t i = 0; i < k; ++i) {
-      if (!dlogits[i].empty()) {
-        MOEKIT_CHECK(dlogits[i].rows() == n && dlogits[i].cols() == c, Errc::kShapeMismatch,
-                     "dlogits[", i, "] is ", dlogits[i].rows(), " x ", dlogits[i].cols(),
-                     ", expected ", n, " x ", c);
-        check_view(dlogits[i], "dlogits[i]");
+      if (!exit_dlogits[i].empty()) {
+        MOEKIT_CHECK(exit_dlogits[i].rows() == n && exit_dlogits[i].cols() == c,
+                     Errc::kShapeMismatch, "dlogits[", i, "] is ", exit_dlogits[i].rows(), " x ",
+                     exit_dlogits[i].cols(), ", expected ", n, " x ", c);
+        check_view(exit_dlogits[i], "dlogits[i]");
       }
     }
   }
   if (!exit_losses.empty()) check_shape(exit_losses, k, "exit_losses");
+  check_multi_exit_overlap("cpu::multi_exit_loss", logits, labels, exit_weights, dlogits,
+                           exit_losses);
 
   double total = 0.0;
   for (index_t i = 0; i < k; ++i) {
     const double w =
         exit_weights.empty() ? static_cast<double>(i + 1) : static_cast<double>(exit_weights[i]);
-    const bool grad = !dlogits.empty() && !dlogits[i].empty();
+    const bool grad = !dlogits.empty() && !exit_dlogits[i].empty();
     const float scale =
         n > 0 ? static_cast<float>(w / (weight_sum * static_cast<double>(n))) : 0.0f;
     double sum = 0.0;
     for (index_t r = 0; r < n; ++r) {
-      sum += cross_entropy_row(logits[i].row(r), c, labels[r], scale,
-                               grad ? dlogits[i].row(r) : nullptr);
+      sum += cross_entropy_row(exit_logits[i].row(r), c, labels[r], scale,
+                               grad ? exit_dlogits[i].row(r) : nullptr);
     }
     const double mean = n > 0 ? sum / static_cast<double>(n) : 0.0;
     if (!exit_losses.empty()) exit_losses[i] = mean;

@@ -40,7 +40,7 @@
 // set to 0 (overwrite) or left unchanged (accumulate). dx is always
 // overwritten (dispatch_backward accumulates into the token gradient).
 //
-// Threading (DESIGN.md §6: one thread pool at a time). Each expert is one
+// Threading (docs/index.md, "Threads": one pool at a time). Each expert is one
 // set of Eigen GEMMs on its rows. Either the experts run in parallel
 // (OpenMP, dynamic schedule) with each GEMM single-threaded - Eigen does not
 // parallelise a GEMM called from inside an active OpenMP parallel region -
@@ -62,8 +62,9 @@
 // offsets[E] vs N, workspace too small), kNullPointer (null data),
 // kInvalidArgument (configuration, offsets not a scan, a view given where
 // kPlain has none, misaligned workspace). Values (NaN/Inf) are not checked.
-// Outputs must not overlap inputs or each other (not checked). Strided views
-// (ld > cols) work; padding columns are never touched.
+// An output that overlaps an input or another output is refused
+// (kInvalidArgument, naming both). Strided views (ld > cols) work; padding
+// columns are never touched.
 //
 //   const ExpertFfn<S> ffn({.d_model = d, .d_ff = f, .kind = FfnKind::kGated,
 //                           .activation = Activation::kSilu});
@@ -220,6 +221,17 @@ class ExpertFfn {
     } else {
       check_absent(saved_gate, "saved_gate");
     }
+    OverlapCheck("cpu::ExpertFfn::forward")
+        .out({{y, "y"},
+              {saved_pre, "saved_pre"},
+              {saved_gate, "saved_gate"},
+              {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{buffer, "buffer"},
+             {offsets, "offsets"},
+             {weights.w1, "weights.w1"},
+             {weights.w3, "weights.w3"},
+             {weights.w2, "weights.w2"}})
+        .check();
 
     const MatrixView<float> ws0 = scratch(workspace, n, 0);
     const MatrixView<float> ws1 = scratch(workspace, n, 1);
@@ -274,6 +286,21 @@ class ExpertFfn {
       check_absent(grads.dw3, "grads.dw3");
     }
     if (want_dw2) check_shape(grads.dw2, e_rows_d, f, "grads.dw2");
+    OverlapCheck("cpu::ExpertFfn::backward")
+        .out({{dx, "dx"},
+              {grads.dw1, "grads.dw1"},
+              {grads.dw3, "grads.dw3"},
+              {grads.dw2, "grads.dw2"},
+              {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{dy, "dy"},
+             {buffer, "buffer"},
+             {offsets, "offsets"},
+             {weights.w1, "weights.w1"},
+             {weights.w3, "weights.w3"},
+             {weights.w2, "weights.w2"},
+             {saved_pre, "saved_pre"},
+             {saved_gate, "saved_gate"}})
+        .check();
     const bool want_dh = want_dx || want_dw1 || want_dw3;
     const bool acc = grads.accumulate;
 

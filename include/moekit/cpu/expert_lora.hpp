@@ -227,6 +227,9 @@ class ExpertLora {
     // lora_init_block validates init_config; call it on an empty block first
     // so that a bad config is rejected before any adapter is written.
     detail::lora_init_block<kRank>(MatrixView<float>(), MatrixView<float>(), init_config, 1, 0);
+    OverlapCheck overlap("cpu::ExpertLora::init");
+    add_adapters(overlap, ExpertAdapters<const float>(adapters), /*written=*/true);
+    overlap.check();
     one(present.w1, adapters.a1, adapters.b1, config_.d_model, 1);
     one(present.w3, adapters.a3, adapters.b3, config_.d_model, 3);
     one(present.w2, adapters.a2, adapters.b2, config_.d_ff, 2);
@@ -242,6 +245,18 @@ class ExpertLora {
     const index_t d = config_.d_model, f = config_.d_ff;
     check_shape(y, n, d, "y");
     check_saved(saved, on, n, /*backward=*/false);
+    OverlapCheck overlap("cpu::ExpertLora::forward");
+    overlap
+        .out({{y, "y"},
+              {saved.pre, "saved.pre"},
+              {saved.gate, "saved.gate"},
+              {saved.h1, "saved.h1"},
+              {saved.h3, "saved.h3"},
+              {saved.h2, "saved.h2"},
+              {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{buffer, "buffer"}, {offsets, "offsets"}});
+    add_weights(overlap, weights);
+    overlap.check();
 
     const Scratch ws = scratch(workspace, n);
     const MatrixView<float> pre = saved.pre.empty() ? ws.s0 : saved.pre;
@@ -301,6 +316,26 @@ class ExpertLora {
     const bool want_dx = !dx.empty();
     if (want_dx) check_shape(dx, n, d, "dx");
     check_grads(grads, on);
+    OverlapCheck overlap("cpu::ExpertLora::backward");
+    overlap
+        .out({{dx, "dx"},
+              {grads.da1, "grads.da1"},
+              {grads.db1, "grads.db1"},
+              {grads.da3, "grads.da3"},
+              {grads.db3, "grads.db3"},
+              {grads.da2, "grads.da2"},
+              {grads.db2, "grads.db2"},
+              {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{dy, "dy"},
+             {buffer, "buffer"},
+             {offsets, "offsets"},
+             {saved.pre, "saved.pre"},
+             {saved.gate, "saved.gate"},
+             {saved.h1, "saved.h1"},
+             {saved.h3, "saved.h3"},
+             {saved.h2, "saved.h2"}});
+    add_weights(overlap, weights);
+    overlap.check();
 
     const bool want_a1 = !grads.da1.empty(), want_b1 = !grads.db1.empty();
     const bool want_a3 = !grads.da3.empty(), want_b3 = !grads.db3.empty();
@@ -403,20 +438,20 @@ class ExpertLora {
   // every matrix that has an adapter.
   void merge(index_t expert, MatrixView<float> w1, MatrixView<float> w3, MatrixView<float> w2,
              const ExpertAdapters<const float>& adapters) const {
-    const Present on = check_merge(expert, w1, w3, w2, adapters);
+    const Present on = check_merge(expert, w1, w3, w2, adapters, "cpu::ExpertLora::merge");
     apply_delta(on, expert, w1, w3, w2, adapters, scale_);
   }
   // W -= s B A: undoes merge up to one rounding per element.
   void unmerge(index_t expert, MatrixView<float> w1, MatrixView<float> w3, MatrixView<float> w2,
                const ExpertAdapters<const float>& adapters) const {
-    const Present on = check_merge(expert, w1, w3, w2, adapters);
+    const Present on = check_merge(expert, w1, w3, w2, adapters, "cpu::ExpertLora::unmerge");
     apply_delta(on, expert, w1, w3, w2, adapters, -scale_);
   }
   // merge, but refuses (Errc::kNonFinite, every weight untouched) if any
   // merged value of any of the three blocks would be NaN or infinite.
   void safe_merge(index_t expert, MatrixView<float> w1, MatrixView<float> w3, MatrixView<float> w2,
                   const ExpertAdapters<const float>& adapters) const {
-    const Present on = check_merge(expert, w1, w3, w2, adapters);
+    const Present on = check_merge(expert, w1, w3, w2, adapters, "cpu::ExpertLora::safe_merge");
     const index_t d = config_.d_model, f = config_.d_ff;
     const auto e = static_cast<int>(expert);
     // Check all blocks before writing any; lora_safe_merge on an offending
@@ -595,11 +630,41 @@ class ExpertLora {
     check_shape(w2, index_t{kExperts} * d, f, n2);
   }
 
+  // `where`: the public function, for the overlap check (w1, w3, w2 are written).
   Present check_merge(index_t expert, MatrixView<float> w1, MatrixView<float> w3,
-                      MatrixView<float> w2, const ExpertAdapters<const float>& adapters) const {
+                      MatrixView<float> w2, const ExpertAdapters<const float>& adapters,
+                      const char* where) const {
     MOEKIT_CHECK_RANGE(expert, 0, kExperts);
     check_base(w1, w3, w2, "w1", "w3", "w2");
-    return check_adapters(adapters, kAdapterNames);
+    const Present on = check_adapters(adapters, kAdapterNames);
+    OverlapCheck overlap(where);
+    overlap.out({{w1, "w1"}, {w3, "w3"}, {w2, "w2"}});
+    add_adapters(overlap, adapters, /*written=*/false);
+    overlap.check();
+    return on;
+  }
+
+  // The adapters (the `adapters` argument) and weights of a call, for its OverlapCheck.
+  static void add_adapters(OverlapCheck& c, const ExpertAdapters<const float>& ad, bool written) {
+    const std::initializer_list<Footprint> views = {{ad.a1, "adapters.a1"}, {ad.b1, "adapters.b1"},
+                                                    {ad.a3, "adapters.a3"}, {ad.b3, "adapters.b3"},
+                                                    {ad.a2, "adapters.a2"}, {ad.b2, "adapters.b2"}};
+    if (written) {
+      c.out(views);
+    } else {
+      c.in(views);
+    }
+  }
+  static void add_weights(OverlapCheck& c, const ExpertLoraWeights& w) {
+    c.in({{w.base.w1, "weights.base.w1"},
+          {w.base.w3, "weights.base.w3"},
+          {w.base.w2, "weights.base.w2"},
+          {w.lora.a1, "weights.lora.a1"},
+          {w.lora.b1, "weights.lora.b1"},
+          {w.lora.a3, "weights.lora.a3"},
+          {w.lora.b3, "weights.lora.b3"},
+          {w.lora.a2, "weights.lora.a2"},
+          {w.lora.b2, "weights.lora.b2"}});
   }
 
   void apply_delta(const Present& on, index_t expert, MatrixView<float> w1, MatrixView<float> w3,

@@ -14,7 +14,7 @@
 //   h   n x R          saved adapter activations (caller memory)
 //   y   n x d_out
 //
-// The math (DESIGN.md §4), s = alpha / R, or alpha / sqrt(R) with rsLoRA
+// The math (docs/math.md, "LoRA"), s = alpha / R, or alpha / sqrt(R) with rsLoRA
 // (moekit/core/lora.hpp), drop = dropout on the adapter input (identity in
 // inference or with p = 0):
 //   forward   h = drop(x) a^T,   y = x w^T + bias + s h b^T
@@ -26,9 +26,13 @@
 // row gets the base output only).
 //
 // Dropout. In training (LoraStep::training) with config.dropout = p > 0, the
-// mask of element (t, j) of x is a pure function of (step.seed, step.step, t,
+// mask of element (t, j) of x is a pure function of (step.seed, step.step,
+// config.dropout_stream, the adapter's index in a bank (0 for LoraLinear), t,
 // j) (moekit/core/lora.hpp): it is never stored, backward regenerates it, and
-// passing the same LoraStep gives the same mask. Otherwise no mask work at all.
+// passing the same LoraStep gives the same mask. Two adapters draw independent
+// masks from one LoraStep when their streams (or bank indices) differ, so give
+// each adapter object of a model its own dropout_stream. Otherwise (inference,
+// p = 0) no mask work at all.
 //
 // Saved activations. forward writes h into `saved_h` (n x R, caller memory);
 // backward reads it (needed for db only). For inference pass an empty view:
@@ -83,9 +87,10 @@
 // workspace; for the bank, every id in [-1, N) (the message names the row and
 // value) and order/offsets consistent with ids. Errors: kShapeMismatch,
 // kNullPointer, kInvalidArgument, kOutOfRange (ids, order entries),
-// kNonFinite (safe_merge). Values (NaN/Inf) are not checked elsewhere. Outputs
-// must not overlap inputs (not checked). Strided views (ld > cols) work;
-// padding columns are never touched.
+// kNonFinite (safe_merge). Values (NaN/Inf) are not checked elsewhere. An
+// output that overlaps an input or another output is refused
+// (kInvalidArgument, naming both). Strided views (ld > cols) work; padding
+// columns are never touched.
 //
 //   const LoraLinear<LoraSpec<8>> lora({.d_in = d, .d_out = d, .alpha = 16});
 //   lora.init(a, b, {.seed = 7});
@@ -131,9 +136,10 @@ namespace detail {
 // The dropout of one call (moekit/core/lora.hpp, shared with CUDA), applied
 // a row at a time.
 struct LoraMask : LoraDropout {
-  static LoraMask make(float p, const LoraStep& step, index_t d_in) {
-    return {LoraDropout::make(p, step, d_in)};
+  static LoraMask make(float p, const LoraStep& step, index_t d_in, std::uint64_t stream) {
+    return {LoraDropout::make(p, step, d_in, stream)};
   }
+  LoraMask for_adapter(index_t adapter) const { return {LoraDropout::for_adapter(adapter)}; }
   // dst[j] (= or +=) src[j] * mask(t, j) for j < cols.
   template <bool kAdd>
   void apply(const float* src, float* dst, index_t t, index_t cols) const {
@@ -239,6 +245,11 @@ void check_rank_cols(MatrixView<T> v, int rank, const char* name) {
                " columns, expected the rank R = ", rank);
 }
 
+// The weights of a LoRA call for its OverlapCheck (all read).
+inline void add_lora_weights(OverlapCheck& c, const LoraWeights& w) {
+  c.in({{w.w, "weights.w"}, {w.bias, "weights.bias"}, {w.a, "weights.a"}, {w.b, "weights.b"}});
+}
+
 // One adapter's forward and backward on consecutive rows [first, first +
 // count) as Eigen GEMMs (LoraLinear).
 template <int R>
@@ -339,7 +350,12 @@ struct LoraBankSlotShape {
 template <int R>
 struct LoraSegmentKernel {
   float scale = 0.0f;
-  LoraMask mask;
+  LoraMask mask;  // the call's (stream's) mask before for_adapter, adapter i's after
+
+  // The kernel of adapter i: its own dropout mask.
+  LoraSegmentKernel for_adapter(index_t adapter) const {
+    return {scale, mask.for_adapter(adapter)};
+  }
 
   void pack(index_t adapter, MatrixView<const float> a, MatrixView<const float> b,
             LoraBankSlot& slot) const {
@@ -489,6 +505,7 @@ class LoraLinear {
   // a = initial A (R x d_in), b = 0 (d_out x R); see moekit/core/lora.hpp.
   void init(MatrixView<float> a, MatrixView<float> b, const LoraInitConfig& init_config) const {
     check_adapter(a, b, "a", "b");
+    OverlapCheck("cpu::LoraLinear::init").out({{a, "a"}, {b, "b"}}).check();
     detail::lora_init_block<kRank>(a, b, init_config, config_.d_in, 0);
   }
 
@@ -505,6 +522,14 @@ class LoraLinear {
     if (!saved_h.empty()) detail::check_rank_cols(saved_h, kRank, "saved_h");
     if (!saved_h.empty()) check_shape(saved_h, n, kRank, "saved_h");
     const detail::LoraSlot slot = checked_slot(workspace, n);
+    OverlapCheck overlap("cpu::LoraLinear::forward");
+    overlap
+        .out({{y, "y"},
+              {saved_h, "saved_h"},
+              {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{x, "x"}});
+    detail::add_lora_weights(overlap, weights);
+    overlap.check();
     if (n == 0) return;
 
     auto ym = as_eigen(y);
@@ -540,6 +565,15 @@ class LoraLinear {
       check_shape(saved_h, n, kRank, "saved_h");
     }
     const detail::LoraSlot slot = checked_slot(workspace, n);
+    OverlapCheck overlap("cpu::LoraLinear::backward");
+    overlap
+        .out({{dx, "dx"},
+              {grads.da, "grads.da"},
+              {grads.db, "grads.db"},
+              {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{dy, "dy"}, {x, "x"}, {saved_h, "saved_h"}});
+    detail::add_lora_weights(overlap, weights);
+    overlap.check();
 
     if (n == 0 && !grads.accumulate) {
       if (want_da) as_eigen(grads.da).setZero();
@@ -558,18 +592,18 @@ class LoraLinear {
 
   // w += s b a (w: d_out x d_in, the base weight).
   void merge(MatrixView<float> w, MatrixView<const float> a, MatrixView<const float> b) const {
-    check_merge(w, a, b);
+    check_merge(w, a, b, "cpu::LoraLinear::merge");
     detail::lora_apply_delta<kRank>(w, a, b, scale_, false);
   }
   // w -= s b a: undoes merge up to one rounding per element.
   void unmerge(MatrixView<float> w, MatrixView<const float> a, MatrixView<const float> b) const {
-    check_merge(w, a, b);
+    check_merge(w, a, b, "cpu::LoraLinear::unmerge");
     detail::lora_apply_delta<kRank>(w, a, b, -scale_, false);
   }
   // merge, but refuses (Errc::kNonFinite, w untouched) if any merged value
   // would be NaN or infinite.
   void safe_merge(MatrixView<float> w, MatrixView<const float> a, MatrixView<const float> b) const {
-    check_merge(w, a, b);
+    check_merge(w, a, b, "cpu::LoraLinear::safe_merge");
     detail::lora_safe_merge<kRank>(w, a, b, scale_);
   }
 
@@ -592,7 +626,9 @@ class LoraLinear {
   }
 
   detail::LoraKernel<kRank> kernel(const LoraStep& step) const {
-    return {scale_, detail::LoraMask::make(config_.dropout, step, config_.d_in)};
+    return {scale_,
+            detail::LoraMask::make(config_.dropout, step, config_.d_in, config_.dropout_stream)
+                .for_adapter(0)};
   }
 
   // All rows at once, or chunks of rows when dropout needs masked copies.
@@ -616,10 +652,12 @@ class LoraLinear {
     check_adapter(w.a, w.b, "weights.a", "weights.b");
   }
 
-  void check_merge(MatrixView<const float> w, MatrixView<const float> a,
-                   MatrixView<const float> b) const {
+  // `where`: the public function, for the overlap check (w is written).
+  void check_merge(MatrixView<const float> w, MatrixView<const float> a, MatrixView<const float> b,
+                   const char* where) const {
     check_shape(w, config_.d_out, config_.d_in, "w");
     check_adapter(a, b, "a", "b");
+    OverlapCheck(where).out({{w, "w"}}).in({{a, "a"}, {b, "b"}}).check();
   }
 
   LoraConfig config_;
@@ -672,6 +710,10 @@ class LoraBank {
     check_shape(order, n, "order");
     check_shape(offsets, config_.num_adapters + 1, "offsets");
     check_ids(ids);
+    OverlapCheck("cpu::LoraBank::group")
+        .out({{order, "order"}, {offsets, "offsets"}})
+        .in({{ids, "ids"}})
+        .check();
     const index_t N = config_.num_adapters;
     std::fill(offsets.begin(), offsets.end(), index_t{0});
     for (index_t t = 0; t < n; ++t) {
@@ -692,6 +734,7 @@ class LoraBank {
   // A uses counters (i R + r) d_in + j, so adapter 0 matches LoraLinear::init.
   void init(MatrixView<float> a, MatrixView<float> b, const LoraInitConfig& init_config) const {
     check_adapters(a, b, "a", "b");
+    OverlapCheck("cpu::LoraBank::init").out({{a, "a"}, {b, "b"}}).check();
     detail::lora_init_block<kRank>(a, b, init_config, config_.d_in, 0);
   }
   // Initialises adapter i only (a new branch), as init would.
@@ -699,6 +742,7 @@ class LoraBank {
                     const LoraInitConfig& init_config) const {
     check_adapters(a, b, "a", "b");
     MOEKIT_CHECK_RANGE(adapter, 0, config_.num_adapters);
+    OverlapCheck("cpu::LoraBank::init_adapter").out({{a, "a"}, {b, "b"}}).check();
     detail::lora_init_block<kRank>(a_of(a, adapter), b_of(b, adapter), init_config, config_.d_in,
                                    adapter * kRank);
   }
@@ -719,6 +763,14 @@ class LoraBank {
       check_shape(saved_h, n, kRank, "saved_h");
     }
     const index_t slots = checked_slots(workspace, rows);
+    OverlapCheck overlap("cpu::LoraBank::forward");  // every slot of the workspace may be used
+    overlap.out({{y, "y"}, {saved_h, "saved_h"}, {workspace, "workspace"}})
+        .in({{x, "x"},
+             {rows.ids, "rows.ids"},
+             {rows.order, "rows.order"},
+             {rows.offsets, "rows.offsets"}});
+    detail::add_lora_weights(overlap, weights);
+    overlap.check();
     if (n == 0) return;
 
     if (!weights.w.empty()) {
@@ -743,8 +795,9 @@ class LoraBank {
       detail::LoraBankSlot slot = slot_at(base, tid);
       for_each_chunk(rows, total * tid / nth, total * (tid + 1) / nth,
                      [&](index_t i, const detail::RowSet& set) {
-                       k.pack(i, a_of(weights.a, i), b_of(weights.b, i), slot);
-                       k.forward(x, set, saved_h, y, slot);
+                       const detail::LoraSegmentKernel<kRank> ki = k.for_adapter(i);
+                       ki.pack(i, a_of(weights.a, i), b_of(weights.b, i), slot);
+                       ki.forward(x, set, saved_h, y, slot);
                      });
     };
     if (threads > 1) {
@@ -785,6 +838,17 @@ class LoraBank {
       check_shape(saved_h, n, kRank, "saved_h");
     }
     const index_t slots = checked_slots(workspace, rows);
+    OverlapCheck overlap("cpu::LoraBank::backward");
+    overlap
+        .out({{dx, "dx"}, {grads.da, "grads.da"}, {grads.db, "grads.db"}, {workspace, "workspace"}})
+        .in({{dy, "dy"},
+             {x, "x"},
+             {saved_h, "saved_h"},
+             {rows.ids, "rows.ids"},
+             {rows.order, "rows.order"},
+             {rows.offsets, "rows.offsets"}});
+    detail::add_lora_weights(overlap, weights);
+    overlap.check();
 
     if (!grads.accumulate) {  // adapters without rows
       for (index_t i = 0; i < N; ++i) {
@@ -804,13 +868,14 @@ class LoraBank {
     const VectorView<const index_t> off = rows.offsets;
     // Rows [begin, end) of adapter i's segment into the slot's gradient panels.
     const auto run_rows = [&](index_t i, index_t begin, index_t end, detail::LoraBankSlot& slot) {
-      k.pack(i, a_of(weights.a, i), b_of(weights.b, i), slot);
+      const detail::LoraSegmentKernel<kRank> ki = k.for_adapter(i);
+      ki.pack(i, a_of(weights.a, i), b_of(weights.b, i), slot);
       if (want_da) std::fill_n(slot.ga, detail::panel_floats<kRank>(config_.d_in), 0.0f);
       if (want_db) std::fill_n(slot.gb, detail::panel_floats<kRank>(config_.d_out), 0.0f);
       const index_t c = chunk_rows();
       for (index_t k0 = begin; k0 < end; k0 += c) {
-        k.backward(dy, x, saved_h, detail::RowSet{rows.order.data(), k0, std::min(c, end - k0)}, dx,
-                   want_da, want_db, slot);
+        ki.backward(dy, x, saved_h, detail::RowSet{rows.order.data(), k0, std::min(c, end - k0)},
+                    dx, want_da, want_db, slot);
       }
     };
     const auto store_grads = [&](index_t i, const detail::LoraBankSlot& slot, bool add) {
@@ -865,17 +930,17 @@ class LoraBank {
   // serving one task at the speed of the base layer. a, b: the whole bank.
   void merge(index_t adapter, MatrixView<float> w, MatrixView<const float> a,
              MatrixView<const float> b) const {
-    check_merge(adapter, w, a, b);
+    check_merge(adapter, w, a, b, "cpu::LoraBank::merge");
     detail::lora_apply_delta<kRank>(w, a_of(a, adapter), b_of(b, adapter), scale_, false);
   }
   void unmerge(index_t adapter, MatrixView<float> w, MatrixView<const float> a,
                MatrixView<const float> b) const {
-    check_merge(adapter, w, a, b);
+    check_merge(adapter, w, a, b, "cpu::LoraBank::unmerge");
     detail::lora_apply_delta<kRank>(w, a_of(a, adapter), b_of(b, adapter), -scale_, false);
   }
   void safe_merge(index_t adapter, MatrixView<float> w, MatrixView<const float> a,
                   MatrixView<const float> b) const {
-    check_merge(adapter, w, a, b);
+    check_merge(adapter, w, a, b, "cpu::LoraBank::safe_merge");
     detail::lora_safe_merge<kRank>(w, a_of(a, adapter), b_of(b, adapter), scale_);
   }
 
@@ -908,8 +973,10 @@ class LoraBank {
     return workspace.size() / slot_bytes();
   }
 
+  // The call's kernel; for_adapter(i) gives adapter i's.
   detail::LoraSegmentKernel<kRank> segment_kernel(const LoraStep& step) const {
-    return {scale_, detail::LoraMask::make(config_.dropout, step, config_.d_in)};
+    return {scale_,
+            detail::LoraMask::make(config_.dropout, step, config_.d_in, config_.dropout_stream)};
   }
 
   // f(i, rows) for the chunks of positions [begin, end) of the grouped rows
@@ -996,10 +1063,11 @@ class LoraBank {
   }
 
   void check_merge(index_t adapter, MatrixView<const float> w, MatrixView<const float> a,
-                   MatrixView<const float> b) const {
+                   MatrixView<const float> b, const char* where) const {
     MOEKIT_CHECK_RANGE(adapter, 0, config_.num_adapters);
     check_shape(w, config_.d_out, config_.d_in, "w");
     check_adapters(a, b, "a", "b");
+    OverlapCheck(where).out({{w, "w"}}).in({{a, "a"}, {b, "b"}}).check();
   }
 
   LoraBankConfig config_;

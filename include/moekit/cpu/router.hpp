@@ -64,19 +64,20 @@ struct RouterGrads {
 };
 
 // Cheap enough to leave on: gating computes them in the same pass over the
-// tokens (O(T E) additions; with the sigmoid rule one more exp per logit for
-// z_loss).
+// tokens (O(T E) additions and, for z_loss, one scalar exp per logit).
 template <MoeSpecType S>
 struct RoutingStats {
   static constexpr int kExperts = S::num_experts;
   index_t tokens = 0;
-  std::array<index_t, kExperts> assigned{};          // assignments per expert, before capacity
-  std::array<index_t, kExperts> kept{};              // after capacity
-  std::array<double, kExperts> mean_distribution{};  // mean over tokens of q (routing distribution)
+  std::array<index_t, to_size(kExperts)> assigned{};  // assignments per expert, before capacity
+  std::array<index_t, to_size(kExperts)> kept{};      // after capacity
+  std::array<double, to_size(kExperts)>
+      mean_distribution{};  // mean over tokens of q (routing distribution)
   index_t dropped = 0;
   index_t non_finite_logits = 0;
-  // The router z-loss of the batch, mean_t logsumexp(logits_t)^2 (rows with a
-  // non-finite logit add 0): the same bits as cpu::z_loss(routing, 1).
+  // The router z-loss of the batch, mean_t logsumexp(logits_t)^2 (rows with
+  // a NaN or +inf logit, or only -inf, add 0; a -inf logit alone is a masked
+  // expert): the same bits as cpu::z_loss(routing, 1).
   double z_loss = 0.0;
 
   // Entropy (nats) of mean_distribution: log(E) when the router spreads its
@@ -129,7 +130,7 @@ template <MoeSpecType S>
 std::array<index_t, S::num_experts> assignment_counts(MatrixView<const std::int32_t> ids) {
   std::array<index_t, S::num_experts> count{};
   for (index_t t = 0; t < ids.rows(); ++t) {
-    for (int k = 0; k < S::top_k; ++k) ++count[ids(t, k)];
+    for (int k = 0; k < S::top_k; ++k) ++count[to_size(ids(t, k))];
   }
   return count;
 }
@@ -145,8 +146,8 @@ struct TokenChunks {
   index_t tokens;
   index_t size;  // tokens per chunk (the last may be short or empty)
   explicit TokenChunks(index_t t) : tokens(t), size((t + kCount - 1) / kCount) {}
-  index_t begin(int c) const { return std::min(tokens, c * size); }
-  index_t end(int c) const { return std::min(tokens, (c + 1) * size); }
+  index_t begin(std::size_t c) const { return std::min(tokens, static_cast<index_t>(c) * size); }
+  index_t end(std::size_t c) const { return begin(c + 1); }
 };
 
 // acc += q_t, the routing distribution of one token (routing::routing_distribution:
@@ -174,16 +175,16 @@ std::array<double, S::num_experts> routing_distribution_sum(GatingRule rule,
                                                             MatrixView<const float> scores) {
   constexpr int E = S::num_experts;
   const TokenChunks<E> chunks(scores.rows());
-  std::array<std::array<double, E>, TokenChunks<E>::kCount> partial{};
+  std::array<std::array<double, to_size(E)>, to_size(TokenChunks<E>::kCount)> partial{};
   MOEKIT_PARALLEL_FOR_IF(scores.rows() * E > kLightParallelGrain)
-  for (int c = 0; c < TokenChunks<E>::kCount; ++c) {
+  for (std::size_t c = 0; c < TokenChunks<E>::kCount; ++c) {
     for (index_t t = chunks.begin(c); t < chunks.end(c); ++t) {
       add_routing_distribution<E>(rule, scores.row(t), partial[c].data());
     }
   }
-  std::array<double, E> sum{};
+  std::array<double, to_size(E)> sum{};
   for (const auto& p : partial) {
-    for (int e = 0; e < E; ++e) sum[e] += p[e];
+    for (std::size_t e = 0; e < E; ++e) sum[e] += p[e];
   }
   return sum;
 }
@@ -207,14 +208,10 @@ inline constexpr float kExpFloor = -87.0f;
 // translation unit); returns the max and the sum, so logsumexp = max +
 // log(sum). Entries below kExpFloor are flushed to 0 so tiny values match
 // the scalar rule's (core/routing.hpp). The one implementation behind
-// softmax gating, the z-loss and its statistic.
+// softmax gating.
 struct ShiftedExp {
   float max;
   float sum;
-  double lse_square() const {
-    const double lse = static_cast<double>(max + std::log(sum));
-    return lse * lse;
-  }
 };
 
 template <int E>
@@ -230,7 +227,7 @@ double chunked_sum(index_t n, F&& f) {
   const TokenChunks<E> chunks(n);
   double partial[TokenChunks<E>::kCount] = {};
   MOEKIT_PARALLEL_FOR_IF(n * E > kLightParallelGrain)
-  for (int c = 0; c < TokenChunks<E>::kCount; ++c) {
+  for (std::size_t c = 0; c < TokenChunks<E>::kCount; ++c) {
     for (index_t i = chunks.begin(c); i < chunks.end(c); ++i) partial[c] += f(i);
   }
   double sum = 0.0;
@@ -253,8 +250,8 @@ using LaneInts = std::int32_t __attribute__((vector_size(4 * kSelectLanes)));
 
 template <int E, int K>
 MOEKIT_FORCE_INLINE void top_k_lanes(const float* keys, int* ids_out) {
-  LaneFloats vals[K];
-  LaneInts ids[K];
+  LaneFloats vals[to_size(K)];
+  LaneInts ids[to_size(K)];
   for (int j = 0; j < K; ++j) {
     vals[j] = LaneFloats{} - routing::kInf;  // scalar operands broadcast
     ids[j] = LaneInts{} + routing::kNoId;
@@ -263,7 +260,7 @@ MOEKIT_FORCE_INLINE void top_k_lanes(const float* keys, int* ids_out) {
     LaneFloats v;
     std::memcpy(&v, keys + e * kSelectLanes, sizeof v);
     const LaneInts id = LaneInts{} + e;
-    LaneInts before[K];  // v precedes entry j (a suffix of each list)
+    LaneInts before[to_size(K)];  // v precedes entry j (a suffix of each list)
     for (int j = 0; j < K; ++j) before[j] = (v > vals[j]) | ((v == vals[j]) & (id < ids[j]));
     for (int j = K - 1; j > 0; --j) {
       const LaneFloats shifted_val = before[j - 1] ? vals[j - 1] : v;
@@ -327,6 +324,14 @@ class Router {
     check_logits_args(x, w_gate, gate_bias, out.logits, workspace);
     check_routing<S>(out, tokens);
     check_selection_bias(selection_bias);
+    OverlapCheck("cpu::Router::forward")
+        .out({MOEKIT_ROUTING_ARGS(out, "out"),
+              {workspace.segment(0, workspace_size(tokens, x.cols())), "workspace"}})
+        .in({{x, "x"},
+             {w_gate, "w_gate"},
+             {gate_bias, "gate_bias"},
+             {selection_bias, "selection_bias"}})
+        .check();
     compute_logits(x, w_gate, gate_bias, out.logits, workspace, 0);
     route_validated(out, selection_bias, stats, workspace);
   }
@@ -341,6 +346,11 @@ class Router {
               VectorView<std::byte> workspace = {}, index_t first_token = 0) const {
     check_logits_args(x, w_gate, gate_bias, logits, workspace);
     MOEKIT_CHECK_ARG(first_token >= 0, "first_token = ", first_token, " is negative");
+    OverlapCheck("cpu::Router::logits")
+        .out({{logits, "logits"},
+              {workspace.segment(0, workspace_size(x.rows(), x.cols())), "workspace"}})
+        .in({{x, "x"}, {w_gate, "w_gate"}, {gate_bias, "gate_bias"}})
+        .check();
     compute_logits(x, w_gate, gate_bias, logits, workspace, first_token);
   }
 
@@ -368,11 +378,11 @@ class Router {
   // the slots dropped. next[e] starts at the slots of e before `first` (in
   // the whole batch), so a slice numbers its slots as the whole batch would.
   static index_t number_slots(const Routing& out, index_t first, index_t end,
-                              std::array<std::int32_t, kExperts>& next, index_t cap) {
+                              std::array<std::int32_t, to_size(kExperts)>& next, index_t cap) {
     index_t dropped = 0;
     for (index_t t = first; t < end; ++t) {
       for (int k = 0; k < kTopK; ++k) {
-        const std::int32_t p = next[out.expert_ids(t, k)]++;
+        const std::int32_t p = next[to_size(out.expert_ids(t, k))]++;
         if (p < cap) {
           out.positions(t, k) = p;
         } else {
@@ -391,33 +401,32 @@ class Router {
   // pass does; finish() writes the statistics. A batch split over ranks
   // passes these sums from rank to rank (dist::pass_along_ranks).
   struct StatSums {
-    std::array<std::array<double, kExperts>, TokenChunks<kExperts>::kCount> distribution{};
-    std::array<double, TokenChunks<kExperts>::kCount> lse_square{};
+    std::array<std::array<double, to_size(kExperts)>, to_size(TokenChunks<kExperts>::kCount)>
+        distribution{};
+    std::array<double, to_size(TokenChunks<kExperts>::kCount)> lse_square{};
   };
-  void add_token_stats(StatSums& sums, int chunk, const float* logits, const float* scores) const {
+  void add_token_stats(StatSums& sums, std::size_t chunk, const float* logits,
+                       const float* scores) const {
     add_routing_distribution<kExperts>(config_.gating.rule, scores,
-                                       sums.distribution[static_cast<std::size_t>(chunk)].data());
-    if (!all_finite(VectorView<const float>(logits, kExperts))) return;
-    float tmp[kExperts];
-    sums.lse_square[static_cast<std::size_t>(chunk)] +=
-        shifted_exp<kExperts>(logits, tmp).lse_square();
+                                       sums.distribution[chunk].data());
+    sums.lse_square[chunk] += routing::z_loss_token<kExperts>(logits, 0.0, 1.0, nullptr);
   }
   static void finish_stats(const StatSums& sums, index_t tokens,
-                           const std::array<index_t, kExperts>& assigned, index_t cap,
+                           const std::array<index_t, to_size(kExperts)>& assigned, index_t cap,
                            index_t dropped, index_t non_finite, RoutingStats<S>& stats) {
     stats.tokens = tokens;
     stats.assigned = assigned;
-    for (int e = 0; e < kExperts; ++e) stats.kept[e] = std::min(assigned[e], cap);
+    for (std::size_t e = 0; e < kExperts; ++e) stats.kept[e] = std::min(assigned[e], cap);
     stats.dropped = dropped;
     stats.non_finite_logits = non_finite;
-    std::array<double, kExperts> sum{};
+    std::array<double, to_size(kExperts)> sum{};
     double lse_sum = 0.0;
     for (std::size_t c = 0; c < sums.lse_square.size(); ++c) {
-      for (int e = 0; e < kExperts; ++e) sum[e] += sums.distribution[c][e];
+      for (std::size_t e = 0; e < kExperts; ++e) sum[e] += sums.distribution[c][e];
       lse_sum += sums.lse_square[c];
     }
     const double n_tokens = static_cast<double>(tokens);
-    for (int e = 0; e < kExperts; ++e) {
+    for (std::size_t e = 0; e < kExperts; ++e) {
       stats.mean_distribution[e] = tokens > 0 ? sum[e] / n_tokens : 0.0;
     }
     stats.z_loss = tokens > 0 ? lse_sum / n_tokens : 0.0;
@@ -431,6 +440,14 @@ class Router {
     check_routing<S>(out, out.logits.rows());
     check_selection_bias(selection_bias);
     check_workspace(workspace, out.logits.rows(), 0);
+    OverlapCheck("cpu::Router::route")  // out.logits is read (and kept)
+        .out({{out.scores, "out.scores"},
+              {out.expert_ids, "out.expert_ids"},
+              {out.weights, "out.weights"},
+              {out.positions, "out.positions"},
+              {workspace.segment(0, workspace_size(out.logits.rows(), 0)), "workspace"}})
+        .in({{out.logits, "out.logits"}, {selection_bias, "selection_bias"}})
+        .check();
     route_validated(out, selection_bias, stats, workspace);
   }
 
@@ -444,10 +461,14 @@ class Router {
     check_shape(dlogits, tokens, kExperts, "dlogits");
     check_expert_ids<S>(saved.expert_ids, "routing.expert_ids");
     check_distinct_ids(saved.expert_ids);
+    OverlapCheck("cpu::Router::backward_gate")
+        .out({{dlogits, "dlogits"}})
+        .in({MOEKIT_ROUTING_ARGS(saved, "saved"), {dweights, "dweights"}})
+        .check();
     const GatingConfig gating = config_.gating;
     MOEKIT_PARALLEL_FOR_IF(tokens * kExperts > kParallelGrain)
     for (index_t t = 0; t < tokens; ++t) {
-      float dw[kTopK];
+      float dw[to_size(kTopK)];
       for (int k = 0; k < kTopK; ++k) dw[k] = saved.positions(t, k) >= 0 ? dweights(t, k) : 0.0f;
       routing::gate_token_backward<kExperts, kTopK>(saved.logits.row(t), saved.scores.row(t),
                                                     saved.expert_ids.row(t), dw, gating,
@@ -473,6 +494,13 @@ class Router {
     if (!grads.dbias.empty()) check_shape(grads.dbias, kExperts, "grads.dbias");
     check_workspace(workspace, tokens, d);
     MOEKIT_CHECK_ARG(first_token >= 0, "first_token = ", first_token, " is negative");
+    OverlapCheck("cpu::Router::backward_logits")
+        .out({{grads.dx, "grads.dx"},
+              {grads.dw_gate, "grads.dw_gate"},
+              {grads.dbias, "grads.dbias"},
+              {workspace.segment(0, workspace_size(tokens, d)), "workspace"}})
+        .in({{x, "x"}, {w_gate, "w_gate"}, {dlogits, "dlogits"}})
+        .check();
     const bool jittered = config_.noise.kind == NoiseKind::kJitter;
     const bool want_db = !grads.dbias.empty(), want_dw = !grads.dw_gate.empty();
 
@@ -599,9 +627,9 @@ class Router {
     const index_t cap = capacity(tokens);
     const bool want_stats = stats != nullptr;
     // Per chunk: assignments per expert, then (after the scan) its first row.
-    std::array<std::array<std::int32_t, kExperts>, kChunks> start{};
+    std::array<std::array<std::int32_t, to_size(kExperts)>, to_size(kChunks)> start{};
     StatSums sums;
-    std::array<index_t, kExperts> assigned{};
+    std::array<index_t, to_size(kExperts)> assigned{};
     index_t non_finite = 0, dropped = 0;
 #if defined(_OPENMP)
 #pragma omp parallel if (tokens * kExperts > kParallelGrain) reduction(+ : non_finite, dropped)
@@ -610,7 +638,7 @@ class Router {
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
-      for (int c = 0; c < kChunks; ++c) {
+      for (std::size_t c = 0; c < kChunks; ++c) {
         const index_t first = chunks.begin(c), end = chunks.end(c);
         for (index_t b = first; b < end; b += kRowBlock) {
           const index_t rows = std::min(kRowBlock, end - b);
@@ -618,7 +646,7 @@ class Router {
           select_rows(out, bias, b, rows);
         }
         for (index_t t = first; t < end; ++t) {
-          for (int k = 0; k < kTopK; ++k) ++start[c][out.expert_ids(t, k)];
+          for (int k = 0; k < kTopK; ++k) ++start[c][to_size(out.expert_ids(t, k))];
           if (want_stats) {
             add_routing_distribution<kExperts>(config_.gating.rule, out.scores.row(t),
                                                sums.distribution[c].data());
@@ -629,21 +657,21 @@ class Router {
 #pragma omp single
 #endif
       {
-        std::array<std::int32_t, kExperts> sum{};
-        for (int c = 0; c < kChunks; ++c) {
-          for (int e = 0; e < kExperts; ++e) {
+        std::array<std::int32_t, to_size(kExperts)> sum{};
+        for (std::size_t c = 0; c < kChunks; ++c) {
+          for (std::size_t e = 0; e < kExperts; ++e) {
             const std::int32_t n = start[c][e];
             start[c][e] = sum[e];
             sum[e] += n;
           }
         }
-        for (int e = 0; e < kExperts; ++e) assigned[e] = sum[e];
+        for (std::size_t e = 0; e < kExperts; ++e) assigned[e] = sum[e];
       }
       if (by_position) {
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
-        for (int c = 0; c < kChunks; ++c) {
+        for (std::size_t c = 0; c < kChunks; ++c) {
           dropped += number_slots(out, chunks.begin(c), chunks.end(c), start[c], cap);
         }
       }
@@ -654,13 +682,15 @@ class Router {
 
   // Scores of `rows` tokens from `first`; returns their non-finite logits.
   // Finite rows use the vectorised exp (shifted_exp, sigmoid_row); a row with a
-  // non-finite logit takes the exact scalar rule and adds nothing to the
-  // z-loss sum. With lse_square, adds the rows' logsumexp^2.
+  // non-finite logit takes the exact scalar rule. With lse_square, adds the
+  // rows' z-loss terms (routing::z_loss_token, as cpu::z_loss: the same bits).
   int score_rows(const Routing& out, index_t first, index_t rows, double* lse_square) const {
     int non_finite = 0;
     for (index_t t = first; t < first + rows; ++t) {
       const float* x = out.logits.row(t);
       float* s = out.scores.row(t);
+      if (lse_square != nullptr)
+        *lse_square += routing::z_loss_token<kExperts>(x, 0.0, 1.0, nullptr);
       if (!all_finite(out.logits.row_view(t))) {
         non_finite += routing::compute_scores<kExperts>(config_.gating.rule, x, s);
         continue;
@@ -668,14 +698,8 @@ class Router {
       Eigen::Map<Eigen::Array<float, 1, kExperts>> scores(s);
       if (config_.gating.rule == GatingRule::kSigmoid) {
         sigmoid_row(x, kExperts, s);
-        if (lse_square != nullptr) {
-          float tmp[kExperts];
-          *lse_square += shifted_exp<kExperts>(x, tmp).lse_square();
-        }
       } else {
-        const ShiftedExp z = shifted_exp<kExperts>(x, s);
-        scores /= z.sum;
-        if (lse_square != nullptr) *lse_square += z.lse_square();
+        scores /= shifted_exp<kExperts>(x, s).sum;
       }
     }
     return non_finite;
@@ -702,8 +726,8 @@ class Router {
   void select_lanes(const Routing& out, const float* bias, index_t first, index_t n) const {
     const GatingConfig& gating = config_.gating;
     const bool logit_key = routing::selects_on_logits(gating, bias != nullptr);
-    alignas(64) float keys[kExperts * kLanes];
-    alignas(64) int ids[kTopK * kLanes];
+    alignas(64) float keys[to_size(kExperts * kLanes)];
+    alignas(64) int ids[to_size(kTopK * kLanes)];
     for (int l = 0; l < kLanes; ++l) {
       const index_t t = first + (l < n ? l : 0);  // idle lanes repeat a real token
       const float* x = out.logits.row(t);
@@ -737,21 +761,22 @@ class Router {
   // order within each (a counting sort), then each over-full expert's slots
   // are sorted by (weight desc, slot asc), a total order: no allocation, and
   // the same result on every run.
-  index_t drop_lowest_weights(const Routing& out, const std::array<index_t, kExperts>& count,
-                              index_t cap, VectorView<std::byte> workspace) const {
+  index_t drop_lowest_weights(const Routing& out,
+                              const std::array<index_t, to_size(kExperts)>& count, index_t cap,
+                              VectorView<std::byte> workspace) const {
     const index_t tokens = out.logits.rows();
     std::int32_t* order = scratch<std::int32_t>(workspace);
-    std::array<index_t, kExperts + 1> offset{};
-    for (int e = 0; e < kExperts; ++e) offset[e + 1] = offset[e] + count[e];
-    std::array<index_t, kExperts> fill = {};
+    std::array<index_t, to_size(kExperts + 1)> offset{};
+    for (std::size_t e = 0; e < kExperts; ++e) offset[e + 1] = offset[e] + count[e];
+    std::array<index_t, to_size(kExperts)> fill = {};
     for (index_t t = 0; t < tokens; ++t) {
       for (int k = 0; k < kTopK; ++k) {
-        const int e = out.expert_ids(t, k);
+        const std::size_t e = to_size(out.expert_ids(t, k));
         order[offset[e] + fill[e]++] = static_cast<std::int32_t>(t * kTopK + k);
       }
     }
     const auto weight = [&](std::int32_t slot) { return out.weights(slot / kTopK, slot % kTopK); };
-    for (int e = 0; e < kExperts; ++e) {
+    for (std::size_t e = 0; e < kExperts; ++e) {
       std::int32_t* first = order + offset[e];
       std::int32_t* last = order + offset[e + 1];
       if (count[e] > cap) {
@@ -769,7 +794,7 @@ class Router {
     for (index_t t = 0; t < tokens; ++t) {
       for (int k = 0; k < kTopK; ++k) {
         if (out.positions(t, k) == 0) {
-          out.positions(t, k) = static_cast<std::int32_t>(fill[out.expert_ids(t, k)]++);
+          out.positions(t, k) = static_cast<std::int32_t>(fill[to_size(out.expert_ids(t, k))]++);
         } else {
           out.weights(t, k) = 0.0f;
           ++dropped;

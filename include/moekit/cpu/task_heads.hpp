@@ -1,6 +1,6 @@
 #pragma once
 // H task heads on a shared encoder on the CPU backend, for HeadSpec<H>
-// (DESIGN.md §1 and §4): forward, softmax cross-entropy per task with fixed or
+// (docs/math.md, "Task heads"): forward, softmax cross-entropy per task with fixed or
 // uncertainty weighting, per-task accuracy, and backward.
 //
 // Layout. Head h is a linear classifier with C_h = config.classes[h] classes
@@ -52,7 +52,7 @@
 // workspace_size(n) bytes (aligned for index_t): the sort permutation and the
 // grouped rows of x and of the logits. No call allocates. With H = 1 it is 0.
 //
-// Threading (DESIGN.md §6: one pool at a time). With at least as many busy
+// Threading (docs/index.md, "Threads": one pool at a time). With at least as many busy
 // heads as OpenMP threads averaging at most kHeadParallelMaxRows rows (many
 // small heads), heads run in parallel with single-threaded GEMMs; otherwise
 // heads run in turn and Eigen parallelises each GEMM. Each output element is
@@ -137,7 +137,7 @@ class TaskHeads {
     MOEKIT_CHECK_ARG(config.d_model >= 1, "config.d_model = ", config.d_model,
                      " must be at least 1");
     offsets_[0] = 0;
-    for (int h = 0; h < kHeads; ++h) {
+    for (std::size_t h = 0; h < kHeads; ++h) {
       MOEKIT_CHECK_ARG(config.classes[h] >= 1, "config.classes[", h, "] = ", config.classes[h],
                        " must be at least 1");
       offsets_[h + 1] = offsets_[h] + config.classes[h];
@@ -147,9 +147,9 @@ class TaskHeads {
 
   const TaskHeadsConfig<S>& config() const { return config_; }
   index_t d_model() const { return config_.d_model; }
-  index_t classes(int h) const { return config_.classes[h]; }
+  index_t classes(int h) const { return config_.classes[to_size(h)]; }
   // First row of head h in w (and entry in b).
-  index_t class_offset(int h) const { return offsets_[h]; }
+  index_t class_offset(int h) const { return offsets_[to_size(h)]; }
   // Rows of w: sum_h C_h.
   index_t total_classes() const { return offsets_[kHeads]; }
   // Columns of the logits: max_h C_h.
@@ -181,13 +181,17 @@ class TaskHeads {
     check_weights(weights);
     check_shape(logits, n, max_classes_, "logits");
     check_workspace(workspace, n);
+    OverlapCheck("cpu::TaskHeads::forward")
+        .out({{logits, "logits"}, {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
+        .check();
 
     const Plan plan = make_plan(tasks, n, workspace);
     const MatrixView<float> gx = grouped_x(workspace, n);
     const MatrixView<float> gz = grouped_z(workspace, n);
     if (!plan.sorted) gather(x, plan, gx);
     for_each_head(plan, [&](int h, index_t r0, index_t rows) {
-      const index_t c = config_.classes[h];
+      const index_t c = classes(h);
       const MatrixView<const float> xh =
           plan.sorted ? x.middle_rows(r0, rows) : MatrixView<const float>(gx.middle_rows(r0, rows));
       const MatrixView<float> zh =
@@ -200,7 +204,7 @@ class TaskHeads {
     MOEKIT_PARALLEL_FOR_IF(n * max_classes_ > kLightParallelGrain)
     for (index_t j = 0; j < n; ++j) {
       const index_t i = plan.sorted ? j : plan.perm[j];
-      const index_t c = config_.classes[task_of(tasks, i)];
+      const index_t c = classes(task_of(tasks, i));
       float* out = logits.row(i);
       if (!plan.sorted) {
         const float* src = gz.row(j);
@@ -225,8 +229,16 @@ class TaskHeads {
     check_labels(labels, tasks, n);
     check_weighting(weighting, dlog_vars);
     if (!dlogits.empty()) check_shape(dlogits, n, max_classes_, "dlogits");
+    OverlapCheck("cpu::TaskHeads::loss")
+        .out({{dlogits, "dlogits"}, {dlog_vars, "dlog_vars"}})
+        .in({{logits, "logits"},
+             {tasks, "tasks"},
+             {labels, "labels"},
+             {weighting.fixed, "weighting.fixed"},
+             {weighting.log_vars, "weighting.log_vars"}})
+        .check();
 
-    const std::array<index_t, kHeads> count = task_counts(tasks, n);
+    const std::array<index_t, to_size(kHeads)> count = task_counts(tasks, n);
     LossSums sums;
     add_loss_rows(logits, tasks, labels, count, weighting, sums, dlogits);
     return finish_loss(count, sums, weighting, dlog_vars);
@@ -239,14 +251,15 @@ class TaskHeads {
   // and the per-task means and their combination. The arguments are those
   // of loss(), checked by it; these parts check only their own.
   struct LossSums {
-    std::array<double, kHeads> loss{};
-    std::array<double, kHeads> correct{};
+    std::array<double, to_size(kHeads)> loss{};
+    std::array<double, to_size(kHeads)> correct{};
   };
 
-  std::array<index_t, kHeads> task_counts(VectorView<const std::int32_t> tasks, index_t n) const {
+  std::array<index_t, to_size(kHeads)> task_counts(VectorView<const std::int32_t> tasks,
+                                                   index_t n) const {
     check_tasks(tasks, n);
-    std::array<index_t, kHeads> count{};
-    for (index_t i = 0; i < n; ++i) ++count[task_of(tasks, i)];
+    std::array<index_t, to_size(kHeads)> count{};
+    for (index_t i = 0; i < n; ++i) ++count[to_size(task_of(tasks, i))];
     return count;
   }
 
@@ -254,8 +267,9 @@ class TaskHeads {
   // gradient rows, scaled by c_h / n_h with n_h from `count` (the batch's).
   void add_loss_rows(MatrixView<const float> logits, VectorView<const std::int32_t> tasks,
                      VectorView<const std::int32_t> labels,
-                     const std::array<index_t, kHeads>& count, const TaskWeights& weighting,
-                     LossSums& sums, MatrixView<float> dlogits = {}) const {
+                     const std::array<index_t, to_size(kHeads)>& count,
+                     const TaskWeights& weighting, LossSums& sums,
+                     MatrixView<float> dlogits = {}) const {
     const index_t n = logits.rows();
     check_shape(logits, n, max_classes_, "logits");
     check_tasks(tasks, n);
@@ -263,14 +277,15 @@ class TaskHeads {
     check_weighting(weighting, {});
     if (!dlogits.empty()) check_shape(dlogits, n, max_classes_, "dlogits");
     // c_h / n_h, the gradient scale of each task's rows.
-    std::array<float, kHeads> scale{};
-    for (int h = 0; h < kHeads; ++h) {
+    std::array<float, to_size(kHeads)> scale{};
+    for (std::size_t h = 0; h < kHeads; ++h) {
       if (count[h] == 0) continue;
       scale[h] = static_cast<float>(coefficient(weighting, h) / static_cast<double>(count[h]));
     }
     for (index_t i = 0; i < n; ++i) {
-      const int h = task_of(tasks, i);
-      const index_t c = config_.classes[h];
+      const int task = task_of(tasks, i);
+      const std::size_t h = to_size(task);
+      const index_t c = classes(task);
       const float* z = logits.row(i);
       float* dz = dlogits.empty() ? nullptr : dlogits.row(i);
       sums.loss[h] += cross_entropy_row(z, c, labels[i], scale[h], dz);
@@ -281,22 +296,23 @@ class TaskHeads {
     }
   }
 
-  TaskLosses<S> finish_loss(const std::array<index_t, kHeads>& count, const LossSums& sums,
+  TaskLosses<S> finish_loss(const std::array<index_t, to_size(kHeads)>& count, const LossSums& sums,
                             const TaskWeights& weighting = {},
                             VectorView<float> dlog_vars = {}) const {
     check_weighting(weighting, dlog_vars);
     TaskLosses<S> out;
     out.count = count;
-    for (int h = 0; h < kHeads; ++h) {
+    for (std::size_t h = 0; h < kHeads; ++h) {
+      const auto v = static_cast<index_t>(h);  // log_vars and dlog_vars are views
       if (out.count[h] > 0) {
         const double n = static_cast<double>(out.count[h]);
         out.loss[h] = sums.loss[h] / n;
         out.accuracy[h] = sums.correct[h] / n;
         out.total += coefficient(weighting, h) * out.loss[h];
-        if (weighting.kind == TaskWeighting::kUncertainty) out.total += weighting.log_vars[h];
+        if (weighting.kind == TaskWeighting::kUncertainty) out.total += weighting.log_vars[v];
       }
       if (!dlog_vars.empty()) {
-        dlog_vars[h] = out.count[h] > 0
+        dlog_vars[v] = out.count[h] > 0
                            ? static_cast<float>(1.0 - coefficient(weighting, h) * out.loss[h])
                            : 0.0f;
       }
@@ -320,13 +336,16 @@ class TaskHeads {
     const bool want_dx = !dx.empty(), want_dw = !grads.dw.empty(), want_db = !grads.db.empty();
     check_head_backward_outputs(dx, grads.dw, grads.db, n, d, total_classes(), config_.bias);
     check_workspace(workspace, n);
+    OverlapCheck overlap("cpu::TaskHeads::backward");
+    add_head_backward_args(overlap, dlogits, x, tasks, weights, dx, grads);
+    overlap.out({{workspace.segment(0, workspace_size(n)), "workspace"}}).check();
 
     const Plan plan = make_plan(tasks, n, workspace);
     if (!grads.accumulate) {  // heads without rows: zero gradient blocks
       for (int h = 0; h < kHeads; ++h) {
-        if (plan.offsets[h + 1] != plan.offsets[h]) continue;
-        if (want_dw) as_eigen(grads.dw.middle_rows(offsets_[h], config_.classes[h])).setZero();
-        if (want_db) as_eigen(grads.db.segment(offsets_[h], config_.classes[h])).setZero();
+        if (plan.rows(h) != 0) continue;
+        if (want_dw) as_eigen(grads.dw.middle_rows(class_offset(h), classes(h))).setZero();
+        if (want_db) as_eigen(grads.db.segment(class_offset(h), classes(h))).setZero();
       }
     }
     if (!want_dx && !want_dw && !want_db) return;
@@ -338,7 +357,7 @@ class TaskHeads {
       MOEKIT_PARALLEL_FOR_IF(n * max_classes_ > kLightParallelGrain)
       for (index_t j = 0; j < n; ++j) {
         const index_t i = plan.perm[j];
-        const index_t c = config_.classes[task_of(tasks, i)];
+        const index_t c = classes(task_of(tasks, i));
         const float* src = dlogits.row(i);
         float* dst = gz.row(j);
         for (index_t k = 0; k < c; ++k) dst[k] = src[k];
@@ -346,13 +365,13 @@ class TaskHeads {
     }
     const bool acc = grads.accumulate;
     for_each_head(plan, [&](int h, index_t r0, index_t rows) {
-      const index_t c = config_.classes[h];
+      const index_t c = classes(h);
       const auto dz = as_eigen(plan.sorted ? dlogits.block(r0, 0, rows, c)
                                            : MatrixView<const float>(gz.block(r0, 0, rows, c)));
       if (want_dw) {
         const auto xh = as_eigen(plan.sorted ? x.middle_rows(r0, rows)
                                              : MatrixView<const float>(gx.middle_rows(r0, rows)));
-        auto dw = as_eigen(grads.dw.middle_rows(offsets_[h], c));
+        auto dw = as_eigen(grads.dw.middle_rows(class_offset(h), c));
         if (acc) {
           dw.noalias() += dz.transpose() * xh;
         } else {
@@ -360,7 +379,7 @@ class TaskHeads {
         }
       }
       if (want_db) {
-        auto db = as_eigen(grads.db.segment(offsets_[h], c));
+        auto db = as_eigen(grads.db.segment(class_offset(h), c));
         if (acc) {
           db += dz.colwise().sum().transpose();
         } else {
@@ -385,9 +404,11 @@ class TaskHeads {
   // Rows grouped by task: head h owns grouped rows [offsets[h], offsets[h + 1]),
   // grouped row j is original row perm[j] (unused when sorted: the identity).
   struct Plan {
-    std::array<index_t, kHeads + 1> offsets{};
+    std::array<index_t, to_size(kHeads + 1)> offsets{};
     const index_t* perm = nullptr;
     bool sorted = true;
+    index_t first(int h) const { return offsets[to_size(h)]; }
+    index_t rows(int h) const { return first(h + 1) - first(h); }
   };
 
   static int task_of(VectorView<const std::int32_t> tasks, index_t i) {
@@ -409,9 +430,9 @@ class TaskHeads {
     check_shape(labels, n, "labels");
     for (index_t i = 0; i < n; ++i) {
       const int h = task_of(tasks, i);
-      MOEKIT_CHECK(labels[i] >= 0 && labels[i] < config_.classes[h], Errc::kOutOfRange, "labels[",
-                   i, "] = ", labels[i], " is outside [0, ", config_.classes[h],
-                   ") (classes of task ", h, ")");
+      MOEKIT_CHECK(labels[i] >= 0 && labels[i] < classes(h), Errc::kOutOfRange, "labels[", i,
+                   "] = ", labels[i], " is outside [0, ", classes(h), ") (classes of task ", h,
+                   ")");
     }
   }
 
@@ -441,23 +462,25 @@ class TaskHeads {
   }
 
   // c_h: the weight of task h's loss in L.
-  static double coefficient(const TaskWeights& w, int h) { return task_coefficient(w, h); }
+  static double coefficient(const TaskWeights& w, std::size_t h) {
+    return task_coefficient(w, static_cast<int>(h));
+  }
 
   // Stable counting sort of the rows by task (tasks validated).
   Plan make_plan(VectorView<const std::int32_t> tasks, index_t n,
                  VectorView<std::byte> workspace) const {
     Plan plan;
-    std::array<index_t, kHeads> count{};
+    std::array<index_t, to_size(kHeads)> count{};
     for (index_t i = 0; i < n; ++i) {
-      ++count[task_of(tasks, i)];
+      ++count[to_size(task_of(tasks, i))];
       plan.sorted = plan.sorted && (i == 0 || task_of(tasks, i) >= task_of(tasks, i - 1));
     }
-    for (int h = 0; h < kHeads; ++h) plan.offsets[h + 1] = plan.offsets[h] + count[h];
+    for (std::size_t h = 0; h < kHeads; ++h) plan.offsets[h + 1] = plan.offsets[h] + count[h];
     if (plan.sorted) return plan;
     index_t* perm = reinterpret_cast<index_t*>(workspace.data());
-    std::array<index_t, kHeads> fill{};
-    for (int h = 0; h < kHeads; ++h) fill[h] = plan.offsets[h];
-    for (index_t i = 0; i < n; ++i) perm[fill[tasks[i]]++] = i;
+    std::array<index_t, to_size(kHeads)> fill{};
+    for (std::size_t h = 0; h < kHeads; ++h) fill[h] = plan.offsets[h];
+    for (index_t i = 0; i < n; ++i) perm[fill[to_size(tasks[i])]++] = i;
     plan.perm = perm;
     return plan;
   }
@@ -482,38 +505,37 @@ class TaskHeads {
   }
 
   MatrixView<const float> w_of(const HeadWeights& w, int h) const {
-    return w.w.middle_rows(offsets_[h], config_.classes[h]);
+    return w.w.middle_rows(class_offset(h), classes(h));
   }
   VectorView<const float> b_of(const HeadWeights& w, int h) const {
-    return w.b.segment(offsets_[h], config_.classes[h]);
+    return w.b.segment(class_offset(h), classes(h));
   }
 
   // Calls body(h, first grouped row, rows) for every head with rows, in
   // parallel across heads or in turn (see the top of this file).
   template <class Body>
   void for_each_head(const Plan& plan, Body&& body) const {
-    const auto& off = plan.offsets;
     int busy = 0;
-    for (int h = 0; h < kHeads; ++h) busy += off[h + 1] > off[h];
+    for (int h = 0; h < kHeads; ++h) busy += plan.rows(h) > 0;
     const int threads = max_threads();
     const bool across =
-        threads > 1 && busy >= threads && off[kHeads] <= busy * kHeadParallelMaxRows;
+        threads > 1 && busy >= threads && plan.first(kHeads) <= busy * kHeadParallelMaxRows;
     if (across) {
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1)
 #endif
       for (int h = 0; h < kHeads; ++h) {
-        if (off[h + 1] > off[h]) body(h, off[h], off[h + 1] - off[h]);
+        if (plan.rows(h) > 0) body(h, plan.first(h), plan.rows(h));
       }
     } else {
       for (int h = 0; h < kHeads; ++h) {
-        if (off[h + 1] > off[h]) body(h, off[h], off[h + 1] - off[h]);
+        if (plan.rows(h) > 0) body(h, plan.first(h), plan.rows(h));
       }
     }
   }
 
   TaskHeadsConfig<S> config_;
-  std::array<index_t, kHeads + 1> offsets_{};
+  std::array<index_t, to_size(kHeads + 1)> offsets_{};
   index_t max_classes_ = 0;
 };
 

@@ -1,6 +1,6 @@
 #pragma once
 // Load-balancing losses and the aux-loss-free bias update on the CUDA backend:
-// the formulas of moekit/cpu/aux_losses.hpp (DESIGN.md §4), computed from
+// the formulas of moekit/cpu/aux_losses.hpp (docs/math.md), computed from
 // what gpu::route() wrote. Conventions as in moekit/cuda/router.cuh:
 // two-phase workspace (a null d_temp_storage asks for the size), host-side
 // validation that throws moekit::Error before any launch, cudaError_t for
@@ -240,13 +240,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = static_cast<int>(threadIdx.x) / 32; r < rows; r += kWarpsPerBlock) {
       float x[kLaneSlots<E>];
       load_slots<E>(x_tile + r * kStride, -routing::kInf, x);
-      int non_finite = 0;
-      for (int j = 0; j < kLaneSlots<E>; ++j) {
-        non_finite += lane_id() + 32 * j < E && !routing::is_finite(x[j]);
-      }
-      const double lse_square =
-          warp_z_loss<E>(x, warp_sum(non_finite), coeff, static_cast<double>(tokens),
-                         grad ? d_tile + r * kStride : nullptr);
+      const double lse_square = warp_z_loss<E>(x, coeff, static_cast<double>(tokens),
+                                               grad ? d_tile + r * kStride : nullptr);
       if (lane_id() == 0) row_lse_square[r] = lse_square;
     }
   } else {
@@ -442,6 +437,15 @@ cudaError_t switch_impl(void* d_temp_storage, std::size_t& temp_storage_bytes,
                        args.normalization == SwitchNormalization::kTokens,
                    "args.normalization = ", static_cast<int>(args.normalization),
                    " is not a SwitchNormalization");
+  OverlapCheck(sequence_length > 0 ? "gpu::sequence_aux_loss" : "gpu::switch_loss")
+      .out({{args.dlogits, "args.dlogits"},
+            {args.loss, 1, "args.loss"},
+            {args.invalid_ids, args.invalid_ids != nullptr ? 1 : 0, "args.invalid_ids"},
+            temp_storage(d_temp_storage, plan.bytes())})
+      .in({{args.logits, "args.logits"},
+           {args.scores, "args.scores"},
+           {args.expert_ids, "args.expert_ids"}})
+      .check();
 
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_ids);
   if (invalid != nullptr) MOEKIT_CUDA_TRY(cudaMemsetAsync(invalid, 0, sizeof(*invalid), stream));
@@ -494,8 +498,9 @@ cudaError_t sequence_aux_loss(void* d_temp_storage, std::size_t& temp_storage_by
   return detail::switch_impl(d_temp_storage, temp_storage_bytes, args, sequence_length, stream);
 }
 
-// Router z-loss (cpu::z_loss): L = mean_t lse_t^2; a row with a non-finite
-// logit adds 0 and gets no gradient but counts in T.
+// Router z-loss (cpu::z_loss): L = mean_t lse_t^2; a -inf logit is a masked
+// expert; a row with a NaN or +inf logit, or only -inf, adds 0 and gets no
+// gradient but counts in T.
 template <MoeSpecType S, LogitElement T>
 cudaError_t z_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
                    const ZLossArgs<S, T>& args, cudaStream_t stream = nullptr) {
@@ -510,6 +515,12 @@ cudaError_t z_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
   detail::check_dlogits(args.dlogits, tokens, E);
   MOEKIT_CHECK(args.loss != nullptr, Errc::kNullPointer, "args.loss is null");
   detail::check_coeff(args.coeff);
+  OverlapCheck("gpu::z_loss")
+      .out({{args.dlogits, "args.dlogits"},
+            {args.loss, 1, "args.loss"},
+            detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in({{args.logits, "args.logits"}})
+      .check();
 
   auto* partial = detail::carve<double>(d_temp_storage, at_partial);
   if (blocks > 0) {
@@ -555,6 +566,17 @@ cudaError_t importance_load_loss(void* d_temp_storage, std::size_t& temp_storage
                    " must be finite and non-negative");
   MOEKIT_CHECK_ARG(std::isfinite(args.load_weight) && args.load_weight >= 0.0f,
                    "args.load_weight = ", args.load_weight, " must be finite and non-negative");
+  OverlapCheck("gpu::importance_load_loss")
+      .out({{args.dlogits, "args.dlogits"},
+            {args.loss, 1, "args.loss"},
+            {args.invalid_ids, args.invalid_ids != nullptr ? 1 : 0, "args.invalid_ids"},
+            detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in({{args.logits, "args.logits"},
+           {args.scores, "args.scores"},
+           {args.expert_ids, "args.expert_ids"},
+           {args.weights, "args.weights"},
+           {args.positions, "args.positions"}})
+      .check();
 
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_ids);
   if (invalid != nullptr) MOEKIT_CUDA_TRY(cudaMemsetAsync(invalid, 0, sizeof(*invalid), stream));

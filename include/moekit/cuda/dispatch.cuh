@@ -1,6 +1,6 @@
 #pragma once
 // Capacity, dispatch and combine on the CUDA backend, forward and backward,
-// for MoeSpec<E, K>: the math of moekit/cpu/dispatch.hpp (DESIGN.md §4) on a
+// for MoeSpec<E, K>: the math of moekit/cpu/dispatch.hpp (docs/math.md) on a
 // routing that gpu::route() wrote.
 //
 //   gpu::DispatchPlanArgs<Spec> plan{ids, weights, capacity, /*row_alignment=*/1,
@@ -12,7 +12,7 @@
 //   gpu::combine<Spec>(expert_out, ids, weights, positions, offsets, y, false, stream);
 //
 // The plan. Slot s = t K + k is token t's k-th assignment. With C the
-// capacity (DESIGN §4; T when dropless) and a the row alignment:
+// capacity (docs/math.md, "Capacity"; T when dropless) and a the row alignment:
 //
 //   p(t, k)    = kept slots of expert e = ids(t, k) before s, in slot order
 //   positions  = p, or -1 for a slot dropped by capacity (its weight set to 0)
@@ -650,6 +650,16 @@ cudaError_t plan_dispatch(void* d_temp_storage, std::size_t& temp_storage_bytes,
   const std::size_t at_values_out = plan.reserve(n_sort * sizeof(std::int32_t));
   const std::size_t at_sort = plan.reserve(sort_bytes);
   if (detail::size_query(d_temp_storage, temp_storage_bytes, plan.bytes())) return cudaSuccess;
+  OverlapCheck("gpu::plan_dispatch")  // args.weights is read and written
+      .out({{args.weights, "args.weights"},
+            {args.positions, "args.positions"},
+            {args.offsets, "args.offsets"},
+            {args.row_slots, "args.row_slots"},
+            {args.stats, args.stats != nullptr ? 1 : 0, "args.stats"},
+            {args.invalid_ids, args.invalid_ids != nullptr ? 1 : 0, "args.invalid_ids"},
+            detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in({{args.expert_ids, "args.expert_ids"}})
+      .check();
 
   const index_t capacity = expert_capacity(tokens, E, K, args.capacity.factor);
   auto* counts = detail::carve<std::int32_t>(d_temp_storage, at_counts);
@@ -729,6 +739,10 @@ cudaError_t dispatch(MatrixView<const T> x, const DispatchMap& map, MatrixView<T
                map.row_slots.size(), " entries, fewer than the buffer's ", buffer.rows(), " rows");
   check_view(map.row_slots, "map.row_slots");
   MOEKIT_CHECK(map.rows_in_use != nullptr, Errc::kNullPointer, "map.rows_in_use is null");
+  OverlapCheck("gpu::dispatch")
+      .out({{buffer, "buffer"}})
+      .in({{x, "x"}, {map.row_slots, "map.row_slots"}, {map.rows_in_use, 1, "map.rows_in_use"}})
+      .check();
   if (buffer.rows() == 0 || x.cols() == 0) return cudaSuccess;
   const int grid = detail::warp_grid(buffer.rows());
   if (detail::rows_vectorizable<T>(x.cols(), x, buffer)) {
@@ -756,6 +770,14 @@ cudaError_t combine(MatrixView<const T> expert_out, MatrixView<const std::int32_
   check_shape(weights, tokens, K, "weights");
   check_view(expert_out, "expert_out");
   check_shape(y, tokens, expert_out.cols(), "y");
+  OverlapCheck("gpu::combine")
+      .out({{y, "y"}})
+      .in({{expert_out, "expert_out"},
+           {expert_ids, "expert_ids"},
+           {weights, "weights"},
+           {positions, "positions"},
+           {offsets, "offsets"}})
+      .check();
   if (tokens == 0 || y.cols() == 0) return cudaSuccess;
   const int grid = detail::warp_grid(tokens);
   if (detail::rows_vectorizable<T>(y.cols(), expert_out, y)) {
@@ -805,6 +827,16 @@ cudaError_t combine_backward(MatrixView<const T> dy, MatrixView<const T> expert_
     MOEKIT_CHECK(expert_out.cols() == d, Errc::kShapeMismatch, "expert_out has ", expert_out.cols(),
                  " columns, dy has ", d);
   }
+  OverlapCheck("gpu::combine_backward")
+      .out({{d_expert_out, "d_expert_out"}, {dweights, "dweights"}})
+      .in({{dy, "dy"},
+           {expert_out, "expert_out"},
+           {expert_ids, "expert_ids"},
+           {weights, "weights"},
+           {positions, "positions"},
+           {offsets, "offsets"},
+           {map.row_slots, "map.row_slots"}})
+      .check();
   if (want_dout && d_expert_out.rows() > 0 && d > 0) {
     const int grid = detail::warp_grid(d_expert_out.rows());
     if (detail::rows_vectorizable<T>(d, dy, d_expert_out)) {
@@ -845,6 +877,13 @@ cudaError_t dispatch_backward(MatrixView<const T> d_buffer,
   detail::check_saved_plan<S>(expert_ids, positions, offsets, tokens);
   check_view(d_buffer, "d_buffer");
   check_shape(dx, tokens, d_buffer.cols(), "dx");
+  OverlapCheck("gpu::dispatch_backward")
+      .out({{dx, "dx"}})
+      .in({{d_buffer, "d_buffer"},
+           {expert_ids, "expert_ids"},
+           {positions, "positions"},
+           {offsets, "offsets"}})
+      .check();
   if (tokens == 0 || dx.cols() == 0) return cudaSuccess;
   const int grid = detail::warp_grid(tokens);
   if (detail::rows_vectorizable<T>(dx.cols(), d_buffer, dx)) {

@@ -1,5 +1,5 @@
 #pragma once
-// Knowledge distillation loss on the CUDA backend (DESIGN.md §4): the math of
+// Knowledge distillation loss on the CUDA backend (docs/math.md): the math of
 // moekit/cpu/distillation.hpp on device data of type T (fp32, bf16, fp16).
 //
 // For row i of student logits s_i and teacher logits t_i (n x C each),
@@ -153,6 +153,15 @@ cudaError_t distillation_loss(void* d_temp_storage, std::size_t& temp_storage_by
   if (use_labels || !args.labels.empty()) check_shape(args.labels, n, "args.labels");
   if (!args.dstudent.empty()) check_shape(args.dstudent, n, c, "args.dstudent");
   MOEKIT_CHECK(args.loss != nullptr, Errc::kNullPointer, "args.loss is null");
+  OverlapCheck("gpu::distillation_loss")
+      .out({{args.dstudent, "args.dstudent"},
+            {args.loss, 1, "args.loss"},
+            {args.invalid_labels, args.invalid_labels != nullptr ? 1 : 0, "args.invalid_labels"},
+            detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in({{args.student, "args.student"},
+           {args.teacher, "args.teacher"},
+           {args.labels, "args.labels"}})
+      .check();
 
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_labels);
   if (invalid != nullptr) MOEKIT_CUDA_TRY(cudaMemsetAsync(invalid, 0, sizeof(*invalid), stream));

@@ -1,5 +1,5 @@
 #pragma once
-// Early exit on the CUDA backend (DESIGN.md §4): the exit decision, stream
+// Early exit on the CUDA backend (docs/math.md): the exit decision, stream
 // compaction of the live rows and the weighted multi-exit training loss of
 // moekit/cpu/early_exit.hpp, on device data; logits of type T (fp32, bf16,
 // fp16).
@@ -238,6 +238,9 @@ class EarlyExit {
     MOEKIT_CHECK_GE(n, 0);
     check_exit_results(results, n);
     check_exit_state(state, n);
+    OverlapCheck overlap("gpu::EarlyExit::begin");
+    add_exit_outputs(overlap, state, results);
+    overlap.check();
     if (n == 0) return;
     detail::exit_begin_kernel<>
         <<<detail::grid_for(n, detail::kExitThreads), detail::kExitThreads, 0, stream>>>(n, state,
@@ -285,8 +288,12 @@ class EarlyExit {
   template <class T>
   void check_step(int exit, MatrixView<const T> logits, ExitState state, ExitResults results,
                   VectorView<index_t> kept, const index_t* num_live) const {
-    check_exit_step(exit, config_.num_exits, logits, state, results, kept);
+    check_exit_step("gpu::EarlyExit::step", exit, config_.num_exits, logits, state, results, kept);
     MOEKIT_CHECK(num_live != nullptr, Errc::kNullPointer, "num_live is null");
+    OverlapCheck overlap("gpu::EarlyExit::step");
+    overlap.out({{num_live, 1, "num_live"}, {kept, "kept"}}).in({{logits, "logits"}});
+    add_exit_outputs(overlap, state, results);
+    overlap.check();
   }
 
   struct StepPlan {
@@ -336,15 +343,10 @@ requires std::is_trivially_copyable_v<T> cudaError_t gather_rows(MatrixView<cons
                "dst is ", dst.rows(), " x ", dst.cols(), ", need at least ", kept.size(), " x ",
                src.cols());
   MOEKIT_CHECK(num_live != nullptr, Errc::kNullPointer, "num_live is null");
-  const auto span_of = [](const auto& v) {
-    const auto* first = reinterpret_cast<const char*>(v.data());
-    const index_t elements = v.rows() > 0 ? (v.rows() - 1) * v.ld() + v.cols() : 0;
-    return std::pair{first, first + elements * static_cast<index_t>(sizeof(T))};
-  };
-  const auto [s0, s1] = span_of(src);
-  const auto [d0, d1] = span_of(dst);
-  MOEKIT_CHECK(src.empty() || dst.empty() || s1 <= d0 || d1 <= s0, Errc::kInvalidArgument,
-               "src and dst overlap: gather_rows moves rows out of place");
+  OverlapCheck("gpu::gather_rows")  // rows move in parallel: out of place only
+      .out({{dst, "dst"}})
+      .in({{src, "src"}, {kept, "kept"}, {num_live, 1, "num_live"}})
+      .check();
   if (kept.empty() || src.cols() == 0) return cudaSuccess;
   constexpr int kWarpsPerBlock = detail::kExitThreads / 32;
   detail::gather_rows_kernel<T>
@@ -406,6 +408,15 @@ cudaError_t multi_exit_loss(void* d_temp_storage, std::size_t& temp_storage_byte
   }
   if (!args.exit_losses.empty()) check_shape(args.exit_losses, k, "args.exit_losses");
   MOEKIT_CHECK(args.loss != nullptr, Errc::kNullPointer, "args.loss is null");
+  check_multi_exit_overlap("gpu::multi_exit_loss", args.logits, args.labels, {}, args.dlogits,
+                           args.exit_losses);
+  OverlapCheck("gpu::multi_exit_loss")
+      .out({{args.loss, 1, "args.loss"},
+            {args.invalid_labels, args.invalid_labels != nullptr ? 1 : 0, "args.invalid_labels"},
+            {args.exit_losses, "args.exit_losses"},
+            detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in({{args.labels, "args.labels"}})
+      .check();
 
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_labels);
   if (invalid != nullptr) MOEKIT_CUDA_TRY(cudaMemsetAsync(invalid, 0, sizeof(*invalid), stream));

@@ -1,7 +1,7 @@
 #pragma once
 // Expert FFNs over the expert-major buffer on the CUDA backend, forward and
 // backward, for MoeSpec<E, K> and activations of type T (fp32, bf16, fp16):
-// the math and weight layout of moekit/cpu/expert_ffn.hpp (DESIGN.md §4).
+// the math and weight layout of moekit/cpu/expert_ffn.hpp (docs/math.md).
 //
 //   w1  (E d_ff) x d,  w3 (E d_ff) x d (gated only),  w2 (E d) x d_ff   (row-major)
 //   a = X W1^T,  h = act(a) [* X W3^T],  y = h W2^T        for expert e's rows X
@@ -244,6 +244,13 @@ class ExpertFfn {
     if (!saved_pre.empty()) check_shape(saved_pre, n, f, "saved_pre");
     if (gated() && !saved_gate.empty()) check_shape(saved_gate, n, f, "saved_gate");
     if (!gated()) check_absent(saved_gate, "saved_gate");
+    OverlapCheck("gpu::ExpertFfn::forward")
+        .out({{y, "y"},
+              {saved_pre, "saved_pre"},
+              {saved_gate, "saved_gate"},
+              detail::temp_storage(workspace, workspace_size(n))})
+        .in({{buffer, "buffer"}, {w.w1, "w.w1"}, {w.w3, "w.w3"}, {w.w2, "w.w2"}})
+        .check();
     if (n == 0) return;
     MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
 
@@ -304,6 +311,20 @@ class ExpertFfn {
     if (gated() && want_dw3) check_shape(grads.dw3, e_ff, d, "grads.dw3");
     if (!gated()) check_absent(grads.dw3, "grads.dw3");
     if (want_dw2) check_shape(grads.dw2, e_d, f, "grads.dw2");
+    OverlapCheck("gpu::ExpertFfn::backward")
+        .out({{dx, "dx"},
+              {grads.dw1, "grads.dw1"},
+              {grads.dw3, "grads.dw3"},
+              {grads.dw2, "grads.dw2"},
+              detail::temp_storage(workspace, workspace_size(n))})
+        .in({{dy, "dy"},
+             {buffer, "buffer"},
+             {w.w1, "w.w1"},
+             {w.w3, "w.w3"},
+             {w.w2, "w.w2"},
+             {saved_pre, "saved_pre"},
+             {saved_gate, "saved_gate"}})
+        .check();
     const float beta = grads.accumulate ? 1.0f : 0.0f;
 
     // Empty experts: their gradient blocks are 0 (overwrite mode).

@@ -4,7 +4,7 @@
 // a bank of N adapters where each row picks its own (LoraBank, SGMV style),
 // forward and backward, initialisation and merging on the device. The math,
 // layout, dropout mask and configuration are the CPU backend's
-// (moekit/cpu/lora.hpp, DESIGN.md §4), s = alpha / R (alpha / sqrt(R) rsLoRA):
+// (moekit/cpu/lora.hpp, docs/math.md), s = alpha / R (alpha / sqrt(R) rsLoRA):
 //
 //   x  n x d_in,  w  d_out x d_in (frozen, optional bias d_out),
 //   a  N R x d_in (adapter i: rows [i R, (i + 1) R)),  b  N d_out x R (rows [i d_out, ...))
@@ -225,10 +225,11 @@ MOEKIT_DEVICE void load_span(const T* p, float* v) {
 template <int R, int V, FactorLayout L, class T>
 __global__ void __launch_bounds__(kLoraThreads)
     lora_shrink_kernel(MatrixView<const T> in, LoraSegments seg, Factor<L, T> f, float scale,
-                       LoraDropout drop, MatrixView<float> out) {
+                       LoraDropout call_drop, MatrixView<float> out) {
   constexpr int kRows = kShrinkRows<R>, kChunk = kRankChunk<R>;
   LoraTile tile;
   if (!find_tile(seg, kRows, blockIdx.x, tile)) return;
+  const LoraDropout drop = call_drop.for_adapter(tile.segment);
   index_t rows[kRows];
 #pragma unroll
   for (int m = 0; m < kRows; ++m)
@@ -310,10 +311,11 @@ __global__ void __launch_bounds__(kLoraThreads)
 template <int R, int V, FactorLayout L, class T>
 __global__ void __launch_bounds__(kLoraThreads)
     lora_expand_kernel(MatrixView<const float> coef, LoraSegments seg, Factor<L, T> f, float scale,
-                       LoraDropout drop, MatrixView<T> out) {
+                       LoraDropout call_drop, MatrixView<T> out) {
   constexpr int kRows = kExpandRows;
   LoraTile tile;
   if (!find_tile(seg, kRows, blockIdx.x, tile)) return;
+  const LoraDropout drop = call_drop.for_adapter(tile.segment);
   __shared__ float c[kRows][R];
   __shared__ index_t rows[kRows];
   if (threadIdx.x < kRows) {
@@ -392,10 +394,11 @@ struct GradOut {
 template <int R, FactorLayout L, class T>
 __global__ void __launch_bounds__(kLoraThreads)
     lora_outer_kernel(MatrixView<const float> coef, MatrixView<const T> in, LoraSegments seg,
-                      float scale, LoraDropout drop, int splits, GradOut<L> grad, bool accumulate,
-                      float* partials) {
+                      float scale, LoraDropout call_drop, int splits, GradOut<L> grad,
+                      bool accumulate, float* partials) {
   constexpr int kChunk = kRankChunk<R>, kCols = kOuterColumns<R>;
   const index_t i = blockIdx.y, d = in.cols();
+  const LoraDropout drop = call_drop.for_adapter(i);
   const int s = static_cast<int>(blockIdx.z);
   const index_t begin = seg.bound(i), len = seg.bound(i + 1) > begin ? seg.bound(i + 1) - begin : 0;
   const index_t p0 = begin + len * s / splits, p1 = begin + len * (s + 1) / splits;
@@ -594,8 +597,12 @@ inline constexpr int kLoraVector = 16 / static_cast<int>(sizeof(T));
 template <int R, class T>
 class LoraOps {
  public:
-  LoraOps(index_t d_in, index_t d_out, float scale, float dropout)
-      : d_in_(d_in), d_out_(d_out), scale_(scale), dropout_(dropout) {}
+  LoraOps(index_t d_in, index_t d_out, float scale, float dropout, std::uint64_t dropout_stream)
+      : d_in_(d_in),
+        d_out_(d_out),
+        scale_(scale),
+        dropout_(dropout),
+        dropout_stream_(dropout_stream) {}
 
   // Gradient partial sums' bytes for n rows over N adapters (0 when one split).
   std::size_t partial_bytes(index_t n, index_t adapters) const {
@@ -648,8 +655,9 @@ class LoraOps {
   }
 
  private:
+  // The call's dropout; each kernel takes its adapter's by for_adapter(i).
   LoraDropout dropout(const LoraStep& step) const {
-    return LoraDropout::make(dropout_, step, d_in_);
+    return LoraDropout::make(dropout_, step, d_in_, dropout_stream_);
   }
 
   // Splits of each adapter's rows for outer: enough blocks to fill a large
@@ -721,6 +729,7 @@ class LoraOps {
 
   index_t d_in_, d_out_;
   float scale_, dropout_;
+  std::uint64_t dropout_stream_;
 };
 
 inline void check_rank(index_t got, int rank, const char* name, const char* what) {
@@ -770,12 +779,13 @@ namespace detail {
 template <int R, class T>
 class LoraLayer {
  public:
-  LoraLayer(index_t d_in, index_t d_out, index_t adapters, float alpha, bool rslora, float dropout)
+  LoraLayer(index_t d_in, index_t d_out, index_t adapters, float alpha, bool rslora, float dropout,
+            std::uint64_t dropout_stream)
       : d_in_(d_in),
         d_out_(d_out),
         adapters_(adapters),
         scale_(lora_scale(alpha, R, rslora)),
-        ops_(d_in, d_out, lora_scale(alpha, R, rslora), dropout) {}
+        ops_(d_in, d_out, lora_scale(alpha, R, rslora), dropout, dropout_stream) {}
 
   float scale() const { return scale_; }
 
@@ -786,23 +796,29 @@ class LoraLayer {
            ops_.partial_bytes(rows, adapters_);
   }
 
-  void init(MatrixView<T> a, MatrixView<T> b, const LoraInitConfig& c, index_t first_row,
-            cudaStream_t stream) const {
+  void init(const char* where, MatrixView<T> a, MatrixView<T> b, const LoraInitConfig& c,
+            index_t first_row, cudaStream_t stream) const {
+    OverlapCheck(where).out({{a, "a"}, {b, "b"}}).check();
     const float spread = lora_init_spread<R>(c, d_in_);
     lora_init_kernel<T><<<elementwise_grid(a.size() + b.size()), 256, 0, stream>>>(
         a, b, c.kind, spread, c.seed, first_row);
     MOEKIT_CUDA_CHECK(cudaGetLastError());
   }
 
-  void forward(cublasHandle_t handle, MatrixView<const T> x, const LoraSegments& seg,
-               VectorView<const std::int32_t> ids, const LoraWeights<T>& w, MatrixView<T> y,
-               MatrixView<float> saved_h, const LoraStep& step, void* workspace, std::size_t bytes,
-               cudaStream_t stream) const {
+  void forward(const char* where, cublasHandle_t handle, MatrixView<const T> x,
+               const LoraSegments& seg, VectorView<const std::int32_t> ids, const LoraWeights<T>& w,
+               MatrixView<T> y, MatrixView<float> saved_h, const LoraStep& step, void* workspace,
+               std::size_t bytes, cudaStream_t stream) const {
     const index_t n = x.rows();
     check_shape(y, n, d_out_, "y");
     if (!saved_h.empty()) check_h(saved_h, n, "saved_h");
     check_workspace(workspace, bytes, workspace_size(n));
     check_launch_limits(n, false);
+    OverlapCheck overlap(where);
+    overlap.out({{y, "y"}, {saved_h, "saved_h"}, temp_storage(workspace, workspace_size(n))})
+        .in({{x, "x"}, {ids, "rows.ids"}});
+    add_inputs(overlap, w, seg);
+    overlap.check();
     if (n == 0) return;
     if (!w.w.empty()) base_forward(handle, x, w, y, stream);
     const MatrixView<float> h = saved_h.empty() ? scratch(workspace, n) : saved_h;
@@ -814,10 +830,11 @@ class LoraLayer {
     ops_.expand_y(h, seg, w.b, y, stream);
   }
 
-  void backward(cublasHandle_t handle, MatrixView<const T> dy, MatrixView<const T> x,
-                const LoraSegments& seg, const LoraWeights<T>& w, MatrixView<const float> saved_h,
-                const LoraStep& step, MatrixView<T> dx, const LoraGrads& grads, void* workspace,
-                std::size_t bytes, cudaStream_t stream) const {
+  void backward(const char* where, cublasHandle_t handle, MatrixView<const T> dy,
+                MatrixView<const T> x, const LoraSegments& seg, const LoraWeights<T>& w,
+                MatrixView<const float> saved_h, const LoraStep& step, MatrixView<T> dx,
+                const LoraGrads& grads, void* workspace, std::size_t bytes,
+                cudaStream_t stream) const {
     const index_t n = x.rows();
     check_shape(dy, n, d_out_, "dy");
     const bool want_dx = !dx.empty(), want_da = !grads.da.empty(), want_db = !grads.db.empty();
@@ -832,6 +849,15 @@ class LoraLayer {
     }
     check_workspace(workspace, bytes, workspace_size(n));
     check_launch_limits(n, want_da || want_db);
+    OverlapCheck overlap(where);
+    overlap
+        .out({{dx, "dx"},
+              {grads.da, "grads.da"},
+              {grads.db, "grads.db"},
+              temp_storage(workspace, workspace_size(n))})
+        .in({{dy, "dy"}, {x, "x"}, {saved_h, "saved_h"}});
+    add_inputs(overlap, w, seg);
+    overlap.check();
     if (!want_dx && !want_da && !want_db) return;
     void* partials =
         static_cast<char*>(workspace) + round_up(static_cast<std::size_t>(n * R) * sizeof(float));
@@ -852,16 +878,22 @@ class LoraLayer {
 
   // w (+ or -)= s b_i a_i; with `safe`, first checks every merged value and
   // throws kNonFinite (w untouched) if one is NaN or infinite.
-  void merge(index_t adapter, MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b,
-             float sign, bool safe, void* workspace, std::size_t bytes, cudaStream_t stream) const {
+  void merge(const char* where, index_t adapter, MatrixView<T> w, MatrixView<const T> a,
+             MatrixView<const T> b, float sign, bool safe, void* workspace, std::size_t bytes,
+             cudaStream_t stream) const {
     check_shape(w, d_out_, d_in_, "w");
     check_adapters(a, b, "a", "b");
     MOEKIT_CHECK_RANGE(adapter, 0, adapters_);
+    if (safe) check_workspace(workspace, bytes, merge_workspace_size());
+    OverlapCheck(where)
+        .out(
+            {{w, "w"}, temp_storage(safe ? workspace : nullptr, safe ? merge_workspace_size() : 0)})
+        .in({{a, "a"}, {b, "b"}})
+        .check();
     const MatrixView<const T> ai = a.middle_rows(adapter * R, R);
     const MatrixView<const T> bi = b.middle_rows(adapter * d_out_, d_out_);
     const int blocks = elementwise_grid(w.size());
     if (safe) {
-      check_workspace(workspace, bytes, merge_workspace_size());
       auto* bad = static_cast<unsigned long long*>(workspace);
       const unsigned long long init[2] = {0ull, ~0ull};
       MOEKIT_CUDA_CHECK(cudaMemcpyAsync(bad, init, sizeof(init), cudaMemcpyHostToDevice, stream));
@@ -906,6 +938,16 @@ class LoraLayer {
       check_shape(w.bias, d_out_, "weights.bias");
     }
     check_adapters(w.a, w.b, "weights.a", "weights.b");
+  }
+
+  // The weights and row grouping a call reads, for its OverlapCheck.
+  void add_inputs(OverlapCheck& c, const LoraWeights<T>& w, const LoraSegments& seg) const {
+    c.in({{w.w, "weights.w"},
+          {w.bias, "weights.bias"},
+          {w.a, "weights.a"},
+          {w.b, "weights.b"},
+          {seg.order, seg.order != nullptr ? seg.rows : 0, "rows.order"},
+          {seg.offsets, seg.offsets != nullptr ? seg.count + 1 : 0, "rows.offsets"}});
   }
 
   static void check_handle(cublasHandle_t handle, const LoraWeights<T>& w) {
@@ -968,7 +1010,8 @@ class LoraLinear {
 
   explicit LoraLinear(const LoraConfig& config)
       : config_((check_lora_config(config), config)),
-        layer_(config.d_in, config.d_out, 1, config.alpha, config.rslora, config.dropout) {}
+        layer_(config.d_in, config.d_out, 1, config.alpha, config.rslora, config.dropout,
+               config.dropout_stream) {}
 
   const LoraConfig& config() const { return config_; }
   float scale() const { return layer_.scale(); }
@@ -980,7 +1023,7 @@ class LoraLinear {
   void init(MatrixView<T> a, MatrixView<T> b, const LoraInitConfig& init_config,
             cudaStream_t stream = nullptr) const {
     layer_.check_adapters(a, b, "a", "b");
-    layer_.init(a, b, init_config, 0, stream);
+    layer_.init("gpu::LoraLinear::init", a, b, init_config, 0, stream);
   }
 
   // y = x w^T + bias + s h b^T with h = drop(x) a^T written to saved_h (n x R
@@ -991,8 +1034,8 @@ class LoraLinear {
     layer_.check_input(x);
     layer_.check_weights(weights, true);
     layer_.check_handle(handle, weights);
-    layer_.forward(handle, x, segments(x.rows()), {}, weights, y, saved_h, step, workspace,
-                   workspace_bytes, stream);
+    layer_.forward("gpu::LoraLinear::forward", handle, x, segments(x.rows()), {}, weights, y,
+                   saved_h, step, workspace, workspace_bytes, stream);
   }
 
   // Given dy: dx = dy w + drop'(dh a) (overwritten), da, db (fp32, overwritten
@@ -1005,25 +1048,26 @@ class LoraLinear {
     layer_.check_input(x);
     layer_.check_weights(weights, true);
     layer_.check_handle(handle, weights);
-    layer_.backward(handle, dy, x, segments(x.rows()), weights, saved_h, step, dx, grads, workspace,
-                    workspace_bytes, stream);
+    layer_.backward("gpu::LoraLinear::backward", handle, dy, x, segments(x.rows()), weights,
+                    saved_h, step, dx, grads, workspace, workspace_bytes, stream);
   }
 
   // w += s b a / w -= s b a (fp32 sums, one rounding to T per element).
   void merge(MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b,
              cudaStream_t stream = nullptr) const {
-    layer_.merge(0, w, a, b, 1.0f, false, nullptr, 0, stream);
+    layer_.merge("gpu::LoraLinear::merge", 0, w, a, b, 1.0f, false, nullptr, 0, stream);
   }
   void unmerge(MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b,
                cudaStream_t stream = nullptr) const {
-    layer_.merge(0, w, a, b, -1.0f, false, nullptr, 0, stream);
+    layer_.merge("gpu::LoraLinear::unmerge", 0, w, a, b, -1.0f, false, nullptr, 0, stream);
   }
   // merge, refusing (Errc::kNonFinite, w unchanged) if a merged value would
   // not be finite in T; synchronises `stream` once to learn that.
   static std::size_t merge_workspace_size() { return Layer::merge_workspace_size(); }
   void safe_merge(MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b, void* workspace,
                   std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
-    layer_.merge(0, w, a, b, 1.0f, true, workspace, workspace_bytes, stream);
+    layer_.merge("gpu::LoraLinear::safe_merge", 0, w, a, b, 1.0f, true, workspace, workspace_bytes,
+                 stream);
   }
 
  private:
@@ -1049,7 +1093,7 @@ class LoraBank {
   explicit LoraBank(const LoraBankConfig& config)
       : config_((check_lora_config(config), config)),
         layer_(config.d_in, config.d_out, config.num_adapters, config.alpha, config.rslora,
-               config.dropout) {}
+               config.dropout, config.dropout_stream) {}
 
   const LoraBankConfig& config() const { return config_; }
   float scale() const { return layer_.scale(); }
@@ -1081,6 +1125,13 @@ class LoraBank {
     check_shape(offsets, num_adapters() + 1, "offsets");
     const std::size_t need = group_workspace_size(n);
     detail::check_workspace(workspace, workspace_bytes, need);
+    OverlapCheck("gpu::LoraBank::group")
+        .out({{order, "order"},
+              {offsets, "offsets"},
+              {invalid, invalid != nullptr ? 1 : 0, "invalid"},
+              detail::temp_storage(workspace, need)})
+        .in({{ids, "ids"}})
+        .check();
     const auto count = static_cast<std::size_t>(n);
     char* base = static_cast<char*>(workspace);
     auto* keys_in = reinterpret_cast<std::uint32_t*>(base);
@@ -1113,13 +1164,13 @@ class LoraBank {
   void init(MatrixView<T> a, MatrixView<T> b, const LoraInitConfig& init_config,
             cudaStream_t stream = nullptr) const {
     layer_.check_adapters(a, b, "a", "b");
-    layer_.init(a, b, init_config, 0, stream);
+    layer_.init("gpu::LoraBank::init", a, b, init_config, 0, stream);
   }
   void init_adapter(index_t adapter, MatrixView<T> a, MatrixView<T> b,
                     const LoraInitConfig& init_config, cudaStream_t stream = nullptr) const {
     layer_.check_adapters(a, b, "a", "b");
     MOEKIT_CHECK_RANGE(adapter, 0, num_adapters());
-    layer_.init(a.middle_rows(adapter * kRank, kRank),
+    layer_.init("gpu::LoraBank::init_adapter", a.middle_rows(adapter * kRank, kRank),
                 b.middle_rows(adapter * config_.d_out, config_.d_out), init_config, adapter * kRank,
                 stream);
   }
@@ -1134,8 +1185,8 @@ class LoraBank {
     check_rows(rows, x.rows());
     layer_.check_weights(weights, false);
     layer_.check_handle(handle, weights);
-    layer_.forward(handle, x, segments(rows, x.rows()), rows.ids, weights, y, saved_h, step,
-                   workspace, workspace_bytes, stream);
+    layer_.forward("gpu::LoraBank::forward", handle, x, segments(rows, x.rows()), rows.ids, weights,
+                   y, saved_h, step, workspace, workspace_bytes, stream);
   }
 
   // Given dy: dx (overwritten with the base, or added to without it), da, db
@@ -1149,24 +1200,25 @@ class LoraBank {
     check_rows(rows, x.rows());
     layer_.check_weights(weights, false);
     layer_.check_handle(handle, weights);
-    layer_.backward(handle, dy, x, segments(rows, x.rows()), weights, saved_h, step, dx, grads,
-                    workspace, workspace_bytes, stream);
+    layer_.backward("gpu::LoraBank::backward", handle, dy, x, segments(rows, x.rows()), weights,
+                    saved_h, step, dx, grads, workspace, workspace_bytes, stream);
   }
 
   // Adapter `adapter` merged into / taken out of a base weight w (d_out x d_in).
   void merge(index_t adapter, MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b,
              cudaStream_t stream = nullptr) const {
-    layer_.merge(adapter, w, a, b, 1.0f, false, nullptr, 0, stream);
+    layer_.merge("gpu::LoraBank::merge", adapter, w, a, b, 1.0f, false, nullptr, 0, stream);
   }
   void unmerge(index_t adapter, MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b,
                cudaStream_t stream = nullptr) const {
-    layer_.merge(adapter, w, a, b, -1.0f, false, nullptr, 0, stream);
+    layer_.merge("gpu::LoraBank::unmerge", adapter, w, a, b, -1.0f, false, nullptr, 0, stream);
   }
   static std::size_t merge_workspace_size() { return Layer::merge_workspace_size(); }
   void safe_merge(index_t adapter, MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b,
                   void* workspace, std::size_t workspace_bytes,
                   cudaStream_t stream = nullptr) const {
-    layer_.merge(adapter, w, a, b, 1.0f, true, workspace, workspace_bytes, stream);
+    layer_.merge("gpu::LoraBank::safe_merge", adapter, w, a, b, 1.0f, true, workspace,
+                 workspace_bytes, stream);
   }
 
  private:

@@ -83,7 +83,8 @@
 // NonFinitePolicy::kError a non-finite logit throws Errc::kNonFinite at the
 // synchronisation, after the state's routing was written, never y (as on the
 // CPU). CUDA and cuBLAS failures throw moekit::Error (kCudaError /
-// kCublasError). Outputs must not overlap inputs (not checked).
+// kCublasError). An output that overlaps an input or another output is
+// refused before any launch (kInvalidArgument, naming both).
 //
 // Determinism: no float atomics; every part sums in a fixed order, so reruns
 // on one GPU are bit-identical. Results differ from the CPU's in the last bits.
@@ -346,6 +347,15 @@ class MoeLayer {
     check_state(state, tokens);
     const auto [lay, stream, handle, ws, main, routing, rows] =
         begin_call<ForwardLayout>(workspace, state, tokens);
+    OverlapCheck overlap("gpu::MoeLayer::forward");
+    overlap
+        .out({{y, "y"},
+              {state.row_slots, "state.row_slots"},
+              detail::temp_storage(workspace.data, lay.total)})
+        .in({{x, "x"}});
+    add_moe_params(overlap, params);
+    add_moe_state(overlap, state, /*written=*/true);
+    overlap.check();
     auto* d_routing_stats = detail::carve<RoutingStats<S>>(ws, lay.routing_stats);
     auto* d_dispatch_stats = detail::carve<DispatchStats<S>>(ws, lay.dispatch_stats);
 
@@ -446,6 +456,13 @@ class MoeLayer {
     const index_t n = check_host_offsets(state.host_offsets, tokens);
     const auto [lay, stream, handle, ws, main, routing, rows] =
         begin_call<BackwardLayout>(workspace, state, tokens);
+    OverlapCheck overlap("gpu::MoeLayer::backward");
+    overlap.out({{dx, "dx"}, detail::temp_storage(workspace.data, lay.total)})
+        .in({{dy, "dy"}, {x, "x"}, {state.row_slots, "state.row_slots"}});
+    add_moe_params(overlap, params);
+    add_moe_grads(overlap, grads);
+    add_moe_state(overlap, state, /*written=*/false);
+    overlap.check();
     const VectorView<const index_t> offsets = state.offsets;
     const VectorView<const index_t> host_offsets = state.host_offsets;
 

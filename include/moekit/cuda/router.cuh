@@ -66,7 +66,7 @@ struct RoutingStats {
   std::int64_t tokens;
   std::int64_t non_finite_logits;
   std::int64_t max_assigned;           // the busiest expert's assignments
-  double z_loss;                       // mean_t logsumexp(logits_t)^2, non-finite rows add 0
+  double z_loss;                       // mean_t logsumexp(logits_t)^2 (cpu::z_loss's rule)
   std::int64_t assigned[kExperts];     // assignments per expert
   double mean_distribution[kExperts];  // mean over tokens of the routing distribution q
 
@@ -280,15 +280,19 @@ MOEKIT_DEVICE void warp_scores(GatingRule rule, const float* x, float* s) {
   for (int j = 0; j < V; ++j) s[j] *= inv;
 }
 
-// routing::z_loss_token on the slots: lse^2, 0 for a row with a non-finite
-// logit; with d_row, adds the gradient there (c * exp(x - max)).
+// routing::z_loss_token on the slots (padding slots hold -inf): lse^2, 0
+// for a row with a NaN or +inf logit or nothing above -inf; with d_row,
+// adds the gradient there (c * exp(x - max)).
 template <int E>
-MOEKIT_DEVICE double warp_z_loss(const float* x, int non_finite, double coeff, double tokens,
-                                 float* d_row) {
-  if (non_finite != 0) return 0.0;
+MOEKIT_DEVICE double warp_z_loss(const float* x, double coeff, double tokens, float* d_row) {
+  int poisoned = 0;
   float m = -routing::kInf;
-  for (int j = 0; j < kLaneSlots<E>; ++j) m = fmaxf(m, x[j]);
+  for (int j = 0; j < kLaneSlots<E>; ++j) {
+    poisoned += routing::z_loss_poisons(x[j]);
+    m = x[j] > m ? x[j] : m;
+  }
   m = warp_max(m);
+  if (warp_sum(poisoned) != 0 || routing::is_minus_inf(m)) return 0.0;
   float sum = 0.0f;
   for (int j = 0; j < kLaneSlots<E>; ++j) sum += routing::z_loss_exp(x[j] - m);
   sum = warp_sum(sum);
@@ -418,7 +422,7 @@ MOEKIT_DEVICE RowStats warp_gate_row(float* row, const float* bias, const Gating
   RowStats out;
   out.non_finite = non_finite;
   if (stats) {
-    out.lse_square = warp_z_loss<E>(x, non_finite, 0.0, 1.0, nullptr);
+    out.lse_square = warp_z_loss<E>(x, 0.0, 1.0, nullptr);
     if (cfg.rule == GatingRule::kSigmoid) {
       double total = 0.0;
       for (int j = 0; j < V; ++j)
@@ -570,6 +574,11 @@ inline bool size_query(void* d_temp_storage, std::size_t& temp_storage_bytes, st
                Errc::kInvalidArgument, "d_temp_storage is not aligned to ", kWorkspaceAlignment,
                " bytes");
   return false;
+}
+
+// The part of a caller's temp storage a call uses, for its OverlapCheck.
+inline Footprint temp_storage(void* d_temp_storage, std::size_t bytes) {
+  return {static_cast<std::byte*>(d_temp_storage), static_cast<index_t>(bytes), "d_temp_storage"};
 }
 
 inline void check_token_count(index_t tokens, int top_k) {
@@ -832,6 +841,14 @@ cudaError_t route(void* d_temp_storage, std::size_t& temp_storage_bytes,
   const std::size_t at_nf = plan.reserve(nb * sizeof(std::int64_t));
   if (detail::size_query(d_temp_storage, temp_storage_bytes, plan.bytes())) return cudaSuccess;
   detail::check_route_args(args);
+  OverlapCheck("gpu::route")
+      .out({{args.scores, "args.scores"},
+            {args.expert_ids, "args.expert_ids"},
+            {args.weights, "args.weights"},
+            {args.stats, args.stats != nullptr ? 1 : 0, "args.stats"},
+            detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in({{args.logits, "args.logits"}, {args.selection_bias, "args.selection_bias"}})
+      .check();
 
   detail::StatsPartials partials;
   if (args.stats != nullptr) {
@@ -870,6 +887,14 @@ cudaError_t backward_gate(const GateBackwardArgs<S, T>& args, cudaStream_t strea
   check_shape(args.expert_ids, tokens, K, "args.expert_ids");
   check_shape(args.dweights, tokens, K, "args.dweights");
   check_shape(args.dlogits, tokens, E, "args.dlogits");
+  OverlapCheck("gpu::backward_gate")
+      .out({{args.dlogits, "args.dlogits"},
+            {args.invalid_rows, args.invalid_rows != nullptr ? 1 : 0, "args.invalid_rows"}})
+      .in({{args.logits, "args.logits"},
+           {args.scores, "args.scores"},
+           {args.expert_ids, "args.expert_ids"},
+           {args.dweights, "args.dweights"}})
+      .check();
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_rows);
   static_assert(sizeof(unsigned long long) == sizeof(std::int64_t));
   if (invalid != nullptr) {

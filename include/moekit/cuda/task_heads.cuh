@@ -2,7 +2,7 @@
 // H task heads on a shared encoder on the CUDA backend, for HeadSpec<H> and
 // elements T (fp32, bf16, fp16): forward, per-task softmax cross-entropy with
 // fixed or uncertainty weighting, per-task accuracy, and backward. The math,
-// weight layout and gradient rules of moekit/cpu/task_heads.hpp (DESIGN.md §4):
+// weight layout and gradient rules of moekit/cpu/task_heads.hpp (docs/math.md):
 //
 //   w  (sum_h C_h) x d   head h's W_h = rows [off_h, off_h + C_h)     (row-major)
 //   b  sum_h C_h         head h's b_h (config.bias)
@@ -494,6 +494,10 @@ class TaskHeads {
     check_tasks(tasks, n);
     check_weights(weights);
     check_shape(logits, n, max_classes_, "logits");
+    OverlapCheck("gpu::TaskHeads::forward")
+        .out({{logits, "logits"}, {invalid_rows, invalid_rows != nullptr ? 1 : 0, "invalid_rows"}})
+        .in({{x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
+        .check();
     auto* invalid = reinterpret_cast<unsigned long long*>(invalid_rows);
     if (invalid != nullptr)
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(invalid, 0, sizeof(*invalid), stream));
@@ -523,6 +527,13 @@ class TaskHeads {
     MOEKIT_CHECK(result != nullptr, Errc::kNullPointer, "result is null");
     const LossPlan lp = loss_plan(n);
     check_workspace(workspace, workspace_bytes, lp.plan.bytes(), n);
+    OverlapCheck("gpu::TaskHeads::loss")
+        .out({{dlogits, "dlogits"},
+              {dlog_vars, "dlog_vars"},
+              {result, 1, "result"},
+              detail::temp_storage(workspace, lp.plan.bytes())})
+        .in({{logits, "logits"}, {tasks, "tasks"}, {labels, "labels"}})
+        .check();
 
     detail::LossTable<kHeads> loss_table{};
     loss_table.uncertainty = weighting.kind == TaskWeighting::kUncertainty;
@@ -573,11 +584,15 @@ class TaskHeads {
     check_shape(dlogits, n, max_classes_, "dlogits");
     const bool want_dx = !dx.empty(), want_dw = !grads.dw.empty(), want_db = !grads.db.empty();
     check_head_backward_outputs(dx, grads.dw, grads.db, n, d, total_classes(), config_.bias);
+    OverlapCheck overlap("gpu::TaskHeads::backward");
+    add_head_backward_args(overlap, dlogits, x, tasks, weights, dx, grads);
     const std::int32_t* task_ids = task_pointer(tasks);
+    if (!want_dw && !want_db) overlap.check();  // no workspace
     if (want_dw || want_db) {
       check_workspace(workspace, workspace_bytes, 0, n);  // before CUB, which needs a device
       const BackwardPlan bp = backward_plan(n);
       check_workspace(workspace, workspace_bytes, bp.plan.bytes(), n);
+      overlap.out({detail::temp_storage(workspace, bp.plan.bytes())}).check();
       auto* keys_in = detail::carve<std::uint32_t>(workspace, bp.keys_in);
       auto* keys_out = detail::carve<std::uint32_t>(workspace, bp.keys_out);
       auto* rows_in = detail::carve<std::int32_t>(workspace, bp.rows_in);

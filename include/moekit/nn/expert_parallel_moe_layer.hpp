@@ -178,7 +178,7 @@ class ExpertParallelMoeLayer {
     Layout lay;
     Errc failed = Errc{};
     std::exception_ptr error;
-    std::array<std::int64_t, kExperts> count{};
+    std::array<std::int64_t, to_size(kExperts)> count{};
     index_t non_finite = 0;
     index_t first_token = 0;
     try {
@@ -212,7 +212,7 @@ class ExpertParallelMoeLayer {
                        region(workspace, lay.aux, router_.workspace_size(tokens, d)), first_token);
         non_finite = router_.gate(routing, params.selection_bias);
         for (index_t t = 0; t < tokens; ++t) {
-          for (int k = 0; k < kTopK; ++k) ++count[routing.expert_ids(t, k)];
+          for (int k = 0; k < kTopK; ++k) ++count[to_size(routing.expert_ids(t, k))];
         }
       } catch (const Error& e) {
         failed = e.code();
@@ -234,8 +234,9 @@ class ExpertParallelMoeLayer {
     const Plan plan = make_plan(gathered, state.plan);
 
     // 3. Capacity and positions (global positions, then numbered within the rank).
-    std::array<std::int32_t, kExperts> next{};
-    for (int e = 0; e < kExperts; ++e) next[e] = static_cast<std::int32_t>(plan.prefix(rank_, e));
+    std::array<std::int32_t, to_size(kExperts)> next{};
+    for (int e = 0; e < kExperts; ++e)
+      next[to_size(e)] = static_cast<std::int32_t>(plan.prefix(rank_, e));
     Router<S>::number_slots(routing, 0, tokens, next, plan.cap);
     for (index_t t = 0; t < tokens; ++t) {
       for (int k = 0; k < kTopK; ++k) {
@@ -533,10 +534,10 @@ class ExpertParallelMoeLayer {
       for (int q = 0; q < r; ++q) s += tokens(q);
       return s;
     }
-    std::array<index_t, kExperts> assigned() const {
-      std::array<index_t, kExperts> a{};
+    std::array<index_t, to_size(kExperts)> assigned() const {
+      std::array<index_t, to_size(kExperts)> a{};
       for (int q = 0; q < ranks; ++q) {
-        for (int e = 0; e < kExperts; ++e) a[e] += count(q, e);
+        for (int e = 0; e < kExperts; ++e) a[to_size(e)] += count(q, e);
       }
       return a;
     }
@@ -769,9 +770,10 @@ class ExpertParallelMoeLayer {
   template <class Body>
   void run_experts(const Plan& plan, Body&& body, VectorView<std::byte> workspace,
                    const Layout& lay) const {
-    std::array<index_t, kExperts + 1> all{};  // the batch's offsets, for the decision
-    const std::array<index_t, kExperts> assigned = plan.assigned();
-    for (int e = 0; e < kExperts; ++e) all[e + 1] = all[e] + std::min(assigned[e], plan.cap);
+    std::array<index_t, to_size(kExperts) + 1> all{};  // the batch's offsets, for the decision
+    const std::array<index_t, to_size(kExperts)> assigned = plan.assigned();
+    for (std::size_t e = 0; e < kExperts; ++e)
+      all[e + 1] = all[e] + std::min(assigned[e], plan.cap);
     const bool across =
         detail::runs_across_experts<kExperts>(config_.threading, {all.data(), kExperts + 1});
     index_t* first_row = indices(workspace, lay.segments) + 2 * ranks_;  // local_ + 1 offsets
@@ -809,13 +811,13 @@ class ExpertParallelMoeLayer {
     Sums* sums = new (workspace.data() + lay.carry) Sums{};
     dist::pass_along_ranks(*transport_, carry_bytes(workspace, lay, sizeof(Sums)), [&] {
       for (index_t t = 0; t < routing.logits.rows(); ++t) {
-        const int c = static_cast<int>((first + t) / chunks.size);
+        const std::size_t c = to_size((first + t) / chunks.size);
         router_.add_token_stats(*sums, c, routing.logits.row(t), routing.scores.row(t));
       }
     });
     index_t dropped = 0, non_finite = 0;
-    const std::array<index_t, kExperts> assigned = plan.assigned();
-    for (int e = 0; e < kExperts; ++e) dropped += std::max<index_t>(0, assigned[e] - plan.cap);
+    const std::array<index_t, to_size(kExperts)> assigned = plan.assigned();
+    for (const index_t a : assigned) dropped += std::max<index_t>(0, a - plan.cap);
     for (int q = 0; q < ranks_; ++q) non_finite += plan.field(3, q);
     Router<S>::finish_stats(*sums, total, assigned, plan.cap, dropped, non_finite, stats);
   }

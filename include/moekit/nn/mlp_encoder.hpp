@@ -1,6 +1,6 @@
 #pragma once
 // A frozen dense MLP encoder on the CPU backend: the shared base of the
-// reference multi-task model (DESIGN.md §1), inference only.
+// reference multi-task model (docs/reference_model.md), inference only.
 //
 //   h_0     = x W_in^T + b_in                                  (n x d_input -> n x d)
 //   h_{l+1} = h_l + W2_l act(W1_l LN_l(h_l) + b1_l) + b2_l     l = 0 .. L-1 (pre-LN residual)
@@ -26,7 +26,8 @@
 // GEMMs; the row-wise LayerNorm and activation run on OpenMP threads, each row
 // on one thread, so results are bit-identical run after run.
 // Validation: the configuration (constructor), every view's shape and the
-// workspace, before anything is written. y must not overlap x.
+// workspace, before anything is written; y overlapping x, the weights or the
+// workspace is refused (kInvalidArgument).
 
 #include <cmath>
 #include <cstddef>
@@ -98,6 +99,9 @@ class MlpEncoder {
   // scaled by 1 / sqrt(2 L) so the activations stay O(1) with depth.
   void init(const MlpEncoderViews<float>& w, std::uint64_t seed) const {
     check(w, "w");
+    OverlapCheck overlap("cpu::MlpEncoder::init");
+    add_views(overlap, {w.w_in, w.b_in, w.gamma, w.beta, w.w1, w.b1, w.w2, w.b2}, /*written=*/true);
+    overlap.check();
     const MlpEncoderConfig& c = config_;
     std::uint64_t counter = 0;
     const auto fill = [&](MatrixView<float> m, double stddev) {
@@ -132,6 +136,10 @@ class MlpEncoder {
                  workspace.size(), " bytes, forward needs ", workspace_size(n));
     MOEKIT_CHECK(reinterpret_cast<std::uintptr_t>(workspace.data()) % alignof(float) == 0,
                  Errc::kInvalidArgument, "workspace is not aligned to ", alignof(float), " bytes");
+    OverlapCheck overlap("cpu::MlpEncoder::forward");
+    overlap.out({{y, "y"}, {workspace.segment(0, workspace_size(n)), "workspace"}}).in({{x, "x"}});
+    add_views(overlap, w, /*written=*/false);
+    overlap.check();
     if (n == 0) return;
 
     auto h = as_eigen(y);
@@ -175,6 +183,18 @@ class MlpEncoder {
       const float m = static_cast<float>(mean);
       float* o = out.row(t);
       for (index_t j = 0; j < d; ++j) o[j] = gamma[j] * ((r[j] - m) * inv) + beta[j];
+    }
+  }
+
+  // The weights for an OverlapCheck (init writes them, forward reads them).
+  static void add_views(OverlapCheck& c, const MlpEncoderViews<const float>& w, bool written) {
+    const std::initializer_list<Footprint> views = {
+        {w.w_in, "w.w_in"}, {w.b_in, "w.b_in"}, {w.gamma, "w.gamma"}, {w.beta, "w.beta"},
+        {w.w1, "w.w1"},     {w.b1, "w.b1"},     {w.w2, "w.w2"},       {w.b2, "w.b2"}};
+    if (written) {
+      c.out(views);
+    } else {
+      c.in(views);
     }
   }
 

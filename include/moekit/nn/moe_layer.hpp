@@ -39,7 +39,8 @@
 // other) before anything is written, with the argument named in the message.
 // One exception: with NonFinitePolicy::kError, a non-finite logit is reported
 // (Errc::kNonFinite) after forward wrote the state's routing, never y.
-// Outputs must not overlap inputs (not checked). Results are deterministic for
+// An output that overlaps an input or another output (y = x, say) is refused
+// (kInvalidArgument, naming both; core/view.hpp). Results are deterministic for
 // a fixed thread count, as the parts are.
 //
 // Token blocks (core/token_blocks.hpp): everything that spans several tokens
@@ -301,6 +302,11 @@ class MoeLayer {
     checks().check_state(state, tokens, state_rows(tokens));
     const Layout lay = layout(tokens, routed_rows(tokens));
     check_workspace(workspace, lay.total);
+    OverlapCheck overlap("cpu::MoeLayer::forward");
+    overlap.out({{y, "y"}, {workspace.segment(0, lay.total), "workspace"}}).in({{x, "x"}});
+    add_moe_params(overlap, params);
+    add_moe_state(overlap, state, /*written=*/true);
+    overlap.check();
 
     const Routing routing = routing_rows(state.routing, tokens);
     // The aux losses' values come with the statistics of the routing pass.
@@ -346,6 +352,13 @@ class MoeLayer {
                  " exceeds routed_rows(", tokens, ") = ", routed_rows(tokens));
     const Layout lay = layout(tokens, routed_rows(tokens));
     check_workspace(workspace, lay.total);
+    OverlapCheck overlap("cpu::MoeLayer::backward");
+    overlap.out({{dx, "dx"}, {workspace.segment(0, lay.total), "workspace"}})
+        .in({{dy, "dy"}, {x, "x"}});
+    add_moe_params(overlap, params);
+    add_moe_grads(overlap, grads);
+    add_moe_state(overlap, state, /*written=*/false);
+    overlap.check();
 
     const bool acc = grads.accumulate;
     const bool want_dx = !dx.empty();

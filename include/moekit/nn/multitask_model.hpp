@@ -1,5 +1,5 @@
 #pragma once
-// The reference multi-task model (DESIGN.md §1), built only from moekit's
+// The reference multi-task model (docs/reference_model.md), built only from moekit's
 // parts, on the CPU backend:
 //
 //   x ─▶ frozen MLP encoder ─▶ e                         (moekit/nn/mlp_encoder.hpp)

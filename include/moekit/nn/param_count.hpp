@@ -1,7 +1,7 @@
 #pragma once
 // Parameter accounting, evaluated at compile time.
 //
-// For each component and for the whole reference model (DESIGN.md §1) this
+// For each component and for the whole reference model (docs/reference_model.md) this
 // header counts
 //   total     - parameters stored,
 //   active    - parameters one token (one sample, for heads) uses in a
@@ -153,7 +153,7 @@ constexpr ParamCount encoder_params(const EncoderShape& s) {
 
 // ---- the reference model ------------------------------------------------------
 
-// DESIGN.md §1: frozen encoder -> MoE layers -> per-branch LoRA on a shared,
+// docs/reference_model.md: frozen encoder -> MoE layers -> per-branch LoRA on a shared,
 // frozen d_model x d_model projection -> per-branch linear head. H branches.
 struct ReferenceModelShape {
   EncoderShape encoder;

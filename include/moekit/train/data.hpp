@@ -1,5 +1,5 @@
 #pragma once
-// Training data for moekit's reference multi-task model (DESIGN.md §1): an
+// Training data for moekit's reference multi-task model (docs/reference_model.md): an
 // in-memory multi-task dataset, a synthetic benchmark with structure that
 // rewards experts, stateless batching, and CSV files. Host only.
 //
@@ -114,7 +114,8 @@
 //     become 0 or subnormal), and must be finite.
 // write_csv() writes a header "task,label,f0,...", then every row with each
 // float in its shortest round-trip form (std::to_chars), so read_csv() gives
-// back bit-identical data. It writes "<path>.tmp" and renames it over path.
+// back bit-identical data. It writes atomically (moekit/io/atomic_write.hpp).
+// parse_csv() reads the same format from text in memory.
 //
 // Errors (moekit::Error):
 //   kIoError         a file cannot be opened, read or written (naming the path)
@@ -710,6 +711,13 @@ inline void gather(const Dataset& data, std::span<const index_t> rows, MatrixVie
     MOEKIT_CHECK(rows[k] >= 0 && rows[k] < data.size(), Errc::kOutOfRange, "rows[", k,
                  "] = ", rows[k], " is outside [0, ", data.size(), ")");
   }
+  OverlapCheck("train::gather")
+      .out({{x, "x"}, {tasks, "tasks"}, {labels, "labels"}})
+      .in({{data.inputs(), "data.x"},
+           {data.task_view(), "data.tasks"},
+           {data.label_view(), "data.labels"},
+           {rows.data(), static_cast<index_t>(rows.size()), "rows"}})
+      .check();
   const auto f = static_cast<std::size_t>(data.features);
   for (index_t k = 0; k < n; ++k) {
     const auto r = static_cast<std::size_t>(rows[static_cast<std::size_t>(k)]);
@@ -770,27 +778,35 @@ inline ParseStatus parse_float(std::string_view s, float& out) noexcept {
   return ec == std::errc() ? ParseStatus::kOk : ParseStatus::kBad;
 }
 
-// Throws kFormatError "<path>:<line>: column <col>: <message>".
+// Throws kFormatError "<source>:<line>: column <col>: <message>".
 template <class... Args>
-[[noreturn]] void csv_fail(Errc code, const std::filesystem::path& path, std::size_t line,
-                           std::size_t column, const Args&... args) {
-  MOEKIT_FAIL(code, path.string(), ":", line, ": column ", column, ": ", args...);
+[[noreturn]] void csv_fail(Errc code, std::string_view source, std::size_t line, std::size_t column,
+                           const Args&... args) {
+  MOEKIT_FAIL(code, source, ":", line, ": column ", column, ": ", args...);
 }
 
-inline std::int32_t parse_id(std::string_view field, const char* what,
-                             const std::filesystem::path& path, std::size_t line,
-                             std::size_t column) {
+using ::moekit::detail::shown;  // a field as messages show it (at most 64 bytes)
+
+inline void check_csv_options(const CsvOptions& options) {
+  MOEKIT_CHECK_ARG(options.features == -1 || options.features >= 1,
+                   "options.features = ", options.features, " must be -1 (any) or at least 1");
+}
+
+inline std::int32_t parse_id(std::string_view field, const char* what, std::string_view path,
+                             std::size_t line, std::size_t column) {
   std::int64_t v = 0;
   const auto [ptr, ec] = std::from_chars(field.data(), field.data() + field.size(), v);
   if (field.empty() || ptr != field.data() + field.size() || ec != std::errc()) {
     double d = 0.0;
     if (!field.empty() && ec != std::errc::result_out_of_range &&
         parse_double(field, d) == ParseStatus::kOk) {
-      csv_fail(Errc::kFormatError, path, line, column, what, " '", field, "' is not an integer");
+      csv_fail(Errc::kFormatError, path, line, column, what, " '", shown(field),
+               "' is not an integer");
     }
     if (ec == std::errc::result_out_of_range && ptr == field.data() + field.size())
-      csv_fail(Errc::kFormatError, path, line, column, what, " '", field, "' is out of range");
-    csv_fail(Errc::kFormatError, path, line, column, "bad ", what, " '", field, "'");
+      csv_fail(Errc::kFormatError, path, line, column, what, " '", shown(field),
+               "' is out of range");
+    csv_fail(Errc::kFormatError, path, line, column, "bad ", what, " '", shown(field), "'");
   }
   if (v < 0) csv_fail(Errc::kFormatError, path, line, column, what, " ", v, " is negative");
   if (v > std::numeric_limits<std::int32_t>::max())
@@ -800,18 +816,11 @@ inline std::int32_t parse_id(std::string_view field, const char* what,
 
 }  // namespace detail
 
-// Reads a dataset (format and errors at the top of this file).
-inline Dataset read_csv(const std::filesystem::path& path, const CsvOptions& options = {}) {
-  MOEKIT_CHECK_ARG(options.features == -1 || options.features >= 1,
-                   "options.features = ", options.features, " must be -1 (any) or at least 1");
-  std::error_code fs_ec;
-  MOEKIT_CHECK(!std::filesystem::is_directory(path, fs_ec), Errc::kIoError, "cannot read '",
-               path.string(), "': it is a directory");
-  std::ifstream in(path, std::ios::binary);
-  MOEKIT_CHECK(in.is_open(), Errc::kIoError, "cannot open '", path.string(), "' for reading");
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  MOEKIT_CHECK(!in.bad(), Errc::kIoError, "cannot read '", path.string(), "'");
-
+// A dataset from CSV text (format and errors at the top of this file);
+// `source` names the text in messages (read_csv passes the path).
+inline Dataset parse_csv(std::string_view text, std::string_view source,
+                         const CsvOptions& options = {}) {
+  detail::check_csv_options(options);
   Dataset d;
   std::size_t columns = 0;  // 0 until the header or the first row fixes it
   bool header_seen = false;
@@ -842,13 +851,13 @@ inline Dataset read_csv(const std::filesystem::path& path, const CsvOptions& opt
                            detail::parse_double(fields[0], probe) != detail::ParseStatus::kOk);
       columns = fields.size();
       if (columns < 3) {
-        detail::csv_fail(Errc::kFormatError, path, line_no, columns, "found ", columns, " column",
+        detail::csv_fail(Errc::kFormatError, source, line_no, columns, "found ", columns, " column",
                          columns == 1 ? "" : "s", header ? " in the header" : " in the first row",
                          ", expected at least 3: task,label,f0,...");
       }
       d.features = static_cast<index_t>(columns - 2);
       if (options.features != -1 && d.features != options.features) {
-        detail::csv_fail(Errc::kFormatError, path, line_no, 3, "found ", d.features,
+        detail::csv_fail(Errc::kFormatError, source, line_no, 3, "found ", d.features,
                          " features, expected options.features = ", options.features);
       }
       if (header) {
@@ -857,34 +866,48 @@ inline Dataset read_csv(const std::filesystem::path& path, const CsvOptions& opt
       }
     }
     if (fields.size() != columns) {
-      detail::csv_fail(Errc::kFormatError, path, line_no, std::min(fields.size(), columns) + 1,
+      detail::csv_fail(Errc::kFormatError, source, line_no, std::min(fields.size(), columns) + 1,
                        "found ", fields.size(), " columns, expected ", columns,
                        header_seen ? " (as in the header)" : " (as in the first row)");
     }
-    const std::int32_t task = detail::parse_id(fields[0], "task", path, line_no, 1);
-    const std::int32_t label = detail::parse_id(fields[1], "label", path, line_no, 2);
+    const std::int32_t task = detail::parse_id(fields[0], "task", source, line_no, 1);
+    const std::int32_t label = detail::parse_id(fields[1], "label", source, line_no, 2);
     for (std::size_t j = 2; j < columns; ++j) {
       float v = 0.0f;
       const detail::ParseStatus st = detail::parse_float(fields[j], v);
       if (st == detail::ParseStatus::kOutOfRange) {
-        detail::csv_fail(Errc::kFormatError, path, line_no, j + 1, "feature '", fields[j],
-                         "' is outside the float range");
+        detail::csv_fail(Errc::kFormatError, source, line_no, j + 1, "feature '",
+                         detail::shown(fields[j]), "' is outside the float range");
       }
       if (st != detail::ParseStatus::kOk) {
-        detail::csv_fail(Errc::kFormatError, path, line_no, j + 1, "bad number '", fields[j], "'");
+        detail::csv_fail(Errc::kFormatError, source, line_no, j + 1, "bad number '",
+                         detail::shown(fields[j]), "'");
       }
       if (!std::isfinite(v)) {
-        detail::csv_fail(Errc::kNonFinite, path, line_no, j + 1, "feature '", fields[j],
-                         "' is not finite");
+        detail::csv_fail(Errc::kNonFinite, source, line_no, j + 1, "feature '",
+                         detail::shown(fields[j]), "' is not finite");
       }
       d.x.push_back(v);
     }
     d.tasks.push_back(task);
     d.labels.push_back(label);
   }
-  MOEKIT_CHECK(!d.empty(), Errc::kFormatError, path.string(), ": no data rows",
+  MOEKIT_CHECK(!d.empty(), Errc::kFormatError, source, ": no data rows",
                header_seen ? " (only a header)" : "", " in the file");
   return d;
+}
+
+// Reads a dataset from a file (parse_csv on its contents).
+inline Dataset read_csv(const std::filesystem::path& path, const CsvOptions& options = {}) {
+  detail::check_csv_options(options);  // before the file is opened
+  std::error_code fs_ec;
+  MOEKIT_CHECK(!std::filesystem::is_directory(path, fs_ec), Errc::kIoError, "cannot read '",
+               path.string(), "': it is a directory");
+  std::ifstream in(path, std::ios::binary);
+  MOEKIT_CHECK(in.is_open(), Errc::kIoError, "cannot open '", path.string(), "' for reading");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  MOEKIT_CHECK(!in.bad(), Errc::kIoError, "cannot read '", path.string(), "'");
+  return parse_csv(text, path.string(), options);
 }
 
 // Writes a dataset (format at the top of this file).

@@ -1,5 +1,5 @@
 #pragma once
-// Training monitoring for moekit's reference multi-task model (DESIGN.md §1:
+// Training monitoring for moekit's reference multi-task model (docs/reference_model.md:
 // total loss, aux loss, per-branch accuracy, expert utilisation, speed,
 // memory). Host only.
 //
@@ -54,12 +54,14 @@
 //   log.write(r);
 //   std::printf("\r%s", moekit::train::progress_line(r, total_steps).c_str());
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <istream>
 #include <limits>
 #include <span>
 #include <string>
@@ -67,7 +69,7 @@
 #include <utility>
 #include <vector>
 
-#include <nlohmann/json.hpp>
+#include "moekit/detail/json.hpp"  // nlohmann_json (moekit::io)
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
@@ -221,12 +223,12 @@ inline void from_json(const nlohmann::json& j, StepRecord& r) {
   r = std::move(out);
 }
 
-// Every record of a JSON Lines log. Blank lines are skipped, and so are
-// objects without a "step" (metadata lines, e.g. {"chance": [...]}, which
-// tools/plot_run.py reads).
-inline std::vector<StepRecord> read_metrics(const std::filesystem::path& jsonl) {
-  std::ifstream in(jsonl, std::ios::binary);
-  MOEKIT_CHECK(in.is_open(), Errc::kIoError, "cannot open '", jsonl.string(), "' for reading");
+// Every record of a JSON Lines log read from `in`; `source` names it in
+// messages. Blank lines are skipped, and so are objects without a "step"
+// (metadata lines, e.g. {"chance": [...]}, which tools/plot_run.py reads).
+// A bad line is kFormatError "<source>:<line>: <reason>", the reason cut
+// short (a line is never quoted whole).
+inline std::vector<StepRecord> read_metrics(std::istream& in, const std::string& source) {
   std::vector<StepRecord> records;
   std::string line;
   for (std::size_t line_no = 1; std::getline(in, line); ++line_no) {
@@ -237,13 +239,24 @@ inline std::vector<StepRecord> read_metrics(const std::filesystem::path& jsonl) 
       if (j.is_object() && !j.contains("step")) continue;  // metadata, not a record
       records.push_back(j.get<StepRecord>());
     } catch (const nlohmann::json::exception& e) {
-      MOEKIT_FAIL(Errc::kFormatError, jsonl.string(), ":", line_no, ": ", e.what());
+      // The parser's message ends with the last token it read, which may be
+      // the whole line: left out.
+      std::string why = e.what();
+      why.resize(std::min(why.find("; last read:"), why.size()));
+      MOEKIT_FAIL(Errc::kFormatError, source, ":", line_no, ": ", why);
     } catch (const Error& e) {
-      MOEKIT_FAIL(Errc::kFormatError, jsonl.string(), ":", line_no, ": ", e.what());
+      MOEKIT_FAIL(Errc::kFormatError, source, ":", line_no, ": ", e.what());
     }
   }
-  MOEKIT_CHECK(!in.bad(), Errc::kIoError, "cannot read '", jsonl.string(), "'");
+  MOEKIT_CHECK(!in.bad(), Errc::kIoError, "cannot read '", source, "'");
   return records;
+}
+
+// The same, from a file.
+inline std::vector<StepRecord> read_metrics(const std::filesystem::path& jsonl) {
+  std::ifstream in(jsonl, std::ios::binary);
+  MOEKIT_CHECK(in.is_open(), Errc::kIoError, "cannot open '", jsonl.string(), "' for reading");
+  return read_metrics(in, jsonl.string());
 }
 
 // ---- the log -----------------------------------------------------------------------------------

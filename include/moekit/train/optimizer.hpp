@@ -422,11 +422,10 @@ class AdamW {
     MOEKIT_CHECK_ARG(std::isfinite(lr) && lr >= 0.0f, what, " = ", lr, " must be finite and >= 0");
   }
 
-  // Whether two views share an element (empty views share none).
+  // Whether two views share an element (empty views share none): the
+  // library's one overlap test (core/view.hpp).
   static bool overlap(VectorView<const float> a, VectorView<const float> b) {
-    if (a.empty() || b.empty()) return false;
-    const std::less<const float*> before;
-    return before(a.data(), b.data() + b.size()) && before(b.data(), a.data() + a.size());
+    return ::moekit::overlap(Footprint(a, ""), Footprint(b, ""));
   }
 
   const Param& find(std::string_view name) const {

@@ -1,6 +1,6 @@
 #pragma once
 // Quality checks of a training run of the reference multi-task model, as the
-// architecture asks for them (DESIGN.md §1), as code a user can call:
+// architecture asks for them (docs/reference_model.md), as code a user can call:
 //
 //   encoder_frozen          the frozen tensors' bits are unchanged (fingerprints
 //                           taken before and after training are equal)
@@ -67,10 +67,10 @@ inline QualityCheck aux_loss_decreasing(std::span<const double> aux, std::size_t
   MOEKIT_CHECK_ARG(window >= 1, "window = ", window, " must be at least 1");
   MOEKIT_CHECK_ARG(aux.size() >= 2 * window, "aux has ", aux.size(),
                    " entries, need at least 2 * window = ", 2 * window);
-  const double first =
-      std::accumulate(aux.begin(), aux.begin() + window, 0.0) / static_cast<double>(window);
-  const double last =
-      std::accumulate(aux.end() - window, aux.end(), 0.0) / static_cast<double>(window);
+  const auto mean = [window](std::span<const double> part) {
+    return std::accumulate(part.begin(), part.end(), 0.0) / static_cast<double>(window);
+  };
+  const double first = mean(aux.first(window)), last = mean(aux.last(window));
   char buf[128];
   std::snprintf(buf, sizeof buf, "mean of the first %zu steps %.5f, of the last %zu %.5f", window,
                 first, window, last);

@@ -4,7 +4,7 @@
 // linear warm-up then cosine decay, global-norm gradient clipping, exact
 // checkpoints, and evaluation.
 //
-// Parameter groups (DESIGN.md §1 gives the default rates):
+// Parameter groups (defaults: the reference system's rates):
 //   "moe"   the experts (routed and shared)   lr.moe   1e-4
 //   "gate"  the routers                        lr.gate  5e-4
 //   "lora"  the branch adapters (A and B)      lr.lora  5e-4
@@ -463,16 +463,16 @@ EvalReport evaluate(Model& model, const Dataset& data) {
     const MatrixView<float> z(logits.data(), m, C);
     model.predict(batch, z, &stats);
     const auto l = model.heads().loss(MatrixView<const float>(z), batch.tasks, batch.labels);
-    for (int h = 0; h < H; ++h) {
+    for (std::size_t h = 0; h < H; ++h) {
       r.loss[h] += l.loss[h] * static_cast<double>(l.count[h]);
       r.accuracy[h] += l.accuracy[h] * static_cast<double>(l.count[h]);
       r.count[h] += l.count[h];
     }
-    for (int layer = 0; layer < layers; ++layer) {
-      for (int e = 0; e < E; ++e) kept[layer][e] += stats[layer].kept[e];
+    for (std::size_t layer = 0; layer < kept.size(); ++layer) {
+      for (std::size_t e = 0; e < E; ++e) kept[layer][e] += stats[layer].kept[e];
     }
   }
-  for (int h = 0; h < H; ++h) {
+  for (std::size_t h = 0; h < H; ++h) {
     if (r.count[h] > 0) {
       r.loss[h] /= static_cast<double>(r.count[h]);
       r.accuracy[h] /= static_cast<double>(r.count[h]);

@@ -30,11 +30,10 @@ int main() {
   const moekit::cpu::Router<Spec> router(config);
   router.forward({x.data(), T, d}, {w_gate.data(), E, d}, {}, {}, routing);
 
-  for (moekit::index_t t = 0; t < T; ++t) {
+  for (std::size_t t = 0; t < weights.size() / K; ++t) {
     const float sum = weights[t * K] + weights[t * K + 1];
     if (std::fabs(sum - 1.0f) > 1e-5f) {
-      std::printf("token %lld: weights sum to %g\n", static_cast<long long>(t),
-                  static_cast<double>(sum));
+      std::printf("token %zu: weights sum to %g\n", t, static_cast<double>(sum));
       return 1;
     }
   }

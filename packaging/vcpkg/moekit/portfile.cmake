@@ -2,15 +2,20 @@
 #   vcpkg install moekit --overlay-ports=<moekit>/packaging/vcpkg
 #   vcpkg install "moekit[cuda]" --overlay-ports=<moekit>/packaging/vcpkg
 #
-# Sources: the GitHub release v${VERSION} by default, or a local moekit tree
-# named by MOEKIT_SOURCE_DIR, set either in a triplet (set(MOEKIT_SOURCE_DIR ...))
-# or in the environment (vcpkg clears the environment of port builds, so also
-# export VCPKG_KEEP_ENV_VARS=MOEKIT_SOURCE_DIR).
+# Sources: the release archive moekit-${VERSION}.tar.gz attached to the GitHub
+# release v${VERSION}, made by tools/make_release.sh from the tag v${VERSION},
+# which also writes its SHA512 below (docs/packaging.md#releases). Or a local
+# moekit tree named by MOEKIT_SOURCE_DIR, set either in a triplet
+# (set(MOEKIT_SOURCE_DIR ...)) or in the environment (vcpkg clears the
+# environment of port builds, so also export VCPKG_KEEP_ENV_VARS=MOEKIT_SOURCE_DIR).
 #
 # tests/packaging/vcpkg_port.cmake runs this very file, offline, with vcpkg's
 # helper functions emulated: what is written here is what the test builds.
 
 set(VCPKG_BUILD_TYPE release)  # header-only: a debug configuration would install the same files
+
+# Written by tools/make_release.sh --update-port: the SHA512 of moekit-${VERSION}.tar.gz.
+set(MOEKIT_RELEASE_SHA512 "0")
 
 if(NOT DEFINED MOEKIT_SOURCE_DIR AND DEFINED ENV{MOEKIT_SOURCE_DIR})
   set(MOEKIT_SOURCE_DIR "$ENV{MOEKIT_SOURCE_DIR}")
@@ -21,20 +26,25 @@ if(MOEKIT_SOURCE_DIR)
   endif()
   set(SOURCE_PATH "${MOEKIT_SOURCE_DIR}")
 else()
-  vcpkg_from_github(
-    OUT_SOURCE_PATH SOURCE_PATH
-    REPO moekit/moekit
-    REF "v${VERSION}"
-    # Set when v${VERSION} is tagged; vcpkg prints the tarball's real hash when this one is wrong.
-    SHA512 0
-    HEAD_REF main
+  vcpkg_download_distfile(ARCHIVE
+    URLS "https://github.com/moekit/moekit/releases/download/v${VERSION}/moekit-${VERSION}.tar.gz"
+    FILENAME "moekit-${VERSION}.tar.gz"
+    SHA512 "${MOEKIT_RELEASE_SHA512}"
   )
+  vcpkg_extract_source_archive(SOURCE_PATH ARCHIVE "${ARCHIVE}")
 endif()
 
 vcpkg_check_features(OUT_FEATURE_OPTIONS FEATURE_OPTIONS
   FEATURES
     cuda MOEKIT_ENABLE_CUDA
 )
+
+# The CUDA toolkit, located by the cuda port's vcpkg_find_cuda (CUDA_PATH,
+# CUDA_HOME, /usr/local/cuda-<version>), not by whatever nvcc is on PATH.
+if("cuda" IN_LIST FEATURES)
+  vcpkg_find_cuda(OUT_CUDA_TOOLKIT_ROOT cuda_toolkit_root)
+  list(APPEND FEATURE_OPTIONS "-DCUDAToolkit_ROOT=${cuda_toolkit_root}")
+endif()
 
 vcpkg_cmake_configure(
   SOURCE_PATH "${SOURCE_PATH}"
