@@ -132,13 +132,13 @@ void switch_gradient_rows(GatingRule rule, MatrixView<const float> logits,
                           MatrixView<const float> scores, const std::array<double, to_size(E)>& f,
                           index_t tokens, double grad_scale, MatrixView<float> dlogits) {
   const double n_tokens = static_cast<double>(tokens);
-  float g[E];  // grad_scale * dL/dq_t, the same for every token
+  float g[to_size(E)];  // grad_scale * dL/dq_t, the same for every token
   for (std::size_t e = 0; e < to_size(E); ++e)
     g[e] = static_cast<float>(grad_scale * E * f[e] / n_tokens);
   const index_t rows = scores.rows();
   MOEKIT_PARALLEL_FOR_IF(rows * E > kParallelGrain)
   for (index_t t = 0; t < rows; ++t) {
-    float dx[E] = {};
+    float dx[to_size(E)] = {};
     routing::routing_distribution_backward<E>(rule, logits.row(t), scores.row(t), g, 1.0f, dx);
     float* row = dlogits.row(t);
     for (int e = 0; e < E; ++e) row[e] += dx[e];

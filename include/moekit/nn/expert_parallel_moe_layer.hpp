@@ -221,7 +221,7 @@ class ExpertParallelMoeLayer {
     }
 
     // 2. The exchange: [status, tokens, expert rows the state holds, non-finite, counts[E]].
-    std::array<std::int64_t, kPlanFields + kExperts> mine{};
+    std::array<std::int64_t, to_size(kPlanFields + kExperts)> mine{};
     mine[0] = static_cast<std::int64_t>(failed);
     mine[1] = tokens;
     mine[2] = failed == Errc{} ? state.buffer.rows() : 0;

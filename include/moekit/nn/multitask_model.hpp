@@ -604,11 +604,11 @@ class MultitaskModel {
     const index_t n = b.x.rows();
     const MatrixView<const float> z = logits_.middle_rows(0, n);
     if (!expert_parallel()) return heads_.loss(z, b.tasks, b.labels, {}, dz);
-    const std::array<index_t, kBranches> mine = heads_.task_counts(b.tasks, n);
-    std::array<std::int64_t, kBranches> sum{};
+    const std::array<index_t, to_size(kBranches)> mine = heads_.task_counts(b.tasks, n);
+    std::array<std::int64_t, to_size(kBranches)> sum{};
     std::copy(mine.begin(), mine.end(), sum.begin());
     transport_->all_reduce_sum(sum);
-    std::array<index_t, kBranches> count{};
+    std::array<index_t, to_size(kBranches)> count{};
     std::copy(sum.begin(), sum.end(), count.begin());
     typename TaskHeads<H>::LossSums sums;
     dist::pass_along_ranks(*transport_, std::as_writable_bytes(std::span(&sums, 1)), [&] {
