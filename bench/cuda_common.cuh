@@ -64,6 +64,27 @@ void fill_uniform(T* p, std::size_t n, float scale, std::uint32_t seed) {
   MOEKIT_CUDA_CHECK(cudaGetLastError());
 }
 
+// Free device memory, bytes.
+inline std::size_t free_device_bytes() {
+  std::size_t free = 0, total = 0;
+  MOEKIT_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  return free;
+}
+
+// Whether `bytes` more fit in device memory, with 5 % and 512 MiB to spare
+// for cuBLAS's workspace and the allocator's rounding; if not, the benchmark
+// is skipped with both numbers (an allocation that fails halfway would
+// leave a CUDA error behind).
+inline bool fits_or_skip(benchmark::State& state, std::size_t bytes) {
+  const std::size_t free = free_device_bytes();
+  if (bytes + bytes / 20 + (std::size_t{512} << 20) <= free) return true;
+  char message[160];
+  std::snprintf(message, sizeof message, "needs %.1f GiB of device memory, %.1f GiB free",
+                static_cast<double>(bytes) / (1 << 30), static_cast<double>(free) / (1 << 30));
+  state.SkipWithError(message);
+  return false;
+}
+
 // Milliseconds of `work` on the default stream, by CUDA events.
 template <class F>
 float time_ms(F&& work) {

@@ -7,11 +7,15 @@
 // Shapes (docs/index.md#benchmark-sizes, scaled to fill the chip): C1 T = 16384, d = 1024,
 // d_ff = 4096, E = 8, K = 2; C2 T = 16384, d = 1024, d_ff = 512, E = 64,
 // K = 8; and (E, K, d, d_ff) = (64, 8, 2048, 1408), (256, 8, 7168, 2048) at
-// T = 4096. Without a CUDA device the binary exits with 77 (CTest: skipped).
+// T = 4096. Inputs and weights are random (bf16 tensor-core GEMMs run faster
+// on zeros); a shape that does not fit in free device memory (the largest
+// needs about 47 GB with its gradients) is skipped, saying how much it needs.
+// Without a CUDA device the binary exits with 77 (CTest: skipped).
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -39,14 +43,29 @@ void bench_ffn(benchmark::State& state, index_t d, index_t f, bool backward) {
   std::vector<index_t> offsets(E + 1);
   for (int e = 0; e <= E; ++e) offsets[e] = rows * e / E;  // balanced
   const auto bytes = [](index_t r, index_t c) { return static_cast<std::size_t>(r * c) * 2; };
-  DeviceMemory x(bytes(rows, d)), y(bytes(rows, d)), pre(bytes(rows, f)), gate(bytes(rows, f)),
-      w1(bytes(E * f, d)), w3(bytes(E * f, d)), w2(bytes(E * d, f)), dx(bytes(rows, d)),
-      dw1(w1.bytes), dw3(w3.bytes), dw2(w2.bytes);
   const gpu::ExpertFfn<S, T> ffn({.d_model = d,
                                   .d_ff = f,
                                   .kind = moekit::FfnKind::kGated,
                                   .activation = moekit::Activation::kSilu});
+  // x, y, pre, gate and the weights; backward adds dx and the weight gradients.
+  const std::size_t activations = 2 * bytes(rows, d) + 2 * bytes(rows, f);
+  const std::size_t weights = 3 * bytes(E * f, d);
+  const std::size_t needed =
+      activations + weights + ffn.workspace_size(rows) + (backward ? bytes(rows, d) + weights : 0);
+  if (!moekit_bench::fits_or_skip(state, needed)) return;
+  const auto grad_bytes = [&](std::size_t b) { return backward ? b : 0; };
+  DeviceMemory x(bytes(rows, d)), y(bytes(rows, d)), pre(bytes(rows, f)), gate(bytes(rows, f)),
+      w1(bytes(E * f, d)), w3(bytes(E * f, d)), w2(bytes(E * d, f)), dx(grad_bytes(bytes(rows, d))),
+      dw1(grad_bytes(w1.bytes)), dw3(grad_bytes(w3.bytes)), dw2(grad_bytes(w2.bytes));
   DeviceMemory workspace(ffn.workspace_size(rows));
+  // Random inputs and weights, scaled to keep the activations of order 1
+  // (y, written by forward, doubles as dy in backward).
+  const float wd = 1.0f / std::sqrt(static_cast<float>(d));
+  const float wf = 1.0f / std::sqrt(static_cast<float>(f));
+  moekit_bench::fill_uniform(x.as<T>(), x.bytes / sizeof(T), 1.0f, 1);
+  moekit_bench::fill_uniform(w1.as<T>(), w1.bytes / sizeof(T), wd, 3);
+  moekit_bench::fill_uniform(w3.as<T>(), w3.bytes / sizeof(T), wd, 4);
+  moekit_bench::fill_uniform(w2.as<T>(), w2.bytes / sizeof(T), wf, 5);
   cublasHandle_t handle;
   MOEKIT_CUBLAS_CHECK(cublasCreate(&handle));
   const VectorView<const index_t> off(offsets.data(), E + 1);

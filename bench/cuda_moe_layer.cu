@@ -64,15 +64,10 @@ namespace gpu = moekit::gpu;
 
 using moekit_bench::DeviceMemory;
 using moekit_bench::fill_uniform;
+using moekit_bench::free_device_bytes;
 
 std::size_t bytes(index_t rows, index_t cols) {
   return static_cast<std::size_t>(rows * cols) * sizeof(T);
-}
-
-std::size_t free_device_bytes() {
-  std::size_t free = 0, total = 0;
-  MOEKIT_CUDA_CHECK(cudaMemGetInfo(&free, &total));
-  return free;
 }
 
 // Mean seconds of one call of `work`, each timed on its own (as the layer is).
@@ -181,7 +176,7 @@ void bench_layer(benchmark::State& state, index_t d, index_t f, bool backward) {
   gpu::MoeLayerStats<S> stats{};
   const auto run = [&] {
     (void)s.layer.forward(x, params, st, y, &stats, ws);
-    if (backward) s.layer.backward(dy, x, params, st, grads, dx, ws);
+    if (backward) s.layer.backward(dy, x, params, st, dx, grads, ws);
   };
   run();  // warm-up; fills the state the ceiling and the experts read
   MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());

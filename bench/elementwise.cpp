@@ -221,8 +221,8 @@ void layer(benchmark::State& state, bool backward, int threads) {
                                          nullptr, storage.workspace())
                                  .total);
     if (backward) {
-      moe.backward({dy.data(), kTokens, kModel}, in, p, storage.state(), grads,
-                   {dx.data(), kTokens, kModel}, storage.workspace());
+      moe.backward({dy.data(), kTokens, kModel}, in, p, storage.state(),
+                   {dx.data(), kTokens, kModel}, grads, storage.workspace());
     }
     benchmark::ClobberMemory();
   }

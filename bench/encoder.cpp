@@ -1,11 +1,14 @@
-// The BERT encoder (issue 18) at the size of all-MiniLM-L6-v2 (6 layers,
-// d = 384, 12 heads, d_ff = 1536; random weights: the speed does not depend on
-// their values): throughput of a batch of 32 sentences of 128 tokens and the
+// The BERT encoder at the size of all-MiniLM-L6-v2 (6 layers, d = 384, 12
+// heads, d_ff = 1536; random weights: the speed does not depend on their
+// values): throughput of a batch of 32 sentences of 128 tokens and the
 // latency of one 32-token sentence, forward through all layers, at 1 and 2
-// threads, beside the machine's large-SGEMM rate measured in this run. The
-// closing table gives tokens/s, milliseconds and the encoder's rate as a
-// fraction of the SGEMM ceiling. bench/torch_encoder.py runs the same shapes
-// in PyTorch for the side-by-side comparison.
+// threads, with its products on the GEMM engine from the weight views (fp32)
+// and on weights packed once in fp32, bf16 and int8, beside the machine's
+// large-SGEMM rate (Eigen) measured in this run. The closing table gives
+// tokens/s, milliseconds and the encoder's rate as a fraction of the SGEMM
+// ceiling. bench/torch_encoder.py runs the same shapes in PyTorch (fp32,
+// bf16, dynamic int8) for the side-by-side comparison; tools/cpu_bench.sh
+// --encoder runs both with the FMA peak and OpenBLAS SGEMM.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -50,7 +53,18 @@ struct Shape {
 constexpr Shape kThroughput{"B32_L128", 32, 128};
 constexpr Shape kLatency{"B1_L32", 1, 32};
 
-void encoder_forward(benchmark::State& state, Shape shape, int threads) {
+// How the projections run: from the views (fp32) or packed in a dtype.
+struct Variant {
+  const char* name;
+  bool packed;
+  moekit::cpu::GemmDtype dtype;
+};
+constexpr Variant kVariants[] = {{"fp32", false, moekit::cpu::GemmDtype::kFloat32},
+                                 {"fp32_packed", true, moekit::cpu::GemmDtype::kFloat32},
+                                 {"bf16", true, moekit::cpu::GemmDtype::kBfloat16},
+                                 {"int8", true, moekit::cpu::GemmDtype::kInt8}};
+
+void encoder_forward(benchmark::State& state, Shape shape, Variant variant, int threads) {
   moekit_bench::set_threads(threads);
   const moekit::cpu::BertEncoderConfig config = minilm_config();
   const moekit::cpu::BertEncoder encoder(config);
@@ -77,63 +91,80 @@ void encoder_forward(benchmark::State& state, Shape shape, int threads) {
   std::vector<float> hidden(static_cast<std::size_t>(shape.tokens() * config.d_model));
   std::vector<std::byte> ws(
       static_cast<std::size_t>(encoder.workspace_size(shape.tokens(), shape.length)));
+  const moekit::cpu::PackedBertWeights packed =
+      variant.packed ? encoder.pack(storage.weights(), variant.dtype)
+                     : moekit::cpu::PackedBertWeights{};
   for (auto _ : state) {
-    encoder.forward({ids.data(), shape.tokens()}, {}, {offsets.data(), shape.sequences + 1},
-                    storage.weights(), {hidden.data(), shape.tokens(), config.d_model},
-                    {ws.data(), static_cast<index_t>(ws.size())});
+    const moekit::VectorView<const index_t> offs(offsets.data(), shape.sequences + 1);
+    const moekit::MatrixView<float> h(hidden.data(), shape.tokens(), config.d_model);
+    const moekit::VectorView<std::byte> wsv(ws.data(), static_cast<index_t>(ws.size()));
+    if (variant.packed) {
+      encoder.forward({ids.data(), shape.tokens()}, {}, offs, storage.weights(), packed, h, wsv);
+    } else {
+      encoder.forward({ids.data(), shape.tokens()}, {}, offs, storage.weights(), h, wsv);
+    }
     benchmark::DoNotOptimize(hidden.data());
     benchmark::ClobberMemory();
   }
   moekit_bench::set_rate(state, shape.flops());
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(shape.tokens()),
                                                   benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(moekit::cpu::gemm_kernel_name(variant.dtype));
 }
 
 std::string run_name(const std::string& what, const char* config, int threads) {
   return what + "/" + config + "/threads:" + std::to_string(threads);
 }
 
-template <class F>
-void add(const std::string& name, F f) {
-  benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->UseRealTime();
-}
-
 }  // namespace
 
+// --cpu_time: times in the process's CPU time (see bench/summary.hpp).
 int main(int argc, char** argv) {
+  const bool cpu_time = moekit_bench::take_flag(argc, argv, "--cpu_time");
+  const auto add = [cpu_time](const std::string& name, auto f) {
+    moekit_bench::add_ms(name, f, cpu_time);
+  };
   // 2 threads first (see bench/routing.cpp: libgomp after 1-thread runs).
   const int thread_counts[] = {2, 1};
   for (int threads : thread_counts) {
     add(run_name("sgemm_ceiling", "n1024", threads),
         [threads](benchmark::State& s) { moekit_bench::sgemm(s, 1024, 1024, 1024, threads); });
     for (const Shape& shape : {kThroughput, kLatency}) {
-      add(run_name("encoder", shape.name, threads),
-          [shape, threads](benchmark::State& s) { encoder_forward(s, shape, threads); });
+      for (const Variant& v : kVariants) {
+        add(run_name(std::string("encoder_") + v.name, shape.name, threads),
+            [shape, v, threads](benchmark::State& s) { encoder_forward(s, shape, v, threads); });
+      }
     }
   }
-  benchmark::AddCustomContext("gemm", "Eigen, per sequence (see moekit/nn/bert_encoder.hpp)");
+  benchmark::AddCustomContext("gemm", std::string("moekit's GEMM engine, isa ") +
+                                          moekit::cpu::isa_name(moekit::cpu::active_isa()));
   benchmark::Initialize(&argc, argv);
-  moekit_bench::RecordingReporter reporter;
+  moekit_bench::RecordingReporter reporter(cpu_time);
   benchmark::RunSpecifiedBenchmarks(&reporter);
 
-  std::printf("\n%-9s %3s %10s %10s %10s %9s %8s\n", "shape", "thr", "SGEMM", "encoder", "tokens/s",
-              "ms/batch", "of SGEMM");
-  std::printf("%-9s %3s %10s %10s %10s %9s %8s\n", "", "", "GF/s", "GF/s", "", "", "");
+  std::printf("\n%-9s %-11s %3s %10s %10s %10s %9s %8s\n", "shape", "dtype", "thr", "SGEMM",
+              "encoder", "tokens/s", "ms/batch", "of SGEMM");
+  std::printf("%-9s %-11s %3s %10s %10s %10s %9s %8s\n", "", "", "", "GF/s", "GF/s", "", "", "");
   for (int threads : thread_counts) {
     const double sgemm = reporter.seconds(run_name("sgemm_ceiling", "n1024", threads));
     for (const Shape& shape : {kThroughput, kLatency}) {
-      const double t = reporter.seconds(run_name("encoder", shape.name, threads));
-      if (t <= 0) continue;  // filtered out
-      const double gf = shape.flops() * 1e-9 / t;
-      const double ceiling = sgemm > 0 ? 2.0 * 1024 * 1024 * 1024 * 1e-9 / sgemm : 0.0;
-      std::printf("%-9s %3d %10.1f %10.1f %10.0f %9.2f %7.0f%%\n", shape.name, threads, ceiling, gf,
-                  static_cast<double>(shape.tokens()) / t, t * 1e3,
-                  ceiling > 0 ? 100.0 * gf / ceiling : 0.0);
+      for (const Variant& v : kVariants) {
+        const double t =
+            reporter.seconds(run_name(std::string("encoder_") + v.name, shape.name, threads));
+        if (t <= 0) continue;  // filtered out
+        const double gf = shape.flops() * 1e-9 / t;
+        const double ceiling = sgemm > 0 ? 2.0 * 1024 * 1024 * 1024 * 1e-9 / sgemm : 0.0;
+        std::printf("%-9s %-11s %3d %10.1f %10.1f %10.0f %9.2f %7.0f%%\n", shape.name, v.name,
+                    threads, ceiling, gf, static_cast<double>(shape.tokens()) / t, t * 1e3,
+                    ceiling > 0 ? 100.0 * gf / ceiling : 0.0);
+      }
     }
   }
   std::printf(
       "B32_L128: 32 sentences of 128 tokens (throughput); B1_L32: one sentence of 32 tokens "
-      "(latency). GF/s counts the products' FLOPs; of SGEMM = encoder rate / the same run's "
-      "1024^3 SGEMM rate. Compare with: bench/torch_encoder.py --threads N\n");
+      "(latency); dtype: the projections' (fp32 from the views, or packed). Times: %s. GF/s "
+      "counts the products' FLOPs; of SGEMM = encoder rate / the same run's 1024^3 SGEMM rate "
+      "(Eigen). Compare with: bench/torch_encoder.py --threads N --dtype fp32 bf16 int8\n",
+      cpu_time ? "CPU time of the process" : "wall clock");
   return 0;
 }

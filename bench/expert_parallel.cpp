@@ -332,7 +332,7 @@ int main(int argc, char** argv) {
       layer.forward({x.data(), o.tokens, d}, params(0, E), st.state(), {y.data(), o.tokens, d},
                     nullptr, st.workspace());
       layer.backward({dy.data(), o.tokens, d}, {x.data(), o.tokens, d}, params(0, E), st.state(),
-                     grads(0, E), {dx.data(), o.tokens, d}, st.workspace());
+                     {dx.data(), o.tokens, d}, grads(0, E), st.workspace());
       if (r < 2) continue;
       wall.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
       cpu.push_back(static_cast<double>(cpu_ns() - c0) * 1e-9);
@@ -348,8 +348,8 @@ int main(int argc, char** argv) {
   const auto step = [&] {
     layer.forward(xr, params(e0, ne), st.state(), {y.data() + first * d, T, d}, nullptr,
                   st.workspace());
-    layer.backward({dy.data() + first * d, T, d}, xr, params(e0, ne), st.state(), grads(e0, ne),
-                   {dx.data() + first * d, T, d}, st.workspace());
+    layer.backward({dy.data() + first * d, T, d}, xr, params(e0, ne), st.state(),
+                   {dx.data() + first * d, T, d}, grads(e0, ne), st.workspace());
   };
   step();
   const moekit::dist::Traffic before = mpi.traffic();

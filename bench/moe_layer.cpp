@@ -7,9 +7,13 @@
 //   dense_same_params a dense SwiGLU FFN of width E d_ff over the T tokens:
 //                     the same total parameters as the experts, E/K times
 //                     their FLOPs (the "active vs total" claim, measured).
-// The closing table gives the experts' rate as a fraction of the dense GEMM
-// rate, and the share of the layer's time spent outside the expert FFNs
-// (router GEMM and gating, dispatch, combine, aux losses; timed on its own).
+// The expert FFNs run on moekit's GEMM engine (moekit/cpu/gemm/): experts_fwd
+// is the training forward (fp32, weights packed per call), experts_fwd_<dtype>
+// the inference forward on weights packed once in fp32, bf16 or int8
+// (ExpertFfn::pack). The closing table gives the experts' rate as a fraction
+// of the dense GEMM rate, and the share of the layer's time spent outside the
+// expert FFNs (router GEMM and gating, dispatch, combine, aux losses; timed on
+// its own).
 #include <cstdio>
 #include <functional>
 #include <random>
@@ -29,6 +33,7 @@ using moekit::MatrixView;
 using moekit::MoeSpec;
 using moekit::to_size;
 using moekit::cpu::FfnThreading;
+using moekit::cpu::GemmDtype;
 using moekit_bench::random_vector;
 using moekit_bench::RowMatrix;
 using moekit_bench::set_rate;
@@ -115,7 +120,7 @@ struct Setup {
 
   void backward() {
     layer.backward({dy.data(), shape.tokens, shape.d_model}, in(), params(), storage.state(),
-                   grads(), {dx.data(), shape.tokens, shape.d_model}, storage.workspace());
+                   {dx.data(), shape.tokens, shape.d_model}, grads(), storage.workspace());
   }
 };
 
@@ -159,28 +164,43 @@ void dense_same_params(benchmark::State& state, const Shape& s, int threads) {
   set_rate(state, s.dense_flops());
 }
 
-// The routed expert FFNs alone, on the buffer a layer forward dispatched.
+// The routed expert FFNs alone, on the buffer a layer forward dispatched: the
+// training forward (fp32, saves kept) or, with a packed dtype, the inference
+// forward on weights packed once.
+enum class ExpertsRun { kTraining, kPackedFloat32, kPackedBfloat16, kPackedInt8 };
+
 template <class S>
-void experts_forward(benchmark::State& state, const Shape& s, FfnThreading threading, int threads) {
+void experts_forward(benchmark::State& state, const Shape& s, ExpertsRun run, int threads) {
   moekit_bench::set_threads(threads);
-  Setup<S> setup(s, threading);
+  Setup<S> setup(s, FfnThreading::kAuto);
   setup.forward();
   const moekit::cpu::MoeLayerState st = setup.storage.state();
   const index_t n = st.offsets[S::num_experts];
   const moekit::cpu::ExpertFfn<S> ffn({.d_model = s.d_model,
                                        .d_ff = s.d_ff,
                                        .kind = FfnKind::kGated,
-                                       .activation = moekit::Activation::kSilu,
-                                       .threading = threading});
+                                       .activation = moekit::Activation::kSilu});
   std::vector<std::byte> ws(static_cast<std::size_t>(ffn.workspace_size(n)) + 4);
   const auto ws_view = moekit::VectorView<std::byte>(ws.data(), ffn.workspace_size(n));
+  using moekit::cpu::GemmDtype;
+  const GemmDtype dtype = run == ExpertsRun::kPackedBfloat16 ? GemmDtype::kBfloat16
+                          : run == ExpertsRun::kPackedInt8   ? GemmDtype::kInt8
+                                                             : GemmDtype::kFloat32;
+  moekit::cpu::PackedExpertWeights packed;
+  if (run != ExpertsRun::kTraining) packed = ffn.pack(setup.params().experts, dtype);
   for (auto _ : state) {
-    ffn.forward(st.buffer.middle_rows(0, n), st.offsets, setup.params().experts,
-                st.expert_out.middle_rows(0, n), st.saved_pre.middle_rows(0, n),
-                st.saved_gate.middle_rows(0, n), ws_view);
+    if (run == ExpertsRun::kTraining) {
+      ffn.forward(st.buffer.middle_rows(0, n), st.offsets, setup.params().experts,
+                  st.expert_out.middle_rows(0, n), st.saved_pre.middle_rows(0, n),
+                  st.saved_gate.middle_rows(0, n), ws_view);
+    } else {
+      ffn.forward(st.buffer.middle_rows(0, n), st.offsets, packed, st.expert_out.middle_rows(0, n),
+                  ws_view);
+    }
     benchmark::DoNotOptimize(st.expert_out.data());
   }
   set_rate(state, s.expert_flops());
+  state.SetLabel(moekit::cpu::gemm_kernel_name(dtype));
 }
 
 template <class S>
@@ -232,7 +252,7 @@ void layer_forward_backward(benchmark::State& state, const Shape& s, int threads
 
 struct Case {
   Shape shape;
-  void (*experts)(benchmark::State&, const Shape&, FfnThreading, int);
+  void (*experts)(benchmark::State&, const Shape&, ExpertsRun, int);
   void (*forward)(benchmark::State&, const Shape&, int);
   void (*overhead)(benchmark::State&, const Shape&, int);
   void (*forward_backward)(benchmark::State&, const Shape&, int);
@@ -251,10 +271,11 @@ std::string run_name(const std::string& what, const char* config, int threads) {
   return what + "/" + config + "/threads:" + std::to_string(threads);
 }
 
-const char* threading_name(FfnThreading t) {
-  return t == FfnThreading::kAuto            ? "experts_fwd"
-         : t == FfnThreading::kAcrossExperts ? "experts_fwd_across"
-                                             : "experts_fwd_inside";
+const char* experts_name(ExpertsRun r) {
+  return r == ExpertsRun::kTraining         ? "experts_fwd"
+         : r == ExpertsRun::kPackedFloat32  ? "experts_fwd_fp32"
+         : r == ExpertsRun::kPackedBfloat16 ? "experts_fwd_bf16"
+                                            : "experts_fwd_int8";
 }
 
 void add(const std::string& name, std::function<void(benchmark::State&)> f) {
@@ -279,15 +300,10 @@ int main(int argc, char** argv) {
       add(run_name("dense_gemm", sh.name, threads), [sh, threads](benchmark::State& s) {
         dense_gemms(s, sh.tokens * sh.top_k, sh.d_model, sh.d_ff, threads);
       });
-      // At 1 thread the two strategies are the same work.
-      std::vector<FfnThreading> strategies = {FfnThreading::kAuto};
-      if (threads > 1) {
-        strategies.push_back(FfnThreading::kAcrossExperts);
-        strategies.push_back(FfnThreading::kInsideGemm);
-      }
-      for (FfnThreading t : strategies) {
-        add(run_name(threading_name(t), sh.name, threads),
-            [c, t, threads](benchmark::State& s) { c.experts(s, c.shape, t, threads); });
+      for (ExpertsRun r : {ExpertsRun::kTraining, ExpertsRun::kPackedFloat32,
+                           ExpertsRun::kPackedBfloat16, ExpertsRun::kPackedInt8}) {
+        add(run_name(experts_name(r), sh.name, threads),
+            [c, r, threads](benchmark::State& s) { c.experts(s, c.shape, r, threads); });
       }
       add(run_name("layer_fwd", sh.name, threads),
           [c, threads](benchmark::State& s) { c.forward(s, c.shape, threads); });
@@ -340,5 +356,29 @@ int main(int argc, char** argv) {
       "(or fwd+bwd) rate / dense rate; other = router, dispatch, combine and aux-loss values "
       "(timed alone) / layer fwd; same-param dense = dense SwiGLU FFN of width E d_ff "
       "(E/K x the FLOPs); speedup = its time / layer fwd\n");
+
+  // The experts' forward per dtype on the GEMM engine (int8: GOP/s).
+  std::printf("\n%-10s %3s %9s %9s %9s %9s   kernels: fp32 %s, bf16 %s, int8 %s\n", "config", "thr",
+              "train", "fp32", "bf16", "int8", moekit::cpu::gemm_kernel_name(GemmDtype::kFloat32),
+              moekit::cpu::gemm_kernel_name(GemmDtype::kBfloat16),
+              moekit::cpu::gemm_kernel_name(GemmDtype::kInt8));
+  for (int threads : thread_counts) {
+    for (const Case& c : cases) {
+      const double gf = 1e-9 * c.shape.expert_flops();
+      double rate[4] = {};
+      int i = 0;
+      for (ExpertsRun r : {ExpertsRun::kTraining, ExpertsRun::kPackedFloat32,
+                           ExpertsRun::kPackedBfloat16, ExpertsRun::kPackedInt8}) {
+        const double sec = reporter.seconds(run_name(experts_name(r), c.shape.name, threads));
+        rate[i++] = sec > 0 ? gf / sec : 0.0;
+      }
+      if (rate[0] <= 0) continue;
+      std::printf("%-10s %3d %9.1f %9.1f %9.1f %9.1f\n", c.shape.name, threads, rate[0], rate[1],
+                  rate[2], rate[3]);
+    }
+  }
+  std::printf(
+      "train = fp32 forward with saves, weights packed per call; fp32 / bf16 / int8 = "
+      "inference forward on weights packed once (GFLOP/s, int8 GOP/s)\n");
   return 0;
 }

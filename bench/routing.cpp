@@ -2,6 +2,10 @@
 // E=256 K=8, at 1 and 2 threads, each beside the GEMM of its logits alone and
 // the machine's large-SGEMM rate, all measured in this run. The closing table
 // gives the share of router time spent after the logits GEMM.
+// Batch invariance (issue 25): the router's logits product, batch invariant
+// (cpu::gate_logits, what Router::forward runs), beside the Eigen product it
+// replaced (x w_gate^T through Eigen's GEMM, whose summation order depends
+// on the batch's row count); the second table gives their ratio.
 #include <cstdio>
 #include <random>
 #include <string>
@@ -56,6 +60,26 @@ double logits_flops(int experts) { return 2.0 * kTokens * kModel * experts; }
 // The logits GEMM alone: the part of the router a dense layer would also pay.
 void logits_gemm(benchmark::State& state, int experts, int threads) {
   moekit_bench::sgemm(state, kTokens, experts, kModel, threads);
+}
+
+// The logits product alone: the batch-invariant one Router::forward runs, or
+// the Eigen GEMM it replaced.
+template <int E>
+void logits_product(benchmark::State& state, bool invariant, int threads) {
+  moekit_bench::set_threads(threads);
+  Inputs in(E, 1);
+  const moekit::MatrixView<const float> x(in.x.data(), kTokens, kModel), w(in.w.data(), E, kModel);
+  const moekit::MatrixView<float> logits(in.logits.data(), kTokens, E);
+  for (auto _ : state) {
+    if (invariant) {
+      moekit::cpu::gate_logits<E>(x, w, logits);
+    } else {
+      moekit::as_eigen(logits).noalias() = moekit::as_eigen(x) * moekit::as_eigen(w).transpose();
+    }
+    benchmark::DoNotOptimize(in.logits.data());
+    benchmark::ClobberMemory();
+  }
+  moekit_bench::set_rate(state, logits_flops(E));
 }
 
 template <class S>
@@ -141,11 +165,17 @@ struct Case {
   void (*forward)(benchmark::State&, int);
   void (*gating)(benchmark::State&, int);
   void (*forward_backward)(benchmark::State&, int);
+  void (*logits)(benchmark::State&, bool, int);
 };
 
 template <class S>
 Case make_case(const char* name) {
-  return {name, S::num_experts, router_forward<S>, router_gating<S>, router_forward_backward<S>};
+  return {name,
+          S::num_experts,
+          router_forward<S>,
+          router_gating<S>,
+          router_forward_backward<S>,
+          logits_product<S::num_experts>};
 }
 
 std::string run_name(const char* what, const char* config, int threads) {
@@ -189,6 +219,14 @@ int main(int argc, char** argv) {
                                    [fb, threads](benchmark::State& s) { fb(s, threads); })
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime();
+      auto* l = c.logits;
+      for (const bool invariant : {false, true}) {
+        benchmark::RegisterBenchmark(
+            run_name(invariant ? "logits_invariant" : "logits_eigen", c.name, threads).c_str(),
+            [l, invariant, threads](benchmark::State& s) { l(s, invariant, threads); })
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime();
+      }
     }
   }
   benchmark::Initialize(&argc, argv);
@@ -214,5 +252,22 @@ int main(int argc, char** argv) {
   std::printf(
       "gating%% = (gating, capacity, stats, Switch and z losses after the logits GEMM) / "
       "(whole forward)\n");
+
+  std::printf("\n%-10s %3s %12s %14s %8s %16s\n", "config", "thr", "eigen ms", "invariant ms",
+              "ratio", "fwd cost vs eigen");
+  for (int threads : thread_counts) {
+    for (const Case& c : cases) {
+      const double eigen = reporter.seconds(run_name("logits_eigen", c.name, threads));
+      const double inv = reporter.seconds(run_name("logits_invariant", c.name, threads));
+      const double fwd = reporter.seconds(run_name("router_forward", c.name, threads));
+      if (eigen <= 0 || inv <= 0) continue;  // filtered out
+      const double cost = fwd > 0 ? 100.0 * (inv - eigen) / (fwd - inv + eigen) : 0.0;
+      std::printf("%-10s %3d %12.3f %14.3f %8.2f %15.1f%%\n", c.name, threads, eigen * 1e3,
+                  inv * 1e3, inv / eigen, cost);
+    }
+  }
+  std::printf(
+      "ratio = invariant / Eigen logits product; fwd cost = the router forward's time with the "
+      "invariant product over its time with the Eigen one, minus 1\n");
   return 0;
 }

@@ -16,7 +16,10 @@ namespace moekit_bench {
 class RecordingReporter : public benchmark::ConsoleReporter {
  public:
   // Plain text: logs and the closing table are read by scripts and tests.
-  RecordingReporter() : ConsoleReporter(OO_Tabular) {}
+  // With cpu_time the runs measure the process's CPU time
+  // (MeasureProcessCPUTime) and that is what is kept.
+  explicit RecordingReporter(bool cpu_time = false)
+      : ConsoleReporter(OO_Tabular), cpu_time_(cpu_time) {}
 
   // Keeps each run's time; with --benchmark_repetitions, the median of the
   // repetitions (reported after them) replaces it: on a shared machine that
@@ -26,12 +29,14 @@ class RecordingReporter : public benchmark::ConsoleReporter {
       const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
       if ((run.run_type == Run::RT_Iteration && run.iterations > 0) || median) {
         std::string name = run.run_name.str();
-        const std::string suffix = "/real_time";  // added by UseRealTime()
-        if (name.size() > suffix.size() && name.ends_with(suffix)) {
-          name.resize(name.size() - suffix.size());
+        // Added by UseRealTime() / MeasureProcessCPUTime().
+        for (const std::string suffix : {"/real_time", "/process_time"}) {
+          if (name.size() > suffix.size() && name.ends_with(suffix)) {
+            name.resize(name.size() - suffix.size());
+          }
         }
-        seconds_[name] =
-            run.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(run.time_unit);
+        seconds_[name] = (cpu_time_ ? run.GetAdjustedCPUTime() : run.GetAdjustedRealTime()) /
+                         benchmark::GetTimeUnitMultiplier(run.time_unit);
       }
     }
     ConsoleReporter::ReportRuns(runs);
@@ -44,6 +49,7 @@ class RecordingReporter : public benchmark::ConsoleReporter {
   }
 
  private:
+  bool cpu_time_ = false;
   std::map<std::string, double> seconds_;
 };
 
@@ -53,6 +59,29 @@ inline void add_wall_ms(const std::string& name, std::function<void(benchmark::S
   benchmark::RegisterBenchmark(name.c_str(), std::move(f))
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
+}
+
+// The same, or with `cpu_time` timed in the process's CPU time (work per
+// CPU second, which a machine shared with other jobs distorts less).
+inline void add_ms(const std::string& name, std::function<void(benchmark::State&)> f,
+                   bool cpu_time) {
+  if (!cpu_time) return add_wall_ms(name, std::move(f));
+  benchmark::RegisterBenchmark(name.c_str(), std::move(f))
+      ->Unit(benchmark::kMillisecond)
+      ->MeasureProcessCPUTime();
+}
+
+// Whether `flag` is among the arguments; removes it (before
+// benchmark::Initialize sees them).
+inline bool take_flag(int& argc, char** argv, const std::string& flag) {
+  for (int i = 1; i < argc; ++i) {
+    if (flag == argv[i]) {
+      for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+      --argc;
+      return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace moekit_bench

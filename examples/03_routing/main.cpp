@@ -83,8 +83,7 @@ int main() {
   std::vector<std::byte> workspace(to_size(router.workspace_size(T, d)));  // jitter: T x d floats
   moekit::cpu::RoutingStats<Spec> stats;
   router.forward({x.data(), T, d}, {w_gate.data(), E, d}, /*gate_bias=*/{},
-                 /*selection_bias=*/{}, routing, &stats,
-                 {workspace.data(), static_cast<index_t>(workspace.size())});
+                 /*selection_bias=*/{}, routing, &stats, moekit::view_of(workspace));
   std::printf(
       "switch: capacity %lld per expert, dropped %lld of %lld, max load %.2fx mean, "
       "entropy %.3f of %.3f\n",
@@ -103,7 +102,7 @@ int main() {
   std::vector<float> dx(T * d), dw_gate(E * d);
   router.backward_logits({x.data(), T, d}, {w_gate.data(), E, d}, {dlogits.data(), T, E},
                          {.dx = {dx.data(), T, d}, .dw_gate = {dw_gate.data(), E, d}},
-                         {workspace.data(), static_cast<index_t>(workspace.size())});
+                         moekit::view_of(workspace));
   std::printf("switch: aux loss %.4f (1 = balanced), z-loss %.4f\n", aux, z);
   // The forward's statistics already carry both values, bit for bit.
   if (moekit::cpu::switch_loss<Spec>(stats) != aux || stats.z_loss != z) return 1;

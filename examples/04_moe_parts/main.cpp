@@ -22,10 +22,6 @@ std::vector<float> random_vector(std::mt19937& rng, index_t n, float scale) {
   return v;
 }
 
-moekit::VectorView<std::byte> view_of(std::vector<std::byte>& v) {
-  return {v.data(), static_cast<index_t>(v.size())};
-}
-
 }  // namespace
 
 int main() {
@@ -77,7 +73,7 @@ int main() {
   // Experts: one grouped GEMM pass; pre-activations are kept for backward.
   std::vector<std::byte> workspace(to_size(experts.workspace_size(n)));
   experts.forward({buffer.data(), n, d}, offsets_view, weights, {expert_out.data(), n, d},
-                  {pre.data(), n, f}, {gate_pre.data(), n, f}, view_of(workspace));
+                  {pre.data(), n, f}, {gate_pre.data(), n, f}, moekit::view_of(workspace));
 
   // Combine: y[t] = sum_k weight(t, k) * expert_out[row(t, k)], fixed order.
   std::vector<float> y(T * d);
@@ -95,7 +91,7 @@ int main() {
   experts.backward({d_expert_out.data(), n, d}, {buffer.data(), n, d}, offsets_view, weights,
                    {pre.data(), n, f}, {gate_pre.data(), n, f}, {d_buffer.data(), n, d},
                    {{dw1.data(), E * f, d}, {dw3.data(), E * f, d}, {dw2.data(), E * d, f}},
-                   view_of(workspace));
+                   moekit::view_of(workspace));
   std::vector<float> dx(T * d), dlogits(T * E), dw_gate(E * d);
   moekit::cpu::dispatch_backward<Spec>({d_buffer.data(), n, d}, routing, offsets_view,
                                        {dx.data(), T, d});
@@ -142,8 +138,8 @@ int main() {
   layer_grads.dw1 = {layer_dw1.data(), E * f, d};
   layer_grads.dw3 = {layer_dw3.data(), E * f, d};
   layer_grads.dw2 = {layer_dw2.data(), E * d, f};
-  layer.backward({dy.data(), T, d}, {x.data(), T, d}, layer_params, storage.state(), layer_grads,
-                 {layer_dx.data(), T, d}, storage.workspace());
+  layer.backward({dy.data(), T, d}, {x.data(), T, d}, layer_params, storage.state(),
+                 {layer_dx.data(), T, d}, layer_grads, storage.workspace());
   const auto rel_diff = [](const std::vector<float>& a, const std::vector<float>& b) {
     double num = 0, den = 0;
     for (std::size_t i = 0; i < a.size(); ++i) {

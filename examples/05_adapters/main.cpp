@@ -24,10 +24,6 @@ std::vector<float> random_vector(std::mt19937& rng, index_t n, float scale) {
   return v;
 }
 
-moekit::VectorView<std::byte> view_of(std::vector<std::byte>& v) {
-  return {v.data(), static_cast<index_t>(v.size())};
-}
-
 }  // namespace
 
 int main() {
@@ -57,12 +53,12 @@ int main() {
   std::vector<std::byte> workspace(to_size(lora.workspace_size(n)));
   const moekit::cpu::LoraStep step{.training = true, .seed = 2024, .step = 0};
   lora.forward({x.data(), n, d_in}, weights, {y.data(), n, d_out}, {h.data(), n, R}, step,
-               view_of(workspace));
+               moekit::view_of(workspace));
   for (std::size_t i = 0; i < dy.size(); ++i)
     dy[i] = y[i] / static_cast<float>(n);  // L = |y|^2 / 2n
   lora.backward({dy.data(), n, d_out}, {x.data(), n, d_in}, weights, {h.data(), n, R}, step,
                 {dx.data(), n, d_in}, {.da = {da.data(), R, d_in}, .db = {db.data(), d_out, R}},
-                view_of(workspace));
+                moekit::view_of(workspace));
   // B starts at zero, so only dB is non-zero on the first step.
   for (std::size_t i = 0; i < b.size(); ++i) b[i] -= 0.05f * db[i];
   // [train]
@@ -82,12 +78,12 @@ int main() {
   std::vector<float> y_adapter(n * d_out), y_merged(n * d_out);
   const moekit::cpu::LoraStep inference{};  // no dropout, nothing saved
   lora.forward({x.data(), n, d_in}, weights, {y_adapter.data(), n, d_out}, {}, inference,
-               view_of(workspace));
+               moekit::view_of(workspace));
   const std::vector<float> zero_b(d_out * R, 0.0f);
   lora.forward(
       {x.data(), n, d_in},
       {.w = {merged.data(), d_out, d_in}, .a = {a.data(), R, d_in}, .b = {zero_b.data(), d_out, R}},
-      {y_merged.data(), n, d_out}, {}, inference, view_of(workspace));
+      {y_merged.data(), n, d_out}, {}, inference, moekit::view_of(workspace));
   lora.unmerge({merged.data(), d_out, d_in}, {a.data(), R, d_in}, {b.data(), d_out, R});
   // [merge]
 
@@ -124,7 +120,7 @@ int main() {
                {.w = {w.data(), d_out, d_in},
                 .a = {bank_a.data(), N * R, d_in},
                 .b = {bank_b.data(), N * d_out, R}},
-               {y_bank.data(), n, d_out}, {}, inference, view_of(bank_workspace));
+               {y_bank.data(), n, d_out}, {}, inference, moekit::view_of(bank_workspace));
   // [bank]
 
   std::printf("bank: rows per adapter");
@@ -170,7 +166,7 @@ int main() {
                                                   .h3 = {h3.data(), rows_e, R},
                                                   .h2 = {h2.data(), rows_e, R}};
   experts.forward({buffer.data(), rows_e, d}, off, expert_weights, {out.data(), rows_e, d}, saved,
-                  view_of(expert_workspace));
+                  moekit::view_of(expert_workspace));
 
   // Backward with L = |out|^2 / 2 (dL/d out = out): gradients of the adapters
   // and of the buffer only; W1, W3 and W2 are frozen and cost nothing.
@@ -184,7 +180,7 @@ int main() {
                     .db3 = {db3.data(), E * f, R},
                     .da2 = {da2.data(), E * R, f},
                     .db2 = {db2.data(), E * d, R}},
-                   view_of(expert_workspace));
+                   moekit::view_of(expert_workspace));
   // [expert_lora]
 
   double norm_db2 = 0, norm_da1 = 0;
@@ -246,7 +242,7 @@ int main() {
   std::vector<float> frozen_out(out.size());
   std::vector<std::byte> frozen_workspace(to_size(frozen.workspace_size(rows_e)));
   frozen.forward({buffer.data(), rows_e, d}, off, expert_weights.base,
-                 {frozen_out.data(), rows_e, d}, {}, {}, view_of(frozen_workspace));
+                 {frozen_out.data(), rows_e, d}, {}, {}, moekit::view_of(frozen_workspace));
   const struct {
     bool ok;
     const char* what;

@@ -99,7 +99,7 @@ int main() {
     const double loss = mse + aux.total;
 
     // Backward (no dx: the input is data), then SGD on router and experts.
-    layer.backward({dy.data(), T, d}, {x.data(), T, d}, params, storage.state(), grads, {},
+    layer.backward({dy.data(), T, d}, {x.data(), T, d}, params, storage.state(), {}, grads,
                    storage.workspace());
     sgd(w_gate, dw_gate, lr_gate);
     sgd(w1, dw1, lr_experts);

@@ -25,10 +25,6 @@ std::vector<float> random_vector(std::mt19937& rng, index_t n, float scale) {
   return v;
 }
 
-moekit::VectorView<std::byte> view_of(std::vector<std::byte>& v) {
-  return {v.data(), static_cast<index_t>(v.size())};
-}
-
 // max over rows of |a_row - b_row| / |b_row|, for the rows where pick(row).
 template <class Pick>
 double max_row_error(const std::vector<float>& a, const std::vector<float>& b, index_t rows,
@@ -85,7 +81,7 @@ int main() {
   std::vector<std::byte> workspace(to_size(bank.workspace_size(n)));
   std::vector<float> y(n * d_out);
   bank.forward({x.data(), n, d_in}, rows, weights, {y.data(), n, d_out}, /*saved_h=*/{},
-               moekit::cpu::LoraStep{}, view_of(workspace));  // inference: no dropout
+               moekit::cpu::LoraStep{}, moekit::view_of(workspace));  // inference: no dropout
   // [serve]
 
   std::printf("batch of %lld requests: rows per adapter", static_cast<long long>(n));
@@ -108,7 +104,7 @@ int main() {
     single.forward({x.data(), n, d_in},
                    {.w = {w.data(), d_out, d_in}, .a = {a_task, R, d_in}, .b = {b_task, d_out, R}},
                    {y_alone.data(), n, d_out}, {}, moekit::cpu::LoraStep{},
-                   view_of(single_workspace));
+                   moekit::view_of(single_workspace));
     const double err =
         max_row_error(y, y_alone, n, d_out, [&](index_t r) { return ids[to_size(r)] == task; });
     std::printf("adapter %2d: bank rows vs the adapter alone, max relative difference %.1e\n", task,

@@ -33,8 +33,7 @@ std::vector<float> embed(const moekit::io::BertModel& model,
   std::vector<std::byte> workspace(
       static_cast<std::size_t>(model.encoder.workspace_size(batch.tokens(), batch.longest())));
   model.encoder.forward(batch.ids_view(), {}, batch.offsets_view(), model.weights.weights(),
-                        {hidden.data(), batch.tokens(), d},
-                        {workspace.data(), static_cast<index_t>(workspace.size())});
+                        {hidden.data(), batch.tokens(), d}, moekit::view_of(workspace));
   moekit::cpu::pool_sequences({hidden.data(), batch.tokens(), d}, batch.offsets_view(),
                               moekit::cpu::Pooling::kMean, /*normalize=*/true,
                               {embeddings.data(), batch.size(), d});

@@ -21,9 +21,9 @@ inline moekit::cpu::BertEncoderConfig tiny_bert_config(
     moekit::Activation act = moekit::Activation::kGeluErf) {
   moekit::cpu::BertEncoderConfig c;
   c.vocab_size = 40;
-  c.d_model = 48;  // 3 heads of 16; w_qkv has 144 rows: two column blocks
+  c.d_model = 48;  // 3 heads of 16
   c.num_heads = 3;
-  c.d_ff = 160;  // two column blocks
+  c.d_ff = 160;
   c.num_layers = 2;
   c.max_positions = 80;
   c.type_vocab_size = 2;

@@ -194,9 +194,8 @@ EpResult<S> one_process(const EpCase& c, const EpProblem<S>& p) {
   r.aux = layer.forward(x, prm, st.state(), {r.y.data(), p.T, p.d}, &r.stats, st.workspace());
   r.grads = p.initial;
   layer.backward({p.dy.data(), p.T, p.d}, x, prm, st.state(),
-                 grad_views(p, r.grads, 0, S::num_experts, c.accumulate),
                  c.want_dx ? MatrixView<float>(r.grads.dx.data(), p.T, p.d) : MatrixView<float>(),
-                 st.workspace());
+                 grad_views(p, r.grads, 0, S::num_experts, c.accumulate), st.workspace());
   return r;
 }
 
@@ -228,9 +227,8 @@ std::vector<std::string> run_rank(const EpCase& c, const EpProblem<S>& p, const 
   const auto aux = layer.forward(x, prm, st.state(), {y.data(), n, d}, &stats, st.workspace());
   EpGrads g = p.initial;  // full size; this rank writes its rows and experts
   layer.backward({p.dy.data() + t0 * d, n, d}, x, prm, st.state(),
-                 grad_views(p, g, e0, ne, c.accumulate),
                  c.want_dx ? MatrixView<float>(g.dx.data() + t0 * d, n, d) : MatrixView<float>(),
-                 st.workspace());
+                 grad_views(p, g, e0, ne, c.accumulate), st.workspace());
 
   std::vector<std::string> diff;
   const auto check = [&](bool same, const char* what) {

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "allocation_counter.hpp"
 #include "bert_reference.hpp"
 #include "expect_error.hpp"
 #include "moekit/cpu/parallel.hpp"
@@ -35,7 +36,9 @@ using moekit::VectorView;
 using moekit::cpu::BertEncoder;
 using moekit::cpu::BertEncoderConfig;
 using moekit::cpu::BertEncoderStorage;
+using moekit::cpu::GemmDtype;
 using moekit::cpu::NormPlacement;
+using moekit::cpu::PackedBertWeights;
 using moekit::cpu::Pooling;
 using moekit_test::expect_error;
 using moekit_test::StridedMatrix;
@@ -79,16 +82,22 @@ struct Tiny {
   }
   moekit::cpu::BertEncoderWeights weights() const { return storage.weights(); }
 
-  // The encoder's output for `batch`, layers [0, layers) (a fresh workspace).
-  StridedMatrix run(const Batch& batch, int layers = -1, index_t pad = 0) const {
+  // The encoder's output for `batch`, layers [0, layers) (a fresh workspace),
+  // with the projections on `packed` where given.
+  StridedMatrix run(const Batch& batch, int layers = -1, index_t pad = 0,
+                    const PackedBertWeights* packed = nullptr) const {
     if (layers < 0) layers = config.num_layers;
     StridedMatrix h(batch.tokens(), config.d_model, pad);
     h.poison();
     std::vector<std::byte> ws(static_cast<std::size_t>(encoder.workspace_size(
         batch.tokens(), moekit::cpu::longest_sequence(batch.offset_view()))));
     encoder.embed(batch.id_view(), batch.type_view(), batch.offset_view(), weights(), h.view());
-    encoder.run_layers(0, layers, batch.offset_view(), weights(), h.view(),
-                       {ws.data(), static_cast<index_t>(ws.size())});
+    const VectorView<std::byte> wsv(ws.data(), static_cast<index_t>(ws.size()));
+    if (packed != nullptr) {
+      encoder.run_layers(0, layers, batch.offset_view(), weights(), *packed, h.view(), wsv);
+    } else {
+      encoder.run_layers(0, layers, batch.offset_view(), weights(), h.view(), wsv);
+    }
     return h;
   }
 };
@@ -209,17 +218,34 @@ BertEncoderConfig odd_bert_config() {
   return c;
 }
 
-void check_invariance(const BertEncoderConfig& config) {
+// Relative error against float64 of each product dtype (packed weights);
+// fp32 from the views is the first entry.
+struct DtypeCase {
+  const char* name;
+  bool packed;
+  GemmDtype dtype;
+  double tolerance;
+};
+constexpr DtypeCase kDtypes[] = {{"float32 views", false, GemmDtype::kFloat32, 1e-5},
+                                 {"float32 packed", true, GemmDtype::kFloat32, 1e-5},
+                                 {"bfloat16 packed", true, GemmDtype::kBfloat16, 1e-2},
+                                 {"int8 packed", true, GemmDtype::kInt8, 2e-2}};
+
+void check_invariance(const BertEncoderConfig& config, const DtypeCase& dt = kDtypes[0]) {
+  SCOPED_TRACE(dt.name);
   const Tiny t(config);
+  const PackedBertWeights packed = t.encoder.pack(t.weights(), dt.dtype);
+  const PackedBertWeights* p = dt.packed ? &packed : nullptr;
   const Batch batch({7, 45, 1, 33, 20}, t.config.vocab_size, 21);
-  const StridedMatrix together = t.run(batch);
-  EXPECT_LT(relative_error(t, batch, together, t.config.num_layers), 1e-5);
+  const StridedMatrix together = t.run(batch, -1, 0, p);
+  EXPECT_LT(relative_error(t, batch, together, t.config.num_layers), dt.tolerance);
   for (index_t s = 0; s < batch.size(); ++s) {
     Batch alone({}, t.config.vocab_size, 0);
     alone.ids = batch.seq_ids(s);
     alone.types = batch.seq_types(s);
     alone.offsets = {0, alone.tokens()};
-    EXPECT_TRUE(same_bits(rows_of(t.run(alone), alone, 0), rows_of(together, batch, s)))
+    EXPECT_TRUE(
+        same_bits(rows_of(t.run(alone, -1, 0, p), alone, 0), rows_of(together, batch, s)))
         << "sequence " << s;
   }
   // Reversed order, with the sequences at other rows.
@@ -230,7 +256,7 @@ void check_invariance(const BertEncoderConfig& config) {
     reversed.types.insert(reversed.types.end(), types.begin(), types.end());
     reversed.offsets.push_back(reversed.tokens());
   }
-  const StridedMatrix backwards = t.run(reversed);
+  const StridedMatrix backwards = t.run(reversed, -1, 0, p);
   for (index_t s = 0; s < batch.size(); ++s) {
     EXPECT_TRUE(
         same_bits(rows_of(backwards, reversed, batch.size() - 1 - s), rows_of(together, batch, s)));
@@ -239,7 +265,7 @@ void check_invariance(const BertEncoderConfig& config) {
   const int threads = omp_get_max_threads();
   for (const int n : {1, 2, 3}) {
     omp_set_num_threads(n);
-    const StridedMatrix other = t.run(batch);
+    const StridedMatrix other = t.run(batch, -1, 0, p);
     EXPECT_TRUE(other.bits_equal(together)) << n << " threads";
   }
   omp_set_num_threads(threads);
@@ -251,6 +277,111 @@ TEST(BertEncoder, ASequenceGivesTheSameBitsInAnyBatchAndOnAnyThreadCount) {
 }
 TEST(BertEncoder, ASequenceGivesTheSameBitsInAnyBatchAtOddSizes) {
   check_invariance(odd_bert_config());
+}
+
+// Packed projections: fp32 gives the views' bits; bf16 and int8 are within
+// their tolerance of float64 and batch and thread invariant, at both sizes
+// (odd: no dimension a multiple of a vector or a tile).
+TEST(BertEncoderPacked, EveryDtypeIsBatchAndThreadInvariant) {
+  for (const DtypeCase& dt : kDtypes) {
+    if (!dt.packed) continue;
+    check_invariance(moekit_test::tiny_bert_config(), dt);
+    check_invariance(odd_bert_config(), dt);
+  }
+}
+
+TEST(BertEncoderPacked, Float32PackedGivesTheViewsBits) {
+  const Tiny t(moekit_test::tiny_bert_config(NormPlacement::kPre, Activation::kGeluTanh));
+  const Batch batch({5, 1, 0, 33, 70, 12}, t.config.vocab_size, 11);
+  const PackedBertWeights packed = t.encoder.pack(t.weights(), GemmDtype::kFloat32);
+  EXPECT_TRUE(t.run(batch, -1, 3, &packed).bits_equal(t.run(batch, -1, 3)));
+}
+
+// bf16 and int8 on the AMX kernels (on the tile emulator here unless the CPU
+// has AMX): within tolerance, and a sequence alone gives its bits in a batch.
+TEST(BertEncoderPacked, AmxKernelsAreAccurateAndBatchInvariant) {
+  const moekit::cpu::detail::AmxEmulation amx;
+  const Tiny t(odd_bert_config());
+  const Batch batch({9, 40, 3}, t.config.vocab_size, 8);
+  for (const DtypeCase& dt : {kDtypes[2], kDtypes[3]}) {
+    SCOPED_TRACE(dt.name);
+    const PackedBertWeights packed = t.encoder.pack(t.weights(), dt.dtype);
+    const StridedMatrix together = t.run(batch, -1, 0, &packed);
+    EXPECT_LT(relative_error(t, batch, together, t.config.num_layers), dt.tolerance);
+    Batch alone({}, t.config.vocab_size, 0);
+    alone.ids = batch.seq_ids(1);
+    alone.types = batch.seq_types(1);
+    alone.offsets = {0, alone.tokens()};
+    EXPECT_TRUE(
+        same_bits(rows_of(t.run(alone, -1, 0, &packed), alone, 0), rows_of(together, batch, 1)));
+  }
+}
+
+// Forward allocates nothing, from the views or packed (the thread pool is
+// started by a first run).
+TEST(BertEncoderPacked, NoAllocationInForward) {
+  if (!moekit_test::AllocationCounter::available) GTEST_SKIP() << "the sanitizer owns operator new";
+  BertEncoderConfig c = moekit_test::tiny_bert_config();
+  c.d_model = 96;
+  c.d_ff = 384;
+  const Tiny t(c);
+  const Batch batch({64, 17, 64, 40}, c.vocab_size, 5);
+  StridedMatrix h(batch.tokens(), c.d_model);
+  std::vector<std::byte> ws(static_cast<std::size_t>(t.encoder.workspace_size(batch.tokens(), 64)));
+  const VectorView<std::byte> wsv(ws.data(), static_cast<index_t>(ws.size()));
+  const BertEncoder& encoder = t.encoder;
+  const moekit::cpu::BertEncoderWeights weights = t.weights();
+  // [packed]
+  // Once: the projections packed in int8 (or GemmDtype::kFloat32, kBfloat16).
+  const moekit::cpu::PackedBertWeights packed = encoder.pack(weights, GemmDtype::kInt8);
+  // Every call: embeddings, biases and LayerNorms from `weights`, projections from `packed`.
+  encoder.forward(batch.id_view(), batch.type_view(), batch.offset_view(), weights, packed,
+                  h.view(), wsv);
+  // [packed]
+  for (int pass = 0; pass < 2; ++pass) {
+    moekit_test::CountAllocations count;
+    encoder.forward(batch.id_view(), batch.type_view(), batch.offset_view(), weights, h.view(),
+                    wsv);
+    encoder.forward(batch.id_view(), batch.type_view(), batch.offset_view(), weights, packed,
+                    h.view(), wsv);
+    if (pass == 1) {
+      EXPECT_EQ(count.allocations(), 0);
+    }
+  }
+}
+
+TEST(BertEncoderPacked, RejectsPackedWeightsOfAnotherShapeOrDtype) {
+  const Tiny t(moekit_test::tiny_bert_config());
+  BertEncoderConfig other = moekit_test::tiny_bert_config();
+  other.d_ff = 64;
+  const Tiny u(other);
+  const Batch batch({4, 6}, t.config.vocab_size, 2);
+  StridedMatrix h(10, 48);
+  h.fill(1.0f);
+  const StridedMatrix before = h;
+  std::vector<std::byte> ws(static_cast<std::size_t>(t.encoder.workspace_size(10, 6)));
+  const VectorView<std::byte> wsv(ws.data(), static_cast<index_t>(ws.size()));
+  const PackedBertWeights wrong_shape = u.encoder.pack(u.weights(), GemmDtype::kBfloat16);
+  std::string msg = expect_error(
+      [&] {
+        t.encoder.run_layers(0, 2, batch.offset_view(), t.weights(), wrong_shape, h.view(), wsv);
+      },
+      Errc::kShapeMismatch);
+  EXPECT_NE(msg.find("run_layers"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("packed.w_ff1 packs 2 groups of 48 x 64, expected 2 of 48 x 160"),
+            std::string::npos)
+      << msg;
+  PackedBertWeights mixed = t.encoder.pack(t.weights(), GemmDtype::kInt8);
+  mixed.w_out = t.encoder.pack(t.weights(), GemmDtype::kFloat32).w_out;
+  msg = expect_error(
+      [&] { t.encoder.run_layers(0, 2, batch.offset_view(), t.weights(), mixed, h.view(), wsv); },
+      Errc::kInvalidArgument);
+  EXPECT_NE(msg.find("packed.w_out holds float32 but packed.w_qkv holds int8"), std::string::npos)
+      << msg;
+  EXPECT_TRUE(h.bits_equal(before));
+  msg = expect_error([&] { (void)t.encoder.pack(t.weights(), static_cast<GemmDtype>(7)); },
+                     Errc::kInvalidArgument);
+  EXPECT_NE(msg.find("pack"), std::string::npos) << msg;
 }
 
 TEST(BertEncoder, LayerRangesAndEarlyExitCompactionGiveTheSameBits) {

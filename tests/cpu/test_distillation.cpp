@@ -35,6 +35,8 @@ using moekit::cpu::DistillationLoss;
 using moekit_test::rel_error;
 using moekit_test::StridedMatrix;
 
+constexpr double kNaN64 = std::numeric_limits<double>::quiet_NaN();
+
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr double kFdStep = 1e-5;
@@ -158,6 +160,49 @@ TEST(Distillation, MatchesFloat64ReferenceAndFiniteDifferences) {
       EXPECT_TRUE(b.student.padding_untouched());
     }
   }
+}
+
+// Per-row L_i, KL_i and CE_i against float64, their mean is the batch's, and
+// a row's values do not depend on the rest of the batch.
+TEST(Distillation, PerRowValues) {
+  for (float alpha : {0.0f, 0.3f, 1.0f}) {
+    SCOPED_TRACE(::testing::Message() << "a = " << alpha);
+    const float temp = 2.0f;
+    Batch b(19, 7, 40 + static_cast<std::uint32_t>(alpha * 10));
+    const index_t n = b.n;
+    std::vector<double> loss(19, kNaN64), kl(19, kNaN64), ce(19, kNaN64);
+    const DistillationLoss got = distillation_loss(
+        {.temperature = temp, .alpha = alpha}, b.student.cview(), b.teacher.cview(), b.label_view(),
+        {}, {{loss.data(), n}, {kl.data(), n}, {ce.data(), n}});
+    const std::vector<double> s = b.student.values(), t = b.teacher.values();
+    double mean = 0.0;
+    for (index_t i = 0; i < n; ++i) {
+      const auto u = static_cast<std::size_t>(i);
+      const auto row = [&](const std::vector<double>& v) {
+        return std::vector<double>(v.begin() + i * b.c, v.begin() + (i + 1) * b.c);
+      };
+      const RefKd ref = ref_kd(row(s), row(t), {b.labels[u]}, 1, b.c, temp, alpha);
+      EXPECT_LT(rel(loss[u], ref.loss), 1e-6) << i;
+      EXPECT_LT(rel(kl[u], ref.kl), 1e-5) << i;
+      EXPECT_LT(rel(ce[u], ref.ce), 1e-6) << i;
+      mean += loss[u];
+      double alone = kNaN64;
+      distillation_loss({.temperature = temp, .alpha = alpha}, b.student.cview().middle_rows(i, 1),
+                        b.teacher.cview().middle_rows(i, 1), {&b.labels[u], 1}, {},
+                        {.loss = {&alone, 1}});
+      EXPECT_EQ(alone, loss[u]) << "row " << i << " depends on the batch";
+    }
+    EXPECT_LT(rel(mean / static_cast<double>(n), got.loss), 1e-12);
+  }
+  Batch b(3, 4, 9);
+  std::vector<double> short_rows(2);
+  const std::string msg = moekit_test::expect_error(
+      [&] {
+        distillation_loss({.temperature = 1.0f, .alpha = 0.5f}, b.student.cview(),
+                          b.teacher.cview(), b.label_view(), {}, {.kl = {short_rows.data(), 2}});
+      },
+      Errc::kShapeMismatch);
+  EXPECT_EQ(msg.rfind("moekit::cpu::distillation_loss: rows.kl", 0), 0u) << msg;
 }
 
 TEST(Distillation, AlphaOneNeedsNoLabels) {

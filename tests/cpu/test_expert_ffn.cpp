@@ -4,8 +4,9 @@
 // formulas (tanh / erf forms) and per-row loops over each row's expert.
 // The float64 backward reference is itself checked against central finite
 // differences of <y, G>. Also: saved activations, frozen and partial
-// gradients, accumulate mode, determinism, both threading strategies, empty
-// experts and batches, and every bad-input path.
+// gradients, accumulate mode, determinism, empty experts and batches, every
+// CPU path giving the same bits, batch invariance, packed frozen weights in
+// fp32 / bf16 / int8, no allocation, and every bad-input path.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -22,7 +23,9 @@
 #include <utility>
 #include <vector>
 
+#include "allocation_counter.hpp"
 #include "expect_error.hpp"
+#include "gemm_reference.hpp"
 #include "moekit/core/activation.hpp"
 #include "moekit/cpu/expert_ffn.hpp"
 #include "routing_reference.hpp"
@@ -42,6 +45,7 @@ using moekit::cpu::ExpertFfnConfig;
 using moekit::cpu::ExpertGrads;
 using moekit::cpu::ExpertWeights;
 using moekit::cpu::FfnThreading;
+using moekit::cpu::Isa;
 using moekit_test::act64;
 using moekit_test::act64_grad;
 using moekit_test::expect_error;
@@ -615,6 +619,185 @@ TEST(ExpertFfn, EmptyBatch) {
                  p.dx.view(), p.grads(/*accumulate=*/true), {});
     for (const Mat* m : {&p.dw1, &p.dw3, &p.dw2}) {
       for (double v : m->values()) ASSERT_TRUE(std::isnan(v));
+    }
+  }
+}
+
+// ---- the GEMM engine: paths, batch invariance, packed weights, allocation -------
+
+// Every CPU path (and the AVX-512 blocking on the portable operations) gives
+// the same bits for the whole forward and backward: the engine's fp32
+// products are one fixed chain per element on every path.
+TEST(ExpertFfn, EveryPathGivesTheSameBits) {
+  using S = MoeSpec<8, 2>;
+  namespace c = moekit::cpu;
+  for (FfnKind kind : kKinds) {
+    SCOPED_TRACE(static_cast<int>(kind));
+    Problem base({8, 40, 300, kind, Activation::kSilu, offsets_of(uneven_counts<8>())}, 61u);
+    const ExpertFfn<S> ffn(base.config());
+    std::vector<Problem> runs;
+    for (const moekit_test::GemmPathCase& path :
+         moekit_test::gemm_path_cases(moekit::cpu::GemmDtype::kFloat32)) {
+      Problem p = base;
+      moekit_test::with_path(path, moekit::cpu::GemmDtype::kFloat32, [&] { p.run(ffn); });
+      expect_all_written(p);
+      EXPECT_LT(compare(p, p.ref()).worst(), kTol) << path.name;
+      if (!runs.empty()) {
+        for (auto [a, b] : {std::pair{&p.y, &runs[0].y},
+                            {&p.pre, &runs[0].pre},
+                            {&p.gate, &runs[0].gate},
+                            {&p.dx, &runs[0].dx},
+                            {&p.dw1, &runs[0].dw1},
+                            {&p.dw3, &runs[0].dw3},
+                            {&p.dw2, &runs[0].dw2}}) {
+          EXPECT_TRUE(a->bits_equal(*b))
+              << path.name << " differs from " << c::isa_name(Isa::kGeneric);
+        }
+      }
+      runs.push_back(std::move(p));
+    }
+  }
+}
+
+// A token's y and dx are the same bits whether its row runs alone or among
+// many others of every expert, at 1 and 2 threads.
+TEST(ExpertFfn, BatchInvariance) {
+  using S = MoeSpec<8, 2>;
+  constexpr int E = 8;
+  const index_t d = 48, f = 80;
+#if defined(NDEBUG)
+  const std::vector<index_t> counts = {600, 1, 0, 333, 90, 1200, 7, 2};
+#else
+  const std::vector<index_t> counts = {60, 1, 0, 33, 90, 12, 7, 2};
+#endif
+  for (FfnKind kind : kKinds) {
+    SCOPED_TRACE(static_cast<int>(kind));
+    Problem big({E, d, f, kind, Activation::kGeluTanh, offsets_of(counts)}, 71u);
+    const ExpertFfn<S> ffn(big.config());
+    for (int threads : {1, 2}) {
+      moekit_test::ThreadCount scope(threads);
+      Problem batch = big;
+      batch.run(ffn);
+      // Rows of every expert, each alone in its expert.
+      for (int e = 0; e < E; ++e) {
+        const index_t r0 = big.dims.offsets[static_cast<std::size_t>(e)];
+        const index_t r1 = big.dims.offsets[static_cast<std::size_t>(e) + 1];
+        for (index_t r : {r0, (r0 + r1) / 2, r1 - 1}) {
+          if (r < r0 || r >= r1) continue;
+          std::vector<index_t> one(E, 0);
+          one[static_cast<std::size_t>(e)] = 1;
+          Problem alone({E, d, f, kind, Activation::kGeluTanh, offsets_of(one)}, 1u);
+          alone.w1 = big.w1;
+          alone.w3 = big.w3;
+          alone.w2 = big.w2;
+          std::memcpy(&alone.x.at(0, 0), &big.x.at(r, 0), sizeof(float) * std::size_t(d));
+          std::memcpy(&alone.dy.at(0, 0), &big.dy.at(r, 0), sizeof(float) * std::size_t(d));
+          alone.run(ffn);
+          EXPECT_EQ(
+              std::memcmp(&alone.y.at(0, 0), &batch.y.at(r, 0), sizeof(float) * std::size_t(d)), 0)
+              << "y of row " << r << " (expert " << e << ") at " << threads << " threads";
+          EXPECT_EQ(
+              std::memcmp(&alone.dx.at(0, 0), &batch.dx.at(r, 0), sizeof(float) * std::size_t(d)),
+              0)
+              << "dx of row " << r << " (expert " << e << ") at " << threads << " threads";
+        }
+      }
+    }
+  }
+}
+
+// Packed frozen weights: fp32 gives the unpacked forward's bits; bf16 and
+// int8 stay close to float64 (every path, AMX emulated too), and are batch
+// invariant.
+TEST(ExpertFfn, PackedForwardInEveryDtype) {
+  using S = MoeSpec<8, 2>;
+  using moekit::cpu::GemmDtype;
+  for (FfnKind kind : kKinds) {
+    Problem p({8, 64, 96, kind, Activation::kSilu, offsets_of(uneven_counts<8>())}, 81u);
+    const ExpertFfn<S> ffn(p.config());
+    p.run(ffn);
+    const Ref r = p.ref();
+    for (GemmDtype dtype : {GemmDtype::kFloat32, GemmDtype::kBfloat16, GemmDtype::kInt8}) {
+      const moekit::cpu::PackedExpertWeights packed = ffn.pack(p.weights(), dtype);
+      EXPECT_EQ(packed.dtype(), dtype);
+      for (const moekit_test::GemmPathCase& path : moekit_test::gemm_path_cases(dtype)) {
+        SCOPED_TRACE(::testing::Message()
+                     << "kind " << static_cast<int>(kind) << " "
+                     << moekit::cpu::gemm_dtype_name(dtype) << " " << path.name);
+        Mat y(p.dims.n(), p.dims.d), y_alone(1, p.dims.d);
+        y.poison();
+        moekit_test::with_path(path, dtype, [&] {
+          const VectorView<std::byte> w = p.workspace(ffn.workspace_size(p.dims.n()));
+          ffn.forward(p.x.cview(), p.off(), packed, y.view(), w);
+          // The first row of expert 4 alone.
+          std::vector<index_t> one(8, 0);
+          one[4] = 1;
+          const std::vector<index_t> off = offsets_of(one);
+          std::vector<std::byte> ws(static_cast<std::size_t>(ffn.workspace_size(1)));
+          ffn.forward(p.x.cview().middle_rows(p.dims.offsets[4], 1),
+                      {off.data(), static_cast<index_t>(off.size())}, packed, y_alone.view(),
+                      {ws.data(), static_cast<index_t>(ws.size())});
+        });
+        EXPECT_FALSE(y.any_nan());
+        EXPECT_TRUE(y.padding_untouched());
+        EXPECT_EQ(std::memcmp(&y_alone.at(0, 0), &y.at(p.dims.offsets[4], 0),
+                              sizeof(float) * std::size_t(p.dims.d)),
+                  0);
+        const double err = rel_error(y.values(), r.y);
+        if (dtype == GemmDtype::kFloat32) {
+          EXPECT_TRUE(y.bits_equal(p.y)) << "packed fp32 differs from the unpacked forward";
+        } else {
+          EXPECT_LT(err, dtype == GemmDtype::kBfloat16 ? 2e-2 : 5e-2);
+        }
+        std::printf("[expert_ffn] packed %s %s: relative error vs float64 %.2e\n",
+                    moekit::cpu::gemm_dtype_name(dtype), path.name.c_str(), err);
+      }
+    }
+  }
+}
+
+TEST(ExpertFfn, PackedRejectsBadInput) {
+  using S = MoeSpec<4, 2>;
+  using moekit::cpu::GemmDtype;
+  Problem p({4, 8, 12, FfnKind::kGated, Activation::kSilu, offsets_of({3, 0, 5, 2})}, 8u);
+  const ExpertFfn<S> ffn(p.config());
+  moekit::cpu::PackedExpertWeights packed = ffn.pack(p.weights(), GemmDtype::kInt8);
+  const VectorView<std::byte> w = p.workspace(ffn.workspace_size(p.dims.n()));
+  packed.w2 =
+      moekit::cpu::PackedMatrix(GemmDtype::kBfloat16, moekit::cpu::Op::kTrans, p.w2.cview(), 4);
+  std::string m = expect_error([&] { ffn.forward(p.x.cview(), p.off(), packed, p.y.view(), w); },
+                               Errc::kInvalidArgument);
+  EXPECT_NE(m.find("weights.w2 holds bfloat16 but weights.w1 holds int8"), std::string::npos) << m;
+  packed.w2 = moekit::cpu::PackedMatrix(GemmDtype::kInt8, moekit::cpu::Op::kTrans, p.w1.cview(), 4);
+  m = expect_error([&] { ffn.forward(p.x.cview(), p.off(), packed, p.y.view(), w); },
+                   Errc::kShapeMismatch);
+  EXPECT_NE(m.find("weights.w2 packs 4 groups of 8 x 12, expected 4 of 12 x 8"), std::string::npos)
+      << m;
+  m = expect_error([&] { ffn.pack(p.weights(), static_cast<GemmDtype>(7)); },
+                   Errc::kInvalidArgument);
+  EXPECT_NE(m.find("dtype = 7"), std::string::npos) << m;
+}
+
+// Forward and backward at realistic sizes allocate nothing (the thread pool
+// is started by a first run).
+TEST(ExpertFfn, NoAllocationInForwardOrBackward) {
+  if (!moekit_test::AllocationCounter::available) GTEST_SKIP() << "the sanitizer owns operator new";
+  using S = MoeSpec<8, 2>;
+  Problem p({8, 256, 512, FfnKind::kGated, Activation::kSilu,
+             offsets_of({200, 90, 0, 300, 1, 180, 150, 103})},
+            91u);
+  const ExpertFfn<S> ffn(p.config());
+  const VectorView<std::byte> w = p.workspace(ffn.workspace_size(p.dims.n()));
+  const moekit::cpu::PackedExpertWeights packed =
+      ffn.pack(p.weights(), moekit::cpu::GemmDtype::kInt8);
+  for (int pass = 0; pass < 2; ++pass) {
+    moekit_test::CountAllocations count;
+    ffn.forward(p.x.cview(), p.off(), p.weights(), p.y.view(), p.pre.view(), p.gate.view(), w);
+    ffn.backward(p.dy.cview(), p.x.cview(), p.off(), p.weights(), p.pre.cview(), p.gate.cview(),
+                 p.dx.view(), p.grads(), w);
+    ffn.forward(p.x.cview(), p.off(), packed, p.y.view(), w);
+    if (pass == 1) {
+      EXPECT_EQ(count.allocations(), 0);
     }
   }
 }

@@ -533,8 +533,10 @@ TEST(ExpertLora, AllBlocksOnOneExpertAndManyRows) {
 // ---- against ExpertFfn -------------------------------------------------------------
 
 // With B = 0 (as init leaves it) or with no adapters at all, the output, the
-// saved activations and dx are ExpertFfn's, bit for bit: every adapter term
-// adds an exact zero, or is not computed.
+// saved activations and dx are ExpertFfn's: every adapter term adds an exact
+// zero, or is not computed. ExpertFfn now runs its products on the GEMM
+// engine and ExpertLora still on Eigen, so the two agree to rounding (1e-6
+// relative); bit for bit again once LoRA's base products move to the engine.
 TEST(ExpertLora, ZeroBOrNoAdapterEqualsExpertFfn) {
   using S = MoeSpec<8, 2>;
   using L = LoraSpec<4>;
@@ -570,10 +572,10 @@ TEST(ExpertLora, ZeroBOrNoAdapterEqualsExpertFfn) {
       ffn.forward(p.x.cview(), p.off(), w, y.view(), pre.view(), gate.view(), wv);
       ffn.backward(p.dy.cview(), p.x.cview(), p.off(), w, pre.cview(), gate.cview(), dx.view(), {},
                    wv);
-      EXPECT_TRUE(y.bits_equal(p.y));
-      EXPECT_TRUE(pre.bits_equal(p.pre));
-      EXPECT_TRUE(gate.bits_equal(p.gate));
-      EXPECT_TRUE(dx.bits_equal(p.dx));
+      EXPECT_LT(rel_error(y.values(), p.y.values()), 1e-6);
+      EXPECT_LT(rel_error(pre.values(), p.pre.values()), 1e-6);
+      EXPECT_LT(rel_error(gate.values(), p.gate.values()), 1e-6);
+      EXPECT_LT(rel_error(dx.values(), p.dx.values()), 1e-6);
       // B = 0: dA = 0 exactly, dB carries the whole first-step signal.
       if (!no_adapters) {
         for (const Mat* m : {&p.da1, &p.da3, &p.da2})

@@ -155,16 +155,16 @@ void check_paths(index_t d, index_t count) {
   SCOPED_TRACE(::testing::Message() << "R " << R << " d " << d << " rows " << count);
   using moekit::cpu::Isa;
   const index_t ld = d + 1;
-  const std::vector<float> src = randoms(sz(count * ld), 11), mat = randoms(sz(R * d), 12),
-                           coef = randoms(sz(count * R), 13);
-  std::vector<float> panel(sz(kernels::panel_floats<R>(d)));
+  const std::vector<float> src = randoms(to_size(count * ld), 11), mat = randoms(to_size(R * d), 12),
+                           coef = randoms(to_size(count * R), 13);
+  std::vector<float> panel(to_size(kernels::panel_floats<R>(d)));
   kernels::pack_panel<R>(MatrixView<const float>(mat.data(), R, d), panel.data());
   const kernels::RowSet all{nullptr, 0, count};
   struct Out {
     std::vector<float> shrink, expand, outer;
   };
   const auto run = [&] {
-    Out o{std::vector<float>(sz(count * R)), src, std::vector<float>(panel.size(), 0.5f)};
+    Out o{std::vector<float>(to_size(count * R)), src, std::vector<float>(panel.size(), 0.5f)};
     kernels::shrink_rows<R>(kernels::RowsOf<const float>{src.data(), ld, all}, count, d,
                             panel.data(), 0.75f, o.shrink.data());
     kernels::expand_rows<R>(kernels::RowsOf<float>{o.expand.data(), ld, all}, count, d, coef.data(),
@@ -187,14 +187,14 @@ void check_paths(index_t d, index_t count) {
   }
   // Row i alone gives the bits it got among the others.
   for (index_t i = 0; i < count; i += 3) {
-    std::vector<float> one(sz(R));
+    std::vector<float> one(to_size(R));
     kernels::shrink_rows<R>(kernels::RowsOf<const float>{src.data(), ld, {nullptr, i, 1}}, 1, d,
                             panel.data(), 0.75f, one.data());
-    for (index_t r = 0; r < R; ++r) EXPECT_EQ(one[sz(r)], portable.shrink[sz(i * R + r)]);
+    for (index_t r = 0; r < R; ++r) EXPECT_EQ(one[to_size(r)], portable.shrink[to_size(i * R + r)]);
     std::vector<float> row(src.begin() + i * ld, src.begin() + (i + 1) * ld);
     kernels::expand_rows<R>(kernels::RowsOf<float>{row.data(), ld, {nullptr, 0, 1}}, 1, d,
                             coef.data() + i * R, 1.5f, panel.data());
-    for (index_t k = 0; k < d; ++k) EXPECT_EQ(row[sz(k)], portable.expand[sz(i * ld + k)]);
+    for (index_t k = 0; k < d; ++k) EXPECT_EQ(row[to_size(k)], portable.expand[to_size(i * ld + k)]);
   }
 }
 

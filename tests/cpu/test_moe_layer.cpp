@@ -457,11 +457,14 @@ TEST(MoeLayer, CapacityDropsMatchAnIndependentCount) {
   EXPECT_GE(rounds_with_drops, 24) << "of 48 rounds";  // the test must see many drops
 }
 
-TEST(MoeLayer, ForwardReturnsAuxLosses) {
+// forward's aux losses against float64 for the given coefficients. The values
+// are reported whatever the coefficients: a coefficient of 0 only leaves its
+// loss out of total (and of the gradients).
+void check_aux_losses(float switch_coeff, float z_coeff) {
   using S = MoeSpec<8, 2>;
   MoeLayerConfig c = make_config(FfnKind::kPlain, Activation::kGeluTanh, 0, 0.0);
-  c.switch_coeff = 0.01f;
-  c.z_coeff = 0.001f;
+  c.switch_coeff = switch_coeff;
+  c.z_coeff = z_coeff;
   const MoeLayer<S> layer(c);
   const Problem p = make_problem(c, 8, 2, 40, 11);
   MoeLayerStorage<S> st(layer, 40);
@@ -469,9 +472,55 @@ TEST(MoeLayer, ForwardReturnsAuxLosses) {
   const auto aux = layer.forward({p.x.data(), 40, p.d}, params_of(p, c), st.state(),
                                  {y.data(), 40, p.d}, nullptr, st.workspace());
   const Ref r = ref_forward(p, c, Params64(p), positions_of(st, 40));
+  ASSERT_GT(r.switch_loss, 0.0);
+  ASSERT_GT(r.z_loss, 0.0);
   EXPECT_NEAR(aux.switch_loss, r.switch_loss, 1e-5 * r.switch_loss);
   EXPECT_NEAR(aux.z_loss, r.z_loss, 1e-5 * r.z_loss);
-  EXPECT_DOUBLE_EQ(aux.total, 0.01f * aux.switch_loss + 0.001f * aux.z_loss);
+  EXPECT_DOUBLE_EQ(aux.total, static_cast<double>(switch_coeff) * aux.switch_loss +
+                                  static_cast<double>(z_coeff) * aux.z_loss);
+}
+
+TEST(MoeLayer, ForwardReturnsAuxLosses) { check_aux_losses(0.01f, 0.001f); }
+
+TEST(MoeLayer, ForwardReportsAuxValuesWithZeroCoefficients) {
+  check_aux_losses(0.0f, 0.0f);
+  check_aux_losses(0.01f, 0.0f);
+}
+
+// Errors from shared checkers carry the name of the function the user called.
+TEST(MoeLayer, ErrorsNameThePublicFunction) {
+  using S = MoeSpec<8, 2>;
+  const MoeLayerConfig c = make_config(FfnKind::kPlain, Activation::kGeluTanh, 0, 0.0);
+  const MoeLayer<S> layer(c);
+  const Problem p = make_problem(c, 8, 2, 6, 5);
+  MoeLayerStorage<S> st(layer, 6);
+  std::vector<float> y(p.x.size());
+  const MatrixView<const float> x(p.x.data(), 6, p.d);
+  const VectorView<std::byte> ws = st.workspace();
+  std::string msg = expect_error(
+      [&] {
+        layer.forward(x, params_of(p, c), st.state(), {y.data(), 6, p.d}, nullptr, {ws.data(), 16});
+      },
+      Errc::kShapeMismatch);
+  EXPECT_EQ(msg.rfind("moekit::cpu::MoeLayer::forward: workspace has 16 bytes", 0), 0u) << msg;
+  msg = expect_error(
+      [&] {
+        layer.forward(x, params_of(p, c), st.state(), {y.data(), 6, p.d - 1}, nullptr, ws);
+      },
+      Errc::kShapeMismatch);
+  EXPECT_EQ(msg.rfind("moekit::cpu::MoeLayer::forward: y is 6 x ", 0), 0u) << msg;
+  layer.forward(x, params_of(p, c), st.state(), {y.data(), 6, p.d}, nullptr, ws);
+  msg = expect_error(
+      [&] {
+        layer.backward({y.data(), 6, p.d}, x, params_of(p, c), st.state(), {}, MoeLayerGrads{},
+                       {ws.data(), 16});
+      },
+      Errc::kShapeMismatch);
+  EXPECT_EQ(msg.rfind("moekit::cpu::MoeLayer::backward: workspace has 16 bytes", 0), 0u) << msg;
+  // A public function the layer calls inside does not take the name over,
+  // and the name is cleared after the call: a checker called directly names itself.
+  msg = expect_error([&] { moekit::check_shape(x, 6, p.d + 1, "x"); }, Errc::kShapeMismatch);
+  EXPECT_EQ(msg.rfind("moekit::check_shape: ", 0), 0u) << msg;
 }
 
 // ---- backward vs finite differences ------------------------------------------
@@ -507,7 +556,7 @@ void check_backward(const MoeLayerConfig& c, index_t T, unsigned seed) {
   const MatrixView<const float> x(p.x.data(), T, p.d);
   layer.forward(x, prm, st.state(), {y.data(), T, p.d}, nullptr, st.workspace());
   Grads g(p);
-  layer.backward({p.G.data(), T, p.d}, x, prm, st.state(), g.view(p), g.dx_view(p), st.workspace());
+  layer.backward({p.G.data(), T, p.d}, x, prm, st.state(), g.dx_view(p), g.view(p), st.workspace());
   const std::vector<std::int32_t> pos = positions_of(st, T);
   Params64 q(p);
   const Ref r = ref_forward(p, c, q, pos);
@@ -569,7 +618,7 @@ std::vector<float> run_all(const MoeLayerConfig& c, const Problem& p, Grads& g) 
   std::vector<float> y(p.x.size(), kNaN);
   const MatrixView<const float> x(p.x.data(), p.T, p.d);
   layer.forward(x, params_of(p, c), st.state(), {y.data(), p.T, p.d}, nullptr, st.workspace());
-  layer.backward({p.G.data(), p.T, p.d}, x, params_of(p, c), st.state(), g.view(p), g.dx_view(p),
+  layer.backward({p.G.data(), p.T, p.d}, x, params_of(p, c), st.state(), g.dx_view(p), g.view(p),
                  st.workspace());
   return y;
 }
@@ -643,7 +692,7 @@ TEST(MoeLayer, FrozenPartsAreNotTouchedAndDxIsUnchanged) {
     if (part == 1) v.dw1 = {}, v.dw2 = {}, v.dw3 = {};  // frozen experts
     if (part == 2) v.shared_dw1 = {}, v.shared_dw2 = {}, v.shared_dw3 = {};
     if (part == 3) v = MoeLayerGrads{};  // input gradient only
-    layer.backward({p.G.data(), p.T, p.d}, x, prm, st.state(), v, g.dx_view(p), st.workspace());
+    layer.backward({p.G.data(), p.T, p.d}, x, prm, st.state(), g.dx_view(p), v, st.workspace());
     EXPECT_TRUE(same_bits(g.dx, full.dx)) << part;
     const auto check = [&](const std::vector<float>& got, const std::vector<float>& ref,
                            bool frozen, const char* what) {
@@ -665,7 +714,7 @@ TEST(MoeLayer, FrozenPartsAreNotTouchedAndDxIsUnchanged) {
   Grads g(p);
   MoeLayerGrads v;
   v.dw_gate = g.view(p).dw_gate;
-  layer.backward({p.G.data(), p.T, p.d}, x, prm, st.state(), v, {}, st.workspace());
+  layer.backward({p.G.data(), p.T, p.d}, x, prm, st.state(), {}, v, st.workspace());
   EXPECT_TRUE(same_bits(g.dwg, full.dwg));
   for (float e : g.dx) ASSERT_TRUE(std::isnan(e));
 }
@@ -684,7 +733,7 @@ TEST(MoeLayer, AccumulateAddsToEveryOutput) {
   Grads g = once;  // start from one gradient, add a second
   MoeLayerGrads v = g.view(p);
   v.accumulate = true;
-  layer.backward({p.G.data(), p.T, p.d}, x, params_of(p, c), st.state(), v, g.dx_view(p),
+  layer.backward({p.G.data(), p.T, p.d}, x, params_of(p, c), st.state(), g.dx_view(p), v,
                  st.workspace());
   const auto twice = [](const std::vector<float>& a) {
     std::vector<double> r;
@@ -774,35 +823,35 @@ TEST(MoeLayer, RejectsBadInputWithoutWriting) {
   MoeLayerGrads gv = g.view(p);
   gv.dw2 = {g.dw2.data(), 8 * d, p.f + 1};
   msg = expect_error(
-      [&] { layer.backward(dy, x, prm, st.state(), gv, g.dx_view(p), st.workspace()); },
+      [&] { layer.backward(dy, x, prm, st.state(), g.dx_view(p), gv, st.workspace()); },
       Errc::kShapeMismatch);
   EXPECT_NE(msg.find("grads.dw2"), std::string::npos) << msg;
   dx_untouched();
   MoeLayerParams no_bias = prm;
   no_bias.gate_bias = {};
   expect_error(
-      [&] { layer.backward(dy, x, no_bias, st.state(), g.view(p), g.dx_view(p), st.workspace()); },
+      [&] { layer.backward(dy, x, no_bias, st.state(), g.dx_view(p), g.view(p), st.workspace()); },
       Errc::kInvalidArgument);
   dx_untouched();
   expect_error(
       [&] {
-        layer.backward({p.G.data(), T - 1, d}, {p.x.data(), T - 1, d}, prm, st.state(), g.view(p),
-                       {g.dx.data(), T - 1, d}, st.workspace());
+        layer.backward({p.G.data(), T - 1, d}, {p.x.data(), T - 1, d}, prm, st.state(),
+                       {g.dx.data(), T - 1, d}, g.view(p), st.workspace());
       },
       Errc::kInvalidArgument);  // offsets no longer match the routing's rows
   dx_untouched();
   const MoeLayerState& s = st.state();
   const std::int32_t keep_id = s.routing.expert_ids(3, 1), keep_pos = s.routing.positions(3, 1);
   s.routing.expert_ids(3, 1) = s.routing.expert_ids(3, 0);
-  expect_error([&] { layer.backward(dy, x, prm, s, g.view(p), g.dx_view(p), st.workspace()); },
+  expect_error([&] { layer.backward(dy, x, prm, s, g.dx_view(p), g.view(p), st.workspace()); },
                Errc::kInvalidArgument);
   s.routing.expert_ids(3, 1) = 99;
-  expect_error([&] { layer.backward(dy, x, prm, s, g.view(p), g.dx_view(p), st.workspace()); },
+  expect_error([&] { layer.backward(dy, x, prm, s, g.dx_view(p), g.view(p), st.workspace()); },
                Errc::kOutOfRange);
   s.routing.expert_ids(3, 1) = keep_id;
   s.routing.positions(3, 1) = keep_pos;
   dx_untouched();
-  layer.backward(dy, x, prm, s, g.view(p), g.dx_view(p), st.workspace());  // restored: fine
+  layer.backward(dy, x, prm, s, g.dx_view(p), g.view(p), st.workspace());  // restored: fine
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "expect_error.hpp"
@@ -66,9 +67,12 @@ TEST(MlpEncoder, MatchesFloat64ReferenceAndCountsItsParameters) {
   }
   const std::vector<float> x = normal_vector(n * din, 5);
   std::vector<float> y(n * d, std::nanf("")), ws(to_size(enc.workspace_size(n) / 4));
-  enc.forward({x.data(), n, din},
-              cpu::MlpEncoderWeights{w.w_in, w.b_in, w.gamma, w.beta, w.w1, w.b1, w.w2, w.b2},
-              {y.data(), n, d}, {reinterpret_cast<std::byte*>(ws.data()), enc.workspace_size(n)});
+  // The views init filled convert to the read-only weights forward takes
+  // (and never the other way).
+  static_assert(std::is_convertible_v<cpu::MlpEncoderViews<float>, cpu::MlpEncoderWeights>);
+  static_assert(!std::is_convertible_v<cpu::MlpEncoderWeights, cpu::MlpEncoderViews<float>>);
+  enc.forward({x.data(), n, din}, w, {y.data(), n, d},
+              {reinterpret_cast<std::byte*>(ws.data()), enc.workspace_size(n)});
 
   double num = 0.0, den = 0.0;
   for (index_t t = 0; t < n; ++t) {

@@ -281,21 +281,21 @@ TEST(OverlapEntryPoints, ExpertFfnAndMoeLayer) {
   layer.forward({x.data(), T, dm}, params, st.state(), {y.data(), T, dm}, nullptr, st.workspace());
   expect_overlap(
       [&] {
-        layer.backward({y.data(), T, dm}, {x.data(), T, dm}, params, st.state(), {},
-                       {y.data(), T, dm}, st.workspace());
+        layer.backward({y.data(), T, dm}, {x.data(), T, dm}, params, st.state(), {y.data(), T, dm},
+                       {}, st.workspace());
       },
       "cpu::MoeLayer::backward", "dx", "dy");
   expect_overlap(
       [&] {
-        layer.backward({y.data(), T, dm}, {x.data(), T, dm}, params, st.state(), {},
-                       st.state().buffer.block(0, 0, T, dm), st.workspace());
+        layer.backward({y.data(), T, dm}, {x.data(), T, dm}, params, st.state(),
+                       st.state().buffer.block(0, 0, T, dm), {}, st.workspace());
       },
       "cpu::MoeLayer::backward", "dx", "state.buffer");
   cpu::MoeLayerGrads g;
   g.dw_gate = {gate.data(), E, dm};
   expect_overlap(
       [&] {
-        layer.backward({y.data(), T, dm}, {x.data(), T, dm}, params, st.state(), g, {},
+        layer.backward({y.data(), T, dm}, {x.data(), T, dm}, params, st.state(), {}, g,
                        st.workspace());
       },
       "cpu::MoeLayer::backward", "grads.dw_gate", "params.w_gate");

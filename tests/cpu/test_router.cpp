@@ -923,4 +923,167 @@ TEST(RouterBadInput, ShapesNullsAndIdsAreRejectedWithoutWriting) {
   for (float v : dlogits) EXPECT_EQ(v, 7.0f);
 }
 
+// ---- capacity for an external router's ids and weights ----------------------
+
+// apply_capacity on the ids and weights of a dropless routing gives what a
+// router with capacity writes itself, for both drop policies and every rule.
+TEST(RouterApplyCapacity, MatchesTheRoutersOwnCapacity) {
+  using S = MoeSpec<8, 2>;
+  constexpr index_t T = 37;
+  std::mt19937 rng(21);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  for (const GatingConfig& gating : gating_grid<8, 2>()) {
+    for (DropPolicy policy : {DropPolicy::kPosition, DropPolicy::kProbs}) {
+      RoutingBuffers<S> free_buf(T), capped_buf(T);
+      for (std::size_t i = 0; i < free_buf.logits.size(); ++i) {
+        free_buf.logits[i] = normal(rng) + 0.3f * static_cast<float>(i % 8);  // skewed: drops
+      }
+      capped_buf.logits = free_buf.logits;
+      RouterConfig config;
+      config.gating = gating;
+      const Router<S> dropless(config);
+      config.capacity = {0.75f, policy};
+      const Router<S> capped(config);
+      std::vector<std::byte> ws(to_size(capped.workspace_size(T, 0)));
+      const VectorView<std::byte> workspace(ws.data(), static_cast<index_t>(ws.size()));
+      dropless.route(free_buf.view(), {});
+      RoutingStats<S> stats;
+      capped.route(capped_buf.view(), {}, &stats, workspace);
+      ASSERT_GT(stats.dropped, 0);
+
+      std::vector<float> weights = free_buf.weights;  // the external router's weights
+      std::vector<std::int32_t> positions(T * 2, moekit_test::kPoisonId);
+      const index_t dropped = capped.apply_capacity(
+          {free_buf.ids.data(), T, 2}, {weights.data(), T, 2}, {positions.data(), T, 2}, workspace);
+      EXPECT_EQ(dropped, stats.dropped);
+      EXPECT_EQ(free_buf.ids, capped_buf.ids);
+      EXPECT_EQ(positions, capped_buf.positions);
+      for (std::size_t i = 0; i < weights.size(); ++i) {
+        EXPECT_EQ(weights[i], capped_buf.weights[i]) << i;  // the same bits
+      }
+    }
+  }
+}
+
+TEST(RouterApplyCapacity, DroplessNumbersEverySlotAndRejectsBadIds) {
+  using S = MoeSpec<4, 2>;
+  const Router<S> router(RouterConfig{});
+  std::vector<std::int32_t> ids = {0, 1, 1, 0, 3, 0};
+  std::vector<float> weights = {0.5f, 0.5f, 0.25f, 0.75f, 1.0f, 2.0f};
+  std::vector<std::int32_t> positions(6, moekit_test::kPoisonId);
+  EXPECT_EQ(
+      router.apply_capacity({ids.data(), 3, 2}, {weights.data(), 3, 2}, {positions.data(), 3, 2}),
+      0);
+  EXPECT_EQ(positions, (std::vector<std::int32_t>{0, 0, 1, 1, 0, 2}));
+  EXPECT_EQ(weights[5], 2.0f);
+  ids[3] = 1;  // token 1 repeats expert 1
+  std::string msg = moekit_test::expect_error(
+      [&] {
+        router.apply_capacity({ids.data(), 3, 2}, {weights.data(), 3, 2}, {positions.data(), 3, 2});
+      },
+      Errc::kInvalidArgument);
+  EXPECT_EQ(msg.rfind("moekit::cpu::Router::apply_capacity: expert_ids row 1 repeats expert 1", 0),
+            0u)
+      << msg;
+  ids[3] = 4;
+  msg = moekit_test::expect_error(
+      [&] {
+        router.apply_capacity({ids.data(), 3, 2}, {weights.data(), 3, 2}, {positions.data(), 3, 2});
+      },
+      Errc::kOutOfRange);
+  EXPECT_NE(msg.find("expert_ids(1, 1) = 4 is outside [0, 4)"), std::string::npos) << msg;
+}
+
+// ---- what selection ranked ---------------------------------------------------
+
+// explain_selection against float64: the keys are score + bias, each group
+// scores the sum of its top keys, the best groups are kept, and the router's
+// ids are the K best keys among the kept groups.
+TEST(RouterExplainSelection, KeysGroupScoresAndKeptGroups) {
+  using S = MoeSpec<16, 3>;
+  constexpr index_t T = 29;
+  GatingConfig gating;  // DeepSeek-V3 style
+  gating.rule = GatingRule::kSigmoid;
+  gating.renormalize = true;
+  gating.num_groups = 4;
+  gating.groups_kept = 2;
+  gating.group_score_top = 2;
+  RouterConfig config;
+  config.gating = gating;
+  const Router<S> router(config);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.5f);
+  RoutingBuffers<S> buf(T);
+  for (float& v : buf.logits) v = normal(rng);
+  std::vector<float> bias(16);
+  for (float& b : bias) b = 0.3f * normal(rng);
+  const VectorView<const float> bias_view(bias.data(), 16);
+  router.route(buf.view(), bias_view);
+  for (index_t t = 0; t < T; ++t) {
+    const auto trace = router.explain_selection(buf.view(), bias_view, t);
+    std::vector<double> key(16);
+    for (int e = 0; e < 16; ++e) {
+      key[to_size(e)] =
+          1.0 / (1.0 + std::exp(-static_cast<double>(buf.logits[to_size(t * 16 + e)]))) +
+          bias[to_size(e)];
+      EXPECT_NEAR(trace.keys[to_size(e)], key[to_size(e)], 1e-6) << t << " " << e;
+    }
+    ASSERT_EQ(trace.num_groups, 4);
+    ASSERT_EQ(trace.num_kept, 2);
+    std::vector<std::pair<double, int>> groups;
+    for (int g = 0; g < 4; ++g) {
+      std::vector<double> k(key.begin() + 4 * g, key.begin() + 4 * g + 4);
+      std::sort(k.rbegin(), k.rend());
+      EXPECT_NEAR(trace.group_scores[to_size(g)], k[0] + k[1], 1e-5) << t << " " << g;
+      groups.push_back({-(k[0] + k[1]), g});
+    }
+    std::sort(groups.begin(), groups.end());
+    if (std::abs(groups[1].first - groups[2].first) < 1e-5) continue;  // ambiguous in float
+    const std::set<int> kept = {trace.kept_groups[0], trace.kept_groups[1]};
+    EXPECT_EQ(kept, (std::set<int>{groups[0].second, groups[1].second})) << t;
+    EXPECT_GE(trace.group_scores[to_size(trace.kept_groups[0])],
+              trace.group_scores[to_size(trace.kept_groups[1])]);
+    for (int k = 0; k < 3; ++k) {
+      EXPECT_EQ(kept.count(buf.ids[to_size(t * 3 + k)] / 4), 1u) << "id outside the kept groups";
+    }
+  }
+  // Without groups there is nothing to report but the keys.
+  const Router<S> plain(RouterConfig{});
+  RoutingBuffers<S> buf2(T);
+  buf2.logits = buf.logits;
+  plain.route(buf2.view(), {});
+  const auto trace = plain.explain_selection(buf2.view(), {}, 0);
+  EXPECT_EQ(trace.num_groups, 0);
+  EXPECT_EQ(trace.num_kept, 0);
+  EXPECT_EQ(trace.keys[3], buf2.logits[3]);  // kSoftmaxTopK without a bias ranks the logits
+  const std::string msg = moekit_test::expect_error(
+      [&] { static_cast<void>(plain.explain_selection(buf2.view(), {}, T)); }, Errc::kOutOfRange);
+  EXPECT_EQ(msg.rfind("moekit::cpu::Router::explain_selection: t = 29 is outside [0, 29)", 0), 0u)
+      << msg;
+}
+
+// Errors name the function the user called, not the shared checker.
+TEST(RouterErrors, NameThePublicFunction) {
+  using S = MoeSpec<8, 2>;
+  RouterConfig config;
+  config.capacity = {1.0f, DropPolicy::kProbs};  // needs a workspace
+  const Router<S> router(config);
+  RoutingBuffers<S> buf(4);
+  for (float& v : buf.logits) v = 0.5f;
+  std::string msg =
+      moekit_test::expect_error([&] { router.route(buf.view(), {}); }, Errc::kShapeMismatch);
+  EXPECT_EQ(msg.rfind("moekit::cpu::Router::route: workspace", 0), 0u) << msg;
+  std::vector<float> x(4 * 3), w(8 * 2);
+  msg = moekit_test::expect_error(
+      [&] {
+        router.forward({x.data(), 4, 3}, {w.data(), 8, 2}, {}, {}, buf.view());
+      },
+      Errc::kShapeMismatch);
+  EXPECT_EQ(msg.rfind("moekit::cpu::Router::forward: w_gate is 8 x 2, expected 8 x 3", 0), 0u)
+      << msg;
+  config.gating.num_groups = 3;  // does not divide E
+  msg = moekit_test::expect_error([&] { const Router<S> bad(config); }, Errc::kInvalidArgument);
+  EXPECT_EQ(msg.rfind("moekit::cpu::Router::Router: ", 0), 0u) << msg;
+}
+
 }  // namespace

@@ -43,7 +43,7 @@ void check_z_loss_token() {
   b.logits = random_rows<E>(tokens, 3);
   b.logits[5 * E] = std::numeric_limits<float>::quiet_NaN();  // a row that adds 0
   b.logits[9 * E + E - 1] = std::numeric_limits<float>::infinity();
-  for (int e = 0; e < E; ++e) b.logits[11 * E + e] = -std::numeric_limits<float>::infinity();
+  for (int e = 0; e < E; ++e) b.logits[to_size(11 * E + e)] = -std::numeric_limits<float>::infinity();
   b.logits[13 * E] = -std::numeric_limits<float>::infinity();  // masked: the row counts
   std::vector<float> ref(tokens * E, 0.5f), got(tokens * E, 0.5f);
   const double cpu = moekit::cpu::z_loss<S>(b.view(), 0.25f, {ref.data(), tokens, E});

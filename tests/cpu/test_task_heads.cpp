@@ -441,6 +441,51 @@ TEST(TaskHeads, BitIdenticalRunAfterRun) {
   EXPECT_TRUE(a.dw.bits_equal(b.dw));
 }
 
+// Per-row predictions and losses against float64: the argmax over the row's
+// own classes (not the padding) and its cross-entropy; their count of
+// correct rows and mean give acc_h and L_h.
+TEST(TaskHeads, PerRowPredictionsAndLosses) {
+  using S = HeadSpec<3>;
+  Problem<S> p({6, 3, 11}, 41, 9, make_tasks<3>(41, 4, false), 22);
+  const TaskHeads<S> heads(p.config);
+  heads.forward(p.x.cview(), p.task_view(), p.weights(), p.logits.view(), p.workspace());
+  std::vector<std::int32_t> predicted(41, -5);
+  std::vector<double> loss(41, std::numeric_limits<double>::quiet_NaN());
+  const TaskLosses<S> l = heads.loss(p.logits.cview(), p.task_view(), p.label_view(), {}, {}, {},
+                                     {{predicted.data(), 41}, {loss.data(), 41}});
+  std::array<double, 3> sum{}, correct{};
+  const MatrixView<const float> z = p.logits.cview();
+  for (index_t i = 0; i < 41; ++i) {
+    const auto u = to_size(i);
+    const std::size_t h = to_size(p.task(i));
+    const index_t c = p.config.classes[h];
+    index_t best = 0;
+    double lse = 0.0, max = z(i, 0);
+    for (index_t k = 1; k < c; ++k) {
+      if (z(i, k) > z(i, best)) best = k;
+      max = std::max(max, static_cast<double>(z(i, k)));
+    }
+    for (index_t k = 0; k < c; ++k) lse += std::exp(static_cast<double>(z(i, k)) - max);
+    const double ce = max + std::log(lse) - z(i, p.labels[u]);
+    EXPECT_EQ(predicted[u], best) << i;
+    EXPECT_NEAR(loss[u], ce, 1e-6 * std::max(1.0, ce)) << i;
+    sum[h] += loss[u];
+    correct[h] += predicted[u] == p.labels[u] ? 1.0 : 0.0;
+  }
+  for (std::size_t h = 0; h < 3; ++h) {
+    const auto count = static_cast<double>(l.count[h]);
+    EXPECT_NEAR(sum[h] / count, l.loss[h], 1e-12 * std::max(1.0, l.loss[h]));
+    EXPECT_EQ(correct[h] / count, l.accuracy[h]);
+  }
+  const std::string msg = moekit_test::expect_error(
+      [&] {
+        heads.loss(p.logits.cview(), p.task_view(), p.label_view(), {}, {}, {},
+                   {.predicted = {predicted.data(), 40}});
+      },
+      Errc::kShapeMismatch);
+  EXPECT_EQ(msg.rfind("moekit::cpu::TaskHeads::loss: rows.predicted", 0), 0u) << msg;
+}
+
 TEST(TaskHeads, ZeroRows) {
   using S = HeadSpec<3>;
   Problem<S> p({6, 3, 11}, 0, 7, {}, 21);

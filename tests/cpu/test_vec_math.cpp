@@ -226,6 +226,11 @@ TEST(VecMath, OperationsGiveThePortableBitsOnEveryPath) {
       ASSERT_EQ(
           static_cast<std::int32_t>(bits(want[176 + i])),
           in_range ? static_cast<std::int32_t>(a[i]) : std::numeric_limits<std::int32_t>::min());
+      // Sign-extended int8 bytes multiplied exactly.
+      std::int8_t a_byte = 0, b_byte = 0;
+      std::memcpy(&a_byte, reinterpret_cast<const char*>(a) + 3 + i, 1);
+      std::memcpy(&b_byte, reinterpret_cast<const char*>(b) + 40 + i, 1);
+      ASSERT_EQ(static_cast<std::int32_t>(bits(want[18 * 16 + i])), a_byte * b_byte);
     }
   }
 }

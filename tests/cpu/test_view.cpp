@@ -79,6 +79,22 @@ TEST(View, DefaultViewIsEmpty) {
   EXPECT_NO_THROW(moekit::check_shape(m, 0, 0, "m"));
 }
 
+// view_of(std::vector) views the whole vector; a const vector gives a
+// read-only view.
+TEST(View, ViewOfVector) {
+  std::vector<std::byte> workspace(40);
+  const VectorView<std::byte> ws = moekit::view_of(workspace);
+  EXPECT_EQ(ws.data(), workspace.data());
+  EXPECT_EQ(ws.size(), 40);
+  const std::vector<float> bias = {1.0f, 2.0f, 3.0f};
+  const auto b = moekit::view_of(bias);
+  static_assert(std::is_same_v<decltype(b), const VectorView<const float>>);
+  EXPECT_EQ(b.size(), 3);
+  EXPECT_EQ(b[2], 3.0f);
+  std::vector<int> empty;
+  EXPECT_TRUE(moekit::view_of(empty).empty());
+}
+
 TEST(ViewCheck, RejectsNullDataWithElements) {
   const MatrixView<float> m(nullptr, 2, 3);
   try {

@@ -5,7 +5,7 @@
 
 // out receives kVecOpsOutputs x 16 floats (ints and masks as float bits,
 // doubles split in two floats each) for inputs a[16], b[16] and a count n.
-inline constexpr int kVecOpsOutputs = 22;
+inline constexpr int kVecOpsOutputs = 25;
 
 MOEKIT_KERNEL_TARGET inline void vec_ops(const float* a_in, const float* b_in, int n, float* out) {
   const F32x16 a = load(a_in), b = load(b_in);
@@ -29,6 +29,15 @@ MOEKIT_KERNEL_TARGET inline void vec_ops(const float* a_in, const float* b_in, i
   store(out + 16 * k++, float_of_bits(and_i32(bits_of(a), set1_i32(0x7f800000))));
   store(out + 16 * k++, float_of_bits(shl_i32<7>(bits_of(b))));
   store(out + 16 * k++, float_of_bits(sra_i32<9>(bits_of(a))));
+  // int8 loads (the inputs' bytes), wrapping int32 products and the exact sum.
+  const auto* a_bytes = reinterpret_cast<const std::int8_t*>(a_in);
+  const auto* b_bytes = reinterpret_cast<const std::int8_t*>(b_in);
+  store(out + 16 * k++, float_of_bits(mul_i32(load_i8(a_bytes + 3), load_i8(b_bytes + 40))));
+  std::int32_t stored[16];
+  store_i32(stored, mul_i32(bits_of(a), bits_of(b)));
+  store(out + 16 * k++, float_of_bits(load_i32(stored)));
+  store(out + 16 * k++,
+        float_of_bits(set1_i32(reduce_add_i32(add_i32(load_i32(stored), load_i8(a_bytes + 17))))));
   // F64x16: a * b - a + b in double, summed; split into float pairs.
   const F64x16 da = to_f64(a), db = to_f64(b);
   const F64x16 r = add(sub(mul(da, db), da), db);

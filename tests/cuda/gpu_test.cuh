@@ -4,9 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "moekit/core/error.hpp"
@@ -21,7 +23,24 @@
     }                                                                               \
   } while (false)
 
+// Skips the calling test under compute-sanitizer (see under_compute_sanitizer).
+#define MOEKIT_SKIP_UNDER_COMPUTE_SANITIZER(why)                                             \
+  do {                                                                                       \
+    if (::moekit_test::under_compute_sanitizer()) {                                          \
+      GTEST_SKIP() << "under compute-sanitizer (MOEKIT_UNDER_COMPUTE_SANITIZER=1): " << why; \
+    }                                                                                        \
+  } while (false)
+
 namespace moekit_test {
+
+// Whether the run says it is under compute-sanitizer, by
+// MOEKIT_UNDER_COMPUTE_SANITIZER=1 (tools/gpu_check.sh sets it). The
+// sanitizer counts every failed CUDA API call as an error, so with
+// --error-exitcode a test that makes a call fail on purpose must not run there.
+inline bool under_compute_sanitizer() {
+  const char* value = std::getenv("MOEKIT_UNDER_COMPUTE_SANITIZER");
+  return value != nullptr && std::string_view(value) == "1";
+}
 
 // A fake device pointer for argument checks that must throw before anything
 // dereferences it (distinct, aligned addresses).

@@ -46,7 +46,7 @@ moekit::MoeAuxLosses moe_layer_step(
   (void)config;
   (void)rows;
   const moekit::MoeAuxLosses aux = layer.forward(x, params, state, y, stats, workspace);
-  layer.backward(dy, x, params, state, grads, dx, workspace);
+  layer.backward(dy, x, params, state, dx, grads, workspace);
   return aux;
 }
 

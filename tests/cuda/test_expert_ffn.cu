@@ -7,10 +7,15 @@
 #include <cublas_v2.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "device_buffer.cuh"
@@ -277,6 +282,171 @@ TEST(ExpertFfnGpu, FrozenWeightsOnlyInputGradient) {
   MOEKIT_REQUIRE_GPU();
   run_case<float>(cases()[0], Grads::kFrozen);
   run_case<float>(cases()[1], Grads::kFrozen);
+}
+
+// ---- the grouped GEMM and its per-expert fallback ----------------------------
+
+// Three groups of different shapes and transposes (beta 0 over poison, and
+// beta 1 over values), A and B of T, C of C: the grouped call where cuBLAS
+// has it and the per-group cublasGemmEx fallback, each against float64.
+template <class T, class C>
+void check_grouped_gemm(gpu::detail::GroupedGemmPath path) {
+  struct Group {
+    cublasOperation_t ta, tb;
+    int m, n, k;
+    float beta;
+  };
+  const Group groups[] = {{CUBLAS_OP_N, CUBLAS_OP_N, 17, 9, 33, 0.0f},
+                          {CUBLAS_OP_T, CUBLAS_OP_N, 8, 40, 16, 1.0f},
+                          {CUBLAS_OP_N, CUBLAS_OP_T, 31, 5, 7, 0.0f}};
+  const bool forced = path == gpu::detail::GroupedGemmPath::kPerGroup;
+  SCOPED_TRACE(std::string(moekit_test::type_name<T>()) + " x " + moekit_test::type_name<C>() +
+               (forced ? " per group" : " auto"));
+  std::mt19937 gen(5);
+  std::vector<std::vector<double>> a64(3), b64(3), c64(3);
+  std::vector<std::unique_ptr<DeviceBuffer<T>>> a, b;
+  std::vector<std::unique_ptr<DeviceBuffer<C>>> c;
+  gpu::detail::GroupedGemm gemm;
+  for (int g = 0; g < 3; ++g) {
+    const Group& q = groups[g];
+    const auto mk = static_cast<std::size_t>(q.m * q.k), kn = static_cast<std::size_t>(q.k * q.n);
+    const auto mn = static_cast<std::size_t>(q.m * q.n);
+    a.push_back(std::make_unique<DeviceBuffer<T>>(random_matrix<T>(gen, mk, 1.0f, a64[g])));
+    b.push_back(std::make_unique<DeviceBuffer<T>>(random_matrix<T>(gen, kn, 1.0f, b64[g])));
+    c.push_back(std::make_unique<DeviceBuffer<C>>(random_matrix<C>(gen, mn, 1.0f, c64[g])));
+    if (q.beta == 0.0f) c.back()->poison();
+    const int lda = q.ta == CUBLAS_OP_N ? q.m : q.k, ldb = q.tb == CUBLAS_OP_N ? q.k : q.n;
+    gemm.add(q.ta, q.tb, q.m, q.n, q.k, a.back()->get(), lda, b.back()->get(), ldb, c.back()->get(),
+             q.m, q.beta);
+  }
+  DeviceBuffer<void*> pointers(9);
+  moekit_test::Cublas cublas;
+  const bool grouped = gemm.run(cublas.get(), gpu::detail::cuda_type<T>(), pointers.get(), nullptr,
+                                gpu::detail::cuda_type<C>(), path);
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  if (forced) EXPECT_FALSE(grouped);
+  // Which path cuBLAS took for these types, for the device check's log.
+  std::printf("[ grouped GEMM ] %s inputs, %s output: %s\n", moekit_test::type_name<T>(),
+              moekit_test::type_name<C>(), grouped ? "one grouped call" : "one GEMM per group");
+  const double rel = std::is_same_v<C, float> ? 0.0 : (std::is_same_v<C, __half> ? 1e-3 : 8e-3);
+  for (int g = 0; g < 3; ++g) {
+    const Group& q = groups[g];
+    const auto got = c[g]->download();
+    const int lda = q.ta == CUBLAS_OP_N ? q.m : q.k, ldb = q.tb == CUBLAS_OP_N ? q.k : q.n;
+    for (int j = 0; j < q.n; ++j) {
+      for (int i = 0; i < q.m; ++i) {
+        double want = q.beta * c64[g][j * q.m + i], size = std::fabs(want);
+        for (int l = 0; l < q.k; ++l) {
+          const double x = q.ta == CUBLAS_OP_N ? a64[g][l * lda + i] : a64[g][i * lda + l];
+          const double y = q.tb == CUBLAS_OP_N ? b64[g][j * ldb + l] : b64[g][l * ldb + j];
+          want += x * y;
+          size += std::fabs(x * y);
+        }
+        // fp32 accumulation (a few ulp of the terms' size), then one rounding to C.
+        ASSERT_NEAR(to_float(got[j * q.m + i]), want, 4e-6 * size + rel * std::fabs(want))
+            << "group " << g << " C(" << i << ", " << j << ")";
+      }
+    }
+  }
+}
+
+// fp32 gradients of bf16 / fp16 GEMMs are the combination cuBLAS's grouped
+// GEMM may lack; every combination the FFN uses runs both ways.
+TEST(ExpertFfnGpu, GroupedGemmAndItsPerGroupFallbackMatchFloat64) {
+  MOEKIT_REQUIRE_GPU();
+  for (const auto path :
+       {gpu::detail::GroupedGemmPath::kAuto, gpu::detail::GroupedGemmPath::kPerGroup}) {
+    check_grouped_gemm<float, float>(path);
+    check_grouped_gemm<__nv_bfloat16, __nv_bfloat16>(path);
+    check_grouped_gemm<__half, __half>(path);
+    check_grouped_gemm<__nv_bfloat16, float>(path);
+    check_grouped_gemm<__half, float>(path);
+  }
+}
+
+TEST(ExpertFfnGpuArgs, OnlyNotSupportedFallsBackPerGroup) {
+  EXPECT_TRUE(gpu::detail::grouped_gemm_unsupported(CUBLAS_STATUS_NOT_SUPPORTED));
+  for (const cublasStatus_t other : {CUBLAS_STATUS_SUCCESS, CUBLAS_STATUS_INVALID_VALUE,
+                                     CUBLAS_STATUS_EXECUTION_FAILED, CUBLAS_STATUS_ALLOC_FAILED}) {
+    EXPECT_FALSE(gpu::detail::grouped_gemm_unsupported(other)) << cublasGetStatusName(other);
+  }
+}
+
+// ---- the caller's cuBLAS workspace survives the calls -------------------------
+
+// cuBLAS's API log, counted: cublasSetStream drops a cublasSetWorkspace
+// workspace, so a call on the stream the handle is already on must not make it.
+std::atomic<int> set_stream_calls{0};
+
+void count_set_stream(const char* message) {
+  if (std::strstr(message, "cublasSetStream") != nullptr) ++set_stream_calls;
+}
+
+// Logs cuBLAS's API calls to count_set_stream while it lives.
+class CublasCallLog {
+ public:
+  CublasCallLog() {
+    set_stream_calls = 0;
+    MOEKIT_CUBLAS_CHECK(cublasSetLoggerCallback(count_set_stream));
+    MOEKIT_CUBLAS_CHECK(cublasLoggerConfigure(1, 0, 0, nullptr));
+  }
+  ~CublasCallLog() {
+    (void)cublasLoggerConfigure(0, 0, 0, nullptr);
+    (void)cublasSetLoggerCallback(nullptr);
+  }
+  CublasCallLog(const CublasCallLog&) = delete;
+  CublasCallLog& operator=(const CublasCallLog&) = delete;
+};
+
+TEST(ExpertFfnGpu, CallsOnTheHandlesStreamKeepTheCallersWorkspace) {
+  MOEKIT_REQUIRE_GPU();
+  constexpr int E = 4;
+  using S = MoeSpec<E, 2>;
+  const index_t d = 32, f = 64, n = 40;
+  const std::vector<index_t> offsets = {0, 7, 7, 30, 40};
+  std::mt19937 gen(3);
+  std::vector<double> unused;
+  DeviceBuffer<float> x(random_matrix<float>(gen, n * d, 1.0f, unused));
+  DeviceBuffer<float> w1(random_matrix<float>(gen, E * f * d, 0.2f, unused));
+  DeviceBuffer<float> w2(random_matrix<float>(gen, E * d * f, 0.2f, unused));
+  DeviceBuffer<float> y(n * d), pre(n * f), dx(n * d), dw1(E * f * d), dw2(E * d * f);
+  const gpu::ExpertFfn<S, float> ffn({.d_model = d, .d_ff = f});
+  DeviceBuffer<unsigned char> workspace(ffn.workspace_size(n));
+  DeviceBuffer<unsigned char> cublas_workspace(std::size_t{4} << 20);
+  const gpu::ExpertWeights<float> w{{w1.get(), E * f, d}, {}, {w2.get(), E * d, f}};
+  const gpu::ExpertGrads<float> grads{{dw1.get(), E * f, d}, {}, {dw2.get(), E * d, f}, false};
+  cudaStream_t stream = nullptr;
+  MOEKIT_CUDA_CHECK(cudaStreamCreate(&stream));
+  moekit_test::Cublas cublas;
+  const auto run = [&](cudaStream_t s) {
+    ffn.forward(cublas.get(), {x.get(), n, d}, {offsets.data(), E + 1}, w, {y.get(), n, d},
+                {pre.get(), n, f}, {}, workspace.get(), workspace.size(), s);
+    ffn.backward(cublas.get(), {y.get(), n, d}, {x.get(), n, d}, {offsets.data(), E + 1}, w,
+                 {pre.get(), n, f}, {}, {dx.get(), n, d}, grads, workspace.get(), workspace.size(),
+                 s);
+  };
+  // The documented order: the stream first, then the workspace.
+  MOEKIT_CUBLAS_CHECK(cublasSetStream(cublas.get(), stream));
+  MOEKIT_CUBLAS_CHECK(
+      cublasSetWorkspace(cublas.get(), cublas_workspace.get(), cublas_workspace.size()));
+  {
+    const CublasCallLog log;
+    // The log names the call, or this test cannot see anything.
+    MOEKIT_CUBLAS_CHECK(cublasSetStream(cublas.get(), stream));
+    ASSERT_EQ(set_stream_calls.load(), 1) << "cuBLAS's API log does not name cublasSetStream";
+    MOEKIT_CUBLAS_CHECK(
+        cublasSetWorkspace(cublas.get(), cublas_workspace.get(), cublas_workspace.size()));
+    set_stream_calls = 0;
+    run(stream);
+    EXPECT_EQ(set_stream_calls.load(), 0) << "a call on the handle's own stream reset it";
+    run(nullptr);  // another stream: the handle must move to it
+    EXPECT_GE(set_stream_calls.load(), 1);
+  }
+  cudaStream_t now = stream;
+  MOEKIT_CUBLAS_CHECK(cublasGetStream(cublas.get(), &now));
+  EXPECT_EQ(now, nullptr);
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  MOEKIT_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
 // ---- argument checks (no device needed) -------------------------------------

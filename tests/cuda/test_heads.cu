@@ -329,6 +329,94 @@ TEST(GpuTaskHeads, BadTaskIdsAndLabelsFollowTheDeviceRule) {
   for (float v : dw.download()) EXPECT_TRUE(std::isfinite(v));
 }
 
+// dW's grid has a class tile per block in y, and CUDA allows 65,535 there:
+// a head wider than 524,280 classes is covered by blocks that loop.
+TEST(GpuTaskHeads, WeightGradientGridStaysWithinCudasLimits) {
+  const dim3 small = gpu::detail::weight_grad_grid(300, 20, 3, true);
+  EXPECT_EQ(small.x, 3u);  // 128 columns a block
+  EXPECT_EQ(small.y, 3u);  // 8 classes a block
+  EXPECT_EQ(small.z, 3u);
+  EXPECT_EQ(gpu::detail::weight_grad_grid(300, 20, 3, false).x, 1u);  // db only
+  EXPECT_EQ(gpu::detail::weight_grad_grid(8, 524'280, 1, true).y, 65'535u);
+  EXPECT_EQ(gpu::detail::weight_grad_grid(8, 524'281, 1, true).y, 65'535u);
+  EXPECT_EQ(gpu::detail::weight_grad_grid(8, index_t{1} << 31, 2, true).y, 65'535u);
+}
+
+// A head of 600,000 classes (past 524,280, where one block per class tile
+// would need more than 65,535 blocks in y) beside a small one: dW, db and dx
+// against float64 sums, every class written.
+TEST(GpuTaskHeads, WeightGradientsOfAHeadWiderThanTheGridMatchFloat64) {
+  MOEKIT_REQUIRE_GPU();
+  using S = HeadSpec<2>;
+  const index_t d = 5, n = 7, big = 600'000, width = big, total = big + 3;
+  gpu::TaskHeadsConfig<S> config;
+  config.d_model = d;
+  config.classes = {big, 3};
+  config.bias = true;
+  const gpu::TaskHeads<S, float> heads(config);
+  ASSERT_EQ(heads.total_classes(), total);
+  const std::vector<std::int32_t> task_ids = {0, 1, 0, 0, 1, 0, 0};
+  const auto x_h = moekit_test::random_floats(static_cast<std::size_t>(n * d), -1.0f, 1.0f, 41);
+  const auto w_h = moekit_test::random_floats(static_cast<std::size_t>(total * d), -1.0f, 1.0f, 42);
+  const auto dz_h =
+      moekit_test::random_floats(static_cast<std::size_t>(n * width), -1.0f, 1.0f, 43);
+  DeviceBuffer<float> x(x_h), w(w_h), dz(dz_h), b(static_cast<std::size_t>(total));
+  DeviceBuffer<float> dx(static_cast<std::size_t>(n * d)), dw(static_cast<std::size_t>(total * d)),
+      db(static_cast<std::size_t>(total));
+  DeviceBuffer<std::int32_t> tasks(task_ids);
+  for (auto* buf : {&dx, &dw, &db}) buf->poison();
+  const std::size_t bytes = heads.backward_workspace_size(n);
+  DeviceBuffer<unsigned char> workspace(bytes);
+  heads.backward({dz.get(), n, width}, {x.get(), n, d}, {tasks.get(), n},
+                 {{w.get(), total, d}, {b.get(), total}}, {dx.get(), n, d},
+                 {{dw.get(), total, d}, {db.get(), total}, false}, workspace.get(), bytes);
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+
+  const auto got_dw = dw.download(), got_db = db.download(), got_dx = dx.download();
+  const index_t offset[2] = {0, big}, classes[2] = {big, 3};
+  for (int h = 0; h < 2; ++h) {
+    for (index_t c = 0; c < classes[h]; ++c) {
+      double want_b = 0.0, size_b = 0.0;
+      for (index_t i = 0; i < n; ++i) {
+        if (task_ids[static_cast<std::size_t>(i)] != h) continue;
+        want_b += dz_h[static_cast<std::size_t>(i * width + c)];
+        size_b += std::fabs(dz_h[static_cast<std::size_t>(i * width + c)]);
+      }
+      const auto row = static_cast<std::size_t>(offset[h] + c);
+      ASSERT_NEAR(got_db[row], want_b, 1e-6 * size_b + 1e-30)
+          << "db of head " << h << " class " << c;
+      for (index_t k = 0; k < d; ++k) {
+        double want = 0.0, size = 0.0;
+        for (index_t i = 0; i < n; ++i) {
+          if (task_ids[static_cast<std::size_t>(i)] != h) continue;
+          const double term = double(dz_h[static_cast<std::size_t>(i * width + c)]) *
+                              x_h[static_cast<std::size_t>(i * d + k)];
+          want += term;
+          size += std::fabs(term);
+        }
+        ASSERT_NEAR(got_dw[row * static_cast<std::size_t>(d) + static_cast<std::size_t>(k)], want,
+                    1e-6 * size + 1e-30)
+            << "dw of head " << h << " class " << c << " column " << k;
+      }
+    }
+  }
+  // dx_i = sum over its head's classes of dz(i, c) w_c.
+  for (index_t i = 0; i < n; ++i) {
+    const int h = task_ids[static_cast<std::size_t>(i)];
+    for (index_t k = 0; k < d; ++k) {
+      double want = 0.0, size = 0.0;
+      for (index_t c = 0; c < classes[h]; ++c) {
+        const double term = double(dz_h[static_cast<std::size_t>(i * width + c)]) *
+                            w_h[static_cast<std::size_t>((offset[h] + c) * d + k)];
+        want += term;
+        size += std::fabs(term);
+      }
+      ASSERT_NEAR(got_dx[static_cast<std::size_t>(i * d + k)], want, 1e-5 * size)
+          << "dx(" << i << ", " << k << ")";
+    }
+  }
+}
+
 TEST(GpuTaskHeads, BadArgumentsThrowBeforeAnyLaunch) {
   using S = HeadSpec<3>;
   expect_error(

@@ -693,7 +693,7 @@ struct HostArgs {
     grads.dw2 = {fake<float>(43), e * d, f};
   }
   void forward() const { (void)layer.forward(x, params, state, y, nullptr, ws); }
-  void backward() const { layer.backward(x, x, params, state, grads, dx, ws); }
+  void backward() const { layer.backward(x, x, params, state, dx, grads, ws); }
 };
 
 TEST(CudaMoeLayerHost, ForwardArgumentsAreRejectedBeforeLaunch) {

@@ -277,8 +277,19 @@ void check_route(std::int64_t tokens, std::uint32_t seed) {
     const auto dx = dlogits.download();
     EXPECT_EQ(invalid.download()[0], 0);
     const auto ref = CpuReference<E, K>::backward_gate(got, dw, v.gating);
+    // nvcc contracts multiply-adds into FMAs and the CPU reference does not:
+    // the products that cancel in p (dw - sum p dw) then round differently,
+    // by a few ulp of the largest gradient, not of the element. The CPU
+    // router's route and backward_gate compiled with and without contraction
+    // differ by up to 2e-6 of the largest |dlogit| (3.5 million elements,
+    // E = 8, 16, 64, the rules above), so the floor is 1e-5 of it, as in the
+    // aux-loss checks below.
+    double scale = 0.0;
+    for (const float r : ref) {
+      if (std::isfinite(r)) scale = std::max(scale, std::fabs(double(r)));
+    }
     for (std::size_t i = 0; i < dx.size(); ++i) {
-      ASSERT_TRUE(close(dx[i], ref[i], kRel, 1e-7)) << "dlogits[" << i << "]";
+      ASSERT_TRUE(close(dx[i], ref[i], kRel, 1e-5 * scale + 1e-30)) << "dlogits[" << i << "]";
     }
   }
 }

@@ -13,7 +13,7 @@
 //     typename Layer::Params params = ...;   // Config, Params, Grads, State, Stats,
 //     ...                                    // Workspace, Element: per backend
 //     moekit::MoeAuxLosses aux = layer.forward(x, params, state, y, &stats, workspace);
-//     layer.backward(dy, x, params, state, grads, dx, workspace);
+//     layer.backward(dy, x, params, state, dx, grads, workspace);
 //   }
 //
 // Both layers have the same member names, argument order and math; what
@@ -32,7 +32,9 @@
 
 MOEKIT_NAMESPACE_BEGIN
 
-// The aux losses of a forward, unscaled (each 0 when its coefficient is 0).
+// The aux losses of a forward, unscaled: both values whatever the
+// coefficients (a coefficient of 0 leaves its loss out of total and of the
+// gradients only).
 struct MoeAuxLosses {
   double switch_loss = 0.0;
   double z_loss = 0.0;
@@ -181,26 +183,26 @@ struct MoeLayerChecks {
 // fields (written by forward, read by backward); a backend adds its own.
 template <class Params>
 void add_moe_params(OverlapCheck& c, const Params& p) {
-  c.in({{p.w_gate, "params.w_gate"},
-        {p.gate_bias, "params.gate_bias"},
-        {p.selection_bias, "params.selection_bias"},
-        {p.experts.w1, "params.experts.w1"},
-        {p.experts.w3, "params.experts.w3"},
-        {p.experts.w2, "params.experts.w2"},
-        {p.shared.w1, "params.shared.w1"},
-        {p.shared.w3, "params.shared.w3"},
-        {p.shared.w2, "params.shared.w2"}});
+  c.in(Footprints{{p.w_gate, "params.w_gate"},
+                  {p.gate_bias, "params.gate_bias"},
+                  {p.selection_bias, "params.selection_bias"},
+                  {p.experts.w1, "params.experts.w1"},
+                  {p.experts.w3, "params.experts.w3"},
+                  {p.experts.w2, "params.experts.w2"},
+                  {p.shared.w1, "params.shared.w1"},
+                  {p.shared.w3, "params.shared.w3"},
+                  {p.shared.w2, "params.shared.w2"}});
 }
 template <class Grads>
 void add_moe_grads(OverlapCheck& c, const Grads& g) {
-  c.out({{g.dw_gate, "grads.dw_gate"},
-         {g.dgate_bias, "grads.dgate_bias"},
-         {g.dw1, "grads.dw1"},
-         {g.dw3, "grads.dw3"},
-         {g.dw2, "grads.dw2"},
-         {g.shared_dw1, "grads.shared_dw1"},
-         {g.shared_dw3, "grads.shared_dw3"},
-         {g.shared_dw2, "grads.shared_dw2"}});
+  c.out(Footprints{{g.dw_gate, "grads.dw_gate"},
+                   {g.dgate_bias, "grads.dgate_bias"},
+                   {g.dw1, "grads.dw1"},
+                   {g.dw3, "grads.dw3"},
+                   {g.dw2, "grads.dw2"},
+                   {g.shared_dw1, "grads.shared_dw1"},
+                   {g.shared_dw3, "grads.shared_dw3"},
+                   {g.shared_dw2, "grads.shared_dw2"}});
 }
 template <class State>
 void add_moe_state(OverlapCheck& c, const State& s, bool written) {

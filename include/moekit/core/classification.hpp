@@ -127,12 +127,12 @@ inline void check_exit_state(const ExitState& state, index_t m) {
 
 // The state and results of an early-exit call as OverlapCheck outputs.
 inline void add_exit_outputs(OverlapCheck& c, const ExitState& state, const ExitResults& results) {
-  c.out({{state.original, "state.original"},
-         {state.previous, "state.previous"},
-         {state.agree, "state.agree"},
-         {results.prediction, "results.prediction"},
-         {results.confidence, "results.confidence"},
-         {results.exit, "results.exit"}});
+  c.out(Footprints{{state.original, "state.original"},
+                   {state.previous, "state.previous"},
+                   {state.agree, "state.agree"},
+                   {results.prediction, "results.prediction"},
+                   {results.confidence, "results.confidence"},
+                   {results.exit, "results.exit"}});
 }
 
 // What EarlyExit::step checks on either backend before it decides: the exit
@@ -157,7 +157,7 @@ index_t check_exit_step(const char* where, int exit, int num_exits, const Logits
                " entries, fewer than the ", m, " live rows");
   OverlapCheck overlap(where);
   add_exit_outputs(overlap, state, results);
-  overlap.out({{kept, "kept"}}).in({{logits, "logits"}}).check();
+  overlap.out(Footprints{{kept, "kept"}}).in(Footprints{{logits, "logits"}}).check();
   return n;
 }
 
@@ -175,8 +175,8 @@ void check_multi_exit_overlap(const char* where, std::span<const In> logits,
   };
   const Footprint losses(exit_losses, "exit_losses");
   OverlapCheck(where)
-      .out({losses})
-      .in({{labels, "labels"}, {exit_weights, "exit_weights"}})
+      .out(Footprints{losses})
+      .in(Footprints{{labels, "labels"}, {exit_weights, "exit_weights"}})
       .check();
   for (std::size_t j = 0; j < logits.size(); ++j) {
     if (overlap(losses, Footprint(logits[j], ""))) {
@@ -256,12 +256,12 @@ template <class HeadWeightsT, class HeadGradsT>
 void add_head_backward_args(OverlapCheck& c, const auto& dlogits, const auto& x,
                             VectorView<const std::int32_t> tasks, const HeadWeightsT& weights,
                             const auto& dx, const HeadGradsT& grads) {
-  c.out({{dx, "dx"}, {grads.dw, "grads.dw"}, {grads.db, "grads.db"}})
-      .in({{dlogits, "dlogits"},
-           {x, "x"},
-           {tasks, "tasks"},
-           {weights.w, "weights.w"},
-           {weights.b, "weights.b"}});
+  c.out(Footprints{{dx, "dx"}, {grads.dw, "grads.dw"}, {grads.db, "grads.db"}})
+      .in(Footprints{{dlogits, "dlogits"},
+                     {x, "x"},
+                     {tasks, "tasks"},
+                     {weights.w, "weights.w"},
+                     {weights.b, "weights.b"}});
 }
 
 // Weights of H heads, and dlog_vars (H entries or empty; empty for kFixed).

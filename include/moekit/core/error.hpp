@@ -2,9 +2,9 @@
 // Errors at moekit's host API boundaries.
 //
 // Every public entry point validates its arguments before it touches memory
-// and reports a violation as moekit::Error, whose message names the function
-// that made the check (a shared checker such as check_shape names itself),
-// the argument and the offending values:
+// and reports a violation as moekit::Error, whose message names the public
+// function the user called (MOEKIT_API; a shared checker such as check_shape
+// called directly names itself), the argument and the offending values:
 //
 //   moekit::route: expected x.cols() == router.cols(), got x.cols() = 5, router.cols() = 7
 //
@@ -116,11 +116,21 @@ inline std::string shown(std::string_view s) {
   return out;
 }
 
+// The public function the user called, while one runs on this thread
+// (ApiScope), or null. Shared checkers (check_shape, a class's
+// check_workspace, ...) fail under that name rather than their own.
+inline const char*& api_name() noexcept {
+  static thread_local const char* name = nullptr;
+  return name;
+}
+
 // Cold path of every check: formats "moekit::<where>: <message>" and throws
-// (or, without exceptions, prints it and aborts).
+// (or, without exceptions, prints it and aborts). `where` is the public
+// function the user called when one is in scope.
 [[noreturn]] MOEKIT_NOINLINE inline void fail(Errc code, const char* where,
                                               const std::string& message) {
-  std::string what = std::string("moekit::") + where + ": " + message;
+  const char* api = api_name();
+  std::string what = std::string("moekit::") + (api != nullptr ? api : where) + ": " + message;
 #if defined(MOEKIT_NO_EXCEPTIONS)
   std::fprintf(stderr, "%s [%s]\n", what.c_str(), errc_name(code));
   std::abort();
@@ -166,9 +176,30 @@ constexpr bool ge(const A& a, const B& b) {
   return !lt(a, b);
 }
 
+// Names the public function running on this thread for the errors its
+// checks raise (MOEKIT_API below). The outermost scope wins: a public
+// function that calls another (MoeLayer::forward calls Router::forward)
+// reports under the name the user called. Restored on exit and on unwinding.
+class ApiScope {
+ public:
+  explicit ApiScope(const char* name) noexcept : outer_(api_name()) {
+    if (outer_ == nullptr) api_name() = name;
+  }
+  ~ApiScope() { api_name() = outer_; }
+  ApiScope(const ApiScope&) = delete;
+  ApiScope& operator=(const ApiScope&) = delete;
+
+ private:
+  const char* outer_;
+};
+
 }  // namespace detail
 
 MOEKIT_NAMESPACE_END
+
+// First statement of a public entry point: its errors name `name` (without
+// the "moekit::" prefix, e.g. "cpu::MoeLayer::forward").
+#define MOEKIT_API(name) const ::moekit::detail::ApiScope moekit_api_scope_(name)
 
 // Fails with `code` and a message built by streaming the remaining arguments.
 #define MOEKIT_FAIL(code, ...) \

@@ -35,6 +35,7 @@
 
 MOEKIT_NAMESPACE_BEGIN
 
+// How init() draws A (B always starts at zero).
 enum class LoraInit {
   kKaimingUniform,  // U(-1/sqrt(d_in), 1/sqrt(d_in)) (PyTorch / PEFT default)
   kGaussian,        // N(0, stddev^2)
@@ -42,8 +43,8 @@ enum class LoraInit {
 
 // One adapter on a frozen linear layer (cpu::LoraLinear, gpu::LoraLinear).
 struct LoraConfig {
-  index_t d_in = 0;
-  index_t d_out = 0;
+  index_t d_in = 0;                  // input width of the frozen layer
+  index_t d_out = 0;                 // output width
   float alpha = 1.0f;                // s = alpha / R (alpha / sqrt(R) with rslora)
   bool rslora = false;               // rank-stabilised scaling
   float dropout = 0.0f;              // probability of dropping an adapter input element, in [0, 1)
@@ -52,24 +53,25 @@ struct LoraConfig {
 
 // N adapters on one layer, each row picking its own (cpu::LoraBank, gpu::LoraBank).
 struct LoraBankConfig {
-  index_t d_in = 0;
-  index_t d_out = 0;
-  index_t num_adapters = 0;  // N
-  float alpha = 1.0f;        // shared by all adapters
-  bool rslora = false;
-  float dropout = 0.0f;
+  index_t d_in = 0;                  // input width of the frozen layer
+  index_t d_out = 0;                 // output width
+  index_t num_adapters = 0;          // N
+  float alpha = 1.0f;                // shared by all adapters
+  bool rslora = false;               // rank-stabilised scaling
+  float dropout = 0.0f;              // as LoraConfig::dropout
   std::uint64_t dropout_stream = 0;  // adapter i draws from (stream, i)
 };
 
+// How init() draws A.
 struct LoraInitConfig {
-  LoraInit kind = LoraInit::kKaimingUniform;
-  float stddev = 0.0f;     // kGaussian only; 0 means 1 / R
-  std::uint64_t seed = 0;  // A(r, j) is drawn with counter r d_in + j
+  LoraInit kind = LoraInit::kKaimingUniform;  // the distribution
+  float stddev = 0.0f;                        // kGaussian only; 0 means 1 / R
+  std::uint64_t seed = 0;                     // A(r, j) is drawn with counter r d_in + j
 };
 
 // Training or inference, and the dropout noise of this step.
 struct LoraStep {
-  bool training = false;
+  bool training = false;   // dropout applies only when training
   std::uint64_t seed = 0;  // the run's seed
   std::uint64_t step = 0;  // a new mask every step; backward must get the same values
   // The batch index of the call's row 0: a call on a slice of the batch (a
@@ -80,8 +82,8 @@ struct LoraStep {
 // Gradient outputs of the adapter(s), fp32, in the backend's memory (host
 // for cpu::, device for gpu::); an empty view is frozen.
 struct LoraGrads {
-  MatrixView<float> da{};
-  MatrixView<float> db{};
+  MatrixView<float> da{};   // dL/dA, the shape of A
+  MatrixView<float> db{};   // dL/dB, the shape of B
   bool accumulate = false;  // add to da / db instead of overwriting them
 };
 

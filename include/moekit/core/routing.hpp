@@ -25,6 +25,7 @@
 //   sigmoid(+inf) = 1, sigmoid(-inf) = sigmoid(NaN) = 0. Selection always
 //   yields K distinct, valid ids. Each non-finite logit is counted.
 
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -375,6 +376,22 @@ MOEKIT_HOST_DEVICE inline float group_score(const float* keys, int group_size, i
   return is_nan(score) ? kInf : score;  // +inf + -inf: the group holds a +inf key
 }
 
+// Group-limited selection's first step (num_groups > 1): writes each
+// group's score to scores (num_groups) and the groups_kept best groups to
+// kept (best first; ties -> lower group). Returns the number kept.
+template <int E>
+MOEKIT_HOST_DEVICE int rank_groups(const float* keys, const GatingConfig& cfg, float* scores,
+                                   int* kept) {
+  const int group_size = E / cfg.num_groups;
+  float kept_scores[to_size(E)];
+  int n = 0;
+  for (int g = 0; g < cfg.num_groups; ++g) {
+    scores[g] = group_score(keys + g * group_size, group_size, cfg.group_score_top);
+    insert_top<E>(scores[g], g, kept_scores, kept, n, cfg.groups_kept);
+  }
+  return n;
+}
+
 // Selects K experts from `keys` (sanitized), honouring group limits.
 template <int E, int K>
 MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cfg, int* ids) {
@@ -385,15 +402,11 @@ MOEKIT_HOST_DEVICE void select_experts(const float* keys, const GatingConfig& cf
     return;
   }
   const int group_size = E / cfg.num_groups;
-  float group_vals[to_size(E)];
-  int group_ids[to_size(E)];
-  int kept = 0;
-  for (int g = 0; g < cfg.num_groups; ++g) {
-    const float score = group_score(keys + g * group_size, group_size, cfg.group_score_top);
-    insert_top<E>(score, g, group_vals, group_ids, kept, cfg.groups_kept);
-  }
-  for (int i = 0; i < kept; ++i) {
-    const int first = group_ids[i] * group_size;
+  float group_scores[to_size(E)];
+  int kept[to_size(E)];
+  const int n = rank_groups<E>(keys, cfg, group_scores, kept);
+  for (int i = 0; i < n; ++i) {
+    const int first = kept[i] * group_size;
     for (int e = first; e < first + group_size; ++e) insert_sorted<K>(&keys[e], e, vals, ids);
   }
 }
@@ -425,6 +438,38 @@ MOEKIT_HOST_DEVICE inline bool selects_on_logits(const GatingConfig& cfg, bool h
 MOEKIT_HOST_DEVICE inline float selection_key(bool logit_key, float x, float score,
                                               const float* bias, int e) {
   return sanitize((logit_key ? sanitize(x) : score) + (bias != nullptr ? bias[e] : 0.0f));
+}
+
+// What selection ranked for one token, for inspection (cpu::Router::
+// explain_selection): the E selection keys (the logits or the scores, plus
+// the selection bias, as the rules above choose them) and, with group
+// limits, every group's score and the kept groups, best first. Without
+// groups (num_groups <= 1) num_groups and num_kept are 0.
+template <int E>
+struct SelectionTrace {
+  std::array<float, to_size(E)> keys{};          // the E selection keys
+  int num_groups = 0;                            // groups; 0 without group limits
+  std::array<float, to_size(E)> group_scores{};  // the first num_groups entries
+  int num_kept = 0;                              // kept groups; 0 without group limits
+  std::array<int, to_size(E)> kept_groups{};     // the first num_kept entries
+};
+
+// The trace of the selection select_and_weigh makes for logits x and their
+// scores (bias: E selection biases or null). Host only.
+template <int E>
+SelectionTrace<E> trace_selection(const float* x, const float* scores, const float* bias,
+                                  const GatingConfig& cfg) {
+  SelectionTrace<E> trace;
+  const bool logit_key = selects_on_logits(cfg, bias != nullptr);
+  for (int e = 0; e < E; ++e) {
+    trace.keys[to_size(e)] = selection_key(logit_key, x[e], scores[e], bias, e);
+  }
+  if (cfg.num_groups > 1) {
+    trace.num_groups = cfg.num_groups;
+    trace.num_kept =
+        rank_groups<E>(trace.keys.data(), cfg, trace.group_scores.data(), trace.kept_groups.data());
+  }
+  return trace;
 }
 
 // The K weights from the selected experts' logits and scores, sel_x[k] =

@@ -6,11 +6,13 @@
 //
 // Block b holds tokens [b kTokenBlock, (b + 1) kTokenBlock) of the batch (the
 // last block may be short). Two rules follow:
-//   - Products over token rows (router logits, shared experts, the model's
-//     encoder, adapters and heads) run as one GEMM per block. A GEMM
-//     library's result for a row can depend on the number of rows and on the
-//     row's position (Eigen picks other kernels for the edges), but a block
-//     holds the same rows wherever it is computed, so its results do too.
+//   - Products over token rows that are not batch invariant by themselves
+//     (the router's input gradient, the model's encoder, adapters and heads)
+//     run as one GEMM per block. A GEMM library's result for a row can depend
+//     on the number of rows and on the row's position (Eigen picks other
+//     kernels for the edges), but a block holds the same rows wherever it is
+//     computed, so its results do too. (The router's logits and the expert
+//     FFNs are batch invariant: cpu::gate_logits, the GEMM engine.)
 //   - Sums over tokens into a weight gradient are folded over the blocks in
 //     order: block 0's partial product overwrites (or, when accumulating,
 //     adds to) the gradient, every later block adds to it, one GEMM per block
@@ -29,6 +31,7 @@
 
 MOEKIT_NAMESPACE_BEGIN
 
+// Tokens per block.
 inline constexpr index_t kTokenBlock = 64;
 
 // Blocks of a batch of `tokens` tokens (the last may be short).

@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
@@ -21,13 +22,15 @@
 
 MOEKIT_NAMESPACE_BEGIN
 
+// A view of `size` consecutive elements of T at `data` (caller memory).
 template <class T>
 class VectorView {
  public:
-  using element_type = T;
-  using value_type = std::remove_cv_t<T>;
+  using element_type = T;                  // T, const included
+  using value_type = std::remove_cv_t<T>;  // T without const
 
   constexpr VectorView() = default;
+  // size elements from data.
   MOEKIT_HOST_DEVICE constexpr VectorView(T* data, index_t size) : data_(data), size_(size) {}
 
   // VectorView<float> -> VectorView<const float>, never the other way.
@@ -36,11 +39,17 @@ class VectorView {
       constexpr VectorView(VectorView<U> other)
       : data_(other.data()), size_(other.size()) {}
 
+  // The first element.
   MOEKIT_HOST_DEVICE constexpr T* data() const { return data_; }
+  // The number of elements.
   MOEKIT_HOST_DEVICE constexpr index_t size() const { return size_; }
+  // Whether there are no elements.
   MOEKIT_HOST_DEVICE constexpr bool empty() const { return size_ == 0; }
+  // Element i (unchecked).
   MOEKIT_HOST_DEVICE constexpr T& operator[](index_t i) const { return data_[i]; }
+  // Iteration: for (float v : view).
   MOEKIT_HOST_DEVICE constexpr T* begin() const { return data_; }
+  // One past the last element.
   MOEKIT_HOST_DEVICE constexpr T* end() const { return data_ + size_; }
 
   // Elements [offset, offset + count).
@@ -53,37 +62,50 @@ class VectorView {
   index_t size_ = 0;
 };
 
+// A row-major rows x cols matrix of T at `data` with leading dimension ld:
+// element (r, c) at data[r * ld + c] (caller memory).
 template <class T>
 class MatrixView {
  public:
-  using element_type = T;
-  using value_type = std::remove_cv_t<T>;
+  using element_type = T;                  // T, const included
+  using value_type = std::remove_cv_t<T>;  // T without const
 
   constexpr MatrixView() = default;
   // Dense rows: ld = cols.
   MOEKIT_HOST_DEVICE constexpr MatrixView(T* data, index_t rows, index_t cols)
       : data_(data), rows_(rows), cols_(cols), ld_(cols) {}
+  // Strided rows: row r starts at data + r * ld (ld >= cols).
   MOEKIT_HOST_DEVICE constexpr MatrixView(T* data, index_t rows, index_t cols, index_t ld)
       : data_(data), rows_(rows), cols_(cols), ld_(ld) {}
 
+  // MatrixView<float> -> MatrixView<const float>, never the other way.
   template <class U>
   requires(!std::is_same_v<U, T> && std::is_convertible_v<U (*)[], T (*)[]>) MOEKIT_HOST_DEVICE
       constexpr MatrixView(MatrixView<U> other)
       : data_(other.data()), rows_(other.rows()), cols_(other.cols()), ld_(other.ld()) {}
 
+  // Element (0, 0).
   MOEKIT_HOST_DEVICE constexpr T* data() const { return data_; }
+  // The number of rows.
   MOEKIT_HOST_DEVICE constexpr index_t rows() const { return rows_; }
+  // The number of columns.
   MOEKIT_HOST_DEVICE constexpr index_t cols() const { return cols_; }
+  // The leading dimension: elements from one row's start to the next's.
   MOEKIT_HOST_DEVICE constexpr index_t ld() const { return ld_; }
+  // rows x cols.
   MOEKIT_HOST_DEVICE constexpr index_t size() const { return rows_ * cols_; }
+  // Whether there are no elements.
   MOEKIT_HOST_DEVICE constexpr bool empty() const { return rows_ == 0 || cols_ == 0; }
   // Rows follow each other with no gap, so the view is one flat array.
   MOEKIT_HOST_DEVICE constexpr bool is_contiguous() const { return ld_ == cols_ || rows_ <= 1; }
 
+  // Element (r, c) (unchecked).
   MOEKIT_HOST_DEVICE constexpr T& operator()(index_t r, index_t c) const {
     return data_[r * ld_ + c];
   }
+  // The first element of row r.
   MOEKIT_HOST_DEVICE constexpr T* row(index_t r) const { return data_ + r * ld_; }
+  // Row r as a vector of cols elements.
   MOEKIT_HOST_DEVICE constexpr VectorView<T> row_view(index_t r) const {
     return VectorView<T>(row(r), cols_);
   }
@@ -108,10 +130,26 @@ class MatrixView {
 // Deduction: MatrixView(ptr, rows, cols) keeps the pointer's const-ness.
 template <class T>
 MatrixView(T*, index_t, index_t) -> MatrixView<T>;
+// The same with a leading dimension.
 template <class T>
 MatrixView(T*, index_t, index_t, index_t) -> MatrixView<T>;
+// VectorView(ptr, size) likewise.
 template <class T>
 VectorView(T*, index_t) -> VectorView<T>;
+
+// A view of a std::vector the caller owns (a workspace, a bias, a label
+// list): view_of(workspace) where a function takes VectorView<std::byte>.
+// Valid until the vector reallocates. moekit/cpu/eigen.hpp adds the Eigen
+// overloads.
+template <class T, class A>
+VectorView<T> view_of(std::vector<T, A>& v) {
+  return VectorView<T>(v.data(), static_cast<index_t>(v.size()));
+}
+// The same, read-only, for a const vector.
+template <class T, class A>
+VectorView<const T> view_of(const std::vector<T, A>& v) {
+  return VectorView<const T>(v.data(), static_cast<index_t>(v.size()));
+}
 
 // ---- host-side validation -------------------------------------------------
 
@@ -127,6 +165,7 @@ void check_view(MatrixView<T> v, const char* name) {
                v.rows(), " x ", v.cols(), " elements");
 }
 
+// The same for a vector: non-negative size, data present unless empty.
 template <class T>
 void check_view(VectorView<T> v, const char* name) {
   MOEKIT_CHECK(v.size() >= 0, Errc::kInvalidArgument, name, " has negative size ", v.size());
@@ -142,6 +181,7 @@ void check_shape(MatrixView<T> v, index_t rows, index_t cols, const char* name) 
                " x ", v.cols(), ", expected ", rows, " x ", cols);
 }
 
+// The same for a vector of exactly `size` elements.
 template <class T>
 void check_shape(VectorView<T> v, index_t size, const char* name) {
   check_view(v, name);
@@ -166,13 +206,14 @@ void check_shape(VectorView<T> v, index_t size, const char* name) {
 
 // The bytes a view covers: `rows` ranges of `width` bytes, `pitch` apart.
 struct Footprint {
-  std::uintptr_t begin = 0;
-  std::uintptr_t width = 0;  // 0: the view is empty
-  std::uintptr_t pitch = 0;
-  std::uintptr_t rows = 0;
-  const char* name = "";
+  std::uintptr_t begin = 0;  // address of the first byte
+  std::uintptr_t width = 0;  // bytes per row; 0: the view is empty
+  std::uintptr_t pitch = 0;  // bytes from one row's start to the next's
+  std::uintptr_t rows = 0;   // rows
+  const char* name = "";     // the argument's name in messages
 
   Footprint() = default;
+  // The bytes of matrix view v, argument `arg`.
   template <class T>
   Footprint(MatrixView<T> v, const char* arg)
       : begin(reinterpret_cast<std::uintptr_t>(v.data())),
@@ -181,6 +222,7 @@ struct Footprint {
         pitch(static_cast<std::uintptr_t>(v.ld()) * sizeof(T)),
         rows(static_cast<std::uintptr_t>(v.rows())),
         name(arg) {}
+  // The bytes of vector view v.
   template <class T>
   Footprint(VectorView<T> v, const char* arg)
       : Footprint(MatrixView<T>(v.data(), v.empty() ? 0 : 1, v.size()), arg) {}
@@ -188,9 +230,11 @@ struct Footprint {
   template <class T>
   Footprint(T* p, index_t count, const char* arg) : Footprint(VectorView<T>(p, count), arg) {}
 
+  // Whether it covers no byte.
   bool empty() const { return width == 0 || rows == 0; }
   // One range covers every byte: a single row, or rows with no gap.
   bool solid() const { return rows == 1 || pitch == width; }
+  // One past its last byte.
   std::uintptr_t end() const { return begin + (rows - 1) * pitch + width; }
 };
 
@@ -235,6 +279,12 @@ inline bool overlap(const Footprint& a, const Footprint& b) {
   return false;
 }
 
+// An argument list for OverlapCheck::out / in. Code that nvcc compiles
+// spells the type, out(Footprints{{y, "y"}}): nvcc's front end wraps a bare
+// braced list in a dependent call in parentheses, which the host compiler
+// then rejects.
+using Footprints = std::initializer_list<Footprint>;
+
 // The arguments of one call of a public entry point: outputs (written, or
 // read and written) and inputs (only read). check() fails with
 // kInvalidArgument, naming `where` (the public function, e.g.
@@ -242,14 +292,17 @@ inline bool overlap(const Footprint& a, const Footprint& b) {
 // another output or an input. No allocation: at most kMax arguments.
 class OverlapCheck {
  public:
-  static constexpr int kMax = 48;
+  static constexpr int kMax = 48;  // arguments per call, at most
 
+  // The check of one call of public function `where`.
   explicit OverlapCheck(const char* where) : where_(where) {}
 
   // out({{y, "y"}, {grads.dx, "grads.dx"}}), in({{x, "x"}}); empty views count for nothing.
-  OverlapCheck& out(std::initializer_list<Footprint> args) { return add(args, true); }
-  OverlapCheck& in(std::initializer_list<Footprint> args) { return add(args, false); }
+  OverlapCheck& out(Footprints args) { return add(args, true); }
+  // Inputs (only read); see out().
+  OverlapCheck& in(Footprints args) { return add(args, false); }
 
+  // Fails (kInvalidArgument) if an output overlaps another argument.
   void check() const {
     for (int i = 0; i < n_; ++i) {
       if (!is_out_[i]) continue;

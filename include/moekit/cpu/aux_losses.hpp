@@ -226,6 +226,7 @@ void smooth_load_token(const float* h, float sigma, std::uint64_t seed, index_t 
 template <MoeSpecType S>
 double switch_loss(GatingRule rule, const Routing& routing, SwitchLossOptions options, float coeff,
                    MatrixView<float> dlogits = {}) {
+  MOEKIT_API("cpu::switch_loss");
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
   detail::check_aux_dlogits<S>(dlogits, routing, "cpu::switch_loss");
@@ -244,6 +245,7 @@ double switch_loss(GatingRule rule, const Routing& routing, SwitchLossOptions op
 // capacity). No gradient: that needs the routing.
 template <MoeSpecType S>
 double switch_loss(const RoutingStats<S>& stats, SwitchLossOptions options = {}) {
+  MOEKIT_API("cpu::switch_loss");
   MOEKIT_CHECK_ARG(options.normalization == SwitchNormalization::kTokensTimesK ||
                        options.normalization == SwitchNormalization::kTokens,
                    "options.normalization = ", static_cast<int>(options.normalization),
@@ -258,6 +260,7 @@ double switch_loss(const RoutingStats<S>& stats, SwitchLossOptions options = {})
 template <MoeSpecType S>
 double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequence_length,
                          float coeff, MatrixView<float> dlogits = {}) {
+  MOEKIT_API("cpu::sequence_aux_loss");
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
   check_expert_ids<S>(routing.expert_ids, "routing.expert_ids");
@@ -286,6 +289,7 @@ double sequence_aux_loss(GatingRule rule, const Routing& routing, index_t sequen
 // returns L, adds coeff * dL/dx to dlogits unless it is empty.
 template <MoeSpecType S>
 double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {}) {
+  MOEKIT_API("cpu::z_loss");
   const index_t tokens = routing.logits.rows();
   check_routing<S>(routing, routing.logits.rows());
   detail::check_aux_dlogits<S>(dlogits, routing, "cpu::z_loss");
@@ -358,6 +362,7 @@ template <MoeSpecType S>
 double importance_load_loss(const RouterConfig& config, const Routing& routing,
                             VectorView<const float> selection_bias, ImportanceLoadOptions options,
                             float coeff, MatrixView<float> dlogits = {}) {
+  MOEKIT_API("cpu::importance_load_loss");
   constexpr int kE = S::num_experts;
   constexpr int kK = S::top_k;
   const index_t tokens = routing.logits.rows();

@@ -190,6 +190,7 @@ void combine_rows(MatrixView<const float> src, const Routing& routing,
 // buffer. Validates ids and positions as described at the top.
 template <MoeSpecType S>
 index_t dispatch_offsets(const Routing& routing, VectorView<index_t> offsets) {
+  MOEKIT_API("cpu::dispatch_offsets");
   constexpr int kE = S::num_experts;
   check_view(routing.expert_ids, "routing.expert_ids");
   check_shape(offsets, index_t{kE} + 1, "offsets");
@@ -208,6 +209,7 @@ index_t dispatch_offsets(const Routing& routing, VectorView<index_t> offsets) {
 template <MoeSpecType S>
 void dispatch(MatrixView<const float> x, const Routing& routing, VectorView<const index_t> offsets,
               MatrixView<float> buffer) {
+  MOEKIT_API("cpu::dispatch");
   constexpr int kK = S::top_k;
   check_view(x, "x");
   const index_t tokens = x.rows();
@@ -234,6 +236,7 @@ void dispatch(MatrixView<const float> x, const Routing& routing, VectorView<cons
 template <MoeSpecType S>
 void combine(MatrixView<const float> expert_out, const Routing& routing,
              VectorView<const index_t> offsets, MatrixView<float> y, bool accumulate = false) {
+  MOEKIT_API("cpu::combine");
   check_view(routing.expert_ids, "routing.expert_ids");
   const index_t tokens = routing.expert_ids.rows();
   const index_t rows = detail::check_dispatch_args<S>(routing, tokens, offsets);
@@ -260,6 +263,7 @@ template <MoeSpecType S>
 void combine_backward(MatrixView<const float> dy, MatrixView<const float> expert_out,
                       const Routing& routing, VectorView<const index_t> offsets,
                       MatrixView<float> d_expert_out, MatrixView<float> dweights) {
+  MOEKIT_API("cpu::combine_backward");
   constexpr int kK = S::top_k;
   check_view(dy, "dy");
   const index_t tokens = dy.rows();
@@ -298,6 +302,7 @@ template <MoeSpecType S>
 void dispatch_backward(MatrixView<const float> d_buffer, const Routing& routing,
                        VectorView<const index_t> offsets, MatrixView<float> dx,
                        bool accumulate = false) {
+  MOEKIT_API("cpu::dispatch_backward");
   check_view(routing.expert_ids, "routing.expert_ids");
   const index_t tokens = routing.expert_ids.rows();
   const index_t rows = detail::check_dispatch_args<S>(routing, tokens, offsets);

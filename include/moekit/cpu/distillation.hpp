@@ -18,7 +18,8 @@
 //
 // Returns the mean loss L and, for monitoring, the mean KL(p || q) and mean CE
 // (unscaled; ce = 0 when a = 1, where labels are not used and may be empty).
-// dstudent (n x C) is overwritten with dL/ds unless empty. n = 0 gives L = 0.
+// dstudent (n x C) is overwritten with dL/ds unless empty; `rows` receives the
+// per-row L_i, KL_i and CE_i (DistillationRows). n = 0 gives L = 0.
 //
 // Determinism: rows run in parallel in 64 fixed chunks whose double partial
 // sums are added in order, so L is bit-identical for any thread count.
@@ -50,11 +51,24 @@ using ::moekit::DistillationConfig;  // core/classification.hpp
 
 using ::moekit::DistillationLoss;  // the means over the batch (formulas above)
 
+// Per-row values, for per-example monitoring or weighting: L_i, KL(p_i || q_i)
+// and CE(y_i, r_i) of the formulas above, n entries each; an empty view is
+// not written. A row's values depend on that row only (not on the batch).
+struct DistillationRows {
+  VectorView<double> loss{};  // L_i
+  VectorView<double> kl{};    // KL(p_i || q_i)
+  VectorView<double> ce{};    // CE(y_i, r_i); 0 when a = 1
+};
+
+// The loss L (and its means and per-row parts) of the formulas at the top of
+// this file; dstudent receives dL/ds unless empty.
 inline DistillationLoss distillation_loss(const DistillationConfig& config,
                                           MatrixView<const float> student,
                                           MatrixView<const float> teacher,
                                           VectorView<const std::int32_t> labels,
-                                          MatrixView<float> dstudent = {}) {
+                                          MatrixView<float> dstudent = {},
+                                          const DistillationRows& rows = {}) {
+  MOEKIT_API("cpu::distillation_loss");
   check_distillation_config(config);
   const float temp = config.temperature, alpha = config.alpha;
   check_view(student, "student");
@@ -71,14 +85,22 @@ inline DistillationLoss distillation_loss(const DistillationConfig& config,
     }
   }
   if (!dstudent.empty()) check_shape(dstudent, n, c, "dstudent");
+  if (!rows.loss.empty()) check_shape(rows.loss, n, "rows.loss");
+  if (!rows.kl.empty()) check_shape(rows.kl, n, "rows.kl");
+  if (!rows.ce.empty()) check_shape(rows.ce, n, "rows.ce");
   OverlapCheck("cpu::distillation_loss")
-      .out({{dstudent, "dstudent"}})
+      .out({{dstudent, "dstudent"},
+            {rows.loss, "rows.loss"},
+            {rows.kl, "rows.kl"},
+            {rows.ce, "rows.ce"}})
       .in({{student, "student"}, {teacher, "teacher"}, {labels, "labels"}})
       .check();
   DistillationLoss out;
   if (n == 0) return out;
 
   const float scale = static_cast<float>(1.0 / static_cast<double>(n));
+  const double soft_weight = static_cast<double>(alpha) * temp * temp;
+  const double hard_weight = 1.0 - static_cast<double>(alpha);
   constexpr int kChunks = 64;
   double kl_part[kChunks] = {}, ce_part[kChunks] = {};
   const index_t chunk = (n + kChunks - 1) / kChunks;
@@ -91,6 +113,9 @@ inline DistillationLoss distillation_loss(const DistillationConfig& config,
                            alpha, scale, dstudent.empty() ? nullptr : dstudent.row(i));
       kl_part[k] += terms.kl;
       ce_part[k] += terms.ce;
+      if (!rows.loss.empty()) rows.loss[i] = soft_weight * terms.kl + hard_weight * terms.ce;
+      if (!rows.kl.empty()) rows.kl[i] = terms.kl;
+      if (!rows.ce.empty()) rows.ce[i] = terms.ce;
     }
   }
   for (int k = 0; k < kChunks; ++k) {
@@ -99,8 +124,7 @@ inline DistillationLoss distillation_loss(const DistillationConfig& config,
   }
   out.kl /= static_cast<double>(n);
   out.ce /= static_cast<double>(n);
-  const double a = alpha, t = temp;
-  out.loss = a * t * t * out.kl + (1.0 - a) * out.ce;
+  out.loss = soft_weight * out.kl + hard_weight * out.ce;
   return out;
 }
 

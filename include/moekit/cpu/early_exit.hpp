@@ -84,6 +84,7 @@ class EarlyExit {
   // Starts a batch of n samples: every sample live, in order; results.exit
   // = -1 (prediction and confidence are written when a sample exits). Returns n.
   index_t begin(index_t n, ExitState state, ExitResults results) const {
+    MOEKIT_API("cpu::EarlyExit::begin");
     MOEKIT_CHECK_GE(n, 0);
     check_exit_results(results, n);
     check_exit_state(state, n);
@@ -180,6 +181,7 @@ inline void check_kept(VectorView<const index_t> kept, index_t rows) {
 // overwritten before it is read). Rows from kept.size() on are left as they are.
 template <class T>
 void compact_rows(MatrixView<T> x, VectorView<const index_t> kept) {
+  MOEKIT_API("cpu::compact_rows");
   check_view(x, "x");
   detail::check_kept(kept, x.rows());
   for (index_t j = 0; j < kept.size(); ++j) {
@@ -193,6 +195,7 @@ void compact_rows(MatrixView<T> x, VectorView<const index_t> kept) {
 // The same for per-row values (labels, task ids, ...).
 template <class T>
 void compact_rows(VectorView<T> v, VectorView<const index_t> kept) {
+  MOEKIT_API("cpu::compact_rows");
   check_view(v, "v");
   detail::check_kept(kept, v.size());
   for (index_t j = 0; j < kept.size(); ++j) v[j] = v[kept[j]];
@@ -201,6 +204,7 @@ void compact_rows(VectorView<T> v, VectorView<const index_t> kept) {
 // Out of place: dst row j = src row kept[j] (dst: kept.size() x cols).
 template <class T>
 void gather_rows(MatrixView<const T> src, VectorView<const index_t> kept, MatrixView<T> dst) {
+  MOEKIT_API("cpu::gather_rows");
   check_view(src, "src");
   detail::check_kept(kept, src.rows());
   check_shape(dst, kept.size(), src.cols(), "dst");
@@ -221,6 +225,7 @@ inline double multi_exit_loss(std::span<const MatrixView<const float>> logits,
                               VectorView<const float> exit_weights = {},
                               std::span<const MatrixView<float>> dlogits = {},
                               VectorView<double> exit_losses = {}) {
+  MOEKIT_API("cpu::multi_exit_loss");
   const index_t k = static_cast<index_t>(logits.size());
   // The exits' views by signed exit index, like every other index here.
   const MatrixView<const float>* exit_logits = logits.data();

@@ -27,32 +27,48 @@
 // recomputes h, so nothing else is kept between the calls. For inference,
 // pass empty views: a and g then live in the workspace.
 //
-// Workspace. Both calls take a caller workspace of at least
-// workspace_size(N) = 2 N d_ff floats (bytes returned; float-aligned),
-// which holds h in forward and dh/da, h/dg in backward. No call allocates.
+// Workspace. Both calls take a caller workspace of workspace_size(N) bytes
+// (float-aligned): 2 N d_ff floats, which hold h in forward and dh/da, h/dg
+// in backward, and the GEMM engine's packing buffers for max_threads()
+// threads at the time of the query (cpu/gemm/gemm.hpp; a call with more
+// threads runs on as many as the workspace holds, with the same results).
+// No call allocates.
 //
 // Gradients. Any of dx and grads.dw1/dw3/dw2 may be an empty view: that
 // output is frozen, no work is done for it and nothing is written there
 // (dh is computed only when dx, dw1 or dw3 is wanted). Weight gradients are
 // written (overwrite) or, with grads.accumulate, added by the GEMM itself
-// (beta = 1): acc = old + new up to the rounding of that one addition per
-// GEMM block. An expert with no rows costs nothing; its gradient blocks are
-// set to 0 (overwrite) or left unchanged (accumulate). dx is always
-// overwritten (dispatch_backward accumulates into the token gradient).
+// (beta = 1): acc = old + new up to the rounding of that one addition. An
+// expert with no rows costs nothing; its gradient blocks are set to 0
+// (overwrite) or left unchanged (accumulate). dx is always overwritten
+// (dispatch_backward accumulates into the token gradient).
 //
-// Threading (docs/index.md, "Threads": one pool at a time). Each expert is one
-// set of Eigen GEMMs on its rows. Either the experts run in parallel
-// (OpenMP, dynamic schedule) with each GEMM single-threaded - Eigen does not
-// parallelise a GEMM called from inside an active OpenMP parallel region -
-// or the experts run one after the other and Eigen parallelises each GEMM.
-// FfnThreading::kAuto picks the first when there are at least as many
-// non-empty experts as OpenMP threads and they average at most
-// kExpertParallelMaxRows rows (fine-grained MoE, small batches), else the
-// second. Every output element is written by one GEMM (or element-wise loop)
-// of one thread, with no racing accumulation, so results are bit-identical
-// run after run for a given thread count and threading choice. Across
-// thread counts (and between the two strategies) Eigen's cache blocking
-// depends on the threads and may change the last bits.
+// Products. Every product is one grouped call of moekit's GEMM engine
+// (cpu/gemm/gemm.hpp) over all experts, in fp32 on the widest CPU path:
+//   forward   a (and g) = X W1^T (W3^T), y = h W2^T
+//   backward  dW2 = dy^T h, dh = dy W2, dW1 (dW3) = da^T X (dg^T X),
+//             dx = da W1 (+ dg W3, added by a second product with beta = 1)
+// with the element-wise passes between them over all rows at once.
+//
+// Threading and determinism (docs/index.md, "Threads": one thread pool at a
+// time). The engine's threads split each grouped product into blocks of rows
+// and columns across all experts, never a reduction; the element-wise passes
+// split rows. Every
+// output element is computed by one fixed chain of operations, so results
+// are bit-identical run after run, for any thread count, and batch
+// invariant: a row's y (and dx) depends on that row, its expert's weights
+// and the sizes d, d_ff only, not on the other rows in the buffer or how
+// many there are (the weight gradients are sums over an expert's rows, in
+// row order). config.threading no longer changes the schedule (kept so that
+// existing configurations compile; every value runs the engine's).
+// Called inside an OpenMP parallel region, everything runs on the calling
+// thread.
+//
+// Frozen experts for inference (pack, then forward with PackedExpertWeights):
+// W1, W3, W2 packed once in fp32, bf16 or int8 (cpu/gemm/packed_matrix.hpp),
+// a, g and y computed by the engine in that dtype with fp32 activations
+// between (bf16: activations rounded to bf16 on the fly; int8: activations
+// quantized per row, weights per output channel).
 //
 // Validation (both calls, before anything is written): the configuration
 // (constructor: d_model, d_ff >= 1, kind and activation enumerators);
@@ -82,6 +98,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/gemm/gemm.hpp"
 #include "moekit/cpu/elementwise.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/nn/param_count.hpp"
@@ -90,9 +107,12 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
-// How ExpertFfn spreads work over threads (see the top of this file).
+// How work on experts spreads over threads where a component loops over its
+// experts (ExpertLora): experts in parallel with each product on one
+// thread, or experts in turn. ExpertFfn runs every product on the GEMM
+// engine, which splits all experts' work at once, whatever this says.
 enum class FfnThreading {
-  kAuto,           // the rule above
+  kAuto,           // across experts when they are many and small (below)
   kAcrossExperts,  // experts in parallel, each GEMM single-threaded
   kInsideGemm,     // experts in turn, Eigen parallelises each GEMM
 };
@@ -100,12 +120,13 @@ enum class FfnThreading {
 // Mean rows per non-empty expert up to which kAuto runs experts in parallel.
 inline constexpr index_t kExpertParallelMaxRows = 1024;
 
+// The experts' configuration; the constructor validates it.
 struct ExpertFfnConfig {
-  index_t d_model = 0;
-  index_t d_ff = 0;  // width of one expert
-  FfnKind kind = FfnKind::kPlain;
-  Activation activation = Activation::kGeluTanh;
-  FfnThreading threading = FfnThreading::kAuto;
+  index_t d_model = 0;                            // d
+  index_t d_ff = 0;                               // width of one expert
+  FfnKind kind = FfnKind::kPlain;                 // plain or gated experts
+  Activation activation = Activation::kGeluTanh;  // the hidden layer's activation
+  FfnThreading threading = FfnThreading::kAuto;   // how the experts use threads
 };
 
 // The weights of all E experts (layout at the top of this file).
@@ -115,12 +136,21 @@ struct ExpertWeights {
   MatrixView<const float> w2{};  // (E d) x d_ff
 };
 
+// Frozen expert weights packed once for inference (ExpertFfn::pack): E
+// groups each of W1^T, W3^T (kGated; empty otherwise) and W2^T, in one dtype.
+struct PackedExpertWeights {
+  PackedMatrix w1{};
+  PackedMatrix w3{};
+  PackedMatrix w2{};
+  GemmDtype dtype() const { return w1.dtype(); }
+};
+
 // Gradient outputs of the weights; an empty view is frozen (not computed,
 // not written).
 struct ExpertGrads {
-  MatrixView<float> dw1{};
-  MatrixView<float> dw3{};
-  MatrixView<float> dw2{};
+  MatrixView<float> dw1{};  // (E d_ff) x d, the layout of ExpertWeights::w1
+  MatrixView<float> dw3{};  // (E d_ff) x d, gated experts only
+  MatrixView<float> dw2{};  // (E d) x d_ff
   bool accumulate = false;  // add to the blocks instead of overwriting them
 };
 
@@ -158,6 +188,42 @@ void activate_rows_backward(Act, MatrixView<const float> a, MatrixView<const flo
   activation_rows_backward(Act::value, a, g, d, dg);
 }
 
+// body(r0, rows) for blocks of `rows` rows covering [0, n), spread over the
+// threads when the n x cols elements are worth it (not inside a parallel region).
+template <class Body>
+void for_row_blocks(index_t n, index_t cols, Body&& body) {
+  constexpr index_t kBlock = 64;
+  [[maybe_unused]] const bool parallel = n * cols >= kParallelGrain && !in_parallel();
+  MOEKIT_PARALLEL_FOR_IF(parallel)
+  for (index_t r0 = 0; r0 < n; r0 += kBlock) body(r0, n - r0 < kBlock ? n - r0 : kBlock);
+}
+
+// Rows [r0, r0 + rows) of a view, or the empty view it is.
+template <class T>
+MatrixView<T> rows_of(MatrixView<T> v, index_t r0, index_t rows) {
+  return v.empty() ? v : v.middle_rows(r0, rows);
+}
+
+// activate_rows over all rows, in row blocks spread over the threads (h may
+// be a).
+template <class Act>
+void activate_all_rows(Act act, MatrixView<const float> a, MatrixView<const float> g,
+                       MatrixView<float> h) {
+  for_row_blocks(a.rows(), a.cols(), [&](index_t r0, index_t rows) {
+    activate_rows(act, a.middle_rows(r0, rows), rows_of(g, r0, rows), h.middle_rows(r0, rows));
+  });
+}
+
+// activate_rows_backward likewise.
+template <class Act>
+void activate_all_rows_backward(Act act, MatrixView<const float> a, MatrixView<const float> g,
+                                MatrixView<float> d, MatrixView<float> dg) {
+  for_row_blocks(a.rows(), a.cols(), [&](index_t r0, index_t rows) {
+    activate_rows_backward(act, a.middle_rows(r0, rows), rows_of(g, r0, rows),
+                           d.middle_rows(r0, rows), rows_of(dg, r0, rows));
+  });
+}
+
 // Whether the experts run in parallel under `threading` (see the top of this file).
 template <int E>
 bool runs_across_experts(FfnThreading threading, VectorView<const index_t> offsets) {
@@ -192,19 +258,22 @@ void for_each_expert(FfnThreading threading, VectorView<const index_t> offsets, 
 template <MoeSpecType S>
 class ExpertFfn {
  public:
-  static constexpr int kExperts = S::num_experts;
+  static constexpr int kExperts = S::num_experts;  // E
 
   // Rejects a configuration it cannot run (naming the field and value).
   explicit ExpertFfn(const ExpertFfnConfig& config) : config_(config) { validate(config); }
 
+  // The configuration it was built with.
   const ExpertFfnConfig& config() const { return config_; }
+  // Whether the experts are gated (w3 used).
   bool gated() const { return config_.kind == FfnKind::kGated; }
 
   // Bytes of workspace forward and backward need for an N-row buffer:
-  // 2 N d_ff floats.
+  // 2 N d_ff floats and the GEMM engine's buffers (0 for N = 0).
   index_t workspace_size(index_t rows) const {
     MOEKIT_CHECK_GE(rows, 0);
-    return 2 * rows * config_.d_ff * index_t{sizeof(float)};
+    if (rows == 0) return 0;
+    return scratch_bytes(rows) + gemm_workspace_size(max_threads());
   }
 
   // y = FFN_e(buffer rows of e) for every expert e. buffer, y: N x d;
@@ -212,6 +281,7 @@ class ExpertFfn {
   void forward(MatrixView<const float> buffer, VectorView<const index_t> offsets,
                const ExpertWeights& weights, MatrixView<float> y, MatrixView<float> saved_pre,
                MatrixView<float> saved_gate, VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::ExpertFfn::forward");
     const index_t n = check_common(buffer, offsets, weights, workspace);
     const index_t d = config_.d_model, f = config_.d_ff;
     check_shape(y, n, d, "y");
@@ -232,28 +302,99 @@ class ExpertFfn {
              {weights.w3, "weights.w3"},
              {weights.w2, "weights.w2"}})
         .check();
+    if (n == 0) return;
 
     const MatrixView<float> ws0 = scratch(workspace, n, 0);
     const MatrixView<float> ws1 = scratch(workspace, n, 1);
     const MatrixView<float> pre = saved_pre.empty() ? ws0 : saved_pre;
-    const MatrixView<float> gate = saved_gate.empty() ? ws1 : saved_gate;
+    const MatrixView<float> gate = gated() ? (saved_gate.empty() ? ws1 : saved_gate) : ws1;
+    const VectorView<std::byte> engine = engine_workspace(workspace, n);
+    // a = X W1^T (and g = X W3^T): one grouped product, W3 in the odd groups.
+    const int per_expert = gated() ? 2 : 1;
+    gemm_grouped(
+        {.op_a = Op::kNone, .op_b = Op::kTrans}, index_t{kExperts} * per_expert,
+        [&](index_t group) {
+          const auto e = static_cast<int>(group / per_expert);
+          const bool second = group % per_expert == 1;
+          const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+          return GemmOperands{buffer.middle_rows(r0, rows),
+                              second ? w3_of(weights, e) : w1_of(weights, e), nullptr, 0,
+                              (second ? gate : pre).middle_rows(r0, rows)};
+        },
+        engine);
     with_activation(config_.activation, [&](auto act) {
-      for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
-        const auto x = as_eigen(buffer.middle_rows(r0, rows));
-        auto a = pre.middle_rows(r0, rows);
-        auto h = ws0.middle_rows(r0, rows);  // may be a itself: h overwrites a in place
-        as_eigen(a).noalias() = x * as_eigen(w1_of(weights, e)).transpose();
-        if (gated()) {
-          auto g = gate.middle_rows(r0, rows);
-          as_eigen(g).noalias() = x * as_eigen(w3_of(weights, e)).transpose();
-          detail::activate_rows(act, a, g, h);
-        } else {
-          detail::activate_rows(act, a, MatrixView<const float>(), h);
-        }
-        as_eigen(y.middle_rows(r0, rows)).noalias() =
-            as_eigen(MatrixView<const float>(h)) * as_eigen(w2_of(weights, e)).transpose();
-      });
+      detail::activate_all_rows(act, pre,
+                                gated() ? MatrixView<const float>(gate) : MatrixView<const float>(),
+                                ws0);  // h, in place of a when a is not saved
     });
+    gemm_grouped(
+        {.op_a = Op::kNone, .op_b = Op::kTrans}, kExperts,
+        [&](index_t e) {
+          const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+          return GemmOperands{ws0.middle_rows(r0, rows), w2_of(weights, static_cast<int>(e)),
+                              nullptr, 0, y.middle_rows(r0, rows)};
+        },
+        engine);
+  }
+
+  // Packs frozen weights once for the engine in `dtype` (allocates; see the
+  // top of this file). Checks the weights' shapes as forward does.
+  PackedExpertWeights pack(const ExpertWeights& weights, GemmDtype dtype) const {
+    MOEKIT_API("cpu::ExpertFfn::pack");
+    check_weights(weights);
+    MOEKIT_CHECK_ARG(is_gemm_dtype(dtype), "dtype = ", static_cast<int>(dtype),
+                     " is not a GemmDtype");
+    PackedExpertWeights p;
+    p.w1 = PackedMatrix(dtype, Op::kTrans, weights.w1, kExperts);
+    if (gated()) p.w3 = PackedMatrix(dtype, Op::kTrans, weights.w3, kExperts);
+    p.w2 = PackedMatrix(dtype, Op::kTrans, weights.w2, kExperts);
+    return p;
+  }
+
+  // Inference forward on packed weights: y = FFN_e(buffer rows of e), with
+  // the products in the weights' dtype. buffer, y: N x d; the workspace as
+  // for the other forward (workspace_size(N)).
+  void forward(MatrixView<const float> buffer, VectorView<const index_t> offsets,
+               const PackedExpertWeights& weights, MatrixView<float> y,
+               VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::ExpertFfn::forward");
+    const index_t n = check_buffer(buffer, offsets, workspace);
+    check_packed(weights);
+    check_shape(y, n, config_.d_model, "y");
+    OverlapCheck("cpu::ExpertFfn::forward")
+        .out({{y, "y"}, {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{buffer, "buffer"}, {offsets, "offsets"}})
+        .check();
+    if (n == 0) return;
+    const MatrixView<float> a = scratch(workspace, n, 0);
+    const MatrixView<float> g = scratch(workspace, n, 1);
+    const VectorView<std::byte> engine = engine_workspace(workspace, n);
+    const GemmSpec spec{.dtype = weights.dtype(), .op_a = Op::kNone, .op_b = Op::kNone};
+    const int per_expert = gated() ? 2 : 1;
+    gemm_grouped(
+        spec, index_t{kExperts} * per_expert,
+        [&](index_t group) {
+          const index_t e = group / per_expert;
+          const bool second = group % per_expert == 1;
+          const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+          return GemmOperands{buffer.middle_rows(r0, rows),
+                              {},
+                              second ? &weights.w3 : &weights.w1,
+                              e,
+                              (second ? g : a).middle_rows(r0, rows)};
+        },
+        engine);
+    with_activation(config_.activation, [&](auto act) {
+      detail::activate_all_rows(
+          act, a, gated() ? MatrixView<const float>(g) : MatrixView<const float>(), a);
+    });
+    gemm_grouped(
+        spec, kExperts,
+        [&](index_t e) {
+          const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+          return GemmOperands{a.middle_rows(r0, rows), {}, &weights.w2, e, y.middle_rows(r0, rows)};
+        },
+        engine);
   }
 
   // Backward of forward given dy = dL/dy (N x d). saved_pre (and saved_gate
@@ -264,6 +405,7 @@ class ExpertFfn {
                 MatrixView<const float> saved_pre, MatrixView<const float> saved_gate,
                 MatrixView<float> dx, const ExpertGrads& grads,
                 VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::ExpertFfn::backward");
     const index_t n = check_common(buffer, offsets, weights, workspace);
     const index_t d = config_.d_model, f = config_.d_ff;
     const index_t e_rows_ff = index_t{kExperts} * f, e_rows_d = index_t{kExperts} * d;
@@ -313,58 +455,69 @@ class ExpertFfn {
         if (want_dw2) as_eigen(grads.dw2.middle_rows(e * d, d)).setZero();
       }
     }
-    if (!want_dh && !want_dw2) return;
+    if (n == 0 || (!want_dh && !want_dw2)) return;
 
     const MatrixView<float> ws0 = scratch(workspace, n, 0);  // dh, then da
     const MatrixView<float> ws1 = scratch(workspace, n, 1);  // h, then dg
+    const VectorView<std::byte> engine = engine_workspace(workspace, n);
+    const MatrixView<const float> gate = gated() ? saved_gate : MatrixView<const float>();
+    // Weight gradients: op(A) = (expert rows)^T, reduced over the expert's
+    // rows; empty experts have no group (their blocks were handled above).
+    const GemmSpec dw_spec{.op_a = Op::kTrans, .op_b = Op::kNone, .beta = acc ? 1.0f : 0.0f};
+    const auto weight_grad = [&](MatrixView<const float> rows_a, MatrixView<const float> rows_b,
+                                 MatrixView<float> dw, index_t e, index_t block) {
+      const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+      if (rows == 0)
+        return GemmOperands{
+            {}, rows_b.middle_rows(r0, 0), nullptr, 0, dw.block(e * block, 0, 0, dw.cols())};
+      return GemmOperands{rows_a.middle_rows(r0, rows), rows_b.middle_rows(r0, rows), nullptr, 0,
+                          dw.middle_rows(e * block, block)};
+    };
+
     with_activation(config_.activation, [&](auto act) {
-      for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
-        const auto g_y = as_eigen(dy.middle_rows(r0, rows));
-        const auto x = as_eigen(buffer.middle_rows(r0, rows));
-        const MatrixView<const float> a = saved_pre.middle_rows(r0, rows);
-        const MatrixView<const float> g =
-            gated() ? saved_gate.middle_rows(r0, rows) : MatrixView<const float>();
-        const MatrixView<float> s0 = ws0.middle_rows(r0, rows);
-        const MatrixView<float> s1 = ws1.middle_rows(r0, rows);
+      if (want_dw2) {  // dW2 = dy^T h, h recomputed into ws1
+        detail::activate_all_rows(act, saved_pre, gate, ws1);
+        gemm_grouped(
+            dw_spec, kExperts, [&](index_t e) { return weight_grad(dy, ws1, grads.dw2, e, d); },
+            engine);
+      }
+      if (!want_dh) return;
 
-        if (want_dw2) {  // dW2 = dy^T h, h recomputed into s1
-          detail::activate_rows(act, a, g, s1);
-          auto dw2 = as_eigen(grads.dw2.middle_rows(e * d, d));
-          const auto h = as_eigen(MatrixView<const float>(s1));
-          if (acc) {
-            dw2.noalias() += g_y.transpose() * h;
-          } else {
-            dw2.noalias() = g_y.transpose() * h;
-          }
-        }
-        if (!want_dh) return;
-
-        as_eigen(s0).noalias() = g_y * as_eigen(w2_of(weights, e));  // dh
-        detail::activate_rows_backward(act, a, g, s0, s1);
-        const auto da = as_eigen(MatrixView<const float>(s0));
-        const auto dg = as_eigen(MatrixView<const float>(s1));
-        if (want_dw1) {
-          auto dw1 = as_eigen(grads.dw1.middle_rows(e * f, f));
-          if (acc) {
-            dw1.noalias() += da.transpose() * x;
-          } else {
-            dw1.noalias() = da.transpose() * x;
-          }
-        }
-        if (want_dw3) {
-          auto dw3 = as_eigen(grads.dw3.middle_rows(e * f, f));
-          if (acc) {
-            dw3.noalias() += dg.transpose() * x;
-          } else {
-            dw3.noalias() = dg.transpose() * x;
-          }
-        }
-        if (want_dx) {
-          auto out = as_eigen(dx.middle_rows(r0, rows));
-          out.noalias() = da * as_eigen(w1_of(weights, e));
-          if (gated()) out.noalias() += dg * as_eigen(w3_of(weights, e));
-        }
-      });
+      gemm_grouped(
+          {.op_a = Op::kNone, .op_b = Op::kNone}, kExperts,  // dh = dy W2
+          [&](index_t e) {
+            const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+            return GemmOperands{dy.middle_rows(r0, rows), w2_of(weights, static_cast<int>(e)),
+                                nullptr, 0, ws0.middle_rows(r0, rows)};
+          },
+          engine);
+      detail::activate_all_rows_backward(act, saved_pre, gate, ws0,
+                                         gated() ? ws1 : MatrixView<float>());
+      const MatrixView<const float> da = ws0, dg = ws1;
+      const int dw_per_expert = (want_dw1 ? 1 : 0) + (want_dw3 ? 1 : 0);
+      if (dw_per_expert > 0) {  // dW1 = da^T X, dW3 = dg^T X
+        gemm_grouped(
+            dw_spec, index_t{kExperts} * dw_per_expert,
+            [&](index_t group) {
+              const index_t e = group / dw_per_expert;
+              const bool third = !want_dw1 || group % dw_per_expert == 1;
+              return weight_grad(third ? dg : da, buffer, third ? grads.dw3 : grads.dw1, e, f);
+            },
+            engine);
+      }
+      if (!want_dx) return;
+      for (int part = 0; part < (gated() ? 2 : 1); ++part) {  // dx = da W1 (+ dg W3)
+        gemm_grouped(
+            {.op_a = Op::kNone, .op_b = Op::kNone, .beta = part == 0 ? 0.0f : 1.0f}, kExperts,
+            [&](index_t e) {
+              const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+              const auto ei = static_cast<int>(e);
+              return GemmOperands{(part == 0 ? da : dg).middle_rows(r0, rows),
+                                  part == 0 ? w1_of(weights, ei) : w3_of(weights, ei), nullptr, 0,
+                                  dx.middle_rows(r0, rows)};
+            },
+            engine);
+      }
     });
   }
 
@@ -392,13 +545,12 @@ class ExpertFfn {
                  " but must be empty for FfnKind::kPlain");
   }
 
-  // Checks what forward and backward share; returns N.
-  index_t check_common(MatrixView<const float> buffer, VectorView<const index_t> offsets,
-                       const ExpertWeights& w, VectorView<std::byte> workspace) const {
-    const index_t d = config_.d_model, f = config_.d_ff;
+  // Checks the buffer, offsets and workspace; returns N.
+  index_t check_buffer(MatrixView<const float> buffer, VectorView<const index_t> offsets,
+                       VectorView<std::byte> workspace) const {
     check_view(buffer, "buffer");
     const index_t n = buffer.rows();
-    check_shape(buffer, n, d, "buffer");
+    check_shape(buffer, n, config_.d_model, "buffer");
     check_shape(offsets, index_t{kExperts} + 1, "offsets");
     MOEKIT_CHECK(offsets[0] == 0, Errc::kInvalidArgument, "offsets[0] = ", offsets[0],
                  ", expected 0");
@@ -409,13 +561,6 @@ class ExpertFfn {
     }
     MOEKIT_CHECK(offsets[kExperts] == n, Errc::kShapeMismatch, "offsets[", kExperts,
                  "] = ", offsets[kExperts], " but buffer has ", n, " rows");
-    check_shape(w.w1, index_t{kExperts} * f, d, "weights.w1");
-    if (gated()) {
-      check_shape(w.w3, index_t{kExperts} * f, d, "weights.w3");
-    } else {
-      check_absent(w.w3, "weights.w3");
-    }
-    check_shape(w.w2, index_t{kExperts} * d, f, "weights.w2");
     const index_t need = workspace_size(n);
     if (need > 0) {
       check_view(workspace, "workspace");
@@ -428,11 +573,57 @@ class ExpertFfn {
     return n;
   }
 
+  void check_weights(const ExpertWeights& w) const {
+    const index_t d = config_.d_model, f = config_.d_ff;
+    check_shape(w.w1, index_t{kExperts} * f, d, "weights.w1");
+    if (gated()) {
+      check_shape(w.w3, index_t{kExperts} * f, d, "weights.w3");
+    } else {
+      check_absent(w.w3, "weights.w3");
+    }
+    check_shape(w.w2, index_t{kExperts} * d, f, "weights.w2");
+  }
+
+  // Checks what forward and backward share; returns N.
+  index_t check_common(MatrixView<const float> buffer, VectorView<const index_t> offsets,
+                       const ExpertWeights& w, VectorView<std::byte> workspace) const {
+    const index_t n = check_buffer(buffer, offsets, workspace);
+    check_weights(w);
+    return n;
+  }
+
+  // Errors name forward, the public function that takes packed weights.
+  void check_packed(const PackedExpertWeights& w) const {
+    const index_t d = config_.d_model, f = config_.d_ff;
+    const auto check = [&](const PackedMatrix& m, index_t k, index_t n, const char* name) {
+      detail::check_packed_matrix("cpu::ExpertFfn::forward", m, kExperts, k, n, w.dtype(), name, "weights.w1",
+                                  "ExpertFfn::pack");
+    };
+    check(w.w1, d, f, "weights.w1");
+    if (gated()) {
+      check(w.w3, d, f, "weights.w3");
+    } else if (w.w3.groups() != 0) {
+      moekit::detail::fail(Errc::kInvalidArgument, "cpu::ExpertFfn::forward",
+                           "weights.w3 is packed but must be empty for FfnKind::kPlain");
+    }
+    check(w.w2, f, d, "weights.w2");
+  }
+
+  index_t scratch_bytes(index_t rows) const {
+    return detail::round_up(2 * rows * config_.d_ff * index_t{sizeof(float)}, detail::kSlotAlign);
+  }
+
   // Scratch matrix `slot` (0 or 1) of the workspace, N x d_ff floats.
   MatrixView<float> scratch(VectorView<std::byte> workspace, index_t n, int slot) const {
     if (n == 0) return {};
     float* base = reinterpret_cast<float*>(workspace.data());
     return MatrixView<float>(base + slot * n * config_.d_ff, n, config_.d_ff);
+  }
+
+  // The GEMM engine's part of the workspace.
+  VectorView<std::byte> engine_workspace(VectorView<std::byte> workspace, index_t n) const {
+    const index_t skip = scratch_bytes(n);
+    return workspace.segment(skip, workspace.size() - skip);
   }
 
   MatrixView<const float> w1_of(const ExpertWeights& w, int e) const {
@@ -443,11 +634,6 @@ class ExpertFfn {
   }
   MatrixView<const float> w2_of(const ExpertWeights& w, int e) const {
     return w.w2.middle_rows(e * config_.d_model, config_.d_model);
-  }
-
-  template <class Body>
-  void for_each_expert(VectorView<const index_t> offsets, Body&& body) const {
-    detail::for_each_expert<kExperts>(config_.threading, offsets, body);
   }
 
   ExpertFfnConfig config_;

@@ -216,6 +216,7 @@ class ExpertLora {
   // A of every adapter given (Kaiming-uniform or Gaussian), B = 0; empty
   // pairs are skipped. See the top of this file for the seeds.
   void init(const ExpertAdapters<float>& adapters, const LoraInitConfig& init_config) const {
+    MOEKIT_API("cpu::ExpertLora::init");
     const Present present = check_adapters(adapters, kAdapterNames);
     const auto one = [&](bool on, MatrixView<float> a, MatrixView<float> b, index_t d_in,
                          std::uint64_t matrix) {
@@ -240,6 +241,7 @@ class ExpertLora {
   void forward(MatrixView<const float> buffer, VectorView<const index_t> offsets,
                const ExpertLoraWeights& weights, MatrixView<float> y,
                const ExpertLoraSaved<float>& saved, VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::ExpertLora::forward");
     const index_t n = check_common(buffer, offsets, weights, workspace);
     const Present on = check_adapters(weights.lora, kWeightNames);
     const index_t d = config_.d_model, f = config_.d_ff;
@@ -308,6 +310,7 @@ class ExpertLora {
                 VectorView<const index_t> offsets, const ExpertLoraWeights& weights,
                 const ExpertLoraSaved<const float>& saved, MatrixView<float> dx,
                 const ExpertLoraGrads& grads, VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::ExpertLora::backward");
     const index_t n = check_common(buffer, offsets, weights, workspace);
     const Present on = check_adapters(weights.lora, kWeightNames);
     const index_t d = config_.d_model, f = config_.d_ff;

@@ -504,6 +504,7 @@ class LoraLinear {
 
   // a = initial A (R x d_in), b = 0 (d_out x R); see moekit/core/lora.hpp.
   void init(MatrixView<float> a, MatrixView<float> b, const LoraInitConfig& init_config) const {
+    MOEKIT_API("cpu::LoraLinear::init");
     check_adapter(a, b, "a", "b");
     OverlapCheck("cpu::LoraLinear::init").out({{a, "a"}, {b, "b"}}).check();
     detail::lora_init_block<kRank>(a, b, init_config, config_.d_in, 0);
@@ -514,6 +515,7 @@ class LoraLinear {
   void forward(MatrixView<const float> x, const LoraWeights& weights, MatrixView<float> y,
                MatrixView<float> saved_h, const LoraStep& step,
                VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::LoraLinear::forward");
     check_view(x, "x");
     const index_t n = x.rows();
     check_shape(x, n, config_.d_in, "x");
@@ -547,6 +549,7 @@ class LoraLinear {
   void backward(MatrixView<const float> dy, MatrixView<const float> x, const LoraWeights& weights,
                 MatrixView<const float> saved_h, const LoraStep& step, MatrixView<float> dx,
                 const LoraGrads& grads, VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::LoraLinear::backward");
     check_view(x, "x");
     const index_t n = x.rows();
     check_shape(x, n, config_.d_in, "x");
@@ -705,6 +708,7 @@ class LoraBank {
   // have an adapter. Every id is checked before anything is written.
   index_t group(VectorView<const std::int32_t> ids, VectorView<index_t> order,
                 VectorView<index_t> offsets) const {
+    MOEKIT_API("cpu::LoraBank::group");
     check_view(ids, "ids");
     const index_t n = ids.size();
     check_shape(order, n, "order");
@@ -733,6 +737,7 @@ class LoraBank {
   // Initialises every adapter: a = initial A (N R x d_in), b = 0. Adapter i's
   // A uses counters (i R + r) d_in + j, so adapter 0 matches LoraLinear::init.
   void init(MatrixView<float> a, MatrixView<float> b, const LoraInitConfig& init_config) const {
+    MOEKIT_API("cpu::LoraBank::init");
     check_adapters(a, b, "a", "b");
     OverlapCheck("cpu::LoraBank::init").out({{a, "a"}, {b, "b"}}).check();
     detail::lora_init_block<kRank>(a, b, init_config, config_.d_in, 0);
@@ -740,6 +745,7 @@ class LoraBank {
   // Initialises adapter i only (a new branch), as init would.
   void init_adapter(index_t adapter, MatrixView<float> a, MatrixView<float> b,
                     const LoraInitConfig& init_config) const {
+    MOEKIT_API("cpu::LoraBank::init_adapter");
     check_adapters(a, b, "a", "b");
     MOEKIT_CHECK_RANGE(adapter, 0, config_.num_adapters);
     OverlapCheck("cpu::LoraBank::init_adapter").out({{a, "a"}, {b, "b"}}).check();
@@ -752,6 +758,7 @@ class LoraBank {
   void forward(MatrixView<const float> x, const LoraRows& rows, const LoraWeights& weights,
                MatrixView<float> y, MatrixView<float> saved_h, const LoraStep& step,
                VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::LoraBank::forward");
     check_view(x, "x");
     const index_t n = x.rows();
     check_shape(x, n, config_.d_in, "x");
@@ -818,6 +825,7 @@ class LoraBank {
                 const LoraWeights& weights, MatrixView<const float> saved_h, const LoraStep& step,
                 MatrixView<float> dx, const LoraGrads& grads,
                 VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::LoraBank::backward");
     check_view(x, "x");
     const index_t n = x.rows();
     const index_t N = config_.num_adapters;

@@ -132,6 +132,24 @@ void unpack_panel(const float* panel, float alpha, bool add, MatrixView<float> m
   }
 }
 
+// The R x d matrix P of shrink_rows, read in place: P(r, k) for k in one
+// column block b (kPanelLanes wide) starts at data + r rank_stride +
+// b block_stride. A packed panel (panel_operand), or the rows of a
+// row-major matrix where they are (rows_operand: for few rows, such as a
+// router's w_gate, whose rows do not meet in one L1 set; nothing packed).
+struct ShrinkOperand {
+  const float* data = nullptr;
+  index_t rank_stride = 0;
+  index_t block_stride = 0;
+};
+template <int R>
+ShrinkOperand panel_operand(const float* panel) {
+  return {panel, kPanelLanes, index_t{R} * kPanelLanes};
+}
+inline ShrinkOperand rows_operand(MatrixView<const float> m) {
+  return {m.data(), m.ld(), kPanelLanes};
+}
+
 // A block's arrays of rows, ranks or coefficients (the int bound converted
 // once, where -Wsign-conversion wants it).
 template <class T, int N>
@@ -168,10 +186,17 @@ namespace cpu {
 
 namespace cpu::detail {
 
-// out(m, r) = alpha sum_k row(m)[k] P(r, k): m < count, r < R, k < d.
+// out(m, r) = alpha sum_k row(m)[k] P(r, k): m < count, r < R, k < d; out
+// has rows out_ld floats apart.
+template <int R, class RowAt>
+void shrink_rows(RowAt row, index_t count, index_t d, ShrinkOperand p, float alpha, float* out,
+                 index_t out_ld) {
+  with_vec_path([&](auto path) { shrink_rows<R>(path, row, count, d, p, alpha, out, out_ld); });
+}
+// The same with P a packed panel and out count x R, contiguous.
 template <int R, class RowAt>
 void shrink_rows(RowAt row, index_t count, index_t d, const float* panel, float alpha, float* out) {
-  with_vec_path([&](auto path) { shrink_rows<R>(path, row, count, d, panel, alpha, out); });
+  shrink_rows<R>(row, count, d, panel_operand<R>(panel), alpha, out, R);
 }
 
 // row(m)[k] += sum_r (alpha coef(m, r)) P(r, k): m < count, k < d.

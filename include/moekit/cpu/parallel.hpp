@@ -26,7 +26,7 @@ namespace cpu {
 inline constexpr long kParallelGrain = 1L << 15;
 inline constexpr long kLightParallelGrain = 1L << 20;
 
-// OpenMP's thread queries, 1 / 0 / 1 without OpenMP.
+// OpenMP's thread queries, 1 / 0 / 1 / false without OpenMP.
 inline int max_threads() {
 #if defined(_OPENMP)
   return omp_get_max_threads();
@@ -48,6 +48,16 @@ inline int num_threads() {
   return omp_get_num_threads();
 #else
   return 1;
+#endif
+}
+
+// Whether the caller runs inside an active OpenMP parallel region (work
+// started there stays on the calling thread: one thread pool at a time).
+inline bool in_parallel() {
+#if defined(_OPENMP)
+  return omp_in_parallel() != 0;
+#else
+  return false;
 #endif
 }
 

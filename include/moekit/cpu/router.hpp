@@ -12,14 +12,16 @@
 // The router's weight is w_gate (E x d, the layout of torch.nn.Linear and of
 // checkpoints: Mixtral's `gate.weight`), so logits = x w_gate^T + gate_bias.
 //
-// Token blocks (core/token_blocks.hpp): the logits GEMM and backward's dx run
-// one GEMM per block of kTokenBlock rows, and dw_gate and dbias are folded over
-// the blocks in order, so a token's logits and every gradient are the same
-// bits however the batch is split over the ranks of an expert-parallel
-// group. The pieces an expert-parallel layer composes are public: logits()
-// (with the global index of the first token, for the noise counters),
-// gate() (scores, top-K and weights of each row, no capacity), number_slots()
-// and finish_stats() below, and backward_gate() / backward_logits().
+// A token's logits are batch invariant (gate_logits: each row summed in one
+// fixed order); backward's dx runs one GEMM per block of kTokenBlock rows
+// (core/token_blocks.hpp), and dw_gate and dbias are folded over the blocks
+// in order. So a token's logits and every gradient are the same bits however
+// the batch is split over the ranks of an expert-parallel group (at block
+// boundaries). The pieces an expert-parallel layer composes are public:
+// logits() (with the global index of the first token, for the noise
+// counters), gate() (scores, top-K and weights of each row, no capacity),
+// number_in_order() and the statistics' StatSums / finish_stats(), and
+// backward_gate() / backward_logits().
 
 #include <algorithm>
 #include <array>
@@ -36,6 +38,7 @@
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/elementwise.hpp"
+#include "moekit/cpu/low_rank_rows.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/spec.hpp"
 
@@ -44,11 +47,13 @@ namespace cpu {
 
 static_assert(sizeof(int) == sizeof(std::int32_t), "expert ids are 32-bit ints");
 
+// The router's configuration (the rules in core/routing.hpp); the
+// constructor validates it.
 struct RouterConfig {
-  GatingConfig gating{};
-  NoiseConfig noise{};
-  CapacityConfig capacity{};
-  NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;
+  GatingConfig gating{};                                    // rule, renormalisation, groups
+  NoiseConfig noise{};                                      // training noise (off by default)
+  CapacityConfig capacity{};                                // capacity factor and drop policy
+  NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;  // what a NaN/Inf logit does
 };
 
 // The routing of a batch (defined in core/routing.hpp, shared with the CUDA backend).
@@ -60,21 +65,21 @@ struct RouterGrads {
   MatrixView<float> dx{};       // T x d
   MatrixView<float> dw_gate{};  // E x d
   VectorView<float> dbias{};    // E
-  bool accumulate = false;
+  bool accumulate = false;      // add to the views instead of overwriting
 };
 
 // Cheap enough to leave on: gating computes them in the same pass over the
 // tokens (O(T E) additions and, for z_loss, one scalar exp per logit).
 template <MoeSpecType S>
 struct RoutingStats {
-  static constexpr int kExperts = S::num_experts;
-  index_t tokens = 0;
+  static constexpr int kExperts = S::num_experts;     // E
+  index_t tokens = 0;                                 // T, the tokens routed
   std::array<index_t, to_size(kExperts)> assigned{};  // assignments per expert, before capacity
   std::array<index_t, to_size(kExperts)> kept{};      // after capacity
   std::array<double, to_size(kExperts)>
-      mean_distribution{};  // mean over tokens of q (routing distribution)
-  index_t dropped = 0;
-  index_t non_finite_logits = 0;
+      mean_distribution{};        // mean over tokens of q (routing distribution)
+  index_t dropped = 0;            // assignments dropped by capacity
+  index_t non_finite_logits = 0;  // NaN or Inf logits seen (NonFinitePolicy::kSanitize)
   // The router z-loss of the batch, mean_t logsumexp(logits_t)^2 (rows with
   // a NaN or +inf logit, or only -inf, add 0; a -inf logit alone is a masked
   // expert): the same bits as cpu::z_loss(routing, 1).
@@ -125,6 +130,19 @@ void check_expert_ids(MatrixView<const std::int32_t> ids, const char* name) {
   }
 }
 
+// A token's ids must be distinct (backward writes one gradient per id, and
+// capacity counts one slot per id).
+inline void check_distinct_ids(MatrixView<const std::int32_t> ids, const char* name) {
+  for (index_t t = 0; t < ids.rows(); ++t) {
+    for (index_t k = 1; k < ids.cols(); ++k) {
+      for (index_t j = 0; j < k; ++j) {
+        MOEKIT_CHECK(ids(t, k) != ids(t, j), Errc::kInvalidArgument, name, " row ", t,
+                     " repeats expert ", ids(t, k));
+      }
+    }
+  }
+}
+
 // Assignments per expert (before capacity). ids must be in range.
 template <MoeSpecType S>
 std::array<index_t, S::num_experts> assignment_counts(MatrixView<const std::int32_t> ids) {
@@ -142,11 +160,14 @@ std::array<index_t, S::num_experts> assignment_counts(MatrixView<const std::int3
 // partials, kCount x E values, live on the stack).
 template <int E>
 struct TokenChunks {
-  static constexpr int kCount = std::clamp(4096 / E, 16, 64);
-  index_t tokens;
+  static constexpr int kCount = std::clamp(4096 / E, 16, 64);  // chunks
+  index_t tokens;                                              // T
   index_t size;  // tokens per chunk (the last may be short or empty)
+  // Chunks of t tokens.
   explicit TokenChunks(index_t t) : tokens(t), size((t + kCount - 1) / kCount) {}
+  // The first token of chunk c.
   index_t begin(std::size_t c) const { return std::min(tokens, static_cast<index_t>(c) * size); }
+  // One past the last token of chunk c.
   index_t end(std::size_t c) const { return begin(c + 1); }
 };
 
@@ -210,10 +231,11 @@ inline constexpr float kExpFloor = -87.0f;
 // the scalar rule's (core/routing.hpp). The one implementation behind
 // softmax gating.
 struct ShiftedExp {
-  float max;
-  float sum;
+  float max;  // max x
+  float sum;  // sum of exp(x - max)
 };
 
+// The function described above, for E logits.
 template <int E>
 ShiftedExp shifted_exp(const float* x, float* out) {
   const RowExpSum r = shifted_exp_row(x, E, kExpFloor, out);
@@ -233,6 +255,27 @@ double chunked_sum(index_t n, F&& f) {
   double sum = 0.0;
   for (double p : partial) sum += p;
   return sum;
+}
+
+// logits = x w_gate^T (T x d times d x E), batch invariant: each token's E
+// logits are summed over d in one fixed order (low_rank_rows.hpp's
+// shrink_rows, w_gate's rows read in place), whatever the other rows and
+// the thread count; threads take fixed runs of kGateRows rows. The same
+// bits on every CPU path.
+inline constexpr index_t kGateRows = 64;
+
+template <int E>
+void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
+                 MatrixView<float> logits) {
+  const index_t tokens = x.rows(), d = x.cols();
+  const index_t runs = (tokens + kGateRows - 1) / kGateRows;
+  MOEKIT_PARALLEL_FOR_IF(tokens * d * E > kParallelGrain)
+  for (index_t i = 0; i < runs; ++i) {
+    const index_t first = i * kGateRows, rows = std::min(kGateRows, tokens - first);
+    detail::shrink_rows<E>(detail::RowsOf<const float>{x.data(), x.ld(), {nullptr, first, rows}},
+                           rows, d, detail::rows_operand(w_gate), 1.0f, logits.row(first),
+                           logits.ld());
+  }
 }
 
 namespace detail {
@@ -286,15 +329,17 @@ void top_k_lanes(const float* keys, int* ids_out) {
 
 }  // namespace detail
 
+// The router for MoeSpec<E, K> (see the top of this file).
 template <MoeSpecType S>
 class Router {
  public:
-  static constexpr int kExperts = S::num_experts;
-  static constexpr int kTopK = S::top_k;
+  static constexpr int kExperts = S::num_experts;  // E
+  static constexpr int kTopK = S::top_k;           // K
 
   // Rejects a configuration that cannot route (naming the field and value).
   explicit Router(const RouterConfig& config) : config_(config) { validate(config); }
 
+  // The configuration it was built with.
   const RouterConfig& config() const { return config_; }
 
   // Slots per expert for a batch of `tokens` (tokens when dropless).
@@ -320,6 +365,7 @@ class Router {
                VectorView<const float> gate_bias, VectorView<const float> selection_bias,
                const Routing& out, RoutingStats<S>* stats = nullptr,
                VectorView<std::byte> workspace = {}) const {
+    MOEKIT_API("cpu::Router::forward");
     const index_t tokens = x.rows();
     check_logits_args(x, w_gate, gate_bias, out.logits, workspace);
     check_routing<S>(out, tokens);
@@ -336,14 +382,15 @@ class Router {
     route_validated(out, selection_bias, stats, workspace);
   }
 
-  // logits = x w_gate^T + gate_bias (+ noise) alone (T x E), one GEMM per
-  // token block. Row t is the batch's token first_token + t: the noise
+  // logits = x w_gate^T + gate_bias (+ noise) alone (T x E), batch
+  // invariant (gate_logits). Row t is the batch's token first_token + t: the noise
   // counters (jitter: (first_token + t) d + j, Gaussian: (first_token + t) E
   // + e) are those of the whole batch, so ranks that each hold a slice draw
   // what one process would.
   void logits(MatrixView<const float> x, MatrixView<const float> w_gate,
               VectorView<const float> gate_bias, MatrixView<float> logits,
               VectorView<std::byte> workspace = {}, index_t first_token = 0) const {
+    MOEKIT_API("cpu::Router::logits");
     check_logits_args(x, w_gate, gate_bias, logits, workspace);
     MOEKIT_CHECK_ARG(first_token >= 0, "first_token = ", first_token, " is negative");
     OverlapCheck("cpu::Router::logits")
@@ -358,6 +405,7 @@ class Router {
   // no capacity: positions are not written. Returns the rows with a
   // non-finite logit (NonFinitePolicy::kError rejects them first).
   index_t gate(const Routing& out, VectorView<const float> selection_bias) const {
+    MOEKIT_API("cpu::Router::gate");
     const index_t tokens = out.logits.rows();
     check_routing<S>(out, tokens);
     check_selection_bias(selection_bias);
@@ -372,22 +420,24 @@ class Router {
     return non_finite;
   }
 
-  // Capacity by position for the slots of tokens [first, end), in (t, k)
-  // order: slot (t, k) of expert e takes position next[e]++ and is kept when
-  // that is below cap; otherwise it gets position -1 and weight 0. Returns
-  // the slots dropped. next[e] starts at the slots of e before `first` (in
-  // the whole batch), so a slice numbers its slots as the whole batch would.
-  static index_t number_slots(const Routing& out, index_t first, index_t end,
-                              std::array<std::int32_t, to_size(kExperts)>& next, index_t cap) {
+  // Capacity by position (kPosition, and dropless) for the slots of tokens
+  // [first, end), in (t, k) order: slot (t, k) of expert e takes position
+  // next[e]++ and is kept when that is below cap; otherwise it gets position
+  // -1 and weight 0. Returns the slots dropped. next[e] starts at the slots
+  // of e before `first` (in the whole batch), so a slice numbers its slots as
+  // the whole batch would.
+  static index_t number_in_order(MatrixView<const std::int32_t> ids, MatrixView<float> weights,
+                                 MatrixView<std::int32_t> positions, index_t first, index_t end,
+                                 index_t cap, std::array<std::int32_t, to_size(kExperts)>& next) {
     index_t dropped = 0;
     for (index_t t = first; t < end; ++t) {
       for (int k = 0; k < kTopK; ++k) {
-        const std::int32_t p = next[to_size(out.expert_ids(t, k))]++;
+        const std::int32_t p = next[to_size(ids(t, k))]++;
         if (p < cap) {
-          out.positions(t, k) = p;
+          positions(t, k) = p;
         } else {
-          out.positions(t, k) = -1;
-          out.weights(t, k) = 0.0f;
+          positions(t, k) = -1;
+          weights(t, k) = 0.0f;
           ++dropped;
         }
       }
@@ -437,6 +487,7 @@ class Router {
   // added here: noise belongs to forward, which draws it with the logits.
   void route(const Routing& out, VectorView<const float> selection_bias,
              RoutingStats<S>* stats = nullptr, VectorView<std::byte> workspace = {}) const {
+    MOEKIT_API("cpu::Router::route");
     check_routing<S>(out, out.logits.rows());
     check_selection_bias(selection_bias);
     check_workspace(workspace, out.logits.rows(), 0);
@@ -451,16 +502,71 @@ class Router {
     route_validated(out, selection_bias, stats, workspace);
   }
 
+  // Capacity alone, for expert ids and weights chosen elsewhere (an external
+  // router, a saved routing): with this router's capacity factor and drop
+  // policy, writes positions (T x K: the slot in the expert's buffer, or -1
+  // when dropped) and zeroes the weights of dropped assignments, exactly as
+  // forward and route do after their own selection. ids (T x K) must be in
+  // [0, E) and distinct within a token. Returns the number dropped.
+  // workspace: workspace_size(T, 0) bytes (the kProbs policy's slot order).
+  index_t apply_capacity(MatrixView<const std::int32_t> expert_ids, MatrixView<float> weights,
+                         MatrixView<std::int32_t> positions,
+                         VectorView<std::byte> workspace = {}) const {
+    MOEKIT_API("cpu::Router::apply_capacity");
+    check_view(expert_ids, "expert_ids");
+    const index_t tokens = expert_ids.rows();
+    MOEKIT_CHECK_ARG(tokens <= std::numeric_limits<std::int32_t>::max() / kTopK,
+                     "tokens = ", tokens, " times K = ", kTopK, " exceeds the 32-bit slot range");
+    check_shape(expert_ids, tokens, kTopK, "expert_ids");
+    check_shape(weights, tokens, kTopK, "weights");
+    check_shape(positions, tokens, kTopK, "positions");
+    check_expert_ids<S>(expert_ids, "expert_ids");
+    check_distinct_ids(expert_ids, "expert_ids");
+    check_workspace(workspace, tokens, 0);
+    OverlapCheck("cpu::Router::apply_capacity")
+        .out({{weights, "weights"},
+              {positions, "positions"},
+              {workspace.segment(0, workspace_size(tokens, 0)), "workspace"}})
+        .in({{expert_ids, "expert_ids"}})
+        .check();
+    const index_t cap = capacity(tokens);
+    if (drops_by_weight()) {
+      return drop_lowest_weights(expert_ids, weights, positions, assignment_counts<S>(expert_ids),
+                                 cap, workspace);
+    }
+    std::array<std::int32_t, to_size(kExperts)> next{};
+    return number_in_order(expert_ids, weights, positions, 0, tokens, cap, next);
+  }
+
+  // What selection ranked for token t of a routing this router wrote
+  // (routed.logits and routed.scores, T x E; selection_bias as given to
+  // forward or route): the selection keys, and with group limits the group
+  // scores and kept groups (routing::SelectionTrace).
+  routing::SelectionTrace<kExperts> explain_selection(const Routing& routed,
+                                                      VectorView<const float> selection_bias,
+                                                      index_t t) const {
+    MOEKIT_API("cpu::Router::explain_selection");
+    const index_t tokens = routed.logits.rows();
+    check_shape(routed.logits, tokens, kExperts, "routed.logits");
+    check_shape(routed.scores, tokens, kExperts, "routed.scores");
+    check_selection_bias(selection_bias);
+    MOEKIT_CHECK_RANGE(t, 0, tokens);
+    return routing::trace_selection<kExperts>(
+        routed.logits.row(t), routed.scores.row(t),
+        selection_bias.empty() ? nullptr : selection_bias.data(), config_.gating);
+  }
+
   // dlogits = (d weights / d logits)^T dweights, overwriting dlogits. Slots
   // dropped by capacity carry no gradient.
   void backward_gate(const Routing& saved, MatrixView<const float> dweights,
                      MatrixView<float> dlogits) const {
+    MOEKIT_API("cpu::Router::backward_gate");
     const index_t tokens = saved.logits.rows();
     check_routing<S>(saved, tokens);
     check_shape(dweights, tokens, kTopK, "dweights");
     check_shape(dlogits, tokens, kExperts, "dlogits");
     check_expert_ids<S>(saved.expert_ids, "routing.expert_ids");
-    check_distinct_ids(saved.expert_ids);
+    check_distinct_ids(saved.expert_ids, "routing.expert_ids");
     OverlapCheck("cpu::Router::backward_gate")
         .out({{dlogits, "dlogits"}})
         .in({MOEKIT_ROUTING_ARGS(saved, "saved"), {dweights, "dweights"}})
@@ -484,6 +590,7 @@ class Router {
   void backward_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                        MatrixView<const float> dlogits, const RouterGrads& grads,
                        VectorView<std::byte> workspace = {}, index_t first_token = 0) const {
+    MOEKIT_API("cpu::Router::backward_logits");
     const index_t tokens = x.rows();
     const index_t d = x.cols();
     check_view(x, "x");
@@ -556,6 +663,7 @@ class Router {
 
  private:
   static void validate(const RouterConfig& c) {
+    MOEKIT_API("cpu::Router::Router");
     check_gating(c.gating, kExperts, kTopK);
     check_noise(c.noise);
     MOEKIT_CHECK_ARG(!std::isnan(c.capacity.factor), "capacity.factor is NaN");
@@ -565,18 +673,6 @@ class Router {
     MOEKIT_CHECK_ARG(
         c.non_finite == NonFinitePolicy::kSanitize || c.non_finite == NonFinitePolicy::kError,
         "non_finite = ", static_cast<int>(c.non_finite), " is not a NonFinitePolicy");
-  }
-
-  // Backward writes dx[id] per slot: a token's ids must be distinct.
-  static void check_distinct_ids(MatrixView<const std::int32_t> ids) {
-    for (index_t t = 0; t < ids.rows(); ++t) {
-      for (int k = 1; k < kTopK; ++k) {
-        for (int j = 0; j < k; ++j) {
-          MOEKIT_CHECK(ids(t, k) != ids(t, j), Errc::kInvalidArgument, "routing.expert_ids row ", t,
-                       " repeats expert ", ids(t, k));
-        }
-      }
-    }
   }
 
   bool drops_by_weight() const {
@@ -672,11 +768,15 @@ class Router {
 #pragma omp for schedule(static)
 #endif
         for (std::size_t c = 0; c < kChunks; ++c) {
-          dropped += number_slots(out, chunks.begin(c), chunks.end(c), start[c], cap);
+          dropped += number_in_order(out.expert_ids, out.weights, out.positions, chunks.begin(c),
+                                     chunks.end(c), cap, start[c]);
         }
       }
     }
-    if (!by_position) dropped = drop_lowest_weights(out, assigned, cap, workspace);
+    if (!by_position) {
+      dropped =
+          drop_lowest_weights(out.expert_ids, out.weights, out.positions, assigned, cap, workspace);
+    }
     if (want_stats) finish_stats(sums, tokens, assigned, cap, dropped, non_finite, *stats);
   }
 
@@ -761,21 +861,22 @@ class Router {
   // order within each (a counting sort), then each over-full expert's slots
   // are sorted by (weight desc, slot asc), a total order: no allocation, and
   // the same result on every run.
-  index_t drop_lowest_weights(const Routing& out,
+  index_t drop_lowest_weights(MatrixView<const std::int32_t> ids, MatrixView<float> weights,
+                              MatrixView<std::int32_t> positions,
                               const std::array<index_t, to_size(kExperts)>& count, index_t cap,
                               VectorView<std::byte> workspace) const {
-    const index_t tokens = out.logits.rows();
+    const index_t tokens = ids.rows();
     std::int32_t* order = scratch<std::int32_t>(workspace);
     std::array<index_t, to_size(kExperts + 1)> offset{};
     for (std::size_t e = 0; e < kExperts; ++e) offset[e + 1] = offset[e] + count[e];
     std::array<index_t, to_size(kExperts)> fill = {};
     for (index_t t = 0; t < tokens; ++t) {
       for (int k = 0; k < kTopK; ++k) {
-        const std::size_t e = to_size(out.expert_ids(t, k));
+        const std::size_t e = to_size(ids(t, k));
         order[offset[e] + fill[e]++] = static_cast<std::int32_t>(t * kTopK + k);
       }
     }
-    const auto weight = [&](std::int32_t slot) { return out.weights(slot / kTopK, slot % kTopK); };
+    const auto weight = [&](std::int32_t slot) { return weights(slot / kTopK, slot % kTopK); };
     for (std::size_t e = 0; e < kExperts; ++e) {
       std::int32_t* first = order + offset[e];
       std::int32_t* last = order + offset[e + 1];
@@ -785,7 +886,7 @@ class Router {
         });
       }
       for (std::int32_t* slot = first; slot != last; ++slot) {
-        out.positions(*slot / kTopK, *slot % kTopK) = slot - first < cap ? 0 : -1;
+        positions(*slot / kTopK, *slot % kTopK) = slot - first < cap ? 0 : -1;
       }
     }
     // Number the kept in token order.
@@ -793,10 +894,10 @@ class Router {
     index_t dropped = 0;
     for (index_t t = 0; t < tokens; ++t) {
       for (int k = 0; k < kTopK; ++k) {
-        if (out.positions(t, k) == 0) {
-          out.positions(t, k) = static_cast<std::int32_t>(fill[to_size(out.expert_ids(t, k))]++);
+        if (positions(t, k) == 0) {
+          positions(t, k) = static_cast<std::int32_t>(fill[to_size(ids(t, k))]++);
         } else {
-          out.weights(t, k) = 0.0f;
+          weights(t, k) = 0.0f;
           ++dropped;
         }
       }
@@ -842,20 +943,18 @@ class Router {
     check_workspace(workspace, x.rows(), x.cols());
   }
 
-  // The logits of x, one GEMM per token block (arguments checked).
+  // The logits of x (arguments checked); row t is the batch's token t0 + t.
   void compute_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                       VectorView<const float> gate_bias, MatrixView<float> logits,
                       VectorView<std::byte> workspace, index_t t0) const {
-    const bool jittered = config_.noise.kind == NoiseKind::kJitter;
-    const MatrixView<float> noisy_x(jittered ? scratch<float>(workspace) : nullptr, x.rows(),
-                                    x.cols());
-    if (jittered) jitter(x, noisy_x, t0);
-    const MatrixView<const float> in = jittered ? MatrixView<const float>(noisy_x) : x;
-    for_each_token_block(x.rows(), [&](index_t r0, index_t rows, index_t) {
-      auto l = as_eigen(logits.middle_rows(r0, rows));
-      l.noalias() = as_eigen(in.middle_rows(r0, rows)) * as_eigen(w_gate).transpose();
-      if (!gate_bias.empty()) l.rowwise() += as_eigen(gate_bias).transpose();
-    });
+    if (config_.noise.kind == NoiseKind::kJitter) {
+      const MatrixView<float> jittered(scratch<float>(workspace), x.rows(), x.cols());
+      jitter(x, jittered, t0);
+      gate_logits<kExperts>(jittered, w_gate, logits);
+    } else {
+      gate_logits<kExperts>(x, w_gate, logits);
+    }
+    if (!gate_bias.empty()) as_eigen(logits).rowwise() += as_eigen(gate_bias).transpose();
     if (config_.noise.kind == NoiseKind::kGaussian) add_gaussian_noise(logits, t0);
   }
 

@@ -94,11 +94,12 @@ namespace cpu {
 // Mean rows per busy head up to which heads run in parallel (see above).
 inline constexpr index_t kHeadParallelMaxRows = 1024;
 
+// The heads' configuration; the constructor validates it.
 template <HeadSpecType S>
 struct TaskHeadsConfig {
   index_t d_model = 0;                          // feature width d
   std::array<index_t, S::num_heads> classes{};  // C_h, each >= 1
-  bool bias = true;
+  bool bias = true;                             // whether the heads have biases
 };
 
 // All heads' parameters (layout at the top of this file).
@@ -109,8 +110,8 @@ struct HeadWeights {
 
 // Gradient outputs of the parameters; an empty view is frozen.
 struct HeadGrads {
-  MatrixView<float> dw{};
-  VectorView<float> db{};
+  MatrixView<float> dw{};   // (sum of C_h) x d, the layout of HeadWeights::w
+  VectorView<float> db{};   // sum of C_h; empty without bias
   bool accumulate = false;  // add to dw / db instead of overwriting them
 };
 
@@ -127,10 +128,20 @@ struct TaskLosses {
   std::array<index_t, S::num_heads> count{};    // n_h
 };
 
+// Per-row results of loss(), for per-example metrics (confusion matrices,
+// error analysis) without a second pass: n entries each; an empty view is
+// not written. predicted[i] = argmax of row i over its head's classes (ties
+// -> lower class; the prediction acc_h counts), loss[i] = CE(z_i, labels[i]).
+struct TaskLossRows {
+  VectorView<std::int32_t> predicted{};  // argmax over the row's head's classes
+  VectorView<double> loss{};             // the row's cross-entropy
+};
+
+// H linear classification heads over a shared feature (see the top of this file).
 template <HeadSpecType S>
 class TaskHeads {
  public:
-  static constexpr int kHeads = S::num_heads;
+  static constexpr int kHeads = S::num_heads;  // H
 
   // Rejects a configuration it cannot run (naming the field, head and value).
   explicit TaskHeads(const TaskHeadsConfig<S>& config) : config_(config) {
@@ -145,8 +156,11 @@ class TaskHeads {
     }
   }
 
+  // The configuration it was built with.
   const TaskHeadsConfig<S>& config() const { return config_; }
+  // d, the feature width.
   index_t d_model() const { return config_.d_model; }
+  // C_h, the classes of head h.
   index_t classes(int h) const { return config_.classes[to_size(h)]; }
   // First row of head h in w (and entry in b).
   index_t class_offset(int h) const { return offsets_[to_size(h)]; }
@@ -174,6 +188,7 @@ class TaskHeads {
   void forward(MatrixView<const float> x, VectorView<const std::int32_t> tasks,
                const HeadWeights& weights, MatrixView<float> logits,
                VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::TaskHeads::forward");
     check_view(x, "x");
     const index_t n = x.rows();
     check_shape(x, n, config_.d_model, "x");
@@ -218,10 +233,13 @@ class TaskHeads {
   // the top of this file). logits: n x max_classes() as forward wrote them
   // (only each row's first C_h columns are read); labels: n. dlogits (n x
   // max_classes()) receives dL/dlogits unless empty; dlog_vars (H) receives
-  // dL/ds for kUncertainty unless empty (must be empty for kFixed).
+  // dL/ds for kUncertainty unless empty (must be empty for kFixed); `rows`
+  // receives each row's prediction and loss (TaskLossRows).
   TaskLosses<S> loss(MatrixView<const float> logits, VectorView<const std::int32_t> tasks,
                      VectorView<const std::int32_t> labels, const TaskWeights& weighting = {},
-                     MatrixView<float> dlogits = {}, VectorView<float> dlog_vars = {}) const {
+                     MatrixView<float> dlogits = {}, VectorView<float> dlog_vars = {},
+                     const TaskLossRows& rows = {}) const {
+    MOEKIT_API("cpu::TaskHeads::loss");
     check_view(logits, "logits");
     const index_t n = logits.rows();
     check_shape(logits, n, max_classes_, "logits");
@@ -229,8 +247,13 @@ class TaskHeads {
     check_labels(labels, tasks, n);
     check_weighting(weighting, dlog_vars);
     if (!dlogits.empty()) check_shape(dlogits, n, max_classes_, "dlogits");
+    if (!rows.predicted.empty()) check_shape(rows.predicted, n, "rows.predicted");
+    if (!rows.loss.empty()) check_shape(rows.loss, n, "rows.loss");
     OverlapCheck("cpu::TaskHeads::loss")
-        .out({{dlogits, "dlogits"}, {dlog_vars, "dlog_vars"}})
+        .out({{dlogits, "dlogits"},
+              {dlog_vars, "dlog_vars"},
+              {rows.predicted, "rows.predicted"},
+              {rows.loss, "rows.loss"}})
         .in({{logits, "logits"},
              {tasks, "tasks"},
              {labels, "labels"},
@@ -240,7 +263,7 @@ class TaskHeads {
 
     const std::array<index_t, to_size(kHeads)> count = task_counts(tasks, n);
     LossSums sums;
-    add_loss_rows(logits, tasks, labels, count, weighting, sums, dlogits);
+    add_loss_rows(logits, tasks, labels, count, weighting, sums, dlogits, rows);
     return finish_loss(count, sums, weighting, dlog_vars);
   }
 
@@ -264,18 +287,22 @@ class TaskHeads {
   }
 
   // Adds the rows' cross-entropies and hits to `sums` and writes their
-  // gradient rows, scaled by c_h / n_h with n_h from `count` (the batch's).
+  // gradient rows, scaled by c_h / n_h with n_h from `count` (the batch's),
+  // and, unless empty, each row's prediction and loss (TaskLossRows).
   void add_loss_rows(MatrixView<const float> logits, VectorView<const std::int32_t> tasks,
                      VectorView<const std::int32_t> labels,
                      const std::array<index_t, to_size(kHeads)>& count,
-                     const TaskWeights& weighting, LossSums& sums,
-                     MatrixView<float> dlogits = {}) const {
+                     const TaskWeights& weighting, LossSums& sums, MatrixView<float> dlogits = {},
+                     const TaskLossRows& rows = {}) const {
+    MOEKIT_API("cpu::TaskHeads::add_loss_rows");
     const index_t n = logits.rows();
     check_shape(logits, n, max_classes_, "logits");
     check_tasks(tasks, n);
     check_labels(labels, tasks, n);
     check_weighting(weighting, {});
     if (!dlogits.empty()) check_shape(dlogits, n, max_classes_, "dlogits");
+    if (!rows.predicted.empty()) check_shape(rows.predicted, n, "rows.predicted");
+    if (!rows.loss.empty()) check_shape(rows.loss, n, "rows.loss");
     // c_h / n_h, the gradient scale of each task's rows.
     std::array<float, to_size(kHeads)> scale{};
     for (std::size_t h = 0; h < kHeads; ++h) {
@@ -288,8 +315,12 @@ class TaskHeads {
       const index_t c = classes(task);
       const float* z = logits.row(i);
       float* dz = dlogits.empty() ? nullptr : dlogits.row(i);
-      sums.loss[h] += cross_entropy_row(z, c, labels[i], scale[h], dz);
-      sums.correct[h] += classify::argmax(z, c) == labels[i] ? 1.0 : 0.0;
+      const double ce = cross_entropy_row(z, c, labels[i], scale[h], dz);
+      const auto predicted = static_cast<std::int32_t>(classify::argmax(z, c));
+      sums.loss[h] += ce;
+      sums.correct[h] += predicted == labels[i] ? 1.0 : 0.0;
+      if (!rows.predicted.empty()) rows.predicted[i] = predicted;
+      if (!rows.loss.empty()) rows.loss[i] = ce;
       if (dz != nullptr) {
         for (index_t k = c; k < max_classes_; ++k) dz[k] = 0.0f;
       }
@@ -326,6 +357,7 @@ class TaskHeads {
                 VectorView<const std::int32_t> tasks, const HeadWeights& weights,
                 MatrixView<float> dx, const HeadGrads& grads,
                 VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::TaskHeads::backward");
     check_view(x, "x");
     const index_t n = x.rows();
     const index_t d = config_.d_model;

@@ -7,8 +7,9 @@
 //   cpu::avx512::F32x16    one 512-bit register
 //
 // beside it Mask16 (a lane mask from the comparisons), I32x16 (sixteen int32
-// lanes, for bit tricks on floats) and F64x16 (sixteen doubles, for sums
-// that must not lose small terms).
+// lanes, for bit tricks on floats and exact integer dot products of int8
+// data) and F64x16 (sixteen doubles, for sums that must not lose small
+// terms).
 //
 // Every namespace offers the same operations under the same names, and each
 // operation gives the same bits in every namespace: lane-wise arithmetic is
@@ -33,6 +34,14 @@
 //   #include "moekit/cpu/detail/per_isa.hpp"
 //   #undef MOEKIT_PER_ISA_FILE
 //   }
+//
+// Conversions (the GEMM engine's, moekit/cpu/gemm/): round_bf16 / store_bf16
+// round to bfloat16 exactly as the x86 instruction VCVTNEPS2BF16 does (ties
+// to even, denormals to a signed zero, NaN kept quiet), load_bf16_pairs widens
+// bf16 pairs, store_int8 rounds to the nearest integer (ties to even) and
+// clamps to [-127, 127], load_int32 converts int32 to float. Rounding to an
+// integer and int32 -> float assume the default floating-point environment
+// (round to nearest), which every path then shares.
 //
 // The operations are always inlined, so no vector crosses a call boundary
 // (no ABI question between translation units built with different flags).
@@ -231,6 +240,59 @@ MOEKIT_FORCE_INLINE float reduce_max(F32x16 v) {
   return s[0];
 }
 
+// ---- conversions ----
+
+// The bf16 bits of one float (see the top of this file).
+MOEKIT_FORCE_INLINE std::uint32_t bf16_rounded_bits(std::uint32_t u) {
+  if ((u & 0x7FFFFFFFU) > 0x7F800000U) return (u | 0x00400000U) & 0xFFFF0000U;  // NaN: quiet
+  if ((u & 0x7F800000U) == 0) return u & 0x80000000U;  // zero or denormal: signed zero
+  return (u + 0x7FFFU + ((u >> 16) & 1U)) & 0xFFFF0000U;
+}
+
+// Each lane rounded to bf16, as a float.
+MOEKIT_FORCE_INLINE F32x16 round_bf16(F32x16 v) {
+  for (float& x : v.lane) {
+    std::uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    u = bf16_rounded_bits(u);
+    std::memcpy(&x, &u, sizeof u);
+  }
+  return v;
+}
+
+// The 16 lanes rounded to bf16, stored as 16 bf16 bit patterns.
+MOEKIT_FORCE_INLINE void store_bf16(std::uint16_t* p, F32x16 v) {
+  for (int i = 0; i < 16; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, &v.lane[i], sizeof u);
+    p[i] = static_cast<std::uint16_t>(bf16_rounded_bits(u) >> 16);
+  }
+}
+
+// 16 bf16 pairs p[2i], p[2i + 1] widened (exactly) into even[i] and odd[i].
+MOEKIT_FORCE_INLINE void load_bf16_pairs(const std::uint16_t* p, F32x16& even, F32x16& odd) {
+  for (int i = 0; i < 16; ++i) {
+    const std::uint32_t e = std::uint32_t{p[2 * i]} << 16, o = std::uint32_t{p[2 * i + 1]} << 16;
+    std::memcpy(&even.lane[i], &e, sizeof e);
+    std::memcpy(&odd.lane[i], &o, sizeof o);
+  }
+}
+
+// Each lane rounded to the nearest integer (ties to even), clamped to
+// [-127, 127] (NaN to -127, max's rule), stored as 16 int8.
+MOEKIT_FORCE_INLINE void store_int8(std::int8_t* p, F32x16 v) {
+  for (float& x : v.lane) x = std::nearbyint(x);
+  v = min(max(v, set1(-127.0f)), set1(127.0f));
+  for (int i = 0; i < 16; ++i) p[i] = static_cast<std::int8_t>(v.lane[i]);
+}
+
+// 16 int32 converted to float (round to nearest).
+MOEKIT_FORCE_INLINE F32x16 load_int32(const std::int32_t* p) {
+  F32x16 v;
+  for (int i = 0; i < 16; ++i) v.lane[i] = static_cast<float>(p[i]);
+  return v;
+}
+
 // ---- int32 lanes ----
 
 struct I32x16 {
@@ -296,6 +358,35 @@ template <int kBits>
 MOEKIT_FORCE_INLINE I32x16 sra_i32(I32x16 a) {
   for (std::int32_t& x : a.lane) x = x >> kBits;  // arithmetic since C++20
   return a;
+}
+// Sixteen int8 (or int32) values from memory, and int32 lanes to memory.
+// Integer sums are exact (wrapping on overflow), so their order never
+// changes a result: int8 dot products agree on every path.
+MOEKIT_FORCE_INLINE I32x16 load_i8(const std::int8_t* p) {
+  I32x16 v;
+  for (int i = 0; i < 16; ++i) v.lane[i] = p[i];
+  return v;
+}
+MOEKIT_FORCE_INLINE I32x16 load_i32(const std::int32_t* p) {
+  I32x16 v;
+  std::memcpy(v.lane, p, sizeof v.lane);
+  return v;
+}
+MOEKIT_FORCE_INLINE void store_i32(std::int32_t* p, I32x16 v) {
+  std::memcpy(p, v.lane, sizeof v.lane);
+}
+// The low 32 bits of the lanes' products.
+MOEKIT_FORCE_INLINE I32x16 mul_i32(I32x16 a, I32x16 b) {
+  for (int i = 0; i < 16; ++i) {
+    a.lane[i] = static_cast<std::int32_t>(static_cast<std::uint32_t>(a.lane[i]) *
+                                          static_cast<std::uint32_t>(b.lane[i]));
+  }
+  return a;
+}
+MOEKIT_FORCE_INLINE std::int32_t reduce_add_i32(I32x16 v) {
+  std::uint32_t s = 0;
+  for (const std::int32_t x : v.lane) s += static_cast<std::uint32_t>(x);
+  return static_cast<std::int32_t>(s);
 }
 
 // ---- double lanes (sums in double) ----
@@ -453,6 +544,63 @@ MOEKIT_DETAIL_OP float reduce_max(F32x16 v) {
   return _mm_cvtss_f32(s4);
 }
 
+// ---- conversions (generic:: has the scalar rule) ----
+
+// Eight floats' bf16 bits, in the upper halves of the 32-bit lanes.
+MOEKIT_DETAIL_OP __m256i bf16_rounded_bits(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i magnitude = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i is_nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F800000));
+  const __m256i is_tiny = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7F800000)),
+                                             _mm256_setzero_si256());
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), is_nan);
+  r = _mm256_blendv_epi8(r, _mm256_and_si256(u, _mm256_set1_epi32(int(0x80000000U))), is_tiny);
+  return _mm256_and_si256(r, _mm256_set1_epi32(int(0xFFFF0000U)));
+}
+
+MOEKIT_DETAIL_OP F32x16 round_bf16(F32x16 v) {
+  return {_mm256_castsi256_ps(bf16_rounded_bits(v.lo)),
+          _mm256_castsi256_ps(bf16_rounded_bits(v.hi))};
+}
+
+MOEKIT_DETAIL_OP void store_bf16(std::uint16_t* p, F32x16 v) {
+  const __m256i lo = _mm256_srli_epi32(bf16_rounded_bits(v.lo), 16);
+  const __m256i hi = _mm256_srli_epi32(bf16_rounded_bits(v.hi), 16);
+  // packus interleaves the 128-bit halves: lo0-3 hi0-3 | lo4-7 hi4-7; put them in order.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+}
+
+MOEKIT_DETAIL_OP void load_bf16_pairs(const std::uint16_t* p, F32x16& even, F32x16& odd) {
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+  const __m256i high_half = _mm256_set1_epi32(int(0xFFFF0000U));
+  even = {_mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16))};
+  odd = {_mm256_castsi256_ps(_mm256_and_si256(lo, high_half)),
+         _mm256_castsi256_ps(_mm256_and_si256(hi, high_half))};
+}
+
+MOEKIT_DETAIL_OP void store_int8(std::int8_t* p, F32x16 v) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const F32x16 r =
+      min(max({_mm256_round_ps(v.lo, kNearest), _mm256_round_ps(v.hi, kNearest)}, set1(-127.0f)),
+          set1(127.0f));
+  // packs interleaves the 128-bit halves as in store_bf16.
+  const __m256i words = _mm256_permute4x64_epi64(
+      _mm256_packs_epi32(_mm256_cvttps_epi32(r.lo), _mm256_cvttps_epi32(r.hi)), 0xD8);
+  const __m128i bytes =
+      _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bytes);
+}
+
+MOEKIT_DETAIL_OP F32x16 load_int32(const std::int32_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+          _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8)))};
+}
+
 struct I32x16 {
   __m256i lo, hi;
 };
@@ -487,6 +635,28 @@ MOEKIT_DETAIL_OP I32x16 shl_i32(I32x16 a) {
 template <int kBits>
 MOEKIT_DETAIL_OP I32x16 sra_i32(I32x16 a) {
   return {_mm256_srai_epi32(a.lo, kBits), _mm256_srai_epi32(a.hi, kBits)};
+}
+MOEKIT_DETAIL_OP I32x16 load_i8(const std::int8_t* p) {
+  return {_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+MOEKIT_DETAIL_OP I32x16 load_i32(const std::int32_t* p) {
+  return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8))};
+}
+MOEKIT_DETAIL_OP void store_i32(std::int32_t* p, I32x16 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v.lo);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 8), v.hi);
+}
+MOEKIT_DETAIL_OP I32x16 mul_i32(I32x16 a, I32x16 b) {
+  return {_mm256_mullo_epi32(a.lo, b.lo), _mm256_mullo_epi32(a.hi, b.hi)};
+}
+MOEKIT_DETAIL_OP std::int32_t reduce_add_i32(I32x16 v) {
+  const __m256i s8 = _mm256_add_epi32(v.lo, v.hi);
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+  s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
+  return _mm_cvtsi128_si32(s4);
 }
 
 struct F64x16 {
@@ -631,6 +801,46 @@ MOEKIT_DETAIL_OP float reduce_max(F32x16 v) {
   return _mm_cvtss_f32(s4);
 }
 
+// ---- conversions (generic:: has the scalar rule) ----
+
+MOEKIT_DETAIL_OP __m512i bf16_rounded_bits(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  const __mmask16 is_nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7F800000));
+  const __mmask16 is_tiny = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7F800000));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  r = _mm512_mask_or_epi32(r, is_nan, u, _mm512_set1_epi32(0x00400000));
+  r = _mm512_mask_and_epi32(r, is_tiny, u, _mm512_set1_epi32(int(0x80000000U)));
+  return _mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000U)));
+}
+
+MOEKIT_DETAIL_OP F32x16 round_bf16(F32x16 v) {
+  return {_mm512_castsi512_ps(bf16_rounded_bits(v.v))};
+}
+
+MOEKIT_DETAIL_OP void store_bf16(std::uint16_t* p, F32x16 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_rounded_bits(v.v), 16)));
+}
+
+MOEKIT_DETAIL_OP void load_bf16_pairs(const std::uint16_t* p, F32x16& even, F32x16& odd) {
+  const __m512i u = _mm512_loadu_si512(p);
+  even = {_mm512_castsi512_ps(_mm512_slli_epi32(u, 16))};
+  odd = {_mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(int(0xFFFF0000U))))};
+}
+
+MOEKIT_DETAIL_OP void store_int8(std::int8_t* p, F32x16 v) {
+  // Clamping before rounding gives the same integers (the bounds are integers).
+  const F32x16 r = min(max(v, set1(-127.0f)), set1(127.0f));
+  const __m512i q = _mm512_cvt_roundps_epi32(r.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(q));
+}
+
+MOEKIT_DETAIL_OP F32x16 load_int32(const std::int32_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_loadu_si512(p))};
+}
+
 struct I32x16 {
   __m512i v;
 };
@@ -651,6 +861,13 @@ template <int kBits>
 MOEKIT_DETAIL_OP I32x16 sra_i32(I32x16 a) {
   return {_mm512_srai_epi32(a.v, kBits)};
 }
+MOEKIT_DETAIL_OP I32x16 load_i8(const std::int8_t* p) {
+  return {_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+MOEKIT_DETAIL_OP I32x16 load_i32(const std::int32_t* p) { return {_mm512_loadu_si512(p)}; }
+MOEKIT_DETAIL_OP void store_i32(std::int32_t* p, I32x16 v) { _mm512_storeu_si512(p, v.v); }
+MOEKIT_DETAIL_OP I32x16 mul_i32(I32x16 a, I32x16 b) { return {_mm512_mullo_epi32(a.v, b.v)}; }
+MOEKIT_DETAIL_OP std::int32_t reduce_add_i32(I32x16 v) { return _mm512_reduce_add_epi32(v.v); }
 
 struct F64x16 {
   __m512d lo, hi;  // lanes 0-7, 8-15

@@ -438,13 +438,13 @@ cudaError_t switch_impl(void* d_temp_storage, std::size_t& temp_storage_bytes,
                    "args.normalization = ", static_cast<int>(args.normalization),
                    " is not a SwitchNormalization");
   OverlapCheck(sequence_length > 0 ? "gpu::sequence_aux_loss" : "gpu::switch_loss")
-      .out({{args.dlogits, "args.dlogits"},
-            {args.loss, 1, "args.loss"},
-            {args.invalid_ids, args.invalid_ids != nullptr ? 1 : 0, "args.invalid_ids"},
-            temp_storage(d_temp_storage, plan.bytes())})
-      .in({{args.logits, "args.logits"},
-           {args.scores, "args.scores"},
-           {args.expert_ids, "args.expert_ids"}})
+      .out(Footprints{{args.dlogits, "args.dlogits"},
+                      {args.loss, 1, "args.loss"},
+                      {args.invalid_ids, args.invalid_ids != nullptr ? 1 : 0, "args.invalid_ids"},
+                      temp_storage(d_temp_storage, plan.bytes())})
+      .in(Footprints{{args.logits, "args.logits"},
+                     {args.scores, "args.scores"},
+                     {args.expert_ids, "args.expert_ids"}})
       .check();
 
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_ids);
@@ -504,6 +504,7 @@ cudaError_t sequence_aux_loss(void* d_temp_storage, std::size_t& temp_storage_by
 template <MoeSpecType S, LogitElement T>
 cudaError_t z_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
                    const ZLossArgs<S, T>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::z_loss");
   constexpr int E = S::num_experts;
   const index_t tokens = args.logits.rows();
   detail::check_token_count(tokens, S::top_k);
@@ -516,10 +517,10 @@ cudaError_t z_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
   MOEKIT_CHECK(args.loss != nullptr, Errc::kNullPointer, "args.loss is null");
   detail::check_coeff(args.coeff);
   OverlapCheck("gpu::z_loss")
-      .out({{args.dlogits, "args.dlogits"},
-            {args.loss, 1, "args.loss"},
-            detail::temp_storage(d_temp_storage, plan.bytes())})
-      .in({{args.logits, "args.logits"}})
+      .out(Footprints{{args.dlogits, "args.dlogits"},
+                      {args.loss, 1, "args.loss"},
+                      detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in(Footprints{{args.logits, "args.logits"}})
       .check();
 
   auto* partial = detail::carve<double>(d_temp_storage, at_partial);
@@ -539,6 +540,7 @@ template <MoeSpecType S, LogitElement T>
 cudaError_t importance_load_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
                                  const ImportanceLoadArgs<S, T>& args,
                                  cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::importance_load_loss");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = args.expert_ids.rows();
   detail::check_token_count(tokens, K);
@@ -567,15 +569,15 @@ cudaError_t importance_load_loss(void* d_temp_storage, std::size_t& temp_storage
   MOEKIT_CHECK_ARG(std::isfinite(args.load_weight) && args.load_weight >= 0.0f,
                    "args.load_weight = ", args.load_weight, " must be finite and non-negative");
   OverlapCheck("gpu::importance_load_loss")
-      .out({{args.dlogits, "args.dlogits"},
-            {args.loss, 1, "args.loss"},
-            {args.invalid_ids, args.invalid_ids != nullptr ? 1 : 0, "args.invalid_ids"},
-            detail::temp_storage(d_temp_storage, plan.bytes())})
-      .in({{args.logits, "args.logits"},
-           {args.scores, "args.scores"},
-           {args.expert_ids, "args.expert_ids"},
-           {args.weights, "args.weights"},
-           {args.positions, "args.positions"}})
+      .out(Footprints{{args.dlogits, "args.dlogits"},
+                      {args.loss, 1, "args.loss"},
+                      {args.invalid_ids, args.invalid_ids != nullptr ? 1 : 0, "args.invalid_ids"},
+                      detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in(Footprints{{args.logits, "args.logits"},
+                     {args.scores, "args.scores"},
+                     {args.expert_ids, "args.expert_ids"},
+                     {args.weights, "args.weights"},
+                     {args.positions, "args.positions"}})
       .check();
 
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_ids);

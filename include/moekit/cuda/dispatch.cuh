@@ -616,6 +616,7 @@ void check_plan_args(const DispatchPlanArgs<S>& a) {
 template <MoeSpecType S>
 cudaError_t plan_dispatch(void* d_temp_storage, std::size_t& temp_storage_bytes,
                           const DispatchPlanArgs<S>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::plan_dispatch");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = args.expert_ids.rows();
   detail::check_token_count(tokens, K);
@@ -651,14 +652,14 @@ cudaError_t plan_dispatch(void* d_temp_storage, std::size_t& temp_storage_bytes,
   const std::size_t at_sort = plan.reserve(sort_bytes);
   if (detail::size_query(d_temp_storage, temp_storage_bytes, plan.bytes())) return cudaSuccess;
   OverlapCheck("gpu::plan_dispatch")  // args.weights is read and written
-      .out({{args.weights, "args.weights"},
-            {args.positions, "args.positions"},
-            {args.offsets, "args.offsets"},
-            {args.row_slots, "args.row_slots"},
-            {args.stats, args.stats != nullptr ? 1 : 0, "args.stats"},
-            {args.invalid_ids, args.invalid_ids != nullptr ? 1 : 0, "args.invalid_ids"},
-            detail::temp_storage(d_temp_storage, plan.bytes())})
-      .in({{args.expert_ids, "args.expert_ids"}})
+      .out(Footprints{{args.weights, "args.weights"},
+                      {args.positions, "args.positions"},
+                      {args.offsets, "args.offsets"},
+                      {args.row_slots, "args.row_slots"},
+                      {args.stats, args.stats != nullptr ? 1 : 0, "args.stats"},
+                      {args.invalid_ids, args.invalid_ids != nullptr ? 1 : 0, "args.invalid_ids"},
+                      detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in(Footprints{{args.expert_ids, "args.expert_ids"}})
       .check();
 
   const index_t capacity = expert_capacity(tokens, E, K, args.capacity.factor);
@@ -729,6 +730,7 @@ cudaError_t plan_dispatch(void* d_temp_storage, std::size_t& temp_storage_bytes,
 template <MoeSpecType S, ActivationElement T>
 cudaError_t dispatch(MatrixView<const T> x, const DispatchMap& map, MatrixView<T> buffer,
                      cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::dispatch");
   constexpr int K = S::top_k;
   detail::check_token_count(x.rows(), K);
   check_view(x, "x");
@@ -740,8 +742,9 @@ cudaError_t dispatch(MatrixView<const T> x, const DispatchMap& map, MatrixView<T
   check_view(map.row_slots, "map.row_slots");
   MOEKIT_CHECK(map.rows_in_use != nullptr, Errc::kNullPointer, "map.rows_in_use is null");
   OverlapCheck("gpu::dispatch")
-      .out({{buffer, "buffer"}})
-      .in({{x, "x"}, {map.row_slots, "map.row_slots"}, {map.rows_in_use, 1, "map.rows_in_use"}})
+      .out(Footprints{{buffer, "buffer"}})
+      .in(Footprints{
+          {x, "x"}, {map.row_slots, "map.row_slots"}, {map.rows_in_use, 1, "map.rows_in_use"}})
       .check();
   if (buffer.rows() == 0 || x.cols() == 0) return cudaSuccess;
   const int grid = detail::warp_grid(buffer.rows());
@@ -764,6 +767,7 @@ cudaError_t combine(MatrixView<const T> expert_out, MatrixView<const std::int32_
                     MatrixView<const float> weights, MatrixView<const std::int32_t> positions,
                     VectorView<const index_t> offsets, MatrixView<T> y, bool accumulate = false,
                     cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::combine");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = y.rows();
   detail::check_saved_plan<S>(expert_ids, positions, offsets, tokens);
@@ -771,12 +775,12 @@ cudaError_t combine(MatrixView<const T> expert_out, MatrixView<const std::int32_
   check_view(expert_out, "expert_out");
   check_shape(y, tokens, expert_out.cols(), "y");
   OverlapCheck("gpu::combine")
-      .out({{y, "y"}})
-      .in({{expert_out, "expert_out"},
-           {expert_ids, "expert_ids"},
-           {weights, "weights"},
-           {positions, "positions"},
-           {offsets, "offsets"}})
+      .out(Footprints{{y, "y"}})
+      .in(Footprints{{expert_out, "expert_out"},
+                     {expert_ids, "expert_ids"},
+                     {weights, "weights"},
+                     {positions, "positions"},
+                     {offsets, "offsets"}})
       .check();
   if (tokens == 0 || y.cols() == 0) return cudaSuccess;
   const int grid = detail::warp_grid(tokens);
@@ -803,6 +807,7 @@ cudaError_t combine_backward(MatrixView<const T> dy, MatrixView<const T> expert_
                              VectorView<const index_t> offsets, const DispatchMap& map,
                              MatrixView<T> d_expert_out, MatrixView<float> dweights,
                              cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::combine_backward");
   constexpr int E = S::num_experts, K = S::top_k;
   check_view(dy, "dy");
   const index_t tokens = dy.rows();
@@ -828,14 +833,14 @@ cudaError_t combine_backward(MatrixView<const T> dy, MatrixView<const T> expert_
                  " columns, dy has ", d);
   }
   OverlapCheck("gpu::combine_backward")
-      .out({{d_expert_out, "d_expert_out"}, {dweights, "dweights"}})
-      .in({{dy, "dy"},
-           {expert_out, "expert_out"},
-           {expert_ids, "expert_ids"},
-           {weights, "weights"},
-           {positions, "positions"},
-           {offsets, "offsets"},
-           {map.row_slots, "map.row_slots"}})
+      .out(Footprints{{d_expert_out, "d_expert_out"}, {dweights, "dweights"}})
+      .in(Footprints{{dy, "dy"},
+                     {expert_out, "expert_out"},
+                     {expert_ids, "expert_ids"},
+                     {weights, "weights"},
+                     {positions, "positions"},
+                     {offsets, "offsets"},
+                     {map.row_slots, "map.row_slots"}})
       .check();
   if (want_dout && d_expert_out.rows() > 0 && d > 0) {
     const int grid = detail::warp_grid(d_expert_out.rows());
@@ -872,17 +877,18 @@ cudaError_t dispatch_backward(MatrixView<const T> d_buffer,
                               MatrixView<const std::int32_t> positions,
                               VectorView<const index_t> offsets, MatrixView<T> dx,
                               bool accumulate = false, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::dispatch_backward");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = dx.rows();
   detail::check_saved_plan<S>(expert_ids, positions, offsets, tokens);
   check_view(d_buffer, "d_buffer");
   check_shape(dx, tokens, d_buffer.cols(), "dx");
   OverlapCheck("gpu::dispatch_backward")
-      .out({{dx, "dx"}})
-      .in({{d_buffer, "d_buffer"},
-           {expert_ids, "expert_ids"},
-           {positions, "positions"},
-           {offsets, "offsets"}})
+      .out(Footprints{{dx, "dx"}})
+      .in(Footprints{{d_buffer, "d_buffer"},
+                     {expert_ids, "expert_ids"},
+                     {positions, "positions"},
+                     {offsets, "offsets"}})
       .check();
   if (tokens == 0 || dx.cols() == 0) return cudaSuccess;
   const int grid = detail::warp_grid(tokens);

@@ -134,6 +134,7 @@ __global__ void distillation_finalize_kernel(const double* partial, int blocks, 
 template <ActivationElement T>
 cudaError_t distillation_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
                               const DistillationArgs<T>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::distillation_loss");
   const index_t n = args.student.rows();
   MOEKIT_CHECK_ARG(n >= 0 && n <= std::numeric_limits<std::int32_t>::max(), "student has ", n,
                    " rows, more than 2^31 - 1");
@@ -154,13 +155,14 @@ cudaError_t distillation_loss(void* d_temp_storage, std::size_t& temp_storage_by
   if (!args.dstudent.empty()) check_shape(args.dstudent, n, c, "args.dstudent");
   MOEKIT_CHECK(args.loss != nullptr, Errc::kNullPointer, "args.loss is null");
   OverlapCheck("gpu::distillation_loss")
-      .out({{args.dstudent, "args.dstudent"},
-            {args.loss, 1, "args.loss"},
-            {args.invalid_labels, args.invalid_labels != nullptr ? 1 : 0, "args.invalid_labels"},
-            detail::temp_storage(d_temp_storage, plan.bytes())})
-      .in({{args.student, "args.student"},
-           {args.teacher, "args.teacher"},
-           {args.labels, "args.labels"}})
+      .out(Footprints{
+          {args.dstudent, "args.dstudent"},
+          {args.loss, 1, "args.loss"},
+          {args.invalid_labels, args.invalid_labels != nullptr ? 1 : 0, "args.invalid_labels"},
+          detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in(Footprints{{args.student, "args.student"},
+                     {args.teacher, "args.teacher"},
+                     {args.labels, "args.labels"}})
       .check();
 
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_labels);

@@ -235,6 +235,7 @@ class EarlyExit {
   // Starts a batch of n samples: every sample live, in order; results.exit
   // = -1. Throws moekit::Error for a bad argument or a CUDA failure.
   void begin(index_t n, ExitState state, ExitResults results, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::EarlyExit::begin");
     MOEKIT_CHECK_GE(n, 0);
     check_exit_results(results, n);
     check_exit_state(state, n);
@@ -288,10 +289,12 @@ class EarlyExit {
   template <class T>
   void check_step(int exit, MatrixView<const T> logits, ExitState state, ExitResults results,
                   VectorView<index_t> kept, const index_t* num_live) const {
+    MOEKIT_API("gpu::EarlyExit::step");
     check_exit_step("gpu::EarlyExit::step", exit, config_.num_exits, logits, state, results, kept);
     MOEKIT_CHECK(num_live != nullptr, Errc::kNullPointer, "num_live is null");
     OverlapCheck overlap("gpu::EarlyExit::step");
-    overlap.out({{num_live, 1, "num_live"}, {kept, "kept"}}).in({{logits, "logits"}});
+    overlap.out(Footprints{{num_live, 1, "num_live"}, {kept, "kept"}})
+        .in(Footprints{{logits, "logits"}});
     add_exit_outputs(overlap, state, results);
     overlap.check();
   }
@@ -334,6 +337,7 @@ requires std::is_trivially_copyable_v<T> cudaError_t gather_rows(MatrixView<cons
                                                                  const index_t* num_live,
                                                                  MatrixView<T> dst,
                                                                  cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::gather_rows");
   check_view(src, "src");
   check_view(kept, "kept");
   check_view(dst, "dst");
@@ -344,8 +348,8 @@ requires std::is_trivially_copyable_v<T> cudaError_t gather_rows(MatrixView<cons
                src.cols());
   MOEKIT_CHECK(num_live != nullptr, Errc::kNullPointer, "num_live is null");
   OverlapCheck("gpu::gather_rows")  // rows move in parallel: out of place only
-      .out({{dst, "dst"}})
-      .in({{src, "src"}, {kept, "kept"}, {num_live, 1, "num_live"}})
+      .out(Footprints{{dst, "dst"}})
+      .in(Footprints{{src, "src"}, {kept, "kept"}, {num_live, 1, "num_live"}})
       .check();
   if (kept.empty() || src.cols() == 0) return cudaSuccess;
   constexpr int kWarpsPerBlock = detail::kExitThreads / 32;
@@ -359,6 +363,7 @@ requires std::is_trivially_copyable_v<T> cudaError_t gather_rows(MatrixView<cons
 template <ActivationElement T>
 cudaError_t multi_exit_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
                             const MultiExitLossArgs<T>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::multi_exit_loss");
   const index_t k = static_cast<index_t>(args.logits.size());
   MOEKIT_CHECK_ARG(k >= 1, "args.logits holds no exits");
   const index_t n = args.logits[0].rows();
@@ -411,11 +416,12 @@ cudaError_t multi_exit_loss(void* d_temp_storage, std::size_t& temp_storage_byte
   check_multi_exit_overlap("gpu::multi_exit_loss", args.logits, args.labels, {}, args.dlogits,
                            args.exit_losses);
   OverlapCheck("gpu::multi_exit_loss")
-      .out({{args.loss, 1, "args.loss"},
-            {args.invalid_labels, args.invalid_labels != nullptr ? 1 : 0, "args.invalid_labels"},
-            {args.exit_losses, "args.exit_losses"},
-            detail::temp_storage(d_temp_storage, plan.bytes())})
-      .in({{args.labels, "args.labels"}})
+      .out(Footprints{
+          {args.loss, 1, "args.loss"},
+          {args.invalid_labels, args.invalid_labels != nullptr ? 1 : 0, "args.invalid_labels"},
+          {args.exit_losses, "args.exit_losses"},
+          detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in(Footprints{{args.labels, "args.labels"}})
       .check();
 
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_labels);

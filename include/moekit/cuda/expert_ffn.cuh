@@ -23,9 +23,14 @@
 // moekit::Error (a bad argument, or a CUDA / cuBLAS failure afterwards): the
 // class owns no handle and mixes cuBLAS and CUDA statuses, so one error type
 // is simpler than CUB's returned cudaError_t. The caller's cuBLAS handle is
-// set to `stream`. The caller's workspace (workspace_size()) holds h, dh
-// and the GEMMs' pointer arrays; cuBLAS keeps its own workspace (give it one
-// with cublasSetWorkspace to stop it allocating). Saved activations a and g
+// set to `stream` only where it is on another stream (cublasSetStream drops
+// a workspace given by cublasSetWorkspace, so set the stream before the
+// workspace and pass the same stream here). The caller's workspace
+// (workspace_size()) holds h, dh and the GEMMs' pointer arrays; cuBLAS
+// keeps its own workspace (give it one with cublasSetWorkspace to stop it
+// allocating). Where cuBLAS does not support a grouped GEMM's types (bf16 /
+// fp16 inputs with fp32 gradients may not be), that GEMM runs as one
+// cublasGemmEx per expert instead. Saved activations a and g
 // are caller memory of type T, as on the CPU; an empty output or weight
 // gradient is not computed; with grads.accumulate the GEMMs add (beta = 1).
 // The pointer arrays travel by a pageable cudaMemcpyAsync, so the calls
@@ -89,6 +94,15 @@ constexpr cudaDataType_t cuda_type() {
   return CUDA_R_16F;
 }
 
+// Puts `handle` on `stream` unless it is there already: cublasSetStream
+// resets the handle's workspace to cuBLAS's own pool, which would undo the
+// caller's cublasSetWorkspace on every call.
+inline void use_stream(cublasHandle_t handle, cudaStream_t stream) {
+  cudaStream_t current = nullptr;
+  MOEKIT_CUBLAS_CHECK(cublasGetStream(handle, &current));
+  if (current != stream) MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+}
+
 // h = act(a) * g (gated: g not empty) or act(a), rows [0, rows), in fp32,
 // V elements at a time (16-byte vectors where every row allows them).
 template <Activation A, int V, class T>
@@ -142,6 +156,17 @@ inline int elementwise_grid(index_t n) {
   return static_cast<int>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
 }
 
+// Whether a grouped GEMM's status says cuBLAS lacks it for these types
+// (CUBLAS_STATUS_NOT_SUPPORTED, returned before any work is queued): the
+// GEMMs then run one cublasGemmEx per group.
+inline bool grouped_gemm_unsupported(cublasStatus_t status) {
+  return status == CUBLAS_STATUS_NOT_SUPPORTED;
+}
+
+// How GroupedGemm::run runs its groups: kAuto tries the grouped call and
+// falls back per group; kPerGroup goes straight to the fallback (tests).
+enum class GroupedGemmPath { kAuto, kPerGroup };
+
 // One grouped GEMM, C_i = alpha op(A_i) op(B_i) + beta C_i in cuBLAS's
 // column-major terms, gathered on the host group by group (one group per
 // expert) and run by run(): the pointer arrays go to device memory
@@ -167,27 +192,40 @@ class GroupedGemm {
   }
 
   // A and B of `type`, C of `c_type` (the same, or fp32 for fp32 gradients).
-  void run(cublasHandle_t handle, cudaDataType_t type, void** device_pointers, cudaStream_t stream,
-           cudaDataType_t c_type) {
+  // One cublasGemmGroupedBatchedEx, or, where cuBLAS does not support the
+  // types (bf16 / fp16 inputs with an fp32 C may not be), one cublasGemmEx
+  // per group. Returns whether the grouped call ran.
+  bool run(cublasHandle_t handle, cudaDataType_t type, void** device_pointers, cudaStream_t stream,
+           cudaDataType_t c_type, GroupedGemmPath path = GroupedGemmPath::kAuto) {
     const int groups = static_cast<int>(m_.size());
-    if (groups == 0) return;
-    std::vector<const void*> all(3 * static_cast<std::size_t>(groups));
-    for (int i = 0; i < groups; ++i) {
-      all[i] = pointers_a_[i];
-      all[groups + i] = pointers_b_[i];
-      all[2 * groups + i] = pointers_c_[i];
+    if (groups == 0) return true;
+    if (path == GroupedGemmPath::kAuto) {
+      std::vector<const void*> all(pointers_a_);
+      all.insert(all.end(), pointers_b_.begin(), pointers_b_.end());
+      all.insert(all.end(), pointers_c_.begin(), pointers_c_.end());
+      // Pageable memory: the copy is staged before the call returns, and
+      // runs in stream order before the GEMM that reads it.
+      MOEKIT_CUDA_CHECK(cudaMemcpyAsync(device_pointers, all.data(), all.size() * sizeof(void*),
+                                        cudaMemcpyHostToDevice, stream));
+      const std::vector<int> sizes(static_cast<std::size_t>(groups), 1);
+      const cublasStatus_t status = cublasGemmGroupedBatchedEx(
+          handle, ta_.data(), tb_.data(), m_.data(), n_.data(), k_.data(), alpha_.data(),
+          const_cast<const void* const*>(device_pointers), type, lda_.data(),
+          const_cast<const void* const*>(device_pointers + groups), type, ldb_.data(), beta_.data(),
+          device_pointers + 2 * groups, c_type, ldc_.data(), groups, sizes.data(),
+          CUBLAS_COMPUTE_32F);
+      if (!grouped_gemm_unsupported(status)) {
+        MOEKIT_CUBLAS_CHECK(status);
+        return true;
+      }
     }
-    // Pageable memory: the copy is staged before the call returns, and runs
-    // in stream order before the GEMM that reads it.
-    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(device_pointers, all.data(), all.size() * sizeof(void*),
-                                      cudaMemcpyHostToDevice, stream));
-    const std::vector<int> sizes(static_cast<std::size_t>(groups), 1);
-    MOEKIT_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
-        handle, ta_.data(), tb_.data(), m_.data(), n_.data(), k_.data(), alpha_.data(),
-        const_cast<const void* const*>(device_pointers), type, lda_.data(),
-        const_cast<const void* const*>(device_pointers + groups), type, ldb_.data(), beta_.data(),
-        device_pointers + 2 * groups, c_type, ldc_.data(), groups, sizes.data(),
-        CUBLAS_COMPUTE_32F));
+    for (std::size_t i = 0; i < m_.size(); ++i) {
+      MOEKIT_CUBLAS_CHECK(cublasGemmEx(handle, ta_[i], tb_[i], m_[i], n_[i], k_[i], &alpha_[i],
+                                       pointers_a_[i], type, lda_[i], pointers_b_[i], type, ldb_[i],
+                                       &beta_[i], pointers_c_[i], c_type, ldc_[i],
+                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    return false;
   }
 
  private:
@@ -238,6 +276,7 @@ class ExpertFfn {
                VectorView<const index_t> host_offsets, const ExpertWeights<T>& w, MatrixView<T> y,
                MatrixView<T> saved_pre, MatrixView<T> saved_gate, void* workspace,
                std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::ExpertFfn::forward");
     const index_t n = check_common(buffer, host_offsets, w, workspace, workspace_bytes);
     const index_t d = config_.d_model, f = config_.d_ff;
     check_shape(y, n, d, "y");
@@ -245,14 +284,14 @@ class ExpertFfn {
     if (gated() && !saved_gate.empty()) check_shape(saved_gate, n, f, "saved_gate");
     if (!gated()) check_absent(saved_gate, "saved_gate");
     OverlapCheck("gpu::ExpertFfn::forward")
-        .out({{y, "y"},
-              {saved_pre, "saved_pre"},
-              {saved_gate, "saved_gate"},
-              detail::temp_storage(workspace, workspace_size(n))})
-        .in({{buffer, "buffer"}, {w.w1, "w.w1"}, {w.w3, "w.w3"}, {w.w2, "w.w2"}})
+        .out(Footprints{{y, "y"},
+                        {saved_pre, "saved_pre"},
+                        {saved_gate, "saved_gate"},
+                        detail::temp_storage(workspace, workspace_size(n))})
+        .in(Footprints{{buffer, "buffer"}, {w.w1, "w.w1"}, {w.w3, "w.w3"}, {w.w2, "w.w2"}})
         .check();
     if (n == 0) return;
-    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    detail::use_stream(handle, stream);
 
     const MatrixView<T> ws0 = scratch(workspace, n, 0), ws1 = scratch(workspace, n, 1);
     const MatrixView<T> a = saved_pre.empty() ? ws0 : saved_pre;
@@ -292,6 +331,7 @@ class ExpertFfn {
                 MatrixView<const T> saved_pre, MatrixView<const T> saved_gate, MatrixView<T> dx,
                 const ExpertGrads<G>& grads, void* workspace, std::size_t workspace_bytes,
                 cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::ExpertFfn::backward");
     static_assert(std::is_same_v<G, T> || std::is_same_v<G, float>,
                   "weight gradients are of the activation type T or float");
     const index_t n = check_common(buffer, host_offsets, w, workspace, workspace_bytes);
@@ -312,18 +352,18 @@ class ExpertFfn {
     if (!gated()) check_absent(grads.dw3, "grads.dw3");
     if (want_dw2) check_shape(grads.dw2, e_d, f, "grads.dw2");
     OverlapCheck("gpu::ExpertFfn::backward")
-        .out({{dx, "dx"},
-              {grads.dw1, "grads.dw1"},
-              {grads.dw3, "grads.dw3"},
-              {grads.dw2, "grads.dw2"},
-              detail::temp_storage(workspace, workspace_size(n))})
-        .in({{dy, "dy"},
-             {buffer, "buffer"},
-             {w.w1, "w.w1"},
-             {w.w3, "w.w3"},
-             {w.w2, "w.w2"},
-             {saved_pre, "saved_pre"},
-             {saved_gate, "saved_gate"}})
+        .out(Footprints{{dx, "dx"},
+                        {grads.dw1, "grads.dw1"},
+                        {grads.dw3, "grads.dw3"},
+                        {grads.dw2, "grads.dw2"},
+                        detail::temp_storage(workspace, workspace_size(n))})
+        .in(Footprints{{dy, "dy"},
+                       {buffer, "buffer"},
+                       {w.w1, "w.w1"},
+                       {w.w3, "w.w3"},
+                       {w.w2, "w.w2"},
+                       {saved_pre, "saved_pre"},
+                       {saved_gate, "saved_gate"}})
         .check();
     const float beta = grads.accumulate ? 1.0f : 0.0f;
 
@@ -338,7 +378,7 @@ class ExpertFfn {
     }
     const bool want_dh = want_dx || want_dw1 || want_dw3;
     if (n == 0 || (!want_dh && !want_dw2)) return;
-    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    detail::use_stream(handle, stream);
     constexpr cudaDataType_t type = detail::cuda_type<T>();
     constexpr cudaDataType_t grad_type = detail::cuda_type<G>();
     void** pointers = pointer_arrays(workspace, n);

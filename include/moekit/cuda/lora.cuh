@@ -33,7 +33,8 @@
 // tile is past the segment's end (the numbering's gaps, and the tiles rows
 // without an adapter would have had, are idle blocks). So every call
 // is stream-ordered and can be captured into a CUDA graph; the base GEMMs
-// are cuBLAS calls on the caller's handle (set to `stream`).
+// are cuBLAS calls on the caller's handle (put on `stream` where it is on
+// another one: gpu::ExpertFfn says why).
 //
 // Determinism. Every output element is written by one thread, every sum runs
 // in a fixed order (warp butterflies and warps in order; outer's splits in
@@ -798,7 +799,7 @@ class LoraLayer {
 
   void init(const char* where, MatrixView<T> a, MatrixView<T> b, const LoraInitConfig& c,
             index_t first_row, cudaStream_t stream) const {
-    OverlapCheck(where).out({{a, "a"}, {b, "b"}}).check();
+    OverlapCheck(where).out(Footprints{{a, "a"}, {b, "b"}}).check();
     const float spread = lora_init_spread<R>(c, d_in_);
     lora_init_kernel<T><<<elementwise_grid(a.size() + b.size()), 256, 0, stream>>>(
         a, b, c.kind, spread, c.seed, first_row);
@@ -815,8 +816,9 @@ class LoraLayer {
     check_workspace(workspace, bytes, workspace_size(n));
     check_launch_limits(n, false);
     OverlapCheck overlap(where);
-    overlap.out({{y, "y"}, {saved_h, "saved_h"}, temp_storage(workspace, workspace_size(n))})
-        .in({{x, "x"}, {ids, "rows.ids"}});
+    overlap
+        .out(Footprints{{y, "y"}, {saved_h, "saved_h"}, temp_storage(workspace, workspace_size(n))})
+        .in(Footprints{{x, "x"}, {ids, "rows.ids"}});
     add_inputs(overlap, w, seg);
     overlap.check();
     if (n == 0) return;
@@ -851,18 +853,18 @@ class LoraLayer {
     check_launch_limits(n, want_da || want_db);
     OverlapCheck overlap(where);
     overlap
-        .out({{dx, "dx"},
-              {grads.da, "grads.da"},
-              {grads.db, "grads.db"},
-              temp_storage(workspace, workspace_size(n))})
-        .in({{dy, "dy"}, {x, "x"}, {saved_h, "saved_h"}});
+        .out(Footprints{{dx, "dx"},
+                        {grads.da, "grads.da"},
+                        {grads.db, "grads.db"},
+                        temp_storage(workspace, workspace_size(n))})
+        .in(Footprints{{dy, "dy"}, {x, "x"}, {saved_h, "saved_h"}});
     add_inputs(overlap, w, seg);
     overlap.check();
     if (!want_dx && !want_da && !want_db) return;
     void* partials =
         static_cast<char*>(workspace) + round_up(static_cast<std::size_t>(n * R) * sizeof(float));
     if (want_dx && !w.w.empty() && n > 0) {
-      MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+      detail::use_stream(handle, stream);
       // dx = dy w: column-major dx^T (d_in x n) = w^T (d_in x d_out) dy^T.
       cublas_gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, d_in_, n, d_out_, w.w.data(), gemm_ld(w.w),
                   dy.data(), gemm_ld(dy), 0.0f, dx.data(), gemm_ld(dx));
@@ -888,7 +890,7 @@ class LoraLayer {
     OverlapCheck(where)
         .out(
             {{w, "w"}, temp_storage(safe ? workspace : nullptr, safe ? merge_workspace_size() : 0)})
-        .in({{a, "a"}, {b, "b"}})
+        .in(Footprints{{a, "a"}, {b, "b"}})
         .check();
     const MatrixView<const T> ai = a.middle_rows(adapter * R, R);
     const MatrixView<const T> bi = b.middle_rows(adapter * d_out_, d_out_);
@@ -942,12 +944,12 @@ class LoraLayer {
 
   // The weights and row grouping a call reads, for its OverlapCheck.
   void add_inputs(OverlapCheck& c, const LoraWeights<T>& w, const LoraSegments& seg) const {
-    c.in({{w.w, "weights.w"},
-          {w.bias, "weights.bias"},
-          {w.a, "weights.a"},
-          {w.b, "weights.b"},
-          {seg.order, seg.order != nullptr ? seg.rows : 0, "rows.order"},
-          {seg.offsets, seg.offsets != nullptr ? seg.count + 1 : 0, "rows.offsets"}});
+    c.in(Footprints{{w.w, "weights.w"},
+                    {w.bias, "weights.bias"},
+                    {w.a, "weights.a"},
+                    {w.b, "weights.b"},
+                    {seg.order, seg.order != nullptr ? seg.rows : 0, "rows.order"},
+                    {seg.offsets, seg.offsets != nullptr ? seg.count + 1 : 0, "rows.offsets"}});
   }
 
   static void check_handle(cublasHandle_t handle, const LoraWeights<T>& w) {
@@ -986,7 +988,7 @@ class LoraLayer {
       broadcast_bias_kernel<T><<<elementwise_grid(n * d_out_), 256, 0, stream>>>(w.bias, y);
       MOEKIT_CUDA_CHECK(cudaGetLastError());
     }
-    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    detail::use_stream(handle, stream);
     // Column-major y^T (d_out x n) = w (op T of d_in x d_out) x^T.
     cublas_gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, d_out_, n, d_in_, w.w.data(), gemm_ld(w.w),
                 x.data(), gemm_ld(x), w.bias.empty() ? 0.0f : 1.0f, y.data(), gemm_ld(y));
@@ -1119,6 +1121,7 @@ class LoraBank {
   void group(VectorView<const std::int32_t> ids, VectorView<index_t> order,
              VectorView<index_t> offsets, std::int64_t* invalid, void* workspace,
              std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::LoraBank::group");
     check_view(ids, "ids");
     const index_t n = ids.size();
     check_shape(order, n, "order");
@@ -1126,11 +1129,11 @@ class LoraBank {
     const std::size_t need = group_workspace_size(n);
     detail::check_workspace(workspace, workspace_bytes, need);
     OverlapCheck("gpu::LoraBank::group")
-        .out({{order, "order"},
-              {offsets, "offsets"},
-              {invalid, invalid != nullptr ? 1 : 0, "invalid"},
-              detail::temp_storage(workspace, need)})
-        .in({{ids, "ids"}})
+        .out(Footprints{{order, "order"},
+                        {offsets, "offsets"},
+                        {invalid, invalid != nullptr ? 1 : 0, "invalid"},
+                        detail::temp_storage(workspace, need)})
+        .in(Footprints{{ids, "ids"}})
         .check();
     const auto count = static_cast<std::size_t>(n);
     char* base = static_cast<char*>(workspace);

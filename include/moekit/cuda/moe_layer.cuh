@@ -11,7 +11,7 @@
 //   moekit::gpu::MoeLayerStorage<Spec, __nv_bfloat16> storage(layer, t_max);  // cudaMalloc once
 //   const auto ws = storage.workspace(cublas_handle, stream);
 //   auto aux = layer.forward(x, params, storage.state(), y, &stats, ws);
-//   layer.backward(dy, x, params, storage.state(), grads, dx, ws);
+//   layer.backward(dy, x, params, storage.state(), dx, grads, ws);
 //
 // Code templated on the backend (moekit::MoeLayer<S, Backend>, moekit/core/
 // backend.hpp) compiles against both layers. The differences, all from the
@@ -190,7 +190,8 @@ struct MoeLayerStats {
 };
 
 // Where and how a call runs: the device workspace and the caller's cuBLAS
-// handle (set to `stream` by the call) and stream.
+// handle (put on `stream` by the call where it is on another one, which
+// drops a cublasSetWorkspace workspace: set the stream first) and stream.
 struct MoeLayerWorkspace {
   void* data = nullptr;  // device, 256-byte aligned
   std::size_t bytes = 0;
@@ -333,10 +334,12 @@ class MoeLayer {
   }
 
   // y = the layer's output for x (T x d); fills `state` for backward and
-  // `stats` (host, when not null). Returns the aux losses (unscaled) whose
-  // coefficients are on. Synchronises `workspace.stream` once (header).
+  // `stats` (host, when not null). Returns both aux losses' values
+  // (unscaled) whatever the coefficients (a coefficient of 0 leaves its loss
+  // out of total and the gradients). Synchronises `workspace.stream` once (header).
   MoeAuxLosses forward(MatrixView<const T> x, const Params& params, const State& state,
                        MatrixView<T> y, Stats* stats, const Workspace& workspace) const {
+    MOEKIT_API("gpu::MoeLayer::forward");
     check_view(x, "x");
     const index_t tokens = x.rows();
     const index_t d = config_.d_model;
@@ -349,10 +352,10 @@ class MoeLayer {
         begin_call<ForwardLayout>(workspace, state, tokens);
     OverlapCheck overlap("gpu::MoeLayer::forward");
     overlap
-        .out({{y, "y"},
-              {state.row_slots, "state.row_slots"},
-              detail::temp_storage(workspace.data, lay.total)})
-        .in({{x, "x"}});
+        .out(Footprints{{y, "y"},
+                        {state.row_slots, "state.row_slots"},
+                        detail::temp_storage(workspace.data, lay.total)})
+        .in(Footprints{{x, "x"}});
     add_moe_params(overlap, params);
     add_moe_state(overlap, state, /*written=*/true);
     overlap.check();
@@ -426,12 +429,10 @@ class MoeLayer {
 
     if (stats != nullptr) *stats = host_stats;
     MoeAuxLosses aux;
-    if (config_.switch_coeff != 0.0f) {
-      aux.switch_loss = switch_loss_value<kExperts, kTopK>(
-          host_stats.routing.tokens, host_stats.routing.assigned,
-          host_stats.routing.mean_distribution, config_.switch_options.normalization);
-    }
-    if (config_.z_coeff != 0.0f) aux.z_loss = host_stats.routing.z_loss;
+    aux.switch_loss = switch_loss_value<kExperts, kTopK>(
+        host_stats.routing.tokens, host_stats.routing.assigned,
+        host_stats.routing.mean_distribution, config_.switch_options.normalization);
+    aux.z_loss = host_stats.routing.z_loss;
     aux.total = static_cast<double>(config_.switch_coeff) * aux.switch_loss +
                 static_cast<double>(config_.z_coeff) * aux.z_loss;
     return aux;
@@ -441,8 +442,9 @@ class MoeLayer {
   // dy = df/dy (T x d) and the x, params and state of the forward. dx (T x d)
   // or empty; grads: see MoeLayerGrads. No host synchronisation.
   void backward(MatrixView<const T> dy, MatrixView<const T> x, const Params& params,
-                const State& state, const Grads& grads, MatrixView<T> dx,
+                const State& state, MatrixView<T> dx, const Grads& grads,
                 const Workspace& workspace) const {
+    MOEKIT_API("gpu::MoeLayer::backward");
     check_view(dy, "dy");
     const index_t tokens = dy.rows();
     const index_t d = config_.d_model;
@@ -457,8 +459,8 @@ class MoeLayer {
     const auto [lay, stream, handle, ws, main, routing, rows] =
         begin_call<BackwardLayout>(workspace, state, tokens);
     OverlapCheck overlap("gpu::MoeLayer::backward");
-    overlap.out({{dx, "dx"}, detail::temp_storage(workspace.data, lay.total)})
-        .in({{dy, "dy"}, {x, "x"}, {state.row_slots, "state.row_slots"}});
+    overlap.out(Footprints{{dx, "dx"}, detail::temp_storage(workspace.data, lay.total)})
+        .in(Footprints{{dy, "dy"}, {x, "x"}, {state.row_slots, "state.row_slots"}});
     add_moe_params(overlap, params);
     add_moe_grads(overlap, grads);
     add_moe_state(overlap, state, /*written=*/false);
@@ -719,7 +721,7 @@ class MoeLayer {
                                                                             logits);
       MOEKIT_CUDA_CHECK(cudaGetLastError());
     }
-    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    detail::use_stream(handle, stream);
     if (jittered()) {
       const MatrixView<float> jittered_x(static_cast<float*>(scratch), tokens, d);
       detail::jitter_kernel<T, float><<<detail::elementwise_grid(tokens * d), 256, 0, stream>>>(
@@ -792,7 +794,7 @@ class MoeLayer {
       MOEKIT_CUDA_CHECK(cudaGetLastError());
       g = r;
     }
-    MOEKIT_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    detail::use_stream(handle, stream);
     if (want_dw) {
       MatrixView<const T> input = x;
       if (jittered()) {

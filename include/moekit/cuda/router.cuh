@@ -829,6 +829,7 @@ void check_route_args(const RouteArgs<S, T>& a) {
 template <MoeSpecType S, LogitElement T>
 cudaError_t route(void* d_temp_storage, std::size_t& temp_storage_bytes,
                   const RouteArgs<S, T>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::route");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = args.logits.rows();
   detail::check_token_count(tokens, K);
@@ -842,12 +843,12 @@ cudaError_t route(void* d_temp_storage, std::size_t& temp_storage_bytes,
   if (detail::size_query(d_temp_storage, temp_storage_bytes, plan.bytes())) return cudaSuccess;
   detail::check_route_args(args);
   OverlapCheck("gpu::route")
-      .out({{args.scores, "args.scores"},
-            {args.expert_ids, "args.expert_ids"},
-            {args.weights, "args.weights"},
-            {args.stats, args.stats != nullptr ? 1 : 0, "args.stats"},
-            detail::temp_storage(d_temp_storage, plan.bytes())})
-      .in({{args.logits, "args.logits"}, {args.selection_bias, "args.selection_bias"}})
+      .out(Footprints{{args.scores, "args.scores"},
+                      {args.expert_ids, "args.expert_ids"},
+                      {args.weights, "args.weights"},
+                      {args.stats, args.stats != nullptr ? 1 : 0, "args.stats"},
+                      detail::temp_storage(d_temp_storage, plan.bytes())})
+      .in(Footprints{{args.logits, "args.logits"}, {args.selection_bias, "args.selection_bias"}})
       .check();
 
   detail::StatsPartials partials;
@@ -878,6 +879,7 @@ cudaError_t route(void* d_temp_storage, std::size_t& temp_storage_bytes,
 // workspace.
 template <MoeSpecType S, LogitElement T>
 cudaError_t backward_gate(const GateBackwardArgs<S, T>& args, cudaStream_t stream = nullptr) {
+  MOEKIT_API("gpu::backward_gate");
   constexpr int E = S::num_experts, K = S::top_k;
   const index_t tokens = args.logits.rows();
   detail::check_token_count(tokens, K);
@@ -888,12 +890,13 @@ cudaError_t backward_gate(const GateBackwardArgs<S, T>& args, cudaStream_t strea
   check_shape(args.dweights, tokens, K, "args.dweights");
   check_shape(args.dlogits, tokens, E, "args.dlogits");
   OverlapCheck("gpu::backward_gate")
-      .out({{args.dlogits, "args.dlogits"},
-            {args.invalid_rows, args.invalid_rows != nullptr ? 1 : 0, "args.invalid_rows"}})
-      .in({{args.logits, "args.logits"},
-           {args.scores, "args.scores"},
-           {args.expert_ids, "args.expert_ids"},
-           {args.dweights, "args.dweights"}})
+      .out(Footprints{
+          {args.dlogits, "args.dlogits"},
+          {args.invalid_rows, args.invalid_rows != nullptr ? 1 : 0, "args.invalid_rows"}})
+      .in(Footprints{{args.logits, "args.logits"},
+                     {args.scores, "args.scores"},
+                     {args.expert_ids, "args.expert_ids"},
+                     {args.dweights, "args.dweights"}})
       .check();
   auto* invalid = reinterpret_cast<unsigned long long*>(args.invalid_rows);
   static_assert(sizeof(unsigned long long) == sizeof(std::int64_t));

@@ -256,6 +256,8 @@ __global__ void __launch_bounds__(kHeadThreads)
 // dW and db: block (column tile, class tile, head) sums over its head's rows
 // in sorted (= increasing row) order; thread t owns column k of 8 classes,
 // and in the first column tile, threads t < 8 also own db of class c0 + t.
+// Class tiles beyond the grid's y (at most 65,535: 524,280 classes) are
+// taken by the same block, gridDim.y tiles further on each time.
 // A head with no rows writes 0 (or, accumulating, leaves its values).
 template <int H, class T>
 __global__ void __launch_bounds__(kGradColumns)
@@ -263,39 +265,50 @@ __global__ void __launch_bounds__(kGradColumns)
                              const std::int32_t* sorted_rows, const index_t* row_offsets,
                              HeadTable<H> table, MatrixView<T> dw, T* db, bool accumulate) {
   const int h = static_cast<int>(blockIdx.z);
-  const index_t c0 = static_cast<index_t>(blockIdx.y) * kGradClasses;
   const index_t classes = table.classes[h];
-  if (c0 >= classes) return;
-  const int group = static_cast<int>(classes - c0 < kGradClasses ? classes - c0 : kGradClasses);
   const int t = static_cast<int>(threadIdx.x);
   const index_t k = static_cast<index_t>(blockIdx.x) * kGradColumns + t;
-  const bool do_w = !dw.empty() && k < x.cols();
-  const bool do_b = db != nullptr && blockIdx.x == 0 && t < group;
-  if (!do_w && !do_b) return;
-  float acc[kGradClasses] = {};
-  float bias_sum = 0.0f;
-  for (index_t j = row_offsets[h]; j < row_offsets[h + 1]; ++j) {
-    const index_t i = sorted_rows[j];
-    const T* g = dz.row(i) + c0;
+  for (index_t c0 = static_cast<index_t>(blockIdx.y) * kGradClasses; c0 < classes;
+       c0 += static_cast<index_t>(gridDim.y) * kGradClasses) {
+    const int group = static_cast<int>(classes - c0 < kGradClasses ? classes - c0 : kGradClasses);
+    const bool do_w = !dw.empty() && k < x.cols();
+    const bool do_b = db != nullptr && blockIdx.x == 0 && t < group;
+    if (!do_w && !do_b) return;  // later tiles are no wider: nothing there either
+    float acc[kGradClasses] = {};
+    float bias_sum = 0.0f;
+    for (index_t j = row_offsets[h]; j < row_offsets[h + 1]; ++j) {
+      const index_t i = sorted_rows[j];
+      const T* g = dz.row(i) + c0;
+      if (do_w) {
+        const float v = to_float(x(i, k));
+        for (int q = 0; q < kGradClasses; ++q) {
+          if (q < group) acc[q] += to_float(g[q]) * v;
+        }
+      }
+      if (do_b) bias_sum += to_float(g[t]);
+    }
+    const index_t first = table.offset[h] + c0;
     if (do_w) {
-      const float v = to_float(x(i, k));
-      for (int q = 0; q < kGradClasses; ++q) {
-        if (q < group) acc[q] += to_float(g[q]) * v;
+      for (int q = 0; q < group; ++q) {
+        T& out = dw(first + q, k);
+        out = from_float<T>(accumulate ? to_float(out) + acc[q] : acc[q]);
       }
     }
-    if (do_b) bias_sum += to_float(g[t]);
-  }
-  const index_t first = table.offset[h] + c0;
-  if (do_w) {
-    for (int q = 0; q < group; ++q) {
-      T& out = dw(first + q, k);
-      out = from_float<T>(accumulate ? to_float(out) + acc[q] : acc[q]);
+    if (do_b) {
+      T& out = db[first + t];
+      out = from_float<T>(accumulate ? to_float(out) + bias_sum : bias_sum);
     }
   }
-  if (do_b) {
-    T& out = db[first + t];
-    out = from_float<T>(accumulate ? to_float(out) + bias_sum : bias_sum);
-  }
+}
+
+// heads_weight_grad_kernel's grid: column tiles (one without dW), class
+// tiles up to CUDA's 65,535 in y (the kernel loops over the rest), heads.
+inline dim3 weight_grad_grid(index_t d, index_t max_classes, int heads, bool want_dw) {
+  const index_t columns = want_dw ? (d + kGradColumns - 1) / kGradColumns : 1;
+  const index_t tiles = (max_classes + kGradClasses - 1) / kGradClasses;
+  return {static_cast<unsigned>(columns > 0 ? columns : 1),
+          static_cast<unsigned>(tiles < 65535 ? (tiles > 0 ? tiles : 1) : 65535),
+          static_cast<unsigned>(heads)};
 }
 
 // Whether row i is valid for the loss; its head in h.
@@ -488,6 +501,7 @@ class TaskHeads {
   void forward(MatrixView<const T> x, VectorView<const std::int32_t> tasks,
                const HeadWeights<T>& weights, MatrixView<T> logits,
                std::int64_t* invalid_rows = nullptr, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::TaskHeads::forward");
     check_view(x, "x");
     const index_t n = x.rows();
     check_shape(x, n, config_.d_model, "x");
@@ -495,8 +509,10 @@ class TaskHeads {
     check_weights(weights);
     check_shape(logits, n, max_classes_, "logits");
     OverlapCheck("gpu::TaskHeads::forward")
-        .out({{logits, "logits"}, {invalid_rows, invalid_rows != nullptr ? 1 : 0, "invalid_rows"}})
-        .in({{x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
+        .out(Footprints{{logits, "logits"},
+                        {invalid_rows, invalid_rows != nullptr ? 1 : 0, "invalid_rows"}})
+        .in(Footprints{
+            {x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
         .check();
     auto* invalid = reinterpret_cast<unsigned long long*>(invalid_rows);
     if (invalid != nullptr)
@@ -517,6 +533,7 @@ class TaskHeads {
             VectorView<const std::int32_t> labels, const TaskWeights& weighting,
             TaskLosses<S>* result, MatrixView<T> dlogits, VectorView<float> dlog_vars,
             void* workspace, std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::TaskHeads::loss");
     check_view(logits, "logits");
     const index_t n = logits.rows();
     check_shape(logits, n, max_classes_, "logits");
@@ -528,11 +545,11 @@ class TaskHeads {
     const LossPlan lp = loss_plan(n);
     check_workspace(workspace, workspace_bytes, lp.plan.bytes(), n);
     OverlapCheck("gpu::TaskHeads::loss")
-        .out({{dlogits, "dlogits"},
-              {dlog_vars, "dlog_vars"},
-              {result, 1, "result"},
-              detail::temp_storage(workspace, lp.plan.bytes())})
-        .in({{logits, "logits"}, {tasks, "tasks"}, {labels, "labels"}})
+        .out(Footprints{{dlogits, "dlogits"},
+                        {dlog_vars, "dlog_vars"},
+                        {result, 1, "result"},
+                        detail::temp_storage(workspace, lp.plan.bytes())})
+        .in(Footprints{{logits, "logits"}, {tasks, "tasks"}, {labels, "labels"}})
         .check();
 
     detail::LossTable<kHeads> loss_table{};
@@ -575,6 +592,7 @@ class TaskHeads {
                 VectorView<const std::int32_t> tasks, const HeadWeights<T>& weights,
                 MatrixView<T> dx, const HeadGrads<T>& grads, void* workspace,
                 std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
+    MOEKIT_API("gpu::TaskHeads::backward");
     check_view(x, "x");
     const index_t n = x.rows();
     const index_t d = config_.d_model;
@@ -592,7 +610,7 @@ class TaskHeads {
       check_workspace(workspace, workspace_bytes, 0, n);  // before CUB, which needs a device
       const BackwardPlan bp = backward_plan(n);
       check_workspace(workspace, workspace_bytes, bp.plan.bytes(), n);
-      overlap.out({detail::temp_storage(workspace, bp.plan.bytes())}).check();
+      overlap.out(Footprints{detail::temp_storage(workspace, bp.plan.bytes())}).check();
       auto* keys_in = detail::carve<std::uint32_t>(workspace, bp.keys_in);
       auto* keys_out = detail::carve<std::uint32_t>(workspace, bp.keys_out);
       auto* rows_in = detail::carve<std::int32_t>(workspace, bp.rows_in);
@@ -612,11 +630,7 @@ class TaskHeads {
           <<<detail::thread_rows_grid(n + 1), detail::kHeadThreads, 0, stream>>>(keys_out, n,
                                                                                  offsets);
       MOEKIT_CUDA_CHECK(cudaGetLastError());
-      const dim3 grid(
-          static_cast<unsigned>(want_dw ? (d + detail::kGradColumns - 1) / detail::kGradColumns
-                                        : 1),
-          static_cast<unsigned>((max_classes_ + detail::kGradClasses - 1) / detail::kGradClasses),
-          static_cast<unsigned>(kHeads));
+      const dim3 grid = detail::weight_grad_grid(d, max_classes_, kHeads, want_dw);
       detail::heads_weight_grad_kernel<kHeads, T><<<grid, detail::kGradColumns, 0, stream>>>(
           dlogits, x, rows_out, offsets, table_, grads.dw, want_db ? grads.db.data() : nullptr,
           grads.accumulate);

@@ -45,36 +45,42 @@
 //   final_gamma, final_beta   d, pre-LN only, or empty (no final LayerNorm)
 // BertEncoderStorage owns weights of these shapes.
 //
+// Products. Every dense product runs on moekit's CPU GEMM engine
+// (moekit/cpu/gemm/gemm.hpp): the four projections as one product over all
+// N tokens each, attention's q k^T and p v per (sequence, head) in chunks of
+// kRowChunk query rows. By default in fp32 from the weight views. For
+// inference the projections' weights can be packed once (pack(weights,
+// dtype), PackedBertWeights) in fp32 (the same bits as the views, without
+// repacking them per call), bf16 or int8 (activations rounded to bf16, or
+// quantized per token, on the fly); attention, LayerNorm, bias, activation
+// and softmax stay fp32. bf16 and int8 are approximations of the fp32
+// encoder (see docs/encoder.md for their measured error).
+//
 // Workspace: run_layers needs workspace_size(N, longest) bytes (longest: the
-// longest sequence of the batch): N (4d + d_ff) floats for the activations
-// and, per OpenMP thread, kRowChunk x longest floats of attention scores
-// (the thread count is max_threads() when the size is asked; a call on more
-// threads is rejected). Nothing is allocated inside the calls.
+// longest sequence of the batch): N (4d + d_ff) floats for the activations,
+// per OpenMP thread kRowChunk x longest floats of attention scores, and the
+// GEMM engine's slot per thread (gemm_workspace_size; the thread count is
+// max_threads() when the size is asked; a call on more threads is rejected).
+// Nothing is allocated inside the calls.
 //
 // Batch and thread invariance. A sequence's outputs are bit-identical
 // whatever else is in the batch, wherever it is in the batch, and whatever
-// the thread count. Why:
-//   - every dense product goes through the seam below (product_nt,
-//     product_nn) on the rows of one sequence, in chunks of kRowChunk rows
-//     counted from the sequence's first row, and per fixed block of output
-//     columns (kColumnBlock, counted from column 0). A call's shapes and
-//     operands therefore depend on the sequence alone;
-//   - each call runs on one thread: its destination type has at most
-//     kRowChunk = 32 rows at compile time, below which Eigen never splits a
-//     product over threads (whether or not it is called inside a parallel
-//     region), so Eigen's single-thread blocking, a function of the shapes
-//     (and the CPU's cache sizes), fixes every element's order of summation;
+// the thread count, in every dtype. Why:
+//   - the engine computes every element of a product from its row of A, its
+//     column of B and K alone, in an order fixed by K (fp32 and bf16: one
+//     fused multiply-add chain over k; int8: exact integer sums, with the
+//     row's scale from that row alone), whatever the other rows, the
+//     blocking or the thread split;
 //   - attention runs per (sequence, head); LayerNorm, bias, activation,
 //     softmax and pooling are row-wise with a fixed order within the row;
-//   - threads split sequences, heads, column blocks and rows: never a sum.
-// Bit-identical results therefore hold on one machine and build; another CPU
-// (other cache sizes or vector width) may round differently.
-// The seam is where moekit's own CPU GEMM engine will come in; the rest of
-// the encoder does not change with it.
+//   - threads split sequences, heads, rows and columns: never a sum.
+// The engine's fp32 (and FMA bf16, and int8) results are the same on every
+// CPU path; AMX bf16 sums in its own order (see moekit/cpu/gemm/gemm.hpp),
+// invariant on that path but not equal to the others.
 //
-// Threading: OpenMP, the caller's max_threads(). Tasks are (sequence, column
-// block) for the products, (sequence, head) for attention, rows for the
-// row-wise steps; a single sequence still uses several threads.
+// Threading: OpenMP, the caller's max_threads(). The engine splits each
+// projection's rows and columns; attention's tasks are (sequence, head); the
+// row-wise steps split rows. A single sequence still uses several threads.
 //
 // Validation (every call, before anything is written): views well formed and
 // of the shapes above; offsets a valid partition of N rows; ids in
@@ -82,17 +88,23 @@
 // (max_positions); 0 <= first <= last <= L; the workspace large enough and
 // float-aligned. Errors name the argument and the values: kShapeMismatch,
 // kNullPointer, kInvalidArgument, kOutOfRange. Values are not checked for
-// NaN/Inf. hidden must not overlap the weights or the workspace.
+// NaN/Inf. run_layers rejects (kInvalidArgument) hidden or the workspace
+// overlapping each other, offsets or the projection weights; packed weights
+// must be of this config, in one dtype (pack makes them so).
 //
 //   const moekit::cpu::BertEncoder encoder(config);
 //   std::vector<std::byte> ws(encoder.workspace_size(batch.tokens(), batch.longest()));
 //   encoder.forward(batch.ids_view(), {}, batch.offsets_view(), weights, hidden, ws_view);
+//   // or, packed once for inference in int8:
+//   const moekit::cpu::PackedBertWeights packed = encoder.pack(weights, GemmDtype::kInt8);
+//   encoder.forward(batch.ids_view(), {}, batch.offsets_view(), weights, packed, hidden, ws_view);
 //   moekit::cpu::pool_sequences(hidden, batch.offsets_view(), Pooling::kMean, true, pooled);
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -105,6 +117,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/gemm/gemm.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/nn/param_count.hpp"
 
@@ -168,6 +181,18 @@ struct BertEncoderViews {
 };
 using BertEncoderWeights = BertEncoderViews<const float>;
 
+// The projections' weights packed once for the GEMM engine in one dtype
+// (BertEncoder::pack): per matrix the L layers as the groups of one
+// PackedMatrix, group l = layer l's W^T. Empty (no groups) for L = 0.
+struct PackedBertWeights {
+  PackedMatrix w_qkv{};  // the query, key and value projections, L groups of d x 3d
+  PackedMatrix w_out{};  // the attention output projection, L groups of d x d
+  PackedMatrix w_ff1{};  // the FFN's first product, L groups of d x d_ff
+  PackedMatrix w_ff2{};  // the FFN's second product, L groups of d_ff x d
+  // The dtype the projections are packed in (one for all four).
+  GemmDtype dtype() const { return w_qkv.dtype(); }
+};
+
 // How pool_sequences makes one vector of a sequence's tokens.
 enum class Pooling {
   kCls,   // the first token's hidden state
@@ -177,39 +202,14 @@ enum class Pooling {
 
 namespace detail {
 
-// ---- the product seam ----------------------------------------------------------
-// Every dense product of the encoder is one of these two calls on at most
-// kRowChunk rows; see "Batch and thread invariance" at the top of this file.
-
+// Attention's query rows per chunk: its scores need kRowChunk x m floats.
 inline constexpr index_t kRowChunk = 32;
-inline constexpr index_t kColumnBlock = 128;
-
-using ChunkMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor, kRowChunk,
-                                  Eigen::Dynamic>;
-using ChunkMap = Eigen::Map<ChunkMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
-
-inline ChunkMap chunk_map(MatrixView<float> c) {
-  MOEKIT_ASSERT(c.rows() <= kRowChunk);
-  return ChunkMap(c.data(), c.rows(), c.cols(), Eigen::OuterStride<>(c.ld() > 0 ? c.ld() : 1));
-}
-
-// c = a b^T: a r x k, b n x k, c r x n, r <= kRowChunk.
-inline void product_nt(MatrixView<const float> a, MatrixView<const float> b, MatrixView<float> c) {
-  chunk_map(c).noalias() = as_eigen(a) * as_eigen(b).transpose();
-}
-
-// c = a b: a r x k, b k x n, c r x n, r <= kRowChunk.
-inline void product_nn(MatrixView<const float> a, MatrixView<const float> b, MatrixView<float> c) {
-  chunk_map(c).noalias() = as_eigen(a) * as_eigen(b);
-}
 
 // Calls f(first_row, rows) for the chunks of an m-row sequence.
 template <class F>
 void for_row_chunks(index_t m, F&& f) {
   for (index_t r = 0; r < m; r += kRowChunk) f(r, std::min(kRowChunk, m - r));
 }
-
-inline index_t column_blocks(index_t n) { return (n + kColumnBlock - 1) / kColumnBlock; }
 
 // ---- row-wise steps ----------------------------------------------------------------
 // Row-wise steps work on blocks of kLanes floats copied into an aligned
@@ -363,7 +363,24 @@ class BertEncoder {
   index_t workspace_size(index_t tokens, index_t longest) const {
     MOEKIT_CHECK_GE(tokens, 0);
     MOEKIT_CHECK_GE(longest, 0);
-    return floats_needed(tokens, longest, max_threads()) * index_t{sizeof(float)};
+    return workspace_bytes(tokens, longest, max_threads());
+  }
+
+  // The projections' weights of `w` packed once for the engine in `dtype`
+  // (allocates; see the top of this file). Checks the weights as forward does.
+  PackedBertWeights pack(const BertEncoderWeights& w, GemmDtype dtype) const {
+    MOEKIT_API("cpu::BertEncoder::pack");
+    check_weights(w, "weights");
+    MOEKIT_CHECK_ARG(is_gemm_dtype(dtype), "dtype = ", static_cast<int>(dtype),
+                     " is not a GemmDtype");
+    PackedBertWeights p;
+    const index_t layers = config_.num_layers;
+    if (layers == 0) return p;
+    p.w_qkv = PackedMatrix(dtype, Op::kTrans, w.w_qkv, layers);
+    p.w_out = PackedMatrix(dtype, Op::kTrans, w.w_out, layers);
+    p.w_ff1 = PackedMatrix(dtype, Op::kTrans, w.w_ff1, layers);
+    p.w_ff2 = PackedMatrix(dtype, Op::kTrans, w.w_ff2, layers);
+    return p;
   }
 
   // h_0 for every token: hidden (N x d) = LN_emb(word + position + type).
@@ -371,6 +388,7 @@ class BertEncoder {
   void embed(VectorView<const std::int32_t> ids, VectorView<const std::int32_t> types,
              VectorView<const index_t> offsets, const BertEncoderWeights& w,
              MatrixView<float> hidden) const {
+    MOEKIT_API("cpu::BertEncoder::embed");
     const BertEncoderConfig& c = config_;
     check_view(ids, "ids");
     [[maybe_unused]] const index_t n = ids.size();
@@ -398,6 +416,90 @@ class BertEncoder {
   void run_layers(int first, int last, VectorView<const index_t> offsets,
                   const BertEncoderWeights& w, MatrixView<float> hidden,
                   VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::BertEncoder::run_layers");
+    run_layers(first, last, offsets, w, nullptr, hidden, workspace);
+  }
+
+  // The same with the projections on `packed` (pack(w, dtype)); w gives the
+  // embeddings, biases and LayerNorms (its projection views are checked but
+  // not read).
+  void run_layers(int first, int last, VectorView<const index_t> offsets,
+                  const BertEncoderWeights& w, const PackedBertWeights& packed,
+                  MatrixView<float> hidden, VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::BertEncoder::run_layers");
+    run_layers(first, last, offsets, w, &packed, hidden, workspace);
+  }
+
+  // embed, then all layers: hidden = the encoder's output.
+  void forward(VectorView<const std::int32_t> ids, VectorView<const std::int32_t> types,
+               VectorView<const index_t> offsets, const BertEncoderWeights& w,
+               MatrixView<float> hidden, VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::BertEncoder::forward");
+    embed(ids, types, offsets, w, hidden);
+    run_layers(0, config_.num_layers, offsets, w, hidden, workspace);
+  }
+
+  // The same with the projections on `packed`.
+  void forward(VectorView<const std::int32_t> ids, VectorView<const std::int32_t> types,
+               VectorView<const index_t> offsets, const BertEncoderWeights& w,
+               const PackedBertWeights& packed, MatrixView<float> hidden,
+               VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::BertEncoder::forward");
+    embed(ids, types, offsets, w, hidden);
+    run_layers(0, config_.num_layers, offsets, w, packed, hidden, workspace);
+  }
+
+  // Checks weight views against the config (shapes at the top of this file);
+  // `name` names them in errors.
+  template <class T>
+  void check_weights(const BertEncoderViews<T>& w, const char* name) const {
+    const BertEncoderConfig& c = config_;
+    const index_t d = c.d_model, f = c.d_ff, layers = c.num_layers;
+    // "<name>.<field>" in a buffer on the stack: the checks run on every
+    // call, which allocates nothing.
+    char buffer[96];
+    const auto field = [&](const char* s) -> const char* {
+      std::snprintf(buffer, sizeof buffer, "%s.%s", name, s);
+      return buffer;
+    };
+    check_shape(w.word_embeddings, c.vocab_size, d, field("word_embeddings"));
+    check_shape(w.position_embeddings, c.max_positions, d, field("position_embeddings"));
+    if (c.type_vocab_size > 0) {
+      check_shape(w.token_type_embeddings, c.type_vocab_size, d,
+                  field("token_type_embeddings"));
+    } else {
+      MOEKIT_CHECK(w.token_type_embeddings.empty(), Errc::kInvalidArgument, name,
+                   ".token_type_embeddings must be empty when type_vocab_size = 0");
+    }
+    check_shape(w.embedding_gamma, d, field("embedding_gamma"));
+    check_shape(w.embedding_beta, d, field("embedding_beta"));
+    check_shape(w.w_qkv, layers * 3 * d, d, field("w_qkv"));
+    check_shape(w.b_qkv, layers, 3 * d, field("b_qkv"));
+    check_shape(w.w_out, layers * d, d, field("w_out"));
+    check_shape(w.b_out, layers, d, field("b_out"));
+    check_shape(w.ln1_gamma, layers, d, field("ln1_gamma"));
+    check_shape(w.ln1_beta, layers, d, field("ln1_beta"));
+    check_shape(w.w_ff1, layers * f, d, field("w_ff1"));
+    check_shape(w.b_ff1, layers, f, field("b_ff1"));
+    check_shape(w.w_ff2, layers * d, f, field("w_ff2"));
+    check_shape(w.b_ff2, layers, d, field("b_ff2"));
+    check_shape(w.ln2_gamma, layers, d, field("ln2_gamma"));
+    check_shape(w.ln2_beta, layers, d, field("ln2_beta"));
+    if (pre_norm() && !w.final_gamma.empty()) {
+      check_shape(w.final_gamma, d, field("final_gamma"));
+      check_shape(w.final_beta, d, field("final_beta"));
+    } else {
+      MOEKIT_CHECK(w.final_gamma.empty() && w.final_beta.empty(), Errc::kInvalidArgument, name,
+                   ".final_gamma / final_beta must be empty",
+                   pre_norm() ? " together" : " for NormPlacement::kPost");
+    }
+  }
+
+ private:
+  // Layers [first, last) with the projections on `packed` or, if null, on w.
+  void run_layers(int first, int last, VectorView<const index_t> offsets,
+                  const BertEncoderWeights& w, const PackedBertWeights* packed,
+                  MatrixView<float> hidden, VectorView<std::byte> workspace) const {
     const BertEncoderConfig& c = config_;
     check_view(hidden, "hidden");
     check_shape(hidden, hidden.rows(), c.d_model, "hidden");
@@ -405,12 +507,12 @@ class BertEncoder {
     MOEKIT_CHECK_ARG(first >= 0 && first <= last && last <= c.num_layers, "layers [", first, ", ",
                      last, ") are not within [0, ", c.num_layers, ")");
     check_weights(w, "weights");
+    if (packed != nullptr) check_packed(*packed);
     const index_t longest = longest_sequence(offsets);
     MOEKIT_CHECK(longest <= c.max_positions, Errc::kOutOfRange, "a sequence of ", longest,
                  " tokens exceeds max_positions = ", c.max_positions);
     const int threads = max_threads();
-    const index_t need =
-        first == last ? 0 : floats_needed(hidden.rows(), longest, threads) * index_t{sizeof(float)};
+    const index_t need = first == last ? 0 : workspace_bytes(hidden.rows(), longest, threads);
     if (need > 0) {
       check_view(workspace, "workspace");
       MOEKIT_CHECK(workspace.size() >= need, Errc::kShapeMismatch, "workspace has ",
@@ -420,9 +522,17 @@ class BertEncoder {
                    Errc::kInvalidArgument, "workspace is not aligned to ", alignof(float),
                    " bytes");
     }
+    OverlapCheck("cpu::BertEncoder::run_layers")
+        .out({{hidden, "hidden"}, {workspace.segment(0, need), "workspace"}})
+        .in({{offsets, "offsets"},
+             {w.w_qkv, "weights.w_qkv"},
+             {w.w_out, "weights.w_out"},
+             {w.w_ff1, "weights.w_ff1"},
+             {w.w_ff2, "weights.w_ff2"}})
+        .check();
     if (hidden.rows() == 0 || first == last) return;
-    const Buffers buf = buffers(workspace, hidden.rows(), longest);
-    for (int l = first; l < last; ++l) layer(l, offsets, w, hidden, buf);
+    const Buffers buf = buffers(workspace, hidden.rows(), longest, threads);
+    for (int l = first; l < last; ++l) layer(l, offsets, w, packed, hidden, buf);
     if (pre_norm() && last == c.num_layers && !w.final_gamma.empty()) {
       rows_parallel(hidden.rows(), [&](index_t t) {
         detail::layer_norm_row(hidden.row(t), w.final_gamma.data(), w.final_beta.data(),
@@ -431,62 +541,34 @@ class BertEncoder {
     }
   }
 
-  // embed, then all layers: hidden = the encoder's output.
-  void forward(VectorView<const std::int32_t> ids, VectorView<const std::int32_t> types,
-               VectorView<const index_t> offsets, const BertEncoderWeights& w,
-               MatrixView<float> hidden, VectorView<std::byte> workspace) const {
-    embed(ids, types, offsets, w, hidden);
-    run_layers(0, config_.num_layers, offsets, w, hidden, workspace);
+
+  // Errors name run_layers, the public function that checks packed weights.
+  void check_packed(const PackedBertWeights& p) const {
+    const index_t d = config_.d_model, f = config_.d_ff, layers = config_.num_layers;
+    const auto check = [&](const PackedMatrix& m, index_t k, index_t n, const char* name) {
+      detail::check_packed_matrix("cpu::BertEncoder::run_layers", m, layers, k, n, p.dtype(), name, "packed.w_qkv",
+                                  "BertEncoder::pack");
+    };
+    check(p.w_qkv, d, 3 * d, "packed.w_qkv");
+    check(p.w_out, d, d, "packed.w_out");
+    check(p.w_ff1, d, f, "packed.w_ff1");
+    check(p.w_ff2, f, d, "packed.w_ff2");
   }
 
-  // Checks weight views against the config (shapes at the top of this file);
-  // `name` names them in errors.
-  template <class T>
-  void check_weights(const BertEncoderViews<T>& w, const char* name) const {
-    const BertEncoderConfig& c = config_;
-    const index_t d = c.d_model, f = c.d_ff, layers = c.num_layers;
-    const std::string p(name);
-    const auto field = [&](const char* s) { return p + "." + s; };
-    check_shape(w.word_embeddings, c.vocab_size, d, field("word_embeddings").c_str());
-    check_shape(w.position_embeddings, c.max_positions, d, field("position_embeddings").c_str());
-    if (c.type_vocab_size > 0) {
-      check_shape(w.token_type_embeddings, c.type_vocab_size, d,
-                  field("token_type_embeddings").c_str());
-    } else {
-      MOEKIT_CHECK(w.token_type_embeddings.empty(), Errc::kInvalidArgument, p,
-                   ".token_type_embeddings must be empty when type_vocab_size = 0");
-    }
-    check_shape(w.embedding_gamma, d, field("embedding_gamma").c_str());
-    check_shape(w.embedding_beta, d, field("embedding_beta").c_str());
-    check_shape(w.w_qkv, layers * 3 * d, d, field("w_qkv").c_str());
-    check_shape(w.b_qkv, layers, 3 * d, field("b_qkv").c_str());
-    check_shape(w.w_out, layers * d, d, field("w_out").c_str());
-    check_shape(w.b_out, layers, d, field("b_out").c_str());
-    check_shape(w.ln1_gamma, layers, d, field("ln1_gamma").c_str());
-    check_shape(w.ln1_beta, layers, d, field("ln1_beta").c_str());
-    check_shape(w.w_ff1, layers * f, d, field("w_ff1").c_str());
-    check_shape(w.b_ff1, layers, f, field("b_ff1").c_str());
-    check_shape(w.w_ff2, layers * d, f, field("w_ff2").c_str());
-    check_shape(w.b_ff2, layers, d, field("b_ff2").c_str());
-    check_shape(w.ln2_gamma, layers, d, field("ln2_gamma").c_str());
-    check_shape(w.ln2_beta, layers, d, field("ln2_beta").c_str());
-    if (pre_norm() && !w.final_gamma.empty()) {
-      check_shape(w.final_gamma, d, field("final_gamma").c_str());
-      check_shape(w.final_beta, d, field("final_beta").c_str());
-    } else {
-      MOEKIT_CHECK(w.final_gamma.empty() && w.final_beta.empty(), Errc::kInvalidArgument, p,
-                   ".final_gamma / final_beta must be empty",
-                   pre_norm() ? " together" : " for NormPlacement::kPost");
-    }
-  }
-
- private:
-  // Workspace regions (floats): qkv N x 3d, ctx N x d, ff N x d_ff, then the
-  // attention scores, kRowChunk x longest per thread.
+  // Workspace regions: floats qkv N x 3d, ctx N x d, ff N x d_ff, the
+  // attention scores (kRowChunk x longest per thread), then the GEMM
+  // engine's slots, one per thread.
   struct Buffers {
     MatrixView<float> qkv, ctx, ff;
     float* scores = nullptr;
     index_t scores_per_thread = 0;
+    VectorView<std::byte> engine;  // gemm_workspace_size(threads) bytes
+
+    // Thread t's own engine workspace, for products inside a parallel region
+    // (slots are kSlotBytes apart whatever gemm's alignment).
+    VectorView<std::byte> engine_of_thread(int t) const {
+      return engine.segment(index_t{t} * detail::kSlotBytes, gemm_workspace_size(1));
+    }
   };
 
   index_t floats_needed(index_t tokens, index_t longest, int threads) const {
@@ -494,7 +576,14 @@ class BertEncoder {
     return tokens * (4 * d + config_.d_ff) + index_t{threads} * detail::kRowChunk * longest;
   }
 
-  Buffers buffers(VectorView<std::byte> workspace, index_t n, index_t longest) const {
+  // 0 for no tokens (nothing runs).
+  index_t workspace_bytes(index_t tokens, index_t longest, int threads) const {
+    if (tokens == 0) return 0;
+    return floats_needed(tokens, longest, threads) * index_t{sizeof(float)} +
+           gemm_workspace_size(threads);
+  }
+
+  Buffers buffers(VectorView<std::byte> workspace, index_t n, index_t longest, int threads) const {
     const index_t d = config_.d_model;
     float* p = reinterpret_cast<float*>(workspace.data());
     Buffers b;
@@ -503,12 +592,14 @@ class BertEncoder {
     b.ff = MatrixView<float>(p + 4 * n * d, n, config_.d_ff);
     b.scores = p + n * (4 * d + config_.d_ff);
     b.scores_per_thread = detail::kRowChunk * longest;
+    const index_t floats = floats_needed(n, longest, threads) * index_t{sizeof(float)};
+    b.engine = workspace.segment(floats, gemm_workspace_size(threads));
     return b;
   }
 
   // One layer on hidden (see the math at the top of this file).
   void layer(int l, VectorView<const index_t> offsets, const BertEncoderWeights& w,
-             MatrixView<float> h, const Buffers& buf) const {
+             const PackedBertWeights* packed, MatrixView<float> h, const Buffers& buf) const {
     const BertEncoderConfig& c = config_;
     const index_t d = c.d_model, f = c.d_ff, n = h.rows();
     const float eps = c.layer_norm_eps;
@@ -532,9 +623,11 @@ class BertEncoder {
       });
       x = buf.ctx;
     }
-    linear(offsets, x, wqkv, w.b_qkv.row(l), nullptr, buf.qkv);
+    linear(x, Projection{wqkv, packed ? &packed->w_qkv : nullptr, l}, w.b_qkv.row(l), nullptr,
+           buf.qkv, buf);
     attention(offsets, buf);
-    linear(offsets, buf.ctx, wo, nullptr, nullptr, tmp);
+    linear(buf.ctx, Projection{wo, packed ? &packed->w_out : nullptr, l}, nullptr, nullptr, tmp,
+           buf);
     rows_parallel(n, [&](index_t t) {
       detail::add_rows(tmp.row(t), b_out, d, h.row(t));
       if (!pre_norm()) detail::layer_norm_row(h.row(t), ln1_g, ln1_b, eps, d, h.row(t));
@@ -548,42 +641,42 @@ class BertEncoder {
       });
       x = buf.ctx;
     }
-    linear(offsets, x, w1, w.b_ff1.row(l), &c.activation, buf.ff);
-    linear(offsets, buf.ff, w2, nullptr, nullptr, tmp);
+    linear(x, Projection{w1, packed ? &packed->w_ff1 : nullptr, l}, w.b_ff1.row(l), &c.activation,
+           buf.ff, buf);
+    linear(buf.ff, Projection{w2, packed ? &packed->w_ff2 : nullptr, l}, nullptr, nullptr, tmp,
+           buf);
     rows_parallel(n, [&](index_t t) {
       detail::add_rows(tmp.row(t), b_ff2, d, h.row(t));
       if (!pre_norm()) detail::layer_norm_row(h.row(t), ln2_g, ln2_b, eps, d, h.row(t));
     });
   }
 
-  // y = x w^T per sequence and column block; then, where given, y += bias
-  // and y = act(y) (act only with a bias).
-  static void linear(VectorView<const index_t> offsets, MatrixView<const float> x,
-                     MatrixView<const float> w, const float* bias, const Activation* act,
-                     MatrixView<float> y) {
-    const index_t b = offsets.size() - 1, blocks = detail::column_blocks(w.rows());
-    const index_t tasks = b * blocks;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1)
-#endif
-    for (index_t task = 0; task < tasks; ++task) {
-      const index_t s = task / blocks, j0 = (task % blocks) * detail::kColumnBlock;
-      const index_t nb = std::min(detail::kColumnBlock, w.rows() - j0);
-      const MatrixView<const float> wb = w.middle_rows(j0, nb);
-      detail::for_row_chunks(offsets[s + 1] - offsets[s], [&](index_t r, index_t rows) {
-        const index_t r0 = offsets[s] + r;
-        const MatrixView<float> yb = y.block(r0, j0, rows, nb);
-        detail::product_nt(x.middle_rows(r0, rows), wb, yb);
-        if (bias == nullptr) return;
-        for (index_t i = 0; i < rows; ++i) {
-          if (act == nullptr) {
-            detail::add_rows(bias + j0, nullptr, nb, yb.row(i));
-          } else {
-            detail::bias_activation_row(*act, bias + j0, nb, yb.row(i));
-          }
-        }
-      });
+  // A layer's projection weight W (out x in): its view, or group `layer`
+  // of its packed form.
+  struct Projection {
+    MatrixView<const float> w;
+    const PackedMatrix* packed = nullptr;
+    index_t layer = 0;
+  };
+
+  // y = x W^T, one product on the engine over all rows (the engine makes it
+  // batch invariant); then, where given, y += bias and y = act(y) (act only
+  // with a bias).
+  static void linear(MatrixView<const float> x, const Projection& p, const float* bias,
+                     const Activation* act, MatrixView<float> y, const Buffers& buf) {
+    if (p.packed != nullptr) {
+      gemm({p.packed->dtype()}, x, *p.packed, p.layer, y, buf.engine);
+    } else {
+      gemm({GemmDtype::kFloat32, Op::kNone, Op::kTrans}, x, p.w, y, buf.engine);
     }
+    if (bias == nullptr) return;
+    rows_parallel(y.rows(), [&](index_t t) {
+      if (act == nullptr) {
+        detail::add_rows(bias, nullptr, y.cols(), y.row(t));
+      } else {
+        detail::bias_activation_row(*act, bias, y.cols(), y.row(t));
+      }
+    });
   }
 
   // ctx = the attention of every (sequence, head) over buf.qkv.
@@ -602,11 +695,13 @@ class BertEncoder {
       const MatrixView<const float> k = buf.qkv.block(r0, d + hd * dh, m, dh);
       const MatrixView<const float> v = buf.qkv.block(r0, 2 * d + hd * dh, m, dh);
       float* scratch = buf.scores + index_t{thread_id()} * buf.scores_per_thread;
+      // Inside this parallel region each product runs on this thread, in its own slot.
+      const VectorView<std::byte> engine = buf.engine_of_thread(thread_id());
       detail::for_row_chunks(m, [&](index_t r, index_t rows) {
         const MatrixView<float> p(scratch, rows, m);
-        detail::product_nt(q.middle_rows(r, rows), k, p);
+        gemm({GemmDtype::kFloat32, Op::kNone, Op::kTrans}, q.middle_rows(r, rows), k, p, engine);
         for (index_t i = 0; i < rows; ++i) detail::softmax_row(scale, m, p.row(i));
-        detail::product_nn(p, v, buf.ctx.block(r0 + r, hd * dh, rows, dh));
+        gemm({}, p, v, buf.ctx.block(r0 + r, hd * dh, rows, dh), engine);
       });
     }
   }

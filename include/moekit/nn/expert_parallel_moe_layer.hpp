@@ -8,7 +8,7 @@
 //   cpu::ExpertParallelMoeLayer<Spec, dist::MpiTransport> layer(config, placement, transport);
 //   cpu::ExpertParallelStorage<Spec> storage(layer, local_max, global_max);
 //   auto aux = layer.forward(x, params, storage.state(), y, &stats, storage.workspace());
-//   layer.backward(dy, x, params, storage.state(), grads, dx, storage.workspace());
+//   layer.backward(dy, x, params, storage.state(), dx, grads, storage.workspace());
 //
 // What is sharded, what is replicated. Rank r owns experts [first, first +
 // count) of placement (any split, zero experts included): params.experts and
@@ -21,8 +21,9 @@
 // of kTokenBlock = 64 tokens (dist::check_token_split says why).
 //
 // Forward (every step collective, in this order on every rank):
-//   1. logits of the rank's tokens, one GEMM per token block (noise counters
-//      of the whole batch), gating per token: scores, top-K ids and weights;
+//   1. logits of the rank's tokens (cpu::gate_logits, batch invariant; noise
+//      counters of the whole batch), gating per token: scores, top-K ids and
+//      weights;
 //   2. one exchange of counts: every rank's token count and assignments per
 //      expert (plus a status word: a rank whose own checks failed makes every
 //      rank throw, instead of leaving them waiting);
@@ -36,7 +37,9 @@
 //      and an all_to_all_v of those segments;
 //   5. the owner regroups what it received from (rank, expert) order to
 //      (expert, rank) order: each expert's rows are then those of one process,
-//      in the same order, and its FFN runs the same GEMMs on the same rows;
+//      in the same order, and its FFN runs on the same GEMM engine, whose
+//      results for a row (and weight gradients over an expert's rows) do not
+//      depend on the other experts' rows;
 //   6. the outputs go back the same way; combine and the shared experts run on
 //      the rank's own tokens;
 //   7. the routing statistics (and the aux losses from them): counts from the
@@ -52,9 +55,7 @@
 //
 // Determinism. Every rank count, every expert split and every token split
 // that follows the block rule gives the same bits as cpu::MoeLayer in one
-// process with the same OpenMP thread count per process and the same
-// config.threading (with kAuto the layer takes the decision one process
-// would, from the batch's counts). DropPolicy::kProbs is not supported
+// process with the same OpenMP thread count per process. DropPolicy::kProbs is not supported
 // (Errc::kUnsupported: it ranks each expert's assignments over the whole
 // batch). With NonFinitePolicy::kError a rank that meets a non-finite logit
 // throws kNonFinite and the others kTransportError naming it.
@@ -172,7 +173,8 @@ class ExpertParallelMoeLayer {
   // batch (equal on every rank). Returns the aux losses of the whole batch.
   MoeAuxLosses forward(MatrixView<const float> x, const MoeLayerParams& params,
                        const ExpertParallelState& state, MatrixView<float> y,
-                       RoutingStats<S>* stats = nullptr, VectorView<std::byte> workspace = {}) {
+                       RoutingStats<S>* stats, VectorView<std::byte> workspace) {
+    MOEKIT_API("cpu::ExpertParallelMoeLayer::forward");
     const index_t tokens = x.rows(), d = config_.d_model;
     const Routing routing = routing_rows(state.routing, tokens);
     Layout lay;
@@ -237,7 +239,8 @@ class ExpertParallelMoeLayer {
     std::array<std::int32_t, to_size(kExperts)> next{};
     for (int e = 0; e < kExperts; ++e)
       next[to_size(e)] = static_cast<std::int32_t>(plan.prefix(rank_, e));
-    Router<S>::number_slots(routing, 0, tokens, next, plan.cap);
+    Router<S>::number_in_order(routing.expert_ids, routing.weights, routing.positions, 0, tokens,
+                               plan.cap, next);
     for (index_t t = 0; t < tokens; ++t) {
       for (int k = 0; k < kTopK; ++k) {
         std::int32_t& p = routing.positions(t, k);
@@ -287,8 +290,9 @@ class ExpertParallelMoeLayer {
   // dw1/dw3/dw2 are this rank's experts'. Every rank must ask for the same
   // replicated gradients and agree on whether dx is wanted somewhere.
   void backward(MatrixView<const float> dy, MatrixView<const float> x, const MoeLayerParams& params,
-                const ExpertParallelState& state, const MoeLayerGrads& grads, MatrixView<float> dx,
-                VectorView<std::byte> workspace = {}) {
+                const ExpertParallelState& state, MatrixView<float> dx, const MoeLayerGrads& grads,
+                VectorView<std::byte> workspace) {
+    MOEKIT_API("cpu::ExpertParallelMoeLayer::backward");
     const index_t tokens = dy.rows(), d = config_.d_model;
     const Routing routing = routing_rows(state.routing, tokens);
     Layout lay;
@@ -432,7 +436,7 @@ class ExpertParallelMoeLayer {
   //   aux       the router's or the shared experts' workspace (used in turn)
   //   carry     the state passed along the ranks (replicated gradients, or statistics)
   //   parts     the list of replicated gradient views
-  //   gathered  the exchange (2 x ranks x kRow int64), segments (ranks x 2 + E + 1 indices)
+  //   gathered  the exchange (2 x ranks x kRow int64), segments (ranks x 2 byte counts)
   struct Layout {
     index_t slots = 0, inbox = 0, outbox = 0, ffn = 0, dweights = 0, dlogits = 0, aux = 0;
     index_t aux_bytes = 0, carry = 0, carry_size = 0, parts = 0, gathered = 0, gathered_half = 0;
@@ -470,7 +474,7 @@ class ExpertParallelMoeLayer {
     l.parts = take(5 * index_t{sizeof(MatrixView<float>)});
     l.gathered_half = round64(index_t{ranks_} * kRow * 8);
     l.gathered = take(2 * l.gathered_half);
-    l.segments = take((2 * index_t{ranks_} + kExperts + 1) * index_t{sizeof(index_t)});
+    l.segments = take(2 * index_t{ranks_} * index_t{sizeof(index_t)});
     l.total = at;
     return l;
   }
@@ -568,6 +572,7 @@ class ExpertParallelMoeLayer {
   // Validates on this rank, then agrees with the others (collective).
   static const MoeLayerConfig& checked(const MoeLayerConfig& c,
                                        const dist::ExpertPlacement& placement, T& transport) {
+    MOEKIT_API("cpu::ExpertParallelMoeLayer::ExpertParallelMoeLayer");
     std::exception_ptr error;
     std::uint64_t fp = 0;
     try {
@@ -764,40 +769,21 @@ class ExpertParallelMoeLayer {
     }
   }
 
-  // body(j, first_row, rows, {0, rows}, workspace) for each local expert j on its rows
-  // of the owner's buffer, threaded as ExpertFfn<S> would thread the whole
-  // batch in one process: in parallel with one-thread GEMMs, or in turn.
+  // body(j, first_row, rows, {0, rows}, workspace) for each local expert j on
+  // its rows of the owner's buffer, in turn: the GEMM engine threads each
+  // expert's products inside and gives a row the bits it gives in one
+  // process's grouped call over all experts.
   template <class Body>
   void run_experts(const Plan& plan, Body&& body, VectorView<std::byte> workspace,
                    const Layout& lay) const {
-    std::array<index_t, to_size(kExperts) + 1> all{};  // the batch's offsets, for the decision
-    const std::array<index_t, to_size(kExperts)> assigned = plan.assigned();
-    for (std::size_t e = 0; e < kExperts; ++e)
-      all[e + 1] = all[e] + std::min(assigned[e], plan.cap);
-    const bool across =
-        detail::runs_across_experts<kExperts>(config_.threading, {all.data(), kExperts + 1});
-    index_t* first_row = indices(workspace, lay.segments) + 2 * ranks_;  // local_ + 1 offsets
-    first_row[0] = 0;
+    index_t r0 = 0;
     for (int j = 0; j < local_; ++j) {
       index_t rows = 0;
       for (int q = 0; q < ranks_; ++q) rows += plan.kept(q, first_ + j);
-      first_row[j + 1] = first_row[j] + rows;
-    }
-    float* ws = floats(workspace, lay.ffn);
-    const auto one = [&](int j) {
-      const index_t r0 = first_row[j], rows = first_row[j + 1] - r0;
       const std::array<index_t, 2> offsets = {0, rows};
       body(j, r0, rows, VectorView<const index_t>(offsets.data(), 2),
-           VectorView<std::byte>(reinterpret_cast<std::byte*>(ws + 2 * r0 * config_.d_ff),
-                                 ffn_.workspace_size(rows)));
-    };
-    if (across) {
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1)
-#endif
-      for (int j = 0; j < local_; ++j) one(j);
-    } else {
-      for (int j = 0; j < local_; ++j) one(j);
+           region(workspace, lay.ffn, ffn_.workspace_size(rows)));
+      r0 += rows;
     }
   }
 

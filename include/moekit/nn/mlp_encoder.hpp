@@ -1,6 +1,6 @@
 #pragma once
 // A frozen dense MLP encoder on the CPU backend: the shared base of the
-// reference multi-task model (docs/reference_model.md), inference only.
+// reference multi-task model (docs/synthetic_model.md), inference only.
 //
 //   h_0     = x W_in^T + b_in                                  (n x d_input -> n x d)
 //   h_{l+1} = h_l + W2_l act(W1_l LN_l(h_l) + b1_l) + b2_l     l = 0 .. L-1 (pre-LN residual)
@@ -33,6 +33,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "moekit/core/activation.hpp"
 #include "moekit/core/error.hpp"
@@ -46,27 +47,42 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
+// The encoder's configuration; the constructor validates it.
 struct MlpEncoderConfig {
-  index_t d_input = 0;  // features per sample
-  index_t d_model = 0;  // d
-  index_t d_ff = 0;     // hidden width of each residual block
-  int num_layers = 0;   // L >= 0 residual blocks
-  Activation activation = Activation::kGeluTanh;
-  float layer_norm_eps = 1e-5f;
+  index_t d_input = 0;                            // features per sample
+  index_t d_model = 0;                            // d
+  index_t d_ff = 0;                               // hidden width of each residual block
+  int num_layers = 0;                             // L >= 0 residual blocks
+  Activation activation = Activation::kGeluTanh;  // the blocks' activation
+  float layer_norm_eps = 1e-5f;                   // LayerNorm's eps
 };
 
+// The encoder's parameters in caller memory (the layout at the top of this
+// file): MlpEncoderViews<float> to fill them (init), MlpEncoderWeights to read.
 template <class T>
 struct MlpEncoderViews {
-  MatrixView<T> w_in{};
-  VectorView<T> b_in{};
-  MatrixView<T> gamma{}, beta{};
-  MatrixView<T> w1{}, b1{};
-  MatrixView<T> w2{}, b2{};
+  MatrixView<T> w_in{};   // d x d_input
+  VectorView<T> b_in{};   // d
+  MatrixView<T> gamma{};  // L x d, LayerNorm scale
+  MatrixView<T> beta{};   // L x d, LayerNorm shift
+  MatrixView<T> w1{};     // (L d_ff) x d
+  MatrixView<T> b1{};     // L x d_ff
+  MatrixView<T> w2{};     // (L d) x d_ff
+  MatrixView<T> b2{};     // L x d
+
+  // Mutable views (what init fills) convert to the read-only weights
+  // forward takes: encoder.forward(x, views, y, ws).
+  operator MlpEncoderViews<const T>() const requires(!std::is_const_v<T>) {
+    return {w_in, b_in, gamma, beta, w1, b1, w2, b2};
+  }
 };
+// The read-only weights forward takes.
 using MlpEncoderWeights = MlpEncoderViews<const float>;
 
+// The frozen MLP encoder (see the top of this file).
 class MlpEncoder {
  public:
+  // Rejects a configuration it cannot run (naming the field and value).
   explicit MlpEncoder(const MlpEncoderConfig& config) : config_(config) {
     MOEKIT_CHECK_ARG(config.d_input >= 1, "config.d_input = ", config.d_input,
                      " must be at least 1");
@@ -81,6 +97,7 @@ class MlpEncoder {
                      " must be finite and positive");
   }
 
+  // The configuration it was built with.
   const MlpEncoderConfig& config() const { return config_; }
 
   // All parameters frozen: total = active, trainable 0.
@@ -89,6 +106,7 @@ class MlpEncoder {
         {EncoderKind::kMlp, config_.d_input, config_.d_model, config_.d_ff, config_.num_layers, 0});
   }
 
+  // Bytes of workspace forward needs for `rows` samples.
   index_t workspace_size(index_t rows) const {
     MOEKIT_CHECK_GE(rows, 0);
     return rows * (config_.d_model + config_.d_ff) * index_t{sizeof(float)};
@@ -98,6 +116,7 @@ class MlpEncoder {
   // element), biases 0, LayerNorm the identity. The residual branches are
   // scaled by 1 / sqrt(2 L) so the activations stay O(1) with depth.
   void init(const MlpEncoderViews<float>& w, std::uint64_t seed) const {
+    MOEKIT_API("cpu::MlpEncoder::init");
     check(w, "w");
     OverlapCheck overlap("cpu::MlpEncoder::init");
     add_views(overlap, {w.w_in, w.b_in, w.gamma, w.beta, w.w1, w.b1, w.w2, w.b2}, /*written=*/true);
@@ -126,6 +145,7 @@ class MlpEncoder {
   // y = the encoding of x (n x d_input), n x d.
   void forward(MatrixView<const float> x, const MlpEncoderWeights& w, MatrixView<float> y,
                VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::MlpEncoder::forward");
     const MlpEncoderConfig& c = config_;
     check_view(x, "x");
     const index_t n = x.rows(), d = c.d_model, f = c.d_ff;

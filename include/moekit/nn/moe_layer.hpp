@@ -19,7 +19,12 @@
 //   moekit::cpu::MoeLayerStorage<Spec> storage(layer, t_max);
 //   auto aux = layer.forward(x, params, storage.state(), y, &stats, storage.workspace());
 //   ... loss: L = f(y) + switch_coeff * aux.switch_loss + z_coeff * aux.z_loss ...
-//   layer.backward(dy, x, params, storage.state(), grads, dx, storage.workspace());
+//   layer.backward(dy, x, params, storage.state(), dx, grads, storage.workspace());
+//
+// Argument order as every backward in moekit: the output gradient dy, the
+// forward's inputs and saved state, then dx before the parameter gradients.
+// The workspace is never optional (every call needs one), so it has no
+// default and forgetting it does not compile.
 //
 // Backward (dy = dL/dy; the aux losses' gradients are added with their
 // coefficients, so the gradients are those of L as above):
@@ -43,11 +48,12 @@
 // (kInvalidArgument, naming both; core/view.hpp). Results are deterministic for
 // a fixed thread count, as the parts are.
 //
-// Token blocks (core/token_blocks.hpp): everything that spans several tokens
-// outside the routed experts (the router's GEMMs, the shared experts) runs
-// per block of kTokenBlock tokens, and their weight gradients are folded over
-// the blocks in order. A token's output and every gradient are then the same
-// bits as those of nn::ExpertParallelMoeLayer on any number of ranks.
+// Token blocks (core/token_blocks.hpp): the router's input gradient and the
+// shared experts run per block of kTokenBlock tokens, and the router's and
+// shared experts' weight gradients are folded over the blocks in order (the
+// router's logits and the expert FFNs are batch invariant by themselves). A
+// token's output and every gradient are then the same bits as those of
+// cpu::ExpertParallelMoeLayer on any number of ranks.
 
 #include <algorithm>
 #include <array>
@@ -72,18 +78,19 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
+// The layer's configuration; the constructor validates it.
 struct MoeLayerConfig {
-  index_t d_model = 0;
-  index_t d_ff = 0;  // width of one routed expert
-  FfnKind kind = FfnKind::kPlain;
-  Activation activation = Activation::kGeluTanh;
-  RouterConfig router{};
-  int num_shared = 0;         // shared experts, run on every token
-  index_t d_ff_shared = 0;    // width of one shared expert; 0 = d_ff
-  float switch_coeff = 0.0f;  // Switch balance loss coefficient; 0 = off
-  float z_coeff = 0.0f;       // router z-loss coefficient; 0 = off
-  SwitchLossOptions switch_options{};
-  FfnThreading threading = FfnThreading::kAuto;
+  index_t d_model = 0;                            // d, the token width
+  index_t d_ff = 0;                               // width of one routed expert
+  FfnKind kind = FfnKind::kPlain;                 // plain or gated (SwiGLU-style) experts
+  Activation activation = Activation::kGeluTanh;  // the experts' activation
+  RouterConfig router{};                          // gating, noise, capacity (cpu/router.hpp)
+  int num_shared = 0;                             // shared experts, run on every token
+  index_t d_ff_shared = 0;                        // width of one shared expert; 0 = d_ff
+  float switch_coeff = 0.0f;                      // Switch balance loss coefficient; 0 = off
+  float z_coeff = 0.0f;                           // router z-loss coefficient; 0 = off
+  SwitchLossOptions switch_options{};             // how the Switch loss normalises f_e
+  FfnThreading threading = FfnThreading::kAuto;   // how the expert FFNs use threads
 };
 
 // Parameters (caller memory). Routed experts in the ExpertWeights layout of
@@ -94,17 +101,21 @@ struct MoeLayerParams {
   MatrixView<const float> w_gate{};          // E x d
   VectorView<const float> gate_bias{};       // E, or empty
   VectorView<const float> selection_bias{};  // E, or empty (ExpertBias::bias())
-  ExpertWeights experts{};
-  ExpertWeights shared{};
+  ExpertWeights experts{};                   // routed experts: E experts of width d_ff
+  ExpertWeights shared{};                    // shared experts: num_shared of width d_ff_shared
 };
 
 // Gradient outputs; an empty view is frozen (see the top of this file).
 struct MoeLayerGrads {
-  MatrixView<float> dw_gate{};            // E x d
-  VectorView<float> dgate_bias{};         // E; must be empty when params.gate_bias is
-  MatrixView<float> dw1{}, dw3{}, dw2{};  // routed experts, ExpertWeights layout
-  MatrixView<float> shared_dw1{}, shared_dw3{}, shared_dw2{};  // shared experts
-  bool accumulate = false;  // add to every output (dx too) instead of overwriting
+  MatrixView<float> dw_gate{};     // E x d
+  VectorView<float> dgate_bias{};  // E; must be empty when params.gate_bias is
+  MatrixView<float> dw1{};         // routed experts (ExpertWeights layout): (E d_ff) x d
+  MatrixView<float> dw3{};         // (E d_ff) x d, gated experts only
+  MatrixView<float> dw2{};         // (E d) x d_ff
+  MatrixView<float> shared_dw1{};  // shared experts, the same layout with num_shared of them
+  MatrixView<float> shared_dw3{};  // gated shared experts only
+  MatrixView<float> shared_dw2{};  // (num_shared d) x d_ff_shared
+  bool accumulate = false;         // add to every output (dx too) instead of overwriting
 };
 
 // What forward saves for backward (caller memory). Capacity T_max =
@@ -136,6 +147,7 @@ using ::moekit::MoeLayerStateRows;
 // of a T-token batch at [i T, (i + 1) T).
 class SharedExperts {
  public:
+  // The shared experts of a layer with configuration c (validated by MoeLayer's).
   explicit SharedExperts(const MoeLayerConfig& c)
       : count_(c.num_shared),
         d_(c.d_model),
@@ -143,7 +155,9 @@ class SharedExperts {
         gated_(c.kind == FfnKind::kGated),
         ffn_(ExpertFfnConfig{c.d_model, f_, c.kind, c.activation, FfnThreading::kInsideGemm}) {}
 
+  // num_shared, the shared experts.
   int count() const { return count_; }
+  // The width of one shared expert.
   index_t d_ff() const { return f_; }
 
   // Bytes of workspace for a T-token batch (one block's outputs and FFN
@@ -188,7 +202,8 @@ class SharedExperts {
       ExpertGrads gi = expert_grads(grads, i, f_, d_);
       if (tokens == 0 && !grads.accumulate) {  // no block: zero gradients, as one empty call
         ffn_.backward(dy, x, {all.data(), 2}, wi, pre.middle_rows(0, 0),
-                      gated_ ? gate.middle_rows(0, 0) : MatrixView<const float>(), {}, gi, {});
+                      gated_ ? gate.middle_rows(0, 0) : MatrixView<const float>(), {}, gi,
+                      ffn_workspace(workspace, 0));
       }
       for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t b) {
         gi.accumulate = grads.accumulate || b > 0;
@@ -226,32 +241,34 @@ class SharedExperts {
   ExpertFfn<MoeSpec<1, 1>> ffn_;
 };
 
-// The aux losses (unscaled, and their weighted total) that a layer with
-// configuration c reports for a forward with these routing statistics.
+// The aux losses that a layer with configuration c reports for a forward
+// with these routing statistics: both values (unscaled) whatever the
+// coefficients, and their weighted total.
 template <MoeSpecType S>
 MoeAuxLosses aux_losses(const MoeLayerConfig& c, const RoutingStats<S>& stats) {
   MoeAuxLosses aux;
-  if (c.switch_coeff != 0.0f) aux.switch_loss = switch_loss<S>(stats, c.switch_options);
-  if (c.z_coeff != 0.0f) aux.z_loss = stats.z_loss;
+  aux.switch_loss = switch_loss<S>(stats, c.switch_options);
+  aux.z_loss = stats.z_loss;
   aux.total = static_cast<double>(c.switch_coeff) * aux.switch_loss +
               static_cast<double>(c.z_coeff) * aux.z_loss;
   return aux;
 }
 
+// The MoE layer for MoeSpec<E, K> (see the top of this file).
 template <MoeSpecType S>
 class MoeLayer {
  public:
-  static constexpr int kExperts = S::num_experts;
-  static constexpr int kTopK = S::top_k;
+  static constexpr int kExperts = S::num_experts;  // E
+  static constexpr int kTopK = S::top_k;           // K
   // The types of this backend's arguments, for code templated on the backend
   // (moekit/core/backend.hpp); gpu::MoeLayer<S, T> has the same names.
   using Element = float;
-  using Config = MoeLayerConfig;
-  using Params = MoeLayerParams;
-  using Grads = MoeLayerGrads;
-  using State = MoeLayerState;
-  using Stats = RoutingStats<S>;
-  using Workspace = VectorView<std::byte>;
+  using Config = MoeLayerConfig;            // the configuration
+  using Params = MoeLayerParams;            // the parameters (caller memory)
+  using Grads = MoeLayerGrads;              // the gradient outputs
+  using State = MoeLayerState;              // what forward saves for backward
+  using Stats = RoutingStats<S>;            // routing statistics of a forward
+  using Workspace = VectorView<std::byte>;  // scratch memory, workspace_size(T) bytes
 
   // Rejects a configuration the layer cannot run (naming the field and value).
   explicit MoeLayer(const MoeLayerConfig& config)
@@ -261,11 +278,17 @@ class MoeLayer {
                              config.threading}),
         shared_(config) {}
 
+  // The configuration it was built with.
   const MoeLayerConfig& config() const { return config_; }
+  // Its router (capacity(), apply_capacity(), explain_selection(), ...).
   const Router<S>& router() const { return router_; }
+  // Whether the experts are gated (FfnKind::kGated: w3 is used).
   bool gated() const { return config_.kind == FfnKind::kGated; }
+  // The width of one shared expert (d_ff_shared, or d_ff when that is 0).
   index_t d_ff_shared() const { return shared_.d_ff(); }
+  // The routed experts' FFN (E experts of width d_ff).
   const ExpertFfn<S>& experts() const { return ffn_; }
+  // The shared experts (num_shared of width d_ff_shared()).
   const SharedExperts& shared_experts() const { return shared_; }
 
   // Rows of the expert-major buffer for T tokens, at most: T K, or E times
@@ -275,6 +298,7 @@ class MoeLayer {
     return std::min(tokens * kTopK, index_t{kExperts} * router_.capacity(tokens));
   }
 
+  // The minimum rows of the state buffers for a capacity of T tokens.
   MoeLayerStateRows state_rows(index_t tokens) const {
     return {tokens, routed_rows(tokens), index_t{config_.num_shared} * tokens};
   }
@@ -287,12 +311,14 @@ class MoeLayer {
   }
 
   // y = the layer's output for x (T x d); fills `state` for backward and
-  // `stats` (when not null) with the routing statistics. Returns the aux
-  // losses (unscaled) whose coefficients are on.
+  // `stats` (unless null) with the routing statistics. Returns both aux
+  // losses' values (unscaled) whatever the coefficients (a coefficient of 0
+  // only leaves the value out of total and the gradients). workspace:
+  // workspace_size(T) bytes.
   MoeAuxLosses forward(MatrixView<const float> x, const MoeLayerParams& params,
-                       const MoeLayerState& state, MatrixView<float> y,
-                       RoutingStats<S>* stats = nullptr,
-                       VectorView<std::byte> workspace = {}) const {
+                       const MoeLayerState& state, MatrixView<float> y, RoutingStats<S>* stats,
+                       VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::MoeLayer::forward");
     check_view(x, "x");
     const index_t tokens = x.rows();
     const index_t d = config_.d_model;
@@ -330,11 +356,12 @@ class MoeLayer {
   }
 
   // Gradients of L = f(y) + switch_coeff L_switch + z_coeff L_z given
-  // dy = df/dy (T x d) and the x, params and state of the forward. dx (T x d) or empty; grads: see
-  // MoeLayerGrads.
+  // dy = df/dy (T x d) and the x, params and state of the forward. dx (T x
+  // d) or empty; grads: see MoeLayerGrads; workspace: workspace_size(T) bytes.
   void backward(MatrixView<const float> dy, MatrixView<const float> x, const MoeLayerParams& params,
-                const MoeLayerState& state, const MoeLayerGrads& grads, MatrixView<float> dx,
-                VectorView<std::byte> workspace = {}) const {
+                const MoeLayerState& state, MatrixView<float> dx, const MoeLayerGrads& grads,
+                VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::MoeLayer::backward");
     check_view(dy, "dy");
     const index_t tokens = dy.rows();
     const index_t d = config_.d_model;
@@ -347,7 +374,7 @@ class MoeLayer {
     const Routing routing = routing_rows(state.routing, tokens);
     const VectorView<const index_t> offsets = state.offsets;
     const index_t n = detail::check_dispatch_args<S>(routing, tokens, offsets);
-    check_distinct_ids(routing.expert_ids);
+    check_distinct_ids(routing.expert_ids, "state.routing.expert_ids");
     MOEKIT_CHECK(n <= routed_rows(tokens), Errc::kShapeMismatch, "offsets[", kExperts, "] = ", n,
                  " exceeds routed_rows(", tokens, ") = ", routed_rows(tokens));
     const Layout lay = layout(tokens, routed_rows(tokens));
@@ -455,6 +482,7 @@ class MoeLayer {
   }
 
   static const MoeLayerConfig& validated(const MoeLayerConfig& c) {
+    MOEKIT_API("cpu::MoeLayer::MoeLayer");
     check_moe_layer_fields(c);
     return c;  // d_model, d_ff, kind, activation, threading, router: the parts' constructors
   }
@@ -480,17 +508,6 @@ class MoeLayer {
                  Errc::kInvalidArgument, "workspace is not aligned to ", alignof(float), " bytes");
   }
 
-  static void check_distinct_ids(MatrixView<const std::int32_t> ids) {
-    for (index_t t = 0; t < ids.rows(); ++t) {
-      for (int k = 1; k < kTopK; ++k) {
-        for (int j = 0; j < k; ++j) {
-          MOEKIT_CHECK(ids(t, k) != ids(t, j), Errc::kInvalidArgument,
-                       "state.routing.expert_ids row ", t, " repeats expert ", ids(t, k));
-        }
-      }
-    }
-  }
-
   MoeLayerConfig config_;
   Router<S> router_;
   ExpertFfn<S> ffn_;
@@ -502,6 +519,7 @@ class MoeLayer {
 template <MoeSpecType S>
 class MoeLayerStorage {
  public:
+  // Allocates the state and workspace of `layer` for up to max_tokens tokens.
   MoeLayerStorage(const MoeLayer<S>& layer, index_t max_tokens) {
     constexpr int E = S::num_experts, K = S::top_k;
     const MoeLayerConfig& c = layer.config();
@@ -541,7 +559,9 @@ class MoeLayerStorage {
                              : MatrixView<float>();
   }
 
+  // The state views, for forward and backward.
   const MoeLayerState& state() const { return state_; }
+  // The workspace, workspace_size(max_tokens) bytes or more.
   VectorView<std::byte> workspace() {
     return {reinterpret_cast<std::byte*>(workspace_.data()),
             static_cast<index_t>(workspace_.size() * sizeof(float))};
@@ -560,6 +580,7 @@ class MoeLayerStorage {
 
 // The CPU backend for moekit::MoeLayer<S, Backend> (moekit/core/backend.hpp).
 struct CpuBackend {
+  // The layer of this backend for MoeSpec S.
   template <MoeSpecType S>
   using MoeLayer = cpu::MoeLayer<S>;
 };

@@ -1,5 +1,5 @@
 #pragma once
-// The reference multi-task model (docs/reference_model.md), built only from moekit's
+// The reference multi-task model (docs/synthetic_model.md), built only from moekit's
 // parts, on the CPU backend:
 //
 //   x ─▶ frozen MLP encoder ─▶ e                         (moekit/nn/mlp_encoder.hpp)
@@ -137,6 +137,18 @@ struct ModelTensor {
  private:
   MatrixView<float> matrix_of(std::vector<float>& v) { return {v.data(), rows, cols}; }
 };
+
+// Fills t with N(0, stddev^2) draws from counter stream `stream` of `seed`,
+// counters first, first + 1, ...: one stream per tensor (its index), so
+// adding tensors elsewhere never shifts another tensor's values; `first`
+// places a slice of a larger tensor (an expert-parallel rank's experts).
+inline void fill_normal(ModelTensor& t, double stddev, std::uint64_t seed, std::uint64_t stream,
+                        std::uint64_t first = 0) {
+  const std::uint64_t s = mix64(seed ^ (0x9e3779b97f4a7c15ull * (stream + 1)));
+  for (std::size_t i = 0; i < t.value.size(); ++i) {
+    t.value[i] = static_cast<float>(stddev * random_normal(s, first + i));
+  }
+}
 
 // What a training step trains: everything but the frozen parts, or only one
 // branch's adapter and head.
@@ -451,16 +463,11 @@ class MultitaskModel {
     add_tensor("heads.bias", ParamRole::kHead, 1, heads_.total_classes());
   }
 
-  // Counter streams: one per tensor (its index), so adding tensors elsewhere
-  // never shifts another tensor's values. An expert-parallel rank's routed
-  // experts start at the counter of their first element in the whole stack,
-  // so every rank holds exactly its rows of one process's tensor.
-  void fill_normal(ModelTensor& t, double stddev, std::uint64_t seed, std::uint64_t stream) const {
-    const std::uint64_t s = mix64(seed ^ (0x9e3779b97f4a7c15ull * (stream + 1)));
-    const auto first = static_cast<std::size_t>(t.expert_rows * t.cols * first_expert());
-    for (std::size_t i = 0; i < t.value.size(); ++i) {
-      t.value[i] = static_cast<float>(stddev * random_normal(s, first + i));
-    }
+  // An expert-parallel rank's routed experts draw from the counter of their
+  // first element in the whole stack, so every rank holds exactly its rows
+  // of one process's tensor.
+  std::uint64_t first_counter(const ModelTensor& t) const {
+    return static_cast<std::uint64_t>(t.expert_rows * t.cols * first_expert());
   }
 
   void init() {
@@ -478,7 +485,8 @@ class MultitaskModel {
       const bool is_gate = x.role == ParamRole::kGate;
       const bool is_down = x.name.ends_with(".w2");
       const double gate = config_.gate_init_std > 0.0f ? config_.gate_init_std : 1.0 / std::sqrt(d);
-      fill_normal(x, is_gate ? gate : (is_down ? down : 1.0 / std::sqrt(d)), seed, i);
+      fill_normal(x, is_gate ? gate : (is_down ? down : 1.0 / std::sqrt(d)), seed, i,
+                  first_counter(x));
     }
     const std::size_t a = adapter_first();
     as_eigen(t[a].matrix()).setIdentity();
@@ -717,11 +725,11 @@ class MultitaskModel {
       const MatrixView<float> dx = l == 0 ? MatrixView<float>() : d_tmp_.middle_rows(0, n);
       if (expert_parallel()) {
         ep_layers_[l].backward(MatrixView<const float>(d_top), in, moe_params(static_cast<int>(l)),
-                               ep_storage_[l].state(), moe_grads(static_cast<int>(l)), dx,
+                               ep_storage_[l].state(), dx, moe_grads(static_cast<int>(l)),
                                ep_storage_[l].workspace());
       } else {
         layers_[l].backward(MatrixView<const float>(d_top), in, moe_params(static_cast<int>(l)),
-                            storage_[l].state(), moe_grads(static_cast<int>(l)), dx,
+                            storage_[l].state(), dx, moe_grads(static_cast<int>(l)),
                             storage_[l].workspace());
       }
       if (l > 0) as_eigen(d_top) += as_eigen(MatrixView<const float>(dx));

@@ -1,5 +1,5 @@
 #pragma once
-// Training data for moekit's reference multi-task model (docs/reference_model.md): an
+// Training data for moekit's reference multi-task model (docs/synthetic_model.md): an
 // in-memory multi-task dataset, a synthetic benchmark with structure that
 // rewards experts, stateless batching, and CSV files. Host only.
 //
@@ -702,6 +702,7 @@ class BatchSampler {
 // written. Everything is checked before anything is written.
 inline void gather(const Dataset& data, std::span<const index_t> rows, MatrixView<float> x,
                    VectorView<std::int32_t> tasks, VectorView<std::int32_t> labels) {
+  MOEKIT_API("train::gather");
   check_dataset(data, "data");
   const auto n = static_cast<index_t>(rows.size());
   check_shape(x, n, data.features, "x");

@@ -139,6 +139,7 @@ struct ParamGroupConfig {
 class AdamW {
  public:
   explicit AdamW(const AdamWConfig& config = {}) : config_(config) {
+    MOEKIT_API("train::AdamW::AdamW");
     MOEKIT_CHECK_ARG(config.beta1 >= 0.0f && config.beta1 < 1.0f, "config.beta1 = ", config.beta1,
                      " must lie in [0, 1)");
     MOEKIT_CHECK_ARG(config.beta2 >= 0.0f && config.beta2 < 1.0f, "config.beta2 = ", config.beta2,
@@ -153,6 +154,7 @@ class AdamW {
 
   // Adds a parameter group; returns its index (0, 1, ...).
   int add_group(const ParamGroupConfig& group) {
+    MOEKIT_API("train::AdamW::add_group");
     MOEKIT_CHECK_ARG(!group.name.empty(), "group.name is empty");
     for (std::size_t i = 0; i < groups_.size(); ++i) {
       MOEKIT_CHECK_ARG(groups_[i].name != group.name, "group.name = '", group.name,
@@ -171,12 +173,14 @@ class AdamW {
   int num_groups() const { return static_cast<int>(groups_.size()); }
 
   const ParamGroupConfig& group(int index) const {
+    MOEKIT_API("train::AdamW::group");
     MOEKIT_CHECK_RANGE(index, 0, num_groups());
     return groups_[static_cast<std::size_t>(index)];
   }
 
   // Sets the base learning rate of group `index` (from the next step on).
   void set_lr(int index, float lr) {
+    MOEKIT_API("train::AdamW::set_lr");
     MOEKIT_CHECK_RANGE(index, 0, num_groups());
     check_lr(lr, "lr");
     groups_[static_cast<std::size_t>(index)].lr = lr;
@@ -189,6 +193,7 @@ class AdamW {
   // chunks never cross (0: none). Allocates its moments.
   void add(int group, std::string name, VectorView<float> value, VectorView<float> grad,
            index_t segment = 0) {
+    MOEKIT_API("train::AdamW::add");
     MOEKIT_CHECK_RANGE(group, 0, num_groups());
     MOEKIT_CHECK_ARG(!name.empty(), "parameter name is empty");
     MOEKIT_CHECK_ARG(segment >= 0, "segment = ", segment, " is negative");
@@ -236,10 +241,12 @@ class AdamW {
 
   // The moments of tensor `name` (kInvalidArgument if none is registered).
   VectorView<const float> exp_avg(std::string_view name) const {
+    MOEKIT_API("train::AdamW::exp_avg");
     const Param& p = find(name);
     return {p.m.data(), static_cast<index_t>(p.m.size())};
   }
   VectorView<const float> exp_avg_sq(std::string_view name) const {
+    MOEKIT_API("train::AdamW::exp_avg_sq");
     const Param& p = find(name);
     return {p.v.data(), static_cast<index_t>(p.v.size())};
   }
@@ -256,6 +263,7 @@ class AdamW {
   // One AdamW step with every group's lr multiplied by lr_scale (a schedule's
   // value; see the top of this file).
   void step(float lr_scale = 1.0f) {
+    MOEKIT_API("train::AdamW::step");
     MOEKIT_CHECK_ARG(std::isfinite(lr_scale) && lr_scale >= 0.0f, "lr_scale = ", lr_scale,
                      " must be finite and >= 0");
     ++step_;
@@ -305,6 +313,7 @@ class AdamW {
   // out[c] = the sum of grad^2 over chunk c (in registration order), each in
   // element order: the partial sums grad_norm() adds up in this order.
   void grad_norm_partials(std::span<double> out) const {
+    MOEKIT_API("train::AdamW::grad_norm_partials");
     MOEKIT_CHECK(out.size() == chunks_.size(), Errc::kShapeMismatch, "out has ", out.size(),
                  " entries, the optimizer has ", chunks_.size(), " norm chunks");
     const auto chunks = static_cast<index_t>(chunks_.size());
@@ -330,6 +339,7 @@ class AdamW {
   // Returns grad_norm() and, when it is finite and > max_norm, scales every
   // gradient by max_norm / (norm + 1e-6). A non-finite norm changes nothing.
   double clip_grad_norm(double max_norm) {
+    MOEKIT_API("train::AdamW::clip_grad_norm");
     MOEKIT_CHECK_ARG(max_norm > 0.0, "max_norm = ", max_norm, " must be > 0");
     const double norm = grad_norm();
     clip_to(norm, max_norm);
@@ -339,6 +349,7 @@ class AdamW {
   // The scaling of clip_grad_norm for a norm computed elsewhere (the norm of
   // gradients spread over expert-parallel ranks).
   void clip_to(double norm, double max_norm) {
+    MOEKIT_API("train::AdamW::clip_to");
     MOEKIT_CHECK_ARG(max_norm > 0.0, "max_norm = ", max_norm, " must be > 0");
     if (!std::isfinite(norm) || !(norm > max_norm)) return;
     const auto coef = static_cast<float>(max_norm / (norm + 1e-6));
@@ -355,6 +366,7 @@ class AdamW {
   // Adds the state to `out` (names and format at the top of this file); all
   // tensors or, on a rejected one, none. `out` keeps views of the moments.
   void save_state(io::SafetensorsWriter& out, std::string_view prefix) const {
+    MOEKIT_API("train::AdamW::save_state");
     std::vector<io::TensorSource> tensors;
     tensors.reserve(2 * params_.size());
     for (const Param& p : params_) {
@@ -370,6 +382,7 @@ class AdamW {
   // for the same registered tensors); checks everything before it changes
   // anything.
   void load_state(const io::SafetensorsReader& in, std::string_view prefix) {
+    MOEKIT_API("train::AdamW::load_state");
     const std::string key = step_key(prefix);
     const auto it = in.metadata().find(key);
     MOEKIT_CHECK(it != in.metadata().end(), Errc::kFormatError, "'", in.source(),

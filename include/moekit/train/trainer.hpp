@@ -1,5 +1,6 @@
 #pragma once
-// Training the reference multi-task model (moekit/nn/multitask_model.hpp):
+// Training the multi-task models (moekit/nn/multitask_model.hpp and
+// moekit/nn/text_multitask_model.hpp):
 // AdamW with one parameter group per component and its own learning rate,
 // linear warm-up then cosine decay, global-norm gradient clipping, exact
 // checkpoints, and evaluation.
@@ -120,9 +121,34 @@ struct EvalReport {
 
 namespace detail {
 
-// The model's structure as a string, stored in checkpoints and compared on load.
+// The batch type a model trains on: Model::Batch, or cpu::Batch.
+template <class Model>
+struct BatchOf {
+  using type = cpu::Batch;
+};
+template <class Model>
+requires requires { typename Model::Batch; }
+struct BatchOf<Model> {
+  using type = typename Model::Batch;
+};
+
+template <class Model>
+std::string reference_signature(const Model& m);
+
+// The model's structure as a string, stored in checkpoints and compared on
+// load: Model::signature() where the model has one.
 template <class Model>
 std::string model_signature(const Model& m) {
+  if constexpr (requires { m.signature(); }) {
+    return m.signature();
+  } else {
+    return reference_signature(m);
+  }
+}
+
+// MultitaskModel's structure.
+template <class Model>
+std::string reference_signature(const Model& m) {
   const auto& c = m.config();
   // Appended piece by piece: GCC 12 reports a false -Wrestrict on chains of
   // const char* + std::string temporaries.
@@ -279,7 +305,7 @@ class Trainer {
   std::int64_t steps() const { return step_; }
   std::int64_t skipped_steps() const { return skipped_; }
 
-  StepReport<Model> step(const cpu::Batch& batch) {
+  StepReport<Model> step(const typename detail::BatchOf<Model>::type& batch) {
     StepReport<Model> r;
     const cpu::LoraStep lora_step{true, config_.dropout_seed, static_cast<std::uint64_t>(step_)};
     r.losses = model_.loss_and_grads(batch, config_.scope, lora_step);

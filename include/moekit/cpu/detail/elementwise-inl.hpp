@@ -276,7 +276,12 @@ MOEKIT_DETAIL_MATH DistillationStep distillation_step(F32x16 s, F32x16 t, F32x16
   const F32x16 log_q = sub(mul(sub(s, k.ms), k.inv_t), k.log_zq);
   const F32x16 log_p = sub(mul(sub(t, k.mt), k.inv_t), k.log_zp);
   const F32x16 p = exp(log_p), q = exp(log_q);
-  const F64x16 kl = mul(to_f64(p), sub(to_f64(log_p), to_f64(log_q)));
+  // p log(p / q) -> 0 as p -> 0: a class with p = 0 (a -inf padding logit,
+  // an underflow) adds 0, not 0 (-inf - -inf) = NaN. Only an exact 0 is
+  // masked: a NaN p still reaches the sum (classify::distillation_row's rule).
+  const Mask16 p_zero = cmp_eq(p, zero());
+  const F32x16 lp = select(p_zero, zero(), log_p), lq = select(p_zero, zero(), log_q);
+  const F64x16 kl = mul(to_f64(p), sub(to_f64(lp), to_f64(lq)));
   F32x16 g = mul(k.g_kl, sub(q, p));
   if (k.want_ce) g = add(g, mul(k.g_ce, sub(mul(exp(sub(s, k.ms)), k.inv_zr), onehot)));
   return {kl, g};
@@ -327,7 +332,7 @@ MOEKIT_KERNEL_TARGET inline classify::DistillationTerms distillation_row(Path, c
   }
   classify::DistillationTerms out;
   const double kl_sum = reduce_add(kl);
-  out.kl = kl_sum > 0.0 ? kl_sum : 0.0;  // KL >= 0; rounding may dip below by an ulp
+  out.kl = kl_sum < 0.0 ? 0.0 : kl_sum;  // KL >= 0 (rounding may dip below); NaN stays NaN
   out.ce = want_ce ? std::log(zr) - static_cast<double>(s[y] - ms) : 0.0;
   return out;
 }

@@ -12,6 +12,7 @@
 // the same bits.
 
 using detail::BlockArray;
+using detail::ShrinkOperand;
 
 // Ranks per group in shrink, rows per block in expand and accumulate_outer.
 inline constexpr int kShrinkRankGroup = kF32x16Registers >= 32 ? 8 : kF32x16Registers >= 16 ? 4 : 2;
@@ -27,26 +28,31 @@ MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void for_row_blocks(index_t begin, inde
 }
 
 // out(m, r) = alpha sum_k row(m)[k] P(r, k), for the rows of one block and
-// the ranks [R0, R0 + G) of one group.
+// the ranks [R0, R0 + G) of one group. P is a panel or a matrix's rows
+// (ShrinkOperand); a row's tail is read through partial loads of both, so
+// the two give the same bits.
 template <int R, class RowAt>
 struct ShrinkBlocks {
   RowAt row;
   index_t count, d;
-  const float* panel;
+  ShrinkOperand p;
   float alpha;
   float* out;
+  index_t out_ld;
 
-  // acc[m][g] += x[m][k0, k0 + width) * the panel block p's rank g.
+  // acc[m][g] += x[m][k0, k0 + width) * P's ranks R0 + g over the same columns,
+  // which start at pk (rank R0, column k0).
   template <int M, int G>
   MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void accumulate(
-      const BlockArray<const float*, M>& x, index_t k0, int width, const float* p,
+      const BlockArray<const float*, M>& x, index_t k0, int width, const float* pk,
       BlockArray<BlockArray<F32x16, G>, M>& acc) const {
     BlockArray<F32x16, M> xv;
     MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
       xv[m] = width == kF32x16Lanes ? load(x[m] + k0) : load_partial(x[m] + k0, width);
     }
     MOEKIT_UNROLL for (int g = 0; g < G; ++g) {
-      const F32x16 pv = load(p + g * kF32x16Lanes);
+      const float* pg = pk + g * p.rank_stride;
+      const F32x16 pv = width == kF32x16Lanes ? load(pg) : load_partial(pg, width);
       MOEKIT_UNROLL for (int m = 0; m < M; ++m) acc[m][g] = fmadd(xv[m], pv, acc[m][g]);
     }
   }
@@ -62,16 +68,16 @@ struct ShrinkBlocks {
     MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
       MOEKIT_UNROLL for (int g = 0; g < G; ++g) acc[m][g] = zero();
     }
-    const float* p = panel + R0 * kL;
-    for (index_t b = 0; b < blocks; ++b, p += R * kL) {
+    const float* pk = p.data + R0 * p.rank_stride;
+    for (index_t b = 0; b < blocks; ++b, pk += p.block_stride) {
       if constexpr (R0 == 0) {
         MOEKIT_UNROLL for (int m = 0; m < M; ++m) detail::prefetch_l2(next[m] + b * kL);
       }
-      accumulate<M, G>(x, b * kL, kL, p, acc);
+      accumulate<M, G>(x, b * kL, kL, pk, acc);
     }
-    if (tail > 0) accumulate<M, G>(x, blocks * kL, tail, p, acc);  // the panel's padding is 0
+    if (tail > 0) accumulate<M, G>(x, blocks * kL, tail, pk, acc);
     for (int m = 0; m < M; ++m) {
-      for (int g = 0; g < G; ++g) out[(m0 + m) * R + R0 + g] = alpha * reduce_add(acc[m][g]);
+      for (int g = 0; g < G; ++g) out[(m0 + m) * out_ld + R0 + g] = alpha * reduce_add(acc[m][g]);
     }
   }
 
@@ -97,8 +103,9 @@ struct ShrinkBlocks {
 
 template <int R, class RowAt>
 MOEKIT_KERNEL_TARGET inline void shrink_rows(Path, RowAt row, index_t count, index_t d,
-                                             const float* panel, float alpha, float* out) {
-  for_row_blocks<2>(0, count, ShrinkBlocks<R, RowAt>{row, count, d, panel, alpha, out});
+                                             ShrinkOperand p, float alpha, float* out,
+                                             index_t out_ld) {
+  for_row_blocks<2>(0, count, ShrinkBlocks<R, RowAt>{row, count, d, p, alpha, out, out_ld});
 }
 
 // row(m)[k] += sum_r c(m, r) P(r, k) for the rows of one block.

@@ -1,4 +1,4 @@
-// 15_expert_parallel: the reference multi-task model trained with its
+// 19_expert_parallel: the reference multi-task model trained with its
 // experts sharded over MPI ranks.
 //
 // Each rank holds the whole router, shared expert, adapters and heads, and
@@ -10,7 +10,7 @@
 // weight, and its experts' rows of the expert weights. It returns non-zero
 // if anything differs.
 //
-//   mpirun -np 4 ./15_expert_parallel [--steps N] [--per-rank B] [--check]
+//   mpirun -np 4 ./19_expert_parallel [--steps N] [--per-rank B] [--check]
 //     --steps     training steps (default 200)
 //     --per-rank  samples per rank and step, a multiple of 64 (default 64)
 //     --check     compare with one process (see above)

@@ -1,0 +1,230 @@
+// The session memory's kernels over F32x16 and I32x16, written once and
+// included into every ISA namespace by moekit/cpu/memory_kernels.hpp (no
+// include guard, on purpose; see moekit/cpu/vec.hpp). Each takes its
+// namespace's Path tag first (with_vec_path).
+//
+// Every float result is summed in one fixed order that depends on the length
+// only: lane l of a row accumulates columns l, l + 16, l + 32, ... in order
+// (the tail through load_partial), then reduce_add's tree. Products that
+// feed a sum are fused (fmadd) or rounded on their own (mul) as written, so
+// every path gives the same bits. Integer dot products are exact.
+
+#define MOEKIT_DETAIL_MEMORY MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET
+
+// acc(r) += row r's next block of columns [j, j + width) times v's.
+template <std::size_t M>
+MOEKIT_DETAIL_MEMORY void dot_block(const float* const* rows, const float* v, index_t j, int width,
+                                    F32x16* acc) {
+  const bool full = width == kF32x16Lanes;
+  const F32x16 vv = full ? load(v + j) : load_partial(v + j, width);
+  for (std::size_t r = 0; r < M; ++r) {
+    acc[r] = fmadd(full ? load(rows[r] + j) : load_partial(rows[r] + j, width), vv, acc[r]);
+  }
+}
+
+// out[r] = sum_j rows[r][j] v[j] for M rows at once (one accumulator each:
+// the rows only share the loads of v).
+template <std::size_t M>
+MOEKIT_DETAIL_MEMORY void dot_rows(const float* const* rows, const float* v, index_t n,
+                                   float* out) {
+  F32x16 acc[M];
+  for (std::size_t r = 0; r < M; ++r) acc[r] = zero();
+  index_t j = 0;
+  for (; j + kF32x16Lanes <= n; j += kF32x16Lanes) dot_block<M>(rows, v, j, kF32x16Lanes, acc);
+  if (j < n) dot_block<M>(rows, v, j, static_cast<int>(n - j), acc);
+  for (std::size_t r = 0; r < M; ++r) out[r] = reduce_add(acc[r]);
+}
+
+// out[i] = sum_j m(i, j) v[j] (a matrix-vector product, one row at a time in
+// the order above).
+MOEKIT_KERNEL_TARGET inline void row_dots(Path, MatrixView<const float> m, const float* v,
+                                          float* out) {
+  const index_t n = m.cols();
+  index_t i = 0;
+  for (; i + 4 <= m.rows(); i += 4) {
+    const float* rows[4] = {m.row(i), m.row(i + 1), m.row(i + 2), m.row(i + 3)};
+    dot_rows<4>(rows, v, n, out + i);
+  }
+  for (; i < m.rows(); ++i) {
+    const float* row = m.row(i);
+    dot_rows<1>(&row, v, n, out + i);
+  }
+}
+
+MOEKIT_KERNEL_TARGET inline float dot(Path, const float* a, const float* b, index_t n) {
+  float out = 0.0f;
+  dot_rows<1>(&a, b, n, &out);
+  return out;
+}
+
+// x /= ||x|| (x = 0 stays 0).
+MOEKIT_KERNEL_TARGET inline void normalize(Path path, float* x, index_t n) {
+  const float norm = std::sqrt(dot(path, x, x, n));
+  if (!(norm > 0.0f)) return;
+  const F32x16 nv = set1(norm);
+  index_t j = 0;
+  for (; j + kF32x16Lanes <= n; j += kF32x16Lanes) store(x + j, div(load(x + j), nv));
+  if (j < n) {
+    const int w = static_cast<int>(n - j);
+    store_partial(x + j, div(load_partial(x + j, w), nv), w);
+  }
+}
+
+// y = a y - c x: the delta rule's step on one row (a = 1 skips the product,
+// which would not change a bit).
+MOEKIT_KERNEL_TARGET inline void decay_subtract(Path, float* y, const float* x, index_t n, float a,
+                                                float c) {
+  const F32x16 av = set1(a), cv = set1(c);
+  const bool decay = a != 1.0f;
+  index_t j = 0;
+  for (; j + kF32x16Lanes <= n; j += kF32x16Lanes) {
+    const F32x16 yv = decay ? mul(av, load(y + j)) : load(y + j);
+    store(y + j, fnmadd(cv, load(x + j), yv));
+  }
+  if (j < n) {
+    const int w = static_cast<int>(n - j);
+    const F32x16 yv = decay ? mul(av, load_partial(y + j, w)) : load_partial(y + j, w);
+    store_partial(y + j, fnmadd(cv, load_partial(x + j, w), yv), w);
+  }
+}
+
+// Row i of s: s_i = a s_i - c[i] k (S <- a S - c k^T).
+MOEKIT_KERNEL_TARGET inline void delta_rows(Path path, MatrixView<float> s, const float* c,
+                                            const float* k, float a) {
+  for (index_t i = 0; i < s.rows(); ++i) decay_subtract(path, s.row(i), k, s.cols(), a, c[i]);
+}
+
+// y += w x.
+MOEKIT_KERNEL_TARGET inline void axpy(Path, float* y, const float* x, index_t n, float w) {
+  const F32x16 wv = set1(w);
+  index_t j = 0;
+  for (; j + kF32x16Lanes <= n; j += kF32x16Lanes)
+    store(y + j, fmadd(wv, load(x + j), load(y + j)));
+  if (j < n) {
+    const int r = static_cast<int>(n - j);
+    store_partial(y + j, fmadd(wv, load_partial(x + j, r), load_partial(y + j, r)), r);
+  }
+}
+
+// y = z + g o, and exactly z where o is 0 (so that an empty memory leaves
+// the frozen output's bits alone, -0 included). y may be z.
+MOEKIT_KERNEL_TARGET inline void mix_row(Path, const float* z, const float* o, index_t n, float g,
+                                         float* y) {
+  const F32x16 gv = set1(g), none = zero();
+  index_t j = 0;
+  for (; j + kF32x16Lanes <= n; j += kF32x16Lanes) {
+    const F32x16 ov = load(o + j), zv = load(z + j);
+    store(y + j, select(cmp_eq(ov, none), zv, fmadd(gv, ov, zv)));
+  }
+  if (j < n) {
+    const int w = static_cast<int>(n - j);
+    const F32x16 ov = load_partial(o + j, w), zv = load_partial(z + j, w);
+    store_partial(y + j, select(cmp_eq(ov, none), zv, fmadd(gv, ov, zv)), w);
+  }
+}
+
+// sigma(z) (vec_math's sigmoid).
+MOEKIT_KERNEL_TARGET inline float sigmoid_of(Path, float z) { return first_lane(sigmoid(set1(z))); }
+
+// ---- int8 keys ----
+
+// Symmetric int8 quantisation of one row: scale = max |x| / 127 and
+// q[j] = round(x[j] / scale) (to nearest, ties to even) in [-127, 127],
+// written as int32; a zero row gives scale 0 and q = 0. Returns the scale.
+MOEKIT_DETAIL_MEMORY F32x16 quantize_block(F32x16 x, F32x16 inv) {
+  // Adding 1.5 * 2^23 rounds |v| < 2^22 to an integer, ties to even.
+  const F32x16 magic = set1(12582912.0f);
+  const F32x16 r = sub(add(mul(x, inv), magic), magic);
+  return min(set1(127.0f), max(set1(-127.0f), r));
+}
+MOEKIT_KERNEL_TARGET inline float quantize_row(Path, const float* x, index_t n, std::int32_t* q) {
+  F32x16 amax = zero();
+  index_t j = 0;
+  for (; j + kF32x16Lanes <= n; j += kF32x16Lanes) amax = max(abs(load(x + j)), amax);
+  if (j < n) amax = max(abs(load_partial(x + j, static_cast<int>(n - j))), amax);
+  const float m = reduce_max(amax);
+  if (!(m > 0.0f)) {
+    for (index_t c = 0; c < n; ++c) q[c] = 0;
+    return 0.0f;
+  }
+  const F32x16 inv = set1(127.0f / m);
+  for (j = 0; j + kF32x16Lanes <= n; j += kF32x16Lanes) {
+    store_i32(q + j, to_i32(quantize_block(load(x + j), inv)));
+  }
+  if (j < n) {
+    const int w = static_cast<int>(n - j);
+    std::int32_t tail[kF32x16Lanes];
+    store_i32(tail, to_i32(quantize_block(load_partial(x + j, w), inv)));
+    for (int c = 0; c < w; ++c) q[j + c] = tail[c];
+  }
+  return m / 127.0f;
+}
+
+// out[r] = sum_j rows(r, j) q[j], exact in int32 (|sum| < 2^31 for rows of
+// int8 in [-127, 127] and q of at most 2^17 elements in the same range).
+template <std::size_t M>
+MOEKIT_DETAIL_MEMORY void dot_i8_block(const std::int8_t* const* rows, const std::int32_t* q,
+                                       index_t n, std::int32_t* out) {
+  I32x16 acc[M];
+  for (std::size_t r = 0; r < M; ++r) acc[r] = set1_i32(0);
+  index_t j = 0;
+  for (; j + kF32x16Lanes <= n; j += kF32x16Lanes) {
+    const I32x16 qv = load_i32(q + j);
+    for (std::size_t r = 0; r < M; ++r) acc[r] = add_i32(acc[r], mul_i32(load_i8(rows[r] + j), qv));
+  }
+  // The tail, fewer than 16 elements (counted in int: GCC's loop analysis
+  // then sees its bound and stops warning about iteration 2^62 at -O3).
+  const int tail = static_cast<int>(n - j);
+  for (std::size_t r = 0; r < M; ++r) {
+    std::int32_t s = reduce_add_i32(acc[r]);
+    for (int c = 0; c < tail; ++c) s += rows[r][j + c] * q[j + c];
+    out[r] = s;
+  }
+}
+MOEKIT_KERNEL_TARGET inline void dot_i8_rows(Path, MatrixView<const std::int8_t> rows,
+                                             const std::int32_t* q, std::int32_t* out) {
+  const index_t n = rows.cols();
+  index_t i = 0;
+  for (; i + 4 <= rows.rows(); i += 4) {
+    const std::int8_t* r[4] = {rows.row(i), rows.row(i + 1), rows.row(i + 2), rows.row(i + 3)};
+    dot_i8_block<4>(r, q, n, out + i);
+  }
+  for (; i < rows.rows(); ++i) {
+    const std::int8_t* r = rows.row(i);
+    dot_i8_block<1>(&r, q, n, out + i);
+  }
+}
+
+// out[r] = (q_scale row_scale[r]) dots[r]: the float scores of n rows from
+// their exact integer dot products (int32 -> float rounds to nearest).
+MOEKIT_KERNEL_TARGET inline void scale_scores(Path, const std::int32_t* dots,
+                                              const float* row_scale, float q_scale, index_t n,
+                                              float* out) {
+  const F32x16 qs = set1(q_scale);
+  std::int32_t tail[kF32x16Lanes] = {};
+  index_t j = 0;
+  for (; j + kF32x16Lanes <= n; j += kF32x16Lanes) {
+    store(out + j, mul(mul(qs, load(row_scale + j)), to_f32(load_i32(dots + j))));
+  }
+  if (j < n) {
+    const int w = static_cast<int>(n - j);
+    for (int c = 0; c < w; ++c) tail[c] = dots[j + c];
+    store_partial(out + j, mul(mul(qs, load_partial(row_scale + j, w)), to_f32(load_i32(tail))), w);
+  }
+}
+
+// w = softmax(tau s) over k <= 16 scores (max first subtracted); returns
+// sum_j w_j^2.
+MOEKIT_KERNEL_TARGET inline float softmax_weights(Path, const float* s, int k, float tau,
+                                                  float* w) {
+  const Mask16 live = first_lanes(k);
+  const F32x16 low = set1(-std::numeric_limits<float>::infinity());
+  const F32x16 sv = select(live, load_partial(s, k), low);
+  const float m = reduce_max(sv);
+  const F32x16 e = select(live, exp(mul(sub(sv, set1(m)), set1(tau))), zero());
+  const F32x16 wv = div(e, set1(reduce_add(e)));
+  store_partial(w, wv, k);
+  return reduce_add(mul(wv, wv));
+}
+
+#undef MOEKIT_DETAIL_MEMORY

@@ -1,0 +1,170 @@
+#pragma once
+// The batch-invariance property (docs/determinism.md): an item's result (a
+// token's, a sequence's) must be bit-identical whatever else is in its
+// batch, wherever it sits there, and on any OpenMP thread count.
+//
+// The harness takes a component as `run(items)`: run the items (indices into
+// a pool of random inputs the test owns) as one batch, in that order, and
+// return each item's result, one float vector per item. It runs every item
+// alone on one thread for the reference, then random batches of 1 to
+// max_items items drawn with repetition from the pool in random order, on
+// 1 and 2 threads and on every CPU path the machine has (cpu/isa.hpp:
+// generic, AVX2, AVX-512 and AMX, which all promise the same bits), and
+// compares each item's bits with its reference.
+// Results hold no NaN (components poison their outputs with NaN before a
+// run, so an element left unwritten shows); integers (expert ids) are
+// passed as floats, which hold them exactly.
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <iomanip>
+#include <random>
+#include <sstream>
+#include <vector>
+
+#include "moekit/core/types.hpp"
+#include "moekit/cpu/isa.hpp"
+#include "test_support.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace moekit_test {
+
+using BatchResults = std::vector<std::vector<float>>;
+
+// The OpenMP thread count for one scope (nothing without OpenMP).
+class ThreadCount {
+ public:
+  explicit ThreadCount(int n) {
+#if defined(_OPENMP)
+    saved_ = omp_get_max_threads();
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+  }
+  ~ThreadCount() {
+#if defined(_OPENMP)
+    omp_set_num_threads(saved_);
+#endif
+  }
+  ThreadCount(const ThreadCount&) = delete;
+  ThreadCount& operator=(const ThreadCount&) = delete;
+
+ private:
+  int saved_ = 1;
+};
+
+// The thread counts the property covers: 1 and 2 (1 alone without OpenMP).
+inline std::vector<int> invariance_thread_counts() {
+#if defined(_OPENMP)
+  return {1, 2};
+#else
+  return {1};
+#endif
+}
+
+// The CPU paths this machine can run, the widest last.
+inline std::vector<moekit::cpu::Isa> invariance_isas() {
+  using moekit::cpu::Isa;
+  std::vector<Isa> isas;
+  for (const Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
+    if (moekit::cpu::isa_available(isa)) isas.push_back(isa);
+  }
+  return isas;
+}
+
+// Batch sizes for one thread count: 1, 2, one small, one medium and one
+// large random size, and max_items (those at most max_items, without repeats).
+inline std::vector<moekit::index_t> invariance_batch_sizes(moekit::index_t max_items,
+                                                           std::mt19937& rng) {
+  using moekit::index_t;
+  const auto draw = [&](index_t lo, index_t hi) {
+    return std::uniform_int_distribution<index_t>(lo, std::max(lo, hi))(rng);
+  };
+  std::vector<index_t> sizes{1, 2, draw(3, 17), draw(18, 255), draw(256, max_items - 1), max_items};
+  sizes.erase(std::remove_if(sizes.begin(), sizes.end(), [&](index_t s) { return s > max_items; }),
+              sizes.end());
+  std::sort(sizes.begin(), sizes.end());
+  sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
+  return sizes;
+}
+
+namespace detail {
+
+inline bool has_nan(const std::vector<float>& v) {
+  return std::any_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
+}
+
+// "element i: 0x... vs 0x..." for the first element whose bits differ.
+inline std::string first_difference(const std::vector<float>& got, const std::vector<float>& want) {
+  std::ostringstream s;
+  if (got.size() != want.size()) {
+    s << got.size() << " values, alone " << want.size();
+    return s.str();
+  }
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (!same_bits(&got[i], 1, &want[i], 1)) {
+      std::uint32_t got_bits = 0, want_bits = 0;
+      std::memcpy(&got_bits, &got[i], sizeof got_bits);
+      std::memcpy(&want_bits, &want[i], sizeof want_bits);
+      s << "element " << i << ": " << std::setprecision(9) << got[i] << " (0x" << std::hex
+        << got_bits << ") in the batch, " << want[i] << " (0x" << want_bits << ") alone";
+      break;
+    }
+  }
+  return s.str();
+}
+
+}  // namespace detail
+
+// Checks the property for `run` over a pool of `pool` items (see the top of
+// this file); `seed` picks the batches. The reference runs on the widest path.
+template <class Run>
+void expect_batch_invariant(moekit::index_t pool, moekit::index_t max_items, std::uint32_t seed,
+                            Run&& run) {
+  using moekit::index_t;
+  BatchResults alone(static_cast<std::size_t>(pool));
+  {
+    const ThreadCount one(1);
+    for (index_t i = 0; i < pool; ++i) {
+      BatchResults r = run(std::vector<index_t>{i});
+      ASSERT_EQ(r.size(), 1u);
+      alone[static_cast<std::size_t>(i)] = std::move(r[0]);
+      ASSERT_FALSE(alone[static_cast<std::size_t>(i)].empty()) << "item " << i;
+      ASSERT_FALSE(detail::has_nan(alone[static_cast<std::size_t>(i)]))
+          << "item " << i << " alone has a NaN (an unwritten output?)";
+    }
+  }
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<index_t> pick(0, pool - 1);
+  for (const moekit::cpu::Isa isa : invariance_isas()) {
+    const moekit::cpu::IsaLimit path(isa);
+    for (const int threads : invariance_thread_counts()) {
+      const ThreadCount scope(threads);
+      for (const index_t size : invariance_batch_sizes(max_items, rng)) {
+        std::vector<index_t> items(static_cast<std::size_t>(size));
+        for (index_t& item : items) item = pick(rng);
+        const BatchResults got = run(items);
+        ASSERT_EQ(got.size(), items.size());
+        for (std::size_t j = 0; j < items.size(); ++j) {
+          const std::vector<float>& want = alone[static_cast<std::size_t>(items[j])];
+          // One report per batch: the first item that differs.
+          ASSERT_TRUE(same_bits(got[j], want))
+              << "item " << items[j] << " at position " << j << " of a batch of " << size << " on "
+              << threads << " thread(s), " << moekit::cpu::isa_name(isa)
+              << " path: " << detail::first_difference(got[j], want);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace moekit_test

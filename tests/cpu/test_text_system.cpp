@@ -1,0 +1,581 @@
+// The text multi-task system: dataset readers (moekit/text/datasets.hpp),
+// the encoder cache (moekit/text/encoded_cache.hpp), the model
+// (moekit/nn/text_multitask_model.hpp) and its training helpers
+// (moekit/train/text_tasks.hpp).
+//
+// TextDatasets.*, EncodedCache.* and TextMultitaskModel.* are unit tests on
+// made-up files, a tiny random BERT and random token states (also run under
+// ASan/UBSan). TextSystem.* trains on real text (a small subset of the
+// corpora tools/fetch_data.sh unpacks, with all-MiniLM-L6-v2) and runs in the
+// optimised build only (tools/test.sh); it skips without the model or the
+// data, and fails instead where the environment variable CI is set.
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "bert_reference.hpp"
+#include "expect_error.hpp"
+#include "moekit/core/random.hpp"
+#include "moekit/io/bert.hpp"
+#include "moekit/nn/text_multitask_model.hpp"
+#include "moekit/text/datasets.hpp"
+#include "moekit/text/encoded_cache.hpp"
+#include "moekit/train/text_tasks.hpp"
+#include "moekit/train/trainer.hpp"
+
+namespace {
+
+using moekit::Errc;
+using moekit::index_t;
+using moekit_test::expect_error;
+namespace cpu = moekit::cpu;
+namespace text = moekit::text;
+namespace train = moekit::train;
+
+std::filesystem::path temp_dir(const std::string& name) {
+  std::string dir = "moekit_text_";
+  dir += ::testing::UnitTest::GetInstance()->current_test_info()->name();
+  const auto path = std::filesystem::temp_directory_path() / dir / name;
+  std::filesystem::remove_all(path);
+  std::filesystem::create_directories(path);
+  return path;
+}
+
+std::filesystem::path write(const std::filesystem::path& path, const std::string& content) {
+  std::filesystem::create_directories(path.parent_path());
+  std::ofstream(path, std::ios::binary) << content;
+  return path;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// ---- readers ------------------------------------------------------------------------------------
+
+TEST(TextDatasets, ReadsOrangeTabWithQuotesCrlfAndBlankLines) {
+  const auto dir = temp_dir("tab");
+  const std::string tab =
+      "Id\tText\tCategory\r\n"
+      "d\tstring\td\r\n"
+      "\tmeta\tclass\r\n"
+      "\r\n"
+      "1\t\"said \"\"hi\"\", then\tleft\"\tsport\r\n"
+      "2\tplain text\tnews\r\n"
+      "\n"
+      "3\t\"two\nlines\"\tsport";  // no line end at the end
+  const text::LabelledTexts t =
+      text::read_orange_tab(write(dir / "a.tab", tab), "Text", "Category");
+  ASSERT_EQ(t.size(), 3);
+  EXPECT_EQ(t.texts[0], "said \"hi\", then\tleft");
+  EXPECT_EQ(t.texts[1], "plain text");
+  EXPECT_EQ(t.texts[2], "two\nlines");
+  EXPECT_EQ(t.classes, (std::vector<std::string>{"news", "sport"}));  // sorted
+  EXPECT_EQ(t.labels, (std::vector<std::int32_t>{1, 0, 1}));
+  // A fixed class list: ids are positions in it.
+  const text::LabelledTexts u =
+      text::read_orange_tab(dir / "a.tab", "Text", "Category", {"sport", "news", "other"});
+  EXPECT_EQ(u.labels, (std::vector<std::int32_t>{0, 1, 0}));
+  EXPECT_EQ(u.num_classes(), 3);
+}
+
+TEST(TextDatasets, ReadsQuotedCsvWithEmbeddedNewlines) {
+  const auto dir = temp_dir("csv");
+  const std::string csv =
+      "\xEF\xBB\xBF"
+      "category,text,movie\n"
+      "fresh,\"Good, really\n\ngood.\",a\n"
+      "rotten,bad,\"b\"\n";
+  const text::LabelledTexts t = text::read_csv(write(dir / "a.csv", csv), "text", "category");
+  ASSERT_EQ(t.size(), 2);
+  EXPECT_EQ(t.texts[0], "Good, really\n\ngood.");
+  EXPECT_EQ(t.labels, (std::vector<std::int32_t>{0, 1}));
+}
+
+TEST(TextDatasets, ReadsOneFolderPerClass) {
+  const auto dir = temp_dir("folders");
+  write(dir / "tech" / "002.txt", "chips");
+  write(dir / "tech" / "001.txt", "bytes \xa3 latin-1");
+  write(dir / "arts" / "001.txt", "paint");
+  const text::LabelledTexts t = text::read_class_folders(dir);
+  EXPECT_EQ(t.classes, (std::vector<std::string>{"arts", "tech"}));
+  EXPECT_EQ(t.texts, (std::vector<std::string>{"paint", "bytes \xa3 latin-1", "chips"}));
+  EXPECT_EQ(t.labels, (std::vector<std::int32_t>{0, 1, 1}));
+  write(dir / "stray.txt", "x");
+  const std::string m = expect_error([&] { text::read_class_folders(dir); }, Errc::kFormatError);
+  EXPECT_NE(m.find("stray.txt"), std::string::npos) << m;
+  expect_error([&] { text::read_class_folders(dir / "none"); }, Errc::kIoError);
+}
+
+// Each hostile file is rejected with its name, the line and the field.
+TEST(TextDatasets, RejectsMalformedFilesNamingFileLineAndField) {
+  const auto dir = temp_dir("bad");
+  const std::string head = "Text\tCategory\nstring\td\n\tclass\n";
+  struct Case {
+    const char* name;
+    std::string content;
+    const char* expect;  // in the message
+  };
+  const std::vector<Case> cases = {
+      {"fields.tab", head + "ok\ta\ntoo\tmany\tfields\n", ":5: the record has 3 fields"},
+      {"short.tab", head + "ok\ta\nalone\n", "\"Category\" is missing"},
+      {"open.tab", head + "\"never closed\ta\n", ":4: field 1: the quoted field is not closed"},
+      {"after.tab", head + "\"quoted\"x\ta\n", ":4: field 1: text after the closing quote"},
+      {"empty_class.tab", head + "text\t\n", ":4: field \"Category\" (the class) is empty"},
+      {"no_records.tab", head, "no records"},
+      {"empty.tab", "", "the file is empty"},
+      {"header.tab", "Text\tCategory\nstring\td\n", "header line 3 of 3 is missing"},
+      {"header_width.tab", "Text\tCategory\nstring\n\tclass\n", ":2: header line 2 has 1 fields"},
+      {"column.tab", "Body\tCategory\nstring\td\n\tclass\nx\ta\n", "no column \"Text\""},
+  };
+  for (const Case& c : cases) {
+    const auto path = write(dir / c.name, c.content);
+    const std::string m =
+        expect_error([&] { text::read_orange_tab(path, "Text", "Category"); }, Errc::kFormatError);
+    EXPECT_NE(m.find(path.string()), std::string::npos) << c.name << ": " << m;
+    EXPECT_NE(m.find(c.expect), std::string::npos) << c.name << ": " << m;
+  }
+  const auto path = write(dir / "unknown.tab", head + "x\tb\n");
+  const std::string m = expect_error(
+      [&] { text::read_orange_tab(path, "Text", "Category", {"a"}); }, Errc::kFormatError);
+  EXPECT_NE(m.find(":4: field \"Category\": class \"b\" is not one of the 1"), std::string::npos)
+      << m;
+  expect_error([&] { text::read_csv(dir / "missing.csv", "t", "c"); }, Errc::kIoError);
+}
+
+TEST(TextDatasets, SeededSplitIsAFixedPartition) {
+  const text::Split a = text::seeded_split(101, 0.2, 5), b = text::seeded_split(101, 0.2, 5);
+  EXPECT_EQ(a.test, b.test);
+  EXPECT_EQ(a.test.size(), 20u);
+  EXPECT_EQ(a.train.size(), 81u);
+  std::vector<index_t> all = a.train;
+  all.insert(all.end(), a.test.begin(), a.test.end());
+  std::sort(all.begin(), all.end());
+  for (index_t i = 0; i < 101; ++i) EXPECT_EQ(all[static_cast<std::size_t>(i)], i);
+  EXPECT_NE(text::seeded_split(101, 0.2, 6).test, a.test);
+  expect_error([] { text::seeded_split(5, 1.5, 0); }, Errc::kInvalidArgument);
+}
+
+// ---- the encoder cache --------------------------------------------------------------------------
+
+moekit::io::BertModel tiny_model(std::uint32_t seed) {
+  const cpu::BertEncoderConfig c = moekit_test::tiny_bert_config();
+  std::vector<std::string> vocab = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"};
+  for (char ch = 'a'; ch <= 'z'; ++ch) vocab.emplace_back(1, ch);
+  for (const char* w : {"the", "cat", "sat", "on", "mat", ".", "##s"}) vocab.emplace_back(w);
+  moekit::io::BertModel m{cpu::BertEncoder(c), cpu::BertEncoderStorage(c),
+                          text::WordPieceTokenizer(vocab)};
+  moekit_test::randomize(m.weights.views(), seed);
+  return m;
+}
+
+TEST(EncodedCache, CachedTextsHaveTheBitsOfAFreshRunAndStaleFilesAreRebuilt) {
+  const auto dir = temp_dir("cache");
+  const auto file = dir / "c.mkenc";
+  const moekit::io::BertModel model = tiny_model(3);
+  const std::vector<std::string> texts = {"the cat sat", "on the mat .", "cats", "the cat sat",
+                                          "x y z q w e r t y u i o p"};
+  text::CacheStats st;
+  const text::EncodedTexts fresh = text::encode_texts(model, 1, texts, 8, {1}, {}, {}, &st);
+  EXPECT_EQ(st.encoded, 4);  // the duplicate once
+  ASSERT_EQ(fresh.size(), 5);
+  EXPECT_EQ(fresh.length(4), 8);  // truncated to max_length
+  EXPECT_EQ(fresh.length(0), fresh.length(3));
+
+  const text::EncodedTexts first = text::encode_texts(model, 1, texts, 8, {1}, file, {}, &st);
+  EXPECT_TRUE(st.rebuilt);
+  EXPECT_EQ(st.encoded, 4);
+  const text::EncodedTexts again = text::encode_texts(model, 1, texts, 8, {1}, file, {}, &st);
+  EXPECT_FALSE(st.rebuilt);
+  EXPECT_EQ(st.encoded, 0);
+  EXPECT_EQ(st.reused, 4);
+  for (const text::EncodedTexts* e : {&first, &again}) {
+    EXPECT_EQ(e->ids, fresh.ids);
+    EXPECT_EQ(e->states, fresh.states);
+    EXPECT_EQ(e->pooled, fresh.pooled);
+    EXPECT_EQ(e->offsets, fresh.offsets);
+  }
+  // The f16 states are the encoder's within f16 rounding.
+  std::vector<index_t> one = {1}, off;
+  std::vector<float> states;
+  fresh.gather_states({one.data(), 1}, states, off);
+  ASSERT_EQ(off, (std::vector<index_t>{0, fresh.length(1)}));
+  for (const float v : states) EXPECT_TRUE(std::isfinite(v));
+
+  // A new text is added to the file; the old ones stay.
+  std::vector<std::string> more = {"sat on mat"};
+  text::encode_texts(model, 1, more, 8, {1}, file, {}, &st);
+  EXPECT_EQ(st.encoded, 1);
+  text::encode_texts(model, 1, texts, 8, {1}, file, {}, &st);
+  EXPECT_EQ(st.encoded, 0);
+  // Another model hash, max length or exit layers: rebuilt.
+  text::encode_texts(model, 2, texts, 8, {1}, file, {}, &st);
+  EXPECT_TRUE(st.rebuilt);
+  EXPECT_EQ(st.encoded, 4);
+  text::encode_texts(model, 2, texts, 9, {1}, file, {}, &st);
+  EXPECT_TRUE(st.rebuilt);
+  text::encode_texts(model, 2, texts, 9, {}, file, {}, &st);
+  EXPECT_TRUE(st.rebuilt);
+  // A truncated or corrupt file: rebuilt, same bits.
+  const auto size = std::filesystem::file_size(file);
+  std::filesystem::resize_file(file, size - 7);
+  const text::EncodedTexts repaired = text::encode_texts(model, 2, texts, 9, {}, file, {}, &st);
+  EXPECT_TRUE(st.rebuilt);
+  EXPECT_EQ(repaired.states, text::encode_texts(model, 2, texts, 9, {}, {}).states);
+  write(file, "garbage");
+  text::encode_texts(model, 2, texts, 9, {}, file, {}, &st);
+  EXPECT_TRUE(st.rebuilt);
+  // Bad arguments.
+  expect_error([&] { text::encode_texts(model, 1, texts, 1, {1}, {}); }, Errc::kInvalidArgument);
+  expect_error([&] { text::encode_texts(model, 1, texts, 8, {2}, {}); }, Errc::kInvalidArgument);
+}
+
+// ---- the model ----------------------------------------------------------------------------------
+
+template <int E, int K, int H>
+using Model =
+    cpu::TextMultitaskModel<moekit::MoeSpec<E, K>, moekit::LoraSpec<2>, moekit::HeadSpec<H>>;
+
+template <class M>
+typename M::Config small_config(int moe_layers = 2) {
+  typename M::Config c;
+  c.d_model = 12;
+  c.moe.d_model = 12;
+  c.moe.d_ff = 10;
+  c.moe.kind = moekit::FfnKind::kGated;
+  c.moe.activation = moekit::Activation::kSilu;
+  c.moe.switch_coeff = 0.1f;
+  c.moe.z_coeff = 1e-3f;
+  c.num_moe_layers = moe_layers;
+  c.max_batch = 8;
+  c.max_tokens = 40;
+  c.seed = 3;
+  for (std::size_t h = 0; h < c.classes.size(); ++h) c.classes[h] = 3 + static_cast<index_t>(h);
+  return c;
+}
+
+struct Tokens {
+  std::vector<float> x;
+  std::vector<index_t> offsets{0};
+  std::vector<std::int32_t> tasks, labels;
+  cpu::TextBatch view(index_t d) const {
+    const index_t n = static_cast<index_t>(tasks.size());
+    return {{x.data(), offsets.back(), d},
+            {offsets.data(), n + 1},
+            {tasks.data(), n},
+            {labels.data(), n}};
+  }
+};
+
+Tokens random_tokens(index_t n, index_t d, int heads, std::uint64_t seed) {
+  Tokens b;
+  for (index_t i = 0; i < n; ++i) {
+    const int t = static_cast<int>(moekit::random_bits(seed + 1, static_cast<std::uint64_t>(i)) %
+                                   static_cast<std::uint64_t>(heads));
+    b.tasks.push_back(t);
+    b.labels.push_back(
+        static_cast<std::int32_t>(moekit::random_bits(seed + 2, static_cast<std::uint64_t>(i)) %
+                                  static_cast<std::uint64_t>(3 + t)));
+    b.offsets.push_back(b.offsets.back() + 1 + static_cast<index_t>(i % 4));
+  }
+  b.x.resize(static_cast<std::size_t>(b.offsets.back() * d));
+  for (std::size_t i = 0; i < b.x.size(); ++i) b.x[i] = moekit::random_normal(seed, i);
+  return b;
+}
+
+// Every trained tensor's gradient against fourth-order central differences
+// (K = E: the top-k choice cannot flip, so the loss is smooth).
+TEST(TextMultitaskModel, GradientsMatchFiniteDifferences) {
+  using M = Model<3, 3, 2>;
+  M model(small_config<M>());
+  for (float& v : model.tensor("adapter.lora_B").value) v = 0.2f;  // B = 0 would hide dA
+  const Tokens data = random_tokens(7, 12, 2, 9);
+  const cpu::TextBatch batch = data.view(12);
+  for (cpu::ModelTensor& t : model.tensors()) {
+    if (t.grad.empty()) continue;
+    model.loss_and_grads(batch, cpu::TrainScope::all(), {});
+    const std::vector<float> grad = t.grad;
+    double num = 0.0, den = 0.0;
+    for (std::size_t i = 0; i < t.value.size(); i += 1 + t.value.size() / 9) {
+      const float v = t.value[i], h = 1e-2f;
+      const auto loss_at = [&](float delta) {
+        t.value[i] = v + delta;
+        return model.loss_and_grads(batch, cpu::TrainScope::all(), {}).total;
+      };
+      const double fd =
+          (8.0 * (loss_at(h) - loss_at(-h)) - (loss_at(2 * h) - loss_at(-2 * h))) / (12.0 * h);
+      t.value[i] = v;
+      num += (fd - grad[i]) * (fd - grad[i]);
+      den += fd * fd;
+    }
+    EXPECT_LT(std::sqrt(num / den), 5e-3) << t.name;
+  }
+}
+
+// The forward against a float64 reference of the same math: mean pooling,
+// the per-sample term, the adapter and the head (no MoE layers, so the
+// reference stays short; the MoE layer has its own tests).
+TEST(TextMultitaskModel, PoolingTermAdapterAndHeadMatchFloat64) {
+  using M = Model<2, 1, 2>;
+  M model(small_config<M>(0));
+  for (cpu::ModelTensor& t : model.tensors()) {
+    for (std::size_t i = 0; i < t.value.size(); ++i)
+      t.value[i] += 0.1f * moekit::random_normal(77, i);
+  }
+  const Tokens data = random_tokens(6, 12, 2, 4);
+  std::vector<float> term(6 * 12);
+  for (std::size_t i = 0; i < term.size(); ++i) term[i] = moekit::random_normal(5, i);
+  cpu::TextBatch batch = data.view(12);
+  batch.pooled_term = {term.data(), 6, 12};
+  const index_t C = model.heads().max_classes();
+  std::vector<float> z(6 * static_cast<std::size_t>(C), std::nanf(""));
+  model.predict(batch, {z.data(), 6, C});
+  const auto& P = model.tensor("adapter.weight");
+  const auto& A = model.tensor("adapter.lora_A");
+  const auto& B = model.tensor("adapter.lora_B");
+  const auto& W = model.tensor("heads.weight");
+  const auto& b = model.tensor("heads.bias");
+  const double s = model.adapters().scale();
+  const auto Cs = static_cast<std::size_t>(C);
+  for (std::size_t i = 0; i < 6; ++i) {
+    const auto t = static_cast<std::size_t>(data.tasks[i]);
+    std::vector<double> p(12, 0.0), a(12, 0.0), h(2, 0.0);
+    const auto begin = static_cast<std::size_t>(data.offsets[i]),
+               end = static_cast<std::size_t>(data.offsets[i + 1]);
+    for (std::size_t tok = begin; tok < end; ++tok)
+      for (std::size_t j = 0; j < 12; ++j) p[j] += data.x[tok * 12 + j] / double(end - begin);
+    for (std::size_t j = 0; j < 12; ++j) p[j] += term[i * 12 + j];
+    for (std::size_t r = 0; r < 2; ++r)
+      for (std::size_t j = 0; j < 12; ++j) h[r] += double(A.value[(t * 2 + r) * 12 + j]) * p[j];
+    for (std::size_t o = 0; o < 12; ++o) {
+      for (std::size_t j = 0; j < 12; ++j) a[o] += double(P.value[o * 12 + j]) * p[j];
+      for (std::size_t r = 0; r < 2; ++r) a[o] += s * B.value[(t * 12 + o) * 2 + r] * h[r];
+    }
+    const auto first = static_cast<std::size_t>(model.heads().class_offset(static_cast<int>(t)));
+    const auto classes = static_cast<std::size_t>(model.heads().classes(static_cast<int>(t)));
+    for (std::size_t c = 0; c < Cs; ++c) {
+      if (c >= classes) {
+        EXPECT_TRUE(std::isinf(z[i * Cs + c]));
+        continue;
+      }
+      double ref = b.value[first + c];
+      for (std::size_t j = 0; j < 12; ++j) ref += double(W.value[(first + c) * 12 + j]) * a[j];
+      EXPECT_NEAR(z[i * Cs + c], ref, 1e-4 * (1 + std::fabs(ref))) << i << " " << c;
+    }
+  }
+}
+
+TEST(TextMultitaskModel, RejectsBadConfigurationsAndBatches) {
+  using M = Model<2, 1, 2>;
+  auto c = small_config<M>();
+  c.moe.num_shared = 1;
+  expect_error([&] { M m(c); }, Errc::kInvalidArgument);
+  c = small_config<M>();
+  c.moe.d_model = 5;
+  expect_error([&] { M m(c); }, Errc::kInvalidArgument);
+  M model(small_config<M>());
+  Tokens data = random_tokens(4, 12, 2, 1);
+  const index_t C = model.heads().max_classes();
+  std::vector<float> z(4 * static_cast<std::size_t>(C));
+  data.offsets[2] = data.offsets[1];  // an empty sample
+  std::string m = expect_error(
+      [&] {
+        model.predict(data.view(12), {z.data(), 4, C});
+      },
+      Errc::kInvalidArgument);
+  EXPECT_NE(m.find("batch.offsets[2]"), std::string::npos) << m;
+  data = random_tokens(4, 12, 2, 1);
+  data.tasks[3] = 2;
+  expect_error([&] { model.predict(data.view(12), {z.data(), 4, C}); }, Errc::kOutOfRange);
+  data = random_tokens(9, 12, 2, 1);  // > max_batch
+  std::vector<float> z9(9 * static_cast<std::size_t>(C));
+  expect_error([&] { model.predict(data.view(12), {z9.data(), 9, C}); }, Errc::kShapeMismatch);
+  data = random_tokens(4, 12, 2, 1);
+  std::vector<float> teacher(4 * static_cast<std::size_t>(C));
+  cpu::TextBatch b = data.view(12);
+  b.teacher = {teacher.data(), 4, C};
+  expect_error([&] { model.loss_and_grads(b, cpu::TrainScope::all(), {}); },
+               Errc::kInvalidArgument);  // distillation needs one branch
+}
+
+// A branch added and trained alone leaves the old branches' logits bit-identical,
+// and a resumed run equals a straight one.
+TEST(TextMultitaskModel, ExpansionKeepsOldBranchesAndResumeIsBitIdentical) {
+  using M = Model<4, 2, 2>;
+  const Tokens data = random_tokens(8, 12, 2, 3);
+  const auto run = [&](M& m, std::int64_t from, std::int64_t to, const std::filesystem::path& load,
+                       const std::filesystem::path& save) {
+    train::TrainerConfig tc;
+    tc.warmup_steps = 2;
+    tc.total_steps = 10;
+    train::Trainer<M> trainer(m, tc);
+    if (!load.empty()) trainer.load_checkpoint(load);
+    EXPECT_EQ(trainer.steps(), from);
+    for (std::int64_t s = from; s < to; ++s) trainer.step(data.view(12));
+    if (!save.empty()) trainer.save_checkpoint(save);
+  };
+  const auto dir = temp_dir("ckpt");
+  M straight(small_config<M>()), resumed(small_config<M>());
+  run(straight, 0, 6, {}, {});
+  run(resumed, 0, 3, {}, dir / "a.safetensors");
+  M fresh(small_config<M>());
+  run(fresh, 3, 6, dir / "a.safetensors", {});
+  for (std::size_t i = 0; i < straight.tensors().size(); ++i) {
+    EXPECT_TRUE(same_bits(straight.tensors()[i].value, fresh.tensors()[i].value))
+        << straight.tensors()[i].name;
+  }
+
+  const index_t C = straight.heads().max_classes();
+  std::vector<float> before(8 * static_cast<std::size_t>(C));
+  straight.predict(data.view(12), {before.data(), 8, C});
+  auto bigger = straight.with_branch(4, 21);
+  using Big = decltype(bigger);
+  Tokens only = random_tokens(8, 12, 1, 5);
+  for (std::int32_t& t : only.tasks) t = 2;
+  train::TrainerConfig tc;
+  tc.scope = cpu::TrainScope::only_branch(2);
+  train::Trainer<Big> trainer(bigger, tc);
+  for (int s = 0; s < 4; ++s) trainer.step(only.view(12));
+  const index_t C5 = bigger.heads().max_classes();
+  std::vector<float> after(8 * static_cast<std::size_t>(C5));
+  bigger.predict(data.view(12), {after.data(), 8, C5});
+  for (std::size_t i = 0; i < 8; ++i) {
+    const auto classes = static_cast<std::size_t>(bigger.heads().classes(data.tasks[i]));
+    for (std::size_t c = 0; c < classes; ++c) {
+      EXPECT_EQ(std::memcmp(&before[i * static_cast<std::size_t>(C) + c],
+                            &after[i * static_cast<std::size_t>(C5) + c], sizeof(float)),
+                0)
+          << i << c;
+    }
+  }
+  EXPECT_NE(bigger.tensor("heads.bias").value.back(), 0.0f);  // the new branch did train
+}
+
+// ---- on real text (optimised build only) --------------------------------------------------------
+
+std::filesystem::path env_dir(const char* var, const char* fallback_under_home) {
+  if (const char* v = std::getenv(var); v != nullptr && *v != '\0') return v;
+  const char* home = std::getenv("HOME");
+  return home != nullptr && fallback_under_home != nullptr
+             ? std::filesystem::path(home) / fallback_under_home
+             : std::filesystem::path();
+}
+
+// 192 training and 64 test texts per task (256 each), the real encoder with
+// its cache in a temporary folder, the MoE system trained for two epochs:
+// every branch beats its majority class by 10 points; then BBC News added as
+// a branch leaves the old branches' test logits bit-identical; and a run
+// stopped at a checkpoint and resumed equals a straight one.
+TEST(TextSystem, RealTextBeatsMajorityExpansionIsIsolatedAndResumeIsExact) {
+  const std::filesystem::path model_dir = env_dir("MOEKIT_MINILM_DIR", nullptr);
+  const std::filesystem::path data = env_dir("MOEKIT_DATA_DIR", ".cache/moekit/data");
+  const std::vector<train::CorpusFiles> files = train::reference_task_files();
+  bool have = !model_dir.empty() && std::filesystem::exists(model_dir / "model.safetensors");
+  for (const train::CorpusFiles& f : files) have = have && std::filesystem::exists(data / f.train);
+  if (!have) {
+    if (std::getenv("CI") != nullptr)
+      FAIL() << "the model or the data is missing (tools/bootstrap.sh)";
+    GTEST_SKIP() << "the model (MOEKIT_MINILM_DIR) or the data (MOEKIT_DATA_DIR) is missing";
+  }
+  const moekit::io::BertModel bert = moekit::io::load_bert_model(model_dir);
+  const std::uint64_t hash = text::model_fingerprint(model_dir);
+  const auto cache = temp_dir("cache");
+  std::vector<train::TextTask> tasks;
+  for (std::size_t t = 0; t < files.size(); ++t) {
+    train::TextTask task = train::read_reference_task(data, files[t], 192, 64, 100 + t);
+    if (t == 4) task = train::read_reference_task(data, files[t], 64, 64, 100 + t);
+    task.train_encoded = text::encode_texts(bert, hash, task.train.texts, 128, {2, 4},
+                                            cache / (task.name + "-train"));
+    task.test_encoded =
+        text::encode_texts(bert, hash, task.test.texts, 128, {2, 4}, cache / (task.name + "-test"));
+    tasks.push_back(std::move(task));
+  }
+  std::vector<const text::EncodedTexts*> tr, te;
+  std::vector<const std::vector<std::int32_t>*> trl, tel;
+  std::array<index_t, 4> classes{};
+  std::vector<index_t> class_list;
+  for (std::size_t t = 0; t < 4; ++t) {
+    tr.push_back(&tasks[t].train_encoded);
+    te.push_back(&tasks[t].test_encoded);
+    trl.push_back(&tasks[t].train.labels);
+    tel.push_back(&tasks[t].test.labels);
+    classes[t] = tasks[t].num_classes();
+    class_list.push_back(classes[t]);
+  }
+  train::TextSamples train_set(tr, trl), test_set(te, tel);
+
+  using M =
+      cpu::TextMultitaskModel<moekit::MoeSpec<8, 2>, moekit::LoraSpec<8>, moekit::HeadSpec<4>>;
+  typename M::Config c;
+  c.moe = {.d_model = 384,
+           .d_ff = 128,
+           .kind = moekit::FfnKind::kGated,
+           .activation = moekit::Activation::kSilu};
+  c.moe.switch_coeff = 0.01f;
+  c.classes = classes;
+  c.max_tokens = 32 * 128;
+  c.seed = 7;
+  train::TrainerConfig tc;
+  tc.lr = {2e-3f, 2e-3f, 2e-3f, 3e-3f};
+  const std::int64_t steps = 2 * train_set.size() / 32;
+  tc.warmup_steps = steps / 10;
+  tc.total_steps = steps;
+  M model(c);
+  train::Trainer<M> trainer(model, tc);
+  train::train_text_model<M>(trainer, train_set, steps, 32, 11);
+  const train::TextEval moe = train::evaluate_text_model(model, test_set);
+  const train::TextEval majority = train::evaluate_majority(train_set, test_set, class_list);
+  for (std::size_t t = 0; t < 4; ++t) {
+    EXPECT_GT(moe.accuracy[t], majority.accuracy[t] + 0.10)
+        << tasks[t].name << ": " << moe.accuracy[t] << " vs majority " << majority.accuracy[t];
+  }
+
+  // Expansion: BBC News trains only its adapter and head.
+  auto bigger = model.with_branch(tasks[4].num_classes(), 99);
+  using Big = decltype(bigger);
+  train::TextSamples bbc({&tasks[4].train_encoded}, {&tasks[4].train.labels}, 4);
+  train::TrainerConfig bc = tc;
+  bc.scope = cpu::TrainScope::only_branch(4);
+  bc.total_steps = 8;
+  bc.warmup_steps = 1;
+  train::Trainer<Big> bt(bigger, bc);
+  train::train_text_model<Big>(bt, bbc, 8, 32, 13);
+  const train::TextEval after = train::evaluate_text_model(bigger, test_set, {}, false);
+  for (index_t s = 0; s < test_set.size(); ++s) {
+    const index_t k =
+        classes[static_cast<std::size_t>(test_set.tasks()[static_cast<std::size_t>(s)])];
+    for (index_t j = 0; j < k; ++j) {
+      ASSERT_EQ(std::memcmp(&moe.logits[static_cast<std::size_t>(s * moe.logit_cols + j)],
+                            &after.logits[static_cast<std::size_t>(s * after.logit_cols + j)],
+                            sizeof(float)),
+                0)
+          << "sample " << s << " class " << j;
+    }
+  }
+  EXPECT_EQ(after.predictions, moe.predictions);
+
+  // Resume: 6 steps straight against 3, a checkpoint, a fresh model and 3 more.
+  const auto ckpt = temp_dir("ckpt") / "run.safetensors";
+  M straight(c), first(c), second(c);
+  tc.total_steps = 6;
+  tc.warmup_steps = 1;
+  train::Trainer<M> ts(straight, tc), t1(first, tc), t2(second, tc);
+  train::train_text_model<M>(ts, train_set, 6, 32, 17);
+  train::train_text_model<M>(t1, train_set, 3, 32, 17);
+  t1.save_checkpoint(ckpt);
+  t2.load_checkpoint(ckpt);
+  train::train_text_model<M>(t2, train_set, 6, 32, 17);
+  for (std::size_t i = 0; i < straight.tensors().size(); ++i) {
+    EXPECT_TRUE(same_bits(straight.tensors()[i].value, second.tensors()[i].value))
+        << straight.tensors()[i].name;
+  }
+}
+
+}  // namespace
