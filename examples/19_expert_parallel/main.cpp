@@ -1,5 +1,5 @@
-// 19_expert_parallel: the reference multi-task model trained with its
-// experts sharded over MPI ranks.
+// 19_expert_parallel: the multi-task model on synthetic data
+// (cpu::MultitaskModel) trained with its experts sharded over MPI ranks.
 //
 // Each rank holds the whole router, shared expert, adapters and heads, and
 // only its own routed experts (E = 8 split over the ranks); each rank trains

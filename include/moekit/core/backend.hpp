@@ -78,6 +78,7 @@ struct MoeLayerChecks {
   // all E; the expert-parallel layer's rank holds its own share only.
   int stacked_experts = -1;
 
+  // The experts the stacks hold.
   index_t stacked() const { return stacked_experts < 0 ? experts : stacked_experts; }
 
   template <class V>

@@ -321,6 +321,7 @@ void switch_loss_gradient(GatingRule rule, MatrixView<const float> logits,
                           const std::array<index_t, to_size(S::num_experts)>& assigned,
                           index_t tokens, SwitchLossOptions options, float coeff,
                           MatrixView<float> dlogits) {
+  MOEKIT_API("cpu::switch_loss_gradient");
   constexpr int kE = S::num_experts;
   check_shape(scores, logits.rows(), kE, "scores");
   check_shape(dlogits, logits.rows(), kE, "dlogits");
@@ -337,9 +338,11 @@ void switch_loss_gradient(GatingRule rule, MatrixView<const float> logits,
   detail::switch_gradient_rows<kE>(rule, logits, scores, f, tokens, coeff, dlogits);
 }
 
+// The z-loss's, likewise (it needs the batch's size alone).
 template <MoeSpecType S>
 void z_loss_gradient(MatrixView<const float> logits, index_t tokens, float coeff,
                      MatrixView<float> dlogits) {
+  MOEKIT_API("cpu::z_loss_gradient");
   constexpr int kE = S::num_experts;
   check_shape(dlogits, logits.rows(), kE, "dlogits");
   detail::check_aux_coeff(coeff);

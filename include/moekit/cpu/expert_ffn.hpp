@@ -98,8 +98,8 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
-#include "moekit/cpu/gemm/gemm.hpp"
 #include "moekit/cpu/elementwise.hpp"
+#include "moekit/cpu/gemm/gemm.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/nn/param_count.hpp"
 #include "moekit/spec.hpp"
@@ -163,6 +163,7 @@ inline ExpertWeights expert_weights(const ExpertWeights& w, index_t i, index_t f
   };
   return {pick(w.w1, i * f, f), pick(w.w3, i * f, f), pick(w.w2, i * d, d)};
 }
+// Expert i's gradient views out of a stack, as expert_weights.
 inline ExpertGrads expert_grads(const ExpertGrads& g, index_t i, index_t f, index_t d) {
   const auto pick = [](MatrixView<float> m, index_t r0, index_t n) {
     return m.empty() ? MatrixView<float>() : m.middle_rows(r0, n);
@@ -596,8 +597,8 @@ class ExpertFfn {
   void check_packed(const PackedExpertWeights& w) const {
     const index_t d = config_.d_model, f = config_.d_ff;
     const auto check = [&](const PackedMatrix& m, index_t k, index_t n, const char* name) {
-      detail::check_packed_matrix("cpu::ExpertFfn::forward", m, kExperts, k, n, w.dtype(), name, "weights.w1",
-                                  "ExpertFfn::pack");
+      detail::check_packed_matrix("cpu::ExpertFfn::forward", m, kExperts, k, n, w.dtype(), name,
+                                  "weights.w1", "ExpertFfn::pack");
     };
     check(w.w1, d, f, "weights.w1");
     if (gated()) {

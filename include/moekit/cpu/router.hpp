@@ -257,13 +257,14 @@ double chunked_sum(index_t n, F&& f) {
   return sum;
 }
 
+// Rows of gate_logits' runs (one thread's unit of work).
+inline constexpr index_t kGateRows = 64;
+
 // logits = x w_gate^T (T x d times d x E), batch invariant: each token's E
 // logits are summed over d in one fixed order (low_rank_rows.hpp's
 // shrink_rows, w_gate's rows read in place), whatever the other rows and
 // the thread count; threads take fixed runs of kGateRows rows. The same
 // bits on every CPU path.
-inline constexpr index_t kGateRows = 64;
-
 template <int E>
 void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                  MatrixView<float> logits) {
@@ -446,21 +447,25 @@ class Router {
   }
 
   // The chunk sums behind RoutingStats' mean distribution and z-loss
-  // (TokenChunks<E> of the whole batch): add_token() adds one token's q_t
+  // (TokenChunks<E> of the whole batch): add_token_stats() adds one token's q_t
   // and logsumexp^2 to its chunk, in token order, exactly as the routing
-  // pass does; finish() writes the statistics. A batch split over ranks
+  // pass does; finish_stats() writes the statistics. A batch split over ranks
   // passes these sums from rank to rank (dist::pass_along_ranks).
   struct StatSums {
+    // Per chunk, the sum of q_t (per expert).
     std::array<std::array<double, to_size(kExperts)>, to_size(TokenChunks<kExperts>::kCount)>
         distribution{};
+    // Per chunk, the sum of logsumexp(logits_t)^2.
     std::array<double, to_size(TokenChunks<kExperts>::kCount)> lse_square{};
   };
+  // Adds one token's q_t and logsumexp^2 to chunk `chunk` of sums.
   void add_token_stats(StatSums& sums, std::size_t chunk, const float* logits,
                        const float* scores) const {
     add_routing_distribution<kExperts>(config_.gating.rule, scores,
                                        sums.distribution[chunk].data());
     sums.lse_square[chunk] += routing::z_loss_token<kExperts>(logits, 0.0, 1.0, nullptr);
   }
+  // Writes the statistics of a batch of `tokens` tokens from the chunk sums and the counts.
   static void finish_stats(const StatSums& sums, index_t tokens,
                            const std::array<index_t, to_size(kExperts)>& assigned, index_t cap,
                            index_t dropped, index_t non_finite, RoutingStats<S>& stats) {

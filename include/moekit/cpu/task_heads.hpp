@@ -274,10 +274,13 @@ class TaskHeads {
   // and the per-task means and their combination. The arguments are those
   // of loss(), checked by it; these parts check only their own.
   struct LossSums {
+    // Per head, the sum of the rows' cross-entropies.
     std::array<double, to_size(kHeads)> loss{};
+    // Per head, the rows predicted right.
     std::array<double, to_size(kHeads)> correct{};
   };
 
+  // n_h, the rows of each task among the n rows of tasks.
   std::array<index_t, to_size(kHeads)> task_counts(VectorView<const std::int32_t> tasks,
                                                    index_t n) const {
     check_tasks(tasks, n);
@@ -327,6 +330,8 @@ class TaskHeads {
     }
   }
 
+  // The per-task means, accuracies and the combined loss from the batch's counts and sums
+  // (dlog_vars as in loss()).
   TaskLosses<S> finish_loss(const std::array<index_t, to_size(kHeads)>& count, const LossSums& sums,
                             const TaskWeights& weighting = {},
                             VectorView<float> dlog_vars = {}) const {

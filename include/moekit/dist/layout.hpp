@@ -32,8 +32,11 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace dist {
 
+// Which rank owns which routed experts: rank r owns the contiguous experts [first(r), first(r) +
+// count(r)), in rank order.
 class ExpertPlacement {
  public:
+  // An empty placement (no ranks).
   ExpertPlacement() = default;
 
   // E experts over `ranks` ranks as evenly as possible, lower ranks first.
@@ -58,10 +61,15 @@ class ExpertPlacement {
     return p;
   }
 
+  // Whether it places nothing (default-constructed).
   bool empty() const { return first_.empty(); }
+  // The number of ranks.
   int ranks() const { return static_cast<int>(first_.size()) - 1; }
+  // E, the experts placed.
   int experts() const { return first_.empty() ? 0 : first_.back(); }
+  // The first expert of rank `rank`.
   int first(int rank) const { return first_[checked(rank)]; }
+  // The number of experts of rank `rank` (0 allowed).
   int count(int rank) const { return first_[checked(rank) + 1] - first_[checked(rank)]; }
   // The rank that owns expert e.
   int owner(int expert) const {
@@ -108,18 +116,26 @@ inline index_t check_token_split(std::span<const std::int64_t> tokens) {
 // a struct's bytes, whose padding is undefined).
 class Fingerprint {
  public:
+  // Feeds one value (integers as 64-bit, floats by their bits, strings with their length).
   Fingerprint& add(std::int64_t v) { return bytes(&v, sizeof v); }
+  // As add(std::int64_t).
   Fingerprint& add(int v) { return add(static_cast<std::int64_t>(v)); }
+  // As add(std::int64_t).
   Fingerprint& add(bool v) { return add(static_cast<std::int64_t>(v)); }
+  // Its 8 bytes.
   Fingerprint& add(std::uint64_t v) { return bytes(&v, sizeof v); }
+  // Its bits.
   Fingerprint& add(double v) { return add(std::bit_cast<std::uint64_t>(v)); }
+  // Its bits.
   Fingerprint& add(float v) {
     return add(static_cast<std::int64_t>(std::bit_cast<std::uint32_t>(v)));
   }
+  // Its length, then its bytes.
   Fingerprint& add(std::string_view s) {
     add(static_cast<std::int64_t>(s.size()));
     return bytes(s.data(), s.size());
   }
+  // The hash so far.
   std::uint64_t value() const { return h_; }
 
  private:

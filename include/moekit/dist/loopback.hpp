@@ -39,8 +39,11 @@ namespace dist {
 
 class LoopbackTransport;
 
+// N ranks as threads of one process: the shared state of their LoopbackTransports (run() starts one
+// thread per rank).
 class LoopbackGroup {
  public:
+  // A group of `size` ranks (at least 1) whose operations wait at most options.timeout.
   explicit LoopbackGroup(int size, TransportOptions options = {})
       : size_(checked_size(size)),
         options_(options),
@@ -51,7 +54,9 @@ class LoopbackGroup {
                      " ms must be positive");
   }
 
+  // The number of ranks.
   int size() const { return size_; }
+  // The options it was made with.
   const TransportOptions& options() const { return options_; }
 
   // Runs body(transport) once per rank, each on its own thread, and joins
@@ -198,10 +203,13 @@ class LoopbackGroup {
   std::string failure_;
 };
 
+// One rank of a LoopbackGroup: the Transport concept (dist/transport.hpp) between threads.
 class LoopbackTransport {
  public:
+  // Where the payload pointers live.
   static constexpr MemorySpace kMemory = MemorySpace::kHost;
 
+  // Rank `rank` of `group` (one transport per rank and thread).
   LoopbackTransport(LoopbackGroup& group, int rank) : group_(&group), rank_(rank) {
     MOEKIT_CHECK_RANGE(rank, 0, group.size());
   }
@@ -210,10 +218,14 @@ class LoopbackTransport {
   // Leaving: peers that wait for this rank fail at once instead of timing out.
   ~LoopbackTransport() { group_->leave(rank_); }
 
+  // This rank, in [0, size()).
   int rank() const { return rank_; }
+  // The number of ranks.
   int size() const { return group_->size(); }
+  // What this rank has sent so far.
   Traffic traffic() const { return traffic_; }
 
+  // Collective: recv[p] = what rank p sent to this rank (send and recv: size() equal parts).
   void all_to_all(std::span<const std::int64_t> send, std::span<std::int64_t> recv) {
     const std::size_t n = static_cast<std::size_t>(size());
     const std::size_t m = detail::counts_per_rank(send, recv, size());
@@ -232,6 +244,8 @@ class LoopbackTransport {
     count(static_cast<index_t>((n - 1) * m * sizeof(std::int64_t)));
   }
 
+  // Collective: send_bytes[p] bytes from send to rank p, recv_bytes[p] from rank p into recv
+  // (segments in rank order).
   void all_to_all_v(const std::byte* send, std::span<const index_t> send_bytes, std::byte* recv,
                     std::span<const index_t> recv_bytes) {
     const int n = size();
@@ -261,6 +275,7 @@ class LoopbackTransport {
     count(out);
   }
 
+  // Collective: every rank's values summed, element by element (integers: exact).
   void all_reduce_sum(std::span<std::int64_t> values) {
     const std::size_t m = values.size();
     std::vector<std::int64_t> sum(m, 0);  // the others read `values` until all are done
@@ -278,6 +293,7 @@ class LoopbackTransport {
     count(static_cast<index_t>(m * sizeof(std::int64_t)));
   }
 
+  // Sends bytes to rank peer (matched by its recv).
   void send(int peer, std::span<const std::byte> bytes) {
     MOEKIT_CHECK_RANGE(peer, 0, size());
     {
@@ -289,6 +305,7 @@ class LoopbackTransport {
     count(peer == rank_ ? 0 : static_cast<index_t>(bytes.size()));
   }
 
+  // Receives exactly bytes.size() bytes from rank peer.
   void recv(int peer, std::span<std::byte> bytes) {
     MOEKIT_CHECK_RANGE(peer, 0, size());
     std::unique_lock<std::mutex> lock(group_->m_);
@@ -321,6 +338,7 @@ class LoopbackTransport {
     ++traffic_.operations;
   }
 
+  // Collective: root's bytes to every rank.
   void broadcast(int root, std::span<std::byte> bytes) {
     MOEKIT_CHECK_RANGE(root, 0, size());
     LoopbackGroup::Slot mine = slot("broadcast");
@@ -341,6 +359,7 @@ class LoopbackTransport {
     count(rank_ == root ? static_cast<index_t>(bytes.size()) * (size() - 1) : 0);
   }
 
+  // Collective: returns once every rank has called it.
   void barrier() {
     group_->collective(rank_, slot("barrier"), [](std::span<const LoopbackGroup::Slot>) {});
     count(0);

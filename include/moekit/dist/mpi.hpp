@@ -36,6 +36,7 @@
 #ifndef OMPI_SKIP_MPICXX
 #define OMPI_SKIP_MPICXX 1
 #endif
+// Keep MPI's C++ bindings out (Open MPI and MPICH spellings).
 #ifndef MPICH_SKIP_MPICXX
 #define MPICH_SKIP_MPICXX 1
 #endif
@@ -62,6 +63,7 @@ namespace dist {
 // nothing if MPI is already initialised by the caller.
 class MpiSession {
  public:
+  // Initialises MPI with the program's arguments unless it already is.
   MpiSession(int& argc, char**& argv) {
     int initialized = 0;
     MPI_Initialized(&initialized);
@@ -82,13 +84,17 @@ class MpiSession {
   bool owner_ = false;
 };
 
+// The Transport concept over an MPI communicator (a duplicate of the one given): non-blocking calls
+// polled against the deadline (see the top of this file).
 class MpiTransport {
  public:
+  // Where the payload pointers live.
   static constexpr MemorySpace kMemory = MemorySpace::kHost;
 
   // Abort on failure by default (see the top of this file).
   static constexpr TransportOptions kDefaultOptions = {std::chrono::seconds(60), OnFailure::kAbort};
 
+  // A transport on a duplicate of comm; MPI must be initialised.
   explicit MpiTransport(MPI_Comm comm = MPI_COMM_WORLD, TransportOptions options = kDefaultOptions)
       : options_(options) {
     MOEKIT_CHECK_ARG(options.timeout.count() > 0, "options.timeout = ", options.timeout.count(),
@@ -112,11 +118,16 @@ class MpiTransport {
     if (!finalized && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
   }
 
+  // This rank, in [0, size()).
   int rank() const { return rank_; }
+  // The number of ranks.
   int size() const { return size_; }
+  // What this rank has sent so far.
   Traffic traffic() const { return traffic_; }
+  // The duplicated communicator it runs on.
   MPI_Comm communicator() const { return comm_; }
 
+  // Collective: recv[p] = what rank p sent to this rank (send and recv: size() equal parts).
   void all_to_all(std::span<const std::int64_t> send, std::span<std::int64_t> recv) {
     const std::size_t n = static_cast<std::size_t>(size_);
     const int m = checked_int(static_cast<index_t>(detail::counts_per_rank(send, recv, size_)),
@@ -128,6 +139,8 @@ class MpiTransport {
     count(static_cast<index_t>((n - 1) * static_cast<std::size_t>(m) * sizeof(std::int64_t)));
   }
 
+  // Collective: send_bytes[p] bytes from send to rank p, recv_bytes[p] from rank p into recv
+  // (segments in rank order).
   void all_to_all_v(const std::byte* send, std::span<const index_t> send_bytes, std::byte* recv,
                     std::span<const index_t> recv_bytes) {
     detail::check_segments(send_bytes, size_, "send_bytes");
@@ -157,6 +170,7 @@ class MpiTransport {
     count(out);
   }
 
+  // Collective: every rank's values summed, element by element (integers: exact).
   void all_reduce_sum(std::span<std::int64_t> values) {
     const int m = checked_int(static_cast<index_t>(values.size()), "all_reduce_sum's size");
     MPI_Request req = MPI_REQUEST_NULL;
@@ -166,6 +180,7 @@ class MpiTransport {
     count(static_cast<index_t>(values.size() * sizeof(std::int64_t)));
   }
 
+  // Sends bytes to rank peer (matched by its recv).
   void send(int peer, std::span<const std::byte> bytes) {
     MOEKIT_CHECK_RANGE(peer, 0, size_);
     const int m = checked_int(static_cast<index_t>(bytes.size()), "a send's size");
@@ -175,6 +190,7 @@ class MpiTransport {
     count(peer == rank_ ? 0 : static_cast<index_t>(bytes.size()));
   }
 
+  // Receives exactly bytes.size() bytes from rank peer.
   void recv(int peer, std::span<std::byte> bytes) {
     MOEKIT_CHECK_RANGE(peer, 0, size_);
     const int m = checked_int(static_cast<index_t>(bytes.size()), "a recv's size");
@@ -191,6 +207,7 @@ class MpiTransport {
     ++traffic_.operations;
   }
 
+  // Collective: root's bytes to every rank.
   void broadcast(int root, std::span<std::byte> bytes) {
     MOEKIT_CHECK_RANGE(root, 0, size_);
     const int m = checked_int(static_cast<index_t>(bytes.size()), "a broadcast's size");
@@ -200,6 +217,7 @@ class MpiTransport {
     count(rank_ == root ? static_cast<index_t>(bytes.size()) * (size_ - 1) : 0);
   }
 
+  // Collective: returns once every rank has called it.
   void barrier() {
     MPI_Request req = MPI_REQUEST_NULL;
     call(MPI_Ibarrier(comm_, &req), "barrier");

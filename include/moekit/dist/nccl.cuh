@@ -47,9 +47,13 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace dist {
 
+// The Transport concept over an NCCL communicator, payloads in device memory (compiled, never run:
+// see the top of this file).
 class NcclTransport {
  public:
+  // Where the payload pointers live.
   static constexpr MemorySpace kMemory = MemorySpace::kDevice;
+  // Abort on failure by default, as MpiTransport.
   static constexpr TransportOptions kDefaultOptions = {std::chrono::seconds(60), OnFailure::kAbort};
 
   // comm: an initialised communicator (not owned); stream: where the
@@ -69,12 +73,18 @@ class NcclTransport {
   NcclTransport& operator=(const NcclTransport&) = delete;
   ~NcclTransport() { cudaFree(counts_); }
 
+  // This rank, in [0, size()).
   int rank() const { return rank_; }
+  // The number of ranks.
   int size() const { return size_; }
+  // What this rank has sent so far.
   Traffic traffic() const { return traffic_; }
+  // The NCCL communicator it runs on.
   ncclComm_t communicator() const { return comm_; }
+  // The stream its operations are enqueued on.
   cudaStream_t stream() const { return stream_; }
 
+  // Collective: recv[p] = what rank p sent to this rank (send and recv: size() equal parts).
   void all_to_all(std::span<const std::int64_t> send, std::span<std::int64_t> recv) {
     const std::size_t n = static_cast<std::size_t>(size_);
     const std::size_t m = detail::counts_per_rank(send, recv, size_);
@@ -118,6 +128,7 @@ class NcclTransport {
     count(out);
   }
 
+  // Collective: every rank's values summed, element by element (integers: exact).
   void all_reduce_sum(std::span<std::int64_t> values) {
     check_capacity(values.size());
     const std::size_t bytes = values.size() * sizeof(std::int64_t);
@@ -131,6 +142,7 @@ class NcclTransport {
     count(static_cast<index_t>(bytes));
   }
 
+  // Sends bytes to rank peer (matched by its recv).
   void send(int peer, std::span<const std::byte> bytes) {
     MOEKIT_CHECK_RANGE(peer, 0, size_);
     nccl(ncclSend(bytes.data(), bytes.size(), ncclChar, peer, comm_, stream_), "ncclSend");
@@ -138,6 +150,7 @@ class NcclTransport {
     count(peer == rank_ ? 0 : static_cast<index_t>(bytes.size()));
   }
 
+  // Receives exactly bytes.size() bytes from rank peer.
   void recv(int peer, std::span<std::byte> bytes) {
     MOEKIT_CHECK_RANGE(peer, 0, size_);
     nccl(ncclRecv(bytes.data(), bytes.size(), ncclChar, peer, comm_, stream_), "ncclRecv");
@@ -145,6 +158,7 @@ class NcclTransport {
     ++traffic_.operations;
   }
 
+  // Collective: root's bytes to every rank.
   void broadcast(int root, std::span<std::byte> bytes) {
     MOEKIT_CHECK_RANGE(root, 0, size_);
     nccl(ncclBroadcast(bytes.data(), bytes.data(), bytes.size(), ncclChar, root, comm_, stream_),
@@ -153,6 +167,7 @@ class NcclTransport {
     count(rank_ == root ? static_cast<index_t>(bytes.size()) * (size_ - 1) : 0);
   }
 
+  // Collective: returns once every rank has called it.
   void barrier() {
     std::int64_t one[1] = {1};
     all_reduce_sum(one);

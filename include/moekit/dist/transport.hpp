@@ -55,16 +55,20 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace dist {
 
+// Where a transport's payload pointers live.
 enum class MemorySpace { kHost, kDevice };
 
+// What a transport does when an operation fails or its deadline passes.
 enum class OnFailure {
   kThrow,  // throw moekit::Error (Errc::kTransportError)
   kAbort,  // print the message and end every rank of the job
 };
 
+// A transport's deadline and failure behaviour.
 struct TransportOptions {
   // The longest a rank waits for its peers in one operation.
   std::chrono::milliseconds timeout{std::chrono::seconds(60)};
+  // Throw, or end the job (MPI_Abort).
   OnFailure on_failure = OnFailure::kThrow;
 };
 
@@ -191,28 +195,42 @@ void fold_in_rank_order(T& t, std::span<const MatrixView<float>> parts, bool acc
 // satisfies HostTransport itself; the referenced transport must outlive it.
 class TransportRef {
  public:
+  // Where the payload pointers live.
   static constexpr MemorySpace kMemory = MemorySpace::kHost;
 
+  // A reference to no transport (operator bool is false).
   TransportRef() = default;
   template <HostTransport T>
   requires(!std::same_as<T, TransportRef>) TransportRef(T& t)
       : self_(&t), ops_(&ops_for<T>) {}  // NOLINT: implicit by design
 
+  // Whether it refers to a transport.
   explicit operator bool() const { return self_ != nullptr; }
+  // This rank, in [0, size()).
   int rank() const { return ops().rank(self_); }
+  // The number of ranks.
   int size() const { return ops().size(self_); }
+  // What this rank has sent so far.
   Traffic traffic() const { return ops().traffic(self_); }
+  // Collective: recv[p] = what rank p sent to this rank (send and recv: size() equal parts).
   void all_to_all(std::span<const std::int64_t> send, std::span<std::int64_t> recv) {
     ops().all_to_all(self_, send, recv);
   }
+  // Collective: send_bytes[p] bytes from send to rank p, recv_bytes[p] from rank p into recv
+  // (segments in rank order).
   void all_to_all_v(const std::byte* send, std::span<const index_t> send_bytes, std::byte* recv,
                     std::span<const index_t> recv_bytes) {
     ops().all_to_all_v(self_, send, send_bytes, recv, recv_bytes);
   }
+  // Collective: every rank's values summed, element by element (integers: exact).
   void all_reduce_sum(std::span<std::int64_t> values) { ops().all_reduce_sum(self_, values); }
+  // Sends bytes to rank peer (matched by its recv).
   void send(int peer, std::span<const std::byte> bytes) { ops().send(self_, peer, bytes); }
+  // Receives exactly bytes.size() bytes from rank peer.
   void recv(int peer, std::span<std::byte> bytes) { ops().recv(self_, peer, bytes); }
+  // Collective: root's bytes to every rank.
   void broadcast(int root, std::span<std::byte> bytes) { ops().broadcast(self_, root, bytes); }
+  // Collective: returns once every rank has called it.
   void barrier() { ops().barrier(self_); }
 
  private:

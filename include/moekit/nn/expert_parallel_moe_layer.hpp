@@ -125,14 +125,23 @@ struct ExpertParallelRows {
 };
 
 template <MoeSpecType S, dist::HostTransport T>
+// The MoE layer for MoeSpec<E, K> with its routed experts sharded over the ranks of transport T
+// (see the top of this file).
 class ExpertParallelMoeLayer {
  public:
+  // E
   static constexpr int kExperts = S::num_experts;
+  // K
   static constexpr int kTopK = S::top_k;
+  // The configuration (that of cpu::MoeLayer).
   using Config = MoeLayerConfig;
+  // The parameters: the experts' stacks hold this rank's experts.
   using Params = MoeLayerParams;
+  // The gradient outputs: dw1 / dw3 / dw2 this rank's experts'.
   using Grads = MoeLayerGrads;
+  // What forward saves for backward on this rank.
   using State = ExpertParallelState;
+  // Routing statistics of the whole batch.
   using Stats = RoutingStats<S>;
 
   // Collective: validates config and placement (placement.ranks() must be
@@ -142,15 +151,25 @@ class ExpertParallelMoeLayer {
                          T& transport)
       : ExpertParallelMoeLayer(checked(config, placement, transport), placement, transport, 0) {}
 
+  // The configuration it was built with.
   const MoeLayerConfig& config() const { return config_; }
+  // Which rank owns which experts.
   const dist::ExpertPlacement& placement() const { return placement_; }
+  // The transport it runs on.
   T& transport() const { return *transport_; }
+  // The first of this rank's experts.
   int first_expert() const { return first_; }
+  // How many experts this rank holds (0 allowed).
   int local_experts() const { return local_; }
+  // Whether the experts are gated (FfnKind::kGated: w3 is used).
   bool gated() const { return config_.kind == FfnKind::kGated; }
+  // The width of one shared expert (d_ff_shared, or d_ff when that is 0).
   index_t d_ff_shared() const { return shared_.d_ff(); }
+  // Its router (replicated on every rank).
   const Router<S>& router() const { return router_; }
 
+  // The minimum rows of the state for at most local_max tokens on this rank and global_max in the
+  // batch.
   ExpertParallelRows rows(index_t local_max, index_t global_max) const {
     MOEKIT_CHECK_GE(local_max, 0);
     MOEKIT_CHECK_GE(global_max, local_max);
@@ -851,6 +870,8 @@ template <MoeSpecType S>
 class ExpertParallelStorage {
  public:
   template <class Layer>
+  // Allocates the state and workspace of `layer` on this rank for at most local_max tokens here and
+  // global_max in the batch.
   ExpertParallelStorage(const Layer& layer, index_t local_max, index_t global_max) {
     constexpr int E = S::num_experts, K = S::top_k;
     const MoeLayerConfig& c = layer.config();
@@ -890,7 +911,9 @@ class ExpertParallelStorage {
     state_.plan = {plan_.data(), layer.plan_size()};
   }
 
+  // The state views, for forward and backward.
   const ExpertParallelState& state() const { return state_; }
+  // The workspace, workspace_size(rows) bytes or more.
   VectorView<std::byte> workspace() {
     return {reinterpret_cast<std::byte*>(workspace_.data()),
             static_cast<index_t>(workspace_.size() * sizeof(std::uint64_t))};

@@ -170,7 +170,9 @@ struct Batch {
 // the ranks of a host transport with this placement of the routed experts
 // (empty: ExpertPlacement::even(E, ranks)). The transport must outlive the model.
 struct ModelParallelism {
+  // The ranks' transport; empty: one process.
   dist::TransportRef transport{};
+  // The routed experts' placement; empty: even over the ranks.
   dist::ExpertPlacement placement{};
 };
 
@@ -237,11 +239,17 @@ class MultitaskModel {
   // placement (one rank with every expert otherwise), and this rank's
   // experts [first_expert(), first_expert() + local_experts()).
   bool expert_parallel() const { return transport_ != nullptr; }
+  // Its transport (empty in one process).
   dist::TransportRef transport() const { return transport_ ? *transport_ : dist::TransportRef(); }
+  // Which rank owns which routed experts.
   const dist::ExpertPlacement& placement() const { return placement_; }
+  // This rank (0 in one process).
   int rank() const { return transport_ ? transport_->rank() : 0; }
+  // The first routed expert this rank holds.
   int first_expert() const { return placement_.first(rank()); }
+  // The routed experts this rank holds.
   int local_experts() const { return placement_.count(rank()); }
+  // The transport and placement it was built with.
   ModelParallelism parallelism() const { return {transport(), placement_}; }
   index_t d_model() const { return config_.encoder.d_model; }
   int num_moe_layers() const { return config_.num_moe_layers; }

@@ -308,6 +308,7 @@ class AdamW {
     const index_t full = n / seg, rest = n % seg;
     return full * per_segment + (rest + kNormChunk - 1) / kNormChunk;
   }
+  // The norm chunks of every registered tensor (grad_norm_partials()'s size).
   index_t num_norm_chunks() const { return static_cast<index_t>(chunks_.size()); }
 
   // out[c] = the sum of grad^2 over chunk c (in registration order), each in

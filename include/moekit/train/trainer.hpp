@@ -305,6 +305,8 @@ class Trainer {
   std::int64_t steps() const { return step_; }
   std::int64_t skipped_steps() const { return skipped_; }
 
+  // One training step on `batch` (collective for an expert-parallel model): losses and gradients,
+  // clipping, the update (see the top of this file).
   StepReport<Model> step(const typename detail::BatchOf<Model>::type& batch) {
     StepReport<Model> r;
     const cpu::LoraStep lora_step{true, config_.dropout_seed, static_cast<std::uint64_t>(step_)};
