@@ -41,6 +41,17 @@ if(MOEKIT_HAS_CUDA)
   set_target_properties(moekit_cuda PROPERTIES EXPORT_NAME cuda)
   target_link_libraries(moekit_cuda INTERFACE moekit CCCL::CCCL CUDA::cudart CUDA::cublas)
 
+  # NCCL, for the GPU transport of expert parallelism (moekit/dist/nccl.cuh):
+  # not part of the toolkit, looked for beside it. Only moekit's own NCCL
+  # test uses it; a consumer links NCCL itself.
+  find_path(MOEKIT_NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS})
+  find_library(MOEKIT_NCCL_LIBRARY nccl HINTS ${CUDAToolkit_LIBRARY_DIR})
+  set(MOEKIT_HAS_NCCL OFF)
+  if(MOEKIT_NCCL_INCLUDE_DIR AND MOEKIT_NCCL_LIBRARY)
+    set(MOEKIT_HAS_NCCL ON)
+  endif()
+  message(STATUS "moekit: NCCL transport ${MOEKIT_HAS_NCCL} (${MOEKIT_NCCL_LIBRARY})")
+
   # moekit's own CUDA targets; architectures are the project's default, never
   # a consumer's (they set CMAKE_CUDA_ARCHITECTURES themselves).
   if(PROJECT_IS_TOP_LEVEL AND (MOEKIT_BUILD_TESTS OR MOEKIT_BUILD_BENCHMARKS OR MOEKIT_BUILD_EXAMPLES))

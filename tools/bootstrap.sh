@@ -15,6 +15,7 @@ packages=(
   nlohmann-json3-dev              # safetensors weight files (moekit/io/)
   libgtest-dev libbenchmark-dev   # tests and benchmarks
   libopenblas-openmp-dev          # the optional BLAS the MoE layer benchmark compares with
+  libopenmpi-dev openmpi-bin      # moekit::mpi: the MPI transport and its tests (mpirun)
   clang-format                    # the format check
   clang libclang-rt-14-dev        # the fuzz targets (libFuzzer, tests/fuzz)
   python3                         # docs snippet check

@@ -366,6 +366,8 @@ TEST(MoeLayer, ForwardMatchesFloat64Reference) {
       check_forward<MoeSpec<16, 4>>(make_config(kind, act, shared, 0.5, 16, 24), 50, 4, true);
       check_forward<MoeSpec<1, 1>>(make_config(kind, act, shared, 0.0, 16, 24), 50, 5, false);
       check_forward<MoeSpec<1, 1>>(make_config(kind, act, shared, 0.5, 16, 24), 50, 6, true);
+      // Three token blocks: the router and the shared experts run per block.
+      check_forward<MoeSpec<8, 2>>(make_config(kind, act, shared, 0.75, 16, 24), 150, 7, true);
     }
   }
 }
@@ -597,6 +599,14 @@ TEST(MoeLayer, BackwardMatchesFiniteDifferences) {
       check_backward<MoeSpec<1, 1>>(cs, 12, 24);
     }
   }
+  // Three token blocks: the router's and shared experts' weight gradients are
+  // folded over the blocks (core/token_blocks.hpp).
+  MoeLayerConfig blocks = make_config(FfnKind::kGated, Activation::kSilu, 0, 0.75, 8, 12);
+  blocks.num_shared = 1;
+  blocks.d_ff_shared = 6;
+  blocks.switch_coeff = 0.5f;
+  blocks.z_coeff = 0.1f;
+  check_backward<MoeSpec<4, 2>>(blocks, 150, 25);
 }
 
 // ---- determinism, edge cases, frozen parts ---------------------------------------

@@ -20,7 +20,11 @@ if(MODE MATCHES "cuda")
   list(APPEND common -DCMAKE_CUDA_COMPILER=${CUDA_COMPILER}
        "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}")
 endif()
-set(consumer_args -DMOEKIT_CONSUMER_CUDA=${cuda_mode})
+set(mpi_mode OFF)
+if(MODE MATCHES "mpi")
+  set(mpi_mode ON)
+endif()
+set(consumer_args -DMOEKIT_CONSUMER_CUDA=${cuda_mode} -DMOEKIT_CONSUMER_MPI=${mpi_mode})
 
 if(MODE MATCHES "^find_package")
   # Install into a staging prefix, then move the prefix: the package must not
@@ -74,5 +78,12 @@ elseif(NOT MODE STREQUAL "add_subdirectory")
 endif()
 if(cuda_mode)
   step("run CUDA consumer" "${WORK_DIR}/consumer-build/consumer_cuda")
+  message(STATUS "${step_output}")
+endif()
+if(mpi_mode)
+  # One rank, without mpirun (an MPI singleton); Open MPI wants consent as root.
+  step("run MPI consumer" ${CMAKE_COMMAND} -E env OMPI_ALLOW_RUN_AS_ROOT=1
+       OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader
+       "${WORK_DIR}/consumer-build/consumer_mpi")
   message(STATUS "${step_output}")
 endif()

@@ -74,6 +74,12 @@ struct MoeLayerChecks {
   int experts = 0, top_k = 0;
   index_t d_model = 0, d_ff = 0, d_ff_shared = 0, num_shared = 0;
   bool gated = false;
+  // Experts held in the stacks params.experts and grads.dw1/dw3/dw2: -1 for
+  // all E; the expert-parallel layer's rank holds its own share only.
+  int stacked_experts = -1;
+
+  // The experts the stacks hold.
+  index_t stacked() const { return stacked_experts < 0 ? experts : stacked_experts; }
 
   template <class V>
   static void check_absent(const V& v, const char* name) {
@@ -104,12 +110,13 @@ struct MoeLayerChecks {
   template <class Params>
   void check_params(const Params& p) const {
     const index_t e = experts, d = d_model, f = d_ff, fs = d_ff_shared, n = num_shared;
+    const index_t se = stacked();
     check_shape(p.w_gate, e, d, "params.w_gate");
     if (!p.gate_bias.empty()) check_shape(p.gate_bias, e, "params.gate_bias");
     if (!p.selection_bias.empty()) check_shape(p.selection_bias, e, "params.selection_bias");
-    check_shape(p.experts.w1, e * f, d, "params.experts.w1");
-    check_part(p.experts.w3, gated, e * f, d, "params.experts.w3");
-    check_shape(p.experts.w2, e * d, f, "params.experts.w2");
+    check_shape(p.experts.w1, se * f, d, "params.experts.w1");
+    check_part(p.experts.w3, gated, se * f, d, "params.experts.w3");
+    check_shape(p.experts.w2, se * d, f, "params.experts.w2");
     check_part(p.shared.w1, n > 0, n * fs, d, "params.shared.w1");
     check_part(p.shared.w3, n > 0 && gated, n * fs, d, "params.shared.w3");
     check_part(p.shared.w2, n > 0, n * d, fs, "params.shared.w2");
@@ -119,15 +126,16 @@ struct MoeLayerChecks {
   template <class Grads, class Params>
   void check_grads(const Grads& g, const Params& p) const {
     const index_t e = experts, d = d_model, f = d_ff, fs = d_ff_shared, n = num_shared;
+    const index_t se = stacked();
     if (!g.dw_gate.empty()) check_shape(g.dw_gate, e, d, "grads.dw_gate");
     if (!g.dgate_bias.empty()) {
       MOEKIT_CHECK(!p.gate_bias.empty(), Errc::kInvalidArgument,
                    "grads.dgate_bias is given but params.gate_bias is empty");
       check_shape(g.dgate_bias, e, "grads.dgate_bias");
     }
-    if (!g.dw1.empty()) check_shape(g.dw1, e * f, d, "grads.dw1");
-    if (!g.dw3.empty()) check_part(g.dw3, gated, e * f, d, "grads.dw3");
-    if (!g.dw2.empty()) check_shape(g.dw2, e * d, f, "grads.dw2");
+    if (!g.dw1.empty()) check_shape(g.dw1, se * f, d, "grads.dw1");
+    if (!g.dw3.empty()) check_part(g.dw3, gated, se * f, d, "grads.dw3");
+    if (!g.dw2.empty()) check_shape(g.dw2, se * d, f, "grads.dw2");
     if (!g.shared_dw1.empty()) check_part(g.shared_dw1, n > 0, n * fs, d, "grads.shared_dw1");
     if (!g.shared_dw3.empty()) {
       check_part(g.shared_dw3, n > 0 && gated, n * fs, d, "grads.shared_dw3");

@@ -37,6 +37,7 @@ enum class Errc : int {
   kIoError,              // a file could not be read or written
   kFormatError,          // a file's contents are malformed
   kUnsupported,          // a valid request this build or device cannot serve
+  kTransportError,       // ranks of a group disagreed, failed, left or did not answer in time
 };
 
 constexpr const char* errc_name(Errc code) noexcept {
@@ -61,6 +62,8 @@ constexpr const char* errc_name(Errc code) noexcept {
       return "format error";
     case Errc::kUnsupported:
       return "unsupported";
+    case Errc::kTransportError:
+      return "transport error";
   }
   return "unknown error";
 }

@@ -13,11 +13,12 @@
 //                      kGaussian        stddev random_normal(seed, c)
 //                    B = 0, so the adapted layer starts equal to the base layer.
 //   dropout          element (t, j) of the n x d_in adapter input is kept when
-//                      random_uniform(key, t d_in + j) >= p,
+//                      random_uniform(key, (first_row + t) d_in + j) >= p,
 //                      key = lora_dropout_key(seed, step, stream, i)
 //                    and a kept element is scaled by 1 / (1 - p) (inverted dropout).
-//                    t is the row in the caller's batch, so a row's mask does not
-//                    depend on how rows are grouped. (seed, step) come from the
+//                    first_row + t is the row in the whole batch (first_row from
+//                    the LoraStep, 0 unless the call runs a slice), so a row's
+//                    mask does not depend on how rows are grouped. (seed, step) come from the
 //                    LoraStep; stream is the adapter's config.dropout_stream and
 //                    i its index in a bank (0 for a LoraLinear), so adapters that
 //                    share a LoraStep draw independent masks: give every adapter
@@ -73,6 +74,9 @@ struct LoraStep {
   bool training = false;   // dropout applies only when training
   std::uint64_t seed = 0;  // the run's seed
   std::uint64_t step = 0;  // a new mask every step; backward must get the same values
+  // The batch index of the call's row 0: a call on a slice of the batch (a
+  // token block, a rank's rows) draws the mask the whole batch would.
+  index_t first_row = 0;
 };
 
 // Gradient outputs of the adapter(s), fp32, in the backend's memory (host
@@ -140,8 +144,8 @@ MOEKIT_HOST_DEVICE constexpr std::uint64_t lora_dropout_key(std::uint64_t seed, 
   return random_bits(random_bits(random_bits(seed, step), stream), adapter);
 }
 
-// Whether input element `counter` (= t d_in + j) survives dropout with
-// probability p of being dropped.
+// Whether input element `counter` (= (first_row + t) d_in + j) survives
+// dropout with probability p of being dropped.
 MOEKIT_HOST_DEVICE constexpr bool lora_dropout_keep(std::uint64_t key, float p,
                                                     std::uint64_t counter) {
   return random_uniform(key, counter) >= p;
@@ -149,15 +153,16 @@ MOEKIT_HOST_DEVICE constexpr bool lora_dropout_keep(std::uint64_t key, float p,
 
 // The dropout of one call on the adapter input (the rule at the top):
 // inactive in inference or with p = 0; element (t, j) of x has counter
-// t d_in + j, and a kept element is scaled by 1 / (1 - p). make() gives the
-// call's dropout for a stream; for_adapter(i) that of adapter i, whose key
-// apply() uses.
+// (first_row + t) d_in + j, and a kept element is scaled by 1 / (1 - p).
+// make() gives the call's dropout for a stream; for_adapter(i) that of
+// adapter i, whose key apply() uses.
 struct LoraDropout {
   bool active = false;
   std::uint64_t key = 0;  // the stream's key before for_adapter, the adapter's after
   float p = 0.0f;
   float keep_scale = 1.0f;
   index_t width = 0;  // d_in
+  index_t row0 = 0;   // LoraStep::first_row
 
   static LoraDropout make(float p, const LoraStep& step, index_t d_in, std::uint64_t stream) {
     LoraDropout m;
@@ -167,6 +172,7 @@ struct LoraDropout {
       m.p = p;
       m.keep_scale = 1.0f / (1.0f - p);
       m.width = d_in;
+      m.row0 = step.first_row;
     }
     return m;
   }
@@ -180,7 +186,7 @@ struct LoraDropout {
   // v masked as element (t, j); v itself when inactive.
   MOEKIT_HOST_DEVICE float apply(float v, index_t t, index_t j) const {
     if (!active) return v;
-    const auto counter = static_cast<std::uint64_t>(t * width + j);
+    const auto counter = static_cast<std::uint64_t>((row0 + t) * width + j);
     return lora_dropout_keep(key, p, counter) ? v * keep_scale : 0.0f;
   }
 };

@@ -113,6 +113,38 @@ inline void check_aux_coeff(float coeff) {
   MOEKIT_CHECK_ARG(std::isfinite(coeff), "coeff = ", coeff, " is not finite");
 }
 
+// f_e = count_e / N for a batch of `tokens` tokens (header formulas).
+template <int E, int K>
+std::array<double, to_size(E)> switch_fractions(const std::array<index_t, to_size(E)>& count,
+                                                index_t tokens, SwitchNormalization norm) {
+  const double n_tokens = static_cast<double>(tokens);
+  const double denom = norm == SwitchNormalization::kTokens ? n_tokens : n_tokens * K;
+  std::array<double, to_size(E)> f{};
+  for (std::size_t e = 0; e < to_size(E); ++e) f[e] = static_cast<double>(count[e]) / denom;
+  return f;
+}
+
+// Adds grad_scale * dL/dx of the Switch form to the rows of dlogits, for
+// rows of a batch of `tokens` tokens with fractions f: each row's gradient
+// depends on its own scores and on f and T only.
+template <int E>
+void switch_gradient_rows(GatingRule rule, MatrixView<const float> logits,
+                          MatrixView<const float> scores, const std::array<double, to_size(E)>& f,
+                          index_t tokens, double grad_scale, MatrixView<float> dlogits) {
+  const double n_tokens = static_cast<double>(tokens);
+  float g[to_size(E)];  // grad_scale * dL/dq_t, the same for every token
+  for (std::size_t e = 0; e < to_size(E); ++e)
+    g[e] = static_cast<float>(grad_scale * E * f[e] / n_tokens);
+  const index_t rows = scores.rows();
+  MOEKIT_PARALLEL_FOR_IF(rows * E > kParallelGrain)
+  for (index_t t = 0; t < rows; ++t) {
+    float dx[to_size(E)] = {};
+    routing::routing_distribution_backward<E>(rule, logits.row(t), scores.row(t), g, 1.0f, dx);
+    float* row = dlogits.row(t);
+    for (int e = 0; e < E; ++e) row[e] += dx[e];
+  }
+}
+
 // The Switch form on the rows of `scores`/`ids` (already validated); adds
 // grad_scale * dL/dx to dlogits when it is not empty. switch_loss and
 // sequence_aux_loss (per sequence) both run this one implementation.
@@ -125,28 +157,14 @@ double switch_rows(GatingRule rule, MatrixView<const float> logits, MatrixView<c
   const index_t tokens = scores.rows();
   if (tokens == 0) return 0.0;
 
-  const std::array<index_t, to_size(kE)> count = assignment_counts<S>(ids);
+  const std::array<double, to_size(kE)> f =
+      switch_fractions<kE, kK>(assignment_counts<S>(ids), tokens, norm);
   const std::array<double, to_size(kE)> q_sum = routing_distribution_sum<S>(rule, scores);
   const double n_tokens = static_cast<double>(tokens);
-  const double denom = norm == SwitchNormalization::kTokens ? n_tokens : n_tokens * kK;
   double sum = 0.0;
-  std::array<double, to_size(kE)> f{};
-  for (int e = 0; e < kE; ++e) {
-    f[to_size(e)] = static_cast<double>(count[to_size(e)]) / denom;
-    sum += f[to_size(e)] * (q_sum[to_size(e)] / n_tokens);
-  }
-  if (!dlogits.empty()) {
-    float g[to_size(kE)];  // grad_scale * dL/dq_t, the same for every token
-    for (int e = 0; e < kE; ++e)
-      g[e] = static_cast<float>(grad_scale * kE * f[to_size(e)] / n_tokens);
-    MOEKIT_PARALLEL_FOR_IF(tokens * kE > kParallelGrain)
-    for (index_t t = 0; t < tokens; ++t) {
-      float dx[to_size(kE)] = {};
-      routing::routing_distribution_backward<kE>(rule, logits.row(t), scores.row(t), g, 1.0f, dx);
-      float* row = dlogits.row(t);
-      for (int e = 0; e < kE; ++e) row[e] += dx[e];
-    }
-  }
+  for (std::size_t e = 0; e < kE; ++e) sum += f[e] * (q_sum[e] / n_tokens);
+  if (!dlogits.empty())
+    switch_gradient_rows<kE>(rule, logits, scores, f, tokens, grad_scale, dlogits);
   return kE * sum;
 }
 
@@ -288,6 +306,53 @@ double z_loss(const Routing& routing, float coeff, MatrixView<float> dlogits = {
                                     dlogits.empty() ? nullptr : dlogits.row(t));
   });
   return sum / n_tokens;
+}
+
+// The gradients alone of the Switch loss and the z-loss for some rows of a
+// batch whose totals are given: `tokens` tokens in the whole batch and
+// `assigned` assignments per expert before capacity (the batch's, not the
+// rows'). Each adds coeff * dL/dx to the rows of dlogits exactly as
+// switch_loss / z_loss do for those rows of the whole batch, so a batch
+// split over ranks gets the gradients of one process (the expert-parallel
+// layer's backward). logits, scores and dlogits: the same rows, x E.
+template <MoeSpecType S>
+void switch_loss_gradient(GatingRule rule, MatrixView<const float> logits,
+                          MatrixView<const float> scores,
+                          const std::array<index_t, to_size(S::num_experts)>& assigned,
+                          index_t tokens, SwitchLossOptions options, float coeff,
+                          MatrixView<float> dlogits) {
+  MOEKIT_API("cpu::switch_loss_gradient");
+  constexpr int kE = S::num_experts;
+  check_shape(scores, logits.rows(), kE, "scores");
+  check_shape(dlogits, logits.rows(), kE, "dlogits");
+  detail::check_aux_coeff(coeff);
+  MOEKIT_CHECK_ARG(options.normalization == SwitchNormalization::kTokensTimesK ||
+                       options.normalization == SwitchNormalization::kTokens,
+                   "options.normalization = ", static_cast<int>(options.normalization),
+                   " is not a SwitchNormalization");
+  MOEKIT_CHECK_ARG(tokens >= logits.rows(), "tokens = ", tokens, " is fewer than the ",
+                   logits.rows(), " rows given");
+  if (tokens == 0) return;
+  const std::array<double, to_size(kE)> f =
+      detail::switch_fractions<kE, S::top_k>(assigned, tokens, options.normalization);
+  detail::switch_gradient_rows<kE>(rule, logits, scores, f, tokens, coeff, dlogits);
+}
+
+// The z-loss's, likewise (it needs the batch's size alone).
+template <MoeSpecType S>
+void z_loss_gradient(MatrixView<const float> logits, index_t tokens, float coeff,
+                     MatrixView<float> dlogits) {
+  MOEKIT_API("cpu::z_loss_gradient");
+  constexpr int kE = S::num_experts;
+  check_shape(dlogits, logits.rows(), kE, "dlogits");
+  detail::check_aux_coeff(coeff);
+  MOEKIT_CHECK_ARG(tokens >= logits.rows(), "tokens = ", tokens, " is fewer than the ",
+                   logits.rows(), " rows given");
+  const double n_tokens = static_cast<double>(tokens);
+  MOEKIT_PARALLEL_FOR_IF(logits.rows() * kE > kParallelGrain)
+  for (index_t t = 0; t < logits.rows(); ++t) {
+    routing::z_loss_token<kE>(logits.row(t), static_cast<double>(coeff), n_tokens, dlogits.row(t));
+  }
 }
 
 // Shazeer et al. (2017) importance and load losses (header formulas).

@@ -155,6 +155,23 @@ struct ExpertGrads {
   bool accumulate = false;  // add to the blocks instead of overwriting them
 };
 
+// Expert i's own weights (or gradients) out of a stack in the layout above,
+// with d_ff = f and d_model = d: the views ExpertFfn<MoeSpec<1, 1>> takes
+// to run one expert alone. Empty views stay empty.
+inline ExpertWeights expert_weights(const ExpertWeights& w, index_t i, index_t f, index_t d) {
+  const auto pick = [](MatrixView<const float> m, index_t r0, index_t n) {
+    return m.empty() ? MatrixView<const float>() : m.middle_rows(r0, n);
+  };
+  return {pick(w.w1, i * f, f), pick(w.w3, i * f, f), pick(w.w2, i * d, d)};
+}
+// Expert i's gradient views out of a stack, as expert_weights.
+inline ExpertGrads expert_grads(const ExpertGrads& g, index_t i, index_t f, index_t d) {
+  const auto pick = [](MatrixView<float> m, index_t r0, index_t n) {
+    return m.empty() ? MatrixView<float>() : m.middle_rows(r0, n);
+  };
+  return {pick(g.dw1, i * f, f), pick(g.dw3, i * f, f), pick(g.dw2, i * d, d), g.accumulate};
+}
+
 namespace detail {
 
 // The FFN's element-wise middle, row by row: h = f(a) * g for a gated FFN

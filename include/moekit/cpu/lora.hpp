@@ -143,7 +143,7 @@ struct LoraMask : LoraDropout {
   // dst[j] (= or +=) src[j] * mask(t, j) for j < cols.
   template <bool kAdd>
   void apply(const float* src, float* dst, index_t t, index_t cols) const {
-    const auto base = static_cast<std::uint64_t>(t * width);
+    const auto base = static_cast<std::uint64_t>((row0 + t) * width);
     for (index_t j = 0; j < cols; ++j) {
       const float v = lora_dropout_keep(key, p, base + static_cast<std::uint64_t>(j))
                           ? src[j] * keep_scale

@@ -11,6 +11,17 @@
 //
 // The router's weight is w_gate (E x d, the layout of torch.nn.Linear and of
 // checkpoints: Mixtral's `gate.weight`), so logits = x w_gate^T + gate_bias.
+//
+// A token's logits are batch invariant (gate_logits: each row summed in one
+// fixed order); backward's dx runs one GEMM per block of kTokenBlock rows
+// (core/token_blocks.hpp), and dw_gate and dbias are folded over the blocks
+// in order. So a token's logits and every gradient are the same bits however
+// the batch is split over the ranks of an expert-parallel group (at block
+// boundaries). The pieces an expert-parallel layer composes are public:
+// logits() (with the global index of the first token, for the noise
+// counters), gate() (scores, top-K and weights of each row, no capacity),
+// number_in_order() and the statistics' StatSums / finish_stats(), and
+// backward_gate() / backward_logits().
 
 #include <algorithm>
 #include <array>
@@ -23,6 +34,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/random.hpp"
 #include "moekit/core/routing.hpp"
+#include "moekit/core/token_blocks.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/elementwise.hpp"
@@ -356,12 +368,9 @@ class Router {
                VectorView<std::byte> workspace = {}) const {
     MOEKIT_API("cpu::Router::forward");
     const index_t tokens = x.rows();
-    check_view(x, "x");
-    check_shape(w_gate, kExperts, x.cols(), "w_gate");
-    if (!gate_bias.empty()) check_shape(gate_bias, kExperts, "gate_bias");
+    check_logits_args(x, w_gate, gate_bias, out.logits, workspace);
     check_routing<S>(out, tokens);
     check_selection_bias(selection_bias);
-    check_workspace(workspace, tokens, x.cols());
     OverlapCheck("cpu::Router::forward")
         .out({MOEKIT_ROUTING_ARGS(out, "out"),
               {workspace.segment(0, workspace_size(tokens, x.cols())), "workspace"}})
@@ -370,17 +379,112 @@ class Router {
              {gate_bias, "gate_bias"},
              {selection_bias, "selection_bias"}})
         .check();
-
-    if (config_.noise.kind == NoiseKind::kJitter) {
-      const MatrixView<float> jittered(scratch<float>(workspace), tokens, x.cols());
-      jitter(x, jittered);
-      gate_logits<kExperts>(jittered, w_gate, out.logits);
-    } else {
-      gate_logits<kExperts>(x, w_gate, out.logits);
-    }
-    if (!gate_bias.empty()) as_eigen(out.logits).rowwise() += as_eigen(gate_bias).transpose();
-    if (config_.noise.kind == NoiseKind::kGaussian) add_gaussian_noise(out.logits);
+    compute_logits(x, w_gate, gate_bias, out.logits, workspace, 0);
     route_validated(out, selection_bias, stats, workspace);
+  }
+
+  // logits = x w_gate^T + gate_bias (+ noise) alone (T x E), batch
+  // invariant (gate_logits). Row t is the batch's token first_token + t: the noise
+  // counters (jitter: (first_token + t) d + j, Gaussian: (first_token + t) E
+  // + e) are those of the whole batch, so ranks that each hold a slice draw
+  // what one process would.
+  void logits(MatrixView<const float> x, MatrixView<const float> w_gate,
+              VectorView<const float> gate_bias, MatrixView<float> logits,
+              VectorView<std::byte> workspace = {}, index_t first_token = 0) const {
+    MOEKIT_API("cpu::Router::logits");
+    check_logits_args(x, w_gate, gate_bias, logits, workspace);
+    MOEKIT_CHECK_ARG(first_token >= 0, "first_token = ", first_token, " is negative");
+    OverlapCheck("cpu::Router::logits")
+        .out({{logits, "logits"},
+              {workspace.segment(0, workspace_size(x.rows(), x.cols())), "workspace"}})
+        .in({{x, "x"}, {w_gate, "w_gate"}, {gate_bias, "gate_bias"}})
+        .check();
+    compute_logits(x, w_gate, gate_bias, logits, workspace, first_token);
+  }
+
+  // Scores, top-K ids and weights of every row of out (logits given), with
+  // no capacity: positions are not written. Returns the rows with a
+  // non-finite logit (NonFinitePolicy::kError rejects them first).
+  index_t gate(const Routing& out, VectorView<const float> selection_bias) const {
+    MOEKIT_API("cpu::Router::gate");
+    const index_t tokens = out.logits.rows();
+    check_routing<S>(out, tokens);
+    check_selection_bias(selection_bias);
+    if (config_.non_finite == NonFinitePolicy::kError) reject_non_finite(out.logits);
+    const float* bias = selection_bias.empty() ? nullptr : selection_bias.data();
+    index_t non_finite = 0;
+    for (index_t b = 0; b < tokens; b += kRowBlock) {
+      const index_t rows = std::min(kRowBlock, tokens - b);
+      non_finite += score_rows(out, b, rows, nullptr);
+      select_rows(out, bias, b, rows);
+    }
+    return non_finite;
+  }
+
+  // Capacity by position (kPosition, and dropless) for the slots of tokens
+  // [first, end), in (t, k) order: slot (t, k) of expert e takes position
+  // next[e]++ and is kept when that is below cap; otherwise it gets position
+  // -1 and weight 0. Returns the slots dropped. next[e] starts at the slots
+  // of e before `first` (in the whole batch), so a slice numbers its slots as
+  // the whole batch would.
+  static index_t number_in_order(MatrixView<const std::int32_t> ids, MatrixView<float> weights,
+                                 MatrixView<std::int32_t> positions, index_t first, index_t end,
+                                 index_t cap, std::array<std::int32_t, to_size(kExperts)>& next) {
+    index_t dropped = 0;
+    for (index_t t = first; t < end; ++t) {
+      for (int k = 0; k < kTopK; ++k) {
+        const std::int32_t p = next[to_size(ids(t, k))]++;
+        if (p < cap) {
+          positions(t, k) = p;
+        } else {
+          positions(t, k) = -1;
+          weights(t, k) = 0.0f;
+          ++dropped;
+        }
+      }
+    }
+    return dropped;
+  }
+
+  // The chunk sums behind RoutingStats' mean distribution and z-loss
+  // (TokenChunks<E> of the whole batch): add_token_stats() adds one token's q_t
+  // and logsumexp^2 to its chunk, in token order, exactly as the routing
+  // pass does; finish_stats() writes the statistics. A batch split over ranks
+  // passes these sums from rank to rank (dist::pass_along_ranks).
+  struct StatSums {
+    // Per chunk, the sum of q_t (per expert).
+    std::array<std::array<double, to_size(kExperts)>, to_size(TokenChunks<kExperts>::kCount)>
+        distribution{};
+    // Per chunk, the sum of logsumexp(logits_t)^2.
+    std::array<double, to_size(TokenChunks<kExperts>::kCount)> lse_square{};
+  };
+  // Adds one token's q_t and logsumexp^2 to chunk `chunk` of sums.
+  void add_token_stats(StatSums& sums, std::size_t chunk, const float* logits,
+                       const float* scores) const {
+    add_routing_distribution<kExperts>(config_.gating.rule, scores,
+                                       sums.distribution[chunk].data());
+    sums.lse_square[chunk] += routing::z_loss_token<kExperts>(logits, 0.0, 1.0, nullptr);
+  }
+  // Writes the statistics of a batch of `tokens` tokens from the chunk sums and the counts.
+  static void finish_stats(const StatSums& sums, index_t tokens,
+                           const std::array<index_t, to_size(kExperts)>& assigned, index_t cap,
+                           index_t dropped, index_t non_finite, RoutingStats<S>& stats) {
+    stats.tokens = tokens;
+    stats.assigned = assigned;
+    for (std::size_t e = 0; e < kExperts; ++e) stats.kept[e] = std::min(assigned[e], cap);
+    stats.dropped = dropped;
+    stats.non_finite_logits = non_finite;
+    std::array<double, to_size(kExperts)> sum{};
+    double lse_sum = 0.0;
+    for (std::size_t c = 0; c < sums.lse_square.size(); ++c) {
+      for (std::size_t e = 0; e < kExperts; ++e) sum[e] += sums.distribution[c][e];
+      lse_sum += sums.lse_square[c];
+    }
+    const double n_tokens = static_cast<double>(tokens);
+    for (std::size_t e = 0; e < kExperts; ++e) {
+      stats.mean_distribution[e] = tokens > 0 ? sum[e] / n_tokens : 0.0;
+    }
+    stats.z_loss = tokens > 0 ? lse_sum / n_tokens : 0.0;
   }
 
   // Gating, capacity and statistics from logits the caller already wrote to
@@ -484,10 +588,13 @@ class Router {
   }
 
   // From dL/dlogits (gate part plus aux losses): dx, dw_gate and dbias, as
-  // requested by non-empty views in `grads`.
+  // requested by non-empty views in `grads`. One GEMM per token block;
+  // dw_gate and dbias are folded over the blocks in order (the first block
+  // overwrites unless grads.accumulate). Row t is the batch's token
+  // first_token + t (the jitter counters, as in logits()).
   void backward_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                        MatrixView<const float> dlogits, const RouterGrads& grads,
-                       VectorView<std::byte> workspace = {}) const {
+                       VectorView<std::byte> workspace = {}, index_t first_token = 0) const {
     MOEKIT_API("cpu::Router::backward_logits");
     const index_t tokens = x.rows();
     const index_t d = x.cols();
@@ -498,6 +605,7 @@ class Router {
     if (!grads.dw_gate.empty()) check_shape(grads.dw_gate, kExperts, d, "grads.dw_gate");
     if (!grads.dbias.empty()) check_shape(grads.dbias, kExperts, "grads.dbias");
     check_workspace(workspace, tokens, d);
+    MOEKIT_CHECK_ARG(first_token >= 0, "first_token = ", first_token, " is negative");
     OverlapCheck("cpu::Router::backward_logits")
         .out({{grads.dx, "grads.dx"},
               {grads.dw_gate, "grads.dw_gate"},
@@ -506,42 +614,56 @@ class Router {
         .in({{x, "x"}, {w_gate, "w_gate"}, {dlogits, "dlogits"}})
         .check();
     const bool jittered = config_.noise.kind == NoiseKind::kJitter;
+    const bool want_db = !grads.dbias.empty(), want_dw = !grads.dw_gate.empty();
 
-    const auto g = as_eigen(dlogits);
-    if (!grads.dbias.empty()) {
-      auto db = as_eigen(grads.dbias);
-      if (grads.accumulate)
-        db += g.colwise().sum().transpose();
-      else
-        db = g.colwise().sum().transpose();
-    }
     const MatrixView<float> jittered_x(jittered ? scratch<float>(workspace) : nullptr, tokens, d);
-    if (!grads.dw_gate.empty()) {
-      auto dw = as_eigen(grads.dw_gate);
-      if (jittered) jitter(x, jittered_x);  // the input the logits were computed from
-      const auto input = jittered ? as_eigen(MatrixView<const float>(jittered_x)) : as_eigen(x);
-      if (grads.accumulate)
-        dw.noalias() += g.transpose() * input;
-      else
-        dw.noalias() = g.transpose() * input;
+    if (!grads.accumulate && tokens == 0) {  // no block: the sums are empty
+      if (want_db) as_eigen(grads.dbias).setZero();
+      if (want_dw) as_eigen(grads.dw_gate).setZero();
     }
-    if (!grads.dx.empty()) {
-      auto dx = as_eigen(grads.dx);
+    if (want_db || want_dw) {
+      if (jittered && want_dw) jitter(x, jittered_x, first_token);  // what the logits saw
+      const MatrixView<const float> input = jittered ? MatrixView<const float>(jittered_x) : x;
+      for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t b) {
+        const bool add = grads.accumulate || b > 0;
+        const auto g = as_eigen(dlogits.middle_rows(r0, rows));
+        if (want_db) {
+          auto db = as_eigen(grads.dbias);
+          if (add)
+            db += g.colwise().sum().transpose();
+          else
+            db = g.colwise().sum().transpose();
+        }
+        if (want_dw) {
+          auto dw = as_eigen(grads.dw_gate);
+          const auto in = as_eigen(input.middle_rows(r0, rows));
+          if (add)
+            dw.noalias() += g.transpose() * in;
+          else
+            dw.noalias() = g.transpose() * in;
+        }
+      });
+    }
+    if (grads.dx.empty()) return;
+    for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t) {
+      const auto g = as_eigen(dlogits.middle_rows(r0, rows));
+      auto dx = as_eigen(grads.dx.middle_rows(r0, rows));
       if (!jittered) {
         if (grads.accumulate)
           dx.noalias() += g * as_eigen(w_gate);
         else
           dx.noalias() = g * as_eigen(w_gate);
-      } else {
-        auto tmp = as_eigen(jittered_x);
-        tmp.noalias() = g * as_eigen(w_gate);
-        jitter(jittered_x, jittered_x);  // d x~/d x is the jitter factor
-        if (grads.accumulate)
-          dx += tmp;
-        else
-          dx = tmp;
+        return;
       }
-    }
+      const MatrixView<float> tmp_view = jittered_x.middle_rows(r0, rows);
+      auto tmp = as_eigen(tmp_view);
+      tmp.noalias() = g * as_eigen(w_gate);
+      jitter(tmp_view, tmp_view, first_token + r0);  // d x~/d x is the jitter factor
+      if (grads.accumulate)
+        dx += tmp;
+      else
+        dx = tmp;
+    });
   }
 
  private:
@@ -607,9 +729,8 @@ class Router {
     const bool want_stats = stats != nullptr;
     // Per chunk: assignments per expert, then (after the scan) its first row.
     std::array<std::array<std::int32_t, to_size(kExperts)>, to_size(kChunks)> start{};
-    std::array<std::array<double, to_size(kExperts)>, to_size(kChunks)> distribution{};
-    std::array<double, to_size(kChunks)> lse_square{};
-    std::array<index_t, to_size(kExperts)> assigned{}, kept{};
+    StatSums sums;
+    std::array<index_t, to_size(kExperts)> assigned{};
     index_t non_finite = 0, dropped = 0;
 #if defined(_OPENMP)
 #pragma omp parallel if (tokens * kExperts > kParallelGrain) reduction(+ : non_finite, dropped)
@@ -622,14 +743,14 @@ class Router {
         const index_t first = chunks.begin(c), end = chunks.end(c);
         for (index_t b = first; b < end; b += kRowBlock) {
           const index_t rows = std::min(kRowBlock, end - b);
-          non_finite += score_rows(out, b, rows, want_stats ? &lse_square[c] : nullptr);
+          non_finite += score_rows(out, b, rows, want_stats ? &sums.lse_square[c] : nullptr);
           select_rows(out, bias, b, rows);
         }
         for (index_t t = first; t < end; ++t) {
           for (int k = 0; k < kTopK; ++k) ++start[c][to_size(out.expert_ids(t, k))];
           if (want_stats) {
             add_routing_distribution<kExperts>(config_.gating.rule, out.scores.row(t),
-                                               distribution[c].data());
+                                               sums.distribution[c].data());
           }
         }
       }
@@ -645,10 +766,7 @@ class Router {
             sum[e] += n;
           }
         }
-        for (std::size_t e = 0; e < kExperts; ++e) {
-          assigned[e] = sum[e];
-          kept[e] = std::min<index_t>(sum[e], cap);
-        }
+        for (std::size_t e = 0; e < kExperts; ++e) assigned[e] = sum[e];
       }
       if (by_position) {
 #if defined(_OPENMP)
@@ -664,23 +782,7 @@ class Router {
       dropped =
           drop_lowest_weights(out.expert_ids, out.weights, out.positions, assigned, cap, workspace);
     }
-    if (!want_stats) return;
-    stats->tokens = tokens;
-    stats->assigned = assigned;
-    stats->kept = kept;
-    stats->dropped = dropped;
-    stats->non_finite_logits = non_finite;
-    std::array<double, to_size(kExperts)> sum{};
-    double lse_sum = 0.0;
-    for (std::size_t c = 0; c < kChunks; ++c) {
-      for (std::size_t e = 0; e < kExperts; ++e) sum[e] += distribution[c][e];
-      lse_sum += lse_square[c];
-    }
-    const double n_tokens = static_cast<double>(tokens);
-    for (std::size_t e = 0; e < kExperts; ++e) {
-      stats->mean_distribution[e] = tokens > 0 ? sum[e] / n_tokens : 0.0;
-    }
-    stats->z_loss = tokens > 0 ? lse_sum / n_tokens : 0.0;
+    if (want_stats) finish_stats(sums, tokens, assigned, cap, dropped, non_finite, *stats);
   }
 
   // Scores of `rows` tokens from `first`; returns their non-finite logits.
@@ -757,28 +859,6 @@ class Router {
     }
   }
 
-  // kPosition (and dropless): numbers the assignments of tokens [first, end)
-  // in token order from next[e] on, per expert e; those numbered cap or more
-  // are dropped (position -1, weight 0). Returns the number dropped.
-  static index_t number_in_order(MatrixView<const std::int32_t> ids, MatrixView<float> weights,
-                                 MatrixView<std::int32_t> positions, index_t first, index_t end,
-                                 index_t cap, std::array<std::int32_t, to_size(kExperts)>& next) {
-    index_t dropped = 0;
-    for (index_t t = first; t < end; ++t) {
-      for (int k = 0; k < kTopK; ++k) {
-        const std::int32_t p = next[to_size(ids(t, k))]++;
-        if (p < cap) {
-          positions(t, k) = p;
-        } else {
-          positions(t, k) = -1;
-          weights(t, k) = 0.0f;
-          ++dropped;
-        }
-      }
-    }
-    return dropped;
-  }
-
   // kProbs: per expert, keeps the `cap` assignments of highest weight (ties ->
   // earlier token) and numbers the kept in token order; the others get
   // position -1 and weight 0. Returns the number dropped. `order` (T x K
@@ -830,30 +910,57 @@ class Router {
     return dropped;
   }
 
-  // out = in * jitter factor, element (t, j) drawn with counter t * d + j.
-  // in and out may be the same view (backward scales dx~ in place).
-  void jitter(MatrixView<const float> in, MatrixView<float> out) const {
+  // out = in * jitter factor, element (t, j) drawn with counter (t0 + t) d +
+  // j (t0: the batch index of row 0). in and out may be the same view
+  // (backward scales dx~ in place).
+  void jitter(MatrixView<const float> in, MatrixView<float> out, index_t t0) const {
     const index_t d = in.cols();
     const float a = config_.noise.amount;
     const std::uint64_t seed = config_.noise.seed;
     MOEKIT_PARALLEL_FOR_IF(in.size() > kParallelGrain)
     for (index_t t = 0; t < in.rows(); ++t) {
       for (index_t j = 0; j < d; ++j) {
-        out(t, j) =
-            in(t, j) * routing::jitter_factor(seed, a, static_cast<std::uint64_t>(t * d + j));
+        out(t, j) = in(t, j) *
+                    routing::jitter_factor(seed, a, static_cast<std::uint64_t>((t0 + t) * d + j));
       }
     }
   }
 
-  // logits += amount * N(0, 1), element (t, e) drawn with counter t * E + e.
-  void add_gaussian_noise(MatrixView<float> logits) const {
+  // logits += amount * N(0, 1), element (t, e) drawn with counter (t0 + t) E + e.
+  void add_gaussian_noise(MatrixView<float> logits, index_t t0) const {
     const float a = config_.noise.amount;
     const std::uint64_t seed = config_.noise.seed;
     for (index_t t = 0; t < logits.rows(); ++t) {
       for (int e = 0; e < kExperts; ++e) {
-        logits(t, e) += a * random_normal(seed, static_cast<std::uint64_t>(t * kExperts + e));
+        logits(t, e) +=
+            a * random_normal(seed, static_cast<std::uint64_t>((t0 + t) * kExperts + e));
       }
     }
+  }
+
+  void check_logits_args(MatrixView<const float> x, MatrixView<const float> w_gate,
+                         VectorView<const float> gate_bias, MatrixView<float> logits,
+                         VectorView<std::byte> workspace) const {
+    check_view(x, "x");
+    check_shape(w_gate, kExperts, x.cols(), "w_gate");
+    if (!gate_bias.empty()) check_shape(gate_bias, kExperts, "gate_bias");
+    check_shape(logits, x.rows(), kExperts, "logits");
+    check_workspace(workspace, x.rows(), x.cols());
+  }
+
+  // The logits of x (arguments checked); row t is the batch's token t0 + t.
+  void compute_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
+                      VectorView<const float> gate_bias, MatrixView<float> logits,
+                      VectorView<std::byte> workspace, index_t t0) const {
+    if (config_.noise.kind == NoiseKind::kJitter) {
+      const MatrixView<float> jittered(scratch<float>(workspace), x.rows(), x.cols());
+      jitter(x, jittered, t0);
+      gate_logits<kExperts>(jittered, w_gate, logits);
+    } else {
+      gate_logits<kExperts>(x, w_gate, logits);
+    }
+    if (!gate_bias.empty()) as_eigen(logits).rowwise() += as_eigen(gate_bias).transpose();
+    if (config_.noise.kind == NoiseKind::kGaussian) add_gaussian_noise(logits, t0);
   }
 
   // Rows scored, then selected, together (they stay in L1 between the two).

@@ -261,15 +261,57 @@ class TaskHeads {
              {weighting.log_vars, "weighting.log_vars"}})
         .check();
 
-    TaskLosses<S> out;
-    for (index_t i = 0; i < n; ++i) ++out.count[to_size(task_of(tasks, i))];
+    const std::array<index_t, to_size(kHeads)> count = task_counts(tasks, n);
+    LossSums sums;
+    add_loss_rows(logits, tasks, labels, count, weighting, sums, dlogits, rows);
+    return finish_loss(count, sums, weighting, dlog_vars);
+  }
+
+  // loss() in its three parts, for a batch whose rows are split over the
+  // ranks of an expert-parallel group: the rows per task (summed over the
+  // ranks: integers), the rows' losses and hits added to running sums in row
+  // order (passed from rank to rank, so the sums are those of one process),
+  // and the per-task means and their combination. The arguments are those
+  // of loss(), checked by it; these parts check only their own.
+  struct LossSums {
+    // Per head, the sum of the rows' cross-entropies.
+    std::array<double, to_size(kHeads)> loss{};
+    // Per head, the rows predicted right.
+    std::array<double, to_size(kHeads)> correct{};
+  };
+
+  // n_h, the rows of each task among the n rows of tasks.
+  std::array<index_t, to_size(kHeads)> task_counts(VectorView<const std::int32_t> tasks,
+                                                   index_t n) const {
+    check_tasks(tasks, n);
+    std::array<index_t, to_size(kHeads)> count{};
+    for (index_t i = 0; i < n; ++i) ++count[to_size(task_of(tasks, i))];
+    return count;
+  }
+
+  // Adds the rows' cross-entropies and hits to `sums` and writes their
+  // gradient rows, scaled by c_h / n_h with n_h from `count` (the batch's),
+  // and, unless empty, each row's prediction and loss (TaskLossRows).
+  void add_loss_rows(MatrixView<const float> logits, VectorView<const std::int32_t> tasks,
+                     VectorView<const std::int32_t> labels,
+                     const std::array<index_t, to_size(kHeads)>& count,
+                     const TaskWeights& weighting, LossSums& sums, MatrixView<float> dlogits = {},
+                     const TaskLossRows& rows = {}) const {
+    MOEKIT_API("cpu::TaskHeads::add_loss_rows");
+    const index_t n = logits.rows();
+    check_shape(logits, n, max_classes_, "logits");
+    check_tasks(tasks, n);
+    check_labels(labels, tasks, n);
+    check_weighting(weighting, {});
+    if (!dlogits.empty()) check_shape(dlogits, n, max_classes_, "dlogits");
+    if (!rows.predicted.empty()) check_shape(rows.predicted, n, "rows.predicted");
+    if (!rows.loss.empty()) check_shape(rows.loss, n, "rows.loss");
     // c_h / n_h, the gradient scale of each task's rows.
     std::array<float, to_size(kHeads)> scale{};
     for (std::size_t h = 0; h < kHeads; ++h) {
-      if (out.count[h] == 0) continue;
-      scale[h] = static_cast<float>(coefficient(weighting, h) / static_cast<double>(out.count[h]));
+      if (count[h] == 0) continue;
+      scale[h] = static_cast<float>(coefficient(weighting, h) / static_cast<double>(count[h]));
     }
-    std::array<double, to_size(kHeads)> correct{};
     for (index_t i = 0; i < n; ++i) {
       const int task = task_of(tasks, i);
       const std::size_t h = to_size(task);
@@ -278,20 +320,30 @@ class TaskHeads {
       float* dz = dlogits.empty() ? nullptr : dlogits.row(i);
       const double ce = cross_entropy_row(z, c, labels[i], scale[h], dz);
       const auto predicted = static_cast<std::int32_t>(classify::argmax(z, c));
-      out.loss[h] += ce;
-      correct[h] += predicted == labels[i] ? 1.0 : 0.0;
+      sums.loss[h] += ce;
+      sums.correct[h] += predicted == labels[i] ? 1.0 : 0.0;
       if (!rows.predicted.empty()) rows.predicted[i] = predicted;
       if (!rows.loss.empty()) rows.loss[i] = ce;
       if (dz != nullptr) {
         for (index_t k = c; k < max_classes_; ++k) dz[k] = 0.0f;
       }
     }
+  }
+
+  // The per-task means, accuracies and the combined loss from the batch's counts and sums
+  // (dlog_vars as in loss()).
+  TaskLosses<S> finish_loss(const std::array<index_t, to_size(kHeads)>& count, const LossSums& sums,
+                            const TaskWeights& weighting = {},
+                            VectorView<float> dlog_vars = {}) const {
+    check_weighting(weighting, dlog_vars);
+    TaskLosses<S> out;
+    out.count = count;
     for (std::size_t h = 0; h < kHeads; ++h) {
       const auto v = static_cast<index_t>(h);  // log_vars and dlog_vars are views
       if (out.count[h] > 0) {
-        const double count = static_cast<double>(out.count[h]);
-        out.loss[h] /= count;
-        out.accuracy[h] = correct[h] / count;
+        const double n = static_cast<double>(out.count[h]);
+        out.loss[h] = sums.loss[h] / n;
+        out.accuracy[h] = sums.correct[h] / n;
         out.total += coefficient(weighting, h) * out.loss[h];
         if (weighting.kind == TaskWeighting::kUncertainty) out.total += weighting.log_vars[v];
       }

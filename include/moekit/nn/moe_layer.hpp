@@ -47,6 +47,13 @@
 // An output that overlaps an input or another output (y = x, say) is refused
 // (kInvalidArgument, naming both; core/view.hpp). Results are deterministic for
 // a fixed thread count, as the parts are.
+//
+// Token blocks (core/token_blocks.hpp): the router's input gradient and the
+// shared experts run per block of kTokenBlock tokens, and the router's and
+// shared experts' weight gradients are folded over the blocks in order (the
+// router's logits and the expert FFNs are batch invariant by themselves). A
+// token's output and every gradient are then the same bits as those of
+// cpu::ExpertParallelMoeLayer on any number of ranks.
 
 #include <algorithm>
 #include <array>
@@ -58,6 +65,7 @@
 #include "moekit/core/activation.hpp"
 #include "moekit/core/backend.hpp"
 #include "moekit/core/error.hpp"
+#include "moekit/core/token_blocks.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/aux_losses.hpp"
 #include "moekit/cpu/dispatch.hpp"
@@ -129,6 +137,123 @@ struct MoeLayerState {
 using ::moekit::MoeAuxLosses;
 using ::moekit::MoeLayerStateRows;
 
+// The num_shared shared experts of a layer: FFNs of width d_ff_shared (0:
+// d_ff) that run on every token and add to y, with the routed experts'
+// FfnKind and Activation, in the ExpertWeights layout with num_shared
+// "experts". One FFN call per token block and shared expert; the weight
+// gradients are folded over the blocks in order. MoeLayer and the
+// expert-parallel layer (where the shared experts are replicated) both run
+// this. Saved activations: pre (and gate for kGated) hold expert i's rows
+// of a T-token batch at [i T, (i + 1) T).
+class SharedExperts {
+ public:
+  // The shared experts of a layer with configuration c (validated by MoeLayer's).
+  explicit SharedExperts(const MoeLayerConfig& c)
+      : count_(c.num_shared),
+        d_(c.d_model),
+        f_(c.d_ff_shared > 0 ? c.d_ff_shared : c.d_ff),
+        gated_(c.kind == FfnKind::kGated),
+        ffn_(ExpertFfnConfig{c.d_model, f_, c.kind, c.activation, FfnThreading::kInsideGemm}) {}
+
+  // num_shared, the shared experts.
+  int count() const { return count_; }
+  // The width of one shared expert.
+  index_t d_ff() const { return f_; }
+
+  // Bytes of workspace for a T-token batch (one block's outputs and FFN
+  // scratch), a multiple of 64.
+  index_t workspace_size(index_t tokens) const {
+    if (count_ == 0) return 0;
+    const index_t rows = std::min(tokens, kTokenBlock);
+    return round64(rows * d_ * index_t{sizeof(float)}) + round64(ffn_.workspace_size(rows));
+  }
+
+  // y += sum_i FFN_i(x), saving each FFN's activations in pre / gate.
+  void forward(MatrixView<const float> x, const ExpertWeights& w, MatrixView<float> pre,
+               MatrixView<float> gate, MatrixView<float> y, VectorView<std::byte> workspace) const {
+    const index_t tokens = x.rows();
+    std::array<index_t, 2> all = {0, 0};  // the block's rows, all of the one expert
+    for (int i = 0; i < count_; ++i) {
+      const ExpertWeights wi = expert_weights(w, i, f_, d_);
+      for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t) {
+        const MatrixView<float> tmp = block_out(workspace, rows);
+        all[1] = rows;
+        ffn_.forward(x.middle_rows(r0, rows), {all.data(), 2}, wi, tmp,
+                     rows_of(pre, i, tokens, r0, rows),
+                     gated_ ? rows_of(gate, i, tokens, r0, rows) : MatrixView<float>(),
+                     ffn_workspace(workspace, rows));
+        as_eigen(y.middle_rows(r0, rows)) += as_eigen(MatrixView<const float>(tmp));
+      });
+    }
+  }
+
+  // dx += the shared experts' input gradient (dx empty: none), and their
+  // weight gradients into grads (empty views: frozen), folded over the
+  // blocks: the first block overwrites unless grads.accumulate.
+  void backward(MatrixView<const float> dy, MatrixView<const float> x, const ExpertWeights& w,
+                MatrixView<const float> pre, MatrixView<const float> gate, MatrixView<float> dx,
+                const ExpertGrads& grads, VectorView<std::byte> workspace) const {
+    const index_t tokens = x.rows();
+    const bool want_w = !grads.dw1.empty() || !grads.dw3.empty() || !grads.dw2.empty();
+    if (dx.empty() && !want_w) return;
+    std::array<index_t, 2> all = {0, 0};  // the block's rows, all of the one expert
+    for (int i = 0; i < count_; ++i) {
+      const ExpertWeights wi = expert_weights(w, i, f_, d_);
+      ExpertGrads gi = expert_grads(grads, i, f_, d_);
+      if (tokens == 0 && !grads.accumulate) {  // no block: zero gradients, as one empty call
+        ffn_.backward(dy, x, {all.data(), 2}, wi, pre.middle_rows(0, 0),
+                      gated_ ? gate.middle_rows(0, 0) : MatrixView<const float>(), {}, gi,
+                      ffn_workspace(workspace, 0));
+      }
+      for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t b) {
+        gi.accumulate = grads.accumulate || b > 0;
+        const MatrixView<float> tmp = dx.empty() ? MatrixView<float>() : block_out(workspace, rows);
+        all[1] = rows;
+        ffn_.backward(dy.middle_rows(r0, rows), x.middle_rows(r0, rows), {all.data(), 2}, wi,
+                      rows_of(pre, i, tokens, r0, rows),
+                      gated_ ? rows_of(gate, i, tokens, r0, rows) : MatrixView<const float>(), tmp,
+                      gi, ffn_workspace(workspace, rows));
+        if (!dx.empty())
+          as_eigen(dx.middle_rows(r0, rows)) += as_eigen(MatrixView<const float>(tmp));
+      });
+    }
+  }
+
+ private:
+  static index_t round64(index_t bytes) { return (bytes + 63) / 64 * 64; }
+
+  // Rows [r0, r0 + rows) of shared expert i's part of a saved activation.
+  template <class T>
+  static MatrixView<T> rows_of(MatrixView<T> m, int i, index_t tokens, index_t r0, index_t rows) {
+    return m.middle_rows(i * tokens + r0, rows);
+  }
+  MatrixView<float> block_out(VectorView<std::byte> ws, index_t rows) const {
+    return {reinterpret_cast<float*>(ws.data()), rows, d_};
+  }
+  VectorView<std::byte> ffn_workspace(VectorView<std::byte> ws, index_t rows) const {
+    const index_t at = round64(std::min(rows, kTokenBlock) * d_ * index_t{sizeof(float)});
+    return {ws.data() + at, ffn_.workspace_size(rows)};
+  }
+
+  int count_;
+  index_t d_, f_;
+  bool gated_;
+  ExpertFfn<MoeSpec<1, 1>> ffn_;
+};
+
+// The aux losses that a layer with configuration c reports for a forward
+// with these routing statistics: both values (unscaled) whatever the
+// coefficients, and their weighted total.
+template <MoeSpecType S>
+MoeAuxLosses aux_losses(const MoeLayerConfig& c, const RoutingStats<S>& stats) {
+  MoeAuxLosses aux;
+  aux.switch_loss = switch_loss<S>(stats, c.switch_options);
+  aux.z_loss = stats.z_loss;
+  aux.total = static_cast<double>(c.switch_coeff) * aux.switch_loss +
+              static_cast<double>(c.z_coeff) * aux.z_loss;
+  return aux;
+}
+
 // The MoE layer for MoeSpec<E, K> (see the top of this file).
 template <MoeSpecType S>
 class MoeLayer {
@@ -151,8 +276,7 @@ class MoeLayer {
         router_(config.router),
         ffn_(ExpertFfnConfig{config.d_model, config.d_ff, config.kind, config.activation,
                              config.threading}),
-        shared_ffn_(ExpertFfnConfig{config.d_model, shared_width(config), config.kind,
-                                    config.activation, FfnThreading::kInsideGemm}) {}
+        shared_(config) {}
 
   // The configuration it was built with.
   const MoeLayerConfig& config() const { return config_; }
@@ -161,7 +285,11 @@ class MoeLayer {
   // Whether the experts are gated (FfnKind::kGated: w3 is used).
   bool gated() const { return config_.kind == FfnKind::kGated; }
   // The width of one shared expert (d_ff_shared, or d_ff when that is 0).
-  index_t d_ff_shared() const { return shared_width(config_); }
+  index_t d_ff_shared() const { return shared_.d_ff(); }
+  // The routed experts' FFN (E experts of width d_ff).
+  const ExpertFfn<S>& experts() const { return ffn_; }
+  // The shared experts (num_shared of width d_ff_shared()).
+  const SharedExperts& shared_experts() const { return shared_; }
 
   // Rows of the expert-major buffer for T tokens, at most: T K, or E times
   // the expert capacity when that is smaller.
@@ -221,28 +349,10 @@ class MoeLayer {
                  gated() ? state.saved_gate.middle_rows(0, n) : MatrixView<float>(),
                  region(workspace, lay.main, ffn_.workspace_size(n)));
     combine<S>(out, routing, offsets, y);
+    shared_.forward(x, params.shared, state.shared_pre, state.shared_gate, y,
+                    region(workspace, lay.main, shared_.workspace_size(tokens)));
 
-    if (config_.num_shared > 0) {
-      const std::array<index_t, 2> all = {0, tokens};
-      const VectorView<const index_t> all_view(all.data(), 2);
-      const MatrixView<float> tmp(floats(workspace, lay.main), tokens, d);
-      const VectorView<std::byte> ws =
-          region(workspace, lay.main + lay.token_bytes, shared_ffn_.workspace_size(tokens));
-      for (int i = 0; i < config_.num_shared; ++i) {
-        shared_ffn_.forward(
-            x, all_view, shared_weights(params.shared, i), tmp,
-            shared_block(state.shared_pre, i, tokens),
-            gated() ? shared_block(state.shared_gate, i, tokens) : MatrixView<float>(), ws);
-        as_eigen(y) += as_eigen(MatrixView<const float>(tmp));
-      }
-    }
-
-    MoeAuxLosses aux;
-    aux.switch_loss = switch_loss<S>(*stats, config_.switch_options);
-    aux.z_loss = stats->z_loss;
-    aux.total = static_cast<double>(config_.switch_coeff) * aux.switch_loss +
-                static_cast<double>(config_.z_coeff) * aux.z_loss;
-    return aux;
+    return aux_losses(config_, *stats);
   }
 
   // Gradients of L = f(y) + switch_coeff L_switch + z_coeff L_z given
@@ -326,28 +436,9 @@ class MoeLayer {
     }
 
     // Shared experts: dy reaches each unchanged.
-    const bool want_shared_w =
-        !grads.shared_dw1.empty() || !grads.shared_dw3.empty() || !grads.shared_dw2.empty();
-    if (config_.num_shared > 0 && (want_dx || want_shared_w)) {
-      const std::array<index_t, 2> all = {0, tokens};
-      const VectorView<const index_t> all_view(all.data(), 2);
-      const MatrixView<float> tmp(floats(workspace, lay.main), tokens, d);
-      const VectorView<std::byte> ws =
-          region(workspace, lay.main + lay.token_bytes, shared_ffn_.workspace_size(tokens));
-      const index_t fs = d_ff_shared();
-      for (int i = 0; i < config_.num_shared; ++i) {
-        const ExpertGrads g{shared_grad(grads.shared_dw1, i, fs),
-                            shared_grad(grads.shared_dw3, i, fs),
-                            shared_grad(grads.shared_dw2, i, d), acc};
-        shared_ffn_.backward(
-            dy, x, all_view, shared_weights(params.shared, i),
-            shared_block(state.shared_pre, i, tokens),
-            gated() ? MatrixView<const float>(shared_block(state.shared_gate, i, tokens))
-                    : MatrixView<const float>(),
-            want_dx ? tmp : MatrixView<float>(), g, ws);
-        if (want_dx) as_eigen(dx) += as_eigen(MatrixView<const float>(tmp));
-      }
-    }
+    shared_.backward(dy, x, params.shared, state.shared_pre, state.shared_gate, dx,
+                     ExpertGrads{grads.shared_dw1, grads.shared_dw3, grads.shared_dw2, acc},
+                     region(workspace, lay.main, shared_.workspace_size(tokens)));
   }
 
  private:
@@ -355,11 +446,11 @@ class MoeLayer {
   //   [dweights T K][dlogits T E][main: the largest of
   //     routed backward: d_out, d_buffer (N x d each), FFN workspace (N)
   //     router workspace
-  //     shared: a T x d temporary, shared FFN workspace (T)]
+  //     shared experts' workspace]
   // Forward uses main only.
   struct Layout {
     index_t dweights = 0, dlogits = 0, main = 0;
-    index_t routed_bytes = 0, token_bytes = 0, router_bytes = 0;
+    index_t routed_bytes = 0, router_bytes = 0;
     index_t total = 0;
   };
 
@@ -373,13 +464,9 @@ class MoeLayer {
     l.dlogits = float_bytes(tokens * kTopK);
     l.main = l.dlogits + float_bytes(tokens * kExperts);
     l.routed_bytes = float_bytes(rows * d);
-    l.token_bytes = float_bytes(tokens * d);
     l.router_bytes = round_bytes(router_.workspace_size(tokens, d));
-    index_t main =
-        std::max(2 * l.routed_bytes + round_bytes(ffn_.workspace_size(rows)), l.router_bytes);
-    if (config_.num_shared > 0) {
-      main = std::max(main, l.token_bytes + round_bytes(shared_ffn_.workspace_size(tokens)));
-    }
+    const index_t main = std::max({2 * l.routed_bytes + round_bytes(ffn_.workspace_size(rows)),
+                                   l.router_bytes, shared_.workspace_size(tokens)});
     l.total = l.main + main;
     return l;
   }
@@ -394,10 +481,6 @@ class MoeLayer {
     return VectorView<std::byte>(workspace.data() + offset, bytes);
   }
 
-  static index_t shared_width(const MoeLayerConfig& c) {
-    return c.d_ff_shared > 0 ? c.d_ff_shared : c.d_ff;
-  }
-
   static const MoeLayerConfig& validated(const MoeLayerConfig& c) {
     MOEKIT_API("cpu::MoeLayer::MoeLayer");
     check_moe_layer_fields(c);
@@ -409,19 +492,6 @@ class MoeLayer {
     return {r.logits.middle_rows(0, tokens), r.scores.middle_rows(0, tokens),
             r.expert_ids.middle_rows(0, tokens), r.weights.middle_rows(0, tokens),
             r.positions.middle_rows(0, tokens)};
-  }
-
-  static MatrixView<float> shared_block(MatrixView<float> m, int i, index_t tokens) {
-    return m.middle_rows(i * tokens, tokens);
-  }
-  static MatrixView<float> shared_grad(MatrixView<float> m, int i, index_t rows) {
-    return m.empty() ? MatrixView<float>() : m.middle_rows(i * rows, rows);
-  }
-  ExpertWeights shared_weights(const ExpertWeights& w, int i) const {
-    const index_t fs = d_ff_shared(), d = config_.d_model;
-    return {w.w1.middle_rows(i * fs, fs),
-            gated() ? w.w3.middle_rows(i * fs, fs) : MatrixView<const float>(),
-            w.w2.middle_rows(i * d, d)};
   }
 
   // Shape checks shared with the CUDA layer (moekit/core/backend.hpp).
@@ -441,7 +511,7 @@ class MoeLayer {
   MoeLayerConfig config_;
   Router<S> router_;
   ExpertFfn<S> ffn_;
-  ExpertFfn<MoeSpec<1, 1>> shared_ffn_;  // one shared expert at a time, on all tokens
+  SharedExperts shared_;
 };
 
 // Owning storage for a layer's state and workspace up to `max_tokens`

@@ -43,7 +43,23 @@
 // allocated once at construction; a call takes any n <= max_batch.
 // Determinism: every part is deterministic for a fixed thread count, so the
 // whole step is; a sample's logits depend only on its own row and the
-// weights its branch uses.
+// weights its branch uses. Everything runs per block of kTokenBlock samples
+// (core/token_blocks.hpp): each component is called once per block, and the
+// gradients of the adapters and heads are folded over the blocks in order.
+//
+// Expert parallelism (ModelParallelism, docs/expert_parallel.md): given a
+// transport (and the same configuration on every rank, compared at
+// construction; max_batch is then the most samples one rank passes), the
+// model holds only its rank's routed experts (the tensors
+// moe.{l}.experts.* have that rank's rows, the experts of
+// placement.first(rank) on; everything else is whole on every rank), its MoE
+// layers are ExpertParallelMoeLayers, and each call is collective: every
+// rank passes its own samples (the batch is the ranks' samples in rank order;
+// every rank but the last holding samples holds a multiple of kTokenBlock).
+// Losses, statistics and the gradients of every replicated tensor are those
+// of the whole batch, equal on every rank and bit-identical to one process
+// training on the whole batch; each rank's expert gradients are that
+// process's rows.
 // Validation: the configuration at construction (each component's own checks
 // plus the composition: widths agree, no router noise — its seed would repeat
 // every step), and every call's batch (shapes, task ids, labels) before
@@ -54,16 +70,23 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
+#include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "moekit/core/error.hpp"
 #include "moekit/core/random.hpp"
+#include "moekit/core/token_blocks.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/lora.hpp"
 #include "moekit/cpu/task_heads.hpp"
+#include "moekit/dist/layout.hpp"
+#include "moekit/dist/transport.hpp"
+#include "moekit/nn/expert_parallel_moe_layer.hpp"
 #include "moekit/nn/mlp_encoder.hpp"
 #include "moekit/nn/moe_layer.hpp"
 #include "moekit/nn/param_count.hpp"
@@ -98,6 +121,10 @@ struct ModelTensor {
   std::string name;
   ParamRole role = ParamRole::kEncoder;
   index_t rows = 0, cols = 0;
+  // Routed experts' stacks: the rows of one expert (their gradient norm is
+  // summed expert by expert, and an expert-parallel rank holds some experts
+  // only); 0 for every other tensor.
+  index_t expert_rows = 0;
   std::vector<float> value, grad;
 
   MatrixView<float> matrix() { return {value.data(), rows, cols}; }
@@ -111,13 +138,15 @@ struct ModelTensor {
   MatrixView<float> matrix_of(std::vector<float>& v) { return {v.data(), rows, cols}; }
 };
 
-// Fills t with N(0, stddev^2) draws from counter stream `stream` of `seed`:
-// one stream per tensor (its index), so adding tensors elsewhere never shifts
-// another tensor's values.
-inline void fill_normal(ModelTensor& t, double stddev, std::uint64_t seed, std::uint64_t stream) {
+// Fills t with N(0, stddev^2) draws from counter stream `stream` of `seed`,
+// counters first, first + 1, ...: one stream per tensor (its index), so
+// adding tensors elsewhere never shifts another tensor's values; `first`
+// places a slice of a larger tensor (an expert-parallel rank's experts).
+inline void fill_normal(ModelTensor& t, double stddev, std::uint64_t seed, std::uint64_t stream,
+                        std::uint64_t first = 0) {
   const std::uint64_t s = mix64(seed ^ (0x9e3779b97f4a7c15ull * (stream + 1)));
   for (std::size_t i = 0; i < t.value.size(); ++i) {
-    t.value[i] = static_cast<float>(stddev * random_normal(s, i));
+    t.value[i] = static_cast<float>(stddev * random_normal(s, first + i));
   }
 }
 
@@ -135,6 +164,16 @@ struct Batch {
   MatrixView<const float> x{};              // n x d_input
   VectorView<const std::int32_t> tasks{};   // n, each in [0, H)
   VectorView<const std::int32_t> labels{};  // n, each in [0, classes[task]); training only
+};
+
+// Where the model runs: one process (no transport), or expert-parallel over
+// the ranks of a host transport with this placement of the routed experts
+// (empty: ExpertPlacement::even(E, ranks)). The transport must outlive the model.
+struct ModelParallelism {
+  // The ranks' transport; empty: one process.
+  dist::TransportRef transport{};
+  // The routed experts' placement; empty: even over the ranks.
+  dist::ExpertPlacement placement{};
 };
 
 template <MoeSpecType S, HeadSpecType H>
@@ -169,12 +208,26 @@ class MultitaskModel {
   MultitaskModel(const MultitaskModel&) = delete;
   MultitaskModel& operator=(const MultitaskModel&) = delete;
 
-  explicit MultitaskModel(const Config& config)
+  // With parallelism.transport, collective (the layers compare every rank's
+  // configuration).
+  explicit MultitaskModel(const Config& config, ModelParallelism parallelism = {})
       : config_(validated(config)),
         encoder_(config.encoder),
         bank_(LoraBankConfig{config.encoder.d_model, config.encoder.d_model, kBranches,
                              config.lora_alpha, config.rslora, config.lora_dropout}),
         heads_(TaskHeadsConfig<H>{config.encoder.d_model, config.classes, true}) {
+    if (parallelism.transport) {
+      transport_ = std::make_unique<dist::TransportRef>(parallelism.transport);
+      dist::agree(*transport_, true, fingerprint(config_), "MultitaskModel");
+      placement_ = parallelism.placement.empty()
+                       ? dist::ExpertPlacement::even(kExperts, transport_->size())
+                       : parallelism.placement;
+      for (int l = 0; l < config_.num_moe_layers; ++l) {
+        ep_layers_.emplace_back(config_.moe, placement_, *transport_);
+      }
+    } else {
+      placement_ = dist::ExpertPlacement::even(kExperts, 1);
+    }
     for (int l = 0; l < config_.num_moe_layers; ++l) layers_.emplace_back(config_.moe);
     make_tensors();
     init();
@@ -182,6 +235,22 @@ class MultitaskModel {
   }
 
   const Config& config() const { return config_; }
+  // Expert parallelism: whether the model runs over a transport, its
+  // placement (one rank with every expert otherwise), and this rank's
+  // experts [first_expert(), first_expert() + local_experts()).
+  bool expert_parallel() const { return transport_ != nullptr; }
+  // Its transport (empty in one process).
+  dist::TransportRef transport() const { return transport_ ? *transport_ : dist::TransportRef(); }
+  // Which rank owns which routed experts.
+  const dist::ExpertPlacement& placement() const { return placement_; }
+  // This rank (0 in one process).
+  int rank() const { return transport_ ? transport_->rank() : 0; }
+  // The first routed expert this rank holds.
+  int first_expert() const { return placement_.first(rank()); }
+  // The routed experts this rank holds.
+  int local_experts() const { return placement_.count(rank()); }
+  // The transport and placement it was built with.
+  ModelParallelism parallelism() const { return {transport(), placement_}; }
   index_t d_model() const { return config_.encoder.d_model; }
   int num_moe_layers() const { return config_.num_moe_layers; }
   const MlpEncoder& encoder() const { return encoder_; }
@@ -249,8 +318,8 @@ class MultitaskModel {
   // them) for a batch, with LoRA dropout off. Labels are not read.
   void predict(const Batch& batch, MatrixView<float> logits,
                std::vector<RoutingStats<S>>* stats = nullptr) {
-    const index_t n = check_batch(batch, false);
-    check_shape(logits, n, heads_.max_classes(), "logits");
+    const index_t n = checked_batch(
+        batch, false, [&] { check_shape(logits, batch.x.rows(), heads_.max_classes(), "logits"); });
     std::vector<RoutingStats<S>> local;
     std::vector<MoeAuxLosses> aux;
     forward(batch, LoraStep{}, stats != nullptr ? *stats : local, aux);
@@ -262,17 +331,19 @@ class MultitaskModel {
   // outside the scope keep stale gradients, which an optimizer over the
   // scope never reads). `step` gives LoRA dropout its noise.
   StepLosses<S, H> loss_and_grads(const Batch& batch, TrainScope scope, const LoraStep& step) {
-    const index_t n = check_batch(batch, true);
-    MOEKIT_CHECK_ARG(scope.branch >= -1 && scope.branch < kBranches,
-                     "scope.branch = ", scope.branch, " must be -1 (whole model) or in [0, ",
-                     kBranches, ")");
+    const index_t n = checked_batch(batch, true, [&] {
+      MOEKIT_CHECK_ARG(scope.branch >= -1 && scope.branch < kBranches,
+                       "scope.branch = ", scope.branch, " must be -1 (whole model) or in [0, ",
+                       kBranches, ")");
+    });
+    LoraStep rows_step = step;  // dropout counters of the whole batch
+    rows_step.first_row = step.first_row + first_sample_;
     StepLosses<S, H> out;
-    out.aux = forward(batch, step, out.routing, out.layer_aux);
+    out.aux = forward(batch, rows_step, out.routing, out.layer_aux);
     const MatrixView<float> dz = dlogits_.middle_rows(0, n);
-    out.task = heads_.loss(MatrixView<const float>(logits_.middle_rows(0, n)), batch.tasks,
-                           batch.labels, {}, dz);
+    out.task = loss(batch, dz);
     out.total = out.task.total + out.aux;
-    backward(batch, scope, step, n);
+    backward(batch, scope, rows_step, n);
     return out;
   }
 
@@ -297,7 +368,7 @@ class MultitaskModel {
     c.max_batch = config_.max_batch;
     c.gate_init_std = config_.gate_init_std;
     c.seed = seed;
-    Bigger bigger(c);
+    Bigger bigger(c, parallelism());
     // Same names, same order; a branch tensor's old part is its leading rows
     // (adapters and heads are stacked by branch).
     for (const ModelTensor& t : tensors_) {
@@ -324,6 +395,21 @@ class MultitaskModel {
     return c;
   }
 
+  // The model's configuration beside the MoE layers' (which they compare
+  // themselves): what every expert-parallel rank must share.
+  static std::uint64_t fingerprint(const Config& c) {
+    dist::Fingerprint f;
+    f.add(kBranches).add(kRank).add(static_cast<std::int64_t>(c.encoder.d_input));
+    f.add(static_cast<std::int64_t>(c.encoder.d_model))
+        .add(static_cast<std::int64_t>(c.encoder.d_ff));
+    f.add(c.encoder.num_layers).add(static_cast<int>(c.encoder.activation));
+    f.add(c.encoder.layer_norm_eps).add(c.num_moe_layers).add(c.lora_alpha).add(c.rslora);
+    f.add(c.lora_dropout).add(static_cast<std::int64_t>(c.max_batch)).add(c.gate_init_std);
+    f.add(c.seed);
+    for (const index_t classes : c.classes) f.add(static_cast<std::int64_t>(classes));
+    return f.value();
+  }
+
   bool gated() const { return config_.moe.kind == FfnKind::kGated; }
   std::size_t tensors_per_layer() const {
     const std::size_t ffn = gated() ? 3 : 2;
@@ -337,12 +423,14 @@ class MultitaskModel {
     return kEncoderTensors + static_cast<std::size_t>(config_.num_moe_layers) * tensors_per_layer();
   }
 
-  void add_tensor(std::string name, ParamRole role, index_t rows, index_t cols) {
+  void add_tensor(std::string name, ParamRole role, index_t rows, index_t cols,
+                  index_t expert_rows = 0) {
     ModelTensor t;
     t.name = std::move(name);
     t.role = role;
     t.rows = rows;
     t.cols = cols;
+    t.expert_rows = expert_rows;
     t.value.assign(static_cast<std::size_t>(rows * cols), 0.0f);
     if (!is_frozen(role)) t.grad.assign(t.value.size(), 0.0f);
     tensors_.push_back(std::move(t));
@@ -361,14 +449,15 @@ class MultitaskModel {
     add_tensor("encoder.ffn.w2.weight", ParamRole::kEncoder, layers * d, e.d_ff);
     add_tensor("encoder.ffn.w2.bias", ParamRole::kEncoder, layers, d);
     const index_t f = m.d_ff, fs = layers_[0].d_ff_shared(), ns = m.num_shared;
+    const index_t local = local_experts();  // E in one process
     for (int l = 0; l < config_.num_moe_layers; ++l) {
       std::string p = "moe.";  // appended: GCC 12 warns falsely on "..." + std::string
       p += std::to_string(l);
       p += '.';
       add_tensor(p + "gate.weight", ParamRole::kGate, E, d);
-      add_tensor(p + "experts.w1", ParamRole::kExperts, E * f, d);
-      if (gated()) add_tensor(p + "experts.w3", ParamRole::kExperts, E * f, d);
-      add_tensor(p + "experts.w2", ParamRole::kExperts, E * d, f);
+      add_tensor(p + "experts.w1", ParamRole::kExperts, local * f, d, f);
+      if (gated()) add_tensor(p + "experts.w3", ParamRole::kExperts, local * f, d, f);
+      add_tensor(p + "experts.w2", ParamRole::kExperts, local * d, f, d);
       if (ns > 0) {
         add_tensor(p + "shared.w1", ParamRole::kExperts, ns * fs, d);
         if (gated()) add_tensor(p + "shared.w3", ParamRole::kExperts, ns * fs, d);
@@ -380,6 +469,13 @@ class MultitaskModel {
     add_tensor("adapter.lora_B", ParamRole::kLora, kBranches * d, kRank);
     add_tensor("heads.weight", ParamRole::kHead, heads_.total_classes(), d);
     add_tensor("heads.bias", ParamRole::kHead, 1, heads_.total_classes());
+  }
+
+  // An expert-parallel rank's routed experts draw from the counter of their
+  // first element in the whole stack, so every rank holds exactly its rows
+  // of one process's tensor.
+  std::uint64_t first_counter(const ModelTensor& t) const {
+    return static_cast<std::uint64_t>(t.expert_rows * t.cols * first_expert());
   }
 
   void init() {
@@ -397,7 +493,8 @@ class MultitaskModel {
       const bool is_gate = x.role == ParamRole::kGate;
       const bool is_down = x.name.ends_with(".w2");
       const double gate = config_.gate_init_std > 0.0f ? config_.gate_init_std : 1.0 / std::sqrt(d);
-      fill_normal(x, is_gate ? gate : (is_down ? down : 1.0 / std::sqrt(d)), seed, i);
+      fill_normal(x, is_gate ? gate : (is_down ? down : 1.0 / std::sqrt(d)), seed, i,
+                  first_counter(x));
     }
     const std::size_t a = adapter_first();
     as_eigen(t[a].matrix()).setIdentity();
@@ -422,11 +519,21 @@ class MultitaskModel {
     d_hidden_ = rows(B, d);
     d_tmp_ = rows(B, d);
     order_.resize(static_cast<std::size_t>(B));
-    offsets_.resize(static_cast<std::size_t>(kBranches + 1));
-    for (const MoeLayer<S>& layer : layers_) storage_.emplace_back(layer, B);
-    index_t ws =
-        std::max({encoder_.workspace_size(B), bank_.workspace_size(B), heads_.workspace_size(B)});
+    offsets_.resize(static_cast<std::size_t>(token_blocks(B) * (kBranches + 1)));
+    if (expert_parallel()) {
+      // A rank passes at most max_batch samples (the same on every rank), so
+      // the batch has at most that many per rank.
+      for (const auto& layer : ep_layers_)
+        ep_storage_.emplace_back(layer, B, B * transport_->size());
+    } else {
+      for (const MoeLayer<S>& layer : layers_) storage_.emplace_back(layer, B);
+    }
+    const index_t block = std::min(B, kTokenBlock);
+    index_t ws = std::max({encoder_.workspace_size(block), bank_.workspace_size(block),
+                           heads_.workspace_size(block)});
     workspace_.resize(static_cast<std::size_t>(ws / 8 + 1));
+    const std::array<MatrixView<float>, 4> parts = replicated_grads();
+    carry_.resize(dist::fold_carry_bytes(parts) / 8 + 1);
   }
 
   // ---- the passes -----------------------------------------------------------------------------
@@ -446,56 +553,175 @@ class MultitaskModel {
     return n;
   }
 
+  // The batch checked (and `more` checks of the caller's); with expert
+  // parallelism also collective: every rank's status and sample counts are
+  // gathered, so one rank's bad batch stops every rank with the same cause,
+  // and this rank learns its first sample's index in the whole batch.
+  template <class More>
+  index_t checked_batch(const Batch& b, bool need_labels, More&& more) {
+    if (!expert_parallel()) {
+      const index_t n = check_batch(b, need_labels);
+      more();
+      return n;
+    }
+    std::exception_ptr error;
+    index_t n = 0;
+    try {
+      n = check_batch(b, need_labels);
+      more();
+    } catch (const Error&) {
+      error = std::current_exception();
+    }
+    const std::size_t ranks = static_cast<std::size_t>(transport_->size());
+    const std::array<std::int64_t, 2> mine = {error ? 1 : 0, n};
+    std::vector<std::int64_t> all(2 * ranks), scratch(2 * ranks);  // a few words per call
+    dist::all_gather(*transport_, std::span<const std::int64_t>(mine), std::span(all),
+                     std::span(scratch));
+    if (error) std::rethrow_exception(error);
+    first_sample_ = 0;
+    for (std::size_t q = 0; q < ranks; ++q) {
+      MOEKIT_CHECK(all[2 * q] == 0, Errc::kTransportError, "rank ", q,
+                   " rejected its batch (its own error says why)");
+      if (q < static_cast<std::size_t>(transport_->rank())) first_sample_ += all[2 * q + 1];
+    }
+    return n;
+  }
+
   VectorView<std::byte> workspace() {
     return {reinterpret_cast<std::byte*>(workspace_.data()),
             static_cast<index_t>(workspace_.size() * sizeof(std::uint64_t))};
   }
 
-  LoraRows lora_rows(const Batch& b) const {
+  // The adapter rows of token block `block` (rows [r0, r0 + rows)), grouped
+  // by forward.
+  LoraRows lora_rows(const Batch& b, index_t r0, index_t rows, index_t block) const {
+    return {b.tasks.segment(r0, rows),
+            {order_.data() + r0, rows},
+            {offsets_.data() + block * (kBranches + 1), kBranches + 1}};
+  }
+  LoraStep block_step(const LoraStep& step, index_t r0) const {
+    LoraStep s = step;
+    s.first_row += r0;
+    return s;
+  }
+
+  // The gradients of the adapters and heads: replicated, folded over blocks.
+  std::array<MatrixView<float>, 4> replicated_grads() {
+    const std::size_t a = adapter_first();
+    ModelTensor& bias = tensors_[a + 4];
+    return {tensors_[a + 1].grad_matrix(), tensors_[a + 2].grad_matrix(),
+            tensors_[a + 3].grad_matrix(), MatrixView<float>(bias.grad.data(), 1, bias.cols)};
+  }
+
+  // The heads' loss of the whole batch: in one process heads().loss(); with
+  // expert parallelism the same parts with the batch's counts (an integer
+  // sum) and the rows' sums passed from rank to rank in rank order.
+  TaskLosses<H> loss(const Batch& b, MatrixView<float> dz) {
     const index_t n = b.x.rows();
-    return {b.tasks, {order_.data(), n}, {offsets_.data(), kBranches + 1}};
+    const MatrixView<const float> z = logits_.middle_rows(0, n);
+    if (!expert_parallel()) return heads_.loss(z, b.tasks, b.labels, {}, dz);
+    const std::array<index_t, to_size(kBranches)> mine = heads_.task_counts(b.tasks, n);
+    std::array<std::int64_t, to_size(kBranches)> sum{};
+    std::copy(mine.begin(), mine.end(), sum.begin());
+    transport_->all_reduce_sum(sum);
+    std::array<index_t, to_size(kBranches)> count{};
+    std::copy(sum.begin(), sum.end(), count.begin());
+    typename TaskHeads<H>::LossSums sums;
+    dist::pass_along_ranks(*transport_, std::as_writable_bytes(std::span(&sums, 1)), [&] {
+      heads_.add_loss_rows(z, b.tasks, b.labels, count, {}, sums, dz);
+    });
+    return heads_.finish_loss(count, sums);
   }
 
   // Forward to the logits; returns the sum of the MoE layers' aux losses.
+  // The encoder, adapters and heads run per token block.
   double forward(const Batch& b, const LoraStep& step, std::vector<RoutingStats<S>>& stats,
                  std::vector<MoeAuxLosses>& layer_aux) {
     const index_t n = b.x.rows();
-    encoder_.forward(b.x, encoder_weights(), encoded_.middle_rows(0, n), workspace());
+    for_each_token_block(n, [&](index_t r0, index_t rows, index_t) {
+      encoder_.forward(b.x.middle_rows(r0, rows), encoder_weights(), encoded_.middle_rows(r0, rows),
+                       workspace());
+    });
     stats.assign(layers_.size(), RoutingStats<S>{});
     layer_aux.assign(layers_.size(), MoeAuxLosses{});
     double aux = 0.0;
     MatrixView<const float> in = encoded_.middle_rows(0, n);
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const MatrixView<float> out = hidden_[l].middle_rows(0, n);
-      layer_aux[l] = layers_[l].forward(in, moe_params(static_cast<int>(l)), storage_[l].state(),
-                                        out, &stats[l], storage_[l].workspace());
+      const MoeLayerParams params = moe_params(static_cast<int>(l));
+      if (expert_parallel()) {
+        layer_aux[l] = ep_layers_[l].forward(in, params, ep_storage_[l].state(), out, &stats[l],
+                                             ep_storage_[l].workspace());
+      } else {
+        layer_aux[l] = layers_[l].forward(in, params, storage_[l].state(), out, &stats[l],
+                                          storage_[l].workspace());
+      }
       aux += layer_aux[l].total;
       as_eigen(out) += as_eigen(in);  // residual
       in = out;
     }
-    bank_.group(b.tasks, {order_.data(), n}, {offsets_.data(), kBranches + 1});
-    bank_.forward(in, lora_rows(b), adapter_weights(), adapted_.middle_rows(0, n),
-                  saved_h_.middle_rows(0, n), step, workspace());
-    heads_.forward(MatrixView<const float>(adapted_.middle_rows(0, n)), b.tasks, head_weights(),
-                   logits_.middle_rows(0, n), workspace());
+    for_each_token_block(n, [&](index_t r0, index_t rows, index_t block) {
+      const LoraRows lr = lora_rows(b, r0, rows, block);
+      bank_.group(lr.ids, {order_.data() + r0, rows},
+                  {offsets_.data() + block * (kBranches + 1), kBranches + 1});
+      bank_.forward(in.middle_rows(r0, rows), lr, adapter_weights(), adapted_.middle_rows(r0, rows),
+                    saved_h_.middle_rows(r0, rows), block_step(step, r0), workspace());
+      heads_.forward(MatrixView<const float>(adapted_.middle_rows(r0, rows)),
+                     b.tasks.segment(r0, rows), head_weights(), logits_.middle_rows(r0, rows),
+                     workspace());
+    });
     return aux;
   }
 
   void backward(const Batch& b, TrainScope scope, const LoraStep& step, index_t n) {
     const std::size_t a = adapter_first();
     auto& t = tensors_;
-    const MatrixView<float> d_adapted = d_adapted_.middle_rows(0, n);
-    heads_.backward(MatrixView<const float>(dlogits_.middle_rows(0, n)),
-                    MatrixView<const float>(adapted_.middle_rows(0, n)), b.tasks, head_weights(),
-                    d_adapted, HeadGrads{t[a + 3].grad_matrix(), t[a + 4].flat_grad()},
-                    workspace());
     const bool whole = scope.whole_model();
     const std::size_t last = layers_.size() - 1;
     const MatrixView<float> d_top = d_hidden_.middle_rows(0, n);
-    bank_.backward(MatrixView<const float>(d_adapted), hidden_[last].middle_rows(0, n),
-                   lora_rows(b), adapter_weights(), saved_h_.middle_rows(0, n), step,
-                   whole ? d_top : MatrixView<float>(),
-                   LoraGrads{t[a + 1].grad_matrix(), t[a + 2].grad_matrix()}, workspace());
+    const MatrixView<const float> top = hidden_[last].middle_rows(0, n);
+    const MatrixView<const float> dz = dlogits_.middle_rows(0, n);
+    const MatrixView<const float> adapted = adapted_.middle_rows(0, n);
+    // The input gradients per block, then the heads' and adapters' weight
+    // gradients folded over the blocks (passed along the ranks).
+    for_each_token_block(n, [&](index_t r0, index_t rows, index_t block) {
+      const VectorView<const std::int32_t> tasks = b.tasks.segment(r0, rows);
+      const MatrixView<float> d_adapted = d_adapted_.middle_rows(r0, rows);
+      heads_.backward(dz.middle_rows(r0, rows), adapted.middle_rows(r0, rows), tasks,
+                      head_weights(), d_adapted, HeadGrads{}, workspace());
+      if (whole) {
+        bank_.backward(MatrixView<const float>(d_adapted), top.middle_rows(r0, rows),
+                       lora_rows(b, r0, rows, block), adapter_weights(),
+                       saved_h_.middle_rows(r0, rows), block_step(step, r0),
+                       d_top.middle_rows(r0, rows), LoraGrads{}, workspace());
+      }
+    });
+    const auto fold = [&](bool add) {
+      if (!add && n == 0) {  // an empty batch: zero gradients, as one empty call each
+        heads_.backward(dz, adapted, b.tasks, head_weights(), {},
+                        HeadGrads{t[a + 3].grad_matrix(), t[a + 4].flat_grad()}, workspace());
+        bank_.backward(d_adapted_.middle_rows(0, 0), top, lora_rows(b, 0, 0, 0), adapter_weights(),
+                       saved_h_.middle_rows(0, 0), step, {},
+                       LoraGrads{t[a + 1].grad_matrix(), t[a + 2].grad_matrix()}, workspace());
+      }
+      for_each_token_block(n, [&](index_t r0, index_t rows, index_t block) {
+        const bool acc = add || block > 0;
+        heads_.backward(dz.middle_rows(r0, rows), adapted.middle_rows(r0, rows),
+                        b.tasks.segment(r0, rows), head_weights(), {},
+                        HeadGrads{t[a + 3].grad_matrix(), t[a + 4].flat_grad(), acc}, workspace());
+        bank_.backward(MatrixView<const float>(d_adapted_.middle_rows(r0, rows)),
+                       top.middle_rows(r0, rows), lora_rows(b, r0, rows, block), adapter_weights(),
+                       saved_h_.middle_rows(r0, rows), block_step(step, r0), {},
+                       LoraGrads{t[a + 1].grad_matrix(), t[a + 2].grad_matrix(), acc}, workspace());
+      });
+    };
+    if (expert_parallel()) {
+      const std::array<MatrixView<float>, 4> parts = replicated_grads();
+      dist::fold_in_rank_order(*transport_, std::span<const MatrixView<float>>(parts), false, n > 0,
+                               std::as_writable_bytes(std::span(carry_)), fold);
+    } else {
+      fold(false);
+    }
     if (!whole) return;  // the MoE layers are frozen for a branch
 
     // Down the residual stack: dh_{l-1} = dh_l + MoE_l'(dh_l); the bottom layer
@@ -505,9 +731,15 @@ class MultitaskModel {
                                              ? MatrixView<const float>(encoded_.middle_rows(0, n))
                                              : hidden_[l - 1].middle_rows(0, n);
       const MatrixView<float> dx = l == 0 ? MatrixView<float>() : d_tmp_.middle_rows(0, n);
-      layers_[l].backward(MatrixView<const float>(d_top), in, moe_params(static_cast<int>(l)),
-                          storage_[l].state(), dx, moe_grads(static_cast<int>(l)),
-                          storage_[l].workspace());
+      if (expert_parallel()) {
+        ep_layers_[l].backward(MatrixView<const float>(d_top), in, moe_params(static_cast<int>(l)),
+                               ep_storage_[l].state(), dx, moe_grads(static_cast<int>(l)),
+                               ep_storage_[l].workspace());
+      } else {
+        layers_[l].backward(MatrixView<const float>(d_top), in, moe_params(static_cast<int>(l)),
+                            storage_[l].state(), dx, moe_grads(static_cast<int>(l)),
+                            storage_[l].workspace());
+      }
       if (l > 0) as_eigen(d_top) += as_eigen(MatrixView<const float>(dx));
     }
   }
@@ -559,7 +791,13 @@ class MultitaskModel {
 
   Config config_;
   MlpEncoder encoder_;
-  std::vector<MoeLayer<S>> layers_;
+  std::vector<MoeLayer<S>> layers_;  // the one-process layers (their configuration, always)
+  std::unique_ptr<dist::TransportRef>
+      transport_;  // a stable address for the layers: the model moves
+  dist::ExpertPlacement placement_;
+  std::vector<ExpertParallelMoeLayer<S, dist::TransportRef>> ep_layers_;
+  std::vector<ExpertParallelStorage<S>> ep_storage_;
+  index_t first_sample_ = 0;  // this rank's first sample in the batch of the current call
   LoraBank<L> bank_;
   TaskHeads<H> heads_;
   std::vector<ModelTensor> tensors_;
@@ -568,9 +806,10 @@ class MultitaskModel {
   MatrixView<float> encoded_, adapted_, saved_h_, logits_, dlogits_;
   MatrixView<float> d_adapted_, d_hidden_, d_tmp_;
   std::vector<MatrixView<float>> hidden_;  // h_1 .. h_M
-  std::vector<index_t> order_, offsets_;
+  std::vector<index_t> order_, offsets_;   // adapter groups, per token block
   std::vector<MoeLayerStorage<S>> storage_;
   std::vector<std::uint64_t> workspace_;  // bytes, 8-aligned, shared by the passes in turn
+  std::vector<std::uint64_t> carry_;      // the replicated gradients passed along the ranks
 };
 
 }  // namespace cpu

@@ -36,13 +36,16 @@
 // element of grad^2), squares summed in double: each chunk of at most
 // kNormChunk elements of one tensor is summed in element order, and the chunk
 // sums in registration order, so the value does not depend on the thread
-// count. clip_grad_norm(max_norm) returns that norm and, when it exceeds
-// max_norm, scales every gradient by max_norm / (norm + 1e-6) (PyTorch's
-// clip_grad_norm_ coefficient; PyTorch also scales when max_norm - 1e-6 <
-// norm <= max_norm, by a factor within 1e-6 / max_norm of 1, which this one
-// skips). A non-finite norm (a NaN or Inf gradient, or an overflowing sum)
-// changes nothing and is returned as is: the caller should then skip the
-// step (step() itself does not inspect gradients; a NaN gradient gives NaN
+// count. A tensor registered with a segment (add()'s last argument, e.g. the
+// size of one expert in a stack of experts) has no chunk that crosses a
+// multiple of the segment, so the chunk sums of a stack's experts are the
+// same whether one process holds them all or expert-parallel ranks hold
+// some each; grad_norm_partials() gives the chunk sums themselves. clip_grad_norm(max_norm) returns
+// that norm and, when it exceeds max_norm, scales every gradient by max_norm / (norm + 1e-6)
+// (PyTorch's clip_grad_norm_ coefficient; PyTorch also scales when max_norm - 1e-6 < norm <=
+// max_norm, by a factor within 1e-6 / max_norm of 1, which this one skips). A non-finite norm (a
+// NaN or Inf gradient, or an overflowing sum) changes nothing and is returned as is: the caller
+// should then skip the step (step() itself does not inspect gradients; a NaN gradient gives NaN
 // parameters).
 //
 // Checkpoints. save_state(out, prefix) adds to a SafetensorsWriter, for
@@ -101,6 +104,7 @@
 #include <limits>
 #include <map>
 #include <numbers>
+#include <span>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -185,11 +189,14 @@ class AdamW {
   // ---- parameters -----------------------------------------------------------------------------
 
   // Registers one tensor of group `group`: its values and its gradient (same
-  // size; neither owned, see the top of this file). Allocates its moments.
-  void add(int group, std::string name, VectorView<float> value, VectorView<float> grad) {
+  // size; neither owned, see the top of this file), and the segment its norm
+  // chunks never cross (0: none). Allocates its moments.
+  void add(int group, std::string name, VectorView<float> value, VectorView<float> grad,
+           index_t segment = 0) {
     MOEKIT_API("train::AdamW::add");
     MOEKIT_CHECK_RANGE(group, 0, num_groups());
     MOEKIT_CHECK_ARG(!name.empty(), "parameter name is empty");
+    MOEKIT_CHECK_ARG(segment >= 0, "segment = ", segment, " is negative");
     MOEKIT_CHECK_ARG(index_.find(name) == index_.end(), "parameter '", name, "' was already added");
     check_view(value, "value");
     check_view(grad, "grad");
@@ -211,13 +218,15 @@ class AdamW {
     p.v.assign(static_cast<std::size_t>(value.size()), 0.0f);
     // Allocate first; the map insertion is the only later step that can
     // throw, and it comes before any member changes.
-    const std::size_t new_chunks =
-        static_cast<std::size_t>((value.size() + kNormChunk - 1) / kNormChunk);
+    const index_t seg = segment > 0 ? segment : std::max<index_t>(value.size(), 1);
     params_.reserve(params_.size() + 1);
-    chunks_.reserve(chunks_.size() + new_chunks);
+    chunks_.reserve(chunks_.size() + static_cast<std::size_t>(norm_chunks(value.size(), segment)));
     index_.emplace(p.name, params_.size());
-    for (index_t b = 0; b < value.size(); b += kNormChunk) {
-      chunks_.push_back({params_.size(), b, std::min(value.size(), b + kNormChunk)});
+    for (index_t s0 = 0; s0 < value.size(); s0 += seg) {
+      const index_t s1 = std::min(value.size(), s0 + seg);
+      for (index_t b = s0; b < s1; b += kNormChunk) {
+        chunks_.push_back({params_.size(), b, std::min(s1, b + kNormChunk)});
+      }
     }
     params_.push_back(std::move(p));
     total_ += value.size();
@@ -291,25 +300,36 @@ class AdamW {
 
   // ---- gradient norm --------------------------------------------------------------------------
 
+  // Chunks of a tensor of n elements registered with `segment` (the rule above).
+  static index_t norm_chunks(index_t n, index_t segment) {
+    if (n == 0) return 0;
+    const index_t seg = segment > 0 ? std::min(segment, n) : n;
+    const index_t per_segment = (seg + kNormChunk - 1) / kNormChunk;
+    const index_t full = n / seg, rest = n % seg;
+    return full * per_segment + (rest + kNormChunk - 1) / kNormChunk;
+  }
+  // The norm chunks of every registered tensor (grad_norm_partials()'s size).
+  index_t num_norm_chunks() const { return static_cast<index_t>(chunks_.size()); }
+
+  // out[c] = the sum of grad^2 over chunk c (in registration order), each in
+  // element order: the partial sums grad_norm() adds up in this order.
+  void grad_norm_partials(std::span<double> out) const {
+    MOEKIT_API("train::AdamW::grad_norm_partials");
+    MOEKIT_CHECK(out.size() == chunks_.size(), Errc::kShapeMismatch, "out has ", out.size(),
+                 " entries, the optimizer has ", chunks_.size(), " norm chunks");
+    const auto chunks = static_cast<index_t>(chunks_.size());
+    MOEKIT_PARALLEL_FOR_IF(total_ > cpu::kLightParallelGrain)
+    for (index_t c = 0; c < chunks; ++c) {
+      out[static_cast<std::size_t>(c)] = chunk_sum(chunks_[static_cast<std::size_t>(c)]);
+    }
+  }
+
   // The global L2 norm of every registered gradient (deterministic order).
   double grad_norm() const {
-    const auto chunk_sum = [this](const Chunk& c) {
-      const float* const g = params_[c.param].grad.data();
-      double s = 0.0;
-      for (index_t i = c.begin; i < c.end; ++i) {
-        const auto x = static_cast<double>(g[i]);
-        s += x * x;
-      }
-      return s;
-    };
     double sum = 0.0;
-    const auto chunks = static_cast<index_t>(chunks_.size());
     if (total_ > cpu::kLightParallelGrain) {
       std::vector<double> partial(chunks_.size());
-      MOEKIT_PARALLEL_FOR_IF(true)
-      for (index_t c = 0; c < chunks; ++c) {
-        partial[static_cast<std::size_t>(c)] = chunk_sum(chunks_[static_cast<std::size_t>(c)]);
-      }
+      grad_norm_partials(partial);
       for (const double s : partial) sum += s;
     } else {
       for (const Chunk& c : chunks_) sum += chunk_sum(c);
@@ -323,7 +343,16 @@ class AdamW {
     MOEKIT_API("train::AdamW::clip_grad_norm");
     MOEKIT_CHECK_ARG(max_norm > 0.0, "max_norm = ", max_norm, " must be > 0");
     const double norm = grad_norm();
-    if (!std::isfinite(norm) || !(norm > max_norm)) return norm;
+    clip_to(norm, max_norm);
+    return norm;
+  }
+
+  // The scaling of clip_grad_norm for a norm computed elsewhere (the norm of
+  // gradients spread over expert-parallel ranks).
+  void clip_to(double norm, double max_norm) {
+    MOEKIT_API("train::AdamW::clip_to");
+    MOEKIT_CHECK_ARG(max_norm > 0.0, "max_norm = ", max_norm, " must be > 0");
+    if (!std::isfinite(norm) || !(norm > max_norm)) return;
     const auto coef = static_cast<float>(max_norm / (norm + 1e-6));
     for (const Param& p : params_) {
       float* const g = p.grad.data();
@@ -331,7 +360,6 @@ class AdamW {
       MOEKIT_PARALLEL_FOR_IF(n > cpu::kLightParallelGrain)
       for (index_t i = 0; i < n; ++i) g[i] *= coef;
     }
-    return norm;
   }
 
   // ---- checkpoints ----------------------------------------------------------------------------
@@ -393,6 +421,16 @@ class AdamW {
     index_t begin = 0;
     index_t end = 0;
   };
+
+  double chunk_sum(const Chunk& c) const {
+    const float* const g = params_[c.param].grad.data();
+    double s = 0.0;
+    for (index_t i = c.begin; i < c.end; ++i) {
+      const auto x = static_cast<double>(g[i]);
+      s += x * x;
+    }
+    return s;
+  }
 
   static void check_lr(float lr, const char* what) {
     MOEKIT_CHECK_ARG(std::isfinite(lr) && lr >= 0.0f, what, " = ", lr, " must be finite and >= 0");

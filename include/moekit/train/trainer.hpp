@@ -25,6 +25,15 @@
 // checkpoint repeats the uninterrupted run bit for bit when its batches are
 // drawn as a function of the step (train::BatchSampler).
 //
+// Expert parallelism (a model built with a transport): every rank runs a
+// Trainer on its own model in lock step (step() is collective). The
+// gradient norm is that of the whole model: the routed experts' chunk sums
+// (each expert's own, see AdamW's segments) are gathered from their ranks
+// and added in one process's order, so clipping, and every update, are
+// those of one process. A checkpoint then holds the rank's shard: its
+// structure metadata names the rank's experts, and only a model with the
+// same shard loads it. evaluate() takes one-process models only.
+//
 // Checkpoints (save_checkpoint / load_checkpoint): one safetensors file with
 //   every model tensor under its model name (F32, shape [rows, cols]),
 //   the optimizer's moments under "optimizer.<param>.exp_avg" / ".exp_avg_sq",
@@ -48,12 +57,14 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "moekit/core/error.hpp"
 #include "moekit/cpu/lora.hpp"
+#include "moekit/dist/transport.hpp"
 #include "moekit/io/safetensors.hpp"
 #include "moekit/nn/multitask_model.hpp"
 #include "moekit/train/data.hpp"
@@ -159,6 +170,11 @@ std::string reference_signature(const Model& m) {
   field("d_ff", c.moe.d_ff);
   field("kind", static_cast<int>(c.moe.kind));
   field("shared", c.moe.num_shared);
+  if (m.expert_parallel()) {  // a shard: this rank's experts of the whole stacks
+    field("ranks", m.placement().ranks());
+    field("first_expert", m.first_expert());
+    field("local_experts", m.local_experts());
+  }
   s += " classes=";
   for (int h = 0; h < Model::kBranches; ++h) {
     if (h > 0) s += ',';
@@ -269,12 +285,17 @@ class Trainer {
                         : t.role == cpu::ParamRole::kLora  ? lora
                                                            : head;
       if (scope.whole_model()) {
-        optimizer_.add(group, t.name, t.flat(), t.flat_grad());
+        const index_t segment = t.expert_rows * t.cols;
+        optimizer_.add(group, t.name, t.flat(), t.flat_grad(), segment);
+        const auto chunks = static_cast<std::size_t>(AdamW::norm_chunks(t.flat().size(), segment));
+        registered_.push_back(
+            {chunks, segment > 0 ? static_cast<std::size_t>(AdamW::norm_chunks(segment, 0)) : 0});
       } else if (group == lora || group == head) {
         // Branch t's part: adapters and heads are stacked by branch.
         const auto [first, count] = branch_elements(t, scope.branch);
         optimizer_.add(group, t.name + "." + std::to_string(scope.branch),
                        t.flat().segment(first, count), t.flat_grad().segment(first, count));
+        registered_.push_back({static_cast<std::size_t>(AdamW::norm_chunks(count, 0)), 0});
       }
     }
   }
@@ -284,14 +305,15 @@ class Trainer {
   std::int64_t steps() const { return step_; }
   std::int64_t skipped_steps() const { return skipped_; }
 
-  // One training step on `batch` (the model's batch type), as the top of this
-  // file describes; the step counter advances even when the update is skipped.
+  // One training step on `batch` (the model's batch type; collective for an
+  // expert-parallel model), as the top of this file describes; the step
+  // counter advances even when the update is skipped.
   StepReport<Model> step(const typename detail::BatchOf<Model>::type& batch) {
     StepReport<Model> r;
     const cpu::LoraStep lora_step{true, config_.dropout_seed, static_cast<std::uint64_t>(step_)};
     r.losses = model_.loss_and_grads(batch, config_.scope, lora_step);
-    r.grad_norm = config_.max_grad_norm > 0.0 ? optimizer_.clip_grad_norm(config_.max_grad_norm)
-                                              : optimizer_.grad_norm();
+    r.grad_norm = model_.expert_parallel() ? sharded_grad_norm() : optimizer_.grad_norm();
+    if (config_.max_grad_norm > 0.0) optimizer_.clip_to(r.grad_norm, config_.max_grad_norm);
     r.lr_scale = schedule_(step_);
     r.skipped = !std::isfinite(r.grad_norm);
     if (r.skipped) {
@@ -351,6 +373,69 @@ class Trainer {
     return c;
   }
 
+  // The norm of the whole model's gradient on an expert-parallel rank: the
+  // chunk sums of the replicated tensors (the same on every rank) and of
+  // every rank's experts (gathered: an all_to_all_v of doubles), added in
+  // the order of one process's registration (tensors in model order, a
+  // stack's experts in order, so its ranks in rank order).
+  double sharded_grad_norm() {
+    dist::TransportRef t = model_.transport();
+    const dist::ExpertPlacement& placement = model_.placement();
+    const int ranks = t.size();
+    partials_.resize(static_cast<std::size_t>(optimizer_.num_norm_chunks()));
+    optimizer_.grad_norm_partials(partials_);
+    // This rank's expert chunk sums, tensor after tensor; every rank's counts.
+    mine_.clear();
+    std::vector<index_t>& bytes = bytes_;  // what each rank sends
+    bytes.assign(static_cast<std::size_t>(ranks), 0);
+    std::size_t at = 0;
+    for (const Registered& r : registered_) {
+      const std::span<const double> own(partials_.data() + at, r.chunks);
+      at += r.chunks;
+      if (r.per_expert == 0) continue;
+      mine_.insert(mine_.end(), own.begin(), own.end());
+      for (int q = 0; q < ranks; ++q) {
+        bytes[static_cast<std::size_t>(q)] += static_cast<index_t>(
+            static_cast<std::size_t>(placement.count(q)) * r.per_expert * sizeof(double));
+      }
+    }
+    std::vector<index_t>& out = out_;  // this rank's sums to each rank
+    out.assign(static_cast<std::size_t>(ranks),
+               static_cast<index_t>(mine_.size() * sizeof(double)));
+    index_t total = 0;
+    for (index_t b : bytes) total += b;
+    all_.resize(static_cast<std::size_t>(total) / sizeof(double));
+    // Rank q's sums reach every rank: the same segment to each.
+    send_.clear();
+    for (int q = 0; q < ranks; ++q) send_.insert(send_.end(), mine_.begin(), mine_.end());
+    t.all_to_all_v(reinterpret_cast<const std::byte*>(send_.data()), out,
+                   reinterpret_cast<std::byte*>(all_.data()), bytes);
+    // One process's order.
+    double sum = 0.0;
+    std::vector<std::size_t>& from = from_;  // where rank q's next sums are
+    from.assign(static_cast<std::size_t>(ranks), 0);
+    for (int q = 1; q < ranks; ++q) {
+      from[static_cast<std::size_t>(q)] =
+          from[static_cast<std::size_t>(q - 1)] +
+          static_cast<std::size_t>(bytes[static_cast<std::size_t>(q - 1)]) / sizeof(double);
+    }
+    at = 0;
+    for (const Registered& r : registered_) {
+      if (r.per_expert == 0) {
+        for (std::size_t c = 0; c < r.chunks; ++c) sum += partials_[at + c];
+      } else {
+        for (int q = 0; q < ranks; ++q) {
+          std::size_t& f = from[static_cast<std::size_t>(q)];
+          const std::size_t n = static_cast<std::size_t>(placement.count(q)) * r.per_expert;
+          for (std::size_t c = 0; c < n; ++c) sum += all_[f + c];
+          f += n;
+        }
+      }
+      at += r.chunks;
+    }
+    return std::sqrt(sum);
+  }
+
   // (first element, count) of branch b's part of an adapter or head tensor.
   std::pair<index_t, index_t> branch_elements(const cpu::ModelTensor& t, int b) const {
     const index_t d = model_.d_model(), R = Model::kRank;
@@ -362,9 +447,21 @@ class Trainer {
     return {off, c};
   }
 
+  // Each registered tensor's norm chunks, and for a stack of routed experts
+  // the chunks of one expert (0 otherwise).
+  struct Registered {
+    std::size_t chunks = 0;
+    std::size_t per_expert = 0;
+  };
+
   Model& model_;
   TrainerConfig config_;
   AdamW optimizer_;
+  std::vector<Registered> registered_;
+  // sharded_grad_norm's buffers, reused every step.
+  std::vector<double> partials_, mine_, all_, send_;
+  std::vector<index_t> bytes_, out_;
+  std::vector<std::size_t> from_;
   WarmupCosine schedule_;
   std::int64_t step_ = 0;
   std::int64_t skipped_ = 0;
@@ -373,6 +470,9 @@ class Trainer {
 // Inference over a dataset (every row), in batches of the model's max_batch.
 template <class Model>
 EvalReport evaluate(Model& model, const Dataset& data) {
+  MOEKIT_CHECK(!model.expert_parallel(), Errc::kUnsupported,
+               "evaluate takes a one-process model; an expert-parallel model's ranks would have "
+               "to pass the same number of batches in lock step");
   constexpr int H = Model::kBranches, E = Model::kExperts;
   const index_t n = data.size(), B = model.config().max_batch;
   const index_t C = model.heads().max_classes();
