@@ -38,7 +38,7 @@
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/elementwise.hpp"
-#include "moekit/cpu/low_rank_rows.hpp"
+#include "moekit/cpu/memory_kernels.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/spec.hpp"
 
@@ -260,11 +260,12 @@ double chunked_sum(index_t n, F&& f) {
 // Rows per run of gate_logits (a thread's unit of work).
 inline constexpr index_t kGateRows = 64;
 
-// logits = x w_gate^T (T x d times d x E), batch invariant: each token's E
-// logits are summed over d in one fixed order (low_rank_rows.hpp's
-// shrink_rows, w_gate's rows read in place), whatever the other rows and
-// the thread count; threads take fixed runs of kGateRows rows. The same
-// bits on every CPU path.
+// logits = x w_gate^T (T x d times d x E), batch invariant: each logit is
+// one dot product of a token's row with an expert's row, summed over d in
+// the order fixed by d alone (memory_kernels.hpp's row_dots), whatever the
+// other rows and the thread count; threads take fixed runs of kGateRows
+// rows. The same bits on every CPU path. E is a run-time length here: a
+// kernel unrolled over E cost minutes of compile time per expert count.
 template <int E>
 void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                  MatrixView<float> logits) {
@@ -272,10 +273,10 @@ void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
   const index_t runs = (tokens + kGateRows - 1) / kGateRows;
   MOEKIT_PARALLEL_FOR_IF(tokens * d * E > kParallelGrain)
   for (index_t i = 0; i < runs; ++i) {
-    const index_t first = i * kGateRows, rows = std::min(kGateRows, tokens - first);
-    detail::shrink_rows<E>(detail::RowsOf<const float>{x.data(), x.ld(), {nullptr, first, rows}},
-                           rows, d, detail::rows_operand(w_gate), 1.0f, logits.row(first),
-                           logits.ld());
+    const index_t first = i * kGateRows, end = std::min(first + kGateRows, tokens);
+    with_vec_path([&](auto path) {
+      for (index_t t = first; t < end; ++t) row_dots(path, w_gate, x.row(t), logits.row(t));
+    });
   }
 }
 
