@@ -129,7 +129,10 @@ class TextMultitaskModel {
     allocate();
   }
 
-  const Config& config() const { return config_; }               // as validated
+  const Config& config() const { return config_; }  // as validated
+  // Always false: the text system runs in one process (train::Trainer asks,
+  // since the synthetic model can shard its experts over ranks).
+  bool expert_parallel() const { return false; }
   index_t d_model() const { return config_.d_model; }            // d
   int num_moe_layers() const { return config_.num_moe_layers; }  // M
   // MoE layer l, in [0, M) (std::out_of_range otherwise).
@@ -509,7 +512,7 @@ class TextMultitaskModel {
           l == 0 ? b.tokens : MatrixView<const float>(hidden_[l - 1].middle_rows(0, N));
       const MatrixView<float> dx = l == 0 ? MatrixView<float>() : d_tmp_.middle_rows(0, N);
       layers_[l].backward(MatrixView<const float>(d_top), in, moe_params(static_cast<int>(l)),
-                          storage_[l].state(), moe_grads(static_cast<int>(l)), dx,
+                          storage_[l].state(), dx, moe_grads(static_cast<int>(l)),
                           storage_[l].workspace());
       if (l > 0) as_eigen(d_top) += as_eigen(MatrixView<const float>(dx));
     }

@@ -312,7 +312,7 @@ class Trainer {
     StepReport<Model> r;
     const cpu::LoraStep lora_step{true, config_.dropout_seed, static_cast<std::uint64_t>(step_)};
     r.losses = model_.loss_and_grads(batch, config_.scope, lora_step);
-    r.grad_norm = model_.expert_parallel() ? sharded_grad_norm() : optimizer_.grad_norm();
+    r.grad_norm = grad_norm();
     if (config_.max_grad_norm > 0.0) optimizer_.clip_to(r.grad_norm, config_.max_grad_norm);
     r.lr_scale = schedule_(step_);
     r.skipped = !std::isfinite(r.grad_norm);
@@ -371,6 +371,16 @@ class Trainer {
     MOEKIT_CHECK_ARG(std::isfinite(c.max_grad_norm), "config.max_grad_norm = ", c.max_grad_norm,
                      " must be finite");
     return c;
+  }
+
+  // The norm of the whole model's gradient; a model without a transport
+  // (the text system) is never expert parallel, and never instantiates
+  // sharded_grad_norm.
+  double grad_norm() {
+    if constexpr (requires(Model & m) { m.transport(); }) {
+      if (model_.expert_parallel()) return sharded_grad_norm();
+    }
+    return optimizer_.grad_norm();
   }
 
   // The norm of the whole model's gradient on an expert-parallel rank: the
