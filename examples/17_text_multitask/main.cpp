@@ -150,6 +150,14 @@ cpu::TextMultitaskConfig<H> model_config(const std::array<index_t, H::num_heads>
   return c;
 }
 
+// Optimizer steps for `epochs` passes over n samples in batches (at least one:
+// a tiny subset still trains, and the schedule needs a positive length).
+std::int64_t steps_for(double epochs, index_t n, index_t batch) {
+  return std::max<std::int64_t>(
+      1, static_cast<std::int64_t>(epochs * static_cast<double>(n) / static_cast<double>(batch) +
+                                   0.5));
+}
+
 train::TrainerConfig trainer_config(std::int64_t steps, bool linear) {
   train::TrainerConfig t;
   t.lr = {2e-3f, 2e-3f, linear ? 0.0f : 2e-3f, 3e-3f};  // moe, gate, lora, head
@@ -237,9 +245,7 @@ std::unique_ptr<ExitHead> train_exit_head(const train::TextTask& task, int exit,
   auto head = exit_head(task.num_classes(), batch);
   train::TextSamples samples({&task.train_encoded}, {&task.train.labels});
   if (teacher != nullptr) samples.set_teacher(*teacher, task.num_classes());
-  const auto steps = std::max<std::int64_t>(
-      1, static_cast<std::int64_t>(
-             epochs * static_cast<double>(samples.size()) / static_cast<double>(batch) + 0.5));
+  const std::int64_t steps = steps_for(epochs, samples.size(), batch);
   train::Trainer<ExitHead> trainer(*head, trainer_config(steps, true));
   train::train_text_model<ExitHead>(trainer, samples, steps, batch,
                                     31 + static_cast<std::uint64_t>(exit), {exit});
@@ -573,8 +579,7 @@ int main(int argc, char** argv) {
     class_list.push_back(x.num_classes());
   }
   train::TextSamples train_set(tr_enc, tr_lab), test_set(te_enc, te_lab);
-  const auto steps = static_cast<std::int64_t>(
-      o.epochs * static_cast<double>(train_set.size()) / static_cast<double>(o.batch) + 0.5);
+  const std::int64_t steps = steps_for(o.epochs, train_set.size(), o.batch);
   const index_t max_tokens = o.batch * o.max_length;
   summary["steps"] = steps;
   summary["batch"] = o.batch;
@@ -645,8 +650,7 @@ int main(int argc, char** argv) {
     train::TextSamples bbc_train({&bbc.train_encoded}, {&bbc.train.labels}, kTasks);
     train::TextSamples test5_set(test5, tlab5);
     using Bigger = decltype(bigger);
-    const auto bbc_steps = static_cast<std::int64_t>(
-        o.epochs * static_cast<double>(bbc_train.size()) / static_cast<double>(o.batch) + 0.5);
+    const std::int64_t bbc_steps = steps_for(o.epochs, bbc_train.size(), o.batch);
     train::TrainerConfig tc = trainer_config(bbc_steps, false);
     tc.scope = cpu::TrainScope::only_branch(kTasks);
     train::Trainer<Bigger> trainer(bigger, tc);
