@@ -31,36 +31,9 @@
 #include "moekit/cpu/isa.hpp"
 #include "test_support.hpp"
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 namespace moekit_test {
 
 using BatchResults = std::vector<std::vector<float>>;
-
-// The OpenMP thread count for one scope (nothing without OpenMP).
-class ThreadCount {
- public:
-  explicit ThreadCount(int n) {
-#if defined(_OPENMP)
-    saved_ = omp_get_max_threads();
-    omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
-  }
-  ~ThreadCount() {
-#if defined(_OPENMP)
-    omp_set_num_threads(saved_);
-#endif
-  }
-  ThreadCount(const ThreadCount&) = delete;
-  ThreadCount& operator=(const ThreadCount&) = delete;
-
- private:
-  int saved_ = 1;
-};
 
 // The thread counts the property covers: 1 and 2 (1 alone without OpenMP).
 inline std::vector<int> invariance_thread_counts() {

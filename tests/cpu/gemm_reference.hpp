@@ -16,10 +16,7 @@
 #include "moekit/cpu/gemm/gemm.hpp"
 #include "moekit/cpu/isa.hpp"
 #include "strided_matrix.hpp"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "test_support.hpp"
 
 namespace moekit_test {
 
@@ -230,28 +227,5 @@ inline Model model_of(const GemmPathCase& path, GemmDtype dtype) {
   return path.emulate_amx || path.limit == moekit::cpu::Isa::kAmx ? Model::kAmxBf16
                                                                   : Model::kBf16Chain;
 }
-
-// OpenMP's thread count for a scope (no-op without OpenMP).
-class ThreadCount {
- public:
-  explicit ThreadCount(int threads) {
-#if defined(_OPENMP)
-    saved_ = omp_get_max_threads();
-    omp_set_num_threads(threads);
-#else
-    (void)threads;
-#endif
-  }
-  ~ThreadCount() {
-#if defined(_OPENMP)
-    omp_set_num_threads(saved_);
-#endif
-  }
-  ThreadCount(const ThreadCount&) = delete;
-  ThreadCount& operator=(const ThreadCount&) = delete;
-
- private:
-  int saved_ = 1;
-};
 
 }  // namespace moekit_test

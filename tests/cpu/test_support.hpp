@@ -13,6 +13,10 @@
 #include "moekit/core/types.hpp"
 #include "moekit/core/view.hpp"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace moekit_test {
 
 // True when a and b hold the same floats bit for bit (NaN payloads and the
@@ -91,5 +95,28 @@ inline double act64_grad(moekit::Activation a, double x) {
   }
   return std::nan("");
 }
+
+// OpenMP's thread count for a scope (no-op without OpenMP).
+class ThreadCount {
+ public:
+  explicit ThreadCount(int threads) {
+#if defined(_OPENMP)
+    saved_ = omp_get_max_threads();
+    omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+  }
+  ~ThreadCount() {
+#if defined(_OPENMP)
+    omp_set_num_threads(saved_);
+#endif
+  }
+  ThreadCount(const ThreadCount&) = delete;
+  ThreadCount& operator=(const ThreadCount&) = delete;
+
+ private:
+  int saved_ = 1;
+};
 
 }  // namespace moekit_test
