@@ -269,9 +269,10 @@ inline constexpr index_t kGateRows = 64;
 template <int E>
 void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                  MatrixView<float> logits) {
-  const index_t tokens = x.rows(), d = x.cols();
+  const index_t tokens = x.rows();
   const index_t runs = (tokens + kGateRows - 1) / kGateRows;
-  MOEKIT_PARALLEL_FOR_IF(tokens * d * E > kParallelGrain)
+  [[maybe_unused]] const bool parallel = tokens * x.cols() * E > kParallelGrain;
+  MOEKIT_PARALLEL_FOR_IF(parallel)
   for (index_t i = 0; i < runs; ++i) {
     const index_t first = i * kGateRows, end = std::min(first + kGateRows, tokens);
     with_vec_path([&](auto path) {
