@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -140,6 +141,7 @@ int main() {
   std::vector<index_t> original(batch), kept(batch);  // state of the live rows
   std::vector<std::int32_t> previous(batch), agree(batch), prediction(batch), exit_taken(batch);
   std::vector<float> confidence(batch), exit_logits(batch * classes);
+  std::vector<std::byte> exit_ws(to_size(exit_head.workspace_size(batch)));
   const moekit::cpu::ExitState state{
       {original.data(), batch}, {previous.data(), batch}, {agree.data(), batch}};
   const moekit::cpu::ExitResults results{
@@ -152,7 +154,8 @@ int main() {
     for (float& v : w_e) v *= static_cast<float>(e + 1);
     exit_head.forward({acts.data(), live, d}, {},
                       {{w_e.data(), classes, d}, {exit_b.data(), classes}},
-                      {exit_logits.data(), live, classes}, {});
+                      {exit_logits.data(), live, classes},
+                      {exit_ws.data(), static_cast<index_t>(exit_ws.size())});
     const index_t before = live;
     live = exits.step(e, {exit_logits.data(), live, classes}, state, results, {kept.data(), batch});
     // Survivors move up, in order, for the next layer.

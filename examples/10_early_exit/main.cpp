@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -73,8 +74,12 @@ int main() {
 
   // [serve]
   // Buffers for one batch, allocated once: activations, the MoE layer's state
-  // and workspace, exit logits, and the early-exit state of the live rows.
+  // and workspace, exit logits and the exit head's workspace, and the
+  // early-exit state of the live rows.
   moekit::cpu::MoeLayerStorage<Spec> storage(layer, kBatch);
+  std::vector<std::byte> head_ws(to_size(exit_head.workspace_size(kBatch)));
+  const moekit::VectorView<std::byte> head_workspace(head_ws.data(),
+                                                     static_cast<index_t>(head_ws.size()));
   std::vector<float> acts(kBatch * d), moe_out(kBatch * d), logits(kBatch * kClasses);
   std::vector<index_t> original(kBatch), kept(kBatch);
   std::vector<std::int32_t> previous(kBatch), agree(kBatch);
@@ -103,7 +108,8 @@ int main() {
           moekit::as_eigen(moekit::MatrixView<const float>(moe_out.data(), live, d));
       rows_run += live;
 
-      exit_head.forward(x, {}, blocks[to_size(l)].exit(), {logits.data(), live, kClasses}, {});
+      exit_head.forward(x, {}, blocks[to_size(l)].exit(), {logits.data(), live, kClasses},
+                        head_workspace);
       const index_t before = live;
       live = exits.step(l, {logits.data(), live, kClasses}, state, results, {kept.data(), kBatch});
       // Survivors move up, in order: the next layer runs on `live` rows only.
@@ -133,6 +139,7 @@ int main() {
   std::vector<std::int32_t> ref_exit(kRequests, -1), ref_class(kRequests);
   std::vector<float> ref_conf(kRequests);
   moekit::cpu::MoeLayerStorage<Spec> ref_storage(layer, kRequests);
+  std::vector<std::byte> ref_head_ws(to_size(exit_head.workspace_size(kRequests)));
   for (int l = 0; l < kLayers; ++l) {
     const moekit::MatrixView<float> x(ref_acts.data(), kRequests, d);
     layer.forward(x, blocks[to_size(l)].moe(), ref_storage.state(), {ref_out.data(), kRequests, d},
@@ -140,7 +147,7 @@ int main() {
     moekit::as_eigen(x) +=
         moekit::as_eigen(moekit::MatrixView<const float>(ref_out.data(), kRequests, d));
     exit_head.forward(x, {}, blocks[to_size(l)].exit(), {ref_logits.data(), kRequests, kClasses},
-                      {});
+                      {ref_head_ws.data(), static_cast<index_t>(ref_head_ws.size())});
     for (std::size_t r = 0; r < ref_exit.size(); ++r) {
       if (ref_exit[r] >= 0) continue;
       const float* z = ref_logits.data() + r * kClasses;

@@ -332,7 +332,10 @@ TEST(TaskHeads, TaskWithNoSamplesIsLeftOutAndGetsZeroGradient) {
 
 TEST(TaskHeads, SingleHeadWithAndWithoutTaskIds) {
   using S = HeadSpec<1>;
-  EXPECT_EQ(TaskHeads<S>({.d_model = 8, .classes = {5}}).workspace_size(100), 0);
+  // One head: no grouping, only the GEMM engine's buffers.
+  EXPECT_EQ(TaskHeads<S>({.d_model = 8, .classes = {5}}).workspace_size(100),
+            moekit::cpu::gemm_workspace_size(moekit::cpu::max_threads()));
+  EXPECT_EQ(TaskHeads<S>({.d_model = 8, .classes = {5}}).workspace_size(0), 0);
   Problem<S> with_ids({5}, 25, 8, std::vector<std::int32_t>(25, 0), 16);
   check_against_reference(with_ids, TaskWeighting::kFixed);
   Problem<S> without({5}, 25, 8, {}, 16);  // empty tasks: all task 0

@@ -40,7 +40,8 @@
 //
 // Workspace. Both calls take a caller workspace of at least
 // workspace_size(n) bytes (float-aligned) for h, dh, masked copies of a chunk
-// of x rows under dropout and, for the bank, each thread's packed adapter and
+// of x rows under dropout, the GEMM engine's packing buffers
+// (cpu/gemm/gemm.hpp) and, for the bank, each thread's packed adapter and
 // gradient panels; no call allocates.
 //
 // Gradients. Any of dx, grads.da and grads.db may be an empty view: it is
@@ -68,18 +69,27 @@
 // per thread into panels. Rows never pay for other adapters: the cost is
 // O(rows x R x (d_in + d_out)) plus one read of each used adapter's weights.
 //
-// Threading. LoraLinear: Eigen parallelises its GEMMs, and the dropout and
-// gather loops run on OpenMP threads. LoraBank forward: each OpenMP thread
+// Products. LoraLinear's products (the base x w^T and dy w, the rank-R
+// shrink and expand, the gradients' dy^T h and dh^T x) and a LoraBank's base
+// product run on the GEMM engine in fp32: every element is one multiply-add
+// chain over its reduction in order, so a row's y, h and dx depend on that
+// row alone, bit for bit, whatever the batch, the thread count and the CPU
+// path (docs/determinism.md); da and db sum over the rows in row order.
+//
+// Threading. LoraLinear: the engine splits each product's rows and columns
+// over the OpenMP threads, and the dropout and gather loops run on OpenMP
+// threads. LoraBank forward: each OpenMP thread
 // takes an equal run of the grouped rows (crossing segments as needed) with
 // its own workspace slot. LoraBank backward: adapters in parallel (dynamic
 // schedule) when at least as many adapters have rows as there are threads,
 // else adapters in turn, each adapter's rows split over the threads and the
 // partial gradients summed in thread order. Each output element is written by
 // one thread, and each gradient block sums its parts in a fixed order, so
-// results are bit-identical run after run for a given thread count (across
-// thread counts the gradients' summation order, and Eigen's blocking in
-// LoraLinear, may change the last bits). Without OpenMP everything runs
-// serially and gives correct results.
+// results are bit-identical run after run for a given thread count. Across
+// thread counts y, h and dx keep their bits, as do LoraLinear's da and db;
+// the bank's da and db, summed per thread and then in thread order, may
+// change in the last bits. Without OpenMP everything runs serially and gives
+// correct results.
 //
 // Validation (every public call, before anything is written): the config
 // (constructor: sizes >= 1, alpha finite, dropout in [0, 1)); every view well
@@ -109,6 +119,7 @@
 #include "moekit/core/lora.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
+#include "moekit/cpu/gemm/gemm.hpp"
 #include "moekit/cpu/low_rank_rows.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/spec.hpp"
@@ -200,9 +211,11 @@ void assign_or_add(Dst&& dst, const Expr& expr, bool add) {
 }
 
 // Scratch of LoraLinear: masked copies of a chunk of x rows (dropout only;
-// also dh a before its mask), h and dh of the chunk.
+// also dh a before its mask), h and dh of the chunk, and the GEMM engine's
+// workspace (the rest of the caller's).
 struct LoraSlot {
   MatrixView<float> xbuf, hbuf, dhbuf;
+  VectorView<std::byte> engine;
 };
 
 struct LoraSlotShape {
@@ -250,8 +263,21 @@ inline void add_lora_weights(OverlapCheck& c, const LoraWeights& w) {
   c.in({{w.w, "weights.w"}, {w.bias, "weights.bias"}, {w.a, "weights.a"}, {w.b, "weights.b"}});
 }
 
+// The products of LoraLinear and of a LoraBank's base on the GEMM engine in
+// fp32: C (= or, with add, +=) alpha op(A) op(B).
+inline void lora_gemm(Op op_a, Op op_b, float alpha, bool add, MatrixView<const float> a,
+                      MatrixView<const float> b, MatrixView<float> c,
+                      VectorView<std::byte> engine) {
+  gemm({.dtype = GemmDtype::kFloat32,
+        .op_a = op_a,
+        .op_b = op_b,
+        .alpha = alpha,
+        .beta = add ? 1.0f : 0.0f},
+       a, b, c, engine);
+}
+
 // One adapter's forward and backward on consecutive rows [first, first +
-// count) as Eigen GEMMs (LoraLinear).
+// count) as GEMM-engine products (LoraLinear).
 template <int R>
 struct LoraKernel {
   float scale = 0.0f;
@@ -272,9 +298,8 @@ struct LoraKernel {
                const LoraSlot& slot) const {
     const index_t n = rows.count, t0 = rows.first;
     const MatrixView<float> hv = h.empty() ? slot.hbuf.middle_rows(0, n) : h.middle_rows(t0, n);
-    as_eigen(hv).noalias() = as_eigen(input(x, rows, slot)) * as_eigen(a).transpose();
-    as_eigen(y.middle_rows(t0, n)).noalias() +=
-        scale * (as_eigen(MatrixView<const float>(hv)) * as_eigen(b).transpose());
+    lora_gemm(Op::kNone, Op::kTrans, 1.0f, false, input(x, rows, slot), a, hv, slot.engine);
+    lora_gemm(Op::kNone, Op::kTrans, scale, true, hv, b, y.middle_rows(t0, n), slot.engine);
   }
 
   // db (= or +=) s dy^T h, dh = s dy b, da (= or +=) dh^T drop(x),
@@ -284,22 +309,21 @@ struct LoraKernel {
                 MatrixView<float> dx, MatrixView<float> da, MatrixView<float> db, bool add,
                 const LoraSlot& slot) const {
     const index_t n = rows.count, t0 = rows.first;
-    const auto g = as_eigen(dy.middle_rows(t0, n));
-    if (!db.empty()) {
-      assign_or_add(as_eigen(db), scale * (g.transpose() * as_eigen(h.middle_rows(t0, n))), add);
-    }
+    const MatrixView<const float> g = dy.middle_rows(t0, n);
+    const VectorView<std::byte> engine = slot.engine;
+    if (!db.empty())
+      lora_gemm(Op::kTrans, Op::kNone, scale, add, g, h.middle_rows(t0, n), db, engine);
     if (da.empty() && dx.empty()) return;
     const MatrixView<float> dh = slot.dhbuf.middle_rows(0, n);
-    as_eigen(dh).noalias() = scale * (g * as_eigen(b));
-    const auto dhc = as_eigen(MatrixView<const float>(dh));
+    lora_gemm(Op::kNone, Op::kNone, scale, false, g, b, dh, engine);
     if (!da.empty())
-      assign_or_add(as_eigen(da), dhc.transpose() * as_eigen(input(x, rows, slot)), add);
+      lora_gemm(Op::kTrans, Op::kNone, 1.0f, add, dh, input(x, rows, slot), da, engine);
     if (dx.empty()) return;
     if (!mask.active) {
-      as_eigen(dx.middle_rows(t0, n)).noalias() += dhc * as_eigen(a);
+      lora_gemm(Op::kNone, Op::kNone, 1.0f, true, dh, a, dx.middle_rows(t0, n), engine);
     } else {
       const MatrixView<float> t = slot.xbuf.middle_rows(0, n);
-      as_eigen(t).noalias() = dhc * as_eigen(a);
+      lora_gemm(Op::kNone, Op::kNone, 1.0f, false, dh, a, t, engine);
       scatter_rows<true>(t, rows, mask, dx, /*parallel=*/true);
     }
   }
@@ -496,10 +520,13 @@ class LoraLinear {
   const LoraConfig& config() const { return config_; }
   float scale() const { return scale_; }
 
-  // Bytes of workspace forward and backward need for n rows.
+  // Bytes of workspace forward and backward need for n rows: h, dh (and
+  // masked x rows under dropout) and the GEMM engine's buffers, one slot per
+  // OpenMP thread at the time of the query (0 for n = 0).
   index_t workspace_size(index_t rows) const {
     MOEKIT_CHECK_GE(rows, 0);
-    return slot_shape(rows).floats(config_.d_in, kRank) * index_t{sizeof(float)};
+    if (rows == 0) return 0;
+    return scratch_bytes(rows) + gemm_workspace_size(max_threads());
   }
 
   // a = initial A (R x d_in), b = 0 (d_out x R); see moekit/core/lora.hpp.
@@ -534,9 +561,8 @@ class LoraLinear {
     overlap.check();
     if (n == 0) return;
 
-    auto ym = as_eigen(y);
-    ym.noalias() = as_eigen(x) * as_eigen(weights.w).transpose();
-    if (!weights.bias.empty()) ym.rowwise() += as_eigen(weights.bias).transpose();
+    detail::lora_gemm(Op::kNone, Op::kTrans, 1.0f, false, x, weights.w, y, slot.engine);
+    if (!weights.bias.empty()) as_eigen(y).rowwise() += as_eigen(weights.bias).transpose();
     const detail::LoraKernel<kRank> k = kernel(step);
     for_each_chunk(n, k.mask.active, [&](const detail::RowSet& rows) {
       k.forward(x, rows, weights.a, weights.b, saved_h, y, slot);
@@ -584,7 +610,8 @@ class LoraLinear {
     }
     if (n == 0 || (!want_dx && !want_da && !want_db)) return;
 
-    if (want_dx) as_eigen(dx).noalias() = as_eigen(dy) * as_eigen(weights.w);
+    if (want_dx)
+      detail::lora_gemm(Op::kNone, Op::kNone, 1.0f, false, dy, weights.w, dx, slot.engine);
     const detail::LoraKernel<kRank> k = kernel(step);
     bool add = grads.accumulate;
     for_each_chunk(n, k.mask.active, [&](const detail::RowSet& rows) {
@@ -621,11 +648,21 @@ class LoraLinear {
     return {n, false};
   }
 
+  index_t scratch_bytes(index_t n) const {
+    return detail::round_up(slot_shape(n).floats(config_.d_in, kRank) * index_t{sizeof(float)},
+                            detail::kSlotAlign);
+  }
+
+  // The scratch, then the engine's workspace (the rest: the engine uses as
+  // many thread slots as it finds).
   detail::LoraSlot checked_slot(VectorView<std::byte> workspace, index_t n) const {
-    const detail::LoraSlotShape shape = slot_shape(n);
     detail::check_lora_workspace(workspace, workspace_size(n), n);
     if (n == 0) return {};
-    return shape.carve(reinterpret_cast<float*>(workspace.data()), config_.d_in, kRank);
+    detail::LoraSlot slot =
+        slot_shape(n).carve(reinterpret_cast<float*>(workspace.data()), config_.d_in, kRank);
+    const index_t skip = scratch_bytes(n);
+    slot.engine = workspace.segment(skip, workspace.size() - skip);
+    return slot;
   }
 
   detail::LoraKernel<kRank> kernel(const LoraStep& step) const {
@@ -696,11 +733,14 @@ class LoraBank {
   }
 
   // Bytes of workspace for n rows: one slot per OpenMP thread (at the time of
-  // the query). A workspace with fewer slots (at least one) runs on fewer threads.
+  // the query), each large enough for a thread's adapter panels and for one
+  // of the GEMM engine's slots (the base product runs on the engine before
+  // the adapters, in the same memory). A workspace with fewer slots (at
+  // least one) runs on fewer threads.
   index_t workspace_size(index_t rows) const {
     MOEKIT_CHECK_GE(rows, 0);
     if (rows == 0) return 0;
-    return index_t{max_threads()} * slot_bytes();
+    return index_t{max_threads()} * std::max(slot_bytes(), gemm_workspace_size(1));
   }
 
   // Stable counting sort of the rows by adapter id: order (n entries, see the
@@ -769,7 +809,7 @@ class LoraBank {
       detail::check_rank_cols(saved_h, kRank, "saved_h");
       check_shape(saved_h, n, kRank, "saved_h");
     }
-    const index_t slots = checked_slots(workspace, rows);
+    const index_t slots = checked_slots(workspace, rows, weights);
     OverlapCheck overlap("cpu::LoraBank::forward");  // every slot of the workspace may be used
     overlap.out({{y, "y"}, {saved_h, "saved_h"}, {workspace, "workspace"}})
         .in({{x, "x"},
@@ -781,9 +821,8 @@ class LoraBank {
     if (n == 0) return;
 
     if (!weights.w.empty()) {
-      auto ym = as_eigen(y);
-      ym.noalias() = as_eigen(x) * as_eigen(weights.w).transpose();
-      if (!weights.bias.empty()) ym.rowwise() += as_eigen(weights.bias).transpose();
+      detail::lora_gemm(Op::kNone, Op::kTrans, 1.0f, false, x, weights.w, y, workspace);
+      if (!weights.bias.empty()) as_eigen(y).rowwise() += as_eigen(weights.bias).transpose();
     }
     if (!saved_h.empty()) {
       for (index_t t = 0; t < n; ++t) {
@@ -845,7 +884,7 @@ class LoraBank {
       detail::check_rank_cols(saved_h, kRank, "saved_h");
       check_shape(saved_h, n, kRank, "saved_h");
     }
-    const index_t slots = checked_slots(workspace, rows);
+    const index_t slots = checked_slots(workspace, rows, weights);
     OverlapCheck overlap("cpu::LoraBank::backward");
     overlap
         .out({{dx, "dx"}, {grads.da, "grads.da"}, {grads.db, "grads.db"}, {workspace, "workspace"}})
@@ -867,7 +906,7 @@ class LoraBank {
     }
     if (n == 0) return;
     if (want_dx && !weights.w.empty()) {
-      as_eigen(dx).noalias() = as_eigen(dy) * as_eigen(weights.w);
+      detail::lora_gemm(Op::kNone, Op::kNone, 1.0f, false, dy, weights.w, dx, workspace);
     }
     if (slots == 0 || (!want_dx && !want_da && !want_db)) return;
 
@@ -973,8 +1012,14 @@ class LoraBank {
     return slot_shape().carve(base + slot * slot_shape().floats());
   }
 
-  // Validates the workspace; returns the slots it holds (0 when no row has an adapter).
-  index_t checked_slots(VectorView<std::byte> workspace, const LoraRows& rows) const {
+  // Validates the workspace (one engine slot for the base product, one
+  // adapter slot); returns the adapter slots it holds (0 when no row has an
+  // adapter).
+  index_t checked_slots(VectorView<std::byte> workspace, const LoraRows& rows,
+                        const LoraWeights& weights) const {
+    const index_t n = rows.ids.size();
+    if (!weights.w.empty() && n > 0)
+      detail::check_lora_workspace(workspace, gemm_workspace_size(1), n);
     const index_t adapted = rows.offsets[config_.num_adapters];
     if (adapted == 0) return 0;
     detail::check_lora_workspace(workspace, slot_bytes(), adapted);

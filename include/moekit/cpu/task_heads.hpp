@@ -50,14 +50,19 @@
 //
 // Workspace. forward and backward take a caller workspace of at least
 // workspace_size(n) bytes (aligned for index_t): the sort permutation and the
-// grouped rows of x and of the logits. No call allocates. With H = 1 it is 0.
+// grouped rows of x and of the logits (not for H = 1), and the GEMM engine's
+// packing buffers. No call allocates. For n = 0 it is 0.
 //
-// Threading (docs/index.md, "Threads": one pool at a time). With at least as many busy
-// heads as OpenMP threads averaging at most kHeadParallelMaxRows rows (many
-// small heads), heads run in parallel with single-threaded GEMMs; otherwise
-// heads run in turn and Eigen parallelises each GEMM. Each output element is
-// written by one thread, so results are bit-identical run after run for a
-// given thread count.
+// Products and threading (docs/index.md, "Threads": one pool at a time). The
+// heads' products (logits, dW_h and dX_h) run on the GEMM engine in fp32
+// (cpu/gemm/gemm.hpp), all heads in one grouped call per product: the
+// engine splits the heads' rows and columns over the OpenMP threads. Every
+// logit and every element of dx is one multiply-add chain over d (over C_h
+// for dx) in order, so a row's logits and dx depend on that row alone, bit
+// for bit, whatever the batch, the thread count and the CPU path
+// (docs/determinism.md); dW_h and db_h sum over the head's rows in order.
+// Each output element is written by one thread, so results are
+// bit-identical run after run.
 //
 // Validation (every call, before anything is written): the configuration
 // (constructor: d_model >= 1, every C_h >= 1, naming h); every view well formed
@@ -84,15 +89,13 @@
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/elementwise.hpp"
+#include "moekit/cpu/gemm/gemm.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/nn/param_count.hpp"
 #include "moekit/spec.hpp"
 
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
-
-// Mean rows per busy head up to which heads run in parallel (see above).
-inline constexpr index_t kHeadParallelMaxRows = 1024;
 
 // The heads' configuration; the constructor validates it.
 template <HeadSpecType S>
@@ -174,13 +177,13 @@ class TaskHeads {
   }
 
   // Bytes of workspace forward and backward need for n rows: the sort
-  // permutation (n index_t) and the grouped rows (n (d + max C) floats);
-  // 0 for H = 1, where rows never need grouping.
+  // permutation (n index_t) and the grouped rows (n (d + max C) floats),
+  // neither for H = 1, where rows never need grouping; and the GEMM engine's
+  // buffers, one slot per OpenMP thread at the time of the query. 0 for n = 0.
   index_t workspace_size(index_t rows) const {
     MOEKIT_CHECK_GE(rows, 0);
-    if (kHeads == 1) return 0;
-    return rows * index_t{sizeof(index_t)} +
-           rows * (config_.d_model + max_classes_) * index_t{sizeof(float)};
+    if (rows == 0) return 0;
+    return grouped_bytes(rows) + gemm_workspace_size(max_threads());
   }
 
   // logits = per-row head scores (padded with -inf, see the top of this file).
@@ -205,16 +208,24 @@ class TaskHeads {
     const MatrixView<float> gx = grouped_x(workspace, n);
     const MatrixView<float> gz = grouped_z(workspace, n);
     if (!plan.sorted) gather(x, plan, gx);
-    for_each_head(plan, [&](int h, index_t r0, index_t rows) {
-      const index_t c = classes(h);
-      const MatrixView<const float> xh =
-          plan.sorted ? x.middle_rows(r0, rows) : MatrixView<const float>(gx.middle_rows(r0, rows));
-      const MatrixView<float> zh =
-          plan.sorted ? logits.block(r0, 0, rows, c) : gz.block(r0, 0, rows, c);
-      auto z = as_eigen(zh);
-      z.noalias() = as_eigen(xh) * as_eigen(w_of(weights, h)).transpose();
-      if (config_.bias) z.rowwise() += as_eigen(b_of(weights, h)).transpose();
-    });
+    // Z_h = X_h W_h^T for every head in one grouped product, then the biases.
+    const auto z_of = [&](int h) {
+      const index_t r0 = plan.first(h), rows = plan.rows(h);
+      return plan.sorted ? logits.block(r0, 0, rows, classes(h))
+                         : gz.block(r0, 0, rows, classes(h));
+    };
+    gemm_grouped(
+        {.dtype = GemmDtype::kFloat32, .op_a = Op::kNone, .op_b = Op::kTrans}, kHeads,
+        [&](index_t g) {
+          const int h = static_cast<int>(g);
+          return GemmOperands{grouped_rows(x, gx, plan, h), w_of(weights, h), nullptr, 0, z_of(h)};
+        },
+        engine_workspace(workspace, n));
+    if (config_.bias) {
+      for (int h = 0; h < kHeads; ++h) {
+        if (plan.rows(h) > 0) as_eigen(z_of(h)).rowwise() += as_eigen(b_of(weights, h)).transpose();
+      }
+    }
     // Scatter back to the original order (when grouped) and pad with -inf.
     MOEKIT_PARALLEL_FOR_IF(n * max_classes_ > kLightParallelGrain)
     for (index_t j = 0; j < n; ++j) {
@@ -401,35 +412,54 @@ class TaskHeads {
       }
     }
     const bool acc = grads.accumulate;
-    for_each_head(plan, [&](int h, index_t r0, index_t rows) {
-      const index_t c = classes(h);
-      const auto dz = as_eigen(plan.sorted ? dlogits.block(r0, 0, rows, c)
-                                           : MatrixView<const float>(gz.block(r0, 0, rows, c)));
-      if (want_dw) {
-        const auto xh = as_eigen(plan.sorted ? x.middle_rows(r0, rows)
-                                             : MatrixView<const float>(gx.middle_rows(r0, rows)));
-        auto dw = as_eigen(grads.dw.middle_rows(class_offset(h), c));
+    const VectorView<std::byte> engine = engine_workspace(workspace, n);
+    // dZ_h: this head's rows of dlogits, in place or grouped.
+    const auto dz_of = [&](int h) {
+      const index_t r0 = plan.first(h), rows = plan.rows(h);
+      return plan.sorted ? dlogits.block(r0, 0, rows, classes(h))
+                         : MatrixView<const float>(gz.block(r0, 0, rows, classes(h)));
+    };
+    // dW_h (= or +=) dZ_h^T X_h; heads without rows take no part (their
+    // blocks were zeroed above or are kept).
+    if (want_dw) {
+      gemm_grouped(
+          {.dtype = GemmDtype::kFloat32,
+           .op_a = Op::kTrans,
+           .op_b = Op::kNone,
+           .alpha = 1.0f,
+           .beta = acc ? 1.0f : 0.0f},
+          kHeads,
+          [&](index_t g) {
+            const int h = static_cast<int>(g);
+            if (plan.rows(h) == 0) return GemmOperands{};
+            return GemmOperands{dz_of(h), grouped_rows(x, gx, plan, h), nullptr, 0,
+                                grads.dw.middle_rows(class_offset(h), classes(h))};
+          },
+          engine);
+    }
+    if (want_db) {
+      for (int h = 0; h < kHeads; ++h) {
+        if (plan.rows(h) == 0) continue;
+        auto db = as_eigen(grads.db.segment(class_offset(h), classes(h)));
         if (acc) {
-          dw.noalias() += dz.transpose() * xh;
+          db += as_eigen(dz_of(h)).colwise().sum().transpose();
         } else {
-          dw.noalias() = dz.transpose() * xh;
+          db = as_eigen(dz_of(h)).colwise().sum().transpose();
         }
       }
-      if (want_db) {
-        auto db = as_eigen(grads.db.segment(class_offset(h), c));
-        if (acc) {
-          db += dz.colwise().sum().transpose();
-        } else {
-          db = dz.colwise().sum().transpose();
-        }
-      }
-      // dX_h, into dx directly or over this head's grouped x (read above).
-      if (want_dx) {
-        const MatrixView<float> out =
-            plan.sorted ? dx.middle_rows(r0, rows) : gx.middle_rows(r0, rows);
-        as_eigen(out).noalias() = dz * as_eigen(w_of(weights, h));
-      }
-    });
+    }
+    // dX_h = dZ_h W_h, into dx directly or over the grouped x (read above).
+    if (want_dx) {
+      gemm_grouped(
+          {.dtype = GemmDtype::kFloat32, .op_a = Op::kNone, .op_b = Op::kNone}, kHeads,
+          [&](index_t g) {
+            const int h = static_cast<int>(g);
+            const index_t r0 = plan.first(h), rows = plan.rows(h);
+            return GemmOperands{dz_of(h), w_of(weights, h), nullptr, 0,
+                                plan.sorted ? dx.middle_rows(r0, rows) : gx.middle_rows(r0, rows)};
+          },
+          engine);
+    }
     if (want_dx && !plan.sorted) {
       MOEKIT_PARALLEL_FOR_IF(n * d > kLightParallelGrain)
       for (index_t j = 0; j < n; ++j)
@@ -522,6 +552,21 @@ class TaskHeads {
     return plan;
   }
 
+  // Bytes of the sort permutation and the grouped rows (0 for H = 1), rounded
+  // up for the engine's workspace that follows.
+  index_t grouped_bytes(index_t n) const {
+    if (kHeads == 1) return 0;
+    return detail::round_up(n * index_t{sizeof(index_t)} +
+                                n * (config_.d_model + max_classes_) * index_t{sizeof(float)},
+                            detail::kSlotAlign);
+  }
+  // The GEMM engine's part of the workspace: the rest.
+  VectorView<std::byte> engine_workspace(VectorView<std::byte> workspace, index_t n) const {
+    if (n == 0) return {};
+    const index_t skip = grouped_bytes(n);
+    return workspace.segment(skip, workspace.size() - skip);
+  }
+
   // The grouped rows of x (n x d) and of the logits (n x max C) in the workspace.
   MatrixView<float> grouped_x(VectorView<std::byte> workspace, index_t n) const {
     if (kHeads == 1 || n == 0) return {};
@@ -535,6 +580,14 @@ class TaskHeads {
     return MatrixView<float>(base, n, max_classes_);
   }
 
+  // Head h's rows of x: in place when sorted, else grouped in gx.
+  static MatrixView<const float> grouped_rows(MatrixView<const float> x, MatrixView<float> gx,
+                                              const Plan& plan, int h) {
+    const index_t r0 = plan.first(h), rows = plan.rows(h);
+    return plan.sorted ? x.middle_rows(r0, rows)
+                       : MatrixView<const float>(gx.middle_rows(r0, rows));
+  }
+
   static void gather(MatrixView<const float> x, const Plan& plan, MatrixView<float> gx) {
     const index_t n = x.rows();
     MOEKIT_PARALLEL_FOR_IF(n * x.cols() > kLightParallelGrain)
@@ -546,29 +599,6 @@ class TaskHeads {
   }
   VectorView<const float> b_of(const HeadWeights& w, int h) const {
     return w.b.segment(class_offset(h), classes(h));
-  }
-
-  // Calls body(h, first grouped row, rows) for every head with rows, in
-  // parallel across heads or in turn (see the top of this file).
-  template <class Body>
-  void for_each_head(const Plan& plan, Body&& body) const {
-    int busy = 0;
-    for (int h = 0; h < kHeads; ++h) busy += plan.rows(h) > 0;
-    const int threads = max_threads();
-    const bool across =
-        threads > 1 && busy >= threads && plan.first(kHeads) <= busy * kHeadParallelMaxRows;
-    if (across) {
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1)
-#endif
-      for (int h = 0; h < kHeads; ++h) {
-        if (plan.rows(h) > 0) body(h, plan.first(h), plan.rows(h));
-      }
-    } else {
-      for (int h = 0; h < kHeads; ++h) {
-        if (plan.rows(h) > 0) body(h, plan.first(h), plan.rows(h));
-      }
-    }
   }
 
   TaskHeadsConfig<S> config_;
