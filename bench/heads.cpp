@@ -6,8 +6,18 @@
 // machine's large-SGEMM rate, all measured in this run; then the KD loss with
 // gradient on T x 1000 logits and an early-exit step (decision and compaction
 // of the activations) on T samples. The closing table gives the ratios.
+//
+// The cost of batch invariance (docs/determinism.md): at the system's sizes
+// (T = 2048, d = 384, 4 heads of 2, 5, 11 and 20 classes), the heads'
+// products on the GEMM engine (TaskHeads forward, and forward + backward)
+// beside the same work through Eigen's GEMMs as TaskHeads ran it before
+// (heads_eigen, written out here), on task-sorted rows (no gather: the
+// difference is the products); the library on shuffled rows too. Run with
+// --benchmark_filter=invariance_ for that table alone.
 #include <algorithm>
+#include <array>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -154,6 +164,119 @@ void exit_step(benchmark::State& state, int threads) {
   state.counters["live"] = static_cast<double>(live);
 }
 
+// ---- the cost of batch invariance ------------------------------------------------
+
+constexpr index_t kSystemModel = 384;
+constexpr std::array<index_t, 4> kSystemClasses = {2, 5, 11, 20};
+
+struct SystemHeads {
+  using S = moekit::HeadSpec<4>;
+  moekit::cpu::TaskHeads<S> heads;
+  index_t n = kSamples, d = kSystemModel, c = 0, width = 0;
+  std::vector<float> x, w, b, logits, dlogits, dx, dw, db;
+  std::vector<std::int32_t> sorted, shuffled;
+  std::vector<std::byte> ws;
+
+  SystemHeads()
+      : heads({.d_model = kSystemModel, .classes = kSystemClasses, .bias = true}),
+        c(heads.total_classes()),
+        width(heads.max_classes()),
+        x(random_vector(kSamples * kSystemModel, 1.0f, 11)),
+        w(random_vector(static_cast<std::size_t>(c * d), 0.05f, 12)),
+        b(random_vector(static_cast<std::size_t>(c), 0.1f, 13)),
+        logits(static_cast<std::size_t>(n * width)),
+        dlogits(random_vector(static_cast<std::size_t>(n * width), 0.01f, 14)),
+        dx(static_cast<std::size_t>(n * d)),
+        dw(w.size()),
+        db(b.size()),
+        ws(static_cast<std::size_t>(heads.workspace_size(kSamples))) {
+    for (index_t i = 0; i < n; ++i) sorted.push_back(static_cast<std::int32_t>(i * 4 / n));
+    shuffled = sorted;
+    std::mt19937 rng(15);
+    std::shuffle(shuffled.begin(), shuffled.end(), rng);
+  }
+  moekit::cpu::HeadWeights weights() const { return {{w.data(), c, d}, {b.data(), c}}; }
+  moekit::cpu::HeadGrads grads() { return {{dw.data(), c, d}, {db.data(), c}}; }
+  moekit::MatrixView<const float> xv() const { return {x.data(), n, d}; }
+  moekit::MatrixView<float> logits_view() { return {logits.data(), n, width}; }
+  moekit::MatrixView<float> dx_view() { return {dx.data(), n, d}; }
+  moekit::VectorView<std::byte> workspace() { return {ws.data(), static_cast<index_t>(ws.size())}; }
+};
+
+// TaskHeads' forward (and backward) on task-sorted rows as it ran before the
+// GEMM engine: one Eigen GEMM per head per product, heads in parallel with
+// one-thread GEMMs when at least as many heads as threads average at most
+// 1024 rows, else heads in turn with Eigen's parallel GEMMs.
+void heads_eigen(SystemHeads& p, bool backward) {
+  using moekit::as_eigen;
+  using moekit::MatrixView;
+  const auto& heads = p.heads;
+  std::array<index_t, 5> first{};
+  for (index_t i = 0; i < p.n; ++i) ++first[static_cast<std::size_t>(p.sorted[i]) + 1];
+  for (std::size_t h = 0; h < 4; ++h) first[h + 1] += first[h];
+  const int threads = moekit::cpu::max_threads();
+  const bool across = threads > 1 && 4 >= threads && p.n <= 4 * 1024;
+  const auto run = [&](int h) {
+    const index_t r0 = first[static_cast<std::size_t>(h)],
+                  rows = first[static_cast<std::size_t>(h) + 1] - r0;
+    const index_t ch = heads.classes(h), off = heads.class_offset(h);
+    const auto wh = as_eigen(MatrixView<const float>(p.w.data() + off * p.d, ch, p.d));
+    const auto xh = as_eigen(p.xv().middle_rows(r0, rows));
+    auto z = as_eigen(p.logits_view().block(r0, 0, rows, ch));
+    z.noalias() = xh * wh.transpose();
+    z.rowwise() += as_eigen(moekit::VectorView<const float>(p.b.data() + off, ch)).transpose();
+    if (!backward) return;
+    const auto dz =
+        as_eigen(MatrixView<const float>(p.dlogits.data(), p.n, p.width).block(r0, 0, rows, ch));
+    as_eigen(MatrixView<float>(p.dw.data() + off * p.d, ch, p.d)).noalias() = dz.transpose() * xh;
+    as_eigen(moekit::VectorView<float>(p.db.data() + off, ch)) = dz.colwise().sum().transpose();
+    as_eigen(p.dx_view().middle_rows(r0, rows)).noalias() = dz * wh;
+  };
+  if (across) {
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1)
+#endif
+    for (int h = 0; h < 4; ++h) run(h);
+  } else {
+    for (int h = 0; h < 4; ++h) run(h);
+  }
+  for (index_t i = 0; i < p.n; ++i) {
+    float* row = p.logits.data() + i * p.width;
+    for (index_t k = heads.classes(p.sorted[static_cast<std::size_t>(i)]); k < p.width; ++k)
+      row[k] = -std::numeric_limits<float>::infinity();
+  }
+}
+
+SystemHeads& system_heads() {
+  static SystemHeads p;
+  return p;
+}
+
+// kind: 0 Eigen (sorted rows), 1 engine (sorted rows), 2 engine (shuffled rows).
+void invariance_heads(benchmark::State& state, int threads, int kind, bool backward) {
+  moekit_bench::set_threads(threads);
+  SystemHeads& p = system_heads();
+  const std::vector<std::int32_t>& tasks = kind == 2 ? p.shuffled : p.sorted;
+  const moekit::VectorView<const std::int32_t> tv(tasks.data(), p.n);
+  for (auto _ : state) {
+    if (kind == 0) {
+      heads_eigen(p, backward);
+    } else {
+      p.heads.forward(p.xv(), tv, p.weights(), p.logits_view(), p.workspace());
+      if (backward) {
+        p.heads.backward({p.dlogits.data(), p.n, p.width}, p.xv(), tv, p.weights(), p.dx_view(),
+                         p.grads(), p.workspace());
+      }
+    }
+    benchmark::DoNotOptimize(p.logits.data());
+    benchmark::ClobberMemory();
+  }
+  const double flops = 2.0 * static_cast<double>(p.n) * static_cast<double>(p.d) * 38.0 / 4.0;
+  moekit_bench::set_rate(state, backward ? 3 * flops : flops);
+}
+
+constexpr const char* kInvarianceKinds[] = {"eigen_sorted", "engine_sorted", "engine_shuffled"};
+
 std::string run_name(const char* what, const char* config, int threads) {
   return std::string(what) + "/" + config + "/threads:" + std::to_string(threads);
 }
@@ -192,6 +315,15 @@ int main(int argc, char** argv) {
         [threads](benchmark::State& s) { kd_loss(s, threads); });
     reg(run_name("exit_step", "T2048_d1024_C10", threads),
         [threads](benchmark::State& s) { exit_step(s, threads); });
+    for (int kind = 0; kind < 3; ++kind) {
+      for (const bool backward : {false, true}) {
+        reg(run_name(backward ? "invariance_fb" : "invariance_fwd", kInvarianceKinds[kind],
+                     threads),
+            [threads, kind, backward](benchmark::State& s) {
+              invariance_heads(s, threads, kind, backward);
+            });
+      }
+    }
   }
   benchmark::Initialize(&argc, argv);
   moekit_bench::RecordingReporter reporter;
@@ -225,5 +357,25 @@ int main(int argc, char** argv) {
   std::printf(
       "fwd/dense = heads forward time / one dense GEMM of the same FLOPs (1 = no grouping cost);\n"
       "fb/dense = forward + loss + backward / three such GEMMs\n");
+
+  std::printf("\nbatch invariance: T = 2048, d = 384, heads of 2, 5, 11, 20 classes (ms)\n");
+  std::printf("%-4s %3s %10s %10s %8s %12s\n", "", "thr", "Eigen", "engine", "ratio",
+              "engine shuf");
+  for (int threads : thread_counts) {
+    for (const char* what : {"invariance_fwd", "invariance_fb"}) {
+      const double eigen = reporter.seconds(run_name(what, kInvarianceKinds[0], threads));
+      const double engine = reporter.seconds(run_name(what, kInvarianceKinds[1], threads));
+      const double shuffled = reporter.seconds(run_name(what, kInvarianceKinds[2], threads));
+      if (eigen <= 0 && engine <= 0) continue;  // filtered out
+      std::printf("%-4s %3d %10s %10s %8s %12s\n",
+                  std::string(what) == "invariance_fb" ? "fb" : "fwd", threads,
+                  cell(eigen * 1e3, eigen > 0).c_str(), cell(engine * 1e3, engine > 0).c_str(),
+                  cell(engine / eigen, engine > 0 && eigen > 0).c_str(),
+                  cell(shuffled * 1e3, shuffled > 0).c_str());
+    }
+  }
+  std::printf(
+      "ratio = engine / Eigen on task-sorted rows (above 1: what invariance costs); fb = forward "
+      "+ backward (dW, db, dx); engine shuf = the library on shuffled rows (gather included)\n");
   return 0;
 }

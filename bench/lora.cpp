@@ -14,6 +14,13 @@
 // (ExpertLora, R = 8, adapters on W1, W3 and W2) at C1 sizes (T = 2048,
 // d = 1024, d_ff = 4096, E = 8, K = 2, gated SiLU, balanced experts) forward,
 // beside the frozen expert FFNs alone (ExpertFfn) on the same buffer.
+//
+// The cost of batch invariance (docs/determinism.md): at the system's sizes
+// (T = 2048, d_in = d_out = 384 and 1024, R = 8), LoraLinear and LoraBank
+// with its base (N = 8, random ids), whose dense products run on the GEMM
+// engine, beside the same work through Eigen's GEMMs as they ran before
+// (written out here: lora_eigen). Run with --benchmark_filter=invariance_
+// for that table alone.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -240,6 +247,153 @@ void expert_forward(benchmark::State& state, int threads, bool adapters) {
   set_rate(state, 3 * 2.0 * n * d * f + (adapters ? 3 * 2.0 * n * R * (d + f) : 0.0));
 }
 
+// ---- the cost of batch invariance ------------------------------------------------
+
+constexpr index_t kSystemAdapters = 8;
+
+// One layer of the system: d x d base weight with bias, R = 8 adapters.
+struct SystemLayer {
+  static constexpr int R = 8;
+  index_t d;
+  Activations x, dy, y, dx;
+  std::vector<float> w, bias, a, b, h, dh, da, db;
+  std::vector<std::int32_t> ids;
+  std::vector<index_t> order, offsets;
+
+  explicit SystemLayer(index_t width)
+      : d(width),
+        x(random_activations(sz(kTokens * d), 21)),
+        dy(random_activations(sz(kTokens * d), 22)),
+        y(sz(kTokens * d)),
+        dx(sz(kTokens * d)),
+        w(random_vector(sz(d * d), 0.05f, 23)),
+        bias(random_vector(sz(d), 0.1f, 24)),
+        a(random_vector(sz(kSystemAdapters * R * d), 0.05f, 25)),
+        b(random_vector(sz(kSystemAdapters * d * R), 0.05f, 26)),
+        h(sz(kTokens * R)),
+        dh(sz(kTokens * R)),
+        da(a.size()),
+        db(b.size()),
+        ids(sz(kTokens)),
+        order(sz(kTokens)),
+        offsets(sz(kSystemAdapters + 1)) {
+    std::mt19937 rng(27);
+    std::uniform_int_distribution<int> pick(0, static_cast<int>(kSystemAdapters) - 1);
+    for (auto& id : ids) id = pick(rng);
+  }
+  MatrixView<const float> xv() const { return {x.data(), kTokens, d}; }
+  MatrixView<const float> dyv() const { return {dy.data(), kTokens, d}; }
+  MatrixView<float> yv() { return {y.data(), kTokens, d}; }
+  MatrixView<float> dxv() { return {dx.data(), kTokens, d}; }
+  MatrixView<float> hv() { return {h.data(), kTokens, R}; }
+  // Adapter 0 alone (LoraLinear) or the bank; the base or not.
+  moekit::cpu::LoraWeights weights(index_t adapters, bool base) const {
+    moekit::cpu::LoraWeights lw{.a = {a.data(), adapters * R, d}, .b = {b.data(), adapters * d, R}};
+    if (base) {
+      lw.w = {w.data(), d, d};
+      lw.bias = {bias.data(), d};
+    }
+    return lw;
+  }
+  moekit::cpu::LoraGrads grads(index_t adapters) {
+    return {.da = {da.data(), adapters * R, d}, .db = {db.data(), adapters * d, R}};
+  }
+};
+
+// y = x w^T + bias (and dx = dy w) through Eigen, as the base ran before.
+void eigen_base(SystemLayer& L, bool backward) {
+  using moekit::as_eigen;
+  const auto w = as_eigen(MatrixView<const float>(L.w.data(), L.d, L.d));
+  auto y = as_eigen(L.yv());
+  y.noalias() = as_eigen(L.xv()) * w.transpose();
+  y.rowwise() += as_eigen(moekit::VectorView<const float>(L.bias.data(), L.d)).transpose();
+  if (backward) as_eigen(L.dxv()).noalias() = as_eigen(L.dyv()) * w;
+}
+
+// LoraLinear's forward (and backward) as it ran before the GEMM engine: every
+// product an Eigen GEMM (inference and training without dropout).
+void lora_eigen(SystemLayer& L, float s, bool backward) {
+  using moekit::as_eigen;
+  constexpr int R = SystemLayer::R;
+  const moekit::cpu::LoraWeights lw = L.weights(1, true);
+  const auto x = as_eigen(L.xv());
+  auto h = as_eigen(L.hv());
+  eigen_base(L, backward);
+  h.noalias() = x * as_eigen(lw.a).transpose();
+  as_eigen(L.yv()).noalias() += s * (h * as_eigen(lw.b).transpose());
+  if (!backward) return;
+  const auto g = as_eigen(L.dyv());
+  auto dh = as_eigen(MatrixView<float>(L.dh.data(), kTokens, R));
+  const moekit::cpu::LoraGrads grads = L.grads(1);
+  as_eigen(grads.db).noalias() = s * (g.transpose() * h);
+  dh.noalias() = s * (g * as_eigen(lw.b));
+  as_eigen(grads.da).noalias() = dh.transpose() * x;
+  as_eigen(L.dxv()).noalias() += dh * as_eigen(lw.a);
+}
+
+SystemLayer& system_layer(index_t d) {
+  static SystemLayer small(384), large(1024);
+  return d == 384 ? small : large;
+}
+
+// LoraLinear (engine) or its Eigen form at width d; forward or forward + backward.
+void invariance_linear(benchmark::State& state, int threads, index_t d, bool engine,
+                       bool backward) {
+  moekit_bench::set_threads(threads);
+  SystemLayer& L = system_layer(d);
+  const moekit::cpu::LoraLinear<LoraSpec<8>> lora({.d_in = d, .d_out = d, .alpha = 16.0f});
+  std::vector<std::byte> ws(sz(lora.workspace_size(kTokens)));
+  const moekit::VectorView<std::byte> wv(ws.data(), static_cast<index_t>(ws.size()));
+  const moekit::cpu::LoraWeights lw = L.weights(1, true);
+  const moekit::cpu::LoraStep step{.training = backward};
+  for (auto _ : state) {
+    if (engine) {
+      lora.forward(L.xv(), lw, L.yv(), L.hv(), step, wv);
+      if (backward) lora.backward(L.dyv(), L.xv(), lw, L.hv(), step, L.dxv(), L.grads(1), wv);
+    } else {
+      lora_eigen(L, lora.scale(), backward);
+    }
+    benchmark::DoNotOptimize(L.y.data());
+    benchmark::ClobberMemory();
+  }
+  const double base = 2.0 * kTokens * d * d, adapter = 2.0 * kTokens * 8 * 2 * d;
+  set_rate(state, backward ? 2 * base + 4 * adapter : base + adapter);
+}
+
+// LoraBank with its base (engine) or Eigen's base product plus the bank's
+// adapter part (the bank without w), N = 8 adapters on random rows.
+void invariance_bank(benchmark::State& state, int threads, index_t d, bool engine, bool backward) {
+  moekit_bench::set_threads(threads);
+  SystemLayer& L = system_layer(d);
+  const moekit::cpu::LoraBank<LoraSpec<8>> bank(
+      {.d_in = d, .d_out = d, .num_adapters = kSystemAdapters, .alpha = 16.0f});
+  constexpr index_t N = kSystemAdapters;
+  bank.group({L.ids.data(), kTokens}, {L.order.data(), kTokens}, {L.offsets.data(), N + 1});
+  const moekit::cpu::LoraRows rows{
+      {L.ids.data(), kTokens}, {L.order.data(), kTokens}, {L.offsets.data(), N + 1}};
+  std::vector<std::byte> ws(sz(bank.workspace_size(kTokens)));
+  const moekit::VectorView<std::byte> wv(ws.data(), static_cast<index_t>(ws.size()));
+  const moekit::cpu::LoraWeights lw = L.weights(N, engine);
+  const moekit::cpu::LoraStep step{.training = backward};
+  const MatrixView<float> hv = backward ? L.hv() : MatrixView<float>();
+  for (auto _ : state) {
+    if (!engine) eigen_base(L, false);
+    bank.forward(L.xv(), rows, lw, L.yv(), hv, step, wv);
+    if (backward) {
+      if (!engine) {
+        moekit::as_eigen(L.dxv()).noalias() =
+            moekit::as_eigen(L.dyv()) *
+            moekit::as_eigen(MatrixView<const float>(L.w.data(), L.d, L.d));
+      }
+      bank.backward(L.dyv(), L.xv(), rows, lw, hv, step, L.dxv(), L.grads(N), wv);
+    }
+    benchmark::DoNotOptimize(L.y.data());
+    benchmark::ClobberMemory();
+  }
+  const double base = 2.0 * kTokens * d * d, adapter = 2.0 * kTokens * 8 * 2 * d;
+  set_rate(state, backward ? 2 * base + 4 * adapter : base + adapter);
+}
+
 // Built with append: GCC 12 warns falsely (-Wrestrict) on chains of string operator+.
 std::string run_name(const std::string& what, const std::string& config, int threads) {
   std::string name = what;
@@ -270,6 +424,58 @@ void register_rank(int threads) {
   }
 }
 
+// The invariance table's runs: <what>_<engine|eigen>/d<d>/threads:<t>.
+std::string invariance_name(const char* what, bool engine, index_t d, int threads) {
+  std::string w = "invariance_";
+  w.append(what).append(engine ? "_engine" : "_eigen");
+  std::string config = "d";
+  config.append(std::to_string(d));
+  return run_name(w, config, threads);
+}
+
+void register_invariance(int threads) {
+  for (const index_t d : {index_t{384}, index_t{1024}}) {
+    for (const bool engine : {false, true}) {
+      for (const bool backward : {false, true}) {
+        add(invariance_name(backward ? "linear_fb" : "linear_fwd", engine, d, threads),
+            [=](benchmark::State& s) { invariance_linear(s, threads, d, engine, backward); });
+        add(invariance_name(backward ? "bank_fb" : "bank_fwd", engine, d, threads),
+            [=](benchmark::State& s) { invariance_bank(s, threads, d, engine, backward); });
+      }
+    }
+  }
+}
+
+void print_invariance(const moekit_bench::RecordingReporter& reporter,
+                      const int (&thread_counts)[2]) {
+  std::printf("\nbatch invariance: GEMM engine (fp32) time / Eigen time, T = %lld, R = 8\n",
+              static_cast<long long>(kTokens));
+  std::printf("%-6s %3s %12s %12s %12s %12s\n", "d", "thr", "linear fwd", "linear fb", "bank fwd",
+              "bank fb");
+  for (const int threads : thread_counts) {
+    for (const index_t d : {index_t{384}, index_t{1024}}) {
+      char cells[4][40];
+      int known = 0;
+      const char* whats[] = {"linear_fwd", "linear_fb", "bank_fwd", "bank_fb"};
+      for (int i = 0; i < 4; ++i) {
+        const double eigen = reporter.seconds(invariance_name(whats[i], false, d, threads));
+        const double engine = reporter.seconds(invariance_name(whats[i], true, d, threads));
+        if (eigen > 0 && engine > 0) {
+          std::snprintf(cells[i], sizeof cells[i], "%.2f/%.2f=%.2f", engine * 1e3, eigen * 1e3,
+                        engine / eigen);
+          ++known;
+        } else {
+          std::snprintf(cells[i], sizeof cells[i], "-");
+        }
+      }
+      if (known == 0) continue;
+      std::printf("%-6lld %3d %12s %12s %12s %12s\n", static_cast<long long>(d), threads, cells[0],
+                  cells[1], cells[2], cells[3]);
+    }
+  }
+  std::printf("cells: engine ms / Eigen ms = ratio (above 1: what invariance costs)\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -288,6 +494,7 @@ int main(int argc, char** argv) {
         [threads](benchmark::State& s) { expert_forward<8>(s, threads, false); });
     add(run_name("expert_lora_forward", "C1_R8", threads),
         [threads](benchmark::State& s) { expert_forward<8>(s, threads, true); });
+    register_invariance(threads);
   }
   benchmark::Initialize(&argc, argv);
   moekit_bench::RecordingReporter reporter;
@@ -353,6 +560,7 @@ int main(int argc, char** argv) {
           threads, elora * 1e3, ffn * 1e3, 100.0 * (elora / ffn - 1.0));
     }
   }
+  print_invariance(reporter, thread_counts);
 #if defined(__linux__)
   // Whether the activations got their 2 MiB pages (see HugePages).
   if (FILE* f = std::fopen("/proc/self/smaps_rollup", "r")) {

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -351,7 +352,10 @@ TEST(BatchInvarianceLarge, LoraBankWithBase) { check_lora_bank(true, kLarge); }
 
 // ---- task heads --------------------------------------------------------------------
 
-void check_task_heads(index_t max_items) {
+// packed: the inference forward on heads packed in that dtype (int8: x
+// quantized per row); fp32 otherwise.
+void check_task_heads(index_t max_items,
+                      std::optional<moekit::cpu::GemmDtype> packed = std::nullopt) {
   using Heads = moekit::HeadSpec<3>;
   constexpr index_t d = 40;
   const moekit::cpu::TaskHeads<Heads> heads({.d_model = d, .classes = {2, 7, 3}, .bias = true});
@@ -360,6 +364,8 @@ void check_task_heads(index_t max_items) {
   const std::vector<float> w = random_floats(c * d, 72, 0.2f);
   const std::vector<float> bias = random_floats(c, 73, 0.1f);
   const moekit::cpu::HeadWeights weights{{w.data(), c, d}, {bias.data(), c}};
+  const moekit::cpu::PackedHeadWeights<Heads> packed_weights =
+      heads.pack(weights, packed.value_or(moekit::cpu::GemmDtype::kFloat32));
   const auto task_of = [](index_t item) { return static_cast<std::int32_t>(item % 3); };
   expect_batch_invariant(kPool, max_items, 12, [&](const std::vector<index_t>& items) {
     const auto n = static_cast<index_t>(items.size());
@@ -368,14 +374,22 @@ void check_task_heads(index_t max_items) {
     for (const index_t item : items) tasks.push_back(task_of(item));
     std::vector<float> logits(to_size(n * width), kNaN);
     std::vector<std::byte> ws = workspace_of(heads.workspace_size(n));
-    heads.forward({xb.data(), n, d}, {tasks.data(), n}, weights, {logits.data(), n, width},
-                  view_of(ws));
+    if (packed) {
+      heads.forward({xb.data(), n, d}, {tasks.data(), n}, packed_weights, {logits.data(), n, width},
+                    view_of(ws));
+    } else {
+      heads.forward({xb.data(), n, d}, {tasks.data(), n}, weights, {logits.data(), n, width},
+                    view_of(ws));
+    }
     return split_rows(logits, items.size(), width);
   });
 }
 
 TEST(BatchInvariance, TaskHeads) { check_task_heads(kSmall); }
 TEST(BatchInvarianceLarge, TaskHeads) { check_task_heads(kLarge); }
+TEST(BatchInvariance, TaskHeadsPackedInt8) {
+  check_task_heads(kSmall, moekit::cpu::GemmDtype::kInt8);
+}
 
 // ---- the frozen BERT encoder: an item is a sequence ---------------------------------
 

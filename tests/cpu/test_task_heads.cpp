@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -442,6 +443,89 @@ TEST(TaskHeads, BitIdenticalRunAfterRun) {
   EXPECT_TRUE(a.logits.bits_equal(b.logits));
   EXPECT_TRUE(a.dx.bits_equal(b.dx));
   EXPECT_TRUE(a.dw.bits_equal(b.dw));
+}
+
+// Packed heads for inference (TaskHeads::pack): fp32 gives the bits of the
+// forward on the weights; bf16 and int8 stay near the float64 logits. For
+// each dtype (int8: weights per class, x per row) the test prints what it
+// changes on this data: the largest logit error relative to |x_i| |w_k|
+// (the scale of a dot product's rounding), and the rows whose prediction differs from float64's
+// (the labels here, so the accuracy change; docs/heads_and_exits.md quotes it).
+TEST(TaskHeads, PackedInferenceInFp32Bf16AndInt8) {
+  using S = HeadSpec<4>;
+  using moekit::cpu::GemmDtype;
+  constexpr index_t n = 1200, d = 384;
+  Problem<S> p({2, 5, 11, 20}, n, d, make_tasks<4>(n, 41, false), 42);
+  // Labels: the float64 prediction, so that fp32 scores 100% and the int8
+  // accuracy change is the share of rows int8 flips.
+  const RefOut ref = ref_eval(p, ref_params(p), TaskWeighting::kFixed);
+  for (index_t i = 0; i < n; ++i) {
+    const std::vector<double>& z = ref.logits[to_size(i)];
+    p.labels[to_size(i)] =
+        static_cast<std::int32_t>(std::max_element(z.begin(), z.end()) - z.begin());
+  }
+  const TaskHeads<S> heads(p.config);
+  heads.forward(p.x.cview(), p.task_view(), p.weights(), p.logits.view(), p.workspace());
+  struct Case {
+    GemmDtype dtype;
+    double tol;  // largest |z_ik - z64_ik| / (|x_i| |w_k|), the dot product's scale
+  };
+  const auto norm = [](const StridedMatrix& m, index_t r) {
+    double sum = 0.0;
+    for (index_t j = 0; j < m.cols; ++j) sum += double(m.at(r, j)) * double(m.at(r, j));
+    return std::sqrt(sum);
+  };
+  for (const Case c : {Case{GemmDtype::kFloat32, 1e-6}, Case{GemmDtype::kBfloat16, 4e-3},
+                       Case{GemmDtype::kInt8, 1e-2}}) {
+    SCOPED_TRACE(moekit::cpu::gemm_dtype_name(c.dtype));
+    const moekit::cpu::PackedHeadWeights<S> packed = heads.pack(p.weights(), c.dtype);
+    StridedMatrix z = p.logits;
+    z.poison();
+    heads.forward(p.x.cview(), p.task_view(), packed, z.view(), p.workspace());
+    if (c.dtype == GemmDtype::kFloat32) {
+      EXPECT_TRUE(z.bits_equal(p.logits));
+    }
+    double worst = 0.0;
+    index_t flipped = 0;
+    for (index_t i = 0; i < n; ++i) {
+      const std::vector<double>& want = ref.logits[to_size(i)];
+      const auto ci = static_cast<index_t>(want.size());
+      const index_t first = heads.class_offset(p.task(i));
+      for (index_t k = 0; k < ci; ++k) {
+        const double scale = norm(p.x, i) * norm(p.w, first + k);
+        worst = std::max(worst, std::abs(z.at(i, k) - want[to_size(k)]) / scale);
+      }
+      for (index_t k = ci; k < p.maxc; ++k) ASSERT_EQ(z.at(i, k), -kInf);
+      const float* row = &z.at(i, 0);
+      flipped += (std::max_element(row, row + ci) - row) != p.labels[to_size(i)];
+    }
+    EXPECT_LT(worst, c.tol);
+    const TaskLosses<S> l = heads.loss(z.cview(), p.task_view(), p.label_view());
+    double acc = 0.0;
+    for (int h = 0; h < 4; ++h)
+      acc += l.accuracy[to_size(h)] * static_cast<double>(l.count[to_size(h)]);
+    acc /= static_cast<double>(n);
+    std::printf(
+        "[ info ] %s heads (T = %lld, d = %lld, classes 2/5/11/20): worst logit error %.2e "
+        "of |x| |w|; %lld of %lld predictions differ from float64's (accuracy "
+        "against them %.2f%%)\n",
+        moekit::cpu::gemm_dtype_name(c.dtype), static_cast<long long>(n), static_cast<long long>(d),
+        worst, static_cast<long long>(flipped), static_cast<long long>(n), 100.0 * acc);
+    // A flip needs a near tie of the float64 logits; int8 keeps 99% here.
+    EXPECT_LE(flipped, n / 100);
+  }
+  // Packed for other heads: refused, naming the head and the shapes.
+  const TaskHeads<S> wider({.d_model = d + 1, .classes = {2, 5, 11, 20}});
+  const std::string msg = moekit_test::expect_error(
+      [&] {
+        StridedMatrix x2(n, d + 1);
+        wider.forward(x2.cview(), p.task_view(), heads.pack(p.weights(), GemmDtype::kInt8),
+                      p.logits.view(), p.workspace());
+      },
+      Errc::kShapeMismatch);
+  EXPECT_NE(msg.find("weights.w[0] packs 1 groups of 384 x 2, expected 1 of 385 x 2"),
+            std::string::npos)
+      << msg;
 }
 
 // Per-row predictions and losses against float64: the argmax over the row's

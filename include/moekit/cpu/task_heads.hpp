@@ -64,6 +64,14 @@
 // Each output element is written by one thread, so results are
 // bit-identical run after run.
 //
+// Packed heads for inference (pack, then forward with PackedHeadWeights):
+// each head's W_h packed once in fp32, bf16 or int8 (cpu/gemm/
+// packed_matrix.hpp) and its logits computed by the engine in that dtype.
+// int8: weights quantized per class (per output row of W_h), x per row,
+// both symmetric (max |v| / 127), exact int32 sums scaled back to fp32; a
+// row's logits still depend on that row alone. The accuracy change against
+// fp32 is measured in tests/cpu/test_task_heads.cpp (docs/heads_and_exits.md).
+//
 // Validation (every call, before anything is written): the configuration
 // (constructor: d_model >= 1, every C_h >= 1, naming h); every view well formed
 // and of the shapes above; task ids in [0, H) (Errc::kOutOfRange, naming the
@@ -83,6 +91,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "moekit/core/classification.hpp"
 #include "moekit/core/error.hpp"
@@ -116,6 +126,17 @@ struct HeadGrads {
   MatrixView<float> dw{};   // (sum of C_h) x d, the layout of HeadWeights::w
   VectorView<float> db{};   // sum of C_h; empty without bias
   bool accumulate = false;  // add to dw / db instead of overwriting them
+};
+
+// Frozen heads packed once for inference (TaskHeads::pack, then forward with
+// them): head h's W_h^T (d x C_h) as a PackedMatrix in fp32, bf16 or int8
+// (cpu/gemm/packed_matrix.hpp), and the biases (sum C_h entries, or none).
+template <HeadSpecType S>
+struct PackedHeadWeights {
+  std::array<PackedMatrix, to_size(S::num_heads)> w{};
+  std::vector<float> b;
+  // The dtype the heads are packed in (one for all).
+  GemmDtype dtype() const { return w[0].dtype(); }
 };
 
 // How loss() combines the per-task losses (core/classification.hpp).
@@ -204,26 +225,85 @@ class TaskHeads {
         .in({{x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
         .check();
 
+    run_forward(
+        x, tasks, {.dtype = GemmDtype::kFloat32, .op_a = Op::kNone, .op_b = Op::kTrans},
+        [&](int h, GemmOperands& ops) { ops.b = w_of(weights, h); }, weights.b, logits, workspace);
+  }
+
+  // Packs frozen heads once for the inference forward below, in `dtype`
+  // (allocates): head h's W_h^T as a PackedMatrix, the biases copied. int8:
+  // each class's weights get their own scale (per output row of W). Checks
+  // the weights as forward does.
+  PackedHeadWeights<S> pack(const HeadWeights& weights, GemmDtype dtype) const {
+    MOEKIT_API("cpu::TaskHeads::pack");
+    check_weights(weights);
+    MOEKIT_CHECK_ARG(is_gemm_dtype(dtype), "dtype = ", static_cast<int>(dtype),
+                     " is not a GemmDtype");
+    PackedHeadWeights<S> p;
+    for (int h = 0; h < kHeads; ++h)
+      p.w[to_size(h)] = PackedMatrix(dtype, Op::kTrans, w_of(weights, h));
+    p.b.assign(weights.b.begin(), weights.b.end());
+    return p;
+  }
+
+  // Inference forward on packed heads: the logits as forward writes them,
+  // with the products in the weights' dtype (int8: x quantized per row,
+  // symmetric, by the engine). The same arguments and workspace as forward.
+  void forward(MatrixView<const float> x, VectorView<const std::int32_t> tasks,
+               const PackedHeadWeights<S>& weights, MatrixView<float> logits,
+               VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::TaskHeads::forward");
+    check_view(x, "x");
+    const index_t n = x.rows();
+    check_shape(x, n, config_.d_model, "x");
+    check_tasks(tasks, n);
+    check_packed(weights);
+    check_shape(logits, n, max_classes_, "logits");
+    check_workspace(workspace, n);
+    OverlapCheck("cpu::TaskHeads::forward")
+        .out({{logits, "logits"}, {workspace.segment(0, workspace_size(n)), "workspace"}})
+        .in({{x, "x"}, {tasks, "tasks"}})
+        .check();
+    run_forward(
+        x, tasks, {.dtype = weights.dtype(), .op_a = Op::kNone, .op_b = Op::kNone},
+        [&](int h, GemmOperands& ops) { ops.packed = &weights.w[to_size(h)]; },
+        VectorView<const float>(weights.b.data(), static_cast<index_t>(weights.b.size())), logits,
+        workspace);
+  }
+
+ private:
+  // The forward after validation: Z_h = X_h op(B_h) for every head in one
+  // grouped product (set_b(h, operands) gives head h's B), the biases (b:
+  // all heads', or empty), then the logits scattered to the rows' order and
+  // padded with -inf.
+  template <class SetB>
+  void run_forward(MatrixView<const float> x, VectorView<const std::int32_t> tasks,
+                   const GemmSpec& spec, SetB&& set_b, VectorView<const float> b,
+                   MatrixView<float> logits, VectorView<std::byte> workspace) const {
+    const index_t n = x.rows();
     const Plan plan = make_plan(tasks, n, workspace);
     const MatrixView<float> gx = grouped_x(workspace, n);
     const MatrixView<float> gz = grouped_z(workspace, n);
     if (!plan.sorted) gather(x, plan, gx);
-    // Z_h = X_h W_h^T for every head in one grouped product, then the biases.
     const auto z_of = [&](int h) {
       const index_t r0 = plan.first(h), rows = plan.rows(h);
       return plan.sorted ? logits.block(r0, 0, rows, classes(h))
                          : gz.block(r0, 0, rows, classes(h));
     };
     gemm_grouped(
-        {.dtype = GemmDtype::kFloat32, .op_a = Op::kNone, .op_b = Op::kTrans}, kHeads,
+        spec, kHeads,
         [&](index_t g) {
           const int h = static_cast<int>(g);
-          return GemmOperands{grouped_rows(x, gx, plan, h), w_of(weights, h), nullptr, 0, z_of(h)};
+          GemmOperands ops{.a = grouped_rows(x, gx, plan, h), .c = z_of(h)};
+          set_b(h, ops);
+          return ops;
         },
         engine_workspace(workspace, n));
-    if (config_.bias) {
+    if (!b.empty()) {
       for (int h = 0; h < kHeads; ++h) {
-        if (plan.rows(h) > 0) as_eigen(z_of(h)).rowwise() += as_eigen(b_of(weights, h)).transpose();
+        if (plan.rows(h) > 0)
+          as_eigen(z_of(h)).rowwise() +=
+              as_eigen(b.segment(class_offset(h), classes(h))).transpose();
       }
     }
     // Scatter back to the original order (when grouped) and pad with -inf.
@@ -240,6 +320,7 @@ class TaskHeads {
     }
   }
 
+ public:
   // Per-task cross-entropy, accuracy and counts, and the combined loss (see
   // the top of this file). logits: n x max_classes() as forward wrote them
   // (only each row's first C_h columns are read); labels: n. dlogits (n x
@@ -501,6 +582,18 @@ class TaskHeads {
                    "] = ", labels[i], " is outside [0, ", classes(h), ") (classes of task ", h,
                    ")");
     }
+  }
+
+  void check_packed(const PackedHeadWeights<S>& p) const {
+    for (int h = 0; h < kHeads; ++h) {
+      const std::string name = "weights.w[" + std::to_string(h) + "]";
+      detail::check_packed_matrix("cpu::TaskHeads::forward", p.w[to_size(h)], 1, config_.d_model,
+                                  classes(h), p.dtype(), name.c_str(), "weights.w[0]",
+                                  "TaskHeads::pack");
+    }
+    const index_t want = config_.bias ? total_classes() : 0;
+    MOEKIT_CHECK(static_cast<index_t>(p.b.size()) == want, Errc::kShapeMismatch, "weights.b has ",
+                 p.b.size(), " entries, expected ", want, " (TaskHeads::pack)");
   }
 
   void check_weights(const HeadWeights& w) const {
