@@ -13,7 +13,8 @@
 // beside the same work through Eigen's GEMMs as TaskHeads ran it before
 // (heads_eigen, written out here), on task-sorted rows (no gather: the
 // difference is the products); the library on shuffled rows too. Run with
-// --benchmark_filter=invariance_ for that table alone.
+// --benchmark_filter=invariance_ for that table alone, and --cpu_time to
+// time in the process's CPU time (steadier on a shared machine).
 #include <algorithm>
 #include <array>
 #include <cstdio>
@@ -290,12 +291,14 @@ struct Case {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // --cpu_time: every run timed in the process's CPU time (bench/summary.hpp).
+  const bool cpu_time = moekit_bench::take_flag(argc, argv, "--cpu_time");
   const std::vector<Case> cases = {{"H3_C10", heads_forward<3>, heads_forward_backward<3>},
                                    {"H100_C10", heads_forward<100>, heads_forward_backward<100>}};
   // 2 threads first (see bench/routing.cpp: libgomp after 1-thread runs).
   const int thread_counts[] = {2, 1};
-  auto reg = [](const std::string& name, auto fn) {
-    benchmark::RegisterBenchmark(name.c_str(), fn)->Unit(benchmark::kMillisecond)->UseRealTime();
+  auto reg = [cpu_time](const std::string& name, auto fn) {
+    moekit_bench::add_ms(name, fn, cpu_time);
   };
   for (int threads : thread_counts) {
     reg(run_name("sgemm_ceiling", "n2048", threads),
@@ -326,7 +329,7 @@ int main(int argc, char** argv) {
     }
   }
   benchmark::Initialize(&argc, argv);
-  moekit_bench::RecordingReporter reporter;
+  moekit_bench::RecordingReporter reporter(cpu_time);
   benchmark::RunSpecifiedBenchmarks(&reporter);
 
   // A run filtered out has no time: its cells print as "-".

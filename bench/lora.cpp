@@ -20,7 +20,8 @@
 // with its base (N = 8, random ids), whose dense products run on the GEMM
 // engine, beside the same work through Eigen's GEMMs as they ran before
 // (written out here: lora_eigen). Run with --benchmark_filter=invariance_
-// for that table alone.
+// for that table alone, and --cpu_time to time in the process's CPU time
+// (steadier on a shared machine).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -113,15 +114,17 @@ Data& data() {
 double gemm_flops() { return 2.0 * kTokens * kDim * kDim; }
 double adapter_flops(int rank) { return 2.0 * kTokens * rank * (kDim + kDim); }
 
-// The frozen base layer alone: y = x W^T (and dx = dy W with `backward`).
+// The frozen base layer alone: y = x W^T (and dx = dy W with `backward`),
+// on the GEMM engine in fp32 as LoraLinear runs it.
 void base_layer(benchmark::State& state, int threads, bool backward) {
   moekit_bench::set_threads(threads);
   Data& d = data();
+  using moekit::cpu::Op;
+  std::vector<std::byte> ws(sz(moekit::cpu::gemm_workspace_size(threads)));
+  const moekit::VectorView<std::byte> wv(ws.data(), static_cast<index_t>(ws.size()));
   for (auto _ : state) {
-    moekit::as_eigen(d.yv()).noalias() =
-        moekit::as_eigen(d.xv()) * moekit::as_eigen(d.wv()).transpose();
-    if (backward)
-      moekit::as_eigen(d.dxv()).noalias() = moekit::as_eigen(d.dyv()) * moekit::as_eigen(d.wv());
+    moekit::cpu::gemm({.op_a = Op::kNone, .op_b = Op::kTrans}, d.xv(), d.wv(), d.yv(), wv);
+    if (backward) moekit::cpu::gemm({}, d.dyv(), d.wv(), d.dxv(), wv);
     benchmark::DoNotOptimize(d.y.data());
     benchmark::ClobberMemory();
   }
@@ -401,9 +404,12 @@ std::string run_name(const std::string& what, const std::string& config, int thr
   return name;
 }
 
+// --cpu_time: every run timed in the process's CPU time (bench/summary.hpp).
+bool g_cpu_time = false;
+
 template <class F>
 void add(const std::string& name, F f) {
-  benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->UseRealTime();
+  moekit_bench::add_ms(name, f, g_cpu_time);
 }
 
 template <int R>
@@ -479,6 +485,7 @@ void print_invariance(const moekit_bench::RecordingReporter& reporter,
 }  // namespace
 
 int main(int argc, char** argv) {
+  g_cpu_time = moekit_bench::take_flag(argc, argv, "--cpu_time");
   // 2 threads first (see bench/routing.cpp).
   const int thread_counts[] = {2, 1};
   for (int threads : thread_counts) {
@@ -497,7 +504,7 @@ int main(int argc, char** argv) {
     register_invariance(threads);
   }
   benchmark::Initialize(&argc, argv);
-  moekit_bench::RecordingReporter reporter;
+  moekit_bench::RecordingReporter reporter(g_cpu_time);
   benchmark::RunSpecifiedBenchmarks(&reporter);
 
   std::printf("\n%-4s %3s %10s %9s %9s %9s %9s %9s | %8s %8s %8s %8s\n", "rank", "thr",
