@@ -46,6 +46,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+// 1 where open(2), fsync(2) and rename(2) are available (internal switch).
 #define MOEKIT_DETAIL_POSIX_FILES 1
 #else
 #define MOEKIT_DETAIL_POSIX_FILES 0
