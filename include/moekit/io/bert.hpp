@@ -224,8 +224,8 @@ inline void load_bert_weights(const SafetensorsReader& file, const cpu::BertEnco
 
 // A model folder, loaded.
 struct BertModel {
-  cpu::BertEncoder encoder;             // the layers, sized by config.json
-  cpu::BertEncoderStorage weights;      // their weights, from model.safetensors
+  cpu::BertEncoder encoder;            // the layers, sized by config.json
+  cpu::BertEncoderStorage weights;     // their weights, from model.safetensors
   text::WordPieceTokenizer tokenizer;  // from vocab.txt
 };
 

@@ -227,8 +227,8 @@ inline std::string shape_string(std::span<const std::int64_t> shape) {
 // TensorSource: what SafetensorsWriter writes.
 template <class T>
 struct NamedTensor {
-  std::string name;  // the tensor's name in the file
-  Shape shape;       // its shape in the file
+  std::string name;    // the tensor's name in the file
+  Shape shape;         // its shape in the file
   MatrixView<T> view;  // its elements in memory (not owned)
 };
 // A destination of SafetensorsReader::load: a writable view.
@@ -244,8 +244,8 @@ MatrixView<T> as_row(VectorView<T> v) {
 
 // The tensor in a file, as the header describes it.
 struct TensorInfo {
-  std::string name;   // the key in the header
-  std::string dtype;  // as written in the file ("F32", "I64", ...)
+  std::string name;         // the key in the header
+  std::string dtype;        // as written in the file ("F32", "I64", ...)
   Shape shape;              // as written in the file
   std::uint64_t begin = 0;  // data_offsets, relative to the data buffer
   std::uint64_t end = 0;    // one past the last byte (end - begin = byte size)

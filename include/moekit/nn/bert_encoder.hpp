@@ -141,8 +141,8 @@ struct BertEncoderConfig {
   index_t max_positions = 0;    // P (max_position_embeddings): the longest sequence
   index_t type_vocab_size = 0;  // T (type_vocab_size), 0 for no token type embeddings
   Activation activation = Activation::kGeluErf;  // kGeluErf, kGeluTanh or kRelu
-  NormPlacement norm = NormPlacement::kPost;    // kPost: BERT; kPre: pre-LN layers
-  float layer_norm_eps = 1e-12f;                // eps added to the variance in every LayerNorm
+  NormPlacement norm = NormPlacement::kPost;     // kPost: BERT; kPre: pre-LN layers
+  float layer_norm_eps = 1e-12f;                 // eps added to the variance in every LayerNorm
 };
 
 // The encoder's weights as views (shapes at the top of this file; layer l of

@@ -99,9 +99,9 @@ namespace cpu {
 template <HeadSpecType H>
 struct MultitaskModelConfig {
   MlpEncoderConfig encoder{};  // the frozen encoder; its d_model is the model's width d
-  MoeLayerConfig moe{};  // each MoE layer; moe.d_model must equal encoder.d_model
+  MoeLayerConfig moe{};        // each MoE layer; moe.d_model must equal encoder.d_model
   int num_moe_layers = 2;      // M, at least 1
-  float lora_alpha = 16.0f;  // LoRA scale s = alpha / R (alpha / sqrt(R) with rslora)
+  float lora_alpha = 16.0f;    // LoRA scale s = alpha / R (alpha / sqrt(R) with rslora)
   bool rslora = false;         // rank-stabilised scale alpha / sqrt(R)
   float lora_dropout = 0.0f;   // dropout on the adapters' input in training, in [0, 1)
   std::array<index_t, H::num_heads> classes{};  // per branch
@@ -122,10 +122,10 @@ constexpr bool is_frozen(ParamRole role) {
 // One parameter matrix of the model, its gradient (same shape; empty when
 // frozen) and its role.
 struct ModelTensor {
-  std::string name;                     // unique in the model, e.g. "moe.0.gate.weight"
+  std::string name;                      // unique in the model, e.g. "moe.0.gate.weight"
   ParamRole role = ParamRole::kEncoder;  // who trains it
-  index_t rows = 0;                     // the matrix's rows (1 for a vector)
-  index_t cols = 0;                     // the matrix's columns
+  index_t rows = 0;                      // the matrix's rows (1 for a vector)
+  index_t cols = 0;                      // the matrix's columns
   // Routed experts' stacks: the rows of one expert (their gradient norm is
   // summed expert by expert, and an expert-parallel rank holds some experts
   // only); 0 for every other tensor.
@@ -213,11 +213,12 @@ struct StepLosses {
 template <MoeSpecType S, LoraSpecType L, HeadSpecType H>
 class MultitaskModel {
  public:
-  using MoeSpec = S;   // the MoE layers' spec (E, K)
-  using LoraSpec = L;  // the adapters' spec (rank R)
-  using HeadSpec = H;  // the heads' spec (number of branches)
+  using MoeSpec = S;                       // the MoE layers' spec (E, K)
+  using LoraSpec = L;                      // the adapters' spec (rank R)
+  using HeadSpec = H;                      // the heads' spec (number of branches)
   using Config = MultitaskModelConfig<H>;  // what the constructor takes
-  static constexpr int kBranches = H::num_heads;  // branches (tasks), each with an adapter and a head
+  static constexpr int kBranches =
+      H::num_heads;  // branches (tasks), each with an adapter and a head
   static constexpr int kExperts = S::num_experts;  // routed experts per MoE layer
   static constexpr int kRank = L::rank;            // R, every adapter's rank
 

@@ -80,12 +80,12 @@ constexpr param_t ffn_param_count(const FfnShape& s) {
 // The sizes of one MoE layer (E and K come from the MoeSpec).
 struct MoeLayerShape {
   index_t d_model = 0;             // the layer's input and output width
-  index_t d_ff = 0;  // width of one routed expert
+  index_t d_ff = 0;                // width of one routed expert
   FfnKind kind = FfnKind::kPlain;  // every expert's form
   bool expert_bias = false;        // whether the experts' matrices have biases
   bool router_bias = false;        // whether the router has a bias (E values)
   int num_shared_experts = 0;      // experts every token uses, beside the routed ones
-  index_t d_ff_shared = 0;  // width of one shared expert; 0 means d_ff
+  index_t d_ff_shared = 0;         // width of one shared expert; 0 means d_ff
 };
 
 // Router (d_model x E), E routed experts of which K are active per token, and
@@ -139,10 +139,10 @@ enum class EncoderKind {
 // The sizes of the frozen encoder.
 struct EncoderShape {
   EncoderKind kind = EncoderKind::kMlp;  // MLP or transformer
-  index_t d_input = 0;  // features per sample (MLP) or vocabulary size (transformer)
-  index_t d_model = 0;                   // output width
-  index_t d_ff = 0;                      // hidden width of each block's FFN
-  int num_layers = 0;                    // blocks
+  index_t d_input = 0;        // features per sample (MLP) or vocabulary size (transformer)
+  index_t d_model = 0;        // output width
+  index_t d_ff = 0;           // hidden width of each block's FFN
+  int num_layers = 0;         // blocks
   index_t max_positions = 0;  // transformer only: learned position embeddings
 };
 

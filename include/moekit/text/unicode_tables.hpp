@@ -32,8 +32,8 @@ inline constexpr std::uint8_t kCjk = 16;         // CJK ideograph, spaced as a w
 // A code point's mapping: `length` code points of a pool from `offset` on.
 struct Mapping {
   std::uint32_t code_point;  // the character mapped
-  std::uint16_t offset;  // into the pool
-  std::uint16_t length;  // code points it maps to (at least 1)
+  std::uint16_t offset;      // into the pool
+  std::uint16_t length;      // code points it maps to (at least 1)
 };
 
 // Code points [first, last] that share one canonical combining class.

@@ -63,10 +63,10 @@ namespace text {
 // The tokenizer's options (the defaults are BERT uncased's). The steps named
 // are those at the top of this file.
 struct WordPieceConfig {
-  bool clean_text = true;     // step 2 (drop control characters, unify whitespace)
-  bool split_cjk = true;      // step 3 (each CJK ideograph a word of its own)
-  bool strip_accents = true;  // BERT uncased: true (the reference ties it to lowercase)
-  bool lowercase = true;      // step 5; false for cased vocabularies
+  bool clean_text = true;            // step 2 (drop control characters, unify whitespace)
+  bool split_cjk = true;             // step 3 (each CJK ideograph a word of its own)
+  bool strip_accents = true;         // BERT uncased: true (the reference ties it to lowercase)
+  bool lowercase = true;             // step 5; false for cased vocabularies
   index_t max_chars_per_word = 100;  // longer words become one unk_token; at least 1
   std::string unk_token = "[UNK]";   // for a word the vocabulary cannot cover
   std::string cls_token = "[CLS]";   // opens every encoded sequence
@@ -105,9 +105,9 @@ struct TokenBatch {
 // padded with pad_id, mask 1 on tokens and 0 on padding (the layout of the
 // reference's padded output).
 struct PaddedBatch {
-  index_t rows = 0;               // B, the sequences
-  index_t width = 0;              // the longest sequence's length
-  std::vector<std::int32_t> ids;  // rows x width, row-major, padded with pad_id
+  index_t rows = 0;                // B, the sequences
+  index_t width = 0;               // the longest sequence's length
+  std::vector<std::int32_t> ids;   // rows x width, row-major, padded with pad_id
   std::vector<std::int32_t> mask;  // rows x width: 1 on tokens, 0 on padding
 };
 

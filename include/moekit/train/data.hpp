@@ -768,7 +768,7 @@ enum class CsvHeader {
 // How read_csv and parse_csv read a file.
 struct CsvOptions {
   CsvHeader header = CsvHeader::kDetect;  // whether the first content line is a header
-  index_t features = -1;  // the feature count the file must have; -1: any (>= 1)
+  index_t features = -1;                  // the feature count the file must have; -1: any (>= 1)
 };
 
 namespace detail {

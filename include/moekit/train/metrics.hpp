@@ -87,13 +87,13 @@ namespace train {
 
 // One step's metrics for one split (fields as at the top of this file).
 struct StepRecord {
-  std::string split = "train";  // which data: "train", "eval", ...
-  std::int64_t step = 0;        // optimizer steps taken
-  double lr = 0;                // learning rate at the step
-  double loss = 0;              // task_loss + weighted aux_loss
-  double task_loss = 0;         // the branches' cross-entropy loss
-  double aux_loss = 0;          // the MoE layers' weighted aux losses
-  double grad_norm = 0;         // global gradient L2 norm, before clipping
+  std::string split = "train";                   // which data: "train", "eval", ...
+  std::int64_t step = 0;                         // optimizer steps taken
+  double lr = 0;                                 // learning rate at the step
+  double loss = 0;                               // task_loss + weighted aux_loss
+  double task_loss = 0;                          // the branches' cross-entropy loss
+  double aux_loss = 0;                           // the MoE layers' weighted aux losses
+  double grad_norm = 0;                          // global gradient L2 norm, before clipping
   std::vector<double> accuracy;                  // per branch, in [0, 1]
   std::vector<std::vector<double>> expert_load;  // per MoE layer, E fractions
   double tokens_per_s = 0;                       // throughput: tokens (or samples) per second

@@ -127,9 +127,9 @@ inline constexpr index_t kNormChunk = index_t{1} << 16;
 // AdamW's hyperparameters shared by every group (learning rates and weight
 // decay are per group: ParamGroupConfig).
 struct AdamWConfig {
-  float beta1 = 0.9f;  // in [0, 1)
+  float beta1 = 0.9f;    // in [0, 1)
   float beta2 = 0.999f;  // decay of the second moment v, in [0, 1)
-  float eps = 1e-8f;  // finite, > 0
+  float eps = 1e-8f;     // finite, > 0
 };
 
 // A set of tensors sharing a learning rate and weight decay (e.g. one

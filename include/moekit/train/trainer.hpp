@@ -85,24 +85,24 @@ struct LearningRates {
 
 // How a Trainer trains: rates, AdamW, schedule, clipping and scope.
 struct TrainerConfig {
-  LearningRates lr{};         // per group
-  float weight_decay = 0.0f;  // AdamW's decoupled decay, the same for every group
-  AdamWConfig adam{};         // betas and eps
-  std::int64_t warmup_steps = 500;  // steps of linear warm-up to the full rates, <= total_steps
+  LearningRates lr{};                // per group
+  float weight_decay = 0.0f;         // AdamW's decoupled decay, the same for every group
+  AdamWConfig adam{};                // betas and eps
+  std::int64_t warmup_steps = 500;   // steps of linear warm-up to the full rates, <= total_steps
   std::int64_t total_steps = 10000;  // the cosine reaches min_lr_ratio here
   float min_lr_ratio = 0.1f;         // final fraction of the base rates, in [0, 1]
-  double max_grad_norm = 1.0;  // global-norm clipping; <= 0 turns it off
-  cpu::TrainScope scope{};     // what is trained: the whole model or one branch
-  std::uint64_t dropout_seed = 0;  // LoRA dropout noise (when the model has dropout)
+  double max_grad_norm = 1.0;        // global-norm clipping; <= 0 turns it off
+  cpu::TrainScope scope{};           // what is trained: the whole model or one branch
+  std::uint64_t dropout_seed = 0;    // LoRA dropout noise (when the model has dropout)
 };
 
 // What Trainer::step reports.
 template <class Model>
 struct StepReport {
   cpu::StepLosses<typename Model::MoeSpec, typename Model::HeadSpec> losses;  // the model's losses
-  double grad_norm = 0.0;  // before clipping
-  float lr_scale = 0.0f;   // the schedule's multiplier of every group's lr this step
-  bool skipped = false;    // the gradient was not finite: no update
+  double grad_norm = 0.0;                                                     // before clipping
+  float lr_scale = 0.0f;  // the schedule's multiplier of every group's lr this step
+  bool skipped = false;   // the gradient was not finite: no update
 };
 
 // Per-branch quality of a model on a dataset, and the MoE layers' loads.
