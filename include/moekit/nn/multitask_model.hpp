@@ -213,12 +213,11 @@ struct StepLosses {
 template <MoeSpecType S, LoraSpecType L, HeadSpecType H>
 class MultitaskModel {
  public:
-  using MoeSpec = S;                       // the MoE layers' spec (E, K)
-  using LoraSpec = L;                      // the adapters' spec (rank R)
-  using HeadSpec = H;                      // the heads' spec (number of branches)
-  using Config = MultitaskModelConfig<H>;  // what the constructor takes
-  static constexpr int kBranches =
-      H::num_heads;  // branches (tasks), each with an adapter and a head
+  using MoeSpec = S;                               // the MoE layers' spec (E, K)
+  using LoraSpec = L;                              // the adapters' spec (rank R)
+  using HeadSpec = H;                              // the heads' spec (number of branches)
+  using Config = MultitaskModelConfig<H>;          // what the constructor takes
+  static constexpr int kBranches = H::num_heads;   // branches, each with an adapter and a head
   static constexpr int kExperts = S::num_experts;  // routed experts per MoE layer
   static constexpr int kRank = L::rank;            // R, every adapter's rank
 

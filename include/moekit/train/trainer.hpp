@@ -99,10 +99,11 @@ struct TrainerConfig {
 // What Trainer::step reports.
 template <class Model>
 struct StepReport {
-  cpu::StepLosses<typename Model::MoeSpec, typename Model::HeadSpec> losses;  // the model's losses
-  double grad_norm = 0.0;                                                     // before clipping
-  float lr_scale = 0.0f;  // the schedule's multiplier of every group's lr this step
-  bool skipped = false;   // the gradient was not finite: no update
+  // The model's losses, routing statistics and aux losses of the step.
+  cpu::StepLosses<typename Model::MoeSpec, typename Model::HeadSpec> losses;
+  double grad_norm = 0.0;  // before clipping
+  float lr_scale = 0.0f;   // the schedule's multiplier of every group's lr this step
+  bool skipped = false;    // the gradient was not finite: no update
 };
 
 // Per-branch quality of a model on a dataset, and the MoE layers' loads.
