@@ -11,7 +11,8 @@ themselves are untouched):
   a `///` block for that declaration (a block followed by a blank line, such
   as a section rule, stays a plain comment);
 - a comment after a member, enumerator or parameter on the same line (and
-  lines continuing it in the same column) into `///<`.
+  lines continuing it in the same column) into `///<`; a comment after a
+  line that only closes a scope (`}  // namespace detail`) stays plain.
 
 Comments inside function bodies stay plain comments. Other files (Markdown)
 pass through unchanged.
@@ -22,6 +23,7 @@ import re
 import sys
 
 SCOPE = re.compile(r"\b(namespace|class|struct|union|enum)\b")
+CLOSING_BRACE = re.compile(r"\s*\}[\s;]*$")  # a line that only closes a scope
 STRINGS = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'')
 
 
@@ -68,7 +70,12 @@ def filter_header(lines: list[str]) -> list[str]:
             in_file_comment = False
         code, comment, col = split_comment(line)
         trailing_col = -1
-        if comment is not None and code.strip() and not in_body and not comment.startswith("/"):
+        # A comment after a closing brace (`}  // namespace detail`) labels the
+        # scope it ends: it stays a plain comment, or Doxygen would give it to
+        # the next declaration.
+        closes_scope = CLOSING_BRACE.match(code) is not None
+        if (comment is not None and code.strip() and not in_body and not closes_scope
+                and not comment.startswith("/")):
             line = code + "///<" + comment
             trailing_col = col
         if code.strip().startswith("#"):
