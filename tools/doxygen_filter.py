@@ -42,7 +42,14 @@ def filter_header(lines: list[str]) -> list[str]:
     statement = ""  # code since the last ; { or }
     in_file_comment = None  # None: not seen yet; True: inside; False: done
     trailing_col = -1  # column of the last converted trailing comment
+    in_directive = False  # on a continuation line of a preprocessor directive
     for i, line in enumerate(lines):
+        if in_directive:
+            # A multi-line macro's body is no declaration: its braces and
+            # parentheses must not leak into `statement`.
+            in_directive = line.rstrip().endswith("\\")
+            out.append(line)
+            continue
         stripped = line.lstrip()
         in_body = "body" in stack
 
@@ -79,6 +86,7 @@ def filter_header(lines: list[str]) -> list[str]:
             line = code + "///<" + comment
             trailing_col = col
         if code.strip().startswith("#"):
+            in_directive = line.rstrip().endswith("\\")
             out.append(line)
             continue
         for ch in STRINGS.sub("", code):

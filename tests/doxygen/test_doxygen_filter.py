@@ -14,6 +14,9 @@ HEADER = """\
 #pragma once
 // What the file holds.
 
+#define MOEKIT_TARGET(name) \\
+  __attribute__((target(name)))
+
 namespace moekit {
 namespace detail {
 inline int helper() { return 1; }
@@ -40,6 +43,9 @@ EXPECTED = """\
 #pragma once
 /// \\file
 /// What the file holds.
+
+#define MOEKIT_TARGET(name) \\
+  __attribute__((target(name)))
 
 namespace moekit {
 namespace detail {
