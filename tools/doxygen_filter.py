@@ -23,6 +23,7 @@ import re
 import sys
 
 SCOPE = re.compile(r"\b(namespace|class|struct|union|enum)\b")
+REQUIRES = re.compile(r"\brequires\s*\(.*\)(?=\s*(struct|class|union)\b)")
 CLOSING_BRACE = re.compile(r"\s*\}[\s;]*$")  # a line that only closes a scope
 STRINGS = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'')
 
@@ -91,8 +92,11 @@ def filter_header(lines: list[str]) -> list[str]:
             continue
         for ch in STRINGS.sub("", code):
             if ch == "{":
-                stack.append("scope" if SCOPE.search(statement) and "(" not in statement
-                             or re.match(r"\s*(namespace|enum)\b", statement) else "body")
+                # A class's requires-clause (`requires(K <= E) struct S {`)
+                # does not make it a function.
+                head = REQUIRES.sub("", statement)
+                stack.append("scope" if SCOPE.search(head) and "(" not in head
+                             or re.match(r"\s*(namespace|enum)\b", head) else "body")
                 statement = ""
             elif ch == "}":
                 if stack:

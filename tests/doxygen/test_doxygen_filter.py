@@ -36,6 +36,11 @@ inline int f() {
   return 0;  // also inside
 }
 class C {};
+
+template <int R>
+requires(R >= 1) struct Spec {
+  static constexpr int rank = R;  // RANK
+};
 }  // namespace moekit
 """
 
@@ -66,6 +71,11 @@ inline int f() {
   return 0;  // also inside
 }
 class C {};
+
+template <int R>
+requires(R >= 1) struct Spec {
+  static constexpr int rank = R;  ///< RANK
+};
 }  // namespace moekit
 """
 
