@@ -71,12 +71,13 @@ void check_moe_layer_fields(const Config& c) {
 // over the backend's Params / Grads / State, whose fields have the same names
 // (host views on the CPU, device views on the GPU; only shapes are read).
 struct MoeLayerChecks {
-  // The layer's E and K.
-  int experts = 0, top_k = 0;
-  // Model width, routed and shared expert hidden widths, shared experts.
-  index_t d_model = 0, d_ff = 0, d_ff_shared = 0, num_shared = 0;
-  // Whether the FFN is gated (w3 present) or plain.
-  bool gated = false;
+  int experts = 0;          // E
+  int top_k = 0;            // K
+  index_t d_model = 0;      // d, token width
+  index_t d_ff = 0;         // hidden width of one routed expert
+  index_t d_ff_shared = 0;  // hidden width of one shared expert
+  index_t num_shared = 0;   // shared experts, 0 for none
+  bool gated = false;       // FfnKind::kGated: w3 (and its gradient) present
   // Experts held in the stacks params.experts and grads.dw1/dw3/dw2: -1 for
   // all E; the expert-parallel layer's rank holds its own share only.
   int stacked_experts = -1;

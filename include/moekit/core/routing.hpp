@@ -61,7 +61,7 @@ enum class NonFinitePolicy { kSanitize, kError };
 // The router's gating: the rule, its weight post-processing and optional
 // group-limited selection (see the top of this file).
 struct GatingConfig {
-  GatingRule rule = GatingRule::kSoftmaxTopK;
+  GatingRule rule = GatingRule::kSoftmaxTopK;  // how logits become experts and weights
   bool renormalize = false;  // w /= sum(w) over the K (kSoftmaxTopK, kSigmoid)
   float scaling = 1.0f;      // multiplies every weight last; finite, > 0
   int num_groups = 1;        // expert groups, dividing E; 1 = no group limit
@@ -71,7 +71,7 @@ struct GatingConfig {
 
 // Training noise on the router (kNone at inference).
 struct NoiseConfig {
-  NoiseKind kind = NoiseKind::kNone;
+  NoiseKind kind = NoiseKind::kNone;  // which noise, if any
   float amount = 0.0f;    // std-dev (kGaussian) or half-width (kJitter), >= 0
   std::uint64_t seed = 0;  // with the token index, fixes the noise drawn
 };
