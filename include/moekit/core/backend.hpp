@@ -38,7 +38,7 @@ MOEKIT_NAMESPACE_BEGIN
 struct MoeAuxLosses {
   double switch_loss = 0.0;  // load-balancing (Switch Transformer) loss, >= 0
   double z_loss = 0.0;       // router z-loss: mean squared log-sum-exp of the logits
-  double total = 0.0;  // switch_coeff * switch_loss + z_coeff * z_loss
+  double total = 0.0;        // switch_coeff * switch_loss + z_coeff * z_loss
 };
 
 // Minimum rows of a MoE layer's state buffers for a capacity of T tokens.

@@ -233,8 +233,8 @@ enum class TaskWeighting {
 // The task weights, in HOST memory on both backends (H floats each).
 struct TaskWeights {
   TaskWeighting kind = TaskWeighting::kFixed;  // which of the two views is used
-  VectorView<const float> fixed{};     // kFixed: H weights >= 0, or empty for all 1
-  VectorView<const float> log_vars{};  // kUncertainty: the H learned s_h
+  VectorView<const float> fixed{};             // kFixed: H weights >= 0, or empty for all 1
+  VectorView<const float> log_vars{};          // kUncertainty: the H learned s_h
 };
 
 // TaskHeads::backward's outputs on both backends, each checked where it is

@@ -164,8 +164,8 @@ struct LoraDropout {
   std::uint64_t key = 0;    // the stream's key before for_adapter, the adapter's after
   float p = 0.0f;           // probability of dropping an element, in [0, 1)
   float keep_scale = 1.0f;  // 1 / (1 - p), applied to kept elements
-  index_t width = 0;  // d_in
-  index_t row0 = 0;   // LoraStep::first_row
+  index_t width = 0;        // d_in
+  index_t row0 = 0;         // LoraStep::first_row
 
   // The dropout of one call for probability p, at training step `step`, on
   // inputs of width d_in, for dropout stream `stream` (config.dropout_stream).

@@ -62,18 +62,18 @@ enum class NonFinitePolicy { kSanitize, kError };
 // group-limited selection (see the top of this file).
 struct GatingConfig {
   GatingRule rule = GatingRule::kSoftmaxTopK;  // how logits become experts and weights
-  bool renormalize = false;  // w /= sum(w) over the K (kSoftmaxTopK, kSigmoid)
-  float scaling = 1.0f;      // multiplies every weight last; finite, > 0
-  int num_groups = 1;        // expert groups, dividing E; 1 = no group limit
-  int groups_kept = 1;       // best groups whose experts may be selected
-  int group_score_top = 2;   // keys summed into a group's score, <= min(8, group size)
+  bool renormalize = false;                    // w /= sum(w) over the K (kSoftmaxTopK, kSigmoid)
+  float scaling = 1.0f;                        // multiplies every weight last; finite, > 0
+  int num_groups = 1;                          // expert groups, dividing E; 1 = no group limit
+  int groups_kept = 1;                         // best groups whose experts may be selected
+  int group_score_top = 2;  // keys summed into a group's score, <= min(8, group size)
 };
 
 // Training noise on the router (kNone at inference).
 struct NoiseConfig {
   NoiseKind kind = NoiseKind::kNone;  // which noise, if any
-  float amount = 0.0f;    // std-dev (kGaussian) or half-width (kJitter), >= 0
-  std::uint64_t seed = 0;  // with the token index, fixes the noise drawn
+  float amount = 0.0f;                // std-dev (kGaussian) or half-width (kJitter), >= 0
+  std::uint64_t seed = 0;             // with the token index, fixes the noise drawn
 };
 
 // capacity_factor <= 0 is dropless. A double, so that C is computed exactly

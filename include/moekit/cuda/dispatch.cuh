@@ -87,7 +87,7 @@ concept ActivationElement = LogitElement<T>;
 template <MoeSpecType S>
 struct DispatchStats {
   static constexpr int kExperts = S::num_experts;  // E, the length of the per-expert arrays
-  std::int64_t capacity;            // C (T when dropless)
+  std::int64_t capacity;                           // C (T when dropless)
   std::int64_t rows;                // offsets[E]: buffer rows in use, padding included
   std::int64_t dropped;             // assignments dropped by capacity
   std::int64_t assigned[kExperts];  // per expert, before capacity (valid ids only)

@@ -123,9 +123,9 @@ namespace gpu {
 
 // cpu::RouterConfig: same fields, names and order.
 struct MoeRouterConfig {
-  GatingConfig gating{};                                    // rule, renormalisation, groups
-  NoiseConfig noise{};                                      // training noise, as on the CPU (header)
-  CapacityConfig capacity{};                                // expert capacity; dropless by default
+  GatingConfig gating{};      // rule, renormalisation, groups
+  NoiseConfig noise{};        // training noise, as on the CPU (header)
+  CapacityConfig capacity{};  // expert capacity; dropless by default
   NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;  // what a NaN / inf logit does
 };
 
@@ -137,11 +137,11 @@ struct MoeLayerConfig {
   FfnKind kind = FfnKind::kPlain;                 // kGated: every expert has W3
   Activation activation = Activation::kGeluTanh;  // the experts' nonlinearity
   MoeRouterConfig router{};                       // gating, noise, capacity
-  int num_shared = 0;         // shared experts, run on every token
-  index_t d_ff_shared = 0;    // width of one shared expert; 0 = d_ff
-  float switch_coeff = 0.0f;  // Switch balance loss coefficient; 0 = off
-  float z_coeff = 0.0f;       // router z-loss coefficient; 0 = off
-  SwitchLossOptions switch_options{};  // the Switch loss's normalisation
+  int num_shared = 0;                             // shared experts, run on every token
+  index_t d_ff_shared = 0;                        // width of one shared expert; 0 = d_ff
+  float switch_coeff = 0.0f;                      // Switch balance loss coefficient; 0 = off
+  float z_coeff = 0.0f;                           // router z-loss coefficient; 0 = off
+  SwitchLossOptions switch_options{};             // the Switch loss's normalisation
 };
 
 // Parameters, device memory. Routed experts in gpu::ExpertWeights' layout
@@ -152,22 +152,22 @@ struct MoeLayerParams {
   MatrixView<const T> w_gate{};              // E x d
   VectorView<const float> gate_bias{};       // E, or empty
   VectorView<const float> selection_bias{};  // E, or empty (update_expert_bias's bias)
-  ExpertWeights<T> experts{};  // the E routed experts, width d_ff
-  ExpertWeights<T> shared{};   // the num_shared shared experts, width d_ff_shared
+  ExpertWeights<T> experts{};                // the E routed experts, width d_ff
+  ExpertWeights<T> shared{};                 // the num_shared shared experts, width d_ff_shared
 };
 
 // Gradient outputs, device memory; an empty view is frozen.
 template <ActivationElement T>
 struct MoeLayerGrads {
-  MatrixView<T> dw_gate{};            // E x d
-  VectorView<float> dgate_bias{};     // E; must be empty when params.gate_bias is
-  MatrixView<T> dw1{};         // routed experts: as params.experts.w1
-  MatrixView<T> dw3{};         // as params.experts.w3 (kGated only)
-  MatrixView<T> dw2{};         // as params.experts.w2
-  MatrixView<T> shared_dw1{};  // shared experts: as params.shared.w1
-  MatrixView<T> shared_dw3{};  // as params.shared.w3 (kGated only)
-  MatrixView<T> shared_dw2{};  // as params.shared.w2
-  bool accumulate = false;  // add to every output (dx too) instead of overwriting
+  MatrixView<T> dw_gate{};         // E x d
+  VectorView<float> dgate_bias{};  // E; must be empty when params.gate_bias is
+  MatrixView<T> dw1{};             // routed experts: as params.experts.w1
+  MatrixView<T> dw3{};             // as params.experts.w3 (kGated only)
+  MatrixView<T> dw2{};             // as params.experts.w2
+  MatrixView<T> shared_dw1{};      // shared experts: as params.shared.w1
+  MatrixView<T> shared_dw3{};      // as params.shared.w3 (kGated only)
+  MatrixView<T> shared_dw2{};      // as params.shared.w2
+  bool accumulate = false;         // add to every output (dx too) instead of overwriting
 };
 
 // What forward saves for backward. Capacity T_max = routing.logits.rows();

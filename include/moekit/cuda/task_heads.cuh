@@ -116,11 +116,11 @@ struct HeadGrads {
 template <HeadSpecType S>
 struct TaskLosses {
   static constexpr int kHeads = S::num_heads;  // H, the length of the per-head arrays
-  double total;                // L, the combination
-  double loss[kHeads];         // L_h (0 without rows)
-  double accuracy[kHeads];     // acc_h (0 without rows)
-  std::int64_t count[kHeads];  // n_h
-  std::int64_t invalid_rows;   // rows with a task id or label out of range
+  double total;                                // L, the combination
+  double loss[kHeads];                         // L_h (0 without rows)
+  double accuracy[kHeads];                     // acc_h (0 without rows)
+  std::int64_t count[kHeads];                  // n_h
+  std::int64_t invalid_rows;                   // rows with a task id or label out of range
 };
 
 namespace detail {
