@@ -14,8 +14,8 @@ themselves are untouched):
   lines continuing it in the same column) into `///<`; a comment after a
   line that only closes a scope (`}  // namespace detail`) stays plain.
 
-Comments inside function bodies stay plain comments. Other files (Markdown)
-pass through unchanged.
+Comments inside function bodies and multi-line macro bodies stay plain
+comments. Other files (Markdown) pass through unchanged.
 
 Usage (Doxygen calls it): doxygen_filter.py <file>
 """
