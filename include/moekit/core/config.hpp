@@ -66,8 +66,8 @@
 // Inlines a hot helper even where the compiler's heuristics would not
 // (always_inline / __forceinline where supported, else plain inline).
 #define MOEKIT_FORCE_INLINE inline
-// Keeps a function out of line (a cold path, or one kernel per ISA), where
-// the compiler supports it.
+// Keeps a cold function (the error paths) out of line, so that the checks
+// around its calls stay small, where the compiler supports it.
 #define MOEKIT_NOINLINE
 #endif
 

@@ -73,7 +73,7 @@ struct GatingConfig {
 struct NoiseConfig {
   NoiseKind kind = NoiseKind::kNone;  // which noise, if any
   float amount = 0.0f;                // std-dev (kGaussian) or half-width (kJitter), >= 0
-  std::uint64_t seed = 0;             // with the token index, fixes the noise drawn
+  std::uint64_t seed = 0;             // with each element's index, fixes the noise drawn
 };
 
 // capacity_factor <= 0 is dropless. A double, so that C is computed exactly
