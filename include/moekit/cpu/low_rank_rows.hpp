@@ -40,7 +40,7 @@
 #elif defined(__GNUC__)
 #define MOEKIT_UNROLL _Pragma("GCC unroll 64")
 #else
-// Asks the compiler to unroll the loop after it completely (a loop over a
+// Asks the compiler to unroll the loop after it (a short loop over a
 // compile-time count); nothing where it has no such pragma.
 #define MOEKIT_UNROLL
 #endif

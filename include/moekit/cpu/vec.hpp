@@ -68,7 +68,7 @@
 #define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_END _Pragma("GCC diagnostic pop")
 #else
 #define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN
-// Restores the warnings ..._BEGIN silenced (empty where that is).
+// Restores the warnings ..._BEGIN silenced (empty where nothing was).
 #define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_END
 #endif
 
