@@ -55,7 +55,7 @@ struct SwitchLossArgs {
   std::int64_t* invalid_ids = nullptr;  // device counter or null
 };
 
-// z_loss: the router z-loss of T tokens' logits.
+// Arguments of z_loss(): the router z-loss of T tokens' logits.
 template <MoeSpecType S, LogitElement T = float>
 struct ZLossArgs {
   MatrixView<const T> logits;   // T x E
