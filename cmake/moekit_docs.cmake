@@ -90,4 +90,8 @@ if(MOEKIT_BUILD_TESTS AND Python3_Interpreter_FOUND)
     COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tools/check_doxygen.py
             ${DOXYGEN_EXECUTABLE} ${CMAKE_CURRENT_BINARY_DIR}/Doxyfile.docs ${PROJECT_SOURCE_DIR}
             ${PROJECT_SOURCE_DIR}/tests/doxygen/baseline.txt)
+  # Which `//` comments the input filter turns into Doxygen docs.
+  add_test(NAME doxygen.filter
+    COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/doxygen/test_doxygen_filter.py
+            ${PROJECT_SOURCE_DIR}/tools/doxygen_filter.py)
 endif()

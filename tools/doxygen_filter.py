@@ -11,10 +11,11 @@ themselves are untouched):
   a `///` block for that declaration (a block followed by a blank line, such
   as a section rule, stays a plain comment);
 - a comment after a member, enumerator or parameter on the same line (and
-  lines continuing it in the same column) into `///<`.
+  lines continuing it in the same column) into `///<`; a comment after a
+  line that only closes a scope (`}  // namespace detail`) stays plain.
 
-Comments inside function bodies stay plain comments. Other files (Markdown)
-pass through unchanged.
+Comments inside function bodies and multi-line macro bodies stay plain
+comments. Other files (Markdown) pass through unchanged.
 
 Usage (Doxygen calls it): doxygen_filter.py <file>
 """
@@ -22,6 +23,8 @@ import re
 import sys
 
 SCOPE = re.compile(r"\b(namespace|class|struct|union|enum)\b")
+REQUIRES = re.compile(r"\brequires\s*\(.*\)(?=\s*(struct|class|union)\b)")
+CLOSING_BRACE = re.compile(r"\s*\}[\s;]*$")  # a line that only closes a scope
 STRINGS = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'')
 
 
@@ -40,7 +43,14 @@ def filter_header(lines: list[str]) -> list[str]:
     statement = ""  # code since the last ; { or }
     in_file_comment = None  # None: not seen yet; True: inside; False: done
     trailing_col = -1  # column of the last converted trailing comment
+    in_directive = False  # on a continuation line of a preprocessor directive
     for i, line in enumerate(lines):
+        if in_directive:
+            # A multi-line macro's body is no declaration: its braces and
+            # parentheses must not leak into `statement`.
+            in_directive = line.rstrip().endswith("\\")
+            out.append(line)
+            continue
         stripped = line.lstrip()
         in_body = "body" in stack
 
@@ -68,16 +78,25 @@ def filter_header(lines: list[str]) -> list[str]:
             in_file_comment = False
         code, comment, col = split_comment(line)
         trailing_col = -1
-        if comment is not None and code.strip() and not in_body and not comment.startswith("/"):
+        # A comment after a closing brace (`}  // namespace detail`) labels the
+        # scope it ends: it stays a plain comment, or Doxygen would give it to
+        # the next declaration.
+        closes_scope = CLOSING_BRACE.match(code) is not None
+        if (comment is not None and code.strip() and not in_body and not closes_scope
+                and not comment.startswith("/")):
             line = code + "///<" + comment
             trailing_col = col
         if code.strip().startswith("#"):
+            in_directive = line.rstrip().endswith("\\")
             out.append(line)
             continue
         for ch in STRINGS.sub("", code):
             if ch == "{":
-                stack.append("scope" if SCOPE.search(statement) and "(" not in statement
-                             or re.match(r"\s*(namespace|enum)\b", statement) else "body")
+                # A class's requires-clause (`requires(K <= E) struct S {`)
+                # does not make it a function.
+                head = REQUIRES.sub("", statement)
+                stack.append("scope" if SCOPE.search(head) and "(" not in head
+                             or re.match(r"\s*(namespace|enum)\b", head) else "body")
                 statement = ""
             elif ch == "}":
                 if stack:

@@ -301,36 +301,47 @@ inline constexpr std::uint8_t kMark = {MARK};        // nonspacing mark, dropped
 inline constexpr std::uint8_t kPunctuation = {PUNCT};  // split off as a word of its own
 inline constexpr std::uint8_t kCjk = {CJK};         // CJK ideograph, spaced as a word of its own
 
+// A code point's mapping: `length` code points of a pool from `offset` on.
 struct Mapping {{
-  std::uint32_t code_point;
+  std::uint32_t code_point;  // the character mapped
   std::uint16_t offset;  // into the pool
-  std::uint16_t length;
+  std::uint16_t length;  // code points it maps to (at least 1)
 }};
 
+// Code points [first, last] that share one canonical combining class.
 struct CombiningRun {{
-  std::uint32_t first, last;
-  std::uint8_t combining_class;
+  std::uint32_t first;           // first code point of the run
+  std::uint32_t last;            // last code point of the run (inclusive)
+  std::uint8_t combining_class;  // their class, 1 to 254
 }};
 
 // clang-format off
+
+// Where each run of equal flags begins, ascending from 0.
 inline constexpr std::uint32_t kFlagRunStart[] = {{
 {wrap([f"0x{x:X}" for x in starts], 10)}
 }};
+// The flags (kRemove | kSpace | ...) of each run of kFlagRunStart.
 inline constexpr std::uint8_t kFlagRunFlags[] = {{
 {wrap([str(x) for x in values], 24)}
 }};
+// Canonical decompositions (into kDecompositionPool), by code point.
 inline constexpr Mapping kDecompositions[] = {{
 {wrap(decomp, 4)}
 }};
+// The code points kDecompositions map to, back to back.
 inline constexpr std::uint32_t kDecompositionPool[] = {{
 {wrap(decomp_pool, 10)}
 }};
+// Code points of a non-zero combining class, ascending runs.
 inline constexpr CombiningRun kCombiningRuns[] = {{
 {wrap([f"{{0x{a:X}, 0x{b:X}, {v}}}" for a, b, v in ccc_runs], 4)}
 }};
+// Lowercase mappings (into kLowercasePool), by code point.
 inline constexpr Mapping kLowercase[] = {{
 {wrap(lower, 4)}
 }};
+// The code points kLowercase map to, back to back.
 inline constexpr std::uint32_t kLowercasePool[] = {{
 {wrap(lower_pool, 10)}
 }};

@@ -17,20 +17,23 @@
 
 MOEKIT_NAMESPACE_BEGIN
 
+// A MoE layer's shape: E experts, K of them per token.
 template <int E, int K>
 requires(E >= 1 && K >= 1 && K <= E) struct MoeSpec {
-  static constexpr int num_experts = E;
-  static constexpr int top_k = K;
+  static constexpr int num_experts = E;  // E >= 1
+  static constexpr int top_k = K;        // K in [1, E]
 };
 
+// A LoRA adapter's rank R.
 template <int R>
 requires(R >= 1) struct LoraSpec {
-  static constexpr int rank = R;
+  static constexpr int rank = R;  // R >= 1
 };
 
+// The number of task heads H.
 template <int H>
 requires(H >= 1) struct HeadSpec {
-  static constexpr int num_heads = H;
+  static constexpr int num_heads = H;  // H >= 1
 };
 
 template <class S>

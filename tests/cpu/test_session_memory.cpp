@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "batch_invariance.hpp"
 #include "expect_error.hpp"
 #include "moekit/cpu/isa.hpp"
 #include "moekit/cpu/memory_kernels.hpp"
@@ -40,6 +41,8 @@ using moekit::cpu::SessionMemory;
 using moekit::cpu::SessionMemoryConfig;
 using moekit::cpu::SessionMemoryWeights;
 using moekit_test::expect_error;
+using moekit_test::same_bits;
+using moekit_test::ThreadCount;
 using Mat = moekit_test::StridedMatrix;
 
 std::size_t sz(index_t v) { return static_cast<std::size_t>(v); }
@@ -664,10 +667,6 @@ std::vector<float> read_rows(const SessionMemory& m, const std::vector<float>& x
   return y;
 }
 
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
 TEST(SessionMemory, SessionsAreIsolated) {
   const SessionMemoryConfig c = small_config(true, 5);
   const Frozen setup(c, 4, true);
@@ -716,12 +715,7 @@ TEST(SessionMemory, BatchesThreadsAndPathsGiveTheSameBits) {
     std::vector<float> y;
   };
   const auto run = [&](std::size_t batch, int threads) {
-#if defined(_OPENMP)
-    const int before = omp_get_max_threads();
-    omp_set_num_threads(threads);
-#else
-    (void)threads;
-#endif
+    const ThreadCount scope(threads);
     SessionMemory memory(c, setup.weights());
     std::vector<std::byte> ws = workspace_for(memory);
     for (int s = 0; s < 4; ++s) memory.open();
@@ -730,9 +724,6 @@ TEST(SessionMemory, BatchesThreadsAndPathsGiveTheSameBits) {
     Run out;
     for (std::int32_t s = 0; s < 4; ++s) out.states.push_back(state(memory, s));
     out.y = read_rows(memory, x, read_ids, z, ws);
-#if defined(_OPENMP)
-    omp_set_num_threads(before);
-#endif
     return out;
   };
   const Run base = run(1, 1);
@@ -765,6 +756,44 @@ TEST(SessionMemory, BatchesThreadsAndPathsGiveTheSameBits) {
     EXPECT_EQ(other.states, base.states) << moekit::cpu::isa_name(isa);
     EXPECT_TRUE(same_bits(other.y, base.y)) << moekit::cpu::isa_name(isa);
   }
+}
+
+// The shared batch-invariance property (batch_invariance.hpp, as every
+// component's in test_batch_invariance.cpp): a row's read, over sessions
+// holding written state, is bit-identical alone, among up to 256 rows in any
+// order, on 1 and 2 threads and on every CPU path. Rows of no session (-1)
+// and of a session never written are in the pool too.
+TEST(BatchInvariance, SessionMemoryRead) {
+  const SessionMemoryConfig c = small_config(true, 6);
+  const Frozen setup(c, 6, true);
+  SessionMemory memory(c, setup.weights());
+  std::vector<std::byte> ws = workspace_for(memory);
+  for (int s = 0; s < 4; ++s) memory.open();
+  std::vector<std::int32_t> writers;
+  for (int i = 0; i < 40; ++i) writers.push_back(static_cast<std::int32_t>(i % 3));  // not 3
+  const std::vector<Event> ev = events_for(c, writers, 31);
+  write_events(memory, ev, 0, ev.size(), ws);
+
+  constexpr index_t kPool = 48;
+  std::mt19937 rng(32);
+  const std::vector<float> x = normal_rows(kPool, c.d_model, rng),
+                           z = normal_rows(kPool, c.d_value, rng);
+  const auto session_of = [](index_t item) { return static_cast<std::int32_t>(item % 5) - 1; };
+  moekit_test::expect_batch_invariant(kPool, 256, 33, [&](const std::vector<index_t>& items) {
+    std::vector<float> xs, zs;
+    std::vector<std::int32_t> ids;
+    for (const index_t i : items) {
+      xs.insert(xs.end(), x.begin() + i * c.d_model, x.begin() + (i + 1) * c.d_model);
+      zs.insert(zs.end(), z.begin() + i * c.d_value, z.begin() + (i + 1) * c.d_value);
+      ids.push_back(session_of(i));
+    }
+    const std::vector<float> y = read_rows(memory, xs, ids, zs, ws);
+    moekit_test::BatchResults out;
+    for (std::size_t j = 0; j < items.size(); ++j)
+      out.emplace_back(y.begin() + static_cast<std::ptrdiff_t>(j * sz(c.d_value)),
+                       y.begin() + static_cast<std::ptrdiff_t>((j + 1) * sz(c.d_value)));
+    return out;
+  });
 }
 
 TEST(SessionMemory, ReplayGivesTheSameState) {

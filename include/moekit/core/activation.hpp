@@ -35,6 +35,8 @@
 
 MOEKIT_NAMESPACE_BEGIN
 
+// The expert FFN's nonlinearity: ReLU, GELU (tanh approximation or exact
+// erf form) or SiLU (x * sigmoid(x), the SwiGLU gate's).
 enum class Activation { kRelu, kGeluTanh, kGeluErf, kSilu };
 
 namespace activation_detail {

@@ -36,9 +36,9 @@ MOEKIT_NAMESPACE_BEGIN
 // coefficients (a coefficient of 0 leaves its loss out of total and of the
 // gradients only).
 struct MoeAuxLosses {
-  double switch_loss = 0.0;
-  double z_loss = 0.0;
-  double total = 0.0;  // switch_coeff * switch_loss + z_coeff * z_loss
+  double switch_loss = 0.0;  // load-balancing (Switch Transformer) loss, >= 0
+  double z_loss = 0.0;       // router z-loss: mean squared log-sum-exp of the logits
+  double total = 0.0;        // switch_coeff * switch_loss + z_coeff * z_loss
 };
 
 // Minimum rows of a MoE layer's state buffers for a capacity of T tokens.
@@ -71,9 +71,13 @@ void check_moe_layer_fields(const Config& c) {
 // over the backend's Params / Grads / State, whose fields have the same names
 // (host views on the CPU, device views on the GPU; only shapes are read).
 struct MoeLayerChecks {
-  int experts = 0, top_k = 0;
-  index_t d_model = 0, d_ff = 0, d_ff_shared = 0, num_shared = 0;
-  bool gated = false;
+  int experts = 0;          // E
+  int top_k = 0;            // K
+  index_t d_model = 0;      // d, token width
+  index_t d_ff = 0;         // hidden width of one routed expert
+  index_t d_ff_shared = 0;  // hidden width of one shared expert
+  index_t num_shared = 0;   // shared experts, 0 for none
+  bool gated = false;       // FfnKind::kGated: w3 (and its gradient) present
   // Experts held in the stacks params.experts and grads.dw1/dw3/dw2: -1 for
   // all E; the expert-parallel layer's rank holds its own share only.
   int stacked_experts = -1;
@@ -81,6 +85,7 @@ struct MoeLayerChecks {
   // The experts the stacks hold.
   index_t stacked() const { return stacked_experts < 0 ? experts : stacked_experts; }
 
+  // A view that this configuration has no use for: it must be empty.
   template <class V>
   static void check_absent(const V& v, const char* name) {
     MOEKIT_CHECK(v.empty(), Errc::kInvalidArgument, name, " is ", v.rows(), " x ", v.cols(),
@@ -107,6 +112,8 @@ struct MoeLayerChecks {
                  " rows, fewer than the ", rows, " this batch needs");
   }
 
+  // Params' shapes: the gate, the routed expert stacks and the shared
+  // experts, absent parts empty.
   template <class Params>
   void check_params(const Params& p) const {
     const index_t e = experts, d = d_model, f = d_ff, fs = d_ff_shared, n = num_shared;
@@ -194,6 +201,7 @@ void add_moe_params(OverlapCheck& c, const Params& p) {
                   {p.shared.w3, "params.shared.w3"},
                   {p.shared.w2, "params.shared.w2"}});
 }
+// Adds the gradient views, written by backward.
 template <class Grads>
 void add_moe_grads(OverlapCheck& c, const Grads& g) {
   c.out(Footprints{{g.dw_gate, "grads.dw_gate"},
@@ -205,6 +213,7 @@ void add_moe_grads(OverlapCheck& c, const Grads& g) {
                    {g.shared_dw3, "grads.shared_dw3"},
                    {g.shared_dw2, "grads.shared_dw2"}});
 }
+// Adds the state's shared views: written (forward) or read (backward).
 template <class State>
 void add_moe_state(OverlapCheck& c, const State& s, bool written) {
   const std::initializer_list<Footprint> views = {MOEKIT_ROUTING_ARGS(s.routing, "state.routing"),

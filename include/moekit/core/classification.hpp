@@ -62,10 +62,10 @@ MOEKIT_NAMESPACE_BEGIN
 //               (PABEE's counter reaching `patience`; off: 0). The first exit
 //               can pass it only with patience 0, which is off.
 struct ExitCriteria {
-  float min_confidence = routing::kInf;
-  float max_entropy = -routing::kInf;
-  float min_margin = routing::kInf;
-  int patience = 0;
+  float min_confidence = routing::kInf;  // in [0, 1], or +inf (off)
+  float max_entropy = -routing::kInf;    // nats, >= 0, or -inf (off)
+  float min_margin = routing::kInf;      // in [0, 1], or +inf (off)
+  int patience = 0;                      // consecutive agreeing exits, >= 0; 0 is off
 };
 
 // ---- configurations shared by the backends (validated on the host) --------
@@ -109,12 +109,14 @@ struct ExitState {
   VectorView<std::int32_t> agree{};     // patience counter
 };
 
+// Rejects results views that are not n entries each (n samples).
 inline void check_exit_results(const ExitResults& results, index_t n) {
   check_shape(results.exit, n, "results.exit");
   check_shape(results.prediction, n, "results.prediction");
   check_shape(results.confidence, n, "results.confidence");
 }
 
+// Rejects state views that are null or hold fewer than m entries (m live rows).
 inline void check_exit_state(const ExitState& state, index_t m) {
   check_view(state.original, "state.original");
   check_view(state.previous, "state.previous");
@@ -213,6 +215,7 @@ struct DistillationLoss {
   double ce = 0.0;    // mean CE(y, softmax(s)), without 1 - a; 0 when a = 1
 };
 
+// Rejects a temperature that is not finite and positive, or alpha outside [0, 1].
 inline void check_distillation_config(const DistillationConfig& config) {
   const float temp = config.temperature, alpha = config.alpha;
   MOEKIT_CHECK_ARG(std::isfinite(temp) && temp > 0.0f, "config.temperature = ", temp,
@@ -229,9 +232,9 @@ enum class TaskWeighting {
 
 // The task weights, in HOST memory on both backends (H floats each).
 struct TaskWeights {
-  TaskWeighting kind = TaskWeighting::kFixed;
-  VectorView<const float> fixed{};     // kFixed: H weights >= 0, or empty for all 1
-  VectorView<const float> log_vars{};  // kUncertainty: the H learned s_h
+  TaskWeighting kind = TaskWeighting::kFixed;  // which of the two views is used
+  VectorView<const float> fixed{};             // kFixed: H weights >= 0, or empty for all 1
+  VectorView<const float> log_vars{};          // kUncertainty: the H learned s_h
 };
 
 // TaskHeads::backward's outputs on both backends, each checked where it is
@@ -301,18 +304,20 @@ namespace classify {
 
 // What a row's exit decision reads (formulas at the top).
 struct ExitScores {
-  int top1 = 0;
-  float confidence = 0.0f;
-  float margin = 0.0f;
-  float entropy = 0.0f;
+  int top1 = 0;             // argmax class (lowest index among ties)
+  float confidence = 0.0f;  // max_c P_c
+  float margin = 0.0f;      // P_(1) - P_(2)
+  float entropy = 0.0f;     // -sum_c P_c log P_c, nats
 };
 
 // KL(p || q) and CE(y, softmax(s)) of one row, unscaled.
 struct DistillationTerms {
-  double kl = 0.0;
-  double ce = 0.0;
+  double kl = 0.0;  // KL(p || q) at temperature T
+  double ce = 0.0;  // CE(y, softmax(s)), the hard-label term
 };
 
+// log(v) by an unqualified call: std::log on the host, CUDA's float log on
+// the device.
 MOEKIT_HOST_DEVICE inline float log_(float v) {
   using std::log;
   return log(v);

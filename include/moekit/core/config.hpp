@@ -8,6 +8,7 @@
 #if defined(_MSVC_LANG)
 #define MOEKIT_DETAIL_CPLUSPLUS _MSVC_LANG
 #else
+// The C++ standard in effect (MSVC reports it in _MSVC_LANG instead).
 #define MOEKIT_DETAIL_CPLUSPLUS __cplusplus
 #endif
 #if MOEKIT_DETAIL_CPLUSPLUS < 202002L
@@ -18,12 +19,17 @@
 // ABI namespace: moekit::v0_1 for 0.1.x. Two moekit versions linked into one
 // program then never share a mangled name. Within 0.x a minor bump may break.
 #define MOEKIT_DETAIL_CAT4(a, b, c, d) a##b##c##d
+// The ABI namespace's name for a version: v<major>_<minor>.
 #define MOEKIT_DETAIL_ABI(major, minor) MOEKIT_DETAIL_CAT4(v, major, _, minor)
+// This version's ABI namespace name (v0_1).
 #define MOEKIT_ABI_NAMESPACE MOEKIT_DETAIL_ABI(MOEKIT_VERSION_MAJOR, MOEKIT_VERSION_MINOR)
 
+// Opens moekit's versioned namespace, moekit::v<major>_<minor>; every
+// header's declarations sit between this and MOEKIT_NAMESPACE_END.
 #define MOEKIT_NAMESPACE_BEGIN \
   namespace moekit {           \
   inline namespace MOEKIT_ABI_NAMESPACE {
+// Closes what MOEKIT_NAMESPACE_BEGIN opened.
 #define MOEKIT_NAMESPACE_END \
   }                          \
   }
@@ -35,8 +41,11 @@
 #define MOEKIT_DEVICE __device__
 #define MOEKIT_HOST __host__
 #else
+// Marks a function callable from host and device code (__host__ __device__).
 #define MOEKIT_HOST_DEVICE
+// Marks a device-only function (__device__ under nvcc).
 #define MOEKIT_DEVICE
+// Marks a host-only function in CUDA code (__host__ under nvcc).
 #define MOEKIT_HOST
 #endif
 
@@ -54,7 +63,11 @@
 #define MOEKIT_FORCE_INLINE __forceinline
 #define MOEKIT_NOINLINE __declspec(noinline)
 #else
+// Inlines a hot helper even where the compiler's heuristics would not
+// (always_inline / __forceinline where supported, else plain inline).
 #define MOEKIT_FORCE_INLINE inline
+// Keeps a cold function (the error paths) out of line, so that the checks
+// around its calls stay small, where the compiler supports it.
 #define MOEKIT_NOINLINE
 #endif
 

@@ -40,6 +40,7 @@ enum class Errc : int {
   kTransportError,       // ranks of a group disagreed, failed, left or did not answer in time
 };
 
+// A short lower-case description of the code ("shape mismatch"), for messages.
 constexpr const char* errc_name(Errc code) noexcept {
   switch (code) {
     case Errc::kInvalidArgument:
@@ -68,9 +69,13 @@ constexpr const char* errc_name(Errc code) noexcept {
   return "unknown error";
 }
 
+// The exception every host API throws on bad input or a failed CUDA/cuBLAS,
+// I/O or transport call; what() is the full message.
 class Error : public std::runtime_error {
  public:
+  // An error of kind `code`; message is what what() returns.
   Error(Errc code, const std::string& message) : std::runtime_error(message), code_(code) {}
+  // The kind of error, for callers that branch on it.
   Errc code() const noexcept { return code_; }
 
  private:
@@ -205,6 +210,7 @@ MOEKIT_NAMESPACE_END
 #define MOEKIT_FAIL(code, ...) \
   ::moekit::detail::fail((code), __func__, ::moekit::detail::concat(__VA_ARGS__))
 
+// Fails with `code` and the streamed message unless `cond` holds.
 #define MOEKIT_CHECK(cond, code, ...)   \
   do {                                  \
     if (!(cond)) [[unlikely]] {         \
@@ -212,6 +218,7 @@ MOEKIT_NAMESPACE_END
     }                                   \
   } while (false)
 
+// MOEKIT_CHECK with Errc::kInvalidArgument.
 #define MOEKIT_CHECK_ARG(cond, ...) \
   MOEKIT_CHECK(cond, ::moekit::Errc::kInvalidArgument, __VA_ARGS__)
 
@@ -226,16 +233,22 @@ MOEKIT_NAMESPACE_END
     }                                                                                       \
   } while (false)
 
+// Fails with Errc::kInvalidArgument unless a == b, showing both values.
 #define MOEKIT_CHECK_EQ(a, b) \
   MOEKIT_DETAIL_CHECK_OP(a, b, eq, "==", ::moekit::Errc::kInvalidArgument)
+// Fails with Errc::kInvalidArgument unless a != b, showing both values.
 #define MOEKIT_CHECK_NE(a, b) \
   MOEKIT_DETAIL_CHECK_OP(a, b, ne, "!=", ::moekit::Errc::kInvalidArgument)
+// Fails with Errc::kInvalidArgument unless a < b, showing both values.
 #define MOEKIT_CHECK_LT(a, b) \
   MOEKIT_DETAIL_CHECK_OP(a, b, lt, "<", ::moekit::Errc::kInvalidArgument)
+// Fails with Errc::kInvalidArgument unless a <= b, showing both values.
 #define MOEKIT_CHECK_LE(a, b) \
   MOEKIT_DETAIL_CHECK_OP(a, b, le, "<=", ::moekit::Errc::kInvalidArgument)
+// Fails with Errc::kInvalidArgument unless a > b, showing both values.
 #define MOEKIT_CHECK_GT(a, b) \
   MOEKIT_DETAIL_CHECK_OP(a, b, gt, ">", ::moekit::Errc::kInvalidArgument)
+// Fails with Errc::kInvalidArgument unless a >= b, showing both values.
 #define MOEKIT_CHECK_GE(a, b) \
   MOEKIT_DETAIL_CHECK_OP(a, b, ge, ">=", ::moekit::Errc::kInvalidArgument)
 
@@ -256,5 +269,6 @@ MOEKIT_NAMESPACE_END
     }                                                                                            \
   } while (false)
 
+// Fails with Errc::kNullPointer if the pointer p is null.
 #define MOEKIT_CHECK_NOT_NULL(p) \
   MOEKIT_CHECK((p) != nullptr, ::moekit::Errc::kNullPointer, #p " is null")

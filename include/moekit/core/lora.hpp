@@ -103,12 +103,15 @@ inline void check_lora_config(const LoraConfig& c) {
   MOEKIT_CHECK_ARG(c.dropout >= 0.0f && c.dropout < 1.0f, "config.dropout = ", c.dropout,
                    " must be in [0, 1)");
 }
+// A bank's: the LoraConfig fields, and 1 <= num_adapters < 2^31.
 inline void check_lora_config(const LoraBankConfig& c) {
   check_lora_config(LoraConfig{c.d_in, c.d_out, c.alpha, c.rslora, c.dropout, c.dropout_stream});
   MOEKIT_CHECK_ARG(c.num_adapters >= 1 && c.num_adapters <= INT32_MAX,
                    "config.num_adapters = ", c.num_adapters, " must be in [1, 2^31 - 1]");
 }
 
+// The factor of the low-rank update B A x: alpha / R, or alpha / sqrt(R)
+// with rsLoRA.
 MOEKIT_HOST_DEVICE inline float lora_scale(float alpha, int rank, bool rslora) {
   using std::sqrt;
   const float r = static_cast<float>(rank);
@@ -157,13 +160,15 @@ MOEKIT_HOST_DEVICE constexpr bool lora_dropout_keep(std::uint64_t key, float p,
 // make() gives the call's dropout for a stream; for_adapter(i) that of
 // adapter i, whose key apply() uses.
 struct LoraDropout {
-  bool active = false;
-  std::uint64_t key = 0;  // the stream's key before for_adapter, the adapter's after
-  float p = 0.0f;
-  float keep_scale = 1.0f;
-  index_t width = 0;  // d_in
-  index_t row0 = 0;   // LoraStep::first_row
+  bool active = false;      // training with p > 0; when false, apply() is the identity
+  std::uint64_t key = 0;    // the stream's key before for_adapter, the adapter's after
+  float p = 0.0f;           // probability of dropping an element, in [0, 1)
+  float keep_scale = 1.0f;  // 1 / (1 - p), applied to kept elements
+  index_t width = 0;        // d_in
+  index_t row0 = 0;         // LoraStep::first_row
 
+  // The dropout of one call for probability p, at training step `step`, on
+  // inputs of width d_in, for dropout stream `stream` (config.dropout_stream).
   static LoraDropout make(float p, const LoraStep& step, index_t d_in, std::uint64_t stream) {
     LoraDropout m;
     m.active = step.training && p > 0.0f;

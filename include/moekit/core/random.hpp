@@ -18,12 +18,15 @@
 
 MOEKIT_NAMESPACE_BEGIN
 
+// SplitMix64's finaliser: a bijection of 64-bit words that spreads every
+// input bit over the whole output.
 MOEKIT_HOST_DEVICE constexpr std::uint64_t mix64(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
 }
 
+// 64 random bits for element `counter` of stream `seed`.
 MOEKIT_HOST_DEVICE constexpr std::uint64_t random_bits(std::uint64_t seed, std::uint64_t counter) {
   return mix64(mix64(counter + 0x9e3779b97f4a7c15ULL) ^ seed);
 }

@@ -39,6 +39,8 @@
 
 MOEKIT_NAMESPACE_BEGIN
 
+// How a token's logits become its K experts and their weights (the rules
+// above).
 enum class GatingRule { kSoftmaxTopK, kTopKSoftmax, kSigmoid };
 
 // Which over-capacity assignments are dropped: the latest tokens (kPosition)
@@ -56,26 +58,29 @@ enum class NoiseKind { kNone, kGaussian, kJitter };
 // the call fail with Errc::kNonFinite before any output is written.
 enum class NonFinitePolicy { kSanitize, kError };
 
+// The router's gating: the rule, its weight post-processing and optional
+// group-limited selection (see the top of this file).
 struct GatingConfig {
-  GatingRule rule = GatingRule::kSoftmaxTopK;
-  bool renormalize = false;
-  float scaling = 1.0f;
-  int num_groups = 1;
-  int groups_kept = 1;
-  int group_score_top = 2;
+  GatingRule rule = GatingRule::kSoftmaxTopK;  // how logits become experts and weights
+  bool renormalize = false;                    // w /= sum(w) over the K (kSoftmaxTopK, kSigmoid)
+  float scaling = 1.0f;                        // multiplies every weight last; finite, > 0
+  int num_groups = 1;                          // expert groups, dividing E; 1 = no group limit
+  int groups_kept = 1;                         // best groups whose experts may be selected
+  int group_score_top = 2;  // keys summed into a group's score, <= min(8, group size)
 };
 
+// Training noise on the router (kNone at inference).
 struct NoiseConfig {
-  NoiseKind kind = NoiseKind::kNone;
-  float amount = 0.0f;
-  std::uint64_t seed = 0;
+  NoiseKind kind = NoiseKind::kNone;  // which noise, if any
+  float amount = 0.0f;                // std-dev (kGaussian) or half-width (kJitter), >= 0
+  std::uint64_t seed = 0;             // with each element's index, fixes the noise drawn
 };
 
 // capacity_factor <= 0 is dropless. A double, so that C is computed exactly
 // as Python implementations compute it (1.2 means 1.2, not 1.2000000477).
 struct CapacityConfig {
-  double factor = 0.0;
-  DropPolicy policy = DropPolicy::kPosition;
+  double factor = 0.0;                        // C = ceil(factor T K / E); <= 0: dropless
+  DropPolicy policy = DropPolicy::kPosition;  // which assignments overflow drops
 };
 
 // How the Switch balance loss normalises f_e = count_e / N: N = T K
@@ -83,7 +88,9 @@ struct CapacityConfig {
 // public top-k implementations do: K times larger). Shared by both backends.
 enum class SwitchNormalization { kTokensTimesK, kTokens };
 
+// Options of the Switch balance loss.
 struct SwitchLossOptions {
+  // The denominator of f_e.
   SwitchNormalization normalization = SwitchNormalization::kTokensTimesK;
 };
 
@@ -182,6 +189,7 @@ MOEKIT_HOST_DEVICE inline float jitter_factor(std::uint64_t seed, float amount,
   return 1.0f - amount + 2.0f * amount * random_uniform(seed, counter);
 }
 
+// +infinity, the masked or empty key.
 inline constexpr float kInf = std::numeric_limits<float>::infinity();
 // The id of an empty top-K slot.
 inline constexpr int kNoId = 0x7fffffff;
@@ -195,15 +203,19 @@ MOEKIT_HOST_DEVICE inline std::uint32_t float_bits(float v) {
   return std::bit_cast<std::uint32_t>(v);
 #endif
 }
+// Whether v is a NaN, from its bits.
 MOEKIT_HOST_DEVICE inline bool is_nan(float v) {
   return (float_bits(v) & 0x7fffffffu) > 0x7f800000u;
 }
+// Whether v is neither infinite nor NaN, from its bits.
 MOEKIT_HOST_DEVICE inline bool is_finite(float v) {
   return (float_bits(v) & 0x7f800000u) != 0x7f800000u;
 }
 // NaN -> -inf; everything else unchanged.
 MOEKIT_HOST_DEVICE inline float sanitize(float v) { return is_nan(v) ? -kInf : v; }
 
+// exp(v) by an unqualified call: std::exp on the host, CUDA's float exp on
+// the device.
 MOEKIT_HOST_DEVICE inline float exp_(float v) {
   using std::exp;
   return exp(v);
@@ -317,6 +329,7 @@ MOEKIT_HOST_DEVICE void softmax(const float* x, float* p) {
   for (int i = 0; i < N; ++i) p[i] *= inv;
 }
 
+// 1 / (1 + exp(-x)) with NaN read as -inf (so sigmoid(NaN) = 0).
 MOEKIT_HOST_DEVICE inline float sigmoid(float x) { return 1.0f / (1.0f + exp_(-sanitize(x))); }
 
 // dx += coeff * J_softmax^T g, i.e. coeff * p * (g - <g, p>).
@@ -621,10 +634,12 @@ inline constexpr float kZLossExpFloor = -87.0f;
 MOEKIT_HOST_DEVICE inline float z_loss_exp(float x_minus_max) {
   return x_minus_max < kZLossExpFloor ? 0.0f : exp_(x_minus_max);
 }
+// lse = max + log(sum), from the row maximum and sum of exp(x - max).
 MOEKIT_HOST_DEVICE inline double log_sum_exp(float max, float sum) {
   using std::log;
   return static_cast<double>(max + log(sum));
 }
+// c = coeff * 2 lse / (tokens * sum): dx_e = c * exp(x_e - max).
 MOEKIT_HOST_DEVICE inline float z_loss_grad_scale(double lse, float sum, double coeff,
                                                   double tokens) {
   return static_cast<float>(coeff * 2.0 * lse / tokens) / sum;

@@ -88,8 +88,8 @@ using ::moekit::SwitchLossOptions;
 
 // L = importance_weight * CV^2(importance) + load_weight * CV^2(load).
 struct ImportanceLoadOptions {
-  float importance_weight = 1.0f;
-  float load_weight = 1.0f;
+  float importance_weight = 1.0f;  // >= 0; 0 leaves the importance term out
+  float load_weight = 1.0f;        // >= 0; 0 leaves the load term out
 };
 
 // Added to mean^2 in CV^2 (Shazeer et al.) so an all-zero vector gives 0.
@@ -459,8 +459,8 @@ double importance_load_loss(const RouterConfig& config, const Routing& routing,
 template <MoeSpecType S>
 class ExpertBias {
  public:
-  static constexpr int kExperts = S::num_experts;
-  static constexpr int kTopK = S::top_k;
+  static constexpr int kExperts = S::num_experts;  // E, one bias each
+  static constexpr int kTopK = S::top_k;           // K, assignments per token
 
   // Biases start at 0. gamma must be finite and >= 0 (0 freezes them).
   explicit ExpertBias(float gamma) : gamma_(gamma) {
@@ -468,6 +468,7 @@ class ExpertBias {
                      " must be finite and non-negative");
   }
 
+  // The step size of update(), as constructed.
   float gamma() const { return gamma_; }
   // The Router's selection_bias; valid while this object lives.
   VectorView<const float> bias() const { return {bias_.data(), kExperts}; }

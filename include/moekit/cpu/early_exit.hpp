@@ -72,6 +72,9 @@ using ::moekit::EarlyExitConfig;  // core/classification.hpp
 using ::moekit::ExitResults;
 using ::moekit::ExitState;
 
+// Early exit on the CPU: at each exit, the live samples whose logits pass
+// the configured rules leave with their prediction, and `kept` lists the
+// rows that go on to the next layers. Holds only the configuration.
 class EarlyExit {
  public:
   // Rejects criteria that cannot be meant (naming the field and value).
@@ -79,6 +82,7 @@ class EarlyExit {
     check_early_exit_config(config);
   }
 
+  // The configuration, as constructed.
   const EarlyExitConfig& config() const { return config_; }
 
   // Starts a batch of n samples: every sample live, in order; results.exit

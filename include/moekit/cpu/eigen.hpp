@@ -16,8 +16,10 @@ static_assert(EIGEN_VERSION_AT_LEAST(3, 4, 0), "moekit requires Eigen 3.4 or new
 
 MOEKIT_NAMESPACE_BEGIN
 
+// A dynamic-size row-major Eigen matrix, the layout of moekit's views.
 template <class T>
 using EigenRowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+// A dynamic-size Eigen column vector.
 template <class T>
 using EigenVector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 
@@ -27,12 +29,16 @@ template <class T, class Plain>
 using MaybeConst = std::conditional_t<std::is_const_v<T>, const Plain, Plain>;
 }  // namespace detail
 
+// An Eigen map over a MatrixView<T>'s memory (read-only for const T), with
+// the view's ld as outer stride.
 template <class T>
 using EigenMatrixMap = Eigen::Map<detail::MaybeConst<T, EigenRowMatrix<std::remove_const_t<T>>>,
                                   Eigen::Unaligned, Eigen::OuterStride<>>;
+// An Eigen map over a VectorView<T>'s contiguous memory (read-only for const T).
 template <class T>
 using EigenVectorMap = Eigen::Map<detail::MaybeConst<T, EigenVector<std::remove_const_t<T>>>>;
 
+// The view as an Eigen matrix map: no copy; valid while the view's memory is.
 template <class T>
 EigenMatrixMap<T> as_eigen(MatrixView<T> v) {
   // Eigen rejects a zero stride even for an empty map; any ld >= 1 is inert.
@@ -40,23 +46,28 @@ EigenMatrixMap<T> as_eigen(MatrixView<T> v) {
   return EigenMatrixMap<T>(v.data(), v.rows(), v.cols(), Eigen::OuterStride<>(stride));
 }
 
+// The view as an Eigen vector map: no copy; valid while the view's memory is.
 template <class T>
 EigenVectorMap<T> as_eigen(VectorView<T> v) {
   return EigenVectorMap<T>(v.data(), v.size());
 }
 
+// A mutable view of m's elements; valid until m is resized or destroyed.
 template <class T>
 MatrixView<T> view_of(EigenRowMatrix<T>& m) {
   return MatrixView<T>(m.data(), m.rows(), m.cols());
 }
+// A read-only view of m's elements; valid until m is resized or destroyed.
 template <class T>
 MatrixView<const T> view_of(const EigenRowMatrix<T>& m) {
   return MatrixView<const T>(m.data(), m.rows(), m.cols());
 }
+// A mutable view of v's elements; valid until v is resized or destroyed.
 template <class T>
 VectorView<T> view_of(EigenVector<T>& v) {
   return VectorView<T>(v.data(), v.size());
 }
+// A read-only view of v's elements; valid until v is resized or destroyed.
 template <class T>
 VectorView<const T> view_of(const EigenVector<T>& v) {
   return VectorView<const T>(v.data(), v.size());

@@ -40,10 +40,11 @@ namespace cpu {
 
 // What shifted_exp_row returns: the row's maximum and sum_j e^(x_j - max).
 struct RowExpSum {
-  float max;
-  float sum;
+  float max;  // max_j x_j
+  float sum;  // sum_j e^(x_j - max), >= 1 for a row with a finite maximum
 };
 
+// The kernels' file, which per_isa.hpp includes once per ISA namespace.
 #define MOEKIT_PER_ISA_FILE "moekit/cpu/detail/elementwise-inl.hpp"
 #include "moekit/cpu/detail/per_isa.hpp"
 #undef MOEKIT_PER_ISA_FILE

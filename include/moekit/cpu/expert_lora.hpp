@@ -112,14 +112,15 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
+// The frozen experts' shape (as ExpertFfnConfig) and the adapters' scaling.
 struct ExpertLoraConfig {
-  index_t d_model = 0;
-  index_t d_ff = 0;  // width of one expert
-  FfnKind kind = FfnKind::kPlain;
-  Activation activation = Activation::kGeluTanh;
-  float alpha = 1.0f;   // s = alpha / R (alpha / sqrt(R) with rslora)
-  bool rslora = false;  // rank-stabilised scaling
-  FfnThreading threading = FfnThreading::kAuto;
+  index_t d_model = 0;                            // d, token width, >= 1
+  index_t d_ff = 0;                               // width of one expert
+  FfnKind kind = FfnKind::kPlain;                 // kGated adds W3 (and A3, B3)
+  Activation activation = Activation::kGeluTanh;  // act in the math above
+  float alpha = 1.0f;                             // s = alpha / R (alpha / sqrt(R) with rslora)
+  bool rslora = false;                            // rank-stabilised scaling
+  FfnThreading threading = FfnThreading::kAuto;   // how the experts use threads
 };
 
 // The adapters of all E experts (layout at the top of this file); an empty
@@ -140,6 +141,7 @@ struct ExpertAdapters {
   }
 };
 
+// What forward and backward read: the frozen experts and their adapters.
 struct ExpertLoraWeights {
   ExpertWeights base{};                // frozen W1, W3, W2 (expert_ffn.hpp)
   ExpertAdapters<const float> lora{};  // trained adapters
@@ -155,6 +157,7 @@ struct ExpertLoraSaved {
   MatrixView<T> h3{};    // N x R: X A3^T (optional, kGated only)
   MatrixView<T> h2{};    // N x R: h A2^T (optional)
 
+  // What forward wrote passes as backward's read-only input.
   operator ExpertLoraSaved<const T>() const requires(!std::is_const_v<T>) {
     return {pre, gate, h1, h3, h2};
   }
@@ -163,20 +166,23 @@ struct ExpertLoraSaved {
 // Gradient outputs of the adapters; an empty view is not wanted (not
 // computed, not written). Shapes as the matching adapter matrices.
 struct ExpertLoraGrads {
-  MatrixView<float> da1{};
-  MatrixView<float> db1{};
-  MatrixView<float> da3{};
-  MatrixView<float> db3{};
-  MatrixView<float> da2{};
-  MatrixView<float> db2{};
+  MatrixView<float> da1{};  // (E R) x d
+  MatrixView<float> db1{};  // (E d_ff) x R
+  MatrixView<float> da3{};  // (E R) x d, kGated only
+  MatrixView<float> db3{};  // (E d_ff) x R, kGated only
+  MatrixView<float> da2{};  // (E R) x d_ff
+  MatrixView<float> db2{};  // (E d) x R
   bool accumulate = false;  // add to the blocks instead of overwriting them
 };
 
+// Rank-R adapters on the E frozen experts of a MoE layer (the math and
+// layout at the top of this file). Holds only the configuration; weights,
+// saved activations and gradients are caller memory.
 template <MoeSpecType S, LoraSpecType L>
 class ExpertLora {
  public:
-  static constexpr int kExperts = S::num_experts;
-  static constexpr int kRank = L::rank;
+  static constexpr int kExperts = S::num_experts;  // E
+  static constexpr int kRank = L::rank;            // R, per expert and matrix
 
   // Rejects a configuration it cannot run (naming the field and value).
   explicit ExpertLora(const ExpertLoraConfig& config) : config_(config) {
@@ -186,6 +192,7 @@ class ExpertLora {
     scale_ = lora_scale(config.alpha, kRank, config.rslora);
   }
 
+  // The configuration, as constructed.
   const ExpertLoraConfig& config() const { return config_; }
   // The frozen FFN this layer adapts (for running it without adapters).
   ExpertFfnConfig ffn_config() const {
@@ -195,7 +202,9 @@ class ExpertLora {
             .activation = config_.activation,
             .threading = config_.threading};
   }
+  // Whether the experts are gated (W3 and its adapter present).
   bool gated() const { return config_.kind == FfnKind::kGated; }
+  // s, the factor of every adapter's update: alpha / R or alpha / sqrt(R).
   float scale() const { return scale_; }
 
   // Trainable parameters of the adapters on all E experts (all three

@@ -39,6 +39,8 @@
 #define MOEKIT_DETAIL_X86 1
 #include <cpuid.h>
 #else
+// 1 where cpuid and xgetbv can be asked (x86 with GCC or Clang), else 0:
+// only the generic path then.
 #define MOEKIT_DETAIL_X86 0
 #endif
 #if MOEKIT_DETAIL_X86 && defined(__linux__)
@@ -65,8 +67,10 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
+// A kernel path, ordered from the narrowest (see the top of this file).
 enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
+// The path's lower-case name, as MOEKIT_CPU_ISA spells it ("avx2").
 constexpr const char* isa_name(Isa isa) noexcept {
   switch (isa) {
     case Isa::kGeneric:
@@ -210,6 +214,7 @@ inline bool isa_available(Isa isa) { return isa <= cpu_features().best(); }
 inline Isa set_isa_limit(Isa limit) {
   return static_cast<Isa>(detail::isa_limit_slot().exchange(static_cast<int>(limit)));
 }
+// The cap set_isa_limit() set; Isa::kAmx (no cap) by default.
 inline Isa isa_limit() { return static_cast<Isa>(detail::isa_limit_slot().load()); }
 
 // The path the CPU kernels take now: the widest available one under both
@@ -224,6 +229,7 @@ inline Isa active_isa() {
 // Caps the path for the lifetime of a scope: IsaLimit scope(Isa::kAvx2);
 class IsaLimit {
  public:
+  // Caps the path at `limit` until the destructor restores the previous cap.
   explicit IsaLimit(Isa limit) : previous_(set_isa_limit(limit)) {}
   ~IsaLimit() { set_isa_limit(previous_); }
   IsaLimit(const IsaLimit&) = delete;

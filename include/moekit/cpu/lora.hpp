@@ -135,6 +135,7 @@ using ::moekit::LoraInitConfig;
 using ::moekit::LoraRows;
 using ::moekit::LoraStep;
 
+// What forward and backward read (shapes in the layout at the top).
 struct LoraWeights {
   MatrixView<const float> w{};     // frozen base weight (LoraBank: may be empty)
   VectorView<const float> bias{};  // frozen base bias, d_out, or empty
@@ -506,10 +507,13 @@ void lora_init_block(MatrixView<float> a, MatrixView<float> b, const LoraInitCon
 
 // ---- one adapter on a frozen linear layer ------------------------------------
 
+// One rank-R adapter on a frozen linear layer: y = x w^T + bias + s h b^T.
+// Holds only the configuration and s; weights, activations and workspace
+// are caller memory.
 template <LoraSpecType S>
 class LoraLinear {
  public:
-  static constexpr int kRank = S::rank;
+  static constexpr int kRank = S::rank;  // R
 
   // Rejects a configuration it cannot run (naming the field and value).
   explicit LoraLinear(const LoraConfig& config) : config_(config) {
@@ -517,7 +521,9 @@ class LoraLinear {
     scale_ = lora_scale(config.alpha, kRank, config.rslora);
   }
 
+  // The configuration, as constructed.
   const LoraConfig& config() const { return config_; }
+  // s: alpha / R, or alpha / sqrt(R) with rsLoRA.
   float scale() const { return scale_; }
 
   // Bytes of workspace forward and backward need for n rows: h, dh (and
@@ -715,15 +721,19 @@ class LoraLinear {
 template <LoraSpecType S>
 class LoraBank {
  public:
-  static constexpr int kRank = S::rank;
+  static constexpr int kRank = S::rank;  // R, the same for every adapter
 
+  // Rejects a configuration it cannot run (naming the field and value).
   explicit LoraBank(const LoraBankConfig& config) : config_(config) {
     check_lora_config(config);
     scale_ = lora_scale(config.alpha, kRank, config.rslora);
   }
 
+  // The configuration, as constructed.
   const LoraBankConfig& config() const { return config_; }
+  // s, shared by every adapter: alpha / R, or alpha / sqrt(R) with rsLoRA.
   float scale() const { return scale_; }
+  // N, the adapters in the bank; row ids lie in [-1, N).
   index_t num_adapters() const { return config_.num_adapters; }
 
   // Rows per chunk (h and dh of a chunk, and its masked copies under
@@ -980,11 +990,14 @@ class LoraBank {
     check_merge(adapter, w, a, b, "cpu::LoraBank::merge");
     detail::lora_apply_delta<kRank>(w, a_of(a, adapter), b_of(b, adapter), scale_, false);
   }
+  // Adapter i taken out of w again: undoes merge up to one rounding per element.
   void unmerge(index_t adapter, MatrixView<float> w, MatrixView<const float> a,
                MatrixView<const float> b) const {
     check_merge(adapter, w, a, b, "cpu::LoraBank::unmerge");
     detail::lora_apply_delta<kRank>(w, a_of(a, adapter), b_of(b, adapter), -scale_, false);
   }
+  // merge, but refuses (Errc::kNonFinite, w untouched) if any merged value
+  // would be NaN or infinite.
   void safe_merge(index_t adapter, MatrixView<float> w, MatrixView<const float> a,
                   MatrixView<const float> b) const {
     check_merge(adapter, w, a, b, "cpu::LoraBank::safe_merge");

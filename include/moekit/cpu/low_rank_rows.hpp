@@ -40,6 +40,8 @@
 #elif defined(__GNUC__)
 #define MOEKIT_UNROLL _Pragma("GCC unroll 64")
 #else
+// Asks the compiler to unroll the loop after it (a short loop over a
+// compile-time count); nothing where it has no such pragma.
 #define MOEKIT_UNROLL
 #endif
 
@@ -178,6 +180,7 @@ MOEKIT_FORCE_INLINE void block_coefs(const float* coef, index_t m0, float alpha,
 }  // namespace cpu::detail
 
 namespace cpu {
+// The kernels' file, which per_isa.hpp includes once per ISA namespace.
 #define MOEKIT_PER_ISA_FILE "moekit/cpu/detail/low_rank_rows-inl.hpp"
 #include "moekit/cpu/detail/per_isa.hpp"
 #undef MOEKIT_PER_ISA_FILE

@@ -13,6 +13,7 @@
 // work is large enough to pay for waking the threads).
 #define MOEKIT_PARALLEL_FOR_IF(cond) MOEKIT_DETAIL_PRAGMA(omp parallel for schedule(static) if(cond))
 #else
+// Without OpenMP the loop after it runs serially, with the same results.
 #define MOEKIT_PARALLEL_FOR_IF(cond)
 #endif
 
@@ -24,6 +25,7 @@ namespace cpu {
 // light loops (a few instructions per element: sums, one exp) need far more
 // elements than heavy ones (gating: softmax, top-k, weights) to gain.
 inline constexpr long kParallelGrain = 1L << 15;
+// The grain of light loops (sums, one exp per element).
 inline constexpr long kLightParallelGrain = 1L << 20;
 
 // OpenMP's thread queries, 1 / 0 / 1 / false without OpenMP.
@@ -35,6 +37,7 @@ inline int max_threads() {
 #endif
 }
 
+// The calling thread's number in the current parallel region, 0 outside one.
 inline int thread_id() {
 #if defined(_OPENMP)
   return omp_get_thread_num();
@@ -43,6 +46,7 @@ inline int thread_id() {
 #endif
 }
 
+// Threads in the current parallel region, 1 outside one.
 inline int num_threads() {
 #if defined(_OPENMP)
   return omp_get_num_threads();

@@ -68,6 +68,7 @@
 #define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_END _Pragma("GCC diagnostic pop")
 #else
 #define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_BEGIN
+// Restores the warnings ..._BEGIN silenced (empty where nothing was).
 #define MOEKIT_DETAIL_SILENCE_INTRINSIC_WARNINGS_END
 #endif
 
@@ -85,6 +86,7 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
+// Floats in one F32x16 on every path (one AVX-512 register, two AVX2 ones).
 inline constexpr int kF32x16Lanes = 16;
 
 namespace generic {
@@ -124,6 +126,7 @@ MOEKIT_FORCE_INLINE void store_partial(float* p, F32x16 v, int n) {
   for (int i = 0; i < n; ++i) p[i] = v.lane[i];
 }
 
+// Defines F32x16 name(a, b), lane i = expr of x = a's lane, y = b's lane.
 #define MOEKIT_DETAIL_LANEWISE(name, expr)              \
   MOEKIT_FORCE_INLINE F32x16 name(F32x16 a, F32x16 b) { \
     F32x16 r;                                           \
@@ -195,6 +198,7 @@ struct Mask16 {
   bool lane[16];
 };
 
+// Defines Mask16 name(a, b), lane i set where expr of a's and b's lanes holds.
 #define MOEKIT_DETAIL_COMPARE(name, expr)               \
   MOEKIT_FORCE_INLINE Mask16 name(F32x16 a, F32x16 b) { \
     Mask16 m;                                           \

@@ -33,6 +33,7 @@ namespace cpu {
 // subnormals there, so callers return their limits.
 inline constexpr float kNormalTailClamp = 14.5f;
 
+// The kernels' file, which per_isa.hpp includes once per ISA namespace.
 #define MOEKIT_PER_ISA_FILE "moekit/cpu/detail/vec_math-inl.hpp"
 #include "moekit/cpu/detail/per_isa.hpp"
 #undef MOEKIT_PER_ISA_FILE

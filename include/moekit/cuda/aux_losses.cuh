@@ -48,17 +48,18 @@ struct SwitchLossArgs {
   MatrixView<const T> logits;                  // T x E (only read for dlogits)
   MatrixView<const float> scores;              // T x E
   MatrixView<const std::int32_t> expert_ids;   // T x K
-  SwitchNormalization normalization = SwitchNormalization::kTokensTimesK;
-  float coeff = 1.0f;
+  SwitchNormalization normalization = SwitchNormalization::kTokensTimesK;  // f_e's N
+  float coeff = 1.0f;                   // dlogits += coeff * dL/dlogits; finite
   double* loss = nullptr;               // device scalar, required
   MatrixView<float> dlogits{};          // T x E or empty
   std::int64_t* invalid_ids = nullptr;  // device counter or null
 };
 
+// Arguments of z_loss(): the router z-loss of T tokens' logits.
 template <MoeSpecType S, LogitElement T = float>
 struct ZLossArgs {
-  MatrixView<const T> logits;  // T x E
-  float coeff = 1.0f;
+  MatrixView<const T> logits;   // T x E
+  float coeff = 1.0f;           // dlogits += coeff * dL/dlogits; finite
   double* loss = nullptr;       // device scalar, required
   MatrixView<float> dlogits{};  // T x E or empty
 };
@@ -73,12 +74,12 @@ struct ImportanceLoadArgs {
   MatrixView<const std::int32_t> expert_ids;   // T x K
   MatrixView<const float> weights;             // T x K
   MatrixView<const std::int32_t> positions{};  // T x K (-1 = dropped) or empty: all kept
-  float importance_weight = 1.0f;
-  float load_weight = 1.0f;
-  float coeff = 1.0f;
-  double* loss = nullptr;               // device scalar, required
-  MatrixView<float> dlogits{};          // T x E or empty
-  std::int64_t* invalid_ids = nullptr;  // device counter or null
+  float importance_weight = 1.0f;              // >= 0; 0 leaves the importance term out
+  float load_weight = 1.0f;                    // >= 0; 0 leaves the load term out
+  float coeff = 1.0f;                          // dlogits += coeff * dL/dlogits; finite
+  double* loss = nullptr;                      // device scalar, required
+  MatrixView<float> dlogits{};                 // T x E or empty
+  std::int64_t* invalid_ids = nullptr;         // device counter or null
 };
 
 namespace detail {

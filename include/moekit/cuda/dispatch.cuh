@@ -86,8 +86,8 @@ concept ActivationElement = LogitElement<T>;
 // What plan_dispatch() counted, written to DEVICE memory.
 template <MoeSpecType S>
 struct DispatchStats {
-  static constexpr int kExperts = S::num_experts;
-  std::int64_t capacity;            // C (T when dropless)
+  static constexpr int kExperts = S::num_experts;  // E, the length of the per-expert arrays
+  std::int64_t capacity;                           // C (T when dropless)
   std::int64_t rows;                // offsets[E]: buffer rows in use, padding included
   std::int64_t dropped;             // assignments dropped by capacity
   std::int64_t assigned[kExperts];  // per expert, before capacity (valid ids only)
@@ -113,6 +113,7 @@ struct DispatchPlanArgs {
   DispatchStats<S>* stats = nullptr;          // device; null: none
   std::int64_t* invalid_ids = nullptr;        // device; ids outside [0, E) (reset by the call)
 
+  // The plan's outputs that dispatch() and combine_backward() read.
   DispatchMap dispatch_map() const {
     return {{row_slots.data(), row_slots.size()}, offsets.data() + S::num_experts};
   }

@@ -51,9 +51,10 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace gpu {
 
+// The arguments of distillation_loss, device memory unless noted.
 template <ActivationElement T>
 struct DistillationArgs {
-  DistillationConfig config{};
+  DistillationConfig config{};              // temperature and alpha (host value)
   MatrixView<const T> student{};            // n x C
   MatrixView<const T> teacher{};            // n x C
   VectorView<const std::int32_t> labels{};  // n, or empty when config.alpha = 1
@@ -131,6 +132,9 @@ __global__ void distillation_finalize_kernel(const double* partial, int blocks, 
 
 }  // namespace detail
 
+// Writes the batch's DistillationLoss to args.loss and, unless
+// args.dstudent is empty, dL/ds to it; a null d_temp_storage only writes
+// the workspace bytes to temp_storage_bytes (conventions at the top).
 template <ActivationElement T>
 cudaError_t distillation_loss(void* d_temp_storage, std::size_t& temp_storage_bytes,
                               const DistillationArgs<T>& args, cudaStream_t stream = nullptr) {

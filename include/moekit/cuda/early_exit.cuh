@@ -223,6 +223,9 @@ __global__ void exit_total_kernel(const double* weighted, int exits, double weig
 
 }  // namespace detail
 
+// Early exit on device data (cpu::EarlyExit's rules and results): at each
+// exit the live rows that pass leave with their prediction and the rest are
+// compacted. Holds only the configuration.
 class EarlyExit {
  public:
   // Rejects criteria that cannot be meant (as cpu::EarlyExit).
@@ -230,6 +233,7 @@ class EarlyExit {
     check_early_exit_config(config);
   }
 
+  // The configuration, as constructed.
   const EarlyExitConfig& config() const { return config_; }
 
   // Starts a batch of n samples: every sample live, in order; results.exit

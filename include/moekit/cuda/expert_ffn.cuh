@@ -58,11 +58,12 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace gpu {
 
+// The experts' shape and nonlinearity (as cpu::ExpertFfnConfig).
 struct ExpertFfnConfig {
-  index_t d_model = 0;
-  index_t d_ff = 0;  // width of one expert
-  FfnKind kind = FfnKind::kPlain;
-  Activation activation = Activation::kGeluTanh;
+  index_t d_model = 0;                            // d, token width, >= 1
+  index_t d_ff = 0;                               // width of one expert, >= 1
+  FfnKind kind = FfnKind::kPlain;                 // kGated adds W3: h = act(a) * X W3^T
+  Activation activation = Activation::kGeluTanh;  // act
 };
 
 // The weights of all E experts, device memory (layout at the top).
@@ -79,10 +80,10 @@ struct ExpertWeights {
 // T in between). An empty view is frozen.
 template <class G>
 struct ExpertGrads {
-  MatrixView<G> dw1{};
-  MatrixView<G> dw3{};
-  MatrixView<G> dw2{};
-  bool accumulate = false;
+  MatrixView<G> dw1{};      // (E d_ff) x d
+  MatrixView<G> dw3{};      // (E d_ff) x d, kGated only
+  MatrixView<G> dw2{};      // (E d) x d_ff
+  bool accumulate = false;  // add to the gradients instead of overwriting them
 };
 
 namespace detail {
@@ -242,11 +243,15 @@ class GroupedGemm {
 
 }  // namespace detail
 
+// The E expert FFNs of a MoE layer over the expert-major buffer (math and
+// layout at the top), on cuBLAS grouped GEMMs. Holds only the configuration;
+// weights, buffers and workspace are caller memory.
 template <MoeSpecType S, ActivationElement T>
 class ExpertFfn {
  public:
-  static constexpr int kExperts = S::num_experts;
+  static constexpr int kExperts = S::num_experts;  // E
 
+  // Rejects a configuration it cannot run (naming the field and value).
   explicit ExpertFfn(const ExpertFfnConfig& config) : config_(config) {
     MOEKIT_CHECK_ARG(config.d_model >= 1, "d_model = ", config.d_model, " is not positive");
     MOEKIT_CHECK_ARG(config.d_ff >= 1, "d_ff = ", config.d_ff, " is not positive");
@@ -258,7 +263,9 @@ class ExpertFfn {
         "activation = ", static_cast<int>(config.activation), " is not an Activation");
   }
 
+  // The configuration, as constructed.
   const ExpertFfnConfig& config() const { return config_; }
+  // Whether the experts are gated (W3 present).
   bool gated() const { return config_.kind == FfnKind::kGated; }
 
   // Bytes of device workspace for an N-row buffer: two N x d_ff matrices of

@@ -1008,14 +1008,17 @@ class LoraLayer {
 template <LoraSpecType S, ActivationElement T>
 class LoraLinear {
  public:
-  static constexpr int kRank = S::rank;
+  static constexpr int kRank = S::rank;  // R
 
+  // Rejects a configuration it cannot run (naming the field and value).
   explicit LoraLinear(const LoraConfig& config)
       : config_((check_lora_config(config), config)),
         layer_(config.d_in, config.d_out, 1, config.alpha, config.rslora, config.dropout,
                config.dropout_stream) {}
 
+  // The configuration, as constructed.
   const LoraConfig& config() const { return config_; }
+  // s: alpha / R, or alpha / sqrt(R) with rsLoRA.
   float scale() const { return layer_.scale(); }
 
   // Device bytes forward and backward need for `rows` rows (256-byte aligned).
@@ -1059,13 +1062,15 @@ class LoraLinear {
              cudaStream_t stream = nullptr) const {
     layer_.merge("gpu::LoraLinear::merge", 0, w, a, b, 1.0f, false, nullptr, 0, stream);
   }
+  // w -= s b a: undoes merge up to one rounding per element.
   void unmerge(MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b,
                cudaStream_t stream = nullptr) const {
     layer_.merge("gpu::LoraLinear::unmerge", 0, w, a, b, -1.0f, false, nullptr, 0, stream);
   }
+  // Device bytes of workspace safe_merge needs.
+  static std::size_t merge_workspace_size() { return Layer::merge_workspace_size(); }
   // merge, refusing (Errc::kNonFinite, w unchanged) if a merged value would
   // not be finite in T; synchronises `stream` once to learn that.
-  static std::size_t merge_workspace_size() { return Layer::merge_workspace_size(); }
   void safe_merge(MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b, void* workspace,
                   std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
     layer_.merge("gpu::LoraLinear::safe_merge", 0, w, a, b, 1.0f, true, workspace, workspace_bytes,
@@ -1090,15 +1095,19 @@ class LoraLinear {
 template <LoraSpecType S, ActivationElement T>
 class LoraBank {
  public:
-  static constexpr int kRank = S::rank;
+  static constexpr int kRank = S::rank;  // R, the same for every adapter
 
+  // Rejects a configuration it cannot run (naming the field and value).
   explicit LoraBank(const LoraBankConfig& config)
       : config_((check_lora_config(config), config)),
         layer_(config.d_in, config.d_out, config.num_adapters, config.alpha, config.rslora,
                config.dropout, config.dropout_stream) {}
 
+  // The configuration, as constructed.
   const LoraBankConfig& config() const { return config_; }
+  // s, shared by every adapter: alpha / R, or alpha / sqrt(R) with rsLoRA.
   float scale() const { return layer_.scale(); }
+  // N, the adapters in the bank; row ids lie in [-1, N).
   index_t num_adapters() const { return config_.num_adapters; }
 
   // Device bytes group() needs for n rows (keys, values and CUB's sort).
@@ -1162,13 +1171,14 @@ class LoraBank {
   // Device bytes forward and backward need for `rows` rows (256-byte aligned).
   std::size_t workspace_size(index_t rows) const { return layer_.workspace_size(rows); }
 
-  // Every adapter's a = the CPU's init values (rounded to T), b = 0; or one
-  // adapter's (the values the whole-bank init gives it).
+  // Every adapter's a = the CPU's init values (rounded to T), b = 0.
   void init(MatrixView<T> a, MatrixView<T> b, const LoraInitConfig& init_config,
             cudaStream_t stream = nullptr) const {
     layer_.check_adapters(a, b, "a", "b");
     layer_.init("gpu::LoraBank::init", a, b, init_config, 0, stream);
   }
+  // Adapter `adapter`'s a and b only (a, b: the whole bank), with the values
+  // the whole-bank init gives it.
   void init_adapter(index_t adapter, MatrixView<T> a, MatrixView<T> b,
                     const LoraInitConfig& init_config, cudaStream_t stream = nullptr) const {
     layer_.check_adapters(a, b, "a", "b");
@@ -1212,11 +1222,15 @@ class LoraBank {
              cudaStream_t stream = nullptr) const {
     layer_.merge("gpu::LoraBank::merge", adapter, w, a, b, 1.0f, false, nullptr, 0, stream);
   }
+  // Adapter `adapter` taken out of w again: undoes merge up to one rounding.
   void unmerge(index_t adapter, MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b,
                cudaStream_t stream = nullptr) const {
     layer_.merge("gpu::LoraBank::unmerge", adapter, w, a, b, -1.0f, false, nullptr, 0, stream);
   }
+  // Device bytes of workspace safe_merge needs.
   static std::size_t merge_workspace_size() { return Layer::merge_workspace_size(); }
+  // merge, refusing (Errc::kNonFinite, w unchanged) if a merged value would
+  // not be finite in T; synchronises `stream` once to learn that.
   void safe_merge(index_t adapter, MatrixView<T> w, MatrixView<const T> a, MatrixView<const T> b,
                   void* workspace, std::size_t workspace_bytes,
                   cudaStream_t stream = nullptr) const {

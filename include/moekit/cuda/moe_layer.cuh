@@ -123,25 +123,25 @@ namespace gpu {
 
 // cpu::RouterConfig: same fields, names and order.
 struct MoeRouterConfig {
-  GatingConfig gating{};
-  NoiseConfig noise{};  // training noise, as on the CPU (header)
-  CapacityConfig capacity{};
-  NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;
+  GatingConfig gating{};      // rule, renormalisation, groups
+  NoiseConfig noise{};        // training noise, as on the CPU (header)
+  CapacityConfig capacity{};  // expert capacity; dropless by default
+  NonFinitePolicy non_finite = NonFinitePolicy::kSanitize;  // what a NaN / inf logit does
 };
 
 // cpu::MoeLayerConfig without threading; same names and order, so designated
 // initialisers written for one compile for the other.
 struct MoeLayerConfig {
-  index_t d_model = 0;
-  index_t d_ff = 0;  // width of one routed expert
-  FfnKind kind = FfnKind::kPlain;
-  Activation activation = Activation::kGeluTanh;
-  MoeRouterConfig router{};
-  int num_shared = 0;         // shared experts, run on every token
-  index_t d_ff_shared = 0;    // width of one shared expert; 0 = d_ff
-  float switch_coeff = 0.0f;  // Switch balance loss coefficient; 0 = off
-  float z_coeff = 0.0f;       // router z-loss coefficient; 0 = off
-  SwitchLossOptions switch_options{};
+  index_t d_model = 0;                            // d, token width, >= 1
+  index_t d_ff = 0;                               // width of one routed expert
+  FfnKind kind = FfnKind::kPlain;                 // kGated: every expert has W3
+  Activation activation = Activation::kGeluTanh;  // the experts' nonlinearity
+  MoeRouterConfig router{};                       // gating, noise, capacity
+  int num_shared = 0;                             // shared experts, run on every token
+  index_t d_ff_shared = 0;                        // width of one shared expert; 0 = d_ff
+  float switch_coeff = 0.0f;                      // Switch balance loss coefficient; 0 = off
+  float z_coeff = 0.0f;                           // router z-loss coefficient; 0 = off
+  SwitchLossOptions switch_options{};             // the Switch loss's normalisation
 };
 
 // Parameters, device memory. Routed experts in gpu::ExpertWeights' layout
@@ -152,18 +152,22 @@ struct MoeLayerParams {
   MatrixView<const T> w_gate{};              // E x d
   VectorView<const float> gate_bias{};       // E, or empty
   VectorView<const float> selection_bias{};  // E, or empty (update_expert_bias's bias)
-  ExpertWeights<T> experts{};
-  ExpertWeights<T> shared{};
+  ExpertWeights<T> experts{};                // the E routed experts, width d_ff
+  ExpertWeights<T> shared{};                 // the num_shared shared experts, width d_ff_shared
 };
 
 // Gradient outputs, device memory; an empty view is frozen.
 template <ActivationElement T>
 struct MoeLayerGrads {
-  MatrixView<T> dw_gate{};            // E x d
-  VectorView<float> dgate_bias{};     // E; must be empty when params.gate_bias is
-  MatrixView<T> dw1{}, dw3{}, dw2{};  // routed experts
-  MatrixView<T> shared_dw1{}, shared_dw3{}, shared_dw2{};  // shared experts
-  bool accumulate = false;  // add to every output (dx too) instead of overwriting
+  MatrixView<T> dw_gate{};         // E x d
+  VectorView<float> dgate_bias{};  // E; must be empty when params.gate_bias is
+  MatrixView<T> dw1{};             // routed experts: as params.experts.w1
+  MatrixView<T> dw3{};             // as params.experts.w3 (kGated only)
+  MatrixView<T> dw2{};             // as params.experts.w2
+  MatrixView<T> shared_dw1{};      // shared experts: as params.shared.w1
+  MatrixView<T> shared_dw3{};      // as params.shared.w3 (kGated only)
+  MatrixView<T> shared_dw2{};      // as params.shared.w2
+  bool accumulate = false;         // add to every output (dx too) instead of overwriting
 };
 
 // What forward saves for backward. Capacity T_max = routing.logits.rows();
@@ -193,10 +197,10 @@ struct MoeLayerStats {
 // handle (put on `stream` by the call where it is on another one, which
 // drops a cublasSetWorkspace workspace: set the stream first) and stream.
 struct MoeLayerWorkspace {
-  void* data = nullptr;  // device, 256-byte aligned
-  std::size_t bytes = 0;
-  cublasHandle_t handle = nullptr;
-  cudaStream_t stream = nullptr;
+  void* data = nullptr;             // device, 256-byte aligned
+  std::size_t bytes = 0;            // size of data, at least MoeLayer::workspace_size
+  cublasHandle_t handle = nullptr;  // the caller's cuBLAS handle, required
+  cudaStream_t stream = nullptr;    // the stream every kernel and copy goes to
 };
 
 namespace detail {
@@ -287,19 +291,23 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace detail
 
+// A sparse MoE layer on the CUDA backend: router, dispatch, routed and
+// shared expert FFNs and combine, forward and backward, with the aux losses.
+// Holds only the configuration; every buffer is caller device memory
+// (MoeLayerStorage allocates them for a capacity).
 template <MoeSpecType S, ActivationElement T>
 class MoeLayer {
  public:
-  static constexpr int kExperts = S::num_experts;
-  static constexpr int kTopK = S::top_k;
+  static constexpr int kExperts = S::num_experts;  // E
+  static constexpr int kTopK = S::top_k;           // K
   // The types of this backend's arguments (moekit/core/backend.hpp).
   using Element = T;
-  using Config = MoeLayerConfig;
-  using Params = MoeLayerParams<T>;
-  using Grads = MoeLayerGrads<T>;
-  using State = MoeLayerState<T>;
-  using Stats = MoeLayerStats<S>;
-  using Workspace = MoeLayerWorkspace;
+  using Config = MoeLayerConfig;        // the configuration
+  using Params = MoeLayerParams<T>;     // weights, device memory
+  using Grads = MoeLayerGrads<T>;       // gradient outputs, device memory
+  using State = MoeLayerState<T>;       // what forward saves for backward
+  using Stats = MoeLayerStats<S>;       // forward's statistics, on the host
+  using Workspace = MoeLayerWorkspace;  // device workspace, cuBLAS handle, stream
 
   // Rejects a configuration the layer cannot run (naming the field and value).
   explicit MoeLayer(const MoeLayerConfig& config)
@@ -308,8 +316,11 @@ class MoeLayer {
         shared_ffn_(ExpertFfnConfig{config.d_model, shared_width(config), config.kind,
                                     config.activation}) {}
 
+  // The configuration, as constructed.
   const MoeLayerConfig& config() const { return config_; }
+  // Whether the experts are gated (W3 present).
   bool gated() const { return config_.kind == FfnKind::kGated; }
+  // The shared experts' width: config.d_ff_shared, or d_ff when that is 0.
   index_t d_ff_shared() const { return shared_width(config_); }
   // Slots per expert for a batch of `tokens` (tokens when dropless).
   index_t capacity(index_t tokens) const {
@@ -322,6 +333,7 @@ class MoeLayer {
     return max_dispatch_rows<S>(tokens, config_.router.capacity, 1);
   }
 
+  // The minimum rows of State's buffers for a capacity of `tokens` tokens.
   MoeLayerStateRows state_rows(index_t tokens) const {
     return {tokens, routed_rows(tokens), index_t{config_.num_shared} * tokens};
   }
@@ -913,6 +925,8 @@ class MoeLayer {
 template <MoeSpecType S, ActivationElement T>
 class MoeLayerStorage {
  public:
+  // Allocates the state and workspace `layer` needs for batches of up to
+  // max_tokens tokens; throws moekit::Error (kCudaError) if cudaMalloc fails.
   MoeLayerStorage(const MoeLayer<S, T>& layer, index_t max_tokens) {
     constexpr int E = S::num_experts, K = S::top_k;
     const MoeLayerConfig& c = layer.config();
@@ -970,7 +984,9 @@ class MoeLayerStorage {
     if (base_ != nullptr) (void)cudaFree(base_);
   }
 
+  // The state views, for forward and backward.
   const MoeLayerState<T>& state() const { return state_; }
+  // The workspace, run with the caller's cuBLAS handle on `stream`.
   MoeLayerWorkspace workspace(cublasHandle_t handle, cudaStream_t stream = nullptr) const {
     return {workspace_, workspace_bytes_, handle, stream};
   }
@@ -989,6 +1005,7 @@ class MoeLayerStorage {
 // with activations and weights of type T.
 template <gpu::ActivationElement T>
 struct CudaBackend {
+  // This backend's MoE layer for spec S.
   template <MoeSpecType S>
   using MoeLayer = gpu::MoeLayer<S, T>;
 };

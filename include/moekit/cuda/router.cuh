@@ -62,9 +62,9 @@ concept LogitElement =
 // before capacity (capacity and drops belong to dispatch).
 template <MoeSpecType S>
 struct RoutingStats {
-  static constexpr int kExperts = S::num_experts;
-  std::int64_t tokens;
-  std::int64_t non_finite_logits;
+  static constexpr int kExperts = S::num_experts;  // E, the length of assigned
+  std::int64_t tokens;                             // T, the batch's rows
+  std::int64_t non_finite_logits;      // NaN and +-inf logits counted (core/routing.hpp)
   std::int64_t max_assigned;           // the busiest expert's assignments
   double z_loss;                       // mean_t logsumexp(logits_t)^2 (cpu::z_loss's rule)
   std::int64_t assigned[kExperts];     // assignments per expert
@@ -103,11 +103,11 @@ template <MoeSpecType S, LogitElement T = float>
 struct RouteArgs {
   MatrixView<const T> logits;              // T x E
   VectorView<const float> selection_bias;  // E, or empty: none
-  GatingConfig gating{};
-  MatrixView<float> scores;             // T x E: p (softmax rules) or s (sigmoid)
-  MatrixView<std::int32_t> expert_ids;  // T x K, ordered by key, distinct per row
-  MatrixView<float> weights;            // T x K
-  RoutingStats<S>* stats = nullptr;     // device; null: no statistics
+  GatingConfig gating{};                   // the rule, checked on the host
+  MatrixView<float> scores;                // T x E: p (softmax rules) or s (sigmoid)
+  MatrixView<std::int32_t> expert_ids;     // T x K, ordered by key, distinct per row
+  MatrixView<float> weights;               // T x K
+  RoutingStats<S>* stats = nullptr;        // device; null: no statistics
 };
 
 // Arguments of backward_gate(): dlogits = (d weights / d logits)^T dweights.
@@ -117,9 +117,9 @@ struct GateBackwardArgs {
   MatrixView<const float> scores;             // T x E, what route() wrote
   MatrixView<const std::int32_t> expert_ids;  // T x K
   MatrixView<const float> dweights;           // T x K, 0 for dropped slots
-  GatingConfig gating{};
-  MatrixView<float> dlogits;             // T x E, overwritten
-  std::int64_t* invalid_rows = nullptr;  // device; rows with bad ids (they get 0)
+  GatingConfig gating{};                      // the rule route() used
+  MatrixView<float> dlogits;                  // T x E, overwritten
+  std::int64_t* invalid_rows = nullptr;       // device; rows with bad ids (they get 0)
 };
 
 namespace detail {

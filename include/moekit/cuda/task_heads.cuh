@@ -88,11 +88,12 @@ namespace gpu {
 // The most heads the GPU heads take (their tables are kernel arguments).
 inline constexpr int kMaxGpuHeads = 512;
 
+// The heads' shapes (as cpu::TaskHeadsConfig).
 template <HeadSpecType S>
 struct TaskHeadsConfig {
   index_t d_model = 0;                          // feature width d
   std::array<index_t, S::num_heads> classes{};  // C_h, each >= 1
-  bool bias = true;
+  bool bias = true;                             // whether the heads have a bias b
 };
 
 // All heads' parameters, device memory (layout at the top).
@@ -105,8 +106,8 @@ struct HeadWeights {
 // Gradient outputs of the parameters, device memory; an empty view is frozen.
 template <ActivationElement T>
 struct HeadGrads {
-  MatrixView<T> dw{};
-  VectorView<T> db{};
+  MatrixView<T> dw{};       // (sum C_h) x d, as weights.w
+  VectorView<T> db{};       // sum C_h; empty when config.bias is false
   bool accumulate = false;  // add to dw / db instead of overwriting them
 };
 
@@ -114,12 +115,12 @@ struct HeadGrads {
 // rows left out for a bad task id or label.
 template <HeadSpecType S>
 struct TaskLosses {
-  static constexpr int kHeads = S::num_heads;
-  double total;                // L, the combination
-  double loss[kHeads];         // L_h (0 without rows)
-  double accuracy[kHeads];     // acc_h (0 without rows)
-  std::int64_t count[kHeads];  // n_h
-  std::int64_t invalid_rows;   // rows with a task id or label out of range
+  static constexpr int kHeads = S::num_heads;  // H, the length of the per-head arrays
+  double total;                                // L, the combination
+  double loss[kHeads];                         // L_h (0 without rows)
+  double accuracy[kHeads];                     // acc_h (0 without rows)
+  std::int64_t count[kHeads];                  // n_h
+  std::int64_t invalid_rows;                   // rows with a task id or label out of range
 };
 
 namespace detail {
@@ -451,10 +452,12 @@ __global__ void __launch_bounds__(kHeadThreads)
 
 }  // namespace detail
 
+// H linear classification heads over a shared feature on device data (the
+// math at the top). Holds the configuration and the class table only.
 template <HeadSpecType S, ActivationElement T>
 class TaskHeads {
  public:
-  static constexpr int kHeads = S::num_heads;
+  static constexpr int kHeads = S::num_heads;  // H
   static_assert(kHeads <= kMaxGpuHeads, "gpu::TaskHeads takes at most kMaxGpuHeads heads");
 
   // Rejects a configuration it cannot run (naming the field, head and value).
@@ -471,12 +474,19 @@ class TaskHeads {
     }
   }
 
+  // The configuration it was built with.
   const TaskHeadsConfig<S>& config() const { return config_; }
+  // d, the feature width.
   index_t d_model() const { return config_.d_model; }
+  // C_h, the classes of head h.
   index_t classes(int h) const { return config_.classes[h]; }
+  // First row of head h in w (and entry in b).
   index_t class_offset(int h) const { return table_.offset[h]; }
+  // Rows of w: sum_h C_h.
   index_t total_classes() const { return table_.offset[kHeads]; }
+  // Columns of the logits: max_h C_h.
   index_t max_classes() const { return max_classes_; }
+  // The parameters these heads hold (total, per-sample active, trainable).
   ParamCount params() const {
     return head_bank_params<S>(config_.d_model, config_.classes, config_.bias);
   }

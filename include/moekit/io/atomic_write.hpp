@@ -46,8 +46,10 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+// 1 where open(2), fsync(2) and rename(2) are available (internal switch).
 #define MOEKIT_DETAIL_POSIX_FILES 1
 #else
+// 0: no POSIX file calls here (internal switch).
 #define MOEKIT_DETAIL_POSIX_FILES 0
 #endif
 

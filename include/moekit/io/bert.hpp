@@ -184,6 +184,8 @@ inline cpu::BertEncoderConfig parse_bert_config(std::string_view text, const std
   return c;
 }
 
+// parse_bert_config on the text of the config.json at `path` (kIoError when
+// it cannot be opened).
 inline cpu::BertEncoderConfig read_bert_config(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
   MOEKIT_CHECK(in.good(), Errc::kIoError, "cannot open '", path.string(), "'");
@@ -205,6 +207,7 @@ inline std::vector<TensorSource> weight_sources(const cpu::BertEncoder& encoder,
   encoder.check_weights(params, "params");
   return detail::bert_tensors(encoder, params, prefix);
 }
+// The same names as writable targets into `dst` (for SafetensorsReader::load).
 inline std::vector<TensorTarget> weight_targets(const cpu::BertEncoder& encoder,
                                                 const cpu::BertEncoderViews<float>& dst,
                                                 std::string_view prefix) {
@@ -221,9 +224,9 @@ inline void load_bert_weights(const SafetensorsReader& file, const cpu::BertEnco
 
 // A model folder, loaded.
 struct BertModel {
-  cpu::BertEncoder encoder;
-  cpu::BertEncoderStorage weights;
-  text::WordPieceTokenizer tokenizer;
+  cpu::BertEncoder encoder;            // the layers, sized by config.json
+  cpu::BertEncoderStorage weights;     // their weights, from model.safetensors
+  text::WordPieceTokenizer tokenizer;  // from vocab.txt
 };
 
 // Reads config.json, model.safetensors and vocab.txt of `folder`. The

@@ -38,8 +38,10 @@ inline constexpr auto kCrc32cTables = [] {
 
 }  // namespace detail
 
+// Running CRC-32C: feed bytes in any number of update() calls, in order.
 class Crc32c {
  public:
+  // Adds `size` bytes at `data` (any alignment; size 0 is a no-op).
   void update(const void* data, std::size_t size) {
     const auto* p = static_cast<const unsigned char*>(data);
     const auto& t = detail::kCrc32cTables;
@@ -54,6 +56,7 @@ class Crc32c {
     for (; size > 0; --size, ++p) c = (c >> 8) ^ t[0][(c ^ *p) & 0xffu];
     state_ = c;
   }
+  // Adds the characters of `s` (no terminator).
   void update(std::string_view s) { update(s.data(), s.size()); }
   // Eight bytes, little-endian (lengths and integers in canonical encodings).
   void update_u64(std::uint64_t v) {
@@ -62,12 +65,14 @@ class Crc32c {
     update(b, 8);
   }
 
+  // The checksum of all bytes added so far (0 for none); does not reset.
   std::uint32_t value() const { return ~state_; }
 
  private:
   std::uint32_t state_ = 0xffffffffu;
 };
 
+// The CRC-32C of `size` bytes at `data`, in one call.
 inline std::uint32_t crc32c(const void* data, std::size_t size) {
   Crc32c c;
   c.update(data, size);

@@ -118,6 +118,8 @@ namespace io {
 // The dtypes moekit reads into float and writes from float.
 enum class Dtype { kF32, kF16, kBF16 };
 
+// The name the format uses for `dtype` ("F32", "F16", "BF16"; "?" for an
+// invalid value).
 constexpr const char* dtype_name(Dtype dtype) noexcept {
   switch (dtype) {
     case Dtype::kF32:
@@ -167,6 +169,7 @@ constexpr float f16_bits_to_float(std::uint16_t h) noexcept {
   return std::bit_cast<float>(sign | (e << 23) | ((mant & 0x3ffu) << 13));
 }
 
+// f as an IEEE binary16 bit pattern.
 constexpr std::uint16_t float_to_f16_bits(float f) noexcept {
   const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
   const auto sign = static_cast<std::uint16_t>((x >> 16) & 0x8000u);
@@ -190,10 +193,12 @@ constexpr std::uint16_t float_to_f16_bits(float f) noexcept {
   return static_cast<std::uint16_t>(sign | q);
 }
 
+// The float a bfloat16 bit pattern stands for (exact: its top 16 bits).
 constexpr float bf16_bits_to_float(std::uint16_t b) noexcept {
   return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
 }
 
+// f as a bfloat16 bit pattern.
 constexpr std::uint16_t float_to_bf16_bits(float f) noexcept {
   std::uint32_t x = std::bit_cast<std::uint32_t>(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x0040u);
@@ -203,8 +208,10 @@ constexpr std::uint16_t float_to_bf16_bits(float f) noexcept {
 
 // ---- shapes and named views ------------------------------------------------------------------
 
+// A tensor's dimensions, outermost first (int64, as in the file's header).
 using Shape = std::vector<std::int64_t>;
 
+// "[d0, d1, ...]" ("[]" for a scalar), for messages.
 inline std::string shape_string(std::span<const std::int64_t> shape) {
   std::string s = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) {
@@ -220,11 +227,13 @@ inline std::string shape_string(std::span<const std::int64_t> shape) {
 // TensorSource: what SafetensorsWriter writes.
 template <class T>
 struct NamedTensor {
-  std::string name;
-  Shape shape;
-  MatrixView<T> view;
+  std::string name;    // the tensor's name in the file
+  Shape shape;         // its shape in the file
+  MatrixView<T> view;  // its elements in memory (not owned)
 };
+// A destination of SafetensorsReader::load: a writable view.
 using TensorTarget = NamedTensor<float>;
+// A tensor for SafetensorsWriter: a read-only view.
 using TensorSource = NamedTensor<const float>;
 
 // A vector as the 1 x n matrix NamedTensor takes.
@@ -235,11 +244,11 @@ MatrixView<T> as_row(VectorView<T> v) {
 
 // The tensor in a file, as the header describes it.
 struct TensorInfo {
-  std::string name;
-  std::string dtype;  // as written in the file ("F32", "I64", ...)
-  Shape shape;
+  std::string name;         // the key in the header
+  std::string dtype;        // as written in the file ("F32", "I64", ...)
+  Shape shape;              // as written in the file
   std::uint64_t begin = 0;  // data_offsets, relative to the data buffer
-  std::uint64_t end = 0;
+  std::uint64_t end = 0;    // one past the last byte (end - begin = byte size)
 };
 
 namespace detail {
@@ -501,6 +510,7 @@ inline constexpr std::size_t kMaxRank = 64;
 // The metadata entry holding the checksum of the files moekit writes.
 inline constexpr std::string_view kChecksumKey = "moekit.checksum";
 
+// What SafetensorsReader checks at open.
 struct SafetensorsReadOptions {
   // Verify the checksum of a file that carries one (every file moekit
   // writes; files without the entry load as before). false reads a file
@@ -856,7 +866,9 @@ class SafetensorsReader {
     return SafetensorsReader(std::move(bytes), std::move(source), options);
   }
 
+  // Movable (the file stays open in the new owner), not copyable.
   SafetensorsReader(SafetensorsReader&&) noexcept = default;
+  // Move assignment: closes this reader's file and takes the other's.
   SafetensorsReader& operator=(SafetensorsReader&&) noexcept = default;
 
   // The path (or source name) given at open.
@@ -874,6 +886,7 @@ class SafetensorsReader {
     for (const auto& [name, info] : tensors_) out.push_back(name);
     return out;
   }
+  // Whether the file has a tensor `name` (any dtype).
   bool contains(std::string_view name) const { return tensors_.find(name) != tensors_.end(); }
 
   // The entry of `name`; kFormatError if the file has no such tensor.
@@ -1055,6 +1068,8 @@ inline void load_tensors(const SafetensorsReader& file, std::span<const TensorTa
 
 // ---- writer ---------------------------------------------------------------------------------
 
+// Collects named float views, then writes them as one safetensors file (see
+// the top of this file).
 class SafetensorsWriter {
  public:
   // Adds a tensor of `shape` whose elements are data's, row by row. The view
@@ -1104,6 +1119,7 @@ class SafetensorsWriter {
     metadata_[std::move(key)] = std::move(value);
   }
 
+  // Number of tensors added so far.
   index_t size() const { return static_cast<index_t>(entries_.size()); }
 
   // The whole file, in memory.

@@ -77,35 +77,43 @@ namespace io {
 
 // ---- mutable parameter views (load destinations) ------------------------------------------
 
+// Writable cpu::ExpertWeights: where experts' matrices are loaded to.
 struct MutableExpertWeights {
   MatrixView<float> w1{};  // (E d_ff) x d
   MatrixView<float> w3{};  // (E d_ff) x d, kGated only
   MatrixView<float> w2{};  // (E d) x d_ff
+  // The same memory, read-only (to run the experts on what was loaded).
   operator cpu::ExpertWeights() const { return {w1, w3, w2}; }
 };
 
+// Writable cpu::MoeLayerParams: where an MoeLayer's tensors are loaded to.
 struct MutableMoeLayerParams {
   MatrixView<float> w_gate{};          // E x d
   VectorView<float> gate_bias{};       // E, or empty
   VectorView<float> selection_bias{};  // E, or empty
-  MutableExpertWeights experts{};
-  MutableExpertWeights shared{};
+  MutableExpertWeights experts{};      // the E routed experts
+  MutableExpertWeights shared{};       // the shared experts, or all empty
+  // The same memory, read-only.
   operator cpu::MoeLayerParams() const {
     return {w_gate, gate_bias, selection_bias, experts, shared};
   }
 };
 
+// Writable cpu::LoraWeights (LoraLinear, LoraBank).
 struct MutableLoraWeights {
   MatrixView<float> w{};     // frozen base, d_out x d_in, or empty (not loaded)
   VectorView<float> bias{};  // d_out, or empty
-  MatrixView<float> a{};
-  MatrixView<float> b{};
+  MatrixView<float> a{};     // down-projection(s): R x d_in per adapter, stacked
+  MatrixView<float> b{};     // up-projection(s): d_out x R per adapter, stacked
+  // The same memory, read-only.
   operator cpu::LoraWeights() const { return {w, bias, a, b}; }
 };
 
+// Writable cpu::HeadWeights: every head's rows, stacked in head order.
 struct MutableHeadWeights {
   MatrixView<float> w{};  // (sum C_h) x d
   VectorView<float> b{};  // sum C_h; empty when config.bias is false
+  // The same memory, read-only.
   operator cpu::HeadWeights() const { return {w, b}; }
 };
 
@@ -116,11 +124,15 @@ struct MutableHeadWeights {
 // pattern means the format has no such tensor: a layer that needs it is
 // refused (kInvalidArgument, naming the field).
 struct MoeLayerNames {
-  std::string gate_weight;
-  std::string gate_bias;
-  std::string selection_bias;
-  std::string expert_w1, expert_w3, expert_w2;
-  std::string shared_w1, shared_w3, shared_w2;
+  std::string gate_weight;     // router weight, [E, d]
+  std::string gate_bias;       // router bias, [E]
+  std::string selection_bias;  // bias used only to select experts, [E]
+  std::string expert_w1;       // routed expert {e}: w1 (gate proj), [d_ff, d]
+  std::string expert_w3;       // routed expert {e}: w3 (up proj, kGated only), [d_ff, d]
+  std::string expert_w2;       // routed expert {e}: w2 (down proj), [d, d_ff]
+  std::string shared_w1;       // shared expert {i}: w1, [d_ff_shared, d]
+  std::string shared_w3;       // shared expert {i}: w3 (kGated only), [d_ff_shared, d]
+  std::string shared_w2;       // shared expert {i}: w2, [d, d_ff_shared]
 };
 
 // moekit's scheme (the table at the top of this file) under `prefix`.
@@ -362,6 +374,8 @@ std::vector<NamedTensor<T>> head_tensors(const cpu::TaskHeads<S>& heads, MatrixV
 
 // ---- MoeLayer ---------------------------------------------------------------------------------
 
+// The layer's tensors under `names`, as views of `params` (checked against
+// the layer's config first).
 template <MoeSpecType S>
 std::vector<TensorSource> weight_sources(const cpu::MoeLayer<S>& layer,
                                          const cpu::MoeLayerParams& params,
@@ -371,6 +385,7 @@ std::vector<TensorSource> weight_sources(const cpu::MoeLayer<S>& layer,
       {params.experts.w1, params.experts.w3, params.experts.w2},
       {params.shared.w1, params.shared.w3, params.shared.w2}, names, "params");
 }
+// The layer's tensors under `names`, as targets in `dst` (checked first).
 template <MoeSpecType S>
 std::vector<TensorTarget> weight_targets(const cpu::MoeLayer<S>& layer,
                                          const MutableMoeLayerParams& dst,
@@ -380,12 +395,14 @@ std::vector<TensorTarget> weight_targets(const cpu::MoeLayer<S>& layer,
                                              {dst.shared.w1, dst.shared.w3, dst.shared.w2}, names,
                                              "dst");
 }
+// The layer's tensors under moekit's names with `prefix` (moe_layer_names).
 template <MoeSpecType S>
 std::vector<TensorSource> weight_sources(const cpu::MoeLayer<S>& layer,
                                          const cpu::MoeLayerParams& params,
                                          std::string_view prefix) {
   return weight_sources(layer, params, moe_layer_names(prefix));
 }
+// Targets in `dst` under moekit's names with `prefix` (moe_layer_names).
 template <MoeSpecType S>
 std::vector<TensorTarget> weight_targets(const cpu::MoeLayer<S>& layer,
                                          const MutableMoeLayerParams& dst,
@@ -395,6 +412,7 @@ std::vector<TensorTarget> weight_targets(const cpu::MoeLayer<S>& layer,
 
 // ---- ExpertFfn --------------------------------------------------------------------------------
 
+// The E experts' matrices as prefix {e}.w1/w3/w2.weight, views of `params`.
 template <MoeSpecType S>
 std::vector<TensorSource> weight_sources(const cpu::ExpertFfn<S>& ffn,
                                          const cpu::ExpertWeights& params,
@@ -407,6 +425,7 @@ std::vector<TensorSource> weight_sources(const cpu::ExpertFfn<S>& ffn,
                                       "{e}", "params");
   return out;
 }
+// The E experts' matrices as targets in `dst` (names as weight_sources).
 template <MoeSpecType S>
 std::vector<TensorTarget> weight_targets(const cpu::ExpertFfn<S>& ffn,
                                          const MutableExpertWeights& dst, std::string_view prefix) {
@@ -420,6 +439,8 @@ std::vector<TensorTarget> weight_targets(const cpu::ExpertFfn<S>& ffn,
 
 // ---- LoraLinear, LoraBank ---------------------------------------------------------------------
 
+// The base (where params.w / params.bias are given) and the adapter's
+// lora_A / lora_B under `prefix`, views of `params`.
 template <LoraSpecType L>
 std::vector<TensorSource> weight_sources(const cpu::LoraLinear<L>& lora,
                                          const cpu::LoraWeights& params, std::string_view prefix) {
@@ -432,6 +453,8 @@ std::vector<TensorSource> weight_sources(const cpu::LoraLinear<L>& lora,
       "params.a", "params.b");
   return out;
 }
+// The same tensors as targets in `dst` (the base only where dst.w / dst.bias
+// are given).
 template <LoraSpecType L>
 std::vector<TensorTarget> weight_targets(const cpu::LoraLinear<L>& lora,
                                          const MutableLoraWeights& dst, std::string_view prefix) {
@@ -445,6 +468,8 @@ std::vector<TensorTarget> weight_targets(const cpu::LoraLinear<L>& lora,
   return out;
 }
 
+// The base (if given) and every adapter i as prefix adapters.{i}.lora_A /
+// lora_B, views of `params`.
 template <LoraSpecType L>
 std::vector<TensorSource> weight_sources(const cpu::LoraBank<L>& bank,
                                          const cpu::LoraWeights& params, std::string_view prefix) {
@@ -457,6 +482,7 @@ std::vector<TensorSource> weight_sources(const cpu::LoraBank<L>& bank,
       [&](index_t i) { return p + "adapters." + std::to_string(i) + "."; }, "params.a", "params.b");
   return out;
 }
+// The same tensors as targets in `dst`.
 template <LoraSpecType L>
 std::vector<TensorTarget> weight_targets(const cpu::LoraBank<L>& bank,
                                          const MutableLoraWeights& dst, std::string_view prefix) {
@@ -472,12 +498,15 @@ std::vector<TensorTarget> weight_targets(const cpu::LoraBank<L>& bank,
 
 // ---- ExpertLora -------------------------------------------------------------------------------
 
+// Every expert's adapter pairs that exist, as prefix {e}.w1.lora_A.weight
+// and so on, views of `params`.
 template <MoeSpecType S, LoraSpecType L>
 std::vector<TensorSource> weight_sources(const cpu::ExpertLora<S, L>& lora,
                                          const cpu::ExpertAdapters<const float>& params,
                                          std::string_view prefix) {
   return detail::expert_lora_tensors(lora, params, prefix, "params");
 }
+// The same tensors as targets in `dst` (the same pairs must be given).
 template <MoeSpecType S, LoraSpecType L>
 std::vector<TensorTarget> weight_targets(const cpu::ExpertLora<S, L>& lora,
                                          const cpu::ExpertAdapters<float>& dst,
@@ -487,11 +516,14 @@ std::vector<TensorTarget> weight_targets(const cpu::ExpertLora<S, L>& lora,
 
 // ---- TaskHeads --------------------------------------------------------------------------------
 
+// Every head h as prefix {h}.weight (and {h}.bias with config.bias), views
+// of `params`.
 template <HeadSpecType S>
 std::vector<TensorSource> weight_sources(const cpu::TaskHeads<S>& heads,
                                          const cpu::HeadWeights& params, std::string_view prefix) {
   return detail::head_tensors(heads, params.w, params.b, prefix, "params");
 }
+// The same tensors as targets in `dst`.
 template <HeadSpecType S>
 std::vector<TensorTarget> weight_targets(const cpu::TaskHeads<S>& heads,
                                          const MutableHeadWeights& dst, std::string_view prefix) {

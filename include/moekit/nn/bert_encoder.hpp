@@ -130,6 +130,8 @@ enum class NormPlacement {
   kPre,   // x + sublayer(LN(x)), then an optional final LayerNorm
 };
 
+// The encoder's sizes and variant (Hugging Face's config.json names in
+// parentheses; moekit/io/bert.hpp reads them).
 struct BertEncoderConfig {
   index_t vocab_size = 0;       // V, rows of the word embeddings
   index_t d_model = 0;          // d (hidden_size)
@@ -139,24 +141,36 @@ struct BertEncoderConfig {
   index_t max_positions = 0;    // P (max_position_embeddings): the longest sequence
   index_t type_vocab_size = 0;  // T (type_vocab_size), 0 for no token type embeddings
   Activation activation = Activation::kGeluErf;  // kGeluErf, kGeluTanh or kRelu
-  NormPlacement norm = NormPlacement::kPost;
-  float layer_norm_eps = 1e-12f;
+  NormPlacement norm = NormPlacement::kPost;     // kPost: BERT; kPre: pre-LN layers
+  float layer_norm_eps = 1e-12f;                 // eps added to the variance in every LayerNorm
 };
 
+// The encoder's weights as views (shapes at the top of this file; layer l of
+// a stacked matrix is its rows [l r, (l + 1) r)). T = const float: read by
+// the encoder (BertEncoderWeights); T = float: written by a loader.
 template <class T>
 struct BertEncoderViews {
-  MatrixView<T> word_embeddings{};
-  MatrixView<T> position_embeddings{};
-  MatrixView<T> token_type_embeddings{};
-  VectorView<T> embedding_gamma{}, embedding_beta{};
-  MatrixView<T> w_qkv{}, b_qkv{};
-  MatrixView<T> w_out{}, b_out{};
-  MatrixView<T> ln1_gamma{}, ln1_beta{};
-  MatrixView<T> w_ff1{}, b_ff1{};
-  MatrixView<T> w_ff2{}, b_ff2{};
-  MatrixView<T> ln2_gamma{}, ln2_beta{};
-  VectorView<T> final_gamma{}, final_beta{};
+  MatrixView<T> word_embeddings{};        // V x d, row t: token id t
+  MatrixView<T> position_embeddings{};    // P x d, row i: position i
+  MatrixView<T> token_type_embeddings{};  // T x d, or 0 x d (no token types)
+  VectorView<T> embedding_gamma{};        // d, embedding LayerNorm scale
+  VectorView<T> embedding_beta{};         // d, embedding LayerNorm shift
+  MatrixView<T> w_qkv{};                  // (L 3d) x d: query, key, value rows per layer
+  MatrixView<T> b_qkv{};                  // L x 3d
+  MatrixView<T> w_out{};                  // (L d) x d, attention output projection
+  MatrixView<T> b_out{};                  // L x d
+  MatrixView<T> ln1_gamma{};              // L x d, LN_1 scale (after attention; pre-LN: before)
+  MatrixView<T> ln1_beta{};               // L x d, LN_1 shift
+  MatrixView<T> w_ff1{};                  // (L d_ff) x d, FFN first product
+  MatrixView<T> b_ff1{};                  // L x d_ff
+  MatrixView<T> w_ff2{};                  // (L d) x d_ff, FFN second product
+  MatrixView<T> b_ff2{};                  // L x d
+  MatrixView<T> ln2_gamma{};              // L x d, LN_2 scale (after the FFN; pre-LN: before)
+  MatrixView<T> ln2_beta{};               // L x d, LN_2 shift
+  VectorView<T> final_gamma{};            // d, final LayerNorm scale (pre-LN only), or empty
+  VectorView<T> final_beta{};             // d, final LayerNorm shift, or empty
 
+  // The same weights, read-only.
   operator BertEncoderViews<const T>() const requires(!std::is_const_v<T>) {
     return {word_embeddings,
             position_embeddings,
@@ -179,6 +193,7 @@ struct BertEncoderViews {
             final_beta};
   }
 };
+// The weights as BertEncoder reads them.
 using BertEncoderWeights = BertEncoderViews<const float>;
 
 // The projections' weights packed once for the GEMM engine in one dtype
@@ -340,12 +355,19 @@ inline index_t longest_sequence(VectorView<const index_t> offsets) {
   return m;
 }
 
+// The encoder's computation for one config; holds no weights (they are
+// passed to every call as BertEncoderWeights) and no mutable state.
 class BertEncoder {
  public:
+  // Checks the config (sizes in range, num_heads dividing d_model, a supported
+  // activation and norm, eps > 0); kInvalidArgument naming the field.
   explicit BertEncoder(const BertEncoderConfig& config) : config_(config) { validate(config); }
 
+  // The config given at construction.
   const BertEncoderConfig& config() const { return config_; }
+  // dh = d_model / num_heads, the width of one attention head.
   index_t head_dim() const { return config_.d_model / config_.num_heads; }
+  // Whether the layers are pre-LN (NormPlacement::kPre).
   bool pre_norm() const { return config_.norm == NormPlacement::kPre; }
 
   // Every parameter is frozen (final LayerNorm counted for pre-LN).
@@ -770,6 +792,7 @@ class BertEncoder {
 // moekit/io/bert.hpp's loader).
 class BertEncoderStorage {
  public:
+  // Allocates zeroed weights of c's shapes (c is validated as BertEncoder does).
   explicit BertEncoderStorage(const BertEncoderConfig& c) {
     const BertEncoder check(c);  // validates c
     const index_t d = c.d_model, f = c.d_ff, layers = c.num_layers;
@@ -796,10 +819,14 @@ class BertEncoderStorage {
   }
   BertEncoderStorage(const BertEncoderStorage&) = delete;
   BertEncoderStorage& operator=(const BertEncoderStorage&) = delete;
+  // Movable: the views keep pointing at the moved memory.
   BertEncoderStorage(BertEncoderStorage&&) = default;
+  // Move assignment: frees this storage's weights and takes the other's.
   BertEncoderStorage& operator=(BertEncoderStorage&&) = default;
 
+  // Writable views of the weights (to fill them, e.g. io::load_bert_weights).
   const BertEncoderViews<float>& views() { return views_; }
+  // Read-only views of the weights, for the encoder's calls.
   BertEncoderWeights weights() const { return views_; }
 
  private:

@@ -95,22 +95,26 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace cpu {
 
+// The model's sizes and hyperparameters; H fixes the number of branches.
 template <HeadSpecType H>
 struct MultitaskModelConfig {
-  MlpEncoderConfig encoder{};
-  MoeLayerConfig moe{};  // each MoE layer; moe.d_model must equal encoder.d_model
-  int num_moe_layers = 2;
-  float lora_alpha = 16.0f;  // LoRA scale s = alpha / R (alpha / sqrt(R) with rslora)
-  bool rslora = false;
-  float lora_dropout = 0.0f;
+  MlpEncoderConfig encoder{};  // the frozen encoder; its d_model is the model's width d
+  MoeLayerConfig moe{};        // each MoE layer; moe.d_model must equal encoder.d_model
+  int num_moe_layers = 2;      // M, at least 1
+  float lora_alpha = 16.0f;    // LoRA scale s = alpha / R (alpha / sqrt(R) with rslora)
+  bool rslora = false;         // rank-stabilised scale alpha / sqrt(R)
+  float lora_dropout = 0.0f;   // dropout on the adapters' input in training, in [0, 1)
   std::array<index_t, H::num_heads> classes{};  // per branch
   index_t max_batch = 256;                      // largest batch a call takes
   float gate_init_std = 0.0f;  // routers' initial weights ~ N(0, std^2); 0: 1 / sqrt(d_model)
   std::uint64_t seed = 0;      // initialisation
 };
 
+// Which part of the model a ModelTensor belongs to (the table at the top of
+// this file): decides whether it is trained and its learning rate group.
 enum class ParamRole { kEncoder, kGate, kExperts, kAdapterBase, kLora, kHead };
 
+// Whether tensors of this role are never trained (no gradient is kept).
 constexpr bool is_frozen(ParamRole role) {
   return role == ParamRole::kEncoder || role == ParamRole::kAdapterBase;
 }
@@ -118,20 +122,28 @@ constexpr bool is_frozen(ParamRole role) {
 // One parameter matrix of the model, its gradient (same shape; empty when
 // frozen) and its role.
 struct ModelTensor {
-  std::string name;
-  ParamRole role = ParamRole::kEncoder;
-  index_t rows = 0, cols = 0;
+  std::string name;                      // unique in the model, e.g. "moe.0.gate.weight"
+  ParamRole role = ParamRole::kEncoder;  // who trains it
+  index_t rows = 0;                      // the matrix's rows (1 for a vector)
+  index_t cols = 0;                      // the matrix's columns
   // Routed experts' stacks: the rows of one expert (their gradient norm is
   // summed expert by expert, and an expert-parallel rank holds some experts
   // only); 0 for every other tensor.
   index_t expert_rows = 0;
-  std::vector<float> value, grad;
+  std::vector<float> value;  // rows x cols, row-major
+  std::vector<float> grad;   // the same shape, or empty when frozen
 
+  // value as a rows x cols matrix.
   MatrixView<float> matrix() { return {value.data(), rows, cols}; }
+  // value as a rows x cols matrix, read-only.
   MatrixView<const float> matrix() const { return {value.data(), rows, cols}; }
+  // grad as a rows x cols matrix; an empty view when frozen.
   MatrixView<float> grad_matrix() { return grad.empty() ? MatrixView<float>() : matrix_of(grad); }
+  // value as one vector of rows * cols elements (for optimizers).
   VectorView<float> flat() { return {value.data(), rows * cols}; }
+  // value as one vector, read-only.
   VectorView<const float> flat() const { return {value.data(), rows * cols}; }
+  // grad as one vector (empty when frozen).
   VectorView<float> flat_grad() { return {grad.data(), static_cast<index_t>(grad.size())}; }
 
  private:
@@ -154,8 +166,11 @@ inline void fill_normal(ModelTensor& t, double stddev, std::uint64_t seed, std::
 // branch's adapter and head.
 struct TrainScope {
   int branch = -1;  // -1: all trainable parameters
+  // Every trainable tensor: the MoE layers, all adapters and all heads.
   static constexpr TrainScope all() { return {}; }
+  // Only branch t's adapter and head, t in [0, H) (checked by the model).
   static constexpr TrainScope only_branch(int t) { return {t}; }
+  // Whether this is all() (no single branch).
   bool whole_model() const { return branch < 0; }
 };
 
@@ -176,6 +191,7 @@ struct ModelParallelism {
   dist::ExpertPlacement placement{};
 };
 
+// What MultitaskModel::loss_and_grads reports for one step.
 template <MoeSpecType S, HeadSpecType H>
 struct StepLosses {
   TaskLosses<H> task;                    // per-branch loss, accuracy, count; task.total
@@ -191,19 +207,23 @@ struct StepLosses {
   }
 };
 
+// The model of the top of this file: owns its parameters, activations and
+// workspaces; S fixes the MoE layers' E and K, L the adapters' rank, H the
+// number of branches.
 template <MoeSpecType S, LoraSpecType L, HeadSpecType H>
 class MultitaskModel {
  public:
-  using MoeSpec = S;
-  using LoraSpec = L;
-  using HeadSpec = H;
-  using Config = MultitaskModelConfig<H>;
-  static constexpr int kBranches = H::num_heads;
-  static constexpr int kExperts = S::num_experts;
-  static constexpr int kRank = L::rank;
+  using MoeSpec = S;                               // the MoE layers' spec (E, K)
+  using LoraSpec = L;                              // the adapters' spec (rank R)
+  using HeadSpec = H;                              // the heads' spec (number of branches)
+  using Config = MultitaskModelConfig<H>;          // what the constructor takes
+  static constexpr int kBranches = H::num_heads;   // branches, each with an adapter and a head
+  static constexpr int kExperts = S::num_experts;  // routed experts per MoE layer
+  static constexpr int kRank = L::rank;            // R, every adapter's rank
 
   // Activations point into the model's own buffers: it moves, it does not copy.
   MultitaskModel(MultitaskModel&&) noexcept = default;
+  // Move assignment (the same: buffers move with the model).
   MultitaskModel& operator=(MultitaskModel&&) noexcept = default;
   MultitaskModel(const MultitaskModel&) = delete;
   MultitaskModel& operator=(const MultitaskModel&) = delete;
@@ -234,6 +254,7 @@ class MultitaskModel {
     allocate();
   }
 
+  // The config given at construction.
   const Config& config() const { return config_; }
   // Expert parallelism: whether the model runs over a transport, its
   // placement (one rank with every expert otherwise), and this rank's
@@ -251,17 +272,26 @@ class MultitaskModel {
   int local_experts() const { return placement_.count(rank()); }
   // The transport and placement it was built with.
   ModelParallelism parallelism() const { return {transport(), placement_}; }
+  // d, the width of the encoder's output, the MoE layers and the adapters.
   index_t d_model() const { return config_.encoder.d_model; }
+  // M, the number of MoE layers.
   int num_moe_layers() const { return config_.num_moe_layers; }
+  // The frozen encoder (its weights: encoder_weights()).
   const MlpEncoder& encoder() const { return encoder_; }
+  // MoE layer l in [0, M) (its weights: moe_params(l)); std::out_of_range otherwise.
   const MoeLayer<S>& moe_layer(int l) const { return layers_.at(static_cast<std::size_t>(l)); }
+  // The branches' LoRA adapters on the shared projection (adapter_weights()).
   const LoraBank<L>& adapters() const { return bank_; }
+  // The branches' heads (head_weights()).
   const TaskHeads<H>& heads() const { return heads_; }
 
   // Every parameter tensor, in a fixed order.
   std::vector<ModelTensor>& tensors() { return tensors_; }
+  // Every parameter tensor, read-only.
   const std::vector<ModelTensor>& tensors() const { return tensors_; }
+  // The tensor named `name`; kInvalidArgument when there is none.
   ModelTensor& tensor(std::string_view name) { return tensors_[index_of(name)]; }
+  // The tensor named `name`, read-only; kInvalidArgument when there is none.
   const ModelTensor& tensor(std::string_view name) const { return tensors_[index_of(name)]; }
 
   // Parameter accounting (nn/param_count.hpp): total, active per sample and
@@ -280,6 +310,8 @@ class MultitaskModel {
               heads_.params();
     return p;
   }
+  // The parameters one more branch adds: an adapter and a head of `classes`
+  // classes (all trainable).
   ParamCount branch_params(index_t classes) const {
     return lora_params<L>(d_model(), d_model()) +
            head_bank_params<::moekit::HeadSpec<1>>(d_model(), {classes});
@@ -287,11 +319,14 @@ class MultitaskModel {
 
   // ---- views of the parameters, as the components take them ----------------------------------
 
+  // The frozen encoder's weights.
   MlpEncoderWeights encoder_weights() const {
     const auto& t = tensors_;
     return {t[0].matrix(), t[1].flat(),   t[2].matrix(), t[3].matrix(),
             t[4].matrix(), t[5].matrix(), t[6].matrix(), t[7].matrix()};
   }
+  // MoE layer l's weights, l in [0, M) (kOutOfRange otherwise); expert
+  // parallel: this rank's experts only.
   MoeLayerParams moe_params(int l) const {
     const MoeSlots s = moe_slots(l);
     const auto v = [this](std::size_t k) {
@@ -303,10 +338,12 @@ class MultitaskModel {
     p.shared = {v(s.shared_w1), v(s.shared_w3), v(s.shared_w2)};
     return p;
   }
+  // The shared projection P and the stacked adapters of every branch (no bias).
   LoraWeights adapter_weights() const {
     const std::size_t i = adapter_first();
     return {tensors_[i].matrix(), {}, tensors_[i + 1].matrix(), tensors_[i + 2].matrix()};
   }
+  // Every branch's head, stacked in branch order.
   HeadWeights head_weights() const {
     const std::size_t i = adapter_first() + 3;
     return {tensors_[i].matrix(), tensors_[i + 1].flat()};

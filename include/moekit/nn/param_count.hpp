@@ -20,20 +20,25 @@
 
 MOEKIT_NAMESPACE_BEGIN
 
+// A number of parameters (scalars), 64-bit so large models do not overflow.
 using param_t = std::int64_t;
 
+// A component's parameters, counted three ways (see the top of this file).
 struct ParamCount {
-  param_t total = 0;
-  param_t active = 0;
-  param_t trainable = 0;
+  param_t total = 0;      // stored
+  param_t active = 0;     // used by one token's (one sample's) forward pass
+  param_t trainable = 0;  // receiving gradients
 
+  // Adds another part's counts, field by field.
   constexpr ParamCount& operator+=(const ParamCount& other) {
     total += other.total;
     active += other.active;
     trainable += other.trainable;
     return *this;
   }
+  // The counts of two parts together, field by field.
   friend constexpr ParamCount operator+(ParamCount a, const ParamCount& b) { return a += b; }
+  // Equal when all three counts are.
   friend constexpr bool operator==(const ParamCount&, const ParamCount&) = default;
 
   // The same parameters with gradients switched off.
@@ -48,18 +53,21 @@ struct ParamCount {
 
 // ---- feed-forward blocks ----------------------------------------------------
 
+// The form of a feed-forward block (an expert, or the encoder's FFN).
 enum class FfnKind {
   kPlain,  // act(x W1^T) W2^T: two d_model x d_ff matrices
   kGated,  // (act(x W1^T) * (x W3^T)) W2^T, SwiGLU/GeGLU: three
 };
 
+// The sizes of one feed-forward block.
 struct FfnShape {
-  index_t d_model = 0;
-  index_t d_ff = 0;
-  FfnKind kind = FfnKind::kPlain;
-  bool bias = false;
+  index_t d_model = 0;             // input and output width
+  index_t d_ff = 0;                // hidden width
+  FfnKind kind = FfnKind::kPlain;  // two or three matrices
+  bool bias = false;               // whether each matrix has a bias
 };
 
+// Parameters of one feed-forward block (matrices, and biases if s.bias).
 constexpr param_t ffn_param_count(const FfnShape& s) {
   const param_t matrices = s.kind == FfnKind::kGated ? 3 : 2;
   param_t n = matrices * s.d_model * s.d_ff;
@@ -69,14 +77,15 @@ constexpr param_t ffn_param_count(const FfnShape& s) {
 
 // ---- MoE layer --------------------------------------------------------------
 
+// The sizes of one MoE layer (E and K come from the MoeSpec).
 struct MoeLayerShape {
-  index_t d_model = 0;
-  index_t d_ff = 0;  // width of one routed expert
-  FfnKind kind = FfnKind::kPlain;
-  bool expert_bias = false;
-  bool router_bias = false;
-  int num_shared_experts = 0;
-  index_t d_ff_shared = 0;  // width of one shared expert; 0 means d_ff
+  index_t d_model = 0;             // the layer's input and output width
+  index_t d_ff = 0;                // width of one routed expert
+  FfnKind kind = FfnKind::kPlain;  // every expert's form
+  bool expert_bias = false;        // whether the experts' matrices have biases
+  bool router_bias = false;        // whether the router has a bias (E values)
+  int num_shared_experts = 0;      // experts every token uses, beside the routed ones
+  index_t d_ff_shared = 0;         // width of one shared expert; 0 means d_ff
 };
 
 // Router (d_model x E), E routed experts of which K are active per token, and
@@ -121,17 +130,19 @@ constexpr ParamCount head_bank_params(index_t d_in,
 
 // ---- frozen encoder ---------------------------------------------------------
 
+// The architecture of the frozen encoder.
 enum class EncoderKind {
   kMlp,          // input projection, then residual FFN blocks with LayerNorm
   kTransformer,  // token + position embeddings, then pre-LN transformer blocks
 };
 
+// The sizes of the frozen encoder.
 struct EncoderShape {
-  EncoderKind kind = EncoderKind::kMlp;
-  index_t d_input = 0;  // features per sample (MLP) or vocabulary size (transformer)
-  index_t d_model = 0;
-  index_t d_ff = 0;
-  int num_layers = 0;
+  EncoderKind kind = EncoderKind::kMlp;  // MLP or transformer
+  index_t d_input = 0;        // features per sample (MLP) or vocabulary size (transformer)
+  index_t d_model = 0;        // output width
+  index_t d_ff = 0;           // hidden width of each block's FFN
+  int num_layers = 0;         // blocks
   index_t max_positions = 0;  // transformer only: learned position embeddings
 };
 
@@ -156,12 +167,13 @@ constexpr ParamCount encoder_params(const EncoderShape& s) {
 // docs/reference_model.md: frozen encoder -> MoE layers -> per-branch LoRA on a shared,
 // frozen d_model x d_model projection -> per-branch linear head. H branches.
 struct ReferenceModelShape {
-  EncoderShape encoder;
-  MoeLayerShape moe;
-  int num_moe_layers = 2;
-  index_t classes_per_branch = 0;
+  EncoderShape encoder;            // the frozen encoder
+  MoeLayerShape moe;               // each MoE layer; moe.d_model is the model's width
+  int num_moe_layers = 2;          // MoE layers, one after the other
+  index_t classes_per_branch = 0;  // outputs of every branch's head
 };
 
+// A model's parameter counts, by part.
 struct ModelParams {
   ParamCount encoder;       // frozen, shared by all branches
   ParamCount moe;           // all MoE layers, shared, trained
@@ -170,6 +182,8 @@ struct ModelParams {
   ParamCount total;         // everything, with all H branches
 };
 
+// The counts of the reference model of shape `s`, with E and K from Moe, the
+// adapters' rank from Lora and Heads::num_heads branches.
 template <MoeSpecType Moe, LoraSpecType Lora, HeadSpecType Heads>
 constexpr ModelParams reference_model_params(const ReferenceModelShape& s) {
   const index_t d = s.moe.d_model;

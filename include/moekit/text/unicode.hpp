@@ -27,6 +27,7 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace text {
 
+// U+FFFD, what decode_utf8 puts in place of each invalid byte sequence.
 inline constexpr char32_t kReplacementCharacter = 0xFFFD;
 
 // Appends the code points of the UTF-8 text `in` to `out` (invalid sequences

@@ -29,18 +29,23 @@ inline constexpr std::uint8_t kMark = 4;    // nonspacing mark, dropped with the
 inline constexpr std::uint8_t kPunctuation = 8;  // split off as a word of its own
 inline constexpr std::uint8_t kCjk = 16;         // CJK ideograph, spaced as a word of its own
 
+// A code point's mapping: `length` code points of a pool from `offset` on.
 struct Mapping {
-  std::uint32_t code_point;
-  std::uint16_t offset;  // into the pool
-  std::uint16_t length;
+  std::uint32_t code_point;  // the character mapped
+  std::uint16_t offset;      // into the pool
+  std::uint16_t length;      // code points it maps to (at least 1)
 };
 
+// Code points [first, last] that share one canonical combining class.
 struct CombiningRun {
-  std::uint32_t first, last;
-  std::uint8_t combining_class;
+  std::uint32_t first;           // first code point of the run
+  std::uint32_t last;            // last code point of the run (inclusive)
+  std::uint8_t combining_class;  // their class, 1 to 254
 };
 
 // clang-format off
+
+// Where each run of equal flags begins, ascending from 0.
 inline constexpr std::uint32_t kFlagRunStart[] = {
     0x0, 0x9, 0xB, 0xD, 0xE, 0x20, 0x21, 0x30, 0x3A, 0x41,
     0x5B, 0x61, 0x7B, 0x7F, 0x85, 0x86, 0xA0, 0xA1, 0xA2, 0xA7,
@@ -133,6 +138,7 @@ inline constexpr std::uint32_t kFlagRunStart[] = {
     0x2F800, 0x2FA20, 0xE0001, 0xE0002, 0xE0020, 0xE0080, 0xE0100, 0xE01F0, 0xF0000, 0xFFFFE,
     0x100000, 0x10FFFE,
 };
+// The flags (kRemove | kSpace | ...) of each run of kFlagRunStart.
 inline constexpr std::uint8_t kFlagRunFlags[] = {
     1, 2, 3, 2, 1, 2, 8, 0, 8, 0, 8, 0, 8, 1, 3, 1, 2, 8, 0, 8, 0, 8, 0, 1,
     0, 8, 0, 8, 0, 8, 0, 4, 0, 4, 0, 4, 0, 8, 0, 8, 0, 4, 0, 8, 0, 8, 0, 4,
@@ -173,6 +179,7 @@ inline constexpr std::uint8_t kFlagRunFlags[] = {
     4, 0, 8, 0, 4, 0, 4, 0, 4, 0, 16, 0, 16, 0, 16, 0, 16, 0, 1, 0, 1, 0, 4, 0,
     1, 0, 1, 0,
 };
+// Canonical decompositions (into kDecompositionPool), by code point.
 inline constexpr Mapping kDecompositions[] = {
     {0xC0, 0, 2}, {0xC1, 2, 2}, {0xC2, 4, 2}, {0xC3, 6, 2},
     {0xC4, 8, 2}, {0xC5, 10, 2}, {0xC7, 12, 2}, {0xC8, 14, 2},
@@ -690,6 +697,7 @@ inline constexpr Mapping kDecompositions[] = {
     {0x2FA16, 3396, 1}, {0x2FA17, 3397, 1}, {0x2FA18, 3398, 1}, {0x2FA19, 3399, 1},
     {0x2FA1A, 3400, 1}, {0x2FA1B, 3401, 1}, {0x2FA1C, 3402, 1}, {0x2FA1D, 3403, 1},
 };
+// The code points kDecompositions map to, back to back.
 inline constexpr std::uint32_t kDecompositionPool[] = {
     0x41, 0x300, 0x41, 0x301, 0x41, 0x302, 0x41, 0x303, 0x41, 0x308,
     0x41, 0x30A, 0x43, 0x327, 0x45, 0x300, 0x45, 0x301, 0x45, 0x302,
@@ -1033,6 +1041,7 @@ inline constexpr std::uint32_t kDecompositionPool[] = {
     0x2A0CE, 0x4CF8, 0x2A105, 0x2A20E, 0x2A291, 0x9EBB, 0x4D56, 0x9EF9, 0x9EFE, 0x9F05,
     0x9F0F, 0x9F16, 0x9F3B, 0x2A600,
 };
+// Code points of a non-zero combining class, ascending runs.
 inline constexpr CombiningRun kCombiningRuns[] = {
     {0x300, 0x314, 230}, {0x315, 0x315, 232}, {0x316, 0x319, 220}, {0x31A, 0x31A, 232},
     {0x31B, 0x31B, 216}, {0x31C, 0x320, 220}, {0x321, 0x322, 202}, {0x323, 0x326, 220},
@@ -1119,6 +1128,7 @@ inline constexpr CombiningRun kCombiningRuns[] = {
     {0x1E01B, 0x1E021, 230}, {0x1E023, 0x1E024, 230}, {0x1E026, 0x1E02A, 230}, {0x1E8D0, 0x1E8D6, 220},
     {0x1E944, 0x1E949, 230}, {0x1E94A, 0x1E94A, 7},
 };
+// Lowercase mappings (into kLowercasePool), by code point.
 inline constexpr Mapping kLowercase[] = {
     {0x41, 0, 1}, {0x42, 1, 1}, {0x43, 2, 1}, {0x44, 3, 1},
     {0x45, 4, 1}, {0x46, 5, 1}, {0x47, 6, 1}, {0x48, 7, 1},
@@ -1493,6 +1503,7 @@ inline constexpr Mapping kLowercase[] = {
     {0x1E91A, 1481, 1}, {0x1E91B, 1482, 1}, {0x1E91C, 1483, 1}, {0x1E91D, 1484, 1},
     {0x1E91E, 1485, 1}, {0x1E91F, 1486, 1}, {0x1E920, 1487, 1}, {0x1E921, 1488, 1},
 };
+// The code points kLowercase map to, back to back.
 inline constexpr std::uint32_t kLowercasePool[] = {
     0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6A,
     0x6B, 0x6C, 0x6D, 0x6E, 0x6F, 0x70, 0x71, 0x72, 0x73, 0x74,

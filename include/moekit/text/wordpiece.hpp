@@ -60,37 +60,44 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace text {
 
+// The tokenizer's options (the defaults are BERT uncased's). The steps named
+// are those at the top of this file.
 struct WordPieceConfig {
-  bool clean_text = true;
-  bool split_cjk = true;
-  bool strip_accents = true;  // BERT uncased: true (the reference ties it to lowercase)
-  bool lowercase = true;
-  index_t max_chars_per_word = 100;
-  std::string unk_token = "[UNK]";
-  std::string cls_token = "[CLS]";
-  std::string sep_token = "[SEP]";
-  std::string pad_token = "[PAD]";
-  std::string continuation_prefix = "##";
+  bool clean_text = true;            // step 2 (drop control characters, unify whitespace)
+  bool split_cjk = true;             // step 3 (each CJK ideograph a word of its own)
+  bool strip_accents = true;         // BERT uncased: true (the reference ties it to lowercase)
+  bool lowercase = true;             // step 5; false for cased vocabularies
+  index_t max_chars_per_word = 100;  // longer words become one unk_token; at least 1
+  std::string unk_token = "[UNK]";   // for a word the vocabulary cannot cover
+  std::string cls_token = "[CLS]";   // opens every encoded sequence
+  std::string sep_token = "[SEP]";   // closes every encoded sequence
+  std::string pad_token = "[PAD]";   // fills padded batches (pad_batch)
+  std::string continuation_prefix = "##";  // marks the pieces after a word's first; not empty
   // Found whole in the raw text (step 1); each must be in the vocabulary.
   std::vector<std::string> special_tokens = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"};
 };
 
 // Sequences of token ids back to back: sequence s is ids[offsets[s], offsets[s + 1]).
 struct TokenBatch {
-  std::vector<std::int32_t> ids;
-  std::vector<index_t> offsets{0};
+  std::vector<std::int32_t> ids;    // every sequence's ids, back to back
+  std::vector<index_t> offsets{0};  // B + 1 entries: 0, then each sequence's end
 
   index_t size() const { return static_cast<index_t>(offsets.size()) - 1; }  // sequences
+  // Token ids in all sequences together (N).
   index_t tokens() const { return static_cast<index_t>(ids.size()); }
+  // Tokens in sequence s, s in [0, size()) (not checked).
   index_t length(index_t s) const {
     return offsets[static_cast<std::size_t>(s) + 1] - offsets[static_cast<std::size_t>(s)];
   }
+  // The longest sequence's length (0 for no sequences).
   index_t longest() const {
     index_t m = 0;
     for (index_t s = 0; s < size(); ++s) m = std::max(m, length(s));
     return m;
   }
+  // ids as a view (the encoder's `ids` argument); valid while ids is unchanged.
   VectorView<const std::int32_t> ids_view() const { return {ids.data(), tokens()}; }
+  // offsets as a view (the encoder's `offsets` argument).
   VectorView<const index_t> offsets_view() const { return {offsets.data(), size() + 1}; }
 };
 
@@ -98,11 +105,13 @@ struct TokenBatch {
 // padded with pad_id, mask 1 on tokens and 0 on padding (the layout of the
 // reference's padded output).
 struct PaddedBatch {
-  index_t rows = 0, width = 0;
-  std::vector<std::int32_t> ids;
-  std::vector<std::int32_t> mask;
+  index_t rows = 0;                // B, the sequences
+  index_t width = 0;               // the longest sequence's length
+  std::vector<std::int32_t> ids;   // rows x width, row-major, padded with pad_id
+  std::vector<std::int32_t> mask;  // rows x width: 1 on tokens, 0 on padding
 };
 
+// `batch` as a rectangle padded with `pad_id` (usually the tokenizer's pad_id()).
 inline PaddedBatch pad_batch(const TokenBatch& batch, std::int32_t pad_id) {
   PaddedBatch out;
   out.rows = batch.size();
@@ -121,6 +130,9 @@ inline PaddedBatch pad_batch(const TokenBatch& batch, std::int32_t pad_id) {
   return out;
 }
 
+// A vocabulary and a config: turns text into token ids (steps at the top of
+// this file). Immutable after construction; calls on one tokenizer may run
+// concurrently.
 class WordPieceTokenizer {
  public:
   // vocab[i] is the token of id i.
@@ -166,11 +178,17 @@ class WordPieceTokenizer {
     return WordPieceTokenizer(std::move(vocab), std::move(config));
   }
 
+  // The config given at construction.
   const WordPieceConfig& config() const { return config_; }
+  // Tokens in the vocabulary; ids are [0, vocab_size()).
   index_t vocab_size() const { return static_cast<index_t>(vocab_.size()); }
+  // The id of config().unk_token.
   std::int32_t unk_id() const { return unk_id_; }
+  // The id of config().cls_token.
   std::int32_t cls_id() const { return cls_id_; }
+  // The id of config().sep_token.
   std::int32_t sep_id() const { return sep_id_; }
+  // The id of config().pad_token.
   std::int32_t pad_id() const { return pad_id_; }
 
   // The id of a token, or -1 if it is not in the vocabulary.
@@ -178,6 +196,8 @@ class WordPieceTokenizer {
     const auto it = ids_.find(token);
     return it == ids_.end() ? -1 : it->second;
   }
+  // The token of `id` as in the vocabulary (continuation pieces with their
+  // prefix); kOutOfRange unless id is in [0, vocab_size()).
   const std::string& token(std::int32_t id) const {
     MOEKIT_CHECK_RANGE(id, 0, vocab_size());
     return vocab_[static_cast<std::size_t>(id)];

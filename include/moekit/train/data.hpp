@@ -168,18 +168,26 @@ namespace train {
 
 // ---- Dataset -----------------------------------------------------------------------------------
 
+// Labelled rows for the multi-task model: per row F features, a task id and
+// a label, in parallel arrays.
 struct Dataset {
-  index_t features = 0;
+  index_t features = 0;              // F, floats per row
   std::vector<float> x;              // size() x features, row-major
   std::vector<std::int32_t> tasks;   // size(), each >= 0
   std::vector<std::int32_t> labels;  // size(), each >= 0 (a class of its task)
 
+  // Rows (the number of labels).
   index_t size() const noexcept { return static_cast<index_t>(labels.size()); }
+  // Whether there are no rows.
   bool empty() const noexcept { return labels.empty(); }
 
+  // x as a size() x features matrix (a model's input), read-only.
   MatrixView<const float> inputs() const { return {x.data(), size(), features}; }
+  // x as a size() x features matrix, writable.
   MatrixView<float> inputs() { return {x.data(), size(), features}; }
+  // tasks as a view of size() ids.
   VectorView<const std::int32_t> task_view() const { return {tasks.data(), size()}; }
+  // labels as a view of size() labels.
   VectorView<const std::int32_t> label_view() const { return {labels.data(), size()}; }
 
   // 1 + the largest task id (0 when empty).
@@ -316,6 +324,7 @@ inline std::pair<Dataset, Dataset> split(const Dataset& data, double fraction, s
 
 // ---- SyntheticTasks ----------------------------------------------------------------------------
 
+// The synthetic tasks' sizes, noise and seed (symbols as at the top of this file).
 struct SyntheticTasksConfig {
   index_t features = 32;                        // F, width of x
   int latent = 8;                               // L latent factors, >= 2
@@ -324,7 +333,7 @@ struct SyntheticTasksConfig {
   float mixing_gain = 1.5f;                     // scale of A (> 0)
   float input_noise = 0.1f;                     // std of the noise added to x (>= 0)
   float label_noise = 0.05f;                    // probability of a uniform label, [0, 1]
-  std::uint64_t seed = 0;
+  std::uint64_t seed = 0;                       // keys the mixing, every rule and every sample
 };
 
 // Task t's definition (formulas at the top of this file).
@@ -338,10 +347,15 @@ struct SyntheticTaskRule {
 
 // The bias fit of the task rules (see the top of this file).
 inline constexpr int kCalibrationDraws = 4096;
+// Coordinate-ascent sweeps of that fit.
 inline constexpr int kCalibrationSweeps = 8;
 
+// The synthetic multi-task problem of the top of this file: T tasks on shared
+// latent factors, and samples of them. Immutable after construction.
 class SyntheticTasks {
  public:
+  // Checks `config` (kInvalidArgument naming the field) and builds the mixing
+  // and every task's rule (about 35 ms with the defaults).
   explicit SyntheticTasks(SyntheticTasksConfig config) : config_(std::move(config)) {
     const SyntheticTasksConfig& c = config_;
     MOEKIT_CHECK_ARG(c.features >= 1, "config.features = ", c.features, " must be at least 1");
@@ -378,16 +392,22 @@ class SyntheticTasks {
       rules_.push_back(make_rule(static_cast<int>(t)));
   }
 
+  // The config given at construction.
   const SyntheticTasksConfig& config() const noexcept { return config_; }
+  // T, one per entry of config().classes.
   int num_tasks() const noexcept { return static_cast<int>(rules_.size()); }
+  // F, the width of x.
   index_t features() const noexcept { return config_.features; }
+  // L, the number of latent factors.
   int latent() const noexcept { return config_.latent; }
 
+  // C_t of `task` in [0, T) (kOutOfRange otherwise).
   index_t num_classes(int task) const {
     MOEKIT_CHECK_RANGE(task, 0, num_tasks());
     return rules_[static_cast<std::size_t>(task)].classes;
   }
 
+  // The rule of `task` in [0, T): r_t, S, W and b (kOutOfRange otherwise).
   const SyntheticTaskRule& rule(int task) const {
     MOEKIT_CHECK_RANGE(task, 0, num_tasks());
     return rules_[static_cast<std::size_t>(task)];
@@ -620,8 +640,12 @@ class SyntheticTasks {
 
 // ---- BatchSampler ------------------------------------------------------------------------------
 
+// Shuffled mini-batches of row indices, a pure function of (seed, step)
+// (see BatchSampler at the top of this file).
 class BatchSampler {
  public:
+  // Batches of batch_size rows of [0, dataset_size), both at least 1
+  // (a batch may be larger than the dataset: it then spans epochs).
   BatchSampler(index_t dataset_size, index_t batch_size, std::uint64_t seed)
       : n_(dataset_size),
         batch_(batch_size),
@@ -631,8 +655,11 @@ class BatchSampler {
     MOEKIT_CHECK_ARG(batch_size >= 1, "batch_size = ", batch_size, " must be at least 1");
   }
 
+  // N, the rows sampled from.
   index_t dataset_size() const noexcept { return n_; }
+  // B, the rows per batch.
   index_t batch_size() const noexcept { return batch_; }
+  // The seed the permutations are keyed by.
   std::uint64_t seed() const noexcept { return seed_; }
 
   // The epoch that the first row of step's batch belongs to: floor(step B / N).
@@ -660,6 +687,7 @@ class BatchSampler {
     }
   }
 
+  // The same, in a new vector of batch_size() entries (allocates).
   std::vector<index_t> indices(std::int64_t step) {
     std::vector<index_t> out(static_cast<std::size_t>(batch_));
     indices(step, out);
@@ -730,15 +758,17 @@ inline void gather(const Dataset& data, std::span<const index_t> rows, MatrixVie
 
 // ---- CSV ---------------------------------------------------------------------------------------
 
+// Whether a CSV file starts with a header line (read_csv, parse_csv).
 enum class CsvHeader {
   kDetect,   // a header when the first field of the first content line is not a number
   kPresent,  // the first content line is a header
   kAbsent,   // every content line is a row
 };
 
+// How read_csv and parse_csv read a file.
 struct CsvOptions {
-  CsvHeader header = CsvHeader::kDetect;
-  index_t features = -1;  // the feature count the file must have; -1: any (>= 1)
+  CsvHeader header = CsvHeader::kDetect;  // whether the first content line is a header
+  index_t features = -1;                  // the feature count the file must have; -1: any (>= 1)
 };
 
 namespace detail {

@@ -85,19 +85,20 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace train {
 
+// One step's metrics for one split (fields as at the top of this file).
 struct StepRecord {
-  std::string split = "train";
-  std::int64_t step = 0;
-  double lr = 0;
-  double loss = 0;
-  double task_loss = 0;
-  double aux_loss = 0;
-  double grad_norm = 0;
+  std::string split = "train";                   // which data: "train", "eval", ...
+  std::int64_t step = 0;                         // optimizer steps taken
+  double lr = 0;                                 // learning rate at the step
+  double loss = 0;                               // task_loss + weighted aux_loss
+  double task_loss = 0;                          // the branches' cross-entropy loss
+  double aux_loss = 0;                           // the MoE layers' weighted aux losses
+  double grad_norm = 0;                          // global gradient L2 norm, before clipping
   std::vector<double> accuracy;                  // per branch, in [0, 1]
   std::vector<std::vector<double>> expert_load;  // per MoE layer, E fractions
-  double tokens_per_s = 0;
-  double peak_rss_mib = 0;
-  double elapsed_s = 0;
+  double tokens_per_s = 0;                       // throughput: tokens (or samples) per second
+  double peak_rss_mib = 0;                       // peak resident memory, MiB (peak_rss_mib())
+  double elapsed_s = 0;                          // wall time since the run started, seconds
 };
 
 // The mean of the branches' accuracies (NaN with no branches).
@@ -119,6 +120,7 @@ std::vector<double> expert_load_fractions(std::span<const T> counts) {
   }
   return out;
 }
+// The same for a vector of counts.
 template <class T>
 std::vector<double> expert_load_fractions(const std::vector<T>& counts) {
   return expert_load_fractions(std::span<const T>(counts));
@@ -181,6 +183,7 @@ inline void to_json(nlohmann::json& j, const StepRecord& r) {
                      {"elapsed_s", detail::json_number(r.elapsed_s)}};
 }
 
+// The inverse of to_json (kFormatError on a non-object or a mistyped field).
 inline void from_json(const nlohmann::json& j, StepRecord& r) {
   MOEKIT_CHECK(j.is_object(), Errc::kFormatError, "a record is ", j.type_name(),
                ", not a JSON object");
@@ -261,6 +264,7 @@ inline std::vector<StepRecord> read_metrics(const std::filesystem::path& jsonl) 
 
 // ---- the log -----------------------------------------------------------------------------------
 
+// How MetricsLog opens existing files.
 enum class MetricsMode {
   kTruncate,  // start new files
   kAppend,    // continue existing ones (a resumed run)
@@ -300,8 +304,12 @@ inline std::string metrics_csv_header(const StepRecord& r) {
   return h + ",tokens_per_s,peak_rss_mib,elapsed_s";
 }
 
+// Writes StepRecords to a JSON Lines file and optionally a CSV file, each
+// record flushed at once (formats at the top of this file).
 class MetricsLog {
  public:
+  // Opens `jsonl` and, unless empty, `csv` for writing (kIoError otherwise),
+  // truncating or appending as `mode` says.
   explicit MetricsLog(std::filesystem::path jsonl, std::filesystem::path csv = {},
                       MetricsMode mode = MetricsMode::kTruncate)
       : jsonl_path_(std::move(jsonl)), csv_path_(std::move(csv)) {
@@ -324,8 +332,11 @@ class MetricsLog {
                  "' for writing");
   }
 
+  // The JSON Lines file's path.
   const std::filesystem::path& jsonl_path() const noexcept { return jsonl_path_; }
+  // The CSV file's path (empty: no CSV).
   const std::filesystem::path& csv_path() const noexcept { return csv_path_; }
+  // Records written through this log (not those already in an appended file).
   std::int64_t records() const noexcept { return records_; }
 
   // Appends r to the log(s) and flushes them.

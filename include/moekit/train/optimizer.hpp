@@ -124,20 +124,27 @@ namespace train {
 // Elements of one tensor summed serially into one partial sum of grad_norm().
 inline constexpr index_t kNormChunk = index_t{1} << 16;
 
+// AdamW's hyperparameters shared by every group (learning rates and weight
+// decay are per group: ParamGroupConfig).
 struct AdamWConfig {
-  float beta1 = 0.9f;  // in [0, 1)
-  float beta2 = 0.999f;
-  float eps = 1e-8f;  // finite, > 0
+  float beta1 = 0.9f;    // in [0, 1)
+  float beta2 = 0.999f;  // decay of the second moment v, in [0, 1)
+  float eps = 1e-8f;     // finite, > 0
 };
 
+// A set of tensors sharing a learning rate and weight decay (e.g. one
+// component of the model).
 struct ParamGroupConfig {
   std::string name;           // non-empty, unique within the optimizer
   float lr = 0.0f;            // base learning rate, finite, >= 0
   float weight_decay = 0.0f;  // decoupled decay coefficient, finite, >= 0
 };
 
+// AdamW over registered tensors in named groups (the update at the top of
+// this file); the moments are owned, values and gradients are the caller's.
 class AdamW {
  public:
+  // Checks `config` (kInvalidArgument naming the field); no groups yet.
   explicit AdamW(const AdamWConfig& config = {}) : config_(config) {
     MOEKIT_API("train::AdamW::AdamW");
     MOEKIT_CHECK_ARG(config.beta1 >= 0.0f && config.beta1 < 1.0f, "config.beta1 = ", config.beta1,
@@ -148,6 +155,7 @@ class AdamW {
                      " must be finite and > 0");
   }
 
+  // The config given at construction.
   const AdamWConfig& config() const { return config_; }
 
   // ---- groups ---------------------------------------------------------------------------------
@@ -170,8 +178,10 @@ class AdamW {
     return static_cast<int>(groups_.size() - 1);
   }
 
+  // Groups added so far.
   int num_groups() const { return static_cast<int>(groups_.size()); }
 
+  // Group `index` in [0, num_groups()) as it is now (its lr after set_lr).
   const ParamGroupConfig& group(int index) const {
     MOEKIT_API("train::AdamW::group");
     MOEKIT_CHECK_RANGE(index, 0, num_groups());
@@ -234,6 +244,7 @@ class AdamW {
 
   // Registered tensors, and their elements in total.
   index_t num_tensors() const { return static_cast<index_t>(params_.size()); }
+  // Elements of all registered tensors together.
   index_t num_params() const { return total_; }
 
   // Steps taken (t), including those restored by load_state.
@@ -245,6 +256,7 @@ class AdamW {
     const Param& p = find(name);
     return {p.m.data(), static_cast<index_t>(p.m.size())};
   }
+  // The second moment v of tensor `name` (kInvalidArgument if none is registered).
   VectorView<const float> exp_avg_sq(std::string_view name) const {
     MOEKIT_API("train::AdamW::exp_avg_sq");
     const Param& p = find(name);

@@ -32,10 +32,11 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace train {
 
+// The outcome of one check, for printing.
 struct QualityCheck {
-  std::string name;
-  bool passed = false;
-  std::string detail;
+  std::string name;     // what was checked, e.g. "encoder frozen"
+  bool passed = false;  // whether the run met it
+  std::string detail;   // one line with the numbers behind the verdict
 };
 
 // FNV-1a (64-bit) over the names and the value bits of the model's frozen
@@ -56,6 +57,8 @@ std::uint64_t frozen_fingerprint(const Model& model) {
   return h;
 }
 
+// Passes when the frozen_fingerprint values taken before and after training
+// are equal.
 inline QualityCheck encoder_frozen(std::uint64_t before, std::uint64_t after) {
   char buf[96];
   std::snprintf(buf, sizeof buf, "fingerprint %016llx -> %016llx",
@@ -63,6 +66,9 @@ inline QualityCheck encoder_frozen(std::uint64_t before, std::uint64_t after) {
   return {"encoder frozen", before == after, buf};
 }
 
+// Passes when the mean of the last `window` entries of `aux` (one per step)
+// is below the mean of the first `window`; needs window >= 1 and at least
+// 2 window entries.
 inline QualityCheck aux_loss_decreasing(std::span<const double> aux, std::size_t window) {
   MOEKIT_CHECK_ARG(window >= 1, "window = ", window, " must be at least 1");
   MOEKIT_CHECK_ARG(aux.size() >= 2 * window, "aux has ", aux.size(),
@@ -77,6 +83,8 @@ inline QualityCheck aux_loss_decreasing(std::span<const double> aux, std::size_t
   return {"aux loss decreasing", last < first, buf};
 }
 
+// Passes when every MoE layer's eval.max_load_ratio (busiest expert over the
+// mean share) is at most max_load_ratio (>= 1); eval must have MoE loads.
 inline QualityCheck expert_load_balanced(const EvalReport& eval, double max_load_ratio) {
   MOEKIT_CHECK_ARG(max_load_ratio >= 1.0, "max_load_ratio = ", max_load_ratio,
                    " must be at least 1 (1 is perfect balance)");
@@ -93,6 +101,8 @@ inline QualityCheck expert_load_balanced(const EvalReport& eval, double max_load
   return {"expert load balanced", worst <= max_load_ratio, detail};
 }
 
+// Passes when every branch h with samples has accuracy >= 1 / classes[h] +
+// margin; classes has one entry (>= 1) per branch of `eval`.
 inline QualityCheck branches_above_chance(const EvalReport& eval, std::span<const index_t> classes,
                                           double margin) {
   MOEKIT_CHECK_ARG(classes.size() == eval.accuracy.size(), "classes has ", classes.size(),

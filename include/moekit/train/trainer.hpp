@@ -74,27 +74,32 @@
 MOEKIT_NAMESPACE_BEGIN
 namespace train {
 
+// The base learning rate of each parameter group (the table at the top of
+// this file); each is scaled by the warm-up + cosine schedule.
 struct LearningRates {
-  float moe = 1e-4f;
-  float gate = 5e-4f;
-  float lora = 5e-4f;
-  float head = 1e-3f;
+  float moe = 1e-4f;   // the experts, routed and shared
+  float gate = 5e-4f;  // the routers
+  float lora = 5e-4f;  // the branch adapters
+  float head = 1e-3f;  // the branch heads
 };
 
+// How a Trainer trains: rates, AdamW, schedule, clipping and scope.
 struct TrainerConfig {
-  LearningRates lr{};
-  float weight_decay = 0.0f;  // AdamW's decoupled decay, the same for every group
-  AdamWConfig adam{};
-  std::int64_t warmup_steps = 500;
+  LearningRates lr{};                // per group
+  float weight_decay = 0.0f;         // AdamW's decoupled decay, the same for every group
+  AdamWConfig adam{};                // betas and eps
+  std::int64_t warmup_steps = 500;   // steps of linear warm-up to the full rates, <= total_steps
   std::int64_t total_steps = 10000;  // the cosine reaches min_lr_ratio here
-  float min_lr_ratio = 0.1f;
-  double max_grad_norm = 1.0;  // global-norm clipping; <= 0 turns it off
-  cpu::TrainScope scope{};
-  std::uint64_t dropout_seed = 0;  // LoRA dropout noise (when the model has dropout)
+  float min_lr_ratio = 0.1f;         // final fraction of the base rates, in [0, 1]
+  double max_grad_norm = 1.0;        // global-norm clipping; <= 0 turns it off
+  cpu::TrainScope scope{};           // what is trained: the whole model or one branch
+  std::uint64_t dropout_seed = 0;    // LoRA dropout noise (when the model has dropout)
 };
 
+// What Trainer::step reports.
 template <class Model>
 struct StepReport {
+  // The model's losses, routing statistics and aux losses of the step.
   cpu::StepLosses<typename Model::MoeSpec, typename Model::HeadSpec> losses;
   double grad_norm = 0.0;  // before clipping
   float lr_scale = 0.0f;   // the schedule's multiplier of every group's lr this step
@@ -109,6 +114,7 @@ struct EvalReport {
   std::vector<std::vector<double>> expert_load;  // per layer, per expert: kept share (sums to 1)
   // The busiest expert's share times E, per layer: 1 is perfect balance.
   std::vector<double> max_load_ratio;
+  // The mean accuracy over branches with samples (0 when none has any).
   double mean_accuracy() const {
     double s = 0.0;
     int n = 0;
@@ -264,9 +270,14 @@ void load_encoder(const std::filesystem::path& path, Model& model) {
       model, [](const cpu::ModelTensor& t) { return t.role == cpu::ParamRole::kEncoder; }));
 }
 
+// Trains a MultitaskModel with AdamW over the model's parameter groups (see
+// the top of this file); keeps the optimizer state and the step counter.
 template <class Model>
 class Trainer {
  public:
+  // Registers the scope's tensors of `model` with the optimizer (checks the
+  // config first). The model is referenced, not copied: it must outlive the
+  // trainer and keep its tensors in place.
   Trainer(Model& model, const TrainerConfig& config)
       : model_(model), config_(validated(config)), optimizer_(config.adam) {
     schedule_ = {config.warmup_steps, config.total_steps, config.min_lr_ratio};
@@ -300,9 +311,13 @@ class Trainer {
     }
   }
 
+  // The config given at construction.
   const TrainerConfig& config() const { return config_; }
+  // The optimizer (its groups, moments and step count), read-only.
   const AdamW& optimizer() const { return optimizer_; }
+  // Steps taken, skipped ones included (restored by load_checkpoint).
   std::int64_t steps() const { return step_; }
+  // Steps whose update was skipped for a non-finite gradient norm.
   std::int64_t skipped_steps() const { return skipped_; }
 
   // One training step on `batch` (the model's batch type; collective for an
@@ -325,6 +340,8 @@ class Trainer {
     return r;
   }
 
+  // Writes the model's tensors, the optimizer state and the counters to
+  // `path` atomically (format at the top of this file).
   void save_checkpoint(const std::filesystem::path& path) const {
     io::SafetensorsWriter out;
     out.add(detail::model_sources(model_));
