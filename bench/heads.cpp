@@ -213,7 +213,8 @@ void heads_eigen(SystemHeads& p, bool backward) {
   using moekit::MatrixView;
   const auto& heads = p.heads;
   std::array<index_t, 5> first{};
-  for (index_t i = 0; i < p.n; ++i) ++first[static_cast<std::size_t>(p.sorted[i]) + 1];
+  for (index_t i = 0; i < p.n; ++i)
+    ++first[static_cast<std::size_t>(p.sorted[static_cast<std::size_t>(i)]) + 1];
   for (std::size_t h = 0; h < 4; ++h) first[h + 1] += first[h];
   const int threads = moekit::cpu::max_threads();
   const bool across = threads > 1 && 4 >= threads && p.n <= 4 * 1024;

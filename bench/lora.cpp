@@ -359,7 +359,8 @@ void invariance_linear(benchmark::State& state, int threads, index_t d, bool eng
     benchmark::DoNotOptimize(L.y.data());
     benchmark::ClobberMemory();
   }
-  const double base = 2.0 * kTokens * d * d, adapter = 2.0 * kTokens * 8 * 2 * d;
+  const double dd = static_cast<double>(d);
+  const double base = 2.0 * kTokens * dd * dd, adapter = 2.0 * kTokens * 8 * 2 * dd;
   set_rate(state, backward ? 2 * base + 4 * adapter : base + adapter);
 }
 
@@ -393,7 +394,8 @@ void invariance_bank(benchmark::State& state, int threads, index_t d, bool engin
     benchmark::DoNotOptimize(L.y.data());
     benchmark::ClobberMemory();
   }
-  const double base = 2.0 * kTokens * d * d, adapter = 2.0 * kTokens * 8 * 2 * d;
+  const double dd = static_cast<double>(d);
+  const double base = 2.0 * kTokens * dd * dd, adapter = 2.0 * kTokens * 8 * 2 * dd;
   set_rate(state, backward ? 2 * base + 4 * adapter : base + adapter);
 }
 
