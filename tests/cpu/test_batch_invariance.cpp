@@ -282,11 +282,13 @@ TEST(BatchInvarianceLarge, MOEKIT_ON_GEMM_ENGINE(MoeLayerDroplessForward)) {
 using Lora = moekit::LoraSpec<8>;
 constexpr int R = Lora::rank;
 
-// One adapter on a frozen linear layer (inference: no dropout).
+// One adapter on a frozen linear layer (no dropout): y and h, and the
+// backward's dx (dy w + s dy b a) for a dy row per item.
 void check_lora_linear(index_t max_items) {
   constexpr index_t d_in = 40, d_out = 24;
   const moekit::cpu::LoraLinear<Lora> lora({.d_in = d_in, .d_out = d_out, .alpha = 16.0f});
   const RowPool x(kPool, d_in, 51);
+  const RowPool dy(kPool, d_out, 56);
   const std::vector<float> w = random_floats(d_out * d_in, 52, 0.2f);
   const std::vector<float> bias = random_floats(d_out, 53, 0.1f);
   const std::vector<float> a = random_floats(R * d_in, 54, 0.2f);
@@ -300,8 +302,15 @@ void check_lora_linear(index_t max_items) {
     std::vector<std::byte> ws = workspace_of(lora.workspace_size(n));
     lora.forward({xb.data(), n, d_in}, weights, {y.data(), n, d_out}, {h.data(), n, R}, {},
                  view_of(ws));
+    const std::vector<float> dyb = dy.gather(items);
+    std::vector<float> dx(to_size(n * d_in), kNaN);
+    lora.backward({dyb.data(), n, d_out}, {xb.data(), n, d_in}, weights, {h.data(), n, R}, {},
+                  {dx.data(), n, d_in}, {}, view_of(ws));
     BatchResults r = split_rows(y, items.size(), d_out);
-    for (std::size_t t = 0; t < items.size(); ++t) append_row(h, R, t, r[t]);
+    for (std::size_t t = 0; t < items.size(); ++t) {
+      append_row(h, R, t, r[t]);
+      append_row(dx, d_in, t, r[t]);
+    }
     return r;
   });
 }
@@ -353,7 +362,7 @@ TEST(BatchInvarianceLarge, LoraBankWithBase) { check_lora_bank(true, kLarge); }
 // ---- task heads --------------------------------------------------------------------
 
 // packed: the inference forward on heads packed in that dtype (int8: x
-// quantized per row); fp32 otherwise.
+// quantized per row); fp32 otherwise, with the backward's dx.
 void check_task_heads(index_t max_items,
                       std::optional<moekit::cpu::GemmDtype> packed = std::nullopt) {
   using Heads = moekit::HeadSpec<3>;
@@ -361,6 +370,7 @@ void check_task_heads(index_t max_items,
   const moekit::cpu::TaskHeads<Heads> heads({.d_model = d, .classes = {2, 7, 3}, .bias = true});
   const index_t c = heads.total_classes(), width = heads.max_classes();
   const RowPool x(kPool, d, 71);
+  const RowPool dz(kPool, width, 74);  // dL/dlogits (only a row's C_h columns are read)
   const std::vector<float> w = random_floats(c * d, 72, 0.2f);
   const std::vector<float> bias = random_floats(c, 73, 0.1f);
   const moekit::cpu::HeadWeights weights{{w.data(), c, d}, {bias.data(), c}};
@@ -377,11 +387,18 @@ void check_task_heads(index_t max_items,
     if (packed) {
       heads.forward({xb.data(), n, d}, {tasks.data(), n}, packed_weights, {logits.data(), n, width},
                     view_of(ws));
-    } else {
-      heads.forward({xb.data(), n, d}, {tasks.data(), n}, weights, {logits.data(), n, width},
-                    view_of(ws));
+      return split_rows(logits, items.size(), width);
     }
-    return split_rows(logits, items.size(), width);
+    heads.forward({xb.data(), n, d}, {tasks.data(), n}, weights, {logits.data(), n, width},
+                  view_of(ws));
+    // The backward's dx = dz W_h for a dz row per item.
+    const std::vector<float> dzb = dz.gather(items);
+    std::vector<float> dx(to_size(n * d), kNaN);
+    heads.backward({dzb.data(), n, width}, {xb.data(), n, d}, {tasks.data(), n}, weights,
+                   {dx.data(), n, d}, {}, view_of(ws));
+    BatchResults r = split_rows(logits, items.size(), width);
+    for (std::size_t t = 0; t < items.size(); ++t) append_row(dx, d, t, r[t]);
+    return r;
   });
 }
 
