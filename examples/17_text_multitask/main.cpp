@@ -764,7 +764,6 @@ int main(int argc, char** argv) {
                     {"full_accuracy", lat.full_acc},
                     {"exit_accuracy", lat.exit_acc},
                     {"exit_mean_layers", lat.exit_layers}};
-      progress("early exit", t + 1, kTasks, since(t0));
     }
   }
   stages["early_exit"] = since(t0);

@@ -257,6 +257,8 @@ void for_each_expert(FfnThreading threading, VectorView<const index_t> offsets, 
 
 }  // namespace detail
 
+// The E experts' FFNs of a MoeSpec<E, K> layer over the expert-major buffer:
+// forward and backward as described at the top of this file.
 template <MoeSpecType S>
 class ExpertFfn {
  public:

@@ -850,6 +850,8 @@ inline bool parse_checksum(std::string_view text, std::uint32_t& crc) {
 
 }  // namespace detail
 
+// A safetensors file opened for reading: the header parsed and checked
+// (names, dtypes, shapes, offsets), tensors read by name into caller memory.
 class SafetensorsReader {
  public:
   // Opens and validates `path` (see the top of this file); throws on any fault.
