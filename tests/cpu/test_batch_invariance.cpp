@@ -4,9 +4,7 @@
 //
 // Tests named BatchInvariance.* draw batches of up to 256 items, and
 // BatchInvarianceLarge.* batches of up to 4,096 (left out of the sanitizer
-// pass, tools/test.sh). A test whose component is not batch invariant yet is
-// compiled and DISABLED_ (run it with --gtest_also_run_disabled_tests); the
-// page says why for each.
+// pass, tools/test.sh). Session memory's test is in test_session_memory.cpp.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -41,14 +39,6 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr index_t kSmall = 256;   // BatchInvariance.*
 constexpr index_t kLarge = 4096;  // BatchInvarianceLarge.*
 constexpr index_t kPool = 48;     // distinct random items per test
-
-// The GEMM engine (branch engine) makes ExpertFfn batch invariant; until it
-// is merged, the ExpertFfn test is compiled and disabled.
-#if __has_include("moekit/cpu/gemm/gemm.hpp")
-#define MOEKIT_ON_GEMM_ENGINE(name) name
-#else
-#define MOEKIT_ON_GEMM_ENGINE(name) DISABLED_##name
-#endif
 
 std::vector<float> random_floats(index_t n, std::uint32_t seed, float scale = 1.0f) {
   std::mt19937 rng(seed);
@@ -229,11 +219,11 @@ void check_expert_ffn(moekit::FfnKind kind, index_t max_items) {
   });
 }
 
-TEST(BatchInvariance, MOEKIT_ON_GEMM_ENGINE(ExpertFfn)) {
+TEST(BatchInvariance, ExpertFfn) {
   check_expert_ffn(moekit::FfnKind::kPlain, kSmall);
   check_expert_ffn(moekit::FfnKind::kGated, kSmall);
 }
-TEST(BatchInvarianceLarge, MOEKIT_ON_GEMM_ENGINE(ExpertFfn)) {
+TEST(BatchInvarianceLarge, ExpertFfn) {
   check_expert_ffn(moekit::FfnKind::kGated, kLarge);
 }
 
@@ -272,8 +262,8 @@ void check_moe_layer(index_t max_items) {
   });
 }
 
-TEST(BatchInvariance, MOEKIT_ON_GEMM_ENGINE(MoeLayerDroplessForward)) { check_moe_layer(kSmall); }
-TEST(BatchInvarianceLarge, MOEKIT_ON_GEMM_ENGINE(MoeLayerDroplessForward)) {
+TEST(BatchInvariance, MoeLayerDroplessForward) { check_moe_layer(kSmall); }
+TEST(BatchInvarianceLarge, MoeLayerDroplessForward) {
   check_moe_layer(kLarge);
 }
 
