@@ -37,12 +37,19 @@
 
 #if defined(__clang__)
 #define MOEKIT_UNROLL _Pragma("unroll")
+#define MOEKIT_UNROLL_RANKS _Pragma("unroll 16")
 #elif defined(__GNUC__)
 #define MOEKIT_UNROLL _Pragma("GCC unroll 64")
+#define MOEKIT_UNROLL_RANKS _Pragma("GCC unroll 16")
 #else
 // Asks the compiler to unroll the loop after it (a short loop over a
 // compile-time count); nothing where it has no such pragma.
 #define MOEKIT_UNROLL
+// The same for a loop over the R ranks, at most 16 at a time: whole for the
+// usual ranks, while R = 64 does not multiply the code (and compile time) by
+// 64 per row-block size and ISA path. Unrolling never changes the order of
+// the sums.
+#define MOEKIT_UNROLL_RANKS
 #endif
 
 MOEKIT_NAMESPACE_BEGIN

@@ -28,7 +28,7 @@ MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void for_row_blocks(index_t begin, inde
 }
 
 // out(m, r) = alpha sum_k row(m)[k] P(r, k), for the rows of one block and
-// the ranks [R0, R0 + G) of one group. P is a panel or a matrix's rows
+// the ranks [r0, r0 + G) of one group. P is a panel or a matrix's rows
 // (ShrinkOperand); a row's tail is read through partial loads of both, so
 // the two give the same bits.
 template <int R, class RowAt>
@@ -40,8 +40,8 @@ struct ShrinkBlocks {
   float* out;
   index_t out_ld;
 
-  // acc[m][g] += x[m][k0, k0 + width) * P's ranks R0 + g over the same columns,
-  // which start at pk (rank R0, column k0).
+  // acc[m][g] += x[m][k0, k0 + width) * P's ranks r0 + g over the same columns,
+  // which start at pk (rank r0, column k0).
   template <int M, int G>
   MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void accumulate(
       const BlockArray<const float*, M>& x, index_t k0, int width, const float* pk,
@@ -57,9 +57,10 @@ struct ShrinkBlocks {
     }
   }
 
-  template <int M, int R0, int G>
+  // Ranks [r0, r0 + G): one pass over the block's rows.
+  template <int M, int G>
   MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void group(
-      index_t m0, const BlockArray<const float*, M>& x,
+      index_t m0, int r0, const BlockArray<const float*, M>& x,
       const BlockArray<const float*, M>& next) const {
     constexpr int kL = kF32x16Lanes;
     const index_t blocks = d / kL;
@@ -68,28 +69,30 @@ struct ShrinkBlocks {
     MOEKIT_UNROLL for (int m = 0; m < M; ++m) {
       MOEKIT_UNROLL for (int g = 0; g < G; ++g) acc[m][g] = zero();
     }
-    const float* pk = p.data + R0 * p.rank_stride;
+    const float* pk = p.data + r0 * p.rank_stride;
     for (index_t b = 0; b < blocks; ++b, pk += p.block_stride) {
-      if constexpr (R0 == 0) {
+      if (r0 == 0) {
         MOEKIT_UNROLL for (int m = 0; m < M; ++m) detail::prefetch_l2(next[m] + b * kL);
       }
       accumulate<M, G>(x, b * kL, kL, pk, acc);
     }
     if (tail > 0) accumulate<M, G>(x, blocks * kL, tail, pk, acc);
     for (int m = 0; m < M; ++m) {
-      for (int g = 0; g < G; ++g) out[(m0 + m) * out_ld + R0 + g] = alpha * reduce_add(acc[m][g]);
+      for (int g = 0; g < G; ++g) out[(m0 + m) * out_ld + r0 + g] = alpha * reduce_add(acc[m][g]);
     }
   }
 
-  template <int M, int R0 = 0>
+  // Whole groups of kShrinkRankGroup ranks in a run-time loop, then the
+  // rest: two instantiations of group per block size whatever R (a group
+  // per rank group, unrolled at compile time, cost minutes of compile time
+  // at R = 64).
+  template <int M>
   MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET void groups(
       index_t m0, const BlockArray<const float*, M>& x,
       const BlockArray<const float*, M>& next) const {
-    if constexpr (R0 < R) {
-      constexpr int G = std::min(kShrinkRankGroup, R - R0);
-      group<M, R0, G>(m0, x, next);
-      groups<M, R0 + G>(m0, x, next);
-    }
+    constexpr int kG = std::min(kShrinkRankGroup, R), kWhole = R / kG * kG;
+    for (int r0 = 0; r0 < kWhole; r0 += kG) group<M, kG>(m0, r0, x, next);
+    if constexpr (kWhole < R) group<M, R - kWhole>(m0, kWhole, x, next);
   }
 
   template <int M>
@@ -127,7 +130,7 @@ struct ExpandBlocks {
       acc[m] = width == kF32x16Lanes ? load(y[m] + k0) : load_partial(y[m] + k0, width);
       detail::prefetch_l2(next[m] + k0);
     }
-    MOEKIT_UNROLL for (int r = 0; r < R; ++r) {
+    MOEKIT_UNROLL_RANKS for (int r = 0; r < R; ++r) {
       const F32x16 pv = load(p + r * kF32x16Lanes);
       MOEKIT_UNROLL for (int m = 0; m < M; ++m) acc[m] = fmadd(set1(c[m][r]), pv, acc[m]);
     }
@@ -179,7 +182,7 @@ struct OuterBlocks {
       xv[m] = width == kF32x16Lanes ? load(x[m] + k0) : load_partial(x[m] + k0, width);
       detail::prefetch_l2(next[m] + k0);
     }
-    MOEKIT_UNROLL for (int r = 0; r < R; ++r) {
+    MOEKIT_UNROLL_RANKS for (int r = 0; r < R; ++r) {
       F32x16 acc = load(p + r * kF32x16Lanes);
       MOEKIT_UNROLL for (int m = 0; m < M; ++m) acc = fmadd(set1(c[m][r]), xv[m], acc);
       if (width == kF32x16Lanes) {
