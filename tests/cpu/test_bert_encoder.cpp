@@ -8,7 +8,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -21,6 +20,7 @@
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/io/bert.hpp"
 #include "strided_matrix.hpp"
+#include "test_support.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -42,6 +42,7 @@ using moekit::cpu::PackedBertWeights;
 using moekit::cpu::Pooling;
 using moekit_test::expect_error;
 using moekit_test::StridedMatrix;
+using moekit_test::same_bits;
 
 // A batch of random sequences, packed.
 struct Batch {
@@ -203,11 +204,6 @@ std::vector<float> rows_of(const StridedMatrix& h, const Batch& batch, index_t s
        r < batch.offsets[static_cast<std::size_t>(s) + 1]; ++r)
     for (index_t k = 0; k < h.cols; ++k) out.push_back(h.at(r, k));
   return out;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() &&
-         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 // Odd sizes: rows of every buffer start at every alignment.

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "batch_invariance.hpp"
 #include "bert_reference.hpp"
 #include "expect_error.hpp"
 #include "moekit/core/random.hpp"
@@ -35,6 +36,7 @@ namespace {
 using moekit::Errc;
 using moekit::index_t;
 using moekit_test::expect_error;
+using moekit_test::same_bits;
 namespace cpu = moekit::cpu;
 namespace text = moekit::text;
 namespace train = moekit::train;
@@ -52,10 +54,6 @@ std::filesystem::path write(const std::filesystem::path& path, const std::string
   std::filesystem::create_directories(path.parent_path());
   std::ofstream(path, std::ios::binary) << content;
   return path;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
 // ---- readers ------------------------------------------------------------------------------------
@@ -370,6 +368,43 @@ TEST(TextMultitaskModel, PoolingTermAdapterAndHeadMatchFloat64) {
       EXPECT_NEAR(z[i * Cs + c], ref, 1e-4 * (1 + std::fabs(ref))) << i << " " << c;
     }
   }
+}
+
+// The whole model is batch invariant (docs/determinism.md): a text's logits
+// are bit-identical alone and among up to 64 other texts of any tasks and
+// lengths, in any order, on 1 and 2 threads and on every CPU path. K < E, so
+// the routing is a real top-k choice.
+TEST(BatchInvariance, TextMultitaskModelPredict) {
+  using M = Model<4, 2, 2>;
+  typename M::Config c = small_config<M>();
+  c.max_batch = 64;
+  c.max_tokens = 64 * 4;
+  M model(c);
+  for (cpu::ModelTensor& t : model.tensors()) {  // B = 0 would hide the adapter
+    for (std::size_t i = 0; i < t.value.size(); ++i)
+      t.value[i] += 0.1f * moekit::random_normal(21, i);
+  }
+  constexpr index_t kPool = 24, d = 12;
+  const Tokens pool = random_tokens(kPool, d, 2, 22);
+  const index_t C = model.heads().max_classes();
+  moekit_test::expect_batch_invariant(kPool, 64, 23, [&](const std::vector<index_t>& items) {
+    Tokens batch;
+    for (const index_t i : items) {
+      const auto u = static_cast<std::size_t>(i);
+      const index_t first = pool.offsets[u], length = pool.offsets[u + 1] - first;
+      batch.x.insert(batch.x.end(), pool.x.begin() + first * d,
+                     pool.x.begin() + (first + length) * d);
+      batch.offsets.push_back(batch.offsets.back() + length);
+      batch.tasks.push_back(pool.tasks[u]);
+      batch.labels.push_back(pool.labels[u]);
+    }
+    const auto n = static_cast<index_t>(items.size());
+    std::vector<float> z(static_cast<std::size_t>(n * C), std::nanf(""));
+    model.predict(batch.view(d), {z.data(), n, C});
+    moekit_test::BatchResults out;
+    for (index_t j = 0; j < n; ++j) out.emplace_back(z.begin() + j * C, z.begin() + (j + 1) * C);
+    return out;
+  });
 }
 
 TEST(TextMultitaskModel, RejectsBadConfigurationsAndBatches) {

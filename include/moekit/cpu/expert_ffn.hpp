@@ -177,17 +177,17 @@ namespace detail {
 // The FFN's element-wise middle, row by row: h = f(a) * g for a gated FFN
 // (g not empty), else h = f(a). h may be a itself. Vectorised and chosen at
 // run time (cpu/elementwise.hpp); every element depends on its inputs only.
-template <class Act>
-void activate_rows(Act, MatrixView<const float> a, MatrixView<const float> g, MatrixView<float> h) {
-  activation_rows(Act::value, a, g, h);
+inline void activate_rows(Activation act, MatrixView<const float> a, MatrixView<const float> g,
+                          MatrixView<float> h) {
+  activation_rows(act, a, g, h);
 }
 
 // Its backward, given dh in `d` (overwritten with da): gated, dg = dh * f(a)
 // and da = dh * g * f'(a); else da = dh * f'(a) (dg unused).
-template <class Act>
-void activate_rows_backward(Act, MatrixView<const float> a, MatrixView<const float> g,
-                            MatrixView<float> d, MatrixView<float> dg) {
-  activation_rows_backward(Act::value, a, g, d, dg);
+inline void activate_rows_backward(Activation act, MatrixView<const float> a,
+                                   MatrixView<const float> g, MatrixView<float> d,
+                                   MatrixView<float> dg) {
+  activation_rows_backward(act, a, g, d, dg);
 }
 
 // body(r0, rows) for blocks of `rows` rows covering [0, n), spread over the
@@ -208,18 +208,17 @@ MatrixView<T> rows_of(MatrixView<T> v, index_t r0, index_t rows) {
 
 // activate_rows over all rows, in row blocks spread over the threads (h may
 // be a).
-template <class Act>
-void activate_all_rows(Act act, MatrixView<const float> a, MatrixView<const float> g,
-                       MatrixView<float> h) {
+inline void activate_all_rows(Activation act, MatrixView<const float> a, MatrixView<const float> g,
+                              MatrixView<float> h) {
   for_row_blocks(a.rows(), a.cols(), [&](index_t r0, index_t rows) {
     activate_rows(act, a.middle_rows(r0, rows), rows_of(g, r0, rows), h.middle_rows(r0, rows));
   });
 }
 
 // activate_rows_backward likewise.
-template <class Act>
-void activate_all_rows_backward(Act act, MatrixView<const float> a, MatrixView<const float> g,
-                                MatrixView<float> d, MatrixView<float> dg) {
+inline void activate_all_rows_backward(Activation act, MatrixView<const float> a,
+                                       MatrixView<const float> g, MatrixView<float> d,
+                                       MatrixView<float> dg) {
   for_row_blocks(a.rows(), a.cols(), [&](index_t r0, index_t rows) {
     activate_rows_backward(act, a.middle_rows(r0, rows), rows_of(g, r0, rows),
                            d.middle_rows(r0, rows), rows_of(dg, r0, rows));
@@ -326,11 +325,9 @@ class ExpertFfn {
                               (second ? gate : pre).middle_rows(r0, rows)};
         },
         engine);
-    with_activation(config_.activation, [&](auto act) {
-      detail::activate_all_rows(act, pre,
-                                gated() ? MatrixView<const float>(gate) : MatrixView<const float>(),
-                                ws0);  // h, in place of a when a is not saved
-    });
+    detail::activate_all_rows(config_.activation, pre,
+                              gated() ? MatrixView<const float>(gate) : MatrixView<const float>(),
+                              ws0);  // h, in place of a when a is not saved
     gemm_grouped(
         {.op_a = Op::kNone, .op_b = Op::kTrans}, kExperts,
         [&](index_t e) {
@@ -388,10 +385,8 @@ class ExpertFfn {
                               (second ? g : a).middle_rows(r0, rows)};
         },
         engine);
-    with_activation(config_.activation, [&](auto act) {
-      detail::activate_all_rows(
-          act, a, gated() ? MatrixView<const float>(g) : MatrixView<const float>(), a);
-    });
+    detail::activate_all_rows(config_.activation, a,
+                              gated() ? MatrixView<const float>(g) : MatrixView<const float>(), a);
     gemm_grouped(
         spec, kExperts,
         [&](index_t e) {
@@ -478,7 +473,10 @@ class ExpertFfn {
                           dw.middle_rows(e * block, block)};
     };
 
-    with_activation(config_.activation, [&](auto act) {
+    // One lambda (returns end the backward early), the activation a run-time
+    // value: a lambda per activation (with_activation) compiled this body,
+    // GEMM calls included, four times over.
+    [&](Activation act) {
       if (want_dw2) {  // dW2 = dy^T h, h recomputed into ws1
         detail::activate_all_rows(act, saved_pre, gate, ws1);
         gemm_grouped(
@@ -522,7 +520,7 @@ class ExpertFfn {
             },
             engine);
       }
-    });
+    }(config_.activation);
   }
 
  private:

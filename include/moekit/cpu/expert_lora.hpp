@@ -274,7 +274,9 @@ class ExpertLora {
     const MatrixView<float> gate = saved.gate.empty() ? ws.s1 : saved.gate;
     const float s = scale_;
     const ExpertAdapters<const float>& ad = weights.lora;
-    with_activation(config_.activation, [&](auto act) {
+    // The activation a run-time value: a body per activation (with_activation)
+    // compiled its Eigen products four times over.
+    [&](Activation act) {
       for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
         const auto x = as_eigen(buffer.middle_rows(r0, rows));
         const MatrixView<float> a = pre.middle_rows(r0, rows);
@@ -309,7 +311,7 @@ class ExpertLora {
               s * (as_eigen(MatrixView<const float>(hv)) * as_eigen(b_of(ad.b2, e, d)).transpose());
         }
       });
-    });
+    }(config_.activation);
   }
 
   // Backward of forward given dy = dL/dy (N x d), with what that forward
@@ -374,7 +376,9 @@ class ExpertLora {
     const Scratch ws = scratch(workspace, n);
     const float s = scale_;
     const ExpertAdapters<const float>& ad = weights.lora;
-    with_activation(config_.activation, [&](auto act) {
+    // The activation a run-time value: a body per activation (with_activation)
+    // compiled its Eigen products four times over.
+    [&](Activation act) {
       for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
         const auto g_y = as_eigen(dy.middle_rows(r0, rows));
         const MatrixView<const float> xv = buffer.middle_rows(r0, rows);
@@ -442,7 +446,7 @@ class ExpertLora {
         input_side(da, on.w1, ad.a1, ad.b1, saved.h1, grads.da1, grads.db1);
         if (gated()) input_side(dg, on.w3, ad.a3, ad.b3, saved.h3, grads.da3, grads.db3);
       });
-    });
+    }(config_.activation);
   }
 
   // Folds expert e's adapters into its blocks of the frozen weights (w1, w3,

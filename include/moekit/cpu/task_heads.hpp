@@ -213,13 +213,8 @@ class TaskHeads {
                const HeadWeights& weights, MatrixView<float> logits,
                VectorView<std::byte> workspace) const {
     MOEKIT_API("cpu::TaskHeads::forward");
-    check_view(x, "x");
-    const index_t n = x.rows();
-    check_shape(x, n, config_.d_model, "x");
-    check_tasks(tasks, n);
     check_weights(weights);
-    check_shape(logits, n, max_classes_, "logits");
-    check_workspace(workspace, n);
+    const index_t n = check_forward_views(x, tasks, logits, workspace);
     OverlapCheck("cpu::TaskHeads::forward")
         .out({{logits, "logits"}, {workspace.segment(0, workspace_size(n)), "workspace"}})
         .in({{x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
@@ -253,13 +248,8 @@ class TaskHeads {
                const PackedHeadWeights<S>& weights, MatrixView<float> logits,
                VectorView<std::byte> workspace) const {
     MOEKIT_API("cpu::TaskHeads::forward");
-    check_view(x, "x");
-    const index_t n = x.rows();
-    check_shape(x, n, config_.d_model, "x");
-    check_tasks(tasks, n);
     check_packed(weights);
-    check_shape(logits, n, max_classes_, "logits");
-    check_workspace(workspace, n);
+    const index_t n = check_forward_views(x, tasks, logits, workspace);
     OverlapCheck("cpu::TaskHeads::forward")
         .out({{logits, "logits"}, {workspace.segment(0, workspace_size(n)), "workspace"}})
         .in({{x, "x"}, {tasks, "tasks"}})
@@ -608,6 +598,18 @@ class TaskHeads {
 
   static void check_weighting(const TaskWeights& w, VectorView<float> dlog_vars) {
     check_task_weights(w, kHeads, dlog_vars);
+  }
+
+  // What both forwards check of x, tasks, logits and the workspace; n.
+  index_t check_forward_views(MatrixView<const float> x, VectorView<const std::int32_t> tasks,
+                              MatrixView<float> logits, VectorView<std::byte> workspace) const {
+    check_view(x, "x");
+    const index_t n = x.rows();
+    check_shape(x, n, config_.d_model, "x");
+    check_tasks(tasks, n);
+    check_shape(logits, n, max_classes_, "logits");
+    check_workspace(workspace, n);
+    return n;
   }
 
   void check_workspace(VectorView<std::byte> workspace, index_t n) const {
