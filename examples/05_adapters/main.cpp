@@ -243,6 +243,13 @@ int main() {
   std::vector<std::byte> frozen_workspace(to_size(frozen.workspace_size(rows_e)));
   frozen.forward({buffer.data(), rows_e, d}, off, expert_weights.base,
                  {frozen_out.data(), rows_e, d}, {}, {}, moekit::view_of(frozen_workspace));
+  // ExpertFfn runs on the GEMM engine and ExpertLora on Eigen: the same
+  // products in another summation order, so they agree to rounding.
+  double frozen_num = 0.0, frozen_den = 0.0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    frozen_num += (double(frozen_out[i]) - out[i]) * (double(frozen_out[i]) - out[i]);
+    frozen_den += double(frozen_out[i]) * frozen_out[i];
+  }
   const struct {
     bool ok;
     const char* what;
@@ -251,7 +258,7 @@ int main() {
       {std::sqrt(db_num / db_den) < 1e-5, "dB differs from s dy^T h"},
       {std::sqrt(diff / ref) < 1e-5 && restore < 1e-5, "merged layer or unmerge is off"},
       {std::sqrt(bank_num / bank_den) < 1e-5, "a bank row differs from its own adapter"},
-      {frozen_out == out && norm_da1 == 0.0 && norm_db2 > 0.0,
+      {std::sqrt(frozen_num / frozen_den) < 1e-5 && norm_da1 == 0.0 && norm_db2 > 0.0,
        "expert LoRA does not start as the frozen experts"},
   };
   for (const auto& c : checks) {

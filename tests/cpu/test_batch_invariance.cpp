@@ -223,9 +223,7 @@ TEST(BatchInvariance, ExpertFfn) {
   check_expert_ffn(moekit::FfnKind::kPlain, kSmall);
   check_expert_ffn(moekit::FfnKind::kGated, kSmall);
 }
-TEST(BatchInvarianceLarge, ExpertFfn) {
-  check_expert_ffn(moekit::FfnKind::kGated, kLarge);
-}
+TEST(BatchInvarianceLarge, ExpertFfn) { check_expert_ffn(moekit::FfnKind::kGated, kLarge); }
 
 // The dropless layer's forward: router, dispatch, routed SwiGLU experts,
 // combine, one shared expert.
@@ -263,9 +261,7 @@ void check_moe_layer(index_t max_items) {
 }
 
 TEST(BatchInvariance, MoeLayerDroplessForward) { check_moe_layer(kSmall); }
-TEST(BatchInvarianceLarge, MoeLayerDroplessForward) {
-  check_moe_layer(kLarge);
-}
+TEST(BatchInvarianceLarge, MoeLayerDroplessForward) { check_moe_layer(kLarge); }
 
 // ---- LoRA --------------------------------------------------------------------------
 

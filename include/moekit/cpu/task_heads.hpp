@@ -133,8 +133,8 @@ struct HeadGrads {
 // (cpu/gemm/packed_matrix.hpp), and the biases (sum C_h entries, or none).
 template <HeadSpecType S>
 struct PackedHeadWeights {
-  std::array<PackedMatrix, to_size(S::num_heads)> w{};
-  std::vector<float> b;
+  std::array<PackedMatrix, to_size(S::num_heads)> w{};  // head h's W_h^T, packed
+  std::vector<float> b;                                 // the biases, stacked like HeadWeights::b
   // The dtype the heads are packed in (one for all).
   GemmDtype dtype() const { return w[0].dtype(); }
 };
