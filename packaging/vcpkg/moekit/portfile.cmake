@@ -15,7 +15,7 @@
 set(VCPKG_BUILD_TYPE release)  # header-only: a debug configuration would install the same files
 
 # Written by tools/make_release.sh --update-port: the SHA512 of moekit-${VERSION}.tar.gz.
-set(MOEKIT_RELEASE_SHA512 "0")
+set(MOEKIT_RELEASE_SHA512 "5f3bafa8ca267daf8ccdd1d2b9bbe8e51c03b47457f8f9b8b63e06b1b08d26376ebe262971c9f83125d5c564bc92ffdef8332921b5618dfa27514ac7b19c7de3")
 
 if(NOT DEFINED MOEKIT_SOURCE_DIR AND DEFINED ENV{MOEKIT_SOURCE_DIR})
   set(MOEKIT_SOURCE_DIR "$ENV{MOEKIT_SOURCE_DIR}")
