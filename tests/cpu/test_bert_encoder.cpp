@@ -41,8 +41,8 @@ using moekit::cpu::NormPlacement;
 using moekit::cpu::PackedBertWeights;
 using moekit::cpu::Pooling;
 using moekit_test::expect_error;
-using moekit_test::StridedMatrix;
 using moekit_test::same_bits;
+using moekit_test::StridedMatrix;
 
 // A batch of random sequences, packed.
 struct Batch {
