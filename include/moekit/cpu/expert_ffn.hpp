@@ -473,54 +473,50 @@ class ExpertFfn {
                           dw.middle_rows(e * block, block)};
     };
 
-    // One lambda (returns end the backward early), the activation a run-time
-    // value: a lambda per activation (with_activation) compiled this body,
-    // GEMM calls included, four times over.
-    [&](Activation act) {
-      if (want_dw2) {  // dW2 = dy^T h, h recomputed into ws1
-        detail::activate_all_rows(act, saved_pre, gate, ws1);
-        gemm_grouped(
-            dw_spec, kExperts, [&](index_t e) { return weight_grad(dy, ws1, grads.dw2, e, d); },
-            engine);
-      }
-      if (!want_dh) return;
-
+    const Activation act = config_.activation;
+    if (want_dw2) {  // dW2 = dy^T h, h recomputed into ws1
+      detail::activate_all_rows(act, saved_pre, gate, ws1);
       gemm_grouped(
-          {.op_a = Op::kNone, .op_b = Op::kNone}, kExperts,  // dh = dy W2
-          [&](index_t e) {
-            const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-            return GemmOperands{dy.middle_rows(r0, rows), w2_of(weights, static_cast<int>(e)),
-                                nullptr, 0, ws0.middle_rows(r0, rows)};
+          dw_spec, kExperts, [&](index_t e) { return weight_grad(dy, ws1, grads.dw2, e, d); },
+          engine);
+    }
+    if (!want_dh) return;
+
+    gemm_grouped(
+        {.op_a = Op::kNone, .op_b = Op::kNone}, kExperts,  // dh = dy W2
+        [&](index_t e) {
+          const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+          return GemmOperands{dy.middle_rows(r0, rows), w2_of(weights, static_cast<int>(e)),
+                              nullptr, 0, ws0.middle_rows(r0, rows)};
+        },
+        engine);
+    detail::activate_all_rows_backward(act, saved_pre, gate, ws0,
+                                       gated() ? ws1 : MatrixView<float>());
+    const MatrixView<const float> da = ws0, dg = ws1;
+    const int dw_per_expert = (want_dw1 ? 1 : 0) + (want_dw3 ? 1 : 0);
+    if (dw_per_expert > 0) {  // dW1 = da^T X, dW3 = dg^T X
+      gemm_grouped(
+          dw_spec, index_t{kExperts} * dw_per_expert,
+          [&](index_t group) {
+            const index_t e = group / dw_per_expert;
+            const bool third = !want_dw1 || group % dw_per_expert == 1;
+            return weight_grad(third ? dg : da, buffer, third ? grads.dw3 : grads.dw1, e, f);
           },
           engine);
-      detail::activate_all_rows_backward(act, saved_pre, gate, ws0,
-                                         gated() ? ws1 : MatrixView<float>());
-      const MatrixView<const float> da = ws0, dg = ws1;
-      const int dw_per_expert = (want_dw1 ? 1 : 0) + (want_dw3 ? 1 : 0);
-      if (dw_per_expert > 0) {  // dW1 = da^T X, dW3 = dg^T X
-        gemm_grouped(
-            dw_spec, index_t{kExperts} * dw_per_expert,
-            [&](index_t group) {
-              const index_t e = group / dw_per_expert;
-              const bool third = !want_dw1 || group % dw_per_expert == 1;
-              return weight_grad(third ? dg : da, buffer, third ? grads.dw3 : grads.dw1, e, f);
-            },
-            engine);
-      }
-      if (!want_dx) return;
-      for (int part = 0; part < (gated() ? 2 : 1); ++part) {  // dx = da W1 (+ dg W3)
-        gemm_grouped(
-            {.op_a = Op::kNone, .op_b = Op::kNone, .beta = part == 0 ? 0.0f : 1.0f}, kExperts,
-            [&](index_t e) {
-              const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-              const auto ei = static_cast<int>(e);
-              return GemmOperands{(part == 0 ? da : dg).middle_rows(r0, rows),
-                                  part == 0 ? w1_of(weights, ei) : w3_of(weights, ei), nullptr, 0,
-                                  dx.middle_rows(r0, rows)};
-            },
-            engine);
-      }
-    }(config_.activation);
+    }
+    if (!want_dx) return;
+    for (int part = 0; part < (gated() ? 2 : 1); ++part) {  // dx = da W1 (+ dg W3)
+      gemm_grouped(
+          {.op_a = Op::kNone, .op_b = Op::kNone, .beta = part == 0 ? 0.0f : 1.0f}, kExperts,
+          [&](index_t e) {
+            const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
+            const auto ei = static_cast<int>(e);
+            return GemmOperands{(part == 0 ? da : dg).middle_rows(r0, rows),
+                                part == 0 ? w1_of(weights, ei) : w3_of(weights, ei), nullptr, 0,
+                                dx.middle_rows(r0, rows)};
+          },
+          engine);
+    }
   }
 
  private:

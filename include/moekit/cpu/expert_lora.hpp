@@ -274,44 +274,41 @@ class ExpertLora {
     const MatrixView<float> gate = saved.gate.empty() ? ws.s1 : saved.gate;
     const float s = scale_;
     const ExpertAdapters<const float>& ad = weights.lora;
-    // The activation a run-time value: a body per activation (with_activation)
-    // compiled its Eigen products four times over.
-    [&](Activation act) {
-      for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
-        const auto x = as_eigen(buffer.middle_rows(r0, rows));
-        const MatrixView<float> a = pre.middle_rows(r0, rows);
-        const MatrixView<float> h = ws.s0.middle_rows(r0, rows);  // may be a: h overwrites a
-        const MatrixView<float> rank = ws.r0.middle_rows(r0, rows);
-        // t = X W^T + s (X A^T) B^T, the rank-R product kept in `hs`.
-        const auto adapted = [&](MatrixView<float> t, MatrixView<const float> w, bool has,
-                                 MatrixView<const float> am, MatrixView<const float> bm,
-                                 MatrixView<float> hs) {
-          as_eigen(t).noalias() = x * as_eigen(w).transpose();
-          if (!has) return;
-          const MatrixView<float> hv = hs.empty() ? rank : hs.middle_rows(r0, rows);
-          as_eigen(hv).noalias() = x * as_eigen(a_of(am, e)).transpose();
-          as_eigen(t).noalias() +=
-              s * (as_eigen(MatrixView<const float>(hv)) * as_eigen(b_of(bm, e, f)).transpose());
-        };
-        adapted(a, w_of(weights.base.w1, e, f), on.w1, ad.a1, ad.b1, saved.h1);
-        if (gated()) {
-          const MatrixView<float> g = gate.middle_rows(r0, rows);
-          adapted(g, w_of(weights.base.w3, e, f), on.w3, ad.a3, ad.b3, saved.h3);
-          detail::activate_rows(act, a, g, h);
-        } else {
-          detail::activate_rows(act, a, MatrixView<const float>(), h);
-        }
-        const auto hm = as_eigen(MatrixView<const float>(h));
-        auto ym = as_eigen(y.middle_rows(r0, rows));
-        ym.noalias() = hm * as_eigen(w_of(weights.base.w2, e, d)).transpose();
-        if (on.w2) {
-          const MatrixView<float> hv = saved.h2.empty() ? rank : saved.h2.middle_rows(r0, rows);
-          as_eigen(hv).noalias() = hm * as_eigen(a_of(ad.a2, e)).transpose();
-          ym.noalias() +=
-              s * (as_eigen(MatrixView<const float>(hv)) * as_eigen(b_of(ad.b2, e, d)).transpose());
-        }
-      });
-    }(config_.activation);
+    const Activation act = config_.activation;
+    for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
+      const auto x = as_eigen(buffer.middle_rows(r0, rows));
+      const MatrixView<float> a = pre.middle_rows(r0, rows);
+      const MatrixView<float> h = ws.s0.middle_rows(r0, rows);  // may be a: h overwrites a
+      const MatrixView<float> rank = ws.r0.middle_rows(r0, rows);
+      // t = X W^T + s (X A^T) B^T, the rank-R product kept in `hs`.
+      const auto adapted = [&](MatrixView<float> t, MatrixView<const float> w, bool has,
+                               MatrixView<const float> am, MatrixView<const float> bm,
+                               MatrixView<float> hs) {
+        as_eigen(t).noalias() = x * as_eigen(w).transpose();
+        if (!has) return;
+        const MatrixView<float> hv = hs.empty() ? rank : hs.middle_rows(r0, rows);
+        as_eigen(hv).noalias() = x * as_eigen(a_of(am, e)).transpose();
+        as_eigen(t).noalias() +=
+            s * (as_eigen(MatrixView<const float>(hv)) * as_eigen(b_of(bm, e, f)).transpose());
+      };
+      adapted(a, w_of(weights.base.w1, e, f), on.w1, ad.a1, ad.b1, saved.h1);
+      if (gated()) {
+        const MatrixView<float> g = gate.middle_rows(r0, rows);
+        adapted(g, w_of(weights.base.w3, e, f), on.w3, ad.a3, ad.b3, saved.h3);
+        detail::activate_rows(act, a, g, h);
+      } else {
+        detail::activate_rows(act, a, MatrixView<const float>(), h);
+      }
+      const auto hm = as_eigen(MatrixView<const float>(h));
+      auto ym = as_eigen(y.middle_rows(r0, rows));
+      ym.noalias() = hm * as_eigen(w_of(weights.base.w2, e, d)).transpose();
+      if (on.w2) {
+        const MatrixView<float> hv = saved.h2.empty() ? rank : saved.h2.middle_rows(r0, rows);
+        as_eigen(hv).noalias() = hm * as_eigen(a_of(ad.a2, e)).transpose();
+        ym.noalias() +=
+            s * (as_eigen(MatrixView<const float>(hv)) * as_eigen(b_of(ad.b2, e, d)).transpose());
+      }
+    });
   }
 
   // Backward of forward given dy = dL/dy (N x d), with what that forward
@@ -376,77 +373,72 @@ class ExpertLora {
     const Scratch ws = scratch(workspace, n);
     const float s = scale_;
     const ExpertAdapters<const float>& ad = weights.lora;
-    // The activation a run-time value: a body per activation (with_activation)
-    // compiled its Eigen products four times over.
-    [&](Activation act) {
-      for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
-        const auto g_y = as_eigen(dy.middle_rows(r0, rows));
-        const MatrixView<const float> xv = buffer.middle_rows(r0, rows);
-        const auto x = as_eigen(xv);
-        const MatrixView<const float> a = saved.pre.middle_rows(r0, rows);
-        const MatrixView<const float> g =
-            gated() ? saved.gate.middle_rows(r0, rows) : MatrixView<const float>();
-        const MatrixView<float> s0 = ws.s0.middle_rows(r0, rows);  // dh, then da
-        const MatrixView<float> s1 = ws.s1.middle_rows(r0, rows);  // h, then dg
-        const MatrixView<float> rank = ws.r0.middle_rows(r0, rows);
-        const MatrixView<float> dr = ws.r1.middle_rows(r0, rows);  // dh1, dh2, dh3 in turn
-        const auto drm = as_eigen(MatrixView<const float>(dr));
+    const Activation act = config_.activation;
+    for_each_expert(offsets, [&](int e, index_t r0, index_t rows) {
+      const auto g_y = as_eigen(dy.middle_rows(r0, rows));
+      const MatrixView<const float> xv = buffer.middle_rows(r0, rows);
+      const auto x = as_eigen(xv);
+      const MatrixView<const float> a = saved.pre.middle_rows(r0, rows);
+      const MatrixView<const float> g =
+          gated() ? saved.gate.middle_rows(r0, rows) : MatrixView<const float>();
+      const MatrixView<float> s0 = ws.s0.middle_rows(r0, rows);  // dh, then da
+      const MatrixView<float> s1 = ws.s1.middle_rows(r0, rows);  // h, then dg
+      const MatrixView<float> rank = ws.r0.middle_rows(r0, rows);
+      const MatrixView<float> dr = ws.r1.middle_rows(r0, rows);  // dh1, dh2, dh3 in turn
+      const auto drm = as_eigen(MatrixView<const float>(dr));
 
-        if (need_h) detail::activate_rows(act, a, g, s1);
-        const auto h = as_eigen(MatrixView<const float>(s1));
-        if (want_b2) {  // dB2 = s dy^T h2, h2 saved or recomputed from h
-          MatrixView<const float> h2 = saved.h2;
-          if (h2.empty()) {
-            as_eigen(rank).noalias() = h * as_eigen(a_of(ad.a2, e)).transpose();
-            h2 = rank;
+      if (need_h) detail::activate_rows(act, a, g, s1);
+      const auto h = as_eigen(MatrixView<const float>(s1));
+      if (want_b2) {  // dB2 = s dy^T h2, h2 saved or recomputed from h
+        MatrixView<const float> h2 = saved.h2;
+        if (h2.empty()) {
+          as_eigen(rank).noalias() = h * as_eigen(a_of(ad.a2, e)).transpose();
+          h2 = rank;
+        } else {
+          h2 = h2.middle_rows(r0, rows);
+        }
+        detail::assign_or_add(as_eigen(b_of(grads.db2, e, d)), s * (g_y.transpose() * as_eigen(h2)),
+                              acc);
+      }
+      if (want_dh2) {  // dh2 = s dy B2, dA2 = dh2^T h
+        as_eigen(dr).noalias() = s * (g_y * as_eigen(b_of(ad.b2, e, d)));
+        if (want_a2) detail::assign_or_add(as_eigen(a_of(grads.da2, e)), drm.transpose() * h, acc);
+      }
+      if (!want_dh) return;
+
+      as_eigen(s0).noalias() = g_y * as_eigen(w_of(weights.base.w2, e, d));  // dh
+      if (want_dh2) as_eigen(s0).noalias() += drm * as_eigen(a_of(ad.a2, e));
+      detail::activate_rows_backward(act, a, g, s0, s1);
+      const auto da = as_eigen(MatrixView<const float>(s0));
+      const auto dg = as_eigen(MatrixView<const float>(s1));
+      auto dxm = as_eigen(want_dx ? dx.middle_rows(r0, rows) : MatrixView<float>());
+      if (want_dx) {
+        dxm.noalias() = da * as_eigen(w_of(weights.base.w1, e, f));
+        if (gated()) dxm.noalias() += dg * as_eigen(w_of(weights.base.w3, e, f));
+      }
+      // One adapter on W1 (t = da) or W3 (t = dg), input X.
+      const auto input_side = [&](const auto& t, bool has, MatrixView<const float> am,
+                                  MatrixView<const float> bm, MatrixView<const float> hs,
+                                  MatrixView<float> dam, MatrixView<float> dbm) {
+        if (!has) return;
+        if (!dbm.empty()) {  // dB = s t^T (X A^T), saved or recomputed
+          MatrixView<const float> hv = hs;
+          if (hv.empty()) {
+            as_eigen(rank).noalias() = x * as_eigen(a_of(am, e)).transpose();
+            hv = rank;
           } else {
-            h2 = h2.middle_rows(r0, rows);
+            hv = hv.middle_rows(r0, rows);
           }
-          detail::assign_or_add(as_eigen(b_of(grads.db2, e, d)),
-                                s * (g_y.transpose() * as_eigen(h2)), acc);
+          detail::assign_or_add(as_eigen(b_of(dbm, e, f)), s * (t.transpose() * as_eigen(hv)), acc);
         }
-        if (want_dh2) {  // dh2 = s dy B2, dA2 = dh2^T h
-          as_eigen(dr).noalias() = s * (g_y * as_eigen(b_of(ad.b2, e, d)));
-          if (want_a2)
-            detail::assign_or_add(as_eigen(a_of(grads.da2, e)), drm.transpose() * h, acc);
-        }
-        if (!want_dh) return;
-
-        as_eigen(s0).noalias() = g_y * as_eigen(w_of(weights.base.w2, e, d));  // dh
-        if (want_dh2) as_eigen(s0).noalias() += drm * as_eigen(a_of(ad.a2, e));
-        detail::activate_rows_backward(act, a, g, s0, s1);
-        const auto da = as_eigen(MatrixView<const float>(s0));
-        const auto dg = as_eigen(MatrixView<const float>(s1));
-        auto dxm = as_eigen(want_dx ? dx.middle_rows(r0, rows) : MatrixView<float>());
-        if (want_dx) {
-          dxm.noalias() = da * as_eigen(w_of(weights.base.w1, e, f));
-          if (gated()) dxm.noalias() += dg * as_eigen(w_of(weights.base.w3, e, f));
-        }
-        // One adapter on W1 (t = da) or W3 (t = dg), input X.
-        const auto input_side = [&](const auto& t, bool has, MatrixView<const float> am,
-                                    MatrixView<const float> bm, MatrixView<const float> hs,
-                                    MatrixView<float> dam, MatrixView<float> dbm) {
-          if (!has) return;
-          if (!dbm.empty()) {  // dB = s t^T (X A^T), saved or recomputed
-            MatrixView<const float> hv = hs;
-            if (hv.empty()) {
-              as_eigen(rank).noalias() = x * as_eigen(a_of(am, e)).transpose();
-              hv = rank;
-            } else {
-              hv = hv.middle_rows(r0, rows);
-            }
-            detail::assign_or_add(as_eigen(b_of(dbm, e, f)), s * (t.transpose() * as_eigen(hv)),
-                                  acc);
-          }
-          if (dam.empty() && !want_dx) return;
-          as_eigen(dr).noalias() = s * (t * as_eigen(b_of(bm, e, f)));
-          if (!dam.empty()) detail::assign_or_add(as_eigen(a_of(dam, e)), drm.transpose() * x, acc);
-          if (want_dx) dxm.noalias() += drm * as_eigen(a_of(am, e));
-        };
-        input_side(da, on.w1, ad.a1, ad.b1, saved.h1, grads.da1, grads.db1);
-        if (gated()) input_side(dg, on.w3, ad.a3, ad.b3, saved.h3, grads.da3, grads.db3);
-      });
-    }(config_.activation);
+        if (dam.empty() && !want_dx) return;
+        as_eigen(dr).noalias() = s * (t * as_eigen(b_of(bm, e, f)));
+        if (!dam.empty()) detail::assign_or_add(as_eigen(a_of(dam, e)), drm.transpose() * x, acc);
+        if (want_dx) dxm.noalias() += drm * as_eigen(a_of(am, e));
+      };
+      input_side(da, on.w1, ad.a1, ad.b1, saved.h1, grads.da1, grads.db1);
+      if (gated()) input_side(dg, on.w3, ad.a3, ad.b3, saved.h3, grads.da3, grads.db3);
+    });
   }
 
   // Folds expert e's adapters into its blocks of the frozen weights (w1, w3,
