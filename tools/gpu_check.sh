@@ -5,7 +5,7 @@
 #                               Google Benchmark): builds the CUDA tests,
 #                               benchmarks and examples for sm_90 only into
 #                               build/gpu and gathers what the stages need in
-#                               ONE folder, build/gpu/carry (about 35 MB: the
+#                               ONE folder, build/gpu/carry (about 42 MB: the
 #                               binaries, with RUNPATH $ORIGIN/lib, and lib/,
 #                               the shared libraries a bare CUDA machine may
 #                               lack). Take that folder along (the device
