@@ -8,9 +8,9 @@
 // of the activations) on T samples. The closing table gives the ratios.
 //
 // The cost of batch invariance (docs/determinism.md): at the system's sizes
-// (T = 2048, d = 384, 4 heads of 2, 5, 11 and 20 classes), the heads'
-// products on the GEMM engine (TaskHeads forward, and forward + backward)
-// beside the same work through Eigen's GEMMs as TaskHeads ran it before
+// (T = 2048, d = 384, 4 heads of 2, 5, 11 and 20 classes), TaskHeads'
+// forward (the row kernel) and forward + backward (the GEMM engine) beside
+// the same work through Eigen's GEMMs as TaskHeads ran it before
 // (heads_eigen, written out here), on task-sorted rows (no gather: the
 // difference is the products); the library on shuffled rows too. Run with
 // --benchmark_filter=invariance_ for that table alone, and --cpu_time to
@@ -254,7 +254,7 @@ SystemHeads& system_heads() {
   return p;
 }
 
-// kind: 0 Eigen (sorted rows), 1 engine (sorted rows), 2 engine (shuffled rows).
+// kind: 0 Eigen (sorted rows), 1 moekit (sorted rows), 2 moekit (shuffled rows).
 void invariance_heads(benchmark::State& state, int threads, int kind, bool backward) {
   moekit_bench::set_threads(threads);
   SystemHeads& p = system_heads();
@@ -277,7 +277,7 @@ void invariance_heads(benchmark::State& state, int threads, int kind, bool backw
   moekit_bench::set_rate(state, backward ? 3 * flops : flops);
 }
 
-constexpr const char* kInvarianceKinds[] = {"eigen_sorted", "engine_sorted", "engine_shuffled"};
+constexpr const char* kInvarianceKinds[] = {"eigen_sorted", "moekit_sorted", "moekit_shuffled"};
 
 std::string run_name(const char* what, const char* config, int threads) {
   return std::string(what) + "/" + config + "/threads:" + std::to_string(threads);
@@ -363,23 +363,23 @@ int main(int argc, char** argv) {
       "fb/dense = forward + loss + backward / three such GEMMs\n");
 
   std::printf("\nbatch invariance: T = 2048, d = 384, heads of 2, 5, 11, 20 classes (ms)\n");
-  std::printf("%-4s %3s %10s %10s %8s %12s\n", "", "thr", "Eigen", "engine", "ratio",
-              "engine shuf");
+  std::printf("%-4s %3s %10s %10s %8s %12s\n", "", "thr", "Eigen", "moekit", "ratio",
+              "moekit shuf");
   for (int threads : thread_counts) {
     for (const char* what : {"invariance_fwd", "invariance_fb"}) {
       const double eigen = reporter.seconds(run_name(what, kInvarianceKinds[0], threads));
-      const double engine = reporter.seconds(run_name(what, kInvarianceKinds[1], threads));
+      const double ours = reporter.seconds(run_name(what, kInvarianceKinds[1], threads));
       const double shuffled = reporter.seconds(run_name(what, kInvarianceKinds[2], threads));
-      if (eigen <= 0 && engine <= 0) continue;  // filtered out
+      if (eigen <= 0 && ours <= 0) continue;  // filtered out
       std::printf("%-4s %3d %10s %10s %8s %12s\n",
                   std::string(what) == "invariance_fb" ? "fb" : "fwd", threads,
-                  cell(eigen * 1e3, eigen > 0).c_str(), cell(engine * 1e3, engine > 0).c_str(),
-                  cell(engine / eigen, engine > 0 && eigen > 0).c_str(),
+                  cell(eigen * 1e3, eigen > 0).c_str(), cell(ours * 1e3, ours > 0).c_str(),
+                  cell(ours / eigen, ours > 0 && eigen > 0).c_str(),
                   cell(shuffled * 1e3, shuffled > 0).c_str());
     }
   }
   std::printf(
-      "ratio = engine / Eigen on task-sorted rows (above 1: what invariance costs); fb = forward "
-      "+ backward (dW, db, dx); engine shuf = the library on shuffled rows (gather included)\n");
+      "ratio = moekit / Eigen on task-sorted rows (above 1: what invariance costs); fb = forward "
+      "+ backward (dW, db, dx); moekit shuf = on shuffled rows (grouping included)\n");
   return 0;
 }

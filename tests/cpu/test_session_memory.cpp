@@ -402,6 +402,59 @@ TEST(SessionMemory, AFullStrengthWriteIsRecalledExactly) {
   }
 }
 
+// ---- kernels: dot products --------------------------------------------------------------
+
+// row_dots and multi_row_dots on every path against their definition,
+// replayed here with the same float operations: lane l sums columns l,
+// l + 16, ... with fused multiply-adds, then reduce_add's tree. So a row's
+// result depends on its length alone: not on the path, on how many vectors
+// share a tile, or on which.
+TEST(SessionMemoryKernels, DotProductsFollowTheirDefinitionOnEveryPath) {
+  std::mt19937 rng(22);
+  const auto definition = [](const float* a, const float* b, index_t len) {
+    float lane[16] = {};
+    for (index_t j = 0; j < len; ++j) lane[j % 16] = std::fma(a[j], b[j], lane[j % 16]);
+    for (int width = 8; width >= 1; width /= 2) {  // the tree: lanes l and l + width
+      for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
+    }
+    return lane[0];
+  };
+  for (const index_t len : {index_t{1}, index_t{16}, index_t{37}, index_t{384}}) {
+    for (const index_t rows : {index_t{1}, index_t{2}, index_t{5}, index_t{9}}) {
+      const std::vector<float> m = normal_rows(rows, len, rng);
+      for (const index_t count : {index_t{1}, index_t{3}, index_t{4}, index_t{7}}) {
+        const std::vector<float> v = normal_rows(count, len, rng);
+        std::vector<float> want(sz(count * rows));
+        for (index_t x = 0; x < count; ++x) {
+          for (index_t r = 0; r < rows; ++r)
+            want[sz(x * rows + r)] = definition(m.data() + r * len, v.data() + x * len, len);
+        }
+        const auto run = [&](auto path) {
+          std::vector<float> got(sz(count * rows), moekit_test::kNaN),
+              single(sz(rows), moekit_test::kNaN);
+          std::vector<const float*> vs;
+          std::vector<float*> outs;
+          for (index_t x = 0; x < count; ++x) {
+            vs.push_back(v.data() + x * len);
+            outs.push_back(got.data() + x * rows);
+          }
+          const MatrixView<const float> mv(m.data(), rows, len);
+          multi_row_dots(path, mv, vs.data(), outs.data(), count);
+          EXPECT_TRUE(same_bits(got, want)) << len << " " << rows << " " << count;
+          row_dots(path, mv, v.data(), single.data());
+          EXPECT_TRUE(same_bits(single, std::vector<float>(want.begin(), want.begin() + rows)));
+          EXPECT_EQ(dot(path, m.data(), v.data(), len), want[0]);
+        };
+        run(moekit::cpu::generic::Path{});
+#if MOEKIT_DETAIL_X86
+        if (moekit::cpu::isa_available(Isa::kAvx2)) run(moekit::cpu::avx2::Path{});
+        if (moekit::cpu::isa_available(Isa::kAvx512)) run(moekit::cpu::avx512::Path{});
+#endif
+      }
+    }
+  }
+}
+
 // ---- kernels: int8 scoring ----------------------------------------------------------------
 
 // quantize_row, dot_i8_rows and scale_scores on every path against their

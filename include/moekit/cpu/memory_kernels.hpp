@@ -5,6 +5,8 @@
 // with_vec_path:
 //
 //   row_dots        out = m v                         (projections, the read S q)
+//   multi_row_dots  out_v = m v for several v at once (the router's and the
+//                                                      task heads' logits)
 //   dot, normalize  a . b, x / ||x||
 //   decay_subtract  y = a y - c x                     (one row of the delta rule)
 //   delta_rows      S = a S - c k^T                   (the delta rule on the state)

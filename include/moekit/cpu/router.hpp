@@ -262,10 +262,11 @@ inline constexpr index_t kGateRows = 64;
 
 // logits = x w_gate^T (T x d times d x E), batch invariant: each logit is
 // one dot product of a token's row with an expert's row, summed over d in
-// the order fixed by d alone (memory_kernels.hpp's row_dots), whatever the
-// other rows and the thread count; threads take fixed runs of kGateRows
-// rows. The same bits on every CPU path. E is a run-time length here: a
-// kernel unrolled over E cost minutes of compile time per expert count.
+// the order fixed by d alone (memory_kernels.hpp's multi_row_dots: register
+// tiles of a few tokens times a few experts), whatever the other rows and
+// the thread count; threads take fixed runs of kGateRows rows. The same bits
+// on every CPU path. E is a run-time length here: a kernel unrolled over E
+// cost minutes of compile time per expert count.
 template <int E>
 void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                  MatrixView<float> logits) {
@@ -275,9 +276,13 @@ void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
   MOEKIT_PARALLEL_FOR_IF(parallel)
   for (index_t i = 0; i < runs; ++i) {
     const index_t first = i * kGateRows, end = std::min(first + kGateRows, tokens);
-    with_vec_path([&](auto path) {
-      for (index_t t = first; t < end; ++t) row_dots(path, w_gate, x.row(t), logits.row(t));
-    });
+    const float* rows_x[kGateRows];
+    float* rows_z[kGateRows];
+    for (index_t t = first; t < end; ++t) {
+      rows_x[t - first] = x.row(t);
+      rows_z[t - first] = logits.row(t);
+    }
+    with_vec_path([&](auto path) { multi_row_dots(path, w_gate, rows_x, rows_z, end - first); });
   }
 }
 

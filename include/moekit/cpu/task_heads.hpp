@@ -53,20 +53,26 @@
 // grouped rows of x and of the logits (not for H = 1), and the GEMM engine's
 // packing buffers. No call allocates. For n = 0 it is 0.
 //
-// Products and threading (docs/index.md, "Threads": one pool at a time). The
-// heads' products (logits, dW_h and dX_h) run on the GEMM engine in fp32
-// (cpu/gemm/gemm.hpp), all heads in one grouped call per product: the
-// engine splits the heads' rows and columns over the OpenMP threads. Every
-// logit and every element of dx is one multiply-add chain over d (over C_h
-// for dx) in order, so a row's logits and dx depend on that row alone, bit
-// for bit, whatever the batch, the thread count and the CPU path
-// (docs/determinism.md); dW_h and db_h sum over the head's rows in order.
-// Each output element is written by one thread, so results are
-// bit-identical run after run.
+// Products and threading (docs/index.md, "Threads": one pool at a time).
+// The logits (fp32) are dot products of a row of x with its head's rows of
+// W, by the row kernel (cpu/memory_kernels.hpp's multi_row_dots: register
+// tiles of a few rows of x times a few classes, reading x and W in place).
+// A head has a few classes, so a GEMM's register blocks (16 columns wide)
+// would mostly compute padding. Each logit is summed over d in an order fixed
+// by d alone, so a row's logits depend on that row alone, bit for bit,
+// whatever the batch, the thread count and the CPU path
+// (docs/determinism.md); threads take fixed runs of one head's rows. The
+// backward's products (dW_h and dX_h) run on the GEMM engine in fp32
+// (cpu/gemm/gemm.hpp), all heads in one grouped call per product: every
+// element of dx is one multiply-add chain over C_h in order (row-local as
+// well), dW_h and db_h sum over the head's rows in order. Each output
+// element is written by one thread, so results are bit-identical run after
+// run.
 //
 // Packed heads for inference (pack, then forward with PackedHeadWeights):
-// each head's W_h packed once in fp32, bf16 or int8 (cpu/gemm/
-// packed_matrix.hpp) and its logits computed by the engine in that dtype.
+// fp32 keeps W as given and runs the forward above (the same bits); bf16
+// and int8 pack each head's W_h once (cpu/gemm/packed_matrix.hpp) and
+// compute its logits on the engine in that dtype.
 // int8: weights quantized per class (per output row of W_h), x per row,
 // both symmetric (max |v| / 127), exact int32 sums scaled back to fp32; a
 // row's logits still depend on that row alone. The accuracy change against
@@ -100,6 +106,7 @@
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/elementwise.hpp"
 #include "moekit/cpu/gemm/gemm.hpp"
+#include "moekit/cpu/memory_kernels.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/nn/param_count.hpp"
 #include "moekit/spec.hpp"
@@ -128,15 +135,18 @@ struct HeadGrads {
   bool accumulate = false;  // add to dw / db instead of overwriting them
 };
 
-// Frozen heads packed once for inference (TaskHeads::pack, then forward with
-// them): head h's W_h^T (d x C_h) as a PackedMatrix in fp32, bf16 or int8
-// (cpu/gemm/packed_matrix.hpp), and the biases (sum C_h entries, or none).
+// Frozen heads prepared once for inference (TaskHeads::pack, then forward
+// with them). fp32: all heads' W as given, copied (the row kernel reads it in
+// place: nothing to pack). bf16 and int8: head h's W_h^T (d x C_h) as a
+// PackedMatrix (cpu/gemm/packed_matrix.hpp). And the biases (sum C_h
+// entries, or none).
 template <HeadSpecType S>
 struct PackedHeadWeights {
-  std::array<PackedMatrix, to_size(S::num_heads)> w{};  // head h's W_h^T, packed
+  std::vector<float> rows;  // fp32 only: (sum C_h) x d, laid out like HeadWeights::w
+  std::array<PackedMatrix, to_size(S::num_heads)> w{};  // bf16 / int8 only: W_h^T, packed
   std::vector<float> b;                                 // the biases, stacked like HeadWeights::b
-  // The dtype the heads are packed in (one for all).
-  GemmDtype dtype() const { return w[0].dtype(); }
+  // The dtype the heads are prepared in (one for all).
+  GemmDtype dtype() const { return rows.empty() ? w[0].dtype() : GemmDtype::kFloat32; }
 };
 
 // How loss() combines the per-task losses (core/classification.hpp).
@@ -220,9 +230,7 @@ class TaskHeads {
         .in({{x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
         .check();
 
-    run_forward(
-        x, tasks, {.dtype = GemmDtype::kFloat32, .op_a = Op::kNone, .op_b = Op::kTrans},
-        [&](int h, GemmOperands& ops) { ops.b = w_of(weights, h); }, weights.b, logits, workspace);
+    row_forward(x, tasks, weights.w, weights.b, logits, workspace);
   }
 
   // Packs frozen heads once for the inference forward below, in `dtype`
@@ -235,8 +243,14 @@ class TaskHeads {
     MOEKIT_CHECK_ARG(is_gemm_dtype(dtype), "dtype = ", static_cast<int>(dtype),
                      " is not a GemmDtype");
     PackedHeadWeights<S> p;
-    for (int h = 0; h < kHeads; ++h)
-      p.w[to_size(h)] = PackedMatrix(dtype, Op::kTrans, w_of(weights, h));
+    if (dtype == GemmDtype::kFloat32) {
+      p.rows.resize(to_size(total_classes() * config_.d_model));
+      as_eigen(MatrixView<float>(p.rows.data(), total_classes(), config_.d_model)) =
+          as_eigen(weights.w);
+    } else {
+      for (int h = 0; h < kHeads; ++h)
+        p.w[to_size(h)] = PackedMatrix(dtype, Op::kTrans, w_of(weights, h));
+    }
     p.b.assign(weights.b.begin(), weights.b.end());
     return p;
   }
@@ -254,22 +268,71 @@ class TaskHeads {
         .out({{logits, "logits"}, {workspace.segment(0, workspace_size(n)), "workspace"}})
         .in({{x, "x"}, {tasks, "tasks"}})
         .check();
-    run_forward(
-        x, tasks, {.dtype = weights.dtype(), .op_a = Op::kNone, .op_b = Op::kNone},
-        [&](int h, GemmOperands& ops) { ops.packed = &weights.w[to_size(h)]; },
-        VectorView<const float>(weights.b.data(), static_cast<index_t>(weights.b.size())), logits,
-        workspace);
+    const VectorView<const float> b(weights.b.data(), static_cast<index_t>(weights.b.size()));
+    if (weights.dtype() == GemmDtype::kFloat32) {
+      const MatrixView<const float> w(weights.rows.data(), total_classes(), config_.d_model);
+      row_forward(x, tasks, w, b, logits, workspace);
+    } else {
+      engine_forward(x, tasks, weights, b, logits, workspace);
+    }
   }
 
  private:
-  // The forward after validation: Z_h = X_h op(B_h) for every head in one
-  // grouped product (set_b(h, operands) gives head h's B), the biases (b:
-  // all heads', or empty), then the logits scattered to the rows' order and
-  // padded with -inf.
-  template <class SetB>
-  void run_forward(MatrixView<const float> x, VectorView<const std::int32_t> tasks,
-                   const GemmSpec& spec, SetB&& set_b, VectorView<const float> b,
-                   MatrixView<float> logits, VectorView<std::byte> workspace) const {
+  // Rows of one head per run of the fp32 forward (a thread's unit of work).
+  static constexpr index_t kHeadRows = 64;
+  // Classes whose bias gradients are summed together (one pass over dZ's rows).
+  static constexpr index_t kSumWidth = 16;
+
+  // The fp32 forward after validation: per head, fixed runs of its rows (in
+  // the plan's order; nothing is gathered), each run's logits by the row
+  // kernel, then the bias and the -inf padding.
+  void row_forward(MatrixView<const float> x, VectorView<const std::int32_t> tasks,
+                   MatrixView<const float> w, VectorView<const float> b, MatrixView<float> logits,
+                   VectorView<std::byte> workspace) const {
+    const index_t n = x.rows();
+    const Plan plan = make_plan(tasks, n, workspace);
+    std::array<index_t, to_size(kHeads + 1)> run_offsets{};  // head h's runs start here
+    for (int h = 0; h < kHeads; ++h) {
+      run_offsets[to_size(h + 1)] =
+          run_offsets[to_size(h)] + (plan.rows(h) + kHeadRows - 1) / kHeadRows;
+    }
+    const index_t runs = run_offsets[to_size(kHeads)];
+    [[maybe_unused]] const bool parallel = n * config_.d_model * max_classes_ > kParallelGrain;
+    MOEKIT_PARALLEL_FOR_IF(parallel)
+    for (index_t r = 0; r < runs; ++r) {
+      int h = 0;
+      while (run_offsets[to_size(h + 1)] <= r) ++h;
+      const index_t first = plan.first(h) + (r - run_offsets[to_size(h)]) * kHeadRows;
+      const index_t count = std::min(kHeadRows, plan.first(h + 1) - first);
+      const float* rows_x[kHeadRows];
+      float* rows_z[kHeadRows];
+      for (index_t k = 0; k < count; ++k) {
+        const index_t i = plan.sorted ? first + k : plan.perm[first + k];
+        rows_x[k] = x.row(i);
+        rows_z[k] = logits.row(i);
+      }
+      with_vec_path([&](auto path) {
+        multi_row_dots(path, w.middle_rows(class_offset(h), classes(h)), rows_x, rows_z, count);
+      });
+      const index_t c = classes(h);
+      for (index_t k = 0; k < count; ++k) {
+        float* out = rows_z[k];
+        if (!b.empty()) {
+          for (index_t j = 0; j < c; ++j) out[j] += b[class_offset(h) + j];
+        }
+        for (index_t j = c; j < max_classes_; ++j) out[j] = -routing::kInf;
+      }
+    }
+  }
+
+  // The bf16 / int8 forward after validation: Z_h = X_h W_h^T for every head
+  // in one grouped product on the engine, the biases (b: all heads', or
+  // empty), then the logits scattered to the rows' order and padded with
+  // -inf.
+  void engine_forward(MatrixView<const float> x, VectorView<const std::int32_t> tasks,
+                      const PackedHeadWeights<S>& weights, VectorView<const float> b,
+                      MatrixView<float> logits, VectorView<std::byte> workspace) const {
+    const GemmSpec spec{.dtype = weights.dtype(), .op_a = Op::kNone, .op_b = Op::kNone};
     const index_t n = x.rows();
     const Plan plan = make_plan(tasks, n, workspace);
     const MatrixView<float> gx = grouped_x(workspace, n);
@@ -284,9 +347,8 @@ class TaskHeads {
         spec, kHeads,
         [&](index_t g) {
           const int h = static_cast<int>(g);
-          GemmOperands ops{.a = grouped_rows(x, gx, plan, h), .c = z_of(h)};
-          set_b(h, ops);
-          return ops;
+          return GemmOperands{
+              .a = grouped_rows(x, gx, plan, h), .packed = &weights.w[to_size(h)], .c = z_of(h)};
         },
         engine_workspace(workspace, n));
     if (!b.empty()) {
@@ -508,14 +570,23 @@ class TaskHeads {
           },
           engine);
     }
+    // db_h (= or +=) the sum of dZ_h's rows, in row order (Eigen's colwise
+    // sum peels to an aligned address first, so its order, and the last
+    // bits, would depend on where the buffer sits).
     if (want_db) {
       for (int h = 0; h < kHeads; ++h) {
         if (plan.rows(h) == 0) continue;
-        auto db = as_eigen(grads.db.segment(class_offset(h), classes(h)));
-        if (acc) {
-          db += as_eigen(dz_of(h)).colwise().sum().transpose();
-        } else {
-          db = as_eigen(dz_of(h)).colwise().sum().transpose();
+        const MatrixView<const float> dz = dz_of(h);
+        for (index_t k0 = 0; k0 < dz.cols(); k0 += kSumWidth) {  // row-major reads
+          const index_t width = std::min(kSumWidth, dz.cols() - k0);
+          float sum[kSumWidth] = {};
+          for (index_t r = 0; r < dz.rows(); ++r) {
+            for (index_t k = 0; k < width; ++k) sum[k] += dz(r, k0 + k);
+          }
+          for (index_t k = 0; k < width; ++k) {
+            float& db = grads.db[class_offset(h) + k0 + k];
+            db = acc ? db + sum[k] : sum[k];
+          }
         }
       }
     }
@@ -575,7 +646,13 @@ class TaskHeads {
   }
 
   void check_packed(const PackedHeadWeights<S>& p) const {
-    for (int h = 0; h < kHeads; ++h) {
+    if (p.dtype() == GemmDtype::kFloat32) {
+      const index_t want = total_classes() * config_.d_model;
+      MOEKIT_CHECK(static_cast<index_t>(p.rows.size()) == want, Errc::kShapeMismatch,
+                   "weights.rows has ", p.rows.size(), " entries, expected ", want,
+                   " (TaskHeads::pack)");
+    }
+    for (int h = 0; h < kHeads && p.dtype() != GemmDtype::kFloat32; ++h) {
       const std::string name = "weights.w[" + std::to_string(h) + "]";
       detail::check_packed_matrix("cpu::TaskHeads::forward", p.w[to_size(h)], 1, config_.d_model,
                                   classes(h), p.dtype(), name.c_str(), "weights.w[0]",

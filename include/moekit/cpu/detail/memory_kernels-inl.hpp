@@ -11,49 +11,84 @@
 
 #define MOEKIT_DETAIL_MEMORY MOEKIT_FORCE_INLINE MOEKIT_KERNEL_TARGET
 
-// acc(r) += row r's next block of columns [j, j + width) times v's.
-template <std::size_t M>
-MOEKIT_DETAIL_MEMORY void dot_block(const float* const* rows, const float* v, index_t j, int width,
-                                    F32x16* acc) {
+// acc[x][m] += rows[m]'s next block of columns [j, j + width) times vs[x]'s.
+template <std::size_t X, std::size_t M>
+MOEKIT_DETAIL_MEMORY void dot_tile_block(const float* const* rows, const float* const* vs,
+                                         index_t j, int width, F32x16 (&acc)[X][M]) {
   const bool full = width == kF32x16Lanes;
-  const F32x16 vv = full ? load(v + j) : load_partial(v + j, width);
-  for (std::size_t r = 0; r < M; ++r) {
-    acc[r] = fmadd(full ? load(rows[r] + j) : load_partial(rows[r] + j, width), vv, acc[r]);
+  F32x16 v[X];
+  for (std::size_t x = 0; x < X; ++x)
+    v[x] = full ? load(vs[x] + j) : load_partial(vs[x] + j, width);
+  for (std::size_t m = 0; m < M; ++m) {
+    const F32x16 r = full ? load(rows[m] + j) : load_partial(rows[m] + j, width);
+    for (std::size_t x = 0; x < X; ++x) acc[x][m] = fmadd(r, v[x], acc[x][m]);
   }
 }
 
-// out[r] = sum_j rows[r][j] v[j] for M rows at once (one accumulator each:
-// the rows only share the loads of v).
-template <std::size_t M>
-MOEKIT_DETAIL_MEMORY void dot_rows(const float* const* rows, const float* v, index_t n,
-                                   float* out) {
-  F32x16 acc[M];
-  for (std::size_t r = 0; r < M; ++r) acc[r] = zero();
+// out[x][m0 + m] = sum_j rows[m][j] vs[x][j] for X vectors and M rows at
+// once: X * M accumulators that share the loads of both (a register tile, as
+// in a GEMM's micro-kernel), each summed in the order at the top of this
+// file, so a result's bits do not depend on X, M or on which vectors and
+// rows share a tile.
+template <std::size_t X, std::size_t M>
+MOEKIT_DETAIL_MEMORY void dot_tile(const float* const* rows, const float* const* vs, index_t n,
+                                   float* const* out, index_t m0) {
+  F32x16 acc[X][M];
+  for (std::size_t x = 0; x < X; ++x)
+    for (std::size_t m = 0; m < M; ++m) acc[x][m] = zero();
   index_t j = 0;
-  for (; j + kF32x16Lanes <= n; j += kF32x16Lanes) dot_block<M>(rows, v, j, kF32x16Lanes, acc);
-  if (j < n) dot_block<M>(rows, v, j, static_cast<int>(n - j), acc);
-  for (std::size_t r = 0; r < M; ++r) out[r] = reduce_add(acc[r]);
+  for (; j + kF32x16Lanes <= n; j += kF32x16Lanes)
+    dot_tile_block<X, M>(rows, vs, j, kF32x16Lanes, acc);
+  if (j < n) dot_tile_block<X, M>(rows, vs, j, static_cast<int>(n - j), acc);
+  for (std::size_t x = 0; x < X; ++x)
+    for (std::size_t m = 0; m < M; ++m)
+      out[x][m0 + static_cast<index_t>(m)] = reduce_add(acc[x][m]);
 }
 
-// out[i] = sum_j m(i, j) v[j] (a matrix-vector product, one row at a time in
-// the order above).
-MOEKIT_KERNEL_TARGET inline void row_dots(Path, MatrixView<const float> m, const float* v,
-                                          float* out) {
-  const index_t n = m.cols();
+// The tile's sides on this path: as many accumulators as leave registers for
+// the loads (AVX2: 2 x 2 F32x16 in 8 ymm pairs; AVX-512: 4 x 4 in 16 of 32 zmm).
+inline constexpr std::size_t kDotTileSide = kF32x16Registers >= 32 ? 4 : 2;
+
+// m's rows against X vectors: out[x][i] = m.row(i) . vs[x].
+template <std::size_t X>
+MOEKIT_DETAIL_MEMORY void dot_tile_rows(MatrixView<const float> m, const float* const* vs,
+                                        float* const* out) {
+  constexpr std::size_t M = kDotTileSide;
   index_t i = 0;
-  for (; i + 4 <= m.rows(); i += 4) {
-    const float* rows[4] = {m.row(i), m.row(i + 1), m.row(i + 2), m.row(i + 3)};
-    dot_rows<4>(rows, v, n, out + i);
+  for (; i + static_cast<index_t>(M) <= m.rows(); i += static_cast<index_t>(M)) {
+    const float* rows[M];
+    for (std::size_t r = 0; r < M; ++r) rows[r] = m.row(i + static_cast<index_t>(r));
+    dot_tile<X, M>(rows, vs, m.cols(), out, i);
   }
   for (; i < m.rows(); ++i) {
     const float* row = m.row(i);
-    dot_rows<1>(&row, v, n, out + i);
+    dot_tile<X, 1>(&row, vs, m.cols(), out, i);
   }
+}
+
+// out[v][i] = sum_j m(i, j) vs[v][j] for `count` vectors: matrix-vector
+// products for several vectors at once, out[v] bit-identical to
+// row_dots(m, vs[v]) whatever `count`. For small products with a few rows
+// (task heads' and the router's logits), where a GEMM's blocks would pad.
+MOEKIT_KERNEL_TARGET inline void multi_row_dots(Path, MatrixView<const float> m,
+                                                const float* const* vs, float* const* out,
+                                                index_t count) {
+  constexpr auto X = static_cast<index_t>(kDotTileSide);
+  index_t v = 0;
+  for (; v + X <= count; v += X) dot_tile_rows<kDotTileSide>(m, vs + v, out + v);
+  for (; v < count; ++v) dot_tile_rows<1>(m, vs + v, out + v);
+}
+
+// out[i] = sum_j m(i, j) v[j] (a matrix-vector product).
+MOEKIT_KERNEL_TARGET inline void row_dots(Path, MatrixView<const float> m, const float* v,
+                                          float* out) {
+  dot_tile_rows<1>(m, &v, &out);
 }
 
 MOEKIT_KERNEL_TARGET inline float dot(Path, const float* a, const float* b, index_t n) {
   float out = 0.0f;
-  dot_rows<1>(&a, b, n, &out);
+  float* outs[1] = {&out};
+  dot_tile<1, 1>(&a, &b, n, outs, 0);
   return out;
 }
 
