@@ -62,17 +62,19 @@ void logits_gemm(benchmark::State& state, int experts, int threads) {
   moekit_bench::sgemm(state, kTokens, experts, kModel, threads);
 }
 
-// The logits product alone: the batch-invariant one Router::forward runs, or
-// the Eigen GEMM it replaced.
+// The logits product alone: the batch-invariant one Router::forward runs
+// (gate_logits: the row kernel below 16 experts, the GEMM engine from 16 on),
+// or the Eigen GEMM it replaced.
 template <int E>
 void logits_product(benchmark::State& state, bool invariant, int threads) {
   moekit_bench::set_threads(threads);
   Inputs in(E, 1);
   const moekit::MatrixView<const float> x(in.x.data(), kTokens, kModel), w(in.w.data(), E, kModel);
   const moekit::MatrixView<float> logits(in.logits.data(), kTokens, E);
+  std::vector<std::byte> ws(to_size(moekit::cpu::gate_logits_workspace_size<E>(kModel)));
   for (auto _ : state) {
     if (invariant) {
-      moekit::cpu::gate_logits<E>(x, w, logits);
+      moekit::cpu::gate_logits<E>(x, w, logits, moekit::view_of(ws));
     } else {
       moekit::as_eigen(logits).noalias() = moekit::as_eigen(x) * moekit::as_eigen(w).transpose();
     }
@@ -111,9 +113,10 @@ void router_forward(benchmark::State& state, int threads) {
   Inputs in(E, K);
   const moekit::cpu::Router<S> router(config<S>());
   moekit::cpu::RoutingStats<S> stats;
+  std::vector<std::byte> ws(to_size(router.workspace_size(kTokens, kModel)));
   for (auto _ : state) {
     router.forward({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel}, {}, {},
-                   in.routing(E, K), &stats);
+                   in.routing(E, K), &stats, moekit::view_of(ws));
     benchmark::DoNotOptimize(aux_loss_values<S>(stats));
   }
   moekit_bench::set_rate(state, logits_flops(E));
@@ -128,8 +131,9 @@ void router_gating(benchmark::State& state, int threads) {
   Inputs in(E, K);
   const moekit::cpu::Router<S> router(config<S>());
   moekit::cpu::RoutingStats<S> stats;
+  std::vector<std::byte> ws(to_size(router.workspace_size(kTokens, kModel)));
   router.forward({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel}, {}, {}, in.routing(E, K),
-                 &stats);
+                 &stats, moekit::view_of(ws));
   for (auto _ : state) {
     router.route(in.routing(E, K), {}, &stats);
     benchmark::DoNotOptimize(aux_loss_values<S>(stats));
@@ -145,14 +149,16 @@ void router_forward_backward(benchmark::State& state, int threads) {
   moekit::cpu::RoutingStats<S> stats;
   const moekit::cpu::RouterGrads grads{
       {in.dx.data(), kTokens, kModel}, {in.dw.data(), E, kModel}, {}, false};
+  std::vector<std::byte> ws(to_size(router.workspace_size(kTokens, kModel)));
   for (auto _ : state) {
     const moekit::cpu::Routing r = in.routing(E, K);
-    router.forward({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel}, {}, {}, r, &stats);
+    router.forward({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel}, {}, {}, r, &stats,
+                   moekit::view_of(ws));
     router.backward_gate(r, {in.dweights.data(), kTokens, K}, {in.dlogits.data(), kTokens, E});
     benchmark::DoNotOptimize(aux_loss_values<S>(stats));
     add_aux_gradients<S>(r, {in.dlogits.data(), kTokens, E});
     router.backward_logits({in.x.data(), kTokens, kModel}, {in.w.data(), E, kModel},
-                           {in.dlogits.data(), kTokens, E}, grads);
+                           {in.dlogits.data(), kTokens, E}, grads, moekit::view_of(ws));
     benchmark::DoNotOptimize(in.dx.data());
   }
   // Forward GEMM plus the two backward GEMMs (dx, dw_gate).

@@ -111,7 +111,9 @@ int main() {
   for (const auto& [name, config] :
        {std::pair{"mixtral", mixtral()}, std::pair{"qwen/olmoe", qwen_olmoe()}}) {
     const moekit::cpu::Router<Spec> r(config);
-    r.forward({x.data(), T, d}, {w_gate.data(), E, d}, {}, {}, routing, &stats);
+    std::vector<std::byte> ws(to_size(r.workspace_size(T, d)));  // the logits product's buffers
+    r.forward({x.data(), T, d}, {w_gate.data(), E, d}, {}, {}, routing, &stats,
+              moekit::view_of(ws));
     std::printf("%s: token 0 -> experts %d, %d with weights %.3f, %.3f\n", name, ids[0], ids[1],
                 static_cast<double>(weights[0]), static_cast<double>(weights[1]));
   }

@@ -516,10 +516,11 @@ struct Prepared {
 
   void route() {
     Router<S> router(config);
+    std::vector<std::byte> ws(to_size(router.workspace_size(T, E)));
     router.forward(MatrixView<const float>(x.data(), T, E),
                    MatrixView<const float>(eye.data(), E, E), {},
                    VectorView<const float>(bias.data(), static_cast<index_t>(bias.size())),
-                   buf.view(), &stats);
+                   buf.view(), &stats, moekit::view_of(ws));
   }
 
   std::vector<double> noisy_logits(const std::vector<double>& c) const {
@@ -1115,7 +1116,10 @@ TEST(AuxLoss, BitIdenticalAcrossRunsAndThreadCounts) {
   std::vector<float> x(to_size(T * E)), eye(E * E, 0.0f);
   for (float& v : x) v = normal(rng);
   for (int e = 0; e < E; ++e) eye[to_size(e * E + e)] = 1.0f;
-  Router<S>(d.config).forward({x.data(), T, E}, {eye.data(), E, E}, {}, {}, buf.view());
+  const Router<S> router(d.config);
+  std::vector<std::byte> ws(to_size(router.workspace_size(T, E)));
+  router.forward({x.data(), T, E}, {eye.data(), E, E}, {}, {}, buf.view(), nullptr,
+                 moekit::view_of(ws));
   auto all = [&] {
     std::vector<float> dl(to_size(T * E), 0.0f);
     const MatrixView<float> v(dl.data(), T, E);

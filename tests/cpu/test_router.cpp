@@ -152,8 +152,9 @@ TYPED_TEST(RouterForward, MatchesFloat64Reference) {
       RoutingStats<S> stats;
       const VectorView<const float> bias =
           with_bias ? VectorView<const float>(sel_bias.data(), E) : VectorView<const float>();
+      std::vector<std::byte> ws(to_size(router.workspace_size(T, d)));
       router.forward({x.data(), T, d}, {w.data(), E, d}, {gate_bias.data(), E}, bias, buf.view(),
-                     &stats);
+                     &stats, moekit::view_of(ws));
 
       EXPECT_LT(moekit_test::rel_error(to_double(buf.logits), ref_logits), 1e-5);
       std::vector<double> out_scores, ref_scores, out_w, ref_w;
@@ -452,10 +453,16 @@ TEST(RouterNoise, GaussianIsReproducibleAndHasTheRequestedSpread) {
   RouterConfig config;
   config.noise = {NoiseKind::kGaussian, 0.5f, 42};
   RoutingBuffers<S> a(T), b(T), c(T);
-  Router<S>(config).forward({x.data(), T, d}, {w.data(), 16, d}, {}, {}, a.view());
-  Router<S>(config).forward({x.data(), T, d}, {w.data(), 16, d}, {}, {}, b.view());
+  const auto forward = [&](RoutingBuffers<S>& out) {
+    const Router<S> r(config);
+    std::vector<std::byte> ws(to_size(r.workspace_size(T, d)));
+    r.forward({x.data(), T, d}, {w.data(), 16, d}, {}, {}, out.view(), nullptr,
+              moekit::view_of(ws));
+  };
+  forward(a);
+  forward(b);
   config.noise.seed = 43;
-  Router<S>(config).forward({x.data(), T, d}, {w.data(), 16, d}, {}, {}, c.view());
+  forward(c);
   EXPECT_EQ(a.logits, b.logits);
   EXPECT_NE(a.logits, c.logits);
   double sum = 0, sq = 0;
@@ -722,7 +729,9 @@ TEST(RouterDeterminism, RerunsAndThreadCountsAreBitIdentical) {
 #endif
     RoutingBuffers<S> buf(T);
     RoutingStats<S> stats;
-    router.forward({x.data(), T, d}, {w.data(), 64, d}, {}, {}, buf.view(), &stats);
+    std::vector<std::byte> ws(to_size(router.workspace_size(T, d)));  // slots for `threads`
+    router.forward({x.data(), T, d}, {w.data(), 64, d}, {}, {}, buf.view(), &stats,
+                   moekit::view_of(ws));
     return std::make_pair(buf, stats.mean_distribution);
   };
 #if defined(_OPENMP)
@@ -820,7 +829,9 @@ TEST(RouterDeterminism, ThreadCountsAgreeWithinRounding) {
     (void)threads;
 #endif
     RoutingBuffers<S> buf(T);
-    router.forward({x.data(), T, d}, {w.data(), 64, d}, {}, {}, buf.view());
+    std::vector<std::byte> ws(to_size(router.workspace_size(T, d)));
+    router.forward({x.data(), T, d}, {w.data(), 64, d}, {}, {}, buf.view(), nullptr,
+                   moekit::view_of(ws));
     return to_double(buf.logits);
   };
 #if defined(_OPENMP)

@@ -12,8 +12,9 @@
 // The router's weight is w_gate (E x d, the layout of torch.nn.Linear and of
 // checkpoints: Mixtral's `gate.weight`), so logits = x w_gate^T + gate_bias.
 //
-// A token's logits are batch invariant (gate_logits: each row summed in one
-// fixed order); backward's dx runs one GEMM per block of kTokenBlock rows
+// A token's logits are batch invariant (gate_logits: each logit summed in one
+// fixed order: on the row kernel below 16 experts, on the GEMM engine from
+// 16 on); backward's dx runs one GEMM per block of kTokenBlock rows
 // (core/token_blocks.hpp), and dw_gate and dbias are folded over the blocks
 // in order. So a token's logits and every gradient are the same bits however
 // the batch is split over the ranks of an expert-parallel group (at block
@@ -38,6 +39,7 @@
 #include "moekit/core/view.hpp"
 #include "moekit/cpu/eigen.hpp"
 #include "moekit/cpu/elementwise.hpp"
+#include "moekit/cpu/gemm/gemm.hpp"
 #include "moekit/cpu/memory_kernels.hpp"
 #include "moekit/cpu/parallel.hpp"
 #include "moekit/spec.hpp"
@@ -257,32 +259,55 @@ double chunked_sum(index_t n, F&& f) {
   return sum;
 }
 
-// Rows per run of gate_logits (a thread's unit of work).
+// Rows per run of gate_logits' row kernel (a thread's unit of work).
 inline constexpr index_t kGateRows = 64;
+
+// From this many experts on, the logits run on the GEMM engine; below it on
+// the row kernel. The engine's register blocks are 16 columns wide, so with
+// fewer experts it mostly computes padding, while the row kernel (register
+// tiles of 2 x 2 tokens x experts on AVX2) reads w_gate once per pair of
+// tokens, which costs more than the engine's packed panels once w_gate
+// outgrows the L1 cache. Measured in bench_routing (docs/determinism.md).
+inline constexpr int kEngineLogitsMinExperts = 16;
+
+// Bytes of workspace gate_logits needs for E experts and width d: the
+// engine's packing buffers (cpu/gemm/gemm.hpp) from kEngineLogitsMinExperts
+// on, else none.
+template <int E>
+inline index_t gate_logits_workspace_size(index_t d_model) {
+  return E >= kEngineLogitsMinExperts && d_model > 0 ? gemm_workspace_size(max_threads()) : 0;
+}
 
 // logits = x w_gate^T (T x d times d x E), batch invariant: each logit is
 // one dot product of a token's row with an expert's row, summed over d in
-// the order fixed by d alone (memory_kernels.hpp's multi_row_dots: register
-// tiles of a few tokens times a few experts), whatever the other rows and
-// the thread count; threads take fixed runs of kGateRows rows. The same bits
-// on every CPU path. E is a run-time length here: a kernel unrolled over E
-// cost minutes of compile time per expert count.
+// an order fixed by d alone, whatever the other rows and the thread count;
+// the same bits on every CPU path. Below kEngineLogitsMinExperts experts:
+// memory_kernels.hpp's multi_row_dots (16 lanes over d, then a fixed tree),
+// threads taking fixed runs of kGateRows rows; E is a run-time length there
+// (a kernel unrolled over E cost minutes of compile time per expert count).
+// From it on: the GEMM engine in fp32 (one multiply-add chain over d per
+// logit), in workspace (gate_logits_workspace_size bytes).
 template <int E>
 void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
-                 MatrixView<float> logits) {
-  const index_t tokens = x.rows();
-  const index_t runs = (tokens + kGateRows - 1) / kGateRows;
-  [[maybe_unused]] const bool parallel = tokens * x.cols() * E > kParallelGrain;
-  MOEKIT_PARALLEL_FOR_IF(parallel)
-  for (index_t i = 0; i < runs; ++i) {
-    const index_t first = i * kGateRows, end = std::min(first + kGateRows, tokens);
-    const float* rows_x[kGateRows];
-    float* rows_z[kGateRows];
-    for (index_t t = first; t < end; ++t) {
-      rows_x[t - first] = x.row(t);
-      rows_z[t - first] = logits.row(t);
+                 MatrixView<float> logits, VectorView<std::byte> workspace) {
+  if constexpr (E >= kEngineLogitsMinExperts) {
+    gemm({.dtype = GemmDtype::kFloat32, .op_a = Op::kNone, .op_b = Op::kTrans}, x, w_gate, logits,
+         workspace);
+  } else {
+    const index_t tokens = x.rows();
+    const index_t runs = (tokens + kGateRows - 1) / kGateRows;
+    [[maybe_unused]] const bool parallel = tokens * x.cols() * E > kParallelGrain;
+    MOEKIT_PARALLEL_FOR_IF(parallel)
+    for (index_t i = 0; i < runs; ++i) {
+      const index_t first = i * kGateRows, end = std::min(first + kGateRows, tokens);
+      const float* rows_x[kGateRows];
+      float* rows_z[kGateRows];
+      for (index_t t = first; t < end; ++t) {
+        rows_x[t - first] = x.row(t);
+        rows_z[t - first] = logits.row(t);
+      }
+      with_vec_path([&](auto path) { multi_row_dots(path, w_gate, rows_x, rows_z, end - first); });
     }
-    with_vec_path([&](auto path) { multi_row_dots(path, w_gate, rows_x, rows_z, end - first); });
   }
 }
 
@@ -355,16 +380,20 @@ class Router {
     return expert_capacity(tokens, kExperts, kTopK, config_.capacity.factor);
   }
 
-  // Bytes of scratch forward, route and backward_logits need (0 for most
-  // configurations): the jittered input (T x d floats) with jitter, the
-  // slot order (T x K ints) with the kProbs drop policy. Both are never
-  // needed at once, so they share it. Aligned to 4 bytes.
+  // Bytes of scratch forward, route, logits and backward_logits need: the
+  // jittered input (T x d floats) with jitter, followed by the logits
+  // product's buffers (gate_logits_workspace_size: from 16 experts on, the
+  // GEMM engine's, about 2.2 MiB per thread); the slot order (T x K ints)
+  // with the kProbs drop policy, needed after the logits, so it shares the
+  // start. route() (d_model = 0) needs the slot order only. 0 for most
+  // configurations below 16 experts. Aligned to 4 bytes.
   index_t workspace_size(index_t tokens, index_t d_model) const {
     const index_t jitter_bytes =
         config_.noise.kind == NoiseKind::kJitter ? tokens * d_model * index_t{sizeof(float)} : 0;
+    const index_t logits_bytes = tokens > 0 ? gate_logits_workspace_size<kExperts>(d_model) : 0;
     const index_t slot_bytes =
         drops_by_weight() ? tokens * kTopK * index_t{sizeof(std::int32_t)} : 0;
-    return std::max(jitter_bytes, slot_bytes);
+    return std::max(jitter_bytes + logits_bytes, slot_bytes);
   }
 
   // logits = x w_gate^T + gate_bias (+ noise), then route(). gate_bias and
@@ -959,12 +988,16 @@ class Router {
   void compute_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                       VectorView<const float> gate_bias, MatrixView<float> logits,
                       VectorView<std::byte> workspace, index_t t0) const {
+    const index_t jitter_bytes =
+        config_.noise.kind == NoiseKind::kJitter ? x.rows() * x.cols() * index_t{sizeof(float)} : 0;
+    const VectorView<std::byte> product =
+        workspace.segment(jitter_bytes, workspace.size() - jitter_bytes);
     if (config_.noise.kind == NoiseKind::kJitter) {
       const MatrixView<float> jittered(scratch<float>(workspace), x.rows(), x.cols());
       jitter(x, jittered, t0);
-      gate_logits<kExperts>(jittered, w_gate, logits);
+      gate_logits<kExperts>(jittered, w_gate, logits, product);
     } else {
-      gate_logits<kExperts>(x, w_gate, logits);
+      gate_logits<kExperts>(x, w_gate, logits, product);
     }
     if (!gate_bias.empty()) as_eigen(logits).rowwise() += as_eigen(gate_bias).transpose();
     if (config_.noise.kind == NoiseKind::kGaussian) add_gaussian_noise(logits, t0);
