@@ -2,9 +2,10 @@
 // result (a token's, a row's, a sample's) is bit-identical alone and among
 // up to 4,095 others, wherever it sits, for the components whose kernels
 // compute each item from its own inputs in an order fixed by the reduction
-// length alone (docs/determinism.md, "CPU against GPU", says which and why).
-// The components on cuBLAS (the gate GEMM, the expert FFNs, LoRA's base
-// product, hence the MoE layer) promise no such thing and are not tested.
+// length alone (the table of the GPU components in docs/determinism.md says
+// which and why). The components on cuBLAS (the gate GEMM, the expert FFNs,
+// LoRA's base product, hence the MoE layer) promise no such thing and are
+// not tested.
 //
 // Each test draws a pool of random items, runs every item alone for the
 // reference, then batches of 1, 2, 37, 500 and 4,096 items drawn from the
