@@ -756,6 +756,50 @@ TEST(ExpertFfn, PackedForwardInEveryDtype) {
   }
 }
 
+// bf16 compute (ExpertFfnConfig::compute) trains on fp32 master weights:
+// every product's operands are rounded to bf16, sums, outputs and gradients
+// stay fp32. So on the FMA paths the pre-activations equal, bit for bit, the
+// fp32 experts' on bf16-rounded inputs and weights (AMX sums in its own
+// order), and every output and gradient is within bf16's rounding of
+// float64's, on every bf16 path.
+TEST(ExpertFfn, Bf16ComputeRoundsOnlyTheProductsOperands) {
+  using S = MoeSpec<8, 2>;
+  using moekit::cpu::GemmDtype;
+  for (FfnKind kind : kKinds) {
+    Problem p({8, 64, 96, kind, Activation::kSilu, offsets_of(uneven_counts<8>())}, 82u);
+    const Ref r = p.ref();
+    ExpertFfnConfig config = p.config();
+    config.compute = GemmDtype::kBfloat16;
+    const ExpertFfn<S> ffn(config);
+    Problem rounded = p;  // the fp32 experts on rounded x, W1 and W3
+    for (Mat* m : {&rounded.x, &rounded.w1, &rounded.w3}) {
+      for (index_t i = 0; i < m->rows; ++i)
+        for (index_t j = 0; j < m->cols; ++j) m->at(i, j) = moekit_test::round_bf16(m->at(i, j));
+    }
+    rounded.run(ExpertFfn<S>(p.config()));
+    for (const moekit_test::GemmPathCase& path :
+         moekit_test::gemm_path_cases(GemmDtype::kBfloat16)) {
+      SCOPED_TRACE(::testing::Message() << "kind " << static_cast<int>(kind) << " " << path.name);
+      p.poison_outputs();
+      moekit_test::with_path(path, GemmDtype::kBfloat16, [&] { p.run(ffn); });
+      expect_all_written(p);
+      const Errors err = compare(p, r);
+      EXPECT_LT(err.worst(), 1e-2) << "y " << err.y << " dx " << err.dx << " dw1 " << err.dw1
+                                   << " dw3 " << err.dw3 << " dw2 " << err.dw2;
+      if (path.limit != Isa::kAmx && !path.emulate_amx) {
+        EXPECT_TRUE(p.pre.bits_equal(rounded.pre));
+        EXPECT_TRUE(p.gate.bits_equal(rounded.gate));
+      }
+      std::printf("[expert_ffn] bf16 compute %s kind %d: worst relative error vs float64 %.2e\n",
+                  path.name.c_str(), static_cast<int>(kind), err.worst());
+    }
+  }
+  ExpertFfnConfig int8 = {.d_model = 4, .d_ff = 4, .compute = GemmDtype::kInt8};
+  const std::string msg =
+      expect_error([&] { ExpertFfn<S> bad(int8); }, moekit::Errc::kInvalidArgument);
+  EXPECT_NE(msg.find("config.compute"), std::string::npos) << msg;
+}
+
 TEST(ExpertFfn, PackedRejectsBadInput) {
   using S = MoeSpec<4, 2>;
   using moekit::cpu::GemmDtype;

@@ -12,6 +12,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -25,6 +26,7 @@
 #include "expect_error.hpp"
 #include "moekit/core/random.hpp"
 #include "moekit/io/bert.hpp"
+#include "moekit/nn/session_memory.hpp"
 #include "moekit/nn/text_multitask_model.hpp"
 #include "moekit/text/datasets.hpp"
 #include "moekit/text/encoded_cache.hpp"
@@ -405,6 +407,107 @@ TEST(BatchInvariance, TextMultitaskModelPredict) {
     for (index_t j = 0; j < n; ++j) out.emplace_back(z.begin() + j * C, z.begin() + (j + 1) * C);
     return out;
   });
+}
+
+// Session memory on the text system (docs/session_memory.md, "Where it
+// sits"): a correction (a text and its right label) written into a session's
+// memory as a value on the pooled features moves that session's prediction
+// of the text by the margin asked for; another session, a row without a
+// session, and a new session after close give the model's logits bit for bit.
+TEST(TextMultitaskModel, SessionMemoryOnPooledFeaturesCorrectsOnlyItsSession) {
+  using M = Model<4, 2, 2>;
+  typename M::Config config = small_config<M>();
+  config.max_batch = 16;
+  config.max_tokens = 16 * 4;
+  M model(config);
+  for (cpu::ModelTensor& t : model.tensors()) {
+    for (std::size_t i = 0; i < t.value.size(); ++i)
+      t.value[i] += 0.1f * moekit::random_normal(31, i);
+  }
+  constexpr index_t d = 12, kKey = 8;
+  const index_t C = model.heads().max_classes();
+  const auto u = [](index_t i) { return static_cast<std::size_t>(i); };
+  const Tokens text = random_tokens(1, d, 2, 32);  // the text the user corrects
+  const int task = text.tasks[0];
+  const index_t classes = model.heads().classes(task);
+  // `copies` copies of the text, with these pooled terms (or none).
+  const auto predict = [&](index_t copies, const std::vector<float>& term) {
+    Tokens batch;
+    for (index_t i = 0; i < copies; ++i) {
+      batch.x.insert(batch.x.end(), text.x.begin(), text.x.end());
+      batch.offsets.push_back(batch.offsets.back() + text.offsets[1]);
+      batch.tasks.push_back(task);
+      batch.labels.push_back(0);
+    }
+    cpu::TextBatch view = batch.view(d);
+    if (!term.empty()) view.pooled_term = {term.data(), copies, d};
+    std::vector<float> z(u(copies * C), std::nanf(""));
+    model.predict(view, {z.data(), copies, C});
+    return z;
+  };
+  const std::vector<float> frozen = predict(1, {});
+  // The branch is affine from the pooled features to the logits (adapter and
+  // head): row c of its linear part, w_c, from unit terms.
+  std::vector<float> probe(u((d + 1) * d), 0.0f);
+  for (index_t j = 0; j < d; ++j) probe[u((j + 1) * d + j)] = 1.0f;
+  const std::vector<float> probed = predict(d + 1, probe);
+  const auto w_row = [&](index_t c) {
+    std::vector<double> w(u(d));
+    for (index_t j = 0; j < d; ++j) w[u(j)] = double(probed[u((j + 1) * C + c)]) - probed[u(c)];
+    return w;
+  };
+  const auto predicted =
+      index_t(std::max_element(frozen.begin(), frozen.begin() + classes) - frozen.begin());
+  const index_t right = (predicted + 1) % classes;  // the label the user gives
+  // The correction's value: the smallest change of the pooled features that
+  // puts the right label's logit 1 above the predicted one's.
+  const std::vector<double> wc = w_row(right), wp = w_row(predicted);
+  const double margin = frozen[u(predicted)] - frozen[u(right)] + 1.0;
+  double norm2 = 0.0;
+  for (index_t j = 0; j < d; ++j) norm2 += (wc[u(j)] - wp[u(j)]) * (wc[u(j)] - wp[u(j)]);
+  std::vector<float> value(u(d));
+  for (index_t j = 0; j < d; ++j)
+    value[u(j)] = static_cast<float>(margin * (wc[u(j)] - wp[u(j)]) / norm2);
+  // The memory's input: the text's mean-pooled token states.
+  std::vector<float> pooled(u(d), 0.0f);
+  for (index_t t = 0; t < text.offsets[1]; ++t) {
+    for (index_t j = 0; j < d; ++j)
+      pooled[u(j)] += text.x[u(t * d + j)] / static_cast<float>(text.offsets[1]);
+  }
+  std::vector<float> w_key(u(kKey * d));
+  for (std::size_t i = 0; i < w_key.size(); ++i) w_key[i] = moekit::random_normal(33, i);
+  cpu::SessionMemoryConfig mc;
+  mc.d_model = d;
+  mc.d_key = kKey;
+  mc.d_value = d;  // values on the pooled features
+  mc.max_sessions = 2;
+  cpu::SessionMemoryWeights mw;
+  mw.w_key = mw.w_query = {w_key.data(), kKey, d};
+  cpu::SessionMemory memory(mc, mw);
+  std::vector<std::byte> ws(u(memory.workspace_size()));
+  const moekit::VectorView<std::byte> wsv(ws.data(), static_cast<index_t>(ws.size()));
+  const std::int32_t alice = memory.open(), bob = memory.open();
+  memory.write({pooled.data(), 1, d}, {value.data(), 1, d}, {&alice, 1}, wsv);
+  // One read per row: Alice's, Bob's and no session's, each giving that
+  // row's pooled term (z = 0: the term alone).
+  const auto terms = [&](const std::vector<std::int32_t>& sessions) {
+    const auto n = static_cast<index_t>(sessions.size());
+    std::vector<float> x, zero(u(n * d), 0.0f), term(u(n * d), std::nanf(""));
+    for (index_t i = 0; i < n; ++i) x.insert(x.end(), pooled.begin(), pooled.end());
+    memory.read({x.data(), n, d}, {sessions.data(), n}, {zero.data(), n, d}, {term.data(), n, d},
+                wsv);
+    return term;
+  };
+  const std::vector<float> z = predict(3, terms({alice, bob, -1}));
+  EXPECT_NEAR(z[u(right)] - z[u(predicted)], 1.0, 1e-3);  // Alice's: corrected
+  for (index_t row = 1; row < 3; ++row) {  // Bob's and no session's: the model's bits
+    EXPECT_TRUE(
+        same_bits(std::vector<float>(z.begin() + row * C, z.begin() + (row + 1) * C), frozen))
+        << row;
+  }
+  memory.close(alice);
+  const std::int32_t again = memory.open();
+  EXPECT_TRUE(same_bits(predict(1, terms({again})), frozen));
 }
 
 TEST(TextMultitaskModel, RejectsBadConfigurationsAndBatches) {

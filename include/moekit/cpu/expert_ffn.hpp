@@ -44,7 +44,12 @@
 // (dispatch_backward accumulates into the token gradient).
 //
 // Products. Every product is one grouped call of moekit's GEMM engine
-// (cpu/gemm/gemm.hpp) over all experts, in fp32 on the widest CPU path:
+// (cpu/gemm/gemm.hpp) over all experts, on the widest CPU path, in
+// config.compute: fp32, or bf16 (both operands rounded to bf16 as the
+// engine packs them, fp32 sums and outputs; on AMX tiles where the CPU has
+// them). bf16 compute trains with fp32 master weights: the weights, the
+// saved activations, the element-wise passes and every gradient stay fp32;
+// only the products' inputs are rounded:
 //   forward   a (and g) = X W1^T (W3^T), y = h W2^T
 //   backward  dW2 = dy^T h, dh = dy W2, dW1 (dW3) = da^T X (dg^T X),
 //             dx = da W1 (+ dg W3, added by a second product with beta = 1)
@@ -127,6 +132,7 @@ struct ExpertFfnConfig {
   FfnKind kind = FfnKind::kPlain;                 // plain or gated experts
   Activation activation = Activation::kGeluTanh;  // the hidden layer's activation
   FfnThreading threading = FfnThreading::kAuto;   // how the experts use threads
+  GemmDtype compute = GemmDtype::kFloat32;        // the products: fp32 or bf16 (see above)
 };
 
 // The weights of all E experts (layout at the top of this file).
@@ -315,7 +321,8 @@ class ExpertFfn {
     // a = X W1^T (and g = X W3^T): one grouped product, W3 in the odd groups.
     const int per_expert = gated() ? 2 : 1;
     gemm_grouped(
-        {.op_a = Op::kNone, .op_b = Op::kTrans}, index_t{kExperts} * per_expert,
+        {.dtype = config_.compute, .op_a = Op::kNone, .op_b = Op::kTrans},
+        index_t{kExperts} * per_expert,
         [&](index_t group) {
           const auto e = static_cast<int>(group / per_expert);
           const bool second = group % per_expert == 1;
@@ -329,7 +336,7 @@ class ExpertFfn {
                               gated() ? MatrixView<const float>(gate) : MatrixView<const float>(),
                               ws0);  // h, in place of a when a is not saved
     gemm_grouped(
-        {.op_a = Op::kNone, .op_b = Op::kTrans}, kExperts,
+        {.dtype = config_.compute, .op_a = Op::kNone, .op_b = Op::kTrans}, kExperts,
         [&](index_t e) {
           const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
           return GemmOperands{ws0.middle_rows(r0, rows), w2_of(weights, static_cast<int>(e)),
@@ -462,7 +469,8 @@ class ExpertFfn {
     const MatrixView<const float> gate = gated() ? saved_gate : MatrixView<const float>();
     // Weight gradients: op(A) = (expert rows)^T, reduced over the expert's
     // rows; empty experts have no group (their blocks were handled above).
-    const GemmSpec dw_spec{.op_a = Op::kTrans, .op_b = Op::kNone, .beta = acc ? 1.0f : 0.0f};
+    const GemmSpec dw_spec{
+        .dtype = config_.compute, .op_a = Op::kTrans, .op_b = Op::kNone, .beta = acc ? 1.0f : 0.0f};
     const auto weight_grad = [&](MatrixView<const float> rows_a, MatrixView<const float> rows_b,
                                  MatrixView<float> dw, index_t e, index_t block) {
       const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
@@ -483,7 +491,7 @@ class ExpertFfn {
     if (!want_dh) return;
 
     gemm_grouped(
-        {.op_a = Op::kNone, .op_b = Op::kNone}, kExperts,  // dh = dy W2
+        {.dtype = config_.compute, .op_a = Op::kNone, .op_b = Op::kNone}, kExperts,  // dh = dy W2
         [&](index_t e) {
           const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
           return GemmOperands{dy.middle_rows(r0, rows), w2_of(weights, static_cast<int>(e)),
@@ -507,7 +515,11 @@ class ExpertFfn {
     if (!want_dx) return;
     for (int part = 0; part < (gated() ? 2 : 1); ++part) {  // dx = da W1 (+ dg W3)
       gemm_grouped(
-          {.op_a = Op::kNone, .op_b = Op::kNone, .beta = part == 0 ? 0.0f : 1.0f}, kExperts,
+          {.dtype = config_.compute,
+           .op_a = Op::kNone,
+           .op_b = Op::kNone,
+           .beta = part == 0 ? 0.0f : 1.0f},
+          kExperts,
           [&](index_t e) {
             const index_t r0 = offsets[e], rows = offsets[e + 1] - r0;
             const auto ei = static_cast<int>(e);
@@ -523,6 +535,10 @@ class ExpertFfn {
   static void validate(const ExpertFfnConfig& c) {
     MOEKIT_CHECK_ARG(c.d_model >= 1, "config.d_model = ", c.d_model, " must be at least 1");
     MOEKIT_CHECK_ARG(c.d_ff >= 1, "config.d_ff = ", c.d_ff, " must be at least 1");
+    MOEKIT_CHECK_ARG(c.compute == GemmDtype::kFloat32 || c.compute == GemmDtype::kBfloat16,
+                     "config.compute = ", static_cast<int>(c.compute),
+                     " must be GemmDtype::kFloat32 or kBfloat16 (int8 is for packed inference "
+                     "weights: pack)");
     MOEKIT_CHECK_ARG(c.kind == FfnKind::kPlain || c.kind == FfnKind::kGated,
                      "config.kind = ", static_cast<int>(c.kind), " is not an FfnKind");
     MOEKIT_CHECK_ARG(c.activation == Activation::kRelu || c.activation == Activation::kGeluTanh ||

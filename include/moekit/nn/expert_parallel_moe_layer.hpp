@@ -585,7 +585,7 @@ class ExpertParallelMoeLayer {
         local_(placement.count(transport.rank())),
         router_(config.router),
         ffn_(ExpertFfnConfig{config.d_model, config.d_ff, config.kind, config.activation,
-                             FfnThreading::kInsideGemm}),
+                             FfnThreading::kInsideGemm, config.compute}),
         shared_(config) {}
 
   // Validates on this rank, then agrees with the others (collective).
@@ -624,6 +624,7 @@ class ExpertParallelMoeLayer {
     f.add(static_cast<int>(c.activation)).add(c.num_shared);
     f.add(static_cast<std::int64_t>(c.d_ff_shared)).add(c.switch_coeff).add(c.z_coeff);
     f.add(static_cast<int>(c.switch_options.normalization)).add(static_cast<int>(c.threading));
+    f.add(static_cast<int>(c.compute));
     const RouterConfig& r = c.router;
     f.add(static_cast<int>(r.gating.rule)).add(r.gating.renormalize).add(r.gating.scaling);
     f.add(r.gating.num_groups).add(r.gating.groups_kept).add(r.gating.group_score_top);

@@ -91,6 +91,7 @@ struct MoeLayerConfig {
   float z_coeff = 0.0f;                           // router z-loss coefficient; 0 = off
   SwitchLossOptions switch_options{};             // how the Switch loss normalises f_e
   FfnThreading threading = FfnThreading::kAuto;   // how the expert FFNs use threads
+  GemmDtype compute = GemmDtype::kFloat32;        // the experts' products (ExpertFfnConfig)
 };
 
 // Parameters (caller memory). Routed experts in the ExpertWeights layout of
@@ -153,7 +154,8 @@ class SharedExperts {
         d_(c.d_model),
         f_(c.d_ff_shared > 0 ? c.d_ff_shared : c.d_ff),
         gated_(c.kind == FfnKind::kGated),
-        ffn_(ExpertFfnConfig{c.d_model, f_, c.kind, c.activation, FfnThreading::kInsideGemm}) {}
+        ffn_(ExpertFfnConfig{c.d_model, f_, c.kind, c.activation, FfnThreading::kInsideGemm,
+                             c.compute}) {}
 
   // num_shared, the shared experts.
   int count() const { return count_; }
@@ -275,7 +277,7 @@ class MoeLayer {
       : config_(validated(config)),
         router_(config.router),
         ffn_(ExpertFfnConfig{config.d_model, config.d_ff, config.kind, config.activation,
-                             config.threading}),
+                             config.threading, config.compute}),
         shared_(config) {}
 
   // The configuration it was built with.
@@ -484,7 +486,8 @@ class MoeLayer {
   static const MoeLayerConfig& validated(const MoeLayerConfig& c) {
     MOEKIT_API("cpu::MoeLayer::MoeLayer");
     check_moe_layer_fields(c);
-    return c;  // d_model, d_ff, kind, activation, threading, router: the parts' constructors
+    return c;  // d_model, d_ff, kind, activation, threading, compute, router: the parts'
+               // constructors
   }
 
   // The first `tokens` rows of a routing.
