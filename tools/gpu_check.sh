@@ -43,9 +43,11 @@
 #   machine start-up                        ~2-3 min (counted, outside the script)
 #   stage 1, at most 450 s (MOEKIT_GPU_STAGE_SECONDS):
 #     environment, device query, libraries  ~15 s
-#     each test suite, own process          ~70 processes, ~1-3 min in all
+#     each test suite, own process          ~75 processes, ~1-3 min in all
 #                                           (90 s limit each)
-#     memcheck, small-E and large-E         ~25 processes, ~3-4 min (75 s limit each)
+#     memcheck, small-E and large-E         ~33 processes, ~3-5 min (75 s limit each;
+#                                           the batch-invariance suites draw a
+#                                           smaller pool under the sanitizer)
 #   stage 2, at most 450 s:
 #     racecheck, then synccheck             6 groups each, ~3 min (60 s limit each)
 #     examples 11 and 13                    ~10 s

@@ -18,22 +18,17 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
-#include <iomanip>
 #include <random>
-#include <sstream>
 #include <vector>
 
+#include "batch_results.hpp"
 #include "moekit/core/types.hpp"
 #include "moekit/cpu/isa.hpp"
 #include "test_support.hpp"
 
 namespace moekit_test {
-
-using BatchResults = std::vector<std::vector<float>>;
 
 // The thread counts the property covers: 1 and 2 (1 alone without OpenMP).
 inline std::vector<int> invariance_thread_counts() {
@@ -72,34 +67,6 @@ inline std::vector<moekit::index_t> invariance_batch_sizes(moekit::index_t max_i
   }
   return sizes;
 }
-
-namespace detail {
-
-inline bool has_nan(const std::vector<float>& v) {
-  return std::any_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
-}
-
-// "element i: 0x... vs 0x..." for the first element whose bits differ.
-inline std::string first_difference(const std::vector<float>& got, const std::vector<float>& want) {
-  std::ostringstream s;
-  if (got.size() != want.size()) {
-    s << got.size() << " values, alone " << want.size();
-    return s.str();
-  }
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (!same_bits(&got[i], 1, &want[i], 1)) {
-      std::uint32_t got_bits = 0, want_bits = 0;
-      std::memcpy(&got_bits, &got[i], sizeof got_bits);
-      std::memcpy(&want_bits, &want[i], sizeof want_bits);
-      s << "element " << i << ": " << std::setprecision(9) << got[i] << " (0x" << std::hex
-        << got_bits << ") in the batch, " << want[i] << " (0x" << want_bits << ") alone";
-      break;
-    }
-  }
-  return s.str();
-}
-
-}  // namespace detail
 
 // Checks the property for `run` over a pool of `pool` items (see the top of
 // this file); `seed` picks the batches. The reference runs on the widest path.
