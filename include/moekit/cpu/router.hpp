@@ -663,12 +663,14 @@ class Router {
       for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t b) {
         const bool add = grads.accumulate || b > 0;
         const auto g = as_eigen(dlogits.middle_rows(r0, rows));
-        if (want_db) {
-          auto db = as_eigen(grads.dbias);
-          if (add)
-            db += g.colwise().sum().transpose();
-          else
-            db = g.colwise().sum().transpose();
+        if (want_db) {  // the block's rows summed in order (Eigen's colwise sum peels to
+                        // an aligned address first: its order would depend on the buffer)
+          std::array<float, to_size(kExperts)> sum{};
+          for (index_t t = r0; t < r0 + rows; ++t) {
+            for (int e = 0; e < kExperts; ++e) sum[to_size(e)] += dlogits(t, e);
+          }
+          for (int e = 0; e < kExperts; ++e)
+            grads.dbias[e] = add ? grads.dbias[e] + sum[to_size(e)] : sum[to_size(e)];
         }
         if (want_dw) {
           auto dw = as_eigen(grads.dw_gate);
