@@ -372,20 +372,28 @@ TEST(TextMultitaskModel, PoolingTermAdapterAndHeadMatchFloat64) {
   }
 }
 
+// A small model for up to `batch` texts, every weight moved by 0.1 N(0, 1)
+// noise from `seed` (B = 0 would hide the adapter).
+template <class M>
+M perturbed_model(index_t batch, std::uint64_t seed) {
+  typename M::Config c = small_config<M>();
+  c.max_batch = batch;
+  c.max_tokens = batch * 4;
+  M model(c);
+  for (cpu::ModelTensor& t : model.tensors()) {
+    for (std::size_t i = 0; i < t.value.size(); ++i)
+      t.value[i] += 0.1f * moekit::random_normal(seed, i);
+  }
+  return model;
+}
+
 // The whole model is batch invariant (docs/determinism.md): a text's logits
 // are bit-identical alone and among up to 64 other texts of any tasks and
 // lengths, in any order, on 1 and 2 threads and on every CPU path. K < E, so
 // the routing is a real top-k choice.
 TEST(BatchInvariance, TextMultitaskModelPredict) {
   using M = Model<4, 2, 2>;
-  typename M::Config c = small_config<M>();
-  c.max_batch = 64;
-  c.max_tokens = 64 * 4;
-  M model(c);
-  for (cpu::ModelTensor& t : model.tensors()) {  // B = 0 would hide the adapter
-    for (std::size_t i = 0; i < t.value.size(); ++i)
-      t.value[i] += 0.1f * moekit::random_normal(21, i);
-  }
+  M model = perturbed_model<M>(64, 21);
   constexpr index_t kPool = 24, d = 12;
   const Tokens pool = random_tokens(kPool, d, 2, 22);
   const index_t C = model.heads().max_classes();
@@ -416,14 +424,7 @@ TEST(BatchInvariance, TextMultitaskModelPredict) {
 // session, and a new session after close give the model's logits bit for bit.
 TEST(TextMultitaskModel, SessionMemoryOnPooledFeaturesCorrectsOnlyItsSession) {
   using M = Model<4, 2, 2>;
-  typename M::Config config = small_config<M>();
-  config.max_batch = 16;
-  config.max_tokens = 16 * 4;
-  M model(config);
-  for (cpu::ModelTensor& t : model.tensors()) {
-    for (std::size_t i = 0; i < t.value.size(); ++i)
-      t.value[i] += 0.1f * moekit::random_normal(31, i);
-  }
+  M model = perturbed_model<M>(16, 31);
   constexpr index_t d = 12, kKey = 8;
   const index_t C = model.heads().max_classes();
   const auto u = [](index_t i) { return static_cast<std::size_t>(i); };
