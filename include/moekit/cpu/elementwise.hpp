@@ -8,6 +8,7 @@
 //   sigmoid_row               sigma(x) of a row                           (router sigmoid gating)
 //   cross_entropy_row         softmax cross-entropy of one row and its gradient
 //   distillation_row          KL + CE of one row of distillation and its gradient
+//   add_column_sums           out (+)= the sum of a matrix's rows          (bias gradients)
 //
 // The activations are core/activation.hpp's (formulas, cut-offs and limits);
 // the row losses keep the contracts of classify::cross_entropy_row and
@@ -24,6 +25,7 @@
 // Accuracy against float64 (tests/cpu/test_vec_math.cpp, the table in
 // docs/cpu_vector_math.md).
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -43,6 +45,22 @@ struct RowExpSum {
   float max;  // max_j x_j
   float sum;  // sum_j e^(x_j - max), >= 1 for a row with a finite maximum
 };
+
+// out[k] = sum_r m(r, k), or out[k] + that sum with `add`: each column summed
+// over the rows in row order from 0 (scalar, so the bits do not depend on
+// where m sits, as Eigen's colwise sum, which peels to an aligned address
+// first, would), reading m row by row, 16 columns at a time.
+inline void add_column_sums(MatrixView<const float> m, VectorView<float> out, bool add) {
+  constexpr index_t kWidth = 16;
+  for (index_t k0 = 0; k0 < m.cols(); k0 += kWidth) {
+    const index_t width = std::min(kWidth, m.cols() - k0);
+    float sum[kWidth] = {};
+    for (index_t r = 0; r < m.rows(); ++r) {
+      for (index_t k = 0; k < width; ++k) sum[k] += m(r, k0 + k);
+    }
+    for (index_t k = 0; k < width; ++k) out[k0 + k] = add ? out[k0 + k] + sum[k] : sum[k];
+  }
+}
 
 // The kernels' file, which per_isa.hpp includes once per ISA namespace.
 #define MOEKIT_PER_ISA_FILE "moekit/cpu/detail/elementwise-inl.hpp"

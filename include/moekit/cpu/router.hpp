@@ -388,12 +388,10 @@ class Router {
   // start. route() (d_model = 0) needs the slot order only. 0 for most
   // configurations below 16 experts. Aligned to 4 bytes.
   index_t workspace_size(index_t tokens, index_t d_model) const {
-    const index_t jitter_bytes =
-        config_.noise.kind == NoiseKind::kJitter ? tokens * d_model * index_t{sizeof(float)} : 0;
     const index_t logits_bytes = tokens > 0 ? gate_logits_workspace_size<kExperts>(d_model) : 0;
     const index_t slot_bytes =
         drops_by_weight() ? tokens * kTopK * index_t{sizeof(std::int32_t)} : 0;
-    return std::max(jitter_bytes + logits_bytes, slot_bytes);
+    return std::max(jitter_bytes(tokens, d_model) + logits_bytes, slot_bytes);
   }
 
   // logits = x w_gate^T + gate_bias (+ noise), then route(). gate_bias and
@@ -663,15 +661,7 @@ class Router {
       for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t b) {
         const bool add = grads.accumulate || b > 0;
         const auto g = as_eigen(dlogits.middle_rows(r0, rows));
-        if (want_db) {  // the block's rows summed in order (Eigen's colwise sum peels to
-                        // an aligned address first: its order would depend on the buffer)
-          std::array<float, to_size(kExperts)> sum{};
-          for (index_t t = r0; t < r0 + rows; ++t) {
-            for (int e = 0; e < kExperts; ++e) sum[to_size(e)] += dlogits(t, e);
-          }
-          for (int e = 0; e < kExperts; ++e)
-            grads.dbias[e] = add ? grads.dbias[e] + sum[to_size(e)] : sum[to_size(e)];
-        }
+        if (want_db) add_column_sums(dlogits.middle_rows(r0, rows), grads.dbias, add);
         if (want_dw) {
           auto dw = as_eigen(grads.dw_gate);
           const auto in = as_eigen(input.middle_rows(r0, rows));
@@ -986,14 +976,18 @@ class Router {
     check_workspace(workspace, x.rows(), x.cols());
   }
 
+  // Bytes of the jittered input at the workspace's start (0 without jitter);
+  // the logits product's buffers follow it.
+  index_t jitter_bytes(index_t tokens, index_t d_model) const {
+    return config_.noise.kind == NoiseKind::kJitter ? tokens * d_model * index_t{sizeof(float)} : 0;
+  }
+
   // The logits of x (arguments checked); row t is the batch's token t0 + t.
   void compute_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                       VectorView<const float> gate_bias, MatrixView<float> logits,
                       VectorView<std::byte> workspace, index_t t0) const {
-    const index_t jitter_bytes =
-        config_.noise.kind == NoiseKind::kJitter ? x.rows() * x.cols() * index_t{sizeof(float)} : 0;
-    const VectorView<std::byte> product =
-        workspace.segment(jitter_bytes, workspace.size() - jitter_bytes);
+    const index_t skip = jitter_bytes(x.rows(), x.cols());
+    const VectorView<std::byte> product = workspace.segment(skip, workspace.size() - skip);
     if (config_.noise.kind == NoiseKind::kJitter) {
       const MatrixView<float> jittered(scratch<float>(workspace), x.rows(), x.cols());
       jitter(x, jittered, t0);

@@ -280,8 +280,6 @@ class TaskHeads {
  private:
   // Rows of one head per run of the fp32 forward (a thread's unit of work).
   static constexpr index_t kHeadRows = 64;
-  // Classes whose bias gradients are summed together (one pass over dZ's rows).
-  static constexpr index_t kSumWidth = 16;
 
   // The fp32 forward after validation: per head, fixed runs of its rows (in
   // the plan's order; nothing is gathered), each run's logits by the row
@@ -570,24 +568,11 @@ class TaskHeads {
           },
           engine);
     }
-    // db_h (= or +=) the sum of dZ_h's rows, in row order (Eigen's colwise
-    // sum peels to an aligned address first, so its order, and the last
-    // bits, would depend on where the buffer sits).
+    // db_h (= or +=) the sum of dZ_h's rows, in row order.
     if (want_db) {
       for (int h = 0; h < kHeads; ++h) {
         if (plan.rows(h) == 0) continue;
-        const MatrixView<const float> dz = dz_of(h);
-        for (index_t k0 = 0; k0 < dz.cols(); k0 += kSumWidth) {  // row-major reads
-          const index_t width = std::min(kSumWidth, dz.cols() - k0);
-          float sum[kSumWidth] = {};
-          for (index_t r = 0; r < dz.rows(); ++r) {
-            for (index_t k = 0; k < width; ++k) sum[k] += dz(r, k0 + k);
-          }
-          for (index_t k = 0; k < width; ++k) {
-            float& db = grads.db[class_offset(h) + k0 + k];
-            db = acc ? db + sum[k] : sum[k];
-          }
-        }
+        add_column_sums(dz_of(h), grads.db.segment(class_offset(h), classes(h)), acc);
       }
     }
     // dX_h = dZ_h W_h, into dx directly or over the grouped x (read above).
@@ -651,12 +636,13 @@ class TaskHeads {
       MOEKIT_CHECK(static_cast<index_t>(p.rows.size()) == want, Errc::kShapeMismatch,
                    "weights.rows has ", p.rows.size(), " entries, expected ", want,
                    " (TaskHeads::pack)");
-    }
-    for (int h = 0; h < kHeads && p.dtype() != GemmDtype::kFloat32; ++h) {
-      const std::string name = "weights.w[" + std::to_string(h) + "]";
-      detail::check_packed_matrix("cpu::TaskHeads::forward", p.w[to_size(h)], 1, config_.d_model,
-                                  classes(h), p.dtype(), name.c_str(), "weights.w[0]",
-                                  "TaskHeads::pack");
+    } else {
+      for (int h = 0; h < kHeads; ++h) {
+        const std::string name = "weights.w[" + std::to_string(h) + "]";
+        detail::check_packed_matrix("cpu::TaskHeads::forward", p.w[to_size(h)], 1, config_.d_model,
+                                    classes(h), p.dtype(), name.c_str(), "weights.w[0]",
+                                    "TaskHeads::pack");
+      }
     }
     const index_t want = config_.bias ? total_classes() : 0;
     MOEKIT_CHECK(static_cast<index_t>(p.b.size()) == want, Errc::kShapeMismatch, "weights.b has ",
