@@ -179,6 +179,31 @@ void check_router_forward(index_t max_items) {
 TEST(BatchInvariance, RouterForward) { check_router_forward(kSmall); }
 TEST(BatchInvarianceLarge, RouterForward) { check_router_forward(kLarge); }
 
+// Router::backward_logits's dx: a token's row of dlogits times w_gate, on
+// the row kernel (E = 8) and on the GEMM engine (E = 16).
+template <int E16>
+void check_router_input_gradient(index_t max_items) {
+  constexpr index_t d = 40;
+  const moekit::cpu::Router<moekit::MoeSpec<E16, 2>> router(moekit::cpu::RouterConfig{});
+  const RowPool dlogits(kPool, E16, 24);
+  const std::vector<float> w_gate = random_floats(E16 * d, 25, 0.3f);
+  expect_batch_invariant(kPool, max_items, 8, [&](const std::vector<index_t>& items) {
+    const auto n = static_cast<index_t>(items.size());
+    const std::vector<float> g = dlogits.gather(items);
+    const std::vector<float> x(to_size(n * d), 0.0f);
+    std::vector<float> dx(to_size(n * d), kNaN);
+    std::vector<std::byte> ws = workspace_of(router.workspace_size(n, d));
+    router.backward_logits({x.data(), n, d}, {w_gate.data(), E16, d}, {g.data(), n, E16},
+                           {{dx.data(), n, d}, {}, {}, false}, view_of(ws));
+    return split_rows(dx, items.size(), d);
+  });
+}
+
+TEST(BatchInvariance, RouterInputGradient) {
+  check_router_input_gradient<8>(kSmall);
+  check_router_input_gradient<16>(kSmall);
+}
+
 // ---- expert FFN and the dropless MoE layer -------------------------------------------
 
 // A token of the expert FFN test is a row and the expert it goes to.

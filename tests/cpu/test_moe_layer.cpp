@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "allocation_counter.hpp"
 #include "expect_error.hpp"
 #include "moekit/nn/moe_layer.hpp"
 #include "routing_reference.hpp"
@@ -837,6 +838,38 @@ TEST(MoeLayer, PackedForwardRejectsAnotherLayersWeights) {
   for (float e : y) ASSERT_EQ(e, 7.0f);
   expect_error([&] { (void)layer.pack(params_of(p, c), static_cast<GemmDtype>(9)); },
                Errc::kInvalidArgument);
+}
+
+// The composed layer's forward and backward (router included) allocate
+// nothing at realistic sizes, on weights and packed (the thread pool is
+// started by a first run), with 8 experts (the router's row kernels) and 16
+// (its GEMM engine path).
+template <class S>
+void check_no_allocation() {
+  const MoeLayerConfig c = make_config(FfnKind::kGated, Activation::kSilu, 1, 0.0, 512, 256);
+  const MoeLayer<S> layer(c);
+  const Problem p = make_problem(c, S::num_experts, S::top_k, 256, 95, true);
+  MoeLayerStorage<S> st(layer, p.T);
+  const MatrixView<const float> x(p.x.data(), p.T, p.d);
+  std::vector<float> y(p.x.size());
+  Grads g(p);
+  const PackedMoeLayerParams packed = layer.pack(params_of(p, c), GemmDtype::kInt8);
+  for (int pass = 0; pass < 2; ++pass) {
+    moekit_test::CountAllocations count;
+    layer.forward(x, params_of(p, c), st.state(), {y.data(), p.T, p.d}, nullptr, st.workspace());
+    layer.backward({p.G.data(), p.T, p.d}, x, params_of(p, c), st.state(), g.dx_view(p), g.view(p),
+                   st.workspace());
+    layer.forward(x, packed, st.state(), {y.data(), p.T, p.d}, nullptr, st.workspace());
+    if (pass == 1) {
+      EXPECT_EQ(count.allocations(), 0) << "E = " << S::num_experts;
+    }
+  }
+}
+
+TEST(MoeLayer, NoAllocationInForwardOrBackward) {
+  if (!moekit_test::AllocationCounter::available) GTEST_SKIP() << "the sanitizer owns operator new";
+  check_no_allocation<MoeSpec<8, 2>>();
+  check_no_allocation<MoeSpec<16, 2>>();
 }
 
 TEST(MoeLayer, RejectsBadInputWithoutWriting) {

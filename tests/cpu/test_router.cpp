@@ -610,43 +610,65 @@ TYPED_TEST(RouterBackward, GateGradientMatchesFiniteDifferences) {
   }
 }
 
-TEST(RouterBackwardLogits, GradientsOfTheLinearLayer) {
-  using S = MoeSpec<8, 2>;
-  constexpr index_t T = 33, d = 12;
+// dx, dw_gate and dbias against float64 sums, with E = 8 (the row kernels)
+// and E = 16 (the GEMM engine); accumulate adds; an empty view is left alone.
+template <int E>
+void check_linear_layer_gradients() {
+  using S = MoeSpec<E, 2>;
+  constexpr index_t T = 133, d = 37;  // three token blocks, a column tail
   std::mt19937 rng(5);
   std::normal_distribution<float> normal;
-  std::vector<float> x(T * d), w(8 * d), g(T * 8);
+  std::vector<float> x(T * d), w(E * d), g(T * E);
   for (float& v : x) v = normal(rng);
   for (float& v : w) v = normal(rng);
   for (float& v : g) v = normal(rng);
-  std::vector<double> ref_dx(T * d, 0), ref_dw(8 * d, 0), ref_db(8, 0);
+  std::vector<double> ref_dx(T * d, 0), ref_dw(E * d, 0), ref_db(E, 0);
   for (index_t t = 0; t < T; ++t) {
-    for (int e = 0; e < 8; ++e) {
-      ref_db[to_size(e)] += g[to_size(t * 8 + e)];
+    for (int e = 0; e < E; ++e) {
+      ref_db[to_size(e)] += g[to_size(t * E + e)];
       for (index_t j = 0; j < d; ++j) {
-        ref_dx[to_size(t * d + j)] += double(g[to_size(t * 8 + e)]) * w[to_size(e * d + j)];
-        ref_dw[to_size(e * d + j)] += double(g[to_size(t * 8 + e)]) * x[to_size(t * d + j)];
+        ref_dx[to_size(t * d + j)] += double(g[to_size(t * E + e)]) * w[to_size(e * d + j)];
+        ref_dw[to_size(e * d + j)] += double(g[to_size(t * E + e)]) * x[to_size(t * d + j)];
       }
     }
   }
   const Router<S> router(RouterConfig{});
-  std::vector<float> dx(T * d, 1.0f), dw(8 * d, 1.0f), db(8, 1.0f);
-  moekit::cpu::RouterGrads grads{{dx.data(), T, d}, {dw.data(), 8, d}, {db.data(), 8}, false};
-  router.backward_logits({x.data(), T, d}, {w.data(), 8, d}, {g.data(), T, 8}, grads);
-  EXPECT_LT(moekit_test::rel_error(to_double(dx), ref_dx), 1e-5);
-  EXPECT_LT(moekit_test::rel_error(to_double(dw), ref_dw), 1e-5);
-  EXPECT_LT(moekit_test::rel_error(to_double(db), ref_db), 1e-5);
+  std::vector<std::byte> ws(to_size(router.workspace_size(T, d)));
+  std::vector<float> dx(T * d, 1.0f), dw(E * d, 1.0f), db(E, 1.0f);
+  moekit::cpu::RouterGrads grads{{dx.data(), T, d}, {dw.data(), E, d}, {db.data(), E}, false};
+  router.backward_logits({x.data(), T, d}, {w.data(), E, d}, {g.data(), T, E}, grads,
+                         moekit::view_of(ws));
+  EXPECT_LT(moekit_test::rel_error(to_double(dx), ref_dx), 1e-5) << "E = " << E;
+  EXPECT_LT(moekit_test::rel_error(to_double(dw), ref_dw), 1e-5) << "E = " << E;
+  EXPECT_LT(moekit_test::rel_error(to_double(db), ref_db), 1e-5) << "E = " << E;
 
-  // accumulate adds; an empty view (frozen w_gate) is left alone.
   grads.accumulate = true;
   grads.dw_gate = {};
   const std::vector<float> dw_before = dw;
-  router.backward_logits({x.data(), T, d}, {w.data(), 8, d}, {g.data(), T, 8}, grads);
+  router.backward_logits({x.data(), T, d}, {w.data(), E, d}, {g.data(), T, E}, grads,
+                         moekit::view_of(ws));
   for (double& v : ref_dx) v *= 2;
   for (double& v : ref_db) v *= 2;
-  EXPECT_LT(moekit_test::rel_error(to_double(dx), ref_dx), 1e-5);
-  EXPECT_LT(moekit_test::rel_error(to_double(db), ref_db), 1e-5);
+  EXPECT_LT(moekit_test::rel_error(to_double(dx), ref_dx), 1e-5) << "E = " << E;
+  EXPECT_LT(moekit_test::rel_error(to_double(db), ref_db), 1e-5) << "E = " << E;
   EXPECT_EQ(dw, dw_before);
+
+  // dw_gate over the batch split in two at a block boundary, the second part
+  // accumulating onto the first (an expert-parallel group's ranks): the same bits.
+  std::vector<float> whole(E * d), split(E * d);
+  router.backward_logits({x.data(), T, d}, {w.data(), E, d}, {g.data(), T, E},
+                         {{}, {whole.data(), E, d}, {}, false}, moekit::view_of(ws));
+  for (const auto& [t0, t1] : {std::pair{index_t{0}, index_t{64}}, std::pair{index_t{64}, T}}) {
+    router.backward_logits({x.data() + t0 * d, t1 - t0, d}, {w.data(), E, d},
+                           {g.data() + t0 * E, t1 - t0, E}, {{}, {split.data(), E, d}, {}, t0 > 0},
+                           moekit::view_of(ws), t0);
+  }
+  EXPECT_EQ(whole, split) << "E = " << E;
+}
+
+TEST(RouterBackwardLogits, GradientsOfTheLinearLayer) {
+  check_linear_layer_gradients<8>();
+  check_linear_layer_gradients<16>();
 }
 
 // Whole router, x -> logits -> weights, with jitter: central differences on x.

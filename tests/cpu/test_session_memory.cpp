@@ -455,6 +455,69 @@ TEST(SessionMemoryKernels, DotProductsFollowTheirDefinitionOnEveryPath) {
   }
 }
 
+// combine_rows and add_outer_products (the router's dx and dw_gate) on
+// every path against their definition: per element one fma chain in order,
+// from 0 or from the output's value; add_outer_products over a column range
+// leaves the other columns alone, and a sum over tokens split in two (the
+// second part continuing from the first) gives the same bits.
+TEST(SessionMemoryKernels, RouterGradientKernelsFollowTheirDefinitionOnEveryPath) {
+  std::mt19937 rng(23);
+  for (const index_t n : {index_t{1}, index_t{16}, index_t{37}, index_t{384}}) {
+    for (const index_t m : {index_t{1}, index_t{3}, index_t{4}, index_t{9}}) {
+      const index_t tokens = 11;
+      const std::vector<float> w = normal_rows(m, n, rng), g = normal_rows(tokens, m, rng),
+                               x = normal_rows(tokens, n, rng), start = normal_rows(m, n, rng);
+      std::vector<float> combined(sz(n)), combined_acc(sz(n)), outer(start);
+      for (index_t j = 0; j < n; ++j) {
+        float a = 0.0f, b = start[sz(j)];
+        for (index_t i = 0; i < m; ++i) {
+          a = std::fma(g[sz(i)], w[sz(i * n + j)], a);
+          b = std::fma(g[sz(i)], w[sz(i * n + j)], b);
+        }
+        combined[sz(j)] = a;
+        combined_acc[sz(j)] = b;
+        for (index_t i = 0; i < m; ++i) {
+          float& o = outer[sz(i * n + j)];
+          for (index_t t = 0; t < tokens; ++t) o = std::fma(g[sz(t * m + i)], x[sz(t * n + j)], o);
+        }
+      }
+      const MatrixView<const float> wv(w.data(), m, n), gv(g.data(), tokens, m),
+          xv(x.data(), tokens, n);
+      const auto run = [&](auto path) {
+        std::vector<float> got(sz(n), moekit_test::kNaN), acc(start.begin(), start.begin() + n);
+        combine_rows(path, g.data(), wv, got.data(), false);
+        combine_rows(path, g.data(), wv, acc.data(), true);
+        EXPECT_TRUE(same_bits(got, combined)) << n << " " << m;
+        EXPECT_TRUE(same_bits(acc, combined_acc)) << n << " " << m;
+        std::vector<float> out(start);
+        add_outer_products(path, gv, xv, {out.data(), m, n}, 0, n);
+        EXPECT_TRUE(same_bits(out, outer)) << n << " " << m;
+        // Split over tokens [0, 5) and [5, 11), and over two column ranges.
+        std::vector<float> split(start);
+        const index_t half = n / 2;
+        for (const auto& [t0, t1] :
+             {std::pair{index_t{0}, index_t{5}}, std::pair{index_t{5}, tokens}}) {
+          const MatrixView<const float> gp = gv.middle_rows(t0, t1 - t0),
+                                        xp = xv.middle_rows(t0, t1 - t0);
+          add_outer_products(path, gp, xp, {split.data(), m, n}, 0, half);
+          add_outer_products(path, gp, xp, {split.data(), m, n}, half, n);
+        }
+        EXPECT_TRUE(same_bits(split, outer)) << n << " " << m;
+        std::vector<float> part(start);
+        add_outer_products(path, gv, xv, {part.data(), m, n}, half, n);
+        for (index_t i = 0; i < m; ++i) {
+          for (index_t j = 0; j < half; ++j) ASSERT_EQ(part[sz(i * n + j)], start[sz(i * n + j)]);
+        }
+      };
+      run(moekit::cpu::generic::Path{});
+#if MOEKIT_DETAIL_X86
+      if (moekit::cpu::isa_available(Isa::kAvx2)) run(moekit::cpu::avx2::Path{});
+      if (moekit::cpu::isa_available(Isa::kAvx512)) run(moekit::cpu::avx512::Path{});
+#endif
+    }
+  }
+}
+
 // ---- kernels: int8 scoring ----------------------------------------------------------------
 
 // quantize_row, dot_i8_rows and scale_scores on every path against their

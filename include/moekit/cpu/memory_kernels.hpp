@@ -1,8 +1,8 @@
 #pragma once
-// The hand-written kernels of the session memory (moekit/nn/session_memory.hpp),
-// over F32x16 and I32x16 (cpu/vec.hpp), in every ISA namespace (cpu::generic,
-// cpu::avx2, cpu::avx512) under the same names, chosen at run time with
-// with_vec_path:
+// Hand-written row kernels of the session memory (moekit/nn/session_memory.hpp),
+// the router and the task heads, over F32x16 and I32x16 (cpu/vec.hpp), in
+// every ISA namespace (cpu::generic, cpu::avx2, cpu::avx512) under the same
+// names, chosen at run time with with_vec_path:
 //
 //   row_dots        out = m v                         (projections, the read S q)
 //   multi_row_dots  out_v = m v for several v at once (the router's and the
@@ -11,6 +11,8 @@
 //   decay_subtract  y = a y - c x                     (one row of the delta rule)
 //   delta_rows      S = a S - c k^T                   (the delta rule on the state)
 //   axpy            y += w x                          (slot values into a read)
+//   combine_rows    y (+)= sum_i g_i m_i              (the router's dx)
+//   add_outer_products  o += g^T x                    (the router's dw_gate)
 //   mix_row         y = z + g o, exactly z where o = 0 (the gate)
 //   sigmoid_of      sigma(z)
 //   quantize_row    symmetric int8 quantisation of a row, as int32 values
@@ -27,6 +29,7 @@
 //
 // quantize_rows (below) prepares int8 keys: one scale per row.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>

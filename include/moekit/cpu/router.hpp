@@ -14,11 +14,13 @@
 //
 // A token's logits are batch invariant (gate_logits: each logit summed in one
 // fixed order: on the row kernel below 16 experts, on the GEMM engine from
-// 16 on); backward's dx runs one GEMM per block of kTokenBlock rows
-// (core/token_blocks.hpp), and dw_gate and dbias are folded over the blocks
-// in order. So a token's logits and every gradient are the same bits however
-// the batch is split over the ranks of an expert-parallel group (at block
-// boundaries). The pieces an expert-parallel layer composes are public:
+// 16 on), and so is its dx (gate_input_gradient); dw_gate and dbias sum
+// over the tokens in order (gate_weight_gradient: one multiply-add chain per
+// element below 16 experts, the engine per block of kTokenBlock rows folded
+// in order from 16 on; dbias folded over the blocks). So a token's logits
+// and every gradient are the same bits however the batch is split over the
+// ranks of an expert-parallel group (at block boundaries). Nothing runs on
+// Eigen's GEMM, so nothing allocates. The pieces an expert-parallel layer composes are public:
 // logits() (with the global index of the first token, for the noise
 // counters), gate() (scores, top-K and weights of each row, no capacity),
 // number_in_order() and the statistics' StatSums / finish_stats(), and
@@ -307,6 +309,68 @@ void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
         rows_z[t - first] = logits.row(t);
       }
       with_vec_path([&](auto path) { multi_row_dots(path, w_gate, rows_x, rows_z, end - first); });
+    }
+  }
+}
+
+// Columns of dw_gate per thread's unit of work in gate_weight_gradient.
+inline constexpr index_t kGateColumns = 64;
+
+// dx (+)= dlogits w_gate (T x E times E x d), batch invariant: a row of dx
+// depends on its own row of dlogits only. Below kEngineLogitsMinExperts
+// experts: memory_kernels.hpp's combine_rows (per element one multiply-add
+// chain over the experts in order, from dx's value with `accumulate`),
+// threads taking fixed runs of kGateRows rows; from it on: the GEMM engine
+// (beta = 1 with accumulate), in workspace (gate_logits_workspace_size bytes).
+template <int E>
+void gate_input_gradient(MatrixView<const float> dlogits, MatrixView<const float> w_gate,
+                         MatrixView<float> dx, bool accumulate, VectorView<std::byte> workspace) {
+  if constexpr (E >= kEngineLogitsMinExperts) {
+    gemm({.dtype = GemmDtype::kFloat32, .beta = accumulate ? 1.0f : 0.0f}, dlogits, w_gate, dx,
+         workspace);
+  } else {
+    const index_t tokens = dlogits.rows();
+    const index_t runs = (tokens + kGateRows - 1) / kGateRows;
+    [[maybe_unused]] const bool parallel = tokens * w_gate.cols() * E > kParallelGrain;
+    MOEKIT_PARALLEL_FOR_IF(parallel)
+    for (index_t i = 0; i < runs; ++i) {
+      const index_t end = std::min((i + 1) * kGateRows, tokens);
+      with_vec_path([&](auto path) {
+        for (index_t t = i * kGateRows; t < end; ++t)
+          combine_rows(path, dlogits.row(t), w_gate, dx.row(t), accumulate);
+      });
+    }
+  }
+}
+
+// dw_gate (+)= dlogits^T x (E x T times T x d), the sum over tokens in token
+// order. Below kEngineLogitsMinExperts experts: memory_kernels.hpp's
+// add_outer_products (per element one multiply-add chain over the tokens,
+// from 0, or from dw_gate's value with `accumulate`), threads taking fixed
+// runs of kGateColumns columns: the bits depend on the tokens' order only,
+// and a batch split into consecutive parts, each continuing from the last
+// (the expert-parallel layer's ranks), gives the same chain. From it on: the
+// GEMM engine once per token block (core/token_blocks.hpp), folded in order.
+template <int E>
+void gate_weight_gradient(MatrixView<const float> dlogits, MatrixView<const float> x,
+                          MatrixView<float> dw_gate, bool accumulate,
+                          VectorView<std::byte> workspace) {
+  if constexpr (E >= kEngineLogitsMinExperts) {
+    for_each_token_block(dlogits.rows(), [&](index_t r0, index_t rows, index_t b) {
+      const bool add = accumulate || b > 0;
+      gemm({.dtype = GemmDtype::kFloat32, .op_a = Op::kTrans, .beta = add ? 1.0f : 0.0f},
+           dlogits.middle_rows(r0, rows), x.middle_rows(r0, rows), dw_gate, workspace);
+    });
+  } else {
+    if (!accumulate) as_eigen(dw_gate).setZero();
+    const index_t d = dw_gate.cols();
+    const index_t runs = (d + kGateColumns - 1) / kGateColumns;
+    [[maybe_unused]] const bool parallel = dlogits.rows() * d * E > kParallelGrain;
+    MOEKIT_PARALLEL_FOR_IF(parallel)
+    for (index_t i = 0; i < runs; ++i) {
+      const index_t j1 = std::min((i + 1) * kGateColumns, d);
+      with_vec_path(
+          [&](auto path) { add_outer_products(path, dlogits, x, dw_gate, i * kGateColumns, j1); });
     }
   }
 }
@@ -649,49 +713,36 @@ class Router {
         .check();
     const bool jittered = config_.noise.kind == NoiseKind::kJitter;
     const bool want_db = !grads.dbias.empty(), want_dw = !grads.dw_gate.empty();
+    const index_t skip = jitter_bytes(tokens, d);
+    const VectorView<std::byte> product = workspace.segment(skip, workspace.size() - skip);
 
     const MatrixView<float> jittered_x(jittered ? scratch<float>(workspace) : nullptr, tokens, d);
     if (!grads.accumulate && tokens == 0) {  // no block: the sums are empty
       if (want_db) as_eigen(grads.dbias).setZero();
       if (want_dw) as_eigen(grads.dw_gate).setZero();
     }
-    if (want_db || want_dw) {
-      if (jittered && want_dw) jitter(x, jittered_x, first_token);  // what the logits saw
-      const MatrixView<const float> input = jittered ? MatrixView<const float>(jittered_x) : x;
+    if (want_db) {
       for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t b) {
-        const bool add = grads.accumulate || b > 0;
-        const auto g = as_eigen(dlogits.middle_rows(r0, rows));
-        if (want_db) add_column_sums(dlogits.middle_rows(r0, rows), grads.dbias, add);
-        if (want_dw) {
-          auto dw = as_eigen(grads.dw_gate);
-          const auto in = as_eigen(input.middle_rows(r0, rows));
-          if (add)
-            dw.noalias() += g.transpose() * in;
-          else
-            dw.noalias() = g.transpose() * in;
-        }
+        add_column_sums(dlogits.middle_rows(r0, rows), grads.dbias, grads.accumulate || b > 0);
       });
     }
+    if (want_dw && tokens > 0) {
+      if (jittered) jitter(x, jittered_x, first_token);  // what the logits saw
+      const MatrixView<const float> input = jittered ? MatrixView<const float>(jittered_x) : x;
+      gate_weight_gradient<kExperts>(dlogits, input, grads.dw_gate, grads.accumulate, product);
+    }
     if (grads.dx.empty()) return;
-    for_each_token_block(tokens, [&](index_t r0, index_t rows, index_t) {
-      const auto g = as_eigen(dlogits.middle_rows(r0, rows));
-      auto dx = as_eigen(grads.dx.middle_rows(r0, rows));
-      if (!jittered) {
-        if (grads.accumulate)
-          dx.noalias() += g * as_eigen(w_gate);
-        else
-          dx.noalias() = g * as_eigen(w_gate);
-        return;
-      }
-      const MatrixView<float> tmp_view = jittered_x.middle_rows(r0, rows);
-      auto tmp = as_eigen(tmp_view);
-      tmp.noalias() = g * as_eigen(w_gate);
-      jitter(tmp_view, tmp_view, first_token + r0);  // d x~/d x is the jitter factor
-      if (grads.accumulate)
-        dx += tmp;
-      else
-        dx = tmp;
-    });
+    if (!jittered) {
+      gate_input_gradient<kExperts>(dlogits, w_gate, grads.dx, grads.accumulate, product);
+      return;
+    }
+    gate_input_gradient<kExperts>(dlogits, w_gate, jittered_x, false, product);
+    jitter(jittered_x, jittered_x, first_token);  // d x~/d x is the jitter factor
+    if (grads.accumulate) {
+      as_eigen(grads.dx) += as_eigen(MatrixView<const float>(jittered_x));
+    } else {
+      as_eigen(grads.dx) = as_eigen(MatrixView<const float>(jittered_x));
+    }
   }
 
  private:

@@ -123,6 +123,75 @@ MOEKIT_KERNEL_TARGET inline void decay_subtract(Path, float* y, const float* x, 
   }
 }
 
+// out (+)= sum_i g[i] rows(i) for the m rows of `rows` (n columns, row
+// stride ld): per element one fused multiply-add chain over i in order,
+// from out's value with `accumulate`, else from 0. A row of the router's
+// input gradient (dlogits times w_gate).
+MOEKIT_KERNEL_TARGET inline void combine_rows(Path, const float* g, MatrixView<const float> rows,
+                                              float* out, bool accumulate) {
+  const index_t n = rows.cols();
+  for (index_t j = 0; j < n; j += kF32x16Lanes) {
+    const int w = static_cast<int>(std::min<index_t>(kF32x16Lanes, n - j));
+    const bool full = w == kF32x16Lanes;
+    F32x16 acc = !accumulate ? zero() : (full ? load(out + j) : load_partial(out + j, w));
+    for (index_t i = 0; i < rows.rows(); ++i) {
+      const float* r = rows.row(i) + j;
+      acc = fmadd(set1(g[i]), full ? load(r) : load_partial(r, w), acc);
+    }
+    if (full) {
+      store(out + j, acc);
+    } else {
+      store_partial(out + j, acc, w);
+    }
+  }
+}
+
+// out.row(i0 + i) += sum_t g(t, i0 + i) x.row(t) over M rows of out, for
+// columns [j, j + w): the M accumulators share each load of x (a register
+// tile of M x 16).
+template <std::size_t M>
+MOEKIT_DETAIL_MEMORY void outer_product_tile(MatrixView<const float> g, MatrixView<const float> x,
+                                             MatrixView<float> out, index_t i0, index_t j, int w) {
+  const bool full = w == kF32x16Lanes;
+  F32x16 acc[M];
+  for (std::size_t i = 0; i < M; ++i) {
+    const float* o = out.row(i0 + static_cast<index_t>(i)) + j;
+    acc[i] = full ? load(o) : load_partial(o, w);
+  }
+  for (index_t t = 0; t < x.rows(); ++t) {
+    const F32x16 xv = full ? load(x.row(t) + j) : load_partial(x.row(t) + j, w);
+    const float* gt = g.row(t) + i0;
+    for (std::size_t i = 0; i < M; ++i) acc[i] = fmadd(set1(gt[i]), xv, acc[i]);
+  }
+  for (std::size_t i = 0; i < M; ++i) {
+    float* o = out.row(i0 + static_cast<index_t>(i)) + j;
+    if (full) {
+      store(o, acc[i]);
+    } else {
+      store_partial(o, acc[i], w);
+    }
+  }
+}
+
+// out += g^T x for columns [j0, j1) (g: T x m, x: T x n, out: m x n): per
+// element one fused multiply-add chain over the rows t in order, from out's
+// value, so the bits do not depend on the column range, the tile or the
+// path, and a sum split into consecutive row ranges (each call continuing
+// from the last) is the same chain. The router's weight gradient.
+MOEKIT_KERNEL_TARGET inline void add_outer_products(Path, MatrixView<const float> g,
+                                                    MatrixView<const float> x,
+                                                    MatrixView<float> out, index_t j0, index_t j1) {
+  constexpr std::size_t kTile = kF32x16Registers >= 32 ? 8 : 4;
+  const index_t m = out.rows();
+  for (index_t j = j0; j < j1; j += kF32x16Lanes) {
+    const int w = static_cast<int>(std::min<index_t>(kF32x16Lanes, j1 - j));
+    index_t i = 0;
+    for (; i + static_cast<index_t>(kTile) <= m; i += static_cast<index_t>(kTile))
+      outer_product_tile<kTile>(g, x, out, i, j, w);
+    for (; i < m; ++i) outer_product_tile<1>(g, x, out, i, j, w);
+  }
+}
+
 // Row i of s: s_i = a s_i - c[i] k (S <- a S - c k^T).
 MOEKIT_KERNEL_TARGET inline void delta_rows(Path path, MatrixView<float> s, const float* c,
                                             const float* k, float a) {
