@@ -500,9 +500,14 @@ std::vector<Point> run_scenario(const LongTerm& lt, const Variant& variant,
   config.slot_sharpness = protocol.sharpness;
   config.max_sessions = protocol.sessions;
   if (variant.match_gate) {
+    // [match_gate]
+    // The match gate: keep the keys of the session's last 32 corrections;
+    // read the memory only where a query's best cosine with them passes theta
+    // (fully from theta + width), both calibrated on the long-term texts.
     config.match_keys = protocol.match_keys;
     config.match_threshold = ramp.theta;
     config.match_width = ramp.width;
+    // [match_gate]
   }
   moekit::cpu::SessionMemoryWeights weights;
   weights.w_key = weights.w_query = {lt.w_key.data(), lt.d_key, d};
