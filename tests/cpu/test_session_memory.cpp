@@ -1448,30 +1448,20 @@ TEST(SessionMemory, RejectsBadConfigsAndWeights) {
   bad([](auto& c) { c.max_sessions = 0; }, "max_sessions = 0");
   bad([](auto& c) { c.d_key = 21; }, "d_key = 21");
   bad([](auto& c) { c.match_keys = -1; }, "match_keys = -1");
-  bad(
-      [](auto& c) {
-        c.match_keys = 2;
-        c.match_threshold = 1.5f;
-      },
-      "match_threshold = 1.5");
-  bad(
-      [](auto& c) {
-        c.match_keys = 2;
-        c.match_threshold = std::numeric_limits<float>::quiet_NaN();
-      },
-      "match_threshold = nan");
-  bad(
-      [](auto& c) {
-        c.match_keys = 2;
-        c.match_width = -0.1f;
-      },
-      "match_width = -0.1");
-  bad(
-      [](auto& c) {
-        c.match_keys = 2;
-        c.match_width = std::numeric_limits<float>::infinity();
-      },
-      "match_width = inf");
+  const auto bad_gate = [&](float threshold, float width, const char* needle) {
+    bad(
+        [&](auto& c) {
+          c.match_keys = 2;
+          c.match_threshold = threshold;
+          c.match_width = width;
+        },
+        needle);
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  bad_gate(1.5f, 0.1f, "match_threshold = 1.5");
+  bad_gate(std::numeric_limits<float>::quiet_NaN(), 0.1f, "match_threshold = nan");
+  bad_gate(0.5f, -0.1f, "match_width = -0.1");
+  bad_gate(0.5f, inf, "match_width = inf");
   // Weights of the wrong shape, or int8 outside [-127, 127].
   SessionMemoryWeights w = setup.weights();
   w.w_key = {setup.w_key.data(), good.d_key - 1, good.d_model};

@@ -90,6 +90,18 @@ inline std::string hex64(std::uint64_t v) {
   return std::string(buf, r.ptr);
 }
 
+// The length of the file's one-dimensional tensor `name` (`symbol`: its
+// length's name in the message); kFormatError for another rank.
+inline index_t session_vector_length(const SafetensorsReader& file, const char* name,
+                                     const char* symbol) {
+  const Shape& shape = file.info(name).shape;
+  MOEKIT_CHECK(shape.size() == 1, Errc::kFormatError, "tensor '", name, "' in '", file.source(),
+               "' has shape ", shape_string(shape), ", expected [", symbol, "]");
+  const auto length = static_cast<index_t>(shape[0]);
+  file.check_tensor(name, Shape{length});
+  return length;
+}
+
 // The file's metadata entry `key`; kFormatError when it is missing.
 inline const std::string& session_entry(const SafetensorsReader& file, const std::string& key) {
   const auto it = file.metadata().find(key);
@@ -198,20 +210,12 @@ inline void load_session(cpu::SessionMemory& memory, std::int32_t session,
   }
   index_t used = 0;
   if (memory.has_slots()) {
-    const Shape& shape = file.info("slot_ids").shape;
-    MOEKIT_CHECK(shape.size() == 1, Errc::kFormatError, "tensor 'slot_ids' in '", file.source(),
-                 "' has shape ", shape_string(shape), ", expected [m]");
-    used = static_cast<index_t>(shape[0]);
-    file.check_tensor("slot_ids", Shape{used});
+    used = detail::session_vector_length(file, "slot_ids", "m");
     file.check_tensor("slot_values", Shape{used, c.d_value});
   }
   index_t kept = 0;
   if (memory.has_match_gate()) {
-    const Shape& shape = file.info("match_scales").shape;
-    MOEKIT_CHECK(shape.size() == 1, Errc::kFormatError, "tensor 'match_scales' in '", file.source(),
-                 "' has shape ", shape_string(shape), ", expected [u]");
-    kept = static_cast<index_t>(shape[0]);
-    file.check_tensor("match_scales", Shape{kept});
+    kept = detail::session_vector_length(file, "match_scales", "u");
     file.check_tensor("match_keys", Shape{kept, c.d_key});
   }
   std::vector<float> ids(static_cast<std::size_t>(used));

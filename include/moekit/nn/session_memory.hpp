@@ -392,9 +392,7 @@ class SessionMemory {
   void read(MatrixView<const float> x, VectorView<const std::int32_t> sessions,
             MatrixView<const float> frozen, MatrixView<float> y,
             VectorView<std::byte> workspace) const {
-    check_view(x, "x");
-    const index_t n = x.rows();
-    check_shape(x, n, config_.d_model, "x");
+    const index_t n = checked_rows(x);
     check_shape(frozen, n, config_.d_value, "frozen");
     check_shape(y, n, config_.d_value, "y");
     check_sessions(sessions, n);
@@ -423,9 +421,7 @@ class SessionMemory {
   // session -1 are skipped. x: n x d_model, values: n x d_v, sessions: n.
   void write(MatrixView<const float> x, MatrixView<const float> values,
              VectorView<const std::int32_t> sessions, VectorView<std::byte> workspace) {
-    check_view(x, "x");
-    const index_t n = x.rows();
-    check_shape(x, n, config_.d_model, "x");
+    const index_t n = checked_rows(x);
     check_shape(values, n, config_.d_value, "values");
     check_sessions(sessions, n);
     for (index_t t = 0; t < n; ++t) {
@@ -457,14 +453,11 @@ class SessionMemory {
               MatrixView<float> slot_weights, VectorView<std::byte> workspace) const {
     MOEKIT_CHECK(has_slots(), Errc::kInvalidArgument,
                  "the memory has no slots (config.sub_keys = 0)");
-    check_view(x, "x");
-    const index_t n = x.rows();
-    check_shape(x, n, config_.d_model, "x");
+    const index_t n = checked_rows(x);
     check_shape(slot_ids, n, config_.top_k, "slot_ids");
     check_shape(slot_weights, n, config_.top_k, "slot_weights");
-    usable_threads(workspace, n);
+    const Scratch scratch = one_thread_scratch(workspace, n);
     if (n == 0) return;
-    Scratch scratch = scratch_at(reinterpret_cast<float*>(workspace.data()), 0);
     with_vec_path([&](auto path) {
       for (index_t t = 0; t < n; ++t) {
         project(path, weights_.w_query, x.row(t), scratch.key);
@@ -485,14 +478,11 @@ class SessionMemory {
              VectorView<float> cosine, VectorView<std::byte> workspace) const {
     MOEKIT_CHECK(has_match_gate(), Errc::kInvalidArgument,
                  "the memory has no match gate (config.match_keys = 0)");
-    check_view(x, "x");
-    const index_t n = x.rows();
-    check_shape(x, n, config_.d_model, "x");
+    const index_t n = checked_rows(x);
     check_sessions(sessions, n);
     check_shape(cosine, n, "cosine");
-    usable_threads(workspace, n);
+    const Scratch scratch = one_thread_scratch(workspace, n);
     if (n == 0) return;
-    Scratch scratch = scratch_at(reinterpret_cast<float*>(workspace.data()), 0);
     with_vec_path([&](auto path) {
       for (index_t t = 0; t < n; ++t) {
         const std::int32_t id = sessions[t];
@@ -594,6 +584,20 @@ class SessionMemory {
                  Errc::kInvalidArgument, "workspace is not aligned to ", alignof(float), " bytes");
     return std::clamp<index_t>(n / kMinRowsPerThread, 1,
                                std::min<index_t>(workspace.size() / slot_bytes(), max_threads()));
+  }
+
+  // The rows of x after checking it is n x d_model.
+  index_t checked_rows(MatrixView<const float> x) const {
+    check_view(x, "x");
+    check_shape(x, x.rows(), config_.d_model, "x");
+    return x.rows();
+  }
+
+  // The first thread's scratch, for the one-thread inspection calls, after
+  // checking the workspace.
+  Scratch one_thread_scratch(VectorView<std::byte> workspace, index_t n) const {
+    usable_threads(workspace, n);
+    return scratch_at(reinterpret_cast<float*>(workspace.data()), 0);
   }
 
   template <class F>
