@@ -10,7 +10,9 @@
 // the same run on the same frozen features (the majority class, a linear head
 // per branch on the pooled embedding, a dense FFN model with the same active
 // parameters per token), then a fine-grained variant (E = 64, K = 8), then
-// BBC News added as a fifth branch that trains only its adapter and head.
+// BBC News added as a fifth branch that trains only its adapter and head,
+// early exit with and without distillation, and the system in int8 (the
+// encoder, experts and heads packed in int8) beside fp32.
 //
 //   17_text_multitask --model DIR --data DIR [--train N] [--test N] [--epochs X]
 //                     [--out DIR] [--cache DIR] [--max-length L]
@@ -767,6 +769,59 @@ int main(int argc, char** argv) {
     }
   }
   stages["early_exit"] = since(t0);
+
+  // ---- 8. int8 inference: the encoder, the experts and the heads in int8 ---------------------
+  t0 = Clock::now();
+  {
+    // The routers stay fp32 (a top-K choice flips on the smallest change of a
+    // logit); each branch's adapter is folded into its head (TextMultitaskModel::pack).
+    const auto moe8 = moe.pack(cpu::GemmDtype::kInt8);
+    const cpu::PackedBertWeights enc8 =
+        bert.encoder.pack(bert.weights.weights(), cpu::GemmDtype::kInt8);
+    // The model alone in int8, on the fp32 encoder's states; then the whole
+    // system: the test texts through the int8 encoder (cached apart from fp32's).
+    const train::TextEval model8 = train::evaluate_text_model(moe, test_set, {}, false, &moe8);
+    std::vector<text::EncodedTexts> states8(kTasks);
+    std::vector<const text::EncodedTexts*> te_enc8;
+    for (int t = 0; t < kTasks; ++t) {
+      const train::TextTask& task = tasks[static_cast<std::size_t>(t)];
+      const auto te = Clock::now();
+      const std::string label = task.name + " test int8";
+      states8[static_cast<std::size_t>(t)] = text::encode_texts(
+          bert, model_hash, task.test.texts, o.max_length, {},
+          o.cache / (task.name + "-test-int8.mkenc"),
+          [&](index_t done, index_t total) { progress(label.c_str(), done, total, since(te)); },
+          nullptr, &enc8);
+      te_enc8.push_back(&states8[static_cast<std::size_t>(t)]);
+    }
+    train::TextSamples test8(te_enc8, te_lab);
+    const train::TextEval system8 = train::evaluate_text_model(moe, test8, {}, false, &moe8);
+    index_t agree = 0;
+    for (std::size_t s = 0; s < system8.predictions.size(); ++s)
+      agree += system8.predictions[s] == moe_run.eval.predictions[s] ? 1 : 0;
+    std::printf(
+        "\nint8 inference (encoder, experts and heads in int8, routers fp32), test accuracy:\n"
+        "%-16s %8s %12s %12s %8s\n",
+        "branch", "fp32", "int8 model", "int8 system", "change");
+    json& j8 = summary["int8"];
+    for (int t = 0; t < kTasks; ++t) {
+      const auto u = static_cast<std::size_t>(t);
+      const double change = 100 * (system8.accuracy[u] - moe_run.eval.accuracy[u]);
+      std::printf("%-16s %8.1f %12.1f %12.1f %+8.1f\n", tasks[u].name.c_str(),
+                  100 * moe_run.eval.accuracy[u], 100 * model8.accuracy[u],
+                  100 * system8.accuracy[u], change);
+      j8["branches"][tasks[u].name] = {{"fp32", moe_run.eval.accuracy[u]},
+                                       {"int8_model", model8.accuracy[u]},
+                                       {"int8_system", system8.accuracy[u]},
+                                       {"int8_system_macro_f1", system8.macro_f1[u]}};
+    }
+    const auto n = static_cast<index_t>(system8.predictions.size());
+    std::printf("int8 system: %ld of %ld test predictions as fp32's\n", static_cast<long>(agree),
+                static_cast<long>(n));
+    j8["same_predictions"] = agree;
+    j8["test_texts"] = n;
+  }
+  stages["int8"] = since(t0);
   stages["total"] = since(t_all);
 
   std::ofstream(o.out / "summary.json") << summary.dump(1) << "\n";

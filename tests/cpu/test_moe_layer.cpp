@@ -2,7 +2,9 @@
 // reference written here (routing by routing_reference.hpp's ref_gate, FFNs
 // by the textbook formulas), backward against central finite differences of
 // L = <y, G> + switch_coeff L_switch + z_coeff L_z through that reference;
-// determinism, empty experts, T = 0, frozen parts and bad input.
+// determinism, empty experts, T = 0, frozen parts and bad input; the
+// inference forward on packed weights (fp32: the same bits; bf16 / int8:
+// within their rounding of the float64 reference).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -31,12 +33,14 @@ using moekit::MatrixView;
 using moekit::MoeSpec;
 using moekit::to_size;
 using moekit::VectorView;
+using moekit::cpu::GemmDtype;
 using moekit::cpu::MoeLayer;
 using moekit::cpu::MoeLayerConfig;
 using moekit::cpu::MoeLayerGrads;
 using moekit::cpu::MoeLayerParams;
 using moekit::cpu::MoeLayerState;
 using moekit::cpu::MoeLayerStorage;
+using moekit::cpu::PackedMoeLayerParams;
 using moekit_test::act64;
 using moekit_test::expect_error;
 using moekit_test::ref_gate;
@@ -760,6 +764,79 @@ TEST(MoeLayer, RejectsBadConfig) {
   c = make_config(FfnKind::kPlain, Activation::kGeluTanh, 0, 0.0);
   c.router.gating.scaling = 0.0f;
   expect_error([&] { MoeLayer<S>{c}; }, Errc::kInvalidArgument);
+}
+
+// ---- inference on packed weights ----------------------------------------------
+
+// Packed fp32 gives the forward's bits; bf16 and int8 route every token as
+// fp32 does (the router stays fp32) and stay within their rounding of the
+// float64 reference; the saved activations are not written. T = 150 spans
+// three token blocks of the shared expert, and capacity 1.0 drops tokens.
+TEST(MoeLayer, PackedForwardMatchesTheForwardOnViews) {
+  using S = MoeSpec<8, 2>;
+  const MoeLayerConfig c = make_config(FfnKind::kGated, Activation::kSilu, 1, 1.0, 48, 40);
+  const MoeLayer<S> layer(c);
+  const index_t T = 150;
+  const Problem p = make_problem(c, 8, 2, T, 91);
+  const MatrixView<const float> x(p.x.data(), T, p.d);
+  MoeLayerStorage<S> st(layer, T);
+  std::vector<float> y(p.x.size(), kNaN);
+  layer.forward(x, params_of(p, c), st.state(), {y.data(), T, p.d}, nullptr, st.workspace());
+  const std::vector<std::int32_t> ids(st.state().routing.expert_ids.data(),
+                                      st.state().routing.expert_ids.data() + T * 2);
+  const std::vector<std::int32_t> pos = positions_of(st, T);
+  const std::vector<double> ref = ref_forward(p, c, Params64(p), pos).y;
+  const float* pre = st.state().saved_pre.data();
+  const std::vector<float> saved(pre, pre + st.state().saved_pre.rows() * p.f);
+  for (const auto& [dtype, tolerance] :
+       {std::pair{GemmDtype::kFloat32, 1e-6}, std::pair{GemmDtype::kBfloat16, 2e-2},
+        std::pair{GemmDtype::kInt8, 3e-2}}) {
+    // [packed]
+    // Packed once (allocates); then every forward runs the experts in `dtype`.
+    const PackedMoeLayerParams packed = layer.pack(params_of(p, c), dtype);
+    std::vector<float> yp(p.x.size(), kNaN);
+    moekit::cpu::RoutingStats<S> stats;
+    layer.forward(x, packed, st.state(), {yp.data(), T, p.d}, &stats, st.workspace());
+    // [packed]
+    EXPECT_EQ(packed.dtype(), dtype);
+    EXPECT_GT(stats.dropped, 0);
+    EXPECT_EQ(positions_of(st, T), pos);
+    const auto& out_ids = st.state().routing.expert_ids;
+    EXPECT_TRUE(std::equal(ids.begin(), ids.end(), out_ids.data()));
+    const double err = rel_error(to_double(yp), ref);
+    EXPECT_LT(err, tolerance) << "dtype " << static_cast<int>(dtype);
+    if (dtype == GemmDtype::kFloat32) {
+      EXPECT_TRUE(same_bits(yp, y));
+    }
+    EXPECT_TRUE(std::equal(saved.begin(), saved.end(), pre));
+    std::printf("[ packed ] dtype %d rel err %.3g\n", static_cast<int>(dtype), err);
+  }
+}
+
+TEST(MoeLayer, PackedForwardRejectsAnotherLayersWeights) {
+  using S = MoeSpec<8, 2>;
+  const MoeLayerConfig c = make_config(FfnKind::kGated, Activation::kSilu, 1, 0.0);
+  const MoeLayer<S> layer(c);
+  const Problem p = make_problem(c, 8, 2, 10, 93);
+  MoeLayerStorage<S> st(layer, 10);
+  const MatrixView<const float> x(p.x.data(), p.T, p.d);
+  std::vector<float> y(p.x.size(), 7.0f);
+  const MatrixView<float> yv(y.data(), p.T, p.d);
+
+  const MoeLayerConfig wide = make_config(FfnKind::kGated, Activation::kSilu, 1, 0.0, 16, 32);
+  const Problem q = make_problem(wide, 8, 2, 10, 94);
+  const PackedMoeLayerParams other = MoeLayer<S>(wide).pack(params_of(q, wide), GemmDtype::kInt8);
+  expect_error([&] { layer.forward(x, other, st.state(), yv, nullptr, st.workspace()); },
+               Errc::kShapeMismatch);
+  PackedMoeLayerParams no_shared = layer.pack(params_of(p, c), GemmDtype::kInt8);
+  no_shared.shared.clear();
+  const std::string msg =
+      expect_error([&] { layer.forward(x, no_shared, st.state(), yv, nullptr, st.workspace()); },
+                   Errc::kShapeMismatch);
+  EXPECT_NE(msg.find("num_shared"), std::string::npos) << msg;
+  for (float e : y) ASSERT_EQ(e, 7.0f);
+  expect_error([&] { (void)layer.pack(params_of(p, c), static_cast<GemmDtype>(9)); },
+               Errc::kInvalidArgument);
 }
 
 TEST(MoeLayer, RejectsBadInputWithoutWriting) {

@@ -389,32 +389,101 @@ M perturbed_model(index_t batch, std::uint64_t seed) {
 
 // The whole model is batch invariant (docs/determinism.md): a text's logits
 // are bit-identical alone and among up to 64 other texts of any tasks and
-// lengths, in any order, on 1 and 2 threads and on every CPU path. K < E, so
-// the routing is a real top-k choice.
+// lengths, in any order, on 1 and 2 threads and on every CPU path, on its
+// weights and packed in int8. K < E, so the routing is a real top-k choice.
 TEST(BatchInvariance, TextMultitaskModelPredict) {
   using M = Model<4, 2, 2>;
   M model = perturbed_model<M>(64, 21);
   constexpr index_t kPool = 24, d = 12;
   const Tokens pool = random_tokens(kPool, d, 2, 22);
   const index_t C = model.heads().max_classes();
-  moekit_test::expect_batch_invariant(kPool, 64, 23, [&](const std::vector<index_t>& items) {
-    Tokens batch;
-    for (const index_t i : items) {
-      const auto u = static_cast<std::size_t>(i);
-      const index_t first = pool.offsets[u], length = pool.offsets[u + 1] - first;
-      batch.x.insert(batch.x.end(), pool.x.begin() + first * d,
-                     pool.x.begin() + (first + length) * d);
-      batch.offsets.push_back(batch.offsets.back() + length);
-      batch.tasks.push_back(pool.tasks[u]);
-      batch.labels.push_back(pool.labels[u]);
-    }
-    const auto n = static_cast<index_t>(items.size());
+  const auto check = [&](const auto&... packed) {
+    moekit_test::expect_batch_invariant(kPool, 64, 23, [&](const std::vector<index_t>& items) {
+      Tokens batch;
+      for (const index_t i : items) {
+        const auto u = static_cast<std::size_t>(i);
+        const index_t first = pool.offsets[u], length = pool.offsets[u + 1] - first;
+        batch.x.insert(batch.x.end(), pool.x.begin() + first * d,
+                       pool.x.begin() + (first + length) * d);
+        batch.offsets.push_back(batch.offsets.back() + length);
+        batch.tasks.push_back(pool.tasks[u]);
+        batch.labels.push_back(pool.labels[u]);
+      }
+      const auto n = static_cast<index_t>(items.size());
+      std::vector<float> z(static_cast<std::size_t>(n * C), std::nanf(""));
+      model.predict(batch.view(d), packed..., {z.data(), n, C});
+      moekit_test::BatchResults out;
+      for (index_t j = 0; j < n; ++j) out.emplace_back(z.begin() + j * C, z.begin() + (j + 1) * C);
+      return out;
+    });
+  };
+  check();
+  check(model.pack(cpu::GemmDtype::kInt8));  // int8 scales are per row: invariant too
+}
+
+// Inference on the packed model (pack: experts packed, each branch's adapter
+// folded into its head): the logits of predict within each dtype's rounding
+// (fp32: the fold's rounding only), the same predicted classes, a pooled term
+// applied as predict applies it; the packed copy keeps the weights it was
+// made from; a packed model of another structure is refused.
+TEST(TextMultitaskModel, PackedPredictMatchesPredict) {
+  using M = Model<4, 2, 2>;
+  constexpr index_t n = 16, d = 12;
+  M model = perturbed_model<M>(n, 31);
+  const Tokens data = random_tokens(n, d, 2, 32);
+  std::vector<float> u(static_cast<std::size_t>(n * d));
+  for (std::size_t i = 0; i < u.size(); ++i) u[i] = 0.3f * moekit::random_normal(33, i);
+  cpu::TextBatch batch = data.view(d);
+  batch.pooled_term = {u.data(), n, d};
+  const index_t C = model.heads().max_classes();
+  const auto logits = [&](const auto&... packed) {
     std::vector<float> z(static_cast<std::size_t>(n * C), std::nanf(""));
-    model.predict(batch.view(d), {z.data(), n, C});
-    moekit_test::BatchResults out;
-    for (index_t j = 0; j < n; ++j) out.emplace_back(z.begin() + j * C, z.begin() + (j + 1) * C);
-    return out;
-  });
+    model.predict(batch, packed..., {z.data(), n, C});
+    return z;
+  };
+  const std::vector<float> want = logits();
+  const auto argmax = [&](const std::vector<float>& z, index_t i) {
+    const float* r = z.data() + i * C;
+    return std::max_element(r, r + C) - r;
+  };
+  for (const auto& [dtype, tolerance] :
+       {std::pair{cpu::GemmDtype::kFloat32, 1e-5}, std::pair{cpu::GemmDtype::kBfloat16, 2e-2},
+        std::pair{cpu::GemmDtype::kInt8, 4e-2}}) {
+    const cpu::PackedTextModel<moekit::HeadSpec<2>> packed = model.pack(dtype);
+    EXPECT_EQ(packed.dtype(), dtype);
+    const std::vector<float> got = logits(packed);
+    double err = 0, norm = 0;
+    index_t same_class = 0;
+    for (index_t i = 0; i < n; ++i) {
+      const index_t classes =
+          model.config().classes[static_cast<std::size_t>(data.tasks[static_cast<std::size_t>(i)])];
+      for (index_t j = 0; j < classes; ++j) {
+        const auto k = static_cast<std::size_t>(i * C + j);
+        err += (double{got[k]} - want[k]) * (double{got[k]} - want[k]);
+        norm += double{want[k]} * want[k];
+      }
+      for (index_t j = classes; j < C; ++j)
+        EXPECT_EQ(got[static_cast<std::size_t>(i * C + j)],
+                  want[static_cast<std::size_t>(i * C + j)]);
+      same_class += argmax(got, i) == argmax(want, i) ? 1 : 0;
+    }
+    EXPECT_LT(std::sqrt(err / norm), tolerance) << "dtype " << static_cast<int>(dtype);
+    EXPECT_GE(same_class, n - 1) << "dtype " << static_cast<int>(dtype);
+    std::printf("[ packed ] dtype %d: logits rel err %.3g, %ld of %ld classes agree\n",
+                static_cast<int>(dtype), std::sqrt(err / norm), static_cast<long>(same_class),
+                static_cast<long>(n));
+  }
+  const cpu::PackedTextModel<moekit::HeadSpec<2>> packed = model.pack(cpu::GemmDtype::kInt8);
+  const std::vector<float> before = logits(packed);
+  for (float& v : model.tensor("heads.weight").value) v = 0.0f;
+  for (float& v : model.tensor("moe.0.experts.w2").value) v = 0.0f;
+  EXPECT_TRUE(same_bits(logits(packed), before));
+
+  M one_layer(small_config<M>(1));
+  const auto other = one_layer.pack(cpu::GemmDtype::kInt8);
+  std::vector<float> z(static_cast<std::size_t>(n * C), 7.0f);
+  expect_error([&] { model.predict(batch, other, {z.data(), n, C}); }, Errc::kInvalidArgument);
+  for (const float v : z) ASSERT_EQ(v, 7.0f);
 }
 
 // Session memory on the text system (docs/session_memory.md, "Where it

@@ -21,6 +21,17 @@
 //   ... loss: L = f(y) + switch_coeff * aux.switch_loss + z_coeff * aux.z_loss ...
 //   layer.backward(dy, x, params, storage.state(), dx, grads, storage.workspace());
 //
+// Inference on packed weights: pack(params, dtype) packs the routed and
+// shared experts once in fp32, bf16 or int8 (cpu/gemm/packed_matrix.hpp) and
+// copies the router's weights, which stay fp32 (a top-K choice flips on the
+// smallest change of a logit, and the router is only E x d); forward with the
+// PackedMoeLayerParams then runs the experts in that dtype. It writes the
+// state's routing, offsets, buffer and expert_out, never the saved
+// activations, and fp32 gives the same bits as the forward on views.
+//
+//   const moekit::cpu::PackedMoeLayerParams packed = layer.pack(params, GemmDtype::kInt8);
+//   layer.forward(x, packed, storage.state(), y, &stats, storage.workspace());
+//
 // Argument order as every backward in moekit: the output gradient dy, the
 // forward's inputs and saved state, then dx before the parameter gradients.
 // The workspace is never optional (every call needs one), so it has no
@@ -106,6 +117,20 @@ struct MoeLayerParams {
   ExpertWeights shared{};                    // shared experts: num_shared of width d_ff_shared
 };
 
+// A layer's parameters packed once for inference (MoeLayer::pack; owns its
+// memory): the router's weights copied in fp32, the routed experts and each
+// shared expert packed in one dtype.
+struct PackedMoeLayerParams {
+  index_t d_model = 0;                      // d
+  std::vector<float> w_gate;                // E x d
+  std::vector<float> gate_bias;             // E, or empty
+  std::vector<float> selection_bias;        // E, or empty
+  PackedExpertWeights experts;              // the routed experts
+  std::vector<PackedExpertWeights> shared;  // one per shared expert
+  // The dtype the experts are packed in.
+  GemmDtype dtype() const { return experts.dtype(); }
+};
+
 // Gradient outputs; an empty view is frozen (see the top of this file).
 struct MoeLayerGrads {
   MatrixView<float> dw_gate{};     // E x d
@@ -183,6 +208,28 @@ class SharedExperts {
         ffn_.forward(x.middle_rows(r0, rows), {all.data(), 2}, wi, tmp,
                      rows_of(pre, i, tokens, r0, rows),
                      gated_ ? rows_of(gate, i, tokens, r0, rows) : MatrixView<float>(),
+                     ffn_workspace(workspace, rows));
+        as_eigen(y.middle_rows(r0, rows)) += as_eigen(MatrixView<const float>(tmp));
+      });
+    }
+  }
+
+  // Each shared expert of w packed in `dtype` (allocates).
+  std::vector<PackedExpertWeights> pack(const ExpertWeights& w, GemmDtype dtype) const {
+    std::vector<PackedExpertWeights> out;
+    for (int i = 0; i < count_; ++i) out.push_back(ffn_.pack(expert_weights(w, i, f_, d_), dtype));
+    return out;
+  }
+
+  // y += sum_i FFN_i(x) on packed weights (pack), saving nothing.
+  void forward(MatrixView<const float> x, const std::vector<PackedExpertWeights>& w,
+               MatrixView<float> y, VectorView<std::byte> workspace) const {
+    std::array<index_t, 2> all = {0, 0};  // the block's rows, all of the one expert
+    for (int i = 0; i < count_; ++i) {
+      for_each_token_block(x.rows(), [&](index_t r0, index_t rows, index_t) {
+        const MatrixView<float> tmp = block_out(workspace, rows);
+        all[1] = rows;
+        ffn_.forward(x.middle_rows(r0, rows), {all.data(), 2}, w[static_cast<std::size_t>(i)], tmp,
                      ffn_workspace(workspace, rows));
         as_eigen(y.middle_rows(r0, rows)) += as_eigen(MatrixView<const float>(tmp));
       });
@@ -321,40 +368,55 @@ class MoeLayer {
                        const MoeLayerState& state, MatrixView<float> y, RoutingStats<S>* stats,
                        VectorView<std::byte> workspace) const {
     MOEKIT_API("cpu::MoeLayer::forward");
-    check_view(x, "x");
-    const index_t tokens = x.rows();
-    const index_t d = config_.d_model;
-    check_shape(x, tokens, d, "x");
-    check_shape(y, tokens, d, "y");
     checks().check_params(params);
-    checks().check_state(state, tokens, state_rows(tokens));
-    const Layout lay = layout(tokens, routed_rows(tokens));
-    check_workspace(workspace, lay.total);
-    OverlapCheck overlap("cpu::MoeLayer::forward");
-    overlap.out({{y, "y"}, {workspace.segment(0, lay.total), "workspace"}}).in({{x, "x"}});
-    add_moe_params(overlap, params);
-    add_moe_state(overlap, state, /*written=*/true);
-    overlap.check();
+    const Layout lay = check_forward(x, state, y, workspace, &params);
+    const auto experts = [&](MatrixView<const float> buffer, VectorView<const index_t> offsets,
+                             MatrixView<float> out, VectorView<std::byte> ws) {
+      const index_t n = buffer.rows();
+      ffn_.forward(buffer, offsets, params.experts, out, state.saved_pre.middle_rows(0, n),
+                   gated() ? state.saved_gate.middle_rows(0, n) : MatrixView<float>(), ws);
+    };
+    const auto shared = [&](VectorView<std::byte> ws) {
+      shared_.forward(x, params.shared, state.shared_pre, state.shared_gate, y, ws);
+    };
+    return run_forward(x, params, state, y, stats, workspace, lay, experts, shared);
+  }
 
-    const Routing routing = routing_rows(state.routing, tokens);
-    // The aux losses' values come with the statistics of the routing pass.
-    RoutingStats<S> local_stats;
-    if (stats == nullptr) stats = &local_stats;
-    router_.forward(x, params.w_gate, params.gate_bias, params.selection_bias, routing, stats,
-                    region(workspace, lay.main, lay.router_bytes));
-    const VectorView<const index_t> offsets = state.offsets;
-    const index_t n = dispatch_offsets<S>(routing, state.offsets);
-    const MatrixView<float> buffer = state.buffer.middle_rows(0, n);
-    const MatrixView<float> out = state.expert_out.middle_rows(0, n);
-    dispatch<S>(x, routing, offsets, buffer);
-    ffn_.forward(buffer, offsets, params.experts, out, state.saved_pre.middle_rows(0, n),
-                 gated() ? state.saved_gate.middle_rows(0, n) : MatrixView<float>(),
-                 region(workspace, lay.main, ffn_.workspace_size(n)));
-    combine<S>(out, routing, offsets, y);
-    shared_.forward(x, params.shared, state.shared_pre, state.shared_gate, y,
-                    region(workspace, lay.main, shared_.workspace_size(tokens)));
+  // The layer's parameters packed once for inference in `dtype` (allocates;
+  // see the top of this file). Checks params as forward does.
+  PackedMoeLayerParams pack(const MoeLayerParams& params, GemmDtype dtype) const {
+    MOEKIT_API("cpu::MoeLayer::pack");
+    checks().check_params(params);
+    MOEKIT_CHECK_ARG(is_gemm_dtype(dtype), "dtype = ", static_cast<int>(dtype),
+                     " is not a GemmDtype");
+    PackedMoeLayerParams p;
+    p.d_model = config_.d_model;
+    p.w_gate.resize(static_cast<std::size_t>(kExperts * config_.d_model));
+    as_eigen(MatrixView<float>(p.w_gate.data(), kExperts, config_.d_model)) =
+        as_eigen(params.w_gate);
+    p.gate_bias.assign(params.gate_bias.begin(), params.gate_bias.end());
+    p.selection_bias.assign(params.selection_bias.begin(), params.selection_bias.end());
+    p.experts = ffn_.pack(params.experts, dtype);
+    p.shared = shared_.pack(params.shared, dtype);
+    return p;
+  }
 
-    return aux_losses(config_, *stats);
+  // The inference forward on packed parameters (pack): y, the state's routing,
+  // offsets, buffer and expert_out and `stats` as the forward above writes
+  // them, with the experts' products in packed.dtype(); the saved activations
+  // are not written. The same state and workspace as forward.
+  MoeAuxLosses forward(MatrixView<const float> x, const PackedMoeLayerParams& packed,
+                       const MoeLayerState& state, MatrixView<float> y, RoutingStats<S>* stats,
+                       VectorView<std::byte> workspace) const {
+    MOEKIT_API("cpu::MoeLayer::forward");
+    check_packed(packed);
+    const Layout lay = check_forward(x, state, y, workspace, nullptr);
+    const auto experts = [&](MatrixView<const float> buffer, VectorView<const index_t> offsets,
+                             MatrixView<float> out, VectorView<std::byte> ws) {
+      ffn_.forward(buffer, offsets, packed.experts, out, ws);
+    };
+    const auto shared = [&](VectorView<std::byte> ws) { shared_.forward(x, packed.shared, y, ws); };
+    return run_forward(x, router_params(packed), state, y, stats, workspace, lay, experts, shared);
   }
 
   // Gradients of L = f(y) + switch_coeff L_switch + z_coeff L_z given
@@ -457,6 +519,78 @@ class MoeLayer {
   };
 
   static index_t round_bytes(index_t bytes) { return (bytes + 63) / 64 * 64; }
+
+  // What both forwards check (params: the views' footprints, when given);
+  // returns the workspace layout.
+  Layout check_forward(MatrixView<const float> x, const MoeLayerState& state, MatrixView<float> y,
+                       VectorView<std::byte> workspace, const MoeLayerParams* params) const {
+    check_view(x, "x");
+    const index_t tokens = x.rows();
+    check_shape(x, tokens, config_.d_model, "x");
+    check_shape(y, tokens, config_.d_model, "y");
+    checks().check_state(state, tokens, state_rows(tokens));
+    const Layout lay = layout(tokens, routed_rows(tokens));
+    check_workspace(workspace, lay.total);
+    OverlapCheck overlap("cpu::MoeLayer::forward");
+    overlap.out({{y, "y"}, {workspace.segment(0, lay.total), "workspace"}}).in({{x, "x"}});
+    if (params != nullptr) add_moe_params(overlap, *params);
+    add_moe_state(overlap, state, /*written=*/true);
+    overlap.check();
+    return lay;
+  }
+
+  // Route, dispatch, the routed experts (experts(buffer, offsets, out,
+  // workspace)), combine, the shared experts (shared(workspace)).
+  template <class Experts, class Shared>
+  MoeAuxLosses run_forward(MatrixView<const float> x, const MoeLayerParams& params,
+                           const MoeLayerState& state, MatrixView<float> y, RoutingStats<S>* stats,
+                           VectorView<std::byte> workspace, const Layout& lay,
+                           const Experts& experts, const Shared& shared) const {
+    const Routing routing = routing_rows(state.routing, x.rows());
+    // The aux losses' values come with the statistics of the routing pass.
+    RoutingStats<S> local_stats;
+    if (stats == nullptr) stats = &local_stats;
+    router_.forward(x, params.w_gate, params.gate_bias, params.selection_bias, routing, stats,
+                    region(workspace, lay.main, lay.router_bytes));
+    const VectorView<const index_t> offsets = state.offsets;
+    const index_t n = dispatch_offsets<S>(routing, state.offsets);
+    const MatrixView<float> buffer = state.buffer.middle_rows(0, n);
+    const MatrixView<float> out = state.expert_out.middle_rows(0, n);
+    dispatch<S>(x, routing, offsets, buffer);
+    experts(MatrixView<const float>(buffer), offsets, out,
+            region(workspace, lay.main, ffn_.workspace_size(n)));
+    combine<S>(out, routing, offsets, y);
+    shared(region(workspace, lay.main, shared_.workspace_size(x.rows())));
+    return aux_losses(config_, *stats);
+  }
+
+  // Packed parameters of this configuration (errors name forward).
+  void check_packed(const PackedMoeLayerParams& p) const {
+    const index_t e = kExperts, d = config_.d_model;
+    const auto size = [](const std::vector<float>& v) { return static_cast<index_t>(v.size()); };
+    MOEKIT_CHECK(p.d_model == d && size(p.w_gate) == e * d, Errc::kShapeMismatch,
+                 "packed.w_gate holds ", size(p.w_gate), " floats for d_model ", p.d_model,
+                 "; this layer needs ", e, " x ", d, " (MoeLayer::pack)");
+    MOEKIT_CHECK(p.gate_bias.empty() || size(p.gate_bias) == e, Errc::kShapeMismatch,
+                 "packed.gate_bias holds ", size(p.gate_bias), " floats, not ", e);
+    MOEKIT_CHECK(p.selection_bias.empty() || size(p.selection_bias) == e, Errc::kShapeMismatch,
+                 "packed.selection_bias holds ", size(p.selection_bias), " floats, not ", e);
+    MOEKIT_CHECK(static_cast<index_t>(p.shared.size()) == config_.num_shared, Errc::kShapeMismatch,
+                 "packed.shared holds ", p.shared.size(),
+                 " experts; config.num_shared = ", config_.num_shared);
+  }
+
+  // The router's part of packed parameters, as views.
+  static MoeLayerParams router_params(const PackedMoeLayerParams& p) {
+    const auto vec = [](const std::vector<float>& v) {
+      return VectorView<const float>(v.data(), static_cast<index_t>(v.size()));
+    };
+    MoeLayerParams r;
+    r.w_gate = {p.w_gate.data(), kExperts, p.d_model};
+    if (!p.gate_bias.empty()) r.gate_bias = vec(p.gate_bias);
+    if (!p.selection_bias.empty()) r.selection_bias = vec(p.selection_bias);
+    return r;
+  }
   static index_t float_bytes(index_t count) { return round_bytes(count * index_t{sizeof(float)}); }
 
   Layout layout(index_t tokens, index_t rows) const {

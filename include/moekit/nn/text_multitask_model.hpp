@@ -43,6 +43,14 @@
 // for a branch trained alone.
 // Memory: buffers for config.max_batch samples and config.max_tokens tokens
 // are allocated once; a call takes any batch within both.
+//
+// Inference on packed weights: pack(dtype) packs each MoE layer's experts in
+// fp32, bf16 or int8 (routers stay fp32, moekit/nn/moe_layer.hpp) and folds
+// each branch's adapter into its head, W'_t = W_t (P + s B_t A_t) (the
+// adapter is linear and its dropout is off in inference), packed as TaskHeads
+// weights in the same dtype; predict(batch, packed, logits) then runs the
+// model on them: the function predict computes, with the products' rounding
+// of that dtype.
 
 #include <algorithm>
 #include <array>
@@ -95,6 +103,17 @@ struct TextBatch {
   index_t size() const { return tasks.size(); }  // n, the samples
 };
 
+// The text model packed once for inference (TextMultitaskModel::pack; owns
+// its memory): the MoE layers' packed parameters and the heads with each
+// branch's adapter folded in.
+template <HeadSpecType H>
+struct PackedTextModel {
+  std::vector<PackedMoeLayerParams> layers;  // one per MoE layer
+  PackedHeadWeights<H> heads;                // W'_t = W_t (P + s B_t A_t), and the biases
+  // The dtype of the products.
+  GemmDtype dtype() const { return heads.dtype(); }
+};
+
 // The multi-task model on encoded text: MoE layers, pooling, a LoRA adapter
 // and a head per branch (see the top of this file).
 template <MoeSpecType S, LoraSpecType L, HeadSpecType H>
@@ -105,6 +124,7 @@ class TextMultitaskModel {
   using HeadSpec = H;                              // the number of branches H
   using Config = TextMultitaskConfig<H>;           // the configuration type
   using Batch = TextBatch;                         // what predict() and loss_and_grads() take
+  using Packed = PackedTextModel<H>;               // what pack() gives
   static constexpr int kBranches = H::num_heads;   // H
   static constexpr int kExperts = S::num_experts;  // E
   static constexpr int kRank = L::rank;            // R
@@ -229,6 +249,53 @@ class TextMultitaskModel {
     std::vector<MoeAuxLosses> aux;
     forward(batch, LoraStep{}, stats != nullptr ? *stats : local, aux);
     as_eigen(logits) = as_eigen(MatrixView<const float>(logits_.middle_rows(0, n)));
+  }
+
+  // The model packed for inference in `dtype` (allocates; see the top of this
+  // file). The packed copy does not follow later changes of the weights.
+  PackedTextModel<H> pack(GemmDtype dtype) const {
+    PackedTextModel<H> p;
+    for (int l = 0; l < config_.num_moe_layers; ++l)
+      p.layers.push_back(layers_[static_cast<std::size_t>(l)].pack(moe_params(l), dtype));
+    const index_t d = d_model();
+    const LoraWeights aw = adapter_weights();
+    const HeadWeights hw = head_weights();
+    std::vector<float> merged(static_cast<std::size_t>(hw.w.rows() * d)),
+        m(static_cast<std::size_t>(d * d));
+    const MatrixView<float> mv(m.data(), d, d);
+    index_t row = 0;
+    for (int t = 0; t < kBranches; ++t) {
+      const index_t c = config_.classes[static_cast<std::size_t>(t)];
+      as_eigen(mv) = as_eigen(aw.w);
+      bank_.merge(t, mv, aw.a, aw.b);  // P + s B_t A_t
+      as_eigen(MatrixView<float>(merged.data() + row * d, c, d)) =
+          (as_eigen(hw.w.middle_rows(row, c)).template cast<double>() *
+           as_eigen(MatrixView<const float>(mv)).template cast<double>())
+              .template cast<float>();
+      row += c;
+    }
+    p.heads = heads_.pack({MatrixView<const float>(merged.data(), hw.w.rows(), d), hw.b}, dtype);
+    return p;
+  }
+
+  // logits as predict gives them, computed on `packed` (pack()).
+  void predict(const TextBatch& batch, const PackedTextModel<H>& packed, MatrixView<float> logits,
+               std::vector<RoutingStats<S>>* stats = nullptr) {
+    const index_t n = check_batch(batch, false);
+    check_shape(logits, n, heads_.max_classes(), "logits");
+    MOEKIT_CHECK(packed.layers.size() == layers_.size(), Errc::kInvalidArgument, "packed has ",
+                 packed.layers.size(), " MoE layers, the model ", layers_.size(),
+                 " (TextMultitaskModel::pack)");
+    std::vector<RoutingStats<S>> local;
+    std::vector<MoeAuxLosses> aux;
+    pool_features(
+        batch, stats != nullptr ? *stats : local, aux,
+        [&](std::size_t l, MatrixView<const float> in, MatrixView<float> out, RoutingStats<S>& st) {
+          return layers_[l].forward(in, packed.layers[l], storage_[l].state(), out, &st,
+                                    storage_[l].workspace());
+        });
+    heads_.forward(MatrixView<const float>(pooled_.middle_rows(0, n)), batch.tasks, packed.heads,
+                   logits, workspace());
   }
 
   // After a forward of N tokens: layer l's routing of each token (N rows).
@@ -444,8 +511,12 @@ class TextMultitaskModel {
     return {b.tasks, {order_.data(), b.size()}, {offsets_.data(), kBranches + 1}};
   }
 
-  double forward(const TextBatch& b, const LoraStep& step, std::vector<RoutingStats<S>>& stats,
-                 std::vector<MoeAuxLosses>& layer_aux) {
+  // The MoE layers (run_layer(l, in, out, stats) runs layer l and returns
+  // its aux losses) and the mean pooling into pooled_ (u added). Returns the
+  // layers' aux total.
+  template <class RunLayer>
+  double pool_features(const TextBatch& b, std::vector<RoutingStats<S>>& stats,
+                       std::vector<MoeAuxLosses>& layer_aux, const RunLayer& run_layer) {
     const index_t n = b.size(), N = b.tokens.rows(), d = d_model();
     stats.assign(layers_.size(), RoutingStats<S>{});
     layer_aux.assign(layers_.size(), MoeAuxLosses{});
@@ -453,8 +524,7 @@ class TextMultitaskModel {
     MatrixView<const float> in = b.tokens;
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const MatrixView<float> out = hidden_[l].middle_rows(0, N);
-      layer_aux[l] = layers_[l].forward(in, moe_params(static_cast<int>(l)), storage_[l].state(),
-                                        out, &stats[l], storage_[l].workspace());
+      layer_aux[l] = run_layer(l, in, out, stats[l]);
       aux += layer_aux[l].total;
       as_eigen(out) += as_eigen(in);  // residual
       in = out;
@@ -472,13 +542,26 @@ class TextMultitaskModel {
       for (index_t j = 0; j < d; ++j) row[j] *= inv;
     }
     if (!b.pooled_term.empty()) as_eigen(p) += as_eigen(b.pooled_term);
+    last_tokens_ = N;
+    last_samples_ = n;
+    return aux;
+  }
+
+  double forward(const TextBatch& b, const LoraStep& step, std::vector<RoutingStats<S>>& stats,
+                 std::vector<MoeAuxLosses>& layer_aux) {
+    const index_t n = b.size();
+    const double aux = pool_features(
+        b, stats, layer_aux,
+        [&](std::size_t l, MatrixView<const float> in, MatrixView<float> out, RoutingStats<S>& st) {
+          return layers_[l].forward(in, moe_params(static_cast<int>(l)), storage_[l].state(), out,
+                                    &st, storage_[l].workspace());
+        });
+    const MatrixView<float> p = pooled_.middle_rows(0, n);
     bank_.group(b.tasks, {order_.data(), n}, {offsets_.data(), kBranches + 1});
     bank_.forward(MatrixView<const float>(p), lora_rows(b), adapter_weights(),
                   adapted_.middle_rows(0, n), saved_h_.middle_rows(0, n), step, workspace());
     heads_.forward(MatrixView<const float>(adapted_.middle_rows(0, n)), b.tasks, head_weights(),
                    logits_.middle_rows(0, n), workspace());
-    last_tokens_ = N;
-    last_samples_ = n;
     return aux;
   }
 

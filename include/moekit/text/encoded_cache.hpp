@@ -30,6 +30,10 @@
 //   L x i32 ids, L d x u16 states, E d x u16 pooled.
 // The texts themselves are not stored.
 //
+// With packed weights (BertEncoder::pack: int8 or bf16 projections, for
+// inference) the key's model hash also holds the dtype, so a file of one
+// dtype never serves another.
+//
 // Encoding runs the encoder in batches of kEncodeBatch texts (packed,
 // variable length), layer range by layer range so the pooled states fall out
 // on the way; results do not depend on the batching (the encoder is batch
@@ -51,6 +55,7 @@
 #include <vector>
 
 #include "moekit/core/error.hpp"
+#include "moekit/core/random.hpp"
 #include "moekit/core/view.hpp"
 #include "moekit/io/atomic_write.hpp"
 #include "moekit/io/bert.hpp"
@@ -237,12 +242,14 @@ inline constexpr index_t kEncodeBatch = 32;
 // from the cache file where it has them, else computed with `model` (and
 // added to the file). cache_file empty: no cache. progress(done, total) is
 // called after each encoded batch. exit_layers: ascending, in [1, L).
+// packed: the projections packed in another dtype (model.encoder.pack), or null.
 inline EncodedTexts encode_texts(const io::BertModel& model, std::uint64_t model_hash,
                                  const std::vector<std::string>& texts, index_t max_length,
                                  const std::vector<int>& exit_layers,
                                  const std::filesystem::path& cache_file,
                                  const std::function<void(index_t, index_t)>& progress = {},
-                                 CacheStats* stats = nullptr) {
+                                 CacheStats* stats = nullptr,
+                                 const cpu::PackedBertWeights* packed = nullptr) {
   const cpu::BertEncoderConfig& c = model.encoder.config();
   const index_t d = c.d_model;
   MOEKIT_CHECK_ARG(max_length >= 2 && max_length <= c.max_positions, "max_length = ", max_length,
@@ -253,6 +260,8 @@ inline EncodedTexts encode_texts(const io::BertModel& model, std::uint64_t model
                      "exit_layers[", i, "] = ", exit_layers[i], " must be ascending in [1, ",
                      c.num_layers, ")");
   }
+  if (packed != nullptr && packed->dtype() != cpu::GemmDtype::kFloat32)
+    model_hash = mix64(model_hash ^ (static_cast<std::uint64_t>(packed->dtype()) + 1));
   detail::CacheKey key{
       model_hash, static_cast<std::uint64_t>(max_length), static_cast<std::uint64_t>(d), {}};
   for (const int l : exit_layers) key.exits.push_back(static_cast<std::uint64_t>(l));
@@ -312,7 +321,11 @@ inline EncodedTexts encode_texts(const io::BertModel& model, std::uint64_t model
     int done_layers = 0;
     for (index_t e = 0; e <= exits; ++e) {
       const int upto = e < exits ? exit_layers[static_cast<std::size_t>(e)] : c.num_layers;
-      model.encoder.run_layers(done_layers, upto, batch.offsets_view(), w, h, ws);
+      if (packed != nullptr) {
+        model.encoder.run_layers(done_layers, upto, batch.offsets_view(), w, *packed, h, ws);
+      } else {
+        model.encoder.run_layers(done_layers, upto, batch.offsets_view(), w, h, ws);
+      }
       done_layers = upto;
       if (e == exits) break;
       cpu::pool_sequences(h, batch.offsets_view(), cpu::Pooling::kMean, false,

@@ -384,10 +384,11 @@ inline TextEval evaluate_majority(const TextSamples& train, const TextSamples& t
   return out;
 }
 
-// Scores every sample of `samples` with the model, in batches of its max_batch.
+// Scores every sample of `samples` with the model, in batches of its max_batch;
+// on `packed` (Model::pack) when given.
 template <class Model>
 TextEval evaluate_text_model(Model& model, TextSamples& samples, BatchSource source = {},
-                             bool routing = true) {
+                             bool routing = true, const typename Model::Packed* packed = nullptr) {
   const auto start = std::chrono::steady_clock::now();
   constexpr int E = Model::kExperts, K = Model::MoeSpec::top_k;
   const index_t n = samples.size(), B = model.config().max_batch;
@@ -412,7 +413,11 @@ TextEval evaluate_text_model(Model& model, TextSamples& samples, BatchSource sou
     std::iota(idx.begin(), idx.end(), s0);
     const cpu::TextBatch batch = samples.batch(idx, source);
     const MatrixView<float> z(out.logits.data() + s0 * C, m, C);
-    model.predict(batch, z);
+    if (packed != nullptr) {
+      model.predict(batch, *packed, z);
+    } else {
+      model.predict(batch, z);
+    }
     for (index_t i = 0; i < m; ++i) {
       const float* row = z.row(i);
       const index_t c = model.heads().classes(batch.tasks[i]);
