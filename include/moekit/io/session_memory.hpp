@@ -16,15 +16,18 @@
 // sub_keys, top_k, slot_capacity, slot_sharpness, decay, write_strength,
 // gate, and with a match gate match_keys, match_threshold, match_width;
 // floats in their shortest exact decimal form; a memory without the gate
-// writes exactly the entries it wrote before the gate existed); writes, the session's
-// write count; weights_fingerprint, SessionMemory::weights_fingerprint() in
-// hexadecimal. A session resumes exactly only under the same configuration
-// and the same frozen weights, so loading requires both (max_sessions may
-// differ).
+// writes exactly the entries it wrote before the gate existed); writes, the
+// session's write count; weights_fingerprint,
+// SessionMemory::weights_fingerprint() in hexadecimal. A session resumes
+// exactly only under the same configuration and the same frozen weights, so
+// loading requires both (max_sessions may differ). A snapshot with a match
+// gate loads only into a memory with one, and one without only into a
+// memory without.
 //
 // load_session checks the whole file against the memory (format, version,
 // every configuration entry, the fingerprint, the tensors' shapes, the slot
-// ids) before it changes the session: a rejected load leaves it as it was.
+// ids, the gate's keys) before it changes the session: a rejected load
+// leaves it as it was.
 // Errors: kFormatError (not a snapshot of this format, a missing or malformed
 // entry), kInvalidArgument (another configuration or other frozen weights),
 // and those of SafetensorsReader and SessionMemory::restore.

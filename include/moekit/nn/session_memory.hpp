@@ -54,8 +54,8 @@
 // (a session without writes has no keys: g_match = 0). Writes are not gated:
 // the gate only decides where the memory is read. Why int8: the keys cost
 // d_k + 4 bytes each instead of 4 d_k, and their cosine is within
-// sqrt(d_k) (s_q + s_i) / 2 <= sqrt(d_k) / 127 of the float one (about 0.06 at
-// d_k = 64, far less in practice: tests/cpu/test_session_memory.cpp).
+// sqrt(d_k) (s_q + s_i) / 2 <= sqrt(d_k) / 127 of the float one (0.063 at
+// d_k = 64; under 0.01 on real keys, docs/session_memory.md).
 // Why this ramp: it is exactly 0 below theta (unrelated inputs keep the
 // frozen output bit for bit and skip the read), exactly 1 from theta + width
 // (close inputs get the whole correction), and continuous between, so a small
@@ -64,9 +64,10 @@
 // Sessions. open() returns the lowest free id in [0, max_sessions) and
 // allocates that session's state (zeroed): state_bytes() =
 // 4 d_v d_k (fast weights) + slot_capacity (4 d_v + 16) (slots: values, slot
-// id, index and recency entries) + match_keys (d_k + 4) (the gate's keys). reset() zeroes a
-// session, close() frees it (its id is then free again). read() and write() allocate nothing: they
-// take a caller workspace of workspace_size() bytes (float-aligned).
+// id, index and recency entries) + match_keys (d_k + 4) (the gate's keys).
+// reset() zeroes a session, close() frees it (its id is then free again).
+// read() and write() allocate nothing: they take a caller workspace of
+// workspace_size() bytes (float-aligned).
 //
 // Batches. Each row carries a session id (-1: no memory, y = z), as rows of a
 // LoraBank carry an adapter id. Rows of one session are written in row order;
@@ -387,8 +388,9 @@ class SessionMemory {
   index_t workspace_size() const { return slot_bytes() * std::max<index_t>(1, max_threads()); }
 
   // y = z + g g_match(c) o(q) per row (the top of this file; g_match = 1
-  // without the gate); rows with session -1, or whose gate is 0, get y = z. x: n x d_model,
-  // sessions: n, frozen (z) and y: n x d_v; y may be frozen itself.
+  // without the gate); rows with session -1, or whose gate is 0, get y = z.
+  // x: n x d_model, sessions: n, frozen (z) and y: n x d_v; y may be frozen
+  // itself.
   void read(MatrixView<const float> x, VectorView<const std::int32_t> sessions,
             MatrixView<const float> frozen, MatrixView<float> y,
             VectorView<std::byte> workspace) const {
