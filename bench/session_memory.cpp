@@ -6,9 +6,12 @@
 //           logits over all-MiniLM-L6-v2 embeddings);
 //   pooled  d_model 384, d_key 64, d_value 384, 256^2 = 65536 slots: the
 //           memory as an additive term on the text system's pooled features.
-// Both with fast weights and slots (top_k 4). Each is set beside a ceiling
-// measured in the same run: one pass that only reads the bytes one row's read
-// must load (the query projection, S, both codebooks and the k value rows),
+// Both with fast weights and slots (top_k 4), and each again with the match
+// gate (32 keys per session, threshold -1 so that it always opens: the gate's
+// whole cost on top of the read; a closed gate skips the read instead). Each
+// is set beside a ceiling measured in the same run: one pass that only reads
+// the bytes one row's read must load (the query projection, S, both codebooks,
+// the k value rows and the gate's keys),
 // what a read would cost if loading its operands were all it did. The closing
 // table gives microseconds and the ratios; the encoder's cost per sentence to
 // compare with comes from bench_encoder (B1_L32) and the example's measured
@@ -33,18 +36,21 @@ using moekit_bench::random_vector;
 
 struct Shape {
   const char* name;
-  index_t d_value, sub_keys, slot_capacity;
+  index_t d_value, sub_keys, slot_capacity, match_keys;
 };
 constexpr index_t kModel = 384, kKey = 64, kBatch = 256, kSessions = 16;
-constexpr Shape kShapes[] = {{"logits", 5, 32, 256}, {"pooled", 384, 256, 1024}};
+constexpr Shape kShapes[] = {{"logits", 5, 32, 256, 0},
+                             {"logits+gate", 5, 32, 256, 32},
+                             {"pooled", 384, 256, 1024, 0},
+                             {"pooled+gate", 384, 256, 1024, 32}};
 
 std::size_t sz(index_t v) { return static_cast<std::size_t>(v); }
 
 // The bytes one row's read must load: W_q, S, the int8 codebooks and their
-// scales, and the k value rows.
+// scales, the k value rows, and the gate's int8 keys and their scales.
 std::size_t read_bytes(const Shape& s) {
   return sz(4 * kKey * kModel + 4 * s.d_value * kKey + 2 * s.sub_keys * (kKey / 2 + 4) +
-            4 * 4 * s.d_value);
+            4 * 4 * s.d_value + s.match_keys * (kKey + 4));
 }
 
 // A memory with kSessions open sessions, each written with 64 corrections
@@ -67,6 +73,9 @@ struct MemoryInputs {
     c.slot_capacity = s.slot_capacity;
     c.decay = 0.99f;
     c.max_sessions = kSessions;
+    c.match_keys = s.match_keys;
+    c.match_threshold = -1.0f;  // always open: the gate's cost on top of the whole read
+    c.match_width = 0.0f;
     return c;
   }
   moekit::cpu::SessionMemoryWeights weights(const Shape& s) {
@@ -183,12 +192,12 @@ int main(int argc, char** argv) {
     const double seconds = reporter.seconds(run_name(what, shape.name, threads));
     return seconds > 0 ? seconds * 1e6 : std::nan("");
   };
-  std::printf("\n%-7s %9s %8s %8s %8s %9s %10s %11s %11s\n", "shape", "state B", "ceil us",
+  std::printf("\n%-11s %9s %8s %8s %8s %9s %10s %11s %11s\n", "shape", "state B", "ceil us",
               "read us", "write us", "read/ceil", "write/ceil", "batch us t1", "batch us t2");
   for (const Shape& shape : kShapes) {
     const double ceil = us("load_ceiling", shape, 1), read = us("read_row", shape, 1),
                  write = us("write_row", shape, 1);
-    std::printf("%-7s %9td %8.2f %8.2f %8.2f %9.2f %10.2f %11.1f %11.1f\n", shape.name,
+    std::printf("%-11s %9td %8.2f %8.2f %8.2f %9.2f %10.2f %11.1f %11.1f\n", shape.name,
                 MemoryInputs(shape).memory.state_bytes(), ceil, read, write, read / ceil,
                 write / ceil, us("read_batch256", shape, 1), us("read_batch256", shape, 2));
   }

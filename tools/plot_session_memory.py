@@ -11,9 +11,11 @@ the corrected category's held-out texts after n corrections
 frozen model: the accuracy without session memory.
 
 Prints a Markdown table (per scenario and variant, the mean over categories
-at each n) and, given OUT.png, draws two panels (a new label, a relabel):
-target accuracy against n per variant, solid, and the unrelated accuracy,
-dashed. Exits 77 when matplotlib is missing and a chart was asked for.
+at each n) and, given OUT.png, draws a column per scenario (a new label, a
+relabel): on top the target accuracy against n per variant, below the
+fraction of unrelated predictions changed. A variant with the match gate
+("X + gate") takes X's colour, dashed. Exits 77 when matplotlib is missing
+and a chart was asked for.
 """
 import collections
 import csv
@@ -62,25 +64,32 @@ def chart(runs, out):
               "(python3 -m pip install matplotlib)")
         sys.exit(SKIP)
     scenarios = sorted({s for s, _ in runs})
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.5 * len(scenarios), 4.8), squeeze=False)
-    for ax, scenario in zip(axes[0], scenarios):
+    bases = sorted({v.replace(" + gate", "") for _, v in runs})
+    colours = {b: f"C{i}" for i, b in enumerate(bases)}
+    fig, axes = plt.subplots(2, len(scenarios), figsize=(5.5 * len(scenarios), 8.0),
+                             squeeze=False, sharex=True)
+    for col, scenario in enumerate(scenarios):
+        top, bottom = axes[0][col], axes[1][col]
         for (s, variant), points in sorted(runs.items()):
             if s != scenario:
                 continue
             ns = sorted(points)
-            line, = ax.plot(ns, [mean([p[0] for p in points[n]]) for n in ns], marker="o",
-                            label=f"{variant}: corrected category")
-            ax.plot(ns, [mean([p[1] for p in points[n]]) for n in ns], linestyle="--",
-                    color=line.get_color(), label=f"{variant}: other categories")
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("corrections written (n; 0 = frozen model, no memory)")
-        ax.set_ylabel("accuracy (held-out texts)")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(scenario)
-        ax.grid(alpha=0.3)
+            style = dict(color=colours[variant.replace(" + gate", "")],
+                         linestyle="--" if variant.endswith(" + gate") else "-", marker="o",
+                         markersize=4, label=variant)
+            top.plot(ns, [mean([p[0] for p in points[n]]) for n in ns], **style)
+            bottom.plot(ns, [mean([p[2] for p in points[n]]) for n in ns], **style)
+        top.set_title(scenario)
+        top.set_ylabel("accuracy on the corrected category (held out)")
+        top.set_ylim(0, 1.02)
+        bottom.set_ylabel("other categories: predictions changed")
+        bottom.set_xlabel("corrections written (n; 0 = frozen model, no memory)")
+        for ax in (top, bottom):
+            ax.set_xscale("symlog", linthresh=1)
+            ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 

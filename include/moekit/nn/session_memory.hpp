@@ -42,12 +42,32 @@
 // costs O(d_v d_k + k d_v) whatever n. The decay a in (0, 1] forgets: S at
 // every write, a slot's value whenever it is written again.
 //
+// Match gate (config.match_keys = m > 0). S reads some of every value at any
+// query with a positive cosine to its key, so corrections also move inputs
+// unrelated to them. The gate lets a read through only near what the session
+// wrote: each session keeps the keys k of its last m writes (a ring, int8
+// with one scale per key, as quantize_rows), a read computes the best cosine
+// of its query with them, c = max_i s_q s_i (q8 . k8_i) (the query quantised
+// as the keys; exact int32 dot products), and scales the output by
+//   g_match(c) = clamp((c - theta) / width, 0, 1)   (width 0: c > theta ? 1 : 0)
+//   y = z + g g_match(c) o(q),   and y = z bit for bit wherever g_match(c) = 0
+// (a session without writes has no keys: g_match = 0). Writes are not gated:
+// the gate only decides where the memory is read. Why int8: the keys cost
+// d_k + 4 bytes each instead of 4 d_k, and their cosine is within
+// sqrt(d_k) (s_q + s_i) / 2 <= sqrt(d_k) / 127 of the float one (0.063 at
+// d_k = 64; under 0.01 on real keys, docs/session_memory.md).
+// Why this ramp: it is exactly 0 below theta (unrelated inputs keep the
+// frozen output bit for bit and skip the read), exactly 1 from theta + width
+// (close inputs get the whole correction), and continuous between, so a small
+// change of c changes the output by a bounded amount.
+//
 // Sessions. open() returns the lowest free id in [0, max_sessions) and
 // allocates that session's state (zeroed): state_bytes() =
 // 4 d_v d_k (fast weights) + slot_capacity (4 d_v + 16) (slots: values, slot
-// id, index and recency entries). reset() zeroes a session, close() frees it
-// (its id is then free again). read() and write() allocate nothing: they take
-// a caller workspace of workspace_size() bytes (float-aligned).
+// id, index and recency entries) + match_keys (d_k + 4) (the gate's keys).
+// reset() zeroes a session, close() frees it (its id is then free again).
+// read() and write() allocate nothing: they take a caller workspace of
+// workspace_size() bytes (float-aligned).
 //
 // Batches. Each row carries a session id (-1: no memory, y = z), as rows of a
 // LoraBank carry an adapter id. Rows of one session are written in row order;
@@ -120,6 +140,10 @@ struct SessionMemoryConfig {
   float write_strength = 1.0f;   // b when weights.w_write is empty, in (0, 1]
   float gate = 1.0f;             // g when weights.w_gate is empty, in [0, 1]
   index_t max_sessions = 1;      // session ids [0, max_sessions)
+  // The match gate (the top of this file); off by default.
+  index_t match_keys = 0;        // m: keys of a session's last m writes kept; 0: no gate
+  float match_threshold = 0.5f;  // theta in [-1, 1]: the gate is 0 while c <= theta
+  float match_width = 0.1f;      // >= 0: the gate is 1 from c = theta + width (0: a step)
 };
 
 // A codebook of int8 rows with one scale per row (row r ~ scale[r] keys.row(r)).
@@ -155,6 +179,7 @@ class SessionMemory {
   const SessionMemoryConfig& config() const { return config_; }          // as validated
   const SessionMemoryWeights& weights() const { return weights_; }       // the views it was given
   bool has_slots() const { return config_.sub_keys > 0; }                // sub_keys > 0
+  bool has_match_gate() const { return config_.match_keys > 0; }         // match_keys > 0
   index_t slots() const { return config_.sub_keys * config_.sub_keys; }  // n^2 slot ids
 
   // ---- lifecycle ----
@@ -180,6 +205,9 @@ class SessionMemory {
     session->slot_of_row.assign(cap, -1);
     session->index.assign(cap, SlotEntry{});
     session->recency.assign(cap, 0);
+    const auto keys = static_cast<std::size_t>(config_.match_keys);
+    session->match_keys.assign(keys * static_cast<std::size_t>(config_.d_key), 0);
+    session->match_scales.assign(keys, 0.0f);
     sessions_[static_cast<std::size_t>(id)] = std::move(session);
     ++open_count_;
     return id;
@@ -193,6 +221,7 @@ class SessionMemory {
     std::fill(s.slot_of_row.begin(), s.slot_of_row.end(), -1);
     s.used = 0;
     s.writes = 0;
+    clear_match_keys(s);
   }
 
   // Frees an open session's state; its id becomes free.
@@ -215,7 +244,8 @@ class SessionMemory {
   index_t state_bytes() const {
     const index_t fast = config_.fast_weights ? config_.d_value * config_.d_key : 0;
     const index_t cap = has_slots() ? config_.slot_capacity : 0;
-    return index_t{4} * fast + cap * (index_t{4} * config_.d_value + 16);
+    return index_t{4} * fast + cap * (index_t{4} * config_.d_value + 16) +
+           config_.match_keys * (config_.d_key + 4);
   }
 
   // ---- a session's state (snapshots, inspection) ----
@@ -246,14 +276,35 @@ class SessionMemory {
       std::copy_n(value_row(s, row), config_.d_value, values.row(i));
     }
   }
-  // Replaces an open session's state with the given one (copy_slots' order:
-  // least recently written first). Checks everything first: S d_v x d_k
-  // (empty without fast weights), at most slot_capacity slots, ids in
-  // [0, n^2) and distinct, values slots x d_v.
+  // The match gate's keys the session keeps (at most match_keys).
+  index_t match_keys_kept(std::int32_t session) const {
+    return open_session(session, "session").match_kept;
+  }
+  // Those keys, oldest first: keys match_keys_kept() x d_k int8, scales
+  // match_keys_kept() (key i ~ scales[i] keys.row(i)).
+  void copy_match_keys(std::int32_t session, MatrixView<std::int8_t> keys,
+                       VectorView<float> scales) const {
+    const Session& s = open_session(session, "session");
+    check_shape(keys, s.match_kept, config_.d_key, "keys");
+    check_shape(scales, s.match_kept, "scales");
+    for (index_t i = 0; i < s.match_kept; ++i) {
+      const index_t ring = match_ring_row(s, i);
+      std::copy_n(match_key_row(s, ring), config_.d_key, keys.row(i));
+      scales[i] = s.match_scales[static_cast<std::size_t>(ring)];
+    }
+  }
+  // Replaces an open session's state with the given one (copy_slots' and
+  // copy_match_keys' order: least recently written first). Checks everything
+  // first: S d_v x d_k (empty without fast weights), at most slot_capacity
+  // slots, ids in [0, n^2) and distinct, values slots x d_v; at most
+  // match_keys gate keys (none without the gate), int8 in [-127, 127] with
+  // finite scales >= 0.
   void restore(std::int32_t session, MatrixView<const float> fast,
                VectorView<const std::int32_t> slot_ids, MatrixView<const float> values,
-               std::uint64_t writes) {
+               std::uint64_t writes, MatrixView<const std::int8_t> match_keys = {},
+               VectorView<const float> match_scales = {}) {
     Session& s = open_session(session, "session");
+    check_restored_match_keys(match_keys, match_scales);
     if (config_.fast_weights) {
       check_shape(fast, config_.d_value, config_.d_key, "fast");
     } else {
@@ -292,6 +343,13 @@ class SessionMemory {
               [](const SlotEntry& a, const SlotEntry& b) { return a.slot < b.slot; });
     s.used = used;
     s.writes = writes;
+    clear_match_keys(s);
+    for (index_t i = 0; i < match_scales.size(); ++i) {
+      std::copy_n(match_keys.row(i), config_.d_key, match_key_row(s, i));
+      s.match_scales[static_cast<std::size_t>(i)] = match_scales[i];
+    }
+    s.match_kept = match_scales.size();
+    s.match_next = s.match_kept % std::max<index_t>(1, config_.match_keys);
   }
 
   // A 64-bit FNV-1a hash of the frozen weights' values (each view row by row,
@@ -329,15 +387,14 @@ class SessionMemory {
   // max_threads() threads; fewer bytes run on fewer threads, one slot at least).
   index_t workspace_size() const { return slot_bytes() * std::max<index_t>(1, max_threads()); }
 
-  // y = z + g o(q) per row (the top of this file); rows with session -1 get
-  // y = z. x: n x d_model, sessions: n, frozen (z) and y: n x d_v; y may be
-  // frozen itself.
+  // y = z + g g_match(c) o(q) per row (the top of this file; g_match = 1
+  // without the gate); rows with session -1, or whose gate is 0, get y = z.
+  // x: n x d_model, sessions: n, frozen (z) and y: n x d_v; y may be frozen
+  // itself.
   void read(MatrixView<const float> x, VectorView<const std::int32_t> sessions,
             MatrixView<const float> frozen, MatrixView<float> y,
             VectorView<std::byte> workspace) const {
-    check_view(x, "x");
-    const index_t n = x.rows();
-    check_shape(x, n, config_.d_model, "x");
+    const index_t n = checked_rows(x);
     check_shape(frozen, n, config_.d_value, "frozen");
     check_shape(y, n, config_.d_value, "y");
     check_sessions(sessions, n);
@@ -366,9 +423,7 @@ class SessionMemory {
   // session -1 are skipped. x: n x d_model, values: n x d_v, sessions: n.
   void write(MatrixView<const float> x, MatrixView<const float> values,
              VectorView<const std::int32_t> sessions, VectorView<std::byte> workspace) {
-    check_view(x, "x");
-    const index_t n = x.rows();
-    check_shape(x, n, config_.d_model, "x");
+    const index_t n = checked_rows(x);
     check_shape(values, n, config_.d_value, "values");
     check_sessions(sessions, n);
     for (index_t t = 0; t < n; ++t) {
@@ -400,14 +455,11 @@ class SessionMemory {
               MatrixView<float> slot_weights, VectorView<std::byte> workspace) const {
     MOEKIT_CHECK(has_slots(), Errc::kInvalidArgument,
                  "the memory has no slots (config.sub_keys = 0)");
-    check_view(x, "x");
-    const index_t n = x.rows();
-    check_shape(x, n, config_.d_model, "x");
+    const index_t n = checked_rows(x);
     check_shape(slot_ids, n, config_.top_k, "slot_ids");
     check_shape(slot_weights, n, config_.top_k, "slot_weights");
-    usable_threads(workspace, n);
+    const Scratch scratch = one_thread_scratch(workspace, n);
     if (n == 0) return;
-    Scratch scratch = scratch_at(reinterpret_cast<float*>(workspace.data()), 0);
     with_vec_path([&](auto path) {
       for (index_t t = 0; t < n; ++t) {
         project(path, weights_.w_query, x.row(t), scratch.key);
@@ -418,6 +470,41 @@ class SessionMemory {
         }
       }
     });
+  }
+
+  // The match gate's best cosine c of each row's query with its session's
+  // kept keys (n, as read() computes it; -infinity for a session without
+  // keys and for rows of session -1); for inspection, calibration and tests.
+  // Needs the gate (config.match_keys > 0).
+  void match(MatrixView<const float> x, VectorView<const std::int32_t> sessions,
+             VectorView<float> cosine, VectorView<std::byte> workspace) const {
+    MOEKIT_CHECK(has_match_gate(), Errc::kInvalidArgument,
+                 "the memory has no match gate (config.match_keys = 0)");
+    const index_t n = checked_rows(x);
+    check_sessions(sessions, n);
+    check_shape(cosine, n, "cosine");
+    const Scratch scratch = one_thread_scratch(workspace, n);
+    if (n == 0) return;
+    with_vec_path([&](auto path) {
+      for (index_t t = 0; t < n; ++t) {
+        const std::int32_t id = sessions[t];
+        if (id < 0) {
+          cosine[t] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        project(path, weights_.w_query, x.row(t), scratch.key);
+        cosine[t] = best_match(path, *sessions_[static_cast<std::size_t>(id)], scratch);
+      }
+    });
+  }
+
+  // g_match(c) = clamp((c - theta) / width, 0, 1), or c > theta ? 1 : 0 for
+  // width 0 (the top of this file). NaN gives 0.
+  float match_gate(float c) const {
+    const float theta = config_.match_threshold, width = config_.match_width;
+    if (!(c > theta)) return 0.0f;
+    if (width == 0.0f) return 1.0f;
+    return std::min(1.0f, (c - theta) / width);
   }
 
  private:
@@ -434,15 +521,23 @@ class SessionMemory {
     std::vector<std::int32_t> recency;      // capacity, [0, used) live
     index_t used = 0;
     std::uint64_t writes = 0;
+    // The match gate's ring of the last match_keys write keys: rows
+    // [0, match_kept) live, match_next the row the next write takes.
+    std::vector<std::int8_t> match_keys;  // match_keys x d_k
+    std::vector<float> match_scales;      // match_keys
+    index_t match_kept = 0, match_next = 0;
   };
   // Per-thread scratch, carved from the workspace.
   struct Scratch {
-    float* key;          // d_k: k or q
-    float* read;         // d_v: o
-    float* error;        // d_v: beta e
-    float* scores;       // 2 n: the sub-key scores of both halves
-    std::int32_t* dots;  // n: integer sub-key scores
-    std::int32_t* half;  // d_k / 2: a quantised half key
+    float* key;                // d_k: k or q
+    float* read;               // d_v: o
+    float* error;              // d_v: beta e
+    float* scores;             // 2 n: the sub-key scores of both halves
+    std::int32_t* dots;        // n: integer sub-key scores
+    std::int32_t* half;        // d_k / 2: a quantised half key
+    std::int32_t* whole;       // d_k (with the gate): a quantised key or query
+    std::int32_t* match_dots;  // match_keys: integer cosines with the kept keys
+    float* match_scores;       // match_keys: the cosines
   };
   struct Selection {
     std::int32_t slot[kMaxSlotTopK];
@@ -456,7 +551,8 @@ class SessionMemory {
 
   index_t slot_floats() const {
     const index_t n = config_.sub_keys;
-    const index_t f = config_.d_key + 2 * config_.d_value + 3 * n + config_.d_key / 2;
+    const index_t m = config_.match_keys, gate = m > 0 ? config_.d_key + 2 * m : 0;
+    const index_t f = config_.d_key + 2 * config_.d_value + 3 * n + config_.d_key / 2 + gate;
     return (f + 15) / 16 * 16;  // slots never share a cache line
   }
   index_t slot_bytes() const { return slot_floats() * index_t{sizeof(float)}; }
@@ -472,6 +568,11 @@ class SessionMemory {
     // the same float-aligned workspace.
     s.dots = reinterpret_cast<std::int32_t*>(take(config_.sub_keys));
     s.half = reinterpret_cast<std::int32_t*>(take(config_.d_key / 2));
+    if (has_match_gate()) {
+      s.whole = reinterpret_cast<std::int32_t*>(take(config_.d_key));
+      s.match_dots = reinterpret_cast<std::int32_t*>(take(config_.match_keys));
+      s.match_scores = take(config_.match_keys);
+    }
     return s;
   }
 
@@ -485,6 +586,20 @@ class SessionMemory {
                  Errc::kInvalidArgument, "workspace is not aligned to ", alignof(float), " bytes");
     return std::clamp<index_t>(n / kMinRowsPerThread, 1,
                                std::min<index_t>(workspace.size() / slot_bytes(), max_threads()));
+  }
+
+  // The rows of x after checking it is n x d_model.
+  index_t checked_rows(MatrixView<const float> x) const {
+    check_view(x, "x");
+    check_shape(x, x.rows(), config_.d_model, "x");
+    return x.rows();
+  }
+
+  // The first thread's scratch, for the one-thread inspection calls, after
+  // checking the workspace.
+  Scratch one_thread_scratch(VectorView<std::byte> workspace, index_t n) const {
+    usable_threads(workspace, n);
+    return scratch_at(reinterpret_cast<float*>(workspace.data()), 0);
   }
 
   template <class F>
@@ -547,6 +662,23 @@ class SessionMemory {
     std::move_backward(it, end, end + 1);
     *it = {slot, row};
     return row;
+  }
+
+  // The match gate's ring: row i of the kept keys, oldest first, and a row's keys.
+  index_t match_ring_row(const Session& s, index_t i) const {
+    return (s.match_next + config_.match_keys - s.match_kept + i) % config_.match_keys;
+  }
+  std::int8_t* match_key_row(Session& s, index_t row) const {
+    return s.match_keys.data() + row * config_.d_key;
+  }
+  const std::int8_t* match_key_row(const Session& s, index_t row) const {
+    return s.match_keys.data() + row * config_.d_key;
+  }
+  static void clear_match_keys(Session& s) {
+    std::fill(s.match_keys.begin(), s.match_keys.end(), std::int8_t{0});
+    std::fill(s.match_scales.begin(), s.match_scales.end(), 0.0f);
+    s.match_kept = 0;
+    s.match_next = 0;
   }
 
   // ---- per-row procedures, for one vector path ----
@@ -627,11 +759,45 @@ class SessionMemory {
     }
   }
 
+  // The best cosine of unit query s.key with the session's kept keys
+  // (-infinity without keys): the query quantised as the keys, exact int32
+  // dot products, then scaled (scale_scores); max is exact in any order.
+  template <class P>
+  float best_match(P path, const Session& st, const Scratch& s) const {
+    const index_t kept = st.match_kept;
+    float best = -std::numeric_limits<float>::infinity();
+    if (kept == 0) return best;
+    const float q_scale = quantize_row(path, s.key, config_.d_key, s.whole);
+    dot_i8_rows(path, MatrixView<const std::int8_t>(st.match_keys.data(), kept, config_.d_key),
+                s.whole, s.match_dots);
+    scale_scores(path, s.match_dots, st.match_scales.data(), q_scale, kept, s.match_scores);
+    for (index_t i = 0; i < kept; ++i) best = std::max(best, s.match_scores[i]);
+    return best;
+  }
+
+  // Keeps unit key s.key in the ring (over the oldest when it is full).
+  template <class P>
+  void keep_match_key(P path, Session& st, const Scratch& s) const {
+    const index_t row = st.match_next;
+    st.match_scales[static_cast<std::size_t>(row)] =
+        quantize_row(path, s.key, config_.d_key, s.whole);
+    std::int8_t* dst = match_key_row(st, row);
+    for (index_t j = 0; j < config_.d_key; ++j) dst[j] = static_cast<std::int8_t>(s.whole[j]);
+    st.match_next = (row + 1) % config_.match_keys;
+    st.match_kept = std::min(st.match_kept + 1, config_.match_keys);
+  }
+
   template <class P>
   void read_row(P path, const Session& st, const float* x, const float* z, float* y,
                 Scratch& s) const {
     const index_t dv = config_.d_value;
     project(path, weights_.w_query, x, s.key);
+    // A closed gate leaves z alone and skips the read.
+    const float opened = has_match_gate() ? match_gate(best_match(path, st, s)) : 1.0f;
+    if (opened == 0.0f) {
+      if (y != z) std::copy_n(z, dv, y);
+      return;
+    }
     if (config_.fast_weights) {
       row_dots(path, MatrixView<const float>(st.fast.data(), dv, config_.d_key), s.key, s.read);
     } else {
@@ -641,7 +807,7 @@ class SessionMemory {
       std::int32_t rows[kMaxSlotTopK];
       add_slot_reads(path, st, select_slots(path, s.key, s), s.read, rows);
     }
-    const float g = rate(path, weights_.w_gate, weights_.gate_bias, config_.gate, x);
+    const float g = rate(path, weights_.w_gate, weights_.gate_bias, config_.gate, x) * opened;
     mix_row(path, z, s.read, dv, g, y);
   }
 
@@ -681,6 +847,7 @@ class SessionMemory {
         decay_subtract(path, value_row(st, rows[j]), s.error, dv, a, sel.weight[j]);
       }
     }
+    if (has_match_gate()) keep_match_key(path, st, s);
     ++st.writes;
   }
 
@@ -750,6 +917,38 @@ class SessionMemory {
     MOEKIT_CHECK(c.max_sessions >= 1 && c.max_sessions <= std::numeric_limits<std::int32_t>::max(),
                  Errc::kInvalidArgument, "config.max_sessions = ", c.max_sessions,
                  " is outside [1, 2^31 - 1]");
+    MOEKIT_CHECK(c.match_keys >= 0, Errc::kInvalidArgument, "config.match_keys = ", c.match_keys,
+                 " is negative");
+    if (c.match_keys > 0) {
+      MOEKIT_CHECK(c.d_key <= kMaxInt8DotLength, Errc::kInvalidArgument, "config.d_key = ", c.d_key,
+                   " is more than the match gate's int8 keys allow (", kMaxInt8DotLength, ")");
+      MOEKIT_CHECK(c.match_threshold >= -1.0f && c.match_threshold <= 1.0f, Errc::kInvalidArgument,
+                   "config.match_threshold = ", c.match_threshold, " is outside [-1, 1]");
+      MOEKIT_CHECK(std::isfinite(c.match_width) && c.match_width >= 0.0f, Errc::kInvalidArgument,
+                   "config.match_width = ", c.match_width, " must be finite and >= 0");
+    }
+  }
+
+  // restore()'s gate keys: none without the gate, else at most match_keys
+  // rows of d_k int8 in [-127, 127] and as many finite scales >= 0.
+  void check_restored_match_keys(MatrixView<const std::int8_t> keys,
+                                 VectorView<const float> scales) const {
+    check_view(keys, "match_keys");
+    check_view(scales, "match_scales");
+    const index_t kept = scales.size();
+    MOEKIT_CHECK(kept <= config_.match_keys, Errc::kShapeMismatch, "match_scales has ", kept,
+                 " keys, more than the ", config_.match_keys,
+                 " the match gate keeps (config.match_keys)");
+    if (kept == 0 && keys.empty()) return;
+    check_shape(keys, kept, config_.d_key, "match_keys");
+    for (index_t i = 0; i < kept; ++i) {
+      MOEKIT_CHECK(std::isfinite(scales[i]) && scales[i] >= 0.0f, Errc::kInvalidArgument,
+                   "match_scales[", i, "] = ", scales[i], " must be finite and >= 0");
+      for (index_t j = 0; j < config_.d_key; ++j) {
+        MOEKIT_CHECK(keys(i, j) != -128, Errc::kInvalidArgument, "match_keys(", i, ", ", j,
+                     ") = -128 is outside [-127, 127] (quantize_rows' range)");
+      }
+    }
   }
 
   void check_weights(const SessionMemoryWeights& w) const {
