@@ -5,7 +5,10 @@
 // Batch invariance (issue 25): the router's logits product, batch invariant
 // (cpu::gate_logits, what Router::forward runs), beside the Eigen product it
 // replaced (x w_gate^T through Eigen's GEMM, whose summation order depends
-// on the batch's row count); the second table gives their ratio.
+// on the batch's row count); the second table gives their ratio. The third
+// does the same for the backward's two products, dx = dlogits w_gate and
+// dw_gate = dlogits^T x (gate_input_gradient / gate_weight_gradient, what
+// Router::backward_logits runs, beside the per-block Eigen GEMMs they replaced).
 #include <cstdio>
 #include <random>
 #include <string>
@@ -82,6 +85,42 @@ void logits_product(benchmark::State& state, bool invariant, int threads) {
     benchmark::ClobberMemory();
   }
   moekit_bench::set_rate(state, logits_flops(E));
+}
+
+// The backward's products alone: dx = dlogits w_gate and dw_gate = dlogits^T x,
+// as Router::backward_logits runs them, or as the Eigen GEMMs they replaced
+// (per token block, dw_gate folded over the blocks).
+template <int E>
+void gradient_products(benchmark::State& state, bool invariant, int threads) {
+  moekit_bench::set_threads(threads);
+  Inputs in(E, 1);
+  for (float& v : in.dlogits) v = 0.1f;
+  const moekit::MatrixView<const float> x(in.x.data(), kTokens, kModel), w(in.w.data(), E, kModel),
+      g(in.dlogits.data(), kTokens, E);
+  const moekit::MatrixView<float> dx(in.dx.data(), kTokens, kModel), dw(in.dw.data(), E, kModel);
+  std::vector<std::byte> ws(to_size(moekit::cpu::gate_logits_workspace_size<E>(kModel)));
+  for (auto _ : state) {
+    if (invariant) {
+      moekit::cpu::gate_input_gradient<E>(g, w, dx, false, moekit::view_of(ws));
+      moekit::cpu::gate_weight_gradient<E>(g, x, dw, false, moekit::view_of(ws));
+    } else {
+      moekit::for_each_token_block(kTokens, [&](index_t r0, index_t rows, index_t b) {
+        const auto gb = moekit::as_eigen(g.middle_rows(r0, rows));
+        moekit::as_eigen(dx.middle_rows(r0, rows)).noalias() = gb * moekit::as_eigen(w);
+        auto dwe = moekit::as_eigen(dw);
+        const auto xb = moekit::as_eigen(x.middle_rows(r0, rows));
+        if (b > 0) {
+          dwe.noalias() += gb.transpose() * xb;
+        } else {
+          dwe.noalias() = gb.transpose() * xb;
+        }
+      });
+    }
+    benchmark::DoNotOptimize(in.dx.data());
+    benchmark::DoNotOptimize(in.dw.data());
+    benchmark::ClobberMemory();
+  }
+  moekit_bench::set_rate(state, 2 * logits_flops(E));
 }
 
 template <class S>
@@ -172,6 +211,7 @@ struct Case {
   void (*gating)(benchmark::State&, int);
   void (*forward_backward)(benchmark::State&, int);
   void (*logits)(benchmark::State&, bool, int);
+  void (*gradients)(benchmark::State&, bool, int);
 };
 
 template <class S>
@@ -181,7 +221,8 @@ Case make_case(const char* name) {
           router_forward<S>,
           router_gating<S>,
           router_forward_backward<S>,
-          logits_product<S::num_experts>};
+          logits_product<S::num_experts>,
+          gradient_products<S::num_experts>};
 }
 
 std::string run_name(const char* what, const char* config, int threads) {
@@ -232,6 +273,13 @@ int main(int argc, char** argv) {
             [l, invariant, threads](benchmark::State& s) { l(s, invariant, threads); })
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime();
+        auto* gp = c.gradients;
+        benchmark::RegisterBenchmark(
+            run_name(invariant ? "gradients_invariant" : "gradients_eigen", c.name, threads)
+                .c_str(),
+            [gp, invariant, threads](benchmark::State& s) { gp(s, invariant, threads); })
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime();
       }
     }
   }
@@ -275,5 +323,19 @@ int main(int argc, char** argv) {
   std::printf(
       "ratio = invariant / Eigen logits product; fwd cost = the router forward's time with the "
       "invariant product over its time with the Eigen one, minus 1\n");
+
+  std::printf("\n%-10s %3s %12s %14s %8s\n", "config", "thr", "eigen ms", "invariant ms", "ratio");
+  for (int threads : thread_counts) {
+    for (const Case& c : cases) {
+      const double eigen = reporter.seconds(run_name("gradients_eigen", c.name, threads));
+      const double inv = reporter.seconds(run_name("gradients_invariant", c.name, threads));
+      if (eigen <= 0 || inv <= 0) continue;  // filtered out
+      std::printf("%-10s %3d %12.3f %14.3f %8.2f\n", c.name, threads, eigen * 1e3, inv * 1e3,
+                  inv / eigen);
+    }
+  }
+  std::printf(
+      "backward products dx = dlogits w_gate and dw_gate = dlogits^T x: ratio = Router's "
+      "(row kernels below 16 experts, engine from 16) / the per-block Eigen GEMMs\n");
   return 0;
 }

@@ -588,11 +588,28 @@ TEST(SessionMemoryKernels, RouterGradientKernelsFollowTheirDefinitionOnEveryPath
       const MatrixView<const float> wv(w.data(), m, n), gv(g.data(), tokens, m),
           xv(x.data(), tokens, n);
       const auto run = [&](auto path) {
-        std::vector<float> got(sz(n), moekit_test::kNaN), acc(start.begin(), start.begin() + n);
-        combine_rows(path, g.data(), wv, got.data(), false);
-        combine_rows(path, g.data(), wv, acc.data(), true);
-        EXPECT_TRUE(same_bits(got, combined)) << n << " " << m;
-        EXPECT_TRUE(same_bits(acc, combined_acc)) << n << " " << m;
+        // The same vector g 1, 5 and 9 times (tiles and tails): every copy the same.
+        for (const index_t count : {index_t{1}, index_t{5}, index_t{9}}) {
+          std::vector<float> got(sz(count * n), moekit_test::kNaN), acc;
+          std::vector<const float*> gs(sz(count), g.data());
+          std::vector<float*> outs, acc_outs;
+          for (index_t v = 0; v < count; ++v)
+            acc.insert(acc.end(), start.begin(), start.begin() + n);
+          for (index_t v = 0; v < count; ++v) {
+            outs.push_back(got.data() + v * n);
+            acc_outs.push_back(acc.data() + v * n);
+          }
+          combine_rows(path, gs.data(), wv, outs.data(), count, false);
+          combine_rows(path, gs.data(), wv, acc_outs.data(), count, true);
+          for (index_t v = 0; v < count; ++v) {
+            EXPECT_TRUE(same_bits(
+                std::vector<float>(got.begin() + v * n, got.begin() + (v + 1) * n), combined))
+                << n << " " << m << " " << count;
+            EXPECT_TRUE(same_bits(
+                std::vector<float>(acc.begin() + v * n, acc.begin() + (v + 1) * n), combined_acc))
+                << n << " " << m << " " << count;
+          }
+        }
         std::vector<float> out(start);
         add_outer_products(path, gv, xv, {out.data(), m, n}, 0, n);
         EXPECT_TRUE(same_bits(out, outer)) << n << " " << m;

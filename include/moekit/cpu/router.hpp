@@ -334,11 +334,15 @@ void gate_input_gradient(MatrixView<const float> dlogits, MatrixView<const float
     [[maybe_unused]] const bool parallel = tokens * w_gate.cols() * E > kParallelGrain;
     MOEKIT_PARALLEL_FOR_IF(parallel)
     for (index_t i = 0; i < runs; ++i) {
-      const index_t end = std::min((i + 1) * kGateRows, tokens);
-      with_vec_path([&](auto path) {
-        for (index_t t = i * kGateRows; t < end; ++t)
-          combine_rows(path, dlogits.row(t), w_gate, dx.row(t), accumulate);
-      });
+      const index_t first = i * kGateRows, end = std::min(first + kGateRows, tokens);
+      const float* rows_g[kGateRows];
+      float* rows_dx[kGateRows];
+      for (index_t t = first; t < end; ++t) {
+        rows_g[t - first] = dlogits.row(t);
+        rows_dx[t - first] = dx.row(t);
+      }
+      with_vec_path(
+          [&](auto path) { combine_rows(path, rows_g, w_gate, rows_dx, end - first, accumulate); });
     }
   }
 }

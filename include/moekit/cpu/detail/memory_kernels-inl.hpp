@@ -123,32 +123,50 @@ MOEKIT_KERNEL_TARGET inline void decay_subtract(Path, float* y, const float* x, 
   }
 }
 
-// out (+)= sum_i g[i] rows(i) for the m rows of `rows` (n columns, row
-// stride ld): per element one fused multiply-add chain over i in order,
-// from out's value with `accumulate`, else from 0. A row of the router's
-// input gradient (dlogits times w_gate).
-MOEKIT_KERNEL_TARGET inline void combine_rows(Path, const float* g, MatrixView<const float> rows,
-                                              float* out, bool accumulate) {
+// out[x] (+)= sum_i g[x][i] rows(i) for X outputs at once: the X
+// accumulators of a 16-column block share each load of a row of `rows`.
+template <std::size_t X>
+MOEKIT_DETAIL_MEMORY void combine_tile(const float* const* g, MatrixView<const float> rows,
+                                       float* const* out, bool accumulate) {
   const index_t n = rows.cols();
   for (index_t j = 0; j < n; j += kF32x16Lanes) {
     const int w = static_cast<int>(std::min<index_t>(kF32x16Lanes, n - j));
     const bool full = w == kF32x16Lanes;
-    F32x16 acc = !accumulate ? zero() : (full ? load(out + j) : load_partial(out + j, w));
+    F32x16 acc[X];
+    for (std::size_t x = 0; x < X; ++x)
+      acc[x] = !accumulate ? zero() : (full ? load(out[x] + j) : load_partial(out[x] + j, w));
     for (index_t i = 0; i < rows.rows(); ++i) {
-      const float* r = rows.row(i) + j;
-      acc = fmadd(set1(g[i]), full ? load(r) : load_partial(r, w), acc);
+      const F32x16 r = full ? load(rows.row(i) + j) : load_partial(rows.row(i) + j, w);
+      for (std::size_t x = 0; x < X; ++x) acc[x] = fmadd(set1(g[x][i]), r, acc[x]);
     }
-    if (full) {
-      store(out + j, acc);
-    } else {
-      store_partial(out + j, acc, w);
+    for (std::size_t x = 0; x < X; ++x) {
+      if (full) {
+        store(out[x] + j, acc[x]);
+      } else {
+        store_partial(out[x] + j, acc[x], w);
+      }
     }
   }
 }
 
-// out.row(i0 + i) += sum_t g(t, i0 + i) x.row(t) over M rows of out, for
-// columns [j, j + w): the M accumulators share each load of x (a register
-// tile of M x 16).
+// out[v] (+)= sum_i g[v][i] rows(i) for `count` vectors g[v] (each
+// rows.rows() long; n = rows.cols() columns): per element one fused
+// multiply-add chain over i in order, from out's value with `accumulate`,
+// else from 0, whatever `count` or the tile. Rows of the router's input
+// gradient (dlogits times w_gate).
+MOEKIT_KERNEL_TARGET inline void combine_rows(Path, const float* const* g,
+                                              MatrixView<const float> rows, float* const* out,
+                                              index_t count, bool accumulate) {
+  constexpr std::size_t kTile = kF32x16Registers >= 32 ? 8 : 4;
+  index_t v = 0;
+  for (; v + static_cast<index_t>(kTile) <= count; v += static_cast<index_t>(kTile))
+    combine_tile<kTile>(g + v, rows, out + v, accumulate);
+  for (; v < count; ++v) combine_tile<1>(g + v, rows, out + v, accumulate);
+}
+
+// out.row(i0 + i) += sum_t g(t, i0 + i) x.row(t) for i < M, the rows t of
+// g and x (a block of a few), columns [j, j + w): M accumulators in
+// registers share each load of x.
 template <std::size_t M>
 MOEKIT_DETAIL_MEMORY void outer_product_tile(MatrixView<const float> g, MatrixView<const float> x,
                                              MatrixView<float> out, index_t i0, index_t j, int w) {
@@ -175,20 +193,28 @@ MOEKIT_DETAIL_MEMORY void outer_product_tile(MatrixView<const float> g, MatrixVi
 
 // out += g^T x for columns [j0, j1) (g: T x m, x: T x n, out: m x n): per
 // element one fused multiply-add chain over the rows t in order, from out's
-// value, so the bits do not depend on the column range, the tile or the
+// value, so the bits do not depend on the column range, the tiles or the
 // path, and a sum split into consecutive row ranges (each call continuing
-// from the last) is the same chain. The router's weight gradient.
+// from the last) is the same chain. The router's weight gradient. Rows run
+// in blocks of kOuterRows: a block's rows of x stay in cache while register
+// tiles of (kTile rows of out) x 16 columns sweep the columns, so out is
+// read and written once per block, and x streams through in row order.
 MOEKIT_KERNEL_TARGET inline void add_outer_products(Path, MatrixView<const float> g,
                                                     MatrixView<const float> x,
                                                     MatrixView<float> out, index_t j0, index_t j1) {
   constexpr std::size_t kTile = kF32x16Registers >= 32 ? 8 : 4;
+  constexpr index_t kOuterRows = 16;
   const index_t m = out.rows();
-  for (index_t j = j0; j < j1; j += kF32x16Lanes) {
-    const int w = static_cast<int>(std::min<index_t>(kF32x16Lanes, j1 - j));
-    index_t i = 0;
-    for (; i + static_cast<index_t>(kTile) <= m; i += static_cast<index_t>(kTile))
-      outer_product_tile<kTile>(g, x, out, i, j, w);
-    for (; i < m; ++i) outer_product_tile<1>(g, x, out, i, j, w);
+  for (index_t t0 = 0; t0 < x.rows(); t0 += kOuterRows) {
+    const index_t rows = std::min(kOuterRows, x.rows() - t0);
+    const MatrixView<const float> gb = g.middle_rows(t0, rows), xb = x.middle_rows(t0, rows);
+    for (index_t j = j0; j < j1; j += kF32x16Lanes) {
+      const int w = static_cast<int>(std::min<index_t>(kF32x16Lanes, j1 - j));
+      index_t i = 0;
+      for (; i + static_cast<index_t>(kTile) <= m; i += static_cast<index_t>(kTile))
+        outer_product_tile<kTile>(gb, xb, out, i, j, w);
+      for (; i < m; ++i) outer_product_tile<1>(gb, xb, out, i, j, w);
+    }
   }
 }
 
