@@ -717,8 +717,7 @@ class Router {
         .check();
     const bool jittered = config_.noise.kind == NoiseKind::kJitter;
     const bool want_db = !grads.dbias.empty(), want_dw = !grads.dw_gate.empty();
-    const index_t skip = jitter_bytes(tokens, d);
-    const VectorView<std::byte> product = workspace.segment(skip, workspace.size() - skip);
+    const VectorView<std::byte> product = product_workspace(workspace, tokens, d);
 
     const MatrixView<float> jittered_x(jittered ? scratch<float>(workspace) : nullptr, tokens, d);
     if (!grads.accumulate && tokens == 0) {  // no block: the sums are empty
@@ -1037,12 +1036,18 @@ class Router {
     return config_.noise.kind == NoiseKind::kJitter ? tokens * d_model * index_t{sizeof(float)} : 0;
   }
 
+  // The workspace after the jittered input: the products' (engine) buffers.
+  VectorView<std::byte> product_workspace(VectorView<std::byte> workspace, index_t tokens,
+                                          index_t d_model) const {
+    const index_t skip = jitter_bytes(tokens, d_model);
+    return workspace.segment(skip, workspace.size() - skip);
+  }
+
   // The logits of x (arguments checked); row t is the batch's token t0 + t.
   void compute_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
                       VectorView<const float> gate_bias, MatrixView<float> logits,
                       VectorView<std::byte> workspace, index_t t0) const {
-    const index_t skip = jitter_bytes(x.rows(), x.cols());
-    const VectorView<std::byte> product = workspace.segment(skip, workspace.size() - skip);
+    const VectorView<std::byte> product = product_workspace(workspace, x.rows(), x.cols());
     if (config_.noise.kind == NoiseKind::kJitter) {
       const MatrixView<float> jittered(scratch<float>(workspace), x.rows(), x.cols());
       jitter(x, jittered, t0);
