@@ -20,11 +20,11 @@
 // in order from 16 on; dbias folded over the blocks). So a token's logits
 // and every gradient are the same bits however the batch is split over the
 // ranks of an expert-parallel group (at block boundaries). Nothing runs on
-// Eigen's GEMM, so nothing allocates. The pieces an expert-parallel layer composes are public:
-// logits() (with the global index of the first token, for the noise
-// counters), gate() (scores, top-K and weights of each row, no capacity),
-// number_in_order() and the statistics' StatSums / finish_stats(), and
-// backward_gate() / backward_logits().
+// Eigen's GEMM, so nothing allocates. The pieces an expert-parallel layer
+// composes are public: logits() (with the global index of the first token,
+// for the noise counters), gate() (scores, top-K and weights of each row, no
+// capacity), number_in_order() and the statistics' StatSums /
+// finish_stats(), and backward_gate() / backward_logits().
 
 #include <algorithm>
 #include <array>
@@ -264,6 +264,27 @@ double chunked_sum(index_t n, F&& f) {
 // Rows per run of gate_logits' row kernel (a thread's unit of work).
 inline constexpr index_t kGateRows = 64;
 
+// kernel(rows of in, rows of out, count) for fixed runs of kGateRows rows of
+// in and out (the same rows of both), the runs split over threads when
+// `parallel`: a row's result never depends on which run or thread took it.
+template <class Kernel>
+void for_each_row_run(MatrixView<const float> in, MatrixView<float> out,
+                      [[maybe_unused]] bool parallel, const Kernel& kernel) {
+  const index_t rows = in.rows();
+  const index_t runs = (rows + kGateRows - 1) / kGateRows;
+  MOEKIT_PARALLEL_FOR_IF(parallel)
+  for (index_t i = 0; i < runs; ++i) {
+    const index_t first = i * kGateRows, end = std::min(first + kGateRows, rows);
+    const float* rows_in[kGateRows];
+    float* rows_out[kGateRows];
+    for (index_t t = first; t < end; ++t) {
+      rows_in[t - first] = in.row(t);
+      rows_out[t - first] = out.row(t);
+    }
+    kernel(rows_in, rows_out, end - first);
+  }
+}
+
 // From this many experts on, the logits run on the GEMM engine; below it on
 // the row kernel. The engine's register blocks are 16 columns wide, so with
 // fewer experts it mostly computes padding, while the row kernel (register
@@ -296,20 +317,11 @@ void gate_logits(MatrixView<const float> x, MatrixView<const float> w_gate,
     gemm({.dtype = GemmDtype::kFloat32, .op_a = Op::kNone, .op_b = Op::kTrans}, x, w_gate, logits,
          workspace);
   } else {
-    const index_t tokens = x.rows();
-    const index_t runs = (tokens + kGateRows - 1) / kGateRows;
-    [[maybe_unused]] const bool parallel = tokens * x.cols() * E > kParallelGrain;
-    MOEKIT_PARALLEL_FOR_IF(parallel)
-    for (index_t i = 0; i < runs; ++i) {
-      const index_t first = i * kGateRows, end = std::min(first + kGateRows, tokens);
-      const float* rows_x[kGateRows];
-      float* rows_z[kGateRows];
-      for (index_t t = first; t < end; ++t) {
-        rows_x[t - first] = x.row(t);
-        rows_z[t - first] = logits.row(t);
-      }
-      with_vec_path([&](auto path) { multi_row_dots(path, w_gate, rows_x, rows_z, end - first); });
-    }
+    for_each_row_run(
+        x, logits, x.rows() * x.cols() * E > kParallelGrain,
+        [&](const float* const* rows_x, float* const* rows_z, index_t count) {
+          with_vec_path([&](auto path) { multi_row_dots(path, w_gate, rows_x, rows_z, count); });
+        });
   }
 }
 
@@ -329,21 +341,12 @@ void gate_input_gradient(MatrixView<const float> dlogits, MatrixView<const float
     gemm({.dtype = GemmDtype::kFloat32, .beta = accumulate ? 1.0f : 0.0f}, dlogits, w_gate, dx,
          workspace);
   } else {
-    const index_t tokens = dlogits.rows();
-    const index_t runs = (tokens + kGateRows - 1) / kGateRows;
-    [[maybe_unused]] const bool parallel = tokens * w_gate.cols() * E > kParallelGrain;
-    MOEKIT_PARALLEL_FOR_IF(parallel)
-    for (index_t i = 0; i < runs; ++i) {
-      const index_t first = i * kGateRows, end = std::min(first + kGateRows, tokens);
-      const float* rows_g[kGateRows];
-      float* rows_dx[kGateRows];
-      for (index_t t = first; t < end; ++t) {
-        rows_g[t - first] = dlogits.row(t);
-        rows_dx[t - first] = dx.row(t);
-      }
-      with_vec_path(
-          [&](auto path) { combine_rows(path, rows_g, w_gate, rows_dx, end - first, accumulate); });
-    }
+    for_each_row_run(dlogits, dx, dlogits.rows() * w_gate.cols() * E > kParallelGrain,
+                     [&](const float* const* rows_g, float* const* rows_dx, index_t count) {
+                       with_vec_path([&](auto path) {
+                         combine_rows(path, rows_g, w_gate, rows_dx, count, accumulate);
+                       });
+                     });
   }
 }
 
