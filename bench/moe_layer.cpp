@@ -10,7 +10,9 @@
 // The expert FFNs run on moekit's GEMM engine (moekit/cpu/gemm/): experts_fwd
 // is the training forward (fp32, weights packed per call), experts_fwd_<dtype>
 // the inference forward on weights packed once in fp32, bf16 or int8
-// (ExpertFfn::pack). The closing table gives the experts' rate as a fraction
+// (ExpertFfn::pack); layer_fwd_bf16 and layer_fwd_bwd_bf16 train the layer
+// with the experts' products in bf16 (MoeLayerConfig::compute, fp32 master
+// weights). The closing table gives the experts' rate as a fraction
 // of the dense GEMM rate, and the share of the layer's time spent outside the
 // expert FFNs (router GEMM and gating, dispatch, combine, aux losses; timed on
 // its own).
@@ -58,20 +60,24 @@ struct Setup {
   moekit::cpu::MoeLayerStorage<S> storage;
   std::vector<float> x, y, dy, dx, w_gate, w1, w3, w2, dw_gate, dw1, dw3, dw2;
 
-  static moekit::cpu::MoeLayerConfig config(const Shape& s, FfnThreading threading) {
+  static moekit::cpu::MoeLayerConfig config(const Shape& s, FfnThreading threading,
+                                            GemmDtype compute) {
     moekit::cpu::MoeLayerConfig c{.d_model = s.d_model,
                                   .d_ff = s.d_ff,
                                   .kind = FfnKind::kGated,
                                   .activation = moekit::Activation::kSilu,
                                   .switch_coeff = 1e-2f,
                                   .z_coeff = 1e-3f,
-                                  .threading = threading};
+                                  .threading = threading,
+                                  .compute = compute};
     c.router.gating.renormalize = true;  // Mixtral: softmax -> top-k -> renormalise; dropless
     return c;
   }
 
-  Setup(const Shape& s, FfnThreading threading)
-      : shape(s), layer(config(s, threading)), storage(layer, s.tokens) {
+  // compute: the expert FFNs' products in training (fp32, or bf16 from fp32
+  // master weights).
+  Setup(const Shape& s, FfnThreading threading, GemmDtype compute = GemmDtype::kFloat32)
+      : shape(s), layer(config(s, threading, compute)), storage(layer, s.tokens) {
     const index_t T = s.tokens, d = s.d_model, f = s.d_ff;
     x.resize(to_size(T * d));
     y.resize(to_size(T * d));
@@ -204,9 +210,9 @@ void experts_forward(benchmark::State& state, const Shape& s, ExpertsRun run, in
 }
 
 template <class S>
-void layer_forward(benchmark::State& state, const Shape& s, int threads) {
+void layer_forward(benchmark::State& state, const Shape& s, GemmDtype compute, int threads) {
   moekit_bench::set_threads(threads);
-  Setup<S> setup(s, FfnThreading::kAuto);
+  Setup<S> setup(s, FfnThreading::kAuto, compute);
   moekit::cpu::RoutingStats<S> stats;
   for (auto _ : state) benchmark::DoNotOptimize(setup.forward(&stats).total);
   set_rate(state, s.expert_flops());
@@ -238,9 +244,10 @@ void layer_overhead(benchmark::State& state, const Shape& s, int threads) {
 }
 
 template <class S>
-void layer_forward_backward(benchmark::State& state, const Shape& s, int threads) {
+void layer_forward_backward(benchmark::State& state, const Shape& s, GemmDtype compute,
+                            int threads) {
   moekit_bench::set_threads(threads);
-  Setup<S> setup(s, FfnThreading::kAuto);
+  Setup<S> setup(s, FfnThreading::kAuto, compute);
   setup.allocate_grads();
   for (auto _ : state) {
     benchmark::DoNotOptimize(setup.forward().total);
@@ -253,9 +260,9 @@ void layer_forward_backward(benchmark::State& state, const Shape& s, int threads
 struct Case {
   Shape shape;
   void (*experts)(benchmark::State&, const Shape&, ExpertsRun, int);
-  void (*forward)(benchmark::State&, const Shape&, int);
+  void (*forward)(benchmark::State&, const Shape&, GemmDtype, int);
   void (*overhead)(benchmark::State&, const Shape&, int);
-  void (*forward_backward)(benchmark::State&, const Shape&, int);
+  void (*forward_backward)(benchmark::State&, const Shape&, GemmDtype, int);
 };
 
 template <class S>
@@ -305,12 +312,19 @@ int main(int argc, char** argv) {
         add(run_name(experts_name(r), sh.name, threads),
             [c, r, threads](benchmark::State& s) { c.experts(s, c.shape, r, threads); });
       }
-      add(run_name("layer_fwd", sh.name, threads),
-          [c, threads](benchmark::State& s) { c.forward(s, c.shape, threads); });
+      for (GemmDtype compute : {GemmDtype::kFloat32, GemmDtype::kBfloat16}) {
+        const std::string suffix = compute == GemmDtype::kFloat32 ? "" : "_bf16";
+        add(run_name("layer_fwd" + suffix, sh.name, threads),
+            [c, compute, threads](benchmark::State& s) {
+              c.forward(s, c.shape, compute, threads);
+            });
+        add(run_name("layer_fwd_bwd" + suffix, sh.name, threads),
+            [c, compute, threads](benchmark::State& s) {
+              c.forward_backward(s, c.shape, compute, threads);
+            });
+      }
       add(run_name("layer_overhead", sh.name, threads),
           [c, threads](benchmark::State& s) { c.overhead(s, c.shape, threads); });
-      add(run_name("layer_fwd_bwd", sh.name, threads),
-          [c, threads](benchmark::State& s) { c.forward_backward(s, c.shape, threads); });
       add(run_name("dense_same_params", sh.name, threads),
           [sh, threads](benchmark::State& s) { dense_same_params(s, sh, threads); });
     }
@@ -380,5 +394,24 @@ int main(int argc, char** argv) {
   std::printf(
       "train = fp32 forward with saves, weights packed per call; fp32 / bf16 / int8 = "
       "inference forward on weights packed once (GFLOP/s, int8 GOP/s)\n");
+
+  // Training with the experts' products in bf16 beside fp32 (ms).
+  std::printf("\n%-10s %3s %9s %9s %9s %9s\n", "config", "thr", "fwd fp32", "fwd bf16", "f+b fp32",
+              "f+b bf16");
+  for (int threads : thread_counts) {
+    for (const Case& c : cases) {
+      double t[4] = {};
+      int i = 0;
+      for (const char* what :
+           {"layer_fwd", "layer_fwd_bf16", "layer_fwd_bwd", "layer_fwd_bwd_bf16"})
+        t[i++] = 1e3 * reporter.seconds(run_name(what, c.shape.name, threads));
+      if (t[1] <= 0 && t[3] <= 0) continue;
+      std::printf("%-10s %3d %9.2f %9.2f %9.2f %9.2f\n", c.shape.name, threads, t[0], t[1], t[2],
+                  t[3]);
+    }
+  }
+  std::printf(
+      "layer forward (fwd) and forward + backward (f+b), ms: the experts' products in fp32 "
+      "or in bf16 from fp32 master weights (MoeLayerConfig::compute)\n");
   return 0;
 }

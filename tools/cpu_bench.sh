@@ -75,7 +75,7 @@ echo "== bench_gemm"
   --benchmark_report_aggregates_only=true | tee "$out/gemm.txt"
 
 echo "== bench_moe_layer (C1, C2)"
-"$build/bench/bench_moe_layer" --benchmark_filter='^(layer_fwd|layer_fwd_bwd|layer_overhead|experts_fwd[a-z0-9_]*|dense_gemm|sgemm_ceiling)/(C1|C2|n2048)' --benchmark_repetitions="$reps" \
+"$build/bench/bench_moe_layer" --benchmark_filter='^(layer_[a-z0-9_]*|experts_fwd[a-z0-9_]*|dense_gemm|sgemm_ceiling)/(C1|C2|n2048)' --benchmark_repetitions="$reps" \
   --benchmark_report_aggregates_only=true | tee "$out/moe_layer.txt"
 
 if ! "$python" -c 'import torch' 2>/dev/null; then
@@ -108,13 +108,13 @@ for line in open(f"{out}/torch.jsonl"):
     t = json.loads(line)
     name, thr = t["name"], t["threads"]
     key = f"{name}_E8_K2" if name == "C1" else f"{name}_E64_K8"
-    fwd = ms.get(f"layer_fwd/{key}/threads:{thr}", 0.0)
-    fb = ms.get(f"layer_fwd_bwd/{key}/threads:{thr}", 0.0)
+    # moekit's layer trained with the experts' products in the same dtype.
+    suffix = "" if t["dtype"] == "fp32" else "_bf16"
+    layer_fwd = ms.get(f"layer_fwd{suffix}/{key}/threads:{thr}", 0.0)
+    layer_fb = ms.get(f"layer_fwd_bwd{suffix}/{key}/threads:{thr}", 0.0)
     engine = "engine" if t["dtype"] == "fp32" else "engine_bf16"
     gf = gemm.get(f"experts_fwd_{name}/{engine}/threads:{thr}", 0.0)
     ratio = lambda a, b: b / a if a > 0 and b > 0 else 0.0
-    layer_fwd = fwd if t["dtype"] == "fp32" else 0.0  # the moekit layer runs fp32
-    layer_fb = fb if t["dtype"] == "fp32" else 0.0
     print(f"{name:4} {t['dtype']:5} {thr:3d} {layer_fwd:13.1f} {t['layer_fwd_ms']:9.1f} "
           f"{ratio(layer_fwd, t['layer_fwd_ms']):7.2f}x {layer_fb:11.1f} {t['layer_fwd_bwd_ms']:9.1f} "
           f"{ratio(layer_fb, t['layer_fwd_bwd_ms']):7.2f}x {gf:9.1f} {t['gemm_fwd_ms']:7.1f} "

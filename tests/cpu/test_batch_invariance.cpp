@@ -294,10 +294,12 @@ using Lora = moekit::LoraSpec<8>;
 constexpr int R = Lora::rank;
 
 // One adapter on a frozen linear layer (no dropout): y and h, and the
-// backward's dx (dy w + s dy b a) for a dy row per item.
-void check_lora_linear(index_t max_items) {
+// backward's dx (dy w + s dy b a) for a dy row per item; the base product in
+// `base`.
+void check_lora_linear(index_t max_items,
+                       moekit::cpu::GemmDtype base = moekit::cpu::GemmDtype::kFloat32) {
   constexpr index_t d_in = 40, d_out = 24;
-  const moekit::cpu::LoraLinear<Lora> lora({.d_in = d_in, .d_out = d_out, .alpha = 16.0f});
+  const moekit::cpu::LoraLinear<Lora> lora({.d_in = d_in, .d_out = d_out, .alpha = 16.0f}, base);
   const RowPool x(kPool, d_in, 51);
   const RowPool dy(kPool, d_out, 56);
   const std::vector<float> w = random_floats(d_out * d_in, 52, 0.2f);
@@ -328,13 +330,18 @@ void check_lora_linear(index_t max_items) {
 
 TEST(BatchInvariance, LoraLinear) { check_lora_linear(kSmall); }
 TEST(BatchInvarianceLarge, LoraLinear) { check_lora_linear(kLarge); }
+TEST(BatchInvariance, LoraLinearBf16Base) {
+  check_lora_linear(kSmall, moekit::cpu::GemmDtype::kBfloat16);
+}
 
 // A bank of adapters, each row picking its own (or none, id -1); with the
-// frozen base product (with_base) or adding to y as given (without).
-void check_lora_bank(bool with_base, index_t max_items) {
+// frozen base product (with_base, in `base`) or adding to y as given
+// (without).
+void check_lora_bank(bool with_base, index_t max_items,
+                     moekit::cpu::GemmDtype base = moekit::cpu::GemmDtype::kFloat32) {
   constexpr index_t d_in = 40, d_out = 24, N = 5;
   const moekit::cpu::LoraBank<Lora> bank(
-      {.d_in = d_in, .d_out = d_out, .num_adapters = N, .alpha = 16.0f});
+      {.d_in = d_in, .d_out = d_out, .num_adapters = N, .alpha = 16.0f}, base);
   const RowPool x(kPool, d_in, 61);
   const RowPool y0(kPool, d_out, 62);  // y before the adapters, without the base
   const std::vector<float> w = random_floats(d_out * d_in, 63, 0.2f);
@@ -369,16 +376,22 @@ TEST(BatchInvariance, LoraBankAdaptersOnly) { check_lora_bank(false, kSmall); }
 TEST(BatchInvarianceLarge, LoraBankAdaptersOnly) { check_lora_bank(false, kLarge); }
 TEST(BatchInvariance, LoraBankWithBase) { check_lora_bank(true, kSmall); }
 TEST(BatchInvarianceLarge, LoraBankWithBase) { check_lora_bank(true, kLarge); }
+TEST(BatchInvariance, LoraBankWithBf16Base) {
+  check_lora_bank(true, kSmall, moekit::cpu::GemmDtype::kBfloat16);
+}
 
 // ---- task heads --------------------------------------------------------------------
 
 // packed: the inference forward on heads packed in that dtype (int8: x
-// quantized per row); fp32 otherwise, with the backward's dx.
+// quantized per row); otherwise the training forward with the backward's
+// dx, with products in `compute`.
 void check_task_heads(index_t max_items,
-                      std::optional<moekit::cpu::GemmDtype> packed = std::nullopt) {
+                      std::optional<moekit::cpu::GemmDtype> packed = std::nullopt,
+                      moekit::cpu::GemmDtype compute = moekit::cpu::GemmDtype::kFloat32) {
   using Heads = moekit::HeadSpec<3>;
   constexpr index_t d = 40;
-  const moekit::cpu::TaskHeads<Heads> heads({.d_model = d, .classes = {2, 7, 3}, .bias = true});
+  const moekit::cpu::TaskHeads<Heads> heads(
+      {.d_model = d, .classes = {2, 7, 3}, .bias = true, .compute = compute});
   const index_t c = heads.total_classes(), width = heads.max_classes();
   const RowPool x(kPool, d, 71);
   const RowPool dz(kPool, width, 74);  // dL/dlogits (only a row's C_h columns are read)
@@ -417,6 +430,9 @@ TEST(BatchInvariance, TaskHeads) { check_task_heads(kSmall); }
 TEST(BatchInvarianceLarge, TaskHeads) { check_task_heads(kLarge); }
 TEST(BatchInvariance, TaskHeadsPackedInt8) {
   check_task_heads(kSmall, moekit::cpu::GemmDtype::kInt8);
+}
+TEST(BatchInvariance, TaskHeadsBf16Compute) {
+  check_task_heads(kSmall, std::nullopt, moekit::cpu::GemmDtype::kBfloat16);
 }
 
 // ---- the frozen BERT encoder: an item is a sequence ---------------------------------

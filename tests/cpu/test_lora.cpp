@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "expect_error.hpp"
+#include "gemm_reference.hpp"
 #include "moekit/core/lora.hpp"
 #include "moekit/cpu/lora.hpp"
 #include "routing_reference.hpp"
@@ -822,6 +823,77 @@ TEST(Lora, BadConfigs) {
   expect_rejected(
       [&] { lora.init(a.view(), b.view(), {.kind = LoraInit::kGaussian, .stddev = -1.0f}); },
       Errc::kInvalidArgument, "init.stddev = -1");
+}
+
+// bf16 base compute (training with fp32 master weights): only the frozen
+// base product rounds its operands. So on every bf16 path y and dx equal
+// float64's with the base terms x w^T and dy w taken over bf16-rounded
+// operands, to fp32's summation error, and h, da and db equal the fp32
+// reference's; y and dx stay within bf16's rounding of the fp32 layer's.
+template <class Layer>
+void check_bf16_base(const Layer& layer, Problem& p, const LoraStep& st, float drop) {
+  using moekit::cpu::GemmDtype;
+  using moekit_test::round_bf16;
+  ASSERT_EQ(layer.base_compute(), GemmDtype::kBfloat16);
+  RefOut r = p.ref(layer.scale(), st, drop);
+  const Dims& d = p.dims;
+  const auto rd = [](float v) { return static_cast<double>(round_bf16(v)); };
+  for (index_t t = 0; t < d.n; ++t) {
+    for (index_t o = 0; o < d.d_out; ++o) {
+      double exact = 0.0, rounded = 0.0;
+      for (index_t j = 0; j < d.d_in; ++j) {
+        exact += double(p.x.at(t, j)) * double(p.w.at(o, j));
+        rounded += rd(p.x.at(t, j)) * rd(p.w.at(o, j));
+      }
+      r.y[to_size(t * d.d_out + o)] += rounded - exact;
+    }
+    for (index_t j = 0; j < d.d_in; ++j) {
+      double exact = 0.0, rounded = 0.0;
+      for (index_t o = 0; o < d.d_out; ++o) {
+        exact += double(p.dy.at(t, o)) * double(p.w.at(o, j));
+        rounded += rd(p.dy.at(t, o)) * rd(p.w.at(o, j));
+      }
+      r.dx[to_size(t * d.d_in + j)] += rounded - exact;
+    }
+  }
+  const RefOut fp32 = p.ref(layer.scale(), st, drop);
+  for (const moekit_test::GemmPathCase& path : moekit_test::gemm_path_cases(GemmDtype::kBfloat16)) {
+    SCOPED_TRACE(path.name);
+    p.poison();
+    moekit_test::with_path(path, GemmDtype::kBfloat16, [&] { p.run(layer, st); });
+    expect_all_written(p);
+    const Errors e = error_bound_dump("bf16 base", compare(p, r));
+    EXPECT_LT(e.worst(), 1e-5);
+    const double y_vs_fp32 = rel_error(p.y.values(), fp32.y);
+    EXPECT_GT(y_vs_fp32, 1e-5);  // the base operands were rounded
+    EXPECT_LT(y_vs_fp32, 1e-2);
+    EXPECT_LT(rel_error(p.dx.values(), fp32.dx), 1e-2);
+  }
+}
+
+TEST(Lora, Bf16BaseComputeRoundsOnlyTheBaseProduct) {
+  using S = LoraSpec<8>;
+  using moekit::cpu::GemmDtype;
+  const LoraStep st{.training = true, .seed = 3, .step = 4};
+  {
+    SCOPED_TRACE("LoraLinear");
+    Problem p({53, 40, 36, 8, 1}, all_zero(53), 61u);
+    const LoraLinear<S> lora({.d_in = 40, .d_out = 36, .alpha = 16.0f, .dropout = 0.2f},
+                             GemmDtype::kBfloat16);
+    check_bf16_base(lora, p, st, 0.2f);
+  }
+  {
+    SCOPED_TRACE("LoraBank");
+    Problem p({90, 40, 36, 8, 3}, random_ids(90, 3, 62u), 63u);
+    const LoraBank<S> bank(
+        {.d_in = 40, .d_out = 36, .num_adapters = 3, .alpha = 16.0f, .dropout = 0.2f},
+        GemmDtype::kBfloat16);
+    check_bf16_base(bank, p, st, 0.2f);
+  }
+  expect_rejected([] { LoraLinear<S>({.d_in = 4, .d_out = 4}, GemmDtype::kInt8); },
+                  Errc::kInvalidArgument, "base_compute = 2 must be kFloat32 or kBfloat16");
+  expect_rejected([] { LoraBank<S>({.d_in = 4, .d_out = 4, .num_adapters = 2}, GemmDtype::kInt8); },
+                  Errc::kInvalidArgument, "base_compute = 2 must be kFloat32 or kBfloat16");
 }
 
 TEST(Lora, LinearBadInputsWriteNothing) {

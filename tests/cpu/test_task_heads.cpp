@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "expect_error.hpp"
+#include "gemm_reference.hpp"
 #include "moekit/cpu/task_heads.hpp"
 #include "routing_reference.hpp"
 #include "strided_matrix.hpp"
@@ -526,6 +527,79 @@ TEST(TaskHeads, PackedInferenceInFp32Bf16AndInt8) {
   EXPECT_NE(msg.find("weights.w[0] packs 1 groups of 384 x 2, expected 1 of 385 x 2"),
             std::string::npos)
       << msg;
+}
+
+// bf16 compute (training with fp32 master weights): every product rounds
+// its two operands to bf16 and sums in fp32. So on every bf16 path the
+// logits, dx and dW equal, to fp32's summation error, float64 products of
+// the bf16-rounded operands (the library's own dlogits for dZ), db is the
+// fp32 column sum of the unrounded dZ, and all of it is within bf16's
+// rounding of the fp32 heads.
+TEST(TaskHeads, Bf16ComputeRoundsOnlyTheProductsOperands) {
+  using S = HeadSpec<3>;
+  using moekit::cpu::GemmDtype;
+  using moekit_test::round_bf16;
+  constexpr index_t n = 150, d = 70;
+  Problem<S> p({6, 3, 11}, n, d, make_tasks<3>(n, 5, false, {1}), 51);
+  Problem<S> fp32 = p;  // the fp32 heads' results on the same problem
+  check_against_reference(fp32, TaskWeighting::kFixed, false);
+  p.config.compute = GemmDtype::kBfloat16;
+  const TaskHeads<S> heads(p.config);
+  const auto r = [](float v) { return static_cast<double>(round_bf16(v)); };
+  for (const moekit_test::GemmPathCase& path : moekit_test::gemm_path_cases(GemmDtype::kBfloat16)) {
+    SCOPED_TRACE(path.name);
+    for (StridedMatrix* m : {&p.logits, &p.dlogits, &p.dx, &p.dw}) m->poison();
+    std::fill(p.db.begin(), p.db.end(), kNaN);
+    moekit_test::with_path(path, GemmDtype::kBfloat16, [&] {
+      heads.forward(p.x.cview(), p.task_view(), p.weights(), p.logits.view(), p.workspace());
+      heads.loss(p.logits.cview(), p.task_view(), p.label_view(),
+                 p.weighting(TaskWeighting::kFixed), p.dlogits.view());
+      heads.backward(p.dlogits.cview(), p.x.cview(), p.task_view(), p.weights(), p.dx.view(),
+                     p.grads(), p.workspace());
+    });
+    std::vector<double> z, z_want, z_fp32, dx_want, dw_want(to_size(p.total * d), 0.0),
+        db_want(to_size(p.total), 0.0);
+    for (index_t i = 0; i < n; ++i) {
+      const int h = p.task(i);
+      const index_t c = p.config.classes[to_size(h)], first = heads.class_offset(h);
+      for (index_t k = 0; k < c; ++k) {
+        double v = p.b[to_size(first + k)];
+        for (index_t j = 0; j < d; ++j) v += r(p.w.at(first + k, j)) * r(p.x.at(i, j));
+        z.push_back(p.logits.at(i, k));
+        z_want.push_back(v);
+        z_fp32.push_back(fp32.logits.at(i, k));
+        db_want[to_size(first + k)] += p.dlogits.at(i, k);
+        for (index_t j = 0; j < d; ++j)
+          dw_want[to_size((first + k) * d + j)] += r(p.dlogits.at(i, k)) * r(p.x.at(i, j));
+      }
+      for (index_t k = c; k < p.maxc; ++k) EXPECT_EQ(p.logits.at(i, k), -kInf);
+      for (index_t j = 0; j < d; ++j) {
+        double v = 0.0;
+        for (index_t k = 0; k < c; ++k) v += r(p.dlogits.at(i, k)) * r(p.w.at(first + k, j));
+        dx_want.push_back(v);
+      }
+    }
+    EXPECT_LT(moekit_test::rel_error(z, z_want), 1e-5);
+    EXPECT_LT(moekit_test::rel_error(p.dx.values(), dx_want), 1e-5);
+    EXPECT_LT(moekit_test::rel_error(p.dw.values(), dw_want), 1e-5);
+    EXPECT_LT(moekit_test::rel_error(to_double(p.db), db_want), 1e-5);
+    const double vs_fp32 = moekit_test::rel_error(z, z_fp32);
+    EXPECT_LT(vs_fp32, 1e-2);
+    EXPECT_GT(vs_fp32, 0.0);  // the operands were rounded
+    EXPECT_LT(moekit_test::rel_error(p.dw.values(), fp32.dw.values()), 1e-2);
+    EXPECT_LT(moekit_test::rel_error(p.dx.values(), fp32.dx.values()), 1e-2);
+    EXPECT_TRUE(p.logits.padding_untouched());
+    EXPECT_TRUE(p.dx.padding_untouched());
+    EXPECT_TRUE(p.dw.padding_untouched());
+    // Task 1 has no rows: its gradient blocks are zero.
+    for (index_t k = 0; k < 3; ++k) EXPECT_EQ(p.db[to_size(heads.class_offset(1) + k)], 0.0f);
+    std::printf("[ info ] bf16 heads on %s: logits within %.1e of fp32's\n", path.name.c_str(),
+                vs_fp32);
+  }
+  p.config.compute = GemmDtype::kInt8;
+  const std::string msg =
+      moekit_test::expect_error([&] { TaskHeads<S> bad(p.config); }, Errc::kInvalidArgument);
+  EXPECT_NE(msg.find("config.compute = 2 must be kFloat32 or kBfloat16"), std::string::npos) << msg;
 }
 
 // Per-row predictions and losses against float64: the argmax over the row's

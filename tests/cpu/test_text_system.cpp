@@ -319,6 +319,54 @@ TEST(TextMultitaskModel, GradientsMatchFiniteDifferences) {
   }
 }
 
+// Training in bf16 (the experts', P's and the heads' products on bf16
+// operands, fp32 master weights): every gradient stays within bf16's rounding
+// of the fp32 model's, and plain gradient descent lowers the loss as much.
+TEST(TextMultitaskModel, Bf16TrainingTracksFp32) {
+  using M = Model<4, 2, 2>;
+  M fp32(small_config<M>());
+  auto c = small_config<M>();
+  c.moe.compute = cpu::GemmDtype::kBfloat16;
+  c.compute = cpu::GemmDtype::kBfloat16;
+  M bf16(c);
+  for (M* m : {&fp32, &bf16})  // B = 0 would hide dA
+    for (float& v : m->tensor("adapter.lora_B").value) v = 0.2f;
+  const Tokens data = random_tokens(8, 12, 2, 4);
+  const cpu::TextBatch batch = data.view(12);
+  const double loss0 = fp32.loss_and_grads(batch, cpu::TrainScope::all(), {}).total;
+  EXPECT_NEAR(bf16.loss_and_grads(batch, cpu::TrainScope::all(), {}).total, loss0, 1e-2 * loss0);
+  bool any_differs = false;
+  for (std::size_t k = 0; k < fp32.tensors().size(); ++k) {
+    const cpu::ModelTensor& a = fp32.tensors()[k];
+    const cpu::ModelTensor& b = bf16.tensors()[k];
+    if (a.grad.empty()) continue;
+    double num = 0.0, den = 0.0;
+    for (std::size_t i = 0; i < a.grad.size(); ++i) {
+      num += double(b.grad[i] - a.grad[i]) * double(b.grad[i] - a.grad[i]);
+      den += double(a.grad[i]) * double(a.grad[i]);
+      any_differs = any_differs || b.grad[i] != a.grad[i];
+    }
+    EXPECT_LT(std::sqrt(num / den), 2e-2) << a.name;
+  }
+  EXPECT_TRUE(any_differs);  // the products' operands were rounded
+  double last[2] = {0.0, 0.0};
+  for (int step = 0; step < 40; ++step) {
+    int k = 0;
+    for (M* m : {&fp32, &bf16}) {
+      last[k++] = m->loss_and_grads(batch, cpu::TrainScope::all(), {}).total;
+      for (cpu::ModelTensor& t : m->tensors())
+        for (std::size_t i = 0; i < t.grad.size(); ++i) t.value[i] -= 0.05f * t.grad[i];
+    }
+  }
+  EXPECT_LT(last[0], 0.7 * loss0);
+  EXPECT_NEAR(last[1], last[0], 0.05 * last[0]);
+  std::printf("[ info ] loss %.4f -> fp32 %.4f, bf16 %.4f after 40 steps\n", loss0, last[0],
+              last[1]);
+  c.compute = cpu::GemmDtype::kInt8;
+  const std::string m = expect_error([&] { M bad(c); }, Errc::kInvalidArgument);
+  EXPECT_NE(m.find("config.compute = 2"), std::string::npos) << m;
+}
+
 // The forward against a float64 reference of the same math: mean pooling,
 // the per-sample term, the adapter and the head (no MoE layers, so the
 // reference stays short; the MoE layer has its own tests).

@@ -71,10 +71,18 @@
 //
 // Products. LoraLinear's products (the base x w^T and dy w, the rank-R
 // shrink and expand, the gradients' dy^T h and dh^T x) and a LoraBank's base
-// product run on the GEMM engine in fp32: every element is one multiply-add
-// chain over its reduction in order, so a row's y, h and dx depend on that
-// row alone, bit for bit, whatever the batch, the thread count and the CPU
-// path (docs/determinism.md); da and db sum over the rows in row order.
+// product run on the GEMM engine, in fp32 by default: every element is one
+// multiply-add chain over its reduction in order, so a row's y, h and dx
+// depend on that row alone, bit for bit, whatever the batch, the thread
+// count and the CPU path (docs/determinism.md); da and db sum over the rows
+// in row order. The constructors' base_compute = bf16 trains with fp32
+// master weights (like the experts', cpu/expert_ffn.hpp): the frozen base
+// product (x w^T and dy w), the layer's one large product, rounds x (dy) and
+// w to bf16 and sums in fp32, on AMX tiles where the CPU has them; a row
+// still depends on that row alone, whatever the batch and the thread count.
+// The rank-R products stay fp32: they cost O(R) per element and are bound
+// by memory, so bf16 would save nothing there and would round away the
+// adapter's small updates.
 //
 // Threading. LoraLinear: the engine splits each product's rows and columns
 // over the OpenMP threads, and the dropout and gather loops run on OpenMP
@@ -92,13 +100,13 @@
 // correct results.
 //
 // Validation (every public call, before anything is written): the config
-// (constructor: sizes >= 1, alpha finite, dropout in [0, 1)); every view well
-// formed and of the shapes above, with a rank mismatch named as such; the
-// workspace; for the bank, every id in [-1, N) (the message names the row and
-// value) and order/offsets consistent with ids. Errors: kShapeMismatch,
-// kNullPointer, kInvalidArgument, kOutOfRange (ids, order entries),
-// kNonFinite (safe_merge). Values (NaN/Inf) are not checked elsewhere. An
-// output that overlaps an input or another output is refused
+// (constructor: sizes >= 1, alpha finite, dropout in [0, 1), base_compute fp32
+// or bf16); every view well formed and of the shapes above, with a rank
+// mismatch named as such; the workspace; for the bank, every id in [-1, N) (the
+// message names the row and value) and order/offsets consistent with ids.
+// Errors: kShapeMismatch, kNullPointer, kInvalidArgument, kOutOfRange (ids,
+// order entries), kNonFinite (safe_merge). Values (NaN/Inf) are not checked
+// elsewhere. An output that overlaps an input or another output is refused
 // (kInvalidArgument, naming both). Strided views (ld > cols) work; padding
 // columns are never touched.
 //
@@ -264,8 +272,22 @@ inline void add_lora_weights(OverlapCheck& c, const LoraWeights& w) {
   c.in({{w.w, "weights.w"}, {w.bias, "weights.bias"}, {w.a, "weights.a"}, {w.b, "weights.b"}});
 }
 
-// The products of LoraLinear and of a LoraBank's base on the GEMM engine in
-// fp32: C (= or, with add, +=) alpha op(A) op(B).
+// base_compute is fp32 or bf16 (int8 trains nothing).
+inline void check_base_compute(GemmDtype dtype) {
+  MOEKIT_CHECK_ARG(dtype == GemmDtype::kFloat32 || dtype == GemmDtype::kBfloat16,
+                   "base_compute = ", static_cast<int>(dtype), " must be kFloat32 or kBfloat16");
+}
+
+// The frozen base product (x w^T forward, dy w backward) on the GEMM engine
+// in the adapter's base compute dtype: C = A op(w).
+inline void base_gemm(GemmDtype dtype, Op op_w, MatrixView<const float> a,
+                      MatrixView<const float> w, MatrixView<float> c,
+                      VectorView<std::byte> engine) {
+  gemm({.dtype = dtype, .op_a = Op::kNone, .op_b = op_w}, a, w, c, engine);
+}
+
+// LoraLinear's rank-R products on the GEMM engine in fp32: C (= or, with
+// add, +=) alpha op(A) op(B).
 inline void lora_gemm(Op op_a, Op op_b, float alpha, bool add, MatrixView<const float> a,
                       MatrixView<const float> b, MatrixView<float> c,
                       VectorView<std::byte> engine) {
@@ -516,13 +538,19 @@ class LoraLinear {
   static constexpr int kRank = S::rank;  // R
 
   // Rejects a configuration it cannot run (naming the field and value).
-  explicit LoraLinear(const LoraConfig& config) : config_(config) {
+  // base_compute: the dtype of the frozen base product, fp32 or bf16 (see
+  // "Products" at the top of this file).
+  explicit LoraLinear(const LoraConfig& config, GemmDtype base_compute = GemmDtype::kFloat32)
+      : config_(config), base_compute_(base_compute) {
     check_lora_config(config);
+    detail::check_base_compute(base_compute);
     scale_ = lora_scale(config.alpha, kRank, config.rslora);
   }
 
   // The configuration, as constructed.
   const LoraConfig& config() const { return config_; }
+  // The dtype of the base product, as constructed.
+  GemmDtype base_compute() const { return base_compute_; }
   // s: alpha / R, or alpha / sqrt(R) with rsLoRA.
   float scale() const { return scale_; }
 
@@ -567,7 +595,7 @@ class LoraLinear {
     overlap.check();
     if (n == 0) return;
 
-    detail::lora_gemm(Op::kNone, Op::kTrans, 1.0f, false, x, weights.w, y, slot.engine);
+    detail::base_gemm(base_compute_, Op::kTrans, x, weights.w, y, slot.engine);
     if (!weights.bias.empty()) as_eigen(y).rowwise() += as_eigen(weights.bias).transpose();
     const detail::LoraKernel<kRank> k = kernel(step);
     for_each_chunk(n, k.mask.active, [&](const detail::RowSet& rows) {
@@ -616,8 +644,7 @@ class LoraLinear {
     }
     if (n == 0 || (!want_dx && !want_da && !want_db)) return;
 
-    if (want_dx)
-      detail::lora_gemm(Op::kNone, Op::kNone, 1.0f, false, dy, weights.w, dx, slot.engine);
+    if (want_dx) detail::base_gemm(base_compute_, Op::kNone, dy, weights.w, dx, slot.engine);
     const detail::LoraKernel<kRank> k = kernel(step);
     bool add = grads.accumulate;
     for_each_chunk(n, k.mask.active, [&](const detail::RowSet& rows) {
@@ -707,6 +734,7 @@ class LoraLinear {
   }
 
   LoraConfig config_;
+  GemmDtype base_compute_ = GemmDtype::kFloat32;
   float scale_ = 0.0f;
 };
 
@@ -724,13 +752,19 @@ class LoraBank {
   static constexpr int kRank = S::rank;  // R, the same for every adapter
 
   // Rejects a configuration it cannot run (naming the field and value).
-  explicit LoraBank(const LoraBankConfig& config) : config_(config) {
+  // base_compute: the dtype of the frozen base product, fp32 or bf16 (see
+  // "Products" at the top of this file).
+  explicit LoraBank(const LoraBankConfig& config, GemmDtype base_compute = GemmDtype::kFloat32)
+      : config_(config), base_compute_(base_compute) {
     check_lora_config(config);
+    detail::check_base_compute(base_compute);
     scale_ = lora_scale(config.alpha, kRank, config.rslora);
   }
 
   // The configuration, as constructed.
   const LoraBankConfig& config() const { return config_; }
+  // The dtype of the base product, as constructed.
+  GemmDtype base_compute() const { return base_compute_; }
   // s, shared by every adapter: alpha / R, or alpha / sqrt(R) with rsLoRA.
   float scale() const { return scale_; }
   // N, the adapters in the bank; row ids lie in [-1, N).
@@ -831,7 +865,7 @@ class LoraBank {
     if (n == 0) return;
 
     if (!weights.w.empty()) {
-      detail::lora_gemm(Op::kNone, Op::kTrans, 1.0f, false, x, weights.w, y, workspace);
+      detail::base_gemm(base_compute_, Op::kTrans, x, weights.w, y, workspace);
       if (!weights.bias.empty()) as_eigen(y).rowwise() += as_eigen(weights.bias).transpose();
     }
     if (!saved_h.empty()) {
@@ -916,7 +950,7 @@ class LoraBank {
     }
     if (n == 0) return;
     if (want_dx && !weights.w.empty()) {
-      detail::lora_gemm(Op::kNone, Op::kNone, 1.0f, false, dy, weights.w, dx, workspace);
+      detail::base_gemm(base_compute_, Op::kNone, dy, weights.w, dx, workspace);
     }
     if (slots == 0 || (!want_dx && !want_da && !want_db)) return;
 
@@ -1137,6 +1171,7 @@ class LoraBank {
   }
 
   LoraBankConfig config_;
+  GemmDtype base_compute_ = GemmDtype::kFloat32;
   float scale_ = 0.0f;
 };
 

@@ -68,6 +68,13 @@
 // well), dW_h and db_h sum over the head's rows in order. Each output
 // element is written by one thread, so results are bit-identical run after
 // run.
+// config.compute = bf16 trains with fp32 master weights, like the experts'
+// (cpu/expert_ffn.hpp): the logits then come from the engine too,
+// Z_h = X_h W_h^T for all heads in one grouped call, and every product
+// (logits, dW_h, dX_h) rounds its two operands to bf16 and sums in fp32 (on
+// AMX tiles where the CPU has them). The weights, logits, loss, db and every
+// gradient stay fp32, and a row's logits still depend on that row alone
+// (one chain over d in an order fixed by d and the path).
 //
 // Packed heads for inference (pack, then forward with PackedHeadWeights):
 // fp32 keeps W as given and runs the forward above (the same bits); bf16
@@ -79,13 +86,14 @@
 // fp32 is measured in tests/cpu/test_task_heads.cpp (docs/heads_and_exits.md).
 //
 // Validation (every call, before anything is written): the configuration
-// (constructor: d_model >= 1, every C_h >= 1, naming h); every view well formed
-// and of the shapes above; task ids in [0, H) (Errc::kOutOfRange, naming the
-// row and value); labels in [0, C_{tasks[i]}) (kOutOfRange, naming row, value
-// and task); b / db empty when config.bias is false; task weights finite and
-// >= 0, log-variances finite (kInvalidArgument); the workspace large enough
-// (kShapeMismatch) and aligned. Values of x, W and the logits are not checked:
-// a NaN gives NaN losses. Strided views work; padding columns are untouched.
+// (constructor: d_model >= 1, every C_h >= 1, naming h; compute fp32 or bf16);
+// every view well formed and of the shapes above; task ids in [0, H)
+// (Errc::kOutOfRange, naming the row and value); labels in [0, C_{tasks[i]})
+// (kOutOfRange, naming row, value and task); b / db empty when config.bias is
+// false; task weights finite and >= 0, log-variances finite (kInvalidArgument);
+// the workspace large enough (kShapeMismatch) and aligned. Values of x, W and
+// the logits are not checked: a NaN gives NaN losses. Strided views work;
+// padding columns are untouched.
 //
 //   const TaskHeads<HeadSpec<3>> heads({.d_model = d, .classes = {10, 4, 7}});
 //   std::vector<std::byte> ws(heads.workspace_size(n));
@@ -120,6 +128,7 @@ struct TaskHeadsConfig {
   index_t d_model = 0;                          // feature width d
   std::array<index_t, S::num_heads> classes{};  // C_h, each >= 1
   bool bias = true;                             // whether the heads have biases
+  GemmDtype compute = GemmDtype::kFloat32;      // the products: fp32 or bf16 ("Products" above)
 };
 
 // All heads' parameters (layout at the top of this file).
@@ -181,6 +190,10 @@ class TaskHeads {
   explicit TaskHeads(const TaskHeadsConfig<S>& config) : config_(config) {
     MOEKIT_CHECK_ARG(config.d_model >= 1, "config.d_model = ", config.d_model,
                      " must be at least 1");
+    MOEKIT_CHECK_ARG(
+        config.compute == GemmDtype::kFloat32 || config.compute == GemmDtype::kBfloat16,
+        "config.compute = ", static_cast<int>(config.compute),
+        " must be kFloat32 or kBfloat16 (int8 is for packed inference: pack)");
     offsets_[0] = 0;
     for (std::size_t h = 0; h < kHeads; ++h) {
       MOEKIT_CHECK_ARG(config.classes[h] >= 1, "config.classes[", h, "] = ", config.classes[h],
@@ -230,7 +243,13 @@ class TaskHeads {
         .in({{x, "x"}, {tasks, "tasks"}, {weights.w, "weights.w"}, {weights.b, "weights.b"}})
         .check();
 
-    row_forward(x, tasks, weights.w, weights.b, logits, workspace);
+    if (config_.compute == GemmDtype::kFloat32) {
+      row_forward(x, tasks, weights.w, weights.b, logits, workspace);
+    } else {
+      engine_forward(
+          {.dtype = config_.compute, .op_a = Op::kNone, .op_b = Op::kTrans}, x, tasks,
+          [&](int h) { return GemmOperands{.b = w_of(weights, h)}; }, weights.b, logits, workspace);
+    }
   }
 
   // Packs frozen heads once for the inference forward below, in `dtype`
@@ -273,7 +292,10 @@ class TaskHeads {
       const MatrixView<const float> w(weights.rows.data(), total_classes(), config_.d_model);
       row_forward(x, tasks, w, b, logits, workspace);
     } else {
-      engine_forward(x, tasks, weights, b, logits, workspace);
+      engine_forward(
+          {.dtype = weights.dtype(), .op_a = Op::kNone, .op_b = Op::kNone}, x, tasks,
+          [&](int h) { return GemmOperands{.packed = &weights.w[to_size(h)]}; }, b, logits,
+          workspace);
     }
   }
 
@@ -324,13 +346,15 @@ class TaskHeads {
   }
 
   // The bf16 / int8 forward after validation: Z_h = X_h W_h^T for every head
-  // in one grouped product on the engine, the biases (b: all heads', or
-  // empty), then the logits scattered to the rows' order and padded with
-  // -inf.
-  void engine_forward(MatrixView<const float> x, VectorView<const std::int32_t> tasks,
-                      const PackedHeadWeights<S>& weights, VectorView<const float> b,
-                      MatrixView<float> logits, VectorView<std::byte> workspace) const {
-    const GemmSpec spec{.dtype = weights.dtype(), .op_a = Op::kNone, .op_b = Op::kNone};
+  // in one grouped product on the engine (weight_of(h): GemmOperands with
+  // only head h's W_h, from a view or packed, set), the biases (b: all
+  // heads', or empty), then the logits scattered to the rows' order and
+  // padded with -inf.
+  template <class WeightOf>
+  void engine_forward(const GemmSpec& spec, MatrixView<const float> x,
+                      VectorView<const std::int32_t> tasks, WeightOf&& weight_of,
+                      VectorView<const float> b, MatrixView<float> logits,
+                      VectorView<std::byte> workspace) const {
     const index_t n = x.rows();
     const Plan plan = make_plan(tasks, n, workspace);
     const MatrixView<float> gx = grouped_x(workspace, n);
@@ -345,8 +369,10 @@ class TaskHeads {
         spec, kHeads,
         [&](index_t g) {
           const int h = static_cast<int>(g);
-          return GemmOperands{
-              .a = grouped_rows(x, gx, plan, h), .packed = &weights.w[to_size(h)], .c = z_of(h)};
+          GemmOperands o = weight_of(h);
+          o.a = grouped_rows(x, gx, plan, h);
+          o.c = z_of(h);
+          return o;
         },
         engine_workspace(workspace, n));
     if (!b.empty()) {
@@ -554,7 +580,7 @@ class TaskHeads {
     // blocks were zeroed above or are kept).
     if (want_dw) {
       gemm_grouped(
-          {.dtype = GemmDtype::kFloat32,
+          {.dtype = config_.compute,
            .op_a = Op::kTrans,
            .op_b = Op::kNone,
            .alpha = 1.0f,
@@ -578,7 +604,7 @@ class TaskHeads {
     // dX_h = dZ_h W_h, into dx directly or over the grouped x (read above).
     if (want_dx) {
       gemm_grouped(
-          {.dtype = GemmDtype::kFloat32, .op_a = Op::kNone, .op_b = Op::kNone}, kHeads,
+          {.dtype = config_.compute, .op_a = Op::kNone, .op_b = Op::kNone}, kHeads,
           [&](index_t g) {
             const int h = static_cast<int>(g);
             const index_t r0 = plan.first(h), rows = plan.rows(h);

@@ -44,6 +44,11 @@
 // Memory: buffers for config.max_batch samples and config.max_tokens tokens
 // are allocated once; a call takes any batch within both.
 //
+// Training in bf16: config.moe.compute = bf16 rounds the experts' product
+// operands, config.compute = bf16 those of P and the heads; the weights, the
+// optimizer's state, the activations and every gradient stay fp32 (the
+// routers' logits stay fp32 too: moekit/nn/moe_layer.hpp).
+//
 // Inference on packed weights: pack(dtype) packs each MoE layer's experts in
 // fp32, bf16 or int8 (routers stay fp32, moekit/nn/moe_layer.hpp) and folds
 // each branch's adapter into its head, W'_t = W_t (P + s B_t A_t) (the
@@ -89,6 +94,9 @@ struct TextMultitaskConfig {
   float gate_init_std = 0.0f;                   // 0: 1 / sqrt(d_model)
   DistillationConfig distillation{};            // used when a batch has teacher logits
   std::uint64_t seed = 0;                       // initialisation
+  // The products of the adapter's base projection P and of the heads, fp32 or
+  // bf16 (fp32 master weights; the MoE layers' experts follow moe.compute).
+  GemmDtype compute = GemmDtype::kFloat32;
 };
 
 // A batch: each sample's token states (packed; sample i is rows
@@ -141,8 +149,9 @@ class TextMultitaskModel {
   explicit TextMultitaskModel(const Config& config)
       : config_(validated(config)),
         bank_(LoraBankConfig{config.d_model, config.d_model, kBranches, config.lora_alpha,
-                             config.rslora, config.lora_dropout}),
-        heads_(TaskHeadsConfig<H>{config.d_model, config.classes, true}) {
+                             config.rslora, config.lora_dropout},
+              config.compute),
+        heads_(TaskHeadsConfig<H>{config.d_model, config.classes, true, config.compute}) {
     for (int l = 0; l < config_.num_moe_layers; ++l) layers_.emplace_back(config_.moe);
     make_tensors();
     init();
@@ -380,6 +389,9 @@ class TextMultitaskModel {
                      " and config.max_tokens = ", c.max_tokens, " must be at least 1");
     MOEKIT_CHECK_ARG(std::isfinite(c.gate_init_std) && c.gate_init_std >= 0.0f,
                      "config.gate_init_std = ", c.gate_init_std, " must be finite and >= 0");
+    MOEKIT_CHECK_ARG(c.compute == GemmDtype::kFloat32 || c.compute == GemmDtype::kBfloat16,
+                     "config.compute = ", static_cast<int>(c.compute),
+                     " must be kFloat32 or kBfloat16 (int8 is for packed inference: pack)");
     return c;
   }
 
