@@ -15,9 +15,11 @@
 // encoder, experts and heads packed in int8) beside fp32.
 //
 //   17_text_multitask --model DIR --data DIR [--train N] [--test N] [--epochs X]
-//                     [--out DIR] [--cache DIR] [--max-length L]
+//                     [--out DIR] [--cache DIR] [--max-length L] [--compute fp32|bf16]
 //
-// --train / --test: texts per task (0 = all). The data folder is what
+// --train / --test: texts per task (0 = all). --compute bf16 trains the four
+// systems with their products (experts, adapter base, heads) on bf16
+// operands from fp32 master weights (routers and exit heads stay fp32). The data folder is what
 // tools/bootstrap.sh unpacks; the encoder's outputs are cached in
 // --cache (default DATA/cache). Writes OUT/summary.json (every number printed) and OUT/*.jsonl
 // (metrics logs; tools/plot_run.py draws them). Exits 77 when the model or
@@ -64,12 +66,13 @@ struct Options {
   double epochs = 4.0;
   index_t max_length = 128;
   index_t batch = 32;
+  cpu::GemmDtype compute = cpu::GemmDtype::kFloat32;  // the systems' training products
 };
 
 [[noreturn]] void usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s --model DIR --data DIR [--train N] [--test N] [--epochs X] "
-               "[--out DIR] [--cache DIR] [--max-length L]\n",
+               "[--out DIR] [--cache DIR] [--max-length L] [--compute fp32|bf16]\n",
                argv0);
   std::exit(2);
 }
@@ -102,6 +105,9 @@ Options parse(int argc, char** argv) {
       o.epochs = std::atof(v);
     else if (a == "--max-length")
       o.max_length = std::atol(v);
+    else if (a == "--compute" && (std::strcmp(v, "fp32") == 0 || std::strcmp(v, "bf16") == 0))
+      o.compute =
+          std::strcmp(v, "fp32") == 0 ? cpu::GemmDtype::kFloat32 : cpu::GemmDtype::kBfloat16;
     else
       usage(argv[0]);
   }
@@ -134,7 +140,8 @@ constexpr index_t kExpertWidth = 128;  // coarse expert width; dense: 2x, fine: 
 // [config]
 template <class S, class H>
 cpu::TextMultitaskConfig<H> model_config(const std::array<index_t, H::num_heads>& classes,
-                                         index_t d_ff, int moe_layers, index_t max_tokens) {
+                                         index_t d_ff, int moe_layers, index_t max_tokens,
+                                         cpu::GemmDtype compute = cpu::GemmDtype::kFloat32) {
   cpu::TextMultitaskConfig<H> c;
   c.d_model = 384;
   c.moe.d_model = 384;
@@ -143,12 +150,14 @@ cpu::TextMultitaskConfig<H> model_config(const std::array<index_t, H::num_heads>
   c.moe.activation = moekit::Activation::kSilu;
   c.moe.switch_coeff = S::num_experts > 1 ? 0.01f : 0.0f;
   c.moe.z_coeff = S::num_experts > 1 ? 1e-3f : 0.0f;
+  c.moe.compute = compute;  // the experts' products: fp32, or bf16 from fp32 master weights
   c.num_moe_layers = moe_layers;
   c.lora_alpha = 16.0f;
   c.classes = classes;
   c.max_batch = 32;
   c.max_tokens = max_tokens;
   c.seed = 7;
+  c.compute = compute;  // the adapter's base and the heads' products
   return c;
 }
 
@@ -585,30 +594,31 @@ int main(int argc, char** argv) {
   const index_t max_tokens = o.batch * o.max_length;
   summary["steps"] = steps;
   summary["batch"] = o.batch;
+  summary["compute"] = cpu::gemm_dtype_name(o.compute);
 
   // ---- 3. the MoE system, and 4. the baselines
   // -----------------------------------------------------
   t0 = Clock::now();
   cpu::TextMultitaskModel<Coarse, Lora, Heads> moe(
-      model_config<Coarse, Heads>(classes, kExpertWidth, 2, max_tokens));
+      model_config<Coarse, Heads>(classes, kExpertWidth, 2, max_tokens, o.compute));
   const RunResult moe_run = train_and_evaluate("moe", moe, train_set, test_set, steps, o.batch, o);
   stages["train_moe"] = moe_run.train_seconds;
 
   const train::TextEval majority = train::evaluate_majority(train_set, test_set, class_list);
   cpu::TextMultitaskModel<Coarse, Lora, Heads> linear(
-      model_config<Coarse, Heads>(classes, kExpertWidth, 0, max_tokens));
+      model_config<Coarse, Heads>(classes, kExpertWidth, 0, max_tokens, o.compute));
   const RunResult linear_run =
       train_and_evaluate("linear", linear, train_set, test_set, steps, o.batch, o, true);
   stages["train_linear"] = linear_run.train_seconds;
   cpu::TextMultitaskModel<Dense, Lora, Heads> dense(
-      model_config<Dense, Heads>(classes, 2 * kExpertWidth, 2, max_tokens));
+      model_config<Dense, Heads>(classes, 2 * kExpertWidth, 2, max_tokens, o.compute));
   const RunResult dense_run =
       train_and_evaluate("dense", dense, train_set, test_set, steps, o.batch, o);
   stages["train_dense"] = dense_run.train_seconds;
 
   // ---- 5. fine-grained MoE: E = 64, K = 8, the same active parameters ---------------------------
   cpu::TextMultitaskModel<Fine, Lora, Heads> fine(
-      model_config<Fine, Heads>(classes, 2 * kExpertWidth / 8, 2, max_tokens));
+      model_config<Fine, Heads>(classes, 2 * kExpertWidth / 8, 2, max_tokens, o.compute));
   const RunResult fine_run =
       train_and_evaluate("fine", fine, train_set, test_set, steps, o.batch, o);
   stages["train_fine"] = fine_run.train_seconds;
