@@ -688,30 +688,43 @@ TEST(TextMultitaskModel, ExpansionKeepsOldBranchesAndResumeIsBitIdentical) {
         << straight.tensors()[i].name;
   }
 
-  const index_t C = straight.heads().max_classes();
-  std::vector<float> before(8 * static_cast<std::size_t>(C));
-  straight.predict(data.view(12), {before.data(), 8, C});
-  auto bigger = straight.with_branch(4, 21);
-  using Big = decltype(bigger);
-  Tokens only = random_tokens(8, 12, 1, 5);
-  for (std::int32_t& t : only.tasks) t = 2;
-  train::TrainerConfig tc;
-  tc.scope = cpu::TrainScope::only_branch(2);
-  train::Trainer<Big> trainer(bigger, tc);
-  for (int s = 0; s < 4; ++s) trainer.step(only.view(12));
-  const index_t C5 = bigger.heads().max_classes();
-  std::vector<float> after(8 * static_cast<std::size_t>(C5));
-  bigger.predict(data.view(12), {after.data(), 8, C5});
-  for (std::size_t i = 0; i < 8; ++i) {
-    const auto classes = static_cast<std::size_t>(bigger.heads().classes(data.tasks[i]));
-    for (std::size_t c = 0; c < classes; ++c) {
-      EXPECT_EQ(std::memcmp(&before[i * static_cast<std::size_t>(C) + c],
-                            &after[i * static_cast<std::size_t>(C5) + c], sizeof(float)),
-                0)
-          << i << c;
+  // The expanded model computes as the old one did (fp32, or bf16 products:
+  // the new model must keep the dtypes, or every old logit would move).
+  const auto expand_and_check = [&](M& model) {
+    const index_t C = model.heads().max_classes();
+    std::vector<float> before(8 * static_cast<std::size_t>(C));
+    model.predict(data.view(12), {before.data(), 8, C});
+    auto bigger = model.with_branch(4, 21);
+    using Big = decltype(bigger);
+    EXPECT_EQ(bigger.config().compute, model.config().compute);
+    EXPECT_EQ(bigger.config().moe.compute, model.config().moe.compute);
+    Tokens only = random_tokens(8, 12, 1, 5);
+    for (std::int32_t& t : only.tasks) t = 2;
+    train::TrainerConfig tc;
+    tc.scope = cpu::TrainScope::only_branch(2);
+    train::Trainer<Big> trainer(bigger, tc);
+    for (int s = 0; s < 4; ++s) trainer.step(only.view(12));
+    const index_t C5 = bigger.heads().max_classes();
+    std::vector<float> after(8 * static_cast<std::size_t>(C5));
+    bigger.predict(data.view(12), {after.data(), 8, C5});
+    for (std::size_t i = 0; i < 8; ++i) {
+      const auto classes = static_cast<std::size_t>(bigger.heads().classes(data.tasks[i]));
+      for (std::size_t c = 0; c < classes; ++c) {
+        EXPECT_EQ(std::memcmp(&before[i * static_cast<std::size_t>(C) + c],
+                              &after[i * static_cast<std::size_t>(C5) + c], sizeof(float)),
+                  0)
+            << i << c;
+      }
     }
-  }
-  EXPECT_NE(bigger.tensor("heads.bias").value.back(), 0.0f);  // the new branch did train
+    EXPECT_NE(bigger.tensor("heads.bias").value.back(), 0.0f);  // the new branch did train
+  };
+  expand_and_check(straight);
+  auto bf16_config = small_config<M>();
+  bf16_config.moe.compute = cpu::GemmDtype::kBfloat16;
+  bf16_config.compute = cpu::GemmDtype::kBfloat16;
+  M bf16(bf16_config);
+  run(bf16, 0, 3, {}, {});
+  expand_and_check(bf16);
 }
 
 // ---- on real text (optimised build only) --------------------------------------------------------

@@ -363,6 +363,7 @@ class TextMultitaskModel {
     c.max_tokens = config_.max_tokens;
     c.gate_init_std = config_.gate_init_std;
     c.distillation = config_.distillation;
+    c.compute = config_.compute;
     c.seed = seed;
     Bigger bigger(c);
     for (const ModelTensor& t : tensors_) {
