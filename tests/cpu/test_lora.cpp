@@ -837,23 +837,24 @@ void check_bf16_base(const Layer& layer, Problem& p, const LoraStep& st, float d
   ASSERT_EQ(layer.base_compute(), GemmDtype::kBfloat16);
   RefOut r = p.ref(layer.scale(), st, drop);
   const Dims& d = p.dims;
-  const auto rd = [](float v) { return static_cast<double>(round_bf16(v)); };
+  // What rounding both operands to bf16 adds to a dot product u . v.
+  const auto rounding_shift = [](index_t len, auto&& u, auto&& v) {
+    double shift = 0.0;
+    for (index_t k = 0; k < len; ++k) {
+      const double exact = double(u(k)) * double(v(k));
+      shift += double(round_bf16(u(k))) * double(round_bf16(v(k))) - exact;
+    }
+    return shift;
+  };
   for (index_t t = 0; t < d.n; ++t) {
     for (index_t o = 0; o < d.d_out; ++o) {
-      double exact = 0.0, rounded = 0.0;
-      for (index_t j = 0; j < d.d_in; ++j) {
-        exact += double(p.x.at(t, j)) * double(p.w.at(o, j));
-        rounded += rd(p.x.at(t, j)) * rd(p.w.at(o, j));
-      }
-      r.y[to_size(t * d.d_out + o)] += rounded - exact;
+      r.y[to_size(t * d.d_out + o)] += rounding_shift(
+          d.d_in, [&](index_t j) { return p.x.at(t, j); }, [&](index_t j) { return p.w.at(o, j); });
     }
     for (index_t j = 0; j < d.d_in; ++j) {
-      double exact = 0.0, rounded = 0.0;
-      for (index_t o = 0; o < d.d_out; ++o) {
-        exact += double(p.dy.at(t, o)) * double(p.w.at(o, j));
-        rounded += rd(p.dy.at(t, o)) * rd(p.w.at(o, j));
-      }
-      r.dx[to_size(t * d.d_in + j)] += rounded - exact;
+      r.dx[to_size(t * d.d_in + j)] += rounding_shift(
+          d.d_out, [&](index_t o) { return p.dy.at(t, o); },
+          [&](index_t o) { return p.w.at(o, j); });
     }
   }
   const RefOut fp32 = p.ref(layer.scale(), st, drop);
