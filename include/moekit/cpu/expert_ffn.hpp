@@ -535,10 +535,7 @@ class ExpertFfn {
   static void validate(const ExpertFfnConfig& c) {
     MOEKIT_CHECK_ARG(c.d_model >= 1, "config.d_model = ", c.d_model, " must be at least 1");
     MOEKIT_CHECK_ARG(c.d_ff >= 1, "config.d_ff = ", c.d_ff, " must be at least 1");
-    MOEKIT_CHECK_ARG(c.compute == GemmDtype::kFloat32 || c.compute == GemmDtype::kBfloat16,
-                     "config.compute = ", static_cast<int>(c.compute),
-                     " must be GemmDtype::kFloat32 or kBfloat16 (int8 is for packed inference "
-                     "weights: pack)");
+    check_training_dtype(c.compute, "config.compute");
     MOEKIT_CHECK_ARG(c.kind == FfnKind::kPlain || c.kind == FfnKind::kGated,
                      "config.kind = ", static_cast<int>(c.kind), " is not an FfnKind");
     MOEKIT_CHECK_ARG(c.activation == Activation::kRelu || c.activation == Activation::kGeluTanh ||

@@ -272,12 +272,6 @@ inline void add_lora_weights(OverlapCheck& c, const LoraWeights& w) {
   c.in({{w.w, "weights.w"}, {w.bias, "weights.bias"}, {w.a, "weights.a"}, {w.b, "weights.b"}});
 }
 
-// base_compute is fp32 or bf16 (int8 trains nothing).
-inline void check_base_compute(GemmDtype dtype) {
-  MOEKIT_CHECK_ARG(dtype == GemmDtype::kFloat32 || dtype == GemmDtype::kBfloat16,
-                   "base_compute = ", static_cast<int>(dtype), " must be kFloat32 or kBfloat16");
-}
-
 // The frozen base product (x w^T forward, dy w backward) on the GEMM engine
 // in the adapter's base compute dtype: C = A op(w).
 inline void base_gemm(GemmDtype dtype, Op op_w, MatrixView<const float> a,
@@ -543,7 +537,7 @@ class LoraLinear {
   explicit LoraLinear(const LoraConfig& config, GemmDtype base_compute = GemmDtype::kFloat32)
       : config_(config), base_compute_(base_compute) {
     check_lora_config(config);
-    detail::check_base_compute(base_compute);
+    check_training_dtype(base_compute, "base_compute");
     scale_ = lora_scale(config.alpha, kRank, config.rslora);
   }
 
@@ -757,7 +751,7 @@ class LoraBank {
   explicit LoraBank(const LoraBankConfig& config, GemmDtype base_compute = GemmDtype::kFloat32)
       : config_(config), base_compute_(base_compute) {
     check_lora_config(config);
-    detail::check_base_compute(base_compute);
+    check_training_dtype(base_compute, "base_compute");
     scale_ = lora_scale(config.alpha, kRank, config.rslora);
   }
 

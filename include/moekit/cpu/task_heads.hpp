@@ -190,10 +190,7 @@ class TaskHeads {
   explicit TaskHeads(const TaskHeadsConfig<S>& config) : config_(config) {
     MOEKIT_CHECK_ARG(config.d_model >= 1, "config.d_model = ", config.d_model,
                      " must be at least 1");
-    MOEKIT_CHECK_ARG(
-        config.compute == GemmDtype::kFloat32 || config.compute == GemmDtype::kBfloat16,
-        "config.compute = ", static_cast<int>(config.compute),
-        " must be kFloat32 or kBfloat16 (int8 is for packed inference: pack)");
+    check_training_dtype(config.compute, "config.compute");
     offsets_[0] = 0;
     for (std::size_t h = 0; h < kHeads; ++h) {
       MOEKIT_CHECK_ARG(config.classes[h] >= 1, "config.classes[", h, "] = ", config.classes[h],

@@ -390,9 +390,7 @@ class TextMultitaskModel {
                      " and config.max_tokens = ", c.max_tokens, " must be at least 1");
     MOEKIT_CHECK_ARG(std::isfinite(c.gate_init_std) && c.gate_init_std >= 0.0f,
                      "config.gate_init_std = ", c.gate_init_std, " must be finite and >= 0");
-    MOEKIT_CHECK_ARG(c.compute == GemmDtype::kFloat32 || c.compute == GemmDtype::kBfloat16,
-                     "config.compute = ", static_cast<int>(c.compute),
-                     " must be kFloat32 or kBfloat16 (int8 is for packed inference: pack)");
+    check_training_dtype(c.compute, "config.compute");
     return c;
   }
 

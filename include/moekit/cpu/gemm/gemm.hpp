@@ -82,6 +82,15 @@ struct GemmOperands {
   MatrixView<float> c{};                 // C, M x N: written (and read when beta != 0)
 };
 
+// Refuses a compute type that training cannot use (Errc::kInvalidArgument,
+// naming `name`): fp32 and bf16 train (bf16 from fp32 master weights); int8
+// is for weights packed once for inference.
+inline void check_training_dtype(GemmDtype dtype, const char* name) {
+  MOEKIT_CHECK_ARG(dtype == GemmDtype::kFloat32 || dtype == GemmDtype::kBfloat16, name, " = ",
+                   static_cast<int>(dtype),
+                   " must be kFloat32 or kBfloat16 (int8 is for packed inference: pack)");
+}
+
 namespace detail {
 
 // The kernel families (see the table at the top of this file).
